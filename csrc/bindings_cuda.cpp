@@ -1,0 +1,81 @@
+// CUDA implementations of the ops declared in bindings.cpp: validate, allocate on the
+// input's device, launch on the current stream. Takes the stream from c10/cuda only, so it
+// builds without the cuBLAS/cuSPARSE headers that ATen/cuda/CUDAContext.h drags in.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+
+#include "bindings_common.h"
+#include "fastlm/bias_act.h"
+
+namespace fastlm::bind {
+namespace {
+
+void check_launch(const char* op, int status) {
+  TORCH_CHECK(status == 0, op, ": CUDA launch failed: ",
+              cudaGetErrorString(static_cast<cudaError_t>(status)));
+}
+
+void cuda_arg(const char* op, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.device().is_cuda(), op, ": x must be a CUDA tensor here, got ", x.device().str());
+}
+
+at::Tensor bias_act_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                             c10::string_view activation) {
+  constexpr const char* op = "bias_act";
+  const Activation act = activation_arg(op, activation);
+  cuda_arg(op, x);
+  const DType dtype = dtype_arg(op, "x", x, /*allow_half=*/true);
+  bias_arg(op, bias, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return y;
+  const at::Tensor x2 = rows_view(x);
+  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  check_launch(op, bias_act_forward_cuda(dtype, act, x2.size(0), x2.size(1), x2.data_ptr(),
+                                         x2.stride(0), b.defined() ? b.data_ptr() : nullptr,
+                                         y.data_ptr(), x2.size(1),
+                                         c10::cuda::getCurrentCUDAStream().stream()));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> bias_act_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     c10::string_view activation) {
+  constexpr const char* op = "bias_act_backward";
+  const Activation act = activation_arg(op, activation);
+  cuda_arg(op, x);
+  const DType dtype = dtype_arg(op, "x", x, /*allow_half=*/true);
+  bias_arg(op, bias, x);
+  same_place_arg(op, "grad_out", grad_out, x);
+  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
+                    " but x has shape ", x.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  at::Tensor grad_bias = at::empty({bias ? last_dim(x) : 0}, x.options());
+  if (x.numel() == 0) return {grad_x, grad_bias.zero_()};
+  const at::Tensor g2 = rows_view(grad_out), x2 = rows_view(x);
+  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  const int64_t rows = x2.size(0), cols = x2.size(1);
+  at::Tensor workspace;
+  if (b.defined())
+    workspace = at::empty({bias_act_backward_cuda_workspace(rows, cols)}, x.options().dtype(at::kFloat));
+  check_launch(op, bias_act_backward_cuda(
+                       dtype, act, rows, cols, g2.data_ptr(), g2.stride(0), x2.data_ptr(),
+                       x2.stride(0), b.defined() ? b.data_ptr() : nullptr, grad_x.data_ptr(), cols,
+                       b.defined() ? grad_bias.data_ptr() : nullptr,
+                       b.defined() ? workspace.data_ptr<float>() : nullptr,
+                       c10::cuda::getCurrentCUDAStream().stream()));
+  return {grad_x, grad_bias};
+}
+
+}  // namespace
+}  // namespace fastlm::bind
+
+TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
+  m.impl("bias_act_fwd", &fastlm::bind::bias_act_fwd_cuda);
+  m.impl("bias_act_bwd", &fastlm::bind::bias_act_bwd_cuda);
+}

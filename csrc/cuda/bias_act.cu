@@ -1,0 +1,253 @@
+// bias_act on CUDA: y = act(x + bias), and grad_x = grad_y * act'(x + bias) with grad_bias.
+// Memory-bound, so the whole game is bytes: each thread moves 16-byte packs (8 halves or
+// 4 floats) along a row, the bias pack is loaded once per thread and reused for every row it
+// visits, the pre-activation is recomputed in backward instead of stored, and grad_bias is
+// reduced in registers and shared memory during the same pass (per-split partials, then a
+// tiny fixed-order reduce, so results are deterministic; no atomics).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "activations.cuh"
+#include "fastlm/bias_act.h"
+
+namespace fastlm::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+int sm_count() {
+  static int cache[64] = {0};  // per device; a racing fill writes the same value
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
+  int n = 0;
+  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+  n = std::max(n, 1);
+  if (dev >= 0 && dev < 64) cache[dev] = n;
+  return n;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Row splits (gridDim.y): enough blocks for ~8 per SM, never more than there are rows.
+// Depends on (rows, cols) only, so the backward's workspace size is known before launch.
+int64_t row_splits(int64_t rows, int64_t cols) {
+  const int64_t col_blocks = std::max<int64_t>(1, ceil_div(cols, 4 * kThreads));
+  const int64_t want = ceil_div(int64_t(sm_count()) * 8, col_blocks);
+  return std::max<int64_t>(1, std::min({want, rows, int64_t(65535)}));
+}
+
+struct Plan {
+  dim3 grid, block;
+};
+
+Plan make_plan(int64_t rows, int64_t cols, int vec) {
+  const int64_t packs = cols / vec;
+  const int tx = int(std::min<int64_t>(kThreads, ceil_div(packs, 32) * 32));
+  const int ty = kThreads / tx;
+  return Plan{dim3(unsigned(ceil_div(packs, tx)), unsigned(row_splits(rows, cols))),
+              dim3(unsigned(tx), unsigned(ty))};
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_bias(const T* bias, int64_t c, float (&b)[VEC]) {
+  if (bias) {
+    Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(bias + c);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) b[i] = to_float(p.v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) b[i] = 0.0f;
+  }
+}
+
+template <typename T, Activation A, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const T* __restrict__ x, int64_t xs, const T* __restrict__ bias,
+                   T* __restrict__ y, int64_t ys, int64_t rows, int64_t cols) {
+  const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (c >= cols) return;
+  float b[VEC];
+  load_bias<T, VEC>(bias, c, b);
+  const int64_t step = int64_t(gridDim.y) * blockDim.y;
+  for (int64_t r = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += step) {
+    const Pack<T, VEC> xp = *reinterpret_cast<const Pack<T, VEC>*>(x + r * xs + c);
+    Pack<T, VEC> yp;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) yp.v[i] = from_float<T>(act_forward<A>(to_float(xp.v[i]) + b[i]));
+    *reinterpret_cast<Pack<T, VEC>*>(y + r * ys + c) = yp;
+  }
+}
+
+// partial (gridDim.y, cols) fp32, or null when no bias gradient is wanted.
+template <typename T, Activation A, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const T* __restrict__ gy, int64_t gys, const T* __restrict__ x, int64_t xs,
+                    const T* __restrict__ bias, T* __restrict__ gx, int64_t gxs,
+                    float* __restrict__ partial, int64_t rows, int64_t cols) {
+  __shared__ float red[kThreads * VEC];
+  const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  const bool active = c < cols;  // no early return: the block meets at __syncthreads below
+  float acc[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
+  if (active) {
+    float b[VEC];
+    load_bias<T, VEC>(bias, c, b);
+    const int64_t step = int64_t(gridDim.y) * blockDim.y;
+    for (int64_t r = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += step) {
+      const Pack<T, VEC> gp = *reinterpret_cast<const Pack<T, VEC>*>(gy + r * gys + c);
+      const Pack<T, VEC> xp = *reinterpret_cast<const Pack<T, VEC>*>(x + r * xs + c);
+      Pack<T, VEC> op;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const float g = to_float(gp.v[i]) * act_derivative<A>(to_float(xp.v[i]) + b[i]);
+        op.v[i] = from_float<T>(g);
+        acc[i] += g;
+      }
+      *reinterpret_cast<Pack<T, VEC>*>(gx + r * gxs + c) = op;
+    }
+  }
+  if (partial == nullptr) return;  // uniform across the grid
+  const int slot = (threadIdx.y * blockDim.x + threadIdx.x) * VEC;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) red[slot + i] = acc[i];
+  __syncthreads();
+  if (threadIdx.y != 0 || !active) return;
+  for (int j = 1; j < int(blockDim.y); ++j) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] += red[(j * blockDim.x + threadIdx.x) * VEC + i];
+  }
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) partial[int64_t(blockIdx.y) * cols + c + i] = acc[i];
+}
+
+template <typename T>
+__global__ void reduce_partials_kernel(const float* __restrict__ partial, int64_t splits,
+                                       int64_t cols, T* __restrict__ out) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  float s = 0.0f;
+  for (int64_t j = 0; j < splits; ++j) s += partial[j * cols + c];
+  out[c] = from_float<T>(s);
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// 16-byte packs need every row start and the bias 16-byte aligned.
+template <typename T>
+int pick_vec(int64_t cols, std::initializer_list<int64_t> strides, std::initializer_list<const void*> ptrs) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (cols % kVec) return 1;
+  for (int64_t s : strides) if (s % kVec) return 1;
+  for (const void* p : ptrs) if (p && !aligned16(p)) return 1;
+  return kVec;
+}
+
+template <typename T, Activation A>
+int launch_forward(int64_t rows, int64_t cols, const void* x, int64_t xs, const void* bias,
+                   void* y, int64_t ys, cudaStream_t stream) {
+  const T* xp = static_cast<const T*>(x);
+  const T* bp = static_cast<const T*>(bias);
+  T* yp = static_cast<T*>(y);
+  constexpr int kVec = 16 / sizeof(T);
+  const int vec = pick_vec<T>(cols, {xs, ys}, {x, bias, y});
+  const Plan plan = make_plan(rows, cols, vec);
+  if (vec == kVec)
+    forward_kernel<T, A, kVec><<<plan.grid, plan.block, 0, stream>>>(xp, xs, bp, yp, ys, rows, cols);
+  else
+    forward_kernel<T, A, 1><<<plan.grid, plan.block, 0, stream>>>(xp, xs, bp, yp, ys, rows, cols);
+  return int(cudaGetLastError());
+}
+
+template <typename T, Activation A>
+int launch_backward(int64_t rows, int64_t cols, const void* gy, int64_t gys, const void* x,
+                    int64_t xs, const void* bias, void* gx, int64_t gxs, void* grad_bias,
+                    float* workspace, cudaStream_t stream) {
+  const T* gyp = static_cast<const T*>(gy);
+  const T* xp = static_cast<const T*>(x);
+  const T* bp = static_cast<const T*>(bias);
+  T* gxp = static_cast<T*>(gx);
+  float* partial = grad_bias ? workspace : nullptr;
+  constexpr int kVec = 16 / sizeof(T);
+  const int vec = pick_vec<T>(cols, {gys, xs, gxs}, {gy, x, bias, gx});
+  const Plan plan = make_plan(rows, cols, vec);
+  if (vec == kVec)
+    backward_kernel<T, A, kVec><<<plan.grid, plan.block, 0, stream>>>(gyp, gys, xp, xs, bp, gxp, gxs, partial, rows, cols);
+  else
+    backward_kernel<T, A, 1><<<plan.grid, plan.block, 0, stream>>>(gyp, gys, xp, xs, bp, gxp, gxs, partial, rows, cols);
+  if (grad_bias) {
+    reduce_partials_kernel<T><<<unsigned(ceil_div(cols, kThreads)), kThreads, 0, stream>>>(
+        partial, int64_t(plan.grid.y), cols, static_cast<T*>(grad_bias));
+  }
+  return int(cudaGetLastError());
+}
+
+// Turns the runtime (dtype, activation) pair into one template instantiation.
+template <template <typename, Activation> class Fn, typename... Args>
+int dispatch(DType dtype, Activation act, Args... args) {
+  auto with_act = [&](auto tag) -> int {
+    using T = decltype(tag);
+    switch (act) {
+      case Activation::kGelu: return Fn<T, Activation::kGelu>::run(args...);
+      case Activation::kGeluTanh: return Fn<T, Activation::kGeluTanh>::run(args...);
+      case Activation::kRelu: return Fn<T, Activation::kRelu>::run(args...);
+      case Activation::kSilu: return Fn<T, Activation::kSilu>::run(args...);
+    }
+    return int(cudaErrorInvalidValue);
+  };
+  switch (dtype) {
+    case DType::kFloat32: return with_act(float{});
+    case DType::kFloat16: return with_act(__half{});
+    case DType::kBFloat16: return with_act(__nv_bfloat16{});
+  }
+  return int(cudaErrorInvalidValue);
+}
+
+template <typename T, Activation A>
+struct Forward {
+  template <typename... Args>
+  static int run(Args... args) { return launch_forward<T, A>(args...); }
+};
+
+template <typename T, Activation A>
+struct Backward {
+  template <typename... Args>
+  static int run(Args... args) { return launch_backward<T, A>(args...); }
+};
+
+}  // namespace
+}  // namespace fastlm::cuda
+
+namespace fastlm {
+
+int bias_act_forward_cuda(DType dtype, Activation act, int64_t rows, int64_t cols,
+                          const void* x, int64_t x_row_stride, const void* bias,
+                          void* y, int64_t y_row_stride, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return 0;
+  return cuda::dispatch<cuda::Forward>(dtype, act, rows, cols, x, x_row_stride, bias, y,
+                                       y_row_stride, stream);
+}
+
+int64_t bias_act_backward_cuda_workspace(int64_t rows, int64_t cols) {
+  return cuda::row_splits(rows, cols) * cols;
+}
+
+int bias_act_backward_cuda(DType dtype, Activation act, int64_t rows, int64_t cols,
+                           const void* grad_y, int64_t grad_y_row_stride,
+                           const void* x, int64_t x_row_stride, const void* bias,
+                           void* grad_x, int64_t grad_x_row_stride, void* grad_bias,
+                           float* workspace, cudaStream_t stream) {
+  if (cols == 0) return 0;
+  return cuda::dispatch<cuda::Backward>(dtype, act, rows, cols, grad_y, grad_y_row_stride, x,
+                                        x_row_stride, bias, grad_x, grad_x_row_stride,
+                                        grad_bias, workspace, stream);
+}
+
+}  // namespace fastlm

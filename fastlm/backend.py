@@ -1,0 +1,144 @@
+"""The one registry of backends: which exist, which can serve an input, and why not.
+
+Selection order for every op call: the call's `backend=`, then the innermost
+`fastlm.use_backend(...)`, then the FASTLM_BACKEND environment variable, then "auto".
+"auto" takes the first backend in AUTO_ORDER for the input's device that can serve it.
+A backend chosen explicitly that can't serve raises BackendUnavailableError listing every
+backend's reasons: nothing falls back silently from an explicit choice.
+
+Written so torch.compile can trace it (plain globals, os.environ, no locks or caches).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator
+
+import torch
+
+from fastlm import _ext
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+CHOICES = ("auto",) + BACKENDS
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+MIN_CUDA_CAPABILITY = (8, 0)  # the oldest arch csrc/cuda is compiled for
+
+WhyNot = Callable[..., "list[str]"]
+_OPS: dict[str, dict[str, WhyNot]] = {}
+_EXAMPLES: dict[str, Callable[[torch.device], tuple]] = {}
+_stack: list[str] = []
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend can't serve this call."""
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in CHOICES:
+        raise ValueError(f"{source} must be one of {', '.join(CHOICES)}; got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run fastlm ops inside the block on backend `name` ("auto" restores automatic choice)."""
+    _stack.append(_check_name(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _stack.pop()
+
+
+def requested(backend: str | None = None) -> tuple[str, str]:
+    """(name, where it came from) for this call, before checking it can serve."""
+    if backend is not None:
+        return _check_name(backend, "backend"), "backend="
+    if _stack:
+        return _stack[-1], "fastlm.use_backend"
+    env = os.environ.get("FASTLM_BACKEND")
+    if env:
+        return _check_name(env, "FASTLM_BACKEND"), "FASTLM_BACKEND"
+    return "auto", "auto"
+
+
+def register(op: str, backend: str, example: Callable[[torch.device], tuple] | None = None):
+    """Decorator: `fn(*op_inputs) -> list[str]` says why `backend` can't serve `op` (empty = can)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+
+    def deco(fn: WhyNot) -> WhyNot:
+        _OPS.setdefault(op, {})[backend] = fn
+        if example is not None:
+            _EXAMPLES[op] = example
+        return fn
+
+    return deco
+
+
+def ops() -> list[str]:
+    return sorted(_OPS)
+
+
+def example_inputs(op: str, device: torch.device) -> tuple:
+    return _EXAMPLES[op](device)
+
+
+@torch.compiler.assume_constant_result
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def machine_reasons(backend: str, device: torch.device) -> list[str]:
+    """Reasons that depend on this install and the device, not on the op."""
+    reasons = []
+    if backend == "cpu":
+        if not _ext.HAS_EXTENSION:
+            reasons.append(f"extension fastlm._C not built ({_ext.EXTENSION_ERROR})")
+        if device.type != "cpu":
+            reasons.append(f"serves CPU tensors; input is on {device}")
+    elif backend == "cuda":
+        if not _ext.HAS_EXTENSION:
+            reasons.append(f"extension fastlm._C not built ({_ext.EXTENSION_ERROR})")
+        elif not _ext.HAS_CUDA_KERNELS:
+            reasons.append("extension built without CUDA kernels (torch without CUDA, or no nvcc at build time)")
+        if device.type != "cuda":
+            reasons.append(f"serves CUDA tensors; input is on {device}")
+        elif _capability(device.index if device.index is not None else torch.cuda.current_device()) < MIN_CUDA_CAPABILITY:
+            reasons.append(f"needs compute capability >= {MIN_CUDA_CAPABILITY[0]}.{MIN_CUDA_CAPABILITY[1]}")
+    elif backend == "triton":
+        if not _ext.HAS_TRITON:
+            reasons.append(f"triton not installed ({_ext.TRITON_ERROR})")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            reasons.append("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
+        elif device.type not in ("cpu", "cuda"):
+            reasons.append(f"serves CUDA tensors; input is on {device}")
+    return reasons
+
+
+def why_not(op: str, backend: str, device: torch.device, *inputs) -> list[str]:
+    """Every reason `backend` can't serve `op` on these inputs; [] means it can."""
+    fn = _OPS.get(op, {}).get(backend)
+    if fn is None:
+        return [f"no {backend} implementation of {op}"]
+    return machine_reasons(backend, device) + fn(*inputs)
+
+
+def report(op: str, device: torch.device, *inputs) -> dict[str, list[str]]:
+    return {b: why_not(op, b, device, *inputs) for b in BACKENDS}
+
+
+def select(op: str, device: torch.device, *inputs, backend: str | None = None) -> str:
+    """The backend that serves this call (see module docstring for the order)."""
+    name, source = requested(backend)
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+            if not why_not(op, candidate, device, *inputs):
+                return candidate
+        name, source = "reference", "auto (nothing else could serve)"
+    reasons = why_not(op, name, device, *inputs)
+    if not reasons:
+        return name
+    lines = [f"{op}: backend {name!r} (from {source}) can't serve this call on {device}. Each backend:"]
+    for b, rs in report(op, device, *inputs).items():
+        lines.append(f"  {b}: " + ("can serve" if not rs else "; ".join(rs)))
+    raise BackendUnavailableError("\n".join(lines))

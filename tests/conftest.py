@@ -1,0 +1,30 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU the triton backend is tested through its interpreter on CPU tensors.
+# Must be set before any fastlm.triton module is imported (triton reads it at @jit time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed_and_nan_empties(request):
+    """Fresh random draws per test, and every torch.empty (ours included) prefilled with NaN,
+    so an output element a kernel forgets to write fails the comparison."""
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))
+    prev = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
