@@ -6,6 +6,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "activations.h"
@@ -17,16 +18,59 @@ namespace {
 constexpr int64_t kChunk = 4096;            // columns per tile: fits L1/L2 comfortably
 constexpr int64_t kParallelMinElems = 1 << 15;  // below this, threads cost more than they save
 
-FASTLM_INLINE float load(const float* p, int64_t i) { return p[i]; }
-FASTLM_INLINE float load(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
-FASTLM_INLINE void store(float* p, int64_t i, float v) { p[i] = v; }
-FASTLM_INLINE void store(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
-
 struct Tiling {
   int64_t chunks_per_row, tiles;
   Tiling(int64_t rows, int64_t cols)
       : chunks_per_row((cols + kChunk - 1) / kChunk), tiles(rows * chunks_per_row) {}
 };
+
+// The spans below run full vectors, then the tail once more on zero-padded copies, so every
+// element goes through the same vector math.
+template <typename T>
+FASTLM_INLINE void copy_in(T* dst, const T* src, int64_t n) {
+  if (src) std::memcpy(dst, src, size_t(n) * sizeof(T));
+}
+
+template <typename T, Activation A>
+FASTLM_INLINE void forward_span(const T* x, const T* b, T* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vf z = b ? load(x + i) + load(b + i) : load(x + i);
+    store(y + i, act_forward<A>(z));
+  }
+  if (i == n) return;
+  T xt[kLanes] = {}, bt[kLanes] = {}, yt[kLanes];
+  copy_in(xt, x + i, n - i);
+  copy_in(bt, b ? b + i : nullptr, n - i);
+  store(yt, act_forward<A>(load(xt) + load(bt)));
+  std::memcpy(y + i, yt, size_t(n - i) * sizeof(T));
+}
+
+// acc (fp32, may be null) gathers the unrounded grad for the bias reduction.
+template <typename T, Activation A>
+FASTLM_INLINE void backward_span(const T* gy, const T* x, const T* b, T* gx, float* acc, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vf z = b ? load(x + i) + load(b + i) : load(x + i);
+    vf g = load(gy + i) * act_derivative<A>(z);
+    store(gx + i, g);
+    if (acc) store(acc + i, load(acc + i) + g);
+  }
+  if (i == n) return;
+  T gt[kLanes] = {}, xt[kLanes] = {}, bt[kLanes] = {}, ot[kLanes];
+  float at[kLanes] = {};
+  copy_in(gt, gy + i, n - i);
+  copy_in(xt, x + i, n - i);
+  copy_in(bt, b ? b + i : nullptr, n - i);
+  copy_in(at, acc ? acc + i : nullptr, n - i);
+  vf g = load(gt) * act_derivative<A>(load(xt) + load(bt));
+  store(ot, g);
+  std::memcpy(gx + i, ot, size_t(n - i) * sizeof(T));
+  if (acc) {
+    store(at, load(at) + g);
+    std::memcpy(acc + i, at, size_t(n - i) * sizeof(float));
+  }
+}
 
 template <typename T, Activation A>
 void forward(int64_t rows, int64_t cols, const T* x, int64_t xs, const T* bias, T* y, int64_t ys) {
@@ -35,17 +79,8 @@ void forward(int64_t rows, int64_t cols, const T* x, int64_t xs, const T* bias, 
   for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
     const int64_t r = tile / tiling.chunks_per_row;
     const int64_t c0 = (tile % tiling.chunks_per_row) * kChunk;
-    const int64_t n = std::min(kChunk, cols - c0);
-    const T* xr = x + r * xs + c0;
-    T* yr = y + r * ys + c0;
-    if (bias) {
-      const T* br = bias + c0;
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) store(yr, i, act_forward<A>(load(xr, i) + load(br, i)));
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) store(yr, i, act_forward<A>(load(xr, i)));
-    }
+    forward_span<T, A>(x + r * xs + c0, bias ? bias + c0 : nullptr, y + r * ys + c0,
+                       std::min(kChunk, cols - c0));
   }
 }
 
@@ -55,7 +90,7 @@ void backward(int64_t rows, int64_t cols, const T* gy, int64_t gys, const T* x, 
   const Tiling tiling(rows, cols);
   const bool parallel = rows * cols >= kParallelMinElems;
   const int threads = parallel ? omp_get_max_threads() : 1;
-  // One fp32 partial sum row per thread, reduced in a fixed order: deterministic grad_bias.
+  // One fp32 partial-sum row per thread, reduced in a fixed order: deterministic grad_bias.
   std::vector<float> partial(grad_bias ? size_t(threads) * size_t(cols) : 0, 0.0f);
 #pragma omp parallel num_threads(threads)
   {
@@ -64,37 +99,21 @@ void backward(int64_t rows, int64_t cols, const T* gy, int64_t gys, const T* x, 
     for (int64_t tile = 0; tile < tiling.tiles; ++tile) {
       const int64_t r = tile / tiling.chunks_per_row;
       const int64_t c0 = (tile % tiling.chunks_per_row) * kChunk;
-      const int64_t n = std::min(kChunk, cols - c0);
-      const T* gyr = gy + r * gys + c0;
-      const T* xr = x + r * xs + c0;
-      T* gxr = gx + r * gxs + c0;
-      if (bias) {
-        const T* br = bias + c0;
-        float* accr = acc ? acc + c0 : nullptr;
-        if (accr) {
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) {
-            float g = load(gyr, i) * act_derivative<A>(load(xr, i) + load(br, i));
-            store(gxr, i, g);
-            accr[i] += g;
-          }
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i)
-            store(gxr, i, load(gyr, i) * act_derivative<A>(load(xr, i) + load(br, i)));
-        }
-      } else {
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) store(gxr, i, load(gyr, i) * act_derivative<A>(load(xr, i)));
-      }
+      backward_span<T, A>(gy + r * gys + c0, x + r * xs + c0, bias ? bias + c0 : nullptr,
+                          gx + r * gxs + c0, acc ? acc + c0 : nullptr, std::min(kChunk, cols - c0));
     }
   }
   if (!grad_bias) return;
-#pragma omp parallel for schedule(static) if (int64_t(threads) * cols >= kParallelMinElems)
-  for (int64_t c = 0; c < cols; ++c) {
-    float s = 0.0f;
-    for (int t = 0; t < threads; ++t) s += partial[size_t(t) * size_t(cols) + size_t(c)];
-    store(grad_bias, c, s);
+  for (int64_t c = 0; c < cols; c += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, cols - c);
+    float sum[kLanes] = {};
+    for (int t = 0; t < threads; ++t) {
+      const float* src = partial.data() + size_t(t) * size_t(cols) + size_t(c);
+      for (int64_t i = 0; i < n; ++i) sum[i] += src[i];
+    }
+    T out[kLanes];
+    store(out, load(sum));
+    std::memcpy(grad_bias + c, out, size_t(n) * sizeof(T));
   }
 }
 

@@ -1,0 +1,80 @@
+"""python -m benchmarks [--quick] [--ops bias_act,...] [--device cpu|cuda] [--out DIR]
+
+Checks each op against its reference, times every available backend and peer, and writes the
+table, results.json, report.md and plots under benchmarks/results/<device-name>/."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from benchmarks import common, report
+
+OPS = ["bias_act"]
+
+
+def _git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.check_output(["git", "-C", here, "rev-parse", "--short", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer, smaller shapes (about a minute on a laptop CPU)")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device-name>)")
+    args = p.parse_args(argv)
+    unknown = [o for o in args.ops.split(",") if o not in OPS]
+    if unknown:
+        p.error(f"--ops: unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    started = time.perf_counter()
+    import fastlm  # noqa: F401  (after arg parsing: its import warning, if any, is informative here)
+
+    print(f"fastlm benchmarks on {common.device_name(device)} ({'quick' if args.quick else 'full'} mode)", flush=True)
+    print("  measuring ceilings: copy bandwidth, matmul rate", flush=True)
+    ceilings = {"copy_gbps": common.copy_bandwidth_gbps(device, args.quick),
+                "matmul_tflops": common.matmul_tflops(device, args.quick)}
+    print(f"  copy {ceilings['copy_gbps']:.1f} GB/s, matmul {ceilings['matmul_tflops']:.2f} TFLOP/s", flush=True)
+    rows = []
+    for op in args.ops.split(","):
+        module = importlib.import_module(f"benchmarks.{op}")
+        rows += module.run(device, args.quick, ceilings, progress=lambda s: print(s, flush=True))
+    meta = {
+        "device_name": common.device_name(device),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "commit": _git_commit(),
+        "mode": "quick" if args.quick else "full",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "copy_gbps": round(ceilings["copy_gbps"], 2),
+        "matmul_tflops": round(ceilings["matmul_tflops"], 3),
+        "python": sys.version.split()[0],
+    }
+    print()
+    print("\n".join(report.table(rows)))
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", meta["device_name"])
+    for path in report.write(out, meta, rows):
+        print(f"wrote {path}")
+    wrong = [r for r in rows if r.note.startswith("WRONG")]
+    print(f"total {time.perf_counter() - started:.1f} s")
+    if wrong:
+        print(f"{len(wrong)} implementation(s) gave wrong results", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""bias_act: act(x + bias) forward and forward+backward, every fastlm backend vs torch eager
+(x + b, then the activation) and torch.compile of the same, in GB/s and % of copy bandwidth."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import Row, copies_for, time_ms
+from fastlm import backend as registry
+from fastlm.ops.bias_act import bias_act, bias_act_ref
+
+OP = "bias_act"
+
+
+def shapes(device: torch.device, quick: bool):
+    if device.type == "cuda":
+        return [(8192, 768), (8192, 3072), (4096, 4096), (16384, 8192)][: 2 if quick else None]
+    return [(1024, 1024), (4096, 4096)] if quick else [(1024, 1024), (4096, 4096), (8192, 3072)]
+
+
+def dtypes(device: torch.device):
+    return [torch.bfloat16, torch.float16, torch.float32] if device.type == "cuda" else [torch.float32, torch.bfloat16]
+
+
+def _eager(x, b):
+    return F.gelu(x + b)
+
+
+def run(device: torch.device, quick: bool, ceilings: dict, progress=print) -> list[Row]:
+    rows: list[Row] = []
+    compiled = torch.compile(_eager, fullgraph=True)
+    for dtype in dtypes(device):
+        for m, n in shapes(device, quick):
+            case = f"{m}x{n} {str(dtype)[6:]} gelu"
+            progress(f"  {OP} {case}")
+            elt = torch.finfo(dtype).bits // 8
+            copies = copies_for(m * n * elt, device)
+            xs = [torch.randn(m, n, device=device, dtype=dtype, requires_grad=True) for _ in range(copies)]
+            b = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
+            gy = torch.randn(m, n, device=device, dtype=dtype)
+            bytes_fwd = (2 * m * n + n) * elt  # read x, bias; write y
+            bytes_fb = bytes_fwd + (3 * m * n + 2 * n) * elt  # + read gy, x; write gx; bias, grad_bias
+            impls = {}
+            for name in registry.BACKENDS:
+                if name == "triton" and device.type == "cpu":
+                    continue  # the interpreter is a correctness tool, not a contender
+                if not registry.why_not(OP, name, device, xs[0], b, "gelu"):
+                    impls[f"fastlm:{name}"] = lambda x, bb, _n=name: bias_act(x, bb, "gelu", backend=_n)
+            impls["torch eager"] = _eager
+            impls["torch.compile"] = compiled
+            ref = bias_act_ref(xs[0].detach().double(), b.detach().double())
+            eager_ms = {}
+            for impl, fn in impls.items():
+                try:
+                    y = fn(xs[0], b)
+                except Exception as exc:  # e.g. torch.compile without a working toolchain
+                    rows.append(Row(OP, case, impl, "fwd", None, note=f"failed: {type(exc).__name__}: {exc}"[:200]))
+                    continue
+                err = (y.double() - ref).abs().max().item()
+                tol = 1e-4 if dtype == torch.float32 else 5e-2
+                if not err <= tol:
+                    rows.append(Row(OP, case, impl, "fwd", None, note=f"WRONG: max err {err:.3g} > {tol}"))
+                    continue
+                for mode, nbytes in (("fwd", bytes_fwd), ("fwd+bwd", bytes_fb)):
+                    if mode == "fwd":
+                        def step(i, fn=fn):
+                            with torch.no_grad():
+                                fn(xs[i % copies], b)
+                    else:
+                        def step(i, fn=fn):
+                            x = xs[i % copies]
+                            torch.autograd.grad(fn(x, b), (x, b), gy)
+                    ms = time_ms(step, device)
+                    if impl == "torch eager":
+                        eager_ms[mode] = ms
+                    gbps = nbytes / (ms * 1e-3) / 1e9
+                    rows.append(Row(OP, case, impl, mode, ms, gbps=gbps,
+                                    pct_ceiling=100 * gbps / ceilings["copy_gbps"]))
+            for r in rows:
+                if r.case == case and r.ms and r.mode in eager_ms:
+                    r.vs_eager = eager_ms[r.mode] / r.ms
+    return rows

@@ -1,0 +1,107 @@
+"""Timing, ceilings and result rows shared by every benchmark module.
+
+Method: correctness against the reference first, then a median over repeated runs after a
+warm-up, cycling through several input copies so caches don't flatter small sizes. Every
+throughput is also shown as a share of a ceiling measured in the same run: device copy
+bandwidth for memory-bound ops, a large matmul's rate for compute-bound ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import platform
+import re
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+@dataclasses.dataclass
+class Row:
+    op: str
+    case: str  # shape/dtype description
+    impl: str  # "fastlm:cpu", "torch eager", "torch.compile", ...
+    mode: str  # "fwd", "fwd+bwd", ...
+    ms: float | None
+    gbps: float | None = None
+    tflops: float | None = None
+    pct_ceiling: float | None = None
+    vs_eager: float | None = None  # eager time / this time (>1 = faster than eager)
+    note: str = ""
+
+
+def device_name(device: torch.device) -> str:
+    """Folder-friendly name of the hardware, e.g. nvidia-h100-80gb-hbm3 or cpu-intel-xeon-2c."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_model() + f" {torch.get_num_threads()}t"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return "cpu " + line.split(":", 1)[1].replace("(R)", "").replace("Processor", "").strip()
+    except OSError:
+        pass
+    return "cpu " + (platform.processor() or platform.machine())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[int], object], device: torch.device, *, min_seconds: float = 0.25,
+            warmup: int = 2, max_reps: int = 200) -> float:
+    """Median milliseconds of fn(i), i cycling over input copies; CUDA events on GPU."""
+    for i in range(warmup):
+        fn(i)
+    sync(device)
+    times: list[float] = []
+    start_all = time.perf_counter()
+    i = 0
+    while len(times) < 5 or (time.perf_counter() - start_all < min_seconds and len(times) < max_reps):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn(i)
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(i)
+            times.append((time.perf_counter() - t0) * 1e3)
+        i += 1
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int, device: torch.device) -> int:
+    """How many input copies to rotate so the working set exceeds the last-level cache."""
+    cache = 256 << 20 if device.type == "cpu" else 100 << 20
+    return max(1, min(4, cache // max(nbytes, 1) + 1))
+
+
+def copy_bandwidth_gbps(device: torch.device, quick: bool) -> float:
+    """Device-to-device copy rate (read + write bytes), the memory-bound ceiling."""
+    n = (64 << 20 if quick else 256 << 20) // 4 if device.type == "cuda" else (32 << 20 if quick else 64 << 20) // 4
+    srcs = [torch.randn(n, device=device) for _ in range(2)]
+    dst = torch.empty(n, device=device)
+    ms = time_ms(lambda i: dst.copy_(srcs[i % 2]), device)
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(device: torch.device, quick: bool) -> float:
+    """A large matmul's rate: bf16 on GPU, fp32 on CPU; the compute-bound ceiling."""
+    if device.type == "cuda":
+        n, dtype = (4096 if quick else 8192), torch.bfloat16
+    else:
+        n, dtype = (1024 if quick else 2048), torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_ms(lambda i: a @ b, device)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
