@@ -1,0 +1,56 @@
+"""The build: the extension exists, CUDA kernels are in it wherever they can be built, kernel
+sources stay torch-free, and ptxas reports no register spills in any kernel."""
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from fastlm import _ext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _nvcc():
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    cand = os.path.join(home, "bin", "nvcc")
+    return cand if os.path.exists(cand) else shutil.which("nvcc")
+
+
+def test_extension_is_built():
+    assert _ext.HAS_EXTENSION, f"fastlm._C failed to import: {_ext.EXTENSION_ERROR}"
+    assert "-O3" in _ext.CPU_FLAGS
+
+
+@pytest.mark.skipif(torch.version.cuda is None or _nvcc() is None, reason="needs a CUDA torch and nvcc")
+def test_cuda_kernels_built_where_possible():
+    assert _ext.HAS_CUDA_KERNELS, "torch is a CUDA build and nvcc exists, yet fastlm._C has no CUDA kernels"
+    assert "8.0" in _ext.CUDA_ARCHS and "9.0a" in _ext.CUDA_ARCHS
+    assert hasattr(torch.ops.fastlm, "bias_act_fwd")
+
+
+def test_kernel_sources_include_no_torch():
+    for path in glob.glob(os.path.join(ROOT, "csrc", "c*", "*")) + glob.glob(os.path.join(ROOT, "csrc", "include", "**", "*"), recursive=True):
+        if os.path.isdir(path):
+            continue
+        text = open(path).read()
+        bad = re.findall(r"#include\s*[<\"](torch|ATen|c10|pybind11)/", text)
+        assert not bad, f"{os.path.relpath(path, ROOT)} includes {bad}: kernel files must stay torch-free"
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="needs nvcc")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_cuda_kernels_do_not_spill(arch, tmp_path):
+    sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    assert sources
+    for src in sources:
+        cmd = [_nvcc(), "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas=-v", "-I", os.path.join(ROOT, "csrc", "include"),
+               "-c", src, "-o", str(tmp_path / "k.o")]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out.stderr)
+        assert spills, f"no ptxas report for {src}"
+        assert all(s == ("0", "0") for s in spills), f"{os.path.basename(src)} spills on {arch}: {spills}"
