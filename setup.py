@@ -62,9 +62,10 @@ def gencode_flags(archs):
     return flags
 
 
-def sources(folder, ext):
+def sources(folder, suffix, exclude=None):
     path = os.path.join("csrc", folder)
-    return sorted(os.path.join(path, f) for f in os.listdir(os.path.join(ROOT, path)) if f.endswith(ext))
+    names = os.listdir(os.path.join(ROOT, path))
+    return sorted(os.path.join(path, f) for f in names if f.endswith(suffix) and not (exclude and f.endswith(exclude)))
 
 
 def extension():
@@ -73,7 +74,7 @@ def extension():
     macros = [("FASTLM_CPU_FLAGS", f'"{" ".join(cpu_flags)}"')]
     args = dict(
         name="fastlm._C",
-        sources=["csrc/bindings.cpp"] + sources("cpu", ".cpp"),
+        sources=["csrc/module.cpp"] + sources("bindings", ".cpp", exclude="_cuda.cpp") + sources("cpu", ".cpp"),
         include_dirs=[os.path.join(ROOT, "csrc", "include")],
         extra_compile_args={"cxx": cpu_flags},
         extra_link_args=["-fopenmp"],
@@ -82,10 +83,10 @@ def extension():
     if not want_cuda():
         return CppExtension(**args)
     archs = os.environ.get("FASTLM_CUDA_ARCHS", "8.0;9.0a")
-    nvcc = ["-O3", "-std=c++17", "-lineinfo", f"--threads={os.cpu_count() or 1}"] + gencode_flags(archs)
+    nvcc = ["-O3", "-lineinfo", f"--threads={os.cpu_count() or 1}"] + gencode_flags(archs)
     if os.environ.get("FASTLM_PTXAS_VERBOSE") == "1":
         nvcc.append("-Xptxas=-v")
-    args["sources"] += ["csrc/bindings_cuda.cpp"] + sources("cuda", ".cu")
+    args["sources"] += sources("bindings", "_cuda.cpp") + sources("cuda", ".cu")
     args["extra_compile_args"]["nvcc"] = nvcc
     args["define_macros"] += [("FASTLM_WITH_CUDA", "1"), ("FASTLM_CUDA_ARCHS", f'"{archs}"')]
     return CUDAExtension(**args)

@@ -1,13 +1,10 @@
-// The op schemas (TORCH_LIBRARY), the CPU implementations, and the Python module init.
-// Includes only the slim torch headers it needs: this file and bindings_cuda.cpp are the
-// slow part of the build, kernel files never include torch.
-#include <Python.h>
+// bias_act: op schemas and CPU implementations (the CUDA ones are in bias_act_cuda.cpp).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include "bindings_common.h"
+#include "common.h"
 #include "fastlm/bias_act.h"
 
 namespace fastlm::bind {
@@ -54,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> bias_act_bwd_cpu(const at::Tensor& grad_out, 
 }  // namespace
 }  // namespace fastlm::bind
 
-TORCH_LIBRARY(fastlm, m) {
+TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def("bias_act_fwd(Tensor x, Tensor? bias, str activation) -> Tensor");
   m.def("bias_act_bwd(Tensor grad_out, Tensor x, Tensor? bias, str activation) -> (Tensor, Tensor)");
 }
@@ -62,28 +59,4 @@ TORCH_LIBRARY(fastlm, m) {
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("bias_act_fwd", &fastlm::bind::bias_act_fwd_cpu);
   m.impl("bias_act_bwd", &fastlm::bind::bias_act_bwd_cpu);
-}
-
-// A plain module: importing fastlm._C runs the registrations above. Build facts ride along
-// as constants so `python -m fastlm info` can say what this build contains.
-#ifndef FASTLM_CUDA_ARCHS
-#define FASTLM_CUDA_ARCHS ""
-#endif
-#ifndef FASTLM_CPU_FLAGS
-#define FASTLM_CPU_FLAGS ""
-#endif
-
-PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastlm kernels (ops in torch.ops.fastlm)",
-                               -1, nullptr, nullptr, nullptr, nullptr, nullptr};
-  PyObject* m = PyModule_Create(&module);
-  if (m == nullptr) return nullptr;
-#ifdef FASTLM_WITH_CUDA
-  PyModule_AddIntConstant(m, "with_cuda", 1);
-#else
-  PyModule_AddIntConstant(m, "with_cuda", 0);
-#endif
-  PyModule_AddStringConstant(m, "cuda_archs", FASTLM_CUDA_ARCHS);
-  PyModule_AddStringConstant(m, "cpu_flags", FASTLM_CPU_FLAGS);
-  return m;
 }

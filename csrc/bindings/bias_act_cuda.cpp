@@ -1,6 +1,6 @@
-// CUDA implementations of the ops declared in bindings.cpp: validate, allocate on the
-// input's device, launch on the current stream. Takes the stream from c10/cuda only, so it
-// builds without the cuBLAS/cuSPARSE headers that ATen/cuda/CUDAContext.h drags in.
+// bias_act: CUDA implementations of the ops declared in bias_act.cpp. Validate, allocate on
+// the input's device, launch on the current stream. The stream comes from c10/cuda only, so
+// this builds without the cuBLAS/cuSPARSE headers that ATen/cuda/CUDAContext.h drags in.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,7 +8,7 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
-#include "bindings_common.h"
+#include "common.h"
 #include "fastlm/bias_act.h"
 
 namespace fastlm::bind {
