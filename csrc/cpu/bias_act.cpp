@@ -24,13 +24,7 @@ struct Tiling {
       : chunks_per_row((cols + kChunk - 1) / kChunk), tiles(rows * chunks_per_row) {}
 };
 
-// The spans below run full vectors, then the tail once more on zero-padded copies, so every
-// element goes through the same vector math.
-template <typename T>
-FASTLM_INLINE void copy_in(T* dst, const T* src, int64_t n) {
-  if (src) std::memcpy(dst, src, size_t(n) * sizeof(T));
-}
-
+// Full vectors first, then the tail through the same vector math on a padded vector.
 template <typename T, Activation A>
 FASTLM_INLINE void forward_span(const T* x, const T* b, T* y, int64_t n) {
   int64_t i = 0;
@@ -39,11 +33,8 @@ FASTLM_INLINE void forward_span(const T* x, const T* b, T* y, int64_t n) {
     store(y + i, act_forward<A>(z));
   }
   if (i == n) return;
-  T xt[kLanes] = {}, bt[kLanes] = {}, yt[kLanes];
-  copy_in(xt, x + i, n - i);
-  copy_in(bt, b ? b + i : nullptr, n - i);
-  store(yt, act_forward<A>(load(xt) + load(bt)));
-  std::memcpy(y + i, yt, size_t(n - i) * sizeof(T));
+  vf z = b ? load_partial(x + i, n - i) + load_partial(b + i, n - i) : load_partial(x + i, n - i);
+  store_partial(y + i, act_forward<A>(z), n - i);
 }
 
 // acc (fp32, may be null) gathers the unrounded grad for the bias reduction.
@@ -57,19 +48,11 @@ FASTLM_INLINE void backward_span(const T* gy, const T* x, const T* b, T* gx, flo
     if (acc) store(acc + i, load(acc + i) + g);
   }
   if (i == n) return;
-  T gt[kLanes] = {}, xt[kLanes] = {}, bt[kLanes] = {}, ot[kLanes];
-  float at[kLanes] = {};
-  copy_in(gt, gy + i, n - i);
-  copy_in(xt, x + i, n - i);
-  copy_in(bt, b ? b + i : nullptr, n - i);
-  copy_in(at, acc ? acc + i : nullptr, n - i);
-  vf g = load(gt) * act_derivative<A>(load(xt) + load(bt));
-  store(ot, g);
-  std::memcpy(gx + i, ot, size_t(n - i) * sizeof(T));
-  if (acc) {
-    store(at, load(at) + g);
-    std::memcpy(acc + i, at, size_t(n - i) * sizeof(float));
-  }
+  const int64_t m = n - i;
+  vf z = b ? load_partial(x + i, m) + load_partial(b + i, m) : load_partial(x + i, m);
+  vf g = load_partial(gy + i, m) * act_derivative<A>(z);
+  store_partial(gx + i, g, m);
+  if (acc) store_partial(acc + i, load_partial(acc + i, m) + g, m);
 }
 
 template <typename T, Activation A>
@@ -106,14 +89,9 @@ void backward(int64_t rows, int64_t cols, const T* gy, int64_t gys, const T* x, 
   if (!grad_bias) return;
   for (int64_t c = 0; c < cols; c += kLanes) {
     const int64_t n = std::min<int64_t>(kLanes, cols - c);
-    float sum[kLanes] = {};
-    for (int t = 0; t < threads; ++t) {
-      const float* src = partial.data() + size_t(t) * size_t(cols) + size_t(c);
-      for (int64_t i = 0; i < n; ++i) sum[i] += src[i];
-    }
-    T out[kLanes];
-    store(out, load(sum));
-    std::memcpy(grad_bias + c, out, size_t(n) * sizeof(T));
+    vf sum = splat(0.0f);
+    for (int t = 0; t < threads; ++t) sum += load_partial(partial.data() + size_t(t) * size_t(cols) + size_t(c), n);
+    store_partial(grad_bias + c, sum, n);
   }
 }
 

@@ -42,6 +42,40 @@ FASTLM_INLINE void store(uint16_t* p, vf v) {
   std::memcpy(p, &h, sizeof h);
 }
 
+// Tails: the first n (< kLanes) elements, the other lanes set to `fill`; and the inverse.
+FASTLM_INLINE float scalar_to_float(float v) { return v; }
+FASTLM_INLINE float scalar_to_float(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+template <typename T>
+FASTLM_INLINE vf load_partial(const T* p, int64_t n, float fill = 0.0f) {
+  vf v = splat(fill);
+  for (int64_t i = 0; i < n; ++i) v[i] = scalar_to_float(p[i]);
+  return v;
+}
+template <typename T>
+FASTLM_INLINE void store_partial(T* p, vf v, int64_t n) {
+  T tmp[kLanes];
+  store(tmp, v);
+  std::memcpy(p, tmp, size_t(n) * sizeof(T));
+}
+
+FASTLM_INLINE vf vmax(vf a, vf b) { return select(a > b, a, b); }
+FASTLM_INLINE vf vmin(vf a, vf b) { return select(a < b, a, b); }
+FASTLM_INLINE float reduce_add(vf v) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+FASTLM_INLINE float reduce_max(vf v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
 // exp(x) = 2^n * e^r with |r| <= ln2/2. Inputs are clamped so 2^n stays a normal float
 // (e^-87 ~ 1.6e-38, e^88 ~ 1.7e38); NaN compares false both times and passes through.
 FASTLM_INLINE vf vexp(vf x) {
