@@ -1,4 +1,5 @@
-"""python -m benchmarks [--quick] [--ops bias_act,...] [--device cpu|cuda] [--out DIR]
+"""python -m benchmarks [--quick | --smoke] [--ops bias_act,...] [--device cpu|cuda] [--out DIR]
+       python -m benchmarks --compare OLD.json NEW.json [--threshold 0.1]
 
 Checks each op against its reference, times every available backend and peer, and writes the
 table, results.json, report.md and plots under benchmarks/results/<device-name>/."""
@@ -14,7 +15,7 @@ import time
 
 import torch
 
-from benchmarks import common, report
+from benchmarks import common, compare, report
 
 OPS = ["bias_act"]
 
@@ -30,10 +31,20 @@ def _git_commit() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer, smaller shapes (about a minute on a laptop CPU)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, few repetitions: proves the pipeline (CI)")
+    p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="diff two results.json files and exit")
+    p.add_argument("--threshold", type=float, default=0.10, help="--compare: slowdown flagged as a regression")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device-name>)")
     args = p.parse_args(argv)
+    if args.compare:
+        lines, regressions = compare.compare(*args.compare, args.threshold)
+        print("\n".join(lines))
+        return 1 if regressions else 0
+    common.SMOKE = args.smoke
+    args.quick = args.quick or args.smoke
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     unknown = [o for o in args.ops.split(",") if o not in OPS]
     if unknown:
         p.error(f"--ops: unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}")
@@ -43,20 +54,22 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     import fastlm  # noqa: F401  (after arg parsing: its import warning, if any, is informative here)
 
-    print(f"fastlm benchmarks on {common.device_name(device)} ({'quick' if args.quick else 'full'} mode)", flush=True)
+    print(f"fastlm benchmarks on {common.device_name(device)} ({mode} mode)", flush=True)
     print("  measuring ceilings: copy bandwidth, matmul rate", flush=True)
     ceilings = {"copy_gbps": common.copy_bandwidth_gbps(device, args.quick),
                 "matmul_tflops": common.matmul_tflops(device, args.quick)}
     print(f"  copy {ceilings['copy_gbps']:.1f} GB/s, matmul {ceilings['matmul_tflops']:.2f} TFLOP/s", flush=True)
     rows = []
-    for op in args.ops.split(","):
+    ops = args.ops.split(",")
+    for k, op in enumerate(ops, 1):
+        print(f"[{k}/{len(ops)}] {op} ({time.perf_counter() - started:.0f} s elapsed)", flush=True)
         module = importlib.import_module(f"benchmarks.{op}")
         rows += module.run(device, args.quick, ceilings, progress=lambda s: print(s, flush=True))
     meta = {
         "device_name": common.device_name(device),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "commit": _git_commit(),
-        "mode": "quick" if args.quick else "full",
+        "mode": mode,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "copy_gbps": round(ceilings["copy_gbps"], 2),

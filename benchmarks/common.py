@@ -17,6 +17,14 @@ from typing import Callable
 import torch
 
 
+# Smoke mode (CI): tiny shapes and a few repetitions; proves the pipeline, measures nothing.
+SMOKE = False
+
+
+def smoke() -> bool:
+    return SMOKE
+
+
 @dataclasses.dataclass
 class Row:
     op: str
@@ -59,6 +67,8 @@ def sync(device: torch.device) -> None:
 def time_ms(fn: Callable[[int], object], device: torch.device, *, min_seconds: float = 0.25,
             warmup: int = 2, max_reps: int = 200) -> float:
     """Median milliseconds of fn(i), i cycling over input copies; CUDA events on GPU."""
+    if SMOKE:
+        min_seconds, warmup, max_reps = 0.0, 1, 3
     for i in range(warmup):
         fn(i)
     sync(device)
@@ -90,6 +100,7 @@ def copies_for(nbytes: int, device: torch.device) -> int:
 def copy_bandwidth_gbps(device: torch.device, quick: bool) -> float:
     """Device-to-device copy rate (read + write bytes), the memory-bound ceiling."""
     n = (64 << 20 if quick else 256 << 20) // 4 if device.type == "cuda" else (32 << 20 if quick else 64 << 20) // 4
+    n = 1 << 20 if SMOKE else n
     srcs = [torch.randn(n, device=device) for _ in range(2)]
     dst = torch.empty(n, device=device)
     ms = time_ms(lambda i: dst.copy_(srcs[i % 2]), device)
@@ -102,6 +113,7 @@ def matmul_tflops(device: torch.device, quick: bool) -> float:
         n, dtype = (4096 if quick else 8192), torch.bfloat16
     else:
         n, dtype = (1024 if quick else 2048), torch.float32
+    n = 256 if SMOKE else n
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     ms = time_ms(lambda i: a @ b, device)
     return 2 * n**3 / (ms * 1e-3) / 1e12

@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/env.sh
-.venv/bin/python -m benchmarks "$@"
+.venv/bin/python -m fastlm.bench "$@"
