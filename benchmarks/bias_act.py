@@ -76,8 +76,8 @@ def run(device: torch.device, quick: bool, ceilings: dict, progress=print) -> li
                     if impl == "torch eager":
                         eager_ms[mode] = ms
                     gbps = nbytes / (ms * 1e-3) / 1e9
-                    rows.append(Row(OP, case, impl, mode, ms, gbps=gbps,
-                                    pct_ceiling=100 * gbps / ceilings["copy_gbps"]))
+                    rows.append(Row(OP, case, impl, mode, ms, gbps=gbps, pct_ceiling=100 * gbps / ceilings["copy_gbps"],
+                                    size=f"{m}x{n}", dtype=str(dtype)[6:]))
             for r in rows:
                 if r.case == case and r.ms and r.mode in eager_ms:
                     r.vs_eager = eager_ms[r.mode] / r.ms

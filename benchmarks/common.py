@@ -37,6 +37,8 @@ class Row:
     pct_ceiling: float | None = None
     vs_eager: float | None = None  # eager time / this time (>1 = faster than eager)
     note: str = ""
+    size: str = ""  # the x axis of the plots, e.g. "4096x4096" (default: the case)
+    dtype: str = ""  # plots get one panel per (mode, dtype)
 
 
 def device_name(device: torch.device) -> str:

@@ -47,17 +47,25 @@ def plots(out_dir: str, rows: list[Row]) -> list[str]:
     written = []
     for op in sorted({r.op for r in rows}):
         mine = [r for r in rows if r.op == op and r.ms]
-        modes = sorted({r.mode for r in mine})
-        fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
-        for ax, mode in zip(axes[0], modes):
-            cases = list(dict.fromkeys(r.case for r in mine if r.mode == mode))
-            for impl in dict.fromkeys(r.impl for r in mine):
-                pts = {r.case: (r.gbps or r.tflops) for r in mine if r.mode == mode and r.impl == impl}
-                ax.plot(range(len(cases)), [pts.get(c) for c in cases], marker="o", label=impl)
-            ax.set_xticks(range(len(cases)), cases, rotation=30, ha="right", fontsize=7)
-            unit = "GB/s" if any(r.gbps for r in mine) else "TFLOP/s"
+        panels = list(dict.fromkeys((r.mode, r.dtype) for r in mine))
+        if not panels:
+            continue
+        cols = min(len(panels), 3)
+        nrows = (len(panels) + cols - 1) // cols
+        fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4.2 * nrows), squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        for ax, (mode, dtype) in zip(axes.flat, panels):
+            sel = [r for r in mine if r.mode == mode and r.dtype == dtype]
+            sizes = list(dict.fromkeys(r.size or r.case for r in sel))
+            unit = "GB/s" if any(r.gbps for r in sel) else "TFLOP/s"
+            for impl in dict.fromkeys(r.impl for r in sel):
+                pts = {(r.size or r.case): (r.gbps if unit == "GB/s" else r.tflops) for r in sel if r.impl == impl}
+                ax.plot(range(len(sizes)), [pts.get(c) for c in sizes], marker="o", label=impl)
+            ax.set_xticks(range(len(sizes)), sizes, rotation=20, ha="right", fontsize=8)
             ax.set_ylabel(unit)
-            ax.set_title(f"{op} {mode}")
+            ax.set_ylim(bottom=0)
+            ax.set_title(f"{op} {mode} {dtype}".strip())
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()
