@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(BLOCK)
     wsum = row_sum<TPR>(wsum, sm_m);
   }
   if (tid != 0) return;
-  const float l = st.m + __logf(st.s);
+  const float l = st.m + logf(st.s);
   const float wt = a.weight ? a.weight[t] : 1.0f;
   float v = (1.0f - a.eps) * wt * (l - to_float(xr[t]));
   if (a.eps > 0.0f) v += a.eps / float(cols) * (wsum * l - smooth);

@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(BLOCK)
   }
   st = row_merge<TPR>(st, sm_m, sm_s);
   const bool empty = !(st.s > 0.0f);
-  const float shift = log ? st.m + __logf(st.s) : st.m;
+  const float shift = log ? st.m + logf(st.s) : st.m;
   const float inv = 1.0f / st.s;
   T* yr = y + r * ys;
   for (int64_t c = int64_t(tid) * VEC; c < cols; c += int64_t(TPR) * VEC) {
