@@ -1,4 +1,4 @@
-"""Backends, dtypes and row lengths shared by the row-wise op tests (softmax, cross-entropy)."""
+"""Backends, dtypes and row lengths shared by the op tests (bias_act, softmax, cross-entropy, ...)."""
 import pytest
 import torch
 

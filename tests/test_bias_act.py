@@ -8,24 +8,8 @@ from fastlm import _ext
 from fastlm.ops.bias_act import ACTIVATIONS, bias_act, bias_act_backward_ref, bias_act_ref
 from numerics import assert_close
 
-HAS_CUDA = torch.cuda.is_available()
-GPU = "cuda" if HAS_CUDA else None
-LOW = (torch.float16, torch.bfloat16)
+from row_cases import BACKEND_DTYPES, BACKENDS  # noqa: E402  (shared backend/dtype matrix)
 
-# (backend, device, dtypes). Without a GPU, triton runs in its interpreter on CPU tensors.
-ALL = (torch.float32, torch.float16, torch.bfloat16)
-BACKENDS = [
-    pytest.param("reference", "cpu", ALL, id="reference"),
-    pytest.param("cpu", "cpu", (torch.float32, torch.bfloat16), id="cpu"),
-    pytest.param("triton", GPU or "cpu", ALL, id="triton"),
-    pytest.param("cuda", "cuda", ALL, id="cuda", marks=pytest.mark.gpu),
-]
-# Every (backend, dtype) pair a backend serves; the pairs it refuses are tested for their reason.
-BACKEND_DTYPES = [
-    pytest.param(p.values[0], p.values[1], dtype, id=f"{p.id}-{str(dtype)[6:]}", marks=p.marks)
-    for p in BACKENDS
-    for dtype in p.values[2]
-]
 SHAPES = [(1,), (3, 7), (2, 3, 97), (5, 1025), (4, 1)]
 
 
