@@ -7,8 +7,7 @@ import fastlm
 from fastlm import _ext
 from fastlm.ops.bias_act import ACTIVATIONS, bias_act, bias_act_backward_ref, bias_act_ref
 from numerics import assert_close
-
-from row_cases import BACKEND_DTYPES, BACKENDS  # noqa: E402  (shared backend/dtype matrix)
+from row_cases import BACKEND_DTYPES, BACKENDS
 
 SHAPES = [(1,), (3, 7), (2, 3, 97), (5, 1025), (4, 1)]
 
