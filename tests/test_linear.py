@@ -17,6 +17,7 @@ BACKEND_DTYPES = backend_dtypes(BACKENDS)
 # (M, K, N): M in {1, 7, 129}, K and N in {64, 768, 3072}
 SHAPES = [(1, 64, 64), (7, 768, 64), (129, 64, 768), (7, 64, 3072), (1, 3072, 64), (129, 768, 768)]
 ACTS = (None,) + ACTIVATIONS
+INTERPRETER_SHAPES = [(1, 64, 64), (7, 64, 128), (129, 64, 64), (7, 128, 64)]
 GEMM_TOL = dict(rtol=1e-4, atol=1e-4)  # fp32 sums over up to 3072 terms
 
 
@@ -52,11 +53,14 @@ def _check(backend, device, dtype, activation, M, K, N, bias=True, residual=True
         assert_close(f"{backend} {name}", g, g64, g0, kind="grad", fp32_tol=GEMM_TOL)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("index", range(len(SHAPES)), ids=lambda i: "x".join(map(str, SHAPES[i])))
 @pytest.mark.parametrize("backend,device,dtype", BACKEND_DTYPES)
-def test_matches_float64(backend, device, dtype, shape):
-    activation = ACTS[hash(shape) % len(ACTS)] if dtype != torch.float32 else None
-    for act in (ACTS if dtype == torch.float32 else (activation, "gelu")):
+def test_matches_float64(backend, device, dtype, index):
+    shape = SHAPES[index]
+    if backend == "triton" and device == "cpu" and shape not in INTERPRETER_SHAPES:
+        shape = INTERPRETER_SHAPES[index % len(INTERPRETER_SHAPES)]  # the interpreter is slow: small shapes
+    acts = [ACTS[index % len(ACTS)]] + ([ACTS[(index + 3) % len(ACTS)]] if dtype == torch.float32 else [])
+    for act in acts:  # every activation shows up across the shapes
         _check(backend, device, dtype, act, *shape)
 
 

@@ -5,13 +5,14 @@
 activation: None, "gelu", "gelu_tanh", "relu", "silu". x is (..., K), weight (N, K), bias (N,),
 residual (..., N).
 
-Backward, and what is saved: the forward keeps z = x @ weight^T (before bias) when an
-activation is applied and a gradient may be needed. Recomputing z instead would cost a whole
-second GEMM (2·M·N·K flops) to save one (M, N) store; keeping z costs that store and memory,
-and it is exactly what bias_act's backward consumes: grad_z = grad_y · act'(z + bias) and
-grad_bias = Σ_rows grad_z come out of one fused pass (the bias_act kernels of the same
-backend), then dX = grad_z @ weight and dW = grad_zᵀ @ x. grad_residual is grad_y.
-Without an activation nothing extra is saved and grad_z is grad_y itself.
+Backward, and what is saved: the forward keeps the pre-activation p = x @ weight^T + bias
+(rounded once to the dtype, as eager's linear output is) when an activation is applied and a
+gradient may be needed. Recomputing it instead would cost a whole second GEMM (2·M·N·K
+flops) to save one (M, N) store. p is exactly what bias_act's backward consumes:
+grad_p = grad_y · act'(p), with grad_bias = Σ_rows grad_p reduced in the same pass (a zero
+bias vector of N elements is passed so that pass does the reduction); then
+dX = grad_p @ weight and dW = grad_pᵀ @ x. grad_residual is grad_y. Without an activation
+nothing extra is saved and grad_p is grad_y itself.
 
 Backends:
 - cpu (fp32, bf16): torch's CPU GEMM (MKL / oneDNN) into the output, then one fused
@@ -48,24 +49,25 @@ def _act_name(activation):
 # ---------------------------------------------------------------- reference (the oracle)
 def linear_fwd_ref(x, weight, bias, residual, activation: str, save_preact: bool):
     z = x.to(_cdt(x)) @ weight.to(_cdt(x)).t()
-    zr = z.to(x.dtype)
-    y = zr.to(z.dtype) + bias.to(z.dtype) if bias is not None else zr.to(z.dtype)
-    if activation != "none":
-        y = act_ref(y, activation)
+    if bias is not None:
+        z = z + bias.to(z.dtype)
+    p = z.to(x.dtype)  # rounded once, like eager's linear output
+    y = act_ref(p.to(z.dtype), activation) if activation != "none" else z
     if residual is not None:
         y = y + residual.to(y.dtype)
-    return y.to(x.dtype).contiguous(), (zr.contiguous() if save_preact else x.new_empty(0))
+    return y.to(x.dtype).contiguous(), (p.contiguous() if save_preact else x.new_empty(0))
 
 
-def _grad_z_ref(grad_y, preact, bias, activation):
+def _grad_p(grad_y, preact, bias, activation, bias_act_backward):
+    """grad_p = grad_y * act'(preact) and grad_bias = its column sums, one bias_act backward pass."""
     if activation == "none":
-        gb = grad_y.sum(0) if bias is not None else grad_y.new_empty(0)
-        return grad_y, gb.to(grad_y.dtype)
-    return bias_act_backward_ref(grad_y, preact, bias, activation)
+        return grad_y, (grad_y.sum(0) if bias is not None else grad_y.new_empty(0))
+    zero_bias = preact.new_zeros(preact.shape[1]) if bias is not None else None
+    return bias_act_backward(grad_y, preact, zero_bias, activation)
 
 
 def linear_bwd_ref(grad_y, x, weight, bias, preact, activation: str):
-    gz, gb = _grad_z_ref(grad_y, preact, bias, activation)
+    gz, gb = _grad_p(grad_y, preact, bias, activation, bias_act_backward_ref)
     cdt = _cdt(x)
     gx = (gz.to(cdt) @ weight.to(cdt)).to(x.dtype)
     gw = (gz.to(cdt).t() @ x.to(cdt)).to(x.dtype)
@@ -83,27 +85,22 @@ def _ext_forward(x, weight, bias, residual, activation, save_preact):
     return torch.ops.fastlm.linear_fwd(x, weight, bias, residual, activation, save_preact)
 
 
-def _grad_z(grad_y, preact, bias, activation, backend):
-    """grad_z = grad_y * act'(preact + bias) and grad_bias in one pass: bias_act's backward."""
-    if activation == "none":
-        return grad_y, (grad_y.sum(0) if bias is not None else grad_y.new_empty(0))
-    if backend == "triton":
-        from fastlm.triton import bias_act as ba
+def _triton_bias_act_backward(*args):
+    from fastlm.triton import bias_act as kernels
 
-        return ba.backward(grad_y, preact, bias, activation)
-    return torch.ops.fastlm.bias_act_bwd(grad_y, preact, bias, activation)
+    return kernels.backward(*args)
 
 
 def _triton_backward(grad_y, x, weight, bias, preact, activation):
     from fastlm.triton import linear as kernels
 
-    gz, gb = _grad_z(grad_y, preact, bias, activation, "triton")
+    gz, gb = _grad_p(grad_y, preact, bias, activation, _triton_bias_act_backward)
     gx, gw = kernels.backward_gemms(gz.contiguous(), x, weight)
     return gx, gw, gb
 
 
 def _ext_backward(grad_y, x, weight, bias, preact, activation):
-    gz, gb = _grad_z(grad_y, preact, bias, activation, "ext")
+    gz, gb = _grad_p(grad_y, preact, bias, activation, torch.ops.fastlm.bias_act_bwd)
     return gz @ weight, gz.t() @ x, gb
 
 

@@ -20,7 +20,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 def _configs():
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4)]
     cfgs = []
     for bm, bn, bk, warps, stages in [
         (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
@@ -63,11 +63,11 @@ def _gemm_kernel(
         b_ptrs += BLOCK_K * sbk
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     out = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    if SAVE_Z:
-        tl.store(z_ptr + out, acc.to(z_ptr.dtype.element_ty), mask=mask)
-        acc = acc.to(z_ptr.dtype.element_ty).to(tl.float32)  # the backward sees this rounding too
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if SAVE_Z:  # z + bias, rounded once as eager's linear output; the backward sees the same value
+        tl.store(z_ptr + out, acc.to(z_ptr.dtype.element_ty), mask=mask)
+        acc = acc.to(z_ptr.dtype.element_ty).to(tl.float32)
     if ACT >= 0:
         acc = _act_forward(acc, ACT)
     if HAS_RES:
@@ -80,7 +80,7 @@ def _precision(dtype):
 
 
 def gemm(a, a_strides, b, b_strides, M, N, K, *, bias=None, residual=None, activation=None, save_z=False, out_dtype=None):
-    """act(A @ B^T + bias) + residual as a new (M, N) tensor, and A @ B^T (empty unless save_z).
+    """act(A @ B^T + bias) + residual as a new (M, N) tensor, and A @ B^T + bias (empty unless save_z).
     A[m, k] = a[m * a_strides[0] + k * a_strides[1]], B[n, k] likewise with b_strides."""
     dtype = out_dtype or a.dtype
     y = torch.empty((M, N), dtype=dtype, device=a.device)
