@@ -180,3 +180,17 @@ def test_extension_ops_validate_inputs():
         torch.ops.fastlm.linear_fwd(x, torch.randn(6, 7), None, None, "none", False)
     with pytest.raises(ValueError, match=r"residual must have shape \(4, 6\), got \[4, 7\]"):
         torch.ops.fastlm.linear_fwd(x, w, None, torch.randn(4, 7), "none", False)
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_zero_inner_dim(backend, device, dtypes):
+    x = torch.randn(5, 0, device=device, dtype=dtypes[0], requires_grad=True)
+    w = torch.randn(16, 0, device=device, dtype=dtypes[0], requires_grad=True)
+    b = torch.randn(16, device=device, dtype=dtypes[0], requires_grad=True)
+    y = linear(x, w, b, activation="silu", backend=backend)
+    torch.testing.assert_close(y, F.silu(b).expand(5, 16))
+    g = torch.randn(5, 16, device=device, dtype=dtypes[0])
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), g)
+    want = (g.double() * torch.autograd.functional.jacobian(F.silu, b.detach().double()).diagonal()).sum(0)
+    torch.testing.assert_close(gb.double(), want, rtol=1e-4, atol=1e-4)
+    assert gx.shape == (5, 0) and gw.shape == (16, 0)

@@ -11,20 +11,24 @@ gradient may be needed. Recomputing it instead would cost a whole second GEMM (2
 flops) to save one (M, N) store. p is exactly what bias_act's backward consumes:
 grad_p = grad_y · act'(p), with grad_bias = Σ_rows grad_p reduced in the same pass (a zero
 bias vector of N elements is passed so that pass does the reduction); then
-dX = grad_p @ weight and dW = grad_pᵀ @ x. grad_residual is grad_y. Without an activation
+dX = grad_p @ weight and dW = grad_pᵀ @ x (cpu, cuda, reference). The triton backend fuses
+act'(p) into the two GEMMs' operand loads instead (see below). grad_residual is grad_y. Without an activation
 nothing extra is saved and grad_p is grad_y itself.
 
 Backends:
 - cpu (fp32, bf16): torch's CPU GEMM (MKL / oneDNN) into the output, then one fused
   epilogue pass over it, in place (csrc/cpu/linear.cpp). Backward GEMMs: torch.mm.
 - triton (fp32/fp16/bf16 on GPU; fp32/fp16 in the interpreter, whose bf16 tl.dot is wrong):
-  one tl.dot GEMM with the epilogue before its store, autotuned; the backward GEMMs use the
-  same kernel by strides.
+  one tl.dot GEMM with the epilogue before its store, autotuned. Backward: the same kernel by
+  strides for dX and dW, with act'(p) fused into the operand loads (grad_p is never stored)
+  and grad_bias summed inside the dW launch.
 - cuda (fp16/bf16, N and K multiples of 8): hand-written mma.sync tensor-core GEMM with the
   epilogue (csrc/cuda/linear.cu). Backward GEMMs: torch.mm.
 - reference: plain PyTorch in fp32 (fp64 for fp64 inputs).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -85,18 +89,10 @@ def _ext_forward(x, weight, bias, residual, activation, save_preact):
     return torch.ops.fastlm.linear_fwd(x, weight, bias, residual, activation, save_preact)
 
 
-def _triton_bias_act_backward(*args):
-    from fastlm.triton import bias_act as kernels
-
-    return kernels.backward(*args)
-
-
 def _triton_backward(grad_y, x, weight, bias, preact, activation):
     from fastlm.triton import linear as kernels
 
-    gz, gb = _grad_p(grad_y, preact, bias, activation, _triton_bias_act_backward)
-    gx, gw = kernels.backward_gemms(gz.contiguous(), x, weight)
-    return gx, gw, gb
+    return kernels.backward(grad_y, x, weight, bias, preact, activation)
 
 
 def _ext_backward(grad_y, x, weight, bias, preact, activation):
@@ -222,8 +218,9 @@ def linear(x, weight, bias=None, *, activation=None, residual=None, backend=None
     """act(x @ weight^T + bias) + residual; differentiable in all four tensors. See the module docstring."""
     _check(x, weight, bias, residual, activation)
     n, k = weight.shape
-    x2 = x.reshape(-1, k)
-    r2 = residual.reshape(-1, n) if residual is not None else None
+    rows = math.prod(x.shape[:-1])  # not -1: K may be 0
+    x2 = x.reshape(rows, k)
+    r2 = residual.reshape(rows, n) if residual is not None else None
     chosen = _backend.select(OP, x.device, x2, weight, backend=backend)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
     save_preact = activation is not None and needs_grad
