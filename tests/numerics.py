@@ -12,13 +12,14 @@ FP32_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=
 FACTOR = {"out": 2.0, "grad": 3.0}
 
 
-def assert_close(name, out, oracle, baseline=None, kind="out"):
+def assert_close(name, out, oracle, baseline=None, kind="out", fp32_tol=None):
+    """fp32_tol overrides the fp32 table (GEMMs: long reductions, DESIGN allows up to 1e-4)."""
     assert out.shape == oracle.shape, f"{name}: shape {tuple(out.shape)} != {tuple(oracle.shape)}"
     out64, oracle64 = out.detach().double().cpu(), oracle.detach().double().cpu()
     bad_nan = torch.isnan(out64) & ~torch.isnan(oracle64)
     assert not bad_nan.any(), f"{name}: {int(bad_nan.sum())} NaN(s) where the oracle has none"
     if out.dtype in FP32_TOL:
-        torch.testing.assert_close(out64, oracle64, **FP32_TOL[out.dtype], equal_nan=True, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(out64, oracle64, **(fp32_tol if fp32_tol and out.dtype == torch.float32 else FP32_TOL[out.dtype]), equal_nan=True, msg=lambda m: f"{name}: {m}")
         return
     assert baseline is not None, f"{name}: low-precision checks need the plain-PyTorch baseline"
     if out.numel() == 0:
