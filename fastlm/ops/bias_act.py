@@ -145,35 +145,11 @@ _bias_act_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------- who can serve what
-def _dtype_reason(x: torch.Tensor, allowed, backend: str) -> list[str]:
-    if x.dtype in allowed:
-        return []
-    names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-    return [f"dtype {str(x.dtype).replace('torch.', '')} not supported by the {backend} backend ({names})"]
-
-
 def _example(device: torch.device):
     return (torch.empty(8, 64, device=device), torch.empty(64, device=device), "gelu")
 
 
-@_backend.register(OP, "reference", example=_example)
-def _(x, bias, activation):
-    return [] if x.dtype.is_floating_point else [f"dtype {x.dtype} is not floating point"]
-
-
-@_backend.register(OP, "cpu")
-def _(x, bias, activation):
-    return _dtype_reason(x, CPU_DTYPES, "cpu")
-
-
-@_backend.register(OP, "triton")
-def _(x, bias, activation):
-    return _dtype_reason(x, GPU_DTYPES, "triton")
-
-
-@_backend.register(OP, "cuda")
-def _(x, bias, activation):
-    return _dtype_reason(x, GPU_DTYPES, "cuda")
+_backend.register_by_dtype(OP, _example, CPU_DTYPES, GPU_DTYPES)
 
 
 # ---------------------------------------------------------------- public entry point
