@@ -16,7 +16,7 @@ import torch
 
 from benchmarks import common, report
 
-OPS = ["bias_act"]
+OPS = ["bias_act", "attention"]
 
 
 def _git_commit() -> str:
