@@ -58,7 +58,7 @@ def oracle(q, k, v, mask=None, causal=NO_CAUSAL, scale=None):
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
-    allowed = torch.ones(tq, tk, dtype=torch.bool)
+    allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device)
     if causal != NO_CAUSAL:
         allowed = allowed.tril(0 if causal == TOP_LEFT else tk - tq)
     if mask is not None and mask.dtype == torch.bool:
@@ -109,7 +109,7 @@ def _qkv(b, h, hkv, tq, tk, d, dv, dtype, device="cpu", qmul=1.0, kmul=1.0):
 
 # the interpreter is slow: triton gets fewer, smaller shapes that still cover T in {1, 17, 97,
 # 128, 257}, Tq < Tk and Tq > Tk, head dims 32/80/128 (Dv != D) and H_kv in {H, H/2, 1}
-TRITON_SHAPES = [(1, 2, 2, 1, 257, 128, 128), (1, 2, 1, 17, 128, 80, 48), (1, 4, 2, 97, 40, 32, 32)]
+TRITON_SHAPES = [(1, 2, 2, 1, 257, 128, 128), (1, 2, 1, 17, 128, 80, 48), (1, 2, 1, 97, 40, 32, 32)]
 MATCH_CASES = [
     pytest.param(*p.values, shape, id=f"{p.id}-{'x'.join(map(str, shape))}", marks=p.marks)
     for p in BACKEND_DTYPES
@@ -276,6 +276,57 @@ def test_reference_gradients_gradcheck():
     torch.autograd.gradcheck(lambda a, b, c: scaled_dot_product_attention_ref(a, b, c, mask, enable_gqa=True), (q, k, v))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", list(CAUSAL), ids=str)
+def test_cuda_forward_matches_float64(dtype, causal):
+    """The tensor-core forward (inference only) against the fp64 oracle: out and lse."""
+    shapes = SHAPES + [(2, 4, 2, 300, 300, 96, 96), (1, 2, 2, 65, 130, 256, 256), (1, 2, 1, 33, 70, 32, 64)]
+    for shape in shapes:
+        q, k, v = _qkv(*shape, dtype, "cuda")
+        attn_mask, is_causal = _with_causal(None, CAUSAL[causal], shape[3], shape[4])
+        with torch.no_grad():
+            out, lse = sdpa_lse(q, k, v, attn_mask, is_causal=is_causal, enable_gqa=shape[1] != shape[2], backend="cuda")
+            out64 = oracle(q.double(), k.double(), v.double(), causal=CAUSAL[causal])
+            base = oracle(q, k, v, causal=CAUSAL[causal])
+            _, lse64 = sdpa_lse(q.double(), k.double(), v.double(), attn_mask, is_causal=is_causal,
+                                enable_gqa=shape[1] != shape[2], backend="reference")
+        assert_close(f"cuda out {shape}", out, out64, base)
+        finite = lse64.isfinite()
+        assert torch.equal(finite, lse.isfinite()), f"cuda lse {shape}: -inf rows differ"
+        torch.testing.assert_close(lse[finite].double(), lse64[finite], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_forward_masks_and_nan():
+    for kind in MASKS:
+        q, k, v = _qkv(2, 4, 2, 37, 70, 64, 64, torch.float16, "cuda")
+        mask = _mask(kind, 2, 4, 37, 70, torch.float16).cuda()
+        with torch.no_grad():
+            out = sdpa(q, k, v, mask, enable_gqa=True, backend="cuda")
+            m64 = mask if mask.dtype == torch.bool else mask.double()
+            assert_close(f"cuda {kind}", out, oracle(q.double(), k.double(), v.double(), m64), oracle(q, k, v, mask))
+    keep = torch.ones(1, 1, 1, 75, dtype=torch.bool, device="cuda")
+    keep[..., 70:] = False
+    q, k, v = _qkv(1, 2, 2, 33, 75, 64, 64, torch.bfloat16, "cuda")
+    v[:, :, 70:] = float("nan")
+    with torch.no_grad():
+        assert not sdpa(q, k, v, keep, backend="cuda").isnan().any()
+
+
+def test_cuda_backend_reasons():
+    from fastlm import backend as registry
+    from fastlm.ops.attention import OP
+
+    q = torch.randn(1, 2, 4, 32, requires_grad=True)
+    reasons = registry.why_not(OP, "cuda", torch.device("cpu"), q, q, q, None, 0.0, TOP_LEFT)
+    assert "dtype float32 not supported by the cuda backend (float16, bfloat16)" in reasons
+    assert any("no attention backward yet" in r for r in reasons)
+    with torch.no_grad():
+        reasons = registry.why_not(OP, "cuda", torch.device("cpu"), q.half(), q, q, None, 0.0, TOP_LEFT)
+    assert not any("backward" in r or "dtype" in r for r in reasons)
+
+
 # ------------------------------------------------------------------ registration / compile
 def _op_samples(device, backend):
     q, k, v = _qkv(2, 2, 1, 19, 20, 16, 16, torch.float32, device)
@@ -372,7 +423,7 @@ def test_extension_ops_validate_inputs():
         torch.ops.fastlm.attention_fwd(q.half(), k.half(), v.half(), None, 0, 1.0)
     with pytest.raises(ValueError, match=r"k head dim 16 != q head dim 32"):
         torch.ops.fastlm.attention_fwd(q, k[..., :16], v, None, 0, 1.0)
-    with pytest.raises(ValueError, match=r"head dims up to 256 on the CPU, got q 300"):
+    with pytest.raises(ValueError, match=r"head dims up to 256 on cpu, got q 300"):
         x = torch.randn(1, 1, 4, 300)
         torch.ops.fastlm.attention_fwd(x, x, x, None, 0, 1.0)
     with pytest.raises(ValueError, match=r"causal must be 0 \(none\), 1 \(top-left\) or 2 \(bottom-right\), got 5"):

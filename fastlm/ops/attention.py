@@ -24,7 +24,8 @@ the keep-mask is drawn from a seed taken from `generator` (default: torch's glob
 torch.manual_seed makes runs reproducible and the backward regenerates the same mask.
 
 Backends: cpu (fp32/bf16, csrc/cpu/attention*.cpp), triton (fp32/fp16/bf16,
-fastlm/triton/attention.py; CUDA tensors, or CPU ones under TRITON_INTERPRET=1), reference (plain PyTorch in fp32, or fp64
+fastlm/triton/attention.py; CUDA tensors, or CPU ones under TRITON_INTERPRET=1), cuda (forward
+only, fp16/bf16 on tensor cores, csrc/cuda/attention.cu: serves calls that need no gradient), reference (plain PyTorch in fp32, or fp64
 for fp64 inputs; the oracle).
 """
 from __future__ import annotations
@@ -41,6 +42,8 @@ CPU_DTYPES = (torch.float32, torch.bfloat16)
 CPU_MAX_HEAD_DIM = 256
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_HEAD_DIM = 256
+CUDA_DTYPES = (torch.float16, torch.bfloat16)  # tensor cores only
+CUDA_MAX_HEAD_DIM = 256
 NO_CAUSAL, TOP_LEFT, BOTTOM_RIGHT = 0, 1, 2
 
 
@@ -147,7 +150,8 @@ def _triton_backward(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale
     return kernels.backward(grad_out, q, k, v, mask, out, lse, causal, scale)
 
 
-_FORWARD = {"reference": attention_forward_ref, "cpu": _ext_forward, "triton": _triton_forward}
+# cuda has a forward only: its reasons refuse calls that need a gradient, so none reaches _BACKWARD
+_FORWARD = {"reference": attention_forward_ref, "cpu": _ext_forward, "triton": _triton_forward, "cuda": _ext_forward}
 _BACKWARD = {"reference": attention_backward_ref, "cpu": _ext_backward, "triton": _triton_backward}
 
 
@@ -213,29 +217,34 @@ def _(q, k, v, mask, dropout_p, causal):
     return [] if q.dtype.is_floating_point else [f"dtype {q.dtype} is not floating point"]
 
 
+def _kernel_reasons(backend, dtypes, max_head_dim, q, v, dropout_p) -> list[str]:
+    reasons = []
+    if q.dtype not in dtypes:
+        names = ", ".join(_name(d) for d in dtypes)
+        reasons.append(f"dtype {_name(q.dtype)} not supported by the {backend} backend ({names})")
+    for name, d in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
+        if d > max_head_dim:
+            reasons.append(f"{name} {d} > {max_head_dim} not supported by the {backend} backend")
+    if dropout_p > 0:
+        reasons.append(f"dropout_p > 0 not supported by the {backend} backend (reference only)")
+    return reasons
+
+
 @_backend.register(OP, "cpu")
 def _(q, k, v, mask, dropout_p, causal):
-    reasons = []
-    if q.dtype not in CPU_DTYPES:
-        reasons.append(f"dtype {_name(q.dtype)} not supported by the cpu backend (float32, bfloat16)")
-    for name, d in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
-        if d > CPU_MAX_HEAD_DIM:
-            reasons.append(f"{name} {d} > {CPU_MAX_HEAD_DIM} not supported by the cpu backend")
-    if dropout_p > 0:
-        reasons.append("dropout_p > 0 not supported by the cpu backend (reference only)")
-    return reasons
+    return _kernel_reasons("cpu", CPU_DTYPES, CPU_MAX_HEAD_DIM, q, v, dropout_p)
 
 
 @_backend.register(OP, "triton")
 def _(q, k, v, mask, dropout_p, causal):
-    reasons = []
-    if q.dtype not in GPU_DTYPES:
-        reasons.append(f"dtype {_name(q.dtype)} not supported by the triton backend (float32, float16, bfloat16)")
-    for name, d in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
-        if d > TRITON_MAX_HEAD_DIM:
-            reasons.append(f"{name} {d} > {TRITON_MAX_HEAD_DIM} not supported by the triton backend")
-    if dropout_p > 0:
-        reasons.append("dropout_p > 0 not supported by the triton backend (reference only)")
+    return _kernel_reasons("triton", GPU_DTYPES, TRITON_MAX_HEAD_DIM, q, v, dropout_p)
+
+
+@_backend.register(OP, "cuda")
+def _(q, k, v, mask, dropout_p, causal):
+    reasons = _kernel_reasons("cuda", CUDA_DTYPES, CUDA_MAX_HEAD_DIM, q, v, dropout_p)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        reasons.append("the cuda backend has no attention backward yet (inference only); training goes to triton")
     return reasons
 
 

@@ -39,6 +39,15 @@ def _visible(offs_m, offs_n, tq, tk, offset, mask_ptr, msq, msk, CAUSAL: tl.cons
 
 
 @triton.jit
+def _load_rows(base, offs_r, offs_c, sr, sc, NR, NC, extra=None):
+    """A (rows x cols) tile at base + r*sr + c*sc, zero outside (NR, NC) (and where extra is False)."""
+    msk = (offs_r[:, None] < NR) & (offs_c[None, :] < NC)
+    if extra is not None:
+        msk = msk & extra[:, None]
+    return tl.load(base + offs_r[:, None].to(tl.int64) * sr + offs_c[None, :] * sc, mask=msk, other=0.0)
+
+
+@triton.jit
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
@@ -55,8 +64,7 @@ def _fwd_kernel(
     k_base = k_ptr + b.to(tl.int64) * skb + hk * skh
     v_base = v_ptr + b.to(tl.int64) * svb + hk * svh
     m_base = m_ptr + b.to(tl.int64) * smb + h * smh
-    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < TQ) & (offs_d[None, :] < D), other=0.0)
+    q = _load_rows(q_base, offs_m, offs_d, sqt, sqd, TQ, D)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
@@ -65,8 +73,7 @@ def _fwd_kernel(
         hi = tl.minimum(TK, pid_m * BLOCK_M + BLOCK_M + offset)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :] * skd,
-                    mask=(offs_n[:, None] < TK) & (offs_d[None, :] < D), other=0.0)
+        k = _load_rows(k_base, offs_n, offs_d, skt, skd, TK, D)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -79,8 +86,7 @@ def _fwd_kernel(
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         live = tl.max(ok.to(tl.int32), 0) > 0  # keys some query of the tile sees
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svt + offs_dv[None, :] * svd,
-                    mask=(offs_n[:, None] < TK) & (offs_dv[None, :] < DV) & live[:, None], other=0.0)
+        v = _load_rows(v_base, offs_n, offs_dv, svt, svd, TK, DV, live)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
@@ -145,11 +151,9 @@ def _dkdv_kernel(
         m_base = m_ptr + b.to(tl.int64) * smb + h * smh
         for start_m in range(lo, TQ, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd,
-                        mask=(offs_m[:, None] < TQ) & (offs_d[None, :] < D), other=0.0)
+            q = _load_rows(q_base, offs_m, offs_d, sqt, sqd, TQ, D)
             rows = bh.to(tl.int64) * TQ + offs_m
-            do = tl.load(do_ptr + rows[:, None] * DV + offs_dv[None, :],
-                         mask=(offs_m[:, None] < TQ) & (offs_dv[None, :] < DV), other=0.0)
+            do = _load_rows(do_ptr + bh.to(tl.int64) * TQ * DV, offs_m, offs_dv, DV, 1, TQ, DV)
             lse = tl.load(lse_ptr + rows, mask=offs_m < TQ, other=0.0)
             delta = tl.load(delta_ptr + rows, mask=offs_m < TQ, other=0.0)
             # transposed tile: keys down, queries across
@@ -185,11 +189,9 @@ def _dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     qmask = (offs_m[:, None] < TQ) & (offs_d[None, :] < D)
-    q = tl.load(q_ptr + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd,
-                mask=qmask, other=0.0)
+    q = _load_rows(q_ptr + b.to(tl.int64) * sqb + h * sqh, offs_m, offs_d, sqt, sqd, TQ, D)
     rows = bh.to(tl.int64) * TQ + offs_m
-    do = tl.load(do_ptr + rows[:, None] * DV + offs_dv[None, :],
-                 mask=(offs_m[:, None] < TQ) & (offs_dv[None, :] < DV), other=0.0)
+    do = _load_rows(do_ptr + bh.to(tl.int64) * TQ * DV, offs_m, offs_dv, DV, 1, TQ, DV)
     lse = tl.load(lse_ptr + rows, mask=offs_m < TQ, other=0.0)
     delta = tl.load(delta_ptr + rows, mask=offs_m < TQ, other=0.0)
     k_base = k_ptr + b.to(tl.int64) * skb + hk * skh
@@ -203,10 +205,8 @@ def _dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         ok, bias = _visible(offs_m[:, None], offs_n[None, :], TQ, TK, offset, m_base, smq, smk, CAUSAL, MASK)
         live = tl.max(ok.to(tl.int32), 0) > 0
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :] * skd,
-                    mask=(offs_n[:, None] < TK) & (offs_d[None, :] < D) & live[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svt + offs_dv[None, :] * svd,
-                    mask=(offs_n[:, None] < TK) & (offs_dv[None, :] < DV) & live[:, None], other=0.0)
+        k = _load_rows(k_base, offs_n, offs_d, skt, skd, TK, D, live)
+        v = _load_rows(v_base, offs_n, offs_dv, svt, svd, TK, DV, live)
         s = _dot(q, tl.trans(k), IEEE) * scale + bias
         p = tl.where(ok, tl.exp(s - tl.where(ok, lse[:, None], 0.0)), 0.0)
         dp = _dot(do, tl.trans(v), IEEE)

@@ -34,4 +34,9 @@ void attention_backward_cpu(const AttentionShape& shape, Strided4 grad_out, Stri
                             Strided4 v, Strided4 mask, Strided4 out, const float* lse,
                             void* grad_q, void* grad_k, void* grad_v);
 
+// Forward on tensor cores (fp16/bf16, sm_80+, head dims up to 256); returns the launch status
+// and never synchronizes. There is no CUDA backward yet.
+int attention_forward_cuda(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v, Strided4 mask,
+                           void* out, float* lse, cudaStream_t stream);
+
 }  // namespace fastlm
