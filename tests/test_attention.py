@@ -276,6 +276,22 @@ def test_reference_gradients_gradcheck():
     torch.autograd.gradcheck(lambda a, b, c: scaled_dot_product_attention_ref(a, b, c, mask, enable_gqa=True), (q, k, v))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else []), ids=str)
+def test_triton_decode_split_kv(dtype):
+    """Tq <= 16 against many keys: the split-KV forward (GQA rows packed per program), then the
+    regular backward from its out and lse."""
+    from fastlm.triton import attention_decode
+
+    device = GPU or "cpu"
+    cases = [((1, 8, 2, 3, 300, 64, 64), BOTTOM_RIGHT, None), ((2, 2, 2, 1, 290, 32, 32), NO_CAUSAL, "bool_key_padding"),
+             ((1, 4, 1, 5, 260, 32, 32), NO_CAUSAL, "additive_bh")]
+    for shape, causal, kind in cases:
+        q, k, v = _qkv(*shape, dtype, device)
+        assert attention_decode.serves(q, k)
+        mask = None if kind is None else _mask(kind, shape[0], shape[1], shape[3], shape[4], dtype).to(device)
+        check("triton", q, k, v, mask=mask, causal=causal)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", list(CAUSAL), ids=str)

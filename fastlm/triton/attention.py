@@ -48,6 +48,25 @@ def _load_rows(base, offs_r, offs_c, sr, sc, NR, NC, extra=None):
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _online_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One key tile of the online softmax: s has -inf where hidden; returns (m, l, acc) updated."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)  # 0 while nothing was seen (m_i = -inf)
+    if not IEEE:
+        p = p.to(v.dtype)
+    return m_new, l_i * alpha + tl.sum(p.to(tl.float32), 1), acc * alpha[:, None] + _dot(p, v, IEEE)
+
+
+@triton.jit
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
@@ -74,24 +93,11 @@ def _fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, offs_d, skt, skd, TK, D)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
         ok, bias = _visible(offs_m[:, None], offs_n[None, :], TQ, TK, offset, m_base, smq, smk, CAUSAL, MASK)
-        s = tl.where(ok, s * scale + bias, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        s = tl.where(ok, _dot(q, tl.trans(k), IEEE) * scale + bias, float("-inf"))
         live = tl.max(ok.to(tl.int32), 0) > 0  # keys some query of the tile sees
         v = _load_rows(v_base, offs_n, offs_dv, svt, svd, TK, DV, live)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc, IEEE)
     inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
     out = acc * inv[:, None]
     o_base = o_ptr + bh.to(tl.int64) * TQ * DV
@@ -112,13 +118,6 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, TQ, DV, BLOCK_M: tl.constexpr, BLOCK
     o = tl.load(o_ptr + off, mask=msk, other=0.0).to(tl.float32)
     do = tl.load(do_ptr + off, mask=msk, other=0.0).to(tl.float32)
     tl.store(delta_ptr + bh.to(tl.int64) * TQ + offs_m, tl.sum(o * do, 1), mask=offs_m < TQ)
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit
@@ -260,7 +259,11 @@ def _launch(kernel, tuned, grid, args, meta):
 
 
 def forward(q, k, v, mask, causal, scale):
-    """(out (B, H, Tq, Dv) contiguous, lse (B, H, Tq) fp32)."""
+    """(out (B, H, Tq, Dv) contiguous, lse (B, H, Tq) fp32). Decode steps take the split-KV path."""
+    from fastlm.triton import attention_decode
+
+    if attention_decode.serves(q, k) and q.shape[0] * k.shape[1] > 0:
+        return attention_decode.forward(q, k, v, mask, causal, scale)
     b, h, hkv, tq, tk, d, dv, mask_t, strides, offset, meta = _common(q, k, v, mask, causal, scale)
     out = torch.empty(b, h, tq, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)
