@@ -265,8 +265,38 @@ def test_dropout_reference_seeded_and_differentiable():
     )
     # dropout picks the reference automatically; pinning cpu says why not
     assert torch.equal(a, sdpa(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(7), backend="reference"))
-    with pytest.raises(fastlm.BackendUnavailableError, match="dropout_p > 0 not supported by the cpu backend"):
+    with pytest.raises(fastlm.BackendUnavailableError, match=r"dropout_p > 0 not supported by the cpu backend \(reference and triton only\)"):
         sdpa(q.float(), k.float(), v.float(), dropout_p=0.3, backend="cpu")
+
+
+@pytest.mark.parametrize("backend,device,dtypes", [p for p in BACKENDS if p.values[0] == "triton"])
+def test_dropout_triton_matches_its_mask(backend, device, dtypes):
+    """Triton's Philox keep-mask, read back through the output (q = k = 0, v = I gives
+    out[i, j] = keep[i, j] / (1 - p) / Tk), then out and grads against fp64 math with that mask."""
+    p, b, h, tq, tk = 0.25, 1, 2, 20, 24
+    gen = lambda: torch.Generator().manual_seed(11)  # noqa: E731
+    zeros = torch.zeros(b, h, tq, 16, device=device)
+    eye = torch.eye(tk, device=device).expand(b, h, tk, tk)
+    probe = sdpa(zeros, zeros[:, :, :1].expand(b, h, tk, 16), eye, dropout_p=p, generator=gen(), backend=backend)
+    keep = probe > 0
+    assert 0.6 < keep.float().mean() < 0.9
+    torch.testing.assert_close(probe[keep], torch.full_like(probe[keep], 1 / (1 - p) / tk))
+    for causal in (False, True):
+        q, k, v = (t.requires_grad_() for t in _qkv(b, h, h, tq, tk, 32, 32, torch.float32, device))
+        out = sdpa(q, k, v, dropout_p=p, is_causal=causal, generator=gen(), backend=backend)
+        again = sdpa(q, k, v, dropout_p=p, is_causal=causal, generator=gen(), backend=backend)
+        assert torch.equal(out, again)
+        grad = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        s64 = (q64 @ k64.transpose(-1, -2)) / math.sqrt(32)
+        if causal:
+            s64 = s64.masked_fill(~torch.ones(tq, tk, dtype=torch.bool, device=device).tril(), -math.inf)
+        out64 = (torch.softmax(s64, -1) * keep / (1 - p)) @ v64
+        grads64 = torch.autograd.grad(out64, (q64, k64, v64), grad.double())
+        assert_close("triton dropout out", out, out64)
+        for name, g, g64 in zip("qkv", grads, grads64):
+            assert_close(f"triton dropout grad_{name}", g, g64)
 
 
 def test_reference_gradients_gradcheck():

@@ -19,9 +19,11 @@ attn_mask: bool (True = attend) or additive with query's dtype, broadcastable fr
 (torch gives NaN there); keys hidden from every query never touch the output, even if NaN.
 attn_mask gets no gradient (an attn_mask that requires grad is refused).
 
-Dropout (reference backend only; the others say so and auto-dispatch routes around them):
-the keep-mask is drawn from a seed taken from `generator` (default: torch's global one), so
-torch.manual_seed makes runs reproducible and the backward regenerates the same mask.
+Dropout (reference and triton; the others say so and auto-dispatch routes around them): the
+keep-mask comes from a seed drawn from `generator` (default: torch's global one), so
+torch.manual_seed makes runs reproducible and the backward regenerates the same mask. The two
+backends draw their masks differently (torch.Generator vs Philox in the kernel), so the same
+seed gives different masks on reference and triton.
 
 Backends: cpu (fp32/bf16, csrc/cpu/attention*.cpp), triton (fp32/fp16/bf16,
 fastlm/triton/attention.py; CUDA tensors, or CPU ones under TRITON_INTERPRET=1), cuda (forward
@@ -141,13 +143,17 @@ def _ext_backward(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, s
 def _triton_forward(q, k, v, mask, dropout_p, causal, scale, seed):
     from fastlm.triton import attention as kernels  # imported late: TRITON_INTERPRET is read at import
 
-    return kernels.forward(q, k, v, mask, causal, scale)
+    return kernels.forward(q, k, v, mask, causal, scale, dropout_p, _seed_int(seed))
 
 
 def _triton_backward(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed):
     from fastlm.triton import attention as kernels
 
-    return kernels.backward(grad_out, q, k, v, mask, out, lse, causal, scale)
+    return kernels.backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p, _seed_int(seed))
+
+
+def _seed_int(seed: torch.Tensor | None) -> int:
+    return 0 if seed is None else int(seed.item()) & 0x7FFFFFFF
 
 
 # cuda has a forward only: its reasons refuse calls that need a gradient, so none reaches _BACKWARD
@@ -226,7 +232,7 @@ def _kernel_reasons(backend, dtypes, max_head_dim, q, v, dropout_p) -> list[str]
         if d > max_head_dim:
             reasons.append(f"{name} {d} > {max_head_dim} not supported by the {backend} backend")
     if dropout_p > 0:
-        reasons.append(f"dropout_p > 0 not supported by the {backend} backend (reference only)")
+        reasons.append(f"dropout_p > 0 not supported by the {backend} backend (reference and triton only)")
     return reasons
 
 
@@ -237,7 +243,7 @@ def _(q, k, v, mask, dropout_p, causal):
 
 @_backend.register(OP, "triton")
 def _(q, k, v, mask, dropout_p, causal):
-    return _kernel_reasons("triton", GPU_DTYPES, TRITON_MAX_HEAD_DIM, q, v, dropout_p)
+    return _kernel_reasons("triton", GPU_DTYPES, TRITON_MAX_HEAD_DIM, q, v, 0.0)  # triton has dropout
 
 
 @_backend.register(OP, "cuda")

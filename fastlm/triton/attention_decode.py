@@ -23,7 +23,7 @@ def _split_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, part_o, part_m, part_l,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
     HKV, GROUP, TQ, TK, D, DV, offset, scale, CHUNK, SPLITS,
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     split, bhk = tl.program_id(0), tl.program_id(1)
@@ -56,7 +56,7 @@ def _split_kernel(
         live = tl.max(ok.to(tl.int32), 0) > 0
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svt + offs_dv[None, :] * svd,
                     mask=in_chunk[:, None] & (offs_dv[None, :] < DV) & live[:, None], other=0.0)
-        m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc, IEEE)
+        m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc, 1.0, IEEE, False)
     base = (bhk.to(tl.int64) * SPLITS + split) * ROWS
     tl.store(part_m + base + r, m_i)
     tl.store(part_l + base + r, l_i)
