@@ -24,9 +24,11 @@ BACKENDS = [
     # the interpreter's tl.dot is wrong for bf16 operands: bf16 on a GPU only
     pytest.param("triton", GPU or "cpu", (torch.float32, torch.float16) + ((torch.bfloat16,) if GPU else ()), id="triton"),
 ]
+# cuda is fp16/bf16 only, so it joins the tests that run per dtype, not the fp32 ones
+CUDA = pytest.param("cuda", "cuda", (torch.float16, torch.bfloat16), id="cuda", marks=pytest.mark.gpu)
 BACKEND_DTYPES = [
     pytest.param(p.values[0], p.values[1], dtype, id=f"{p.id}-{str(dtype)[6:]}", marks=p.marks)
-    for p in BACKENDS
+    for p in BACKENDS + [CUDA]
     for dtype in p.values[2]
 ]
 CAUSAL = {"none": NO_CAUSAL, "top_left": TOP_LEFT, "bottom_right": BOTTOM_RIGHT}
@@ -97,8 +99,9 @@ def check(backend, q, k, v, mask=None, causal=NO_CAUSAL, scale=None, fp32_tol=No
     assert_close(f"{backend} out", out, out64, base, fp32_tol=fp32_tol)
     for name, g, g64, g0 in zip(("grad_q", "grad_k", "grad_v"), grads, grads64, grads0):
         assert g.dtype == dtype and g.shape == g64.shape
-        # grad_q of a query that sees one key is exactly 0; fp32 rounding of dP - delta is not
-        assert_close(f"{backend} {name}", g, g64, g0, kind="grad", atol=1e-6, fp32_tol=fp32_tol)
+        # grad_q of a query that sees one key is exactly 0 while dP - delta is not: delta comes
+        # from the output rounded to fp16/bf16 (as in FlashAttention), so allow a small floor
+        assert_close(f"{backend} {name}", g, g64, g0, kind="grad", atol=1e-4, fp32_tol=fp32_tol)
 
 
 def _qkv(b, h, hkv, tq, tk, d, dv, dtype, device="cpu", qmul=1.0, kmul=1.0):
@@ -145,9 +148,11 @@ def _mask(kind, b, h, tq, tk, dtype):
 @pytest.mark.parametrize("backend,device,dtype", BACKEND_DTYPES)
 def test_masks_with_fully_masked_rows(backend, device, dtype, kind):
     shapes = [(2, 4, 2, 37, 70, 64), (1, 2, 1, 130, 97, 32)] if backend != "triton" else [(2, 2, 1, 21, 35, 32)]
+    if device == "cuda":
+        shapes = [(2, 4, 2, 37, 70, 64), (1, 2, 1, 130, 97, 32)]
     for b, h, hkv, tq, tk, d in shapes:
         q, k, v = _qkv(b, h, hkv, tq, tk, d, d, dtype, device)
-        check(backend, q, k, v, mask=_mask(kind, b, h, tq, tk, dtype))
+        check(backend, q, k, v, mask=_mask(kind, b, h, tq, tk, dtype).to(device))
 
 
 @pytest.mark.parametrize("backend,device,dtype", BACKEND_DTYPES)
@@ -326,7 +331,7 @@ def test_triton_decode_split_kv(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", list(CAUSAL), ids=str)
 def test_cuda_forward_matches_float64(dtype, causal):
-    """The tensor-core forward (inference only) against the fp64 oracle: out and lse."""
+    """The tensor-core forward against the fp64 oracle, out and lse, up to head dim 256 (no grad)."""
     shapes = SHAPES + [(2, 4, 2, 300, 300, 96, 96), (1, 2, 2, 65, 130, 256, 256), (1, 2, 1, 33, 70, 32, 64)]
     for shape in shapes:
         q, k, v = _qkv(*shape, dtype, "cuda")
@@ -364,10 +369,10 @@ def test_cuda_backend_reasons():
     from fastlm import backend as registry
     from fastlm.ops.attention import OP
 
-    q = torch.randn(1, 2, 4, 32, requires_grad=True)
+    q = torch.randn(1, 2, 4, 256, requires_grad=True)
     reasons = registry.why_not(OP, "cuda", torch.device("cpu"), q, q, q, None, 0.0, TOP_LEFT)
     assert "dtype float32 not supported by the cuda backend (float16, bfloat16)" in reasons
-    assert any("no attention backward yet" in r for r in reasons)
+    assert "head dims > 128 have no cuda backward (forward only, under no_grad)" in reasons
     with torch.no_grad():
         reasons = registry.why_not(OP, "cuda", torch.device("cpu"), q.half(), q, q, None, 0.0, TOP_LEFT)
     assert not any("backward" in r or "dtype" in r for r in reasons)

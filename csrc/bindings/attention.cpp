@@ -33,15 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   constexpr const char* op = "attention_backward";
   TORCH_CHECK_VALUE(q.device().is_cpu(), op, ": q must be a CPU tensor here, got ", q.device().str());
   const AttentionShape sh = check_args(op, q, k, v, mask, causal, scale, /*allow_half=*/false);
-  const std::vector<int64_t> out_shape{sh.batch, sh.heads, sh.tq, sh.value_dim};
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_out", grad_out}, {"out", out}}) {
-    same_place_arg(op, name, t, q);
-    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(out_shape), op, ": ", name, " has shape ", t.sizes(),
-                      " but the output's is ", at::IntArrayRef(out_shape));
-  }
-  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
-  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({sh.batch, sh.heads, sh.tq}), op, ": lse has shape ",
-                    lse.sizes(), " but expected ", at::IntArrayRef({sh.batch, sh.heads, sh.tq}));
+  check_backward_args(op, sh, grad_out, q, out, lse);
   at::Tensor gq = at::empty(q.sizes(), q.options()), gk = at::empty(k.sizes(), k.options());
   at::Tensor gv = at::empty(v.sizes(), v.options());
   if (sh.tq == 0 || sh.tk == 0 || sh.value_dim == 0 || sh.head_dim == 0 || sh.batch == 0 || sh.heads == 0) {

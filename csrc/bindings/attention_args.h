@@ -7,6 +7,7 @@
 #include <limits>
 #include <optional>
 #include <utility>
+#include <vector>
 
 #include "common.h"
 #include "fastlm/attention.h"
@@ -59,6 +60,20 @@ inline AttentionShape check_args(const char* op, const at::Tensor& q, const at::
     sh.mask_kind = m.scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kAdditive;
   }
   return sh;
+}
+
+// grad_out and out shaped like the output, on q's device with q's dtype; lse fp32 (B, H, Tq).
+inline void check_backward_args(const char* op, const AttentionShape& sh, const at::Tensor& grad_out,
+                                const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse) {
+  const std::vector<int64_t> out_shape{sh.batch, sh.heads, sh.tq, sh.value_dim};
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_out", grad_out}, {"out", out}}) {
+    same_place_arg(op, name, t, q);
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(out_shape), op, ": ", name, " has shape ", t.sizes(),
+                      " but the output's is ", at::IntArrayRef(out_shape));
+  }
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({sh.batch, sh.heads, sh.tq}), op, ": lse has shape ",
+                    lse.sizes(), " but expected ", at::IntArrayRef({sh.batch, sh.heads, sh.tq}));
 }
 
 // Tk == 0 or Dv == 0: every row attends to nothing; fills out with 0 and lse with -inf.

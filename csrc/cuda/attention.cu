@@ -7,51 +7,18 @@
 // to that tile, so no per-row scaling of opaque fragments is needed). No T x T matrix ever
 // reaches device memory. Masking follows fastlm/attention.h: hidden scores are -inf, their
 // probabilities exactly 0, and value rows no query of the CTA sees are zeroed before P V.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#include <mma.h>
+#include "attention_common.cuh"
 
-#include <cstdint>
-
-#include "activations.cuh"
-#include "fastlm/attention.h"
-
-namespace fastlm::cuda {
+namespace fastlm::cuda::attn {
 namespace {
-
-namespace wmma = nvcuda::wmma;
-
-constexpr int kWarps = 4;
-constexpr int kBlockM = 16 * kWarps;
-__device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
 
 template <int HD, int BN>
 struct Smem {
   static constexpr int ldq = HD + 8, lds = BN + 4, ldp = BN + 8, ldo = HD + 4;
-  static constexpr size_t q = size_t(kBlockM) * ldq * 2, k = size_t(BN) * ldq * 2, v = k;
+  static constexpr size_t q = size_t(kRows) * ldq * 2, k = size_t(BN) * ldq * 2, v = k;
   static constexpr size_t s = size_t(kWarps) * 16 * lds * 4, p = size_t(kWarps) * 16 * ldp * 2;
   static constexpr size_t o = size_t(kWarps) * 16 * ldo * 4, live = size_t(BN) * 4;
   static constexpr size_t bytes = q + k + v + s + p + o + live;
-};
-
-// Rows [r0, r0 + rows) x cols [0, HD) of a strided (T, D) matrix into shared memory, zero padded.
-template <typename T, int HD>
-__device__ __forceinline__ void stage(T* dst, int ld, const T* src, int64_t rs, int64_t cs, int r0, int rows, int valid_rows,
-                                      int cols) {
-  for (int idx = threadIdx.x; idx < rows * HD; idx += blockDim.x) {
-    const int r = idx / HD, c = idx % HD;
-    T val = from_float<T>(0.0f);
-    if (r0 + r < valid_rows && c < cols) val = src[(r0 + r) * rs + c * cs];
-    dst[r * ld + c] = val;
-  }
-}
-
-struct Params {
-  AttentionShape sh;
-  Strided4 q, k, v, mask;
-  void* out;
-  float* lse;
 };
 
 template <typename T, int HD, int BN>
@@ -69,17 +36,15 @@ __global__ void __launch_bounds__(kWarps * 32) forward_kernel(const Params p) {
   const AttentionShape& sh = p.sh;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t bh = blockIdx.y, b = bh / sh.heads, h = bh % sh.heads, hk = h / (sh.heads / sh.kv_heads);
-  const int q0 = blockIdx.x * kBlockM;
+  const int q0 = blockIdx.x * kRows;
   const T* qg = static_cast<const T*>(p.q.data) + b * p.q.s[0] + h * p.q.s[1];
   const T* kg = static_cast<const T*>(p.k.data) + b * p.k.s[0] + hk * p.k.s[1];
   const T* vg = static_cast<const T*>(p.v.data) + b * p.v.s[0] + hk * p.v.s[1];
-  const char* mg = p.mask.data == nullptr ? nullptr
-                   : static_cast<const char*>(p.mask.data) +
-                         (b * p.mask.s[0] + h * p.mask.s[1]) * (sh.mask_kind == MaskKind::kBool ? 1 : int64_t(sizeof(T)));
-  const int64_t offset = sh.causal == Causal::kBottomRight ? sh.tk - sh.tq : 0;
+  const char* mg = head_mask<T>(p, b, h);
+  const int64_t offset = causal_offset(sh);
   const int tq = int(sh.tq), tk = int(sh.tk);
 
-  stage<T, HD>(Qs, L::ldq, qg, p.q.s[2], p.q.s[3], q0, kBlockM, tq, int(sh.head_dim));
+  stage<T, HD>(Qs, L::ldq, qg, p.q.s[2], p.q.s[3], q0, kRows, tq, int(sh.head_dim));
   float* So = Ss + warp * 16 * L::lds;
   T* Po = Ps + warp * 16 * L::ldp;
   float* Oo = Os + warp * 16 * L::ldo;
@@ -91,7 +56,7 @@ __global__ void __launch_bounds__(kWarps * 32) forward_kernel(const Params p) {
 
   int hi = tk;
   if (sh.causal != Causal::kNone) {
-    const int64_t end = q0 + kBlockM + offset;  // keys past the diagonal of the last row
+    const int64_t end = q0 + kRows + offset;  // keys past the diagonal of the last row
     hi = end < tk ? int(end > 0 ? end : 0) : tk;
   }
   for (int j0 = 0; j0 < hi; j0 += BN) {
@@ -102,34 +67,14 @@ __global__ void __launch_bounds__(kWarps * 32) forward_kernel(const Params p) {
     __syncthreads();
 
     // S = Q K^T for this warp's 16 rows
-#pragma unroll
-    for (int n = 0; n < BN / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-      for (int kk = 0; kk < HD / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bk;
-        wmma::load_matrix_sync(a, Qs + warp * 16 * L::ldq + kk * 16, L::ldq);
-        wmma::load_matrix_sync(bk, Ks + n * 16 * L::ldq + kk * 16, L::ldq);
-        wmma::mma_sync(acc, a, bk, acc);
-      }
-      wmma::store_matrix_sync(So + n * 16, acc, L::lds, wmma::mem_row_major);
-    }
+    mma_acc<T, HD / 16, BN / 16, false>(So, L::lds, Qs + warp * 16 * L::ldq, L::ldq, Ks, L::ldq, true);
     __syncwarp();
 
     // online softmax on this lane's half row
     float mx = neg_inf();
     for (int c = half * (BN / 2); c < (half + 1) * (BN / 2); ++c) {
-      const int64_t j = j0 + c;
-      bool ok = qi < tq && j < tk && (sh.causal == Causal::kNone || j <= qi + offset);
       float s = So[row * L::lds + c] * sh.scale;
-      if (ok && sh.mask_kind == MaskKind::kBool) {
-        ok = reinterpret_cast<const uint8_t*>(mg)[qi * p.mask.s[2] + j * p.mask.s[3]] != 0;
-      } else if (ok && sh.mask_kind == MaskKind::kAdditive) {
-        s += to_float(reinterpret_cast<const T*>(mg)[qi * p.mask.s[2] + j * p.mask.s[3]]);
-        ok = s != neg_inf();
-      }
+      const bool ok = visible<T>(p, mg, qi, j0 + c, offset, &s);
       s = ok ? s : neg_inf();
       if (ok) live[c] = 1;  // benign race: every writer stores 1
       So[row * L::lds + c] = s;
@@ -156,20 +101,7 @@ __global__ void __launch_bounds__(kWarps * 32) forward_kernel(const Params p) {
     __syncthreads();
 
     // O += P V
-#pragma unroll
-    for (int d = 0; d < HD / 16; ++d) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(acc, Oo + d * 16, L::ldo, wmma::mem_row_major);
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bv;
-        wmma::load_matrix_sync(a, Po + kk * 16, L::ldp);
-        wmma::load_matrix_sync(bv, Vs + kk * 16 * L::ldq + d * 16, L::ldq);
-        wmma::mma_sync(acc, a, bv, acc);
-      }
-      wmma::store_matrix_sync(Oo + d * 16, acc, L::ldo, wmma::mem_row_major);
-    }
+    mma_acc<T, BN / 16, HD / 16, true>(Oo, L::ldo, Po, L::ldp, Vs, L::ldq, false);
     __syncwarp();
   }
 
@@ -186,7 +118,7 @@ int launch(const Params& p, cudaStream_t stream) {
   const size_t bytes = Smem<HD, BN>::bytes;
   cudaError_t err = cudaFuncSetAttribute(forward_kernel<T, HD, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return int(err);
-  const dim3 grid(unsigned((p.sh.tq + kBlockM - 1) / kBlockM), unsigned(p.sh.batch * p.sh.heads));
+  const dim3 grid(unsigned((p.sh.tq + kRows - 1) / kRows), unsigned(p.sh.batch * p.sh.heads));
   forward_kernel<T, HD, BN><<<grid, kWarps * 32, bytes, stream>>>(p);
   return int(cudaGetLastError());
 }
@@ -203,15 +135,15 @@ int dispatch_head_dim(const Params& p, cudaStream_t stream) {
 }
 
 }  // namespace
-}  // namespace fastlm::cuda
+}  // namespace fastlm::cuda::attn
 
 namespace fastlm {
 
 int attention_forward_cuda(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v, Strided4 mask, void* out,
                            float* lse, cudaStream_t stream) {
-  const cuda::Params p{shape, q, k, v, mask, out, lse};
-  if (shape.dtype == DType::kFloat16) return cuda::dispatch_head_dim<__half>(p, stream);
-  return cuda::dispatch_head_dim<__nv_bfloat16>(p, stream);
+  const cuda::attn::Params p{shape, q, k, v, mask, out, lse};
+  if (shape.dtype == DType::kFloat16) return cuda::attn::dispatch_head_dim<__half>(p, stream);
+  return cuda::attn::dispatch_head_dim<__nv_bfloat16>(p, stream);
 }
 
 }  // namespace fastlm

@@ -26,8 +26,8 @@ backends draw their masks differently (torch.Generator vs Philox in the kernel),
 seed gives different masks on reference and triton.
 
 Backends: cpu (fp32/bf16, csrc/cpu/attention*.cpp), triton (fp32/fp16/bf16,
-fastlm/triton/attention.py; CUDA tensors, or CPU ones under TRITON_INTERPRET=1), cuda (forward
-only, fp16/bf16 on tensor cores, csrc/cuda/attention.cu: serves calls that need no gradient), reference (plain PyTorch in fp32, or fp64
+fastlm/triton/attention.py; CUDA tensors, or CPU ones under TRITON_INTERPRET=1), cuda (fp16/bf16 on
+tensor cores, csrc/cuda/attention*.cu; head dims to 256 forward, 128 backward), reference (plain PyTorch in fp32, or fp64
 for fp64 inputs; the oracle).
 """
 from __future__ import annotations
@@ -46,6 +46,7 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_HEAD_DIM = 256
 CUDA_DTYPES = (torch.float16, torch.bfloat16)  # tensor cores only
 CUDA_MAX_HEAD_DIM = 256
+CUDA_MAX_BACKWARD_HEAD_DIM = 128
 NO_CAUSAL, TOP_LEFT, BOTTOM_RIGHT = 0, 1, 2
 
 
@@ -156,9 +157,8 @@ def _seed_int(seed: torch.Tensor | None) -> int:
     return 0 if seed is None else int(seed.item()) & 0x7FFFFFFF
 
 
-# cuda has a forward only: its reasons refuse calls that need a gradient, so none reaches _BACKWARD
 _FORWARD = {"reference": attention_forward_ref, "cpu": _ext_forward, "triton": _triton_forward, "cuda": _ext_forward}
-_BACKWARD = {"reference": attention_backward_ref, "cpu": _ext_backward, "triton": _triton_backward}
+_BACKWARD = {"reference": attention_backward_ref, "cpu": _ext_backward, "triton": _triton_backward, "cuda": _ext_backward}
 
 
 # ---------------------------------------------------------------- custom ops + autograd
@@ -249,8 +249,9 @@ def _(q, k, v, mask, dropout_p, causal):
 @_backend.register(OP, "cuda")
 def _(q, k, v, mask, dropout_p, causal):
     reasons = _kernel_reasons("cuda", CUDA_DTYPES, CUDA_MAX_HEAD_DIM, q, v, dropout_p)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        reasons.append("the cuda backend has no attention backward yet (inference only); training goes to triton")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if needs_grad and max(q.shape[-1], v.shape[-1]) > CUDA_MAX_BACKWARD_HEAD_DIM:
+        reasons.append(f"head dims > {CUDA_MAX_BACKWARD_HEAD_DIM} have no cuda backward (forward only, under no_grad)")
     return reasons
 
 
