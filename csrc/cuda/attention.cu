@@ -24,7 +24,7 @@ struct Smem {
 template <typename T, int HD, int BN>
 __global__ void __launch_bounds__(kWarps * 32) forward_kernel(const Params p) {
   using L = Smem<HD, BN>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];  // wmma pointers need 32-byte alignment
   T* Qs = reinterpret_cast<T*>(smem);
   T* Ks = reinterpret_cast<T*>(smem + L::q);
   T* Vs = reinterpret_cast<T*>(smem + L::q + L::k);
