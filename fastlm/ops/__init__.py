@@ -1,5 +1,10 @@
 """Fused ops. Each module holds the public function, its pure-PyTorch reference, the custom
 op registration (with fake impl and autograd) and the per-backend dispatch."""
+from fastlm.ops.attention import (
+    scaled_dot_product_attention,
+    scaled_dot_product_attention_ref,
+    scaled_dot_product_attention_with_lse,
+)
 from fastlm.ops.bias_act import bias_act, bias_act_ref
 from fastlm.ops.cross_entropy import cross_entropy
 from fastlm.ops.linear import linear, linear_ref
@@ -11,5 +16,6 @@ from fastlm.ops.softmax import log_softmax, softmax, softmax_ref
 __all__ = [
     "bias_act", "bias_act_ref", "cross_entropy", "linear", "linear_ref", "linear_cross_entropy",
     "mlp", "mlp_ref", "swiglu", "geglu", "layer_norm", "layer_norm_ref", "rms_norm", "rms_norm_ref",
-    "log_softmax", "softmax", "softmax_ref",
+    "log_softmax", "softmax", "softmax_ref", "scaled_dot_product_attention",
+    "scaled_dot_product_attention_ref", "scaled_dot_product_attention_with_lse",
 ]

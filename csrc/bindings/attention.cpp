@@ -1,0 +1,61 @@
+// attention: op schemas and CPU implementations (the CUDA forward is in attention_cuda.cpp). The Python op (fastlm/ops/attention.py) has
+// already validated the call torch's way; these checks guard direct torch.ops.fastlm calls.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+#include "attention_args.h"
+
+namespace fastlm::bind {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const std::optional<at::Tensor>& mask, int64_t causal,
+                                                     double scale) {
+  TORCH_CHECK_VALUE(q.device().is_cpu(), "attention: q must be a CPU tensor here, got ", q.device().str());
+  const AttentionShape sh = check_args("attention", q, k, v, mask, causal, scale, /*allow_half=*/false);
+  at::Tensor out = at::empty({sh.batch, sh.heads, sh.tq, sh.value_dim}, q.options());
+  at::Tensor lse = at::empty({sh.batch, sh.heads, sh.tq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  if (nothing_to_attend(sh, out, lse)) return {out, lse};
+  attention_forward_cpu(sh, strided(q), strided(k), strided(v), mask ? strided(*mask) : kNoMask, out.data_ptr(),
+                        lse.data_ptr<float>());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, int64_t causal,
+    double scale) {
+  constexpr const char* op = "attention_backward";
+  TORCH_CHECK_VALUE(q.device().is_cpu(), op, ": q must be a CPU tensor here, got ", q.device().str());
+  const AttentionShape sh = check_args(op, q, k, v, mask, causal, scale, /*allow_half=*/false);
+  check_backward_args(op, sh, grad_out, q, out, lse);
+  at::Tensor gq = at::empty(q.sizes(), q.options()), gk = at::empty(k.sizes(), k.options());
+  at::Tensor gv = at::empty(v.sizes(), v.options());
+  if (sh.tq == 0 || sh.tk == 0 || sh.value_dim == 0 || sh.head_dim == 0 || sh.batch == 0 || sh.heads == 0) {
+    return {gq.zero_(), gk.zero_(), gv.zero_()};
+  }
+  const at::Tensor lse_c = lse.contiguous();
+  attention_backward_cpu(sh, strided(grad_out), strided(q), strided(k), strided(v), mask ? strided(*mask) : kNoMask,
+                         strided(out), lse_c.data_ptr<float>(), gq.data_ptr(), gk.data_ptr(), gv.data_ptr());
+  return {gq, gk, gv};
+}
+
+}  // namespace
+}  // namespace fastlm::bind
+
+TORCH_LIBRARY_FRAGMENT(fastlm, m) {
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, int causal, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor out, Tensor lse, "
+      "int causal, float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
+  m.impl("attention_fwd", &fastlm::bind::attention_fwd_cpu);
+  m.impl("attention_bwd", &fastlm::bind::attention_bwd_cpu);
+}

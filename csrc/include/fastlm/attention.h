@@ -1,0 +1,51 @@
+// Launchers for flash attention on (B, H, T, D) tensors given by raw pointers and element
+// strides. Query head h reads key/value head h / (H / H_kv) (GQA). The mask, when present, is
+// bool (uint8, nonzero = attend) or additive (the inputs' dtype), indexed by its 4 strides (0
+// for broadcast dims). Causal: query i may see key j <= i + offset, offset 0 for top-left
+// alignment (torch's is_causal) and Tk - Tq for bottom-right. Rows that see no key give
+// output 0, lse -inf and zero gradients; keys that no query of a tile sees never enter the math.
+#pragma once
+#include "fastlm/common.h"
+
+namespace fastlm {
+
+enum class MaskKind : int { kNone = 0, kBool = 1, kAdditive = 2 };
+enum class Causal : int { kNone = 0, kTopLeft = 1, kBottomRight = 2 };
+
+struct Strided4 {
+  const void* data;
+  int64_t s[4];  // element strides of (B, H, T, D) (or (B, H, Tq, Tk) for the mask)
+};
+
+struct AttentionShape {
+  DType dtype;
+  int64_t batch, heads, kv_heads, tq, tk, head_dim, value_dim;
+  Causal causal;
+  MaskKind mask_kind;
+  float scale;
+};
+
+// out: (B, H, Tq, Dv) contiguous, lse: (B, H, Tq) fp32 contiguous.
+void attention_forward_cpu(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v,
+                           Strided4 mask, void* out, float* lse);
+
+// grad_q/k/v: contiguous, shaped like q/k/v. out and lse are the forward's.
+void attention_backward_cpu(const AttentionShape& shape, Strided4 grad_out, Strided4 q, Strided4 k,
+                            Strided4 v, Strided4 mask, Strided4 out, const float* lse,
+                            void* grad_q, void* grad_k, void* grad_v);
+
+// CUDA launchers on tensor cores (fp16/bf16, sm_80+) return the launch status and never
+// synchronize. Forward: head dims up to 256; decode-like calls split the keys across CTAs and
+// need attention_forward_cuda_workspace(shape) floats of scratch (0: no split; call both with
+// the same current device).
+int64_t attention_forward_cuda_workspace(const AttentionShape& shape);
+int attention_forward_cuda(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v, Strided4 mask,
+                           void* out, float* lse, float* workspace, cudaStream_t stream);
+
+// Backward: head dims up to 128. grad_out and out contiguous (B, H, Tq, Dv); delta is fp32
+// scratch of B * H * Tq floats; grad_q/k/v contiguous like q/k/v.
+int attention_backward_cuda(const AttentionShape& shape, const void* grad_out, Strided4 q, Strided4 k, Strided4 v,
+                            Strided4 mask, const void* out, const float* lse, float* delta, void* grad_q,
+                            void* grad_k, void* grad_v, cudaStream_t stream);
+
+}  // namespace fastlm
