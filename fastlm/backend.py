@@ -75,6 +75,14 @@ def register(op: str, backend: str, example: Callable[[torch.device], tuple] | N
     return deco
 
 
+def dtype_reason(x: torch.Tensor, allowed, backend: str) -> list[str]:
+    """[] when x's dtype is in `allowed`, else the one reason naming what `backend` takes."""
+    if x.dtype in allowed:
+        return []
+    names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+    return [f"dtype {str(x.dtype).replace('torch.', '')} not supported by the {backend} backend ({names})"]
+
+
 def ops() -> list[str]:
     return sorted(_OPS)
 

@@ -96,6 +96,9 @@ FASTLM_INLINE vf vexp(vf x) {
   return p * as_vf(e);
 }
 
+// exp(x) with everything below -87 (including -inf, i.e. masked entries) flushed to exactly 0.
+FASTLM_INLINE vf vexp_flush(vf x) { return select(x < -87.0f, splat(0.0f), vexp(x)); }
+
 // 1/d. With AVX-512: the 14-bit estimate plus one Newton step (~1 ulp), several times the
 // throughput of a divide. Callers keep d finite (an infinite d would give NaN here).
 FASTLM_INLINE vf vrcp(vf d) {

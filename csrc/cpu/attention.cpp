@@ -1,0 +1,121 @@
+// Flash attention forward on the CPU: one OpenMP work item per (batch, head, query tile of
+// kBlockQ rows). The query tile is packed once, transposed and pre-scaled; each key tile is
+// packed to fp32, scores St = K Qt come from the register-blocked GEMM of attention_tiles.h,
+// the online softmax keeps a running max m and sum l per query (vectors across the tile's
+// queries), and O = O * alpha + P V accumulates in fp32 scratch. Key tiles wholly above the
+// causal diagonal are skipped; the mask pass runs only on tiles that need it.
+#include <omp.h>
+
+#include <vector>
+
+#include "attention_tiles.h"
+
+namespace fastlm::cpu::attn {
+namespace {
+
+// Online-softmax update for one key tile: St (nk x kBlockQ) becomes P, m/l/alpha per query.
+FASTLM_INLINE void softmax_tile(float* St, int64_t nk, float* m, float* l, float* alpha) {
+  for (int64_t c = 0; c < kBlockQ; c += kLanes) {
+    vf mx = load(m + c);
+    for (int64_t j = 0; j < nk; ++j) mx = vmax(mx, load(St + j * kBlockQ + c));
+    const vf m_old = load(m + c);
+    // alpha = exp(m_old - m_new), 0 while nothing was seen (m_old = -inf)
+    const vf a = select(m_old == kNegInf, splat(0.0f), vexp(m_old - mx));
+    const vf sub = select(mx == kNegInf, splat(0.0f), mx);
+    vf sum = splat(0.0f);
+    for (int64_t j = 0; j < nk; ++j) {
+      const vf s = load(St + j * kBlockQ + c);
+      const vf p = select(s == kNegInf, splat(0.0f), vexp(s - sub));
+      store(St + j * kBlockQ + c, p);
+      sum += p;
+    }
+    store(m + c, mx);
+    store(alpha + c, a);
+    store(l + c, load(l + c) * a + sum);
+  }
+}
+
+struct Scratch {
+  std::vector<float> buf;
+  float *Qt, *Kp, *Vp, *St, *O, *m, *l, *alpha;
+  bool live[kBlockK];
+  Scratch(int64_t d, int64_t dvp) {
+    buf.resize(size_t(d * kBlockQ + kBlockK * d + kBlockK * dvp + kBlockK * kBlockQ + kBlockQ * dvp + 3 * kBlockQ));
+    float* p = buf.data();
+    Qt = p, p += d * kBlockQ;
+    Kp = p, p += kBlockK * d;
+    Vp = p, p += kBlockK * dvp;
+    St = p, p += kBlockK * kBlockQ;
+    O = p, p += kBlockQ * dvp;
+    m = p, p += kBlockQ;
+    l = p, p += kBlockQ;
+    alpha = p;
+  }
+};
+
+template <typename T>
+void forward(const AttentionShape& sh, Strided4 q, Strided4 k, Strided4 v, Strided4 mask, T* out, float* lse) {
+  const int64_t D = sh.head_dim, Dv = sh.value_dim, Dvp = round_up(Dv, kLanes);
+  const int64_t n_qt = (sh.tq + kBlockQ - 1) / kBlockQ;
+  const int64_t items = sh.batch * sh.heads * n_qt;
+  const int64_t group = sh.heads / sh.kv_heads;
+  const int64_t offset = sh.causal == Causal::kBottomRight ? sh.tk - sh.tq : 0;
+  const T* qd = static_cast<const T*>(q.data);
+  const T* kd = static_cast<const T*>(k.data);
+  const T* vd = static_cast<const T*>(v.data);
+#pragma omp parallel if (items > 1)
+  {
+    Scratch w(D, Dvp);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t b = item / (sh.heads * n_qt), h = item / n_qt % sh.heads, i0 = item % n_qt * kBlockQ;
+      const int64_t hk = h / group, nq = std::min(kBlockQ, sh.tq - i0);
+      const T* qp = qd + b * q.s[0] + h * q.s[1] + i0 * q.s[2];
+      const T* kp = kd + b * k.s[0] + hk * k.s[1];
+      const T* vp = vd + b * v.s[0] + hk * v.s[1];
+      pack_transposed(qp, q.s[2], q.s[3], nq, D, w.Qt, kBlockQ, sh.scale);
+      std::fill(w.O, w.O + kBlockQ * Dvp, 0.0f);
+      std::fill(w.m, w.m + kBlockQ, kNegInf);
+      std::fill(w.l, w.l + kBlockQ, 0.0f);
+      TileMask t{i0, nq, 0, 0, offset, sh.causal != Causal::kNone, sh.mask_kind,
+                 mask.data ? static_cast<const char*>(mask.data) +
+                                 (b * mask.s[0] + h * mask.s[1]) * (sh.mask_kind == MaskKind::kBool ? 1 : int64_t(sizeof(T)))
+                           : nullptr,
+                 mask.s[2], mask.s[3]};
+      for (int64_t j0 = 0; j0 < sh.tk; j0 += kBlockK) {
+        t.j0 = j0, t.nk = std::min(kBlockK, sh.tk - j0);
+        if (t.empty()) break;  // later key tiles are further right of the diagonal
+        pack_rows(kp + j0 * k.s[2], k.s[2], k.s[3], t.nk, D, w.Kp, D);
+        gemm(t.nk, kBlockQ, D, w.Kp, D, 1, w.Qt, kBlockQ, w.St, kBlockQ, nullptr, false);
+        bool any_dead = false;
+        if (!t.full()) any_dead = apply_mask<T>(t, w.St, w.live);
+        softmax_tile(w.St, t.nk, w.m, w.l, w.alpha);
+        pack_rows(vp + j0 * v.s[2], v.s[2], v.s[3], t.nk, Dv, w.Vp, Dvp);
+        if (any_dead) zero_dead_rows(w.Vp, Dvp, w.live, t.nk);
+        gemm(nq, Dvp, t.nk, w.St, 1, kBlockQ, w.Vp, Dvp, w.O, Dvp, w.alpha, true);
+      }
+      T* o = out + ((b * sh.heads + h) * sh.tq + i0) * Dv;
+      float* ls = lse + (b * sh.heads + h) * sh.tq + i0;
+      for (int64_t i = 0; i < nq; ++i) {
+        const float li = w.l[i];
+        write_row(o + i * Dv, w.O + i * Dvp, Dv, li > 0.0f ? 1.0f / li : 0.0f);
+        ls[i] = li > 0.0f ? w.m[i] + std::log(li) : (li == 0.0f ? kNegInf : li);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace fastlm::cpu::attn
+
+namespace fastlm {
+
+void attention_forward_cpu(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v, Strided4 mask,
+                           void* out, float* lse) {
+  cpu::attn::with_type(shape.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::attn::forward<T>(shape, q, k, v, mask, static_cast<T*>(out), lse);
+  });
+}
+
+}  // namespace fastlm

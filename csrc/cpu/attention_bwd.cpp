@@ -1,0 +1,151 @@
+// Flash attention backward on the CPU. One OpenMP work item per (batch, key/value head): it
+// owns dK and dV of that head (fp32 scratch, Tk rows), so no two threads ever write the same
+// gradient and the result doesn't depend on scheduling. Inside, for every query head of the
+// GQA group and every query tile: pack Q (transposed and row-major, pre-scaled) and dO
+// (both ways), then for each visible key tile recompute St = K Qt and P = exp(St - lse),
+// dPt = V dOt, dSt = P (dPt - delta), and accumulate dV += P^T dO, dK += dS^T Q, dQ += dS K
+// with the same register-blocked GEMM as the forward.
+#include <omp.h>
+
+#include <vector>
+
+#include "attention_tiles.h"
+
+namespace fastlm::cpu::attn {
+namespace {
+
+struct Scratch {
+  std::vector<float> buf;
+  float *Qt, *Qs, *dOt, *dOp, *Kp, *Vp, *St, *dSt, *dQ, *lse, *delta, *dK, *dV;
+  bool live[kBlockK];
+  Scratch(int64_t d, int64_t dkp, int64_t dv, int64_t dvp, int64_t tk) {
+    const int64_t n = d * kBlockQ + kBlockQ * dkp + dv * kBlockQ + kBlockQ * dvp + kBlockK * dkp + kBlockK * dvp +
+                      2 * kBlockK * kBlockQ + kBlockQ * dkp + 2 * kBlockQ + tk * (dkp + dvp);
+    buf.resize(size_t(n));
+    float* p = buf.data();
+    Qt = p, p += d * kBlockQ;
+    Qs = p, p += kBlockQ * dkp;
+    dOt = p, p += dv * kBlockQ;
+    dOp = p, p += kBlockQ * dvp;
+    Kp = p, p += kBlockK * dkp;
+    Vp = p, p += kBlockK * dvp;
+    St = p, p += kBlockK * kBlockQ;
+    dSt = p, p += kBlockK * kBlockQ;
+    dQ = p, p += kBlockQ * dkp;
+    lse = p, p += kBlockQ;
+    delta = p, p += kBlockQ;
+    dK = p, p += tk * dkp;
+    dV = p;
+  }
+};
+
+// St (scores, -inf where hidden) becomes P = exp(St - lse); dSt becomes dS = P (dP - delta).
+FASTLM_INLINE void probs_and_dscores(float* St, float* dSt, int64_t nk, const float* lse, const float* delta) {
+  for (int64_t c = 0; c < kBlockQ; c += kLanes) {
+    const vf ls = load(lse + c), dl = load(delta + c);
+    for (int64_t j = 0; j < nk; ++j) {
+      const vf s = load(St + j * kBlockQ + c);
+      const vf hidden = select(s == kNegInf, splat(1.0f), splat(0.0f));
+      const vf p = select(hidden != 0.0f, splat(0.0f), vexp(s - ls));
+      const vf ds = select(hidden != 0.0f, splat(0.0f), p * (load(dSt + j * kBlockQ + c) - dl));
+      store(St + j * kBlockQ + c, p);
+      store(dSt + j * kBlockQ + c, ds);
+    }
+  }
+}
+
+template <typename T>
+void backward(const AttentionShape& sh, Strided4 go, Strided4 q, Strided4 k, Strided4 v, Strided4 mask, Strided4 o,
+              const float* lse, T* gq, T* gk, T* gv) {
+  const int64_t D = sh.head_dim, Dv = sh.value_dim;
+  const int64_t Dkp = round_up(D, kLanes), Dvp = round_up(Dv, kLanes);
+  const int64_t items = sh.batch * sh.kv_heads, group = sh.heads / sh.kv_heads;
+  const int64_t offset = sh.causal == Causal::kBottomRight ? sh.tk - sh.tq : 0;
+  const int64_t mask_elt = sh.mask_kind == MaskKind::kBool ? 1 : int64_t(sizeof(T));
+  const T *qd = static_cast<const T*>(q.data), *kd = static_cast<const T*>(k.data);
+  const T *vd = static_cast<const T*>(v.data), *god = static_cast<const T*>(go.data);
+  const T* od = static_cast<const T*>(o.data);
+#pragma omp parallel if (items > 1)
+  {
+    Scratch w(D, Dkp, Dv, Dvp, sh.tk);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t b = item / sh.kv_heads, hk = item % sh.kv_heads;
+      const T* kp = kd + b * k.s[0] + hk * k.s[1];
+      const T* vp = vd + b * v.s[0] + hk * v.s[1];
+      std::fill(w.dK, w.dK + sh.tk * (Dkp + Dvp), 0.0f);  // dK and dV are adjacent
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        for (int64_t i0 = 0; i0 < sh.tq; i0 += kBlockQ) {
+          const int64_t nq = std::min(kBlockQ, sh.tq - i0);
+          TileMask t{i0, nq, 0, 0, offset, sh.causal != Causal::kNone, sh.mask_kind,
+                     mask.data ? static_cast<const char*>(mask.data) + (b * mask.s[0] + h * mask.s[1]) * mask_elt
+                               : nullptr,
+                     mask.s[2], mask.s[3]};
+          if (t.empty()) continue;  // (only j0 = 0 is checked here: every row of the tile is hidden)
+          const T* qp = qd + b * q.s[0] + h * q.s[1] + i0 * q.s[2];
+          const T* gop = god + b * go.s[0] + h * go.s[1] + i0 * go.s[2];
+          const T* op = od + b * o.s[0] + h * o.s[1] + i0 * o.s[2];
+          pack_transposed(qp, q.s[2], q.s[3], nq, D, w.Qt, kBlockQ, sh.scale);
+          pack_rows(qp, q.s[2], q.s[3], nq, D, w.Qs, Dkp, sh.scale);
+          pack_transposed(gop, go.s[2], go.s[3], nq, Dv, w.dOt, kBlockQ, 1.0f);
+          pack_rows(gop, go.s[2], go.s[3], nq, Dv, w.dOp, Dvp);
+          const float* ls = lse + (b * sh.heads + h) * sh.tq + i0;
+          for (int64_t i = 0; i < kBlockQ; ++i) {
+            w.lse[i] = i < nq ? ls[i] : kNegInf;
+            float d = 0.0f;
+            for (int64_t c = 0; i < nq && c < Dv; ++c) d += w.dOp[i * Dvp + c] * scalar_to_float(op[i * o.s[2] + c * o.s[3]]);
+            w.delta[i] = d;
+          }
+          std::fill(w.dQ, w.dQ + kBlockQ * Dkp, 0.0f);
+          for (int64_t j0 = 0; j0 < sh.tk; j0 += kBlockK) {
+            t.j0 = j0, t.nk = std::min(kBlockK, sh.tk - j0);
+            if (t.empty()) break;
+            pack_rows(kp + j0 * k.s[2], k.s[2], k.s[3], t.nk, D, w.Kp, Dkp);
+            pack_rows(vp + j0 * v.s[2], v.s[2], v.s[3], t.nk, Dv, w.Vp, Dvp);
+            gemm(t.nk, kBlockQ, D, w.Kp, Dkp, 1, w.Qt, kBlockQ, w.St, kBlockQ, nullptr, false);
+            if (!t.full() && apply_mask<T>(t, w.St, w.live)) {
+              zero_dead_rows(w.Kp, Dkp, w.live, t.nk);
+              zero_dead_rows(w.Vp, Dvp, w.live, t.nk);
+            }
+            gemm(t.nk, kBlockQ, Dv, w.Vp, Dvp, 1, w.dOt, kBlockQ, w.dSt, kBlockQ, nullptr, false);
+            probs_and_dscores(w.St, w.dSt, t.nk, w.lse, w.delta);
+            gemm(t.nk, Dvp, nq, w.St, kBlockQ, 1, w.dOp, Dvp, w.dV + j0 * Dvp, Dvp, nullptr, true);
+            gemm(t.nk, Dkp, nq, w.dSt, kBlockQ, 1, w.Qs, Dkp, w.dK + j0 * Dkp, Dkp, nullptr, true);
+            gemm(nq, Dkp, t.nk, w.dSt, 1, kBlockQ, w.Kp, Dkp, w.dQ, Dkp, nullptr, true);
+          }
+          T* dq = gq + ((b * sh.heads + h) * sh.tq + i0) * D;
+          for (int64_t i = 0; i < nq; ++i) write_row(dq + i * D, w.dQ + i * Dkp, D, sh.scale);
+        }
+      }
+      // query tiles skipped above (nothing visible) still owe their dQ rows: zeros
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+        for (int64_t i0 = 0; i0 < sh.tq; i0 += kBlockQ) {
+          const int64_t nq = std::min(kBlockQ, sh.tq - i0);
+          if (!(sh.causal != Causal::kNone && 0 > i0 + nq - 1 + offset)) continue;
+          std::fill(gq + ((b * sh.heads + h) * sh.tq + i0) * D, gq + ((b * sh.heads + h) * sh.tq + i0 + nq) * D, T{});
+        }
+      T* dk = gk + (b * sh.kv_heads + hk) * sh.tk * D;
+      T* dv = gv + (b * sh.kv_heads + hk) * sh.tk * Dv;
+      for (int64_t j = 0; j < sh.tk; ++j) {
+        write_row(dk + j * D, w.dK + j * Dkp, D, 1.0f);
+        write_row(dv + j * Dv, w.dV + j * Dvp, Dv, 1.0f);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace fastlm::cpu::attn
+
+namespace fastlm {
+
+void attention_backward_cpu(const AttentionShape& shape, Strided4 grad_out, Strided4 q, Strided4 k, Strided4 v,
+                            Strided4 mask, Strided4 out, const float* lse, void* grad_q, void* grad_k, void* grad_v) {
+  cpu::attn::with_type(shape.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::attn::backward<T>(shape, grad_out, q, k, v, mask, out, lse, static_cast<T*>(grad_q),
+                           static_cast<T*>(grad_k), static_cast<T*>(grad_v));
+  });
+}
+
+}  // namespace fastlm

@@ -1,0 +1,184 @@
+// Building blocks of the CPU flash attention (attention.cpp, attention_bwd.cpp): a register-
+// blocked fp32 GEMM micro-kernel on vec_math.h vectors, packing of (bf16 or fp32, strided)
+// tiles into fp32 scratch, and the mask/causal pass over a score tile.
+//
+// Scores are kept transposed, St[j][i] = key j x query i, so the per-query softmax statistics
+// are plain vector max/sum over rows, and every product is one form: rows of C accumulate a
+// broadcast element of A times contiguous rows of B.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "fastlm/attention.h"
+#include "vec_math.h"
+
+namespace fastlm::cpu::attn {
+
+constexpr int64_t kBlockQ = 64;  // queries per tile (multiple of kLanes)
+constexpr int64_t kBlockK = 64;  // keys per tile
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+FASTLM_INLINE int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// C[r][0:16*NV] = (accumulate ? C[r] * rowscale[r] : 0) + sum_k A[r*ars + k*aks] * B[k*ldb + 0:16*NV]
+template <int R, int NV>
+FASTLM_INLINE void micro(int64_t K, const float* A, int64_t ars, int64_t aks, const float* B, int64_t ldb,
+                         float* C, int64_t ldc, const float* rowscale, bool accumulate) {
+  vf acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const vf s = rowscale ? splat(rowscale[r]) : splat(1.0f);
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; ++c) acc[r][c] = accumulate ? load(C + r * ldc + c * kLanes) * s : splat(0.0f);
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    vf b[NV];
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; ++c) b[c] = load(B + k * ldb + c * kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const vf a = splat(A[r * ars + k * aks]);
+#pragma GCC unroll 8
+      for (int c = 0; c < NV; ++c) acc[r][c] += a * b[c];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; ++c) store(C + r * ldc + c * kLanes, acc[r][c]);
+}
+
+template <int NV>
+FASTLM_INLINE void micro_rows(int64_t rows, int64_t K, const float* A, int64_t ars, int64_t aks, const float* B,
+                              int64_t ldb, float* C, int64_t ldc, const float* rowscale, bool accumulate) {
+  int64_t m = 0;
+  for (; m + 4 <= rows; m += 4)
+    micro<4, NV>(K, A + m * ars, ars, aks, B, ldb, C + m * ldc, ldc, rowscale ? rowscale + m : nullptr, accumulate);
+  const float* rs = rowscale ? rowscale + m : nullptr;
+  switch (rows - m) {
+    case 3: micro<3, NV>(K, A + m * ars, ars, aks, B, ldb, C + m * ldc, ldc, rs, accumulate); break;
+    case 2: micro<2, NV>(K, A + m * ars, ars, aks, B, ldb, C + m * ldc, ldc, rs, accumulate); break;
+    case 1: micro<1, NV>(K, A + m * ars, ars, aks, B, ldb, C + m * ldc, ldc, rs, accumulate); break;
+    default: break;
+  }
+}
+
+// C (M x N, N a multiple of kLanes) (+)= A (M x K, strides ars/aks) * B (K x N, row stride ldb).
+// Column panels of 64 outside, rows inside: the B panel stays in L1 while A streams.
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, int64_t aks, const float* B,
+                 int64_t ldb, float* C, int64_t ldc, const float* rowscale, bool accumulate) {
+  for (int64_t n = 0; n < N; n += 4 * kLanes) {
+    const float* b = B + n;
+    float* c = C + n;
+    switch (std::min<int64_t>(4, (N - n) / kLanes)) {
+      case 4: micro_rows<4>(M, K, A, ars, aks, b, ldb, c, ldc, rowscale, accumulate); break;
+      case 3: micro_rows<3>(M, K, A, ars, aks, b, ldb, c, ldc, rowscale, accumulate); break;
+      case 2: micro_rows<2>(M, K, A, ars, aks, b, ldb, c, ldc, rowscale, accumulate); break;
+      default: micro_rows<1>(M, K, A, ars, aks, b, ldb, c, ldc, rowscale, accumulate); break;
+    }
+  }
+}
+
+// dst[r*ld + c] = src[r*rs + c*cs] * mul for r < rows, c < cols; columns cols..ld zeroed.
+template <typename T>
+inline void pack_rows(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, float* dst, int64_t ld,
+                      float mul = 1.0f) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * rs;
+    float* d = dst + r * ld;
+    int64_t c = 0;
+    if (cs == 1) {
+      for (; c + kLanes <= cols; c += kLanes) store(d + c, load(s + c) * mul);
+      if (c < cols) store_partial(d + c, load_partial(s + c, cols - c) * mul, cols - c);
+    } else {
+      for (; c < cols; ++c) d[c] = scalar_to_float(s[c * cs]) * mul;
+    }
+    std::memset(d + cols, 0, size_t(ld - cols) * sizeof(float));
+  }
+}
+
+// dst[c*ld + r] = src[r*rs + c*cs] * mul (a transposed tile); rows rows..ld zeroed.
+template <typename T>
+inline void pack_transposed(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, float* dst,
+                            int64_t ld, float mul) {
+  for (int64_t c = 0; c < cols; ++c) {
+    float* d = dst + c * ld;
+    for (int64_t r = 0; r < rows; ++r) d[r] = scalar_to_float(src[r * rs + c * cs]) * mul;
+    std::memset(d + rows, 0, size_t(ld - rows) * sizeof(float));
+  }
+}
+
+// Writes n floats times mul as T (fp32 or bf16 bits).
+template <typename T>
+FASTLM_INLINE void write_row(T* dst, const float* src, int64_t n, float mul) {
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) store(dst + c, load(src + c) * mul);
+  if (c < n) store_partial(dst + c, load_partial(src + c, n - c) * mul, n - c);
+}
+
+// Where one (query tile, key tile) pair sits and what hides keys from queries.
+struct TileMask {
+  int64_t i0, nq, j0, nk;  // first query / key and how many are valid
+  int64_t offset;          // causal: key j visible to query i iff j <= i + offset
+  bool causal;
+  MaskKind kind;
+  const void* mask;   // already offset to this (batch, head)
+  int64_t msq, msk;   // mask strides along queries and keys
+
+  // No key of this tile is visible to any query of it: skip the pair.
+  bool empty() const { return causal && j0 > i0 + nq - 1 + offset; }
+  // Nothing to hide: every key visible to every valid query and all kBlockQ columns valid.
+  bool full() const { return kind == MaskKind::kNone && nq == kBlockQ && (!causal || j0 + nk - 1 <= i0 + offset); }
+};
+
+// Sets hidden scores of St (nk x kBlockQ, padded queries included) to -inf and adds an
+// additive mask; live[j] says whether any valid query still sees key j. Returns whether any
+// key is dead (so its packed rows must be zeroed: 0 * NaN would otherwise leak into outputs).
+template <typename T>
+inline bool apply_mask(const TileMask& t, float* St, bool* live) {
+  bool any_dead = false;
+  for (int64_t j = 0; j < t.nk; ++j) {
+    float* s = St + j * kBlockQ;
+    const int64_t key = t.j0 + j;
+    // queries before `first` can't see this key (causal); queries from nq on are padding
+    const int64_t first = t.causal ? std::clamp<int64_t>(key - t.offset - t.i0, 0, t.nq) : 0;
+    for (int64_t i = 0; i < first; ++i) s[i] = kNegInf;
+    for (int64_t i = t.nq; i < kBlockQ; ++i) s[i] = kNegInf;
+    bool alive = false;
+    if (t.kind == MaskKind::kBool) {
+      const uint8_t* m = static_cast<const uint8_t*>(t.mask) + key * t.msk;
+      for (int64_t i = first; i < t.nq; ++i) {
+        const bool keep = m[(t.i0 + i) * t.msq] != 0;
+        s[i] = keep ? s[i] : kNegInf;
+        alive |= keep;
+      }
+    } else if (t.kind == MaskKind::kAdditive) {
+      const T* m = static_cast<const T*>(t.mask) + key * t.msk;
+      for (int64_t i = first; i < t.nq; ++i) {
+        s[i] += scalar_to_float(m[(t.i0 + i) * t.msq]);
+        alive |= s[i] != kNegInf;
+      }
+    } else {
+      alive = first < t.nq;
+    }
+    live[j] = alive;
+    any_dead |= !alive;
+  }
+  return any_dead;
+}
+
+inline void zero_dead_rows(float* buf, int64_t ld, const bool* live, int64_t nk) {
+  for (int64_t j = 0; j < nk; ++j)
+    if (!live[j]) std::memset(buf + j * ld, 0, size_t(ld) * sizeof(float));
+}
+
+// Runtime dtype to the element type: fp32, or bf16 as raw uint16 bits.
+template <typename Fn>
+FASTLM_INLINE void with_type(DType dtype, Fn&& fn) {
+  if (dtype == DType::kFloat32) fn(float{});
+  else fn(uint16_t{});
+}
+
+}  // namespace fastlm::cpu::attn

@@ -1,0 +1,37 @@
+// Launchers for flash attention on (B, H, T, D) tensors given by raw pointers and element
+// strides. Query head h reads key/value head h / (H / H_kv) (GQA). The mask, when present, is
+// bool (uint8, nonzero = attend) or additive (the inputs' dtype), indexed by its 4 strides (0
+// for broadcast dims). Causal: query i may see key j <= i + offset, offset 0 for top-left
+// alignment (torch's is_causal) and Tk - Tq for bottom-right. Rows that see no key give
+// output 0, lse -inf and zero gradients; keys that no query of a tile sees never enter the math.
+#pragma once
+#include "fastlm/common.h"
+
+namespace fastlm {
+
+enum class MaskKind : int { kNone = 0, kBool = 1, kAdditive = 2 };
+enum class Causal : int { kNone = 0, kTopLeft = 1, kBottomRight = 2 };
+
+struct Strided4 {
+  const void* data;
+  int64_t s[4];  // element strides of (B, H, T, D) (or (B, H, Tq, Tk) for the mask)
+};
+
+struct AttentionShape {
+  DType dtype;
+  int64_t batch, heads, kv_heads, tq, tk, head_dim, value_dim;
+  Causal causal;
+  MaskKind mask_kind;
+  float scale;
+};
+
+// out: (B, H, Tq, Dv) contiguous, lse: (B, H, Tq) fp32 contiguous.
+void attention_forward_cpu(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v,
+                           Strided4 mask, void* out, float* lse);
+
+// grad_q/k/v: contiguous, shaped like q/k/v. out and lse are the forward's.
+void attention_backward_cpu(const AttentionShape& shape, Strided4 grad_out, Strided4 q, Strided4 k,
+                            Strided4 v, Strided4 mask, Strided4 out, const float* lse,
+                            void* grad_q, void* grad_k, void* grad_v);
+
+}  // namespace fastlm

@@ -1,0 +1,329 @@
+"""Fused attention, a drop-in for torch.nn.functional.scaled_dot_product_attention.
+
+    fastlm.ops.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+        is_causal=False, scale=None, enable_gqa=False, *, generator=None, backend=None)
+    fastlm.ops.scaled_dot_product_attention_with_lse(...same...) -> (out, lse)
+
+Shapes (B, H, Tq, D) for query, (B, H_kv, Tk, D) for key, (B, H_kv, Tk, Dv) for value; the
+output is (B, H, Tq, Dv) and lse (B, H, Tq) fp32 (natural log of each row's softmax
+denominator, -inf for a fully masked row). H_kv != H needs enable_gqa=True (query head h
+reads key/value head h // (H // H_kv), as torch does).
+
+Causal alignment: `is_causal=True` is exactly torch's: top-left aligned, query i sees keys
+j <= i (torch builds tril(ones(Tq, Tk))). Bottom-right alignment (query i sees j <= i + Tk - Tq,
+what decoding with a KV cache needs) is asked for the torch way, by passing
+torch.nn.attention.bias.causal_lower_right(Tq, Tk) as attn_mask (causal_upper_left works too).
+
+attn_mask: bool (True = attend) or additive with query's dtype, broadcastable from
+(B|1, H|1, Tq, Tk). A row that attends to nothing gives output 0, lse -inf and gradient 0
+(torch gives NaN there); keys hidden from every query never touch the output, even if NaN.
+attn_mask gets no gradient (an attn_mask that requires grad is refused).
+
+Dropout (reference backend only; the others say so and auto-dispatch routes around them):
+the keep-mask is drawn from a seed taken from `generator` (default: torch's global one), so
+torch.manual_seed makes runs reproducible and the backward regenerates the same mask.
+
+Backends: cpu (fp32/bf16, csrc/cpu/attention.cpp), reference (plain PyTorch in fp32, or fp64
+for fp64 inputs; the oracle).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastlm import _ext
+from fastlm import backend as _backend
+
+OP = "attention"
+CPU_DTYPES = (torch.float32, torch.bfloat16)
+CPU_MAX_HEAD_DIM = 256
+NO_CAUSAL, TOP_LEFT, BOTTOM_RIGHT = 0, 1, 2
+
+
+# ---------------------------------------------------------------- reference (the oracle)
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def allowed_mask(tq: int, tk: int, causal: int, attn_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Bool (.., Tq, Tk) mask of what each query may see (None = everything), masks combined."""
+    allowed = None
+    if causal != NO_CAUSAL:
+        offset = 0 if causal == TOP_LEFT else tk - tq
+        allowed = torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=offset)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        allowed = attn_mask if allowed is None else allowed & attn_mask
+    return allowed
+
+
+def dropout_keep(seed: torch.Tensor, shape, p: float, device) -> torch.Tensor:
+    """The keep-mask for dropout, a pure function of the seed (forward and backward agree)."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed.item()))
+    return (torch.rand(shape, generator=gen, dtype=torch.float32) >= p).to(device)
+
+
+def _ref_probs(q, k, mask, causal, scale):
+    """Scores and probabilities P (0 on masked entries and fully masked rows), lse (-inf there)."""
+    cdt = _compute_dtype(q)
+    groups = q.shape[1] // k.shape[1]
+    qf = q.to(cdt)
+    kf = k.to(cdt).repeat_interleave(groups, dim=1)
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    if mask is not None and mask.dtype != torch.bool:
+        s = s + mask.to(cdt)
+    allowed = allowed_mask(q.shape[2], k.shape[2], causal, mask, q.device)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1).masked_fill(lse.unsqueeze(-1) == -math.inf, 0.0))
+    p = p.masked_fill(s == -math.inf, 0.0)
+    return p, lse
+
+
+def attention_forward_ref(q, k, v, mask, dropout_p, causal, scale, seed):
+    """(out, lse fp32): the op's forward on plain PyTorch, computed in fp32 (fp64 for fp64)."""
+    cdt = _compute_dtype(q)
+    groups = q.shape[1] // k.shape[1]
+    p, lse = _ref_probs(q, k, mask, causal, scale)
+    if dropout_p > 0:
+        p = p * dropout_keep(seed, p.shape, dropout_p, p.device) / (1 - dropout_p)
+    vf = v.to(cdt).repeat_interleave(groups, dim=1)
+    # keys hidden from every query contribute nothing, even where value is NaN (0 * NaN)
+    vf = vf.masked_fill((p == 0).all(dim=2).unsqueeze(-1), 0.0)
+    out = p @ vf
+    return out.to(q.dtype).contiguous(), lse.float().contiguous()
+
+
+def attention_backward_ref(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed):
+    """(grad_q, grad_k, grad_v) by the explicit formulas (no autograd graph)."""
+    cdt = _compute_dtype(q)
+    b, h, tq, _ = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    groups = h // hkv
+    p, _ = _ref_probs(q, k, mask, causal, scale)
+    dead = (p == 0).all(dim=2).unsqueeze(-1)  # keys no query sees: their rows stay out of the math
+    kf = k.to(cdt).repeat_interleave(groups, dim=1).masked_fill(dead, 0.0)
+    vf = v.to(cdt).repeat_interleave(groups, dim=1).masked_fill(dead, 0.0)
+    go = grad_out.to(cdt)
+    pd = p
+    if dropout_p > 0:
+        keep = dropout_keep(seed, p.shape, dropout_p, p.device) / (1 - dropout_p)
+        pd = p * keep
+    dv = pd.transpose(-1, -2) @ go
+    dp = go @ vf.transpose(-1, -2)
+    if dropout_p > 0:
+        dp = dp * keep
+    delta = (go * (pd @ vf)).sum(-1, keepdim=True)
+    ds = torch.where(p == 0, 0.0, p * (dp - delta))
+    dq = (ds @ kf) * scale
+    dk = (ds.transpose(-1, -2) @ q.to(cdt)) * scale
+    dk = dk.view(b, hkv, groups, tk, -1).sum(2)
+    dv = dv.view(b, hkv, groups, tk, -1).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ---------------------------------------------------------------- per-backend kernels
+def _ext_forward(q, k, v, mask, dropout_p, causal, scale, seed):
+    return torch.ops.fastlm.attention_fwd(q, k, v, mask, causal, scale)
+
+
+def _ext_backward(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed):
+    return torch.ops.fastlm.attention_bwd(grad_out, q, k, v, mask, out, lse, causal, scale)
+
+
+_FORWARD = {"reference": attention_forward_ref, "cpu": _ext_forward}
+_BACKWARD = {"reference": attention_backward_ref, "cpu": _ext_backward}
+
+
+# ---------------------------------------------------------------- custom ops + autograd
+@torch.library.custom_op("fastlm::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float,
+    causal: int, scale: float, seed: torch.Tensor | None, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _FORWARD[backend](q, k, v, mask, dropout_p, causal, scale, seed)
+
+
+@_attention_op.register_fake
+def _(q, k, v, mask, dropout_p, causal, scale, seed, backend):
+    b, h, tq, _ = q.shape
+    return q.new_empty(b, h, tq, v.shape[-1]), q.new_empty(b, h, tq, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm::attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+    out: torch.Tensor, lse: torch.Tensor, dropout_p: float, causal: int, scale: float,
+    seed: torch.Tensor | None, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _BACKWARD[backend](grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed)
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, dropout_p, causal, scale, seed, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, mask, out, lse, seed)
+    ctx.args = (dropout_p, causal, scale, backend)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, mask, out, lse, seed = ctx.saved_tensors
+    dropout_p, causal, scale, backend = ctx.args
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed, backend)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- who can serve what
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _example(device: torch.device):
+    q = torch.empty(1, 2, 16, 64, device=device)
+    return (q, q, q, None, 0.0, TOP_LEFT)
+
+
+@_backend.register(OP, "reference", example=_example)
+def _(q, k, v, mask, dropout_p, causal):
+    return [] if q.dtype.is_floating_point else [f"dtype {q.dtype} is not floating point"]
+
+
+@_backend.register(OP, "cpu")
+def _(q, k, v, mask, dropout_p, causal):
+    reasons = []
+    if q.dtype not in CPU_DTYPES:
+        reasons.append(f"dtype {_name(q.dtype)} not supported by the cpu backend (float32, bfloat16)")
+    for name, d in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
+        if d > CPU_MAX_HEAD_DIM:
+            reasons.append(f"{name} {d} > {CPU_MAX_HEAD_DIM} not supported by the cpu backend")
+    if dropout_p > 0:
+        reasons.append("dropout_p > 0 not supported by the cpu backend (reference only)")
+    return reasons
+
+
+# ---------------------------------------------------------------- public entry point
+def _causal_bias(attn_mask):
+    """(causal code, tq, tk) if attn_mask is one of torch's CausalBias objects, else None."""
+    try:
+        from torch.nn.attention.bias import CausalBias, CausalVariant
+    except ImportError:  # older torch
+        return None
+    if not isinstance(attn_mask, CausalBias):
+        return None
+    code = TOP_LEFT if attn_mask.variant == CausalVariant.UPPER_LEFT else BOTTOM_RIGHT
+    return code, attn_mask.seq_len_q, attn_mask.seq_len_kv
+
+
+def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+    """Validates the call torch's way; returns (mask as 4-D view or None, causal code)."""
+    fn = "scaled_dot_product_attention"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{fn}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    for name, t in (("key", key), ("value", value)):
+        if t.device != query.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but query is on {query.device}")
+        if t.dtype != query.dtype:
+            raise TypeError(f"{fn}: {name} has dtype {t.dtype} but query has dtype {query.dtype}")
+    b, h, tq, d = query.shape
+    if key.shape[0] != b or value.shape[0] != b:
+        raise ValueError(f"{fn}: batch sizes differ: query {b}, key {key.shape[0]}, value {value.shape[0]}")
+    if key.shape[-1] != d:
+        raise ValueError(f"{fn}: key head dim {key.shape[-1]} != query head dim {d}")
+    if value.shape[1:3] != key.shape[1:3]:
+        raise ValueError(f"{fn}: value shape {tuple(value.shape)} does not match key shape {tuple(key.shape)} in (H_kv, Tk)")
+    hkv = key.shape[1]
+    if hkv != h and not (enable_gqa and hkv > 0 and h % hkv == 0):
+        need = "H to be a multiple of H_kv" if enable_gqa else "enable_gqa=True for H != H_kv"
+        raise ValueError(f"{fn}: query has {h} heads and key/value {hkv}; needs {need}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+    causal = TOP_LEFT if is_causal else NO_CAUSAL
+    if attn_mask is None:
+        return None, causal
+    bias = _causal_bias(attn_mask)
+    if bias is not None:
+        code, sq, sk = bias
+        if is_causal:
+            raise ValueError(f"{fn}: a CausalBias attn_mask and is_causal=True can't both be given")
+        if (sq, sk) != (tq, key.shape[2]):
+            raise ValueError(f"{fn}: CausalBias is for ({sq}, {sk}) but (Tq, Tk) is ({tq}, {key.shape[2]})")
+        return None, code
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"{fn}: attn_mask must be a torch.Tensor, a CausalBias or None, got {type(attn_mask).__name__}")
+    if is_causal:
+        raise ValueError(f"{fn}: attn_mask and is_causal=True can't both be given (as in torch)")
+    if attn_mask.device != query.device:
+        raise ValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on {query.device}")
+    if attn_mask.dtype not in (torch.bool, query.dtype):
+        raise TypeError(f"{fn}: attn_mask must be bool or query's dtype {query.dtype}, got {attn_mask.dtype}")
+    if attn_mask.requires_grad:
+        raise ValueError(f"{fn}: attn_mask requires grad; fastlm gives attn_mask no gradient")
+    full = (b, h, tq, key.shape[2])
+    if attn_mask.dim() > 4 or any(s not in (1, f) for s, f in zip(attn_mask.shape[::-1], full[::-1])):
+        raise ValueError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {full}")
+    return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)), causal
+
+
+def _scale(query, scale):
+    return 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+
+
+def scaled_dot_product_attention_with_lse(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+    *, generator: torch.Generator | None = None, backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): attention as torch's SDPA plus the fp32 log-sum-exp per query row (B, H, Tq)."""
+    mask, causal = _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    seed = None
+    if dropout_p > 0:
+        seed = torch.randint(0, 2**62, (), generator=generator, dtype=torch.int64)
+    chosen = _backend.select(OP, query.device, query, key, value, mask, dropout_p, causal, backend=backend)
+    return _attention_op(query, key, value, mask, float(dropout_p), causal, _scale(query, scale), seed, chosen)
+
+
+def scaled_dot_product_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+    *, generator: torch.Generator | None = None, backend: str | None = None,
+) -> torch.Tensor:
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention; see the module docstring."""
+    return scaled_dot_product_attention_with_lse(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, generator=generator, backend=backend
+    )[0]
+
+
+def scaled_dot_product_attention_ref(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+    *, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The oracle: plain PyTorch math in fp32 (fp64 for fp64 inputs), differentiable."""
+    return scaled_dot_product_attention(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, generator=generator, backend="reference"
+    )
+
+
+# Shapes of the raw extension ops, so they too trace under torch.compile and pass opcheck.
+if _ext.HAS_EXTENSION and hasattr(torch.ops.fastlm, "attention_fwd"):
+
+    @torch.library.register_fake("fastlm::attention_fwd")
+    def _(q, k, v, mask, causal, scale):
+        b, h, tq, _ = q.shape
+        return q.new_empty(b, h, tq, v.shape[-1]), q.new_empty(b, h, tq, dtype=torch.float32)
+
+    @torch.library.register_fake("fastlm::attention_bwd")
+    def _(grad_out, q, k, v, mask, out, lse, causal, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

@@ -1,0 +1,242 @@
+"""softmax / log_softmax on every backend against a float64 oracle (tolerance rule in numerics.py)."""
+import pytest
+import torch
+
+import fastlm
+from fastlm import _ext
+from fastlm.ops import log_softmax, softmax
+from fastlm.ops.softmax import softmax_backward_ref
+from numerics import assert_close
+
+HAS_CUDA = torch.cuda.is_available()
+GPU = "cuda" if HAS_CUDA else None
+ALL = (torch.float32, torch.float16, torch.bfloat16)
+NEG_INF = float("-inf")
+BACKENDS = [
+    pytest.param("reference", "cpu", ALL, id="reference"),
+    pytest.param("cpu", "cpu", (torch.float32, torch.bfloat16), id="cpu"),
+    pytest.param("triton", GPU or "cpu", ALL, id="triton"),
+    pytest.param("cuda", "cuda", ALL, id="cuda", marks=pytest.mark.gpu),
+]
+BACKEND_DTYPES = [
+    pytest.param(p.values[0], p.values[1], dtype, id=f"{p.id}-{str(dtype)[6:]}", marks=p.marks)
+    for p in BACKENDS
+    for dtype in p.values[2]
+]
+# The interpreter is slow: it gets the short rows; long rows run on compiled backends only.
+INTERPRETED = not HAS_CUDA
+
+
+def _cols_for(backend):
+    cols = [1, 7, 1000, 1025]
+    if backend != "triton" or not INTERPRETED:
+        cols.append(50257)
+    if backend in ("cpu", "reference") or (HAS_CUDA and backend != "reference"):
+        cols.append(131072)
+    if HAS_CUDA and backend in ("cuda", "triton"):
+        cols.append(262144)
+    return cols
+
+
+def _oracle(x, scale, mask, is_causal, log, dtype):
+    """Plain PyTorch in `dtype`: mul, masked_fill (or add), softmax; fully masked rows -> 0 / -inf."""
+    z = x.to(dtype) * scale
+    if mask is not None:
+        z = z.masked_fill(~mask, NEG_INF) if mask.dtype == torch.bool else z + mask.to(dtype)
+    if is_causal:
+        keep = torch.ones(z.shape[-2], z.shape[-1], dtype=torch.bool, device=z.device).tril()
+        z = z.masked_fill(~keep, NEG_INF)
+    dead = (z == NEG_INF).all(-1, keepdim=True)
+    z = z.masked_fill(dead, 0.0)
+    if log:
+        return torch.log_softmax(z, -1).masked_fill(dead, NEG_INF)
+    return torch.softmax(z, -1).masked_fill(dead, 0.0)
+
+
+def _run(fn, x, grad):
+    x = x.detach().requires_grad_()
+    y = fn(x)
+    (gx,) = torch.autograd.grad(y, x, grad.to(y.dtype))
+    return y, gx
+
+
+def _check(backend, x, log, scale=1.0, mask=None, is_causal=False, dim=-1):
+    dtype = x.dtype
+    fn = log_softmax if log else softmax
+    out = lambda t: fn(t, dim, scale=scale, mask=mask, is_causal=is_causal, backend=backend)  # noqa: E731
+    ref = lambda dt: lambda t: _oracle(t.movedim(dim, -1), scale,  # noqa: E731
+                                       None if mask is None else torch.broadcast_to(mask, t.shape).movedim(dim, -1),
+                                       is_causal and dim in (-1, x.dim() - 1), log, dt).movedim(-1, dim)
+    y64_plain = ref(torch.float64)(x.double())
+    # log_softmax: upstream grads at masked (-inf) outputs are zeroed; see the module docstring
+    grad = torch.randn(x.shape, device=x.device, dtype=torch.float64).masked_fill(y64_plain == NEG_INF, 0.0)
+    y, gx = _run(out, x, grad)
+    y64, gx64 = _run(ref(torch.float64), x.double(), grad)
+    y0, gx0 = _run(ref(dtype), x, grad)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(f"{backend} y", y, y64, y0)
+    assert_close(f"{backend} grad_x", gx, gx64, gx0, kind="grad")
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("backend,device,dtype", BACKEND_DTYPES)
+def test_matches_float64(backend, device, dtype, log):
+    for cols in _cols_for(backend):
+        rows = 3 if cols > 2000 else 5
+        x = (torch.randn(rows, cols, device=device) * 3).to(dtype)
+        mask = torch.rand(rows, cols, device=device) > 0.2
+        mask[:, 0] = True
+        mask[1] = False  # a fully masked row
+        _check(backend, x, log, scale=0.7, mask=mask)
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+@pytest.mark.parametrize("case", ["plain", "additive", "bcast_rows", "bcast_cols", "attn", "causal",
+                                  "causal_mask", "dim0", "dim_causal", "huge", "tiny", "scale_neg"])
+def test_masks_layouts_magnitudes(backend, device, dtypes, case):
+    x = torch.randn(2, 3, 5, 9, device=device)
+    kw = {}
+    if case == "additive":
+        kw["mask"] = torch.randn(2, 3, 5, 9, device=device).masked_fill(torch.rand(2, 3, 5, 9, device=device) > 0.7, NEG_INF)
+    elif case == "bcast_rows":
+        kw["mask"] = torch.rand(9, device=device) > 0.4
+    elif case == "bcast_cols":
+        kw["mask"] = torch.rand(2, 1, 5, 1, device=device) > 0.3  # some whole rows masked
+    elif case == "attn":
+        kw["mask"] = torch.rand(2, 1, 5, 9, device=device) > 0.5
+    elif case == "causal":
+        kw["is_causal"] = True
+    elif case == "causal_mask":
+        kw.update(is_causal=True, mask=torch.rand(5, 9, device=device) > 0.3)
+    elif case == "dim0":
+        kw.update(dim=0, mask=torch.rand(2, 1, 1, 9, device=device) > 0.3)
+    elif case == "dim_causal":
+        kw.update(dim=-2, is_causal=True)
+    elif case == "huge":
+        x = x * 1e4
+    elif case == "tiny":
+        x = x * 1e-6
+    elif case == "scale_neg":
+        kw["scale"] = -2.5
+    for log in (False, True):
+        if case == "dim_causal":  # causal on the last two dims, softmax over dim -2: check by hand below
+            continue
+        _check(backend, x, log, **kw)
+    if case == "dim_causal":
+        keep = torch.ones(5, 9, dtype=torch.bool, device=device).tril()
+        y = softmax(x, -2, is_causal=True, backend=backend)
+        y64 = torch.softmax(x.double().masked_fill(~keep, NEG_INF).masked_fill(~keep.any(0), 0.0), -2)
+        y64 = y64.masked_fill(~keep.any(0), 0.0)  # columns 5..8 are fully masked along dim -2
+        torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_log_softmax_masked_grads_are_zero(backend, device, dtypes):
+    x = torch.randn(4, 33, device=device, requires_grad=True)
+    mask = torch.rand(4, 33, device=device) > 0.5
+    mask[2] = False
+    y = log_softmax(x, mask=mask, backend=backend)
+    assert torch.isinf(y[~mask]).all() and not torch.isnan(y).any()
+    (gx,) = torch.autograd.grad(y, x, torch.randn(4, 33, device=device))
+    assert torch.equal(gx[~mask], torch.zeros_like(gx[~mask]))
+    assert torch.equal(gx[2], torch.zeros_like(gx[2]))
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 16), (4, 0), (), (1,)], ids=str)
+def test_empty_and_scalar(backend, device, dtypes, shape):
+    x = torch.randn(shape, device=device, requires_grad=True)
+    y = softmax(x, backend=backend)
+    assert y.shape == x.shape
+    if x.numel():
+        torch.testing.assert_close(y, torch.softmax(x, -1))
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    assert gx.shape == x.shape
+
+
+# ------------------------------------------------------------------ registration / compile
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_opcheck(backend, device, dtypes):
+    x = torch.randn(6, 33, device=device, requires_grad=True)
+    mask = torch.rand(3, 33, device=device) > 0.3
+    for args in [(x, None, 1.0, 0, False, backend), (x, mask, 0.5, 3, True, backend),
+                 (x, torch.randn(1, 33, device=device), 2.0, 0, False, backend)]:
+        torch.library.opcheck(torch.ops.fastlm.softmax.default, args)
+    y = softmax(x, backend=backend).detach()
+    torch.library.opcheck(torch.ops.fastlm.softmax_backward.default, (torch.randn_like(y), y, 0.5, False, backend))
+    torch.library.opcheck(torch.ops.fastlm.softmax_backward.default, (torch.randn_like(y), y.log(), 1.0, True, backend))
+
+
+@pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="extension not built")
+def test_opcheck_extension_ops():
+    x = torch.randn(6, 17)
+    torch.library.opcheck(torch.ops.fastlm.softmax_fwd.default, (x, None, 1.0, 0, False))
+    torch.library.opcheck(torch.ops.fastlm.softmax_fwd.default, (x, torch.rand(2, 17) > 0.5, 0.3, 6, True))
+    torch.library.opcheck(torch.ops.fastlm.softmax_bwd.default, (torch.randn(6, 17), torch.softmax(x, -1), 2.0, False))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler):
+    torch._dynamo.reset()
+
+    def f(x, m):
+        return softmax(x * 2, scale=0.5, mask=m, is_causal=True).sum(-1) + log_softmax(x, 0).sum(0)
+
+    compiled = torch.compile(f, fullgraph=True, backend=compiler)
+    x = torch.randn(8, 8, requires_grad=True)
+    m = torch.rand(8, 8) > 0.3
+    out, out_ref = compiled(x, m), f(x, m)
+    torch.testing.assert_close(out, out_ref)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    (g_ref,) = torch.autograd.grad(out_ref.sum(), x)
+    torch.testing.assert_close(g, g_ref)
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_inputs_name_argument_and_value():
+    x = torch.randn(4, 8)
+    with pytest.raises(TypeError, match=r"softmax: x must be a floating-point tensor, got dtype torch.int64"):
+        softmax(torch.ones(4, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"mask must be bool or x's dtype torch.float32, got torch.float16"):
+        softmax(x, mask=torch.randn(4, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"log_softmax: mask is on meta but x is on cpu"):
+        log_softmax(x, mask=torch.ones(4, 8, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match=r"mask of shape \(4, 7\) is not broadcastable to x's shape \(4, 8\)"):
+        softmax(x, mask=torch.ones(4, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 4, 8\) is not broadcastable"):
+        softmax(x, mask=torch.ones(2, 4, 8, dtype=torch.bool))
+    with pytest.raises(IndexError, match=r"dim 2 is out of range for x with 2 dims"):
+        softmax(x, 2)
+    with pytest.raises(ValueError, match=r"is_causal needs x with at least 2 dims, got shape \(8,\)"):
+        softmax(torch.randn(8), is_causal=True)
+    with pytest.raises(TypeError, match=r"scale must be a float, got str"):
+        softmax(x, scale="2")
+
+
+def test_explicit_backend_that_cannot_serve_lists_every_reason():
+    x = torch.randn(4, 8, dtype=torch.float16)
+    with pytest.raises(fastlm.BackendUnavailableError, match=r"dtype float16 not supported by the cpu backend"):
+        softmax(x, backend="cpu")
+    torch.testing.assert_close(softmax(x), torch.softmax(x.float(), -1).half(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="extension not built")
+def test_extension_ops_validate_inputs():
+    x = torch.randn(4, 8)
+    with pytest.raises(TypeError, match=r"softmax: x must be float32 or bfloat16 on cpu, got Half"):
+        torch.ops.fastlm.softmax_fwd(x.half(), None, 1.0, 0, False)
+    with pytest.raises(ValueError, match=r"mask_rows dividing the 4 rows of x, got \[3, 8\]"):
+        torch.ops.fastlm.softmax_fwd(x, torch.ones(3, 8, dtype=torch.bool), 1.0, 0, False)
+    with pytest.raises(TypeError, match=r"mask must be bool or x's dtype Float, got Half"):
+        torch.ops.fastlm.softmax_fwd(x, torch.ones(1, 8, dtype=torch.half), 1.0, 0, False)
+    with pytest.raises(ValueError, match=r"grad_y has shape \[4, 7\] but y has shape \[4, 8\]"):
+        torch.ops.fastlm.softmax_bwd(torch.randn(4, 7), x, 1.0, False)
+
+
+def test_reference_backward_formula():
+    x = torch.randn(5, 13, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 13, dtype=torch.float64)
+    for log, fn in ((False, torch.softmax), (True, torch.log_softmax)):
+        y = fn(x * 1.5, -1)
+        (gx,) = torch.autograd.grad(y, x, g)
+        torch.testing.assert_close(softmax_backward_ref(g, y.detach(), 1.5, log), gx)
