@@ -41,7 +41,7 @@ def config_from_state(state: dict) -> GPTConfig:
     n_layer = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("transformer.h."))
     n_embd = wte.shape[1]
     return GPTConfig(vocab_size=wte.shape[0], block_size=wpe.shape[0], n_layer=n_layer, n_head=max(1, n_embd // 64),
-                     n_embd=n_embd, hidden_size=state["transformer.h.0.mlp.c_fc.weight"].shape[1])
+                     n_embd=n_embd, hidden_size=state["transformer.h.0.mlp.c_fc.weight"].shape[0])  # converted: (out, in)
 
 
 def convert_state(state: dict) -> dict:

@@ -128,9 +128,9 @@ class CrossEntropyLoss(FastModule, nn.CrossEntropyLoss):
     def forward(self, input, target):
         if target.is_floating_point():
             return super().forward(input, target)
+        shape = target.shape  # (N,), (N, d1, ...) or () unbatched
         if input.dim() == 1:  # unbatched: (C,), target ()
             input, target = input.unsqueeze(0), target.unsqueeze(0)  # (1, C), (1,)
-        shape = target.shape  # (N,) or (N, d1, ...)
         if input.dim() > 2:
             input = input.movedim(1, -1).reshape(-1, input.shape[1])  # (N, C, d...) -> (N*d..., C)
             target = target.reshape(-1)  # (N, d...) -> (N*d...,)
