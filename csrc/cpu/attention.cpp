@@ -40,16 +40,8 @@ struct Scratch {
   float *Qt, *Kp, *Vp, *St, *O, *m, *l, *alpha;
   bool live[kBlockK];
   Scratch(int64_t d, int64_t dvp) {
-    buf.resize(size_t(d * kBlockQ + kBlockK * d + kBlockK * dvp + kBlockK * kBlockQ + kBlockQ * dvp + 3 * kBlockQ));
-    float* p = buf.data();
-    Qt = p, p += d * kBlockQ;
-    Kp = p, p += kBlockK * d;
-    Vp = p, p += kBlockK * dvp;
-    St = p, p += kBlockK * kBlockQ;
-    O = p, p += kBlockQ * dvp;
-    m = p, p += kBlockQ;
-    l = p, p += kBlockQ;
-    alpha = p;
+    carve(buf, {{&Qt, d * kBlockQ}, {&Kp, kBlockK * d}, {&Vp, kBlockK * dvp}, {&St, kBlockK * kBlockQ},
+                {&O, kBlockQ * dvp}, {&m, kBlockQ}, {&l, kBlockQ}, {&alpha, kBlockQ}});
   }
 };
 

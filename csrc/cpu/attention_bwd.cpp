@@ -19,23 +19,9 @@ struct Scratch {
   float *Qt, *Qs, *dOt, *dOp, *Kp, *Vp, *St, *dSt, *dQ, *lse, *delta, *dK, *dV;
   bool live[kBlockK];
   Scratch(int64_t d, int64_t dkp, int64_t dv, int64_t dvp, int64_t tk) {
-    const int64_t n = d * kBlockQ + kBlockQ * dkp + dv * kBlockQ + kBlockQ * dvp + kBlockK * dkp + kBlockK * dvp +
-                      2 * kBlockK * kBlockQ + kBlockQ * dkp + 2 * kBlockQ + tk * (dkp + dvp);
-    buf.resize(size_t(n));
-    float* p = buf.data();
-    Qt = p, p += d * kBlockQ;
-    Qs = p, p += kBlockQ * dkp;
-    dOt = p, p += dv * kBlockQ;
-    dOp = p, p += kBlockQ * dvp;
-    Kp = p, p += kBlockK * dkp;
-    Vp = p, p += kBlockK * dvp;
-    St = p, p += kBlockK * kBlockQ;
-    dSt = p, p += kBlockK * kBlockQ;
-    dQ = p, p += kBlockQ * dkp;
-    lse = p, p += kBlockQ;
-    delta = p, p += kBlockQ;
-    dK = p, p += tk * dkp;
-    dV = p;
+    carve(buf, {{&Qt, d * kBlockQ}, {&Qs, kBlockQ * dkp}, {&dOt, dv * kBlockQ}, {&dOp, kBlockQ * dvp},
+                {&Kp, kBlockK * dkp}, {&Vp, kBlockK * dvp}, {&St, kBlockK * kBlockQ}, {&dSt, kBlockK * kBlockQ},
+                {&dQ, kBlockQ * dkp}, {&lse, kBlockQ}, {&delta, kBlockQ}, {&dK, tk * dkp}, {&dV, tk * dvp}});
   }
 };
 
@@ -73,7 +59,8 @@ void backward(const AttentionShape& sh, Strided4 go, Strided4 q, Strided4 k, Str
       const int64_t b = item / sh.kv_heads, hk = item % sh.kv_heads;
       const T* kp = kd + b * k.s[0] + hk * k.s[1];
       const T* vp = vd + b * v.s[0] + hk * v.s[1];
-      std::fill(w.dK, w.dK + sh.tk * (Dkp + Dvp), 0.0f);  // dK and dV are adjacent
+      std::fill(w.dK, w.dK + sh.tk * Dkp, 0.0f);
+      std::fill(w.dV, w.dV + sh.tk * Dvp, 0.0f);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         for (int64_t i0 = 0; i0 < sh.tq; i0 += kBlockQ) {
           const int64_t nq = std::min(kBlockQ, sh.tq - i0);

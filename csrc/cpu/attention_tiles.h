@@ -9,7 +9,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
+#include <utility>
+#include <vector>
 
 #include "fastlm/attention.h"
 #include "vec_math.h"
@@ -172,6 +175,19 @@ inline bool apply_mask(const TileMask& t, float* St, bool* live) {
 inline void zero_dead_rows(float* buf, int64_t ld, const bool* live, int64_t nk) {
   for (int64_t j = 0; j < nk; ++j)
     if (!live[j]) std::memset(buf + j * ld, 0, size_t(ld) * sizeof(float));
+}
+
+// Lays named fp32 scratch buffers out back to back in one zeroed allocation, each starting
+// on a 64-byte line (buf is over-allocated by one line to align the first).
+inline void carve(std::vector<float>& buf, std::initializer_list<std::pair<float**, int64_t>> parts) {
+  int64_t n = kLanes;
+  for (const auto& part : parts) n += round_up(part.second, kLanes);
+  buf.assign(size_t(n), 0.0f);
+  float* at = buf.data() + (kLanes - (reinterpret_cast<uintptr_t>(buf.data()) / sizeof(float)) % kLanes) % kLanes;
+  for (const auto& part : parts) {
+    *part.first = at;
+    at += round_up(part.second, kLanes);
+  }
 }
 
 // Runtime dtype to the element type: fp32, or bf16 as raw uint16 bits.

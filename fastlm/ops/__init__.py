@@ -1,6 +1,20 @@
 """Fused ops. Each module holds the public function, its pure-PyTorch reference, the custom
 op registration (with fake impl and autograd) and the per-backend dispatch."""
+from fastlm.ops.attention import (
+    scaled_dot_product_attention,
+    scaled_dot_product_attention_ref,
+    scaled_dot_product_attention_with_lse,
+)
 from fastlm.ops.bias_act import bias_act, bias_act_ref
 from fastlm.ops.softmax import log_softmax, softmax, softmax_ref
 
-__all__ = ["bias_act", "bias_act_ref", "log_softmax", "softmax", "softmax_ref"]
+__all__ = [
+    "bias_act",
+    "bias_act_ref",
+    "log_softmax",
+    "softmax",
+    "softmax_ref",
+    "scaled_dot_product_attention",
+    "scaled_dot_product_attention_ref",
+    "scaled_dot_product_attention_with_lse",
+]

@@ -1,7 +1,7 @@
 """Fused attention, a drop-in for torch.nn.functional.scaled_dot_product_attention.
 
     fastlm.ops.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
-        is_causal=False, scale=None, enable_gqa=False, *, generator=None, backend=None)
+        is_causal=False, *, scale=None, enable_gqa=False, generator=None, backend=None)
     fastlm.ops.scaled_dot_product_attention_with_lse(...same...) -> (out, lse)
 
 Shapes (B, H, Tq, D) for query, (B, H_kv, Tk, D) for key, (B, H_kv, Tk, Dv) for value; the
@@ -118,8 +118,8 @@ def attention_backward_ref(grad_out, q, k, v, mask, out, lse, dropout_p, causal,
     ds = torch.where(p == 0, 0.0, p * (dp - delta))
     dq = (ds @ kf) * scale
     dk = (ds.transpose(-1, -2) @ q.to(cdt)) * scale
-    dk = dk.view(b, hkv, groups, tk, -1).sum(2)
-    dv = dv.view(b, hkv, groups, tk, -1).sum(2)
+    dk = dk.view(b, hkv, groups, tk, k.shape[-1]).sum(2)
+    dv = dv.view(b, hkv, groups, tk, v.shape[-1]).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -284,8 +284,8 @@ def _scale(query, scale):
 
 
 def scaled_dot_product_attention_with_lse(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-    *, generator: torch.Generator | None = None, backend: str | None = None,
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
+    generator: torch.Generator | None = None, backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): attention as torch's SDPA plus the fp32 log-sum-exp per query row (B, H, Tq)."""
     mask, causal = _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
@@ -297,22 +297,24 @@ def scaled_dot_product_attention_with_lse(
 
 
 def scaled_dot_product_attention(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-    *, generator: torch.Generator | None = None, backend: str | None = None,
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
+    generator: torch.Generator | None = None, backend: str | None = None,
 ) -> torch.Tensor:
     """Drop-in for torch.nn.functional.scaled_dot_product_attention; see the module docstring."""
     return scaled_dot_product_attention_with_lse(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, generator=generator, backend=backend
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa, generator=generator,
+        backend=backend,
     )[0]
 
 
 def scaled_dot_product_attention_ref(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-    *, generator: torch.Generator | None = None,
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The oracle: plain PyTorch math in fp32 (fp64 for fp64 inputs), differentiable."""
     return scaled_dot_product_attention(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, generator=generator, backend="reference"
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa, generator=generator,
+        backend="reference",
     )
 
 

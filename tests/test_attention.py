@@ -1,0 +1,369 @@
+"""scaled_dot_product_attention on every backend against a float64 oracle (numerics.py rule)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+import fastlm
+from fastlm import _ext
+from fastlm.ops.attention import (
+    BOTTOM_RIGHT, NO_CAUSAL, TOP_LEFT, scaled_dot_product_attention as sdpa, scaled_dot_product_attention_ref,
+    scaled_dot_product_attention_with_lse as sdpa_lse,
+)
+from numerics import assert_close
+
+pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias will produce NaNs")
+HAS_CUDA = torch.cuda.is_available()
+GPU = "cuda" if HAS_CUDA else None
+
+BACKENDS = [
+    pytest.param("reference", "cpu", (torch.float32, torch.float16, torch.bfloat16), id="reference"),
+    pytest.param("cpu", "cpu", (torch.float32, torch.bfloat16), id="cpu"),
+]
+BACKEND_DTYPES = [
+    pytest.param(p.values[0], p.values[1], dtype, id=f"{p.id}-{str(dtype)[6:]}", marks=p.marks)
+    for p in BACKENDS
+    for dtype in p.values[2]
+]
+CAUSAL = {"none": NO_CAUSAL, "top_left": TOP_LEFT, "bottom_right": BOTTOM_RIGHT}
+# (B, H, H_kv, Tq, Tk, D, Dv): T in {1, 17, 97, 128, 257, 1025}, Tq != Tk both ways, head dims
+# 32/64/80/128, H_kv in {H, H/2, 1}
+SHAPES = [
+    (2, 4, 4, 17, 17, 64, 64),
+    (1, 4, 2, 97, 97, 32, 32),
+    (2, 2, 1, 128, 128, 80, 80),
+    (1, 2, 2, 1, 257, 128, 128),
+    (1, 4, 1, 257, 97, 64, 64),
+    (1, 2, 1, 17, 128, 80, 48),
+    (1, 1, 1, 1025, 1025, 64, 64),
+]
+
+
+def _with_causal(mask, causal, tq, tk):
+    """Torch-style arguments (attn_mask, is_causal) for a causal code."""
+    if causal == TOP_LEFT:
+        return (None, True) if mask is None else (mask & torch.ones(tq, tk, dtype=torch.bool).tril(), False)
+    if causal == BOTTOM_RIGHT:
+        return causal_lower_right(tq, tk), False
+    return mask, False
+
+
+def oracle(q, k, v, mask=None, causal=NO_CAUSAL, scale=None):
+    """Independent plain math with autograd: fully masked rows give 0; keys no query sees are dropped."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
+    allowed = torch.ones(tq, tk, dtype=torch.bool)
+    if causal != NO_CAUSAL:
+        allowed = allowed.tril(0 if causal == TOP_LEFT else tk - tq)
+    if mask is not None and mask.dtype == torch.bool:
+        allowed = allowed & mask
+    elif mask is not None:
+        s = s + mask
+        allowed = allowed & (mask != -math.inf)
+    allowed = allowed.expand(s.shape)
+    dead_row = ~allowed.any(-1, keepdim=True)
+    s = s.masked_fill(~allowed | dead_row, -math.inf).masked_fill(dead_row, 0.0)
+    p = torch.softmax(s, -1).masked_fill(dead_row, 0.0)
+    seen = allowed.any(-2).unsqueeze(-1)
+    out = p @ torch.where(seen, v, torch.zeros((), dtype=v.dtype))
+    return out
+
+
+def _run(fn, q, k, v, grad, dtype=None):
+    args = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+    out = fn(*args)
+    return out, torch.autograd.grad(out, args, grad.to(out.dtype))
+
+
+def check(backend, q, k, v, mask=None, causal=NO_CAUSAL, scale=None, fp32_tol=None):
+    """Output and q/k/v grads of `backend` vs the fp64 oracle and the oracle run in q's dtype."""
+    dtype = q.dtype
+    tq, tk = q.shape[-2], k.shape[-2]
+    attn_mask, is_causal = _with_causal(mask, causal, tq, tk)
+    grad = torch.randn(q.shape[:-1] + v.shape[-1:], dtype=dtype, device=q.device)
+    gqa = q.shape[1] != k.shape[1]
+    out, grads = _run(lambda a, b, c: sdpa(a, b, c, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=gqa, backend=backend),
+                      q, k, v, grad)
+    m64 = mask.double() if mask is not None and mask.dtype != torch.bool else mask
+    out64, grads64 = _run(lambda a, b, c: oracle(a, b, c, m64, causal, scale), q, k, v, grad, torch.float64)
+    base, grads0 = _run(lambda a, b, c: oracle(a, b, c, mask, causal, scale), q, k, v, grad)
+    assert out.dtype == dtype and out.shape == base.shape
+    assert_close(f"{backend} out", out, out64, base, fp32_tol=fp32_tol)
+    for name, g, g64, g0 in zip(("grad_q", "grad_k", "grad_v"), grads, grads64, grads0):
+        assert g.dtype == dtype and g.shape == g64.shape
+        # grad_q of a query that sees one key is exactly 0; fp32 rounding of dP - delta is not
+        assert_close(f"{backend} {name}", g, g64, g0, kind="grad", atol=1e-6, fp32_tol=fp32_tol)
+
+
+def _qkv(b, h, hkv, tq, tk, d, dv, dtype, device="cpu", qmul=1.0, kmul=1.0):
+    q = torch.randn(b, h, tq, d, dtype=dtype, device=device) * qmul
+    k = torch.randn(b, hkv, tk, d, dtype=dtype, device=device) * kmul
+    return q, k, torch.randn(b, hkv, tk, dv, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("causal", list(CAUSAL), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend,device,dtype", BACKEND_DTYPES)
+def test_matches_float64(backend, device, dtype, shape, causal):
+    if shape[3] == 1025 and dtype != torch.float32 and backend == "reference":
+        pytest.skip("low-precision reference at T=1025 adds time, not coverage")
+    check(backend, *_qkv(*shape, dtype, device), causal=CAUSAL[causal])
+
+
+MASKS = ["bool_bh", "bool_key_padding", "bool_2d", "additive_bh", "additive_2d"]
+
+
+def _mask(kind, b, h, tq, tk, dtype):
+    """A mask of `kind` whose rows 0 and 3 are fully masked (row 3 only where tq > 3)."""
+    shape = {"bh": (b, h, tq, tk), "key_padding": (b, 1, 1, tk), "2d": (tq, tk)}[kind.split("_", 1)[1]]
+    allowed = torch.rand(shape) > 0.3
+    if kind.endswith("key_padding"):
+        allowed[..., -3:] = False
+    else:
+        allowed[..., 0, :] = False
+        allowed[..., min(3, tq - 1), :] = False
+    if kind.startswith("bool"):
+        return allowed
+    return torch.randn(shape, dtype=dtype).masked_fill(~allowed, -math.inf)
+
+
+@pytest.mark.parametrize("kind", MASKS)
+@pytest.mark.parametrize("backend,device,dtype", BACKEND_DTYPES)
+def test_masks_with_fully_masked_rows(backend, device, dtype, kind):
+    for b, h, hkv, tq, tk, d in [(2, 4, 2, 37, 70, 64), (1, 2, 1, 130, 97, 32)]:
+        q, k, v = _qkv(b, h, hkv, tq, tk, d, d, dtype, device)
+        check(backend, q, k, v, mask=_mask(kind, b, h, tq, tk, dtype))
+
+
+@pytest.mark.parametrize("backend,device,dtype", BACKEND_DTYPES)
+def test_large_magnitudes(backend, device, dtype):
+    for causal in (NO_CAUSAL, BOTTOM_RIGHT):
+        # scores up to ~100: fp32's own rounding of them is ~1e-5, so the fp32 bound is 1e-4
+        check(backend, *_qkv(1, 4, 2, 97, 128, 64, 64, dtype, device, qmul=5.0, kmul=3.0), causal=causal,
+              fp32_tol=dict(rtol=1e-4, atol=1e-4))
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_nan_in_hidden_values_does_not_leak(backend, device, dtypes):
+    q, k, v = _qkv(2, 2, 2, 33, 75, 64, 64, torch.float32, device)
+    keep = torch.ones(2, 1, 1, 75, dtype=torch.bool)
+    keep[0, ..., 5] = keep[1, ..., 70:] = False
+    v[0, :, 5] = float("nan")
+    v[1, :, 70:] = float("nan")
+    k[1, :, 72] = float("nan")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = sdpa(q, k, v, keep, backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert not out.isnan().any(), f"{backend}: NaN from hidden value rows reached the output"
+    for name, g in zip("qkv", grads):
+        assert not g.isnan().any(), f"{backend}: NaN in grad_{name}"
+    assert torch.equal(grads[2][0, :, 5], torch.zeros_like(grads[2][0, :, 5]))
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_fully_masked_rows_give_zero_not_nan(backend, device, dtypes):
+    # bottom-right with Tq > Tk: the first Tq - Tk queries see nothing
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2, 40, 25, 32, 32, torch.float32, device))
+    out, lse = sdpa_lse(q, k, v, causal_lower_right(40, 25), backend=backend)
+    gq, gk, gv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert torch.equal(out[:, :, :15], torch.zeros_like(out[:, :, :15]))
+    assert torch.equal(gq[:, :, :15], torch.zeros_like(gq[:, :, :15]))
+    assert (lse[:, :, :15] == -math.inf).all() and lse[:, :, 15:].isfinite().all()
+    assert not (gk.isnan().any() or gv.isnan().any())
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_lse_matches(backend, device, dtypes):
+    q, k, v = _qkv(2, 4, 1, 70, 90, 64, 64, torch.float32, device)
+    out, lse = sdpa_lse(q, k, v, is_causal=True, enable_gqa=True, backend=backend)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 4, 70)
+    s = (q.double() @ k.double().repeat_interleave(4, 1).transpose(-1, -2)) / 8
+    s = s.masked_fill(~torch.ones(70, 90, dtype=torch.bool).tril(), -math.inf)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_same_as_torch_sdpa(backend, device, dtypes):
+    """Drop-in: torch's own SDPA in fp64 agrees, including is_causal's top-left alignment for
+    Tq != Tk both ways, CausalBias objects, a float scale and non-contiguous inputs."""
+    for tq, tk in ((20, 50), (50, 20)):
+        base = torch.randn(2, tq, 4, 32, dtype=torch.float64)  # (B, T, H, D) transposed: non-contiguous
+        q = base.transpose(1, 2)
+        k = torch.randn(2, tk, 2, 32, dtype=torch.float64).transpose(1, 2)
+        v = torch.randn(2, 2, 16, tk, dtype=torch.float64).transpose(-1, -2)
+        for mask, is_causal in ((None, True), (causal_upper_left(tq, tk), False), (causal_lower_right(tq, tk), False)):
+            if tq > tk and isinstance(mask, type(causal_lower_right(1, 1))) and mask.variant.name == "LOWER_RIGHT":
+                continue  # torch gives NaN for the fully masked rows there; ours is 0 (tested above)
+            want = F.scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal, scale=0.3, enable_gqa=True)
+            got = sdpa(q.float(), k.float(), v.float(), mask, 0.0, is_causal, scale=0.3, enable_gqa=True, backend=backend)
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_is_causal_is_top_left_like_torch():
+    """torch's is_causal with Tq < Tk lets query 0 see only key 0 (top-left), not Tk - Tq + 1 keys."""
+    q, k, v = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(want[0, 0, 0], v[0, 0, 0])
+    torch.testing.assert_close(sdpa(q, k, v, is_causal=True), want)
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_repeatable_bitwise(backend, device, dtypes):
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 4, 2, 130, 150, 64, 64, torch.float32, device))
+    grad = torch.randn(2, 4, 130, 64)
+    runs = []
+    for _ in range(2):
+        out = sdpa(q, k, v, is_causal=True, enable_gqa=True, backend=backend)
+        runs.append((out,) + torch.autograd.grad(out, (q, k, v), grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_empty_batch_and_single_key(backend, device, dtypes):
+    q, k, v = (t.requires_grad_() for t in _qkv(0, 2, 2, 5, 7, 32, 32, torch.float32, device))
+    out = sdpa(q, k, v, backend=backend)
+    assert out.shape == (0, 2, 5, 32)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+    check(backend, *_qkv(1, 2, 2, 9, 1, 32, 32, torch.float32, device))
+
+
+def test_dropout_reference_seeded_and_differentiable():
+    q, k, v = _qkv(1, 2, 2, 5, 7, 4, 4, torch.float64)
+    a = sdpa(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(7))
+    b = sdpa(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(7))
+    c = sdpa(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(8))
+    torch.manual_seed(3)
+    d = sdpa(q, k, v, dropout_p=0.3)
+    torch.manual_seed(3)
+    e = sdpa(q, k, v, dropout_p=0.3)
+    assert torch.equal(a, b) and torch.equal(d, e) and not torch.equal(a, c)
+    assert not torch.allclose(a, sdpa(q, k, v))
+    # the backward regenerates the forward's mask: gradcheck through a fixed seed
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.autograd.gradcheck(
+        lambda x, y, z: sdpa(x, y, z, dropout_p=0.3, is_causal=True, generator=torch.Generator().manual_seed(1)),
+        inputs,
+    )
+    # dropout picks the reference automatically; pinning cpu says why not
+    assert torch.equal(a, sdpa(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(7), backend="reference"))
+    with pytest.raises(fastlm.BackendUnavailableError, match="dropout_p > 0 not supported by the cpu backend"):
+        sdpa(q.float(), k.float(), v.float(), dropout_p=0.3, backend="cpu")
+
+
+def test_reference_gradients_gradcheck():
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 1, 5, 7, 4, 4, torch.float64))
+    mask = torch.rand(5, 7) > 0.3
+    mask[2] = False
+    torch.autograd.gradcheck(lambda a, b, c: scaled_dot_product_attention_ref(a, b, c, mask, enable_gqa=True), (q, k, v))
+
+
+# ------------------------------------------------------------------ registration / compile
+def _op_samples(device, backend):
+    q, k, v = _qkv(2, 4, 2, 19, 33, 32, 32, torch.float32, device)
+    mask = torch.rand(2, 1, 19, 33) > 0.2
+    return [(q, k, v, None, 0.0, TOP_LEFT, 0.2, None, backend), (q, k, v, mask, 0.0, NO_CAUSAL, 0.2, None, backend)]
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_opcheck(backend, device, dtypes):
+    for args in _op_samples(device, backend):
+        q, k, v = (t.requires_grad_() for t in args[:3])
+        torch.library.opcheck(torch.ops.fastlm.attention.default, (q, k, v) + args[3:])
+        out, lse = torch.ops.fastlm.attention(*args)
+        bwd = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), args[3], out.detach(), lse) + args[4:]
+        torch.library.opcheck(torch.ops.fastlm.attention_backward.default, bwd)
+
+
+@pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="extension not built")
+def test_opcheck_extension_ops():
+    q, k, v = _qkv(1, 2, 1, 21, 40, 48, 16, torch.float32)
+    mask = torch.randn(1, 1, 21, 40)
+    for m, causal in ((None, BOTTOM_RIGHT), (mask, NO_CAUSAL)):
+        torch.library.opcheck(torch.ops.fastlm.attention_fwd.default, (q, k, v, m, causal, 0.5))
+        out, lse = torch.ops.fastlm.attention_fwd(q, k, v, m, causal, 0.5)
+        args = (torch.randn_like(out), q, k, v, m, out, lse, causal, 0.5)
+        torch.library.opcheck(torch.ops.fastlm.attention_bwd.default, args)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler):
+    torch._dynamo.reset()
+
+    def f(q, k, v):
+        return sdpa(q * 2, k, v, is_causal=True, enable_gqa=True).sum(-1)
+
+    compiled = torch.compile(f, fullgraph=True, backend=compiler)
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 4, 2, 33, 33, 32, 32, torch.float32))
+    out, out_ref = compiled(q, k, v), f(q, k, v)
+    torch.testing.assert_close(out, out_ref)
+    for g, g_ref in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(out_ref.sum(), (q, k, v))):
+        torch.testing.assert_close(g, g_ref)
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_inputs_name_argument_and_value():
+    q, k, v = _qkv(2, 4, 2, 8, 8, 32, 32, torch.float32)
+    with pytest.raises(fastlm.BackendUnavailableError, match=r"head dim 300 > 256 not supported by the cpu backend"):
+        sdpa(torch.randn(1, 1, 4, 300), torch.randn(1, 1, 4, 300), torch.randn(1, 1, 4, 300), backend="cpu")
+    with pytest.raises(ValueError, match=r"key head dim 16 != query head dim 32"):
+        sdpa(q, k[..., :16], v)
+    with pytest.raises(ValueError, match=r"query has 4 heads and key/value 2; needs enable_gqa=True for H != H_kv"):
+        sdpa(q, k, v)
+    with pytest.raises(ValueError, match=r"query has 4 heads and key/value 3; needs H to be a multiple of H_kv"):
+        sdpa(q, torch.randn(2, 3, 8, 32), torch.randn(2, 3, 8, 32), enable_gqa=True)
+    with pytest.raises(ValueError, match=r"value shape \(2, 2, 7, 32\) does not match key shape \(2, 2, 8, 32\)"):
+        sdpa(q, k, v[:, :, :7], enable_gqa=True)
+    with pytest.raises(ValueError, match=r"batch sizes differ: query 2, key 1, value 2"):
+        sdpa(q, k[:1], v, enable_gqa=True)
+    with pytest.raises(ValueError, match=r"query must be 4-D \(B, H, T, D\), got shape \(4, 8, 32\)"):
+        sdpa(q[0], k, v)
+    with pytest.raises(TypeError, match=r"key has dtype torch.bfloat16 but query has dtype torch.float32"):
+        sdpa(q, k.bfloat16(), v, enable_gqa=True)
+    with pytest.raises(ValueError, match=r"value is on meta but query is on cpu"):
+        sdpa(q, k, v.to("meta"), enable_gqa=True)
+    with pytest.raises(TypeError, match=r"attn_mask must be bool or query's dtype torch.float32, got torch.float64"):
+        sdpa(q, k, v, torch.zeros(8, 8, dtype=torch.float64), enable_gqa=True)
+    with pytest.raises(ValueError, match=r"attn_mask of shape \(3, 8\) does not broadcast to \(2, 4, 8, 8\)"):
+        sdpa(q, k, v, torch.ones(3, 8, dtype=torch.bool), enable_gqa=True)
+    with pytest.raises(ValueError, match=r"attn_mask and is_causal=True can't both be given"):
+        sdpa(q, k, v, torch.ones(8, 8, dtype=torch.bool), is_causal=True, enable_gqa=True)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\), got 1.5"):
+        sdpa(q, k, v, dropout_p=1.5, enable_gqa=True)
+    with pytest.raises(TypeError, match=r"query must be a floating-point tensor, got dtype torch.int64"):
+        sdpa(q.long(), k.long(), v.long())
+
+
+def test_explicit_backend_that_cannot_serve_lists_every_reason():
+    q = torch.randn(1, 2, 8, 32, dtype=torch.float16)
+    with pytest.raises(fastlm.BackendUnavailableError) as info:
+        sdpa(q, q, q, backend="cpu")
+    msg = str(info.value)
+    assert "dtype float16 not supported by the cpu backend (float32, bfloat16)" in msg
+    for name in ("cuda:", "triton:", "cpu:", "reference: can serve"):
+        assert name in msg
+    torch.testing.assert_close(sdpa(q, q, q), F.scaled_dot_product_attention(q.float(), q.float(), q.float()).half(),
+                               rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="extension not built")
+def test_extension_ops_validate_inputs():
+    q, k, v = _qkv(1, 2, 1, 8, 8, 32, 32, torch.float32)
+    with pytest.raises(TypeError, match=r"q must be float32 or bfloat16 on cpu, got Half"):
+        torch.ops.fastlm.attention_fwd(q.half(), k.half(), v.half(), None, 0, 1.0)
+    with pytest.raises(ValueError, match=r"k head dim 16 != q head dim 32"):
+        torch.ops.fastlm.attention_fwd(q, k[..., :16], v, None, 0, 1.0)
+    with pytest.raises(ValueError, match=r"head dims up to 256 on the CPU, got q 300"):
+        x = torch.randn(1, 1, 4, 300)
+        torch.ops.fastlm.attention_fwd(x, x, x, None, 0, 1.0)
+    with pytest.raises(ValueError, match=r"causal must be 0 \(none\), 1 \(top-left\) or 2 \(bottom-right\), got 5"):
+        torch.ops.fastlm.attention_fwd(q, k, v, None, 5, 1.0)
+    with pytest.raises(ValueError, match=r"mask of shape \[8, 8\] does not broadcast"):
+        torch.ops.fastlm.attention_fwd(q, k, v, torch.ones(8, 8, dtype=torch.bool), 0, 1.0)
+    with pytest.raises(TypeError, match=r"k has dtype BFloat16 but q has dtype Float"):
+        torch.ops.fastlm.attention_fwd(q, k.bfloat16(), v, None, 0, 1.0)
