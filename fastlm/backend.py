@@ -150,3 +150,11 @@ def select(op: str, device: torch.device, *inputs, backend: str | None = None) -
     for b, rs in report(op, device, *inputs).items():
         lines.append(f"  {b}: " + ("can serve" if not rs else "; ".join(rs)))
     raise BackendUnavailableError("\n".join(lines))
+
+
+def dtype_reason(x: torch.Tensor, allowed, backend: str) -> list[str]:
+    """The why_not line for a dtype outside `allowed` (empty when x's dtype is allowed)."""
+    if x.dtype in allowed:
+        return []
+    names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+    return [f"dtype {str(x.dtype).replace('torch.', '')} not supported by the {backend} backend ({names})"]

@@ -63,6 +63,28 @@ FASTLM_INLINE void store_partial(T* p, vf v, int64_t n) {
   std::memcpy(p, tmp, size_t(n) * sizeof(T));
 }
 
+// Lanes [0, n) true (-1), the rest false: masks the padded lanes of a tail vector.
+FASTLM_INLINE vi lanes_below(int64_t n) {
+  const vi iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return iota < vi{} + int32_t(n);
+}
+
+// Calls f(i, n) over [0, count) in kLanes steps, the last with n < kLanes; inlined with a
+// constant n for the full steps so their partial-load branches fold away.
+template <typename F>
+FASTLM_INLINE void for_each_vector(int64_t count, F&& f) {
+  int64_t i = 0;
+  for (; i + kLanes <= count; i += kLanes) f(i, int64_t(kLanes));
+  if (i < count) f(i, count - i);
+}
+template <typename T>
+FASTLM_INLINE vf load_n(const T* p, int64_t n) { return n == kLanes ? load(p) : load_partial(p, n); }
+template <typename T>
+FASTLM_INLINE void store_n(T* p, vf v, int64_t n) {
+  if (n == kLanes) store(p, v);
+  else store_partial(p, v, n);
+}
+
 FASTLM_INLINE vf vmax(vf a, vf b) { return select(a > b, a, b); }
 FASTLM_INLINE vf vmin(vf a, vf b) { return select(a < b, a, b); }
 FASTLM_INLINE float reduce_add(vf v) {

@@ -1,0 +1,47 @@
+// layer_norm / rms_norm (with optional fused residual add): schemas and CPU implementations
+// (the CUDA ones are in norms_cuda.cpp). The ops see (rows, cols) views; fastlm/ops/norms.py
+// flattens normalized_shape into cols.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "norms_common.h"
+
+namespace fastlm::bind {
+namespace {
+
+NormOutputs norm_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                         double eps, bool rms) {
+  constexpr const char* op = "norm_fwd";
+  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor here, got ", x.device().str());
+  NormForwardPlan p = plan_norm_forward(op, x, residual, weight, bias, eps, rms, /*allow_half=*/false);
+  if (p.args.rows > 0 && p.args.cols > 0) norm_forward_cpu(p.args);
+  return p.outputs();
+}
+
+NormGrads norm_bwd_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_sum,
+                       const at::Tensor& h, const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                       const at::Tensor& rstd, bool rms, bool bias_grad) {
+  constexpr const char* op = "norm_bwd";
+  TORCH_CHECK_VALUE(h.device().is_cpu(), op, ": h must be a CPU tensor here, got ", h.device().str());
+  NormBackwardPlan p = plan_norm_backward(op, grad_y, grad_sum, h, weight, mean, rstd, rms, bias_grad,
+                                          /*allow_half=*/false);
+  if (p.args.rows > 0 && p.args.cols > 0) norm_backward_cpu(p.args);
+  return p.outputs();
+}
+
+}  // namespace
+}  // namespace fastlm::bind
+
+TORCH_LIBRARY_FRAGMENT(fastlm, m) {
+  m.def("norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("norm_bwd(Tensor grad_y, Tensor? grad_sum, Tensor h, Tensor? weight, Tensor mean, Tensor rstd,"
+        " bool rms, bool bias_grad) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
+  m.impl("norm_fwd", &fastlm::bind::norm_fwd_cpu);
+  m.impl("norm_bwd", &fastlm::bind::norm_bwd_cpu);
+}

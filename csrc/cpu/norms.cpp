@@ -1,0 +1,129 @@
+// layer_norm / rms_norm on the CPU, with the pre-norm residual add fused in. One row per
+// task (OpenMP over rows): the row of h = x + residual is written once and then stays in L1
+// for the statistics and the normalized output, so the fused op moves x, residual, h and y
+// once each where eager's add-then-norm reads h back from memory. Statistics are fp32 from a
+// two-pass (mean, then centered variance) over the L1-hot row. The backward recomputes xhat
+// from h, mean, rstd; grad_weight / grad_bias go to per-thread fp32 partial rows reduced in a
+// fixed order afterwards (deterministic, like bias_act's grad_bias).
+#include <omp.h>
+
+#include <cmath>
+#include <vector>
+
+#include "fastlm/norms.h"
+#include "vec_math.h"
+
+namespace fastlm::cpu {
+namespace {
+
+constexpr int64_t kParallelMinElems = 1 << 15;
+
+template <typename T>
+void forward_rows(const NormForwardArgs& a) {
+  const int64_t cols = a.cols;
+  const T* w = static_cast<const T*>(a.weight);
+  const T* b = a.rms ? nullptr : static_cast<const T*>(a.bias);
+  const float inv_cols = 1.0f / float(cols);
+#pragma omp parallel for schedule(static) if (a.rows * cols >= kParallelMinElems)
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const T* x = static_cast<const T*>(a.x) + r * a.x_stride;
+    const T* src = x;
+    if (a.residual) {
+      const T* res = static_cast<const T*>(a.residual) + r * a.residual_stride;
+      T* h = static_cast<T*>(a.h) + r * cols;
+      for_each_vector(cols, [&](int64_t i, int64_t n) { store_n(h + i, load_n(x + i, n) + load_n(res + i, n), n); });
+      src = h;  // read back: in bf16 the norm sees the rounded sum, as eager's does
+    }
+    float mean = 0.0f;
+    if (!a.rms) {
+      vf s = splat(0.0f);
+      for_each_vector(cols, [&](int64_t i, int64_t n) { s += load_n(src + i, n); });
+      mean = reduce_add(s) * inv_cols;
+    }
+    vf q = splat(0.0f);
+    for_each_vector(cols, [&](int64_t i, int64_t n) {
+      vf d = load_n(src + i, n) - mean;
+      if (n < kLanes) d = select(lanes_below(n), d, splat(0.0f));
+      q += d * d;
+    });
+    const float rstd = 1.0f / std::sqrt(reduce_add(q) * inv_cols + a.eps);
+    if (a.mean) a.mean[r] = mean;
+    a.rstd[r] = rstd;
+    T* y = static_cast<T*>(a.y) + r * cols;
+    for_each_vector(cols, [&](int64_t i, int64_t n) {
+      vf v = (load_n(src + i, n) - mean) * rstd;
+      if (w) v = v * load_n(w + i, n);
+      if (b) v = v + load_n(b + i, n);
+      store_n(y + i, v, n);
+    });
+  }
+}
+
+template <typename T>
+void backward_rows(const NormBackwardArgs& a) {
+  const int64_t cols = a.cols;
+  const T* w = static_cast<const T*>(a.weight);
+  const bool want_w = a.grad_weight != nullptr, want_b = a.grad_bias != nullptr && !a.rms;
+  const float inv_cols = 1.0f / float(cols);
+  const int threads = a.rows * cols >= kParallelMinElems ? omp_get_max_threads() : 1;
+  // Per thread: one fp32 row for grad_weight, one for grad_bias.
+  std::vector<float> partial((want_w || want_b) ? size_t(threads) * 2 * size_t(cols) : 0, 0.0f);
+#pragma omp parallel num_threads(threads)
+  {
+    float* pw = want_w ? partial.data() + size_t(omp_get_thread_num()) * 2 * size_t(cols) : nullptr;
+    float* pb = want_b ? partial.data() + (size_t(omp_get_thread_num()) * 2 + 1) * size_t(cols) : nullptr;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < a.rows; ++r) {
+      const T* gy = static_cast<const T*>(a.grad_y) + r * a.grad_y_stride;
+      const T* h = static_cast<const T*>(a.h) + r * a.h_stride;
+      const float mean = a.rms ? 0.0f : a.mean[r], rstd = a.rstd[r];
+      vf s1 = splat(0.0f), s2 = splat(0.0f);  // sum(xhat * g * w), sum(g * w); padded lanes load 0
+      for_each_vector(cols, [&](int64_t i, int64_t n) {
+        vf g = load_n(gy + i, n);
+        vf xhat = (load_n(h + i, n) - mean) * rstd;
+        if (pw) store_n(pw + i, load_n(pw + i, n) + g * xhat, n);
+        if (pb) store_n(pb + i, load_n(pb + i, n) + g, n);
+        if (w) g = g * load_n(w + i, n);
+        s1 += xhat * g;
+        s2 += g;
+      });
+      const float c1 = reduce_add(s1) * inv_cols, c2 = a.rms ? 0.0f : reduce_add(s2) * inv_cols;
+      const T* gs = a.grad_sum ? static_cast<const T*>(a.grad_sum) + r * a.grad_sum_stride : nullptr;
+      T* gh = static_cast<T*>(a.grad_h) + r * cols;
+      for_each_vector(cols, [&](int64_t i, int64_t n) {
+        vf g = load_n(gy + i, n);
+        if (w) g = g * load_n(w + i, n);
+        vf xhat = (load_n(h + i, n) - mean) * rstd;
+        vf d = rstd * (g - xhat * c1 - c2);
+        if (gs) d = d + load_n(gs + i, n);
+        store_n(gh + i, d, n);
+      });
+    }
+  }
+  for (int k = 0; k < 2; ++k) {
+    T* out = static_cast<T*>(k == 0 ? a.grad_weight : a.grad_bias);
+    if (!(k == 0 ? want_w : want_b)) continue;
+    for_each_vector(cols, [&](int64_t c, int64_t n) {
+      vf sum = splat(0.0f);
+      for (int t = 0; t < threads; ++t) sum += load_n(partial.data() + (size_t(t) * 2 + k) * size_t(cols) + c, n);
+      store_n(out + c, sum, n);
+    });
+  }
+}
+
+}  // namespace
+}  // namespace fastlm::cpu
+
+namespace fastlm {
+
+void norm_forward_cpu(const NormForwardArgs& a) {
+  if (a.dtype == DType::kFloat32) cpu::forward_rows<float>(a);
+  else cpu::forward_rows<uint16_t>(a);  // bf16 bits; the binding rejects fp16 on the CPU
+}
+
+void norm_backward_cpu(const NormBackwardArgs& a) {
+  if (a.dtype == DType::kFloat32) cpu::backward_rows<float>(a);
+  else cpu::backward_rows<uint16_t>(a);
+}
+
+}  // namespace fastlm

@@ -1,0 +1,222 @@
+"""layer_norm / rms_norm (+ fused residual add) on every backend against a float64 oracle."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlm
+from fastlm import _ext
+from fastlm.ops.norms import layer_norm, norm_backward_ref, norm_ref, rms_norm
+from backends import backend_dtypes, backends
+from numerics import assert_close
+
+BACKENDS = backends()
+BACKEND_DTYPES = backend_dtypes(BACKENDS)
+SHAPES = [(1, 64), (7, 768), (2, 3, 97)]
+
+
+def _torch_norm(kind, x, r, w, b, eps):
+    h = x if r is None else x + r
+    n = x.shape[-1]
+    y = F.layer_norm(h, (n,), w, b, eps) if kind == "layer" else F.rms_norm(h, (n,), w, eps)
+    return y if r is None else (y, h)
+
+
+def _ours(kind, backend):
+    def f(x, r, w, b, eps):
+        n = x.shape[-1]
+        if kind == "layer":
+            return layer_norm(x, n, w, b, eps, residual=r, backend=backend)
+        return rms_norm(x, n, w, eps, residual=r, backend=backend)
+    return f
+
+
+def _run(fn, inputs, grads, eps, dtype=None):
+    """Outputs and the gradients of every tensor input (x, residual, weight, bias) that is given."""
+    leaves = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in inputs]
+    out = fn(*leaves, eps)
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = sum((o * g.to(o.dtype)).sum() for o, g in zip(outs, grads))
+    given = [t for t in leaves if t is not None]
+    return outs, torch.autograd.grad(loss, given)
+
+
+def _check(backend, device, dtype, kind, shape, residual=True, weight=True, bias=True, eps=1e-5):
+    n = shape[-1]
+    x = torch.randn(shape, device=device, dtype=dtype) * 2 + 0.5
+    r = torch.randn(shape, device=device, dtype=dtype) if residual else None
+    w = torch.randn(n, device=device, dtype=dtype) if weight else None
+    b = torch.randn(n, device=device, dtype=dtype) if (bias and kind == "layer") else None
+    grads = [torch.randn(shape, device=device, dtype=dtype) for _ in range(2)]
+    inputs = [x, r, w, b]
+    ref = lambda *a: _torch_norm(kind, *a)
+    outs, gs = _run(_ours(kind, backend), inputs, grads, eps)
+    outs64, gs64 = _run(ref, inputs, grads, eps, torch.float64)
+    outs0, gs0 = _run(ref, inputs, grads, eps)
+    for name, o, o64, o0 in zip(("y", "h"), outs, outs64, outs0):
+        assert o.dtype == dtype and o.shape == x.shape
+        assert_close(f"{backend} {kind} {name}", o, o64, o0)
+    names = [nm for nm, t in zip(("grad_x", "grad_residual", "grad_weight", "grad_bias"), inputs) if t is not None]
+    for name, g, g64, g0 in zip(names, gs, gs64, gs0):
+        assert g.dtype == dtype
+        assert_close(f"{backend} {kind} {name}", g, g64, g0, kind="grad")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("backend,device,dtype", BACKEND_DTYPES)
+def test_matches_float64(backend, device, dtype, kind, residual, shape):
+    _check(backend, device, dtype, kind, shape, residual=residual)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_wide_rows_and_affine_options(backend, device, dtypes, kind):
+    _check(backend, device, torch.float32, kind, (129, 3072))
+    _check(backend, device, torch.float32, kind, (5, 100), weight=False, bias=False)
+    _check(backend, device, torch.float32, kind, (5, 100), weight=True, bias=False, eps=0.1)
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_layouts_and_multidim_normalized_shape(backend, device, dtypes):
+    x = torch.randn(6, 40, device=device)[:, 3:35]  # row-padded
+    r = torch.randn(32, 6, device=device).t()  # transposed
+    w, b = torch.randn(32, device=device), torch.randn(32, device=device)
+    y, h = layer_norm(x, 32, w, b, residual=r, backend=backend)
+    torch.testing.assert_close(h, x + r)
+    torch.testing.assert_close(y, F.layer_norm(x + r, (32,), w, b), rtol=1e-5, atol=1e-5)
+    x3 = torch.randn(3, 4, 5, device=device)
+    w3 = torch.randn(4, 5, device=device)
+    torch.testing.assert_close(rms_norm(x3, (4, 5), w3, backend=backend), F.rms_norm(x3, (4, 5), w3), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_empty_batch(backend, device, dtypes):
+    x = torch.randn(0, 16, device=device, requires_grad=True)
+    w = torch.randn(16, device=device, requires_grad=True)
+    b = torch.randn(16, device=device, requires_grad=True)
+    y, h = layer_norm(x, 16, w, b, residual=x.detach().clone(), backend=backend)
+    assert y.shape == (0, 16) and h.shape == (0, 16)
+    gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, b))
+    assert gx.shape == (0, 16) and torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_repeatable_bitwise(backend, device, dtypes):
+    x = torch.randn(67, 129, device=device, requires_grad=True)
+    r = torch.randn(67, 129, device=device)
+    w = torch.randn(129, device=device, requires_grad=True)
+    b = torch.randn(129, device=device, requires_grad=True)
+    g = torch.randn(67, 129, device=device)
+    runs = [torch.autograd.grad(layer_norm(x, 129, w, b, residual=r, backend=backend)[0], (x, w, b), g) for _ in range(2)]
+    assert all(torch.equal(a, c) for a, c in zip(*runs))
+
+
+def test_rms_norm_default_eps_is_torch_default():
+    x = torch.randn(4, 8) * 1e-4
+    torch.testing.assert_close(rms_norm(x, 8, backend="cpu"), F.rms_norm(x, (8,)))
+    torch.testing.assert_close(rms_norm(x, 8), F.rms_norm(x, (8,), eps=torch.finfo(torch.float32).eps))
+
+
+def test_statistics_are_fp32_and_saved():
+    x = torch.randn(5, 24, dtype=torch.bfloat16)
+    for backend in ("reference", "cpu"):
+        y, h, mean, rstd = torch.ops.fastlm.norm(x, None, None, None, 1e-5, False, backend)
+        assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == rstd.shape == (5,) and h.numel() == 0
+        torch.testing.assert_close(mean, x.float().mean(-1))
+        torch.testing.assert_close(rstd, torch.rsqrt(x.float().var(-1, unbiased=False) + 1e-5))
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_reference_backward_formula(rms):
+    h = torch.randn(9, 33, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(33, dtype=torch.float64, requires_grad=True)
+    b = None if rms else torch.randn(33, dtype=torch.float64, requires_grad=True)
+    gy, gs = torch.randn(9, 33, dtype=torch.float64), torch.randn(9, 33, dtype=torch.float64)
+    y = F.rms_norm(h, (33,), w, 1e-6) if rms else F.layer_norm(h, (33,), w, b, 1e-6)
+    want = torch.autograd.grad((y * gy).sum() + (h * gs).sum(), [t for t in (h, w, b) if t is not None])
+    _, _, mean, rstd = norm_ref(h.detach(), None, w.detach(), None if b is None else b.detach(), 1e-6, rms)
+    got = norm_backward_ref(gy, gs, h.detach(), w.detach(), mean, rstd, rms, not rms)
+    for g, wnt in zip(got, want):
+        assert_close("ref grad", g, wnt)
+
+
+# ------------------------------------------------------------------ registration / compile
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_opcheck(backend, device, dtypes):
+    x = torch.randn(5, 33, device=device, requires_grad=True)
+    r = torch.randn(5, 33, device=device, requires_grad=True)
+    w = torch.randn(33, device=device, requires_grad=True)
+    b = torch.randn(33, device=device, requires_grad=True)
+    for args in [(x, r, w, b, 1e-5, False, backend), (x, None, w, None, 1e-6, True, backend), (x, r, None, None, 0.0, True, backend)]:
+        torch.library.opcheck(torch.ops.fastlm.norm.default, args)
+        _, h, mean, rstd = torch.ops.fastlm.norm(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+        hh = h if args[1] is not None else x.detach()
+        bwd = (torch.randn(5, 33, device=device), torch.randn(5, 33, device=device) if args[1] is not None else None,
+               hh, None if args[2] is None else w.detach(), mean, rstd, args[5], args[3] is not None, backend)
+        torch.library.opcheck(torch.ops.fastlm.norm_backward.default, bwd)
+
+
+@pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="extension not built")
+def test_opcheck_extension_ops():
+    x, r, w, b = torch.randn(6, 17), torch.randn(6, 17), torch.randn(17), torch.randn(17)
+    torch.library.opcheck(torch.ops.fastlm.norm_fwd.default, (x, r, w, b, 1e-5, False))
+    torch.library.opcheck(torch.ops.fastlm.norm_fwd.default, (x, None, w, None, 1e-5, True))
+    y, h, mean, rstd = torch.ops.fastlm.norm_fwd(x, r, w, b, 1e-5, False)
+    torch.library.opcheck(torch.ops.fastlm.norm_bwd.default, (torch.randn(6, 17), torch.randn(6, 17), h, w, mean, rstd, False, True))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler):
+    torch._dynamo.reset()
+
+    def f(x, r, w, b):
+        y, h = layer_norm(x * 2, 48, w, b, residual=r)
+        return rms_norm(y, 48, w, residual=h)[0].sum(-1)
+
+    compiled = torch.compile(f, fullgraph=True, backend=compiler)
+    args = [torch.randn(8, 48, requires_grad=True) for _ in range(2)] + [torch.randn(48, requires_grad=True) for _ in range(2)]
+    out, out_ref = compiled(*args), f(*args)
+    torch.testing.assert_close(out, out_ref)
+    for g, g_ref in zip(torch.autograd.grad(out.sum(), args), torch.autograd.grad(out_ref.sum(), args)):
+        torch.testing.assert_close(g, g_ref)
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_inputs_name_argument_and_value():
+    x = torch.randn(4, 8)
+    with pytest.raises(TypeError, match=r"layer_norm: x must be a floating-point tensor, got dtype torch.int64"):
+        layer_norm(torch.ones(4, 8, dtype=torch.long), 8)
+    with pytest.raises(ValueError, match=r"normalized_shape \[7\] does not match the trailing dims of x \(4, 8\)"):
+        layer_norm(x, 7)
+    with pytest.raises(ValueError, match=r"rms_norm: weight must have shape \(8,\), got \(7,\)"):
+        rms_norm(x, 8, torch.randn(7))
+    with pytest.raises(TypeError, match=r"bias has dtype torch.float16 but x has dtype torch.float32"):
+        layer_norm(x, 8, None, torch.randn(8, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"residual must have shape \(4, 8\), got \(4, 7\)"):
+        layer_norm(x, 8, residual=torch.randn(4, 7))
+    with pytest.raises(ValueError, match=r"residual is on meta but x is on cpu"):
+        rms_norm(x, 8, residual=torch.randn(4, 8, device="meta"))
+    with pytest.raises(ValueError, match=r"eps must be a non-negative number, got -1.0"):
+        layer_norm(x, 8, eps=-1.0)
+    with pytest.raises(TypeError, match=r"normalized_shape must be an int or a non-empty sequence of ints, got 'a'"):
+        layer_norm(x, "a")
+    with pytest.raises(fastlm.BackendUnavailableError, match=r"dtype float16 not supported by the cpu backend"):
+        layer_norm(x.half(), 8, backend="cpu")
+
+
+@pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="extension not built")
+def test_extension_ops_validate_inputs():
+    x = torch.randn(4, 8)
+    with pytest.raises(TypeError, match=r"norm_fwd: x must be float32 or bfloat16 on cpu, got Half"):
+        torch.ops.fastlm.norm_fwd(x.half(), None, None, None, 1e-5, False)
+    with pytest.raises(ValueError, match=r"norm_fwd: x must be 2-D \(rows, cols\), got shape \[32\]"):
+        torch.ops.fastlm.norm_fwd(x.flatten(), None, None, None, 1e-5, False)
+    with pytest.raises(ValueError, match=r"residual has shape \[4, 7\] but x has shape \[4, 8\]"):
+        torch.ops.fastlm.norm_fwd(x, torch.randn(4, 7), None, None, 1e-5, False)
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\) to match the columns of x, got \[9\]"):
+        torch.ops.fastlm.norm_fwd(x, None, torch.randn(9), None, 1e-5, False)
+    with pytest.raises(ValueError, match=r"rms norm takes no bias"):
+        torch.ops.fastlm.norm_fwd(x, None, None, torch.randn(8), 1e-5, True)
+    with pytest.raises(ValueError, match=r"rstd must have shape \(4,\), got \[3\]"):
+        torch.ops.fastlm.norm_bwd(x, None, x, None, torch.zeros(4), torch.zeros(3), False, False)
