@@ -17,7 +17,7 @@ import torch
 
 from benchmarks import common, compare, report
 
-OPS = ["bias_act"]
+OPS = ["bias_act", "model"]
 
 
 def _git_commit() -> str:
