@@ -45,13 +45,13 @@ class TrainConfig:
     block_size: int = 128
     batch_size: int = 16  # sequences per micro-step, per rank
     grad_accum: int = 1
-    max_steps: int = 300
+    max_steps: int = 200
     lr: float = 2e-3
     min_lr: float = 2e-4
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_interval: int = 100
+    eval_interval: int = 50
     eval_batches: int = 8
     log_interval: int = 25
     ckpt_interval: int = 0  # 0: only at the end
