@@ -240,8 +240,8 @@ def train(c: TrainConfig) -> dict:
     torch.manual_seed(c.seed)  # same initial weights on every rank
     gc = GPTConfig.preset(c.preset, vocab_size=tok.vocab_size, block_size=c.block_size)
     raw = GPT(gc, backend=c.backend).to(device)
-    optimizer = make_optimizer(raw, c, fused=device.type == "cuda")
     model = wrap_distributed(raw, c, device) if world > 1 else raw
+    optimizer = make_optimizer(model, c, fused=device.type == "cuda")  # after fully_shard swaps the Parameters
     ckpt_path = Path(c.out) / "ckpt.pt"
     history = dict(step=[], loss=[], lr=[], grad_norm=[], eval_step=[], eval_loss=[])
     start = 0

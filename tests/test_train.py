@@ -1,4 +1,4 @@
-"""fastlm.train: fastlm vs reference loss curves, checkpoint resume, 2-process DDP on CPU (gloo)."""
+"""fastlm.train: fastlm vs reference loss curves, checkpoint resume, 2-process DDP and FSDP2 on CPU (gloo)."""
 import json
 import os
 import socket
@@ -86,10 +86,12 @@ def _ddp_worker(rank, world, port, cfg_dict, out):
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(strategy, tmp_path):
+    """2 CPU processes (gloo) with half the batch each, under DDP or FSDP2's fully_shard."""
     steps = dict(max_steps=4, eval_interval=0)
     single = T.train(config(tmp_path, batch_size=4, **steps, out=str(tmp_path / "one")))
-    cfg = config(tmp_path, batch_size=2, **steps, out=str(tmp_path / "ddp"))
+    cfg = config(tmp_path, batch_size=2, **steps, dist=strategy, out=str(tmp_path / "ddp"))
     out = tmp_path / "ddp.json"
     mp.spawn(_ddp_worker, args=(2, _free_port(), vars(cfg), str(out)), nprocs=2, join=True)
     ddp = json.loads(out.read_text())
