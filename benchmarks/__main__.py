@@ -17,7 +17,7 @@ import torch
 
 from benchmarks import common, compare, report
 
-OPS = ["bias_act", "model"]
+OPS = ["bias_act", "attention", "model"]
 
 
 def _git_commit() -> str:

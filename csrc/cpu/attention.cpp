@@ -14,8 +14,8 @@ namespace fastlm::cpu::attn {
 namespace {
 
 // Online-softmax update for one key tile: St (nk x kBlockQ) becomes P, m/l/alpha per query.
-FASTLM_INLINE void softmax_tile(float* St, int64_t nk, float* m, float* l, float* alpha) {
-  for (int64_t c = 0; c < kBlockQ; c += kLanes) {
+FASTLM_INLINE void softmax_tile(float* St, int64_t nk, int64_t nqp, float* m, float* l, float* alpha) {
+  for (int64_t c = 0; c < nqp; c += kLanes) {
     vf mx = load(m + c);
     for (int64_t j = 0; j < nk; ++j) mx = vmax(mx, load(St + j * kBlockQ + c));
     const vf m_old = load(m + c);
@@ -69,7 +69,7 @@ void forward(const AttentionShape& sh, Strided4 q, Strided4 k, Strided4 v, Strid
       std::fill(w.O, w.O + kBlockQ * Dvp, 0.0f);
       std::fill(w.m, w.m + kBlockQ, kNegInf);
       std::fill(w.l, w.l + kBlockQ, 0.0f);
-      TileMask t{i0, nq, 0, 0, offset, sh.causal != Causal::kNone, sh.mask_kind,
+      TileMask t{i0, nq, 0, 0, round_up(nq, kLanes), offset, sh.causal != Causal::kNone, sh.mask_kind,
                  mask.data ? static_cast<const char*>(mask.data) +
                                  (b * mask.s[0] + h * mask.s[1]) * (sh.mask_kind == MaskKind::kBool ? 1 : int64_t(sizeof(T)))
                            : nullptr,
@@ -78,10 +78,10 @@ void forward(const AttentionShape& sh, Strided4 q, Strided4 k, Strided4 v, Strid
         t.j0 = j0, t.nk = std::min(kBlockK, sh.tk - j0);
         if (t.empty()) break;  // later key tiles are further right of the diagonal
         pack_rows(kp + j0 * k.s[2], k.s[2], k.s[3], t.nk, D, w.Kp, D);
-        gemm(t.nk, kBlockQ, D, w.Kp, D, 1, w.Qt, kBlockQ, w.St, kBlockQ, nullptr, false);
+        gemm(t.nk, t.nqp, D, w.Kp, D, 1, w.Qt, kBlockQ, w.St, kBlockQ, nullptr, false);
         bool any_dead = false;
         if (!t.full()) any_dead = apply_mask<T>(t, w.St, w.live);
-        softmax_tile(w.St, t.nk, w.m, w.l, w.alpha);
+        softmax_tile(w.St, t.nk, t.nqp, w.m, w.l, w.alpha);
         pack_rows(vp + j0 * v.s[2], v.s[2], v.s[3], t.nk, Dv, w.Vp, Dvp);
         if (any_dead) zero_dead_rows(w.Vp, Dvp, w.live, t.nk);
         gemm(nq, Dvp, t.nk, w.St, 1, kBlockQ, w.Vp, Dvp, w.O, Dvp, w.alpha, true);

@@ -26,8 +26,9 @@ struct Scratch {
 };
 
 // St (scores, -inf where hidden) becomes P = exp(St - lse); dSt becomes dS = P (dP - delta).
-FASTLM_INLINE void probs_and_dscores(float* St, float* dSt, int64_t nk, const float* lse, const float* delta) {
-  for (int64_t c = 0; c < kBlockQ; c += kLanes) {
+FASTLM_INLINE void probs_and_dscores(float* St, float* dSt, int64_t nk, int64_t nqp, const float* lse,
+                                     const float* delta) {
+  for (int64_t c = 0; c < nqp; c += kLanes) {
     const vf ls = load(lse + c), dl = load(delta + c);
     for (int64_t j = 0; j < nk; ++j) {
       const vf s = load(St + j * kBlockQ + c);
@@ -64,7 +65,7 @@ void backward(const AttentionShape& sh, Strided4 go, Strided4 q, Strided4 k, Str
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         for (int64_t i0 = 0; i0 < sh.tq; i0 += kBlockQ) {
           const int64_t nq = std::min(kBlockQ, sh.tq - i0);
-          TileMask t{i0, nq, 0, 0, offset, sh.causal != Causal::kNone, sh.mask_kind,
+          TileMask t{i0, nq, 0, 0, round_up(nq, kLanes), offset, sh.causal != Causal::kNone, sh.mask_kind,
                      mask.data ? static_cast<const char*>(mask.data) + (b * mask.s[0] + h * mask.s[1]) * mask_elt
                                : nullptr,
                      mask.s[2], mask.s[3]};
@@ -89,13 +90,13 @@ void backward(const AttentionShape& sh, Strided4 go, Strided4 q, Strided4 k, Str
             if (t.empty()) break;
             pack_rows(kp + j0 * k.s[2], k.s[2], k.s[3], t.nk, D, w.Kp, Dkp);
             pack_rows(vp + j0 * v.s[2], v.s[2], v.s[3], t.nk, Dv, w.Vp, Dvp);
-            gemm(t.nk, kBlockQ, D, w.Kp, Dkp, 1, w.Qt, kBlockQ, w.St, kBlockQ, nullptr, false);
+            gemm(t.nk, t.nqp, D, w.Kp, Dkp, 1, w.Qt, kBlockQ, w.St, kBlockQ, nullptr, false);
             if (!t.full() && apply_mask<T>(t, w.St, w.live)) {
               zero_dead_rows(w.Kp, Dkp, w.live, t.nk);
               zero_dead_rows(w.Vp, Dvp, w.live, t.nk);
             }
-            gemm(t.nk, kBlockQ, Dv, w.Vp, Dvp, 1, w.dOt, kBlockQ, w.dSt, kBlockQ, nullptr, false);
-            probs_and_dscores(w.St, w.dSt, t.nk, w.lse, w.delta);
+            gemm(t.nk, t.nqp, Dv, w.Vp, Dvp, 1, w.dOt, kBlockQ, w.dSt, kBlockQ, nullptr, false);
+            probs_and_dscores(w.St, w.dSt, t.nk, t.nqp, w.lse, w.delta);
             gemm(t.nk, Dvp, nq, w.St, kBlockQ, 1, w.dOp, Dvp, w.dV + j0 * Dvp, Dvp, nullptr, true);
             gemm(t.nk, Dkp, nq, w.dSt, kBlockQ, 1, w.Qs, Dkp, w.dK + j0 * Dkp, Dkp, nullptr, true);
             gemm(nq, Dkp, t.nk, w.dSt, 1, kBlockQ, w.Kp, Dkp, w.dQ, Dkp, nullptr, true);

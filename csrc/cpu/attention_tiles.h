@@ -124,6 +124,7 @@ FASTLM_INLINE void write_row(T* dst, const float* src, int64_t n, float mul) {
 // Where one (query tile, key tile) pair sits and what hides keys from queries.
 struct TileMask {
   int64_t i0, nq, j0, nk;  // first query / key and how many are valid
+  int64_t nqp;             // query columns computed: nq rounded up to whole vectors
   int64_t offset;          // causal: key j visible to query i iff j <= i + offset
   bool causal;
   MaskKind kind;
@@ -132,11 +133,11 @@ struct TileMask {
 
   // No key of this tile is visible to any query of it: skip the pair.
   bool empty() const { return causal && j0 > i0 + nq - 1 + offset; }
-  // Nothing to hide: every key visible to every valid query and all kBlockQ columns valid.
-  bool full() const { return kind == MaskKind::kNone && nq == kBlockQ && (!causal || j0 + nk - 1 <= i0 + offset); }
+  // Nothing to hide: every key visible to every valid query and all nqp columns valid.
+  bool full() const { return kind == MaskKind::kNone && nq == nqp && (!causal || j0 + nk - 1 <= i0 + offset); }
 };
 
-// Sets hidden scores of St (nk x kBlockQ, padded queries included) to -inf and adds an
+// Sets hidden scores of St (nk x nqp, padded queries included; row stride kBlockQ) to -inf and adds an
 // additive mask; live[j] says whether any valid query still sees key j. Returns whether any
 // key is dead (so its packed rows must be zeroed: 0 * NaN would otherwise leak into outputs).
 template <typename T>
@@ -148,7 +149,7 @@ inline bool apply_mask(const TileMask& t, float* St, bool* live) {
     // queries before `first` can't see this key (causal); queries from nq on are padding
     const int64_t first = t.causal ? std::clamp<int64_t>(key - t.offset - t.i0, 0, t.nq) : 0;
     for (int64_t i = 0; i < first; ++i) s[i] = kNegInf;
-    for (int64_t i = t.nq; i < kBlockQ; ++i) s[i] = kNegInf;
+    for (int64_t i = t.nq; i < t.nqp; ++i) s[i] = kNegInf;
     bool alive = false;
     if (t.kind == MaskKind::kBool) {
       const uint8_t* m = static_cast<const uint8_t*>(t.mask) + key * t.msk;

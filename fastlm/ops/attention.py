@@ -23,7 +23,8 @@ Dropout (reference backend only; the others say so and auto-dispatch routes arou
 the keep-mask is drawn from a seed taken from `generator` (default: torch's global one), so
 torch.manual_seed makes runs reproducible and the backward regenerates the same mask.
 
-Backends: cpu (fp32/bf16, csrc/cpu/attention.cpp), reference (plain PyTorch in fp32, or fp64
+Backends: cpu (fp32/bf16, csrc/cpu/attention*.cpp), triton (fp32/fp16/bf16,
+fastlm/triton/attention.py; CUDA tensors, or CPU ones under TRITON_INTERPRET=1), reference (plain PyTorch in fp32, or fp64
 for fp64 inputs; the oracle).
 """
 from __future__ import annotations
@@ -38,6 +39,8 @@ from fastlm import backend as _backend
 OP = "attention"
 CPU_DTYPES = (torch.float32, torch.bfloat16)
 CPU_MAX_HEAD_DIM = 256
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_MAX_HEAD_DIM = 256
 NO_CAUSAL, TOP_LEFT, BOTTOM_RIGHT = 0, 1, 2
 
 
@@ -132,8 +135,20 @@ def _ext_backward(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, s
     return torch.ops.fastlm.attention_bwd(grad_out, q, k, v, mask, out, lse, causal, scale)
 
 
-_FORWARD = {"reference": attention_forward_ref, "cpu": _ext_forward}
-_BACKWARD = {"reference": attention_backward_ref, "cpu": _ext_backward}
+def _triton_forward(q, k, v, mask, dropout_p, causal, scale, seed):
+    from fastlm.triton import attention as kernels  # imported late: TRITON_INTERPRET is read at import
+
+    return kernels.forward(q, k, v, mask, causal, scale)
+
+
+def _triton_backward(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed):
+    from fastlm.triton import attention as kernels
+
+    return kernels.backward(grad_out, q, k, v, mask, out, lse, causal, scale)
+
+
+_FORWARD = {"reference": attention_forward_ref, "cpu": _ext_forward, "triton": _triton_forward}
+_BACKWARD = {"reference": attention_backward_ref, "cpu": _ext_backward, "triton": _triton_backward}
 
 
 # ---------------------------------------------------------------- custom ops + autograd
@@ -208,6 +223,19 @@ def _(q, k, v, mask, dropout_p, causal):
             reasons.append(f"{name} {d} > {CPU_MAX_HEAD_DIM} not supported by the cpu backend")
     if dropout_p > 0:
         reasons.append("dropout_p > 0 not supported by the cpu backend (reference only)")
+    return reasons
+
+
+@_backend.register(OP, "triton")
+def _(q, k, v, mask, dropout_p, causal):
+    reasons = []
+    if q.dtype not in GPU_DTYPES:
+        reasons.append(f"dtype {_name(q.dtype)} not supported by the triton backend (float32, float16, bfloat16)")
+    for name, d in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
+        if d > TRITON_MAX_HEAD_DIM:
+            reasons.append(f"{name} {d} > {TRITON_MAX_HEAD_DIM} not supported by the triton backend")
+    if dropout_p > 0:
+        reasons.append("dropout_p > 0 not supported by the triton backend (reference only)")
     return reasons
 
 

@@ -1,0 +1,286 @@
+"""Triton flash attention, forward and backward (FlashAttention-2 structure).
+
+Forward: a program owns BLOCK_M queries of one (batch, head), walks the key blocks it can see
+(stopping at the causal diagonal) with an online softmax in fp32, and writes out and lse.
+Backward: a pre-pass computes delta = rowsum(dO * O); one kernel owns a block of keys of one
+key/value head and accumulates dK, dV over every query head of its GQA group; another owns a
+block of queries and accumulates dQ. No atomics: the gradients are deterministic.
+
+Masking: key j is visible to query i when j < Tk, j <= i + offset (causal), and the mask
+allows it. Hidden scores are -inf and their probabilities exactly 0; keys no query of a tile
+sees are zeroed before they enter a product, so NaN there can't leak. Block sizes are autotuned
+per (head dim, lengths) on a GPU and fixed small under the interpreter.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _visible(offs_m, offs_n, tq, tk, offset, mask_ptr, msq, msk, CAUSAL: tl.constexpr, MASK: tl.constexpr):
+    """(bool visible, additive bias) for the (offs_m x offs_n) score tile; offs may be transposed views."""
+    ok = (offs_m < tq) & (offs_n < tk)
+    if CAUSAL:
+        ok = ok & (offs_n <= offs_m + offset)
+    bias = tl.zeros(ok.shape, dtype=tl.float32)
+    if MASK == 1:
+        keep = tl.load(mask_ptr + offs_m.to(tl.int64) * msq + offs_n * msk, mask=ok, other=0)
+        ok = ok & (keep != 0)
+    elif MASK == 2:
+        bias = tl.load(mask_ptr + offs_m.to(tl.int64) * msq + offs_n * msk, mask=ok, other=0.0).to(tl.float32)
+        ok = ok & (bias > float("-inf"))
+    return ok, bias
+
+
+@triton.jit
+def _fwd_kernel(
+    q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr,
+    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
+    H, GROUP, TQ, TK, D, DV, offset, scale,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    q_base = q_ptr + b.to(tl.int64) * sqb + h * sqh
+    k_base = k_ptr + b.to(tl.int64) * skb + hk * skh
+    v_base = v_ptr + b.to(tl.int64) * svb + hk * svh
+    m_base = m_ptr + b.to(tl.int64) * smb + h * smh
+    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < TQ) & (offs_d[None, :] < D), other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    hi = TK
+    if CAUSAL:
+        hi = tl.minimum(TK, pid_m * BLOCK_M + BLOCK_M + offset)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :] * skd,
+                    mask=(offs_n[:, None] < TK) & (offs_d[None, :] < D), other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        ok, bias = _visible(offs_m[:, None], offs_n[None, :], TQ, TK, offset, m_base, smq, smk, CAUSAL, MASK)
+        s = tl.where(ok, s * scale + bias, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        live = tl.max(ok.to(tl.int32), 0) > 0  # keys some query of the tile sees
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svt + offs_dv[None, :] * svd,
+                    mask=(offs_n[:, None] < TK) & (offs_dv[None, :] < DV) & live[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
+    out = acc * inv[:, None]
+    o_base = o_ptr + bh.to(tl.int64) * TQ * DV
+    tl.store(o_base + offs_m[:, None] * DV + offs_dv[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < TQ) & (offs_dv[None, :] < DV))
+    lse = tl.where(l_i > 0.0, m_i + tl.log(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+    tl.store(lse_ptr + bh.to(tl.int64) * TQ + offs_m, lse, mask=offs_m < TQ)
+
+
+@triton.jit
+def _delta_kernel(o_ptr, do_ptr, delta_ptr, TQ, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32; o and do contiguous (B*H, Tq, Dv)."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    msk = (offs_m[:, None] < TQ) & (offs_dv[None, :] < DV)
+    off = bh.to(tl.int64) * TQ * DV + offs_m[:, None] * DV + offs_dv[None, :]
+    o = tl.load(o_ptr + off, mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + off, mask=msk, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + bh.to(tl.int64) * TQ + offs_m, tl.sum(o * do, 1), mask=offs_m < TQ)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, m_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
+    H, HKV, GROUP, TQ, TK, D, DV, offset, scale,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_n, bhk = tl.program_id(0), tl.program_id(1)
+    b, hk = bhk // HKV, bhk % HKV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    kmask = (offs_n[:, None] < TK) & (offs_d[None, :] < D)
+    vmask = (offs_n[:, None] < TK) & (offs_dv[None, :] < DV)
+    k = tl.load(k_ptr + b.to(tl.int64) * skb + hk * skh + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :] * skd,
+                mask=kmask, other=0.0)
+    v = tl.load(v_ptr + b.to(tl.int64) * svb + hk * svh + offs_n[:, None].to(tl.int64) * svt + offs_dv[None, :] * svd,
+                mask=vmask, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(pid_n * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        q_base = q_ptr + b.to(tl.int64) * sqb + h * sqh
+        m_base = m_ptr + b.to(tl.int64) * smb + h * smh
+        for start_m in range(lo, TQ, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd,
+                        mask=(offs_m[:, None] < TQ) & (offs_d[None, :] < D), other=0.0)
+            rows = bh.to(tl.int64) * TQ + offs_m
+            do = tl.load(do_ptr + rows[:, None] * DV + offs_dv[None, :],
+                         mask=(offs_m[:, None] < TQ) & (offs_dv[None, :] < DV), other=0.0)
+            lse = tl.load(lse_ptr + rows, mask=offs_m < TQ, other=0.0)
+            delta = tl.load(delta_ptr + rows, mask=offs_m < TQ, other=0.0)
+            # transposed tile: keys down, queries across
+            ok, bias = _visible(offs_m[None, :], offs_n[:, None], TQ, TK, offset, m_base, smq, smk, CAUSAL, MASK)
+            st = _dot(k, tl.trans(q), IEEE) * scale + bias
+            pt = tl.where(ok, tl.exp(st - tl.where(ok, lse[None, :], 0.0)), 0.0)
+            live = tl.max(ok.to(tl.int32), 1) > 0
+            v_live = tl.where(live[:, None], v, 0.0).to(v.dtype)
+            dpt = _dot(v_live, tl.trans(do), IEEE)
+            dst = tl.where(ok, pt * (dpt - delta[None, :]), 0.0)
+            if IEEE:
+                dv += _dot(pt, do, IEEE)
+                dk += _dot(dst, q, IEEE)
+            else:
+                dv += _dot(pt.to(do.dtype), do, IEEE)
+                dk += _dot(dst.to(q.dtype), q, IEEE)
+    out = bhk.to(tl.int64) * TK
+    tl.store(dk_ptr + (out + offs_n[:, None]) * D + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kmask)
+    tl.store(dv_ptr + (out + offs_n[:, None]) * DV + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=vmask)
+
+
+@triton.jit
+def _dq_kernel(
+    q_ptr, k_ptr, v_ptr, m_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
+    H, GROUP, TQ, TK, D, DV, offset, scale,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    qmask = (offs_m[:, None] < TQ) & (offs_d[None, :] < D)
+    q = tl.load(q_ptr + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd,
+                mask=qmask, other=0.0)
+    rows = bh.to(tl.int64) * TQ + offs_m
+    do = tl.load(do_ptr + rows[:, None] * DV + offs_dv[None, :],
+                 mask=(offs_m[:, None] < TQ) & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=offs_m < TQ, other=0.0)
+    delta = tl.load(delta_ptr + rows, mask=offs_m < TQ, other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * skb + hk * skh
+    v_base = v_ptr + b.to(tl.int64) * svb + hk * svh
+    m_base = m_ptr + b.to(tl.int64) * smb + h * smh
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    hi = TK
+    if CAUSAL:
+        hi = tl.minimum(TK, pid_m * BLOCK_M + BLOCK_M + offset)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        ok, bias = _visible(offs_m[:, None], offs_n[None, :], TQ, TK, offset, m_base, smq, smk, CAUSAL, MASK)
+        live = tl.max(ok.to(tl.int32), 0) > 0
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :] * skd,
+                    mask=(offs_n[:, None] < TK) & (offs_d[None, :] < D) & live[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svt + offs_dv[None, :] * svd,
+                    mask=(offs_n[:, None] < TK) & (offs_dv[None, :] < DV) & live[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * scale + bias
+        p = tl.where(ok, tl.exp(s - tl.where(ok, lse[:, None], 0.0)), 0.0)
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
+        if IEEE:
+            dq += _dot(ds, k, IEEE)
+        else:
+            dq += _dot(ds.to(k.dtype), k, IEEE)
+    tl.store(dq_ptr + rows[:, None] * D + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=qmask)
+
+
+# ---------------------------------------------------------------- launch helpers
+def _configs():
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2))
+    ]
+
+
+_KEY = ["D", "DV", "TQ", "TK", "CAUSAL", "MASK"]
+_fwd_tuned = triton.autotune(_configs(), key=_KEY)(_fwd_kernel)
+_dkdv_tuned = triton.autotune(_configs(), key=_KEY)(_dkdv_kernel)
+_dq_tuned = triton.autotune(_configs(), key=_KEY)(_dq_kernel)
+
+
+def _strides4(t):
+    return [0 if t.shape[i] == 1 else t.stride(i) for i in range(4)]
+
+
+def _common(q, k, v, mask, causal, scale):
+    b, h, tq, d = q.shape
+    hkv, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    if mask is None:
+        mask_t, mask_code, mstr = q, 0, [0, 0, 0, 0]
+    elif mask.dtype == torch.bool:
+        mask_t, mask_code, mstr = mask.view(torch.uint8), 1, _strides4(mask)
+    else:
+        mask_t, mask_code, mstr = mask, 2, _strides4(mask)
+    offset = tk - tq if causal == 2 else 0
+    meta = dict(CAUSAL=causal != 0, MASK=mask_code, IEEE=q.dtype == torch.float32,
+                BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)))
+    strides = _strides4(q) + _strides4(k) + _strides4(v) + mstr
+    return b, h, hkv, tq, tk, d, dv, mask_t, strides, offset, meta
+
+
+def _launch(kernel, tuned, grid, args, meta):
+    if INTERPRET:  # fixed small blocks: the interpreter is slow and autotuning it pointless
+        kernel[grid(dict(BLOCK_M=16, BLOCK_N=16))](*args, **meta, BLOCK_M=16, BLOCK_N=16)
+    else:
+        tuned[grid](*args, **meta)
+
+
+def forward(q, k, v, mask, causal, scale):
+    """(out (B, H, Tq, Dv) contiguous, lse (B, H, Tq) fp32)."""
+    b, h, hkv, tq, tk, d, dv, mask_t, strides, offset, meta = _common(q, k, v, mask, causal, scale)
+    out = torch.empty(b, h, tq, dv, device=q.device, dtype=q.dtype)
+    lse = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    args = (q, k, v, mask_t, out, lse, *strides, h, h // hkv, tq, tk, d, dv, offset, scale)
+    _launch(_fwd_kernel, _fwd_tuned, lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h), args, meta)
+    return out, lse
+
+
+def backward(grad_out, q, k, v, mask, out, lse, causal, scale):
+    b, h, hkv, tq, tk, d, dv, mask_t, strides, offset, meta = _common(q, k, v, mask, causal, scale)
+    dq, dk, dvv = (torch.empty(t.shape, device=q.device, dtype=q.dtype) for t in (q, k, v))
+    if 0 in (b, h, tq, tk):
+        return dq.zero_(), dk.zero_(), dvv.zero_()
+    grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
+    delta = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)
+    _delta_kernel[(triton.cdiv(tq, 64), b * h)](out, grad_out, delta, tq, dv, BLOCK_M=64, BLOCK_DV=meta["BLOCK_DV"])
+    args = (q, k, v, mask_t, grad_out, lse, delta, dk, dvv, *strides, h, hkv, h // hkv, tq, tk, d, dv, offset, scale)
+    _launch(_dkdv_kernel, _dkdv_tuned, lambda m: (triton.cdiv(tk, m["BLOCK_N"]), b * hkv), args, meta)
+    args = (q, k, v, mask_t, grad_out, lse, delta, dq, *strides, h, h // hkv, tq, tk, d, dv, offset, scale)
+    _launch(_dq_kernel, _dq_tuned, lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h), args, meta)
+    return dq, dk, dvv
