@@ -17,7 +17,7 @@ import torch
 
 from benchmarks import common, compare, report
 
-OPS = ["bias_act", "attention", "model"]
+OPS = ["bias_act", "attention", "softmax", "cross_entropy", "model"]
 
 
 def _git_commit() -> str:

@@ -7,35 +7,9 @@ from fastlm import _ext
 from fastlm.ops import log_softmax, softmax
 from fastlm.ops.softmax import softmax_backward_ref
 from numerics import assert_close
+from row_cases import BACKEND_DTYPES, BACKENDS, cols_for
 
-HAS_CUDA = torch.cuda.is_available()
-GPU = "cuda" if HAS_CUDA else None
-ALL = (torch.float32, torch.float16, torch.bfloat16)
 NEG_INF = float("-inf")
-BACKENDS = [
-    pytest.param("reference", "cpu", ALL, id="reference"),
-    pytest.param("cpu", "cpu", (torch.float32, torch.bfloat16), id="cpu"),
-    pytest.param("triton", GPU or "cpu", ALL, id="triton"),
-    pytest.param("cuda", "cuda", ALL, id="cuda", marks=pytest.mark.gpu),
-]
-BACKEND_DTYPES = [
-    pytest.param(p.values[0], p.values[1], dtype, id=f"{p.id}-{str(dtype)[6:]}", marks=p.marks)
-    for p in BACKENDS
-    for dtype in p.values[2]
-]
-# The interpreter is slow: it gets the short rows; long rows run on compiled backends only.
-INTERPRETED = not HAS_CUDA
-
-
-def _cols_for(backend):
-    cols = [1, 7, 1000, 1025]
-    if backend != "triton" or not INTERPRETED:
-        cols.append(50257)
-    if backend in ("cpu", "reference") or (HAS_CUDA and backend != "reference"):
-        cols.append(131072)
-    if HAS_CUDA and backend in ("cuda", "triton"):
-        cols.append(262144)
-    return cols
 
 
 def _oracle(x, scale, mask, is_causal, log, dtype):
@@ -81,7 +55,7 @@ def _check(backend, x, log, scale=1.0, mask=None, is_causal=False, dim=-1):
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 @pytest.mark.parametrize("backend,device,dtype", BACKEND_DTYPES)
 def test_matches_float64(backend, device, dtype, log):
-    for cols in _cols_for(backend):
+    for cols in cols_for(backend):
         rows = 3 if cols > 2000 else 5
         x = (torch.randn(rows, cols, device=device) * 3).to(dtype)
         mask = torch.rand(rows, cols, device=device) > 0.2

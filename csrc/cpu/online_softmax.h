@@ -30,6 +30,14 @@ FASTLM_INLINE float chunk_exp_sum(const float* z, int64_t n, float shift) {
   return reduce_add(s);
 }
 
+template <typename T>
+FASTLM_INLINE void fill_row(T* y, int64_t n, float v) {
+  const vf f = splat(v);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store(y + i, f);
+  if (i < n) store_partial(y + i, f, n - i);
+}
+
 struct RowStats {
   float m = kNegInf, s = 0.0f;
 

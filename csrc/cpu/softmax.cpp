@@ -38,14 +38,6 @@ FASTLM_INLINE void load_z(const T* x, const void* mask, int64_t c0, int64_t n, f
   }
 }
 
-template <typename T>
-FASTLM_INLINE void fill_row(T* y, int64_t n, float v) {
-  const vf f = splat(v);
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) store(y + i, f);
-  if (i < n) store_partial(y + i, f, n - i);
-}
-
 template <typename T, int MK, bool LOG>
 void forward_row(const T* x, const void* mask, int64_t cols, int64_t valid, float scale, T* y) {
   alignas(64) float buf[kRowChunk];

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "activations.cuh"
 
@@ -90,5 +91,32 @@ __device__ __forceinline__ MaxSum row_merge(MaxSum st, float* smem_m, float* sme
 }
 
 inline bool aligned16_ptr(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// 16-byte packs need cols, every row stride and every row start to be pack-aligned.
+template <typename T>
+int pick_vec(int64_t cols, std::initializer_list<int64_t> strides, std::initializer_list<const void*> ptrs) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (cols % kVec) return 1;
+  for (int64_t s : strides) if (s % kVec) return 1;
+  for (const void* p : ptrs) if (p && !aligned16_ptr(p)) return 1;
+  return kVec;
+}
+
+// Launches K<T, TPR, BLOCK, VEC>::launch(grid, block, stream, args..., rows, cols): short rows
+// (<= 1024 columns) get a warp each, 4 rows per block; longer rows a 512-thread block each.
+template <template <typename, int, int, int> class K, typename T, typename... Args>
+int launch_rows(int64_t rows, int64_t cols, int vec, cudaStream_t stream, Args... args) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (cols <= 1024) {
+    const unsigned grid = unsigned((rows + 3) / 4);
+    if (vec == kVec) K<T, 32, 128, kVec>::launch(grid, 128, stream, args..., rows, cols);
+    else K<T, 32, 128, 1>::launch(grid, 128, stream, args..., rows, cols);
+  } else {
+    const unsigned grid = unsigned(rows);
+    if (vec == kVec) K<T, 512, 512, kVec>::launch(grid, 512, stream, args..., rows, cols);
+    else K<T, 512, 512, 1>::launch(grid, 512, stream, args..., rows, cols);
+  }
+  return int(cudaGetLastError());
+}
 
 }  // namespace fastlm::cuda

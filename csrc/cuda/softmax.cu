@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(BLOCK)
   }
   st = row_merge<TPR>(st, sm_m, sm_s);
   const bool empty = !(st.s > 0.0f);
-  const float shift = log ? st.m + __logf(st.s) : st.m;
+  const float shift = log ? st.m + logf(st.s) : st.m;
   const float inv = 1.0f / st.s;
   T* yr = y + r * ys;
   for (int64_t c = int64_t(tid) * VEC; c < cols; c += int64_t(TPR) * VEC) {
@@ -110,31 +110,6 @@ __global__ void __launch_bounds__(BLOCK)
   }
 }
 
-template <typename T>
-int pick_vec(int64_t cols, std::initializer_list<int64_t> strides, std::initializer_list<const void*> ptrs) {
-  constexpr int kVec = 16 / sizeof(T);
-  if (cols % kVec) return 1;
-  for (int64_t s : strides) if (s % kVec) return 1;
-  for (const void* p : ptrs) if (p && !aligned16_ptr(p)) return 1;
-  return kVec;
-}
-
-// Short rows: a warp per row, 4 rows per block. Long rows: a 512-thread block per row.
-template <template <typename, int, int, int> class K, typename T, typename... Args>
-int launch(int64_t rows, int64_t cols, int vec, cudaStream_t stream, Args... args) {
-  constexpr int kVec = 16 / sizeof(T);
-  if (cols <= 1024) {
-    const unsigned grid = unsigned((rows + 3) / 4);
-    if (vec == kVec) K<T, 32, 128, kVec>::launch(grid, 128, stream, args..., rows, cols);
-    else K<T, 32, 128, 1>::launch(grid, 128, stream, args..., rows, cols);
-  } else {
-    const unsigned grid = unsigned(rows);
-    if (vec == kVec) K<T, 512, 512, kVec>::launch(grid, 512, stream, args..., rows, cols);
-    else K<T, 512, 512, 1>::launch(grid, 512, stream, args..., rows, cols);
-  }
-  return int(cudaGetLastError());
-}
-
 template <typename T, int TPR, int BLOCK, int VEC>
 struct Fwd {
   template <typename... A>
@@ -155,14 +130,14 @@ template <typename T>
 int forward_t(bool log, int64_t rows, int64_t cols, const void* x, int64_t xs, const MaskArgs& ma,
               void* y, int64_t ys, cudaStream_t stream) {
   const int vec = pick_vec<T>(cols, {xs, ys}, {x, y});  // mask entries are read one by one
-  return launch<Fwd, T>(rows, cols, vec, stream, static_cast<const T*>(x), xs, ma, log, static_cast<T*>(y), ys);
+  return launch_rows<Fwd, T>(rows, cols, vec, stream, static_cast<const T*>(x), xs, ma, log, static_cast<T*>(y), ys);
 }
 
 template <typename T>
 int backward_t(bool log, int64_t rows, int64_t cols, const void* g, int64_t gs, const void* y, int64_t ys,
                float scale, void* gx, int64_t gxs, cudaStream_t stream) {
   const int vec = pick_vec<T>(cols, {gs, ys, gxs}, {g, y, gx});
-  return launch<Bwd, T>(rows, cols, vec, stream, static_cast<const T*>(g), gs, static_cast<const T*>(y), ys,
+  return launch_rows<Bwd, T>(rows, cols, vec, stream, static_cast<const T*>(g), gs, static_cast<const T*>(y), ys,
                         scale, log, static_cast<T*>(gx), gxs);
 }
 

@@ -6,12 +6,16 @@ from fastlm.ops.attention import (
     scaled_dot_product_attention_with_lse,
 )
 from fastlm.ops.bias_act import bias_act, bias_act_ref
+from fastlm.ops.cross_entropy import cross_entropy
+from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastlm.ops.norms import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 from fastlm.ops.softmax import log_softmax, softmax, softmax_ref
 
 __all__ = [
     "bias_act",
     "bias_act_ref",
+    "cross_entropy",
+    "linear_cross_entropy",
     "layer_norm",
     "layer_norm_ref",
     "rms_norm",

@@ -1,0 +1,167 @@
+"""cross_entropy on every backend against float64 F.cross_entropy (tolerance rule in numerics.py)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlm
+from fastlm import _ext
+from fastlm.ops import cross_entropy
+from numerics import assert_close
+from row_cases import BACKEND_DTYPES, BACKENDS, cols_for
+
+def _run(fn, logits, weight, grad_dtype=None):
+    x = logits.detach().requires_grad_()
+    w = None if weight is None else weight.to(x.dtype)
+    loss = fn(x, w)
+    g = torch.randn(loss.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(loss.dtype)
+    (gx,) = torch.autograd.grad(loss, x, g.to(loss.device))
+    return loss, gx
+
+
+def _check(backend, logits, target, weight=None, **kw):
+    ours = lambda x, w: cross_entropy(x, target, w, backend=backend, **kw)  # noqa: E731
+    plain = lambda x, w: F.cross_entropy(x, target, w, **kw)  # noqa: E731
+    loss, gx = _run(ours, logits, weight)
+    loss64, gx64 = _run(plain, logits.double(), weight)
+    loss0, gx0 = _run(plain, logits, weight)
+    assert loss.dtype == logits.dtype and loss.shape == loss64.shape
+    assert_close(f"{backend} loss", loss, loss64, loss0)
+    assert_close(f"{backend} grad", gx, gx64, gx0, kind="grad")
+
+
+def _targets(rows, cols, device, ignore_index=-100, ignored=(1,)):
+    t = torch.randint(0, cols, (rows,), device=device)
+    for r in ignored:
+        if r < rows:
+            t[r] = ignore_index
+    return t
+
+
+@pytest.mark.parametrize("backend,device,dtype", BACKEND_DTYPES)
+def test_matches_float64(backend, device, dtype):
+    for cols in cols_for(backend):
+        rows = 3 if cols > 2000 else 6
+        x = (torch.randn(rows, cols, device=device) * 4).to(dtype)
+        w = torch.rand(cols, device=device) + 0.5
+        _check(backend, x, _targets(rows, cols, device), w, label_smoothing=0.1)
+        _check(backend, x, _targets(rows, cols, device), reduction="sum")
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("case", ["plain", "weight", "smooth", "weight_smooth", "ignore_in_range", "huge", "tiny"])
+def test_semantics(backend, device, dtypes, reduction, case):
+    rows, cols = 9, 37
+    x = torch.randn(rows, cols, device=device) * 3
+    kw = dict(reduction=reduction)
+    w = torch.rand(cols, device=device) + 0.1 if "weight" in case else None
+    if "smooth" in case:
+        kw["label_smoothing"] = 0.25
+    target = _targets(rows, cols, device, ignored=(0, 4))
+    if case == "ignore_in_range":
+        kw["ignore_index"] = 3
+        target = _targets(rows, cols, device, ignore_index=3, ignored=(2, 5))
+    if case == "huge":
+        x = x * 1e4
+    if case == "tiny":
+        x = x * 1e-6
+    _check(backend, x, target, w, **kw)
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_non_contiguous_and_empty(backend, device, dtypes):
+    x = torch.randn(40, 12, device=device)[::3, ::2]  # (14, 6), strided columns
+    _check(backend, x, _targets(14, 6, device))
+    x = torch.randn(12, 40, device=device).t()  # transposed
+    _check(backend, x, _targets(40, 12, device), label_smoothing=0.3)
+    empty = torch.randn(0, 5, device=device, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.long, device=device)
+    out = cross_entropy(empty, t, reduction="sum", backend=backend)
+    assert out.item() == 0.0
+    (g,) = torch.autograd.grad(out, empty)
+    assert g.shape == (0, 5)
+
+
+# ------------------------------------------------------------------ registration / compile
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_opcheck(backend, device, dtypes):
+    x = torch.randn(6, 33, device=device, requires_grad=True)
+    t = _targets(6, 33, device)
+    w = torch.rand(33, device=device)
+    for args in [(x, t, None, -100, 0.0, backend), (x, t, w, -100, 0.2, backend)]:
+        torch.library.opcheck(torch.ops.fastlm.cross_entropy.default, args)
+    lse = torch.logsumexp(x.detach(), -1)
+    torch.library.opcheck(torch.ops.fastlm.cross_entropy_backward.default,
+                          (torch.randn(6, device=device), x.detach(), t, w, lse, -100, 0.2, backend))
+
+
+@pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="extension not built")
+def test_opcheck_extension_ops():
+    x, t, w = torch.randn(6, 17), torch.randint(0, 17, (6,)), torch.rand(17)
+    torch.library.opcheck(torch.ops.fastlm.cross_entropy_fwd.default, (x, t, w, -100, 0.1))
+    torch.library.opcheck(torch.ops.fastlm.cross_entropy_bwd.default,
+                          (torch.randn(6), x, t, None, torch.logsumexp(x, -1), -100, 0.0))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler):
+    torch._dynamo.reset()
+
+    def f(x, t, w):
+        return cross_entropy(x * 2, t, w, label_smoothing=0.1) + cross_entropy(x, t, reduction="none").sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend=compiler)
+    x = torch.randn(8, 24, requires_grad=True)
+    t, w = _targets(8, 24, "cpu"), torch.rand(24)
+    out, out_ref = compiled(x, t, w), f(x, t, w)
+    torch.testing.assert_close(out, out_ref)
+    (g,) = torch.autograd.grad(out, x)
+    (g_ref,) = torch.autograd.grad(out_ref, x)
+    torch.testing.assert_close(g, g_ref)
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_target_out_of_range_names_value(backend, device, dtypes):
+    x = torch.randn(5, 10, device=device)
+    for bad in (10, -3):
+        t = torch.tensor([1, 2, bad, 4, -100], device=device)
+        with pytest.raises(IndexError, match=rf"target value {bad} \(row 2\) is out of range for 10 classes"):
+            cross_entropy(x, t, backend=backend)
+
+
+def test_bad_inputs_name_argument_and_value():
+    x, t = torch.randn(4, 8), torch.randint(0, 8, (4,))
+    with pytest.raises(TypeError, match=r"weight has dtype torch.float16 but logits has dtype torch.float32"):
+        cross_entropy(x, t, torch.rand(8, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"target is on meta but logits is on cpu"):
+        cross_entropy(x, t.to("meta"))
+    with pytest.raises(ValueError, match=r"weight is on meta but logits is on cpu"):
+        cross_entropy(x, t, torch.rand(8, device="meta"))
+    with pytest.raises(ValueError, match=r"target must have shape \(4,\) to match logits \(4, 8\), got \(5,\)"):
+        cross_entropy(x, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\), got \(7,\)"):
+        cross_entropy(x, t, torch.rand(7))
+    with pytest.raises(ValueError, match=r"logits must be 2-D \(N, C\), got shape \(2, 4, 8\)"):
+        cross_entropy(torch.randn(2, 4, 8), t)
+    with pytest.raises(TypeError, match=r"target must hold class indices as int64, got dtype torch.float32"):
+        cross_entropy(x, torch.rand(4, 8))
+    with pytest.raises(ValueError, match=r"unknown reduction 'avg'"):
+        cross_entropy(x, t, reduction="avg")
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got 1.5"):
+        cross_entropy(x, t, label_smoothing=1.5)
+    with pytest.raises(fastlm.BackendUnavailableError, match=r"dtype float16 not supported by the cpu backend"):
+        cross_entropy(x.half(), t, backend="cpu")
+
+
+@pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="extension not built")
+def test_extension_ops_validate_inputs():
+    x, t = torch.randn(4, 8), torch.randint(0, 8, (4,))
+    with pytest.raises(IndexError, match=r"target value 8 \(row 0\) is out of range for 8 classes"):
+        torch.ops.fastlm.cross_entropy_fwd(x, torch.tensor([8, 0, 0, 0]), None, -100, 0.0)
+    with pytest.raises(TypeError, match=r"weight must be float32, got Double"):
+        torch.ops.fastlm.cross_entropy_fwd(x, t, torch.rand(8, dtype=torch.float64), -100, 0.0)
+    with pytest.raises(ValueError, match=r"target must have shape \(4,\) to match logits, got \[3\]"):
+        torch.ops.fastlm.cross_entropy_fwd(x, t[:3], None, -100, 0.0)
+    with pytest.raises(ValueError, match=r"lse must have shape \(4,\), got \[5\]"):
+        torch.ops.fastlm.cross_entropy_bwd(torch.randn(4), x, t, None, torch.randn(5), -100, 0.0)
