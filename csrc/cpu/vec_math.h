@@ -137,7 +137,10 @@ FASTLM_INLINE vf vrcp(vf d) {
 // the density needs, so gelu's derivative costs one exp and one reciprocal.
 FASTLM_INLINE void vnormal_cdf_pdf(vf x, vf* cdf, vf* pdf) {
   vf a = vabs(x) * 0.70710678118654752f;
-  a = select(a > 20.0f, splat(20.0f), a);  // erfc(20) == 0 in fp32; keeps vrcp's input finite
+  // Past a = 9 (|x| > 12.7) the tail is below 1e-36 and every later product would go subnormal,
+  // which costs ~100x on x86 (microcode assists); clamping keeps them normal and changes no
+  // result by more than 1e-35 absolute. It also keeps vrcp's input finite.
+  a = select(a > 9.0f, splat(9.0f), a);
   vf t = vrcp(1.0f + 0.3275911f * a);
   vf p = splat(1.061405429f);
   p = p * t - 1.453152027f;

@@ -1,0 +1,52 @@
+// linear: schema and CPU implementation (the CUDA one is in linear_cuda.cpp).
+// The CPU GEMM is torch's (MKL / oneDNN, the fastest there is here), one call over all of M:
+// splitting M into L2-sized row blocks with the epilogue after each was measured 1.5-3x slower
+// on this 2-core machine, because every call re-packs the whole weight. The epilogue
+// act(z + bias) + residual is then one fused pass (csrc/cpu/linear.cpp), in place on the GEMM
+// output (no second (M, N) allocation) unless the pre-activation is kept for the backward.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+
+#include "fastlm/linear.h"
+#include "linear_common.h"
+
+namespace fastlm::bind {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& bias,
+                                                  const std::optional<at::Tensor>& residual,
+                                                  c10::string_view activation, bool save_preact) {
+  constexpr const char* op = "linear";
+  Activation act = Activation::kGelu;
+  const bool has_act = optional_activation_arg(op, activation, &act);
+  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor here, got ", x.device().str());
+  const DType dtype = dtype_arg(op, "x", x, /*allow_half=*/false);
+  linear_args(op, x, weight, bias, residual);
+  const int64_t M = x.size(0), N = weight.size(0);
+  at::Tensor z = at::empty({M, N}, x.options());  // x @ weight^T, before bias: the saved pre-activation
+  at::Tensor y = save_preact ? at::empty({M, N}, x.options()) : z;
+  const bool epilogue = has_act || bias.has_value() || residual.has_value();
+  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  const at::Tensor r = residual ? rows_view(*residual) : at::Tensor();
+  at::mm_out(z, x, weight.t());
+  if (epilogue && N > 0 && M > 0)
+    linear_epilogue_cpu(LinearEpilogueArgs{dtype, has_act, act, M, N, z.data_ptr(), z.stride(0),
+                                           b.defined() ? b.data_ptr() : nullptr, r.defined() ? r.data_ptr() : nullptr,
+                                           r.defined() ? r.stride(0) : 0, y.data_ptr(), y.stride(0)});
+  if (save_preact && !epilogue) y.copy_(z);
+  return {y, save_preact ? z : at::empty({0}, x.options())};
+}
+
+}  // namespace
+}  // namespace fastlm::bind
+
+TORCH_LIBRARY_FRAGMENT(fastlm, m) {
+  m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, str activation, bool save_preact)"
+        " -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) { m.impl("linear_fwd", &fastlm::bind::linear_fwd_cpu); }

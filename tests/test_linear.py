@@ -1,0 +1,178 @@
+"""linear (GEMM + fused bias/activation/residual epilogue) on every backend vs a float64 oracle."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlm
+from fastlm import _ext
+from fastlm.ops.bias_act import ACTIVATIONS, act_ref
+from fastlm.ops.linear import linear
+from backends import GPU, backend_dtypes, backends
+from numerics import assert_close
+
+# The interpreter's tl.dot is wrong for bf16 operands: triton is tested with fp32/fp16 here.
+BACKENDS = backends(triton_dtypes=(torch.float32, torch.float16) if GPU is None else (torch.float32, torch.float16, torch.bfloat16))
+BACKENDS[-1] = pytest.param("cuda", "cuda", (torch.float16, torch.bfloat16), id="cuda", marks=pytest.mark.gpu)
+BACKEND_DTYPES = backend_dtypes(BACKENDS)
+# (M, K, N): M in {1, 7, 129}, K and N in {64, 768, 3072}
+SHAPES = [(1, 64, 64), (7, 768, 64), (129, 64, 768), (7, 64, 3072), (1, 3072, 64), (129, 768, 768)]
+ACTS = (None,) + ACTIVATIONS
+GEMM_TOL = dict(rtol=1e-4, atol=1e-4)  # fp32 sums over up to 3072 terms
+
+
+def _torch_linear(x, w, b, r, activation):
+    y = F.linear(x, w, b)
+    y = act_ref(y, activation) if activation else y
+    return y + r if r is not None else y
+
+
+def _run(fn, inputs, grad, dtype=None):
+    leaves = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    return y, torch.autograd.grad(y, [t for t in leaves if t is not None], grad.to(y.dtype))
+
+
+def _check(backend, device, dtype, activation, M, K, N, bias=True, residual=True, lead=()):
+    x = torch.randn(*lead, M, K, device=device, dtype=dtype)
+    w = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
+    b = torch.randn(N, device=device, dtype=dtype) if bias else None
+    r = torch.randn(*lead, M, N, device=device, dtype=dtype) if residual else None
+    grad = torch.randn(*lead, M, N, device=device, dtype=dtype)
+    inputs = [x, w, b, r]
+    ours = lambda x_, w_, b_, r_: linear(x_, w_, b_, activation=activation, residual=r_, backend=backend)
+    ref = lambda x_, w_, b_, r_: _torch_linear(x_, w_, b_, r_, activation)
+    y, gs = _run(ours, inputs, grad)
+    y64, gs64 = _run(ref, inputs, grad, torch.float64)
+    y0, gs0 = _run(ref, inputs, grad)
+    assert y.dtype == dtype and y.shape == (*lead, M, N)
+    assert_close(f"{backend} y", y, y64, y0, fp32_tol=GEMM_TOL)
+    names = [n for n, t in zip(("grad_x", "grad_weight", "grad_bias", "grad_residual"), inputs) if t is not None]
+    for name, g, g64, g0 in zip(names, gs, gs64, gs0):
+        assert g.dtype == dtype
+        assert_close(f"{backend} {name}", g, g64, g0, kind="grad", fp32_tol=GEMM_TOL)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend,device,dtype", BACKEND_DTYPES)
+def test_matches_float64(backend, device, dtype, shape):
+    activation = ACTS[hash(shape) % len(ACTS)] if dtype != torch.float32 else None
+    for act in (ACTS if dtype == torch.float32 else (activation, "gelu")):
+        _check(backend, device, dtype, act, *shape)
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_optional_bias_residual_and_leading_dims(backend, device, dtypes):
+    dtype = dtypes[0]
+    _check(backend, device, dtype, "gelu", 7, 64, 64, bias=False, residual=False)
+    _check(backend, device, dtype, None, 7, 64, 64, bias=False, residual=True)
+    _check(backend, device, dtype, "silu", 5, 64, 128, lead=(2,))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_vocab_width(backend):
+    _check(backend, "cpu", torch.float32, None, 7, 64, 50304, residual=False)
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_non_contiguous_inputs(backend, device, dtypes):
+    dtype = dtypes[0]
+    x = torch.randn(64, 9, device=device, dtype=dtype).t()  # (9, 64), column-major
+    w = torch.randn(64, 48, device=device, dtype=dtype)[:, :16].t().contiguous().t()  # (16, 64) strided view
+    w = torch.randn(40, 64, device=device, dtype=dtype)[::2]  # (20, 64) row stride 128
+    r = torch.randn(9, 40, device=device, dtype=dtype)[:, ::2]
+    y = linear(x, w, None, activation="relu", residual=r, backend=backend)
+    want = (F.relu(x.double() @ w.double().t()) + r.double()).to(dtype)
+    torch.testing.assert_close(y, want, rtol=2e-3 if dtype != torch.float32 else 1e-5, atol=2e-3 if dtype != torch.float32 else 1e-5)
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_empty_batch(backend, device, dtypes):
+    x = torch.randn(0, 64, device=device, dtype=dtypes[0], requires_grad=True)
+    w = torch.randn(32, 64, device=device, dtype=dtypes[0], requires_grad=True)
+    b = torch.randn(32, device=device, dtype=dtypes[0], requires_grad=True)
+    y = linear(x, w, b, activation="gelu", backend=backend)
+    assert y.shape == (0, 32)
+    gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, b))
+    assert gx.shape == (0, 64) and torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
+
+
+def test_inference_saves_no_preactivation():
+    x, w = torch.randn(4, 16), torch.randn(8, 16)
+    with torch.no_grad():
+        y, z = torch.ops.fastlm.linear(x, w, None, None, "gelu", False, "cpu")
+    assert z.numel() == 0
+    y2, z2 = torch.ops.fastlm.linear(x, w, None, None, "gelu", True, "cpu")
+    torch.testing.assert_close(z2, x @ w.t())
+    torch.testing.assert_close(y, y2)
+
+
+# ------------------------------------------------------------------ registration / compile
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_opcheck(backend, device, dtypes):
+    dt = dtypes[0]
+    x = torch.randn(5, 32, device=device, dtype=dt, requires_grad=True)
+    w = torch.randn(16, 32, device=device, dtype=dt, requires_grad=True)
+    b = torch.randn(16, device=device, dtype=dt, requires_grad=True)
+    r = torch.randn(5, 16, device=device, dtype=dt, requires_grad=True)
+    for args in [(x, w, b, r, "gelu", True, backend), (x, w, None, None, "none", False, backend)]:
+        torch.library.opcheck(torch.ops.fastlm.linear.default, args)
+    _, z = torch.ops.fastlm.linear(x.detach(), w.detach(), b.detach(), None, "silu", True, backend)
+    g = torch.randn(5, 16, device=device, dtype=dt)
+    torch.library.opcheck(torch.ops.fastlm.linear_backward.default, (g, x.detach(), w.detach(), b.detach(), z, "silu", backend))
+
+
+@pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="extension not built")
+def test_opcheck_extension_ops():
+    x, w, b, r = torch.randn(6, 16), torch.randn(8, 16), torch.randn(8), torch.randn(6, 8)
+    torch.library.opcheck(torch.ops.fastlm.linear_fwd.default, (x, w, b, r, "gelu_tanh", True))
+    torch.library.opcheck(torch.ops.fastlm.linear_fwd.default, (x, w, None, None, "none", False))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler):
+    torch._dynamo.reset()
+
+    def f(x, w, b, r):
+        return linear(x * 2, w, b, activation="gelu", residual=r).sum(-1)
+
+    compiled = torch.compile(f, fullgraph=True, backend=compiler)
+    args = [torch.randn(8, 48, requires_grad=True), torch.randn(24, 48, requires_grad=True),
+            torch.randn(24, requires_grad=True), torch.randn(8, 24, requires_grad=True)]
+    out, out_ref = compiled(*args), f(*args)
+    torch.testing.assert_close(out, out_ref)
+    for g, g_ref in zip(torch.autograd.grad(out.sum(), args), torch.autograd.grad(out_ref.sum(), args)):
+        torch.testing.assert_close(g, g_ref)
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_inputs_name_argument_and_value():
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    with pytest.raises(TypeError, match=r"linear: x must be a floating-point tensor, got dtype torch.int64"):
+        linear(torch.ones(4, 8, dtype=torch.long), w)
+    with pytest.raises(ValueError, match=r"unknown activation 'tanh'; expected None or one of gelu, gelu_tanh, relu, silu"):
+        linear(x, w, activation="tanh")
+    with pytest.raises(ValueError, match=r"weight must have shape \(N, 8\) to match the last dim of x \(4, 8\), got \(6, 7\)"):
+        linear(x, torch.randn(6, 7))
+    with pytest.raises(ValueError, match=r"bias must have shape \(6,\), got \(8,\)"):
+        linear(x, w, torch.randn(8))
+    with pytest.raises(ValueError, match=r"residual must have shape \(4, 6\), got \(4, 8\)"):
+        linear(x, w, residual=torch.randn(4, 8))
+    with pytest.raises(TypeError, match=r"weight has dtype torch.float16 but x has dtype torch.float32"):
+        linear(x, w.half())
+    with pytest.raises(ValueError, match=r"bias is on meta but x is on cpu"):
+        linear(x, w, torch.randn(6, device="meta"))
+    with pytest.raises(fastlm.BackendUnavailableError, match=r"tensor-core GEMM needs N and K multiples of 8, got N=6, K=9"):
+        linear(torch.randn(4, 9, dtype=torch.float16), torch.randn(6, 9, dtype=torch.float16), backend="cuda")
+
+
+@pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="extension not built")
+def test_extension_ops_validate_inputs():
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    with pytest.raises(TypeError, match=r"linear: x must be float32 or bfloat16 on cpu, got Half"):
+        torch.ops.fastlm.linear_fwd(x.half(), w.half(), None, None, "none", False)
+    with pytest.raises(ValueError, match=r"unknown activation 'elu'; expected one of none, gelu"):
+        torch.ops.fastlm.linear_fwd(x, w, None, None, "elu", False)
+    with pytest.raises(ValueError, match=r"weight must have shape \(N, 8\) to match x's K, got \[6, 7\]"):
+        torch.ops.fastlm.linear_fwd(x, torch.randn(6, 7), None, None, "none", False)
+    with pytest.raises(ValueError, match=r"residual must have shape \(4, 6\), got \[4, 7\]"):
+        torch.ops.fastlm.linear_fwd(x, w, None, torch.randn(4, 7), "none", False)
