@@ -9,7 +9,7 @@ import fastlm
 
 
 def missing(*names: str) -> list[str]:
-    return [n for n in names if not hasattr(fastlm.ops, n)]
+    return [n for n in names if not callable(getattr(fastlm.ops, n, None))]  # a submodule of that name is not the op
 
 
 def needs(*names: str):

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlm
-from fastlm.models import GPT, GPTConfig, sample
+from fastlm.models import GPT, GPTConfig, KVCache, sample
 from ops_available import MODEL_OPS, needs
 
 transformers = pytest.importorskip("transformers")
@@ -110,6 +110,19 @@ def test_greedy_generation_cached_equals_uncached(preset):
     uncached = model.generate(prompt, 24, temperature=0, use_cache=False)
     assert cached.shape == (2, 31) and torch.equal(cached[:, :7], prompt)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_chunked_prefill_into_the_cache(preset):
+    """T > 1 new tokens after a cached prefix: causal aligned bottom-right, same as one pass."""
+    model = GPT(GPTConfig.preset(preset)).eval()
+    idx = torch.randint(0, 256, (2, 13))
+    cache = KVCache(model.config, 2, 13, "cpu", torch.float32)
+    with torch.no_grad():
+        full = model.hidden(idx)
+        first = model.hidden(idx[:, :6], pos=0, cache=cache)
+        second = model.hidden(idx[:, 6:], pos=6, cache=cache)
+    torch.testing.assert_close(torch.cat([first, second], 1), full, rtol=1e-4, atol=1e-5)
 
 
 def test_generate_from_hf_matches_hf_greedy():

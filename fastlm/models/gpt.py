@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 import fastlm.nn as fnn
 from fastlm import ops
@@ -149,9 +150,12 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)  # (B, Hkv, pos+T, D): a decode step has T = 1
-        # causal is aligned bottom-right, so T new queries against pos+T keys see their prefix;
-        # a single query sees every key (no mask at all: the decode path)
-        y = ops.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=Hkv != H,
+        # one query (a decode step) sees every cached key: no mask, the decode path. T > 1 queries
+        # after a cached prefix need causality aligned bottom-right (is_causal is top-left, as torch's)
+        mask, causal = None, T > 1
+        if T > 1 and k.shape[2] > T:
+            mask, causal = causal_lower_right(T, k.shape[2]), False
+        y = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=Hkv != H,
                                              dropout_p=c.dropout if self.training else 0.0)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, H, T, D) -> (B, T, H*D)
         return _project(self.c_proj, y, residual, c.dropout, self.training)
