@@ -3,14 +3,17 @@
 CPU: B=1, T=512, fp32, no grad (the issue's done-when: fastlm >= 1.2x HF eager). Rows:
 fastlm (auto backends), fastlm on the reference path, HF with attn_implementation "eager"
 and "sdpa" (HF's default). Correctness first: fastlm's logits against HF's. GPU: the same
-forward in bf16 at T=1024, plus one training step (fwd+bwd) in tokens/s.
+forward in bf16 at T=1024. Implementations are timed round-robin (see interleaved_ms).
 """
 from __future__ import annotations
+
+import statistics
+import time
 
 import torch
 
 import fastlm
-from benchmarks.common import Row, smoke, time_ms
+from benchmarks.common import Row, smoke, sync
 from fastlm.models import GPT
 
 OP = "model"
@@ -20,6 +23,23 @@ def _hf(attn: str, config):
     import transformers
 
     return transformers.GPT2LMHeadModel._from_config(config, attn_implementation=attn).eval()
+
+
+def interleaved_ms(impls: dict, idx, device, rounds: int) -> dict:
+    """Median ms per impl, timed round-robin (one call of each per round) so that load from
+    other processes on a shared machine hits every impl alike."""
+    samples = {name: [] for name in impls}
+    with torch.no_grad():
+        for fn in impls.values():  # warm-up
+            fn(idx)
+        for _ in range(rounds):
+            for name, fn in impls.items():
+                sync(device)
+                start = time.perf_counter()
+                fn(idx)
+                sync(device)
+                samples[name].append(1e3 * (time.perf_counter() - start))
+    return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
 def run(device: torch.device, quick: bool, ceilings: dict, progress=print) -> list[Row]:
@@ -49,17 +69,15 @@ def run(device: torch.device, quick: bool, ceilings: dict, progress=print) -> li
     L, C, V = config.n_layer, config.n_embd, config.vocab_size
     flops = 2 * T * (12 * L * C * C + V * C) + 2 * L * T * T * C  # matmuls + causal attention
 
-    def forward(fn):
-        def step(i):
-            with torch.no_grad():
-                return fn(idx)
-        return time_ms(step, device, min_seconds=1.0 if not quick else 0.3, warmup=2)
-
     impls = {"fastlm": lambda x: model(x)[0], "HF eager": lambda x: hf["eager"](x).logits,
              "HF sdpa": lambda x: hf["sdpa"](x).logits}
-    times = {name: forward(fn) for name, fn in impls.items()}
-    with fastlm.use_backend("reference"):
-        times["fastlm reference path"] = forward(impls["fastlm"])
+
+    def reference_path(x):
+        with fastlm.use_backend("reference"):
+            return model(x)[0]
+
+    impls["fastlm reference path"] = reference_path
+    times = interleaved_ms(impls, idx, device, rounds=3 if smoke() else (5 if quick else 9))
     rows = []
     for name, ms in times.items():
         rows.append(Row(OP, case, name, "fwd", ms, tflops=flops / ms / 1e9,
