@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from fastlm import train as T
 from ops_available import MODEL_OPS, needs
 
-pytestmark = needs(*MODEL_OPS)
+needs_model_ops = needs(*MODEL_OPS)
 
 
 def config(tmp_path, **kw):
@@ -50,6 +50,7 @@ def test_cli_arguments():
     assert (c.max_steps, c.progress, c.lr, c.backend, c.preset) == (7, False, 0.01, "reference", "small")
 
 
+@needs_model_ops
 def test_fastlm_and_reference_loss_curves_agree(tmp_path):
     fast = T.train(config(tmp_path))
     ref = T.train(config(tmp_path, backend="reference", out=str(tmp_path / "ref")))
@@ -58,6 +59,7 @@ def test_fastlm_and_reference_loss_curves_agree(tmp_path):
     torch.testing.assert_close(torch.tensor(fast["eval_loss"]), torch.tensor(ref["eval_loss"]), rtol=2e-3, atol=2e-3)
 
 
+@needs_model_ops
 def test_resume_reproduces_the_next_loss(tmp_path):
     full = T.train(config(tmp_path, max_steps=12, out=str(tmp_path / "full")))
     T.train(config(tmp_path, max_steps=12, stop_step=6, out=str(tmp_path / "split")))
@@ -86,6 +88,7 @@ def _ddp_worker(rank, world, port, cfg_dict, out):
     torch.distributed.destroy_process_group()
 
 
+@needs_model_ops
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one(strategy, tmp_path):
     """2 CPU processes (gloo) with half the batch each, under DDP or FSDP2's fully_shard."""
