@@ -117,3 +117,29 @@ def matmul_tflops(device: torch.device, quick: bool) -> float:
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     ms = time_ms(lambda i: a @ b, device)
     return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def time_impls(op: str, case: str, impls: dict, check, step_for, modes: dict, device: torch.device,
+               rate) -> list[Row]:
+    """Check every impl with check(impl_fn) -> error string or None, then time step_for(fn, mode)
+    per mode; rate(mode, ms) -> dict of Row throughput fields. vs_eager uses the "torch eager" row."""
+    rows: list[Row] = []
+    eager_ms: dict[str, float] = {}
+    for impl, fn in impls.items():
+        try:
+            err = check(fn)
+        except Exception as exc:  # e.g. torch.compile without a working toolchain
+            rows.append(Row(op, case, impl, "fwd", None, note=f"failed: {type(exc).__name__}: {exc}"[:200]))
+            continue
+        if err:
+            rows.append(Row(op, case, impl, "fwd", None, note=f"WRONG: {err}"))
+            continue
+        for mode in modes.get(impl, ("fwd", "fwd+bwd")):
+            ms = time_ms(step_for(fn, mode), device)
+            if impl == "torch eager":
+                eager_ms[mode] = ms
+            rows.append(Row(op, case, impl, mode, ms, **rate(mode, ms)))
+    for r in rows:
+        if r.ms and r.mode in eager_ms:
+            r.vs_eager = eager_ms[r.mode] / r.ms
+    return rows

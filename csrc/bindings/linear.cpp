@@ -6,6 +6,7 @@
 // output (no second (M, N) allocation) unless the pre-activation is kept for the backward.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
@@ -27,16 +28,23 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   const DType dtype = dtype_arg(op, "x", x, /*allow_half=*/false);
   linear_args(op, x, weight, bias, residual);
   const int64_t M = x.size(0), N = weight.size(0);
-  at::Tensor z = at::empty({M, N}, x.options());  // x @ weight^T, before bias: the saved pre-activation
+  at::Tensor z = at::empty({M, N}, x.options());  // x @ weight^T; becomes z + bias when it is saved
   at::Tensor y = save_preact ? at::empty({M, N}, x.options()) : z;
-  const bool epilogue = has_act || bias.has_value() || residual.has_value();
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   const at::Tensor r = residual ? rows_view(*residual) : at::Tensor();
-  at::mm_out(z, x, weight.t());
+  // bf16: the bias goes into the GEMM (addmm), so z + bias is rounded once as in eager; adding it
+  // to an already-rounded bf16 z could flip signs near 0 (relu's derivative). fp32: mm, and the
+  // bias add rides in the epilogue pass, saving addmm's extra pass that broadcasts bias into z.
+  const bool bias_in_gemm = b.defined() && dtype == DType::kBFloat16;
+  if (bias_in_gemm) at::addmm_out(z, b, x, weight.t());
+  else at::mm_out(z, x, weight.t());
+  const bool epilogue = has_act || residual.has_value() || (b.defined() && !bias_in_gemm);
   if (epilogue && N > 0 && M > 0)
     linear_epilogue_cpu(LinearEpilogueArgs{dtype, has_act, act, M, N, z.data_ptr(), z.stride(0),
-                                           b.defined() ? b.data_ptr() : nullptr, r.defined() ? r.data_ptr() : nullptr,
-                                           r.defined() ? r.stride(0) : 0, y.data_ptr(), y.stride(0)});
+                                           bias_in_gemm || !b.defined() ? nullptr : b.data_ptr(),
+                                           r.defined() ? r.data_ptr() : nullptr, r.defined() ? r.stride(0) : 0,
+                                           y.data_ptr(), y.stride(0),
+                                           save_preact && !bias_in_gemm ? z.data_ptr() : nullptr, z.stride(0)});
   if (save_preact && !epilogue) y.copy_(z);
   return {y, save_preact ? z : at::empty({0}, x.options())};
 }

@@ -26,9 +26,14 @@ void epilogue(const LinearEpilogueArgs& a) {
     const T* res = a.residual ? static_cast<const T*>(a.residual) + r * a.residual_stride + c0 : nullptr;
     const T* b = bias ? bias + c0 : nullptr;
     T* y = static_cast<T*>(a.y) + r * a.y_stride + c0;
+    T* pre = a.preact ? static_cast<T*>(a.preact) + r * a.preact_stride + c0 : nullptr;
     for_each_vector(n, [&](int64_t i, int64_t m) {
       vf v = load_n(z + i, m);
       if (b) v = v + load_n(b + i, m);
+      if (pre) {  // keep z + bias for the backward, and go on from its rounded value
+        store_n(pre + i, v, m);
+        v = load_n(pre + i, m);
+      }
       if constexpr (HasAct) v = act_forward<A>(v);
       if (res) v = v + load_n(res + i, m);
       store_n(y + i, v, m);

@@ -34,17 +34,19 @@ int sm_count() {
   return std::max(n, 1);
 }
 
-// Sum over the blockDim.x threads of one row group (warp shuffles, then shared memory).
+// Sum over the blockDim.x threads of one row group (warp shuffles, then shared memory; smem
+// holds one slot per warp of the block, kMaxThreads / 32).
 __device__ __forceinline__ float group_sum(float v, float* smem) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   if (blockDim.x <= 32) return v;
   const int warps = blockDim.x / 32, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float* mine = smem + threadIdx.y * warps;  // each row group of the block has its own slots
   __syncthreads();  // smem reuse across calls
-  if (lane == 0) smem[warp] = v;
+  if (lane == 0) mine[warp] = v;
   __syncthreads();
   float s = 0.0f;
-  for (int i = 0; i < warps; ++i) s += smem[i];  // fixed order
+  for (int i = 0; i < warps; ++i) s += mine[i];  // fixed order
   return s;
 }
 
@@ -64,7 +66,7 @@ __device__ __forceinline__ void store_pack(T* p, const float (&v)[VEC]) {
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kMaxThreads, 1) forward_kernel(NormForwardArgs a) {
-  __shared__ float smem[32];
+  __shared__ float smem[kMaxThreads / 32];
   const int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool live = r < a.rows;  // no early return: group_sum may sync the block
   const int64_t cols = a.cols, stride = int64_t(blockDim.x) * VEC;
@@ -128,7 +130,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) forward_kernel(NormForwardArgs
 // handles rows g, g + groups, ...
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kMaxThreads, 1) backward_kernel(NormBackwardArgs a, float* ws, int64_t groups) {
-  __shared__ float smem[32];
+  __shared__ float smem[kMaxThreads / 32];
   const int64_t g = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t cols = a.cols, stride = int64_t(blockDim.x) * VEC;
   const int64_t iters = ceil_div(a.rows, groups);  // uniform per block: syncs line up

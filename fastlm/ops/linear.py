@@ -5,25 +5,30 @@
 activation: None, "gelu", "gelu_tanh", "relu", "silu". x is (..., K), weight (N, K), bias (N,),
 residual (..., N).
 
-Backward, and what is saved: the forward keeps z = x @ weight^T (before bias) when an
-activation is applied and a gradient may be needed. Recomputing z instead would cost a whole
-second GEMM (2·M·N·K flops) to save one (M, N) store; keeping z costs that store and memory,
-and it is exactly what bias_act's backward consumes: grad_z = grad_y · act'(z + bias) and
-grad_bias = Σ_rows grad_z come out of one fused pass (the bias_act kernels of the same
-backend), then dX = grad_z @ weight and dW = grad_zᵀ @ x. grad_residual is grad_y.
-Without an activation nothing extra is saved and grad_z is grad_y itself.
+Backward, and what is saved: the forward keeps the pre-activation p = x @ weight^T + bias
+(rounded once to the dtype, as eager's linear output is) when an activation is applied and a
+gradient may be needed. Recomputing it instead would cost a whole second GEMM (2·M·N·K
+flops) to save one (M, N) store. p is exactly what bias_act's backward consumes:
+grad_p = grad_y · act'(p), with grad_bias = Σ_rows grad_p reduced in the same pass (a zero
+bias vector of N elements is passed so that pass does the reduction); then
+dX = grad_p @ weight and dW = grad_pᵀ @ x (cpu, cuda, reference). The triton backend fuses
+act'(p) into the two GEMMs' operand loads instead (see below). grad_residual is grad_y. Without an activation
+nothing extra is saved and grad_p is grad_y itself.
 
 Backends:
 - cpu (fp32, bf16): torch's CPU GEMM (MKL / oneDNN) into the output, then one fused
   epilogue pass over it, in place (csrc/cpu/linear.cpp). Backward GEMMs: torch.mm.
 - triton (fp32/fp16/bf16 on GPU; fp32/fp16 in the interpreter, whose bf16 tl.dot is wrong):
-  one tl.dot GEMM with the epilogue before its store, autotuned; the backward GEMMs use the
-  same kernel by strides.
+  one tl.dot GEMM with the epilogue before its store, autotuned. Backward: the same kernel by
+  strides for dX and dW, with act'(p) fused into the operand loads (grad_p is never stored)
+  and grad_bias summed inside the dW launch.
 - cuda (fp16/bf16, N and K multiples of 8): hand-written mma.sync tensor-core GEMM with the
   epilogue (csrc/cuda/linear.cu). Backward GEMMs: torch.mm.
 - reference: plain PyTorch in fp32 (fp64 for fp64 inputs).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -48,24 +53,25 @@ def _act_name(activation):
 # ---------------------------------------------------------------- reference (the oracle)
 def linear_fwd_ref(x, weight, bias, residual, activation: str, save_preact: bool):
     z = x.to(_cdt(x)) @ weight.to(_cdt(x)).t()
-    zr = z.to(x.dtype)
-    y = zr.to(z.dtype) + bias.to(z.dtype) if bias is not None else zr.to(z.dtype)
-    if activation != "none":
-        y = act_ref(y, activation)
+    if bias is not None:
+        z = z + bias.to(z.dtype)
+    p = z.to(x.dtype)  # rounded once, like eager's linear output
+    y = act_ref(p.to(z.dtype), activation) if activation != "none" else z
     if residual is not None:
         y = y + residual.to(y.dtype)
-    return y.to(x.dtype).contiguous(), (zr.contiguous() if save_preact else x.new_empty(0))
+    return y.to(x.dtype).contiguous(), (p.contiguous() if save_preact else x.new_empty(0))
 
 
-def _grad_z_ref(grad_y, preact, bias, activation):
+def _grad_p(grad_y, preact, bias, activation, bias_act_backward):
+    """grad_p = grad_y * act'(preact) and grad_bias = its column sums, one bias_act backward pass."""
     if activation == "none":
-        gb = grad_y.sum(0) if bias is not None else grad_y.new_empty(0)
-        return grad_y, gb.to(grad_y.dtype)
-    return bias_act_backward_ref(grad_y, preact, bias, activation)
+        return grad_y, (grad_y.sum(0) if bias is not None else grad_y.new_empty(0))
+    zero_bias = preact.new_zeros(preact.shape[1]) if bias is not None else None
+    return bias_act_backward(grad_y, preact, zero_bias, activation)
 
 
 def linear_bwd_ref(grad_y, x, weight, bias, preact, activation: str):
-    gz, gb = _grad_z_ref(grad_y, preact, bias, activation)
+    gz, gb = _grad_p(grad_y, preact, bias, activation, bias_act_backward_ref)
     cdt = _cdt(x)
     gx = (gz.to(cdt) @ weight.to(cdt)).to(x.dtype)
     gw = (gz.to(cdt).t() @ x.to(cdt)).to(x.dtype)
@@ -83,27 +89,14 @@ def _ext_forward(x, weight, bias, residual, activation, save_preact):
     return torch.ops.fastlm.linear_fwd(x, weight, bias, residual, activation, save_preact)
 
 
-def _grad_z(grad_y, preact, bias, activation, backend):
-    """grad_z = grad_y * act'(preact + bias) and grad_bias in one pass: bias_act's backward."""
-    if activation == "none":
-        return grad_y, (grad_y.sum(0) if bias is not None else grad_y.new_empty(0))
-    if backend == "triton":
-        from fastlm.triton import bias_act as ba
-
-        return ba.backward(grad_y, preact, bias, activation)
-    return torch.ops.fastlm.bias_act_bwd(grad_y, preact, bias, activation)
-
-
 def _triton_backward(grad_y, x, weight, bias, preact, activation):
     from fastlm.triton import linear as kernels
 
-    gz, gb = _grad_z(grad_y, preact, bias, activation, "triton")
-    gx, gw = kernels.backward_gemms(gz.contiguous(), x, weight)
-    return gx, gw, gb
+    return kernels.backward(grad_y, x, weight, bias, preact, activation)
 
 
 def _ext_backward(grad_y, x, weight, bias, preact, activation):
-    gz, gb = _grad_z(grad_y, preact, bias, activation, "ext")
+    gz, gb = _grad_p(grad_y, preact, bias, activation, torch.ops.fastlm.bias_act_bwd)
     return gz @ weight, gz.t() @ x, gb
 
 
@@ -225,8 +218,9 @@ def linear(x, weight, bias=None, *, activation=None, residual=None, backend=None
     """act(x @ weight^T + bias) + residual; differentiable in all four tensors. See the module docstring."""
     _check(x, weight, bias, residual, activation)
     n, k = weight.shape
-    x2 = x.reshape(-1, k)
-    r2 = residual.reshape(-1, n) if residual is not None else None
+    rows = math.prod(x.shape[:-1])  # not -1: K may be 0
+    x2 = x.reshape(rows, k)
+    r2 = residual.reshape(rows, n) if residual is not None else None
     chosen = _backend.select(OP, x.device, x2, weight, backend=backend)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
     save_preact = activation is not None and needs_grad

@@ -1,9 +1,12 @@
 """Triton GEMM with the linear epilogue: y = act(a @ b^T + bias) + residual, one store.
 
 a is (M, K), b is (N, K), both with arbitrary strides, so the same kernel also computes the
-backward's dX = grad_z @ W and dW = grad_z^T @ x by passing transposed strides. fp32
-accumulation; fp32 operands use TF32 exactly when torch would (allow_tf32). Autotuned on GPU;
-the interpreter (CPU CI) runs one small fixed config.
+backward's dX = grad_p @ W and dW = grad_p^T @ x by passing transposed strides. In the
+backward the activation derivative is fused into the A-operand load: A = grad_y * act'(p) is
+formed per tile from grad_y and the saved pre-activation p (never stored), and the dW launch
+also sums its A rows into grad_bias (programs of the first column block only; deterministic).
+fp32 accumulation; fp32 operands use TF32 exactly when torch would (allow_tf32). Autotuned on
+GPU; the interpreter (CPU CI) runs one small fixed config.
 """
 from __future__ import annotations
 
@@ -13,14 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.triton.bias_act import ACT_CODES, _act_forward
+from fastlm.triton.bias_act import ACT_CODES, _act_derivative, _act_forward
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _configs():
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4)]
     cfgs = []
     for bm, bn, bk, warps, stages in [
         (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
@@ -31,12 +34,13 @@ def _configs():
     return cfgs
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_BIAS", "HAS_RES", "ACT", "SAVE_Z", "PRECISION"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_BIAS", "HAS_RES", "ACT", "SAVE_Z", "PRO_ACT", "BIAS_GRAD", "PRECISION"])
 @triton.jit
 def _gemm_kernel(
-    a_ptr, b_ptr, bias_ptr, res_ptr, y_ptr, z_ptr, M, N, K,
-    sam, sak, sbn, sbk, srm, srn,
+    a_ptr, b_ptr, bias_ptr, res_ptr, y_ptr, z_ptr, p_ptr, gb_ptr, M, N, K,
+    sam, sak, sbn, sbk, srm, srn, spm, spk,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, SAVE_Z: tl.constexpr,
+    PRO_ACT: tl.constexpr, BIAS_GRAD: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -53,21 +57,33 @@ def _gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * sam + offs_k[None, :] * sak
     b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * sbn + offs_k[:, None] * sbk
+    p_ptrs = p_ptr + offs_m[:, None].to(tl.int64) * spm + offs_k[None, :] * spk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
+        a_mask = (offs_m[:, None] < M) & k_ok[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        if PRO_ACT >= 0:  # A = grad_y * act'(p), rounded to the operand dtype like a stored grad
+            p = tl.load(p_ptrs, mask=a_mask, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * _act_derivative(p, PRO_ACT)).to(a_ptr.dtype.element_ty)
+            p_ptrs += BLOCK_K * spk
+        if BIAS_GRAD:
+            row_sum += tl.sum(a.to(tl.float32), axis=1)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * sak
         b_ptrs += BLOCK_K * sbk
+    if BIAS_GRAD:
+        if pid_n == 0:  # one column block writes the row sums: no duplicates, no atomics
+            tl.store(gb_ptr + offs_m, row_sum.to(gb_ptr.dtype.element_ty), mask=offs_m < M)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     out = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    if SAVE_Z:
-        tl.store(z_ptr + out, acc.to(z_ptr.dtype.element_ty), mask=mask)
-        acc = acc.to(z_ptr.dtype.element_ty).to(tl.float32)  # the backward sees this rounding too
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if SAVE_Z:  # z + bias, rounded once as eager's linear output; the backward sees the same value
+        tl.store(z_ptr + out, acc.to(z_ptr.dtype.element_ty), mask=mask)
+        acc = acc.to(z_ptr.dtype.element_ty).to(tl.float32)
     if ACT >= 0:
         acc = _act_forward(acc, ACT)
     if HAS_RES:
@@ -75,27 +91,35 @@ def _gemm_kernel(
     tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _precision(dtype):
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-def gemm(a, a_strides, b, b_strides, M, N, K, *, bias=None, residual=None, activation=None, save_z=False, out_dtype=None):
-    """act(A @ B^T + bias) + residual as a new (M, N) tensor, and A @ B^T (empty unless save_z).
-    A[m, k] = a[m * a_strides[0] + k * a_strides[1]], B[n, k] likewise with b_strides."""
-    dtype = out_dtype or a.dtype
-    y = torch.empty((M, N), dtype=dtype, device=a.device)
-    z = torch.empty((M, N) if save_z else (0,), dtype=dtype, device=a.device)
+def gemm(a, a_strides, b, b_strides, M, N, K, *, bias=None, residual=None, activation=None, save_z=False,
+         prologue=None, grad_bias=None):
+    """act(A @ B^T + bias) + residual as a new (M, N) tensor, and A @ B^T + bias (empty unless save_z).
+    A[m, k] = a[m * a_strides[0] + k * a_strides[1]], B[n, k] likewise with b_strides.
+    prologue=(p, p_strides, activation): A becomes a * act'(p) tile by tile (activation None: a).
+    grad_bias: an (M,) tensor that receives the row sums of A."""
+    y = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    z = torch.empty((M, N) if save_z else (0,), dtype=a.dtype, device=a.device)
     if M == 0 or N == 0:
+        if grad_bias is not None:
+            grad_bias.zero_()
         return y, z
+    p, p_strides, pro_act = prologue if prologue is not None else (a, (0, 0), None)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _gemm_kernel[grid](
         a, b, bias if bias is not None else y, residual if residual is not None else y, y, z if save_z else y,
+        p, grad_bias if grad_bias is not None else y,
         M, N, K, a_strides[0], a_strides[1], b_strides[0], b_strides[1],
         residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
+        p_strides[0], p_strides[1],
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=ACT_CODES[activation] if activation else -1,
-        SAVE_Z=save_z, PRECISION=_precision(a.dtype),
+        SAVE_Z=save_z, PRO_ACT=ACT_CODES[pro_act] if pro_act else -1, BIAS_GRAD=grad_bias is not None,
+        PRECISION=_precision(a.dtype),
     )
     return y, z
+
+
+def _precision(dtype):
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def forward(x, weight, bias, residual, activation, save_preact):
@@ -105,10 +129,22 @@ def forward(x, weight, bias, residual, activation, save_preact):
                 activation=activation, save_z=save_preact)
 
 
-def backward_gemms(grad_z, x, weight):
-    """dX = grad_z @ W and dW = grad_z^T @ x with the same kernel, by strides (no copies)."""
-    M, N = grad_z.shape
+def backward(grad_y, x, weight, bias, preact, activation):
+    """dX = grad_p @ W and dW = grad_p^T @ x, grad_p = grad_y * act'(preact) formed in both GEMMs'
+    operand loads (never stored); grad_bias summed inside the dW launch. No copies: strides."""
+    M, N = grad_y.shape
     K = x.shape[1]
-    gx, _ = gemm(grad_z, grad_z.stride(), weight, weight.stride()[::-1], M, K, N)
-    gw, _ = gemm(grad_z, grad_z.stride()[::-1], x, x.stride()[::-1], N, K, M)
-    return gx, gw
+    act = None if activation == "none" else activation
+    if K == 0:  # no dW launch to sum grad_bias in; the bias_act kernel does it
+        from fastlm.triton import bias_act as ba
+
+        gp, gb = ba.backward(grad_y, preact, torch.zeros_like(bias), act) if act and bias is not None else (grad_y, None)
+        gb = gb if gb is not None else (gp.sum(0) if bias is not None else grad_y.new_empty(0))
+        return x.new_zeros(x.shape), weight.new_zeros(weight.shape), gb
+    gs, ps = grad_y.stride(), preact.stride() if act else (0, 0)
+    p = preact if act else grad_y
+    gx, _ = gemm(grad_y, gs, weight, weight.stride()[::-1], M, K, N, prologue=(p, ps, act))
+    gb = torch.empty(N if bias is not None else 0, dtype=grad_y.dtype, device=grad_y.device)
+    gw, _ = gemm(grad_y, gs[::-1], x, x.stride()[::-1], N, K, M, prologue=(p, ps[::-1], act),
+                 grad_bias=gb if bias is not None else None)
+    return gx, gw, gb

@@ -1,0 +1,79 @@
+"""mlp / swiglu / geglu (compositions of the fused linear) against float64 torch, every backend."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlm.ops.bias_act import ACTIVATIONS, act_ref
+from fastlm.ops.mlp import geglu, mlp, swiglu
+from backends import GPU, backends
+from numerics import assert_close
+
+BACKENDS = backends(triton_dtypes=(torch.float32, torch.float16) if GPU is None else (torch.float32, torch.float16, torch.bfloat16))
+BACKENDS[-1] = pytest.param("cuda", "cuda", (torch.float16, torch.bfloat16), id="cuda", marks=pytest.mark.gpu)
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def _grads(fn, tensors, grad, dtype=None):
+    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
+    y = fn(*leaves)
+    return [y] + list(torch.autograd.grad(y, leaves, grad.to(y.dtype)))
+
+
+def _compare(name, ours, ref, tensors, grad):
+    got = _grads(ours, tensors, grad)
+    want64 = _grads(ref, tensors, grad, torch.float64)
+    base = _grads(ref, tensors, grad)
+    for i, (g, w, b) in enumerate(zip(got, want64, base)):
+        assert_close(f"{name} #{i}", g, w, b, kind="out" if i == 0 else "grad", fp32_tol=TOL)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_mlp(backend, device, dtypes, activation):
+    dt = dtypes[-1] if activation == "gelu" else dtypes[0]
+    M, D, H = 7, 64, 128
+    x = torch.randn(2, M, D, device=device, dtype=dt)
+    w1, w2 = (torch.randn(H, D, device=device) / D**0.5).to(dt), (torch.randn(D, H, device=device) / H**0.5).to(dt)
+    b1, b2 = torch.randn(H, device=device, dtype=dt), torch.randn(D, device=device, dtype=dt)
+    r = torch.randn(2, M, D, device=device, dtype=dt)
+    grad = torch.randn(2, M, D, device=device, dtype=dt)
+    ours = lambda *t: mlp(*t[:5], activation=activation, residual=t[5], backend=backend)
+    ref = lambda x_, w1_, b1_, w2_, b2_, r_: F.linear(act_ref(F.linear(x_, w1_, b1_), activation), w2_, b2_) + r_
+    _compare(f"{backend} mlp {activation}", ours, ref, [x, w1, b1, w2, b2, r], grad)
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "geglu"])
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_gated(backend, device, dtypes, kind):
+    fn, act = (swiglu, F.silu) if kind == "swiglu" else (geglu, F.gelu)
+    for dt in dtypes:
+        M, D, H = 5, 64, 96
+        x = torch.randn(M, D, device=device, dtype=dt)
+        wg, wu = [(torch.randn(H, D, device=device) / D**0.5).to(dt) for _ in range(2)]
+        wd = (torch.randn(D, H, device=device) / H**0.5).to(dt)
+        grad = torch.randn(M, D, device=device, dtype=dt)
+        ours = lambda x_, g_, u_, d_: fn(x_, g_, u_, d_, backend=backend)
+        ref = lambda x_, g_, u_, d_: F.linear(act(F.linear(x_, g_)) * F.linear(x_, u_), d_)
+        _compare(f"{backend} {kind} {dt}", ours, ref, [x, wg, wu, wd], grad)
+
+
+def test_gated_residual_and_compile():
+    torch._dynamo.reset()
+    x, r = torch.randn(4, 32), torch.randn(4, 32)
+    wg, wu, wd = torch.randn(48, 32), torch.randn(48, 32), torch.randn(32, 48)
+    want = F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd) + r
+    torch.testing.assert_close(swiglu(x, wg, wu, wd, residual=r), want, **TOL)
+    compiled = torch.compile(lambda *a: swiglu(*a, residual=r), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, wg, wu, wd), want, **TOL)
+
+
+def test_bad_inputs_name_argument_and_value():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"mlp: unknown activation 'tanh'; expected one of gelu, gelu_tanh, relu, silu"):
+        mlp(x, torch.randn(16, 8), None, torch.randn(8, 16), None, activation="tanh")
+    with pytest.raises(ValueError, match=r"mlp: w2 must have shape \(out, 16\) to take w1's 16 hidden features, got \(8, 12\)"):
+        mlp(x, torch.randn(16, 8), None, torch.randn(8, 12), None)
+    with pytest.raises(ValueError, match=r"swiglu: w_up must have w_gate's shape \(16, 8\), got \(12, 8\)"):
+        swiglu(x, torch.randn(16, 8), torch.randn(12, 8), torch.randn(8, 16))
+    with pytest.raises(ValueError, match=r"linear: weight must have shape \(N, 8\) to match the last dim of x \(4, 8\), got \(16, 7\)"):
+        geglu(x, torch.randn(16, 7), torch.randn(16, 7), torch.randn(8, 16))
