@@ -1,4 +1,4 @@
-// attention: op schemas and CPU implementations. The Python op (fastlm/ops/attention.py) has
+// attention: op schemas and CPU implementations (the CUDA forward is in attention_cuda.cpp). The Python op (fastlm/ops/attention.py) has
 // already validated the call torch's way; these checks guard direct torch.ops.fastlm calls.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -7,72 +7,21 @@
 #include <limits>
 #include <vector>
 
-#include "common.h"
-#include "fastlm/attention.h"
+#include "attention_args.h"
 
 namespace fastlm::bind {
 namespace {
 
-Strided4 strided(const at::Tensor& t) {
-  Strided4 r{t.data_ptr(), {0, 0, 0, 0}};
-  for (int d = 0; d < 4; ++d) r.s[d] = t.size(d) == 1 ? 0 : t.stride(d);
-  return r;
-}
-
-AttentionShape check_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const std::optional<at::Tensor>& mask, int64_t causal, double scale) {
-  TORCH_CHECK_VALUE(q.device().is_cpu(), op, ": q must be a CPU tensor here, got ", q.device().str());
-  const DType dtype = dtype_arg(op, "q", q, /*allow_half=*/false);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
-    TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " is on ", t.device().str(), " but q is on ",
-                      q.device().str());
-    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-                     " but q has dtype ", q.scalar_type());
-    TORCH_CHECK_VALUE(t.dim() == 4, op, ": ", name, " must be 4-D (B, H, T, D), got shape ", t.sizes());
-  }
-  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be 4-D (B, H, T, D), got shape ", q.sizes());
-  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0), op, ": batch sizes differ: q ", q.size(0),
-                    ", k ", k.size(0), ", v ", v.size(0));
-  TORCH_CHECK_VALUE(k.size(3) == q.size(3), op, ": k head dim ", k.size(3), " != q head dim ", q.size(3));
-  TORCH_CHECK_VALUE(v.size(1) == k.size(1) && v.size(2) == k.size(2), op, ": v shape ", v.sizes(),
-                    " does not match k shape ", k.sizes(), " in (H_kv, Tk)");
-  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": q has ", q.size(1),
-                    " heads, not a multiple of k's ", k.size(1));
-  TORCH_CHECK_VALUE(q.size(3) <= 256 && v.size(3) <= 256, op, ": head dims up to 256 on the CPU, got q ",
-                    q.size(3), " and v ", v.size(3));
-  TORCH_CHECK_VALUE(causal >= 0 && causal <= 2, op, ": causal must be 0 (none), 1 (top-left) or 2 (bottom-right), got ",
-                    causal);
-  AttentionShape sh{dtype, q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
-                    static_cast<Causal>(causal), MaskKind::kNone, static_cast<float>(scale)};
-  if (mask.has_value()) {
-    const at::Tensor& m = *mask;
-    TORCH_CHECK_VALUE(m.device() == q.device(), op, ": mask is on ", m.device().str(), " but q is on ",
-                      q.device().str());
-    TORCH_CHECK_TYPE(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(), op,
-                     ": mask must be bool or q's dtype ", q.scalar_type(), ", got ", m.scalar_type());
-    const int64_t full[4] = {sh.batch, sh.heads, sh.tq, sh.tk};
-    bool ok = m.dim() == 4;
-    for (int d = 0; ok && d < 4; ++d) ok = m.size(d) == 1 || m.size(d) == full[d];
-    TORCH_CHECK_VALUE(ok, op, ": mask of shape ", m.sizes(), " does not broadcast to ", at::IntArrayRef(full));
-    sh.mask_kind = m.scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kAdditive;
-  }
-  return sh;
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const std::optional<at::Tensor>& mask, int64_t causal,
                                                      double scale) {
-  const AttentionShape sh = check_args("attention", q, k, v, mask, causal, scale);
+  TORCH_CHECK_VALUE(q.device().is_cpu(), "attention: q must be a CPU tensor here, got ", q.device().str());
+  const AttentionShape sh = check_args("attention", q, k, v, mask, causal, scale, /*allow_half=*/false);
   at::Tensor out = at::empty({sh.batch, sh.heads, sh.tq, sh.value_dim}, q.options());
   at::Tensor lse = at::empty({sh.batch, sh.heads, sh.tq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  if (sh.tk == 0 || sh.value_dim == 0) {  // nothing to attend to: zeros, lse -inf
-    out.zero_();
-    lse.fill_(-std::numeric_limits<float>::infinity());
-    return {out, lse};
-  }
-  const Strided4 none{nullptr, {0, 0, 0, 0}};
-  attention_forward_cpu(sh, strided(q), strided(k), strided(v), mask ? strided(*mask) : none, out.data_ptr(),
+  if (nothing_to_attend(sh, out, lse)) return {out, lse};
+  attention_forward_cpu(sh, strided(q), strided(k), strided(v), mask ? strided(*mask) : kNoMask, out.data_ptr(),
                         lse.data_ptr<float>());
   return {out, lse};
 }
@@ -82,24 +31,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, int64_t causal,
     double scale) {
   constexpr const char* op = "attention_backward";
-  const AttentionShape sh = check_args(op, q, k, v, mask, causal, scale);
-  const std::vector<int64_t> out_shape{sh.batch, sh.heads, sh.tq, sh.value_dim};
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_out", grad_out}, {"out", out}}) {
-    same_place_arg(op, name, t, q);
-    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(out_shape), op, ": ", name, " has shape ", t.sizes(),
-                      " but the output's is ", at::IntArrayRef(out_shape));
-  }
-  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
-  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({sh.batch, sh.heads, sh.tq}), op, ": lse has shape ",
-                    lse.sizes(), " but expected ", at::IntArrayRef({sh.batch, sh.heads, sh.tq}));
+  TORCH_CHECK_VALUE(q.device().is_cpu(), op, ": q must be a CPU tensor here, got ", q.device().str());
+  const AttentionShape sh = check_args(op, q, k, v, mask, causal, scale, /*allow_half=*/false);
+  check_backward_args(op, sh, grad_out, q, out, lse);
   at::Tensor gq = at::empty(q.sizes(), q.options()), gk = at::empty(k.sizes(), k.options());
   at::Tensor gv = at::empty(v.sizes(), v.options());
   if (sh.tq == 0 || sh.tk == 0 || sh.value_dim == 0 || sh.head_dim == 0 || sh.batch == 0 || sh.heads == 0) {
     return {gq.zero_(), gk.zero_(), gv.zero_()};
   }
-  const Strided4 none{nullptr, {0, 0, 0, 0}};
   const at::Tensor lse_c = lse.contiguous();
-  attention_backward_cpu(sh, strided(grad_out), strided(q), strided(k), strided(v), mask ? strided(*mask) : none,
+  attention_backward_cpu(sh, strided(grad_out), strided(q), strided(k), strided(v), mask ? strided(*mask) : kNoMask,
                          strided(out), lse_c.data_ptr<float>(), gq.data_ptr(), gk.data_ptr(), gv.data_ptr());
   return {gq, gk, gv};
 }

@@ -19,12 +19,15 @@ attn_mask: bool (True = attend) or additive with query's dtype, broadcastable fr
 (torch gives NaN there); keys hidden from every query never touch the output, even if NaN.
 attn_mask gets no gradient (an attn_mask that requires grad is refused).
 
-Dropout (reference backend only; the others say so and auto-dispatch routes around them):
-the keep-mask is drawn from a seed taken from `generator` (default: torch's global one), so
-torch.manual_seed makes runs reproducible and the backward regenerates the same mask.
+Dropout (reference and triton; the others say so and auto-dispatch routes around them): the
+keep-mask comes from a seed drawn from `generator` (default: torch's global one), so
+torch.manual_seed makes runs reproducible and the backward regenerates the same mask. The two
+backends draw their masks differently (torch.Generator vs Philox in the kernel), so the same
+seed gives different masks on reference and triton.
 
 Backends: cpu (fp32/bf16, csrc/cpu/attention*.cpp), triton (fp32/fp16/bf16,
-fastlm/triton/attention.py; CUDA tensors, or CPU ones under TRITON_INTERPRET=1), reference (plain PyTorch in fp32, or fp64
+fastlm/triton/attention.py; CUDA tensors, or CPU ones under TRITON_INTERPRET=1), cuda (fp16/bf16 on
+tensor cores, csrc/cuda/attention*.cu; head dims to 256 forward, 128 backward), reference (plain PyTorch in fp32, or fp64
 for fp64 inputs; the oracle).
 """
 from __future__ import annotations
@@ -41,6 +44,9 @@ CPU_DTYPES = (torch.float32, torch.bfloat16)
 CPU_MAX_HEAD_DIM = 256
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_HEAD_DIM = 256
+CUDA_DTYPES = (torch.float16, torch.bfloat16)  # tensor cores only
+CUDA_MAX_HEAD_DIM = 256
+CUDA_MAX_BACKWARD_HEAD_DIM = 128
 NO_CAUSAL, TOP_LEFT, BOTTOM_RIGHT = 0, 1, 2
 
 
@@ -138,17 +144,21 @@ def _ext_backward(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, s
 def _triton_forward(q, k, v, mask, dropout_p, causal, scale, seed):
     from fastlm.triton import attention as kernels  # imported late: TRITON_INTERPRET is read at import
 
-    return kernels.forward(q, k, v, mask, causal, scale)
+    return kernels.forward(q, k, v, mask, causal, scale, dropout_p, _seed_int(seed))
 
 
 def _triton_backward(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed):
     from fastlm.triton import attention as kernels
 
-    return kernels.backward(grad_out, q, k, v, mask, out, lse, causal, scale)
+    return kernels.backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p, _seed_int(seed))
 
 
-_FORWARD = {"reference": attention_forward_ref, "cpu": _ext_forward, "triton": _triton_forward}
-_BACKWARD = {"reference": attention_backward_ref, "cpu": _ext_backward, "triton": _triton_backward}
+def _seed_int(seed: torch.Tensor | None) -> int:
+    return 0 if seed is None else int(seed.item()) & 0x7FFFFFFF
+
+
+_FORWARD = {"reference": attention_forward_ref, "cpu": _ext_forward, "triton": _triton_forward, "cuda": _ext_forward}
+_BACKWARD = {"reference": attention_backward_ref, "cpu": _ext_backward, "triton": _triton_backward, "cuda": _ext_backward}
 
 
 # ---------------------------------------------------------------- custom ops + autograd
@@ -213,29 +223,35 @@ def _(q, k, v, mask, dropout_p, causal):
     return [] if q.dtype.is_floating_point else [f"dtype {q.dtype} is not floating point"]
 
 
+def _kernel_reasons(backend, dtypes, max_head_dim, q, v, dropout_p) -> list[str]:
+    reasons = []
+    if q.dtype not in dtypes:
+        names = ", ".join(_name(d) for d in dtypes)
+        reasons.append(f"dtype {_name(q.dtype)} not supported by the {backend} backend ({names})")
+    for name, d in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
+        if d > max_head_dim:
+            reasons.append(f"{name} {d} > {max_head_dim} not supported by the {backend} backend")
+    if dropout_p > 0:
+        reasons.append(f"dropout_p > 0 not supported by the {backend} backend (reference and triton only)")
+    return reasons
+
+
 @_backend.register(OP, "cpu")
 def _(q, k, v, mask, dropout_p, causal):
-    reasons = []
-    if q.dtype not in CPU_DTYPES:
-        reasons.append(f"dtype {_name(q.dtype)} not supported by the cpu backend (float32, bfloat16)")
-    for name, d in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
-        if d > CPU_MAX_HEAD_DIM:
-            reasons.append(f"{name} {d} > {CPU_MAX_HEAD_DIM} not supported by the cpu backend")
-    if dropout_p > 0:
-        reasons.append("dropout_p > 0 not supported by the cpu backend (reference only)")
-    return reasons
+    return _kernel_reasons("cpu", CPU_DTYPES, CPU_MAX_HEAD_DIM, q, v, dropout_p)
 
 
 @_backend.register(OP, "triton")
 def _(q, k, v, mask, dropout_p, causal):
-    reasons = []
-    if q.dtype not in GPU_DTYPES:
-        reasons.append(f"dtype {_name(q.dtype)} not supported by the triton backend (float32, float16, bfloat16)")
-    for name, d in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
-        if d > TRITON_MAX_HEAD_DIM:
-            reasons.append(f"{name} {d} > {TRITON_MAX_HEAD_DIM} not supported by the triton backend")
-    if dropout_p > 0:
-        reasons.append("dropout_p > 0 not supported by the triton backend (reference only)")
+    return _kernel_reasons("triton", GPU_DTYPES, TRITON_MAX_HEAD_DIM, q, v, 0.0)  # triton has dropout
+
+
+@_backend.register(OP, "cuda")
+def _(q, k, v, mask, dropout_p, causal):
+    reasons = _kernel_reasons("cuda", CUDA_DTYPES, CUDA_MAX_HEAD_DIM, q, v, dropout_p)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if needs_grad and max(q.shape[-1], v.shape[-1]) > CUDA_MAX_BACKWARD_HEAD_DIM:
+        reasons.append(f"head dims > {CUDA_MAX_BACKWARD_HEAD_DIM} have no cuda backward (forward only, under no_grad)")
     return reasons
 
 

@@ -39,11 +39,53 @@ def _visible(offs_m, offs_n, tq, tk, offset, mask_ptr, msq, msk, CAUSAL: tl.cons
 
 
 @triton.jit
+def _load_rows(base, offs_r, offs_c, sr, sc, NR, NC, extra=None):
+    """A (rows x cols) tile at base + r*sr + c*sc, zero outside (NR, NC) (and where extra is False)."""
+    msk = (offs_r[:, None] < NR) & (offs_c[None, :] < NC)
+    if extra is not None:
+        msk = msk & extra[:, None]
+    return tl.load(base + offs_r[:, None].to(tl.int64) * sr + offs_c[None, :] * sc, mask=msk, other=0.0)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _online_step(s, v, m_i, l_i, acc, drop, IEEE: tl.constexpr, DROPOUT: tl.constexpr):
+    """One key tile of the online softmax: s has -inf where hidden; returns (m, l, acc) updated.
+    With dropout, drop is keep / (1 - p) per score: it scales what reaches acc, not l."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)  # 0 while nothing was seen (m_i = -inf)
+    l_new = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        p = p * drop
+    if not IEEE:
+        p = p.to(v.dtype)
+    return m_new, l_new, acc * alpha[:, None] + _dot(p, v, IEEE)
+
+
+@triton.jit
+def _drop_scale(seed, bh, offs_m, offs_n, TK, p_drop, DROPOUT: tl.constexpr):
+    """keep / (1 - p) for scores (offs_m, offs_n) of head bh: Philox from (seed + bh, i * Tk + j),
+    so the forward and both backward kernels regenerate the same mask."""
+    if DROPOUT:
+        keep = tl.rand(seed + bh, (offs_m * TK + offs_n).to(tl.uint32)) >= p_drop
+        return tl.where(keep, 1.0 / (1.0 - p_drop), 0.0)
+    return 1.0
+
+
+@triton.jit
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    H, GROUP, TQ, TK, D, DV, offset, scale,
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr,
+    H, GROUP, TQ, TK, D, DV, offset, scale, seed, p_drop,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
@@ -55,8 +97,7 @@ def _fwd_kernel(
     k_base = k_ptr + b.to(tl.int64) * skb + hk * skh
     v_base = v_ptr + b.to(tl.int64) * svb + hk * svh
     m_base = m_ptr + b.to(tl.int64) * smb + h * smh
-    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < TQ) & (offs_d[None, :] < D), other=0.0)
+    q = _load_rows(q_base, offs_m, offs_d, sqt, sqd, TQ, D)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
@@ -65,27 +106,13 @@ def _fwd_kernel(
         hi = tl.minimum(TK, pid_m * BLOCK_M + BLOCK_M + offset)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :] * skd,
-                    mask=(offs_n[:, None] < TK) & (offs_d[None, :] < D), other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        k = _load_rows(k_base, offs_n, offs_d, skt, skd, TK, D)
         ok, bias = _visible(offs_m[:, None], offs_n[None, :], TQ, TK, offset, m_base, smq, smk, CAUSAL, MASK)
-        s = tl.where(ok, s * scale + bias, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        s = tl.where(ok, _dot(q, tl.trans(k), IEEE) * scale + bias, float("-inf"))
         live = tl.max(ok.to(tl.int32), 0) > 0  # keys some query of the tile sees
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svt + offs_dv[None, :] * svd,
-                    mask=(offs_n[:, None] < TK) & (offs_dv[None, :] < DV) & live[:, None], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        v = _load_rows(v_base, offs_n, offs_dv, svt, svd, TK, DV, live)
+        drop = _drop_scale(seed, bh, offs_m[:, None], offs_n[None, :], TK, p_drop, DROPOUT)
+        m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc, drop, IEEE, DROPOUT)
     inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
     out = acc * inv[:, None]
     o_base = o_ptr + bh.to(tl.int64) * TQ * DV
@@ -109,18 +136,11 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, TQ, DV, BLOCK_M: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
 def _dkdv_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    H, HKV, GROUP, TQ, TK, D, DV, offset, scale,
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr,
+    H, HKV, GROUP, TQ, TK, D, DV, offset, scale, seed, p_drop,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_n, bhk = tl.program_id(0), tl.program_id(1)
@@ -145,11 +165,9 @@ def _dkdv_kernel(
         m_base = m_ptr + b.to(tl.int64) * smb + h * smh
         for start_m in range(lo, TQ, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd,
-                        mask=(offs_m[:, None] < TQ) & (offs_d[None, :] < D), other=0.0)
+            q = _load_rows(q_base, offs_m, offs_d, sqt, sqd, TQ, D)
             rows = bh.to(tl.int64) * TQ + offs_m
-            do = tl.load(do_ptr + rows[:, None] * DV + offs_dv[None, :],
-                         mask=(offs_m[:, None] < TQ) & (offs_dv[None, :] < DV), other=0.0)
+            do = _load_rows(do_ptr + bh.to(tl.int64) * TQ * DV, offs_m, offs_dv, DV, 1, TQ, DV)
             lse = tl.load(lse_ptr + rows, mask=offs_m < TQ, other=0.0)
             delta = tl.load(delta_ptr + rows, mask=offs_m < TQ, other=0.0)
             # transposed tile: keys down, queries across
@@ -158,13 +176,15 @@ def _dkdv_kernel(
             pt = tl.where(ok, tl.exp(st - tl.where(ok, lse[None, :], 0.0)), 0.0)
             live = tl.max(ok.to(tl.int32), 1) > 0
             v_live = tl.where(live[:, None], v, 0.0).to(v.dtype)
-            dpt = _dot(v_live, tl.trans(do), IEEE)
+            dropt = _drop_scale(seed, bh, offs_m[None, :], offs_n[:, None], TK, p_drop, DROPOUT)
+            dpt = _dot(v_live, tl.trans(do), IEEE) * dropt
             dst = tl.where(ok, pt * (dpt - delta[None, :]), 0.0)
+            pdt = pt * dropt
             if IEEE:
-                dv += _dot(pt, do, IEEE)
+                dv += _dot(pdt, do, IEEE)
                 dk += _dot(dst, q, IEEE)
             else:
-                dv += _dot(pt.to(do.dtype), do, IEEE)
+                dv += _dot(pdt.to(do.dtype), do, IEEE)
                 dk += _dot(dst.to(q.dtype), q, IEEE)
     out = bhk.to(tl.int64) * TK
     tl.store(dk_ptr + (out + offs_n[:, None]) * D + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kmask)
@@ -175,8 +195,8 @@ def _dkdv_kernel(
 def _dq_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    H, GROUP, TQ, TK, D, DV, offset, scale,
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr,
+    H, GROUP, TQ, TK, D, DV, offset, scale, seed, p_drop,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
@@ -185,11 +205,9 @@ def _dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     qmask = (offs_m[:, None] < TQ) & (offs_d[None, :] < D)
-    q = tl.load(q_ptr + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :] * sqd,
-                mask=qmask, other=0.0)
+    q = _load_rows(q_ptr + b.to(tl.int64) * sqb + h * sqh, offs_m, offs_d, sqt, sqd, TQ, D)
     rows = bh.to(tl.int64) * TQ + offs_m
-    do = tl.load(do_ptr + rows[:, None] * DV + offs_dv[None, :],
-                 mask=(offs_m[:, None] < TQ) & (offs_dv[None, :] < DV), other=0.0)
+    do = _load_rows(do_ptr + bh.to(tl.int64) * TQ * DV, offs_m, offs_dv, DV, 1, TQ, DV)
     lse = tl.load(lse_ptr + rows, mask=offs_m < TQ, other=0.0)
     delta = tl.load(delta_ptr + rows, mask=offs_m < TQ, other=0.0)
     k_base = k_ptr + b.to(tl.int64) * skb + hk * skh
@@ -203,13 +221,11 @@ def _dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         ok, bias = _visible(offs_m[:, None], offs_n[None, :], TQ, TK, offset, m_base, smq, smk, CAUSAL, MASK)
         live = tl.max(ok.to(tl.int32), 0) > 0
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :] * skd,
-                    mask=(offs_n[:, None] < TK) & (offs_d[None, :] < D) & live[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svt + offs_dv[None, :] * svd,
-                    mask=(offs_n[:, None] < TK) & (offs_dv[None, :] < DV) & live[:, None], other=0.0)
+        k = _load_rows(k_base, offs_n, offs_d, skt, skd, TK, D, live)
+        v = _load_rows(v_base, offs_n, offs_dv, svt, svd, TK, DV, live)
         s = _dot(q, tl.trans(k), IEEE) * scale + bias
         p = tl.where(ok, tl.exp(s - tl.where(ok, lse[:, None], 0.0)), 0.0)
-        dp = _dot(do, tl.trans(v), IEEE)
+        dp = _dot(do, tl.trans(v), IEEE) * _drop_scale(seed, bh, offs_m[:, None], offs_n[None, :], TK, p_drop, DROPOUT)
         ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
         if IEEE:
             dq += _dot(ds, k, IEEE)
@@ -236,7 +252,7 @@ def _strides4(t):
     return [0 if t.shape[i] == 1 else t.stride(i) for i in range(4)]
 
 
-def _common(q, k, v, mask, causal, scale):
+def _common(q, k, v, mask, causal, scale, dropout_p=0.0):
     b, h, tq, d = q.shape
     hkv, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
     if mask is None:
@@ -246,7 +262,7 @@ def _common(q, k, v, mask, causal, scale):
     else:
         mask_t, mask_code, mstr = mask, 2, _strides4(mask)
     offset = tk - tq if causal == 2 else 0
-    meta = dict(CAUSAL=causal != 0, MASK=mask_code, IEEE=q.dtype == torch.float32,
+    meta = dict(CAUSAL=causal != 0, MASK=mask_code, IEEE=q.dtype == torch.float32, DROPOUT=dropout_p > 0,
                 BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)))
     strides = _strides4(q) + _strides4(k) + _strides4(v) + mstr
     return b, h, hkv, tq, tk, d, dv, mask_t, strides, offset, meta
@@ -259,28 +275,34 @@ def _launch(kernel, tuned, grid, args, meta):
         tuned[grid](*args, **meta)
 
 
-def forward(q, k, v, mask, causal, scale):
-    """(out (B, H, Tq, Dv) contiguous, lse (B, H, Tq) fp32)."""
-    b, h, hkv, tq, tk, d, dv, mask_t, strides, offset, meta = _common(q, k, v, mask, causal, scale)
+def forward(q, k, v, mask, causal, scale, dropout_p=0.0, seed=0):
+    """(out (B, H, Tq, Dv) contiguous, lse (B, H, Tq) fp32). Decode steps take the split-KV path."""
+    from fastlm.triton import attention_decode
+
+    if attention_decode.serves(q, k) and q.shape[0] * k.shape[1] > 0 and dropout_p == 0:
+        return attention_decode.forward(q, k, v, mask, causal, scale)
+    b, h, hkv, tq, tk, d, dv, mask_t, strides, offset, meta = _common(q, k, v, mask, causal, scale, dropout_p)
     out = torch.empty(b, h, tq, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    args = (q, k, v, mask_t, out, lse, *strides, h, h // hkv, tq, tk, d, dv, offset, scale)
+    args = (q, k, v, mask_t, out, lse, *strides, h, h // hkv, tq, tk, d, dv, offset, scale, seed, dropout_p)
     _launch(_fwd_kernel, _fwd_tuned, lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h), args, meta)
     return out, lse
 
 
-def backward(grad_out, q, k, v, mask, out, lse, causal, scale):
-    b, h, hkv, tq, tk, d, dv, mask_t, strides, offset, meta = _common(q, k, v, mask, causal, scale)
+def backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p=0.0, seed=0):
+    b, h, hkv, tq, tk, d, dv, mask_t, strides, offset, meta = _common(q, k, v, mask, causal, scale, dropout_p)
     dq, dk, dvv = (torch.empty(t.shape, device=q.device, dtype=q.dtype) for t in (q, k, v))
     if 0 in (b, h, tq, tk):
         return dq.zero_(), dk.zero_(), dvv.zero_()
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     delta = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)
     _delta_kernel[(triton.cdiv(tq, 64), b * h)](out, grad_out, delta, tq, dv, BLOCK_M=64, BLOCK_DV=meta["BLOCK_DV"])
-    args = (q, k, v, mask_t, grad_out, lse, delta, dk, dvv, *strides, h, hkv, h // hkv, tq, tk, d, dv, offset, scale)
+    args = (q, k, v, mask_t, grad_out, lse, delta, dk, dvv, *strides, h, hkv, h // hkv, tq, tk, d, dv, offset, scale,
+            seed, dropout_p)
     _launch(_dkdv_kernel, _dkdv_tuned, lambda m: (triton.cdiv(tk, m["BLOCK_N"]), b * hkv), args, meta)
-    args = (q, k, v, mask_t, grad_out, lse, delta, dq, *strides, h, h // hkv, tq, tk, d, dv, offset, scale)
+    args = (q, k, v, mask_t, grad_out, lse, delta, dq, *strides, h, h // hkv, tq, tk, d, dv, offset, scale,
+            seed, dropout_p)
     _launch(_dq_kernel, _dq_tuned, lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h), args, meta)
     return dq, dk, dvv

@@ -34,4 +34,15 @@ void attention_backward_cpu(const AttentionShape& shape, Strided4 grad_out, Stri
                             Strided4 v, Strided4 mask, Strided4 out, const float* lse,
                             void* grad_q, void* grad_k, void* grad_v);
 
+// CUDA launchers on tensor cores (fp16/bf16, sm_80+) return the launch status and never
+// synchronize. Forward: head dims up to 256.
+int attention_forward_cuda(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v, Strided4 mask,
+                           void* out, float* lse, cudaStream_t stream);
+
+// Backward: head dims up to 128. grad_out and out contiguous (B, H, Tq, Dv); delta is fp32
+// scratch of B * H * Tq floats; grad_q/k/v contiguous like q/k/v.
+int attention_backward_cuda(const AttentionShape& shape, const void* grad_out, Strided4 q, Strided4 k, Strided4 v,
+                            Strided4 mask, const void* out, const float* lse, float* delta, void* grad_q,
+                            void* grad_k, void* grad_v, cudaStream_t stream);
+
 }  // namespace fastlm

@@ -1,0 +1,87 @@
+// Argument checks and views shared by the attention bindings (CPU: attention.cpp, CUDA:
+// attention_cuda.cpp). Messages name the argument and the value.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <limits>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "common.h"
+#include "fastlm/attention.h"
+
+namespace fastlm::bind {
+
+inline constexpr Strided4 kNoMask{nullptr, {0, 0, 0, 0}};
+
+inline Strided4 strided(const at::Tensor& t) {
+  Strided4 r{t.data_ptr(), {0, 0, 0, 0}};
+  for (int d = 0; d < 4; ++d) r.s[d] = t.size(d) == 1 ? 0 : t.stride(d);
+  return r;
+}
+
+// Checks a direct torch.ops.fastlm.attention_* call (the device check is the caller's).
+inline AttentionShape check_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& mask, int64_t causal, double scale, bool allow_half) {
+  const DType dtype = dtype_arg(op, "q", q, allow_half);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
+    TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " is on ", t.device().str(), " but q is on ",
+                      q.device().str());
+    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+                     " but q has dtype ", q.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 4, op, ": ", name, " must be 4-D (B, H, T, D), got shape ", t.sizes());
+  }
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be 4-D (B, H, T, D), got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0), op, ": batch sizes differ: q ", q.size(0),
+                    ", k ", k.size(0), ", v ", v.size(0));
+  TORCH_CHECK_VALUE(k.size(3) == q.size(3), op, ": k head dim ", k.size(3), " != q head dim ", q.size(3));
+  TORCH_CHECK_VALUE(v.size(1) == k.size(1) && v.size(2) == k.size(2), op, ": v shape ", v.sizes(),
+                    " does not match k shape ", k.sizes(), " in (H_kv, Tk)");
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": q has ", q.size(1),
+                    " heads, not a multiple of k's ", k.size(1));
+  TORCH_CHECK_VALUE(q.size(3) <= 256 && v.size(3) <= 256, op, ": head dims up to 256 on ", q.device().str(), ", got q ",
+                    q.size(3), " and v ", v.size(3));
+  TORCH_CHECK_VALUE(causal >= 0 && causal <= 2, op, ": causal must be 0 (none), 1 (top-left) or 2 (bottom-right), got ",
+                    causal);
+  AttentionShape sh{dtype, q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
+                    static_cast<Causal>(causal), MaskKind::kNone, static_cast<float>(scale)};
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK_VALUE(m.device() == q.device(), op, ": mask is on ", m.device().str(), " but q is on ",
+                      q.device().str());
+    TORCH_CHECK_TYPE(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(), op,
+                     ": mask must be bool or q's dtype ", q.scalar_type(), ", got ", m.scalar_type());
+    const int64_t full[4] = {sh.batch, sh.heads, sh.tq, sh.tk};
+    bool ok = m.dim() == 4;
+    for (int d = 0; ok && d < 4; ++d) ok = m.size(d) == 1 || m.size(d) == full[d];
+    TORCH_CHECK_VALUE(ok, op, ": mask of shape ", m.sizes(), " does not broadcast to ", at::IntArrayRef(full));
+    sh.mask_kind = m.scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kAdditive;
+  }
+  return sh;
+}
+
+// grad_out and out shaped like the output, on q's device with q's dtype; lse fp32 (B, H, Tq).
+inline void check_backward_args(const char* op, const AttentionShape& sh, const at::Tensor& grad_out,
+                                const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse) {
+  const std::vector<int64_t> out_shape{sh.batch, sh.heads, sh.tq, sh.value_dim};
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_out", grad_out}, {"out", out}}) {
+    same_place_arg(op, name, t, q);
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(out_shape), op, ": ", name, " has shape ", t.sizes(),
+                      " but the output's is ", at::IntArrayRef(out_shape));
+  }
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({sh.batch, sh.heads, sh.tq}), op, ": lse has shape ",
+                    lse.sizes(), " but expected ", at::IntArrayRef({sh.batch, sh.heads, sh.tq}));
+}
+
+// Tk == 0 or Dv == 0: every row attends to nothing; fills out with 0 and lse with -inf.
+inline bool nothing_to_attend(const AttentionShape& sh, at::Tensor& out, at::Tensor& lse) {
+  if (sh.tk != 0 && sh.value_dim != 0) return false;
+  out.zero_();
+  lse.fill_(-std::numeric_limits<float>::infinity());
+  return true;
+}
+
+}  // namespace fastlm::bind

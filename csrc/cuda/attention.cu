@@ -1,0 +1,149 @@
+// Flash attention forward on tensor cores (nvcuda::wmma m16n16k16, fp16/bf16 in, fp32
+// accumulate), sm_80+. One CTA = 4 warps = 64 queries of one (batch, head); each warp owns
+// 16 query rows. Per key tile of BN keys: the CTA stages K and V in shared memory, each warp
+// computes its 16 x BN scores S = Q K^T with wmma, runs the online softmax on them in shared
+// memory (two lanes per row, fp32 statistics), rescales its fp32 O tile there and
+// accumulates O += P V with wmma (the accumulator fragments are loaded from and stored back
+// to that tile, so no per-row scaling of opaque fragments is needed). No T x T matrix ever
+// reaches device memory. Masking follows fastlm/attention.h: hidden scores are -inf, their
+// probabilities exactly 0, and value rows no query of the CTA sees are zeroed before P V.
+#include "attention_common.cuh"
+
+namespace fastlm::cuda::attn {
+namespace {
+
+template <int HD, int BN>
+struct Smem {
+  static constexpr int ldq = HD + 8, lds = BN + 4, ldp = BN + 8, ldo = HD + 4;
+  static constexpr size_t q = size_t(kRows) * ldq * 2, k = size_t(BN) * ldq * 2, v = k;
+  static constexpr size_t s = size_t(kWarps) * 16 * lds * 4, p = size_t(kWarps) * 16 * ldp * 2;
+  static constexpr size_t o = size_t(kWarps) * 16 * ldo * 4, live = size_t(BN) * 4;
+  static constexpr size_t bytes = q + k + v + s + p + o + live;
+};
+
+template <typename T, int HD, int BN>
+__global__ void __launch_bounds__(kWarps * 32) forward_kernel(const Params p) {
+  using L = Smem<HD, BN>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* Qs = reinterpret_cast<T*>(smem);
+  T* Ks = reinterpret_cast<T*>(smem + L::q);
+  T* Vs = reinterpret_cast<T*>(smem + L::q + L::k);
+  float* Ss = reinterpret_cast<float*>(smem + L::q + L::k + L::v);
+  T* Ps = reinterpret_cast<T*>(smem + L::q + L::k + L::v + L::s);
+  float* Os = reinterpret_cast<float*>(smem + L::q + L::k + L::v + L::s + L::p);
+  int* live = reinterpret_cast<int*>(smem + L::q + L::k + L::v + L::s + L::p + L::o);
+
+  const AttentionShape& sh = p.sh;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t bh = blockIdx.y, b = bh / sh.heads, h = bh % sh.heads, hk = h / (sh.heads / sh.kv_heads);
+  const int q0 = blockIdx.x * kRows;
+  const T* qg = static_cast<const T*>(p.q.data) + b * p.q.s[0] + h * p.q.s[1];
+  const T* kg = static_cast<const T*>(p.k.data) + b * p.k.s[0] + hk * p.k.s[1];
+  const T* vg = static_cast<const T*>(p.v.data) + b * p.v.s[0] + hk * p.v.s[1];
+  const char* mg = head_mask<T>(p, b, h);
+  const int64_t offset = causal_offset(sh);
+  const int tq = int(sh.tq), tk = int(sh.tk);
+
+  stage<T, HD>(Qs, L::ldq, qg, p.q.s[2], p.q.s[3], q0, kRows, tq, int(sh.head_dim));
+  float* So = Ss + warp * 16 * L::lds;
+  T* Po = Ps + warp * 16 * L::ldp;
+  float* Oo = Os + warp * 16 * L::ldo;
+  for (int idx = lane; idx < 16 * L::ldo; idx += 32) Oo[idx] = 0.0f;
+  // two lanes per query row, each owning half of the key columns and half of the O columns
+  const int row = lane >> 1, half = lane & 1;
+  const int64_t qi = q0 + warp * 16 + row;
+  float m_i = neg_inf(), l_i = 0.0f;
+
+  int hi = tk;
+  if (sh.causal != Causal::kNone) {
+    const int64_t end = q0 + kRows + offset;  // keys past the diagonal of the last row
+    hi = end < tk ? int(end > 0 ? end : 0) : tk;
+  }
+  for (int j0 = 0; j0 < hi; j0 += BN) {
+    __syncthreads();  // previous tile's K/V/live no longer read
+    stage<T, HD>(Ks, L::ldq, kg, p.k.s[2], p.k.s[3], j0, BN, tk, int(sh.head_dim));
+    stage<T, HD>(Vs, L::ldq, vg, p.v.s[2], p.v.s[3], j0, BN, tk, int(sh.value_dim));
+    for (int idx = threadIdx.x; idx < BN; idx += blockDim.x) live[idx] = 0;
+    __syncthreads();
+
+    // S = Q K^T for this warp's 16 rows
+    mma_acc<T, HD / 16, BN / 16, false>(So, L::lds, Qs + warp * 16 * L::ldq, L::ldq, Ks, L::ldq, true);
+    __syncwarp();
+
+    // online softmax on this lane's half row
+    float mx = neg_inf();
+    for (int c = half * (BN / 2); c < (half + 1) * (BN / 2); ++c) {
+      float s = So[row * L::lds + c] * sh.scale;
+      const bool ok = visible<T>(p, mg, qi, j0 + c, offset, &s);
+      s = ok ? s : neg_inf();
+      if (ok) live[c] = 1;  // benign race: every writer stores 1
+      So[row * L::lds + c] = s;
+      mx = fmaxf(mx, s);
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    const float m_new = fmaxf(m_i, mx);
+    const float sub = m_new == neg_inf() ? 0.0f : m_new;
+    const float alpha = m_i == neg_inf() ? 0.0f : __expf(m_i - sub);
+    float sum = 0.0f;
+    for (int c = half * (BN / 2); c < (half + 1) * (BN / 2); ++c) {
+      const float s = So[row * L::lds + c];
+      const float pr = s == neg_inf() ? 0.0f : __expf(s - sub);
+      sum += pr;
+      Po[row * L::ldp + c] = from_float<T>(pr);
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    l_i = l_i * alpha + sum;
+    m_i = m_new;
+    for (int c = half * (HD / 2); c < (half + 1) * (HD / 2); ++c) Oo[row * L::ldo + c] *= alpha;
+    __syncthreads();  // live[] complete, P and rescaled O visible
+    for (int idx = threadIdx.x; idx < BN * HD; idx += blockDim.x)
+      if (!live[idx / HD]) Vs[(idx / HD) * L::ldq + idx % HD] = from_float<T>(0.0f);
+    __syncthreads();
+
+    // O += P V
+    mma_acc<T, BN / 16, HD / 16, true>(Oo, L::ldo, Po, L::ldp, Vs, L::ldq, false);
+    __syncwarp();
+  }
+
+  if (qi < tq) {
+    const float inv = l_i > 0.0f ? 1.0f / l_i : 0.0f;
+    T* o = static_cast<T*>(p.out) + (bh * sh.tq + qi) * sh.value_dim;
+    for (int c = half; c < sh.value_dim; c += 2) o[c] = from_float<T>(Oo[row * L::ldo + c] * inv);
+    if (half == 0) p.lse[bh * sh.tq + qi] = l_i > 0.0f ? m_i + __logf(l_i) : neg_inf();
+  }
+}
+
+template <typename T, int HD, int BN>
+int launch(const Params& p, cudaStream_t stream) {
+  const size_t bytes = Smem<HD, BN>::bytes;
+  cudaError_t err = cudaFuncSetAttribute(forward_kernel<T, HD, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (err != cudaSuccess) return int(err);
+  const dim3 grid(unsigned((p.sh.tq + kRows - 1) / kRows), unsigned(p.sh.batch * p.sh.heads));
+  forward_kernel<T, HD, BN><<<grid, kWarps * 32, bytes, stream>>>(p);
+  return int(cudaGetLastError());
+}
+
+template <typename T>
+int dispatch_head_dim(const Params& p, cudaStream_t stream) {
+  const int64_t hd = p.sh.head_dim > p.sh.value_dim ? p.sh.head_dim : p.sh.value_dim;
+  if (hd <= 32) return launch<T, 32, 64>(p, stream);
+  if (hd <= 64) return launch<T, 64, 64>(p, stream);
+  if (hd <= 80) return launch<T, 80, 64>(p, stream);
+  if (hd <= 96) return launch<T, 96, 64>(p, stream);
+  if (hd <= 128) return launch<T, 128, 64>(p, stream);
+  return launch<T, 256, 32>(p, stream);
+}
+
+}  // namespace
+}  // namespace fastlm::cuda::attn
+
+namespace fastlm {
+
+int attention_forward_cuda(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v, Strided4 mask, void* out,
+                           float* lse, cudaStream_t stream) {
+  const cuda::attn::Params p{shape, q, k, v, mask, out, lse};
+  if (shape.dtype == DType::kFloat16) return cuda::attn::dispatch_head_dim<__half>(p, stream);
+  return cuda::attn::dispatch_head_dim<__nv_bfloat16>(p, stream);
+}
+
+}  // namespace fastlm
