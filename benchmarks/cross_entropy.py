@@ -58,7 +58,7 @@ def run(device: torch.device, quick: bool, ceilings: dict, progress=print):
             tol = 1e-5 if dtype == torch.float32 else 2e-2
 
             def check(loss, ref=ref, tol=tol):
-                err = abs(float(loss) - ref)
+                err = abs(float(loss.detach()) - ref)
                 return None if err <= tol * max(1.0, abs(ref)) else f"loss err {err:.3g}"
 
             # fwd reads the logits; bwd reads them again and writes the gradient

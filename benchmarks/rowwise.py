@@ -43,7 +43,13 @@ def run_case(op: str, case: str, impls: dict[str, Callable], inputs: list[tuple]
                 def step(i, fn=fn):
                     inp = inputs[i % len(inputs)]
                     grad_of(fn(*inp), inp)
-            ms = time_ms(step, device)
+            try:
+                ms = time_ms(step, device)
+            except torch.OutOfMemoryError as exc:  # big shapes x eager temporaries; keep the rest of the run
+                rows.append(Row(op, case, impl, mode, None, note=f"failed: out of memory ({exc})"[:120]))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             if impl == "torch eager":
                 eager_ms[mode] = ms
             gbps = nbytes / (ms * 1e-3) / 1e9

@@ -83,6 +83,20 @@ def dtype_reason(x: torch.Tensor, allowed, backend: str) -> list[str]:
     return [f"dtype {str(x.dtype).replace('torch.', '')} not supported by the {backend} backend ({names})"]
 
 
+def register_by_dtype(op: str, example: Callable[[torch.device], tuple], cpu_dtypes, gpu_dtypes) -> None:
+    """The common case: every backend serves `op` when the first input's dtype suits it (reference:
+    any floating dtype; cpu: `cpu_dtypes`; triton and cuda: `gpu_dtypes`)."""
+    def make(name, allowed):
+        def why(x, *_):
+            if allowed is None:
+                return [] if x.dtype.is_floating_point else [f"dtype {x.dtype} is not floating point"]
+            return dtype_reason(x, allowed, name)
+        return why
+
+    for name, allowed in (("reference", None), ("cpu", cpu_dtypes), ("triton", gpu_dtypes), ("cuda", gpu_dtypes)):
+        register(op, name, example=example if name == "reference" else None)(make(name, allowed))
+
+
 def ops() -> list[str]:
     return sorted(_OPS)
 

@@ -105,6 +105,15 @@ def test_masks_layouts_magnitudes(backend, device, dtypes, case):
 
 
 @pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_rising_rows_rescale_online_stats(backend, device, dtypes):
+    """The max grows in every chunk/tile, so the running sum is rescaled again and again."""
+    ramp = torch.linspace(-60.0, 60.0, 3000, device=device)
+    x = torch.stack([ramp, ramp.flip(0), ramp * 0.01 + torch.randn(3000, device=device)])
+    for log in (False, True):
+        _check(backend, x, log, scale=1.3)
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
 def test_log_softmax_masked_grads_are_zero(backend, device, dtypes):
     x = torch.randn(4, 33, device=device, requires_grad=True)
     mask = torch.rand(4, 33, device=device) > 0.5

@@ -102,6 +102,17 @@ int pick_vec(int64_t cols, std::initializer_list<int64_t> strides, std::initiali
   return kVec;
 }
 
+// Defines struct Name<T, TPR, BLOCK, VEC> whose launch(grid, block, stream, args...) launches
+// kernel<T, TPR, BLOCK, VEC>: the K that launch_rows below takes.
+#define FASTLM_ROW_LAUNCHER(Name, kernel)                                          \
+  template <typename T, int TPR, int BLOCK, int VEC>                               \
+  struct Name {                                                                    \
+    template <typename... A>                                                       \
+    static void launch(unsigned grid, unsigned block, cudaStream_t s, A... a) {    \
+      kernel<T, TPR, BLOCK, VEC><<<grid, block, 0, s>>>(a...);                     \
+    }                                                                              \
+  };
+
 // Launches K<T, TPR, BLOCK, VEC>::launch(grid, block, stream, args..., rows, cols): short rows
 // (<= 1024 columns) get a warp each, 4 rows per block; longer rows a 512-thread block each.
 template <template <typename, int, int, int> class K, typename T, typename... Args>

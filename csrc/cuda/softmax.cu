@@ -110,21 +110,8 @@ __global__ void __launch_bounds__(BLOCK)
   }
 }
 
-template <typename T, int TPR, int BLOCK, int VEC>
-struct Fwd {
-  template <typename... A>
-  static void launch(unsigned grid, unsigned block, cudaStream_t s, A... a) {
-    forward_kernel<T, TPR, BLOCK, VEC><<<grid, block, 0, s>>>(a...);
-  }
-};
-
-template <typename T, int TPR, int BLOCK, int VEC>
-struct Bwd {
-  template <typename... A>
-  static void launch(unsigned grid, unsigned block, cudaStream_t s, A... a) {
-    backward_kernel<T, TPR, BLOCK, VEC><<<grid, block, 0, s>>>(a...);
-  }
-};
+FASTLM_ROW_LAUNCHER(Fwd, forward_kernel)
+FASTLM_ROW_LAUNCHER(Bwd, backward_kernel)
 
 template <typename T>
 int forward_t(bool log, int64_t rows, int64_t cols, const void* x, int64_t xs, const MaskArgs& ma,

@@ -158,24 +158,7 @@ def _example(device: torch.device):
     return (torch.empty(8, 64, device=device), torch.zeros(8, dtype=torch.long, device=device), None, -100, 0.0)
 
 
-@_backend.register(OP, "reference", example=_example)
-def _(logits, target, weight, ignore_index, label_smoothing):
-    return [] if logits.dtype.is_floating_point else [f"dtype {logits.dtype} is not floating point"]
-
-
-@_backend.register(OP, "cpu")
-def _(logits, target, weight, ignore_index, label_smoothing):
-    return _backend.dtype_reason(logits, CPU_DTYPES, "cpu")
-
-
-@_backend.register(OP, "triton")
-def _(logits, target, weight, ignore_index, label_smoothing):
-    return _backend.dtype_reason(logits, GPU_DTYPES, "triton")
-
-
-@_backend.register(OP, "cuda")
-def _(logits, target, weight, ignore_index, label_smoothing):
-    return _backend.dtype_reason(logits, GPU_DTYPES, "cuda")
+_backend.register_by_dtype(OP, _example, CPU_DTYPES, GPU_DTYPES)
 
 
 # ---------------------------------------------------------------- public entry point

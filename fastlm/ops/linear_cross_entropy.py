@@ -176,17 +176,7 @@ def _example(device: torch.device):
             torch.zeros(8, dtype=torch.long, device=device), None)
 
 
-def _register(name, allowed):
-    @_backend.register(OP, name, example=_example if name == "reference" else None)
-    def _(hidden, weight, target, bias):
-        if allowed is None:
-            return [] if hidden.dtype.is_floating_point else [f"dtype {hidden.dtype} is not floating point"]
-        return _backend.dtype_reason(hidden, allowed, name)
-
-
-for _name, _allowed in (("reference", None), ("cpu", CPU_DTYPES), ("triton", GPU_DTYPES),
-                        ("cuda", GPU_DTYPES)):
-    _register(_name, _allowed)
+_backend.register_by_dtype(OP, _example, CPU_DTYPES, GPU_DTYPES)
 
 
 # ---------------------------------------------------------------- public entry point

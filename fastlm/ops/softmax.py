@@ -143,24 +143,7 @@ def _example(device: torch.device):
     return (torch.empty(8, 64, device=device), None, 1.0, 0, False)
 
 
-@_backend.register(OP, "reference", example=_example)
-def _(x, mask, scale, causal_rows, log):
-    return [] if x.dtype.is_floating_point else [f"dtype {x.dtype} is not floating point"]
-
-
-@_backend.register(OP, "cpu")
-def _(x, mask, scale, causal_rows, log):
-    return _backend.dtype_reason(x, CPU_DTYPES, "cpu")
-
-
-@_backend.register(OP, "triton")
-def _(x, mask, scale, causal_rows, log):
-    return _backend.dtype_reason(x, GPU_DTYPES, "triton")
-
-
-@_backend.register(OP, "cuda")
-def _(x, mask, scale, causal_rows, log):
-    return _backend.dtype_reason(x, GPU_DTYPES, "cuda")
+_backend.register_by_dtype(OP, _example, CPU_DTYPES, GPU_DTYPES)
 
 
 # ---------------------------------------------------------------- public entry points
