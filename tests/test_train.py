@@ -52,8 +52,9 @@ def test_cli_arguments():
 
 @needs_model_ops
 def test_fastlm_and_reference_loss_curves_agree(tmp_path):
-    fast = T.train(config(tmp_path))
-    ref = T.train(config(tmp_path, backend="reference", out=str(tmp_path / "ref")))
+    small = dict(batch_size=2, block_size=24, eval_batches=1)  # 50 steps; the reference path is slow
+    fast = T.train(config(tmp_path, **small))
+    ref = T.train(config(tmp_path, **small, backend="reference", out=str(tmp_path / "ref")))
     assert len(fast["loss"]) == 50 and fast["loss"][-1] < fast["loss"][0] - 1.0  # it learns
     torch.testing.assert_close(torch.tensor(fast["loss"]), torch.tensor(ref["loss"]), rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(torch.tensor(fast["eval_loss"]), torch.tensor(ref["eval_loss"]), rtol=2e-3, atol=2e-3)
