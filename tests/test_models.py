@@ -158,3 +158,14 @@ def test_config_errors():
     with pytest.raises(ValueError, match="prompt \\(4\\) \\+ max_new_tokens \\(5\\) exceeds block_size 8"):
         model.generate(torch.zeros(1, 4, dtype=torch.long), 5)
     assert model.generate(torch.zeros(1, 4, dtype=torch.long), 5, use_cache=False).shape == (1, 9)
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_torch_compile_fullgraph(backend):
+    model = GPT(GPTConfig.preset("tiny"), backend=backend)
+    idx = torch.randint(0, 256, (2, 16))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(idx)[0], model(idx)[0], rtol=1e-5, atol=1e-5)
+    _, loss = compiled(idx, idx)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
