@@ -333,6 +333,7 @@ def test_triton_decode_split_kv(dtype):
 def test_cuda_forward_matches_float64(dtype, causal):
     """The tensor-core forward against the fp64 oracle, out and lse, up to head dim 256 (no grad)."""
     shapes = SHAPES + [(2, 4, 2, 300, 300, 96, 96), (1, 2, 2, 65, 130, 256, 256), (1, 2, 1, 33, 70, 32, 64)]
+    shapes += [(1, 8, 2, 1, 4096, 128, 128), (2, 4, 4, 5, 2000, 64, 64), (1, 2, 1, 16, 1500, 256, 256)]  # split-KV
     for shape in shapes:
         q, k, v = _qkv(*shape, dtype, "cuda")
         attn_mask, is_causal = _with_causal(None, CAUSAL[causal], shape[3], shape[4])

@@ -33,8 +33,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   at::Tensor lse = at::empty({sh.batch, sh.heads, sh.tq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   if (nothing_to_attend(sh, out, lse)) return {out, lse};
+  const int64_t scratch = attention_forward_cuda_workspace(sh);
+  at::Tensor workspace = at::empty({scratch}, q.options().dtype(at::kFloat));
   check_launch(op, attention_forward_cuda(sh, strided(q), strided(k), strided(v), mask ? strided(*mask) : kNoMask,
                                           out.data_ptr(), lse.data_ptr<float>(),
+                                          scratch > 0 ? workspace.data_ptr<float>() : nullptr,
                                           c10::cuda::getCurrentCUDAStream(q.device().index()).stream()));
   return {out, lse};
 }

@@ -7,6 +7,8 @@
 // to that tile, so no per-row scaling of opaque fragments is needed). No T x T matrix ever
 // reaches device memory. Masking follows fastlm/attention.h: hidden scores are -inf, their
 // probabilities exactly 0, and value rows no query of the CTA sees are zeroed before P V.
+// Decode-like calls (Tq <= 16, Tk >= 1024) split the keys over gridDim.z CTAs that write fp32
+// partials (O, max, sum), merged afterwards in a fixed order (no atomics).
 #include "attention_common.cuh"
 
 namespace fastlm::cuda::attn {
@@ -24,7 +26,7 @@ struct Smem {
 template <typename T, int HD, int BN>
 __global__ void __launch_bounds__(kWarps * 32) forward_kernel(const Params p) {
   using L = Smem<HD, BN>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];  // wmma pointers need 32-byte alignment
   T* Qs = reinterpret_cast<T*>(smem);
   T* Ks = reinterpret_cast<T*>(smem + L::q);
   T* Vs = reinterpret_cast<T*>(smem + L::q + L::k);
@@ -59,7 +61,12 @@ __global__ void __launch_bounds__(kWarps * 32) forward_kernel(const Params p) {
     const int64_t end = q0 + kRows + offset;  // keys past the diagonal of the last row
     hi = end < tk ? int(end > 0 ? end : 0) : tk;
   }
-  for (int j0 = 0; j0 < hi; j0 += BN) {
+  int jbeg = 0;  // split-KV (gridDim.z > 1): this CTA's chunk of keys only
+  if (gridDim.z > 1) {
+    jbeg = int(blockIdx.z * p.chunk);
+    hi = min(hi, int(jbeg + p.chunk));
+  }
+  for (int j0 = jbeg; j0 < hi; j0 += BN) {
     __syncthreads();  // previous tile's K/V/live no longer read
     stage<T, HD>(Ks, L::ldq, kg, p.k.s[2], p.k.s[3], j0, BN, tk, int(sh.head_dim));
     stage<T, HD>(Vs, L::ldq, vg, p.v.s[2], p.v.s[3], j0, BN, tk, int(sh.value_dim));
@@ -105,6 +112,14 @@ __global__ void __launch_bounds__(kWarps * 32) forward_kernel(const Params p) {
     __syncwarp();
   }
 
+  if (gridDim.z > 1) {  // partials for merge_kernel: unnormalized O, running max and sum
+    if (qi < tq) {
+      float* po = p.part + ((bh * gridDim.z + blockIdx.z) * sh.tq + qi) * (sh.value_dim + 2);
+      for (int c = half; c < sh.value_dim; c += 2) po[c] = Oo[row * L::ldo + c];
+      if (half == 0) po[sh.value_dim] = m_i, po[sh.value_dim + 1] = l_i;
+    }
+    return;
+  }
   if (qi < tq) {
     const float inv = l_i > 0.0f ? 1.0f / l_i : 0.0f;
     T* o = static_cast<T*>(p.out) + (bh * sh.tq + qi) * sh.value_dim;
@@ -113,13 +128,61 @@ __global__ void __launch_bounds__(kWarps * 32) forward_kernel(const Params p) {
   }
 }
 
+// Merges the split-KV partials of one query row (one CTA per row), splits in a fixed order.
+template <typename T>
+__global__ void merge_kernel(const float* part, T* out, float* lse, int64_t tq, int splits, int64_t dv) {
+  const int64_t r = blockIdx.x, bh = r / tq, qi = r % tq;
+  auto base = [&](int s) { return part + ((bh * splits + s) * tq + qi) * (dv + 2); };
+  float m = neg_inf();
+  for (int s = 0; s < splits; ++s) m = fmaxf(m, base(s)[dv]);
+  float l = 0.0f;
+  for (int s = 0; s < splits; ++s) {
+    const float ms = base(s)[dv];
+    l += ms == neg_inf() ? 0.0f : base(s)[dv + 1] * __expf(ms - m);
+  }
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  for (int64_t c = threadIdx.x; c < dv; c += blockDim.x) {
+    float acc = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      const float ms = base(s)[dv];
+      acc += ms == neg_inf() ? 0.0f : base(s)[c] * __expf(ms - m);
+    }
+    out[r * dv + c] = from_float<T>(acc * inv);
+  }
+  if (threadIdx.x == 0) lse[r] = l > 0.0f ? m + __logf(l) : neg_inf();
+}
+
+constexpr int64_t kSplitGrain = 64;  // split chunks are whole multiples of every key tile size
+
+// How many key splits a call gets: decode-like calls (few queries, many keys) spread the keys
+// over enough CTAs to give every SM about two; everything else runs unsplit.
+int64_t num_splits(const AttentionShape& sh) {
+  if (sh.tq > 16 || sh.tk < 1024) return 1;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return 1;
+  const int64_t ctas = sh.batch * sh.heads, want = (2 * sms + ctas - 1) / ctas;
+  const int64_t most = (sh.tk + 4 * kSplitGrain - 1) / (4 * kSplitGrain);  // >= 4 tiles per split
+  return want < 1 ? 1 : (want < most ? want : most);
+}
+
+int64_t split_chunk(const AttentionShape& sh, int64_t splits) {
+  const int64_t per = (sh.tk + splits - 1) / splits;
+  return (per + kSplitGrain - 1) / kSplitGrain * kSplitGrain;
+}
+
 template <typename T, int HD, int BN>
 int launch(const Params& p, cudaStream_t stream) {
   const size_t bytes = Smem<HD, BN>::bytes;
   cudaError_t err = cudaFuncSetAttribute(forward_kernel<T, HD, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return int(err);
-  const dim3 grid(unsigned((p.sh.tq + kRows - 1) / kRows), unsigned(p.sh.batch * p.sh.heads));
+  const unsigned splits = unsigned(p.chunk > 0 ? (p.sh.tk + p.chunk - 1) / p.chunk : 1);
+  const dim3 grid(unsigned((p.sh.tq + kRows - 1) / kRows), unsigned(p.sh.batch * p.sh.heads), splits);
   forward_kernel<T, HD, BN><<<grid, kWarps * 32, bytes, stream>>>(p);
+  if (splits > 1)
+    merge_kernel<T><<<unsigned(p.sh.batch * p.sh.heads * p.sh.tq), 128, 0, stream>>>(
+        p.part, static_cast<T*>(p.out), p.lse, p.sh.tq, int(splits), p.sh.value_dim);
   return int(cudaGetLastError());
 }
 
@@ -139,9 +202,16 @@ int dispatch_head_dim(const Params& p, cudaStream_t stream) {
 
 namespace fastlm {
 
+int64_t attention_forward_cuda_workspace(const AttentionShape& shape) {
+  const int64_t splits = cuda::attn::num_splits(shape);
+  return splits > 1 ? shape.batch * shape.heads * splits * shape.tq * (shape.value_dim + 2) : 0;
+}
+
 int attention_forward_cuda(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v, Strided4 mask, void* out,
-                           float* lse, cudaStream_t stream) {
-  const cuda::attn::Params p{shape, q, k, v, mask, out, lse};
+                           float* lse, float* workspace, cudaStream_t stream) {
+  cuda::attn::Params p{shape, q, k, v, mask, out, lse};
+  const int64_t splits = cuda::attn::num_splits(shape);
+  if (splits > 1 && workspace != nullptr) p.part = workspace, p.chunk = cuda::attn::split_chunk(shape, splits);
   if (shape.dtype == DType::kFloat16) return cuda::attn::dispatch_head_dim<__half>(p, stream);
   return cuda::attn::dispatch_head_dim<__nv_bfloat16>(p, stream);
 }

@@ -39,7 +39,7 @@ __global__ void delta_kernel(const T* o, const T* go, float* delta, int64_t rows
 template <typename T, int HD>
 __global__ void __launch_bounds__(kWarps * 32, 1) dkdv_kernel(const Params p) {
   using L = BwdSmem<HD>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];  // wmma pointers need 32-byte alignment
   T* Ks = reinterpret_cast<T*>(smem);
   T* Vs = reinterpret_cast<T*>(smem + L::own);
   T* Qs = reinterpret_cast<T*>(smem + 2 * L::own);
@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dkdv_kernel(const Params p) {
 template <typename T, int HD>
 __global__ void __launch_bounds__(kWarps * 32) dq_kernel(const Params p) {
   using L = BwdSmem<HD>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];  // wmma pointers need 32-byte alignment
   T* Qs = reinterpret_cast<T*>(smem);
   T* dOs = reinterpret_cast<T*>(smem + L::own);
   T* Ks = reinterpret_cast<T*>(smem + 2 * L::own);

@@ -31,6 +31,8 @@ struct Params {
   void* grad_q = nullptr;          // backward outputs, contiguous like q, k, v
   void* grad_k = nullptr;
   void* grad_v = nullptr;
+  float* part = nullptr;  // split-KV forward: (B*H, splits, Tq, Dv + 2) partial O, max, sum
+  int64_t chunk = 0;      // split-KV forward: keys per split (a multiple of every key tile)
 };
 
 // Rows [r0, r0 + rows) x cols [0, HD) of a strided (T, D) matrix into shared memory, zero padded.

@@ -35,9 +35,12 @@ void attention_backward_cpu(const AttentionShape& shape, Strided4 grad_out, Stri
                             void* grad_q, void* grad_k, void* grad_v);
 
 // CUDA launchers on tensor cores (fp16/bf16, sm_80+) return the launch status and never
-// synchronize. Forward: head dims up to 256.
+// synchronize. Forward: head dims up to 256; decode-like calls split the keys across CTAs and
+// need attention_forward_cuda_workspace(shape) floats of scratch (0: no split; call both with
+// the same current device).
+int64_t attention_forward_cuda_workspace(const AttentionShape& shape);
 int attention_forward_cuda(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v, Strided4 mask,
-                           void* out, float* lse, cudaStream_t stream);
+                           void* out, float* lse, float* workspace, cudaStream_t stream);
 
 // Backward: head dims up to 128. grad_out and out contiguous (B, H, Tq, Dv); delta is fp32
 // scratch of B * H * Tq floats; grad_q/k/v contiguous like q/k/v.
