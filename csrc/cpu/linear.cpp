@@ -18,7 +18,7 @@ template <typename T, bool HasAct, Activation A>
 void epilogue(const LinearEpilogueArgs& a) {
   const int64_t chunks = (a.cols + kChunk - 1) / kChunk;
   const T* bias = static_cast<const T*>(a.bias);
-#pragma omp parallel for schedule(static) if (a.rows * a.cols >= kParallelMinElems)
+#pragma omp parallel for schedule(dynamic, 16) if (a.rows * a.cols >= kParallelMinElems)  // tiles are independent
   for (int64_t tile = 0; tile < a.rows * chunks; ++tile) {
     const int64_t r = tile / chunks, c0 = (tile % chunks) * kChunk;
     const int64_t n = std::min(kChunk, a.cols - c0);

@@ -24,7 +24,9 @@ void forward_rows(const NormForwardArgs& a) {
   const T* w = static_cast<const T*>(a.weight);
   const T* b = a.rms ? nullptr : static_cast<const T*>(a.bias);
   const float inv_cols = 1.0f / float(cols);
-#pragma omp parallel for schedule(static) if (a.rows * cols >= kParallelMinElems)
+  // Dynamic chunks of rows: rows are independent here, and on a shared machine a descheduled
+  // thread no longer holds the others at the barrier (the backward stays static: deterministic).
+#pragma omp parallel for schedule(dynamic, 32) if (a.rows * cols >= kParallelMinElems)
   for (int64_t r = 0; r < a.rows; ++r) {
     const T* x = static_cast<const T*>(a.x) + r * a.x_stride;
     const T* src = x;
