@@ -17,7 +17,7 @@ import torch
 
 from benchmarks import common, compare, report
 
-OPS = ["bias_act", "softmax", "cross_entropy", "linear", "norms", "attention"]
+OPS = ["bias_act", "attention", "softmax", "cross_entropy", "linear", "norms", "model"]
 
 
 def _git_commit() -> str:

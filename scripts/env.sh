@@ -10,7 +10,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PY=${PYTHON:-python3}
 TORCH_SPEC=${FASTLM_TORCH:-torch==2.14.1}
-DEPS=("$TORCH_SPEC" numpy ninja "setuptools>=64" wheel pytest pytest-benchmark matplotlib)
+DEPS=("$TORCH_SPEC" numpy ninja "setuptools>=64" wheel pytest pytest-benchmark matplotlib transformers safetensors tqdm)
 
 if [ ! -x .venv/bin/python ]; then
   echo "fastlm: creating .venv with $($PY --version 2>&1)"

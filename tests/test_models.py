@@ -1,0 +1,171 @@
+"""The GPT decoder: HF GPT-2 weight loading, reference-path agreement, KV-cached generation."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlm
+from fastlm.models import GPT, GPTConfig, KVCache, sample
+from ops_available import MODEL_OPS, needs
+
+transformers = pytest.importorskip("transformers")
+pytestmark = needs(*MODEL_OPS)
+
+
+def hf_gpt2(**kw):
+    cfg = transformers.GPT2Config(**kw, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def assert_logits_match(model, hf, vocab, T=24):
+    idx = torch.randint(0, vocab, (2, T))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf(idx).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu", "relu"])
+def test_from_hf_two_layers(activation):
+    hf = hf_gpt2(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=97, activation_function=activation)
+    model = GPT.from_hf(hf).eval()
+    assert model.config.n_layer == 2 and model.lm_head.weight is model.transformer.wte.weight
+    assert_logits_match(model, hf, 97)
+
+
+def test_from_hf_gpt2_small_size():
+    torch.manual_seed(0)
+    hf = hf_gpt2()  # GPT-2 124M: 12 layers, 12 heads, 768 wide, 50257 tokens, random weights
+    model = GPT.from_hf(hf).eval()
+    assert model.config == GPTConfig.preset("gpt2")
+    assert model.num_params() == sum(p.numel() for p in hf.parameters())
+    assert_logits_match(model, hf, 50257, T=16)
+
+
+@pytest.mark.parametrize("form", ["state_dict", "safetensors", "bin", "base_model"])
+def test_from_hf_sources(form, tmp_path):
+    hf = hf_gpt2(n_layer=2, n_head=2, n_embd=128, n_positions=32, vocab_size=50)
+    if form == "state_dict":
+        source = hf.state_dict()  # config inferred: n_head = n_embd // 64 = 2
+    elif form == "base_model":
+        source = hf.transformer  # GPT2Model: keys without the "transformer." prefix
+    elif form == "safetensors":
+        hf.save_pretrained(tmp_path)
+        assert any(tmp_path.glob("*.safetensors"))
+        source = str(tmp_path)
+    else:  # the older pytorch_model.bin layout (transformers 5 writes only safetensors)
+        hf.config.to_json_file(tmp_path / "config.json")
+        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+        source = tmp_path
+    assert_logits_match(GPT.from_hf(source).eval(), hf, 50)
+
+
+def test_from_hf_errors(tmp_path):
+    with pytest.raises(TypeError, match="source must be an HF model, a state_dict, a folder or a hub name; got int"):
+        GPT.from_hf(3)
+    (tmp_path / "config.json").write_text(hf_gpt2(n_layer=1, n_head=2, n_embd=32, vocab_size=10).config.to_json_string())
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors or \\*.bin weight files"):
+        GPT.from_hf(str(tmp_path))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_reference_path_agrees(preset):
+    model = GPT(GPTConfig.preset(preset)).eval()
+    idx = torch.randint(0, 256, (2, 33))
+    logits, _ = model(idx)
+    with fastlm.use_backend("reference"):
+        ref_logits, _ = model(idx)
+        _, ref_loss = model(idx, idx)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    _, loss = model(idx, idx)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), idx.flatten()), rtol=1e-5, atol=1e-5)
+
+
+def test_backend_pinned_on_model():
+    model = GPT(GPTConfig.preset("tiny"), backend="reference").eval()
+    idx = torch.randint(0, 256, (1, 9))
+    with fastlm.use_backend("reference"):
+        expected, _ = GPT.forward(model, idx)
+    torch.testing.assert_close(model(idx)[0], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_llama_options_train_step(preset):
+    c = GPTConfig.preset(preset)
+    model = GPT(c)
+    if preset == "llama-tiny":
+        assert c.n_kv_head == 2 and c.norm == "rmsnorm" and c.mlp == "swiglu" and c.pos == "rope"
+        assert "transformer.wpe.weight" not in model.state_dict()
+    idx = torch.randint(0, 256, (2, 17))
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_greedy_generation_cached_equals_uncached(preset):
+    model = GPT(GPTConfig.preset(preset, n_layer=3)).eval()
+    prompt = torch.randint(0, 256, (2, 7))
+    cached = model.generate(prompt, 24, temperature=0)
+    uncached = model.generate(prompt, 24, temperature=0, use_cache=False)
+    assert cached.shape == (2, 31) and torch.equal(cached[:, :7], prompt)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_chunked_prefill_into_the_cache(preset):
+    """T > 1 new tokens after a cached prefix: causal aligned bottom-right, same as one pass."""
+    model = GPT(GPTConfig.preset(preset)).eval()
+    idx = torch.randint(0, 256, (2, 13))
+    cache = KVCache(model.config, 2, 13, "cpu", torch.float32)
+    with torch.no_grad():
+        full = model.hidden(idx)
+        first = model.hidden(idx[:, :6], pos=0, cache=cache)
+        second = model.hidden(idx[:, 6:], pos=6, cache=cache)
+    torch.testing.assert_close(torch.cat([first, second], 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_generate_from_hf_matches_hf_greedy():
+    hf = hf_gpt2(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=97)
+    prompt = torch.randint(0, 97, (1, 5))
+    ours = GPT.from_hf(hf).generate(prompt, 12, temperature=0)
+    hf.generation_config.eos_token_id = None  # don't stop early when token 0 comes up
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+def test_sampling_options():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 5.0, 4.0, -1.0, 3.0]]).repeat(200, 1)
+    assert set(sample(logits, top_k=2, generator=g).flatten().tolist()) == {1, 2}
+    assert set(sample(logits, top_p=0.5, generator=g).flatten().tolist()) == {1}  # token 1 alone has 0.66
+    assert set(sample(logits, temperature=0).flatten().tolist()) == {1}
+    model = GPT(GPTConfig.preset("tiny")).eval()
+    out = model.generate(torch.zeros(3, 1, dtype=torch.long), 5, temperature=0.8, top_k=20, top_p=0.9, generator=g)
+    assert out.shape == (3, 6) and out.max() < 256
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown name 'gpt3'"):
+        GPTConfig.preset("gpt3")
+    with pytest.raises(ValueError, match="norm must be one of layernorm, rmsnorm; got 'batchnorm'"):
+        GPTConfig(norm="batchnorm")
+    with pytest.raises(ValueError, match="n_head \\(4\\) .* n_kv_head \\(3\\)"):
+        GPTConfig(n_head=4, n_embd=64, n_kv_head=3)
+    model = GPT(GPTConfig.preset("tiny", block_size=8)).eval()
+    with pytest.raises(ValueError, match="sequence of 9 tokens exceeds block_size 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="prompt \\(4\\) \\+ max_new_tokens \\(5\\) exceeds block_size 8"):
+        model.generate(torch.zeros(1, 4, dtype=torch.long), 5)
+    assert model.generate(torch.zeros(1, 4, dtype=torch.long), 5, use_cache=False).shape == (1, 9)
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_torch_compile_fullgraph(backend):
+    model = GPT(GPTConfig.preset("tiny"), backend=backend)
+    idx = torch.randint(0, 256, (2, 16))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(idx)[0], model(idx)[0], rtol=1e-5, atol=1e-5)
+    _, loss = compiled(idx, idx)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -1,0 +1,108 @@
+"""fastlm.train: fastlm vs reference loss curves, checkpoint resume, 2-process DDP and FSDP2 on CPU (gloo)."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fastlm import train as T
+from ops_available import MODEL_OPS, needs
+
+needs_model_ops = needs(*MODEL_OPS)
+
+
+def config(tmp_path, **kw):
+    base = dict(data=str(corpus(tmp_path)), preset="tiny", block_size=32, batch_size=4, max_steps=50, warmup_steps=5,
+                eval_interval=25, eval_batches=2, log_interval=1000, out=str(tmp_path / "run"), progress=False)
+    return T.TrainConfig(**{**base, **kw})
+
+
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    if not path.exists():
+        path.write_text(T.read_text(None, 60_000))  # a slice of the standard library's sources
+    return path
+
+
+def test_default_corpus_is_the_standard_library():
+    files = T.corpus_files(None)
+    assert len(files) > 100 and all(f.suffix in T.TEXT_SUFFIXES for f in files)
+    assert len(T.read_text(None, 5000)) == 5000
+    with pytest.raises(FileNotFoundError, match="neither a file nor a folder"):
+        T.corpus_files("/nonexistent/fastlm-data")
+
+
+def test_batches_and_schedule():
+    b = T.Batches(torch.arange(1000, dtype=torch.int32), 16, seed=3)
+    x, y = b.get("train", 5, 0, 4)
+    assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    halves = [b.get("train", 5, 0, 2, rank, 2)[0] for rank in (0, 1)]
+    assert torch.equal(torch.cat(halves), x)  # two ranks see the one-process batch
+    c = T.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert T.lr_at(0, c) == pytest.approx(0.1) and T.lr_at(9, c) == pytest.approx(1.0)
+    assert T.lr_at(60, c) == pytest.approx(0.55) and T.lr_at(110, c) == pytest.approx(0.1)
+
+
+def test_cli_arguments():
+    c = T.parse_args(["--max-steps", "7", "--no-progress", "--lr", "0.01", "--backend", "reference"])
+    assert (c.max_steps, c.progress, c.lr, c.backend, c.preset) == (7, False, 0.01, "reference", "small")
+
+
+@needs_model_ops
+def test_fastlm_and_reference_loss_curves_agree(tmp_path):
+    small = dict(batch_size=2, block_size=24, eval_batches=1)  # 50 steps; the reference path is slow
+    fast = T.train(config(tmp_path, **small))
+    ref = T.train(config(tmp_path, **small, backend="reference", out=str(tmp_path / "ref")))
+    assert len(fast["loss"]) == 50 and fast["loss"][-1] < fast["loss"][0] - 1.0  # it learns
+    torch.testing.assert_close(torch.tensor(fast["loss"]), torch.tensor(ref["loss"]), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(torch.tensor(fast["eval_loss"]), torch.tensor(ref["eval_loss"]), rtol=2e-3, atol=2e-3)
+
+
+@needs_model_ops
+def test_resume_reproduces_the_next_loss(tmp_path):
+    full = T.train(config(tmp_path, max_steps=12, out=str(tmp_path / "full")))
+    T.train(config(tmp_path, max_steps=12, stop_step=6, out=str(tmp_path / "split")))
+    ckpt = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 6 and len(ckpt["history"]["loss"]) == 6
+    resumed = T.train(config(tmp_path, max_steps=12, resume=True, out=str(tmp_path / "split")))
+    assert resumed["step"] == list(range(1, 13))
+    torch.testing.assert_close(resumed["loss"][6], full["loss"][6], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(resumed["loss"]), torch.tensor(full["loss"]), rtol=1e-5, atol=1e-5)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, cfg_dict, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    history = T.train(T.TrainConfig(**cfg_dict))
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(history, f)
+    torch.distributed.destroy_process_group()
+
+
+@needs_model_ops
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(strategy, tmp_path):
+    """2 CPU processes (gloo) with half the batch each, under DDP or FSDP2's fully_shard."""
+    steps = dict(max_steps=4, eval_interval=0)
+    single = T.train(config(tmp_path, batch_size=4, **steps, out=str(tmp_path / "one")))
+    cfg = config(tmp_path, batch_size=2, **steps, dist=strategy, out=str(tmp_path / "ddp"))
+    out = tmp_path / "ddp.json"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), vars(cfg), str(out)), nprocs=2, join=True)
+    ddp = json.loads(out.read_text())
+    # DDP averages the two ranks' gradients of their half-batch mean losses: the one-process gradient
+    torch.testing.assert_close(torch.tensor(ddp["grad_norm"]), torch.tensor(single["grad_norm"]), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(ddp["loss"]), torch.tensor(single["loss"]), rtol=1e-5, atol=1e-5)
+    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
