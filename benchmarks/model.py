@@ -1,4 +1,5 @@
-"""GPT-2 small forward, fastlm GPT vs HF transformers (the same random weights), side by side.
+"""GPT-2 forward, training step and KV-cached generation: fastlm GPT vs HF transformers (the
+same random weights) and vs the same model on the reference path, eager and torch.compile.
 
 CPU: B=1, T=512, fp32, no grad (the issue's done-when: fastlm >= 1.2x HF eager). Rows:
 fastlm (auto backends), fastlm on the reference path, HF with attn_implementation "eager"
@@ -15,6 +16,7 @@ import torch
 import fastlm
 from benchmarks.common import Row, smoke, sync
 from fastlm.models import GPT
+from fastlm.models.gpt import PRESETS as GPTPRESETS
 
 OP = "model"
 
@@ -83,4 +85,112 @@ def run(device: torch.device, quick: bool, ceilings: dict, progress=print) -> li
         rows.append(Row(OP, case, name, "fwd", ms, tflops=flops / ms / 1e9,
                         pct_ceiling=100 * flops / ms / 1e9 / ceilings["matmul_tflops"] if ceilings.get("matmul_tflops") else None,
                         vs_eager=times["HF eager"] / ms, note=note if name == "fastlm" else ""))
+    rows += train_rows(device, quick, dtype, progress)
+    rows += generate_rows(device, quick, dtype, progress)
+    return rows
+
+
+def _train_step(model, idx, opt):
+    """One AdamW step on next-token loss; works for fastlm GPT (returns (logits, loss)) and HF."""
+    if isinstance(getattr(model, "_orig_mod", model), GPT):  # (B, T) inputs, targets shifted by one
+        out = model(idx[:, :-1], idx[:, 1:])
+    else:  # HF shifts the labels itself: the same T tokens in, T - 1 predictions scored
+        out = model(idx[:, :-1], labels=idx[:, :-1])
+    loss = out[1] if isinstance(out, tuple) else out.loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def train_rows(device, quick, dtype, progress) -> list[Row]:
+    """Training step (forward, backward, AdamW) tokens/s; peak memory where the device reports it.
+    GPT-2 124M (and 350M in full mode on a GPU); CPU: B=1, T=128 (quick) or 256."""
+    import transformers
+
+    sizes = [("gpt2", 1, 32)] if smoke() else [("gpt2", 1, 128 if quick else 256)] if device.type == "cpu" else \
+        [("gpt2", 8, 1024)] + ([] if quick else [("gpt2-medium", 8, 1024)])
+    rows = []
+    for preset, B, T in sizes:
+        kw = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=128) if smoke() else {}
+        hf_cfg = transformers.GPT2Config(**{**dict(n_layer=GPTPRESETS[preset]["n_layer"], n_head=GPTPRESETS[preset]["n_head"],
+                                                  n_embd=GPTPRESETS[preset]["n_embd"]), **kw})
+        case = f"{preset}{'-smoke' if smoke() else ''} train B={B} T={T}"
+        progress(f"  {OP} {case}")
+        torch.manual_seed(0)
+        hf = _hf("sdpa", hf_cfg).to(device).train()
+        fast = GPT.from_hf(hf).to(device).train()
+        ref = GPT.from_hf(hf, backend="reference").to(device).train()
+        impls = {"fastlm": fast, "fastlm reference path": ref, "HF sdpa": hf}
+        try:
+            impls["reference path + torch.compile"] = torch.compile(GPT.from_hf(hf, backend="reference").to(device).train())
+        except Exception as exc:  # pragma: no cover
+            rows.append(Row(OP, case, "reference path + torch.compile", "train", None, note=f"failed: {exc}"[:200]))
+        idx = torch.randint(0, hf_cfg.vocab_size, (B, T + 1), device=device)
+        for name, model in impls.items():
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            ctx = torch.autocast(device.type, dtype) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+            try:
+                with ctx:
+                    for _ in range(1 if smoke() else 2):
+                        _train_step(model, idx, opt)  # warm-up (and compile)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                sync(device)
+                times = []
+                for _ in range(2 if smoke() else (3 if quick else 5)):
+                    start = time.perf_counter()
+                    with ctx:
+                        _train_step(model, idx, opt)
+                    sync(device)
+                    times.append(1e3 * (time.perf_counter() - start))
+            except Exception as exc:
+                rows.append(Row(OP, case, name, "train", None, note=f"failed: {type(exc).__name__}: {exc}"[:200]))
+                continue
+            ms = statistics.median(times)
+            peak = f"peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""
+            rows.append(Row(OP, case, name, "train", ms, note=f"{B * T / ms * 1e3:.0f} tok/s {peak}".strip(),
+                            size=case.split(" ", 1)[1], dtype=str(dtype)[6:]))
+        eager = next((r.ms for r in rows if r.case == case and r.impl == "fastlm reference path" and r.ms), None)
+        for r in rows:
+            if r.case == case and r.ms and eager:
+                r.vs_eager = eager / r.ms
+    return rows
+
+
+def generate_rows(device, quick, dtype, progress) -> list[Row]:
+    """Greedy generation tokens/s with the KV cache at batch 1 and 8, fastlm vs HF generate."""
+    import transformers
+
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=128) if smoke() else transformers.GPT2Config()
+    prompt, new = (8, 4) if smoke() else (32, 16 if quick else 64)
+    torch.manual_seed(0)
+    hf = _hf("sdpa", cfg).to(device, dtype).eval()
+    fast = GPT.from_hf(hf).to(device, dtype).eval()
+    rows = []
+    for B in (1, 8):
+        case = f"gpt2{'-smoke' if smoke() else ''} generate B={B} prompt={prompt} new={new}"
+        progress(f"  {OP} {case}")
+        idx = torch.randint(0, cfg.vocab_size, (B, prompt), device=device)
+        impls = {
+            "fastlm": lambda: fast.generate(idx, new, temperature=0.0),
+            "HF generate": lambda: hf.generate(idx, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                                 pad_token_id=0, attention_mask=torch.ones_like(idx)),
+        }
+        outs = {name: fn() for name, fn in impls.items()}  # warm-up, and the tokens must agree
+        same = torch.equal(outs["fastlm"], outs["HF generate"])
+        times = {name: [] for name in impls}
+        for _ in range(2 if smoke() else 3):
+            for name, fn in impls.items():
+                sync(device)
+                start = time.perf_counter()
+                fn()
+                sync(device)
+                times[name].append(1e3 * (time.perf_counter() - start))
+        hf_ms = statistics.median(times["HF generate"])
+        for name, ts in times.items():
+            ms = statistics.median(ts)
+            rows.append(Row(OP, case, name, "generate", ms, note=f"{B * new / ms * 1e3:.0f} tok/s"
+                            + ("" if same else " (greedy tokens differ from HF's)"),
+                            vs_eager=hf_ms / ms, size=f"B={B}", dtype=str(dtype)[6:]))
     return rows
