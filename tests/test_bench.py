@@ -47,3 +47,12 @@ def test_compare_flags_regressions(tmp_path):
 def test_bad_op_is_named():
     out = _bench("--ops", "nope")
     assert out.returncode == 2 and "--ops: unknown op(s) nope" in out.stderr
+
+
+def test_pytest_benchmark_suite_runs():
+    """The pytest-benchmark suite, each case checked and run once (no timing)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_pytest_suite.py", "--benchmark-disable",
+                          "-q", "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "12 passed" in out.stdout
