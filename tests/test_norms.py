@@ -112,6 +112,22 @@ def test_repeatable_bitwise(backend, device, dtypes):
     assert all(torch.equal(a, c) for a, c in zip(*runs))
 
 
+@pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="extension not built")
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_cpu_large_rows_take_the_streaming_path(kind):
+    """>= 8 MiB of fp32 output with 16-aligned rows: the cpu kernel streams y and h to memory and
+    recomputes h from x + residual; results must match the fp64 oracle and h must be exact."""
+    x, r, w, b = torch.randn(2816, 768), torch.randn(2816, 768), torch.randn(768), torch.randn(768)
+    if kind == "layer":
+        y, h = layer_norm(x, (768,), w, b, residual=r, backend="cpu")
+        y64 = F.layer_norm(x.double() + r.double(), (768,), w.double(), b.double())
+    else:
+        y, h = rms_norm(x, (768,), w, residual=r, backend="cpu")
+        y64 = F.rms_norm(x.double() + r.double(), (768,), w.double(), eps=torch.finfo(torch.float32).eps)
+    assert torch.equal(h, x + r)
+    assert_close("cpu streamed y", y, y64)
+
+
 def test_rms_norm_default_eps_is_torch_default():
     x = torch.randn(4, 8) * 1e-4
     torch.testing.assert_close(rms_norm(x, 8, backend="cpu"), F.rms_norm(x, (8,)))

@@ -8,6 +8,7 @@
 #include <omp.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "fastlm/norms.h"
@@ -17,6 +18,7 @@ namespace fastlm::cpu {
 namespace {
 
 constexpr int64_t kParallelMinElems = 1 << 15;
+constexpr int64_t kStreamMinBytes = int64_t(8) << 20;  // past the caches: streaming stores win
 
 template <typename T>
 void forward_rows(const NormForwardArgs& a) {
@@ -24,27 +26,33 @@ void forward_rows(const NormForwardArgs& a) {
   const T* w = static_cast<const T*>(a.weight);
   const T* b = a.rms ? nullptr : static_cast<const T*>(a.bias);
   const float inv_cols = 1.0f / float(cols);
+  // Large fp32 outputs go out with streaming stores (see vec_math.h); h is then not read back
+  // but recomputed from the L1-hot x and residual rows (bit-identical in fp32).
+  const bool stream = std::is_same_v<T, float> && a.rows * cols * int64_t(sizeof(T)) >= kStreamMinBytes &&
+                      cols % kLanes == 0 && stream_aligned(a.y) && (!a.residual || stream_aligned(a.h));
   // Dynamic chunks of rows: rows are independent here, and on a shared machine a descheduled
   // thread no longer holds the others at the barrier (the backward stays static: deterministic).
 #pragma omp parallel for schedule(dynamic, 32) if (a.rows * cols >= kParallelMinElems)
   for (int64_t r = 0; r < a.rows; ++r) {
     const T* x = static_cast<const T*>(a.x) + r * a.x_stride;
+    const T* res = a.residual ? static_cast<const T*>(a.residual) + r * a.residual_stride : nullptr;
+    T* h = a.residual ? static_cast<T*>(a.h) + r * cols : nullptr;
     const T* src = x;
-    if (a.residual) {
-      const T* res = static_cast<const T*>(a.residual) + r * a.residual_stride;
-      T* h = static_cast<T*>(a.h) + r * cols;
+    if (res && !stream) {
       for_each_vector(cols, [&](int64_t i, int64_t n) { store_n(h + i, load_n(x + i, n) + load_n(res + i, n), n); });
       src = h;  // read back: in bf16 the norm sees the rounded sum, as eager's does
     }
+    const bool add = res && stream;
+    auto value = [&](int64_t i, int64_t n) { return add ? load_n(x + i, n) + load_n(res + i, n) : load_n(src + i, n); };
     float mean = 0.0f;
     if (!a.rms) {
       vf s = splat(0.0f);
-      for_each_vector(cols, [&](int64_t i, int64_t n) { s += load_n(src + i, n); });
+      for_each_vector(cols, [&](int64_t i, int64_t n) { s += value(i, n); });
       mean = reduce_add(s) * inv_cols;
     }
     vf q = splat(0.0f);
     for_each_vector(cols, [&](int64_t i, int64_t n) {
-      vf d = load_n(src + i, n) - mean;
+      vf d = value(i, n) - mean;
       if (n < kLanes) d = select(lanes_below(n), d, splat(0.0f));
       q += d * d;
     });
@@ -53,11 +61,23 @@ void forward_rows(const NormForwardArgs& a) {
     a.rstd[r] = rstd;
     T* y = static_cast<T*>(a.y) + r * cols;
     for_each_vector(cols, [&](int64_t i, int64_t n) {
-      vf v = (load_n(src + i, n) - mean) * rstd;
+      vf hv = value(i, n);
+      vf v = (hv - mean) * rstd;
       if (w) v = v * load_n(w + i, n);
       if (b) v = v + load_n(b + i, n);
+      if constexpr (std::is_same_v<T, float>) {
+        if (stream) {
+          if (add) stream_store(h + i, hv);
+          stream_store(y + i, v);
+          return;
+        }
+      }
       store_n(y + i, v, n);
     });
+  }
+  if (stream) {
+#pragma omp parallel if (a.rows * cols >= kParallelMinElems)
+    stream_fence();  // every thread that streamed drains its write-combining buffers
   }
 }
 

@@ -85,6 +85,23 @@ FASTLM_INLINE void store_n(T* p, vf v, int64_t n) {
   else store_partial(p, v, n);
 }
 
+// Streaming (non-temporal) stores for large outputs nobody reads back soon: they skip the
+// read-for-ownership a normal store pays, so a write costs one memory transfer, not two.
+// p must be 64-byte aligned; call stream_fence() before the data is handed to anyone else.
+FASTLM_INLINE bool stream_aligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 63) == 0; }
+FASTLM_INLINE void stream_store(float* p, vf v) {
+#ifdef __AVX512F__
+  _mm512_stream_ps(p, v);
+#else
+  store(p, v);
+#endif
+}
+FASTLM_INLINE void stream_fence() {
+#ifdef __AVX512F__
+  _mm_sfence();
+#endif
+}
+
 FASTLM_INLINE vf vmax(vf a, vf b) { return select(a > b, a, b); }
 FASTLM_INLINE vf vmin(vf a, vf b) { return select(a < b, a, b); }
 FASTLM_INLINE float reduce_add(vf v) {
