@@ -37,6 +37,7 @@ class Row:
     pct_ceiling: float | None = None
     vs_eager: float | None = None  # eager time / this time (>1 = faster than eager)
     note: str = ""
+    tokens_per_s: float | None = None  # model rows: training / generation throughput
     size: str = ""  # the x axis of the plots, e.g. "4096x4096" (default: the case)
     dtype: str = ""  # plots get one panel per (mode, dtype)
 

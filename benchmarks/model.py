@@ -150,6 +150,7 @@ def train_rows(device, quick, dtype, progress) -> list[Row]:
             ms = statistics.median(times)
             peak = f"peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""
             rows.append(Row(OP, case, name, "train", ms, note=f"{B * T / ms * 1e3:.0f} tok/s {peak}".strip(),
+                            tokens_per_s=B * T / ms * 1e3,
                             size=case.split(" ", 1)[1], dtype=str(dtype)[6:]))
         eager = next((r.ms for r in rows if r.case == case and r.impl == "fastlm reference path" and r.ms), None)
         for r in rows:
@@ -190,7 +191,7 @@ def generate_rows(device, quick, dtype, progress) -> list[Row]:
         hf_ms = statistics.median(times["HF generate"])
         for name, ts in times.items():
             ms = statistics.median(ts)
-            rows.append(Row(OP, case, name, "generate", ms, note=f"{B * new / ms * 1e3:.0f} tok/s"
+            rows.append(Row(OP, case, name, "generate", ms, tokens_per_s=B * new / ms * 1e3, note=f"{B * new / ms * 1e3:.0f} tok/s"
                             + ("" if same else " (greedy tokens differ from HF's)"),
                             vs_eager=hf_ms / ms, size=f"B={B}", dtype=str(dtype)[6:]))
     return rows

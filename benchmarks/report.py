@@ -58,9 +58,10 @@ def plots(out_dir: str, rows: list[Row]) -> list[str]:
         for ax, (mode, dtype) in zip(axes.flat, panels):
             sel = [r for r in mine if r.mode == mode and r.dtype == dtype]
             sizes = list(dict.fromkeys(r.size or r.case for r in sel))
-            unit = "GB/s" if any(r.gbps for r in sel) else "TFLOP/s"
+            unit, field = next(((u, f) for u, f in (("GB/s", "gbps"), ("TFLOP/s", "tflops"), ("tokens/s", "tokens_per_s"))
+                                if any(getattr(r, f) for r in sel)), ("1000 / ms", None))
             for impl in dict.fromkeys(r.impl for r in sel):
-                pts = {(r.size or r.case): (r.gbps if unit == "GB/s" else r.tflops) for r in sel if r.impl == impl}
+                pts = {(r.size or r.case): (getattr(r, field) if field else 1e3 / r.ms) for r in sel if r.impl == impl}
                 ax.plot(range(len(sizes)), [pts.get(c) for c in sizes], marker="o", label=impl)
             ax.set_xticks(range(len(sizes)), sizes, rotation=20, ha="right", fontsize=8)
             ax.set_ylabel(unit)
