@@ -25,6 +25,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# pip builds an editable install from scratch each time, so skip it when nothing it compiles
+# or installs has changed since the last successful build (and the module is still there).
+sources=$(cat setup.py pyproject.toml $(find csrc -type f | sort) | sha1sum | cut -d' ' -f1)
+build_stamp=.venv/.fastlm-build
+if [ -f "$build_stamp" ] && [ "$(cat "$build_stamp")" = "$sources${FASTLM_BUILD_CUDA:-}" ] && ls fastlm/_C*.so > /dev/null 2>&1; then
+  echo "fastlm: extension up to date (sources unchanged since the last build)"
+  exit 0
+fi
 start=$(date +%s)
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)}
 if ! .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e . > .venv/build.log 2>&1; then
@@ -32,4 +40,5 @@ if ! .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e . > .v
   echo "fastlm: build failed (log above, also in .venv/build.log)" >&2
   exit 1
 fi
+echo "$sources${FASTLM_BUILD_CUDA:-}" > "$build_stamp"
 echo "fastlm: build took $(( $(date +%s) - start )) s ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
