@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import Row, copies_for, smoke, time_ms
+from benchmarks.common import Row, copies_for, smoke, time_impls
 from fastlm import backend as registry
 from fastlm.ops.bias_act import bias_act, bias_act_ref
 
@@ -51,34 +51,26 @@ def run(device: torch.device, quick: bool, ceilings: dict, progress=print) -> li
             impls["torch eager"] = _eager
             impls["torch.compile"] = compiled
             ref = bias_act_ref(xs[0].detach().double(), b.detach().double())
-            eager_ms = {}
-            for impl, fn in impls.items():
-                try:
-                    y = fn(xs[0], b)
-                except Exception as exc:  # e.g. torch.compile without a working toolchain
-                    rows.append(Row(OP, case, impl, "fwd", None, note=f"failed: {type(exc).__name__}: {exc}"[:200]))
-                    continue
-                err = (y.double() - ref).abs().max().item()
-                tol = 1e-4 if dtype == torch.float32 else 5e-2
-                if not err <= tol:
-                    rows.append(Row(OP, case, impl, "fwd", None, note=f"WRONG: max err {err:.3g} > {tol}"))
-                    continue
-                for mode, nbytes in (("fwd", bytes_fwd), ("fwd+bwd", bytes_fb)):
-                    if mode == "fwd":
-                        def step(i, fn=fn):
-                            with torch.no_grad():
-                                fn(xs[i % copies], b)
-                    else:
-                        def step(i, fn=fn):
-                            x = xs[i % copies]
-                            torch.autograd.grad(fn(x, b), (x, b), gy)
-                    ms = time_ms(step, device)
-                    if impl == "torch eager":
-                        eager_ms[mode] = ms
-                    gbps = nbytes / (ms * 1e-3) / 1e9
-                    rows.append(Row(OP, case, impl, mode, ms, gbps=gbps, pct_ceiling=100 * gbps / ceilings["copy_gbps"],
-                                    size=f"{m}x{n}", dtype=str(dtype)[6:]))
-            for r in rows:
-                if r.case == case and r.ms and r.mode in eager_ms:
-                    r.vs_eager = eager_ms[r.mode] / r.ms
+            tol = 1e-4 if dtype == torch.float32 else 5e-2
+
+            def check(fn):
+                err = (fn(xs[0], b).double() - ref).abs().max().item()
+                return None if err <= tol else f"max err {err:.3g} > {tol}"
+
+            def step_for(fn, mode):
+                if mode == "fwd":
+                    def step(i):
+                        with torch.no_grad():
+                            fn(xs[i % copies], b)
+                else:
+                    def step(i):
+                        x = xs[i % copies]
+                        torch.autograd.grad(fn(x, b), (x, b), gy)
+                return step
+
+            def rate(mode, ms):
+                gbps = (bytes_fwd if mode == "fwd" else bytes_fb) / (ms * 1e-3) / 1e9
+                return dict(gbps=gbps, pct_ceiling=100 * gbps / ceilings["copy_gbps"], size=f"{m}x{n}", dtype=str(dtype)[6:])
+
+            rows += time_impls(OP, case, impls, check, step_for, {}, device, rate)
     return rows

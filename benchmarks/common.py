@@ -67,31 +67,43 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _once_ms(fn: Callable[[int], object], i: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn(i)
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn(i)
+    return (time.perf_counter() - t0) * 1e3
+
+
 def time_ms(fn: Callable[[int], object], device: torch.device, *, min_seconds: float = 0.25,
             warmup: int = 2, max_reps: int = 200) -> float:
     """Median milliseconds of fn(i), i cycling over input copies; CUDA events on GPU."""
+    return time_interleaved({"fn": fn}, device, min_seconds=min_seconds, warmup=warmup, max_rounds=max_reps)["fn"]
+
+
+def time_interleaved(steps: dict[str, Callable[[int], object]], device: torch.device, *,
+                     min_seconds: float = 0.25, warmup: int = 2, max_rounds: int = 200) -> dict[str, float]:
+    """Median milliseconds of each step, timed round-robin (one call of each per round), so that
+    drifting load or memory state on the machine hits every implementation alike."""
     if SMOKE:
-        min_seconds, warmup, max_reps = 0.0, 1, 3
-    for i in range(warmup):
-        fn(i)
+        min_seconds, warmup, max_rounds = 0.0, 1, 3
+    for fn in steps.values():
+        for i in range(warmup):
+            fn(i)
     sync(device)
-    times: list[float] = []
-    start_all = time.perf_counter()
-    i = 0
-    while len(times) < 5 or (time.perf_counter() - start_all < min_seconds and len(times) < max_reps):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn(i)
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn(i)
-            times.append((time.perf_counter() - t0) * 1e3)
-        i += 1
-    return statistics.median(times)
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    start, rounds = time.perf_counter(), 0
+    budget = min_seconds * len(steps)
+    while rounds < 5 or (time.perf_counter() - start < budget and rounds < max_rounds):
+        for name, fn in steps.items():
+            samples[name].append(_once_ms(fn, rounds, device))
+        rounds += 1
+    return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
 def copies_for(nbytes: int, device: torch.device) -> int:
@@ -128,6 +140,7 @@ def time_impls(op: str, case: str, impls: dict, check, step_for, modes: dict, de
     per mode; rate(mode, ms) -> dict of Row throughput fields. vs_eager uses the "torch eager" row."""
     rows: list[Row] = []
     eager_ms: dict[str, float] = {}
+    ok = {}
     for impl, fn in impls.items():
         try:
             err = check(fn)
@@ -137,8 +150,11 @@ def time_impls(op: str, case: str, impls: dict, check, step_for, modes: dict, de
         if err:
             rows.append(Row(op, case, impl, "fwd", None, note=f"WRONG: {err}"))
             continue
-        for mode in modes.get(impl, ("fwd", "fwd+bwd")):
-            ms = time_ms(step_for(fn, mode), device)
+        ok[impl] = fn
+    impl_modes = {impl: modes.get(impl, ("fwd", "fwd+bwd")) for impl in ok}
+    for mode in dict.fromkeys(m for ms in impl_modes.values() for m in ms):
+        steps = {impl: step_for(fn, mode) for impl, fn in ok.items() if mode in impl_modes[impl]}
+        for impl, ms in time_interleaved(steps, device).items():
             if impl == "torch eager":
                 eager_ms[mode] = ms
             rows.append(Row(op, case, impl, mode, ms, **rate(mode, ms)))
