@@ -134,6 +134,25 @@ def matmul_tflops(device: torch.device, quick: bool) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
+def _time_or_oom(steps: dict, device: torch.device) -> dict:
+    """time_interleaved, except that when the peers together run out of device memory (big
+    shapes x eager temporaries) each is timed alone, and one that still can't fit gets a note."""
+    try:
+        return time_interleaved(steps, device)
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out: dict = {}
+    for name, step in steps.items():
+        try:
+            out[name] = time_ms(step, device)
+        except torch.OutOfMemoryError as exc:
+            out[name] = f"failed: out of memory ({exc})"[:120]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return out
+
+
 def time_impls(op: str, case: str, impls: dict, check, step_for, modes: dict, device: torch.device,
                rate) -> list[Row]:
     """Check every impl with check(impl_fn) -> error string or None, then time step_for(fn, mode)
@@ -154,7 +173,10 @@ def time_impls(op: str, case: str, impls: dict, check, step_for, modes: dict, de
     impl_modes = {impl: modes.get(impl, ("fwd", "fwd+bwd")) for impl in ok}
     for mode in dict.fromkeys(m for ms in impl_modes.values() for m in ms):
         steps = {impl: step_for(fn, mode) for impl, fn in ok.items() if mode in impl_modes[impl]}
-        for impl, ms in time_interleaved(steps, device).items():
+        for impl, ms in _time_or_oom(steps, device).items():
+            if isinstance(ms, str):
+                rows.append(Row(op, case, impl, mode, None, note=ms))
+                continue
             if impl == "torch eager":
                 eager_ms[mode] = ms
             rows.append(Row(op, case, impl, mode, ms, **rate(mode, ms)))
