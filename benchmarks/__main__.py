@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--threshold", type=float, default=0.10, help="--compare: slowdown flagged as a regression")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="CPU: leave glibc's default of unmapping big freed buffers (see common.keep_freed_memory)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device-name>)")
     args = p.parse_args(argv)
     if args.compare:
@@ -52,9 +54,12 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     started = time.perf_counter()
+    malloc = "system default"
+    if device.type == "cpu" and not args.system_malloc and common.keep_freed_memory():
+        malloc = "glibc, freed memory kept (mmap threshold 32 MiB, no trim)"
     import fastlm  # noqa: F401  (after arg parsing: its import warning, if any, is informative here)
 
-    print(f"fastlm benchmarks on {common.device_name(device)} ({mode} mode)", flush=True)
+    print(f"fastlm benchmarks on {common.device_name(device)} ({mode} mode, malloc: {malloc})", flush=True)
     print("  measuring ceilings: copy bandwidth, matmul rate", flush=True)
     ceilings = {"copy_gbps": common.copy_bandwidth_gbps(device, args.quick),
                 "matmul_tflops": common.matmul_tflops(device, args.quick)}
@@ -72,6 +77,7 @@ def main(argv=None) -> int:
         "mode": mode,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "malloc": malloc,
         "copy_gbps": round(ceilings["copy_gbps"], 2),
         "matmul_tflops": round(ceilings["matmul_tflops"], 3),
         "python": sys.version.split()[0],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import random
 import re
 import statistics
 import time
@@ -62,6 +63,26 @@ def _cpu_model() -> str:
     return "cpu " + (platform.processor() or platform.machine())
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed tensors' memory for reuse instead of handing it back to the OS.
+
+    By default glibc serves each allocation past a moving threshold (up to 32 MiB) with a fresh
+    mmap and unmaps it on free, so the next call's output is page-faulted in and zeroed again:
+    about 1 us per 4 KiB page on this class of VM, which is 12-15 ms for two 25 MiB outputs,
+    2-3x the kernel time of a layer norm. Whether a given call pays it flips with the
+    allocation history, so the same benchmark swung between 0.7x and 1.5x run to run. Pinning
+    the thresholds (what jemalloc or tcmalloc, the allocators Intel's PyTorch CPU guide
+    recommends, do anyway) takes it out for every peer alike. Returns False off glibc."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -87,21 +108,31 @@ def time_ms(fn: Callable[[int], object], device: torch.device, *, min_seconds: f
 
 
 def time_interleaved(steps: dict[str, Callable[[int], object]], device: torch.device, *,
-                     min_seconds: float = 0.25, warmup: int = 2, max_rounds: int = 200) -> dict[str, float]:
+                     min_seconds: float = 0.25, warmup: int = 2, min_rounds: int = 5,
+                     max_rounds: int = 200) -> dict[str, float]:
     """Median milliseconds of each step, timed round-robin (one call of each per round), so that
-    drifting load or memory state on the machine hits every implementation alike."""
+    drifting load or memory state on the machine hits every implementation alike.
+
+    Each call gets the next input copy (i counts calls, not rounds): with one copy per round,
+    whoever ran first paid the cold reads and the rest found the inputs in cache. The order is
+    shuffled every round (fixed seed) because a call also inherits its predecessor's cache
+    state through the output buffers malloc hands back: after a peer that left its freed
+    output hot in cache, an implementation writes faster than after one that streamed past it."""
     if SMOKE:
-        min_seconds, warmup, max_rounds = 0.0, 1, 3
+        min_seconds, warmup, min_rounds, max_rounds = 0.0, 1, 3, 3
     for fn in steps.values():
         for i in range(warmup):
             fn(i)
     sync(device)
     samples: dict[str, list[float]] = {name: [] for name in steps}
-    start, rounds = time.perf_counter(), 0
+    order, shuffle = list(steps), random.Random(0).shuffle
+    start, rounds, calls = time.perf_counter(), 0, 0
     budget = min_seconds * len(steps)
-    while rounds < 5 or (time.perf_counter() - start < budget and rounds < max_rounds):
-        for name, fn in steps.items():
-            samples[name].append(_once_ms(fn, rounds, device))
+    while rounds < min_rounds or (time.perf_counter() - start < budget and rounds < max_rounds):
+        for name in order:
+            samples[name].append(_once_ms(steps[name], calls, device))
+            calls += 1
+        shuffle(order)
         rounds += 1
     return {name: statistics.median(ts) for name, ts in samples.items()}
 

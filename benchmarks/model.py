@@ -4,7 +4,7 @@ same random weights) and vs the same model on the reference path, eager and torc
 CPU: B=1, T=512, fp32, no grad (the issue's done-when: fastlm >= 1.2x HF eager). Rows:
 fastlm (auto backends), fastlm on the reference path, HF with attn_implementation "eager"
 and "sdpa" (HF's default). Correctness first: fastlm's logits against HF's. GPU: the same
-forward in bf16 at T=1024. Implementations are timed round-robin (see interleaved_ms).
+forward in bf16 at T=1024. Implementations are timed round-robin (common.time_interleaved).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 import torch
 
 import fastlm
-from benchmarks.common import Row, smoke, sync
+from benchmarks.common import Row, smoke, sync, time_interleaved
 from fastlm.models import GPT
 from fastlm.models.gpt import PRESETS as GPTPRESETS
 
@@ -25,23 +25,6 @@ def _hf(attn: str, config):
     import transformers
 
     return transformers.GPT2LMHeadModel._from_config(config, attn_implementation=attn).eval()
-
-
-def interleaved_ms(impls: dict, idx, device, rounds: int) -> dict:
-    """Median ms per impl, timed round-robin (one call of each per round) so that load from
-    other processes on a shared machine hits every impl alike."""
-    samples = {name: [] for name in impls}
-    with torch.no_grad():
-        for fn in impls.values():  # warm-up
-            fn(idx)
-        for _ in range(rounds):
-            for name, fn in impls.items():
-                sync(device)
-                start = time.perf_counter()
-                fn(idx)
-                sync(device)
-                samples[name].append(1e3 * (time.perf_counter() - start))
-    return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
 def run(device: torch.device, quick: bool, ceilings: dict, progress=print) -> list[Row]:
@@ -79,7 +62,9 @@ def run(device: torch.device, quick: bool, ceilings: dict, progress=print) -> li
             return model(x)[0]
 
     impls["fastlm reference path"] = reference_path
-    times = interleaved_ms(impls, idx, device, rounds=3 if smoke() else (5 if quick else 9))
+    with torch.no_grad():
+        times = time_interleaved({name: (lambda i, fn=fn: fn(idx)) for name, fn in impls.items()}, device,
+                                 min_seconds=0.0, warmup=1, min_rounds=5 if quick else 9)
     rows = []
     for name, ms in times.items():
         rows.append(Row(OP, case, name, "fwd", ms, tflops=flops / ms / 1e9,

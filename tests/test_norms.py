@@ -115,8 +115,9 @@ def test_repeatable_bitwise(backend, device, dtypes):
 @pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="extension not built")
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 def test_cpu_large_rows_take_the_streaming_path(kind):
-    """>= 8 MiB of fp32 output with 16-aligned rows: the cpu kernel streams y and h to memory and
-    recomputes h from x + residual; results must match the fp64 oracle and h must be exact."""
+    """>= 8 MiB of fp32 output with 16-aligned rows into mapped pages (the NaN prefill of the
+    test's deterministic mode maps them): the cpu kernel builds h in a scratch row and streams h
+    and y to memory; results must match the fp64 oracle and h must be exact."""
     x, r, w, b = torch.randn(2816, 768), torch.randn(2816, 768), torch.randn(768), torch.randn(768)
     if kind == "layer":
         y, h = layer_norm(x, (768,), w, b, residual=r, backend="cpu")

@@ -20,64 +20,91 @@ namespace {
 constexpr int64_t kParallelMinElems = 1 << 15;
 constexpr int64_t kStreamMinBytes = int64_t(8) << 20;  // past the caches: streaming stores win
 
+// sum over the row of f(i, n) (tail lanes masked), with four independent accumulators: a
+// single chain of dependent adds waits ~4 cycles per vector, longer than the L1 loads feeding it.
+template <typename F>
+FASTLM_INLINE float row_sum(int64_t cols, F&& f) {
+  vf s0 = splat(0.0f), s1 = s0, s2 = s0, s3 = s0;
+  int64_t i = 0;
+  for (; i + 4 * kLanes <= cols; i += 4 * kLanes) {
+    s0 += f(i, int64_t(kLanes));
+    s1 += f(i + kLanes, int64_t(kLanes));
+    s2 += f(i + 2 * kLanes, int64_t(kLanes));
+    s3 += f(i + 3 * kLanes, int64_t(kLanes));
+  }
+  for (; i < cols; i += kLanes) {
+    const int64_t n = cols - i < kLanes ? cols - i : kLanes;
+    vf v = f(i, n);
+    s0 += n < kLanes ? select(lanes_below(n), v, splat(0.0f)) : v;
+  }
+  return reduce_add((s0 + s1) + (s2 + s3));
+}
+
+// Statistics and output of one row whose h (= x + residual, or x) is in src, L1-hot; S is the
+// type src holds (T, or float for the streaming path's scratch row). Streaming also writes h.
+template <typename T, typename S>
+FASTLM_INLINE void normalize_row(const NormForwardArgs& a, int64_t r, const S* src, bool stream, T* h, T* y) {
+  const int64_t cols = a.cols;
+  const float inv_cols = 1.0f / float(cols);
+  const T* w = static_cast<const T*>(a.weight);
+  const T* b = a.rms ? nullptr : static_cast<const T*>(a.bias);
+  const float mean = a.rms ? 0.0f : row_sum(cols, [&](int64_t i, int64_t n) { return load_n(src + i, n); }) * inv_cols;
+  const float var = row_sum(cols, [&](int64_t i, int64_t n) {
+    vf d = load_n(src + i, n) - mean;
+    return d * d;
+  }) * inv_cols;
+  const float rstd = 1.0f / std::sqrt(var + a.eps);
+  if (a.mean) a.mean[r] = mean;
+  a.rstd[r] = rstd;
+  for_each_vector(cols, [&](int64_t i, int64_t n) {
+    vf hv = load_n(src + i, n);
+    vf v = (hv - mean) * rstd;
+    if (w) v = v * load_n(w + i, n);
+    if (b) v = v + load_n(b + i, n);
+    if constexpr (std::is_same_v<T, float>) {
+      if (stream) {
+        if (h) stream_store(h + i, hv);
+        stream_store(y + i, v);
+        return;
+      }
+    }
+    store_n(y + i, v, n);
+  });
+}
+
 template <typename T>
 void forward_rows(const NormForwardArgs& a) {
   const int64_t cols = a.cols;
-  const T* w = static_cast<const T*>(a.weight);
-  const T* b = a.rms ? nullptr : static_cast<const T*>(a.bias);
-  const float inv_cols = 1.0f / float(cols);
-  // Large fp32 outputs go out with streaming stores (see vec_math.h); h is then not read back
-  // but recomputed from the L1-hot x and residual rows (bit-identical in fp32).
-  const bool stream = std::is_same_v<T, float> && a.rows * cols * int64_t(sizeof(T)) >= kStreamMinBytes &&
-                      cols % kLanes == 0 && stream_aligned(a.y) && (!a.residual || stream_aligned(a.h));
-  // Dynamic chunks of rows: rows are independent here, and on a shared machine a descheduled
-  // thread no longer holds the others at the barrier (the backward stays static: deterministic).
-#pragma omp parallel for schedule(dynamic, 32) if (a.rows * cols >= kParallelMinElems)
-  for (int64_t r = 0; r < a.rows; ++r) {
-    const T* x = static_cast<const T*>(a.x) + r * a.x_stride;
-    const T* res = a.residual ? static_cast<const T*>(a.residual) + r * a.residual_stride : nullptr;
-    T* h = a.residual ? static_cast<T*>(a.h) + r * cols : nullptr;
-    const T* src = x;
-    if (res && !stream) {
-      for_each_vector(cols, [&](int64_t i, int64_t n) { store_n(h + i, load_n(x + i, n) + load_n(res + i, n), n); });
-      src = h;  // read back: in bf16 the norm sees the rounded sum, as eager's does
-    }
-    const bool add = res && stream;
-    auto value = [&](int64_t i, int64_t n) { return add ? load_n(x + i, n) + load_n(res + i, n) : load_n(src + i, n); };
-    float mean = 0.0f;
-    if (!a.rms) {
-      vf s = splat(0.0f);
-      for_each_vector(cols, [&](int64_t i, int64_t n) { s += value(i, n); });
-      mean = reduce_add(s) * inv_cols;
-    }
-    vf q = splat(0.0f);
-    for_each_vector(cols, [&](int64_t i, int64_t n) {
-      vf d = value(i, n) - mean;
-      if (n < kLanes) d = select(lanes_below(n), d, splat(0.0f));
-      q += d * d;
-    });
-    const float rstd = 1.0f / std::sqrt(reduce_add(q) * inv_cols + a.eps);
-    if (a.mean) a.mean[r] = mean;
-    a.rstd[r] = rstd;
-    T* y = static_cast<T*>(a.y) + r * cols;
-    for_each_vector(cols, [&](int64_t i, int64_t n) {
-      vf hv = value(i, n);
-      vf v = (hv - mean) * rstd;
-      if (w) v = v * load_n(w + i, n);
-      if (b) v = v + load_n(b + i, n);
-      if constexpr (std::is_same_v<T, float>) {
-        if (stream) {
-          if (add) stream_store(h + i, hv);
-          stream_store(y + i, v);
-          return;
-        }
-      }
-      store_n(y + i, v, n);
-    });
-  }
-  if (stream) {
+  const int64_t bytes = a.rows * cols * int64_t(sizeof(T));
+  // Large fp32 outputs into mapped, cold pages go out with streaming stores (see vec_math.h).
+  // h = x + residual then goes to a per-thread scratch row, not to h, which is streamed out
+  // with y: reading h back would fetch the line the streaming store just sent to memory.
+  const bool stream = std::is_same_v<T, float> && bytes >= kStreamMinBytes && cols % kLanes == 0 &&
+                      stream_aligned(a.y) && (!a.residual || stream_aligned(a.h)) &&
+                      pages_resident(a.y, bytes) && (!a.residual || pages_resident(a.h, bytes));
 #pragma omp parallel if (a.rows * cols >= kParallelMinElems)
-    stream_fence();  // every thread that streamed drains its write-combining buffers
+  {
+    std::vector<float> scratch(stream && a.residual ? size_t(cols) : 0);
+    // Dynamic chunks of rows: rows are independent here, and on a shared machine a descheduled
+    // thread no longer holds the others at the barrier (the backward stays static: deterministic).
+#pragma omp for schedule(dynamic, 32)
+    for (int64_t r = 0; r < a.rows; ++r) {
+      const T* x = static_cast<const T*>(a.x) + r * a.x_stride;
+      const T* res = a.residual ? static_cast<const T*>(a.residual) + r * a.residual_stride : nullptr;
+      T* h = a.residual ? static_cast<T*>(a.h) + r * cols : nullptr;
+      T* y = static_cast<T*>(a.y) + r * cols;
+      if (!res) {
+        normalize_row<T>(a, r, x, stream, nullptr, y);
+      } else if (stream) {
+        float* s = scratch.data();
+        for_each_vector(cols, [&](int64_t i, int64_t n) { store_n(s + i, load_n(x + i, n) + load_n(res + i, n), n); });
+        normalize_row<T>(a, r, static_cast<const float*>(s), true, h, y);
+      } else {  // h is the output; read it back so in bf16 the norm sees the rounded sum, as eager's does
+        for_each_vector(cols, [&](int64_t i, int64_t n) { store_n(h + i, load_n(x + i, n) + load_n(res + i, n), n); });
+        normalize_row<T>(a, r, static_cast<const T*>(h), false, nullptr, y);
+      }
+    }
+    if (stream) stream_fence();  // every thread that streamed drains its write-combining buffers
   }
 }
 
