@@ -77,6 +77,12 @@ def test_vocab_width(backend):
     _check(backend, "cpu", torch.float32, None, 7, 64, 50304, residual=False)
 
 
+def test_cpu_output_past_32_mib_on_huge_pages():
+    """(192, 50304) fp32 z and y are >= 32 MiB each: the cpu binding advises huge pages for them
+    (csrc/bindings/cpu_output.h) before the GEMM and the epilogue write them."""
+    _check("cpu", "cpu", torch.float32, "gelu", 192, 64, 50304, residual=True)
+
+
 @pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
 def test_non_contiguous_inputs(backend, device, dtypes):
     dtype = dtypes[0]
