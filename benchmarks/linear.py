@@ -1,6 +1,8 @@
 """linear: act(x @ w^T + b) (GEMM + fused epilogue) and the GPT-2 MLP shapes, every fastlm backend
 vs torch eager (F.linear then F.gelu), torch._addmm_activation (the cuBLASLt epilogue) and
-torch.compile, in TFLOP/s and % of the plain matmul (x @ w^T) rate of the same shape and run."""
+torch.compile, in TFLOP/s and % of the plain matmul (x @ w^T) rate of the same shape and run.
+On CPU fp32 also "fastlm:cpu prepacked": the forward with the weight packed once for the GEMM
+(fastlm.ops.linear_prepacked, what fastlm.nn.Linear.prepack uses for inference)."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 from benchmarks.common import copies_for, time_impls, time_ms
 from fastlm import backend as registry
 from fastlm.ops.linear import linear, linear_ref
+from fastlm.ops.linear_prepacked import PackedWeight, linear_prepacked, prepack_available
 
 OP = "linear"
 
@@ -53,6 +56,9 @@ def run(device: torch.device, quick: bool, ceilings: dict, progress=print) -> li
                     continue  # the interpreter / the oracle are not contenders
                 if not registry.why_not(OP, name, device, xs[0], w):
                     impls[f"fastlm:{name}"] = lambda x, w_, b_, _n=name: linear(x, w_, b_, activation="gelu", backend=_n)
+            if device.type == "cpu" and dtype == torch.float32 and prepack_available():
+                packed = PackedWeight()  # inference with the weight packed once (fastlm.nn.Linear.prepack)
+                impls["fastlm:cpu prepacked"] = lambda x, w_, b_: linear_prepacked(x, packed, w_, b_, activation="gelu")
             impls["torch eager"] = _eager
             impls["torch._addmm_activation"] = _addmm_act
             impls["torch.compile"] = compiled
@@ -84,7 +90,7 @@ def run(device: torch.device, quick: bool, ceilings: dict, progress=print) -> li
                 plain.setdefault(mode, tflops)  # the matmul row runs first
                 return {"tflops": tflops, "pct_ceiling": 100 * tflops / plain[mode]}
 
-            modes = {"torch._addmm_activation": ("fwd",)}
+            modes = {"torch._addmm_activation": ("fwd",), "fastlm:cpu prepacked": ("fwd",)}
             if device.type == "cpu" and quick:
                 modes = {**modes, **{i: ("fwd",) for i in impls}}
             rows += time_impls(OP, case, impls, check, step_for, modes, device, rate)

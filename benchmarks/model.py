@@ -8,6 +8,7 @@ forward in bf16 at T=1024. Implementations are timed round-robin (common.time_in
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -62,6 +63,17 @@ def run(device: torch.device, quick: bool, ceilings: dict, progress=print) -> li
             return model(x)[0]
 
     impls["fastlm reference path"] = reference_path
+    notes = {"fastlm": note}
+    if device.type == "cpu" and dtype == torch.float32 and fastlm.ops.prepack_available():
+        # the same weights, packed once for the GEMM (fastlm.nn.prepack: CPU inference, opt-in)
+        packed = copy.deepcopy(model)
+        notes["fastlm prepacked"] = f"{len(fastlm.nn.prepack(packed))} Linears prepacked (fastlm.nn.prepack)"
+        with torch.no_grad():
+            err = (packed(idx)[0].float() - expected).abs().max().item()
+        if not err <= tol:
+            notes["fastlm prepacked"] = f"WRONG: max |logits - HF| {err:.2e} > {tol}"
+        else:
+            impls["fastlm prepacked"] = lambda x: packed(x)[0]
     with torch.no_grad():
         times = time_interleaved({name: (lambda i, fn=fn: fn(idx)) for name, fn in impls.items()}, device,
                                  min_seconds=0.0, warmup=1, min_rounds=5 if quick else 9)
@@ -69,7 +81,7 @@ def run(device: torch.device, quick: bool, ceilings: dict, progress=print) -> li
     for name, ms in times.items():
         rows.append(Row(OP, case, name, "fwd", ms, tflops=flops / ms / 1e9,
                         pct_ceiling=100 * flops / ms / 1e9 / ceilings["matmul_tflops"] if ceilings.get("matmul_tflops") else None,
-                        vs_eager=times["HF eager"] / ms, note=note if name == "fastlm" else ""))
+                        vs_eager=times["HF eager"] / ms, note=notes.get(name, "")))
     rows += train_rows(device, quick, dtype, progress)
     rows += generate_rows(device, quick, dtype, progress)
     return rows

@@ -14,6 +14,7 @@ from torch import nn
 
 from fastlm import ops
 from fastlm.nn._base import FastModule, check_activation, check_backend
+from fastlm.ops.linear_prepacked import PackedWeight, applies, linear_prepacked, prepack_available
 
 
 class Linear(FastModule, nn.Linear):
@@ -28,7 +29,19 @@ class Linear(FastModule, nn.Linear):
     def _fastlm_adopt(self, activation=None):
         self.activation = check_activation(activation)
 
+    def prepack(self, enabled: bool = True) -> bool:
+        """CPU float32 inference: keep the weight packed in the GEMM's layout instead of re-packing
+        it on every call (fastlm/ops/linear_prepacked.py: about 2x the weight's memory; repacked
+        when the weight's version changes; call again after writes through `weight.data`).
+        Returns whether prepacking is on; it is unavailable where torch exports no MKL."""
+        on = enabled and prepack_available()
+        self._packed = PackedWeight() if on else None
+        return on
+
     def forward(self, input, residual=None):
+        packed = getattr(self, "_packed", None)
+        if packed is not None and applies(input, self.weight, self.backend):
+            return linear_prepacked(input, packed, self.weight, self.bias, activation=self.activation, residual=residual)
         return self._run(ops.linear, input, self.weight, self.bias, activation=self.activation, residual=residual)
 
     def extra_repr(self):
