@@ -18,7 +18,7 @@ at::Tensor bias_act_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor here, got ", x.device().str());
   const DType dtype = dtype_arg(op, "x", x, /*allow_half=*/false);
   bias_arg(op, bias, x);
-  at::Tensor y = empty_cpu_output(x.sizes(), x.options());
+  at::Tensor y = empty_output(x.sizes(), x.options());
   if (x.numel() == 0) return y;
   const at::Tensor x2 = rows_view(x);
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor> bias_act_bwd_cpu(const at::Tensor& grad_out, 
   same_place_arg(op, "grad_out", grad_out, x);
   TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
                     " but x has shape ", x.sizes());
-  at::Tensor grad_x = empty_cpu_output(x.sizes(), x.options());
+  at::Tensor grad_x = empty_output(x.sizes(), x.options());
   at::Tensor grad_bias = bias ? at::empty({last_dim(x)}, x.options()) : at::empty({0}, x.options());
   if (x.numel() == 0) return {grad_x, grad_bias.zero_()};
   const at::Tensor g2 = rows_view(grad_out), x2 = rows_view(x);

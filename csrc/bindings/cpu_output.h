@@ -13,9 +13,11 @@
 
 namespace fastlm::bind {
 
-inline at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+// at::empty, plus the huge-page advice for large CPU buffers (other devices: plain at::empty).
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
 #ifdef MADV_HUGEPAGE
+  if (!t.device().is_cpu()) return t;
   constexpr uintptr_t kMin = uintptr_t(32) << 20, kHuge = uintptr_t(2) << 20;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr()), bytes = uintptr_t(t.nbytes());
   const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + bytes) & ~(kHuge - 1);

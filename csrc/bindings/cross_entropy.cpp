@@ -40,7 +40,7 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& 
   ce_args(op, logits, target, weight);
   ce_row_vector_arg(op, "lse", lse, logits);
   ce_row_vector_arg(op, "grad_loss", grad_loss, logits);
-  at::Tensor grad = empty_cpu_output(logits.sizes(), logits.options());
+  at::Tensor grad = empty_output(logits.sizes(), logits.options());
   if (logits.numel() == 0) return grad;
   const at::Tensor x = rows_view(logits), t = target.contiguous(), l = lse.contiguous(), g = grad_loss.contiguous();
   const at::Tensor w = weight ? weight->contiguous() : at::Tensor();

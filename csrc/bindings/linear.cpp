@@ -29,8 +29,8 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   const DType dtype = dtype_arg(op, "x", x, /*allow_half=*/false);
   linear_args(op, x, weight, bias, residual);
   const int64_t M = x.size(0), N = weight.size(0);
-  at::Tensor z = empty_cpu_output({M, N}, x.options());  // x @ weight^T; becomes z + bias when it is saved
-  at::Tensor y = save_preact ? empty_cpu_output({M, N}, x.options()) : z;
+  at::Tensor z = empty_output({M, N}, x.options());  // x @ weight^T; becomes z + bias when it is saved
+  at::Tensor y = save_preact ? empty_output({M, N}, x.options()) : z;
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   const at::Tensor r = residual ? rows_view(*residual) : at::Tensor();
   // bf16: the bias goes into the GEMM (addmm), so z + bias is rounded once as in eager; adding it

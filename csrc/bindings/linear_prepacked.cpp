@@ -119,7 +119,7 @@ at::Tensor linear_prepacked_cpu(const at::Tensor& x, const at::Tensor& packed, c
   const float* pack = pack_data(op, packed, weight);
   TORCH_CHECK_VALUE(x.size(0) <= INT32_MAX, op, ": x has ", x.size(0), " rows, past the 32-bit BLAS interface");
   const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1);
-  at::Tensor y = empty_cpu_output({M, N}, x.options());
+  at::Tensor y = empty_output({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   if (K == 0) {
     y.zero_();

@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "common.h"
+#include "cpu_output.h"
 #include "fastlm/norms.h"
 
 namespace fastlm::bind {
@@ -66,8 +67,8 @@ inline NormForwardPlan plan_norm_forward(const char* op, const at::Tensor& x_in,
   if (residual) p.residual = rows_view(*residual);
   if (weight) p.weight = weight->contiguous();
   if (bias) p.bias = bias->contiguous();
-  p.y = at::empty({rows, cols}, x_in.options());
-  p.h = residual ? at::empty({rows, cols}, x_in.options()) : at::empty({0}, x_in.options());
+  p.y = empty_output({rows, cols}, x_in.options());
+  p.h = residual ? empty_output({rows, cols}, x_in.options()) : at::empty({0}, x_in.options());
   const auto f32 = x_in.options().dtype(at::kFloat);
   p.mean = rms ? at::empty({0}, f32) : at::empty({rows}, f32);
   p.rstd = at::empty({rows}, f32);
@@ -115,7 +116,7 @@ inline NormBackwardPlan plan_norm_backward(const char* op, const at::Tensor& gra
   if (weight) p.weight = weight->contiguous();
   p.mean = rms ? at::Tensor() : mean.contiguous();
   p.rstd = rstd.contiguous();
-  p.grad_h = at::empty({rows, cols}, h.options());
+  p.grad_h = empty_output({rows, cols}, h.options());
   p.grad_weight = weight ? at::zeros({cols}, h.options()) : at::empty({0}, h.options());
   p.grad_bias = bias_grad ? at::zeros({cols}, h.options()) : at::empty({0}, h.options());
   p.args = NormBackwardArgs{dtype, rms, rows, cols,

@@ -15,7 +15,7 @@ at::Tensor softmax_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   constexpr const char* op = "softmax";
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor here, got ", x.device().str());
   const DType dtype = dtype_arg(op, "x", x, /*allow_half=*/false);
-  at::Tensor y = empty_cpu_output(x.sizes(), x.options());
+  at::Tensor y = empty_output(x.sizes(), x.options());
   if (x.numel() == 0) return y;
   const at::Tensor x2 = rows_view(x);
   const SoftmaxMask m = softmax_mask_arg(op, mask, x, x2.size(0), x2.size(1));
@@ -30,7 +30,7 @@ at::Tensor softmax_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& y, double
   TORCH_CHECK_VALUE(y.device().is_cpu(), op, ": y must be a CPU tensor here, got ", y.device().str());
   const DType dtype = dtype_arg(op, "y", y, /*allow_half=*/false);
   softmax_bwd_args(op, grad_y, y);
-  at::Tensor grad_x = empty_cpu_output(y.sizes(), y.options());
+  at::Tensor grad_x = empty_output(y.sizes(), y.options());
   if (y.numel() == 0) return grad_x;
   const at::Tensor g2 = rows_view(grad_y), y2 = rows_view(y);
   softmax_backward_cpu(dtype, log, y2.size(0), y2.size(1), g2.data_ptr(), g2.stride(0), y2.data_ptr(),
