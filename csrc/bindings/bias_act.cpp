@@ -15,8 +15,7 @@ at::Tensor bias_act_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>
                             c10::string_view activation) {
   constexpr const char* op = "bias_act";
   const Activation act = activation_arg(op, activation);
-  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor here, got ", x.device().str());
-  const DType dtype = dtype_arg(op, "x", x, /*allow_half=*/false);
+  const DType dtype = kernel_input_arg(op, "x", x, c10::DeviceType::CPU, /*allow_half=*/false);
   bias_arg(op, bias, x);
   at::Tensor y = empty_output(x.sizes(), x.options());
   if (x.numel() == 0) return y;
@@ -32,12 +31,9 @@ std::tuple<at::Tensor, at::Tensor> bias_act_bwd_cpu(const at::Tensor& grad_out, 
                                                     c10::string_view activation) {
   constexpr const char* op = "bias_act_backward";
   const Activation act = activation_arg(op, activation);
-  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor here, got ", x.device().str());
-  const DType dtype = dtype_arg(op, "x", x, /*allow_half=*/false);
+  const DType dtype = kernel_input_arg(op, "x", x, c10::DeviceType::CPU, /*allow_half=*/false);
   bias_arg(op, bias, x);
-  same_place_arg(op, "grad_out", grad_out, x);
-  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
-                    " but x has shape ", x.sizes());
+  grad_out_arg(op, grad_out, x);
   at::Tensor grad_x = empty_output(x.sizes(), x.options());
   at::Tensor grad_bias = bias ? at::empty({last_dim(x)}, x.options()) : at::empty({0}, x.options());
   if (x.numel() == 0) return {grad_x, grad_bias.zero_()};

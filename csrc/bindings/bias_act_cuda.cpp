@@ -19,16 +19,11 @@ void check_launch(const char* op, int status) {
               cudaGetErrorString(static_cast<cudaError_t>(status)));
 }
 
-void cuda_arg(const char* op, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(x.device().is_cuda(), op, ": x must be a CUDA tensor here, got ", x.device().str());
-}
-
 at::Tensor bias_act_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& bias,
                              c10::string_view activation) {
   constexpr const char* op = "bias_act";
   const Activation act = activation_arg(op, activation);
-  cuda_arg(op, x);
-  const DType dtype = dtype_arg(op, "x", x, /*allow_half=*/true);
+  const DType dtype = kernel_input_arg(op, "x", x, c10::DeviceType::CUDA, /*allow_half=*/true);
   bias_arg(op, bias, x);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty(x.sizes(), x.options());
@@ -47,12 +42,9 @@ std::tuple<at::Tensor, at::Tensor> bias_act_bwd_cuda(const at::Tensor& grad_out,
                                                      c10::string_view activation) {
   constexpr const char* op = "bias_act_backward";
   const Activation act = activation_arg(op, activation);
-  cuda_arg(op, x);
-  const DType dtype = dtype_arg(op, "x", x, /*allow_half=*/true);
+  const DType dtype = kernel_input_arg(op, "x", x, c10::DeviceType::CUDA, /*allow_half=*/true);
   bias_arg(op, bias, x);
-  same_place_arg(op, "grad_out", grad_out, x);
-  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
-                    " but x has shape ", x.sizes());
+  grad_out_arg(op, grad_out, x);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
   at::Tensor grad_bias = at::empty({bias ? last_dim(x) : 0}, x.options());

@@ -32,6 +32,15 @@ inline DType dtype_arg(const char* op, const char* arg, const at::Tensor& t, boo
   return DType::kFloat32;  // unreachable: the check above throws
 }
 
+// The tensor a kernel's dtype and device come from: on `device` (the backend this binding
+// serves) and in a dtype it computes in.
+inline DType kernel_input_arg(const char* op, const char* arg, const at::Tensor& t, c10::DeviceType device,
+                              bool allow_half) {
+  TORCH_CHECK_VALUE(t.device().type() == device, op, ": ", arg, " must be a ",
+                    device == c10::DeviceType::CUDA ? "CUDA" : "CPU", " tensor here, got ", t.device().str());
+  return dtype_arg(op, arg, t, allow_half);
+}
+
 // `other` must live where `x` lives and share its dtype.
 inline void same_place_arg(const char* op, const char* arg, const at::Tensor& other,
                            const at::Tensor& x) {
@@ -48,6 +57,13 @@ inline void bias_arg(const char* op, const std::optional<at::Tensor>& bias, cons
   TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == x.size(-1), op,
                     ": bias must have shape (", x.size(-1), ",) to match the last dim of x, got ",
                     bias->sizes());
+}
+
+// bias_act_backward's grad_out: beside x, of x's shape.
+inline void grad_out_arg(const char* op, const at::Tensor& grad_out, const at::Tensor& x) {
+  same_place_arg(op, "grad_out", grad_out, x);
+  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
+                    " but x has shape ", x.sizes());
 }
 
 inline int64_t last_dim(const at::Tensor& t) { return t.dim() ? t.size(-1) : 1; }

@@ -14,9 +14,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logit
                                                          const std::optional<at::Tensor>& weight,
                                                          int64_t ignore_index, double label_smoothing) {
   constexpr const char* op = "cross_entropy";
-  TORCH_CHECK_VALUE(logits.device().is_cpu(), op, ": logits must be a CPU tensor here, got ", logits.device().str());
-  const DType dtype = dtype_arg(op, "logits", logits, /*allow_half=*/false);
-  ce_args(op, logits, target, weight);
+  const DType dtype = ce_args(op, logits, target, weight, c10::DeviceType::CPU);
   const int64_t rows = logits.size(0), cols = logits.size(1);
   const auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({rows}, f32), lse = at::empty({rows}, f32);
@@ -35,11 +33,7 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& 
                                  const std::optional<at::Tensor>& weight, const at::Tensor& lse,
                                  int64_t ignore_index, double label_smoothing) {
   constexpr const char* op = "cross_entropy_backward";
-  TORCH_CHECK_VALUE(logits.device().is_cpu(), op, ": logits must be a CPU tensor here, got ", logits.device().str());
-  const DType dtype = dtype_arg(op, "logits", logits, /*allow_half=*/false);
-  ce_args(op, logits, target, weight);
-  ce_row_vector_arg(op, "lse", lse, logits);
-  ce_row_vector_arg(op, "grad_loss", grad_loss, logits);
+  const DType dtype = ce_backward_args(op, grad_loss, logits, target, weight, lse, c10::DeviceType::CPU);
   at::Tensor grad = empty_output(logits.sizes(), logits.options());
   if (logits.numel() == 0) return grad;
   const at::Tensor x = rows_view(logits), t = target.contiguous(), l = lse.contiguous(), g = grad_loss.contiguous();

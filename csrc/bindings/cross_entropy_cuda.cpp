@@ -22,9 +22,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::Tensor& logi
                                                           const std::optional<at::Tensor>& weight,
                                                           int64_t ignore_index, double label_smoothing) {
   constexpr const char* op = "cross_entropy";
-  TORCH_CHECK_VALUE(logits.device().is_cuda(), op, ": logits must be a CUDA tensor here, got ", logits.device().str());
-  const DType dtype = dtype_arg(op, "logits", logits, /*allow_half=*/true);
-  ce_args(op, logits, target, weight);
+  const DType dtype = ce_args(op, logits, target, weight, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0), cols = logits.size(1);
   const auto f32 = logits.options().dtype(at::kFloat);
@@ -43,11 +41,7 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
                                   const std::optional<at::Tensor>& weight, const at::Tensor& lse,
                                   int64_t ignore_index, double label_smoothing) {
   constexpr const char* op = "cross_entropy_backward";
-  TORCH_CHECK_VALUE(logits.device().is_cuda(), op, ": logits must be a CUDA tensor here, got ", logits.device().str());
-  const DType dtype = dtype_arg(op, "logits", logits, /*allow_half=*/true);
-  ce_args(op, logits, target, weight);
-  ce_row_vector_arg(op, "lse", lse, logits);
-  ce_row_vector_arg(op, "grad_loss", grad_loss, logits);
+  const DType dtype = ce_backward_args(op, grad_loss, logits, target, weight, lse, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
   if (logits.numel() == 0) return grad;

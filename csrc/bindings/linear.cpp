@@ -25,8 +25,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   constexpr const char* op = "linear";
   Activation act = Activation::kGelu;
   const bool has_act = optional_activation_arg(op, activation, &act);
-  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor here, got ", x.device().str());
-  const DType dtype = dtype_arg(op, "x", x, /*allow_half=*/false);
+  const DType dtype = kernel_input_arg(op, "x", x, c10::DeviceType::CPU, /*allow_half=*/false);
   linear_args(op, x, weight, bias, residual);
   const int64_t M = x.size(0), N = weight.size(0);
   at::Tensor z = empty_output({M, N}, x.options());  // x @ weight^T; becomes z + bias when it is saved
@@ -40,12 +39,9 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   if (bias_in_gemm) at::addmm_out(z, b, x, weight.t());
   else at::mm_out(z, x, weight.t());
   const bool epilogue = has_act || residual.has_value() || (b.defined() && !bias_in_gemm);
-  if (epilogue && N > 0 && M > 0)
-    linear_epilogue_cpu(LinearEpilogueArgs{dtype, has_act, act, M, N, z.data_ptr(), z.stride(0),
-                                           bias_in_gemm || !b.defined() ? nullptr : b.data_ptr(),
-                                           r.defined() ? r.data_ptr() : nullptr, r.defined() ? r.stride(0) : 0,
-                                           y.data_ptr(), y.stride(0),
-                                           save_preact && !bias_in_gemm ? z.data_ptr() : nullptr, z.stride(0)});
+  if (epilogue)
+    run_linear_epilogue_cpu(dtype, has_act, act, z, bias_in_gemm ? at::Tensor() : b, r, y,
+                            save_preact && !bias_in_gemm ? z : at::Tensor());
   if (save_preact && !epilogue) y.copy_(z);
   return {y, save_preact ? z : at::empty({0}, x.options())};
 }

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "common.h"
+#include "fastlm/linear.h"
 
 namespace fastlm::bind {
 
@@ -33,6 +34,19 @@ inline void linear_args(const char* op, const at::Tensor& x, const at::Tensor& w
                       op, ": residual must have shape (", x.size(0), ", ", weight.size(0), "), got ",
                       residual->sizes());
   }
+}
+
+// The CPU epilogue pass y = act(z + bias) + residual over a GEMM output z (csrc/cpu/linear.cpp).
+// Undefined tensors are absent; y may be z (in place); preact, when defined, receives z + bias.
+inline void run_linear_epilogue_cpu(DType dtype, bool has_act, Activation act, const at::Tensor& z,
+                                    const at::Tensor& bias, const at::Tensor& residual_rows, const at::Tensor& y,
+                                    const at::Tensor& preact) {
+  if (z.size(0) == 0 || z.size(1) == 0) return;
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
+  auto stride = [](const at::Tensor& t) { return t.defined() ? t.stride(0) : int64_t(0); };
+  linear_epilogue_cpu(LinearEpilogueArgs{dtype, has_act, act, z.size(0), z.size(1), z.data_ptr(), z.stride(0),
+                                         ptr(bias), ptr(residual_rows), stride(residual_rows), y.data_ptr(),
+                                         y.stride(0), ptr(preact), stride(preact)});
 }
 
 }  // namespace fastlm::bind

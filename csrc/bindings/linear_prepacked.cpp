@@ -13,7 +13,6 @@
 #include <cstring>
 
 #include "cpu_output.h"
-#include "fastlm/linear.h"
 #include "linear_common.h"
 
 // Weak: resolved from libtorch_cpu when its MKL exports them, null otherwise (aarch64, no MKL).
@@ -132,9 +131,7 @@ at::Tensor linear_prepacked_cpu(const at::Tensor& x, const at::Tensor& packed, c
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   const at::Tensor r = residual ? rows_view(*residual) : at::Tensor();
   if (has_act || b.defined() || r.defined())
-    linear_epilogue_cpu(LinearEpilogueArgs{DType::kFloat32, has_act, act, M, N, y.data_ptr(), N,
-                                           b.defined() ? b.data_ptr() : nullptr, r.defined() ? r.data_ptr() : nullptr,
-                                           r.defined() ? r.stride(0) : 0, y.data_ptr(), N, nullptr, 0});
+    run_linear_epilogue_cpu(DType::kFloat32, has_act, act, y, b, r, y, at::Tensor());
   return y;
 }
 

@@ -14,8 +14,7 @@ NormOutputs norm_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& r
                          const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                          double eps, bool rms) {
   constexpr const char* op = "norm_fwd";
-  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor here, got ", x.device().str());
-  NormForwardPlan p = plan_norm_forward(op, x, residual, weight, bias, eps, rms, /*allow_half=*/false);
+  NormForwardPlan p = plan_norm_forward(op, x, residual, weight, bias, eps, rms, c10::DeviceType::CPU);
   if (p.args.rows > 0 && p.args.cols > 0) norm_forward_cpu(p.args);
   return p.outputs();
 }
@@ -24,9 +23,8 @@ NormGrads norm_bwd_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>
                        const at::Tensor& h, const std::optional<at::Tensor>& weight, const at::Tensor& mean,
                        const at::Tensor& rstd, bool rms, bool bias_grad) {
   constexpr const char* op = "norm_bwd";
-  TORCH_CHECK_VALUE(h.device().is_cpu(), op, ": h must be a CPU tensor here, got ", h.device().str());
   NormBackwardPlan p = plan_norm_backward(op, grad_y, grad_sum, h, weight, mean, rstd, rms, bias_grad,
-                                          /*allow_half=*/false);
+                                          c10::DeviceType::CPU);
   if (p.args.rows > 0 && p.args.cols > 0) norm_backward_cpu(p.args);
   return p.outputs();
 }

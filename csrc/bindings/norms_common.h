@@ -49,10 +49,10 @@ inline NormForwardPlan plan_norm_forward(const char* op, const at::Tensor& x_in,
                                          const std::optional<at::Tensor>& residual,
                                          const std::optional<at::Tensor>& weight,
                                          const std::optional<at::Tensor>& bias, double eps, bool rms,
-                                         bool allow_half) {
+                                         c10::DeviceType device) {
   matrix_arg(op, "x", x_in);
   NormForwardPlan p;
-  const DType dtype = dtype_arg(op, "x", x_in, allow_half);
+  const DType dtype = kernel_input_arg(op, "x", x_in, device, /*allow_half=*/device == c10::DeviceType::CUDA);
   if (residual) {
     same_place_arg(op, "residual", *residual, x_in);
     TORCH_CHECK_VALUE(residual->sizes() == x_in.sizes(), op, ": residual has shape ", residual->sizes(),
@@ -93,10 +93,10 @@ struct NormBackwardPlan {
 inline NormBackwardPlan plan_norm_backward(const char* op, const at::Tensor& grad_y,
                                            const std::optional<at::Tensor>& grad_sum, const at::Tensor& h,
                                            const std::optional<at::Tensor>& weight, const at::Tensor& mean,
-                                           const at::Tensor& rstd, bool rms, bool bias_grad, bool allow_half) {
+                                           const at::Tensor& rstd, bool rms, bool bias_grad, c10::DeviceType device) {
   matrix_arg(op, "h", h);
   NormBackwardPlan p;
-  const DType dtype = dtype_arg(op, "h", h, allow_half);
+  const DType dtype = kernel_input_arg(op, "h", h, device, /*allow_half=*/device == c10::DeviceType::CUDA);
   const int64_t rows = h.size(0), cols = h.size(1);
   same_place_arg(op, "grad_y", grad_y, h);
   TORCH_CHECK_VALUE(grad_y.sizes() == h.sizes(), op, ": grad_y has shape ", grad_y.sizes(), " but h has shape ",

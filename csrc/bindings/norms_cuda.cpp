@@ -21,11 +21,10 @@ NormOutputs norm_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& 
                           const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                           double eps, bool rms) {
   constexpr const char* op = "norm_fwd";
-  TORCH_CHECK_VALUE(x.device().is_cuda(), op, ": x must be a CUDA tensor here, got ", x.device().str());
   TORCH_CHECK_VALUE(x.dim() != 2 || x.size(1) <= kMaxCols, op, ": rows of ", x.size(-1),
                     " elements exceed the CUDA kernel's limit of ", kMaxCols);
   const c10::cuda::CUDAGuard guard(x.device());
-  NormForwardPlan p = plan_norm_forward(op, x, residual, weight, bias, eps, rms, /*allow_half=*/true);
+  NormForwardPlan p = plan_norm_forward(op, x, residual, weight, bias, eps, rms, c10::DeviceType::CUDA);
   if (p.args.rows > 0 && p.args.cols > 0)
     check_launch(op, norm_forward_cuda(p.args, c10::cuda::getCurrentCUDAStream().stream()));
   return p.outputs();
@@ -35,12 +34,11 @@ NormGrads norm_bwd_cuda(const at::Tensor& grad_y, const std::optional<at::Tensor
                         const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd,
                         bool rms, bool bias_grad) {
   constexpr const char* op = "norm_bwd";
-  TORCH_CHECK_VALUE(h.device().is_cuda(), op, ": h must be a CUDA tensor here, got ", h.device().str());
   TORCH_CHECK_VALUE(h.dim() != 2 || h.size(1) <= kMaxCols, op, ": rows of ", h.size(-1),
                     " elements exceed the CUDA kernel's limit of ", kMaxCols);
   const c10::cuda::CUDAGuard guard(h.device());
   NormBackwardPlan p = plan_norm_backward(op, grad_y, grad_sum, h, weight, mean, rstd, rms, bias_grad,
-                                          /*allow_half=*/true);
+                                          c10::DeviceType::CUDA);
   if (p.args.rows > 0 && p.args.cols > 0) {
     at::Tensor ws = at::empty({norm_backward_cuda_workspace(p.args.rows, p.args.cols)},
                               h.options().dtype(at::kFloat));

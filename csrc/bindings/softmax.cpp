@@ -13,8 +13,7 @@ namespace {
 at::Tensor softmax_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, double scale,
                            int64_t causal_rows, bool log) {
   constexpr const char* op = "softmax";
-  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor here, got ", x.device().str());
-  const DType dtype = dtype_arg(op, "x", x, /*allow_half=*/false);
+  const DType dtype = kernel_input_arg(op, "x", x, c10::DeviceType::CPU, /*allow_half=*/false);
   at::Tensor y = empty_output(x.sizes(), x.options());
   if (x.numel() == 0) return y;
   const at::Tensor x2 = rows_view(x);
@@ -27,8 +26,7 @@ at::Tensor softmax_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
 
 at::Tensor softmax_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& y, double scale, bool log) {
   constexpr const char* op = "softmax_backward";
-  TORCH_CHECK_VALUE(y.device().is_cpu(), op, ": y must be a CPU tensor here, got ", y.device().str());
-  const DType dtype = dtype_arg(op, "y", y, /*allow_half=*/false);
+  const DType dtype = kernel_input_arg(op, "y", y, c10::DeviceType::CPU, /*allow_half=*/false);
   softmax_bwd_args(op, grad_y, y);
   at::Tensor grad_x = empty_output(y.sizes(), y.options());
   if (y.numel() == 0) return grad_x;

@@ -19,8 +19,7 @@ void check_launch(const char* op, int status) {
 at::Tensor softmax_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mask, double scale,
                             int64_t causal_rows, bool log) {
   constexpr const char* op = "softmax";
-  TORCH_CHECK_VALUE(x.device().is_cuda(), op, ": x must be a CUDA tensor here, got ", x.device().str());
-  const DType dtype = dtype_arg(op, "x", x, /*allow_half=*/true);
+  const DType dtype = kernel_input_arg(op, "x", x, c10::DeviceType::CUDA, /*allow_half=*/true);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return y;
@@ -35,8 +34,7 @@ at::Tensor softmax_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>
 
 at::Tensor softmax_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& y, double scale, bool log) {
   constexpr const char* op = "softmax_backward";
-  TORCH_CHECK_VALUE(y.device().is_cuda(), op, ": y must be a CUDA tensor here, got ", y.device().str());
-  const DType dtype = dtype_arg(op, "y", y, /*allow_half=*/true);
+  const DType dtype = kernel_input_arg(op, "y", y, c10::DeviceType::CUDA, /*allow_half=*/true);
   softmax_bwd_args(op, grad_y, y);
   const c10::cuda::CUDAGuard guard(y.device());
   at::Tensor grad_x = at::empty(y.sizes(), y.options());

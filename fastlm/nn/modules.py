@@ -14,7 +14,7 @@ from torch import nn
 
 from fastlm import ops
 from fastlm.nn._base import FastModule, check_activation, check_backend
-from fastlm.ops.linear_prepacked import PackedWeight, applies, linear_prepacked, prepack_available
+from fastlm.ops.linear_prepacked import PackedWeight, applies, prepack_available, prepacked_forward
 
 
 class Linear(FastModule, nn.Linear):
@@ -41,7 +41,7 @@ class Linear(FastModule, nn.Linear):
     def forward(self, input, residual=None):
         packed = getattr(self, "_packed", None)
         if packed is not None and applies(input, self.weight, self.backend):
-            return linear_prepacked(input, packed, self.weight, self.bias, activation=self.activation, residual=residual)
+            return prepacked_forward(input, packed, self.weight, self.bias, self.activation, residual)
         return self._run(ops.linear, input, self.weight, self.bias, activation=self.activation, residual=residual)
 
     def extra_repr(self):

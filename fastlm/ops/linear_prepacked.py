@@ -17,6 +17,7 @@ dtypes, or a backend other than auto/cpu take `fastlm.ops.linear` instead.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,8 +27,9 @@ from fastlm import backend as _backend
 from fastlm.ops.linear import _act_name, _check, linear
 
 
+@functools.cache
 def prepack_available() -> bool:
-    """Whether this torch build exports MKL's packed GEMM (x86 builds do)."""
+    """Whether this torch build exports MKL's packed GEMM (x86 builds do); fixed per process."""
     return _ext.HAS_EXTENSION and bool(torch.ops.fastlm.linear_prepack_available())
 
 
@@ -70,6 +72,11 @@ def linear_prepacked(x, packed: PackedWeight, weight, bias=None, *, activation=N
     to fastlm.ops.linear where `applies` is False, so it is always safe to call."""
     if not applies(x, weight):
         return linear(x, weight, bias, activation=activation, residual=residual)
+    return prepacked_forward(x, packed, weight, bias, activation, residual)
+
+
+def prepacked_forward(x, packed: PackedWeight, weight, bias, activation, residual):
+    """linear_prepacked for a caller that has checked `applies` already (fastlm.nn.Linear)."""
     _check(x, weight, bias, residual, activation)
     n, k = weight.shape
     rows = math.prod(x.shape[:-1])
