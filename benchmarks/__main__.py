@@ -1,4 +1,4 @@
-"""python -m benchmarks [--quick | --smoke] [--ops bias_act,...] [--device cpu|cuda] [--out DIR]
+"""python -m benchmarks [--quick | --smoke] [--headline] [--ops bias_act,...] [--device cpu|cuda] [--out DIR]
        python -m benchmarks --compare OLD.json NEW.json [--threshold 0.1]
 
 Checks each op against its reference, times every available backend and peer, and writes the
@@ -9,6 +9,7 @@ import argparse
 import datetime
 import importlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,14 +19,34 @@ import torch
 from benchmarks import common, compare, report
 
 OPS = ["bias_act", "attention", "softmax", "cross_entropy", "linear", "norms", "model"]
+# --headline: what a short GPU session measures first (each module's shapes() picks the cases)
+HEADLINE_OPS = ["attention", "linear", "cross_entropy", "softmax", "norms", "model"]
+
+
+class _Stopped(Exception):
+    """SIGTERM (e.g. `timeout` at the end of a time budget): write what was measured, then exit."""
+
+
+def _stop(signum, frame):
+    raise _Stopped(f"stopped by signal {signum}")
 
 
 def _git_commit() -> str:
+    if os.environ.get("FASTLM_COMMIT"):  # scripts/gpu_check.sh sets it (a copied tree may have no .git)
+        return os.environ["FASTLM_COMMIT"][:12]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         return subprocess.check_output(["git", "-C", here, "rev-parse", "--short", "HEAD"], text=True).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except Exception:  # not installed, or it can't import here
+        return "not importable"
+    return triton.__version__
 
 
 def main(argv=None) -> int:
@@ -34,7 +55,11 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny shapes, few repetitions: proves the pipeline (CI)")
     p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="diff two results.json files and exit")
     p.add_argument("--threshold", type=float, default=0.10, help="--compare: slowdown flagged as a regression")
-    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--headline", action="store_true",
+                   help="only the headline cases: attention D=128 T=4k/8k, GEMM+bias+GELU 4096^3, cross-entropy, "
+                        "softmax, RMSNorm, one GPT-2 124M training step (bf16 on GPU); combines with --smoke")
+    p.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(OPS)} (default: all, "
+                                               f"or {','.join(HEADLINE_OPS)} with --headline)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--system-malloc", action="store_true",
                    help="CPU: leave glibc's default of unmapping big freed buffers (see common.keep_freed_memory)")
@@ -45,8 +70,11 @@ def main(argv=None) -> int:
         print("\n".join(lines))
         return 1 if regressions else 0
     common.SMOKE = args.smoke
+    common.HEADLINE = args.headline
     args.quick = args.quick or args.smoke
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode += " headline" if args.headline else ""
+    args.ops = args.ops or ",".join(HEADLINE_OPS if args.headline else OPS)
     unknown = [o for o in args.ops.split(",") if o not in OPS]
     if unknown:
         p.error(f"--ops: unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}")
@@ -66,10 +94,17 @@ def main(argv=None) -> int:
     print(f"  copy {ceilings['copy_gbps']:.1f} GB/s, matmul {ceilings['matmul_tflops']:.2f} TFLOP/s", flush=True)
     rows = []
     ops = args.ops.split(",")
-    for k, op in enumerate(ops, 1):
-        print(f"[{k}/{len(ops)}] {op} ({time.perf_counter() - started:.0f} s elapsed)", flush=True)
-        module = importlib.import_module(f"benchmarks.{op}")
-        rows += module.run(device, args.quick, ceilings, progress=lambda s: print(s, flush=True))
+    stopped = None
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        for k, op in enumerate(ops, 1):
+            print(f"[{k}/{len(ops)}] {op} ({time.perf_counter() - started:.0f} s elapsed)", flush=True)
+            module = importlib.import_module(f"benchmarks.{op}")
+            rows += module.run(device, args.quick, ceilings, progress=lambda s: print(s, flush=True))
+    except _Stopped as exc:  # keep the ops finished so far (the one under way is lost)
+        stopped = f"{exc} during {op}; ops after it not run"
+        print(stopped, file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     meta = {
         "device_name": common.device_name(device),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -81,7 +116,10 @@ def main(argv=None) -> int:
         "copy_gbps": round(ceilings["copy_gbps"], 2),
         "matmul_tflops": round(ceilings["matmul_tflops"], 3),
         "python": sys.version.split()[0],
+        "triton": _triton_version(),
     }
+    if stopped:
+        meta["partial"] = stopped
     print()
     print("\n".join(report.table(rows)))
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", meta["device_name"])
@@ -92,7 +130,7 @@ def main(argv=None) -> int:
     if wrong:
         print(f"{len(wrong)} implementation(s) gave wrong results", file=sys.stderr)
         return 1
-    return 0
+    return 124 if stopped else 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import Row, time_ms
+from benchmarks.common import Row, headline, smoke, time_ms
 from fastlm import backend as registry
 from fastlm.ops.attention import NO_CAUSAL, OP, TOP_LEFT, attention_forward_ref, scaled_dot_product_attention
 
@@ -22,7 +22,12 @@ except ImportError:  # older torch
 
 
 def shapes(device: torch.device, quick: bool):
-    """(B, H, Tq, Tk, D) training shapes; B*T = 16k tokens and H*D = 2048 on GPU."""
+    """(B, H, Tq, Tk, D) training shapes; B*T = 16k tokens and H*D = 2048 on GPU. Headline:
+    D = 128 at T = 4k and 8k."""
+    if smoke():
+        return [(1, 2, 64, 64, 128 if headline() else 64)]
+    if headline():
+        return [(16384 // t, 16, t, t, 128) for t in (4096, 8192)] if device.type == "cuda" else [(1, 8, 1024, 1024, 128)]
     if device.type == "cuda":
         ts = [512, 1024, 2048, 4096, 8192, 16384][: 3 if quick else None]
         return [(16384 // t, 2048 // d, t, t, d) for d in (64, 128) for t in ts]
@@ -32,6 +37,8 @@ def shapes(device: torch.device, quick: bool):
 
 
 def decode_shapes(device: torch.device, quick: bool):
+    if headline():
+        return []
     tks = [4096, 32768] if quick else [4096, 8192, 16384, 32768]
     if device.type == "cpu":
         tks = [4096]
@@ -39,6 +46,8 @@ def decode_shapes(device: torch.device, quick: bool):
 
 
 def dtypes(device: torch.device):
+    if headline():
+        return [torch.bfloat16 if device.type == "cuda" else torch.float32]
     return [torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.float32, torch.bfloat16]
 
 

@@ -26,6 +26,15 @@ def smoke() -> bool:
     return SMOKE
 
 
+# Headline mode (--headline): only the cases a short GPU session must measure (see each module's
+# shapes()); it combines with --smoke, which then shrinks them to CPU-sized pipeline checks.
+HEADLINE = False
+
+
+def headline() -> bool:
+    return HEADLINE
+
+
 @dataclasses.dataclass
 class Row:
     op: str

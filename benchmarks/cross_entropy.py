@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import lce_memory
-from benchmarks.common import Row, copies_for
+from benchmarks.common import Row, copies_for, headline, smoke
 from benchmarks.rowwise import liger, run_case
 from fastlm import backend as registry
 from fastlm.ops.cross_entropy import cross_entropy
@@ -17,6 +17,10 @@ OP = "cross_entropy"
 
 
 def shapes(device: torch.device, quick: bool):
+    if smoke():
+        return [(64, 512)]
+    if headline():
+        return [(32768, 65536)] if device.type == "cuda" else [(4096, 32768)]
     if device.type == "cuda":
         full = [(32768, c) for c in (256, 1024, 4096, 16384, 65536)] + [(8192, 262144)]
         return full[1:4] if quick else full
@@ -24,13 +28,17 @@ def shapes(device: torch.device, quick: bool):
 
 
 def lce_cases(device: torch.device, quick: bool):
-    """(N, V, D) for the linear_cross_entropy memory/time comparison."""
+    """(N, V, D) for the linear_cross_entropy memory/time comparison (not a headline case)."""
+    if headline():
+        return []
     if device.type == "cuda":
         return [(8192, 50257, 4096)] if quick else [(8192, 50257, 4096), (8192, 131072, 4096)]
     return [(2048, 50257, 768)] if quick else [(8192, 50257, 768), (4096, 131072, 768)]
 
 
 def dtypes(device: torch.device):
+    if headline():
+        return [torch.bfloat16 if device.type == "cuda" else torch.float32]
     return [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32, torch.bfloat16]
 
 

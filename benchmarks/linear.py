@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import copies_for, time_impls, time_ms
+from benchmarks.common import copies_for, headline, smoke, time_impls, time_ms
 from fastlm import backend as registry
 from fastlm.ops.linear import linear, linear_ref
 from fastlm.ops.linear_prepacked import PackedWeight, linear_prepacked, prepack_available
@@ -17,7 +17,12 @@ OP = "linear"
 
 
 def shapes(device: torch.device, quick: bool):
-    """(M, K, N): GPT-2 B*T = 8192 at widths 768/1024/1280/1600 (d -> 4d and 4d -> d), then cubes."""
+    """(M, K, N): GPT-2 B*T = 8192 at widths 768/1024/1280/1600 (d -> 4d and 4d -> d), then cubes.
+    Headline: 4096^3."""
+    if smoke():
+        return [(64, 128, 256)]
+    if headline():
+        return [(4096, 4096, 4096)] if device.type == "cuda" else [(2048, 768, 3072)]
     if device.type == "cpu":
         return [(2048, 768, 3072), (2048, 3072, 768)][: 1 if quick else None]
     gpt = [(8192, d, 4 * d) for d in (768, 1024, 1280, 1600)] + [(8192, 4 * d, d) for d in (768, 1024, 1280, 1600)]
@@ -25,6 +30,8 @@ def shapes(device: torch.device, quick: bool):
 
 
 def dtypes(device: torch.device):
+    if headline():
+        return [torch.bfloat16 if device.type == "cuda" else torch.float32]
     return [torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.float32, torch.bfloat16]
 
 

@@ -15,8 +15,8 @@ import time
 import torch
 
 import fastlm
-from benchmarks.common import Row, smoke, sync, time_interleaved
-from fastlm.models import GPT
+from benchmarks.common import Row, headline, smoke, sync, time_interleaved
+from fastlm.models import GPT, GPTConfig
 from fastlm.models.gpt import PRESETS as GPTPRESETS
 
 OP = "model"
@@ -29,6 +29,8 @@ def _hf(attn: str, config):
 
 
 def run(device: torch.device, quick: bool, ceilings: dict, progress=print) -> list[Row]:
+    if headline():  # one GPT-2 124M training step, tokens/s (works without transformers too)
+        return train_rows(device, quick, torch.float32 if device.type == "cpu" else torch.bfloat16, progress, ceilings)
     try:
         import transformers
     except ImportError:
@@ -82,7 +84,7 @@ def run(device: torch.device, quick: bool, ceilings: dict, progress=print) -> li
         rows.append(Row(OP, case, name, "fwd", ms, tflops=flops / ms / 1e9,
                         pct_ceiling=100 * flops / ms / 1e9 / ceilings["matmul_tflops"] if ceilings.get("matmul_tflops") else None,
                         vs_eager=times["HF eager"] / ms, note=notes.get(name, "")))
-    rows += train_rows(device, quick, dtype, progress)
+    rows += train_rows(device, quick, dtype, progress, ceilings)
     rows += generate_rows(device, quick, dtype, progress)
     return rows
 
@@ -100,30 +102,48 @@ def _train_step(model, idx, opt):
     return loss
 
 
-def train_rows(device, quick, dtype, progress) -> list[Row]:
-    """Training step (forward, backward, AdamW) tokens/s; peak memory where the device reports it.
-    GPT-2 124M (and 350M in full mode on a GPU); CPU: B=1, T=128 (quick) or 256."""
-    import transformers
+def _train_models(preset: str, kw: dict, device) -> tuple[int, dict]:
+    """(vocab size, name -> model in train mode) with the same random weights: fastlm, fastlm on the
+    reference path (eager and torch.compile), and HF GPT-2 with SDPA when transformers is there."""
+    shape = {**dict(n_layer=GPTPRESETS[preset]["n_layer"], n_head=GPTPRESETS[preset]["n_head"],
+                    n_embd=GPTPRESETS[preset]["n_embd"]), **kw}
+    torch.manual_seed(0)
+    try:
+        import transformers
+    except ImportError:
+        fast = GPT(GPTConfig(**shape))
+        make = lambda: GPT(GPTConfig(**shape), backend="reference")  # noqa: E731
+        hf = None
+    else:
+        hf = _hf("sdpa", transformers.GPT2Config(**shape)).to(device).train()
+        fast = GPT.from_hf(hf)
+        make = lambda: GPT.from_hf(hf, backend="reference")  # noqa: E731
+    ref, ref_c = make(), make()
+    ref.load_state_dict(fast.state_dict())
+    ref_c.load_state_dict(fast.state_dict())
+    impls = {"fastlm": fast.to(device).train(), "fastlm reference path": ref.to(device).train()}
+    if hf is not None:
+        impls["HF sdpa"] = hf
+    impls["reference path + torch.compile"] = torch.compile(ref_c.to(device).train())
+    return shape.get("vocab_size", 50257), impls
 
-    sizes = [("gpt2", 1, 32)] if smoke() else [("gpt2", 1, 128 if quick else 256)] if device.type == "cpu" else \
-        [("gpt2", 8, 1024)] + ([] if quick else [("gpt2-medium", 8, 1024)])
+
+def train_rows(device, quick, dtype, progress, ceilings=None) -> list[Row]:
+    """Training step (forward, backward, AdamW) tokens/s, % of the matmul ceiling (6 flops per
+    parameter and token + causal attention), the ratio to the reference path under torch.compile;
+    peak memory where the device reports it. GPT-2 124M (and 350M in full mode on a GPU);
+    CPU: B=1, T=128 (quick or headline) or 256."""
+    sizes = [("gpt2", 1, 32)] if smoke() else [("gpt2", 1, 128 if quick or headline() else 256)] if device.type == "cpu" else \
+        [("gpt2", 8, 1024)] + ([] if quick or headline() else [("gpt2-medium", 8, 1024)])
     rows = []
     for preset, B, T in sizes:
         kw = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=128) if smoke() else {}
-        hf_cfg = transformers.GPT2Config(**{**dict(n_layer=GPTPRESETS[preset]["n_layer"], n_head=GPTPRESETS[preset]["n_head"],
-                                                  n_embd=GPTPRESETS[preset]["n_embd"]), **kw})
         case = f"{preset}{'-smoke' if smoke() else ''} train B={B} T={T}"
         progress(f"  {OP} {case}")
-        torch.manual_seed(0)
-        hf = _hf("sdpa", hf_cfg).to(device).train()
-        fast = GPT.from_hf(hf).to(device).train()
-        ref = GPT.from_hf(hf, backend="reference").to(device).train()
-        impls = {"fastlm": fast, "fastlm reference path": ref, "HF sdpa": hf}
-        try:
-            impls["reference path + torch.compile"] = torch.compile(GPT.from_hf(hf, backend="reference").to(device).train())
-        except Exception as exc:  # pragma: no cover
-            rows.append(Row(OP, case, "reference path + torch.compile", "train", None, note=f"failed: {exc}"[:200]))
-        idx = torch.randint(0, hf_cfg.vocab_size, (B, T + 1), device=device)
+        vocab, impls = _train_models(preset, kw, device)
+        L, C = impls["fastlm"].config.n_layer, impls["fastlm"].config.n_embd
+        flops = 3 * B * (2 * T * (12 * L * C * C + vocab * C) + 2 * L * T * T * C)  # fwd + 2x fwd for bwd
+        idx = torch.randint(0, vocab, (B, T + 1), device=device)
         for name, model in impls.items():
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             ctx = torch.autocast(device.type, dtype) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -146,13 +166,18 @@ def train_rows(device, quick, dtype, progress) -> list[Row]:
                 continue
             ms = statistics.median(times)
             peak = f"peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""
+            peak_tflops = (ceilings or {}).get("matmul_tflops")
             rows.append(Row(OP, case, name, "train", ms, note=f"{B * T / ms * 1e3:.0f} tok/s {peak}".strip(),
-                            tokens_per_s=B * T / ms * 1e3,
+                            tokens_per_s=B * T / ms * 1e3,  # (no tflops: the plot panel stays tokens/s)
+                            pct_ceiling=100 * flops / ms / 1e9 / peak_tflops if peak_tflops else None,
                             size=case.split(" ", 1)[1], dtype=str(dtype)[6:]))
         eager = next((r.ms for r in rows if r.case == case and r.impl == "fastlm reference path" and r.ms), None)
+        compiled = next((r.ms for r in rows if r.case == case and r.impl == "reference path + torch.compile" and r.ms), None)
         for r in rows:
             if r.case == case and r.ms and eager:
                 r.vs_eager = eager / r.ms
+            if r.case == case and r.ms and compiled and r.impl == "fastlm":
+                r.note += f", {compiled / r.ms:.2f}x reference + torch.compile"
     return rows
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import copies_for
+from benchmarks.common import copies_for, headline, smoke
 from benchmarks.rowwise import liger, run_case
 from fastlm import backend as registry
 from fastlm.ops.softmax import softmax
@@ -15,6 +15,10 @@ SCALE = 0.125
 
 
 def shapes(device: torch.device, quick: bool):
+    if smoke():
+        return [(64, 256)]
+    if headline():
+        return [(32768, 4096)] if device.type == "cuda" else [(4096, 4096)]
     if device.type == "cuda":
         full = [(32768, c) for c in (256, 1024, 4096, 16384, 65536)] + [(8192, 262144)]
         return full[1:4] if quick else full
@@ -22,6 +26,8 @@ def shapes(device: torch.device, quick: bool):
 
 
 def dtypes(device: torch.device):
+    if headline():
+        return [torch.bfloat16 if device.type == "cuda" else torch.float32]
     return [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32, torch.bfloat16]
 
 
