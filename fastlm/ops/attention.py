@@ -243,7 +243,10 @@ def _(q, k, v, mask, dropout_p, causal):
 
 @_backend.register(OP, "triton")
 def _(q, k, v, mask, dropout_p, causal):
-    return _kernel_reasons("triton", GPU_DTYPES, TRITON_MAX_HEAD_DIM, q, v, 0.0)  # triton has dropout
+    reasons = _kernel_reasons("triton", GPU_DTYPES, TRITON_MAX_HEAD_DIM, q, v, 0.0)  # triton has dropout
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # the decode path too: same dots
+        reasons.append("the Triton interpreter computes tl.dot wrongly for bfloat16 operands (bf16 runs on GPU only)")
+    return reasons
 
 
 @_backend.register(OP, "cuda")

@@ -9,17 +9,17 @@ block of queries and accumulates dQ. No atomics: the gradients are deterministic
 Masking: key j is visible to query i when j < Tk, j <= i + offset (causal), and the mask
 allows it. Hidden scores are -inf and their probabilities exactly 0; keys no query of a tile
 sees are zeroed before they enter a product, so NaN there can't leak. Block sizes are autotuned
-per (head dim, lengths) on a GPU and fixed small under the interpreter.
+on a GPU per (head dims, lengths rounded up to powers of two, causal, mask, dropout), among the
+configs whose shared memory fits the device (fastlm/triton/_tune.py), and fixed small under the
+interpreter. Head and batch offsets are int64 (_offset).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from fastlm.triton import _tune
 
 
 @triton.jit
@@ -36,6 +36,13 @@ def _visible(offs_m, offs_n, tq, tk, offset, mask_ptr, msq, msk, CAUSAL: tl.cons
         bias = tl.load(mask_ptr + offs_m.to(tl.int64) * msq + offs_n * msk, mask=ok, other=0.0).to(tl.float32)
         ok = ok & (bias > float("-inf"))
     return ok, bias
+
+
+@triton.jit
+def _offset(b, sb, h, sh):
+    """b * sb + h * sh in int64: a head term alone passes 2^31 elements, e.g. for a per-head
+    (1, H, 16384, 16384) mask."""
+    return b.to(tl.int64) * sb + h.to(tl.int64) * sh
 
 
 @triton.jit
@@ -74,17 +81,18 @@ def _online_step(s, v, m_i, l_i, acc, drop, IEEE: tl.constexpr, DROPOUT: tl.cons
 def _drop_scale(seed, bh, offs_m, offs_n, TK, p_drop, DROPOUT: tl.constexpr):
     """keep / (1 - p) for scores (offs_m, offs_n) of head bh: Philox from (seed + bh, i * Tk + j),
     so the forward and both backward kernels regenerate the same mask."""
+    drop = 1.0  # one return: Triton rejects a tensor returned in one branch and a scalar in another
     if DROPOUT:
         keep = tl.rand(seed + bh, (offs_m * TK + offs_n).to(tl.uint32)) >= p_drop
-        return tl.where(keep, 1.0 / (1.0 - p_drop), 0.0)
-    return 1.0
+        drop = tl.where(keep, 1.0 / (1.0 - p_drop), 0.0)
+    return drop
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TQ_B", "TK_B"])
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    H, GROUP, TQ, TK, D, DV, offset, scale, seed, p_drop,
+    H, GROUP, TQ, TK, D, DV, offset, scale, seed, p_drop, TQ_B, TK_B,
     CAUSAL: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -93,10 +101,10 @@ def _fwd_kernel(
     hk = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-    q_base = q_ptr + b.to(tl.int64) * sqb + h * sqh
-    k_base = k_ptr + b.to(tl.int64) * skb + hk * skh
-    v_base = v_ptr + b.to(tl.int64) * svb + hk * svh
-    m_base = m_ptr + b.to(tl.int64) * smb + h * smh
+    q_base = q_ptr + _offset(b, sqb, h, sqh)
+    k_base = k_ptr + _offset(b, skb, hk, skh)
+    v_base = v_ptr + _offset(b, svb, hk, svh)
+    m_base = m_ptr + _offset(b, smb, h, smh)
     q = _load_rows(q_base, offs_m, offs_d, sqt, sqd, TQ, D)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -135,11 +143,11 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, TQ, DV, BLOCK_M: tl.constexpr, BLOCK
     tl.store(delta_ptr + bh.to(tl.int64) * TQ + offs_m, tl.sum(o * do, 1), mask=offs_m < TQ)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TQ_B", "TK_B"])
 def _dkdv_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    H, HKV, GROUP, TQ, TK, D, DV, offset, scale, seed, p_drop,
+    H, HKV, GROUP, TQ, TK, D, DV, offset, scale, seed, p_drop, TQ_B, TK_B,
     CAUSAL: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -149,9 +157,9 @@ def _dkdv_kernel(
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     kmask = (offs_n[:, None] < TK) & (offs_d[None, :] < D)
     vmask = (offs_n[:, None] < TK) & (offs_dv[None, :] < DV)
-    k = tl.load(k_ptr + b.to(tl.int64) * skb + hk * skh + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :] * skd,
+    k = tl.load(k_ptr + _offset(b, skb, hk, skh) + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :] * skd,
                 mask=kmask, other=0.0)
-    v = tl.load(v_ptr + b.to(tl.int64) * svb + hk * svh + offs_n[:, None].to(tl.int64) * svt + offs_dv[None, :] * svd,
+    v = tl.load(v_ptr + _offset(b, svb, hk, svh) + offs_n[:, None].to(tl.int64) * svt + offs_dv[None, :] * svd,
                 mask=vmask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
@@ -161,8 +169,8 @@ def _dkdv_kernel(
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
-        q_base = q_ptr + b.to(tl.int64) * sqb + h * sqh
-        m_base = m_ptr + b.to(tl.int64) * smb + h * smh
+        q_base = q_ptr + _offset(b, sqb, h, sqh)
+        m_base = m_ptr + _offset(b, smb, h, smh)
         for start_m in range(lo, TQ, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _load_rows(q_base, offs_m, offs_d, sqt, sqd, TQ, D)
@@ -191,11 +199,11 @@ def _dkdv_kernel(
     tl.store(dv_ptr + (out + offs_n[:, None]) * DV + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=vmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TQ_B", "TK_B"])
 def _dq_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    H, GROUP, TQ, TK, D, DV, offset, scale, seed, p_drop,
+    H, GROUP, TQ, TK, D, DV, offset, scale, seed, p_drop, TQ_B, TK_B,
     CAUSAL: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -205,14 +213,14 @@ def _dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     qmask = (offs_m[:, None] < TQ) & (offs_d[None, :] < D)
-    q = _load_rows(q_ptr + b.to(tl.int64) * sqb + h * sqh, offs_m, offs_d, sqt, sqd, TQ, D)
+    q = _load_rows(q_ptr + _offset(b, sqb, h, sqh), offs_m, offs_d, sqt, sqd, TQ, D)
     rows = bh.to(tl.int64) * TQ + offs_m
     do = _load_rows(do_ptr + bh.to(tl.int64) * TQ * DV, offs_m, offs_dv, DV, 1, TQ, DV)
     lse = tl.load(lse_ptr + rows, mask=offs_m < TQ, other=0.0)
     delta = tl.load(delta_ptr + rows, mask=offs_m < TQ, other=0.0)
-    k_base = k_ptr + b.to(tl.int64) * skb + hk * skh
-    v_base = v_ptr + b.to(tl.int64) * svb + hk * svh
-    m_base = m_ptr + b.to(tl.int64) * smb + h * smh
+    k_base = k_ptr + _offset(b, skb, hk, skh)
+    v_base = v_ptr + _offset(b, svb, hk, svh)
+    m_base = m_ptr + _offset(b, smb, h, smh)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     hi = TK
     if CAUSAL:
@@ -235,17 +243,47 @@ def _dq_kernel(
 
 
 # ---------------------------------------------------------------- launch helpers
+# (BLOCK_M, BLOCK_N, warps, stages), best first; the small ones exist for fp32 / wide heads on
+# GPUs with less shared memory, and pruning keeps them out where a bigger one fits.
+_TILES = ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2), (64, 32, 4, 1),
+          (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1))
+_KEY = ["D", "DV", "TQ_B", "TK_B", "CAUSAL", "MASK", "DROPOUT"]
+
+
 def _configs():
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2))
-    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _TILES]
 
 
-_KEY = ["D", "DV", "TQ", "TK", "CAUSAL", "MASK"]
-_fwd_tuned = triton.autotune(_configs(), key=_KEY)(_fwd_kernel)
-_dkdv_tuned = triton.autotune(_configs(), key=_KEY)(_dkdv_kernel)
-_dq_tuned = triton.autotune(_configs(), key=_KEY)(_dq_kernel)
+def _smem_fwd(cfg, a):
+    """Upper estimate of the forward's shared memory (checked against compiled kernels by
+    tests/test_triton_aot.py): K and V tiles per pipeline stage, the Q tile, and an fp32 score
+    tile (the P / bias layout changes)."""
+    e, kw, st = a["q_ptr"].element_size(), cfg.kwargs, max(cfg.num_stages, 1)
+    bm, bn, d, dv = kw["BLOCK_M"], kw["BLOCK_N"], a["BLOCK_D"], a["BLOCK_DV"]
+    return e * (bm * d + st * bn * (d + dv)) + 4 * bm * bn + 1024
+
+
+def _smem_bwd(cfg, a):
+    """Backward kernels: the streamed pair (Q, dO or K, V) per stage plus the resident pair, and
+    two fp32 score tiles that change layout into the gradient dots."""
+    e, kw, st = a["q_ptr"].element_size(), cfg.kwargs, max(cfg.num_stages, 1)
+    bm, bn, d, dv = kw["BLOCK_M"], kw["BLOCK_N"], a["BLOCK_D"], a["BLOCK_DV"]
+    return e * (st + 1) * max(bm, bn) * (d + dv) + 8 * bm * bn + 1024
+
+
+def _allowed(cfg, a):
+    """fp32 dots run on FMA units with operands in registers: tiles over 32x32 (32x16 at D=256)
+    spill kilobytes (13-44 KB measured on sm_80) and take 5-30 s to compile, for no speed."""
+    return not a["IEEE"] or cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= (512 if a["BLOCK_D"] >= 256 else 1024)
+
+
+def _tuned(kernel, smem, what):
+    return _tune.autotune(_configs(), _KEY, smem, f"triton attention {what}", _allowed)(kernel)
+
+
+_fwd_tuned = _tuned(_fwd_kernel, _smem_fwd, "forward")
+_dkdv_tuned = _tuned(_dkdv_kernel, _smem_bwd, "backward (dK, dV)")
+_dq_tuned = _tuned(_dq_kernel, _smem_bwd, "backward (dQ)")
 
 
 def _strides4(t):
@@ -269,24 +307,25 @@ def _common(q, k, v, mask, causal, scale, dropout_p=0.0):
 
 
 def _launch(kernel, tuned, grid, args, meta):
-    if INTERPRET:  # fixed small blocks: the interpreter is slow and autotuning it pointless
-        kernel[grid(dict(BLOCK_M=16, BLOCK_N=16))](*args, **meta, BLOCK_M=16, BLOCK_N=16)
+    if _tune.interpreting():  # fixed small blocks: the interpreter is slow and autotuning it pointless
+        _tune.launch(kernel, grid(dict(BLOCK_M=16, BLOCK_N=16)), *args, **meta, BLOCK_M=16, BLOCK_N=16)
     else:
-        tuned[grid](*args, **meta)
+        _tune.launch(tuned, grid, *args, **meta)
 
 
 def forward(q, k, v, mask, causal, scale, dropout_p=0.0, seed=0):
     """(out (B, H, Tq, Dv) contiguous, lse (B, H, Tq) fp32). Decode steps take the split-KV path."""
     from fastlm.triton import attention_decode
 
-    if attention_decode.serves(q, k) and q.shape[0] * k.shape[1] > 0 and dropout_p == 0:
+    if attention_decode.serves(q, k, v) and q.shape[0] * k.shape[1] > 0 and dropout_p == 0:
         return attention_decode.forward(q, k, v, mask, causal, scale)
     b, h, hkv, tq, tk, d, dv, mask_t, strides, offset, meta = _common(q, k, v, mask, causal, scale, dropout_p)
     out = torch.empty(b, h, tq, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    args = (q, k, v, mask_t, out, lse, *strides, h, h // hkv, tq, tk, d, dv, offset, scale, seed, dropout_p)
+    args = (q, k, v, mask_t, out, lse, *strides, h, h // hkv, tq, tk, d, dv, offset, scale, seed, dropout_p,
+            _tune.bucket(tq), _tune.bucket(tk))
     _launch(_fwd_kernel, _fwd_tuned, lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h), args, meta)
     return out, lse
 
@@ -298,11 +337,13 @@ def backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p=0.0, se
         return dq.zero_(), dk.zero_(), dvv.zero_()
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     delta = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)
-    _delta_kernel[(triton.cdiv(tq, 64), b * h)](out, grad_out, delta, tq, dv, BLOCK_M=64, BLOCK_DV=meta["BLOCK_DV"])
+    _tune.launch(_delta_kernel, (triton.cdiv(tq, 64), b * h), out, grad_out, delta, tq, dv,
+                 BLOCK_M=64, BLOCK_DV=meta["BLOCK_DV"])
+    buckets = (_tune.bucket(tq), _tune.bucket(tk))
     args = (q, k, v, mask_t, grad_out, lse, delta, dk, dvv, *strides, h, hkv, h // hkv, tq, tk, d, dv, offset, scale,
-            seed, dropout_p)
+            seed, dropout_p, *buckets)
     _launch(_dkdv_kernel, _dkdv_tuned, lambda m: (triton.cdiv(tk, m["BLOCK_N"]), b * hkv), args, meta)
     args = (q, k, v, mask_t, grad_out, lse, delta, dq, *strides, h, h // hkv, tq, tk, d, dv, offset, scale,
-            seed, dropout_p)
+            seed, dropout_p, *buckets)
     _launch(_dq_kernel, _dq_tuned, lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h), args, meta)
     return dq, dk, dvv

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.triton.attention import INTERPRET, _common, _dot, _online_step, _visible
+from fastlm.triton import _tune
+from fastlm.triton.attention import _common, _dot, _offset, _online_step, _visible
 
 MAX_ROWS = 64  # group * Tq handled per program
 
@@ -36,8 +37,8 @@ def _split_kernel(
     q_rows = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + i.to(tl.int64) * sqt
     q = tl.load(q_rows[:, None] + offs_d[None, :] * sqd, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     m_rows = m_ptr + b.to(tl.int64) * smb + h.to(tl.int64) * smh  # per-row mask base (head varies by row)
-    k_base = k_ptr + b.to(tl.int64) * skb + hk * skh
-    v_base = v_ptr + b.to(tl.int64) * svb + hk * svh
+    k_base = k_ptr + _offset(b, skb, hk, skh)
+    v_base = v_ptr + _offset(b, svb, hk, svh)
     qi = tl.where(row_ok, i, TQ)  # padded rows count as out of range: nothing visible
     m_i = tl.full((ROWS,), float("-inf"), tl.float32)
     l_i = tl.zeros((ROWS,), tl.float32)
@@ -91,36 +92,63 @@ def _merge_kernel(part_o, part_m, part_l, o_ptr, lse_ptr, HKV, GROUP, TQ, DV, SP
     tl.store(lse_ptr + out_rows, lse, mask=row_ok)
 
 
-def serves(q, k) -> bool:
-    """Whether a call is a decode step this path should take: few query rows, many keys."""
+def serves(q, k, v=None) -> bool:
+    """Whether a call is a decode step this path should take: few query rows, many keys, and a
+    tile that fits the device's shared memory (else the flash kernel serves it)."""
     group = q.shape[1] // k.shape[1]
-    return group * q.shape[2] <= MAX_ROWS and q.shape[2] <= 16 and k.shape[2] >= 256
+    if not (group * q.shape[2] <= MAX_ROWS and q.shape[2] <= 16 and k.shape[2] >= 256):
+        return False
+    bd, bdv = (max(16, triton.next_power_of_2(t.shape[-1])) for t in (q, k if v is None else v))
+    return _tile(_rows(group, q.shape[2]), bd, bdv, q.element_size(), q.device) is not None
+
+
+def _rows(group, tq):
+    return max(16, triton.next_power_of_2(group * tq))
 
 
 def _splits(b, hkv, tk, block_n, device):
     """Enough chunks to give every SM about two programs, each at least 4 key tiles long."""
-    sms = 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _tune.sm_count(device)
     want = max(1, 2 * sms // max(1, b * hkv))
     return max(1, min(want, triton.cdiv(tk, 4 * block_n)))
+
+
+# (BLOCK_N, stages, warps), best first: the first whose shared memory fits the device is used
+_TILES = ((64, 3, 4), (64, 2, 4), (32, 2, 4), (16, 2, 4), (16, 1, 4))
+
+
+def _smem(block_n, stages, rows, bd, bdv, elt):
+    """Upper estimate: K and V tiles per stage, the Q rows, and P for its layout change."""
+    return elt * (max(stages, 2) * block_n * (bd + bdv) + rows * bd + rows * block_n)
+
+
+def _tile(rows, bd, bdv, elt, device):
+    if _tune.interpreting():
+        return 16, 1, 4
+    limit = _tune.smem_limit(device)
+    for block_n, stages, warps in _TILES:
+        if _smem(block_n, stages, rows, bd, bdv, elt) <= limit:
+            return block_n, stages, warps
+    return None  # e.g. fp32, 64 rows of D=256 on sm_86/89
 
 
 def forward(q, k, v, mask, causal, scale):
     b, h, hkv, tq, tk, d, dv, mask_t, strides, offset, meta = _common(q, k, v, mask, causal, scale)
     group = h // hkv
-    rows = max(16, triton.next_power_of_2(group * tq))
-    block_n = 16 if INTERPRET else 64
+    rows = _rows(group, tq)
+    bdv = meta["BLOCK_DV"]
+    block_n, stages, warps = _tile(rows, meta["BLOCK_D"], bdv, q.element_size(), q.device)
     splits = _splits(b, hkv, tk, block_n, q.device)
     chunk = triton.cdiv(triton.cdiv(tk, splits), block_n) * block_n
     splits = triton.cdiv(tk, chunk)
-    bdv = meta["BLOCK_DV"]
     part_o = torch.empty(b * hkv, splits, rows, bdv, device=q.device, dtype=torch.float32)
     part_m = torch.empty(b * hkv, splits, rows, device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
-    _split_kernel[(splits, b * hkv)](
-        q, k, v, mask_t, part_o, part_m, part_l, *strides, hkv, group, tq, tk, d, dv, offset, scale, chunk, splits,
-        **meta, ROWS=rows, BLOCK_N=block_n, num_warps=4,
-    )
+    _tune.launch(_split_kernel, (splits, b * hkv),
+                 q, k, v, mask_t, part_o, part_m, part_l, *strides, hkv, group, tq, tk, d, dv, offset, scale, chunk,
+                 splits, **meta, ROWS=rows, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     out = torch.empty(b, h, tq, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)
-    _merge_kernel[(b * hkv,)](part_o, part_m, part_l, out, lse, hkv, group, tq, dv, splits, ROWS=rows, BLOCK_DV=bdv)
+    _tune.launch(_merge_kernel, (b * hkv,), part_o, part_m, part_l, out, lse, hkv, group, tq, dv, splits,
+                 ROWS=rows, BLOCK_DV=bdv)
     return out, lse

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlm.triton import _tune
+
 ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 
 
@@ -101,12 +103,6 @@ def _blocks(cols: int) -> tuple[int, int]:
     return max(1, 4096 // block_n), block_n
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few splits still exercise the partial-sum path
-
-
 def forward(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
@@ -115,7 +111,8 @@ def forward(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torc
     rows, cols = x2.shape
     block_m, block_n = _blocks(cols)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
-    _forward_kernel[grid](
+    _tune.launch(
+        _forward_kernel, grid,
         x2, bias if bias is not None else x2, y, rows, cols, x2.stride(0), cols,
         HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], BLOCK_M=block_m, BLOCK_N=block_n,
     )
@@ -133,11 +130,12 @@ def backward(grad_out, x, bias, activation):
     block_m, block_n = _blocks(cols)
     col_blocks = triton.cdiv(cols, block_n)
     # Enough (split, strip) programs for ~4 per SM; each split covers whole BLOCK_M runs.
-    splits = max(1, min(triton.cdiv(rows, block_m), triton.cdiv(4 * _sm_count(x.device), col_blocks)))
+    splits = max(1, min(triton.cdiv(rows, block_m), triton.cdiv(4 * _tune.sm_count(x.device), col_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_m) * block_m
     splits = triton.cdiv(rows, rows_per_split)
     partial = torch.empty((splits, cols) if bias is not None else (1,), dtype=torch.float32, device=x.device)
-    _backward_kernel[(splits, col_blocks)](
+    _tune.launch(
+        _backward_kernel, (splits, col_blocks),
         g2, x2, bias if bias is not None else x2, grad_x, partial, rows, cols,
         g2.stride(0), x2.stride(0), cols, rows_per_split,
         HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], BLOCK_M=block_m, BLOCK_N=block_n,

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlm.triton import _tune
+
 
 @triton.jit
 def _forward_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, cols, x_stride, ignore_index, eps,
@@ -81,7 +83,7 @@ def _backward_kernel(x_ptr, t_ptr, w_ptr, lse_ptr, g_ptr, gx_ptr, cols, x_stride
 
 
 def _block(cols: int, device: torch.device) -> int:
-    cap = 4096 if device.type == "cuda" else 1024  # the interpreter is slow on big tiles
+    cap = 4096 if _tune.on_gpu(device) else 1024  # the interpreter is slow on big tiles
     return min(triton.next_power_of_2(max(cols, 1)), cap)
 
 
@@ -96,7 +98,8 @@ def forward(logits, target, weight, ignore_index: int, label_smoothing: float):
     if rows == 0:
         return loss, lse
     x = _rows(logits)
-    _forward_kernel[(rows,)](
+    _tune.launch(
+        _forward_kernel, (rows,),
         x, target.contiguous(), weight if weight is not None else x, loss, lse, cols, x.stride(0), ignore_index,
         label_smoothing, HAS_W=weight is not None, SMOOTH=label_smoothing > 0, BLOCK=_block(cols, logits.device),
     )
@@ -110,7 +113,8 @@ def backward(grad_loss, logits, target, weight, lse, ignore_index: int, label_sm
         return grad
     x = _rows(logits)
     weight_sum = float(weight.sum()) if weight is not None else float(cols)
-    _backward_kernel[(rows,)](
+    _tune.launch(
+        _backward_kernel, (rows,),
         x, target.contiguous(), weight if weight is not None else x, lse, grad_loss.contiguous(), grad, cols,
         x.stride(0), cols, ignore_index, label_smoothing, weight_sum,
         HAS_W=weight is not None, BLOCK=_block(cols, logits.device),

@@ -6,23 +6,21 @@ backward the activation derivative is fused into the A-operand load: A = grad_y 
 formed per tile from grad_y and the saved pre-activation p (never stored), and the dW launch
 also sums its A rows into grad_bias (programs of the first column block only; deterministic).
 fp32 accumulation; fp32 operands use TF32 exactly when torch would (allow_tf32). Autotuned on
-GPU; the interpreter (CPU CI) runs one small fixed config.
+GPU per (M, N, K rounded up to powers of two, epilogue), among the configs whose shared memory
+fits the device (fastlm/triton/_tune.py); the interpreter (CPU CI) runs one small fixed config.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from fastlm.triton import _tune
 from fastlm.triton.bias_act import ACT_CODES, _act_derivative, _act_forward
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _configs():
-    if _INTERPRET:
+    if _tune.interpreting():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4)]
     cfgs = []
     for bm, bn, bk, warps, stages in [
@@ -34,10 +32,21 @@ def _configs():
     return cfgs
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_BIAS", "HAS_RES", "ACT", "SAVE_Z", "PRO_ACT", "BIAS_GRAD", "PRECISION"])
-@triton.jit
+def _smem(cfg, a):
+    """Upper estimate: A and B tiles (and the pre-activation tile of a backward) per pipeline
+    stage; the epilogue reuses that memory."""
+    kw = cfg.kwargs
+    rows = kw["BLOCK_M"] * (2 if a["PRO_ACT"] >= 0 else 1) + kw["BLOCK_N"]
+    return a["a_ptr"].element_size() * max(cfg.num_stages, 2) * rows * kw["BLOCK_K"]
+
+
+_KEY = ["M_B", "N_B", "K_B", "HAS_BIAS", "HAS_RES", "ACT", "SAVE_Z", "PRO_ACT", "BIAS_GRAD", "PRECISION"]
+
+
+@_tune.autotune(_configs(), _KEY, _smem, "triton linear GEMM")
+@triton.jit(do_not_specialize=["M_B", "N_B", "K_B"])
 def _gemm_kernel(
-    a_ptr, b_ptr, bias_ptr, res_ptr, y_ptr, z_ptr, p_ptr, gb_ptr, M, N, K,
+    a_ptr, b_ptr, bias_ptr, res_ptr, y_ptr, z_ptr, p_ptr, gb_ptr, M, N, K, M_B, N_B, K_B,
     sam, sak, sbn, sbk, srm, srn, spm, spk,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, SAVE_Z: tl.constexpr,
     PRO_ACT: tl.constexpr, BIAS_GRAD: tl.constexpr,
@@ -105,10 +114,11 @@ def gemm(a, a_strides, b, b_strides, M, N, K, *, bias=None, residual=None, activ
         return y, z
     p, p_strides, pro_act = prologue if prologue is not None else (a, (0, 0), None)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _gemm_kernel[grid](
+    _tune.launch(
+        _gemm_kernel, grid,
         a, b, bias if bias is not None else y, residual if residual is not None else y, y, z if save_z else y,
         p, grad_bias if grad_bias is not None else y,
-        M, N, K, a_strides[0], a_strides[1], b_strides[0], b_strides[1],
+        M, N, K, _tune.bucket(M), _tune.bucket(N), _tune.bucket(K), a_strides[0], a_strides[1], b_strides[0], b_strides[1],
         residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
         p_strides[0], p_strides[1],
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=ACT_CODES[activation] if activation else -1,

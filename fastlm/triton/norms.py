@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlm.triton import _tune
+
 
 @triton.jit
 def _forward_kernel(
@@ -93,7 +95,7 @@ def _rows(t):
 
 
 def _programs(device, rows):
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    sms = _tune.sm_count(device, cpu_default=2)
     return max(1, min(rows, 4 * sms))
 
 
@@ -109,7 +111,8 @@ def forward(x, residual, weight, bias, eps, rms):
     r2 = _rows(residual) if residual is not None else x2
     block_n = triton.next_power_of_2(cols)
     block_m = max(1, min(16, 4096 // block_n))
-    _forward_kernel[(triton.cdiv(rows, block_m),)](
+    _tune.launch(
+        _forward_kernel, (triton.cdiv(rows, block_m),),
         x2, r2, weight if weight is not None else x2, bias if bias is not None else x2, h if residual is not None else y,
         y, mean if not rms else rstd, rstd, rows, cols, x2.stride(0), r2.stride(0), eps,
         HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms,
@@ -130,7 +133,8 @@ def backward(grad_y, grad_sum, h, weight, mean, rstd, rms, bias_grad):
     progs = triton.cdiv(rows, rows_per_prog)
     pw = torch.empty((progs, cols) if weight is not None else (1,), dtype=torch.float32, device=h.device)
     pb = torch.empty((progs, cols) if bias_grad else (1,), dtype=torch.float32, device=h.device)
-    _backward_kernel[(progs,)](
+    _tune.launch(
+        _backward_kernel, (progs,),
         g2, gs, h2, weight if weight is not None else h2, rstd if rms else mean, rstd, grad_h, pw, pb,
         rows, cols, g2.stride(0), gs.stride(0), h2.stride(0), rows_per_prog,
         HAS_GS=grad_sum is not None, HAS_W=weight is not None, WANT_B=bias_grad, RMS=rms,

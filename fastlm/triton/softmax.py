@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlm.triton import _tune
+
 
 @triton.jit
 def _load_z(x_row, m_row, offs, valid, scale, MASK: tl.constexpr):
@@ -93,7 +95,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _block(cols: int, device: torch.device) -> int:
-    cap = 4096 if device.type == "cuda" else 1024  # the interpreter is slow on big tiles
+    cap = 4096 if _tune.on_gpu(device) else 1024  # the interpreter is slow on big tiles
     return min(triton.next_power_of_2(max(cols, 1)), cap)
 
 
@@ -105,7 +107,8 @@ def forward(x, mask, scale: float, causal_rows: int, log: bool) -> torch.Tensor:
     rows, cols = x2.shape
     kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
     m = x2 if mask is None else (mask.view(torch.uint8) if kind == 1 else mask)
-    _forward_kernel[(rows,)](
+    _tune.launch(
+        _forward_kernel, (rows,),
         x2, m, y, cols, x2.stride(0), cols, 1 if mask is None else mask.shape[0], max(causal_rows, 1), scale,
         MASK=kind, LOG=log, CAUSAL=causal_rows > 0, BLOCK=_block(cols, x.device),
     )
@@ -118,6 +121,6 @@ def backward(grad_y, y, scale: float, log: bool) -> torch.Tensor:
         return gx
     g2, y2 = _rows(grad_y), _rows(y)
     rows, cols = y2.shape
-    _backward_kernel[(rows,)](g2, y2, gx, cols, g2.stride(0), y2.stride(0), cols, scale,
+    _tune.launch(_backward_kernel, (rows,), g2, y2, gx, cols, g2.stride(0), y2.stride(0), cols, scale,
                               LOG=log, BLOCK=_block(cols, y.device))
     return gx

@@ -1,0 +1,433 @@
+"""Ahead-of-time compilation of every Triton kernel for real GPUs, on a machine without one.
+
+The launchers themselves say what gets compiled: `capture(target)` runs them on small CPU
+tensors while fastlm.triton._tune.launch records each launch (kernel, arguments, constexprs)
+instead of running it, with the target's shared-memory limit and SM count standing in for the
+device's. An autotuned launch expands to every config its pruning keeps for that target.
+Each launch is then compiled with triton.compile(ASTSource(...), target=GPUTarget(...)) and
+measured: shared memory (compiled metadata), registers and spills (ptxas -v), seconds.
+
+CASES is the one list of launcher calls; `ci` marks the representative subset that
+tests/test_triton_aot.py compiles, scripts/triton_aot_sweep.py compiles them all.
+Run it in a process without TRITON_INTERPRET=1 (interpreted kernels cannot be compiled).
+
+Triton versions (GPU machine: Triton 3.6; CI: Triton 3.8), what this module relies on:
+- ASTSource(fn, signature, constexprs=..., attrs=...) with constexprs keyed by (index,) tuples
+  (3.3+; Triton <= 3.2 called it `constants`: passed by keyword name found by inspection);
+- GPUTarget from triton.backends.compiler (3.0+; older: triton.compiler);
+- attrs {(index,): [["tt.divisibility", 16]]}, made by the backend's parse_attr("D") where it exists;
+- compiled.metadata.shared (bytes); the ptxas log through knobs.nvidia.dump_ptxas_log (printed
+  to stdout; 3.5+), else ptxas -v is run on compiled.asm["ptx"] with the wheel's ptxas;
+- Autotuner.configs / .early_config_prune / .fn and Config.kwargs / num_warps / num_stages.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import os
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+from fastlm.triton import _tune
+
+# per-block shared memory (shared_memory_per_block_optin) and SM counts of the GPUs we target
+TARGETS = {
+    80: _tune.Target(80, 166912, 108),  # A100
+    86: _tune.Target(86, 101376, 84),  # sm_86/89 (RTX 30xx/40xx, A10, L4, L40): 99 KB
+    90: _tune.Target(90, 232448, 132),  # H100/H200
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# what CI compiles: fp16 and bf16 kernels differ only in conversions, so each 16-bit one on one target
+CI_DTYPES = {80: ("fp32", "bf16"), 90: ("fp32", "fp16")}
+_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8",
+               torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+
+
+# ---------------------------------------------------------------- Triton version shims
+def gpu_target(capability: int):
+    try:
+        from triton.backends.compiler import GPUTarget
+    except ImportError:  # Triton < 3.0
+        from triton.compiler import GPUTarget
+    return GPUTarget("cuda", capability, 32)
+
+
+def _ast_source(fn, signature, constexprs, attrs):
+    from triton.compiler import ASTSource
+
+    params = inspect.signature(ASTSource.__init__).parameters
+    name = "constexprs" if "constexprs" in params else "constants"
+    return ASTSource(fn, signature, **{name: constexprs, "attrs": attrs})
+
+
+def _divisible_attr(capability: int):
+    try:
+        from triton.compiler.compiler import make_backend
+
+        return make_backend(gpu_target(capability)).parse_attr("D")
+    except (ImportError, AttributeError):
+        return [["tt.divisibility", 16]]
+
+
+# ---------------------------------------------------------------- launches
+@dataclass
+class Launch:
+    kernel: str  # "<module>.<kernel function>"
+    fn: object  # the JITFunction
+    signature: dict
+    constexprs: dict  # {name: value}
+    divisible: list  # argument names specialised as multiples of 16
+    options: dict  # num_warps, num_stages
+    config: str = ""  # the autotune config, for tables
+
+    def key(self):
+        return (self.kernel, tuple(sorted(self.signature.items())), tuple(sorted(self.constexprs.items())),
+                tuple(self.divisible), tuple(sorted(self.options.items())))
+
+
+def _specialize(value, specialize: bool):
+    """(signature type, divisible by 16) as Triton's launcher specialises an argument; type
+    'constexpr' for ints equal to 1 and None (Triton folds those in)."""
+    if value is None:
+        return "constexpr", False
+    if isinstance(value, torch.Tensor):
+        return "*" + _TYPE_NAMES[value.dtype], specialize and value.data_ptr() % 16 == 0
+    if isinstance(value, bool):
+        return "u1", False
+    if isinstance(value, int):
+        if specialize and value == 1:
+            return "constexpr", False
+        kind = "i32" if -2**31 <= value < 2**31 else "i64"
+        return kind, specialize and value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", False
+    raise TypeError(f"cannot specialise argument value {value!r}")
+
+
+def _expand(kernel, args, meta) -> list[Launch]:
+    """A recorded launch as compile jobs: one per config an autotuned kernel can pick."""
+    if isinstance(kernel, triton.runtime.Autotuner):
+        jit = kernel.fn
+        named = dict(zip(jit.arg_names, args))
+        configs = kernel.configs
+        if kernel.early_config_prune:
+            configs = kernel.early_config_prune(configs, named, **meta)
+        jobs = []
+        for c in configs:
+            opts = dict(num_warps=c.num_warps, num_stages=c.num_stages)
+            label = ",".join(f"{k}={v}" for k, v in c.kwargs.items()) + f",w{c.num_warps},s{c.num_stages}"
+            jobs.append(_launch(jit, args, {**meta, **c.kwargs}, opts, label))
+        return jobs
+    opts = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
+    return [_launch(kernel, args, meta, opts, "")]
+
+
+def _launch(jit, args, meta, options, label) -> Launch:
+    values = dict(zip(jit.arg_names, args))
+    values.update(meta)
+    no_spec = {jit.arg_names[i] if isinstance(i, int) else i for i in (jit.do_not_specialize or [])}
+    signature, constexprs, divisible = {}, {}, []
+    for p in jit.params:
+        v = values[p.name]
+        if p.is_constexpr:
+            signature[p.name], constexprs[p.name] = "constexpr", v
+            continue
+        kind, div = _specialize(v, p.name not in no_spec)
+        signature[p.name] = kind
+        if kind == "constexpr":
+            constexprs[p.name] = v
+        elif div:
+            divisible.append(p.name)
+    options = {"num_warps": 4, "num_stages": 3, **options}
+    return Launch(f"{jit.fn.__module__.split('.')[-1]}.{jit.fn.__name__}", jit, signature, constexprs,
+                  divisible, options, label)
+
+
+@contextlib.contextmanager
+def capture(target: _tune.Target):
+    """Within: launchers record their launches (list yielded) for `target` instead of running."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("fastlm.triton.aot needs a process without TRITON_INTERPRET=1")
+    recorded = []
+    saved = dict(_tune._aot)
+    _tune._aot.update(target=target, record=lambda k, a, m: recorded.extend(_expand(k, a, dict(m))))
+    env = os.environ.get("FASTLM_TRITON_AUTOTUNE")
+    os.environ["FASTLM_TRITON_AUTOTUNE"] = "1"  # every config a tuned launch can pick
+    try:
+        yield recorded
+    finally:
+        _tune._aot.update(saved)
+        if env is None:
+            os.environ.pop("FASTLM_TRITON_AUTOTUNE")
+        else:
+            os.environ["FASTLM_TRITON_AUTOTUNE"] = env
+
+
+# ---------------------------------------------------------------- compile and measure
+@dataclass
+class Result:
+    smem: int = -1
+    regs: int = -1
+    spills: int = -1  # spill store bytes
+    seconds: float = 0.0
+    error: str = ""
+    ttir: str = field(default="", repr=False)
+
+
+_PTXAS_RE = re.compile(r"(\d+) bytes spill stores.*?Used (\d+) registers", re.S)
+
+
+def _ptxas_report(log: str, ptx: str, capability: int):
+    m = _PTXAS_RE.search(log)
+    if m is None:  # no log from Triton (older versions): run ptxas -v ourselves
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        tool = get_ptxas(capability) if "arch" in inspect.signature(get_ptxas).parameters else get_ptxas()
+        with tempfile.TemporaryDirectory() as d:
+            src = os.path.join(d, "k.ptx")
+            with open(src, "w") as f:
+                f.write(ptx)
+            arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+            out = subprocess.run([tool.path, "-v", f"--gpu-name={arch}", src, "-o", src + ".o"],
+                                 capture_output=True, text=True, check=True)
+        m = _PTXAS_RE.search(out.stderr + out.stdout)
+    return int(m.group(2)), int(m.group(1))
+
+
+def compile_launch(launch: Launch, capability: int, keep_ttir: bool = False) -> Result:
+    attrs = {(list(launch.signature).index(n),): _divisible_attr(capability) for n in launch.divisible}
+    consts = {(list(launch.signature).index(n),): v for n, v in launch.constexprs.items()}
+    res = Result()
+    log = io.StringIO()
+    try:
+        from triton import knobs  # 3.4+: ask Triton to print ptxas's -v log
+    except ImportError:
+        knobs = None
+    t0 = time.perf_counter()
+    try:
+        saved = knobs.nvidia.dump_ptxas_log if knobs else None
+        with contextlib.redirect_stdout(log):
+            if knobs:
+                knobs.nvidia.dump_ptxas_log = True
+            try:
+                src = _ast_source(launch.fn, launch.signature, consts, attrs)
+                compiled = triton.compile(src, target=gpu_target(capability), options=dict(launch.options))
+            finally:
+                if knobs:
+                    knobs.nvidia.dump_ptxas_log = saved
+    except Exception as e:  # a compile error is a result to report, not a crash of the sweep
+        res.seconds = time.perf_counter() - t0
+        text = str(e).strip()
+        res.error = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+        return res
+    res.seconds = time.perf_counter() - t0
+    res.smem = int(compiled.metadata.shared)
+    res.regs, res.spills = _ptxas_report(log.getvalue(), compiled.asm["ptx"], capability)
+    if keep_ttir:
+        res.ttir = compiled.asm["ttir"]
+    return res
+
+
+# ---------------------------------------------------------------- what the launchers launch
+@dataclass
+class Case:
+    module: str
+    label: str
+    run: object  # run(dtype): calls the module's launcher on CPU tensors
+    ci: bool = False  # part of the representative set compiled by tests/test_triton_aot.py
+    dtypes: tuple = ("fp32", "fp16", "bf16")
+
+
+def _t(*shape, dtype):
+    return torch.randn(*shape).to(dtype)
+
+
+def _attention_case(b, h, hkv, tq, tk, d, causal=0, mask=None, dropout=0.0, backward=True):
+    def run(dtype):
+        from fastlm.triton import attention
+
+        q, k, v = _t(b, h, tq, d, dtype=dtype), _t(b, hkv, tk, d, dtype=dtype), _t(b, hkv, tk, d, dtype=dtype)
+        m = None if mask is None else (torch.ones(1, h, tq, tk, dtype=torch.bool) if mask == "bool"
+                                       else torch.zeros(1, 1, tq, tk, dtype=dtype))
+        out, lse = attention.forward(q, k, v, m, causal, d ** -0.5, dropout, 1)
+        if backward:
+            attention.backward(torch.randn_like(out), q, k, v, m, out, lse, causal, d ** -0.5, dropout, 1)
+    return run
+
+
+def _module_case(module, fn_name, *build):
+    def run(dtype):
+        import importlib
+
+        getattr(importlib.import_module(f"fastlm.triton.{module}"), fn_name)(*[f(dtype) for f in build])
+    return run
+
+
+def _attention_cases():
+    cases = []
+    for d in (32, 64, 128, 256):
+        for causal, mask, drop in ((0, None, 0.0), (1, None, 0.0), (2, "bool", 0.0), (0, "float", 0.0),
+                                   (1, None, 0.1)):
+            ci = (d, causal, mask, drop) in ((64, 1, None, 0.1), (256, 0, "float", 0.0))
+            label = f"d{d} causal{causal} mask={mask} p={drop}"
+            cases.append(Case("attention", label, _attention_case(2, 4, 2, 1024, 1024, d, causal, mask, drop), ci))
+        for group in (1, 8):  # decode: group * Tq rows per program
+            cases.append(Case("attention_decode", f"d{d} group{group} tq1", _attention_case(
+                1, group * 2, 2, 1, 4096, d, 2, None, 0.0, backward=False), ci=False))
+        cases.append(Case("attention_decode", f"d{d} group8 tq8 mask", _attention_case(  # 64 rows a program
+            1, 16, 2, 8, 4096, d, 2, "float", 0.0, backward=False), ci=d in (128, 256)))
+    return cases
+
+
+def _linear_cases():
+    from fastlm.triton.bias_act import ACT_CODES
+
+    cases = []
+    for act in (None, *ACT_CODES):
+        def run(dtype, act=act):
+            from fastlm.triton import linear
+
+            x, w, b = _t(512, 768, dtype=dtype), _t(3072, 768, dtype=dtype), _t(3072, dtype=dtype)
+            y, z = linear.forward(x, w, b, None, act, act is not None)
+            linear.backward(torch.randn_like(y), x, w, b, z if act else y, act or "none")
+        cases.append(Case("linear", f"act={act} fwd+bwd", run, ci=act in (None, "gelu_tanh")))
+    return cases
+
+
+def _row_cases():
+    cases = []
+    for cols in (768, 4096, 50257, 262144):
+        big = cols > 8192
+        for log in (False, True):
+            def sm(dtype, cols=cols, log=log):
+                from fastlm.triton import softmax
+
+                x = _t(4, cols, dtype=dtype)
+                y = softmax.forward(x, torch.zeros(1, cols, dtype=dtype), 0.5, 4, log)
+                softmax.backward(torch.randn_like(y), y, 0.5, log)
+            cases.append(Case("softmax", f"cols{cols} log={log}", sm, ci=cols == 4096 and not log))
+        def ce(dtype, cols=cols):
+            from fastlm.triton import cross_entropy
+
+            x = _t(4, cols, dtype=dtype)
+            t = torch.randint(0, cols, (4,))
+            for w, smooth in ((None, 0.0), (torch.rand(cols), 0.1)):
+                loss, lse = cross_entropy.forward(x, t, w, -100, smooth)
+                cross_entropy.backward(torch.ones(4), x, t, w, lse, -100, smooth)
+        cases.append(Case("cross_entropy", f"cols{cols}", ce, ci=cols == 50257))
+        if not big:
+            def norm(dtype, cols=cols):
+                from fastlm.triton import norms
+
+                x, w = _t(64, cols, dtype=dtype), _t(cols, dtype=dtype)
+                for rms in (False, True):
+                    y, h, mean, rstd = norms.forward(x, x, w, w, 1e-5, rms)
+                    norms.backward(torch.randn_like(y), y, h, w, mean, rstd, rms, not rms)
+            cases.append(Case("norms", f"cols{cols}", norm, ci=cols == 4096))
+            def ba(dtype, cols=cols):
+                from fastlm.triton import bias_act
+
+                x, b = _t(64, cols, dtype=dtype), _t(cols, dtype=dtype)
+                for act in ("gelu", "gelu_tanh", "relu", "silu"):
+                    bias_act.forward(x, b, act)
+                    bias_act.backward(torch.randn_like(x), x, b, act)
+            cases.append(Case("bias_act", f"cols{cols}", ba, ci=cols == 4096))
+    return cases
+
+
+def cases() -> list[Case]:
+    return _attention_cases() + _linear_cases() + _row_cases()
+
+
+def jobs(capability: int, dtype: str, ci_only: bool, modules=None) -> list[tuple[Case, Launch]]:
+    """Every distinct launch the cases make for one target and dtype (first case that made it)."""
+    seen, out = set(), []
+    for case in cases():
+        if (ci_only and not case.ci) or dtype not in case.dtypes or (modules and case.module not in modules):
+            continue
+        with capture(TARGETS[capability]) as recorded:
+            case.run(DTYPES[dtype])
+        for launch in recorded:
+            if launch.key() not in seen:
+                seen.add(launch.key())
+                out.append((case, launch))
+    return out
+
+
+# ---------------------------------------------------------------- sweep
+def status(res: Result, limit: int) -> str:
+    if res.error:
+        return "failed"
+    if res.smem > limit:
+        return "smem-over"
+    return "spills" if res.spills > 0 else "clean"
+
+
+def sweep(capabilities, dtypes, ci_only, modules=None, report=print):
+    """Compiles every job and calls report(row) per compile; returns the rows (dicts)."""
+    rows = []
+    for cap in capabilities:
+        for dtype in dtypes:
+            if ci_only and dtype not in CI_DTYPES.get(cap, ()):
+                continue
+            for case, launch in jobs(cap, dtype, ci_only, modules):
+                res = compile_launch(launch, cap)
+                row = dict(kernel=launch.kernel, target=f"sm_{cap}", dtype=dtype, case=case.label,
+                           config=launch.config or _options_label(launch), smem=res.smem, limit=TARGETS[cap].smem,
+                           regs=res.regs, spills=res.spills, seconds=round(res.seconds, 2), error=res.error,
+                           status=status(res, TARGETS[cap].smem))
+                rows.append(row)
+                report(row)
+    return rows
+
+
+def _options_label(launch: Launch) -> str:
+    blocks = ",".join(f"{k}={v}" for k, v in launch.constexprs.items() if k.startswith("BLOCK") or k == "ROWS")
+    return f"{blocks},w{launch.options['num_warps']},s{launch.options['num_stages']}"
+
+
+def main(argv=None):
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="Compile fastlm's Triton kernels for GPUs without one.")
+    ap.add_argument("--ci", action="store_true", help="only the representative set the tests compile (CI_DTYPES)")
+    ap.add_argument("--targets", default="", help="compute capabilities, comma-separated (default: 80,86,90; "
+                                                   "with --ci: those in CI_DTYPES)")
+    ap.add_argument("--dtypes", default="fp32,fp16,bf16")
+    ap.add_argument("--modules", default="", help="fastlm.triton modules to compile (default: all)")
+    ap.add_argument("--jsonl", default="", help="also write one JSON row per compile here")
+    args = ap.parse_args(argv)
+    out = open(args.jsonl, "w") if args.jsonl else None
+    fmt = "{kernel:<34} {target:<6} {dtype:<5} {smem:>7} {regs:>4} {spills:>6} {seconds:>6} {status:<9} {case} | {config}"
+    print(fmt.format(kernel="kernel", target="target", dtype="dtype", smem="smem", regs="regs", spills="spills",
+                     seconds="sec", status="status", case="case", config="config"), flush=True)
+
+    def report(row):
+        print(fmt.format(**row) + (f"  {row['error']}" if row["error"] else ""), flush=True)
+        if out:
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+
+    with tempfile.TemporaryDirectory() as cache:  # a fresh cache: every compile really compiles
+        os.environ["TRITON_CACHE_DIR"] = cache
+        caps = [int(c) for c in args.targets.split(",")] if args.targets else (
+            list(CI_DTYPES) if args.ci else list(TARGETS))
+        rows = sweep(caps, args.dtypes.split(","), args.ci,
+                     [m for m in args.modules.split(",") if m] or None, report)
+    counts = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    print(f"{len(rows)} compiles: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Triton launch policy: bucketed autotune keys, shared-memory pruning, FASTLM_TRITON_AUTOTUNE=0,
+int64 head offsets, and the interpreter's bf16 refusal. Runs in the interpreter (CPU CI)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlm
+from fastlm.ops.attention import scaled_dot_product_attention as sdpa
+from fastlm.triton import _tune
+from fastlm.triton.aot import TARGETS
+from numerics import assert_close
+
+
+def _recorded(run, capability=90):
+    """(kernel, named args) of every launch run() makes, launch sizes as for sm_<capability>."""
+    rec = []
+    saved = dict(_tune._aot)
+    _tune._aot.update(target=TARGETS[capability], record=lambda k, a, m: rec.append((k, a, m)))
+    try:
+        run()
+    finally:
+        _tune._aot.update(saved)
+    tuned = [(k, {**dict(zip(k.arg_names, a)), **m}) for k, a, m in rec if isinstance(k, fastlm_autotuner())]
+    assert tuned, "no autotuned launch recorded"
+    return tuned
+
+
+def fastlm_autotuner():
+    import triton
+
+    return triton.runtime.Autotuner
+
+
+def _attention(tq, tk, d=64, dtype=torch.float32, mask=None):
+    from fastlm.triton import attention
+
+    q, k, v = torch.randn(1, 2, tq, d, dtype=dtype), torch.randn(1, 2, tk, d, dtype=dtype), torch.randn(1, 2, tk, d, dtype=dtype)
+    out, lse = attention.forward(q, k, v, mask, 0, 0.125)
+    attention.backward(out, q, k, v, mask, out, lse, 0, 0.125)
+
+
+def _linear(m):
+    from fastlm.triton import linear
+
+    x, w = torch.randn(m, 96), torch.randn(80, 96)
+    y, _ = linear.forward(x, w, None, None, None, False)
+    linear.backward(y, x, w, None, y, "none")
+
+
+def _keys(launches):
+    return [tuple(args[name] for name in k.keys) for k, args in launches]
+
+
+@pytest.mark.parametrize("run_a,run_b", [
+    (lambda: _attention(1000, 1000), lambda: _attention(1003, 1020)),  # a new sequence length, same bucket
+    (lambda: _attention(1, 130), lambda: _attention(1, 131)),  # one more decoded token (below the split-KV path)
+    (lambda: _linear(1000), lambda: _linear(1017)),
+], ids=["attention-lengths", "attention-decode-token", "linear-rows"])
+def test_autotune_key_is_bucketed(run_a, run_b):
+    a, b = _recorded(run_a), _recorded(run_b)
+    assert _keys(a) == _keys(b)
+
+
+def test_autotune_key_changes_across_buckets():
+    assert _keys(_recorded(lambda: _attention(1000, 1000))) != _keys(_recorded(lambda: _attention(1000, 3000)))
+
+
+def _pruned(launches, capability):
+    saved = dict(_tune._aot)
+    _tune._aot.update(target=TARGETS[capability])
+    try:
+        return _prune_each(launches)
+    finally:
+        _tune._aot.update(saved)
+
+
+def _prune_each(launches):
+    return [k.early_config_prune(k.configs, {n: v for n, v in args.items() if n in k.arg_names},
+                                 **{n: v for n, v in args.items() if n not in k.arg_names}) for k, args in launches]
+
+
+@pytest.mark.parametrize("capability", [80, 86, 90])
+def test_configs_that_cannot_fit_are_pruned_before_compiling(capability):
+    limit = TARGETS[capability].smem
+    launches = _recorded(lambda: _attention(64, 64, d=256), capability)
+    for (kernel, args), kept in zip(launches, _pruned(launches, capability)):
+        assert kept and max(_need(kernel, c, args) for c in kept) <= limit
+        assert len(kept) < len(kernel.configs), "fp32 d=256 has configs over every GPU's limit"
+
+
+def _need(kernel, cfg, args):
+    from fastlm.triton import attention
+
+    fn = attention._smem_fwd if kernel is attention._fwd_tuned else attention._smem_bwd
+    return fn(cfg, args)
+
+
+def test_autotune_off_runs_the_first_config_that_fits(monkeypatch):
+    launches = _recorded(lambda: _attention(64, 64, d=256), 80)
+    all_kept = _pruned(launches, 80)
+    monkeypatch.setenv("FASTLM_TRITON_AUTOTUNE", "0")
+    for kept, one in zip(all_kept, _pruned(launches, 80)):
+        assert one == kept[:1]
+
+
+def test_no_config_fits_names_the_limit_and_sizes():
+    small = _tune.Target(80, 1024, 108)
+    saved = dict(_tune._aot)
+    _tune._aot.update(target=small, record=lambda k, a, m: k.early_config_prune(
+        k.configs, dict(zip(k.arg_names, a)), **m))
+    try:
+        with pytest.raises(RuntimeError, match=r"triton attention forward: no config fits 1024 B of shared memory "
+                                               r"per block \(the smallest needs \d+ B\) for .*D=256"):
+            _attention(16, 16, d=256)
+    finally:
+        _tune._aot.update(saved)
+
+
+@pytest.mark.parametrize("capability", [80, 86, 90])
+def test_decode_tile_fits_or_the_flash_kernel_serves(capability):
+    from fastlm.triton import attention_decode as dec
+
+    target = TARGETS[capability]
+    saved = dict(_tune._aot)
+    _tune._aot.update(target=target)
+    try:
+        for dtype in (torch.float16, torch.float32):
+            for d in (64, 128, 256):
+                q, k = torch.empty(1, 64, 1, d, dtype=dtype), torch.empty(1, 1, 4096, d, dtype=dtype)
+                tile = dec._tile(64, d, d, q.element_size(), q.device)
+                assert dec.serves(q, k, k) == (tile is not None)
+                if tile is not None:
+                    assert dec._smem(tile[0], tile[1], 64, d, d, q.element_size()) <= target.smem
+                else:  # only fp32 at the widest head dim on the smallest GPU falls back
+                    assert (capability, dtype, d) == (86, torch.float32, 256)
+    finally:
+        _tune._aot.update(saved)
+
+
+def test_head_offsets_are_int64():
+    """Per-head bool mask whose head stride puts head 2 past 2^31 elements: int32 head offsets
+    wrap and read another (all-False) part of the buffer. Only the touched pages get memory."""
+    h, t, d = 3, 16, 16
+    head_stride = 2**30 + 2**19  # 2 * head_stride wraps int32 to -(2^31) + 2^20
+    base = 2**31  # so the wrapped address still lands inside the buffer (zero pages: all False)
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False  # don't touch 4 GB of pages
+    try:
+        buf = torch.empty(base + 2 * head_stride + t * t, dtype=torch.bool)
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    mask = buf.as_strided((1, h, t, t), (0, head_stride, t, 1), base)
+    keep = torch.rand(h, t, t) > 0.3
+    keep[..., 0] = True
+    for i in range(h):
+        mask[0, i].copy_(keep[i])
+    q, k, v = (torch.randn(1, h, t, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[None])
+    want_grads = torch.autograd.grad(want.sum(), (q, k, v))
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    out = sdpa(qf, kf, vf, attn_mask=mask, backend="triton")
+    grads = torch.autograd.grad(out.sum(), (qf, kf, vf))
+    assert_close("out (head 2 past 2^31 mask elements)", out, want)
+    for name, g, w in zip("qkv", grads, want_grads):
+        assert_close(f"grad_{name}", g, w)
+
+
+def test_interpreter_refuses_bf16_attention():
+    q = torch.randn(1, 2, 8, 32, dtype=torch.bfloat16)
+    msg = "the Triton interpreter computes tl.dot wrongly for bfloat16 operands (bf16 runs on GPU only)"
+    with pytest.raises(fastlm.BackendUnavailableError) as info:
+        sdpa(q, q, q, backend="triton")
+    assert msg in str(info.value)
+    k = torch.randn(1, 2, 300, 32, dtype=torch.bfloat16)  # a decode step: the split-KV path
+    with pytest.raises(fastlm.BackendUnavailableError, match=r"computes tl.dot wrongly for bfloat16"):
+        sdpa(q[:, :, :1], k, k, backend="triton")
