@@ -23,7 +23,7 @@ OPS = ["bias_act", "attention", "softmax", "cross_entropy", "linear", "norms", "
 HEADLINE_OPS = ["attention", "linear", "cross_entropy", "softmax", "norms", "model"]
 
 
-class _Stopped(Exception):
+class _Stopped(BaseException):  # not Exception: the benchmarks catch those per implementation
     """SIGTERM (e.g. `timeout` at the end of a time budget): write what was measured, then exit."""
 
 

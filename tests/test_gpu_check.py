@@ -48,7 +48,7 @@ def test_dry_run_walks_every_stage(tmp_path):
 
 
 def test_small_budget_skips_later_stages(tmp_path):
-    # dry-run estimates: build 10 s, tests 20 s, headline 90 s, full 40 s; 3 s kept for the archive.
+    # dry-run estimates: build 20 s, tests 20 s, headline 90 s, full 40 s; 3 s kept for the archive.
     # 60 s: build runs, tests runs if the machine is quick enough, headline and full can't fit
     res = _dry_run(tmp_path, 60)
     summary = (tmp_path / "summary.txt").read_text()
