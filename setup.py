@@ -5,11 +5,18 @@ CUDA build and nvcc is found, or forced with FASTLM_BUILD_CUDA=1 / =0. Other kno
   FASTLM_CUDA_ARCHS  "8.0;9.0a" by default; PTX of the first arch is embedded for newer GPUs
   FASTLM_CPU_ARCH    -march value for the CPU kernels, "native" by default ("" to omit)
   FASTLM_PTXAS_VERBOSE=1  print ptxas register/spill reports (the build test reads them)
+  FASTLM_BUILD_EMU   1 (default on x86-64 Linux) / 0: also build fastlm._C_emu, the CUDA kernels
+                     compiled as host C++ against the SIMT emulator in csrc/emu (CPU tensors,
+                     torch.ops.fastlm_emu.*, the "cuda-emu" backend); needs no CUDA toolkit
   MAX_JOBS           parallel compile jobs (ninja)
 """
+import concurrent.futures
 import os
+import platform
 import shutil
+import subprocess
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -92,8 +99,60 @@ def extension():
     return CUDAExtension(**args)
 
 
+# ---------------------------------------------------------------- the emulator build
+EMU_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-DFASTLM_EMU", "-fno-strict-aliasing",
+             "-I" + os.path.join(ROOT, "csrc", "emu", "include"), "-I" + os.path.join(ROOT, "csrc", "include")]
+# Kernel files get TSan's instrumentation (every load and store calls a __tsan_* hook) but not
+# TSan's runtime: csrc/emu/runtime.cpp implements the hooks as the shared-memory checker.
+EMU_KERNEL_FLAGS = ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0", "-x", "c++"]
+
+
+def want_emu():
+    forced = os.environ.get("FASTLM_BUILD_EMU", "").strip()
+    supported = platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
+    if forced == "1" and not supported:
+        sys.exit("fastlm: FASTLM_BUILD_EMU=1 but the emulator's fibers are written for x86-64 Linux")
+    return supported and forced != "0"
+
+
+def emu_objects(build_dir):
+    """Compiles csrc/cuda/*.cu, the emulator's self-test kernels and its runtime as host C++."""
+    cxx = os.environ.get("CXX", sysconfig.get_config_var("CXX") or "c++").split()
+    jobs = [(src, EMU_KERNEL_FLAGS) for src in sources("cuda", ".cu") + ["csrc/emu/selftest.cu"]]
+    jobs.append(("csrc/emu/runtime.cpp", []))
+    os.makedirs(build_dir, exist_ok=True)
+
+    def compile_one(job):
+        src, extra = job
+        obj = os.path.join(build_dir, os.path.basename(src).replace(".", "_") + ".o")
+        subprocess.check_call(cxx + EMU_FLAGS + extra + ["-c", os.path.join(ROOT, src), "-o", obj])
+        return obj
+
+    workers = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(compile_one, jobs))
+
+
+def emu_extension():
+    return CppExtension(
+        name="fastlm._C_emu",
+        sources=["csrc/emu/module.cpp", "csrc/emu/selftest_binding.cpp"] + sources("bindings", "_cuda.cpp"),
+        include_dirs=[os.path.join(ROOT, "csrc", "emu", "include"), os.path.join(ROOT, "csrc", "include"),
+                      os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": ["-O2", "-fno-strict-aliasing"]},
+        define_macros=[("FASTLM_EMU", "1")],
+    )
+
+
+class Build(BuildExtension):
+    def build_extension(self, ext):
+        if ext.name == "fastlm._C_emu":
+            ext.extra_objects = emu_objects(os.path.join(self.build_temp, "emu"))
+        super().build_extension(ext)
+
+
 setup(
     packages=find_packages(include=["fastlm", "fastlm.*"]),
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[extension()] + ([emu_extension()] if want_emu() else []),
+    cmdclass={"build_ext": Build.with_options(use_ninja=True)},
 )

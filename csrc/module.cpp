@@ -1,12 +1,17 @@
-// The extension module fastlm._C. Importing it runs every op registration: the namespace is
-// defined here, and each op adds its schemas from csrc/bindings/<op>.cpp with
-// TORCH_LIBRARY_FRAGMENT and its kernels with TORCH_LIBRARY_IMPL (CPU there, CUDA in
-// <op>_cuda.cpp). One binding file per op keeps rebuilds small and the files short; each is
-// ~8 s to compile because they include only the slim torch headers they need.
+// The extension module fastlm._C. Importing it runs every op registration: the namespace and
+// the schemas of csrc/bindings/schemas.h are defined here (CPU-only ops add theirs with
+// TORCH_LIBRARY_FRAGMENT), and each op registers its kernels from csrc/bindings/<op>.cpp with
+// TORCH_LIBRARY_IMPL (CPU there, CUDA in <op>_cuda.cpp). One binding file per op keeps
+// rebuilds small and the files short; each is ~8 s to compile because they include only the
+// slim torch headers they need.
 #include <Python.h>
 #include <torch/library.h>
 
-TORCH_LIBRARY(fastlm, m) {}
+#include "bindings/schemas.h"
+
+TORCH_LIBRARY(fastlm, m) {
+  for (const char* schema : fastlm::bind::kKernelSchemas) m.def(schema);
+}
 
 #ifndef FASTLM_CUDA_ARCHS
 #define FASTLM_CUDA_ARCHS ""

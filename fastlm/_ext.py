@@ -5,6 +5,8 @@ package runs on the rest; fastlm/__init__.py issues the one warning that says so
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -14,6 +16,14 @@ try:
 except ImportError as exc:  # not built, or built against another torch
     _C = None
     EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+
+try:  # the CUDA kernels compiled against the SIMT emulator (csrc/emu): the "cuda-emu" backend
+    from fastlm import _C_emu  # noqa: F401  (registers torch.ops.fastlm_emu.*)
+
+    EMULATOR_ERROR: str | None = None
+except ImportError as exc:
+    _C_emu = None
+    EMULATOR_ERROR = f"{type(exc).__name__}: {exc}"
 
 try:
     import triton
@@ -26,9 +36,16 @@ except ImportError as exc:
 
 HAS_EXTENSION = _C is not None
 HAS_CUDA_KERNELS = HAS_EXTENSION and bool(getattr(_C, "with_cuda", 0))
+HAS_EMULATOR = _C_emu is not None
 HAS_TRITON = TRITON_VERSION is not None
 CUDA_ARCHS = getattr(_C, "cuda_archs", "") if HAS_EXTENSION else ""
 CPU_FLAGS = getattr(_C, "cpu_flags", "") if HAS_EXTENSION else ""
+
+
+def on_emulator(fn):
+    """`fn` (an op's compiled-kernel call, taking `ops=torch.ops.fastlm`) bound to the emulated
+    CUDA kernels in torch.ops.fastlm_emu: the "cuda-emu" entry of an op's dispatch table."""
+    return functools.partial(fn, ops=torch.ops.fastlm_emu)
 
 
 def missing_message() -> str | None:

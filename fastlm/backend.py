@@ -6,6 +6,10 @@ Selection order for every op call: the call's `backend=`, then the innermost
 A backend chosen explicitly that can't serve raises BackendUnavailableError listing every
 backend's reasons: nothing falls back silently from an explicit choice.
 
+"cuda-emu" is the cuda backend's kernels compiled against the SIMT emulator (fastlm._C_emu):
+it serves CPU tensors, slowly and exactly as the GPU code would, for tests and development.
+It answers the cuda backend's per-op reasons and is never picked by "auto".
+
 Written so torch.compile can trace it (plain globals, os.environ, no locks or caches).
 """
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 
 from fastlm import _ext
 
-BACKENDS = ("cuda", "triton", "cpu", "reference")
+BACKENDS = ("cuda", "triton", "cpu", "reference", "cuda-emu")
 CHOICES = ("auto",) + BACKENDS
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 MIN_CUDA_CAPABILITY = (8, 0)  # the oldest arch csrc/cuda is compiled for
@@ -62,8 +66,9 @@ def requested(backend: str | None = None) -> tuple[str, str]:
 
 
 def register(op: str, backend: str, example: Callable[[torch.device], tuple] | None = None):
-    """Decorator: `fn(*op_inputs) -> list[str]` says why `backend` can't serve `op` (empty = can)."""
-    if backend not in BACKENDS:
+    """Decorator: `fn(*op_inputs) -> list[str]` says why `backend` can't serve `op` (empty = can).
+    The "cuda" registration also serves "cuda-emu"."""
+    if backend not in BACKENDS or backend == "cuda-emu":
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
 
     def deco(fn: WhyNot) -> WhyNot:
@@ -127,6 +132,11 @@ def machine_reasons(backend: str, device: torch.device) -> list[str]:
             reasons.append(f"serves CUDA tensors; input is on {device}")
         elif _capability(device.index if device.index is not None else torch.cuda.current_device()) < MIN_CUDA_CAPABILITY:
             reasons.append(f"needs compute capability >= {MIN_CUDA_CAPABILITY[0]}.{MIN_CUDA_CAPABILITY[1]}")
+    elif backend == "cuda-emu":
+        if not _ext.HAS_EMULATOR:
+            reasons.append(f"extension fastlm._C_emu not built ({_ext.EMULATOR_ERROR}); build with FASTLM_BUILD_EMU=1")
+        if device.type != "cpu":
+            reasons.append(f"serves CPU tensors (the CUDA kernels under the SIMT emulator); input is on {device}")
     elif backend == "triton":
         if not _ext.HAS_TRITON:
             reasons.append(f"triton not installed ({_ext.TRITON_ERROR})")
@@ -139,7 +149,7 @@ def machine_reasons(backend: str, device: torch.device) -> list[str]:
 
 def why_not(op: str, backend: str, device: torch.device, *inputs) -> list[str]:
     """Every reason `backend` can't serve `op` on these inputs; [] means it can."""
-    fn = _OPS.get(op, {}).get(backend)
+    fn = _OPS.get(op, {}).get("cuda" if backend == "cuda-emu" else backend)
     if fn is None:
         return [f"no {backend} implementation of {op}"]
     return machine_reasons(backend, device) + fn(*inputs)

@@ -2,19 +2,33 @@
 import pytest
 import torch
 
+from fastlm import _ext
+
 HAS_CUDA = torch.cuda.is_available()
 GPU = "cuda" if HAS_CUDA else None
 ALL = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# "cuda-emu": the cuda backend's kernels under the SIMT emulator, on CPU tensors (csrc/emu).
+EMU_MARKS = (pytest.mark.emu, pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built"))
+
+
+def cuda_params(dtypes=ALL):
+    """The cuda backend twice: on a GPU (gpu-marked) and under the emulator on CPU tensors."""
+    return [
+        pytest.param("cuda", "cuda", dtypes, id="cuda", marks=pytest.mark.gpu),
+        pytest.param("cuda-emu", "cpu", dtypes, id="cuda-emu", marks=EMU_MARKS),
+    ]
+
+
 def backends(cpu_dtypes=(torch.float32, torch.bfloat16), triton_dtypes=ALL):
-    """Without a GPU, triton runs in its interpreter on CPU tensors; cuda tests are gpu-marked."""
+    """Without a GPU, triton runs in its interpreter on CPU tensors; cuda tests are gpu-marked,
+    and run on CPU tensors through the emulator as cuda-emu."""
     return [
         pytest.param("reference", "cpu", ALL, id="reference"),
         pytest.param("cpu", "cpu", cpu_dtypes, id="cpu"),
         pytest.param("triton", GPU or "cpu", triton_dtypes, id="triton"),
-        pytest.param("cuda", "cuda", ALL, id="cuda", marks=pytest.mark.gpu),
-    ]
+    ] + cuda_params()
 
 
 def backend_dtypes(params):

@@ -12,6 +12,7 @@ from fastlm.ops.attention import (
     BOTTOM_RIGHT, NO_CAUSAL, TOP_LEFT, scaled_dot_product_attention as sdpa, scaled_dot_product_attention_ref,
     scaled_dot_product_attention_with_lse as sdpa_lse,
 )
+from backends import cuda_params
 from numerics import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias will produce NaNs")
@@ -25,10 +26,9 @@ BACKENDS = [
     pytest.param("triton", GPU or "cpu", (torch.float32, torch.float16) + ((torch.bfloat16,) if GPU else ()), id="triton"),
 ]
 # cuda is fp16/bf16 only, so it joins the tests that run per dtype, not the fp32 ones
-CUDA = pytest.param("cuda", "cuda", (torch.float16, torch.bfloat16), id="cuda", marks=pytest.mark.gpu)
 BACKEND_DTYPES = [
     pytest.param(p.values[0], p.values[1], dtype, id=f"{p.id}-{str(dtype)[6:]}", marks=p.marks)
-    for p in BACKENDS + [CUDA]
+    for p in BACKENDS + cuda_params((torch.float16, torch.bfloat16))
     for dtype in p.values[2]
 ]
 CAUSAL = {"none": NO_CAUSAL, "top_left": TOP_LEFT, "bottom_right": BOTTOM_RIGHT}

@@ -48,13 +48,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 }  // namespace
 }  // namespace fastlm::bind
 
-TORCH_LIBRARY_FRAGMENT(fastlm, m) {
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, int causal, float scale) -> (Tensor, Tensor)");
-  m.def(
-      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor out, Tensor lse, "
-      "int causal, float scale) -> (Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("attention_fwd", &fastlm::bind::attention_fwd_cpu);
   m.impl("attention_bwd", &fastlm::bind::attention_bwd_cpu);

@@ -2,10 +2,9 @@
 // attention.cpp (tensor cores, fp16/bf16; forward head dims up to 256, backward up to 128).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
 #include <torch/library.h>
+
+#include "gpu_binding.h"
 
 #include "attention_args.h"
 
@@ -13,13 +12,9 @@ namespace fastlm::bind {
 namespace {
 
 void cuda_args(const char* op, const at::Tensor& q) {
-  TORCH_CHECK_VALUE(q.device().is_cuda(), op, ": q must be a CUDA tensor here, got ", q.device().str());
+  TORCH_CHECK_VALUE(q.device().type() == kGpu, op, ": q must be a CUDA tensor here, got ", q.device().str());
   TORCH_CHECK_TYPE(q.scalar_type() != at::kFloat, op, ": q must be float16 or bfloat16 on ", q.device().str(),
                    " (the cuda attention kernels run on tensor cores), got ", q.scalar_type());
-}
-
-void check_launch(const char* op, int status) {
-  TORCH_CHECK(status == 0, op, ": CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(status)));
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -28,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   constexpr const char* op = "attention";
   cuda_args(op, q);
   const AttentionShape sh = check_args(op, q, k, v, mask, causal, scale, /*allow_half=*/true);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const GpuGuard guard(q.device());
   at::Tensor out = at::empty({sh.batch, sh.heads, sh.tq, sh.value_dim}, q.options());
   at::Tensor lse = at::empty({sh.batch, sh.heads, sh.tq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
@@ -38,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   check_launch(op, attention_forward_cuda(sh, strided(q), strided(k), strided(v), mask ? strided(*mask) : kNoMask,
                                           out.data_ptr(), lse.data_ptr<float>(),
                                           scratch > 0 ? workspace.data_ptr<float>() : nullptr,
-                                          c10::cuda::getCurrentCUDAStream(q.device().index()).stream()));
+                                          gpu_stream(q.device())));
   return {out, lse};
 }
 
@@ -52,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   check_backward_args(op, sh, grad_out, q, out, lse);
   TORCH_CHECK_VALUE(sh.head_dim <= 128 && sh.value_dim <= 128, op, ": the cuda backward takes head dims up to 128, got q ",
                     sh.head_dim, " and v ", sh.value_dim);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const GpuGuard guard(q.device());
   at::Tensor gq = at::empty(q.sizes(), q.options()), gk = at::empty(k.sizes(), k.options());
   at::Tensor gv = at::empty(v.sizes(), v.options());
   if (sh.tq == 0 || sh.tk == 0 || sh.value_dim == 0 || sh.head_dim == 0 || sh.batch == 0 || sh.heads == 0) {
@@ -63,14 +58,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   check_launch(op, attention_backward_cuda(sh, go.data_ptr(), strided(q), strided(k), strided(v),
                                            mask ? strided(*mask) : kNoMask, o.data_ptr(), ls.data_ptr<float>(),
                                            delta.data_ptr<float>(), gq.data_ptr(), gk.data_ptr(), gv.data_ptr(),
-                                           c10::cuda::getCurrentCUDAStream(q.device().index()).stream()));
+                                           gpu_stream(q.device())));
   return {gq, gk, gv};
 }
 
 }  // namespace
 }  // namespace fastlm::bind
 
-TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTLM_GPU_NAMESPACE, FASTLM_GPU_KEY, m) {
   m.impl("attention_fwd", &fastlm::bind::attention_fwd_cuda);
   m.impl("attention_bwd", &fastlm::bind::attention_bwd_cuda);
 }

@@ -48,11 +48,6 @@ std::tuple<at::Tensor, at::Tensor> bias_act_bwd_cpu(const at::Tensor& grad_out, 
 }  // namespace
 }  // namespace fastlm::bind
 
-TORCH_LIBRARY_FRAGMENT(fastlm, m) {
-  m.def("bias_act_fwd(Tensor x, Tensor? bias, str activation) -> Tensor");
-  m.def("bias_act_bwd(Tensor grad_out, Tensor x, Tensor? bias, str activation) -> (Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("bias_act_fwd", &fastlm::bind::bias_act_fwd_cpu);
   m.impl("bias_act_bwd", &fastlm::bind::bias_act_bwd_cpu);

@@ -3,10 +3,9 @@
 // this builds without the cuBLAS/cuSPARSE headers that ATen/cuda/CUDAContext.h drags in.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
 #include <torch/library.h>
+
+#include "gpu_binding.h"
 
 #include "common.h"
 #include "fastlm/bias_act.h"
@@ -14,18 +13,13 @@
 namespace fastlm::bind {
 namespace {
 
-void check_launch(const char* op, int status) {
-  TORCH_CHECK(status == 0, op, ": CUDA launch failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(status)));
-}
-
 at::Tensor bias_act_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& bias,
                              c10::string_view activation) {
   constexpr const char* op = "bias_act";
   const Activation act = activation_arg(op, activation);
-  const DType dtype = kernel_input_arg(op, "x", x, c10::DeviceType::CUDA, /*allow_half=*/true);
+  const DType dtype = kernel_input_arg(op, "x", x, kGpu, /*allow_half=*/true);
   bias_arg(op, bias, x);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const GpuGuard guard(x.device());
   at::Tensor y = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return y;
   const at::Tensor x2 = rows_view(x);
@@ -33,7 +27,7 @@ at::Tensor bias_act_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor
   check_launch(op, bias_act_forward_cuda(dtype, act, x2.size(0), x2.size(1), x2.data_ptr(),
                                          x2.stride(0), b.defined() ? b.data_ptr() : nullptr,
                                          y.data_ptr(), x2.size(1),
-                                         c10::cuda::getCurrentCUDAStream().stream()));
+                                         gpu_stream()));
   return y;
 }
 
@@ -42,10 +36,10 @@ std::tuple<at::Tensor, at::Tensor> bias_act_bwd_cuda(const at::Tensor& grad_out,
                                                      c10::string_view activation) {
   constexpr const char* op = "bias_act_backward";
   const Activation act = activation_arg(op, activation);
-  const DType dtype = kernel_input_arg(op, "x", x, c10::DeviceType::CUDA, /*allow_half=*/true);
+  const DType dtype = kernel_input_arg(op, "x", x, kGpu, /*allow_half=*/true);
   bias_arg(op, bias, x);
   grad_out_arg(op, grad_out, x);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const GpuGuard guard(x.device());
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
   at::Tensor grad_bias = at::empty({bias ? last_dim(x) : 0}, x.options());
   if (x.numel() == 0) return {grad_x, grad_bias.zero_()};
@@ -60,14 +54,14 @@ std::tuple<at::Tensor, at::Tensor> bias_act_bwd_cuda(const at::Tensor& grad_out,
                        x2.stride(0), b.defined() ? b.data_ptr() : nullptr, grad_x.data_ptr(), cols,
                        b.defined() ? grad_bias.data_ptr() : nullptr,
                        b.defined() ? workspace.data_ptr<float>() : nullptr,
-                       c10::cuda::getCurrentCUDAStream().stream()));
+                       gpu_stream()));
   return {grad_x, grad_bias};
 }
 
 }  // namespace
 }  // namespace fastlm::bind
 
-TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTLM_GPU_NAMESPACE, FASTLM_GPU_KEY, m) {
   m.impl("bias_act_fwd", &fastlm::bind::bias_act_fwd_cuda);
   m.impl("bias_act_bwd", &fastlm::bind::bias_act_bwd_cuda);
 }

@@ -32,6 +32,17 @@ inline DType dtype_arg(const char* op, const char* arg, const at::Tensor& t, boo
   return DType::kFloat32;  // unreachable: the check above throws
 }
 
+// Whether the kernels serving `device` take float16: the CUDA ones do. In the emulator build
+// (fastlm._C_emu) every binding is a CUDA one, serving CPU tensors.
+inline bool half_kernels(c10::DeviceType device) {
+#ifdef FASTLM_EMU
+  (void)device;
+  return true;
+#else
+  return device == c10::DeviceType::CUDA;
+#endif
+}
+
 // The tensor a kernel's dtype and device come from: on `device` (the backend this binding
 // serves) and in a dtype it computes in.
 inline DType kernel_input_arg(const char* op, const char* arg, const at::Tensor& t, c10::DeviceType device,

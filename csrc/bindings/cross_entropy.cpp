@@ -47,13 +47,6 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& 
 }  // namespace
 }  // namespace fastlm::bind
 
-TORCH_LIBRARY_FRAGMENT(fastlm, m) {
-  m.def("cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing)"
-        " -> (Tensor, Tensor)");
-  m.def("cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
-        "int ignore_index, float label_smoothing) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("cross_entropy_fwd", &fastlm::bind::cross_entropy_fwd_cpu);
   m.impl("cross_entropy_bwd", &fastlm::bind::cross_entropy_bwd_cpu);

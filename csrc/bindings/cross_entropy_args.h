@@ -9,7 +9,7 @@ namespace fastlm::bind {
 // The forward's arguments on `device`; returns the dtype the kernel computes in (fp16 on CUDA only).
 inline DType ce_args(const char* op, const at::Tensor& logits, const at::Tensor& target,
                      const std::optional<at::Tensor>& weight, c10::DeviceType device) {
-  const DType dtype = kernel_input_arg(op, "logits", logits, device, /*allow_half=*/device == c10::DeviceType::CUDA);
+  const DType dtype = kernel_input_arg(op, "logits", logits, device, /*allow_half=*/half_kernels(device));
   TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be 2-D (N, C), got shape ", logits.sizes());
   TORCH_CHECK_VALUE(target.device() == logits.device(), op, ": target is on ", target.device().str(),
                     " but logits is on ", logits.device().str());

@@ -3,10 +3,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
 #include <torch/library.h>
+
+#include "gpu_binding.h"
 
 #include "cross_entropy_args.h"
 #include "fastlm/cross_entropy.h"
@@ -14,16 +13,12 @@
 namespace fastlm::bind {
 namespace {
 
-void check_launch(const char* op, int status) {
-  TORCH_CHECK(status == 0, op, ": CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(status)));
-}
-
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                           const std::optional<at::Tensor>& weight,
                                                           int64_t ignore_index, double label_smoothing) {
   constexpr const char* op = "cross_entropy";
-  const DType dtype = ce_args(op, logits, target, weight, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const DType dtype = ce_args(op, logits, target, weight, kGpu);
+  const GpuGuard guard(logits.device());
   const int64_t rows = logits.size(0), cols = logits.size(1);
   const auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({rows}, f32), lse = at::empty({rows}, f32);
@@ -33,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::Tensor& logi
   check_launch(op, cross_entropy_forward_cuda(dtype, rows, cols, x.data_ptr(), x.stride(0), t.data_ptr<int64_t>(),
                                               opt_float_ptr(w), ignore_index, float(label_smoothing),
                                               loss.data_ptr<float>(), lse.data_ptr<float>(),
-                                              c10::cuda::getCurrentCUDAStream().stream()));
+                                              gpu_stream()));
   return {loss, lse};
 }
 
@@ -41,8 +36,8 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
                                   const std::optional<at::Tensor>& weight, const at::Tensor& lse,
                                   int64_t ignore_index, double label_smoothing) {
   constexpr const char* op = "cross_entropy_backward";
-  const DType dtype = ce_backward_args(op, grad_loss, logits, target, weight, lse, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const DType dtype = ce_backward_args(op, grad_loss, logits, target, weight, lse, kGpu);
+  const GpuGuard guard(logits.device());
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
   if (logits.numel() == 0) return grad;
   const at::Tensor x = rows_view(logits), t = target.contiguous(), l = lse.contiguous(), g = grad_loss.contiguous();
@@ -52,14 +47,14 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
                                                t.data_ptr<int64_t>(), opt_float_ptr(w), opt_float_ptr(wsum),
                                                ignore_index, float(label_smoothing), l.data_ptr<float>(),
                                                g.data_ptr<float>(), grad.data_ptr(), x.size(1),
-                                               c10::cuda::getCurrentCUDAStream().stream()));
+                                               gpu_stream()));
   return grad;
 }
 
 }  // namespace
 }  // namespace fastlm::bind
 
-TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTLM_GPU_NAMESPACE, FASTLM_GPU_KEY, m) {
   m.impl("cross_entropy_fwd", &fastlm::bind::cross_entropy_fwd_cuda);
   m.impl("cross_entropy_bwd", &fastlm::bind::cross_entropy_bwd_cuda);
 }

@@ -49,9 +49,4 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
 }  // namespace
 }  // namespace fastlm::bind
 
-TORCH_LIBRARY_FRAGMENT(fastlm, m) {
-  m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, str activation, bool save_preact)"
-        " -> (Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) { m.impl("linear_fwd", &fastlm::bind::linear_fwd_cpu); }

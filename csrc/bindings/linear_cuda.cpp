@@ -2,10 +2,9 @@
 // GEMM with the fused epilogue in csrc/cuda/linear.cu).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
 #include <torch/library.h>
+
+#include "gpu_binding.h"
 
 #include <cstdint>
 
@@ -28,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x_in, const
   constexpr const char* op = "linear";
   Activation act = Activation::kGelu;
   const bool has_act = optional_activation_arg(op, activation, &act);
-  TORCH_CHECK_VALUE(x_in.device().is_cuda(), op, ": x must be a CUDA tensor here, got ", x_in.device().str());
+  TORCH_CHECK_VALUE(x_in.device().type() == kGpu, op, ": x must be a CUDA tensor here, got ", x_in.device().str());
   TORCH_CHECK_TYPE(x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16, op,
                    ": x must be float16 or bfloat16 for the CUDA tensor-core GEMM, got ", x_in.scalar_type());
   const DType dtype = x_in.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
@@ -36,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x_in, const
   const int64_t M = x_in.size(0), K = x_in.size(1), N = w_in.size(0);
   TORCH_CHECK_VALUE(N % 8 == 0 && K % 8 == 0, op, ": the CUDA GEMM needs N and K multiples of 8, got N=", N,
                     ", K=", K);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const GpuGuard guard(x_in.device());
   at::Tensor y = at::empty({M, N}, x_in.options());
   at::Tensor pre = at::empty(save_preact ? at::IntArrayRef{M, N} : at::IntArrayRef{0}, x_in.options());
   if (M == 0 || N == 0) return {y, pre};
@@ -46,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x_in, const
   const LinearCudaArgs args{dtype, has_act, act, M, N, K, x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0),
                             b.defined() ? b.data_ptr() : nullptr, r.defined() ? r.data_ptr() : nullptr,
                             r.defined() ? r.stride(0) : 0, y.data_ptr(), save_preact ? pre.data_ptr() : nullptr};
-  const int status = linear_forward_cuda(args, c10::cuda::getCurrentCUDAStream().stream());
+  const int status = linear_forward_cuda(args, gpu_stream());
   TORCH_CHECK(status == 0, op, ": CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(status)));
   return {y, pre};
 }
@@ -54,4 +53,4 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x_in, const
 }  // namespace
 }  // namespace fastlm::bind
 
-TORCH_LIBRARY_IMPL(fastlm, CUDA, m) { m.impl("linear_fwd", &fastlm::bind::linear_fwd_cuda); }
+TORCH_LIBRARY_IMPL(FASTLM_GPU_NAMESPACE, FASTLM_GPU_KEY, m) { m.impl("linear_fwd", &fastlm::bind::linear_fwd_cuda); }

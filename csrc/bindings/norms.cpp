@@ -32,13 +32,6 @@ NormGrads norm_bwd_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>
 }  // namespace
 }  // namespace fastlm::bind
 
-TORCH_LIBRARY_FRAGMENT(fastlm, m) {
-  m.def("norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms)"
-        " -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("norm_bwd(Tensor grad_y, Tensor? grad_sum, Tensor h, Tensor? weight, Tensor mean, Tensor rstd,"
-        " bool rms, bool bias_grad) -> (Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("norm_fwd", &fastlm::bind::norm_fwd_cpu);
   m.impl("norm_bwd", &fastlm::bind::norm_bwd_cpu);

@@ -52,7 +52,7 @@ inline NormForwardPlan plan_norm_forward(const char* op, const at::Tensor& x_in,
                                          c10::DeviceType device) {
   matrix_arg(op, "x", x_in);
   NormForwardPlan p;
-  const DType dtype = kernel_input_arg(op, "x", x_in, device, /*allow_half=*/device == c10::DeviceType::CUDA);
+  const DType dtype = kernel_input_arg(op, "x", x_in, device, /*allow_half=*/half_kernels(device));
   if (residual) {
     same_place_arg(op, "residual", *residual, x_in);
     TORCH_CHECK_VALUE(residual->sizes() == x_in.sizes(), op, ": residual has shape ", residual->sizes(),
@@ -96,7 +96,7 @@ inline NormBackwardPlan plan_norm_backward(const char* op, const at::Tensor& gra
                                            const at::Tensor& rstd, bool rms, bool bias_grad, c10::DeviceType device) {
   matrix_arg(op, "h", h);
   NormBackwardPlan p;
-  const DType dtype = kernel_input_arg(op, "h", h, device, /*allow_half=*/device == c10::DeviceType::CUDA);
+  const DType dtype = kernel_input_arg(op, "h", h, device, /*allow_half=*/half_kernels(device));
   const int64_t rows = h.size(0), cols = h.size(1);
   same_place_arg(op, "grad_y", grad_y, h);
   TORCH_CHECK_VALUE(grad_y.sizes() == h.sizes(), op, ": grad_y has shape ", grad_y.sizes(), " but h has shape ",

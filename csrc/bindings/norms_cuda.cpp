@@ -1,10 +1,9 @@
 // layer_norm / rms_norm: CUDA implementations of the ops declared in norms.cpp.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
 #include <torch/library.h>
+
+#include "gpu_binding.h"
 
 #include "norms_common.h"
 
@@ -13,20 +12,16 @@ namespace {
 
 constexpr int64_t kMaxCols = 16384;  // csrc/cuda/norms.cu keeps a row in registers: 32 x 512 threads
 
-void check_launch(const char* op, int status) {
-  TORCH_CHECK(status == 0, op, ": CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(status)));
-}
-
 NormOutputs norm_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                           const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                           double eps, bool rms) {
   constexpr const char* op = "norm_fwd";
   TORCH_CHECK_VALUE(x.dim() != 2 || x.size(1) <= kMaxCols, op, ": rows of ", x.size(-1),
                     " elements exceed the CUDA kernel's limit of ", kMaxCols);
-  const c10::cuda::CUDAGuard guard(x.device());
-  NormForwardPlan p = plan_norm_forward(op, x, residual, weight, bias, eps, rms, c10::DeviceType::CUDA);
+  const GpuGuard guard(x.device());
+  NormForwardPlan p = plan_norm_forward(op, x, residual, weight, bias, eps, rms, kGpu);
   if (p.args.rows > 0 && p.args.cols > 0)
-    check_launch(op, norm_forward_cuda(p.args, c10::cuda::getCurrentCUDAStream().stream()));
+    check_launch(op, norm_forward_cuda(p.args, gpu_stream()));
   return p.outputs();
 }
 
@@ -36,13 +31,13 @@ NormGrads norm_bwd_cuda(const at::Tensor& grad_y, const std::optional<at::Tensor
   constexpr const char* op = "norm_bwd";
   TORCH_CHECK_VALUE(h.dim() != 2 || h.size(1) <= kMaxCols, op, ": rows of ", h.size(-1),
                     " elements exceed the CUDA kernel's limit of ", kMaxCols);
-  const c10::cuda::CUDAGuard guard(h.device());
+  const GpuGuard guard(h.device());
   NormBackwardPlan p = plan_norm_backward(op, grad_y, grad_sum, h, weight, mean, rstd, rms, bias_grad,
-                                          c10::DeviceType::CUDA);
+                                          kGpu);
   if (p.args.rows > 0 && p.args.cols > 0) {
     at::Tensor ws = at::empty({norm_backward_cuda_workspace(p.args.rows, p.args.cols)},
                               h.options().dtype(at::kFloat));
-    check_launch(op, norm_backward_cuda(p.args, ws.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));
+    check_launch(op, norm_backward_cuda(p.args, ws.data_ptr<float>(), gpu_stream()));
   }
   return p.outputs();
 }
@@ -50,7 +45,7 @@ NormGrads norm_bwd_cuda(const at::Tensor& grad_y, const std::optional<at::Tensor
 }  // namespace
 }  // namespace fastlm::bind
 
-TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTLM_GPU_NAMESPACE, FASTLM_GPU_KEY, m) {
   m.impl("norm_fwd", &fastlm::bind::norm_fwd_cuda);
   m.impl("norm_bwd", &fastlm::bind::norm_bwd_cuda);
 }

@@ -39,11 +39,6 @@ at::Tensor softmax_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& y, double
 }  // namespace
 }  // namespace fastlm::bind
 
-TORCH_LIBRARY_FRAGMENT(fastlm, m) {
-  m.def("softmax_fwd(Tensor x, Tensor? mask, float scale, int causal_rows, bool log) -> Tensor");
-  m.def("softmax_bwd(Tensor grad_y, Tensor y, float scale, bool log) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("softmax_fwd", &fastlm::bind::softmax_fwd_cpu);
   m.impl("softmax_bwd", &fastlm::bind::softmax_bwd_cpu);

@@ -26,7 +26,7 @@ struct Smem {
 template <typename T, int HD, int BN>
 __global__ void __launch_bounds__(kWarps * 32) forward_kernel(const Params p) {
   using L = Smem<HD, BN>;
-  extern __shared__ __align__(128) unsigned char smem[];  // wmma pointers need 32-byte alignment
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem);  // 128-byte aligned: wmma pointers need 32
   T* Qs = reinterpret_cast<T*>(smem);
   T* Ks = reinterpret_cast<T*>(smem + L::q);
   T* Vs = reinterpret_cast<T*>(smem + L::q + L::k);
@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kWarps * 32) forward_kernel(const Params p) {
       float s = So[row * L::lds + c] * sh.scale;
       const bool ok = visible<T>(p, mg, qi, j0 + c, offset, &s);
       s = ok ? s : neg_inf();
-      if (ok) live[c] = 1;  // benign race: every writer stores 1
+      if (ok) atomicOr(&live[c], 1);  // many lanes mark one key: an atomic, not a racing store
       So[row * L::lds + c] = s;
       mx = fmaxf(mx, s);
     }
@@ -112,6 +112,7 @@ __global__ void __launch_bounds__(kWarps * 32) forward_kernel(const Params p) {
     __syncwarp();
   }
 
+  __syncwarp();  // the O tile was zeroed and updated by every lane of the warp (no key tile may have run)
   if (gridDim.z > 1) {  // partials for merge_kernel: unnormalized O, running max and sum
     if (qi < tq) {
       float* po = p.part + ((bh * gridDim.z + blockIdx.z) * sh.tq + qi) * (sh.value_dim + 2);
@@ -179,10 +180,9 @@ int launch(const Params& p, cudaStream_t stream) {
   if (err != cudaSuccess) return int(err);
   const unsigned splits = unsigned(p.chunk > 0 ? (p.sh.tk + p.chunk - 1) / p.chunk : 1);
   const dim3 grid(unsigned((p.sh.tq + kRows - 1) / kRows), unsigned(p.sh.batch * p.sh.heads), splits);
-  forward_kernel<T, HD, BN><<<grid, kWarps * 32, bytes, stream>>>(p);
+  launch_kernel(forward_kernel<T, HD, BN>, grid, kWarps * 32, bytes, stream, p);
   if (splits > 1)
-    merge_kernel<T><<<unsigned(p.sh.batch * p.sh.heads * p.sh.tq), 128, 0, stream>>>(
-        p.part, static_cast<T*>(p.out), p.lse, p.sh.tq, int(splits), p.sh.value_dim);
+    launch_kernel(merge_kernel<T>, unsigned(p.sh.batch * p.sh.heads * p.sh.tq), 128, 0, stream, p.part, static_cast<T*>(p.out), p.lse, p.sh.tq, int(splits), p.sh.value_dim);
   return int(cudaGetLastError());
 }
 

@@ -39,7 +39,7 @@ __global__ void delta_kernel(const T* o, const T* go, float* delta, int64_t rows
 template <typename T, int HD>
 __global__ void __launch_bounds__(kWarps * 32, 1) dkdv_kernel(const Params p) {
   using L = BwdSmem<HD>;
-  extern __shared__ __align__(128) unsigned char smem[];  // wmma pointers need 32-byte alignment
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem);  // 128-byte aligned: wmma pointers need 32
   T* Ks = reinterpret_cast<T*>(smem);
   T* Vs = reinterpret_cast<T*>(smem + L::own);
   T* Qs = reinterpret_cast<T*>(smem + 2 * L::own);
@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dkdv_kernel(const Params p) {
 template <typename T, int HD>
 __global__ void __launch_bounds__(kWarps * 32) dq_kernel(const Params p) {
   using L = BwdSmem<HD>;
-  extern __shared__ __align__(128) unsigned char smem[];  // wmma pointers need 32-byte alignment
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem);  // 128-byte aligned: wmma pointers need 32
   T* Qs = reinterpret_cast<T*>(smem);
   T* dOs = reinterpret_cast<T*>(smem + L::own);
   T* Ks = reinterpret_cast<T*>(smem + 2 * L::own);
@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kWarps * 32) dq_kernel(const Params p) {
       const bool ok = visible<T>(p, mg, qi, j0 + c, offset, &s);
       const float pr = ok ? __expf(s - lse) : 0.0f;
       dS_w[row * L::ldp + c] = from_float<T>(ok ? pr * (dP_w[row * L::lds + c] - delta) : 0.0f);
-      if (ok) live[c] = 1;  // benign race: every writer stores 1
+      if (ok) atomicOr(&live[c], 1);  // many lanes mark one key: an atomic, not a racing store
     }
     __syncthreads();
     for (int idx = threadIdx.x; idx < kTile * HD; idx += blockDim.x)
@@ -182,12 +182,11 @@ int launch(const Params& p, cudaStream_t stream) {
     err = cudaFuncSetAttribute(dq_kernel<T, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(L::dq));
   if (err != cudaSuccess) return int(err);
   const int64_t rows = p.sh.batch * p.sh.heads * p.sh.tq;
-  delta_kernel<T><<<unsigned((rows + 255) / 256), 256, 0, stream>>>(
-      static_cast<const T*>(p.out), static_cast<const T*>(p.grad_out), p.delta, rows, p.sh.value_dim);
+  launch_kernel(delta_kernel<T>, unsigned((rows + 255) / 256), 256, 0, stream, static_cast<const T*>(p.out), static_cast<const T*>(p.grad_out), p.delta, rows, p.sh.value_dim);
   const dim3 kv_grid(unsigned((p.sh.tk + kRows - 1) / kRows), unsigned(p.sh.batch * p.sh.kv_heads));
-  dkdv_kernel<T, HD><<<kv_grid, kWarps * 32, L::dkdv, stream>>>(p);
+  launch_kernel(dkdv_kernel<T, HD>, kv_grid, kWarps * 32, L::dkdv, stream, p);
   const dim3 q_grid(unsigned((p.sh.tq + kRows - 1) / kRows), unsigned(p.sh.batch * p.sh.heads));
-  dq_kernel<T, HD><<<q_grid, kWarps * 32, L::dq, stream>>>(p);
+  launch_kernel(dq_kernel<T, HD>, q_grid, kWarps * 32, L::dq, stream, p);
   return int(cudaGetLastError());
 }
 

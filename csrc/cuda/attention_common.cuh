@@ -11,6 +11,7 @@
 
 #include "activations.cuh"
 #include "fastlm/attention.h"
+#include "launch.cuh"
 
 namespace fastlm::cuda::attn {
 

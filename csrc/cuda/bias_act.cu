@@ -9,6 +9,7 @@
 #include <algorithm>
 
 #include "activations.cuh"
+#include "launch.cuh"
 #include "fastlm/bias_act.h"
 
 namespace fastlm::cuda {
@@ -91,7 +92,7 @@ __global__ void __launch_bounds__(kThreads)
     backward_kernel(const T* __restrict__ gy, int64_t gys, const T* __restrict__ x, int64_t xs,
                     const T* __restrict__ bias, T* __restrict__ gx, int64_t gxs,
                     float* __restrict__ partial, int64_t rows, int64_t cols) {
-  __shared__ float red[kThreads * VEC];
+  FASTLM_SHARED(float, red, [kThreads * VEC]);
   const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   const bool active = c < cols;  // no early return: the block meets at __syncthreads below
   float acc[VEC];
@@ -160,9 +161,9 @@ int launch_forward(int64_t rows, int64_t cols, const void* x, int64_t xs, const 
   const int vec = pick_vec<T>(cols, {xs, ys}, {x, bias, y});
   const Plan plan = make_plan(rows, cols, vec);
   if (vec == kVec)
-    forward_kernel<T, A, kVec><<<plan.grid, plan.block, 0, stream>>>(xp, xs, bp, yp, ys, rows, cols);
+    launch_kernel(forward_kernel<T, A, kVec>, plan.grid, plan.block, 0, stream, xp, xs, bp, yp, ys, rows, cols);
   else
-    forward_kernel<T, A, 1><<<plan.grid, plan.block, 0, stream>>>(xp, xs, bp, yp, ys, rows, cols);
+    launch_kernel(forward_kernel<T, A, 1>, plan.grid, plan.block, 0, stream, xp, xs, bp, yp, ys, rows, cols);
   return int(cudaGetLastError());
 }
 
@@ -179,12 +180,11 @@ int launch_backward(int64_t rows, int64_t cols, const void* gy, int64_t gys, con
   const int vec = pick_vec<T>(cols, {gys, xs, gxs}, {gy, x, bias, gx});
   const Plan plan = make_plan(rows, cols, vec);
   if (vec == kVec)
-    backward_kernel<T, A, kVec><<<plan.grid, plan.block, 0, stream>>>(gyp, gys, xp, xs, bp, gxp, gxs, partial, rows, cols);
+    launch_kernel(backward_kernel<T, A, kVec>, plan.grid, plan.block, 0, stream, gyp, gys, xp, xs, bp, gxp, gxs, partial, rows, cols);
   else
-    backward_kernel<T, A, 1><<<plan.grid, plan.block, 0, stream>>>(gyp, gys, xp, xs, bp, gxp, gxs, partial, rows, cols);
+    launch_kernel(backward_kernel<T, A, 1>, plan.grid, plan.block, 0, stream, gyp, gys, xp, xs, bp, gxp, gxs, partial, rows, cols);
   if (grad_bias) {
-    reduce_partials_kernel<T><<<unsigned(ceil_div(cols, kThreads)), kThreads, 0, stream>>>(
-        partial, int64_t(plan.grid.y), cols, static_cast<T*>(grad_bias));
+    launch_kernel(reduce_partials_kernel<T>, unsigned(ceil_div(cols, kThreads)), kThreads, 0, stream, partial, int64_t(plan.grid.y), cols, static_cast<T*>(grad_bias));
   }
   return int(cudaGetLastError());
 }

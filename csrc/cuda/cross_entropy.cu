@@ -26,7 +26,8 @@ template <typename T, int TPR, int BLOCK, int VEC>
 __global__ void __launch_bounds__(BLOCK)
     forward_kernel(const T* __restrict__ x, int64_t xs, CeArgs a, float* __restrict__ loss,
                    float* __restrict__ lse, int64_t rows, int64_t cols) {
-  __shared__ float sm_m[BLOCK / 32], sm_s[BLOCK / 32];
+  FASTLM_SHARED(float, sm_m, [BLOCK / 32]);
+  FASTLM_SHARED(float, sm_s, [BLOCK / 32]);
   constexpr int kRowsPerBlock = BLOCK / TPR;
   const int tid = threadIdx.x % TPR;
   const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / TPR;

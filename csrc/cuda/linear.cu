@@ -15,6 +15,8 @@
 
 #include "activations.cuh"
 #include "fastlm/linear.h"
+#include "launch.cuh"
+#include "ptx.cuh"
 
 namespace fastlm::cuda {
 namespace {
@@ -23,44 +25,6 @@ constexpr int kBM = 128, kBN = 128, kBK = 32, kPad = 8, kStride = kBK + kPad;  /
 constexpr int kThreads = 256;
 constexpr int kWarpM = 64, kWarpN = 32;                    // warp tile
 constexpr int kMT = kWarpM / 16, kNT = kWarpN / 8;         // mma tiles per warp: 4 x 4
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared; bytes = 0 zero-fills (rows or K chunks outside the matrix).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                        uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // One K tile of A (kBM x kBK) and B (kBN x kBK) into shared memory: 512 16-byte chunks each,
 // two per thread per operand.
@@ -85,8 +49,8 @@ __device__ __forceinline__ void load_tile(T* sa, T* sb, const LinearCudaArgs& p,
 
 template <typename T, bool HasAct, Activation A>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(const LinearCudaArgs p) {
-  __shared__ __align__(16) T sa[2][kBM * kStride];
-  __shared__ __align__(16) T sb[2][kBN * kStride];
+  FASTLM_SHARED(T, sa, [2][kBM * kStride]);
+  FASTLM_SHARED(T, sb, [2][kBN * kStride]);
   const int64_t m0 = int64_t(blockIdx.y) * kBM, n0 = int64_t(blockIdx.x) * kBN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = (warp / 4) * kWarpM, wn = (warp % 4) * kWarpN;
@@ -130,7 +94,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const LinearCudaArgs p) 
 #pragma unroll
       for (int i = 0; i < kMT; ++i)
 #pragma unroll
-        for (int j = 0; j < kNT; ++j) mma16816<T>(acc[i][j], af[i], bf[j][0], bf[j][1]);
+        for (int j = 0; j < kNT; ++j) mma_m16n8k16<T>(acc[i][j], af[i], bf[j][0], bf[j][1]);
     }
     __syncthreads();  // the next iteration's cp.async overwrites this stage
   }
@@ -176,12 +140,12 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const LinearCudaArgs p) 
 template <typename T>
 int launch(const LinearCudaArgs& p, cudaStream_t stream) {
   const dim3 grid(unsigned((p.n + kBN - 1) / kBN), unsigned((p.m + kBM - 1) / kBM));
-  if (!p.has_act) gemm_kernel<T, false, Activation::kRelu><<<grid, kThreads, 0, stream>>>(p);
+  if (!p.has_act) launch_kernel(gemm_kernel<T, false, Activation::kRelu>, grid, kThreads, 0, stream, p);
   else switch (p.act) {
-    case Activation::kGelu: gemm_kernel<T, true, Activation::kGelu><<<grid, kThreads, 0, stream>>>(p); break;
-    case Activation::kGeluTanh: gemm_kernel<T, true, Activation::kGeluTanh><<<grid, kThreads, 0, stream>>>(p); break;
-    case Activation::kRelu: gemm_kernel<T, true, Activation::kRelu><<<grid, kThreads, 0, stream>>>(p); break;
-    case Activation::kSilu: gemm_kernel<T, true, Activation::kSilu><<<grid, kThreads, 0, stream>>>(p); break;
+    case Activation::kGelu: launch_kernel(gemm_kernel<T, true, Activation::kGelu>, grid, kThreads, 0, stream, p); break;
+    case Activation::kGeluTanh: launch_kernel(gemm_kernel<T, true, Activation::kGeluTanh>, grid, kThreads, 0, stream, p); break;
+    case Activation::kRelu: launch_kernel(gemm_kernel<T, true, Activation::kRelu>, grid, kThreads, 0, stream, p); break;
+    case Activation::kSilu: launch_kernel(gemm_kernel<T, true, Activation::kSilu>, grid, kThreads, 0, stream, p); break;
   }
   return int(cudaGetLastError());
 }

@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "activations.cuh"
+#include "launch.cuh"
 #include "fastlm/norms.h"
 
 namespace fastlm::cuda {
@@ -66,7 +67,7 @@ __device__ __forceinline__ void store_pack(T* p, const float (&v)[VEC]) {
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kMaxThreads, 1) forward_kernel(NormForwardArgs a) {
-  __shared__ float smem[kMaxThreads / 32];
+  FASTLM_SHARED(float, smem, [kMaxThreads / 32]);
   const int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool live = r < a.rows;  // no early return: group_sum may sync the block
   const int64_t cols = a.cols, stride = int64_t(blockDim.x) * VEC;
@@ -130,7 +131,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) forward_kernel(NormForwardArgs
 // handles rows g, g + groups, ...
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kMaxThreads, 1) backward_kernel(NormBackwardArgs a, float* ws, int64_t groups) {
-  __shared__ float smem[kMaxThreads / 32];
+  FASTLM_SHARED(float, smem, [kMaxThreads / 32]);
   const int64_t g = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t cols = a.cols, stride = int64_t(blockDim.x) * VEC;
   const int64_t iters = ceil_div(a.rows, groups);  // uniform per block: syncs line up
@@ -233,16 +234,15 @@ void with_type_vec(DType dtype, int vec, F&& f) {
 template <typename T, int VEC>
 struct Fwd {
   void launch(const NormForwardArgs& a, dim3 grid, dim3 block, cudaStream_t s) const {
-    forward_kernel<T, VEC><<<grid, block, 0, s>>>(a);
+    launch_kernel(forward_kernel<T, VEC>, grid, block, 0, s, a);
   }
 };
 template <typename T, int VEC>
 struct Bwd {
   void launch(const NormBackwardArgs& a, float* ws, int64_t groups, dim3 grid, dim3 block, cudaStream_t s) const {
-    backward_kernel<T, VEC><<<grid, block, 0, s>>>(a, ws, groups);
+    launch_kernel(backward_kernel<T, VEC>, grid, block, 0, s, a, ws, groups);
     if (a.grad_weight || a.grad_bias)
-      reduce_partials<T><<<unsigned(ceil_div(a.cols, 256)), 256, 0, s>>>(
-          ws, groups, a.cols, static_cast<T*>(a.grad_weight), static_cast<T*>(a.grad_bias));
+      launch_kernel(reduce_partials<T>, unsigned(ceil_div(a.cols, 256)), 256, 0, s, ws, groups, a.cols, static_cast<T*>(a.grad_weight), static_cast<T*>(a.grad_bias));
   }
 };
 

@@ -9,6 +9,7 @@
 #include <initializer_list>
 
 #include "activations.cuh"
+#include "launch.cuh"
 
 namespace fastlm::cuda {
 
@@ -109,7 +110,7 @@ int pick_vec(int64_t cols, std::initializer_list<int64_t> strides, std::initiali
   struct Name {                                                                    \
     template <typename... A>                                                       \
     static void launch(unsigned grid, unsigned block, cudaStream_t s, A... a) {    \
-      kernel<T, TPR, BLOCK, VEC><<<grid, block, 0, s>>>(a...);                     \
+      launch_kernel(kernel<T, TPR, BLOCK, VEC>, grid, block, 0, s, a...);         \
     }                                                                              \
   };
 

@@ -39,7 +39,8 @@ template <typename T, int TPR, int BLOCK, int VEC>
 __global__ void __launch_bounds__(BLOCK)
     forward_kernel(const T* __restrict__ x, int64_t xs, MaskArgs ma, bool log, T* __restrict__ y,
                    int64_t ys, int64_t rows, int64_t cols) {
-  __shared__ float sm_m[BLOCK / 32], sm_s[BLOCK / 32];
+  FASTLM_SHARED(float, sm_m, [BLOCK / 32]);
+  FASTLM_SHARED(float, sm_s, [BLOCK / 32]);
   constexpr int kRowsPerBlock = BLOCK / TPR;
   const int tid = threadIdx.x % TPR;
   const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / TPR;
@@ -77,7 +78,7 @@ template <typename T, int TPR, int BLOCK, int VEC>
 __global__ void __launch_bounds__(BLOCK)
     backward_kernel(const T* __restrict__ g, int64_t gs, const T* __restrict__ y, int64_t ys,
                     float scale, bool log, T* __restrict__ gx, int64_t gxs, int64_t rows, int64_t cols) {
-  __shared__ float sm[BLOCK / 32];
+  FASTLM_SHARED(float, sm, [BLOCK / 32]);
   constexpr int kRowsPerBlock = BLOCK / TPR;
   const int tid = threadIdx.x % TPR;
   const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / TPR;

@@ -133,12 +133,12 @@ def attention_backward_ref(grad_out, q, k, v, mask, out, lse, dropout_p, causal,
 
 
 # ---------------------------------------------------------------- per-backend kernels
-def _ext_forward(q, k, v, mask, dropout_p, causal, scale, seed):
-    return torch.ops.fastlm.attention_fwd(q, k, v, mask, causal, scale)
+def _ext_forward(q, k, v, mask, dropout_p, causal, scale, seed, ops=torch.ops.fastlm):
+    return ops.attention_fwd(q, k, v, mask, causal, scale)
 
 
-def _ext_backward(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed):
-    return torch.ops.fastlm.attention_bwd(grad_out, q, k, v, mask, out, lse, causal, scale)
+def _ext_backward(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed, ops=torch.ops.fastlm):
+    return ops.attention_bwd(grad_out, q, k, v, mask, out, lse, causal, scale)
 
 
 def _triton_forward(q, k, v, mask, dropout_p, causal, scale, seed):
@@ -157,8 +157,20 @@ def _seed_int(seed: torch.Tensor | None) -> int:
     return 0 if seed is None else int(seed.item()) & 0x7FFFFFFF
 
 
-_FORWARD = {"reference": attention_forward_ref, "cpu": _ext_forward, "triton": _triton_forward, "cuda": _ext_forward}
-_BACKWARD = {"reference": attention_backward_ref, "cpu": _ext_backward, "triton": _triton_backward, "cuda": _ext_backward}
+_FORWARD = {
+    "reference": attention_forward_ref,
+    "cpu": _ext_forward,
+    "triton": _triton_forward,
+    "cuda": _ext_forward,
+    "cuda-emu": _ext.on_emulator(_ext_forward),
+}
+_BACKWARD = {
+    "reference": attention_backward_ref,
+    "cpu": _ext_backward,
+    "triton": _triton_backward,
+    "cuda": _ext_backward,
+    "cuda-emu": _ext.on_emulator(_ext_backward),
+}
 
 
 # ---------------------------------------------------------------- custom ops + autograd

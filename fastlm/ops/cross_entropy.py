@@ -89,22 +89,33 @@ def _triton_backward(grad_loss, logits, target, weight, lse, ignore_index, label
     return kernels.backward(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing)
 
 
-def _cpu_forward(logits, target, weight, ignore_index, label_smoothing):
-    return torch.ops.fastlm.cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing)
+def _cpu_forward(logits, target, weight, ignore_index, label_smoothing, ops=torch.ops.fastlm):
+    return ops.cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing)
 
 
-def _cuda_forward(logits, target, weight, ignore_index, label_smoothing):
+def _cuda_forward(logits, target, weight, ignore_index, label_smoothing, ops=torch.ops.fastlm):
     check_targets(target, logits.shape[1], ignore_index)
-    return torch.ops.fastlm.cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing)
+    return ops.cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing)
 
 
-def _ext_backward(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing):
-    return torch.ops.fastlm.cross_entropy_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing)
+def _ext_backward(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, ops=torch.ops.fastlm):
+    return ops.cross_entropy_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing)
 
 
-_FORWARD = {"reference": cross_entropy_rows_ref, "triton": _triton_forward, "cpu": _cpu_forward, "cuda": _cuda_forward}
-_BACKWARD = {"reference": cross_entropy_backward_ref, "triton": _triton_backward, "cpu": _ext_backward,
-             "cuda": _ext_backward}
+_FORWARD = {
+    "reference": cross_entropy_rows_ref,
+    "triton": _triton_forward,
+    "cpu": _cpu_forward,
+    "cuda": _cuda_forward,
+    "cuda-emu": _ext.on_emulator(_cuda_forward),
+}
+_BACKWARD = {
+    "reference": cross_entropy_backward_ref,
+    "triton": _triton_backward,
+    "cpu": _ext_backward,
+    "cuda": _ext_backward,
+    "cuda-emu": _ext.on_emulator(_ext_backward),
+}
 
 
 # ---------------------------------------------------------------- custom ops + autograd

@@ -85,8 +85,8 @@ def _triton_forward(x, weight, bias, residual, activation, save_preact):
     return kernels.forward(x, weight, bias, residual, None if activation == "none" else activation, save_preact)
 
 
-def _ext_forward(x, weight, bias, residual, activation, save_preact):
-    return torch.ops.fastlm.linear_fwd(x, weight, bias, residual, activation, save_preact)
+def _ext_forward(x, weight, bias, residual, activation, save_preact, ops=torch.ops.fastlm):
+    return ops.linear_fwd(x, weight, bias, residual, activation, save_preact)
 
 
 def _triton_backward(grad_y, x, weight, bias, preact, activation):
@@ -95,13 +95,25 @@ def _triton_backward(grad_y, x, weight, bias, preact, activation):
     return kernels.backward(grad_y, x, weight, bias, preact, activation)
 
 
-def _ext_backward(grad_y, x, weight, bias, preact, activation):
-    gz, gb = _grad_p(grad_y, preact, bias, activation, torch.ops.fastlm.bias_act_bwd)
+def _ext_backward(grad_y, x, weight, bias, preact, activation, ops=torch.ops.fastlm):
+    gz, gb = _grad_p(grad_y, preact, bias, activation, ops.bias_act_bwd)
     return gz @ weight, gz.t() @ x, gb
 
 
-_FORWARD = {"reference": linear_fwd_ref, "triton": _triton_forward, "cpu": _ext_forward, "cuda": _ext_forward}
-_BACKWARD = {"reference": linear_bwd_ref, "triton": _triton_backward, "cpu": _ext_backward, "cuda": _ext_backward}
+_FORWARD = {
+    "reference": linear_fwd_ref,
+    "triton": _triton_forward,
+    "cpu": _ext_forward,
+    "cuda": _ext_forward,
+    "cuda-emu": _ext.on_emulator(_ext_forward),
+}
+_BACKWARD = {
+    "reference": linear_bwd_ref,
+    "triton": _triton_backward,
+    "cpu": _ext_backward,
+    "cuda": _ext_backward,
+    "cuda-emu": _ext.on_emulator(_ext_backward),
+}
 
 
 # ---------------------------------------------------------------- custom ops + autograd

@@ -87,16 +87,28 @@ def _triton_backward(*args):
     return kernels.backward(*args)
 
 
-def _ext_forward(*args):
-    return torch.ops.fastlm.norm_fwd(*args)
+def _ext_forward(*args, ops=torch.ops.fastlm):
+    return ops.norm_fwd(*args)
 
 
-def _ext_backward(*args):
-    return torch.ops.fastlm.norm_bwd(*args)
+def _ext_backward(*args, ops=torch.ops.fastlm):
+    return ops.norm_bwd(*args)
 
 
-_FORWARD = {"reference": norm_ref, "triton": _triton_forward, "cpu": _ext_forward, "cuda": _ext_forward}
-_BACKWARD = {"reference": norm_backward_ref, "triton": _triton_backward, "cpu": _ext_backward, "cuda": _ext_backward}
+_FORWARD = {
+    "reference": norm_ref,
+    "triton": _triton_forward,
+    "cpu": _ext_forward,
+    "cuda": _ext_forward,
+    "cuda-emu": _ext.on_emulator(_ext_forward),
+}
+_BACKWARD = {
+    "reference": norm_backward_ref,
+    "triton": _triton_backward,
+    "cpu": _ext_backward,
+    "cuda": _ext_backward,
+    "cuda-emu": _ext.on_emulator(_ext_backward),
+}
 
 
 # ---------------------------------------------------------------- custom ops + autograd

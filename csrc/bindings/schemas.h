@@ -1,0 +1,28 @@
+// Schemas of the ops that have CPU and CUDA kernels, in one place: module.cpp defines them as
+// torch.ops.fastlm.*, and the emulator build (csrc/emu/module.cpp) as torch.ops.fastlm_emu.*, so
+// the two can never drift apart. Implementations register from csrc/bindings/<op>[_cuda].cpp.
+#pragma once
+
+namespace fastlm::bind {
+
+inline constexpr const char* kKernelSchemas[] = {
+    "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, int causal, float scale) -> (Tensor, Tensor)",
+    "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor out, Tensor lse, "
+    "int causal, float scale) -> (Tensor, Tensor, Tensor)",
+    "bias_act_fwd(Tensor x, Tensor? bias, str activation) -> Tensor",
+    "bias_act_bwd(Tensor grad_out, Tensor x, Tensor? bias, str activation) -> (Tensor, Tensor)",
+    "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing)"
+    " -> (Tensor, Tensor)",
+    "cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+    "int ignore_index, float label_smoothing) -> Tensor",
+    "linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, str activation, bool save_preact)"
+    " -> (Tensor, Tensor)",
+    "norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+    "norm_bwd(Tensor grad_y, Tensor? grad_sum, Tensor h, Tensor? weight, Tensor mean, Tensor rstd,"
+    " bool rms, bool bias_grad) -> (Tensor, Tensor, Tensor)",
+    "softmax_fwd(Tensor x, Tensor? mask, float scale, int causal_rows, bool log) -> Tensor",
+    "softmax_bwd(Tensor grad_y, Tensor y, float scale, bool log) -> Tensor",
+};
+
+}  // namespace fastlm::bind

@@ -1,0 +1,40 @@
+// Emulated PTX behind csrc/cuda/ptx.cuh's helpers: cp.async (16-byte, zero fill), ldmatrix
+// (x1/x2/x4, .trans) and mma.sync.m16n8k16 (f16/bf16 in, fp32 accumulate), with the fragment
+// layouts of fragments.h and the alignment rules of the ISA (a violation stops the launch, as
+// a misaligned-address fault would on a GPU).
+#pragma once
+#include <cstdint>
+
+#include "fastlm_emu/cuda.h"
+#include "fastlm_emu/half.h"
+
+namespace fastlm::emu {
+// Loads `count` 8x8 matrices: lanes 8j..8j+7 give the row addresses of matrix j; out[j] of
+// each lane receives its two elements of matrix j.
+void ldmatrix(uint32_t* out, int count, const void* row_address, bool trans);
+// D = A * B + C on a 16x8x16 tile; dtype 1 = f16, 2 = bf16.
+void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, int dtype);
+}  // namespace fastlm::emu
+
+namespace fastlm::cuda {
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  emu::cp_async_queue(dst, src, 16, src_bytes);
+}
+__device__ __forceinline__ void cp_async_commit() { emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { emu::cp_async_wait(N); }
+
+__device__ __forceinline__ void ldmatrix_x1(uint32_t (&r)[1], const void* p) { emu::ldmatrix(r, 1, p, false); }
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* p) { emu::ldmatrix(r, 2, p, false); }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) { emu::ldmatrix(r, 4, p, false); }
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) { emu::ldmatrix(r, 2, p, true); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { emu::ldmatrix(r, 4, p, true); }
+
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "mma_m16n8k16: f16 or bf16");
+  emu::mma_m16n8k16(c, a, b0, b1, std::is_same_v<T, __half> ? 1 : 2);
+}
+
+}  // namespace fastlm::cuda

@@ -1,0 +1,808 @@
+// The SIMT emulator's runtime (the model is described in include/fastlm_emu/runtime.h): fibers
+// and their scheduler, barriers and warp collectives, the per-block shared-memory arena with its
+// checker, cp.async queues, ldmatrix / mma.sync, the TSan-ABI memory hooks and the slice of the
+// CUDA runtime API the launchers call. Compiled without instrumentation.
+#include <sys/mman.h>
+
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "fastlm_emu/cuda.h"
+#include "fastlm_emu/fragments.h"
+#include "fastlm_emu/ptx.h"
+
+namespace fastlm::emu {
+
+Current g_cur;
+
+namespace {
+
+// ---------------------------------------------------------------- fibers
+// x86-64: a six-register switch (System V callee-saved set); elsewhere ucontext.
+struct Context {
+  void* sp = nullptr;
+};
+extern "C" void fastlm_emu_switch(void** save_sp, void* load_sp);
+extern "C" void fastlm_emu_fiber_start();
+extern "C" void fastlm_emu_fiber_main();
+// A new fiber's stack holds fastlm_emu_fiber_start as the return address below six zeroed
+// registers, so its first switch "returns" into the start stub, which calls fiber_main.
+asm(R"(
+  .text
+  .globl fastlm_emu_switch
+  .type fastlm_emu_switch, @function
+fastlm_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size fastlm_emu_switch, .-fastlm_emu_switch
+  .globl fastlm_emu_fiber_start
+  .type fastlm_emu_fiber_start, @function
+fastlm_emu_fiber_start:
+  andq $-16, %rsp
+  call fastlm_emu_fiber_main
+  ud2
+  .size fastlm_emu_fiber_start, .-fastlm_emu_fiber_start
+)");
+static_assert(sizeof(void*) == 8, "x86-64 only");
+
+constexpr size_t kStackBytes = 128 << 10;
+constexpr int kMaxThreads = 1024;
+constexpr size_t kRedZone = 256;             // bytes between shared allocations
+constexpr size_t kArenaBytes = 1024 << 10;   // more than any GPU's shared memory plus red zones
+constexpr size_t kStaticLimit = 48 << 10;    // static __shared__ per block, on every GPU
+
+enum class State : uint8_t { Runnable, AtBarrier, AtWarp, Done, Failed };
+
+struct Copy {
+  void* dst;
+  const void* src;
+  int bytes, src_bytes;
+};
+
+}  // namespace
+
+struct Thread {
+  Context ctx;
+  unsigned char* stack = nullptr;
+  uint3 idx{0, 0, 0};
+  int tid = 0, warp = 0, lane = 0;
+  State state = State::Runnable;
+  int decls = 0;                    // FASTLM_SHARED declarations reached
+  std::vector<Copy> copies;         // cp.async issued, not yet done
+  std::vector<size_t> group_ends;   // committed groups: end index into copies
+};
+
+namespace {
+
+struct Shadow {  // per shared byte: the last write and up to two reads of the current epoch
+  uint32_t w_ep, w_wep, r1_ep, r1_wep, r2_ep, r2_wep;
+  uint16_t w_tid, r1_tid, r2_tid;
+  uint8_t flags;  // kWritten | kR1 | kR2
+};
+constexpr uint8_t kWritten = 1, kR1 = 2, kR2 = 4;
+
+struct Alloc {
+  size_t offset, bytes;
+  const char* name;
+};
+
+struct Warp {
+  int arrived = 0;
+  unsigned mask = 0, present = 0, exited = 0;
+  const char* what = nullptr;
+  CollectiveOp op = nullptr;
+  uint32_t epoch = 0;  // advances at every __syncwarp
+  void* slots[32] = {};
+};
+
+}  // namespace
+
+struct Block {
+  std::vector<Thread>* threads = nullptr;
+  int n = 0, live = 0, at_barrier = 0;
+  uint32_t epoch = 0;  // advances at every __syncthreads
+  Warp warps[kMaxThreads / 32];
+  std::vector<Alloc> allocs;  // [0]: the dynamic buffer when the launch asked for one
+  size_t used = 0;            // arena bytes handed out so far (red zones included)
+  size_t static_bytes = 0;
+  bool has_dynamic = false;
+  std::string error;
+};
+
+namespace {
+
+std::mutex g_launch_mutex;
+Context g_sched;
+Block g_block;
+std::vector<Thread> g_threads(kMaxThreads);
+unsigned char* g_arena = nullptr;
+std::vector<Shadow> g_shadow;
+size_t g_shadow_dirty = 0;
+uintptr_t g_arena_lo = 0, g_arena_span = 0;  // span 0 outside a block: the hooks' fast exit
+const void* g_kernel = nullptr;
+KernelThunk g_thunk = nullptr;
+const void* g_args = nullptr;
+Stats g_stats{};
+cudaError_t g_last_error = cudaSuccess;
+std::string g_last_message;
+std::unordered_map<const void*, int> g_max_dynamic;  // cudaFuncAttributeMaxDynamicSharedMemorySize
+
+constexpr DeviceProfile kProfiles[] = {
+    {8, 0, 108, 1024, 65535, 65535, 49152, 166912},  // A100
+    {8, 6, 84, 1024, 65535, 65535, 49152, 101376},   // RTX 3090 / A10 class
+    {8, 9, 128, 1024, 65535, 65535, 49152, 101376},  // RTX 4090 / L4 / L40S class
+    {9, 0, 132, 1024, 65535, 65535, 49152, 232448},  // H100 / H200
+};
+const DeviceProfile* g_device = &kProfiles[0];
+
+
+void init_once() {
+  if (g_arena) return;
+  g_arena = static_cast<unsigned char*>(aligned_alloc(4096, kArenaBytes));
+  g_shadow.assign(kArenaBytes, Shadow{});
+  for (Thread& t : g_threads) {
+    void* mem = mmap(nullptr, kStackBytes + 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) {
+      std::fprintf(stderr, "fastlm emulator: cannot map fiber stacks\n");
+      std::abort();
+    }
+    mprotect(mem, 4096, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
+    t.stack = static_cast<unsigned char*>(mem) + 4096;
+  }
+}
+
+void switch_to_scheduler(Thread& t) { fastlm_emu_switch(&t.ctx.sp, g_sched.sp); }
+
+std::string thread_name(const Thread& t) {
+  char buf[96];
+  std::snprintf(buf, sizeof buf, "thread (%u,%u,%u) of block (%u,%u,%u) [warp %d lane %d]", t.idx.x, t.idx.y, t.idx.z,
+                g_cur.block_idx.x, g_cur.block_idx.y, g_cur.block_idx.z, t.warp, t.lane);
+  return buf;
+}
+
+// ---------------------------------------------------------------- shared-memory checker
+const Alloc* find_alloc(size_t off) {
+  for (const Alloc& a : g_block.allocs)
+    if (off >= a.offset && off < a.offset + a.bytes) return &a;
+  return nullptr;
+}
+
+std::string describe(size_t off) {
+  char buf[160];
+  if (const Alloc* a = find_alloc(off)) {
+    std::snprintf(buf, sizeof buf, "byte %zu of shared '%s' (%zu bytes)", off - a->offset, a->name, a->bytes);
+    return buf;
+  }
+  const Alloc* below = nullptr;
+  for (const Alloc& a : g_block.allocs)
+    if (a.offset + a.bytes <= off && (!below || a.offset > below->offset)) below = &a;
+  if (below)
+    std::snprintf(buf, sizeof buf, "%zu bytes past the end of shared '%s' (%zu bytes)", off - below->offset - below->bytes,
+                  below->name, below->bytes);
+  else
+    std::snprintf(buf, sizeof buf, "shared offset %zu, before every allocation", off);
+  return buf;
+}
+
+bool ordered(uint16_t ta, uint32_t ep_a, uint32_t wep_a, int tc, uint32_t wep_c) {
+  if (ta == tc || ep_a != g_block.epoch) return true;      // same thread, or a __syncthreads between
+  return ta / 32 == tc / 32 && wep_a != wep_c;             // same warp with a __syncwarp between
+}
+
+[[noreturn]] void race(const char* kind, size_t off, int other_tid, const Thread& t) {
+  const Thread& o = (*g_block.threads)[other_tid];
+  fail("shared-memory race (%s) on %s: %s and %s with no barrier between them", kind, describe(off).c_str(),
+       thread_name(o).c_str(), thread_name(t).c_str());
+}
+
+void check_access(const Thread& t, uintptr_t p, size_t n, bool write) {
+  ++g_stats.shared_accesses;
+  const size_t off = p - g_arena_lo;
+  const Alloc* a = find_alloc(off);
+  if (!a || off + n > a->offset + a->bytes)
+    fail("out-of-bounds shared-memory %s of %zu bytes at %s by %s", write ? "write" : "read", n,
+         describe(a ? a->offset + a->bytes : off).c_str(), thread_name(t).c_str());
+  const int tc = t.tid;
+  const uint32_t ep = g_block.epoch, wep = g_block.warps[t.warp].epoch;
+  for (size_t i = 0; i < n; ++i) {
+    Shadow& s = g_shadow[off + i];
+    if (write) {
+      if ((s.flags & kWritten) && !ordered(s.w_tid, s.w_ep, s.w_wep, tc, wep)) race("write after write", off + i, s.w_tid, t);
+      if ((s.flags & kR1) && !ordered(s.r1_tid, s.r1_ep, s.r1_wep, tc, wep)) race("write after read", off + i, s.r1_tid, t);
+      if ((s.flags & kR2) && !ordered(s.r2_tid, s.r2_ep, s.r2_wep, tc, wep)) race("write after read", off + i, s.r2_tid, t);
+      s.w_tid = uint16_t(tc), s.w_ep = ep, s.w_wep = wep;
+      s.flags |= kWritten;
+    } else {
+      if (!(s.flags & kWritten))
+        fail("read of uninitialized shared memory: %s by %s (nothing in this block wrote it)", describe(off + i).c_str(),
+             thread_name(t).c_str());
+      if (!ordered(s.w_tid, s.w_ep, s.w_wep, tc, wep)) race("read after write", off + i, s.w_tid, t);
+      // keep two distinct readers of the current epoch (enough to see a reader other than a writer)
+      if ((s.flags & kR1) && s.r1_tid == tc) s.r1_ep = ep, s.r1_wep = wep;
+      else if ((s.flags & kR2) && s.r2_tid == tc) s.r2_ep = ep, s.r2_wep = wep;
+      else if (!(s.flags & kR1) || s.r1_ep != ep) s.r1_tid = uint16_t(tc), s.r1_ep = ep, s.r1_wep = wep, s.flags |= kR1;
+      else s.r2_tid = uint16_t(tc), s.r2_ep = ep, s.r2_wep = wep, s.flags |= kR2;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- scheduling
+void open_barrier() {
+  g_block.at_barrier = 0;
+  ++g_block.epoch;
+  ++g_stats.barriers;
+  for (int i = 0; i < g_block.n; ++i)
+    if ((*g_block.threads)[i].state == State::AtBarrier) (*g_block.threads)[i].state = State::Runnable;
+}
+
+void finish_collective(Warp& w, int warp) {
+  ++g_stats.collectives;
+  w.op(w.slots, w.mask);
+  w.arrived = 0;
+  for (int lane = 0; lane < 32; ++lane) {
+    if (!(w.mask >> lane & 1)) continue;
+    Thread& t = (*g_block.threads)[warp * 32 + lane];
+    if (t.state == State::AtWarp) t.state = State::Runnable;
+  }
+  w.what = nullptr;
+}
+
+void do_copies(Thread& t, size_t upto) {
+  for (size_t i = 0; i < upto; ++i) {
+    const Copy& c = t.copies[i];
+    check_access(t, reinterpret_cast<uintptr_t>(c.dst), size_t(c.bytes), true);
+    std::memcpy(c.dst, c.src, size_t(c.src_bytes));
+    std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, size_t(c.bytes - c.src_bytes));
+  }
+  t.copies.erase(t.copies.begin(), t.copies.begin() + long(upto));
+}
+
+void thread_exit(Thread& t) {
+  t.group_ends.clear();
+  do_copies(t, t.copies.size());  // copies never waited for still land
+  Warp& w = g_block.warps[t.warp];
+  if (w.arrived > 0 && (w.mask >> t.lane & 1))
+    fail("%s exited while its warp waits for it at %s", thread_name(t).c_str(), w.what);
+  w.exited |= 1u << t.lane;
+  t.state = State::Done;
+  --g_block.live;
+  if (g_block.at_barrier > 0 && g_block.at_barrier == g_block.live) open_barrier();
+}
+
+}  // namespace
+}  // namespace fastlm::emu
+
+extern "C" void fastlm_emu_fiber_main() {
+  using namespace fastlm::emu;
+  Thread& t = *g_cur.thread;
+  g_thunk(g_args);
+  thread_exit(t);
+  switch_to_scheduler(t);
+  std::abort();  // a finished fiber is never resumed
+}
+
+// ---------------------------------------------------------------- the API the kernels see
+namespace fastlm::emu {
+namespace {
+
+Thread& me() { return *g_cur.thread; }
+
+std::string block_name() {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "block (%u,%u,%u)", g_cur.block_idx.x, g_cur.block_idx.y, g_cur.block_idx.z);
+  return buf;
+}
+
+size_t place(size_t bytes, const char* name) {
+  const size_t offset = (g_block.used + kRedZone + 127) / 128 * 128;
+  if (offset + bytes + kRedZone > kArenaBytes) fail("shared memory: '%s' (%zu bytes) does not fit the arena", name, bytes);
+  g_block.used = offset + bytes;
+  g_block.allocs.push_back(Alloc{offset, bytes, name});
+  std::memset(g_arena + offset, 0xff, bytes);  // NaN in every float format: unwritten data shows
+  return offset;
+}
+
+void deadlock() {
+  std::string msg = "deadlock in " + block_name() + ":";
+  int at_bar = 0;
+  for (int i = 0; i < g_block.n; ++i) at_bar += g_threads[i].state == State::AtBarrier;
+  if (at_bar) msg += " " + std::to_string(at_bar) + " of " + std::to_string(g_block.live) + " live threads wait at __syncthreads;";
+  for (int w = 0; w < (g_block.n + 31) / 32; ++w) {
+    const Warp& wp = g_block.warps[w];
+    if (wp.arrived == 0) continue;
+    char buf[160];
+    std::snprintf(buf, sizeof buf, " warp %d: %d lanes wait at %s (mask %#x), the others are elsewhere;", w, wp.arrived,
+                  wp.what, wp.mask);
+    msg += buf;
+  }
+  g_block.error = msg;
+}
+
+bool run_block(uint3 bidx, size_t dynamic_bytes) {
+  Block& b = g_block;
+  const int n = int(g_cur.block_dim.x * g_cur.block_dim.y * g_cur.block_dim.z);
+  b.threads = &g_threads;
+  b.n = b.live = n;
+  b.at_barrier = 0;
+  b.epoch = 0;
+  b.error.clear();
+  for (int w = 0; w < (n + 31) / 32; ++w) {
+    b.warps[w] = Warp{};
+    const int lanes = n - w * 32 >= 32 ? 32 : n - w * 32;
+    b.warps[w].present = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1;
+  }
+  std::memset(static_cast<void*>(g_shadow.data()), 0, g_shadow_dirty * sizeof(Shadow));
+  b.allocs.clear();
+  b.used = 0;
+  b.static_bytes = 0;
+  g_cur.block_idx = bidx;
+  g_arena_lo = reinterpret_cast<uintptr_t>(g_arena);
+  g_arena_span = kArenaBytes;
+  if (dynamic_bytes) place(dynamic_bytes, "dynamic shared memory");
+  for (int i = 0; i < n; ++i) {
+    Thread& t = g_threads[i];
+    const unsigned bx = g_cur.block_dim.x, by = g_cur.block_dim.y;
+    t.idx = uint3{unsigned(i) % bx, unsigned(i) / bx % by, unsigned(i) / (bx * by)};
+    t.tid = i, t.warp = i / 32, t.lane = i % 32;
+    t.state = State::Runnable;
+    t.decls = 0;
+    t.copies.clear();
+    t.group_ends.clear();
+    uintptr_t top = (reinterpret_cast<uintptr_t>(t.stack) + kStackBytes) & ~uintptr_t(15);
+    void** sp = reinterpret_cast<void**>(top) - 8;  // r15 r14 r13 r12 rbx rbp, return address, pad
+    for (int k = 0; k < 8; ++k) sp[k] = nullptr;
+    sp[6] = reinterpret_cast<void*>(&fastlm_emu_fiber_start);
+    t.ctx.sp = sp;
+  }
+  ++g_stats.blocks;
+  g_stats.threads += n;
+  bool ok = true;
+  for (;;) {
+    bool ran = false, done = true;
+    // Last thread first: a consumer at thread 0 (the common "thread 0 gathers" shape) then runs
+    // after its producers, so a missing barrier shows as a race rather than as garbage.
+    for (int i = n - 1; i >= 0 && ok; --i) {
+      Thread& t = g_threads[i];
+      if (t.state == State::Done) continue;
+      done = false;
+      if (t.state != State::Runnable) continue;
+      ran = true;
+      g_cur.thread = &t;
+      g_cur.thread_idx = t.idx;
+      g_cur.tid = i;
+      fastlm_emu_switch(&g_sched.sp, t.ctx.sp);
+      g_cur.thread = nullptr;
+      ok = b.error.empty();
+    }
+    if (!ok || done) break;
+    if (!ran) {
+      deadlock();
+      ok = false;
+      break;
+    }
+  }
+  g_shadow_dirty = b.used + kRedZone;
+  g_arena_span = 0;
+  return ok;
+}
+
+void set_error(cudaError_t code, const std::string& msg) {
+  g_last_error = code;
+  g_last_message = msg;
+}
+
+}  // namespace
+
+void fail(const char* fmt, ...) {
+  char buf[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  std::vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  if (!g_cur.thread) {  // an emulator bug, not a kernel's: nothing to unwind to
+    std::fprintf(stderr, "fastlm emulator: %s (outside a kernel)\n", buf);
+    std::abort();
+  }
+  if (g_block.error.empty()) g_block.error = buf;
+  Thread& t = me();
+  t.state = State::Failed;
+  switch_to_scheduler(t);
+  std::abort();  // a failed fiber is never resumed
+}
+
+void syncthreads() {
+  Thread& t = me();
+  if (++g_block.at_barrier == g_block.live) return open_barrier();
+  t.state = State::AtBarrier;
+  switch_to_scheduler(t);
+}
+
+void warp_collective(unsigned mask, const char* what, void* slot, CollectiveOp op) {
+  Thread& t = me();
+  Warp& w = g_block.warps[t.warp];
+  if (!(mask >> t.lane & 1)) fail("%s: %s calls it with mask %#x, which leaves its own lane out", what, thread_name(t).c_str(), mask);
+  if (mask & ~w.present) fail("%s: mask %#x names lanes past the block's last thread", what, mask);
+  if (mask & w.exited) fail("%s: mask %#x names lanes that have exited (%#x)", what, mask, mask & w.exited);
+  if (w.arrived == 0) {
+    w.mask = mask, w.what = what, w.op = op;
+  } else if (w.mask != mask || std::strcmp(w.what, what) != 0) {
+    fail("warp divergence: %s reached %s (mask %#x) while %d lanes of its warp wait at %s (mask %#x)",
+         thread_name(t).c_str(), what, mask, w.arrived, w.what, w.mask);
+  }
+  w.slots[t.lane] = slot;
+  if (++w.arrived == __builtin_popcount(mask)) return finish_collective(w, t.warp);
+  t.state = State::AtWarp;
+  switch_to_scheduler(t);
+}
+
+void* shared_alloc(size_t bytes, size_t align, const char* name) {
+  Thread& t = me();
+  const int k = t.decls++;
+  const size_t first_static = g_block.has_dynamic ? 1 : 0;
+  if (size_t(k) + first_static < g_block.allocs.size()) {
+    const Alloc& a = g_block.allocs[size_t(k) + first_static];
+    if (a.bytes != bytes || std::strcmp(a.name, name) != 0)
+      fail("shared declaration %d is '%s' (%zu bytes) in one thread and '%s' (%zu bytes) in %s", k, a.name, a.bytes,
+           name, bytes, thread_name(t).c_str());
+    return g_arena + a.offset;
+  }
+  if (align > 128) fail("shared '%s': alignment %zu over 128 is not emulated", name, align);
+  g_block.static_bytes += bytes;
+  const size_t dynamic = g_block.has_dynamic ? g_block.allocs[0].bytes : 0;
+  if (g_block.static_bytes > kStaticLimit)
+    fail("static shared memory: %zu bytes exceed the %zu a kernel may declare", g_block.static_bytes, kStaticLimit);
+  if (g_block.static_bytes + dynamic > size_t(g_device->smem_per_block_optin))
+    fail("shared memory: %zu static + %zu dynamic bytes exceed sm_%d%d's %d bytes per block", g_block.static_bytes,
+         dynamic, g_device->major, g_device->minor, g_device->smem_per_block_optin);
+  return g_arena + place(bytes, name);
+}
+
+unsigned char* dynamic_shared() {
+  if (!g_block.has_dynamic) fail("dynamic shared memory used, but the launch asked for 0 bytes");
+  return g_arena + g_block.allocs[0].offset;
+}
+
+bool in_shared_arena(const void* p) { return reinterpret_cast<uintptr_t>(p) - g_arena_lo < g_arena_span; }
+int lane_id() { return me().lane; }
+int warp_id() { return me().warp; }
+
+void shared_access_by_lane(int lane, const void* p, size_t n, bool write) {
+  check_access(g_threads[size_t(me().warp * 32 + lane)], reinterpret_cast<uintptr_t>(p), n, write);
+}
+
+void cp_async_queue(void* dst, const void* src, int bytes, int src_bytes) {
+  Thread& t = me();
+  if (!in_shared_arena(dst)) fail("cp.async: destination %p is not shared memory (%s)", dst, thread_name(t).c_str());
+  if (reinterpret_cast<uintptr_t>(dst) % unsigned(bytes) || reinterpret_cast<uintptr_t>(src) % unsigned(bytes))
+    fail("cp.async: misaligned address: a %d-byte copy needs %d-byte aligned addresses, got shared %p and global %p (%s)",
+         bytes, bytes, dst, src, thread_name(t).c_str());
+  if (src_bytes < 0 || src_bytes > bytes) fail("cp.async: src-size %d outside [0, %d]", src_bytes, bytes);
+  t.copies.push_back(Copy{dst, src, bytes, src_bytes});
+}
+
+void cp_async_commit() { me().group_ends.push_back(me().copies.size()); }
+
+void cp_async_wait(int groups_left) {
+  Thread& t = me();
+  const size_t g = t.group_ends.size();
+  if (g <= size_t(groups_left)) return;
+  const size_t done_groups = g - size_t(groups_left), upto = t.group_ends[done_groups - 1];
+  do_copies(t, upto);
+  t.group_ends.erase(t.group_ends.begin(), t.group_ends.begin() + long(done_groups));
+  for (size_t& e : t.group_ends) e -= upto;
+}
+
+int launch_raw(const void* kernel_id, KernelThunk thunk, const void* args, dim3 grid, dim3 block, size_t dynamic_smem) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  init_once();
+  ++g_stats.launches;
+  const DeviceProfile& d = *g_device;
+  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+  char buf[512];
+  if (threads == 0 || threads > uint64_t(d.max_threads_per_block) || block.z > 64 || grid.x == 0 || grid.y == 0 ||
+      grid.z == 0 || grid.x > 0x7fffffffu || grid.y > unsigned(d.max_grid_y) || grid.z > unsigned(d.max_grid_z)) {
+    std::snprintf(buf, sizeof buf,
+                  "invalid configuration argument: grid (%u,%u,%u), block (%u,%u,%u); the limits are grid.x < 2^31, "
+                  "grid.y and grid.z <= %d, 1..%d threads per block",
+                  grid.x, grid.y, grid.z, block.x, block.y, block.z, d.max_grid_y, d.max_threads_per_block);
+    set_error(cudaErrorInvalidConfiguration, buf);
+    return cudaErrorInvalidConfiguration;
+  }
+  const auto allowed = g_max_dynamic.find(kernel_id);
+  const size_t limit = allowed == g_max_dynamic.end() ? size_t(d.smem_per_block) : size_t(allowed->second);
+  if (dynamic_smem > limit) {
+    std::snprintf(buf, sizeof buf,
+                  "invalid argument: %zu bytes of dynamic shared memory, more than the %zu this kernel may use "
+                  "(cudaFuncSetAttribute raises it up to sm_%d%d's %d)",
+                  dynamic_smem, limit, d.major, d.minor, d.smem_per_block_optin);
+    set_error(cudaErrorInvalidValue, buf);
+    return cudaErrorInvalidValue;
+  }
+  g_thunk = thunk, g_args = args, g_kernel = kernel_id;
+  g_cur.grid_dim = grid, g_cur.block_dim = block;
+  g_block.has_dynamic = dynamic_smem > 0;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        if (run_block(uint3{x, y, z}, dynamic_smem)) continue;
+        std::snprintf(buf, sizeof buf, "kernel fault under emulation, %s of grid (%u,%u,%u) x block (%u,%u,%u): %s",
+                      block_name().c_str(), grid.x, grid.y, grid.z, block.x, block.y, block.z, g_block.error.c_str());
+        set_error(cudaErrorLaunchFailure, buf);
+        return cudaErrorLaunchFailure;
+      }
+  return cudaSuccess;
+}
+
+const DeviceProfile& device() { return *g_device; }
+
+bool set_device_arch(const char* arch) {
+  for (const DeviceProfile& p : kProfiles) {
+    char name[8];
+    std::snprintf(name, sizeof name, "%d.%d", p.major, p.minor);
+    if (std::strcmp(name, arch) == 0) {
+      std::lock_guard<std::mutex> lock(g_launch_mutex);
+      g_device = &p;
+      return true;
+    }
+  }
+  return false;
+}
+
+Stats stats() { return g_stats; }
+const char* last_error_message() { return g_last_message.c_str(); }
+
+// ---------------------------------------------------------------- warp-level operations
+namespace {
+struct ShuffleSlot {
+  uint64_t value, result;
+  int arg, width, kind;
+};
+void shuffle_op(void** slots, unsigned mask) {
+  for (int lane = 0; lane < 32; ++lane) {
+    if (!(mask >> lane & 1)) continue;
+    auto* s = static_cast<ShuffleSlot*>(slots[lane]);
+    if (s->width < 1 || s->width > 32 || (s->width & (s->width - 1)))
+      fail("__shfl*_sync: width %d is not a power of two in [1, 32]", s->width);
+    const int seg = lane & ~(s->width - 1);
+    int src = lane;
+    switch (s->kind) {
+      case 0: src = seg + (s->arg & (s->width - 1)); break;
+      case 1: src = lane - s->arg >= seg ? lane - s->arg : lane; break;
+      case 2: src = lane + s->arg < seg + s->width ? lane + s->arg : lane; break;
+      default: src = (lane ^ s->arg) < seg + s->width ? lane ^ s->arg : lane; break;
+    }
+    if (!(mask >> src & 1)) fail("__shfl*_sync: lane %d reads lane %d, which is not in the mask %#x", lane, src, mask);
+    s->result = static_cast<ShuffleSlot*>(slots[src])->value;
+  }
+}
+struct VoteSlot {
+  int pred;
+  unsigned result;
+};
+void vote_op(void** slots, unsigned mask) {
+  unsigned ballot = 0;
+  for (int lane = 0; lane < 32; ++lane)
+    if ((mask >> lane & 1) && static_cast<VoteSlot*>(slots[lane])->pred) ballot |= 1u << lane;
+  for (int lane = 0; lane < 32; ++lane)
+    if (mask >> lane & 1) static_cast<VoteSlot*>(slots[lane])->result = ballot;
+}
+void syncwarp_op(void**, unsigned) { ++g_block.warps[me().warp].epoch; }
+
+struct LdmatrixSlot {
+  uint32_t* out;
+  const void* addr;
+  int count;
+  bool trans;
+};
+void ldmatrix_op(void** slots, unsigned mask) {
+  if (mask != 0xffffffffu) fail("ldmatrix: all 32 lanes must take part");
+  const auto* s0 = static_cast<LdmatrixSlot*>(slots[0]);
+  const uint16_t* rows[4][8];
+  for (int j = 0; j < s0->count; ++j)
+    for (int r = 0; r < 8; ++r) {
+      const int lane = 8 * j + r;
+      const auto* s = static_cast<LdmatrixSlot*>(slots[lane]);
+      if (s->count != s0->count || s->trans != s0->trans) fail("ldmatrix: lanes disagree on .x%d / .trans", s->count);
+      if (!in_shared_arena(s->addr)) fail("ldmatrix: lane %d's row address %p is not shared memory", lane, s->addr);
+      if (reinterpret_cast<uintptr_t>(s->addr) % 16)
+        fail("ldmatrix: misaligned address: lane %d's row address %p is not 16-byte aligned", lane, s->addr);
+      shared_access_by_lane(lane, s->addr, 16, false);
+      rows[j][r] = static_cast<const uint16_t*>(s->addr);
+    }
+  for (int lane = 0; lane < 32; ++lane) {
+    auto* s = static_cast<LdmatrixSlot*>(slots[lane]);
+    for (int j = 0; j < s0->count; ++j) {
+      const frag::RowCol e0 = frag::ldmatrix(lane, 0, s0->trans), e1 = frag::ldmatrix(lane, 1, s0->trans);
+      s->out[j] = uint32_t(rows[j][e0.row][e0.col]) | uint32_t(rows[j][e1.row][e1.col]) << 16;
+    }
+  }
+}
+
+struct MmaSlot {
+  float* c;
+  const uint32_t* a;
+  uint32_t b[2];
+  int dtype;
+};
+float lo_hi(uint32_t reg, int half, int dtype) {
+  const uint16_t bits = uint16_t(half ? reg >> 16 : reg & 0xffff);
+  return dtype == 1 ? __half2float(__half{bits}) : __bfloat162float(__nv_bfloat16{bits});
+}
+void mma_op(void** slots, unsigned mask) {
+  if (mask != 0xffffffffu) fail("mma.sync: all 32 lanes must take part");
+  float A[16][16], B[16][8], C[16][8];
+  const int dtype = static_cast<MmaSlot*>(slots[0])->dtype;
+  for (int lane = 0; lane < 32; ++lane) {
+    const auto* s = static_cast<MmaSlot*>(slots[lane]);
+    if (s->dtype != dtype) fail("mma.sync: lanes disagree on the operand type");
+    for (int i = 0; i < 8; ++i) {
+      const frag::RowCol rc = frag::mma_a(lane, i);
+      A[rc.row][rc.col] = lo_hi(s->a[i / 2], i % 2, dtype);
+    }
+    for (int i = 0; i < 4; ++i) {
+      frag::RowCol rc = frag::mma_b(lane, i);
+      B[rc.row][rc.col] = lo_hi(s->b[i / 2], i % 2, dtype);
+      rc = frag::mma_c(lane, i);
+      C[rc.row][rc.col] = s->c[i];
+    }
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    auto* s = static_cast<MmaSlot*>(slots[lane]);
+    for (int i = 0; i < 4; ++i) {
+      const frag::RowCol rc = frag::mma_c(lane, i);
+      float acc = C[rc.row][rc.col];
+      for (int k = 0; k < 16; ++k) acc += A[rc.row][k] * B[k][rc.col];
+      s->c[i] = acc;
+    }
+  }
+}
+}  // namespace
+
+uint64_t shuffle(unsigned mask, uint64_t value, int arg, int width, int kind) {
+  ShuffleSlot s{value, 0, arg, width, kind};
+  warp_collective(mask, "__shfl_sync", &s, &shuffle_op);
+  return s.result;
+}
+
+void ldmatrix(uint32_t* out, int count, const void* row_address, bool trans) {
+  LdmatrixSlot s{out, row_address, count, trans};
+  warp_collective(0xffffffffu, "ldmatrix", &s, &ldmatrix_op);
+}
+
+void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, int dtype) {
+  MmaSlot s{c, a, {b0, b1}, dtype};
+  warp_collective(0xffffffffu, "mma.sync.m16n8k16", &s, &mma_op);
+}
+
+}  // namespace fastlm::emu
+
+using fastlm::emu::VoteSlot;
+
+void __syncwarp(unsigned mask) { fastlm::emu::warp_collective(mask, "__syncwarp", nullptr, &fastlm::emu::syncwarp_op); }
+unsigned __ballot_sync(unsigned mask, int pred) {
+  fastlm::emu::VoteSlot s{pred != 0, 0};
+  fastlm::emu::warp_collective(mask, "vote", &s, &fastlm::emu::vote_op);
+  return s.result;
+}
+int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }
+int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+unsigned __activemask() {
+  const auto& w = fastlm::emu::g_block.warps[fastlm::emu::g_cur.thread->warp];
+  return w.present & ~w.exited;
+}
+
+// ---------------------------------------------------------------- the CUDA runtime API slice
+namespace {
+cudaError_t g_message_code = cudaSuccess;
+}
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t e = fastlm::emu::g_last_error;
+  g_message_code = e;
+  fastlm::emu::g_last_error = cudaSuccess;
+  return e;
+}
+cudaError_t cudaPeekAtLastError() { return fastlm::emu::g_last_error; }
+
+const char* cudaGetErrorString(cudaError_t err) {
+  if (err != cudaSuccess && !fastlm::emu::g_last_message.empty()) return fastlm::emu::g_last_message.c_str();
+  switch (err) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorMisalignedAddress: return "misaligned address";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
+  }
+  return "unknown error";
+}
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  const fastlm::emu::DeviceProfile& d = fastlm::emu::device();
+  switch (attr) {
+    case cudaDevAttrMaxThreadsPerBlock: *value = d.max_threads_per_block; return cudaSuccess;
+    case cudaDevAttrMaxGridDimY: *value = d.max_grid_y; return cudaSuccess;
+    case cudaDevAttrMaxGridDimZ: *value = d.max_grid_z; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = d.smem_per_block; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = d.sms; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = d.major; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = d.minor; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = d.smem_per_block_optin; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t cudaFuncSetAttribute_raw(const void* kernel, cudaFuncAttribute attr, int value) {
+  using namespace fastlm::emu;
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  const DeviceProfile& d = device();
+  if (value < 0 || value > d.smem_per_block_optin) {
+    char buf[256];
+    std::snprintf(buf, sizeof buf,
+                  "invalid argument: cudaFuncSetAttribute(MaxDynamicSharedMemorySize, %d) exceeds sm_%d%d's %d bytes "
+                  "of shared memory per block",
+                  value, d.major, d.minor, d.smem_per_block_optin);
+    g_last_error = cudaErrorInvalidValue;
+    g_last_message = buf;
+    return cudaErrorInvalidValue;
+  }
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  g_max_dynamic[kernel] = value;
+  return cudaSuccess;
+}
+
+// ---------------------------------------------------------------- TSan-ABI memory hooks
+// The kernel files are compiled with -fsanitize=thread; these replace TSan's runtime. Accesses
+// outside the running block's arena (global memory, stacks) return at the first compare.
+namespace {
+inline void hook(void* p, size_t n, bool write) {
+  using namespace fastlm::emu;
+  if (reinterpret_cast<uintptr_t>(p) - g_arena_lo < g_arena_span && g_cur.thread)
+    check_access(*g_cur.thread, reinterpret_cast<uintptr_t>(p), n, write);
+}
+}  // namespace
+
+extern "C" {
+#define FASTLM_EMU_HOOKS(n)                                                   \
+  void __tsan_read##n(void* p) { hook(p, n, false); }                         \
+  void __tsan_write##n(void* p) { hook(p, n, true); }                         \
+  void __tsan_unaligned_read##n(void* p) { hook(p, n, false); }               \
+  void __tsan_unaligned_write##n(void* p) { hook(p, n, true); }               \
+  void __tsan_volatile_read##n(void* p) { hook(p, n, false); }                \
+  void __tsan_volatile_write##n(void* p) { hook(p, n, true); }
+FASTLM_EMU_HOOKS(1)
+FASTLM_EMU_HOOKS(2)
+FASTLM_EMU_HOOKS(4)
+FASTLM_EMU_HOOKS(8)
+FASTLM_EMU_HOOKS(16)
+#undef FASTLM_EMU_HOOKS
+void __tsan_read_range(void* p, unsigned long n) { hook(p, n, false); }
+void __tsan_write_range(void* p, unsigned long n) { hook(p, n, true); }
+void __tsan_init() {}
+void __tsan_func_entry(void*) {}
+void __tsan_func_exit() {}
+void __tsan_vptr_update(void**, void*) {}
+void __tsan_vptr_read(void**) {}
+}

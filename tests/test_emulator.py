@@ -1,0 +1,124 @@
+"""The SIMT emulator's own tests (csrc/emu): fragment layouts against the PTX ISA's tables, and
+each class of kernel bug it must report: a race from a missing __syncthreads, an out-of-bounds
+shared index, an uninitialized shared read, a lane leaving before a warp collective, a
+misaligned cp.async, a launch over the grid limits, and a misread fragment layout (which
+computes wrong, so the float64 comparison catches it as it would on a GPU)."""
+import pytest
+import torch
+
+from fastlm import _ext
+
+pytestmark = [pytest.mark.emu, pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")]
+
+
+def run(name, x):
+    return torch.ops.fastlm_emu.emu_selftest(name, x.contiguous())
+
+
+def _inputs():
+    return torch.randn(512, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- fragment layouts (PTX ISA tables)
+# Transcribed from the PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type" and
+# "ldmatrix": groupID = lane >> 2, threadID_in_group = lane % 4.
+def isa_a(lane):
+    """(row, col) of a0..a7 of the A fragment (16 x 16, .f16)."""
+    g, t = lane >> 2, lane % 4
+    rows = [g, g, g + 8, g + 8, g, g, g + 8, g + 8]
+    cols = [t * 2, t * 2 + 1, t * 2, t * 2 + 1, t * 2 + 8, t * 2 + 9, t * 2 + 8, t * 2 + 9]
+    return list(zip(rows, cols))
+
+
+def isa_b(lane):
+    """(row = k, col = n) of b0..b3 of the B fragment (16 x 8, .f16)."""
+    g, t = lane >> 2, lane % 4
+    return [(t * 2, g), (t * 2 + 1, g), (t * 2 + 8, g), (t * 2 + 9, g)]
+
+
+def isa_c(lane):
+    """(row, col) of c0..c3 of the C/D fragment (16 x 8, .f32)."""
+    g, t = lane >> 2, lane % 4
+    return [(g, t * 2), (g, t * 2 + 1), (g + 8, t * 2), (g + 8, t * 2 + 1)]
+
+
+def test_fragment_layouts_match_the_isa_tables():
+    # A[r][c] = r * 16 + c and B[k][n] = k * 8 + n are exact in fp16, so every element a lane
+    # receives names its own position
+    a = torch.arange(256, dtype=torch.float32)
+    b = torch.arange(128, dtype=torch.float32)
+    out = run("fragments", torch.cat([a, b])).view(32, 16)
+    d = a.view(16, 16).double() @ b.view(16, 8).double()
+    for lane in range(32):
+        got_a = [(int(v) // 16, int(v) % 16) for v in out[lane, :8]]
+        got_b = [(int(v) // 8, int(v) % 8) for v in out[lane, 8:12]]
+        assert got_a == isa_a(lane), f"A fragment of lane {lane}"
+        assert got_b == isa_b(lane), f"B fragment of lane {lane}"
+        want_d = torch.tensor([d[r, c] for r, c in isa_c(lane)])
+        assert torch.equal(out[lane, 12:16].double(), want_d), f"D fragment of lane {lane}"
+
+
+def test_mma_tile_matches_float64():
+    x = _inputs()
+    out = run("mma_tile", x)[:128].view(16, 8)
+    a = x[:256].half().double().view(16, 16)
+    b = x[256:384].half().double().view(16, 8)
+    torch.testing.assert_close(out.double(), a @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_misread_fragment_layout_computes_wrong():
+    """A kernel that feeds mma A rows in B's order: its result must fail the float64 comparison."""
+    x = _inputs()
+    out = run("mma_tile_bug", x)[:128].view(16, 8)
+    want = x[:256].half().double().view(16, 16) @ x[256:384].half().double().view(16, 8)
+    assert not torch.isnan(out).any()
+    assert (out.double() - want).abs().max() > 0.1
+
+
+# ---------------------------------------------------------------- what the checker reports
+def test_block_sum_with_barrier_is_clean():
+    x = _inputs()
+    out = run("block_sum", x)
+    torch.testing.assert_close(out[0].double(), x[:64].double().sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_cp_async_aligned_copy():
+    x = _inputs()
+    out = run("cp_async", x)[:64]
+    torch.testing.assert_close(out, torch.roll(x[4:68], -4))
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("block_sum_bug", r"shared-memory race \(read after write\) on byte \d+ of shared 'part'"),
+        ("shift_oob_bug", r"out-of-bounds shared-memory write of 4 bytes at 0 bytes past the end of shared 'buf'"),
+        ("uninit_bug", r"read of uninitialized shared memory: byte \d+ of shared 'buf'"),
+        ("early_exit_bug", r"mask 0xffffffff names lanes that have exited|exited while its warp waits"),
+        ("cp_async_bug", r"cp\.async: misaligned address"),
+        ("bad_grid_bug", r"invalid configuration argument: grid \(1,70000,1\)"),
+    ],
+)
+def test_emulator_reports(name, message):
+    with pytest.raises(RuntimeError, match=message):
+        run(name, _inputs())
+
+
+def test_stats_count_checked_accesses():
+    before = torch.ops.fastlm_emu.emu_stats()
+    run("block_sum", _inputs())
+    after = torch.ops.fastlm_emu.emu_stats()
+    launches, blocks, threads, accesses, barriers = (a - b for a, b in zip(after[:5], before[:5]))
+    assert (launches, blocks, threads, barriers) == (1, 1, 64, 1)
+    assert accesses == 64 + 64  # 64 writes, then thread 0 reads all 64 slots
+
+
+def test_device_profile_switch():
+    try:
+        torch.ops.fastlm_emu.emu_set_arch("8.6")
+        assert torch.ops.fastlm_emu.emu_device() == [8, 6, 84, 101376]
+        with pytest.raises(ValueError, match="arch must be one of"):
+            torch.ops.fastlm_emu.emu_set_arch("7.5")
+    finally:
+        torch.ops.fastlm_emu.emu_set_arch("8.0")
+    assert torch.ops.fastlm_emu.emu_device()[:2] == [8, 0]
