@@ -115,6 +115,20 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@torch.compiler.assume_constant_result
+def _cuda_smem_optin(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+def shared_memory_per_block(device: torch.device) -> int:
+    """Bytes of shared memory one block may opt into on the GPU that runs kernels for `device`'s
+    tensors: the CUDA device's sharedMemPerBlockOptin (99 KB on sm_86/89, 163 KB on sm_80, 227 KB
+    on sm_90), or for CPU tensors the GPU the emulator models (cuda-emu)."""
+    if device.type == "cuda":
+        return _cuda_smem_optin(device.index if device.index is not None else torch.cuda.current_device())
+    return int(torch.ops.fastlm_emu.emu_device()[3]) if _ext.HAS_EMULATOR else 0
+
+
 def machine_reasons(backend: str, device: torch.device) -> list[str]:
     """Reasons that depend on this install and the device, not on the op."""
     reasons = []

@@ -53,7 +53,7 @@ STAGES="build tests headline full"
 # gpu tests: every test parametrized on the cuda or triton backend, plus those marked gpu; not the
 # ones that need no GPU, which CI runs and which are slow (nvcc spill reports, Triton AOT compiles
 # for sm_80/sm_90, install-without-extension checks)
-TEST_SELECT='(cuda or triton or gpu) and not gpu_check and not do_not_spill and not test_triton_aot and not test_install'
+TEST_SELECT='(cuda or triton or gpu) and not emu and not gpu_check and not do_not_spill and not test_triton_aot and not test_install'
 
 # ---- one stage's body (the script calls itself with --run-stage under `timeout`) -------------------
 if [ "${1:-}" = "--run-stage" ]; then

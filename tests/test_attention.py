@@ -484,3 +484,34 @@ def test_extension_ops_validate_inputs():
         torch.ops.fastlm.attention_fwd(q, k, v, torch.ones(8, 8, dtype=torch.bool), 0, 1.0)
     with pytest.raises(TypeError, match=r"k has dtype BFloat16 but q has dtype Float"):
         torch.ops.fastlm.attention_fwd(q, k.bfloat16(), v, None, 0, 1.0)
+
+
+@pytest.mark.emu
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
+def test_cuda_routes_around_small_shared_memory():
+    """Head dim 128 needs more shared memory than the 99 KB per block of sm_86/89: the dispatcher
+    says so in why_not instead of failing at launch; head dim 64 fits and runs."""
+    q, k, v = _qkv(1, 2, 2, 70, 70, 128, 128, torch.float16)
+    try:
+        torch.ops.fastlm_emu.emu_set_arch("8.6")
+        reasons = fastlm.backend.why_not("attention", "cuda-emu", q.device, q, k, v, None, 0.0, NO_CAUSAL)
+        assert any("shared memory per block; this GPU allows 101376" in r for r in reasons), reasons
+        with pytest.raises(fastlm.backend.BackendUnavailableError, match="this GPU allows 101376"):
+            sdpa(q, k, v, backend="cuda-emu")
+        check("cuda-emu", *_qkv(1, 2, 2, 70, 70, 64, 64, torch.float16))
+    finally:
+        torch.ops.fastlm_emu.emu_set_arch("8.0")
+    with torch.no_grad():  # sm_80's 163 KB fits the forward
+        torch.testing.assert_close(sdpa(q, k, v, backend="cuda-emu"), sdpa(q, k, v, backend="reference"),
+                                   rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.emu
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
+def test_cuda_more_heads_than_grid_y_allows():
+    """B * H = 65,536 (decode at B = 2048, H = 32) exceeds gridDim.y's 65,535: heads go on grid.x."""
+    q, k, v = _qkv(2048, 32, 32, 1, 2, 32, 32, torch.float16)
+    with torch.no_grad():
+        out = sdpa(q, k, v, backend="cuda-emu")
+    want = oracle(q.double(), k.double(), v.double())
+    torch.testing.assert_close(out.double(), want, rtol=2e-3, atol=2e-3)

@@ -5,11 +5,11 @@ import torch.nn.functional as F
 
 from fastlm.ops.bias_act import ACTIVATIONS, act_ref
 from fastlm.ops.mlp import geglu, mlp, swiglu
-from backends import GPU, backends
+from backends import cuda_params, GPU, backends
 from numerics import assert_close
 
 BACKENDS = backends(triton_dtypes=(torch.float32, torch.float16) if GPU is None else (torch.float32, torch.float16, torch.bfloat16))
-BACKENDS[-1] = pytest.param("cuda", "cuda", (torch.float16, torch.bfloat16), id="cuda", marks=pytest.mark.gpu)
+BACKENDS = BACKENDS[:-2] + cuda_params((torch.float16, torch.bfloat16))  # the tensor-core GEMM: 16-bit only
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 

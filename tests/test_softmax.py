@@ -223,3 +223,21 @@ def test_reference_backward_formula():
         y = fn(x * 1.5, -1)
         (gx,) = torch.autograd.grad(y, x, g)
         torch.testing.assert_close(softmax_backward_ref(g, y.detach(), 1.5, log), gx)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [p for p in BACKEND_DTYPES if p.values[0] in ("reference", "cuda", "cuda-emu")])
+def test_nan_and_inf_propagate(backend, device, dtype):
+    """Only fully masked rows give 0 (-inf for log); a NaN or +inf in a row gives NaN as torch does,
+    so AMP's GradScaler sees the overflow."""
+    x = torch.randn(4, 40, device=device, dtype=dtype)
+    x[0, 5], x[1, 7] = float("nan"), float("inf")
+    mask = torch.ones(4, 40, dtype=torch.bool, device=device)
+    mask[2] = False
+    for log in (False, True):
+        fn = fastlm.ops.log_softmax if log else fastlm.ops.softmax
+        y = fn(x, mask=mask, backend=backend)
+        want = torch.log_softmax(x.float(), -1) if log else torch.softmax(x.float(), -1)
+        assert torch.isnan(y[0]).all() and torch.isnan(y[1]).all() == torch.isnan(want[1]).all()
+        assert torch.isnan(y[1, 7])
+        assert (y[2] == (float("-inf") if log else 0.0)).all()
+        torch.testing.assert_close(y[3].float(), want[3], rtol=2e-2, atol=2e-2)

@@ -71,6 +71,8 @@ inline void check_backward_args(const char* op, const AttentionShape& sh, const 
     TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(out_shape), op, ": ", name, " has shape ", t.sizes(),
                       " but the output's is ", at::IntArrayRef(out_shape));
   }
+  TORCH_CHECK_VALUE(lse.device() == q.device(), op, ": lse is on ", lse.device().str(), " but q is on ",
+                    q.device().str());
   TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({sh.batch, sh.heads, sh.tq}), op, ": lse has shape ",
                     lse.sizes(), " but expected ", at::IntArrayRef({sh.batch, sh.heads, sh.tq}));

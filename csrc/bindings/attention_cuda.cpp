@@ -4,6 +4,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "gpu_binding.h"
 
 #include "attention_args.h"
@@ -64,6 +66,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
 
 }  // namespace
 }  // namespace fastlm::bind
+
+// Shared memory the kernels need per block, [forward, backward] bytes: the Python dispatcher
+// routes around a device whose opt-in limit is smaller (fastlm/ops/attention.py).
+std::vector<int64_t> attention_cuda_smem(int64_t head_dim, int64_t value_dim) {
+  TORCH_CHECK_VALUE(head_dim > 0 && value_dim > 0, "attention_cuda_smem: head dims must be positive, got ", head_dim,
+                    " and ", value_dim);
+  return {fastlm::attention_forward_cuda_smem(head_dim, value_dim),
+          fastlm::attention_backward_cuda_smem(head_dim, value_dim)};
+}
+
+TORCH_LIBRARY_FRAGMENT(FASTLM_GPU_NAMESPACE, m) {
+  m.def("attention_cuda_smem(int head_dim, int value_dim) -> int[]", &attention_cuda_smem);
+}
 
 TORCH_LIBRARY_IMPL(FASTLM_GPU_NAMESPACE, FASTLM_GPU_KEY, m) {
   m.impl("attention_fwd", &fastlm::bind::attention_fwd_cuda);

@@ -15,9 +15,11 @@ namespace fastlm::bind {
 namespace {
 
 // K-contiguous rows, 16-byte aligned: what cp.async's 16-byte chunks need; copies otherwise.
+// A contiguous view can still start off a 16-byte boundary (a storage offset that is not a
+// multiple of 8 elements), and .contiguous() returns such a view as it is: clone it instead.
 at::Tensor gemm_operand(const at::Tensor& t) {
   const bool ok = t.stride(1) == 1 && t.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  return ok ? t : t.contiguous();
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
@@ -39,7 +41,8 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x_in, const
   at::Tensor y = at::empty({M, N}, x_in.options());
   at::Tensor pre = at::empty(save_preact ? at::IntArrayRef{M, N} : at::IntArrayRef{0}, x_in.options());
   if (M == 0 || N == 0) return {y, pre};
-  const at::Tensor x = gemm_operand(x_in), w = gemm_operand(w_in);
+  const bool empty_k = K == 0;  // the GEMM is all zeros; the kernel runs only its epilogue
+  const at::Tensor x = empty_k ? x_in : gemm_operand(x_in), w = empty_k ? w_in : gemm_operand(w_in);
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   const at::Tensor r = residual ? rows_view(*residual) : at::Tensor();
   const LinearCudaArgs args{dtype, has_act, act, M, N, K, x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0),

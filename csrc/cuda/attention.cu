@@ -37,8 +37,9 @@ __global__ void __launch_bounds__(kWarps * 32) forward_kernel(const Params p) {
 
   const AttentionShape& sh = p.sh;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.y, b = bh / sh.heads, h = bh % sh.heads, hk = h / (sh.heads / sh.kv_heads);
-  const int q0 = blockIdx.x * kRows;
+  const TileHead th = tile_head(blockIdx.x, sh.tq);
+  const int64_t bh = th.head, b = bh / sh.heads, h = bh % sh.heads, hk = h / (sh.heads / sh.kv_heads);
+  const int q0 = int(th.tile) * kRows;
   const T* qg = static_cast<const T*>(p.q.data) + b * p.q.s[0] + h * p.q.s[1];
   const T* kg = static_cast<const T*>(p.k.data) + b * p.k.s[0] + hk * p.k.s[1];
   const T* vg = static_cast<const T*>(p.v.data) + b * p.v.s[0] + hk * p.v.s[1];
@@ -179,7 +180,7 @@ int launch(const Params& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(forward_kernel<T, HD, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return int(err);
   const unsigned splits = unsigned(p.chunk > 0 ? (p.sh.tk + p.chunk - 1) / p.chunk : 1);
-  const dim3 grid(unsigned((p.sh.tq + kRows - 1) / kRows), unsigned(p.sh.batch * p.sh.heads), splits);
+  const dim3 grid(unsigned(row_tiles(p.sh.tq) * p.sh.batch * p.sh.heads), 1, splits);
   launch_kernel(forward_kernel<T, HD, BN>, grid, kWarps * 32, bytes, stream, p);
   if (splits > 1)
     launch_kernel(merge_kernel<T>, unsigned(p.sh.batch * p.sh.heads * p.sh.tq), 128, 0, stream, p.part, static_cast<T*>(p.out), p.lse, p.sh.tq, int(splits), p.sh.value_dim);
@@ -201,6 +202,17 @@ int dispatch_head_dim(const Params& p, cudaStream_t stream) {
 }  // namespace fastlm::cuda::attn
 
 namespace fastlm {
+
+int64_t attention_forward_cuda_smem(int64_t head_dim, int64_t value_dim) {
+  using cuda::attn::Smem;  // the tiles dispatch_head_dim picks
+  const int64_t hd = head_dim > value_dim ? head_dim : value_dim;
+  if (hd <= 32) return int64_t(Smem<32, 64>::bytes);
+  if (hd <= 64) return int64_t(Smem<64, 64>::bytes);
+  if (hd <= 80) return int64_t(Smem<80, 64>::bytes);
+  if (hd <= 96) return int64_t(Smem<96, 64>::bytes);
+  if (hd <= 128) return int64_t(Smem<128, 64>::bytes);
+  return int64_t(Smem<256, 32>::bytes);
+}
 
 int64_t attention_forward_cuda_workspace(const AttentionShape& shape) {
   const int64_t splits = cuda::attn::num_splits(shape);

@@ -55,8 +55,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) dkdv_kernel(const Params p) {
 
   const AttentionShape& sh = p.sh;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bhk = blockIdx.y, b = bhk / sh.kv_heads, hk = bhk % sh.kv_heads, group = sh.heads / sh.kv_heads;
-  const int64_t key0 = int64_t(blockIdx.x) * kRows, offset = causal_offset(sh);
+  const TileHead th = tile_head(blockIdx.x, sh.tk);
+  const int64_t bhk = th.head, b = bhk / sh.kv_heads, hk = bhk % sh.kv_heads, group = sh.heads / sh.kv_heads;
+  const int64_t key0 = th.tile * kRows, offset = causal_offset(sh);
   stage<T, HD>(Ks, L::ldh, static_cast<const T*>(p.k.data) + b * p.k.s[0] + hk * p.k.s[1], p.k.s[2], p.k.s[3], key0,
                kRows, sh.tk, sh.head_dim);
   stage<T, HD>(Vs, L::ldh, static_cast<const T*>(p.v.data) + b * p.v.s[0] + hk * p.v.s[1], p.v.s[2], p.v.s[3], key0,
@@ -126,8 +127,9 @@ __global__ void __launch_bounds__(kWarps * 32) dq_kernel(const Params p) {
 
   const AttentionShape& sh = p.sh;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.y, b = bh / sh.heads, h = bh % sh.heads, hk = h / (sh.heads / sh.kv_heads);
-  const int64_t q0 = int64_t(blockIdx.x) * kRows, offset = causal_offset(sh);
+  const TileHead th = tile_head(blockIdx.x, sh.tq);
+  const int64_t bh = th.head, b = bh / sh.heads, h = bh % sh.heads, hk = h / (sh.heads / sh.kv_heads);
+  const int64_t q0 = th.tile * kRows, offset = causal_offset(sh);
   const char* mg = head_mask<T>(p, b, h);
   stage<T, HD>(Qs, L::ldh, static_cast<const T*>(p.q.data) + b * p.q.s[0] + h * p.q.s[1], p.q.s[2], p.q.s[3], q0,
                kRows, sh.tq, sh.head_dim);
@@ -183,9 +185,9 @@ int launch(const Params& p, cudaStream_t stream) {
   if (err != cudaSuccess) return int(err);
   const int64_t rows = p.sh.batch * p.sh.heads * p.sh.tq;
   launch_kernel(delta_kernel<T>, unsigned((rows + 255) / 256), 256, 0, stream, static_cast<const T*>(p.out), static_cast<const T*>(p.grad_out), p.delta, rows, p.sh.value_dim);
-  const dim3 kv_grid(unsigned((p.sh.tk + kRows - 1) / kRows), unsigned(p.sh.batch * p.sh.kv_heads));
+  const dim3 kv_grid(unsigned(row_tiles(p.sh.tk) * p.sh.batch * p.sh.kv_heads));
   launch_kernel(dkdv_kernel<T, HD>, kv_grid, kWarps * 32, L::dkdv, stream, p);
-  const dim3 q_grid(unsigned((p.sh.tq + kRows - 1) / kRows), unsigned(p.sh.batch * p.sh.heads));
+  const dim3 q_grid(unsigned(row_tiles(p.sh.tq) * p.sh.batch * p.sh.heads));
   launch_kernel(dq_kernel<T, HD>, q_grid, kWarps * 32, L::dq, stream, p);
   return int(cudaGetLastError());
 }
@@ -205,6 +207,17 @@ int dispatch_head_dim(const Params& p, cudaStream_t stream) {
 }  // namespace fastlm::cuda::attn
 
 namespace fastlm {
+
+int64_t attention_backward_cuda_smem(int64_t head_dim, int64_t value_dim) {
+  using namespace cuda::attn;
+  const int64_t hd = head_dim > value_dim ? head_dim : value_dim;
+  const auto most = [](size_t a, size_t b) { return int64_t(a > b ? a : b); };
+  if (hd <= 32) return most(BwdSmem<32>::dkdv, BwdSmem<32>::dq);
+  if (hd <= 64) return most(BwdSmem<64>::dkdv, BwdSmem<64>::dq);
+  if (hd <= 80) return most(BwdSmem<80>::dkdv, BwdSmem<80>::dq);
+  if (hd <= 96) return most(BwdSmem<96>::dkdv, BwdSmem<96>::dq);
+  return most(BwdSmem<128>::dkdv, BwdSmem<128>::dq);
+}
 
 int attention_backward_cuda(const AttentionShape& shape, const void* grad_out, Strided4 q, Strided4 k, Strided4 v,
                             Strided4 mask, const void* out, const float* lse, float* delta, void* grad_q,

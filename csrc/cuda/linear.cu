@@ -156,8 +156,9 @@ int launch(const LinearCudaArgs& p, cudaStream_t stream) {
 namespace fastlm {
 
 int linear_forward_cuda(const LinearCudaArgs& a, cudaStream_t stream) {
-  if (a.n % 8 || a.k % 8 || a.x_stride % 8 || a.w_stride % 8 || a.m > int64_t(65535) * cuda::kBM)
-    return int(cudaErrorInvalidValue);
+  // K == 0 runs no K tile (x and w are never read): the epilogue alone gives act(bias) + residual.
+  const bool rows_ok = a.k == 0 || (a.k % 8 == 0 && a.x_stride % 8 == 0 && a.w_stride % 8 == 0);
+  if (a.n % 8 || !rows_ok || a.m > int64_t(65535) * cuda::kBM) return int(cudaErrorInvalidValue);
   if (a.m == 0 || a.n == 0) return 0;
   if (a.dtype == DType::kFloat16) return cuda::launch<__half>(a, stream);
   if (a.dtype == DType::kBFloat16) return cuda::launch<__nv_bfloat16>(a, stream);

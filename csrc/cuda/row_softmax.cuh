@@ -30,7 +30,7 @@ struct MaxSum {
 
 __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
   const float m = fmaxf(a.m, b.m);
-  if (m == neg_inf()) return MaxSum{m, 0.0f};
+  if (m == neg_inf()) return MaxSum{m, a.s + b.s};  // 0, or NaN from a NaN entry: keep it
   return MaxSum{m, a.s * fast_exp(a.m - m) + b.s * fast_exp(b.m - m)};
 }
 
@@ -40,11 +40,11 @@ __device__ __forceinline__ MaxSum online_add(MaxSum st, const float (&z)[VEC]) {
   float pm = z[0];
 #pragma unroll
   for (int i = 1; i < VEC; ++i) pm = fmaxf(pm, z[i]);
-  const float m = fmaxf(st.m, pm);
-  if (m == neg_inf()) return st;
-  float s = st.s * fast_exp(st.m - m);
+  const float m = fmaxf(st.m, pm);  // fmaxf skips NaN: a NaN entry makes s NaN below instead
+  const float shift = m == neg_inf() ? 0.0f : m;
+  float s = st.s * fast_exp(st.m - shift);
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) s += fast_exp(z[i] - m);
+  for (int i = 0; i < VEC; ++i) s += fast_exp(z[i] - shift);
   return MaxSum{m, s};
 }
 

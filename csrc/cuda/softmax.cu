@@ -56,7 +56,9 @@ __global__ void __launch_bounds__(BLOCK)
     st = online_add<VEC>(st, z);
   }
   st = row_merge<TPR>(st, sm_m, sm_s);
-  const bool empty = !(st.s > 0.0f);
+  // Fully masked (every z is -inf): 0, or -inf for log. A NaN or +inf in the row leaves m or s
+  // NaN and propagates, as torch's softmax does (AMP's GradScaler must see the overflow).
+  const bool empty = st.s == 0.0f;
   const float shift = log ? st.m + logf(st.s) : st.m;
   const float inv = 1.0f / st.s;
   T* yr = y + r * ys;

@@ -261,12 +261,31 @@ def _(q, k, v, mask, dropout_p, causal):
     return reasons
 
 
+@torch.compiler.assume_constant_result
+def _cuda_smem(device_type: str, head_dim: int, value_dim: int) -> list[int]:
+    """[forward, backward] shared-memory bytes per block of the cuda kernels for these head dims
+    (None when the kernels aren't built: the machine reasons say so)."""
+    ns = torch.ops.fastlm_emu if device_type == "cpu" else torch.ops.fastlm
+    if not hasattr(ns, "attention_cuda_smem"):
+        return None
+    return list(ns.attention_cuda_smem(head_dim, value_dim))
+
+
 @_backend.register(OP, "cuda")
 def _(q, k, v, mask, dropout_p, causal):
     reasons = _kernel_reasons("cuda", CUDA_DTYPES, CUDA_MAX_HEAD_DIM, q, v, dropout_p)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if needs_grad and max(q.shape[-1], v.shape[-1]) > CUDA_MAX_BACKWARD_HEAD_DIM:
         reasons.append(f"head dims > {CUDA_MAX_BACKWARD_HEAD_DIM} have no cuda backward (forward only, under no_grad)")
+    elif q.shape[-1] > 0 and v.shape[-1] > 0 and q.device.type in ("cpu", "cuda"):
+        need = _cuda_smem(q.device.type, q.shape[-1], v.shape[-1])
+        limit = _backend.shared_memory_per_block(q.device) if need else 0
+        for kind, bytes_ in zip(("forward", "backward"), need or ()):
+            if kind == "backward" and not needs_grad:
+                continue
+            if bytes_ > limit:
+                reasons.append(f"the {kind} kernel for head dim {max(q.shape[-1], v.shape[-1])} needs {bytes_} bytes "
+                               f"of shared memory per block; this GPU allows {limit}")
     return reasons
 
 

@@ -59,9 +59,9 @@ def _softmax_prepared_ref(x, mask, scale, causal_rows, log):
     e = torch.exp(z - m)
     s = e.sum(-1, keepdim=True)
     if log:
-        y = torch.where(s > 0, z - m - torch.log(s), _NEG_INF)
+        y = torch.where(s == 0, _NEG_INF, z - m - torch.log(s))  # s NaN (a NaN or +inf in the row) propagates
     else:
-        y = torch.where(s > 0, e / s, 0.0)
+        y = torch.where(s == 0, 0.0, e / s)
     return y.to(x.dtype).reshape(x.shape)
 
 

@@ -42,6 +42,11 @@ int64_t attention_forward_cuda_workspace(const AttentionShape& shape);
 int attention_forward_cuda(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v, Strided4 mask,
                            void* out, float* lse, float* workspace, cudaStream_t stream);
 
+// Bytes of shared memory per block the forward / backward kernels need for these head dims
+// (the dispatcher compares them with the device's sharedMemPerBlockOptin: 99 KB on sm_86/89).
+int64_t attention_forward_cuda_smem(int64_t head_dim, int64_t value_dim);
+int64_t attention_backward_cuda_smem(int64_t head_dim, int64_t value_dim);
+
 // Backward: head dims up to 128. grad_out and out contiguous (B, H, Tq, Dv); delta is fp32
 // scratch of B * H * Tq floats; grad_q/k/v contiguous like q/k/v.
 int attention_backward_cuda(const AttentionShape& shape, const void* grad_out, Strided4 q, Strided4 k, Strided4 v,
