@@ -49,7 +49,7 @@ def test_selection_order(served, monkeypatch):
 
 def test_bad_backend_names(monkeypatch):
     x = torch.randn(2, 2)
-    with pytest.raises(ValueError, match=r"backend must be one of auto, cuda, triton, cpu, reference; got 'cudnn'"):
+    with pytest.raises(ValueError, match=r"backend must be one of auto, cuda, triton, cpu, reference, cuda-emu; got 'cudnn'"):
         bias_act(x, backend="cudnn")
     with pytest.raises(ValueError, match=r"use_backend\(name\) must be one of .*; got 'gpu'"):
         with fastlm.use_backend("gpu"):
