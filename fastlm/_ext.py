@@ -5,8 +5,6 @@ package runs on the rest; fastlm/__init__.py issues the one warning that says so
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 try:
@@ -40,12 +38,6 @@ HAS_EMULATOR = _C_emu is not None
 HAS_TRITON = TRITON_VERSION is not None
 CUDA_ARCHS = getattr(_C, "cuda_archs", "") if HAS_EXTENSION else ""
 CPU_FLAGS = getattr(_C, "cpu_flags", "") if HAS_EXTENSION else ""
-
-
-def on_emulator(fn):
-    """`fn` (an op's compiled-kernel call, taking `ops=torch.ops.fastlm`) bound to the emulated
-    CUDA kernels in torch.ops.fastlm_emu: the "cuda-emu" entry of an op's dispatch table."""
-    return functools.partial(fn, ops=torch.ops.fastlm_emu)
 
 
 def missing_message() -> str | None:

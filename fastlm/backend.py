@@ -15,6 +15,7 @@ Written so torch.compile can trace it (plain globals, os.environ, no locks or ca
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Callable, Iterator
 
@@ -100,6 +101,14 @@ def register_by_dtype(op: str, example: Callable[[torch.device], tuple], cpu_dty
 
     for name, allowed in (("reference", None), ("cpu", cpu_dtypes), ("triton", gpu_dtypes), ("cuda", gpu_dtypes)):
         register(op, name, example=example if name == "reference" else None)(make(name, allowed))
+
+
+def implementations(*, reference: Callable, triton: Callable, cpu: Callable, cuda: Callable) -> dict[str, Callable]:
+    """An op's per-backend implementations, keyed by backend name. `cuda` calls the compiled
+    kernels through its `ops=torch.ops.fastlm` argument; "cuda-emu" is the same call bound to the
+    emulated kernels in torch.ops.fastlm_emu."""
+    emulated = functools.partial(cuda, ops=torch.ops.fastlm_emu)
+    return {"reference": reference, "triton": triton, "cpu": cpu, "cuda": cuda, "cuda-emu": emulated}
 
 
 def ops() -> list[str]:

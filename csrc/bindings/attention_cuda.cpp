@@ -6,15 +6,14 @@
 
 #include <vector>
 
-#include "gpu_binding.h"
-
 #include "attention_args.h"
+#include "gpu_binding.h"
 
 namespace fastlm::bind {
 namespace {
 
 void cuda_args(const char* op, const at::Tensor& q) {
-  TORCH_CHECK_VALUE(q.device().type() == kGpu, op, ": q must be a CUDA tensor here, got ", q.device().str());
+  TORCH_CHECK_VALUE(q.device().type() == kGpu, op, ": q must be a ", kGpuName, " tensor here, got ", q.device().str());
   TORCH_CHECK_TYPE(q.scalar_type() != at::kFloat, op, ": q must be float16 or bfloat16 on ", q.device().str(),
                    " (the cuda attention kernels run on tensor cores), got ", q.scalar_type());
 }
@@ -35,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   check_launch(op, attention_forward_cuda(sh, strided(q), strided(k), strided(v), mask ? strided(*mask) : kNoMask,
                                           out.data_ptr(), lse.data_ptr<float>(),
                                           scratch > 0 ? workspace.data_ptr<float>() : nullptr,
-                                          gpu_stream(q.device())));
+                                          gpu_stream()));
   return {out, lse};
 }
 
@@ -60,24 +59,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   check_launch(op, attention_backward_cuda(sh, go.data_ptr(), strided(q), strided(k), strided(v),
                                            mask ? strided(*mask) : kNoMask, o.data_ptr(), ls.data_ptr<float>(),
                                            delta.data_ptr<float>(), gq.data_ptr(), gk.data_ptr(), gv.data_ptr(),
-                                           gpu_stream(q.device())));
+                                           gpu_stream()));
   return {gq, gk, gv};
 }
-
-}  // namespace
-}  // namespace fastlm::bind
 
 // Shared memory the kernels need per block, [forward, backward] bytes: the Python dispatcher
 // routes around a device whose opt-in limit is smaller (fastlm/ops/attention.py).
 std::vector<int64_t> attention_cuda_smem(int64_t head_dim, int64_t value_dim) {
   TORCH_CHECK_VALUE(head_dim > 0 && value_dim > 0, "attention_cuda_smem: head dims must be positive, got ", head_dim,
                     " and ", value_dim);
-  return {fastlm::attention_forward_cuda_smem(head_dim, value_dim),
-          fastlm::attention_backward_cuda_smem(head_dim, value_dim)};
+  return {attention_forward_cuda_smem(head_dim, value_dim), attention_backward_cuda_smem(head_dim, value_dim)};
 }
 
+}  // namespace
+}  // namespace fastlm::bind
+
 TORCH_LIBRARY_FRAGMENT(FASTLM_GPU_NAMESPACE, m) {
-  m.def("attention_cuda_smem(int head_dim, int value_dim) -> int[]", &attention_cuda_smem);
+  m.def("attention_cuda_smem(int head_dim, int value_dim) -> int[]", &fastlm::bind::attention_cuda_smem);
 }
 
 TORCH_LIBRARY_IMPL(FASTLM_GPU_NAMESPACE, FASTLM_GPU_KEY, m) {

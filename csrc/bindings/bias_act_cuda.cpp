@@ -5,10 +5,9 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include "gpu_binding.h"
-
 #include "common.h"
 #include "fastlm/bias_act.h"
+#include "gpu_binding.h"
 
 namespace fastlm::bind {
 namespace {

@@ -5,10 +5,9 @@
 #include <ATen/ops/sum.h>
 #include <torch/library.h>
 
-#include "gpu_binding.h"
-
 #include "cross_entropy_args.h"
 #include "fastlm/cross_entropy.h"
+#include "gpu_binding.h"
 
 namespace fastlm::bind {
 namespace {

@@ -20,16 +20,19 @@
 
 namespace fastlm::bind {
 
+// kGpu: where the tensors live; GpuGuard makes their device current; gpu_stream() is that
+// device's current stream (call it under the guard).
 #ifdef FASTLM_EMU
 constexpr c10::DeviceType kGpu = c10::DeviceType::CPU;
+constexpr const char* kGpuName = "CPU (the emulated cuda backend)";
 struct GpuGuard {
   explicit GpuGuard(c10::Device) {}
 };
-inline cudaStream_t gpu_stream(c10::Device = c10::Device(kGpu)) { return nullptr; }
+inline cudaStream_t gpu_stream() { return nullptr; }
 #else
 constexpr c10::DeviceType kGpu = c10::DeviceType::CUDA;
+constexpr const char* kGpuName = "CUDA";
 using GpuGuard = c10::cuda::CUDAGuard;
-inline cudaStream_t gpu_stream(c10::Device d) { return c10::cuda::getCurrentCUDAStream(d.index()).stream(); }
 inline cudaStream_t gpu_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 #endif
 

@@ -4,11 +4,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include "gpu_binding.h"
-
 #include <cstdint>
 
 #include "fastlm/linear.h"
+#include "gpu_binding.h"
 #include "linear_common.h"
 
 namespace fastlm::bind {
@@ -29,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x_in, const
   constexpr const char* op = "linear";
   Activation act = Activation::kGelu;
   const bool has_act = optional_activation_arg(op, activation, &act);
-  TORCH_CHECK_VALUE(x_in.device().type() == kGpu, op, ": x must be a CUDA tensor here, got ", x_in.device().str());
+  TORCH_CHECK_VALUE(x_in.device().type() == kGpu, op, ": x must be a ", kGpuName, " tensor here, got ", x_in.device().str());
   TORCH_CHECK_TYPE(x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16, op,
                    ": x must be float16 or bfloat16 for the CUDA tensor-core GEMM, got ", x_in.scalar_type());
   const DType dtype = x_in.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
@@ -48,8 +47,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x_in, const
   const LinearCudaArgs args{dtype, has_act, act, M, N, K, x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0),
                             b.defined() ? b.data_ptr() : nullptr, r.defined() ? r.data_ptr() : nullptr,
                             r.defined() ? r.stride(0) : 0, y.data_ptr(), save_preact ? pre.data_ptr() : nullptr};
-  const int status = linear_forward_cuda(args, gpu_stream());
-  TORCH_CHECK(status == 0, op, ": CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(status)));
+  check_launch(op, linear_forward_cuda(args, gpu_stream()));
   return {y, pre};
 }
 

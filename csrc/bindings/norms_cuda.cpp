@@ -4,7 +4,6 @@
 #include <torch/library.h>
 
 #include "gpu_binding.h"
-
 #include "norms_common.h"
 
 namespace fastlm::bind {

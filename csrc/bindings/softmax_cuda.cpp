@@ -3,9 +3,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include "gpu_binding.h"
-
 #include "fastlm/softmax.h"
+#include "gpu_binding.h"
 #include "softmax_args.h"
 
 namespace fastlm::bind {

@@ -6,7 +6,9 @@
 // accumulates O += P V with wmma (the accumulator fragments are loaded from and stored back
 // to that tile, so no per-row scaling of opaque fragments is needed). No T x T matrix ever
 // reaches device memory. Masking follows fastlm/attention.h: hidden scores are -inf, their
-// probabilities exactly 0, and value rows no query of the CTA sees are zeroed before P V.
+// probabilities exactly 0, and value rows no query of the CTA sees are zeroed before P V (the
+// lanes mark a key seen with a shared-memory atomicOr). The grid is 1-D over (head, query tile),
+// tiles fastest, so any number of heads launches and one head's K/V stay hot in L2.
 // Decode-like calls (Tq <= 16, Tk >= 1024) split the keys over gridDim.z CTAs that write fp32
 // partials (O, max, sum), merged afterwards in a fixed order (no atomics).
 #include "attention_common.cuh"
@@ -183,19 +185,26 @@ int launch(const Params& p, cudaStream_t stream) {
   const dim3 grid(unsigned(row_tiles(p.sh.tq) * p.sh.batch * p.sh.heads), 1, splits);
   launch_kernel(forward_kernel<T, HD, BN>, grid, kWarps * 32, bytes, stream, p);
   if (splits > 1)
-    launch_kernel(merge_kernel<T>, unsigned(p.sh.batch * p.sh.heads * p.sh.tq), 128, 0, stream, p.part, static_cast<T*>(p.out), p.lse, p.sh.tq, int(splits), p.sh.value_dim);
+    launch_kernel(merge_kernel<T>, unsigned(p.sh.batch * p.sh.heads * p.sh.tq), 128, 0, stream, p.part,
+                  static_cast<T*>(p.out), p.lse, p.sh.tq, int(splits), p.sh.value_dim);
   return int(cudaGetLastError());
+}
+
+// The one table of forward tile shapes: calls f(HD, BN) as integral constants for head dim hd.
+template <typename F>
+auto with_tiles(int64_t hd, F&& f) {
+  using std::integral_constant;
+  if (hd <= 32) return f(integral_constant<int, 32>{}, integral_constant<int, 64>{});
+  if (hd <= 64) return f(integral_constant<int, 64>{}, integral_constant<int, 64>{});
+  if (hd <= 80) return f(integral_constant<int, 80>{}, integral_constant<int, 64>{});
+  if (hd <= 96) return f(integral_constant<int, 96>{}, integral_constant<int, 64>{});
+  if (hd <= 128) return f(integral_constant<int, 128>{}, integral_constant<int, 64>{});
+  return f(integral_constant<int, 256>{}, integral_constant<int, 32>{});
 }
 
 template <typename T>
 int dispatch_head_dim(const Params& p, cudaStream_t stream) {
-  const int64_t hd = p.sh.head_dim > p.sh.value_dim ? p.sh.head_dim : p.sh.value_dim;
-  if (hd <= 32) return launch<T, 32, 64>(p, stream);
-  if (hd <= 64) return launch<T, 64, 64>(p, stream);
-  if (hd <= 80) return launch<T, 80, 64>(p, stream);
-  if (hd <= 96) return launch<T, 96, 64>(p, stream);
-  if (hd <= 128) return launch<T, 128, 64>(p, stream);
-  return launch<T, 256, 32>(p, stream);
+  return with_tiles(max_head_dim(p.sh), [&](auto hd, auto bn) { return launch<T, hd.value, bn.value>(p, stream); });
 }
 
 }  // namespace
@@ -204,14 +213,8 @@ int dispatch_head_dim(const Params& p, cudaStream_t stream) {
 namespace fastlm {
 
 int64_t attention_forward_cuda_smem(int64_t head_dim, int64_t value_dim) {
-  using cuda::attn::Smem;  // the tiles dispatch_head_dim picks
   const int64_t hd = head_dim > value_dim ? head_dim : value_dim;
-  if (hd <= 32) return int64_t(Smem<32, 64>::bytes);
-  if (hd <= 64) return int64_t(Smem<64, 64>::bytes);
-  if (hd <= 80) return int64_t(Smem<80, 64>::bytes);
-  if (hd <= 96) return int64_t(Smem<96, 64>::bytes);
-  if (hd <= 128) return int64_t(Smem<128, 64>::bytes);
-  return int64_t(Smem<256, 32>::bytes);
+  return cuda::attn::with_tiles(hd, [](auto d, auto bn) { return int64_t(cuda::attn::Smem<d.value, bn.value>::bytes); });
 }
 
 int64_t attention_forward_cuda_workspace(const AttentionShape& shape) {

@@ -6,6 +6,7 @@
 //           dP^T = V dO^T, dS^T = P^T (dP^T - delta); dV += P^T dO, dK += dS^T Q;
 //   dQ:     a CTA owns 64 queries, 16 per warp, and walks the key tiles it can see:
 //           dQ += dS K, with key rows no query of the CTA sees zeroed first (NaN-safe).
+// Both grids are 1-D over (head, tile) pairs (attention_common.cuh: tile_head).
 // Accumulators live in fp32 shared memory and are loaded into / stored from wmma fragments
 // around each product (attention_common.cuh: mma_acc).
 #include "attention_common.cuh"
@@ -184,7 +185,8 @@ int launch(const Params& p, cudaStream_t stream) {
     err = cudaFuncSetAttribute(dq_kernel<T, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(L::dq));
   if (err != cudaSuccess) return int(err);
   const int64_t rows = p.sh.batch * p.sh.heads * p.sh.tq;
-  launch_kernel(delta_kernel<T>, unsigned((rows + 255) / 256), 256, 0, stream, static_cast<const T*>(p.out), static_cast<const T*>(p.grad_out), p.delta, rows, p.sh.value_dim);
+  launch_kernel(delta_kernel<T>, unsigned((rows + 255) / 256), 256, 0, stream, static_cast<const T*>(p.out),
+                static_cast<const T*>(p.grad_out), p.delta, rows, p.sh.value_dim);
   const dim3 kv_grid(unsigned(row_tiles(p.sh.tk) * p.sh.batch * p.sh.kv_heads));
   launch_kernel(dkdv_kernel<T, HD>, kv_grid, kWarps * 32, L::dkdv, stream, p);
   const dim3 q_grid(unsigned(row_tiles(p.sh.tq) * p.sh.batch * p.sh.heads));
@@ -192,15 +194,23 @@ int launch(const Params& p, cudaStream_t stream) {
   return int(cudaGetLastError());
 }
 
+// The one table of backward instantiations: calls f(HD) as an integral constant for head dim
+// hd <= 128 (the binding refuses larger ones), or returns `none`.
+template <typename F, typename R>
+R with_head_dim(int64_t hd, R none, F&& f) {
+  using std::integral_constant;
+  if (hd <= 32) return f(integral_constant<int, 32>{});
+  if (hd <= 64) return f(integral_constant<int, 64>{});
+  if (hd <= 80) return f(integral_constant<int, 80>{});
+  if (hd <= 96) return f(integral_constant<int, 96>{});
+  if (hd <= 128) return f(integral_constant<int, 128>{});
+  return none;
+}
+
 template <typename T>
 int dispatch_head_dim(const Params& p, cudaStream_t stream) {
-  const int64_t hd = p.sh.head_dim > p.sh.value_dim ? p.sh.head_dim : p.sh.value_dim;
-  if (hd <= 32) return launch<T, 32>(p, stream);
-  if (hd <= 64) return launch<T, 64>(p, stream);
-  if (hd <= 80) return launch<T, 80>(p, stream);
-  if (hd <= 96) return launch<T, 96>(p, stream);
-  if (hd <= 128) return launch<T, 128>(p, stream);
-  return int(cudaErrorInvalidValue);  // the binding refuses head dims > 128 before this
+  return with_head_dim(max_head_dim(p.sh), int(cudaErrorInvalidValue),
+                       [&](auto hd) { return launch<T, hd.value>(p, stream); });
 }
 
 }  // namespace
@@ -209,14 +219,11 @@ int dispatch_head_dim(const Params& p, cudaStream_t stream) {
 namespace fastlm {
 
 int64_t attention_backward_cuda_smem(int64_t head_dim, int64_t value_dim) {
-  using namespace cuda::attn;
   const int64_t hd = head_dim > value_dim ? head_dim : value_dim;
-  const auto most = [](size_t a, size_t b) { return int64_t(a > b ? a : b); };
-  if (hd <= 32) return most(BwdSmem<32>::dkdv, BwdSmem<32>::dq);
-  if (hd <= 64) return most(BwdSmem<64>::dkdv, BwdSmem<64>::dq);
-  if (hd <= 80) return most(BwdSmem<80>::dkdv, BwdSmem<80>::dq);
-  if (hd <= 96) return most(BwdSmem<96>::dkdv, BwdSmem<96>::dq);
-  return most(BwdSmem<128>::dkdv, BwdSmem<128>::dq);
+  return cuda::attn::with_head_dim(hd, int64_t(-1), [](auto d) {
+    using L = cuda::attn::BwdSmem<d.value>;
+    return int64_t(L::dkdv > L::dq ? L::dkdv : L::dq);
+  });
 }
 
 int attention_backward_cuda(const AttentionShape& shape, const void* grad_out, Strided4 q, Strided4 k, Strided4 v,

@@ -8,6 +8,7 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "activations.cuh"
 #include "fastlm/attention.h"
@@ -73,7 +74,7 @@ __device__ __forceinline__ bool visible(const Params& p, const char* mg, int64_t
 
 // Grids are 1-D over (head, row tile) pairs, tiles fastest, so the CTAs of one head run together
 // (its K/V stay in L2) and no head count hits the 65,535 limit of gridDim.y (decode at B = 2048,
-// H = 32 has 65,536 heads). tile_of / head_of split blockIdx.x back.
+// H = 32 has 65,536 heads). tile_head splits blockIdx.x back.
 __host__ __device__ constexpr int64_t row_tiles(int64_t rows) { return (rows + kRows - 1) / kRows; }
 struct TileHead {
   int64_t tile, head;  // head: the flat (batch, head) index
@@ -81,6 +82,10 @@ struct TileHead {
 __host__ __device__ inline TileHead tile_head(int64_t block, int64_t rows) {
   const int64_t tiles = row_tiles(rows) > 0 ? row_tiles(rows) : 1;
   return {block % tiles, block / tiles};
+}
+
+__host__ __device__ constexpr int64_t max_head_dim(const AttentionShape& sh) {
+  return sh.head_dim > sh.value_dim ? sh.head_dim : sh.value_dim;
 }
 
 __host__ __device__ constexpr int64_t causal_offset(const AttentionShape& sh) {

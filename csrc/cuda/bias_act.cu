@@ -180,11 +180,14 @@ int launch_backward(int64_t rows, int64_t cols, const void* gy, int64_t gys, con
   const int vec = pick_vec<T>(cols, {gys, xs, gxs}, {gy, x, bias, gx});
   const Plan plan = make_plan(rows, cols, vec);
   if (vec == kVec)
-    launch_kernel(backward_kernel<T, A, kVec>, plan.grid, plan.block, 0, stream, gyp, gys, xp, xs, bp, gxp, gxs, partial, rows, cols);
+    launch_kernel(backward_kernel<T, A, kVec>, plan.grid, plan.block, 0, stream, gyp, gys, xp, xs, bp, gxp, gxs,
+                  partial, rows, cols);
   else
-    launch_kernel(backward_kernel<T, A, 1>, plan.grid, plan.block, 0, stream, gyp, gys, xp, xs, bp, gxp, gxs, partial, rows, cols);
+    launch_kernel(backward_kernel<T, A, 1>, plan.grid, plan.block, 0, stream, gyp, gys, xp, xs, bp, gxp, gxs, partial,
+                  rows, cols);
   if (grad_bias) {
-    launch_kernel(reduce_partials_kernel<T>, unsigned(ceil_div(cols, kThreads)), kThreads, 0, stream, partial, int64_t(plan.grid.y), cols, static_cast<T*>(grad_bias));
+    launch_kernel(reduce_partials_kernel<T>, unsigned(ceil_div(cols, kThreads)), kThreads, 0, stream, partial,
+                  int64_t(plan.grid.y), cols, static_cast<T*>(grad_bias));
   }
   return int(cudaGetLastError());
 }

@@ -99,22 +99,24 @@ __global__ void __launch_bounds__(BLOCK)
   }
 }
 
-FASTLM_ROW_LAUNCHER(Fwd, forward_kernel)
-FASTLM_ROW_LAUNCHER(Bwd, backward_kernel)
-
 template <typename T>
 int forward_t(int64_t rows, int64_t cols, const void* x, int64_t xs, const CeArgs& a, float* loss, float* lse,
               cudaStream_t stream) {
   const int vec = pick_vec<T>(cols, {xs}, {x});
-  return launch_rows<Fwd, T>(rows, cols, vec, stream, static_cast<const T*>(x), xs, a, loss, lse);
+  return launch_rows<T>(rows, cols, vec, [&](auto tpr, auto block, auto v, unsigned grid) {
+    launch_kernel(forward_kernel<T, tpr.value, block.value, v.value>, grid, block.value, 0, stream,
+                  static_cast<const T*>(x), xs, a, loss, lse, rows, cols);
+  });
 }
 
 template <typename T>
 int backward_t(int64_t rows, int64_t cols, const void* x, int64_t xs, const CeArgs& a, const float* wsum,
                const float* lse, const float* gscale, void* grad, int64_t gs, cudaStream_t stream) {
   const int vec = pick_vec<T>(cols, {xs, gs}, {x, grad});
-  return launch_rows<Bwd, T>(rows, cols, vec, stream, static_cast<const T*>(x), xs, a, wsum, lse, gscale,
-                        static_cast<T*>(grad), gs);
+  return launch_rows<T>(rows, cols, vec, [&](auto tpr, auto block, auto v, unsigned grid) {
+    launch_kernel(backward_kernel<T, tpr.value, block.value, v.value>, grid, block.value, 0, stream,
+                  static_cast<const T*>(x), xs, a, wsum, lse, gscale, static_cast<T*>(grad), gs, rows, cols);
+  });
 }
 
 }  // namespace

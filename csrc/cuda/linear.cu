@@ -140,12 +140,13 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const LinearCudaArgs p) 
 template <typename T>
 int launch(const LinearCudaArgs& p, cudaStream_t stream) {
   const dim3 grid(unsigned((p.n + kBN - 1) / kBN), unsigned((p.m + kBM - 1) / kBM));
-  if (!p.has_act) launch_kernel(gemm_kernel<T, false, Activation::kRelu>, grid, kThreads, 0, stream, p);
+  const auto go = [&](auto kernel) { launch_kernel(kernel, grid, kThreads, 0, stream, p); };
+  if (!p.has_act) go(gemm_kernel<T, false, Activation::kRelu>);
   else switch (p.act) {
-    case Activation::kGelu: launch_kernel(gemm_kernel<T, true, Activation::kGelu>, grid, kThreads, 0, stream, p); break;
-    case Activation::kGeluTanh: launch_kernel(gemm_kernel<T, true, Activation::kGeluTanh>, grid, kThreads, 0, stream, p); break;
-    case Activation::kRelu: launch_kernel(gemm_kernel<T, true, Activation::kRelu>, grid, kThreads, 0, stream, p); break;
-    case Activation::kSilu: launch_kernel(gemm_kernel<T, true, Activation::kSilu>, grid, kThreads, 0, stream, p); break;
+    case Activation::kGelu: go(gemm_kernel<T, true, Activation::kGelu>); break;
+    case Activation::kGeluTanh: go(gemm_kernel<T, true, Activation::kGeluTanh>); break;
+    case Activation::kRelu: go(gemm_kernel<T, true, Activation::kRelu>); break;
+    case Activation::kSilu: go(gemm_kernel<T, true, Activation::kSilu>); break;
   }
   return int(cudaGetLastError());
 }

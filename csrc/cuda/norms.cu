@@ -242,7 +242,8 @@ struct Bwd {
   void launch(const NormBackwardArgs& a, float* ws, int64_t groups, dim3 grid, dim3 block, cudaStream_t s) const {
     launch_kernel(backward_kernel<T, VEC>, grid, block, 0, s, a, ws, groups);
     if (a.grad_weight || a.grad_bias)
-      launch_kernel(reduce_partials<T>, unsigned(ceil_div(a.cols, 256)), 256, 0, s, ws, groups, a.cols, static_cast<T*>(a.grad_weight), static_cast<T*>(a.grad_bias));
+      launch_kernel(reduce_partials<T>, unsigned(ceil_div(a.cols, 256)), 256, 0, s, ws, groups, a.cols,
+                    static_cast<T*>(a.grad_weight), static_cast<T*>(a.grad_bias));
   }
 };
 

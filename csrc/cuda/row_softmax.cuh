@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 #include "activations.cuh"
 #include "launch.cuh"
@@ -103,30 +104,23 @@ int pick_vec(int64_t cols, std::initializer_list<int64_t> strides, std::initiali
   return kVec;
 }
 
-// Defines struct Name<T, TPR, BLOCK, VEC> whose launch(grid, block, stream, args...) launches
-// kernel<T, TPR, BLOCK, VEC>: the K that launch_rows below takes.
-#define FASTLM_ROW_LAUNCHER(Name, kernel)                                          \
-  template <typename T, int TPR, int BLOCK, int VEC>                               \
-  struct Name {                                                                    \
-    template <typename... A>                                                       \
-    static void launch(unsigned grid, unsigned block, cudaStream_t s, A... a) {    \
-      launch_kernel(kernel<T, TPR, BLOCK, VEC>, grid, block, 0, s, a...);         \
-    }                                                                              \
-  };
-
-// Launches K<T, TPR, BLOCK, VEC>::launch(grid, block, stream, args..., rows, cols): short rows
-// (<= 1024 columns) get a warp each, 4 rows per block; longer rows a 512-thread block each.
-template <template <typename, int, int, int> class K, typename T, typename... Args>
-int launch_rows(int64_t rows, int64_t cols, int vec, cudaStream_t stream, Args... args) {
+// The row layout for `cols`: launch(TPR, BLOCK, VEC, grid) gets integral constants for the
+// kernel<T, TPR, BLOCK, VEC> to launch on `grid` blocks of BLOCK threads. Short rows (<= 1024
+// columns) get a warp each, 4 rows per block; longer rows a 512-thread block each.
+template <typename T, typename F>
+int launch_rows(int64_t rows, int64_t cols, int vec, F&& launch) {
   constexpr int kVec = 16 / sizeof(T);
+  using Warp = std::integral_constant<int, 32>;
+  using Block = std::integral_constant<int, 512>;
+  using Packs = std::integral_constant<int, kVec>;
+  using Scalars = std::integral_constant<int, 1>;
   if (cols <= 1024) {
     const unsigned grid = unsigned((rows + 3) / 4);
-    if (vec == kVec) K<T, 32, 128, kVec>::launch(grid, 128, stream, args..., rows, cols);
-    else K<T, 32, 128, 1>::launch(grid, 128, stream, args..., rows, cols);
+    if (vec == kVec) launch(Warp{}, std::integral_constant<int, 128>{}, Packs{}, grid);
+    else launch(Warp{}, std::integral_constant<int, 128>{}, Scalars{}, grid);
   } else {
-    const unsigned grid = unsigned(rows);
-    if (vec == kVec) K<T, 512, 512, kVec>::launch(grid, 512, stream, args..., rows, cols);
-    else K<T, 512, 512, 1>::launch(grid, 512, stream, args..., rows, cols);
+    if (vec == kVec) launch(Block{}, Block{}, Packs{}, unsigned(rows));
+    else launch(Block{}, Block{}, Scalars{}, unsigned(rows));
   }
   return int(cudaGetLastError());
 }

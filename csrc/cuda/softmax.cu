@@ -113,22 +113,25 @@ __global__ void __launch_bounds__(BLOCK)
   }
 }
 
-FASTLM_ROW_LAUNCHER(Fwd, forward_kernel)
-FASTLM_ROW_LAUNCHER(Bwd, backward_kernel)
-
 template <typename T>
 int forward_t(bool log, int64_t rows, int64_t cols, const void* x, int64_t xs, const MaskArgs& ma,
               void* y, int64_t ys, cudaStream_t stream) {
   const int vec = pick_vec<T>(cols, {xs, ys}, {x, y});  // mask entries are read one by one
-  return launch_rows<Fwd, T>(rows, cols, vec, stream, static_cast<const T*>(x), xs, ma, log, static_cast<T*>(y), ys);
+  return launch_rows<T>(rows, cols, vec, [&](auto tpr, auto block, auto v, unsigned grid) {
+    launch_kernel(forward_kernel<T, tpr.value, block.value, v.value>, grid, block.value, 0, stream,
+                  static_cast<const T*>(x), xs, ma, log, static_cast<T*>(y), ys, rows, cols);
+  });
 }
 
 template <typename T>
 int backward_t(bool log, int64_t rows, int64_t cols, const void* g, int64_t gs, const void* y, int64_t ys,
                float scale, void* gx, int64_t gxs, cudaStream_t stream) {
   const int vec = pick_vec<T>(cols, {gs, ys, gxs}, {g, y, gx});
-  return launch_rows<Bwd, T>(rows, cols, vec, stream, static_cast<const T*>(g), gs, static_cast<const T*>(y), ys,
-                        scale, log, static_cast<T*>(gx), gxs);
+  return launch_rows<T>(rows, cols, vec, [&](auto tpr, auto block, auto v, unsigned grid) {
+    launch_kernel(backward_kernel<T, tpr.value, block.value, v.value>, grid, block.value, 0, stream,
+                  static_cast<const T*>(g), gs, static_cast<const T*>(y), ys, scale, log, static_cast<T*>(gx), gxs,
+                  rows, cols);
+  });
 }
 
 }  // namespace

@@ -157,20 +157,12 @@ def _seed_int(seed: torch.Tensor | None) -> int:
     return 0 if seed is None else int(seed.item()) & 0x7FFFFFFF
 
 
-_FORWARD = {
-    "reference": attention_forward_ref,
-    "cpu": _ext_forward,
-    "triton": _triton_forward,
-    "cuda": _ext_forward,
-    "cuda-emu": _ext.on_emulator(_ext_forward),
-}
-_BACKWARD = {
-    "reference": attention_backward_ref,
-    "cpu": _ext_backward,
-    "triton": _triton_backward,
-    "cuda": _ext_backward,
-    "cuda-emu": _ext.on_emulator(_ext_backward),
-}
+_FORWARD = _backend.implementations(
+    reference=attention_forward_ref, triton=_triton_forward, cpu=_ext_forward, cuda=_ext_forward
+)
+_BACKWARD = _backend.implementations(
+    reference=attention_backward_ref, triton=_triton_backward, cpu=_ext_backward, cuda=_ext_backward
+)
 
 
 # ---------------------------------------------------------------- custom ops + autograd
@@ -262,7 +254,7 @@ def _(q, k, v, mask, dropout_p, causal):
 
 
 @torch.compiler.assume_constant_result
-def _cuda_smem(device_type: str, head_dim: int, value_dim: int) -> list[int]:
+def _cuda_smem(device_type: str, head_dim: int, value_dim: int) -> list[int] | None:
     """[forward, backward] shared-memory bytes per block of the cuda kernels for these head dims
     (None when the kernels aren't built: the machine reasons say so)."""
     ns = torch.ops.fastlm_emu if device_type == "cpu" else torch.ops.fastlm

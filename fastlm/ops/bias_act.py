@@ -96,20 +96,12 @@ def _ext_backward(grad_out, x, bias, activation, ops=torch.ops.fastlm):
     return ops.bias_act_bwd(grad_out, x, bias, activation)
 
 
-_FORWARD = {
-    "reference": bias_act_ref,
-    "triton": _triton_forward,
-    "cpu": _ext_forward,
-    "cuda": _ext_forward,
-    "cuda-emu": _ext.on_emulator(_ext_forward),
-}
-_BACKWARD = {
-    "reference": bias_act_backward_ref,
-    "triton": _triton_backward,
-    "cpu": _ext_backward,
-    "cuda": _ext_backward,
-    "cuda-emu": _ext.on_emulator(_ext_backward),
-}
+_FORWARD = _backend.implementations(
+    reference=bias_act_ref, triton=_triton_forward, cpu=_ext_forward, cuda=_ext_forward
+)
+_BACKWARD = _backend.implementations(
+    reference=bias_act_backward_ref, triton=_triton_backward, cpu=_ext_backward, cuda=_ext_backward
+)
 
 
 # ---------------------------------------------------------------- custom ops + autograd

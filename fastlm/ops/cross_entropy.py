@@ -102,20 +102,12 @@ def _ext_backward(grad_loss, logits, target, weight, lse, ignore_index, label_sm
     return ops.cross_entropy_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing)
 
 
-_FORWARD = {
-    "reference": cross_entropy_rows_ref,
-    "triton": _triton_forward,
-    "cpu": _cpu_forward,
-    "cuda": _cuda_forward,
-    "cuda-emu": _ext.on_emulator(_cuda_forward),
-}
-_BACKWARD = {
-    "reference": cross_entropy_backward_ref,
-    "triton": _triton_backward,
-    "cpu": _ext_backward,
-    "cuda": _ext_backward,
-    "cuda-emu": _ext.on_emulator(_ext_backward),
-}
+_FORWARD = _backend.implementations(
+    reference=cross_entropy_rows_ref, triton=_triton_forward, cpu=_cpu_forward, cuda=_cuda_forward
+)
+_BACKWARD = _backend.implementations(
+    reference=cross_entropy_backward_ref, triton=_triton_backward, cpu=_ext_backward, cuda=_ext_backward
+)
 
 
 # ---------------------------------------------------------------- custom ops + autograd

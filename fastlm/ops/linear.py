@@ -100,20 +100,12 @@ def _ext_backward(grad_y, x, weight, bias, preact, activation, ops=torch.ops.fas
     return gz @ weight, gz.t() @ x, gb
 
 
-_FORWARD = {
-    "reference": linear_fwd_ref,
-    "triton": _triton_forward,
-    "cpu": _ext_forward,
-    "cuda": _ext_forward,
-    "cuda-emu": _ext.on_emulator(_ext_forward),
-}
-_BACKWARD = {
-    "reference": linear_bwd_ref,
-    "triton": _triton_backward,
-    "cpu": _ext_backward,
-    "cuda": _ext_backward,
-    "cuda-emu": _ext.on_emulator(_ext_backward),
-}
+_FORWARD = _backend.implementations(
+    reference=linear_fwd_ref, triton=_triton_forward, cpu=_ext_forward, cuda=_ext_forward
+)
+_BACKWARD = _backend.implementations(
+    reference=linear_bwd_ref, triton=_triton_backward, cpu=_ext_backward, cuda=_ext_backward
+)
 
 
 # ---------------------------------------------------------------- custom ops + autograd

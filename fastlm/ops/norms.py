@@ -95,20 +95,12 @@ def _ext_backward(*args, ops=torch.ops.fastlm):
     return ops.norm_bwd(*args)
 
 
-_FORWARD = {
-    "reference": norm_ref,
-    "triton": _triton_forward,
-    "cpu": _ext_forward,
-    "cuda": _ext_forward,
-    "cuda-emu": _ext.on_emulator(_ext_forward),
-}
-_BACKWARD = {
-    "reference": norm_backward_ref,
-    "triton": _triton_backward,
-    "cpu": _ext_backward,
-    "cuda": _ext_backward,
-    "cuda-emu": _ext.on_emulator(_ext_backward),
-}
+_FORWARD = _backend.implementations(
+    reference=norm_ref, triton=_triton_forward, cpu=_ext_forward, cuda=_ext_forward
+)
+_BACKWARD = _backend.implementations(
+    reference=norm_backward_ref, triton=_triton_backward, cpu=_ext_backward, cuda=_ext_backward
+)
 
 
 # ---------------------------------------------------------------- custom ops + autograd

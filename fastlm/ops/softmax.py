@@ -97,20 +97,12 @@ def _ext_backward(grad_y, y, scale, log, ops=torch.ops.fastlm):
     return ops.softmax_bwd(grad_y, y, scale, log)
 
 
-_FORWARD = {
-    "reference": _softmax_prepared_ref,
-    "triton": _triton_forward,
-    "cpu": _ext_forward,
-    "cuda": _ext_forward,
-    "cuda-emu": _ext.on_emulator(_ext_forward),
-}
-_BACKWARD = {
-    "reference": softmax_backward_ref,
-    "triton": _triton_backward,
-    "cpu": _ext_backward,
-    "cuda": _ext_backward,
-    "cuda-emu": _ext.on_emulator(_ext_backward),
-}
+_FORWARD = _backend.implementations(
+    reference=_softmax_prepared_ref, triton=_triton_forward, cpu=_ext_forward, cuda=_ext_forward
+)
+_BACKWARD = _backend.implementations(
+    reference=softmax_backward_ref, triton=_triton_backward, cpu=_ext_backward, cuda=_ext_backward
+)
 
 
 # ---------------------------------------------------------------- custom ops + autograd
