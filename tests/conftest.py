@@ -19,6 +19,21 @@ def pytest_report_header(config):
     return f"fastlm test seed: FASTLM_TEST_SEED={SESSION_SEED}"
 
 
+def pytest_terminal_summary(terminalreporter):
+    """What ran under the SIMT emulator this session (csrc/emu), for CI logs."""
+    from fastlm import _ext
+
+    if not _ext.HAS_EMULATOR:
+        return
+    launches, blocks, threads, accesses, barriers, collectives, faults = torch.ops.fastlm_emu.emu_stats()
+    if launches:
+        terminalreporter.write_line(
+            f"SIMT emulator: {launches} kernel launches, {blocks} blocks, {threads} threads, {accesses} shared-memory "
+            f"accesses checked, {barriers} barriers, {collectives} warp collectives; {faults} launches stopped by a "
+            "reported kernel error (race, out of bounds, uninitialized read, ...)"
+        )
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

@@ -100,16 +100,19 @@ def test_cp_async_aligned_copy():
     ],
 )
 def test_emulator_reports(name, message):
+    faults = torch.ops.fastlm_emu.emu_stats()[6]
     with pytest.raises(RuntimeError, match=message):
         run(name, _inputs())
+    # a launch refused up front (bad grid) runs no block; every other bug stops a running one
+    assert torch.ops.fastlm_emu.emu_stats()[6] == faults + (name != "bad_grid_bug")
 
 
 def test_stats_count_checked_accesses():
     before = torch.ops.fastlm_emu.emu_stats()
     run("block_sum", _inputs())
     after = torch.ops.fastlm_emu.emu_stats()
-    launches, blocks, threads, accesses, barriers = (a - b for a, b in zip(after[:5], before[:5]))
-    assert (launches, blocks, threads, barriers) == (1, 1, 64, 1)
+    launches, blocks, threads, accesses, barriers, _, faults = (a - b for a, b in zip(after, before))
+    assert (launches, blocks, threads, barriers, faults) == (1, 1, 64, 1, 0)
     assert accesses == 64 + 64  # 64 writes, then thread 0 reads all 64 slots
 
 

@@ -3,7 +3,8 @@
 // schemas of torch.ops.fastlm.* (fastlm's "cuda-emu" backend). Plus the emulator's controls:
 //   emu_set_arch(arch)   the GPU whose limits launches are checked against ("8.0", "8.6", "8.9", "9.0")
 //   emu_device()         [major, minor, SMs, shared bytes per block (opt-in)] of that GPU
-//   emu_stats()          [launches, blocks, threads, checked shared accesses, barriers, collectives]
+//   emu_stats()          [launches, blocks, threads, checked shared accesses, barriers, collectives,
+//                        faults (launches stopped by a race, out-of-bounds or other kernel error)]
 //   emu_selftest(name, x)  the emulator's own test kernels (csrc/emu/selftest.cu)
 #include <ATen/core/Tensor.h>
 #include <Python.h>
@@ -33,7 +34,7 @@ std::vector<int64_t> device_info() {
 
 std::vector<int64_t> stats() {
   const fastlm::emu::Stats s = fastlm::emu::stats();
-  return {s.launches, s.blocks, s.threads, s.shared_accesses, s.barriers, s.collectives};
+  return {s.launches, s.blocks, s.threads, s.shared_accesses, s.barriers, s.collectives, s.faults};
 }
 
 }  // namespace

@@ -30,8 +30,8 @@ struct Context {
 extern "C" void fastlm_emu_switch(void** save_sp, void* load_sp);
 extern "C" void fastlm_emu_fiber_start();
 extern "C" void fastlm_emu_fiber_main();
-// A new fiber's stack holds fastlm_emu_fiber_start as the return address below six zeroed
-// registers, so its first switch "returns" into the start stub, which calls fiber_main.
+// A new fiber's stack holds six zeroed registers and then the address of fastlm_emu_fiber_start,
+// so the first switch to it pops the zeros and its `ret` enters the stub, which calls fiber_main.
 asm(R"(
   .text
   .globl fastlm_emu_switch
@@ -137,12 +137,12 @@ unsigned char* g_arena = nullptr;
 std::vector<Shadow> g_shadow;
 size_t g_shadow_dirty = 0;
 uintptr_t g_arena_lo = 0, g_arena_span = 0;  // span 0 outside a block: the hooks' fast exit
-const void* g_kernel = nullptr;
 KernelThunk g_thunk = nullptr;
 const void* g_args = nullptr;
 Stats g_stats{};
-cudaError_t g_last_error = cudaSuccess;
-std::string g_last_message;
+cudaError_t g_last_error = cudaSuccess;  // sticky until cudaGetLastError reads it, as in CUDA
+std::string g_last_message;              // what went wrong, in words, for the error below
+cudaError_t g_message_error = cudaSuccess;
 std::unordered_map<const void*, int> g_max_dynamic;  // cudaFuncAttributeMaxDynamicSharedMemorySize
 
 constexpr DeviceProfile kProfiles[] = {
@@ -387,7 +387,6 @@ bool run_block(uint3 bidx, size_t dynamic_bytes) {
       ran = true;
       g_cur.thread = &t;
       g_cur.thread_idx = t.idx;
-      g_cur.tid = i;
       fastlm_emu_switch(&g_sched.sp, t.ctx.sp);
       g_cur.thread = nullptr;
       ok = b.error.empty();
@@ -404,12 +403,12 @@ bool run_block(uint3 bidx, size_t dynamic_bytes) {
   return ok;
 }
 
-void set_error(cudaError_t code, const std::string& msg) {
-  g_last_error = code;
+}  // namespace
+
+static void set_error(cudaError_t code, const std::string& msg) {
+  g_last_error = g_message_error = code;
   g_last_message = msg;
 }
-
-}  // namespace
 
 void fail(const char* fmt, ...) {
   char buf[1024];
@@ -481,8 +480,6 @@ unsigned char* dynamic_shared() {
 }
 
 bool in_shared_arena(const void* p) { return reinterpret_cast<uintptr_t>(p) - g_arena_lo < g_arena_span; }
-int lane_id() { return me().lane; }
-int warp_id() { return me().warp; }
 
 void shared_access_by_lane(int lane, const void* p, size_t n, bool write) {
   check_access(g_threads[size_t(me().warp * 32 + lane)], reinterpret_cast<uintptr_t>(p), n, write);
@@ -536,7 +533,7 @@ int launch_raw(const void* kernel_id, KernelThunk thunk, const void* args, dim3 
     set_error(cudaErrorInvalidValue, buf);
     return cudaErrorInvalidValue;
   }
-  g_thunk = thunk, g_args = args, g_kernel = kernel_id;
+  g_thunk = thunk, g_args = args;
   g_cur.grid_dim = grid, g_cur.block_dim = block;
   g_block.has_dynamic = dynamic_smem > 0;
   for (unsigned z = 0; z < grid.z; ++z)
@@ -546,6 +543,7 @@ int launch_raw(const void* kernel_id, KernelThunk thunk, const void* args, dim3 
         std::snprintf(buf, sizeof buf, "kernel fault under emulation, %s of grid (%u,%u,%u) x block (%u,%u,%u): %s",
                       block_name().c_str(), grid.x, grid.y, grid.z, block.x, block.y, block.z, g_block.error.c_str());
         set_error(cudaErrorLaunchFailure, buf);
+        ++g_stats.faults;
         return cudaErrorLaunchFailure;
       }
   return cudaSuccess;
@@ -567,7 +565,6 @@ bool set_device_arch(const char* arch) {
 }
 
 Stats stats() { return g_stats; }
-const char* last_error_message() { return g_last_message.c_str(); }
 
 // ---------------------------------------------------------------- warp-level operations
 namespace {
@@ -710,20 +707,16 @@ unsigned __activemask() {
 }
 
 // ---------------------------------------------------------------- the CUDA runtime API slice
-namespace {
-cudaError_t g_message_code = cudaSuccess;
-}
-
 cudaError_t cudaGetLastError() {
   const cudaError_t e = fastlm::emu::g_last_error;
-  g_message_code = e;
   fastlm::emu::g_last_error = cudaSuccess;
   return e;
 }
 cudaError_t cudaPeekAtLastError() { return fastlm::emu::g_last_error; }
 
+// The emulator's own words for the last error it raised; CUDA's fixed strings otherwise.
 const char* cudaGetErrorString(cudaError_t err) {
-  if (err != cudaSuccess && !fastlm::emu::g_last_message.empty()) return fastlm::emu::g_last_message.c_str();
+  if (err != cudaSuccess && err == fastlm::emu::g_message_error) return fastlm::emu::g_last_message.c_str();
   switch (err) {
     case cudaSuccess: return "no error";
     case cudaErrorInvalidValue: return "invalid argument";
@@ -764,8 +757,7 @@ cudaError_t cudaFuncSetAttribute_raw(const void* kernel, cudaFuncAttribute attr,
                   "invalid argument: cudaFuncSetAttribute(MaxDynamicSharedMemorySize, %d) exceeds sm_%d%d's %d bytes "
                   "of shared memory per block",
                   value, d.major, d.minor, d.smem_per_block_optin);
-    g_last_error = cudaErrorInvalidValue;
-    g_last_message = buf;
+    set_error(cudaErrorInvalidValue, buf);
     return cudaErrorInvalidValue;
   }
   std::lock_guard<std::mutex> lock(g_launch_mutex);

@@ -33,15 +33,12 @@ struct dim3 {
 namespace fastlm::emu {
 
 struct Thread;
-struct Block;
 
-// The running CUDA thread and its block (valid inside a kernel only).
+// What the built-in variables read: the running CUDA thread (null outside a kernel) and its ids.
 struct Current {
   Thread* thread = nullptr;
-  Block* block = nullptr;
   uint3 thread_idx{0, 0, 0}, block_idx{0, 0, 0};
   dim3 block_dim, grid_dim;
-  int tid = 0;  // linear thread index in the block
 };
 extern Current g_cur;
 
@@ -65,10 +62,8 @@ unsigned char* dynamic_shared();
 // Accesses done by the emulator on behalf of a lane (collectives, cp.async), for the checker.
 // lane: the lane within the calling thread's warp the access belongs to.
 void shared_access_by_lane(int lane, const void* p, size_t n, bool write);
-// Whether p..p+n lies in this block's shared arena (valid allocation or not).
+// Whether p lies in this block's shared arena (in an allocation or not).
 bool in_shared_arena(const void* p);
-int lane_id();
-int warp_id();
 
 // cp.async: the copy is queued now and done at the wait that retires its group.
 void cp_async_queue(void* dst, const void* src, int bytes, int src_bytes);
@@ -104,9 +99,9 @@ bool set_device_arch(const char* arch);
 
 struct Stats {
   int64_t launches, blocks, threads, shared_accesses, barriers, collectives;
+  int64_t faults;  // launches stopped by a reported kernel error (race, out of bounds, ...)
 };
 Stats stats();
-const char* last_error_message();
 
 }  // namespace fastlm::emu
 
