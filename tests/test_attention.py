@@ -12,7 +12,7 @@ from fastlm.ops.attention import (
     BOTTOM_RIGHT, NO_CAUSAL, TOP_LEFT, scaled_dot_product_attention as sdpa, scaled_dot_product_attention_ref,
     scaled_dot_product_attention_with_lse as sdpa_lse,
 )
-from backends import cuda_params
+from backends import EMU_MARKS, cuda_params
 from numerics import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias will produce NaNs")
@@ -515,3 +515,17 @@ def test_cuda_more_heads_than_grid_y_allows():
         out = sdpa(q, k, v, backend="cuda-emu")
     want = oracle(q.double(), k.double(), v.double())
     torch.testing.assert_close(out.double(), want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("ns,dtype", [("fastlm", torch.float32),
+                                      pytest.param("fastlm_emu", torch.float16, marks=EMU_MARKS)])
+def test_backward_checks_lse_device(ns, dtype):
+    """lse on another device than q is refused by name (the cuda binding read it as a pointer on
+    q's device). A CPU-only machine has no second device: lse goes on the meta device, and the
+    call is redispatched straight to the CPU kernel so the binding itself sees the mismatch."""
+    q, k, v = _qkv(1, 2, 2, 8, 8, 16, 16, dtype)
+    out, grad = torch.randn_like(q), torch.randn_like(q)
+    lse = torch.empty(1, 2, 8, device="meta")
+    op = getattr(torch.ops, ns).attention_bwd.default
+    with pytest.raises(ValueError, match="attention_backward: lse is on meta but q is on cpu"):
+        op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), grad, q, k, v, None, out, lse, 0, 0.25)

@@ -1,7 +1,7 @@
 // Row statistics for softmax-style kernels: the running max m and sum s of exp(z - m), fed
 // chunk by chunk (online softmax), so a row of any length is read once for its statistics.
 // A chunk costs one exp per element plus one rescale of s per chunk. Entries equal to -inf
-// (masked) contribute exactly 0; a row with no finite entry keeps m = -inf, s = 0.
+// (masked) contribute exactly 0; a fully masked row keeps m = -inf, s = 0.
 #pragma once
 #include <cmath>
 #include <limits>
@@ -21,7 +21,7 @@ FASTLM_INLINE float chunk_max(const float* z, int64_t n) {
   return reduce_max(m);
 }
 
-// sum of exp(z - shift) over n entries; shift is finite.
+// sum of exp(z - shift) over n entries; shift is finite (or NaN, which the sum then is).
 FASTLM_INLINE float chunk_exp_sum(const float* z, int64_t n, float shift) {
   vf s = splat(0.0f);
   int64_t i = 0;
@@ -43,12 +43,13 @@ struct RowStats {
 
   FASTLM_INLINE void add(const float* z, int64_t n) {
     const float cm = chunk_max(z, n);
-    if (!(cm > kNegInf)) return;  // all masked (or NaN max: handled by the NaN check below)
-    const float nm = cm > m ? cm : m;
-    s = s * std::exp(m - nm) + chunk_exp_sum(z, n, nm);
+    const float nm = cm > m ? cm : m;              // a NaN entry may not win the max...
+    const float shift = nm == kNegInf ? 0.0f : nm;  // (all masked so far: exp(-inf) = 0)
+    s = s * std::exp(m - shift) + chunk_exp_sum(z, n, shift);  // ...but makes s NaN here
     m = nm;
   }
-  bool empty() const { return !(s > 0.0f); }
+  // Every entry masked. A NaN or +inf entry leaves s NaN, which propagates as torch's does.
+  bool empty() const { return s == 0.0f; }
   float lse() const { return m + std::log(s); }
 };
 

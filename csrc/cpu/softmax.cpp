@@ -47,7 +47,7 @@ void forward_row(const T* x, const void* mask, int64_t cols, int64_t valid, floa
     load_z<T, MK>(x, mask, c0, n, scale, buf);
     st.add(buf, n);
   }
-  if (st.empty()) {  // fully masked row: 0, or log(0) = -inf; never NaN
+  if (st.empty()) {  // fully masked row: 0, or log(0) = -inf
     fill_row(y, cols, LOG ? kNegInf : 0.0f);
     return;
   }

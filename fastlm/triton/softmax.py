@@ -46,7 +46,7 @@ def _forward_kernel(
         s_i = s_i * tl.exp(m_i - safe) + tl.sum(tl.exp(z - safe), 0)
         m_i = new_m
     safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    nonempty = s_i > 0.0
+    nonempty = s_i != 0.0  # 0: every entry masked; a NaN or +inf entry makes s_i NaN, which propagates
     lse = safe + tl.log(tl.where(nonempty, s_i, 1.0))
     inv = 1.0 / tl.where(nonempty, s_i, 1.0)
     for c0 in range(0, cols, BLOCK):
