@@ -33,7 +33,7 @@ def _run(fn, inputs, grad, dtype=None):
     return y, torch.autograd.grad(y, [t for t in leaves if t is not None], grad.to(y.dtype))
 
 
-def _check(backend, device, dtype, activation, M, K, N, bias=True, residual=True, lead=()):
+def _check(backend, device, dtype, activation, M, K, N, bias=True, residual=True, lead=(), fp32_tol=GEMM_TOL):
     x = torch.randn(*lead, M, K, device=device, dtype=dtype)
     w = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
     b = torch.randn(N, device=device, dtype=dtype) if bias else None
@@ -46,11 +46,11 @@ def _check(backend, device, dtype, activation, M, K, N, bias=True, residual=True
     y64, gs64 = _run(ref, inputs, grad, torch.float64)
     y0, gs0 = _run(ref, inputs, grad)
     assert y.dtype == dtype and y.shape == (*lead, M, N)
-    assert_close(f"{backend} y", y, y64, y0, fp32_tol=GEMM_TOL)
+    assert_close(f"{backend} y", y, y64, y0, fp32_tol=fp32_tol)
     names = [n for n, t in zip(("grad_x", "grad_weight", "grad_bias", "grad_residual"), inputs) if t is not None]
     for name, g, g64, g0 in zip(names, gs, gs64, gs0):
         assert g.dtype == dtype
-        assert_close(f"{backend} {name}", g, g64, g0, kind="grad", fp32_tol=GEMM_TOL)
+        assert_close(f"{backend} {name}", g, g64, g0, kind="grad", fp32_tol=fp32_tol)
 
 
 @pytest.mark.parametrize("index", range(len(SHAPES)), ids=lambda i: "x".join(map(str, SHAPES[i])))
@@ -74,7 +74,8 @@ def test_optional_bias_residual_and_leading_dims(backend, device, dtypes):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_vocab_width(backend):
-    _check(backend, "cpu", torch.float32, None, 7, 64, 50304, residual=False)
+    # grad_x sums 50304 terms of size ~28 in fp32: about sqrt(50304 / 3072) = 4x GEMM_TOL's error
+    _check(backend, "cpu", torch.float32, None, 7, 64, 50304, residual=False, fp32_tol=dict(rtol=1e-4, atol=5e-4))
 
 
 def test_cpu_output_past_32_mib_on_huge_pages():
