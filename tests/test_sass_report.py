@@ -1,0 +1,221 @@
+"""scripts/sass_report.py: its SASS parsing on small hand-written listings (cuobjdump's text
+format), and the report on the built extension's SASS for sm_80 and sm_90a (no GPU needed)."""
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("sass_report", ROOT / "scripts" / "sass_report.py")
+sr = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sr)
+
+ARCHS = ("sm_80", "sm_90a")
+# (module, kernel name) pairs allowed to use local memory (spills or stack arrays): none today.
+KNOWN_SPILLS = set()
+
+
+def listing(body, name="_Z1kPf", module="k"):
+    """cuobjdump -sass text of one function; `body` lines are `addr  instruction`."""
+    lines = [(module, f"\t\tFunction : {name}\n")]
+    for row in body.strip().splitlines():
+        addr, insn = row.split(None, 1)
+        lines.append((module, f"        /*{int(addr, 16):04x}*/                   {insn} ;"
+                              f"   /* 0x000fe20000000f00 */\n"))
+    return sr.parse_sass(lines)[(module, name)]
+
+
+# An outer loop 0x20..0xc0 holding two HMMAs and an MMA-free inner loop 0x50..0x70; the
+# LDG.E.128 at 0x10 is outside every loop; the trailing `BRA self` is no loop.
+NESTED = """
+0000 MOV R1, c[0x0][0x28]
+0010 LDG.E.128 R4, [R2.64]
+0020 LDGSTS.E.BYPASS.LTC128B.128 [R0], [R2.64]
+0030 HMMA.16816.F32 R8, R4, R6, R8
+0040 LDSM.16.M88.4 R4, [R0]
+0050 IADD3 R2, R2, 0x2, RZ
+0060 LDG.E.U16 R3, [R2.64]
+0070 @P0 BRA 0x50
+0080 HMMA.16816.F32.BF16 R8, R4, R6, R8
+0090 MUFU.EX2 R3, R3
+00a0 SHFL.BFLY PT, R3, R3, 0x1, 0x1f
+00b0 BAR.SYNC.DEFER_BLOCKING 0x0
+00c0 @!P1 BRA 0x20
+00d0 EXIT
+00e0 BRA 0xe0
+"""
+
+# Warp-divergence fallback: BRA.DIV jumps to out-of-line code that calls a shuffle subroutine
+# and branches back into straight-line code. Backward, but not a loop.
+DIVERGENT = """
+0000 MOV R0, RZ
+0010 BRA.DIV ~URZ, 0x60
+0020 SHFL.BFLY PT, R2, R0, 0x1, 0x1f
+0030 FADD R0, R0, R2
+0040 EXIT
+0050 BRA 0x50
+0060 CALL.REL.NOINC 0x90
+0070 BRA 0x30
+0080 BRA 0x80
+0090 WARPSYNC R3
+00a0 SHFL.BFLY PT, R2, R0, 0x1, 0x1f
+00b0 RET.REL.NODEC R4 0x0
+00c0 BRA 0xc0
+"""
+
+# Two sibling loops: a while loop 0x10..0x30 (guarded exit at its top, unconditional back
+# branch) with one HMMA, then 0x50..0x90 with two HMMAs and a BRA P4 (predicate operand) exit.
+SIBLINGS = """
+0000 MOV R0, RZ
+0010 @P0 BRA 0x40
+0020 HMMA.16816.F32 R8, R4, R6, R8
+0030 BRA 0x10
+0040 MOV R1, RZ
+0050 HMMA.16816.F32 R8, R4, R6, R8
+0060 @P1 BRA P4, 0xa0
+0070 HMMA.16816.F32 R8, R4, R6, R8
+0080 LDG.E.64 R2, [R4.64]
+0090 @!P2 BRA 0x50
+00a0 EXIT
+"""
+
+
+def test_nested_loops_and_their_mix():
+    loops = sr.find_loops(listing(NESTED))
+    assert [(lp["start"], lp["end"], lp["depth"]) for lp in loops] == [(0x20, 0xc0, 0), (0x50, 0x70, 1)]
+    outer, inner = loops
+    assert inner["parent"] == 0x20 and outer["parent"] is None
+    assert (outer["insts"], outer["mma"], outer["insts_per_mma"]) == (11, 2, 5.5)
+    # LTC128B is a cache hint: the LDGSTS is 16 bytes wide; the LDG.E.128 before the loop is not in it
+    assert outer["gld_bytes"] == {16: 1, 2: 1}
+    assert (outer["ldsm"], outer["lds"], outer["shfl"], outer["bar"], outer["ex2"]) == (1, 0, 1, 1, 1)
+    assert (inner["insts"], inner["mma"], inner["insts_per_mma"], inner["gld_bytes"]) == (3, 0, None, {2: 1})
+
+
+def test_main_loop_and_its_mma_free_inner_loop():
+    main = sr.main_loop(sr.find_loops(listing(NESTED)))
+    assert (main["start"], main["insts_per_mma"], main["gld_bytes"]) == (0x20, 5.5, {16: 1, 2: 1})
+    assert [lp["start"] for lp in main["mma_free_inner_loops"]] == [0x50]
+
+
+def test_divergence_fallback_and_spin_are_not_loops():
+    assert sr.find_loops(listing(DIVERGENT)) == []
+
+
+def test_sibling_loops_main_is_the_one_with_most_mma():
+    loops = sr.find_loops(listing(SIBLINGS))
+    assert [(lp["start"], lp["end"], lp["depth"], lp["mma"]) for lp in loops] == \
+        [(0x10, 0x30, 0, 1), (0x50, 0x90, 0, 2)]
+    main = sr.main_loop(loops)
+    assert (main["start"], main["insts"], main["insts_per_mma"]) == (0x50, 5, 2.5)
+    assert main["gld_bytes"] == {8: 1} and main["mma_free_inner_loops"] == []
+
+
+def test_no_mma_no_main_loop():
+    loops = sr.find_loops(listing("0000 IADD3 R0, R0, 0x1, RZ\n0010 @P0 BRA 0x0\n0020 EXIT"))
+    assert [(lp["start"], lp["insts"]) for lp in loops] == [(0, 2)]
+    assert sr.main_loop(loops) is None
+
+
+def test_instruction_mix_widths_and_classes():
+    ops = ["LDG.E", "LDG.E.64.CONSTANT", "LDG.E.128.CONSTANT", "LDG.E.U8", "LDG.E.S16",
+           "LDGSTS.E.BYPASS.LTC128B.128", "LDGSTS.E.64", "LDGSTS.E", "UTMALDG.2D", "LDS.128",
+           "LDSM.16.MT88.4", "SHFL.IDX", "BAR.ARV", "DEPBAR.LE", "MUFU.EX2", "MUFU.RCP",
+           "HGMMA.64x128x16.F32.BF16", "IMMA.16832.S8.S8", "STL.64", "LDL"]
+    mix = sr.insn_mix([(16 * i, False, op, "") for i, op in enumerate(ops)])
+    assert mix["gld_bytes"] == {4: 2, 8: 2, 16: 2, 1: 1, 2: 1, "tma": 1}
+    assert (mix["lds"], mix["ldsm"], mix["shfl"], mix["bar"], mix["ex2"]) == (1, 1, 1, 1, 1)
+    assert (mix["mma"], mix["stl"], mix["ldl"], mix["insts"]) == (2, 1, 1, 20)
+    assert mix["insts_per_mma"] == 10.0
+
+
+def test_resource_and_block_size_parsing():
+    res = sr.parse_res_usage([("m", " Function _Z1kPf:\n"),
+                              ("m", "  REG:71 STACK:8 SHARED:3072 LOCAL:16 CONSTANT[0]:664\n")])
+    assert res == {("m", "_Z1kPf"): {"reg": 71, "stack": 8, "shared": 3072, "local": 16}}
+    elf = [".nv.info._Z1aPf\n", "\tAttribute:\tEIATTR_MAX_THREADS\n", "\tValue:\t0x80 0x1 0x1 \n",
+           ".nv.info._Z1bPf\n", "\tAttribute:\tEIATTR_REQNTID\n", "\tValue:\t0x20 0x4 0x1 \n",
+           "\tAttribute:\tEIATTR_MAX_THREADS\n", "\tValue:\t0x100 0x1 0x1 \n",
+           ".text._Z1bPf\n", "\tAttribute:\tEIATTR_MAX_THREADS\n", "\tValue:\t0x200 0x1 0x1 \n"]
+    assert sr.parse_block_sizes([("m", line) for line in elf]) == {("m", "_Z1aPf"): 128, ("m", "_Z1bPf"): 128}
+
+
+def test_occupancy_limits():
+    # 71 regs -> 2304 per warp -> 7 warps per sub-partition = 28 warps = 7 CTAs of 4 warps,
+    # but 110.25 KB of shared memory + the 1 KB reservation fit once in sm_80's 164 KB
+    occ = sr.occupancy("sm_80", 71, 112896, 128)
+    assert (occ["ctas_per_sm"], occ["warps_per_sm"], occ["limited_by"]) == (1, 4, ["smem"])
+    assert sr.occupancy("sm_80", 71, 0, 128)["ctas_per_sm"] == 7
+    # sm_90: the static size already includes the reservation; 2 x (110.25 + 1) KB fit in 228 KB
+    assert sr.occupancy("sm_90a", 71, 112896 + 1024, 128, smem_static=1024)["ctas_per_sm"] == 2
+    assert sr.occupancy("sm_90a", 24, 1024, 128, smem_static=1024)["limited_by"] == ["warps"]
+    assert sr.occupancy("sm_80", 255, 0, 256)["warps_per_sm"] == 8
+    assert sr.occupancy("sm_80", 256, 0, 32)["ctas_per_sm"] == 0
+    assert sr.occupancy("sm_80", 32, 164 * 1024, 32)["ctas_per_sm"] == 0  # over the per-CTA limit
+    assert sr.occupancy("sm_80", 32, 0, None) is None
+
+
+# ---------------------------------------------------------------- the built extension
+def _source_kernels():
+    """{(module, kernel base name)} from the __global__ definitions in csrc/cuda/*.cu."""
+    found = set()
+    for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
+        for name in re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(",
+                               cu.read_text()):
+            found.add((cu.stem, name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    so, tool = sr.default_extension(), sr.find_tool()
+    if not so:
+        pytest.skip("the fastlm._C extension is not built")
+    if not tool:
+        pytest.skip("cuobjdump not found (PATH, the Triton wheel, CUDA_HOME or FASTLM_CUOBJDUMP)")
+    if not set(ARCHS) <= set(sr.sass_archs(so, tool)):
+        pytest.skip(f"the extension was built without SASS for {ARCHS}")
+    return sr.report(so, ARCHS)
+
+
+def _base(name):  # "void ns::forward_kernel<...>(...)" -> "forward_kernel"
+    return re.search(r"(\w+)(?:<.*>)?\(", name.split(" ", 1)[-1])[1]
+
+
+def test_every_kernel_is_compiled_for_both_archs(kernels):
+    per_arch = {a: {(k["module"], k["mangled"]) for k in kernels if k["arch"] == a} for a in ARCHS}
+    assert per_arch["sm_80"] and per_arch["sm_80"] == per_arch["sm_90a"]
+    expected = _source_kernels()
+    if not expected:
+        pytest.skip("no csrc/cuda sources next to the tests")
+    for arch in ARCHS:
+        built = {(k["module"], _base(k["name"])) for k in kernels if k["arch"] == arch}
+        assert expected <= built, f"{arch}: not in the binary: {sorted(expected - built)}"
+
+
+def test_no_spills_and_sane_registers(kernels):
+    spilling = sorted({(k["module"], k["name"]) for k in kernels
+                       if k["stl"] or k["ldl"] or k["local_bytes"] or k["stack_bytes"]})
+    assert set(spilling) <= KNOWN_SPILLS, f"local memory (spills) in: {spilling}"
+    bad = [(k["arch"], k["name"], k["regs"]) for k in kernels if not 1 <= (k["regs"] or 0) <= 255]
+    assert not bad
+
+
+def test_launch_bounds_give_occupancy(kernels):
+    bounded = [k for k in kernels if k["launch_bound_threads"]]
+    assert bounded
+    for k in bounded:
+        assert k["occupancy"]["ctas_per_sm"] >= 1, (k["arch"], k["name"], k["occupancy"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_forward_main_loop_figures(kernels, arch):
+    # The figures a rewrite of the attention forward is held to; the targets themselves
+    # (instructions per MMA, 16-byte loads only, no MMA-free inner loop) are asserted by its owner.
+    figures = sr.main_loop_figures(r"attn::.*forward_kernel<[^,]+, 128\b", arch)
+    assert figures, "no attention forward kernel at D = 128"
+    for name, fig in figures.items():
+        per_mma, widths, mma_free = fig
+        assert per_mma > 0 and mma_free >= 0, name
+        assert set(widths) <= {1, 2, 4, 8, 16, "tma"}, name
