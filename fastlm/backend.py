@@ -2,7 +2,11 @@
 
 Selection order for every op call: the call's `backend=`, then the innermost
 `fastlm.use_backend(...)`, then the FASTLM_BACKEND environment variable, then "auto".
-"auto" takes the first backend in AUTO_ORDER for the input's device that can serve it.
+"auto" on CPU takes the first backend in AUTO_ORDER["cpu"] that can serve. On a GPU it takes,
+among the backends that can serve, the one measured fastest for the op and its size bucket
+(BUCKETS) on the GPU's device class (fastlm/dispatch: shipped tables, overridden by the
+user's `python -m fastlm tune` cache); where no measurement decides, the first that can serve
+in the static estimate order (fastlm/dispatch/estimates.py). auto_choice() says which and why.
 A backend chosen explicitly that can't serve raises BackendUnavailableError listing every
 backend's reasons: nothing falls back silently from an explicit choice.
 
@@ -21,17 +25,21 @@ from typing import Callable, Iterator
 
 import torch
 
-from fastlm import _ext
+from fastlm import _ext, dispatch
+from fastlm.dispatch import tables
 
 BACKENDS = ("cuda", "triton", "cpu", "reference", "cuda-emu")
 CHOICES = ("auto",) + BACKENDS
-AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+# CUDA's entry is the default static estimate order, for reading; auto uses dispatch.static_order
+AUTO_ORDER = {"cuda": tuple(b for b, _ in dispatch.static_order("*", "*")), "cpu": ("cpu", "reference")}
 MIN_CUDA_CAPABILITY = (8, 0)  # the oldest arch csrc/cuda is compiled for
 
 WhyNot = Callable[..., "list[str]"]
 _OPS: dict[str, dict[str, WhyNot]] = {}
 _EXAMPLES: dict[str, Callable[[torch.device], tuple]] = {}
 _stack: list[str] = []
+_simulated: list[dispatch.DeviceSpec] = []  # see simulate()
+_recording: list[list[tuple[str, str]]] = []  # see record_buckets()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -119,6 +127,10 @@ def example_inputs(op: str, device: torch.device) -> tuple:
     return _EXAMPLES[op](device)
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @torch.compiler.assume_constant_result
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
@@ -129,12 +141,40 @@ def _cuda_smem_optin(index: int) -> int:
     return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
 
 
+@torch.compiler.assume_constant_result
+def _device_class(index: int) -> str:
+    return dispatch.device_class(torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index)))
+
+
+@contextlib.contextmanager
+def simulate(spec: dispatch.DeviceSpec) -> Iterator[None]:
+    """Inside the block, CUDA tensors are taken to live on `spec` (its capability, shared memory
+    and device class): how `info` shows, on any machine, what auto would pick on that GPU.
+    Feed it fake CUDA tensors (torch._subclasses.FakeTensorMode); nothing runs on them."""
+    if not isinstance(spec, dispatch.DeviceSpec):
+        raise TypeError(f"simulate(spec) takes a fastlm.dispatch.DeviceSpec, got {type(spec).__name__}")
+    _simulated.append(spec)
+    try:
+        yield
+    finally:
+        _simulated.pop()
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    return _simulated[-1].capability if _simulated else _capability(_index(device))
+
+
+def device_class(device: torch.device) -> str:
+    """The dispatch-table class of a CUDA device, e.g. "h100" (fastlm.dispatch.device_class)."""
+    return _simulated[-1].device_class if _simulated else _device_class(_index(device))
+
+
 def shared_memory_per_block(device: torch.device) -> int:
     """Bytes of shared memory one block may opt into on the GPU that runs kernels for `device`'s
     tensors: the CUDA device's sharedMemPerBlockOptin (99 KB on sm_86/89, 163 KB on sm_80, 227 KB
     on sm_90), or for CPU tensors the GPU the emulator models (cuda-emu)."""
     if device.type == "cuda":
-        return _cuda_smem_optin(device.index if device.index is not None else torch.cuda.current_device())
+        return _simulated[-1].smem_per_block_optin if _simulated else _cuda_smem_optin(_index(device))
     return int(torch.ops.fastlm_emu.emu_device()[3]) if _ext.HAS_EMULATOR else 0
 
 
@@ -153,7 +193,7 @@ def machine_reasons(backend: str, device: torch.device) -> list[str]:
             reasons.append("extension built without CUDA kernels (torch without CUDA, or no nvcc at build time)")
         if device.type != "cuda":
             reasons.append(f"serves CUDA tensors; input is on {device}")
-        elif _capability(device.index if device.index is not None else torch.cuda.current_device()) < MIN_CUDA_CAPABILITY:
+        elif capability(device) < MIN_CUDA_CAPABILITY:
             reasons.append(f"needs compute capability >= {MIN_CUDA_CAPABILITY[0]}.{MIN_CUDA_CAPABILITY[1]}")
     elif backend == "cuda-emu":
         if not _ext.HAS_EMULATOR:
@@ -182,14 +222,100 @@ def report(op: str, device: torch.device, *inputs) -> dict[str, list[str]]:
     return {b: why_not(op, b, device, *inputs) for b in BACKENDS}
 
 
+# ---------------------------------------------------------------- size buckets
+def _train(*inputs) -> bool:
+    """Whether the call records a backward (then the forward+backward time is what matters)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+
+
+def _rowwise_bucket(x, *rest) -> str:
+    return dispatch.rowwise_bucket(x.dtype, x.shape[-1] if x.dim() else 1, _train(x, *rest))
+
+
+def _attention_bucket(q, k, v, mask, dropout_p, causal, *rest) -> str:
+    kind = "masked" if mask is not None else "causal" if causal else "full"
+    return dispatch.attention_bucket(q.dtype, q.shape[-1], v.shape[-1], kind, q.shape[2], k.shape[2], _train(q, k, v))
+
+
+def _matmul_bucket(x, weight, *rest) -> str:
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return dispatch.matmul_bucket(x.dtype, m, x.shape[-1], weight.shape[0], _train(x, weight, *rest))
+
+
+# op -> fn(*select's inputs) -> bucket key; ops not listed are row-wise over the first input's last dim
+BUCKETS: dict[str, Callable[..., str]] = {
+    "attention": _attention_bucket, "linear": _matmul_bucket, "linear_cross_entropy": _matmul_bucket,
+}
+
+
+def bucket(op: str, *inputs) -> str:
+    """The size bucket of a call: the key of its entry in a measured dispatch table."""
+    return BUCKETS.get(op, _rowwise_bucket)(*inputs)
+
+
+@contextlib.contextmanager
+def record_buckets() -> Iterator[list[tuple[str, str]]]:
+    """Collects (op, bucket) of every select() inside the block (how `tune` keys what it times)."""
+    _recording.append([])
+    try:
+        yield _recording[-1]
+    finally:
+        _recording.pop()
+
+
+# ---------------------------------------------------------------- auto
+@torch.compiler.assume_constant_result
+def _measured_ops(device_class: str) -> tuple[str, ...]:
+    return tuple(tables.entries(device_class))
+
+
+@torch.compiler.assume_constant_result
+def _table_choice(device_class: str, op: str, key: str, candidates: tuple[str, ...]) -> tuple[str, str]:
+    entry = tables.entries(device_class).get(op, {}).get(key)
+    if entry is None:
+        return "", f"no entry for [{key}] in the {device_class} table"
+    choice, reason = dispatch.choose(entry, candidates, dispatch.REFERENCE_IS_TORCH_OP.get(op, ()))
+    return choice or "", f"{reason} [{key}; {entry['origin']}]"
+
+
+def auto_choice(op: str, device: torch.device, *inputs) -> tuple[str, str]:
+    """(backend, why) that "auto" picks for this call; "reference" when nothing else can serve."""
+    if device.type != "cuda":
+        order = AUTO_ORDER.get(device.type, ("reference",))
+        why = f"static order on {device.type}: {', '.join(order)}"
+        return next(((b, why) for b in order if not why_not(op, b, device, *inputs)), ("reference", why))
+    cls = device_class(device)
+    order = dispatch.static_order(op, cls)
+    measured = op in _measured_ops(cls)
+    candidates = []
+    for name, _ in order:  # without a table, the first that can serve is enough
+        if not why_not(op, name, device, *inputs):
+            candidates.append(name)
+            if not measured:
+                break
+    if not candidates:
+        return "reference", f"nothing in the static order ({', '.join(b for b, _ in order)}) can serve"
+    if measured:
+        choice, why = _table_choice(cls, op, bucket(op, *inputs), tuple(candidates))
+        if choice:
+            return choice, why
+    else:
+        why = f"no measured {op} entries for {cls}"
+    skipped = [b for b, _ in order[: [b for b, _ in order].index(candidates[0])]]
+    reason = dict(order)[candidates[0]]
+    return candidates[0], (f"unmeasured ({why}), so the first that can serve in the static order "
+                           f"{', '.join(b for b, _ in order)}; {reason}"
+                           + (f"; {', '.join(skipped)} can't serve this call" if skipped else ""))
+
+
 def select(op: str, device: torch.device, *inputs, backend: str | None = None) -> str:
     """The backend that serves this call (see module docstring for the order)."""
     name, source = requested(backend)
+    if _recording:
+        _recording[-1].append((op, bucket(op, *inputs)))
     if name == "auto":
-        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
-            if not why_not(op, candidate, device, *inputs):
-                return candidate
-        name, source = "reference", "auto (nothing else could serve)"
+        name, _ = auto_choice(op, device, *inputs)
+        source = "auto"
     reasons = why_not(op, name, device, *inputs)
     if not reasons:
         return name

@@ -1,4 +1,6 @@
-"""`python -m fastlm info`: versions, device, and for every op which backends can serve."""
+"""`python -m fastlm info`: versions, device, for every op which backends can serve and which one
+auto picks (and why), and what auto would pick for attention on the GPUs in
+fastlm.dispatch.SIMULATED, computed from their capability and shared memory on any machine."""
 from __future__ import annotations
 
 import os
@@ -6,7 +8,11 @@ import platform
 
 import torch
 
-from fastlm import _ext, backend
+from fastlm import _ext, backend, dispatch
+
+# Attention inputs shown for the simulated GPUs: bf16 training, causal, T = 4096; head dims 64
+# and 128 (128 needs more shared memory per block than sm_86/89 allow for the cuda kernels).
+SIMULATED_ATTENTION = [(1, 16, 4096, d) for d in (64, 128)]
 
 
 def lines() -> list[str]:
@@ -36,8 +42,35 @@ def lines() -> list[str]:
             inputs = backend.example_inputs(op, device)
             desc = ", ".join(_describe(a) for a in inputs)
             out.append(f"\n{op} on {device} [{desc}]:")
-            for name, reasons in backend.report(op, device, *inputs).items():
+            out += _backends(op, device, inputs)
+    out += simulated()
+    return out
+
+
+def _backends(op, device, inputs, only=backend.BACKENDS) -> list[str]:
+    choice, why = backend.auto_choice(op, device, *inputs)
+    out = [f"  auto -> {choice}: {why}"]
+    for name, reasons in backend.report(op, device, *inputs).items():
+        if name in only:
                 out.append(f"  {name:<10} " + ("yes" if not reasons else "no: " + "; ".join(reasons)))
+    return out
+
+
+def simulated() -> list[str]:
+    """What auto picks for attention on each simulated GPU, with this install's kernels."""
+    from torch._subclasses.fake_tensor import FakeTensorMode  # shapes and devices without memory or a GPU
+
+    out = []
+    for shape in SIMULATED_ATTENTION:
+        with FakeTensorMode():
+            q = torch.empty(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        inputs = (q, q, q, None, 0.0, 1)  # 1: causal (top-left), as is_causal=True gives
+        out.append(f"\nattention on simulated GPUs [{_describe(q)} x3, causal, training; this install's kernels]:")
+        for spec in dispatch.SIMULATED:
+            out.append(f" {spec.device_class}: {spec.describe()}")
+            with backend.simulate(spec):
+                gpu_backends = [b for b, _ in dispatch.static_order("attention", spec.device_class)]
+                out += [" " + line for line in _backends("attention", q.device, inputs, gpu_backends)]
     return out
 
 
