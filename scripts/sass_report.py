@@ -78,7 +78,8 @@ def parse_sass(lines):
         if "Function : " in line:
             insns = kernels.setdefault((module, line.split("Function : ", 1)[1].strip()), [])
         elif insns is not None and (m := INSN.match(line)):
-            insns.append((int(m[1], 16), bool(m[2]), m[3], m[4].strip()))
+            guarded = bool(m[2]) and m[2].strip() != "@PT"  # @PT: always true
+            insns.append((int(m[1], 16), guarded, m[3], m[4].strip()))
     return kernels
 
 
@@ -259,8 +260,9 @@ def parse_block_sizes(lines):
     """{(module, mangled): threads} from REQNTID / MAX_THREADS (launch bounds) in .nv.info."""
     sizes, key, attr = {}, None, None
     for module, line in lines:
-        if line.startswith("."):
-            key = (module, line[len(".nv.info."):].strip()) if line.startswith(".nv.info.") else None
+        if line.startswith("."):  # a section: only .nv.info.<kernel> holds its attributes
+            info = line.startswith(".nv.info.")
+            key = (module, line[len(".nv.info."):].strip()) if info else None
         elif key and "Attribute:" in line:
             attr = line.split()[-1]
         elif key and attr in ("EIATTR_REQNTID", "EIATTR_MAX_THREADS") and "Value:" in line:
@@ -272,12 +274,12 @@ def parse_block_sizes(lines):
 
 
 def demangle(names):
-    tool = shutil.which("c++filt")
-    if not tool or not names:
-        return {n: n for n in names}
-    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout
-    return dict(zip(names, out.splitlines())) if out.count("\n") >= len(names) - 1 else \
-        {n: n for n in names}
+    """Through c++filt where there is one (one name per line in, one out); else mangled."""
+    tool, out = shutil.which("c++filt"), []
+    if tool and names:
+        out = subprocess.run([tool], input="\n".join(names), capture_output=True,
+                             text=True).stdout.splitlines()
+    return dict(zip(names, out if len(out) == len(names) else names))
 
 
 @lru_cache(maxsize=8)
@@ -318,7 +320,7 @@ def report(so=None, archs=None, pattern=None, threads=None, dyn_smem=0):
     for arch in archs or sass_archs(so, tool):
         for k in _arch_report(so, os.stat(so).st_mtime_ns, arch, tool):
             # the module (source file stem) counts too: `attention` has kernels named attn::
-            if pattern and not (re.search(pattern, k["name"]) or re.search(pattern, k["module"] or "")):
+            if pattern and not any(re.search(pattern, t or "") for t in (k["name"], k["module"])):
                 continue
             block = k["launch_bound_threads"] or threads
             static = k["smem_static"] or 0
@@ -340,28 +342,27 @@ def main_loop_figures(pattern, arch, so=None):
 
 # ---------------------------------------------------------------- output
 def short(name):
-    return re.sub(r"\(anonymous namespace\)::|fastlm::(cuda::)?|__nv_|\(fastlm::\w+\)", "",
-                  name.split("(", 1)[0] if "<" not in name else name[:name.rindex(">") + 1])
+    """`void ns::(anonymous namespace)::f<__nv_bfloat16, 128>(Params)` -> `f<bfloat16, 128>`"""
+    name = re.sub(r"^void |\(anonymous namespace\)::|\w+::|__nv_", "", name)
+    return name[:name.rindex(">") + 1] if ">" in name else name.split("(")[0]
 
 
 def widths(d):
-    return " ".join(f"{k}B:{d[k]}" if k != "tma" else f"tma:{d[k]}"
-                    for k in sorted(d, key=_width_order)) or "-"
+    return " ".join(f"{k}{'B' * (k != 'tma')}:{d[k]}" for k in sorted(d, key=_width_order)) or "-"
 
 
 def print_table(kernels, show_loops=False):
-    print(f"{'arch':7}{'module':14}{'kernel':48}{'regs':>5}{'smem':>7}{'spill':>7}{'thr':>5}"
-          f"{'cta/SM':>7}{'w/SM':>5}{'loops':>6}{'main:ins':>9}{'mma':>5}{'ins/mma':>8}"
-          f"{'free':>5}  main-loop global loads")
+    cols = "arch module kernel regs smem stl/ldl thr cta/SM w/SM loops main:ins mma ins/mma free"
+    fmt = "{:7}{:14}{:44}" + "{:>5}{:>7}{:>8}{:>5}{:>7}{:>5}{:>6}{:>9}{:>5}{:>8}{:>5}  {}"
+    print(fmt.format(*cols.split(), "main-loop global loads"))
     for k in kernels:
         occ, m = k["occupancy"] or {}, k["main_loop"] or {}
-        print(f"{k['arch']:7}{k['module'] or '?':14}{short(k['name'])[:47]:48}{k['regs']:>5}"
-              f"{k['smem_static']:>7}{str(k['stl']) + '/' + str(k['ldl']):>7}"
-              f"{occ.get('threads', '-'):>5}{occ.get('ctas_per_sm', '-'):>7}"
-              f"{occ.get('warps_per_sm', '-'):>5}{len(k['loops']):>6}{m.get('insts', '-'):>9}"
-              f"{m.get('mma', '-'):>5}{m.get('insts_per_mma') or '-':>8}"
-              f"{len(m.get('mma_free_inner_loops', [])) if m else '-':>5}  "
-              f"{widths(m['gld_bytes']) if m else '-'}")
+        row = [k["arch"], k["module"], short(k["name"])[:43], k["regs"], k["smem_static"],
+               f"{k['stl']}/{k['ldl']}", occ.get("threads"), occ.get("ctas_per_sm"),
+               occ.get("warps_per_sm"), len(k["loops"]), m.get("insts"), m.get("mma"),
+               m.get("insts_per_mma"), m and len(m["mma_free_inner_loops"]),
+               m and widths(m["gld_bytes"])]
+        print(fmt.format(*("-" if v is None or v == {} else v for v in row)))
         for lp in k["loops"] if show_loops else []:
             print(f"{'':9}loop {lp['start']:#07x}-{lp['end']:#07x} depth {lp['depth']} "
                   f"ins {lp['insts']} mma {lp['mma']} ins/mma {lp['insts_per_mma'] or '-'} "
