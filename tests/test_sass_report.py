@@ -121,6 +121,20 @@ def test_no_mma_no_main_loop():
     assert sr.main_loop(loops) is None
 
 
+def test_always_true_guard_is_an_unconditional_branch():
+    # @PT BRA never falls through: the HMMA after it is dead code, so the loop holds no MMA
+    body = "0000 MOV R0, RZ\n0010 @PT BRA 0x30\n0020 HMMA.16816.F32 R8, R4, R6, R8\n" \
+           "0030 @P0 BRA 0x0\n0040 EXIT"
+    loops = sr.find_loops(listing(body))
+    assert [(lp["start"], lp["insts"], lp["mma"]) for lp in loops] == [(0, 3, 0)]
+
+
+def test_short_names():
+    assert sr.short("void fastlm::cuda::attn::(anonymous namespace)::forward_kernel<__nv_bfloat16, "
+                    "128, 64>(fastlm::cuda::attn::Params)") == "forward_kernel<bfloat16, 128, 64>"
+    assert sr.short("void fastlm::cuda::(anonymous namespace)::f(float const*, long)") == "f"
+
+
 def test_instruction_mix_widths_and_classes():
     ops = ["LDG.E", "LDG.E.64.CONSTANT", "LDG.E.128.CONSTANT", "LDG.E.U8", "LDG.E.S16",
            "LDGSTS.E.BYPASS.LTC128B.128", "LDGSTS.E.64", "LDGSTS.E", "UTMALDG.2D", "LDS.128",
