@@ -2,7 +2,9 @@
        python -m benchmarks --compare OLD.json NEW.json [--threshold 0.1]
 
 Checks each op against its reference, times every available backend and peer, and writes the
-table, results.json, report.md and plots under benchmarks/results/<device-name>/."""
+table, results.json, report.md, dispatch.json and plots under benchmarks/results/<device-name>/.
+On a GPU (not --smoke) it also merges the per-bucket times into the shipped dispatch table
+fastlm/dispatch/<device-class>.json, from which fastlm's `auto` picks the fastest backend."""
 from __future__ import annotations
 
 import argparse
@@ -64,6 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--system-malloc", action="store_true",
                    help="CPU: leave glibc's default of unmapping big freed buffers (see common.keep_freed_memory)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device-name>)")
+    p.add_argument("--no-dispatch-table", action="store_true",
+                   help="GPU: don't merge this run's times into fastlm/dispatch/<device-class>.json")
     args = p.parse_args(argv)
     if args.compare:
         lines, regressions = compare.compare(*args.compare, args.threshold)
@@ -125,12 +129,30 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", meta["device_name"])
     for path in report.write(out, meta, rows):
         print(f"wrote {path}")
+    _dispatch_table(device, out, meta, rows, write_shipped=not (args.smoke or args.no_dispatch_table or stopped))
     wrong = [r for r in rows if r.note.startswith("WRONG")]
     print(f"total {time.perf_counter() - started:.1f} s")
     if wrong:
         print(f"{len(wrong)} implementation(s) gave wrong results", file=sys.stderr)
         return 1
     return 124 if stopped else 0
+
+
+def _dispatch_table(device, out: str, meta: dict, rows, write_shipped: bool) -> None:
+    """Which backend won each op and size bucket: dispatch.json beside the results, and on a GPU
+    merged into the table shipped in the package."""
+    from fastlm import backend
+    from fastlm.dispatch import tables
+
+    entries = report.dispatch_entries(rows, meta)
+    cls = backend.device_class(device) if device.type == "cuda" else device.type
+    print("\ndispatch (fastest fastlm backend per op and size bucket):")
+    print("\n".join("  " + line for line in report.dispatch_lines(entries)) or "  nothing measured")
+    print(f"wrote {report.write_dispatch(out, cls, entries)}")
+    if device.type == "cuda" and write_shipped and entries:
+        path = tables.shipped_path(cls)
+        tables.write(path, cls, entries)
+        print(f"wrote {path} (merged; commit it with the results)")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ class Row:
     tokens_per_s: float | None = None  # model rows: training / generation throughput
     size: str = ""  # the x axis of the plots, e.g. "4096x4096" (default: the case)
     dtype: str = ""  # plots get one panel per (mode, dtype)
+    bucket: str = ""  # dispatch-table key (fastlm.backend.bucket); "" = derived from op and case by report.py
 
 
 def device_name(device: torch.device) -> str:

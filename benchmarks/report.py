@@ -1,12 +1,16 @@
-"""Writes what the benchmark modules measured: a table on stdout, results.json, report.md and
-one PNG per op (throughput against size, one line per implementation) when matplotlib is there."""
+"""Writes what the benchmark modules measured: a table on stdout, results.json, report.md,
+dispatch.json (per op and size bucket, each fastlm backend's time and torch's op's: what
+fastlm's `auto` picks from on a GPU, see fastlm/dispatch) and one PNG per op (throughput
+against size, one line per implementation) when matplotlib is there."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 
 from benchmarks.common import Row
+from fastlm import backend, dispatch
 
 
 def _fmt(v, spec):
@@ -85,3 +89,85 @@ def write(out_dir: str, meta: dict, rows: list[Row]) -> list[str]:
     with open(paths[1], "w") as f:
         f.write(markdown(meta, rows))
     return paths + plots(out_dir, rows)
+
+
+# ---------------------------------------------------------------- dispatch tables
+_DT = r"(float16|bfloat16|float32|float64)"
+
+
+def bucket_of(r: Row) -> tuple[str, str] | None:
+    """(registry op, bucket) of a forward or forward+backward row, from the case strings the
+    benchmark modules write (a row may carry its own in r.bucket); None where no op dispatches."""
+    if r.mode not in ("fwd", "fwd+bwd"):
+        return None
+    train = r.mode == "fwd+bwd"
+    if r.bucket:
+        return r.op, r.bucket
+    if r.op == "attention":
+        if m := re.fullmatch(rf"decode \d+x\d+x(\d+)x(\d+)x(\d+) {_DT}", r.case):
+            return r.op, dispatch.attention_bucket(m[4], int(m[3]), int(m[3]), "full", int(m[1]), int(m[2]), train)
+        if m := re.fullmatch(rf"\d+x\d+x(\d+)x(\d+) {_DT}( causal)?", r.case):
+            t, d = int(m[1]), int(m[2])
+            return r.op, dispatch.attention_bucket(m[3], d, d, "causal" if m[4] else "full", t, t, train)
+    elif r.op == "linear":
+        if m := re.match(rf"M(\d+) K(\d+) N(\d+) {_DT}", r.case):
+            return r.op, dispatch.matmul_bucket(m[4], int(m[1]), int(m[2]), int(m[3]), train)
+    elif m := re.match(rf"(?:(\w+) )?\d+x(\d+) {_DT}", r.case):  # row-wise; norms name the op first
+        op = m[1] if r.op == "norms" else r.op
+        if op in backend.ops():
+            return op, dispatch.rowwise_bucket(m[3], int(m[2]), train)
+    return None
+
+
+def _is_torch_op(impl: str) -> bool:
+    """torch's own op (an SDPA backend, eager torch), as opposed to torch.compile or a library."""
+    return impl.startswith(("sdpa:", "torch eager", "torch._"))
+
+
+def dispatch_entries(rows: list[Row], meta: dict) -> dict[str, dict[str, dict]]:
+    """op -> bucket -> table entry (format in fastlm/dispatch/tables.py). Cases sharing a bucket
+    are summed, over the implementations timed in all of them."""
+    groups: dict[tuple[str, str], list[dict[str, float]]] = {}
+    cases: dict[tuple[str, str], list[str]] = {}
+    for case in dict.fromkeys((r.op, r.case, r.mode) for r in rows):
+        timed = {r.impl: r.ms for r in rows if (r.op, r.case, r.mode) == case and r.ms}
+        key = next((bucket_of(r) for r in rows if (r.op, r.case, r.mode) == case), None)
+        if key and timed:
+            groups.setdefault(key, []).append(timed)
+            cases.setdefault(key, []).append(case[1])
+    out: dict[str, dict[str, dict]] = {}
+    for (op, bucket), timings in groups.items():
+        common = set.intersection(*(set(t) for t in timings))
+        total = {impl: sum(t[impl] for t in timings) for impl in sorted(common)}
+        ours = {i.split(":", 1)[1]: ms for i, ms in total.items() if i.startswith("fastlm:") and i[7:] in backend.BACKENDS}
+        if not ours:
+            continue
+        peers = {i: ms for i, ms in total.items() if not i.startswith("fastlm:")}
+        entry = {"ms": ours, "peers": peers, "winner": min(ours, key=ours.get),
+                 "source": {k: meta.get(k) for k in ("device_name", "commit", "date", "mode")} | {"cases": cases[op, bucket]}}
+        torch_ops = {i: ms for i, ms in peers.items() if _is_torch_op(i)}
+        if torch_ops:
+            best = min(torch_ops, key=torch_ops.get)
+            entry["torch"] = {"impl": best, "ms": torch_ops[best]}
+            entry["slower_than_torch"] = torch_ops[best] < ours[entry["winner"]]
+        out.setdefault(op, {})[bucket] = entry
+    return out
+
+
+def dispatch_lines(entries: dict[str, dict[str, dict]]) -> list[str]:
+    lines = []
+    for op, buckets in entries.items():
+        for bucket, e in buckets.items():
+            line = f"{op} [{bucket}]: " + " < ".join(f"{b} {ms:.3g} ms" for b, ms in sorted(e["ms"].items(), key=lambda x: x[1]))
+            if e.get("slower_than_torch"):
+                line += f"; torch's own op is faster: {e['torch']['impl']} {e['torch']['ms']:.3g} ms"
+            lines.append(line)
+    return lines
+
+
+def write_dispatch(out_dir: str, device_class: str, entries: dict) -> str:
+    """This run's entries alone (a shipped table merges runs: fastlm.dispatch.tables.write)."""
+    path = os.path.join(out_dir, "dispatch.json")
+    with open(path, "w") as f:
+        json.dump({"format": 1, "device_class": device_class, "entries": entries}, f, indent=1, sort_keys=True)
+    return path
