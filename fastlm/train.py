@@ -340,6 +340,7 @@ def parse_args(argv=None) -> TrainConfig:
 def main(argv=None) -> int:
     train(parse_args(argv))
     if dist.is_initialized():
+        dist.barrier()  # every rank leaves together: tearing gloo down under a busy peer can abort
         dist.destroy_process_group()
     return 0
 

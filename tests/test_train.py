@@ -86,6 +86,9 @@ def _ddp_worker(rank, world, port, cfg_dict, out):
     if rank == 0:
         with open(out, "w") as f:
             json.dump(history, f)
+    # leave together: a rank that tears gloo down while its peer still writes the checkpoint
+    # aborted the process now and then ("terminate called without an active exception")
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
