@@ -280,10 +280,12 @@ def _table_choice(device_class: str, op: str, key: str, candidates: tuple[str, .
 
 def auto_choice(op: str, device: torch.device, *inputs) -> tuple[str, str]:
     """(backend, why) that "auto" picks for this call; "reference" when nothing else can serve."""
-    if device.type != "cuda":
+    if device.type != "cuda":  # plain loops: torch.compile traces this on every call
         order = AUTO_ORDER.get(device.type, ("reference",))
-        why = f"static order on {device.type}: {', '.join(order)}"
-        return next(((b, why) for b in order if not why_not(op, b, device, *inputs)), ("reference", why))
+        for name in order:
+            if not why_not(op, name, device, *inputs):
+                return name, "static order on " + device.type + ": " + ", ".join(order)
+        return "reference", "nothing in the static order (" + ", ".join(order) + ") can serve"
     cls = device_class(device)
     order = dispatch.static_order(op, cls)
     measured = op in _measured_ops(cls)

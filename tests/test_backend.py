@@ -87,3 +87,26 @@ def test_info_lists_every_backend_for_bias_act():
     assert "cuda       no: " in section and "serves CUDA tensors" in section
     assert "triton     no: CPU tensors need TRITON_INTERPRET=1" in section
     assert "reference  yes" in section
+    assert "\n  auto -> cpu: static order on cpu: cpu, reference\n" in section
+
+
+def test_auto_on_cuda_takes_the_static_order_where_nothing_is_measured(tmp_path, monkeypatch):
+    """No GPU needed: fake CUDA tensors on a simulated A100, and no dispatch table anywhere."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastlm import dispatch
+    from fastlm.dispatch import tables
+
+    monkeypatch.setattr(tables, "SHIPPED_DIR", str(tmp_path))
+    monkeypatch.setenv("FASTLM_CACHE_DIR", str(tmp_path))
+    tables.clear_cache()
+    with FakeTensorMode():
+        x = torch.empty(4, 64, device="cuda", dtype=torch.float64)
+    with backend.simulate(dispatch.SIMULATED[1]):
+        choice, why = backend.auto_choice("bias_act", x.device, x, None, "gelu")
+        assert backend.select("bias_act", x.device, x, None, "gelu") == choice
+    # no GPU kernel takes fp64: the reference, last in the static order, serves
+    assert choice == "reference" and why.startswith("unmeasured (no measured bias_act entries for a100)")
+    assert why.endswith("static estimate: plain PyTorch math in fp32 or fp64, the oracle and last resort; "
+                        "cuda, triton can't serve this call")
+    tables.clear_cache()

@@ -8,7 +8,7 @@ class, add a key, e.g.
 Every order ends with the reference backend, which serves anything."""
 from __future__ import annotations
 
-REFERENCE = ("reference", "static estimate: plain PyTorch computing in fp32, the oracle and last resort")
+REFERENCE = ("reference", "static estimate: plain PyTorch math in fp32 or fp64, the oracle and last resort")
 
 STATIC_ORDER: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
     ("*", "*"): (
