@@ -238,3 +238,15 @@ def test_tune_needs_a_gpu(tmp_path):
     assert not (tmp_path / "dispatch").exists()
     out = _fastlm("tune", "--ops", "attention,nope", cache=tmp_path)
     assert out.returncode == 2 and "tune --ops: unknown op(s) nope" in out.stderr
+
+
+def test_every_tune_case_runs_and_has_its_own_bucket():
+    """The GPU cases on meta tensors (shapes only, no memory): each calls the op and torch's, and
+    no two land in the same bucket (the later would overwrite the earlier)."""
+    keys = []
+    for case in tune.cases(torch.device("meta"), quick=False):
+        with backend.record_buckets() as seen:
+            out = case.call("reference")
+        assert out.shape == case.torch_call().shape, case.op
+        keys.append((case.op, seen[-1][1]))
+    assert len(keys) == len(set(keys)) == 32
