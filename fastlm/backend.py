@@ -14,7 +14,8 @@ backend's reasons: nothing falls back silently from an explicit choice.
 it serves CPU tensors, slowly and exactly as the GPU code would, for tests and development.
 It answers the cuda backend's per-op reasons and is never picked by "auto".
 
-Written so torch.compile can trace it (plain globals, os.environ, no locks or caches).
+Written so torch.compile can trace it (plain globals, os.environ, no locks); reading the device
+and the measured tables happens in assume_constant_result functions, once per compile.
 """
 from __future__ import annotations
 
@@ -303,10 +304,10 @@ def auto_choice(op: str, device: torch.device, *inputs) -> tuple[str, str]:
             return choice, why
     else:
         why = f"no measured {op} entries for {cls}"
-    skipped = [b for b, _ in order[: [b for b, _ in order].index(candidates[0])]]
-    reason = dict(order)[candidates[0]]
+    names = [b for b, _ in order]
+    skipped = names[: names.index(candidates[0])]
     return candidates[0], (f"unmeasured ({why}), so the first that can serve in the static order "
-                           f"{', '.join(b for b, _ in order)}; {reason}"
+                           f"{', '.join(names)}; {dict(order)[candidates[0]]}"
                            + (f"; {', '.join(skipped)} can't serve this call" if skipped else ""))
 
 
