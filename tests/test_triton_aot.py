@@ -13,15 +13,10 @@ import pytest
 MAX_COMPILE_SECONDS = 60
 MODULES = ("attention", "attention_decode", "linear", "softmax", "norms", "cross_entropy", "bias_act")
 
-# Spill-store bytes allowed per compiled config (maxima measured in the CI set, rounded up).
-# The autotuner benchmarks every config that fits, so a spilling one is only picked where it is
-# still the fastest; 16-bit attention keeps a spill-free config in every case (checked below).
+# Spill-store bytes allowed per compiled config (maxima measured in the CI set, rounded up);
+# kernels not named get 0. The attention kernels (forward, dK/dV, dQ, decode) prune every config
+# whose register estimate spills, so any config their autotuner can pick must compile clean.
 SPILL_BUDGET = {
-    "attention._fwd_kernel": 4096,  # 128-row 16-bit tiles at D >= 128 (2.7 KB); fp32 tiles are capped at 32x32
-    "attention._dkdv_kernel": 2048,  # dK, dV accumulators plus resident K, V: 1.4 KB at 64x64 16-bit
-    "attention._dq_kernel": 18432,  # fp32 D=256 (FMA dots, operands in registers): 17 KB even at 16x16
-    "attention_decode._split_kernel": 40960,  # fp32 64 rows x D=256 in one program: 37 KB (needs row blocks)
-    "attention_decode._merge_kernel": 1024,  # 64 rows x 256 fp32 accumulator: 0.5 KB
     "linear._gemm_kernel": 4096,  # fp32 without TF32 (FMA dots) and 256x128 16-bit tiles: 3 KB
     "cross_entropy._backward_kernel": 64,  # 4 B on sm_90 16-bit
 }
@@ -55,13 +50,3 @@ def test_kernels_compile_within_limits(rows, module, target):
         if r["seconds"] > MAX_COMPILE_SECONDS:
             problems.append(f"{where}: compiled in {r['seconds']} s > {MAX_COMPILE_SECONDS} s")
     assert not problems, "\n".join(problems)
-
-
-def test_16bit_attention_has_a_spill_free_config_in_every_case(rows):
-    by_case = {}
-    for r in rows:
-        if r["kernel"] in ("attention._fwd_kernel", "attention._dkdv_kernel", "attention._dq_kernel") \
-                and r["dtype"] != "fp32":
-            by_case.setdefault((r["kernel"], r["target"], r["dtype"], r["case"]), []).append(r["spills"])
-    assert by_case
-    assert not [k for k, spills in by_case.items() if min(spills) > 0]

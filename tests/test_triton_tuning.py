@@ -117,24 +117,19 @@ def test_no_config_fits_names_the_limit_and_sizes():
 
 
 @pytest.mark.parametrize("capability", [80, 86, 90])
-def test_decode_tile_fits_or_the_flash_kernel_serves(capability):
+def test_decode_keeps_a_config_for_every_head_dim(capability):
+    """Row blocks let the split-KV path serve 64 rows of every head dim and dtype on every GPU."""
     from fastlm.triton import attention_decode as dec
 
     target = TARGETS[capability]
-    saved = dict(_tune._aot)
-    _tune._aot.update(target=target)
-    try:
-        for dtype in (torch.float16, torch.float32):
-            for d in (64, 128, 256):
-                q, k = torch.empty(1, 64, 1, d, dtype=dtype), torch.empty(1, 1, 4096, d, dtype=dtype)
-                tile = dec._tile(64, d, d, q.element_size(), q.device)
-                assert dec.serves(q, k, k) == (tile is not None)
-                if tile is not None:
-                    assert dec._smem(tile[0], tile[1], 64, d, d, q.element_size()) <= target.smem
-                else:  # only fp32 at the widest head dim on the smallest GPU falls back
-                    assert (capability, dtype, d) == (86, torch.float32, 256)
-    finally:
-        _tune._aot.update(saved)
+    for dtype in (torch.float16, torch.float32):
+        for d in (64, 128, 256):
+            q, k = torch.empty(1, 64, 1, d, dtype=dtype), torch.empty(1, 1, 4096, d, dtype=dtype)
+            assert dec.serves(q, k, k)
+            launches = _recorded(lambda: dec.forward(q, k, k, None, 2, d ** -0.5), capability)
+            for (kernel, args), kept in zip(launches, _pruned(launches, capability)):
+                assert kept and max(dec._smem(c, args) for c in kept) <= target.smem
+                assert all(c.kwargs["ROW_BLOCK"] <= args["ROWS"] for c in kept)
 
 
 def test_head_offsets_are_int64():
@@ -174,3 +169,46 @@ def test_interpreter_refuses_bf16_attention():
     k = torch.randn(1, 2, 300, 32, dtype=torch.bfloat16)  # a decode step: the split-KV path
     with pytest.raises(fastlm.BackendUnavailableError, match=r"computes tl.dot wrongly for bfloat16"):
         sdpa(q[:, :, :1], k, k, backend="triton")
+
+
+def _gqa(group_split=None):
+    from fastlm.triton import attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 40, 32), torch.randn(1, 1, 40, 32), torch.randn(1, 1, 40, 32)
+    out, lse = attention.forward(q, k, v, None, 1, 0.2)
+    return attention.backward(torch.randn_like(out), q, k, v, None, out, lse, 1, 0.2)
+
+
+def test_gqa_backward_same_with_the_group_in_one_program_or_split(monkeypatch):
+    """dK / dV of a GQA group: its 4 query heads in one program (straight into dk) or one per
+    program (fp32 partials summed after) give the same gradients."""
+    from fastlm.triton import attention
+
+    assert attention.group_split(1, 1, 40, 4, torch.device("cpu")) == 4  # 1 key block, 4 "SMs"
+    assert attention.group_split(8, 8, 4096, 4, torch.device("cpu")) == 1
+    split = _gqa()
+    monkeypatch.setattr(attention, "group_split", lambda *a: 1)
+    whole = _gqa()
+    for name, a, b in zip(("dq", "dk", "dv"), split, whole):
+        assert_close(name, a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp32_dot_precision_follows_torch_and_keys_the_tuner(monkeypatch, dtype):
+    """fp32 dots use TF32 exactly when torch's matmuls may (read per call), IEEE otherwise; the
+    choice is a constexpr of the kernels and part of their autotune key."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    run = lambda: _attention(100, 100, dtype=dtype)  # noqa: E731
+    ieee = _recorded(run)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    tf32_by_precision = _recorded(run)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    tf32_by_flag = _recorded(run)
+    assert all("PREC" in k.keys for k, _ in ieee)
+    want = ("ieee", "tf32") if dtype == torch.float32 else ("", "")
+    assert {a["PREC"] for _, a in ieee} == {want[0]}
+    assert {a["PREC"] for _, a in tf32_by_precision} == {a["PREC"] for _, a in tf32_by_flag} == {want[1]}
+    assert (_keys(ieee) != _keys(tf32_by_flag)) == (dtype == torch.float32)

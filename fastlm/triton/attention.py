@@ -3,15 +3,23 @@
 Forward: a program owns BLOCK_M queries of one (batch, head), walks the key blocks it can see
 (stopping at the causal diagonal) with an online softmax in fp32, and writes out and lse.
 Backward: a pre-pass computes delta = rowsum(dO * O); one kernel owns a block of keys of one
-key/value head and accumulates dK, dV over every query head of its GQA group; another owns a
+key/value head and accumulates dK, dV over the query heads of its GQA group; another owns a
 block of queries and accumulates dQ. No atomics: the gradients are deterministic.
 
 Masking: key j is visible to query i when j < Tk, j <= i + offset (causal), and the mask
-allows it. Hidden scores are -inf and their probabilities exactly 0; keys no query of a tile
-sees are zeroed before they enter a product, so NaN there can't leak. Block sizes are autotuned
-on a GPU per (head dims, lengths rounded up to powers of two, causal, mask, dropout), among the
-configs whose shared memory fits the device (fastlm/triton/_tune.py), and fixed small under the
-interpreter. Head and batch offsets are int64 (_offset).
+allows it. Every key loop runs in two kinds of tiles: full ones, which every query of the tile
+sees (no bounds, causal or padding work at all), and edge ones (the causal diagonal, ragged
+ends), which compute the masks. A user mask is read on every tile it covers. Hidden scores are
+-inf and their probabilities exactly 0; keys no query of a tile sees are zeroed before they
+enter a product, so NaN there can't leak.
+
+Scores are kept in log2 units (scale * log2(e) folded into one multiply) so the softmax uses
+exp2; lse is stored in natural log. fp32 inputs use TF32 dots when torch allows TF32 for
+matmuls (read per call, part of the autotune key), else IEEE dots on small FMA tiles.
+Block sizes are autotuned on a GPU per (head dims, lengths rounded up to powers of two,
+causal, mask, dropout, precision) from one config list per kernel, among the configs whose
+shared memory fits the device and whose register estimate keeps them from spilling
+(fastlm/triton/_tune.py); fixed small under the interpreter. Offsets are int64 (_offset).
 """
 from __future__ import annotations
 
@@ -21,21 +29,26 @@ import triton.language as tl
 
 from fastlm.triton import _tune
 
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # kernels read globals only as constexprs
+_LN2 = tl.constexpr(0.6931471805599453)
+
 
 @triton.jit
-def _visible(offs_m, offs_n, tq, tk, offset, mask_ptr, msq, msk, CAUSAL: tl.constexpr, MASK: tl.constexpr):
-    """(bool visible, additive bias) for the (offs_m x offs_n) score tile; offs may be transposed views."""
+def _masked(s, offs_m, offs_n, tq, tk, offset, mask_ptr, msq, msk, CAUSAL: tl.constexpr, MASK: tl.constexpr):
+    """(visible, s with the additive mask added in log2 units and -inf where hidden) for the
+    (offs_m x offs_n) score tile; the offsets may be transposed views (keys down)."""
     ok = (offs_m < tq) & (offs_n < tk)
     if CAUSAL:
         ok = ok & (offs_n <= offs_m + offset)
-    bias = tl.zeros(ok.shape, dtype=tl.float32)
     if MASK == 1:
         keep = tl.load(mask_ptr + offs_m.to(tl.int64) * msq + offs_n * msk, mask=ok, other=0)
         ok = ok & (keep != 0)
     elif MASK == 2:
         bias = tl.load(mask_ptr + offs_m.to(tl.int64) * msq + offs_n * msk, mask=ok, other=0.0).to(tl.float32)
         ok = ok & (bias > float("-inf"))
-    return ok, bias
+        s = s + bias * _LOG2E
+    return ok, tl.where(ok, s, float("-inf"))
 
 
 @triton.jit
@@ -46,87 +59,152 @@ def _offset(b, sb, h, sh):
 
 
 @triton.jit
-def _load_rows(base, offs_r, offs_c, sr, sc, NR, NC, extra=None):
-    """A (rows x cols) tile at base + r*sr + c*sc, zero outside (NR, NC) (and where extra is False)."""
-    msk = (offs_r[:, None] < NR) & (offs_c[None, :] < NC)
-    if extra is not None:
-        msk = msk & extra[:, None]
-    return tl.load(base + offs_r[:, None].to(tl.int64) * sr + offs_c[None, :] * sc, mask=msk, other=0.0)
+def _load(base, offs_r, offs_c, sr, sc, nr, NC: tl.constexpr, ROWS: tl.constexpr, keep=None):
+    """A (rows x cols) tile at base + r*sr + c*sc. Rows are bounds-checked only when ROWS (full
+    tiles skip it), columns only when the head dim NC is narrower than the block; zero outside
+    and where keep (per row) is False."""
+    ptrs = base + offs_r[:, None].to(tl.int64) * sr + offs_c[None, :] * sc
+    msk = offs_c[None, :] < NC
+    if ROWS:
+        msk = msk & (offs_r[:, None] < nr)
+    if keep is not None:
+        msk = msk & keep[:, None]
+    if ROWS or keep is not None or NC < offs_c.shape[0]:
+        tile = tl.load(ptrs, mask=msk, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
+def _dot(a, b, PREC: tl.constexpr):
+    """PREC: "ieee" / "tf32" for fp32 operands, "" for 16-bit ones (whose products need no
+    precision choice)."""
+    if PREC == "":
+        out = tl.dot(a, b)
+    else:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
 
 
 @triton.jit
-def _online_step(s, v, m_i, l_i, acc, drop, IEEE: tl.constexpr, DROPOUT: tl.constexpr):
-    """One key tile of the online softmax: s has -inf where hidden; returns (m, l, acc) updated.
-    With dropout, drop is keep / (1 - p) per score: it scales what reaches acc, not l."""
+def _operand(x, like, PREC: tl.constexpr):
+    """A probability / gradient tile as a dot operand: the input dtype for 16-bit dots (as
+    FlashAttention), fp32 for TF32 / IEEE ones."""
+    if PREC == "":
+        x = x.to(like.dtype)
+    return x
+
+
+@triton.jit
+def _live_keys(ok, offs_n, last_row, offset, CAUSAL: tl.constexpr, MASK: tl.constexpr):
+    """Keys some query row (<= last_row) of an edge tile sees. Causal bounds give it without a
+    reduction; only a user mask needs the column reduction of ok."""
+    if MASK != 0:
+        live = tl.max(ok.to(tl.int32), 0) > 0
+    elif CAUSAL:
+        live = offs_n <= last_row + offset
+    else:
+        live = offs_n >= 0  # every key in bounds (the load's row check covers j >= Tk)
+    return live
+
+
+@triton.jit
+def _drop_scale(seed, bh, offs_m, offs_n, TK, p_drop):
+    """keep / (1 - p) for scores (offs_m, offs_n) of head bh: Philox from (seed + bh, i * Tk + j),
+    so the forward and both backward kernels regenerate the same mask."""
+    keep = tl.rand(seed + bh, (offs_m * TK + offs_n).to(tl.uint32)) >= p_drop
+    return tl.where(keep, 1.0 / (1.0 - p_drop), 0.0)
+
+
+@triton.jit
+def _online_step(s, v, m_i, l_i, acc, drop, PREC: tl.constexpr, DROPOUT: tl.constexpr):
+    """One key tile of the online softmax, s in log2 units (-inf where hidden): (m, l, acc)
+    updated. The running max stays per row in registers. With dropout, drop is keep / (1 - p)
+    per score: it scales what reaches acc, not l."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(s - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)  # 0 while nothing was seen (m_i = -inf)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep exp2 finite
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)  # 0 while nothing was seen (m_i = -inf)
     l_new = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
         p = p * drop
-    if not IEEE:
-        p = p.to(v.dtype)
-    return m_new, l_new, acc * alpha[:, None] + _dot(p, v, IEEE)
+    return m_new, l_new, acc * alpha[:, None] + _dot(_operand(p, v, PREC), v, PREC)
 
 
 @triton.jit
-def _drop_scale(seed, bh, offs_m, offs_n, TK, p_drop, DROPOUT: tl.constexpr):
-    """keep / (1 - p) for scores (offs_m, offs_n) of head bh: Philox from (seed + bh, i * Tk + j),
-    so the forward and both backward kernels regenerate the same mask."""
-    drop = 1.0  # one return: Triton rejects a tensor returned in one branch and a scalar in another
-    if DROPOUT:
-        keep = tl.rand(seed + bh, (offs_m * TK + offs_n).to(tl.uint32)) >= p_drop
-        drop = tl.where(keep, 1.0 / (1.0 - p_drop), 0.0)
-    return drop
+def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, m_base, offs_m, last_row, lo, hi,
+               skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, seed, bh, p_drop,
+               EDGE: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+               DROPOUT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load(k_base, offs_n, offs_d, skt, skd, TK, D, EDGE)
+        s = _dot(q, tl.trans(k), PREC) * qk_scale
+        if EDGE or MASK != 0:
+            ok, s = _masked(s, offs_m[:, None], offs_n[None, :], TQ, TK, offset, m_base, smq, smk,
+                            CAUSAL and EDGE, MASK)
+            v = _load(v_base, offs_n, offs_dv, svt, svd, TK, DV, EDGE,
+                      _live_keys(ok, offs_n, last_row, offset, CAUSAL, MASK))
+        else:
+            v = _load(v_base, offs_n, offs_dv, svt, svd, TK, DV, False)
+        drop = 1.0
+        if DROPOUT:
+            drop = _drop_scale(seed, bh, offs_m[:, None], offs_n[None, :], TK, p_drop)
+        m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc, drop, PREC, DROPOUT)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _key_ranges(start_m, TK, offset, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(full, hi) for a query block: key tiles [0, full) are seen by all its rows, [full, hi)
+    are the diagonal / ragged edge, keys from hi on are seen by none."""
+    hi = TK
+    full = TK // BLOCK_N * BLOCK_N
+    if CAUSAL:
+        hi = tl.minimum(TK, start_m + BLOCK_M + offset)
+        full = tl.maximum(tl.minimum(full, (start_m + offset + 1) // BLOCK_N * BLOCK_N), 0)
+    return full, hi
 
 
 @triton.jit(do_not_specialize=["TQ_B", "TK_B"])
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    H, GROUP, TQ, TK, D, DV, offset, scale, seed, p_drop, TQ_B, TK_B,
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    H, GROUP, TQ, TK, offset, qk_scale, seed, p_drop, TQ_B, TK_B,
+    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     hk = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-    q_base = q_ptr + _offset(b, sqb, h, sqh)
+    q = _load(q_ptr + _offset(b, sqb, h, sqh), offs_m, offs_d, sqt, sqd, TQ, D, True)
     k_base = k_ptr + _offset(b, skb, hk, skh)
     v_base = v_ptr + _offset(b, svb, hk, svh)
     m_base = m_ptr + _offset(b, smb, h, smh)
-    q = _load_rows(q_base, offs_m, offs_d, sqt, sqd, TQ, D)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-    hi = TK
-    if CAUSAL:
-        hi = tl.minimum(TK, pid_m * BLOCK_M + BLOCK_M + offset)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, offs_d, skt, skd, TK, D)
-        ok, bias = _visible(offs_m[:, None], offs_n[None, :], TQ, TK, offset, m_base, smq, smk, CAUSAL, MASK)
-        s = tl.where(ok, _dot(q, tl.trans(k), IEEE) * scale + bias, float("-inf"))
-        live = tl.max(ok.to(tl.int32), 0) > 0  # keys some query of the tile sees
-        v = _load_rows(v_base, offs_n, offs_dv, svt, svd, TK, DV, live)
-        drop = _drop_scale(seed, bh, offs_m[:, None], offs_n[None, :], TK, p_drop, DROPOUT)
-        m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc, drop, IEEE, DROPOUT)
+    last_row = tl.minimum(start_m + BLOCK_M, TQ) - 1
+    full, hi = _key_ranges(start_m, TK, offset, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, m_base, offs_m, last_row, 0, full,
+                               skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, seed, bh, p_drop,
+                               False, CAUSAL, MASK, PREC, DROPOUT, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, m_base, offs_m, last_row, full, hi,
+                               skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, seed, bh, p_drop,
+                               True, CAUSAL, MASK, PREC, DROPOUT, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
     inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
     out = acc * inv[:, None]
     o_base = o_ptr + bh.to(tl.int64) * TQ * DV
     tl.store(o_base + offs_m[:, None] * DV + offs_dv[None, :], out.to(o_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < TQ) & (offs_dv[None, :] < DV))
-    lse = tl.where(l_i > 0.0, m_i + tl.log(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+    lse = tl.where(l_i > 0.0, (m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0))) * _LN2, float("-inf"))
     tl.store(lse_ptr + bh.to(tl.int64) * TQ + offs_m, lse, mask=offs_m < TQ)
 
 
@@ -143,147 +221,255 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, TQ, DV, BLOCK_M: tl.constexpr, BLOCK
     tl.store(delta_ptr + bh.to(tl.int64) * TQ + offs_m, tl.sum(o * do, 1), mask=offs_m < TQ)
 
 
+@triton.jit
+def _row_stats(lse_ptr, delta_ptr, rows, row_ok, EDGE: tl.constexpr):
+    """lse in log2 units (0 for fully masked rows, whose probabilities the masks zero) and delta."""
+    if EDGE:
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+    else:
+        lse, delta = tl.load(lse_ptr + rows), tl.load(delta_ptr + rows)
+    return tl.where(lse == float("-inf"), 0.0, lse * _LOG2E), delta
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_n, bh, lo, hi,
+                sqt, sqd, smq, smk, TQ, TK, offset, qk_scale, seed, p_drop,
+                EDGE: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+                DROPOUT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Query tiles [lo, hi) of one query head against the resident key block, transposed (keys
+    down, queries across) so dK and dV accumulate as plain products."""
+    offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load(q_base, offs_m, offs_d, sqt, sqd, TQ, D, EDGE)
+        do = _load(do_base, offs_m, offs_dv, DV, 1, TQ, DV, EDGE)
+        lse, delta = _row_stats(lse_ptr, delta_ptr, bh.to(tl.int64) * TQ + offs_m, offs_m < TQ, EDGE)
+        st = _dot(k, tl.trans(q), PREC) * qk_scale
+        dpt = _dot(v, tl.trans(do), PREC)
+        if DROPOUT:
+            dropt = _drop_scale(seed, bh, offs_m[None, :], offs_n[:, None], TK, p_drop)
+            dpt = dpt * dropt
+        if EDGE or MASK != 0:
+            ok, st = _masked(st, offs_m[None, :], offs_n[:, None], TQ, TK, offset, m_base, smq, smk,
+                             CAUSAL and EDGE, MASK)
+            pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
+            dst = tl.where(ok, pt * (dpt - delta[None, :]), 0.0)  # dpt of a hidden NaN value stays out
+        else:
+            pt = tl.exp2(st - lse[None, :])
+            dst = pt * (dpt - delta[None, :])
+        if DROPOUT:
+            pt = pt * dropt
+        dv += _dot(_operand(pt, do, PREC), do, PREC)
+        dk += _dot(_operand(dst, q, PREC), q, PREC)
+    return dk, dv
+
+
 @triton.jit(do_not_specialize=["TQ_B", "TK_B"])
 def _dkdv_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    H, HKV, GROUP, TQ, TK, D, DV, offset, scale, seed, p_drop, TQ_B, TK_B,
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    H, HKV, GROUP, SPLIT, TQ, TK, offset, qk_scale, seed, p_drop, TQ_B, TK_B,
+    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
-    pid_n, bhk = tl.program_id(0), tl.program_id(1)
-    b, hk = bhk // HKV, bhk % HKV
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Grid (key blocks, B * HKV * SPLIT): the GQA group's query heads are split over SPLIT
+    programs, each writing its own (Tk, D) slice of dk / dv (summed by the launcher when
+    SPLIT > 1)."""
+    pid_n, bhs = tl.program_id(0), tl.program_id(1)
+    b, hs = bhs // (HKV * SPLIT), bhs % (HKV * SPLIT)
+    hk, part = hs // SPLIT, hs % SPLIT
+    per = GROUP // SPLIT
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-    kmask = (offs_n[:, None] < TK) & (offs_d[None, :] < D)
-    vmask = (offs_n[:, None] < TK) & (offs_dv[None, :] < DV)
-    k = tl.load(k_ptr + _offset(b, skb, hk, skh) + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :] * skd,
-                mask=kmask, other=0.0)
-    v = tl.load(v_ptr + _offset(b, svb, hk, svh) + offs_n[:, None].to(tl.int64) * svt + offs_dv[None, :] * svd,
-                mask=vmask, other=0.0)
+    k = _load(k_ptr + _offset(b, skb, hk, skh), offs_n, offs_d, skt, skd, TK, D, True)
+    v = _load(v_ptr + _offset(b, svb, hk, svh), offs_n, offs_dv, svt, svd, TK, DV, True)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
-    lo = 0
+    # query tiles [lo, mid) cross the diagonal, [mid, end) see every key of the block (only when
+    # the block is whole), [end, TQ) is the ragged end
+    lo, mid = 0, 0
     if CAUSAL:
-        lo = tl.maximum(pid_n * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
+        lo = tl.minimum(tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M, TQ)
+        mid = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M, TQ)
+        mid = tl.maximum(mid, lo)
+    end = tl.where(start_n + BLOCK_N > TK, 0, TQ // BLOCK_M * BLOCK_M)
+    end = tl.maximum(end, mid)
+    for g in range(0, per):
+        h = hk * GROUP + part * per + g
         bh = b * H + h
         q_base = q_ptr + _offset(b, sqb, h, sqh)
+        do_base = do_ptr + bh.to(tl.int64) * TQ * DV
         m_base = m_ptr + _offset(b, smb, h, smh)
-        for start_m in range(lo, TQ, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = _load_rows(q_base, offs_m, offs_d, sqt, sqd, TQ, D)
-            rows = bh.to(tl.int64) * TQ + offs_m
-            do = _load_rows(do_ptr + bh.to(tl.int64) * TQ * DV, offs_m, offs_dv, DV, 1, TQ, DV)
-            lse = tl.load(lse_ptr + rows, mask=offs_m < TQ, other=0.0)
-            delta = tl.load(delta_ptr + rows, mask=offs_m < TQ, other=0.0)
-            # transposed tile: keys down, queries across
-            ok, bias = _visible(offs_m[None, :], offs_n[:, None], TQ, TK, offset, m_base, smq, smk, CAUSAL, MASK)
-            st = _dot(k, tl.trans(q), IEEE) * scale + bias
-            pt = tl.where(ok, tl.exp(st - tl.where(ok, lse[None, :], 0.0)), 0.0)
-            live = tl.max(ok.to(tl.int32), 1) > 0
-            v_live = tl.where(live[:, None], v, 0.0).to(v.dtype)
-            dropt = _drop_scale(seed, bh, offs_m[None, :], offs_n[:, None], TK, p_drop, DROPOUT)
-            dpt = _dot(v_live, tl.trans(do), IEEE) * dropt
-            dst = tl.where(ok, pt * (dpt - delta[None, :]), 0.0)
-            pdt = pt * dropt
-            if IEEE:
-                dv += _dot(pdt, do, IEEE)
-                dk += _dot(dst, q, IEEE)
-            else:
-                dv += _dot(pdt.to(do.dtype), do, IEEE)
-                dk += _dot(dst.to(q.dtype), q, IEEE)
-    out = bhk.to(tl.int64) * TK
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_n, bh, lo, mid,
+                             sqt, sqd, smq, smk, TQ, TK, offset, qk_scale, seed, p_drop,
+                             True, CAUSAL, MASK, PREC, DROPOUT, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_n, bh, mid, end,
+                             sqt, sqd, smq, smk, TQ, TK, offset, qk_scale, seed, p_drop,
+                             False, CAUSAL, MASK, PREC, DROPOUT, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_n, bh, end, TQ,
+                             sqt, sqd, smq, smk, TQ, TK, offset, qk_scale, seed, p_drop,
+                             True, CAUSAL, MASK, PREC, DROPOUT, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV)
+    out = bhs.to(tl.int64) * TK
+    kmask = (offs_n[:, None] < TK) & (offs_d[None, :] < D)
+    vmask = (offs_n[:, None] < TK) & (offs_dv[None, :] < DV)
+    scale = qk_scale * _LN2  # dS is in natural units: dK = dS^T Q * scale
     tl.store(dk_ptr + (out + offs_n[:, None]) * D + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kmask)
     tl.store(dv_ptr + (out + offs_n[:, None]) * DV + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=vmask)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, last_row, bh, lo, hi,
+              skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, seed, p_drop,
+              EDGE: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+              DROPOUT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        v = _load(v_base, offs_n, offs_dv, svt, svd, TK, DV, EDGE)
+        dp = _dot(do, tl.trans(v), PREC)
+        if DROPOUT:
+            dp = dp * _drop_scale(seed, bh, offs_m[:, None], offs_n[None, :], TK, p_drop)
+        if EDGE or MASK != 0:
+            if MASK != 0:  # the live keys come from the mask: K is loaded after it
+                k = _load(k_base, offs_n, offs_d, skt, skd, TK, D, EDGE)
+                ok, s = _masked(_dot(q, tl.trans(k), PREC) * qk_scale, offs_m[:, None], offs_n[None, :], TQ, TK,
+                                offset, m_base, smq, smk, CAUSAL and EDGE, MASK)
+                k = tl.where(_live_keys(ok, offs_n, last_row, offset, CAUSAL, MASK)[:, None], k, 0.0).to(k.dtype)
+            else:
+                k = _load(k_base, offs_n, offs_d, skt, skd, TK, D, EDGE,
+                          _live_keys(None, offs_n, last_row, offset, CAUSAL, MASK))
+                ok, s = _masked(_dot(q, tl.trans(k), PREC) * qk_scale, offs_m[:, None], offs_n[None, :], TQ, TK,
+                                offset, m_base, smq, smk, CAUSAL, MASK)
+            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+            ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
+        else:
+            k = _load(k_base, offs_n, offs_d, skt, skd, TK, D, False)
+            p = tl.exp2(_dot(q, tl.trans(k), PREC) * qk_scale - lse[:, None])
+            ds = p * (dp - delta[:, None])
+        dq += _dot(_operand(ds, k, PREC), k, PREC)
+    return dq
 
 
 @triton.jit(do_not_specialize=["TQ_B", "TK_B"])
 def _dq_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    H, GROUP, TQ, TK, D, DV, offset, scale, seed, p_drop, TQ_B, TK_B,
-    CAUSAL: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    H, GROUP, TQ, TK, offset, qk_scale, seed, p_drop, TQ_B, TK_B,
+    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     hk = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-    qmask = (offs_m[:, None] < TQ) & (offs_d[None, :] < D)
-    q = _load_rows(q_ptr + _offset(b, sqb, h, sqh), offs_m, offs_d, sqt, sqd, TQ, D)
+    q = _load(q_ptr + _offset(b, sqb, h, sqh), offs_m, offs_d, sqt, sqd, TQ, D, True)
     rows = bh.to(tl.int64) * TQ + offs_m
-    do = _load_rows(do_ptr + bh.to(tl.int64) * TQ * DV, offs_m, offs_dv, DV, 1, TQ, DV)
-    lse = tl.load(lse_ptr + rows, mask=offs_m < TQ, other=0.0)
-    delta = tl.load(delta_ptr + rows, mask=offs_m < TQ, other=0.0)
+    do = _load(do_ptr + bh.to(tl.int64) * TQ * DV, offs_m, offs_dv, DV, 1, TQ, DV, True)
+    lse, delta = _row_stats(lse_ptr, delta_ptr, rows, offs_m < TQ, True)
     k_base = k_ptr + _offset(b, skb, hk, skh)
     v_base = v_ptr + _offset(b, svb, hk, svh)
     m_base = m_ptr + _offset(b, smb, h, smh)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    hi = TK
-    if CAUSAL:
-        hi = tl.minimum(TK, pid_m * BLOCK_M + BLOCK_M + offset)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        ok, bias = _visible(offs_m[:, None], offs_n[None, :], TQ, TK, offset, m_base, smq, smk, CAUSAL, MASK)
-        live = tl.max(ok.to(tl.int32), 0) > 0
-        k = _load_rows(k_base, offs_n, offs_d, skt, skd, TK, D, live)
-        v = _load_rows(v_base, offs_n, offs_dv, svt, svd, TK, DV, live)
-        s = _dot(q, tl.trans(k), IEEE) * scale + bias
-        p = tl.where(ok, tl.exp(s - tl.where(ok, lse[:, None], 0.0)), 0.0)
-        dp = _dot(do, tl.trans(v), IEEE) * _drop_scale(seed, bh, offs_m[:, None], offs_n[None, :], TK, p_drop, DROPOUT)
-        ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
-        if IEEE:
-            dq += _dot(ds, k, IEEE)
-        else:
-            dq += _dot(ds.to(k.dtype), k, IEEE)
-    tl.store(dq_ptr + rows[:, None] * D + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=qmask)
+    last_row = tl.minimum(start_m + BLOCK_M, TQ) - 1
+    full, hi = _key_ranges(start_m, TK, offset, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, last_row, bh, 0, full,
+                   skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, seed, p_drop,
+                   False, CAUSAL, MASK, PREC, DROPOUT, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, last_row, bh, full, hi,
+                   skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, seed, p_drop,
+                   True, CAUSAL, MASK, PREC, DROPOUT, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
+    qmask = (offs_m[:, None] < TQ) & (offs_d[None, :] < D)
+    tl.store(dq_ptr + rows[:, None] * D + offs_d[None, :], (dq * (qk_scale * _LN2)).to(dq_ptr.dtype.element_ty),
+             mask=qmask)
 
 
 # ---------------------------------------------------------------- launch helpers
-# (BLOCK_M, BLOCK_N, warps, stages), best first; the small ones exist for fp32 / wide heads on
-# GPUs with less shared memory, and pruning keeps them out where a bigger one fits.
-_TILES = ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2), (64, 32, 4, 1),
-          (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1))
-_KEY = ["D", "DV", "TQ_B", "TK_B", "CAUSAL", "MASK", "DROPOUT"]
+# (BLOCK_M, BLOCK_N, warps, stages), best first, one list per kernel: the forward and dQ keep
+# their queries resident (tall BLOCK_M) and stream keys, dK/dV keeps keys resident (tall
+# BLOCK_N) and streams queries. The small tiles serve IEEE fp32 (FMA dots, operands in
+# registers) and wide heads on GPUs with less shared memory; pruning keeps them out where a
+# bigger one fits and doesn't spill.
+_FWD_TILES = ((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2),
+              (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1))
+_DKDV_TILES = ((32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3), (32, 64, 8, 2), (16, 64, 4, 2),
+               (32, 32, 8, 1), (32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1))
+_DQ_TILES = ((128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2),
+             (64, 32, 8, 2), (32, 32, 8, 1), (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1))
+_KEY = ["D", "DV", "TQ_B", "TK_B", "CAUSAL", "MASK", "DROPOUT", "PREC"]
+REG_LIMIT = 200  # estimated 32-bit registers per thread a config may need (255 exist; see _regs)
 
 
-def _configs():
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _TILES]
+def _configs(tiles):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+
+
+def _dims(cfg, a):
+    return a["q_ptr"].element_size(), cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], a["BLOCK_D"], a["BLOCK_DV"]
 
 
 def _smem_fwd(cfg, a):
-    """Upper estimate of the forward's shared memory (checked against compiled kernels by
-    tests/test_triton_aot.py): K and V tiles per pipeline stage, the Q tile, and an fp32 score
-    tile (the P / bias layout changes)."""
-    e, kw, st = a["q_ptr"].element_size(), cfg.kwargs, max(cfg.num_stages, 1)
-    bm, bn, d, dv = kw["BLOCK_M"], kw["BLOCK_N"], a["BLOCK_D"], a["BLOCK_DV"]
-    return e * (bm * d + st * bn * (d + dv)) + 4 * bm * bn + 1024
+    """Upper estimate of the forward's shared memory: K and V tiles per pipeline stage, the Q
+    tile, an fp32 score tile and P in the input dtype (layout changes)."""
+    e, bm, bn, d, dv = _dims(cfg, a)
+    return e * (bm * d + max(cfg.num_stages, 1) * bn * (d + dv)) + (4 + e) * bm * bn + 1024
 
 
 def _smem_bwd(cfg, a):
-    """Backward kernels: the streamed pair (Q, dO or K, V) per stage plus the resident pair, and
-    two fp32 score tiles that change layout into the gradient dots."""
-    e, kw, st = a["q_ptr"].element_size(), cfg.kwargs, max(cfg.num_stages, 1)
-    bm, bn, d, dv = kw["BLOCK_M"], kw["BLOCK_N"], a["BLOCK_D"], a["BLOCK_DV"]
-    return e * (st + 1) * max(bm, bn) * (d + dv) + 8 * bm * bn + 1024
+    """Backward kernels: the streamed pair (Q, dO or K, V) per stage (at least two: single-stage
+    tiles measured 2.5 pairs) plus the resident pair, and two fp32 score tiles that change
+    layout into the gradient dots."""
+    e, bm, bn, d, dv = _dims(cfg, a)
+    return e * (max(cfg.num_stages, 2) + 1) * max(bm, bn) * (d + dv) + 8 * bm * bn + 1024
 
 
-def _allowed(cfg, a):
-    """fp32 dots run on FMA units with operands in registers: tiles over 32x32 (32x16 at D=256)
-    spill kilobytes (13-44 KB measured on sm_80) and take 5-30 s to compile, for no speed."""
-    return not a["IEEE"] or cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= (512 if a["BLOCK_D"] >= 256 else 1024)
+def _regs(kind):
+    """Registers per thread a config needs, estimated: fp32 accumulators, resident dot operands
+    (16-bit ones pack two to a register) and the fp32 score-sized tiles alive at once, spread over
+    the threads, plus addressing. Configs over REG_LIMIT spill (calibrated on sm_80 / sm_90
+    ptxas reports, tests/test_triton_aot.py) and are pruned."""
+    def need(cfg, a):
+        e, bm, bn, d, dv = _dims(cfg, a)
+        tiles = 2 + (a["MASK"] != 0) + a["DROPOUT"]  # scores and probabilities, bias, keep-mask
+        if kind == "fwd":
+            acc, resident = bm * dv, bm * d
+        elif kind == "dkdv":
+            acc, resident, tiles = bn * (d + dv), bn * (d + dv), tiles + 2  # + dP, dS
+        else:
+            acc, resident, tiles = bm * d, bm * (d + dv), tiles + 2
+        return (acc + resident * e / 4 + tiles * bm * bn) / (32 * cfg.num_warps) + 32
+    return need
 
 
-def _tuned(kernel, smem, what):
-    return _tune.autotune(_configs(), _KEY, smem, f"triton attention {what}", _allowed)(kernel)
+def _allowed(regs):
+    def allowed(cfg, a):
+        if a["PREC"] == "ieee":  # FMA dots hold whole operand rows: tiles over 32x32 (32x16 at D=256) spill
+            return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= (512 if a["BLOCK_D"] >= 256 else 1024)
+        return regs(cfg, a) <= REG_LIMIT
+    return allowed
 
 
-_fwd_tuned = _tuned(_fwd_kernel, _smem_fwd, "forward")
-_dkdv_tuned = _tuned(_dkdv_kernel, _smem_bwd, "backward (dK, dV)")
-_dq_tuned = _tuned(_dq_kernel, _smem_bwd, "backward (dQ)")
+def _tuned(kernel, tiles, smem, kind, what):
+    return _tune.autotune(_configs(tiles), _KEY, smem, f"triton attention {what}", _allowed(_regs(kind)))(kernel)
+
+
+_fwd_tuned = _tuned(_fwd_kernel, _FWD_TILES, _smem_fwd, "fwd", "forward")
+_dkdv_tuned = _tuned(_dkdv_kernel, _DKDV_TILES, _smem_bwd, "dkdv", "backward (dK, dV)")
+_dq_tuned = _tuned(_dq_kernel, _DQ_TILES, _smem_bwd, "dq", "backward (dQ)")
+
+
+def fp32_precision() -> str:
+    """How fp32 dots run, as torch's matmuls would right now: "tf32" when torch allows TF32
+    (allow_tf32 or a float32 matmul precision below "highest"), else "ieee"."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if tf32 else "ieee"
 
 
 def _strides4(t):
@@ -300,10 +486,11 @@ def _common(q, k, v, mask, causal, scale, dropout_p=0.0):
     else:
         mask_t, mask_code, mstr = mask, 2, _strides4(mask)
     offset = tk - tq if causal == 2 else 0
-    meta = dict(CAUSAL=causal != 0, MASK=mask_code, IEEE=q.dtype == torch.float32, DROPOUT=dropout_p > 0,
+    meta = dict(D=d, DV=dv, CAUSAL=causal != 0, MASK=mask_code, DROPOUT=dropout_p > 0,
+                PREC=fp32_precision() if q.dtype == torch.float32 else "",
                 BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)))
     strides = _strides4(q) + _strides4(k) + _strides4(v) + mstr
-    return b, h, hkv, tq, tk, d, dv, mask_t, strides, offset, meta
+    return b, h, hkv, tq, tk, mask_t, strides, offset, scale * LOG2E, meta
 
 
 def _launch(kernel, tuned, grid, args, meta):
@@ -319,31 +506,48 @@ def forward(q, k, v, mask, causal, scale, dropout_p=0.0, seed=0):
 
     if attention_decode.serves(q, k, v) and q.shape[0] * k.shape[1] > 0 and dropout_p == 0:
         return attention_decode.forward(q, k, v, mask, causal, scale)
-    b, h, hkv, tq, tk, d, dv, mask_t, strides, offset, meta = _common(q, k, v, mask, causal, scale, dropout_p)
-    out = torch.empty(b, h, tq, dv, device=q.device, dtype=q.dtype)
+    b, h, hkv, tq, tk, mask_t, strides, offset, qk_scale, meta = _common(q, k, v, mask, causal, scale, dropout_p)
+    out = torch.empty(b, h, tq, meta["DV"], device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    args = (q, k, v, mask_t, out, lse, *strides, h, h // hkv, tq, tk, d, dv, offset, scale, seed, dropout_p,
+    args = (q, k, v, mask_t, out, lse, *strides, h, h // hkv, tq, tk, offset, qk_scale, seed, dropout_p,
             _tune.bucket(tq), _tune.bucket(tk))
     _launch(_fwd_kernel, _fwd_tuned, lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h), args, meta)
     return out, lse
 
 
+def group_split(b, hkv, tk, group, device) -> int:
+    """How many programs share one key block's GQA group in dK/dV: 1 (the group's heads in one
+    program, written straight into dk / dv) when the key blocks alone give every SM a program,
+    else the smallest divisor of the group that does (fp32 partials, summed afterwards)."""
+    programs = b * hkv * triton.cdiv(tk, 128)  # the tallest key block any config uses
+    sms = _tune.sm_count(device)
+    return next((s for s in range(1, group + 1) if group % s == 0 and programs * s >= sms), group)
+
+
 def backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p=0.0, seed=0):
-    b, h, hkv, tq, tk, d, dv, mask_t, strides, offset, meta = _common(q, k, v, mask, causal, scale, dropout_p)
+    b, h, hkv, tq, tk, mask_t, strides, offset, qk_scale, meta = _common(q, k, v, mask, causal, scale, dropout_p)
     dq, dk, dvv = (torch.empty(t.shape, device=q.device, dtype=q.dtype) for t in (q, k, v))
     if 0 in (b, h, tq, tk):
         return dq.zero_(), dk.zero_(), dvv.zero_()
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     delta = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)
-    _tune.launch(_delta_kernel, (triton.cdiv(tq, 64), b * h), out, grad_out, delta, tq, dv,
+    _tune.launch(_delta_kernel, (triton.cdiv(tq, 64), b * h), out, grad_out, delta, tq, meta["DV"],
                  BLOCK_M=64, BLOCK_DV=meta["BLOCK_DV"])
     buckets = (_tune.bucket(tq), _tune.bucket(tk))
-    args = (q, k, v, mask_t, grad_out, lse, delta, dk, dvv, *strides, h, hkv, h // hkv, tq, tk, d, dv, offset, scale,
-            seed, dropout_p, *buckets)
-    _launch(_dkdv_kernel, _dkdv_tuned, lambda m: (triton.cdiv(tk, m["BLOCK_N"]), b * hkv), args, meta)
-    args = (q, k, v, mask_t, grad_out, lse, delta, dq, *strides, h, h // hkv, tq, tk, d, dv, offset, scale,
+    split = group_split(b, hkv, tk, h // hkv, q.device)
+    dk_out, dv_out = dk, dvv
+    if split > 1:
+        dk_out, dv_out = (torch.empty(b, hkv, split, tk, t.shape[-1], device=q.device, dtype=torch.float32)
+                          for t in (k, v))
+    args = (q, k, v, mask_t, grad_out, lse, delta, dk_out, dv_out, *strides, h, hkv, h // hkv, split, tq, tk, offset,
+            qk_scale, seed, dropout_p, *buckets)
+    _launch(_dkdv_kernel, _dkdv_tuned, lambda m: (triton.cdiv(tk, m["BLOCK_N"]), b * hkv * split), args, meta)
+    if split > 1:
+        dk.copy_(dk_out.sum(2))
+        dvv.copy_(dv_out.sum(2))
+    args = (q, k, v, mask_t, grad_out, lse, delta, dq, *strides, h, h // hkv, tq, tk, offset, qk_scale,
             seed, dropout_p, *buckets)
     _launch(_dq_kernel, _dq_tuned, lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h), args, meta)
     return dq, dk, dvv
