@@ -20,6 +20,12 @@ SPILL_BUDGET = {
     "linear._gemm_kernel": 4096,  # fp32 without TF32 (FMA dots) and 256x128 16-bit tiles: 3 KB
     "cross_entropy._backward_kernel": 64,  # 4 B on sm_90 16-bit
 }
+# fp32 attention without TF32 (what CI compiles: torch's default) runs its dots on FMA units,
+# which hold whole rows of the D-long reduction in registers: at D=256 even 16x16 tiles spill.
+IEEE_SPILL_BUDGET = {
+    "attention._dq_kernel": 4608,  # D=256, 16x16: 4.4 KB (q and dO resident plus the K = D rows)
+    "attention._dkdv_kernel": 64,  # D=256, 16x16 on sm_90: 32 B
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +47,8 @@ def test_kernels_compile_within_limits(rows, module, target):
     for r in mine:
         where = f"{r['kernel']} {r['dtype']} [{r['case']}] {r['config']}"
         budget = SPILL_BUDGET.get(r["kernel"], 0)
+        if r["dtype"] == "fp32":
+            budget = max(budget, IEEE_SPILL_BUDGET.get(r["kernel"], 0))
         if r["error"]:
             problems.append(f"{where}: compile failed: {r['error']}")
         elif r["smem"] > r["limit"]:

@@ -198,15 +198,20 @@ def test_gqa_backward_same_with_the_group_in_one_program_or_split(monkeypatch):
 def test_fp32_dot_precision_follows_torch_and_keys_the_tuner(monkeypatch, dtype):
     """fp32 dots use TF32 exactly when torch's matmuls may (read per call), IEEE otherwise; the
     choice is a constexpr of the kernels and part of their autotune key."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32  # a property of torch's cuBLAS module: set and restore it by hand
     run = lambda: _attention(100, 100, dtype=dtype)  # noqa: E731
-    ieee = _recorded(run)
-    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
-    tf32_by_precision = _recorded(run)
-    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    tf32_by_flag = _recorded(run)
+    try:
+        matmul.allow_tf32 = False
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+        ieee = _recorded(run)
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+        tf32_by_precision = _recorded(run)
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+        matmul.allow_tf32 = True
+        tf32_by_flag = _recorded(run)
+    finally:
+        matmul.allow_tf32 = saved
     assert all("PREC" in k.keys for k, _ in ieee)
     want = ("ieee", "tf32") if dtype == torch.float32 else ("", "")
     assert {a["PREC"] for _, a in ieee} == {want[0]}

@@ -397,14 +397,14 @@ def _dq_kernel(
 # BLOCK_N) and streams queries. The small tiles serve IEEE fp32 (FMA dots, operands in
 # registers) and wide heads on GPUs with less shared memory; pruning keeps them out where a
 # bigger one fits and doesn't spill.
-_FWD_TILES = ((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2),
+_FWD_TILES = ((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 8, 2),
               (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1))
-_DKDV_TILES = ((32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3), (32, 64, 8, 2), (16, 64, 4, 2),
+_DKDV_TILES = ((32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 2),
                (32, 32, 8, 1), (32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1))
 _DQ_TILES = ((128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2),
              (64, 32, 8, 2), (32, 32, 8, 1), (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1))
 _KEY = ["D", "DV", "TQ_B", "TK_B", "CAUSAL", "MASK", "DROPOUT", "PREC"]
-REG_LIMIT = 200  # estimated 32-bit registers per thread a config may need (255 exist; see _regs)
+REG_LIMIT = 190  # estimated 32-bit registers per thread a config may need (255 exist; see _regs)
 
 
 def _configs(tiles):
@@ -448,16 +448,19 @@ def _regs(kind):
     return need
 
 
-def _allowed(regs):
+def _allowed(regs, kind):
     def allowed(cfg, a):
-        if a["PREC"] == "ieee":  # FMA dots hold whole operand rows: tiles over 32x32 (32x16 at D=256) spill
-            return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= (512 if a["BLOCK_D"] >= 256 else 1024)
-        return regs(cfg, a) <= REG_LIMIT
+        if a["PREC"] == "ieee":  # FMA dots hold whole rows of K = D in registers: only the smallest tiles
+            most = 512 if kind == "fwd" and a["BLOCK_D"] < 256 else 256
+            return cfg.num_warps == 4 and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= most
+        # 32x32 forward tiles at D=256 land where ptxas caps registers at 168 and spills
+        small = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] == 1024 and kind == "fwd" and a["BLOCK_D"] >= 256
+        return regs(cfg, a) <= REG_LIMIT and not small
     return allowed
 
 
 def _tuned(kernel, tiles, smem, kind, what):
-    return _tune.autotune(_configs(tiles), _KEY, smem, f"triton attention {what}", _allowed(_regs(kind)))(kernel)
+    return _tune.autotune(_configs(tiles), _KEY, smem, f"triton attention {what}", _allowed(_regs(kind), kind))(kernel)
 
 
 _fwd_tuned = _tuned(_fwd_kernel, _FWD_TILES, _smem_fwd, "fwd", "forward")
