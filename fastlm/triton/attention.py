@@ -399,12 +399,13 @@ def _dq_kernel(
 # bigger one fits and doesn't spill.
 _FWD_TILES = ((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 8, 2),
               (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1))
-_DKDV_TILES = ((32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 2),
-               (32, 32, 8, 1), (32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1))
+_DKDV_TILES = ((32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 2), (32, 32, 8, 1), (32, 32, 4, 1),
+               (16, 16, 4, 1))
 _DQ_TILES = ((128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2),
              (64, 32, 8, 2), (32, 32, 8, 1), (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1))
 _KEY = ["D", "DV", "TQ_B", "TK_B", "CAUSAL", "MASK", "DROPOUT", "PREC"]
 REG_LIMIT = 190  # estimated 32-bit registers per thread a config may need (255 exist; see _regs)
+REG_LIMIT_TF32 = 150  # fp32 operands: TF32 tiles measured spilling from an estimate of 160
 
 
 def _configs(tiles):
@@ -453,9 +454,12 @@ def _allowed(regs, kind):
         if a["PREC"] == "ieee":  # FMA dots hold whole rows of K = D in registers: only the smallest tiles
             most = 512 if kind == "fwd" and a["BLOCK_D"] < 256 else 256
             return cfg.num_warps == 4 and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= most
+        tile = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"]
+        if tile <= 256:  # 16x16, every list's last resort (TF32 at D=256 has nothing else)
+            return True
         # 32x32 forward tiles at D=256 land where ptxas caps registers at 168 and spills
-        small = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] == 1024 and kind == "fwd" and a["BLOCK_D"] >= 256
-        return regs(cfg, a) <= REG_LIMIT and not small
+        small = tile == 1024 and kind == "fwd" and a["BLOCK_D"] >= 256
+        return regs(cfg, a) <= (REG_LIMIT if a["PREC"] == "" else REG_LIMIT_TF32) and not small
     return allowed
 
 

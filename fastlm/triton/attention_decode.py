@@ -100,7 +100,8 @@ def _merge_kernel(part_o, part_m, part_l, o_ptr, lse_ptr, HKV, GROUP, TQ, DV, SP
 _TILES = ((64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 2), (32, 64, 4, 3), (32, 32, 4, 2), (16, 64, 4, 3),
           (16, 32, 4, 2), (16, 16, 4, 2), (16, 16, 4, 1))
 CHUNK_UNIT = 64
-REG_LIMIT = 150  # see attention.REG_LIMIT; decode tiles measured spilling from 176
+REG_LIMIT = 150  # see attention.REG_LIMIT; 16-bit decode tiles measured spilling from 176
+REG_LIMIT_TF32 = 120  # fp32 operands: measured spilling at 144
 
 
 def _smem(cfg, a):
@@ -122,7 +123,7 @@ def _allowed(cfg, a):
         return False
     if a["PREC"] == "ieee":  # FMA dots: whole operand rows in registers (see attention._allowed)
         return rb * bn <= 256
-    return _regs(cfg, a) <= REG_LIMIT
+    return _regs(cfg, a) <= (REG_LIMIT if a["PREC"] == "" else REG_LIMIT_TF32)
 
 
 _KEY = ["D", "DV", "ROWS", "TK_B", "CAUSAL", "MASK", "PREC"]
