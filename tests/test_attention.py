@@ -327,43 +327,67 @@ def test_triton_decode_split_kv(dtype):
         check("triton", q, k, v, mask=mask, causal=causal)
 
 
-@pytest.mark.gpu
+# the cuda backend on a GPU and under the emulator: (backend, device)
+CUDA_RUNS = [pytest.param(p.values[0], p.values[1], id=p.id, marks=p.marks) for p in cuda_params()]
+
+
+@pytest.mark.parametrize("backend,device", CUDA_RUNS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", list(CAUSAL), ids=str)
-def test_cuda_forward_matches_float64(dtype, causal):
-    """The tensor-core forward against the fp64 oracle, out and lse, up to head dim 256 (no grad)."""
-    shapes = SHAPES + [(2, 4, 2, 300, 300, 96, 96), (1, 2, 2, 65, 130, 256, 256), (1, 2, 1, 33, 70, 32, 64)]
+def test_cuda_forward_matches_float64(backend, device, dtype, causal):
+    """The tensor-core forward against the fp64 oracle, out and lse, up to head dim 256 (no grad);
+    decode shapes with GQA/MQA packing and split-KV."""
+    shapes = [(2, 4, 4, 300, 300, 96, 96), (1, 2, 2, 65, 130, 256, 256), (1, 2, 1, 33, 70, 32, 64)]
     shapes += [(1, 8, 2, 1, 4096, 128, 128), (2, 4, 4, 5, 2000, 64, 64), (1, 2, 1, 16, 1500, 256, 256)]  # split-KV
+    shapes += [(2, 8, 1, 3, 130, 64, 64), (1, 12, 4, 1, 77, 80, 80)]  # packed GQA / MQA decode
+    if device == "cuda":
+        shapes += SHAPES
     for shape in shapes:
-        q, k, v = _qkv(*shape, dtype, "cuda")
+        q, k, v = _qkv(*shape, dtype, device)
         attn_mask, is_causal = _with_causal(None, CAUSAL[causal], shape[3], shape[4])
         with torch.no_grad():
-            out, lse = sdpa_lse(q, k, v, attn_mask, is_causal=is_causal, enable_gqa=shape[1] != shape[2], backend="cuda")
+            out, lse = sdpa_lse(q, k, v, attn_mask, is_causal=is_causal, enable_gqa=shape[1] != shape[2], backend=backend)
             out64 = oracle(q.double(), k.double(), v.double(), causal=CAUSAL[causal])
             base = oracle(q, k, v, causal=CAUSAL[causal])
             _, lse64 = sdpa_lse(q.double(), k.double(), v.double(), attn_mask, is_causal=is_causal,
                                 enable_gqa=shape[1] != shape[2], backend="reference")
-        assert_close(f"cuda out {shape}", out, out64, base)
+        assert_close(f"{backend} out {shape}", out, out64, base)
         finite = lse64.isfinite()
-        assert torch.equal(finite, lse.isfinite()), f"cuda lse {shape}: -inf rows differ"
-        torch.testing.assert_close(lse[finite].double(), lse64[finite], rtol=1e-3, atol=1e-3)
+        assert torch.equal(finite, lse.isfinite()), f"{backend} lse {shape}: -inf rows differ"
+        torch.testing.assert_close(lse[finite].double(), lse64[finite].double(), rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.gpu
-def test_cuda_forward_masks_and_nan():
+@pytest.mark.parametrize("backend,device", CUDA_RUNS)
+def test_cuda_forward_masks_and_nan(backend, device):
     for kind in MASKS:
-        q, k, v = _qkv(2, 4, 2, 37, 70, 64, 64, torch.float16, "cuda")
-        mask = _mask(kind, 2, 4, 37, 70, torch.float16).cuda()
+        q, k, v = _qkv(2, 4, 2, 37, 70, 64, 64, torch.float16, device)
+        mask = _mask(kind, 2, 4, 37, 70, torch.float16).to(device)
         with torch.no_grad():
-            out = sdpa(q, k, v, mask, enable_gqa=True, backend="cuda")
+            out = sdpa(q, k, v, mask, enable_gqa=True, backend=backend)
             m64 = mask if mask.dtype == torch.bool else mask.double()
-            assert_close(f"cuda {kind}", out, oracle(q.double(), k.double(), v.double(), m64), oracle(q, k, v, mask))
-    keep = torch.ones(1, 1, 1, 75, dtype=torch.bool, device="cuda")
+            assert_close(f"{backend} {kind}", out, oracle(q.double(), k.double(), v.double(), m64), oracle(q, k, v, mask))
+    keep = torch.ones(1, 1, 1, 75, dtype=torch.bool, device=device)
     keep[..., 70:] = False
-    q, k, v = _qkv(1, 2, 2, 33, 75, 64, 64, torch.bfloat16, "cuda")
+    q, k, v = _qkv(1, 2, 2, 33, 75, 64, 64, torch.bfloat16, device)
     v[:, :, 70:] = float("nan")
     with torch.no_grad():
-        assert not sdpa(q, k, v, keep, backend="cuda").isnan().any()
+        assert not sdpa(q, k, v, keep, backend=backend).isnan().any()
+
+
+@pytest.mark.parametrize("backend,device", CUDA_RUNS)
+def test_cuda_layouts_and_head_dims(backend, device):
+    """Forward and backward on layouts the 16-byte loads can't take as they are (head dim 20,
+    (B, T, H, D) views, a storage offset of 3 elements) and on head dims 96 and 80 (96-wide tiles)."""
+    q, k, v = _qkv(1, 4, 2, 45, 70, 20, 20, torch.float16, device)
+    check(backend, q, k, v, causal=TOP_LEFT)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv(2, 4, 4, 50, 50, 64, 64, torch.float16, device))
+    assert q.stride(2) == 4 * 64
+    check(backend, q, k, v, causal=BOTTOM_RIGHT)
+    flat = torch.randn(3 + 2 * 2 * 40 * 64, dtype=torch.bfloat16, device=device)
+    q = flat[3:].view(2, 2, 40, 64)
+    check(backend, q, q.clone(), q.clone())
+    check(backend, *_qkv(1, 2, 1, 70, 90, 96, 96, torch.float16, device))
+    check(backend, *_qkv(1, 3, 3, 33, 40, 80, 80, torch.bfloat16, device), causal=TOP_LEFT)
 
 
 def test_cuda_backend_reasons():
@@ -488,22 +512,26 @@ def test_extension_ops_validate_inputs():
 
 @pytest.mark.emu
 @pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
-def test_cuda_routes_around_small_shared_memory():
-    """Head dim 128 needs more shared memory than the 99 KB per block of sm_86/89: the dispatcher
-    says so in why_not instead of failing at launch; head dim 64 fits and runs."""
+def test_cuda_fits_99kb_and_routes_around_less(monkeypatch):
+    """Every forward and backward tile fits the 99 KB per block of sm_86/89 (RTX 3090/4090, L4,
+    L40S) and runs under that profile; a device with less shared memory than a kernel needs is
+    refused in why_not, naming both numbers, instead of failing at launch."""
+    for d in (32, 64, 80, 96, 128, 256):
+        fwd, bwd = torch.ops.fastlm_emu.attention_cuda_smem(d, d)
+        assert fwd <= 101376 and (d > 128 or bwd <= 101376), (d, fwd, bwd)
     q, k, v = _qkv(1, 2, 2, 70, 70, 128, 128, torch.float16)
     try:
         torch.ops.fastlm_emu.emu_set_arch("8.6")
-        reasons = fastlm.backend.why_not("attention", "cuda-emu", q.device, q, k, v, None, 0.0, NO_CAUSAL)
-        assert any("shared memory per block; this GPU allows 101376" in r for r in reasons), reasons
-        with pytest.raises(fastlm.backend.BackendUnavailableError, match="this GPU allows 101376"):
-            sdpa(q, k, v, backend="cuda-emu")
-        check("cuda-emu", *_qkv(1, 2, 2, 70, 70, 64, 64, torch.float16))
+        assert fastlm.backend.why_not("attention", "cuda-emu", q.device, q, k, v, None, 0.0, NO_CAUSAL) == []
+        check("cuda-emu", q, k, v, causal=TOP_LEFT)
     finally:
         torch.ops.fastlm_emu.emu_set_arch("8.0")
-    with torch.no_grad():  # sm_80's 163 KB fits the forward
-        torch.testing.assert_close(sdpa(q, k, v, backend="cuda-emu"), sdpa(q, k, v, backend="reference"),
-                                   rtol=2e-3, atol=2e-3)
+    monkeypatch.setattr(fastlm.backend, "shared_memory_per_block", lambda device: 48 * 1024)
+    need = torch.ops.fastlm_emu.attention_cuda_smem(128, 128)[0]
+    reasons = fastlm.backend.why_not("attention", "cuda-emu", q.device, q, k, v, None, 0.0, NO_CAUSAL)
+    assert f"the forward kernel for head dim 128 needs {need} bytes of shared memory per block; this GPU allows 49152" in reasons
+    with pytest.raises(fastlm.backend.BackendUnavailableError, match="this GPU allows 49152"):
+        sdpa(q, k, v, backend="cuda-emu")
 
 
 @pytest.mark.emu

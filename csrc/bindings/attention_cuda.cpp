@@ -2,6 +2,7 @@
 // attention.cpp (tensor cores, fp16/bf16; forward head dims up to 256, backward up to 128).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -18,6 +19,19 @@ void cuda_args(const char* op, const at::Tensor& q) {
                    " (the cuda attention kernels run on tensor cores), got ", q.scalar_type());
 }
 
+// The forward kernel loads rows as 16-byte cp.async chunks, so the last dim must be contiguous
+// and the base and every other stride (of a dim longer than 1) a multiple of 16 bytes. Any other
+// layout is copied once into rows padded to 8 elements, as FlashAttention asks of its callers.
+at::Tensor rows_16b_aligned(const at::Tensor& t) {
+  bool ok = (t.size(3) <= 1 || t.stride(3) == 1) && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int d = 0; ok && d < 3; ++d) ok = t.size(d) <= 1 || t.stride(d) % 8 == 0;
+  if (ok) return t;
+  at::Tensor padded = at::empty({t.size(0), t.size(1), t.size(2), (t.size(3) + 7) / 8 * 8}, t.options());
+  at::Tensor rows = padded.narrow(3, 0, t.size(3));
+  rows.copy_(t);
+  return rows;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const std::optional<at::Tensor>& mask, int64_t causal,
                                                       double scale) {
@@ -31,7 +45,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   if (nothing_to_attend(sh, out, lse)) return {out, lse};
   const int64_t scratch = attention_forward_cuda_workspace(sh);
   at::Tensor workspace = at::empty({scratch}, q.options().dtype(at::kFloat));
-  check_launch(op, attention_forward_cuda(sh, strided(q), strided(k), strided(v), mask ? strided(*mask) : kNoMask,
+  const at::Tensor qa = rows_16b_aligned(q), ka = rows_16b_aligned(k), va = rows_16b_aligned(v);
+  check_launch(op, attention_forward_cuda(sh, strided(qa), strided(ka), strided(va), mask ? strided(*mask) : kNoMask,
                                           out.data_ptr(), lse.data_ptr<float>(),
                                           scratch > 0 ? workspace.data_ptr<float>() : nullptr,
                                           gpu_stream()));
@@ -54,11 +69,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   if (sh.tq == 0 || sh.tk == 0 || sh.value_dim == 0 || sh.head_dim == 0 || sh.batch == 0 || sh.heads == 0) {
     return {gq.zero_(), gk.zero_(), gv.zero_()};
   }
-  const at::Tensor go = grad_out.contiguous(), o = out.contiguous(), ls = lse.contiguous();
-  at::Tensor delta = at::empty({sh.batch, sh.heads, sh.tq}, q.options().dtype(at::kFloat));
-  check_launch(op, attention_backward_cuda(sh, go.data_ptr(), strided(q), strided(k), strided(v),
+  const at::Tensor go = rows_16b_aligned(grad_out), o = out.contiguous(), ls = lse.contiguous();
+  const at::Tensor qa = rows_16b_aligned(q), ka = rows_16b_aligned(k), va = rows_16b_aligned(v);
+  at::Tensor workspace = at::zeros({attention_backward_cuda_workspace(sh).floats}, q.options().dtype(at::kFloat));
+  check_launch(op, attention_backward_cuda(sh, strided(go), strided(qa), strided(ka), strided(va),
                                            mask ? strided(*mask) : kNoMask, o.data_ptr(), ls.data_ptr<float>(),
-                                           delta.data_ptr<float>(), gq.data_ptr(), gk.data_ptr(), gv.data_ptr(),
+                                           workspace.data_ptr<float>(), gq.data_ptr(), gk.data_ptr(), gv.data_ptr(),
                                            gpu_stream()));
   return {gq, gk, gv};
 }

@@ -1,134 +1,216 @@
-// Flash attention forward on tensor cores (nvcuda::wmma m16n16k16, fp16/bf16 in, fp32
-// accumulate), sm_80+. One CTA = 4 warps = 64 queries of one (batch, head); each warp owns
-// 16 query rows. Per key tile of BN keys: the CTA stages K and V in shared memory, each warp
-// computes its 16 x BN scores S = Q K^T with wmma, runs the online softmax on them in shared
-// memory (two lanes per row, fp32 statistics), rescales its fp32 O tile there and
-// accumulates O += P V with wmma (the accumulator fragments are loaded from and stored back
-// to that tile, so no per-row scaling of opaque fragments is needed). No T x T matrix ever
-// reaches device memory. Masking follows fastlm/attention.h: hidden scores are -inf, their
-// probabilities exactly 0, and value rows no query of the CTA sees are zeroed before P V (the
-// lanes mark a key seen with a shared-memory atomicOr). The grid is 1-D over (head, query tile),
-// tiles fastest, so any number of heads launches and one head's K/V stay hot in L2.
-// Decode-like calls (Tq <= 16, Tk >= 1024) split the keys over gridDim.z CTAs that write fp32
-// partials (O, max, sum), merged afterwards in a fixed order (no atomics).
+// Flash attention forward for sm_80+, FlashAttention-2's design: fp16/bf16 in, fp32 accumulate,
+// S, P and O in registers. One CTA = 4 warps = 64 query rows; each warp owns 16 rows for the
+// whole key loop, so the online softmax never leaves the warp.
+// Per key tile of BN keys (BN = 64 for D <= 128, 32 for D = 256):
+//   loads    K_j and V_j by 16-byte cp.async (.cg: L2 only) into one shared buffer each, in
+//            FA2's order: V_j streams in while S = Q K_j^T runs, K_{j+1} while O += P V_j runs.
+//   S=QK^T   ldmatrix.x4 fragments of Q and K into mma.sync.m16n8k16; S stays in registers.
+//   softmax  in registers, base 2 with scale*log2(e) folded in (one MUFU.EX2 per score); a row
+//            lives in one quad (4 lanes), so its max takes 2 shuffles; the row sum stays
+//            lane-partial until the end. The S accumulators are repacked as P's A fragments
+//            (an m16n8 C pair is an m16k16 A fragment): P never touches shared memory.
+//   O+=PV    V fragments by ldmatrix.x4.trans; O stays in fp32 registers for the whole loop.
+//   masking  tiles are classified per CTA (attention_common.cuh: tile_is_full): a full tile
+//            runs no visibility test; only the Tk edge, the causal diagonal and tiles under a
+//            user mask test each score, and there V entries of keys no row of the warp sees
+//            are zeroed in registers (a NaN hidden behind the mask cannot reach O as 0 * NaN).
+// Decode-like calls (Tq <= 16) under GQA pack the query heads of a KV group into the 64 rows
+// (row_group), so K/V are read once per group; with few CTAs the keys are split over gridDim.z
+// and the fp32 partials merged in a fixed order (merge_kernel; no atomics).
+// Arithmetic, D = 128, BN = 64, per warp per tile: 128 HMMA (64 for S, 64 for PV) against 72
+// ldmatrix (8 Q + 32 K + 32 V), ~4.5 instructions per score for the softmax (32 scores per lane:
+// ~144), 64 FMUL for the O rescale, 16 cp.async per thread plus addressing (~50): about 460
+// issued instructions per 128 HMMA, 3.6 per HMMA (the wmma kernel this replaces issued ~70).
+// Shared memory: (64 + 2 BN) rows x (D + 8) halves = 52 KB at D = 128 (67 KB at D = 256), so 3
+// CTAs fit an A100 SM, 4 an H100 SM, and every head dim fits the 99 KB per block of sm_86/89.
+// The 8-half row padding puts the 8 rows of an ldmatrix phase in distinct bank groups.
 #include "attention_common.cuh"
+#include "ptx.cuh"
 
 namespace fastlm::cuda::attn {
 namespace {
 
+constexpr float kLn2 = 0.6931471805599453f;
+
 template <int HD, int BN>
-struct Smem {
-  static constexpr int ldq = HD + 8, lds = BN + 4, ldp = BN + 8, ldo = HD + 4;
-  static constexpr size_t q = size_t(kRows) * ldq * 2, k = size_t(BN) * ldq * 2, v = k;
-  static constexpr size_t s = size_t(kWarps) * 16 * lds * 4, p = size_t(kWarps) * 16 * ldp * 2;
-  static constexpr size_t o = size_t(kWarps) * 16 * ldo * 4, live = size_t(BN) * 4;
-  static constexpr size_t bytes = q + k + v + s + p + o + live;
+struct FwdTiles {
+  static constexpr int ld = HD + kPad;  // halves per shared row
+  static constexpr size_t q_elems = size_t(kRows) * ld, kv_elems = size_t(BN) * ld;
+  static constexpr size_t bytes = (q_elems + 2 * kv_elems) * 2;
 };
 
 template <typename T, int HD, int BN>
-__global__ void __launch_bounds__(kWarps * 32) forward_kernel(const Params p) {
-  using L = Smem<HD, BN>;
-  FASTLM_DYNAMIC_SHARED(unsigned char, smem);  // 128-byte aligned: wmma pointers need 32
+__global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
+  using L = FwdTiles<HD, BN>;
+  constexpr int ld = L::ld, kNT = BN / 8, kDT = HD / 8;  // n8 tiles of S and of O
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem);
   T* Qs = reinterpret_cast<T*>(smem);
-  T* Ks = reinterpret_cast<T*>(smem + L::q);
-  T* Vs = reinterpret_cast<T*>(smem + L::q + L::k);
-  float* Ss = reinterpret_cast<float*>(smem + L::q + L::k + L::v);
-  T* Ps = reinterpret_cast<T*>(smem + L::q + L::k + L::v + L::s);
-  float* Os = reinterpret_cast<float*>(smem + L::q + L::k + L::v + L::s + L::p);
-  int* live = reinterpret_cast<int*>(smem + L::q + L::k + L::v + L::s + L::p + L::o);
+  T* Ks = Qs + L::q_elems;
+  T* Vs = Ks + L::kv_elems;
 
   const AttentionShape& sh = p.sh;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const TileHead th = tile_head(blockIdx.x, sh.tq);
-  const int64_t bh = th.head, b = bh / sh.heads, h = bh % sh.heads, hk = h / (sh.heads / sh.kv_heads);
-  const int q0 = int(th.tile) * kRows;
-  const T* qg = static_cast<const T*>(p.q.data) + b * p.q.s[0] + h * p.q.s[1];
-  const T* kg = static_cast<const T*>(p.k.data) + b * p.k.s[0] + hk * p.k.s[1];
-  const T* vg = static_cast<const T*>(p.v.data) + b * p.v.s[0] + hk * p.v.s[1];
-  const char* mg = head_mask<T>(p, b, h);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane % 4;
+  const TileHead th = tile_head(blockIdx.x, row_group(sh, 0).rows);
+  const RowGroup g = row_group(sh, th.head);
+  const int64_t r0 = th.tile * kRows;
+  const int64_t split_lo = gridDim.z > 1 ? int64_t(blockIdx.z) * p.chunk : 0;
+  const KeyRange kr = key_range(sh, g.rows, r0, kRows, split_lo, gridDim.z > 1 ? split_lo + p.chunk : sh.tk);
+  const T* qg = static_cast<const T*>(p.q.data) + g.batch * p.q.s[0];
+  const T* kg = static_cast<const T*>(p.k.data) + g.batch * p.k.s[0] + g.kv_head * p.k.s[1];
+  const T* vg = static_cast<const T*>(p.v.data) + g.batch * p.v.s[0] + g.kv_head * p.v.s[1];
   const int64_t offset = causal_offset(sh);
-  const int tq = int(sh.tq), tk = int(sh.tk);
 
-  stage<T, HD>(Qs, L::ldq, qg, p.q.s[2], p.q.s[3], q0, kRows, tq, int(sh.head_dim));
-  float* So = Ss + warp * 16 * L::lds;
-  T* Po = Ps + warp * 16 * L::ldp;
-  float* Oo = Os + warp * 16 * L::ldo;
-  for (int idx = lane; idx < 16 * L::ldo; idx += 32) Oo[idx] = 0.0f;
-  // two lanes per query row, each owning half of the key columns and half of the O columns
-  const int row = lane >> 1, half = lane & 1;
-  const int64_t qi = q0 + warp * 16 + row;
-  float m_i = neg_inf(), l_i = 0.0f;
-
-  int hi = tk;
-  if (sh.causal != Causal::kNone) {
-    const int64_t end = q0 + kRows + offset;  // keys past the diagonal of the last row
-    hi = end < tk ? int(end > 0 ? end : 0) : tk;
-  }
-  int jbeg = 0;  // split-KV (gridDim.z > 1): this CTA's chunk of keys only
-  if (gridDim.z > 1) {
-    jbeg = int(blockIdx.z * p.chunk);
-    hi = min(hi, int(jbeg + p.chunk));
-  }
-  for (int j0 = jbeg; j0 < hi; j0 += BN) {
-    __syncthreads();  // previous tile's K/V/live no longer read
-    stage<T, HD>(Ks, L::ldq, kg, p.k.s[2], p.k.s[3], j0, BN, tk, int(sh.head_dim));
-    stage<T, HD>(Vs, L::ldq, vg, p.v.s[2], p.v.s[3], j0, BN, tk, int(sh.value_dim));
-    for (int idx = threadIdx.x; idx < BN; idx += blockDim.x) live[idx] = 0;
-    __syncthreads();
-
-    // S = Q K^T for this warp's 16 rows
-    mma_acc<T, HD / 16, BN / 16, false>(So, L::lds, Qs + warp * 16 * L::ldq, L::ldq, Ks, L::ldq, true);
-    __syncwarp();
-
-    // online softmax on this lane's half row
-    float mx = neg_inf();
-    for (int c = half * (BN / 2); c < (half + 1) * (BN / 2); ++c) {
-      float s = So[row * L::lds + c] * sh.scale;
-      const bool ok = visible<T>(p, mg, qi, j0 + c, offset, &s);
-      s = ok ? s : neg_inf();
-      if (ok) atomicOr(&live[c], 1);  // many lanes mark one key: an atomic, not a racing store
-      So[row * L::lds + c] = s;
-      mx = fmaxf(mx, s);
+  // this lane's two rows: warp * 16 + lane / 4 (+ 8)
+  int64_t t_row[2], head_row[2];
+  bool row_ok[2];
+  const char* mask_row[2] = {nullptr, nullptr};
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t r = r0 + warp * 16 + lane / 4 + 8 * i;
+    const QueryRow qr = query_row(sh, g, r);
+    row_ok[i] = r < g.rows, t_row[i] = qr.t, head_row[i] = qr.head;
+    if (row_ok[i] && p.mask.data != nullptr) {
+      const int64_t elt = sh.mask_kind == MaskKind::kBool ? 1 : int64_t(sizeof(T));
+      mask_row[i] = static_cast<const char*>(p.mask.data) +
+                    (g.batch * p.mask.s[0] + qr.head * p.mask.s[1] + qr.t * p.mask.s[2]) * elt;
     }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    const float m_new = fmaxf(m_i, mx);
-    const float sub = m_new == neg_inf() ? 0.0f : m_new;
-    const float alpha = m_i == neg_inf() ? 0.0f : __expf(m_i - sub);
-    float sum = 0.0f;
-    for (int c = half * (BN / 2); c < (half + 1) * (BN / 2); ++c) {
-      const float s = So[row * L::lds + c];
-      const float pr = s == neg_inf() ? 0.0f : __expf(s - sub);
-      sum += pr;
-      Po[row * L::ldp + c] = from_float<T>(pr);
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    l_i = l_i * alpha + sum;
-    m_i = m_new;
-    for (int c = half * (HD / 2); c < (half + 1) * (HD / 2); ++c) Oo[row * L::ldo + c] *= alpha;
-    __syncthreads();  // live[] complete, P and rescaled O visible
-    for (int idx = threadIdx.x; idx < BN * HD; idx += blockDim.x)
-      if (!live[idx / HD]) Vs[(idx / HD) * L::ldq + idx % HD] = from_float<T>(0.0f);
-    __syncthreads();
+  }
+  auto q_row = [&](int r) -> const T* {
+    if (r0 + r >= g.rows) return nullptr;
+    const QueryRow qr = query_row(sh, g, r0 + r);
+    return qg + qr.head * p.q.s[1] + qr.t * p.q.s[2];
+  };
+  auto key_rows = [&](const T* base, int64_t s2, int64_t j0) {
+    return [=](int r) -> const T* { return j0 + r < sh.tk ? base + (j0 + r) * s2 : nullptr; };
+  };
 
-    // O += P V
-    mma_acc<T, BN / 16, HD / 16, true>(Oo, L::ldo, Po, L::ldp, Vs, L::ldq, false);
-    __syncwarp();
+  float acc_o[kDT][4];
+#pragma unroll
+  for (int n = 0; n < kDT; ++n) acc_o[n][0] = acc_o[n][1] = acc_o[n][2] = acc_o[n][3] = 0.0f;
+  float m_run[2] = {neg_inf(), neg_inf()}, l_run[2] = {0.0f, 0.0f};  // max in log2 units
+  const float scale2 = sh.scale * kLog2e;
+
+  if (kr.lo < kr.hi) {
+    load_rows<T, HD, kRows>(Qs, sh.head_dim, q_row);
+    load_rows<T, HD, BN>(Ks, sh.head_dim, key_rows(kg, p.k.s[2], kr.lo));
+    cp_async_commit();
+  }
+  for (int64_t j0 = kr.lo; j0 < kr.hi; j0 += BN) {
+    cp_async_wait<0>();
+    __syncthreads();  // K_j (and Q) landed; every warp is done with V_{j-1}
+    load_rows<T, HD, BN>(Vs, sh.value_dim, key_rows(vg, p.v.s[2], j0));
+    cp_async_commit();
+
+    // S = Q K_j^T: this warp's 16 rows x BN keys
+    float s[kNT][4];
+    mma_abt<T, HD, kNT>(s, Qs + warp * 16 * ld, Ks, ld, lane);
+
+    // scale into log2 units; on partial tiles hide what a row may not see
+    const bool full = tile_is_full(sh, kr, j0, BN);
+    uint32_t live = 0xffffffffu;  // bit 2n+c: key n*8 + quad*2 + c is seen by some row of the warp
+    if (full) {
+#pragma unroll
+      for (int n = 0; n < kNT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] *= scale2;
+    } else {
+      // per row, keys [j0, j0 + lim) pass the bounds and causal tests (32-bit from here on)
+      int lim[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        int64_t end = sh.tk - j0;
+        if (sh.causal != Causal::kNone) end = min(end, t_row[i] + offset - j0 + 1);
+        lim[i] = row_ok[i] ? int(max(int64_t(0), min(end, int64_t(BN)))) : 0;
+      }
+      live = 0;
+#pragma unroll
+      for (int n = 0; n < kNT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = e / 2, c = n * 8 + quad * 2 + e % 2;
+          bool ok = c < lim[i];
+          float x = s[n][e] * scale2;
+          if (ok && sh.mask_kind == MaskKind::kBool) {
+            ok = mask_row[i][(j0 + c) * p.mask.s[3]] != 0;
+          } else if (ok && sh.mask_kind == MaskKind::kAdditive) {
+            x += to_float(reinterpret_cast<const T*>(mask_row[i])[(j0 + c) * p.mask.s[3]]) * kLog2e;
+            ok = x != neg_inf();
+          }
+          s[n][e] = ok ? x : neg_inf();
+          live |= uint32_t(ok) << (2 * n + e % 2);
+        }
+      live |= __shfl_xor_sync(0xffffffffu, live, 4);  // OR over the 8 row pairs of the warp
+      live |= __shfl_xor_sync(0xffffffffu, live, 8);
+      live |= __shfl_xor_sync(0xffffffffu, live, 16);
+    }
+
+    // online softmax, rows lane / 4 (i = 0) and lane / 4 + 8 (i = 1)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float mx = m_run[i];
+#pragma unroll
+      for (int n = 0; n < kNT; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * i], s[n][2 * i + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float sub = mx == neg_inf() ? 0.0f : mx;  // a row that sees nothing yet stays at 0
+      const float alpha = exp2_approx(m_run[i] - sub);
+      m_run[i] = mx;
+      float sum = 0.0f;
+#pragma unroll
+      for (int n = 0; n < kNT; ++n) {
+        s[n][2 * i] = exp2_approx(s[n][2 * i] - sub);
+        s[n][2 * i + 1] = exp2_approx(s[n][2 * i + 1] - sub);
+        sum += s[n][2 * i] + s[n][2 * i + 1];
+      }
+      l_run[i] = l_run[i] * alpha + sum;
+#pragma unroll
+      for (int n = 0; n < kDT; ++n) acc_o[n][2 * i] *= alpha, acc_o[n][2 * i + 1] *= alpha;
+    }
+
+    cp_async_wait<0>();
+    __syncthreads();  // V_j landed; every warp is done with K_j
+    if (j0 + BN < kr.hi) {
+      load_rows<T, HD, BN>(Ks, sh.head_dim, key_rows(kg, p.k.s[2], j0 + BN));
+      cp_async_commit();
+    }
+
+    // O += P V_j; V entries of keys no row of the warp sees are cleared in the fragments
+    uint32_t a[BN / 16][4];
+    as_a_fragments<T, kNT>(a, s);
+    mma_ab_trans<T, BN / 16, kDT>(acc_o, a, Vs, ld, lane, [&](int ks, uint32_t& lo, uint32_t& hi) {
+      lo = keep_halves(live, 4 * ks), hi = keep_halves(live, 4 * ks + 2);
+    });
   }
 
-  __syncwarp();  // the O tile was zeroed and updated by every lane of the warp (no key tile may have run)
-  if (gridDim.z > 1) {  // partials for merge_kernel: unnormalized O, running max and sum
-    if (qi < tq) {
-      float* po = p.part + ((bh * gridDim.z + blockIdx.z) * sh.tq + qi) * (sh.value_dim + 2);
-      for (int c = half; c < sh.value_dim; c += 2) po[c] = Oo[row * L::ldo + c];
-      if (half == 0) po[sh.value_dim] = m_i, po[sh.value_dim + 1] = l_i;
-    }
-    return;
+  // the quad's partial sums into the row's; rows that saw nothing give 0 and lse -inf
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
+    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
   }
-  if (qi < tq) {
-    const float inv = l_i > 0.0f ? 1.0f / l_i : 0.0f;
-    T* o = static_cast<T*>(p.out) + (bh * sh.tq + qi) * sh.value_dim;
-    for (int c = half; c < sh.value_dim; c += 2) o[c] = from_float<T>(Oo[row * L::ldo + c] * inv);
-    if (half == 0) p.lse[bh * sh.tq + qi] = l_i > 0.0f ? m_i + __logf(l_i) : neg_inf();
+  const int64_t dv = sh.value_dim;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t bh = g.batch * sh.heads + head_row[i];
+    const float m_nat = m_run[i] * kLn2;  // back to natural-log units
+    if (row_ok[i] && gridDim.z > 1) {     // split-KV: unnormalized O, max, sum for merge_kernel
+      float* po = p.part + ((bh * gridDim.z + blockIdx.z) * sh.tq + t_row[i]) * (dv + 2);
+#pragma unroll
+      for (int n = 0; n < kDT; ++n)
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+          if (n * 8 + quad * 2 + c < dv) po[n * 8 + quad * 2 + c] = acc_o[n][2 * i + c];
+      if (quad == 0) po[dv] = m_nat, po[dv + 1] = l_run[i];
+    } else if (row_ok[i]) {
+      const float inv = l_run[i] == 0.0f ? 0.0f : 1.0f / l_run[i];  // NaN stays NaN
+      T* o = static_cast<T*>(p.out) + (bh * sh.tq + t_row[i]) * dv;
+#pragma unroll
+      for (int n = 0; n < kDT; ++n)
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+          if (n * 8 + quad * 2 + c < dv) o[n * 8 + quad * 2 + c] = from_float<T>(acc_o[n][2 * i + c] * inv);
+      if (quad == 0) p.lse[bh * sh.tq + t_row[i]] = l_run[i] == 0.0f ? neg_inf() : m_nat + __logf(l_run[i]);
+    }
   }
 }
 
@@ -144,7 +226,7 @@ __global__ void merge_kernel(const float* part, T* out, float* lse, int64_t tq, 
     const float ms = base(s)[dv];
     l += ms == neg_inf() ? 0.0f : base(s)[dv + 1] * __expf(ms - m);
   }
-  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  const float inv = l == 0.0f ? 0.0f : 1.0f / l;
   for (int64_t c = threadIdx.x; c < dv; c += blockDim.x) {
     float acc = 0.0f;
     for (int s = 0; s < splits; ++s) {
@@ -153,21 +235,28 @@ __global__ void merge_kernel(const float* part, T* out, float* lse, int64_t tq, 
     }
     out[r * dv + c] = from_float<T>(acc * inv);
   }
-  if (threadIdx.x == 0) lse[r] = l > 0.0f ? m + __logf(l) : neg_inf();
+  if (threadIdx.x == 0) lse[r] = l == 0.0f ? neg_inf() : m + __logf(l);
 }
 
 constexpr int64_t kSplitGrain = 64;  // split chunks are whole multiples of every key tile size
 
-// How many key splits a call gets: decode-like calls (few queries, many keys) spread the keys
-// over enough CTAs to give every SM about two; everything else runs unsplit.
+// CTAs before any split: (row groups) x (64-row tiles of a group).
+int64_t base_ctas(const AttentionShape& sh) {
+  const int64_t pack = packed_heads(sh);
+  return sh.batch * (sh.heads / pack) * row_tiles(pack * sh.tq);
+}
+
+// How many key splits a call gets: decode-like calls (Tq <= 16, Tk >= 1024) spread the keys
+// over enough CTAs to put about two on every SM, each split still streaming >= 4 tiles of 64
+// keys; everything else runs unsplit.
 int64_t num_splits(const AttentionShape& sh) {
-  if (sh.tq > 16 || sh.tk < 1024) return 1;
+  if (sh.tq > kPackMaxTq || sh.tk < 1024) return 1;
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
     return 1;
-  const int64_t ctas = sh.batch * sh.heads, want = (2 * sms + ctas - 1) / ctas;
-  const int64_t most = (sh.tk + 4 * kSplitGrain - 1) / (4 * kSplitGrain);  // >= 4 tiles per split
+  const int64_t ctas = base_ctas(sh), want = (2 * sms + ctas - 1) / ctas;
+  const int64_t most = (sh.tk + 4 * kSplitGrain - 1) / (4 * kSplitGrain);
   return want < 1 ? 1 : (want < most ? want : most);
 }
 
@@ -178,12 +267,11 @@ int64_t split_chunk(const AttentionShape& sh, int64_t splits) {
 
 template <typename T, int HD, int BN>
 int launch(const Params& p, cudaStream_t stream) {
-  const size_t bytes = Smem<HD, BN>::bytes;
+  const size_t bytes = FwdTiles<HD, BN>::bytes;
   cudaError_t err = cudaFuncSetAttribute(forward_kernel<T, HD, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return int(err);
   const unsigned splits = unsigned(p.chunk > 0 ? (p.sh.tk + p.chunk - 1) / p.chunk : 1);
-  const dim3 grid(unsigned(row_tiles(p.sh.tq) * p.sh.batch * p.sh.heads), 1, splits);
-  launch_kernel(forward_kernel<T, HD, BN>, grid, kWarps * 32, bytes, stream, p);
+  launch_kernel(forward_kernel<T, HD, BN>, dim3(unsigned(base_ctas(p.sh)), 1, splits), kThreads, bytes, stream, p);
   if (splits > 1)
     launch_kernel(merge_kernel<T>, unsigned(p.sh.batch * p.sh.heads * p.sh.tq), 128, 0, stream, p.part,
                   static_cast<T*>(p.out), p.lse, p.sh.tq, int(splits), p.sh.value_dim);
@@ -214,7 +302,7 @@ namespace fastlm {
 
 int64_t attention_forward_cuda_smem(int64_t head_dim, int64_t value_dim) {
   const int64_t hd = head_dim > value_dim ? head_dim : value_dim;
-  return cuda::attn::with_tiles(hd, [](auto d, auto bn) { return int64_t(cuda::attn::Smem<d.value, bn.value>::bytes); });
+  return cuda::attn::with_tiles(hd, [](auto d, auto bn) { return int64_t(cuda::attn::FwdTiles<d.value, bn.value>::bytes); });
 }
 
 int64_t attention_forward_cuda_workspace(const AttentionShape& shape) {

@@ -1,216 +1,326 @@
-// Flash attention backward on tensor cores (wmma m16n16k16, fp16/bf16, fp32 accumulate),
-// sm_80+, head dims up to 128. Three launches, no atomics (deterministic):
-//   delta:  delta = rowsum(dO * O) per query row (fp32);
-//   dK/dV:  a CTA owns 64 keys of one (batch, kv head), 16 per warp, and walks every query tile
-//           of every query head in its GQA group: S^T = K Q^T, P^T = exp(S^T - lse),
-//           dP^T = V dO^T, dS^T = P^T (dP^T - delta); dV += P^T dO, dK += dS^T Q;
-//   dQ:     a CTA owns 64 queries, 16 per warp, and walks the key tiles it can see:
-//           dQ += dS K, with key rows no query of the CTA sees zeroed first (NaN-safe).
-// Both grids are 1-D over (head, tile) pairs (attention_common.cuh: tile_head).
-// Accumulators live in fp32 shared memory and are loaded into / stored from wmma fragments
-// around each product (attention_common.cuh: mma_acc).
+// Flash attention backward for sm_80+, FlashAttention-2's design: fp16/bf16 in, fp32 accumulate,
+// head dims up to 128. One CTA = 4 warps owns BN = 64 keys of one KV head (16 per warp) and walks
+// the query tiles (BM = 64 queries for D <= 64, 32 above) of its query heads. Per query tile, 5 GEMMs:
+//   S^T  = K Q^T    and  dP^T = V dO^T  (ldmatrix + mma.sync; both stay in registers)
+//   P^T  = exp2(S^T * scale * log2 e - lse * log2 e),  dS^T = P^T (dP^T - delta)   (registers)
+//   dV  += P^T dO   and  dK  += dS^T Q  (P^T, dS^T repacked as A fragments; dK, dV in registers
+//                                        for the CTA's whole life)
+//   dQ   = dS K     (dS^T through shared memory, each warp 16 queries x a slice of D), added to
+//                    an fp32 dQ sum in global memory in key-tile order: a per-(head, query tile)
+//                    turn counter makes the key tiles take turns (wait_flag / signal_flag), so the
+//                    sums are deterministic without atomics.
+// Q, dO (and lse, delta) are double-buffered: tile m + 1 streams in by 16-byte cp.async while m
+// is computed. Masking follows the forward's tile classes: full tiles test nothing; partial
+// ones hide scores and zero dS where hidden (so a NaN in a hidden V or K row cannot leak), and
+// zero K entries of keys no query of the tile sees before dQ = dS K.
+// GQA: a CTA walks G / head_splits query heads; head_splits > 1 (few KV heads, e.g. MQA, where
+// B * Hkv * key tiles would leave SMs idle) writes fp32 dK/dV partials summed in a fixed order by
+// finish_kernel, which also scales the dQ sums into grad_q.
+// Arithmetic, D = 128 (BM = 32), per warp per query tile: 5 GEMMs of 16 x 32 x 128 (2 x 32 HMMA
+// for S^T, dP^T; 2 x 32 for dV, dK; 32 for this warp's 16 x 64 slice of dQ over 64 keys) = 160
+// HMMA, against ~90 ldmatrix, ~6 instructions per score for P and dS (16 x 32 / 32 lanes = 16
+// per lane x 2), 8 float2 read-add-writes of dQ and ~40 for loads and addressing: ~3 per HMMA.
+// Shared memory: K, V (64 rows) + 2 x (Q, dO) (BM rows) of D + 8 halves, plus dS^T (64 x BM + 8):
+// 75 KB at D = 128, 57 KB at D = 96, so every head dim fits the 99 KB per block of sm_86/89.
 #include "attention_common.cuh"
+#include "ptx.cuh"
 
 namespace fastlm::cuda::attn {
 namespace {
 
-constexpr int kTile = 32;  // the other side's tile: queries per step (dK/dV), keys per step (dQ)
+constexpr int kBN = kRows;
 
-template <int HD>
-struct BwdSmem {
-  static constexpr int ldh = HD + 8, lds = kTile + 4, ldp = kTile + 8, ldo = HD + 4;
-  static constexpr size_t own = size_t(kRows) * ldh * 2;     // one staged (64 x HD) operand
-  static constexpr size_t other = size_t(kTile) * ldh * 2;   // one staged (32 x HD) operand
-  static constexpr size_t sf = size_t(kWarps) * 16 * lds * 4;  // per-warp fp32 score tiles
-  static constexpr size_t sh = size_t(kWarps) * 16 * ldp * 2;  // per-warp 16-bit score tiles
-  static constexpr size_t acc = size_t(kWarps) * 16 * ldo * 4; // per-warp fp32 accumulators
-  static constexpr size_t dkdv = 2 * own + 2 * other + 2 * kTile * 4 + 2 * sf + 2 * sh + 2 * acc;
-  static constexpr size_t dq = 2 * own + 2 * other + kTile * 4 + 2 * sf + sh + acc;
+template <int HD, int BM>
+struct BwdTiles {
+  static constexpr int ld = HD + kPad, lds = BM + kPad;  // halves per shared row
+  static constexpr size_t kv = size_t(kBN) * ld, qo = size_t(BM) * ld, ds = size_t(kBN) * lds;  // elements
+  static constexpr size_t bytes = (2 * kv + 4 * qo + ds) * 2 + 4 * BM * 4 + kWarps * 4;
 };
 
-template <typename T>
-__global__ void delta_kernel(const T* o, const T* go, float* delta, int64_t rows, int64_t dv) {
-  const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r >= rows) return;
-  float acc = 0.0f;
-  for (int64_t c = 0; c < dv; ++c) acc += to_float(o[r * dv + c]) * to_float(go[r * dv + c]);
-  delta[r] = acc;
-}
-
-template <typename T, int HD>
-__global__ void __launch_bounds__(kWarps * 32, 1) dkdv_kernel(const Params p) {
-  using L = BwdSmem<HD>;
-  FASTLM_DYNAMIC_SHARED(unsigned char, smem);  // 128-byte aligned: wmma pointers need 32
+template <typename T, int HD, int BM>
+__global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
+  using L = BwdTiles<HD, BM>;
+  constexpr int ld = L::ld, lds = L::lds, kMT = BM / 8, kDT = HD / 8;
+  constexpr int kWR = BM / 16, kWC = kWarps / kWR, kCW = HD / kWC;  // dQ: warps as kWR x kWC slices
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem);
   T* Ks = reinterpret_cast<T*>(smem);
-  T* Vs = reinterpret_cast<T*>(smem + L::own);
-  T* Qs = reinterpret_cast<T*>(smem + 2 * L::own);
-  T* dOs = reinterpret_cast<T*>(smem + 2 * L::own + L::other);
-  float* lse_s = reinterpret_cast<float*>(smem + 2 * L::own + 2 * L::other);
-  float* delta_s = lse_s + kTile;
-  float* St = reinterpret_cast<float*>(smem + 2 * L::own + 2 * L::other + 2 * kTile * 4);
-  float* dPt = St + kWarps * 16 * L::lds;
-  T* Pt = reinterpret_cast<T*>(dPt + kWarps * 16 * L::lds);
-  T* dSt = Pt + kWarps * 16 * L::ldp;
-  float* dK = reinterpret_cast<float*>(dSt + kWarps * 16 * L::ldp);
-  float* dV = dK + kWarps * 16 * L::ldo;
+  T* Vs = Ks + L::kv;
+  T* Qs = Vs + L::kv;         // [2][BM][ld]
+  T* dOs = Qs + 2 * L::qo;    // [2][BM][ld]
+  T* dSs = dOs + 2 * L::qo;   // [kBN][lds]: dS^T
+  float* lse_s = reinterpret_cast<float*>(dSs + L::ds);  // [2][BM], log2 units (+inf: row saw nothing)
+  float* delta_s = lse_s + 2 * BM;                        // [2][BM]
+  uint32_t* live_s = reinterpret_cast<uint32_t*>(delta_s + 2 * BM);  // [kWarps]: keys some query sees
 
   const AttentionShape& sh = p.sh;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane % 4;
+  const int64_t group = sh.heads / sh.kv_heads, hpc = group / p.head_splits;
   const TileHead th = tile_head(blockIdx.x, sh.tk);
-  const int64_t bhk = th.head, b = bhk / sh.kv_heads, hk = bhk % sh.kv_heads, group = sh.heads / sh.kv_heads;
-  const int64_t key0 = th.tile * kRows, offset = causal_offset(sh);
-  stage<T, HD>(Ks, L::ldh, static_cast<const T*>(p.k.data) + b * p.k.s[0] + hk * p.k.s[1], p.k.s[2], p.k.s[3], key0,
-               kRows, sh.tk, sh.head_dim);
-  stage<T, HD>(Vs, L::ldh, static_cast<const T*>(p.v.data) + b * p.v.s[0] + hk * p.v.s[1], p.v.s[2], p.v.s[3], key0,
-               kRows, sh.tk, sh.value_dim);
-  float *St_w = St + warp * 16 * L::lds, *dPt_w = dPt + warp * 16 * L::lds;
-  T *Pt_w = Pt + warp * 16 * L::ldp, *dSt_w = dSt + warp * 16 * L::ldp;
-  float *dK_w = dK + warp * 16 * L::ldo, *dV_w = dV + warp * 16 * L::ldo;
-  for (int idx = lane; idx < 16 * L::ldo; idx += 32) dK_w[idx] = dV_w[idx] = 0.0f;
-  const int row = lane >> 1, half = lane & 1;  // two lanes per key row
-  const int64_t key = key0 + warp * 16 + row;
-  int64_t lo = 0;  // first query that can see a key of this CTA
-  if (sh.causal != Causal::kNone) lo = key0 - offset > 0 ? (key0 - offset) / kTile * kTile : 0;
+  const int64_t j0 = th.tile * kBN, split = th.head % p.head_splits, bhk = th.head / p.head_splits;
+  const int64_t b = bhk / sh.kv_heads, hk = bhk % sh.kv_heads, h_first = hk * group + split * hpc;
+  const int64_t offset = causal_offset(sh), dv = sh.value_dim, d = sh.head_dim;
+  const int64_t m_tiles = (sh.tq + BM - 1) / BM;
+  int64_t m_lo = 0;  // under causal, the first query tile that sees key j0
+  if (sh.causal != Causal::kNone) m_lo = max(int64_t(0), j0 - offset) / BM;
+  const int64_t per_head = m_tiles > m_lo ? m_tiles - m_lo : 0, iters = hpc * per_head;
 
-  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-    const char* mg = head_mask<T>(p, b, h);
-    const int64_t bh = b * sh.heads + h;
-    for (int64_t i0 = lo; i0 < sh.tq; i0 += kTile) {
-      __syncthreads();  // the previous tile's Q/dO no longer read
-      stage<T, HD>(Qs, L::ldh, static_cast<const T*>(p.q.data) + b * p.q.s[0] + h * p.q.s[1], p.q.s[2], p.q.s[3], i0,
-                   kTile, sh.tq, sh.head_dim);
-      stage<T, HD>(dOs, L::ldh, static_cast<const T*>(p.grad_out) + bh * sh.tq * sh.value_dim, sh.value_dim, 1, i0,
-                   kTile, sh.tq, sh.value_dim);
-      for (int c = threadIdx.x; c < kTile; c += blockDim.x) {
-        const bool in = i0 + c < sh.tq;
-        lse_s[c] = in ? p.lse[bh * sh.tq + i0 + c] : 0.0f;
-        delta_s[c] = in ? p.delta[bh * sh.tq + i0 + c] : 0.0f;
-      }
-      __syncthreads();
-      mma_acc<T, HD / 16, kTile / 16, false>(St_w, L::lds, Ks + warp * 16 * L::ldh, L::ldh, Qs, L::ldh, true);
-      mma_acc<T, HD / 16, kTile / 16, false>(dPt_w, L::lds, Vs + warp * 16 * L::ldh, L::ldh, dOs, L::ldh, true);
-      __syncwarp();
-      for (int c = half * (kTile / 2); c < (half + 1) * (kTile / 2); ++c) {
-        float s = St_w[row * L::lds + c] * sh.scale;
-        const bool ok = visible<T>(p, mg, i0 + c, key, offset, &s);
-        const float pt = ok ? __expf(s - lse_s[c]) : 0.0f;
-        const float ds = ok ? pt * (dPt_w[row * L::lds + c] - delta_s[c]) : 0.0f;
-        Pt_w[row * L::ldp + c] = from_float<T>(pt);
-        dSt_w[row * L::ldp + c] = from_float<T>(ds);
-      }
-      __syncwarp();
-      mma_acc<T, kTile / 16, HD / 16, true>(dV_w, L::ldo, Pt_w, L::ldp, dOs, L::ldh, false);
-      mma_acc<T, kTile / 16, HD / 16, true>(dK_w, L::ldo, dSt_w, L::ldp, Qs, L::ldh, false);
+  const T* kg = static_cast<const T*>(p.k.data) + b * p.k.s[0] + hk * p.k.s[1];
+  const T* vg = static_cast<const T*>(p.v.data) + b * p.v.s[0] + hk * p.v.s[1];
+  auto rows_of = [](const T* base, int64_t stride, int64_t first, int64_t limit) {
+    return [=](int r) -> const T* { return first + r < limit ? base + (first + r) * stride : nullptr; };
+  };
+  // iteration it: query head h_first + it / per_head, query tile m_lo + it % per_head
+  auto load_tile = [&](int64_t it, int buf) {
+    const int64_t h = h_first + it / per_head, m0 = (m_lo + it % per_head) * BM, bh = b * sh.heads + h;
+    const T* qg = static_cast<const T*>(p.q.data) + b * p.q.s[0] + h * p.q.s[1];
+    load_rows<T, HD, BM>(Qs + buf * L::qo, d, rows_of(qg, p.q.s[2], m0, sh.tq));
+    const T* dog = static_cast<const T*>(p.dout.data) + b * p.dout.s[0] + h * p.dout.s[1];
+    load_rows<T, HD, BM>(dOs + buf * L::qo, dv, rows_of(dog, p.dout.s[2], m0, sh.tq));
+    for (int r = threadIdx.x; r < BM; r += kThreads) {
+      const bool in = m0 + r < sh.tq;
+      const float l = in ? p.lse[bh * sh.tq + m0 + r] : neg_inf();
+      lse_s[buf * BM + r] = l == neg_inf() ? -neg_inf() : l * kLog2e;
+      delta_s[buf * BM + r] = in ? p.delta[bh * sh.tq + m0 + r] : 0.0f;
     }
+  };
+
+  float dk[kDT][4], dvacc[kDT][4];
+#pragma unroll
+  for (int n = 0; n < kDT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dvacc[n][e] = 0.0f;
+  const float scale2 = sh.scale * kLog2e;
+  const int64_t key_row[2] = {j0 + warp * 16 + lane / 4, j0 + warp * 16 + lane / 4 + 8};
+
+  if (iters > 0) {
+    load_rows<T, HD, kBN>(Ks, d, rows_of(kg, p.k.s[2], j0, sh.tk));
+    load_rows<T, HD, kBN>(Vs, dv, rows_of(vg, p.v.s[2], j0, sh.tk));
+    load_tile(0, 0);
+    cp_async_commit();
   }
-  __syncwarp();
-  if (key < sh.tk) {
-    T* gk = static_cast<T*>(p.grad_k) + (bhk * sh.tk + key) * sh.head_dim;
-    T* gv = static_cast<T*>(p.grad_v) + (bhk * sh.tk + key) * sh.value_dim;
-    for (int c = half; c < sh.head_dim; c += 2) gk[c] = from_float<T>(dK_w[row * L::ldo + c] * sh.scale);
-    for (int c = half; c < sh.value_dim; c += 2) gv[c] = from_float<T>(dV_w[row * L::ldo + c]);
-  }
-}
-
-template <typename T, int HD>
-__global__ void __launch_bounds__(kWarps * 32) dq_kernel(const Params p) {
-  using L = BwdSmem<HD>;
-  FASTLM_DYNAMIC_SHARED(unsigned char, smem);  // 128-byte aligned: wmma pointers need 32
-  T* Qs = reinterpret_cast<T*>(smem);
-  T* dOs = reinterpret_cast<T*>(smem + L::own);
-  T* Ks = reinterpret_cast<T*>(smem + 2 * L::own);
-  T* Vs = reinterpret_cast<T*>(smem + 2 * L::own + L::other);
-  int* live = reinterpret_cast<int*>(smem + 2 * L::own + 2 * L::other);
-  float* S = reinterpret_cast<float*>(smem + 2 * L::own + 2 * L::other + kTile * 4);
-  float* dP = S + kWarps * 16 * L::lds;
-  T* dS = reinterpret_cast<T*>(dP + kWarps * 16 * L::lds);
-  float* dQ = reinterpret_cast<float*>(dS + kWarps * 16 * L::ldp);
-
-  const AttentionShape& sh = p.sh;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const TileHead th = tile_head(blockIdx.x, sh.tq);
-  const int64_t bh = th.head, b = bh / sh.heads, h = bh % sh.heads, hk = h / (sh.heads / sh.kv_heads);
-  const int64_t q0 = th.tile * kRows, offset = causal_offset(sh);
-  const char* mg = head_mask<T>(p, b, h);
-  stage<T, HD>(Qs, L::ldh, static_cast<const T*>(p.q.data) + b * p.q.s[0] + h * p.q.s[1], p.q.s[2], p.q.s[3], q0,
-               kRows, sh.tq, sh.head_dim);
-  stage<T, HD>(dOs, L::ldh, static_cast<const T*>(p.grad_out) + bh * sh.tq * sh.value_dim, sh.value_dim, 1, q0, kRows,
-               sh.tq, sh.value_dim);
-  float *S_w = S + warp * 16 * L::lds, *dP_w = dP + warp * 16 * L::lds, *dQ_w = dQ + warp * 16 * L::ldo;
-  T* dS_w = dS + warp * 16 * L::ldp;
-  for (int idx = lane; idx < 16 * L::ldo; idx += 32) dQ_w[idx] = 0.0f;
-  const int row = lane >> 1, half = lane & 1;  // two lanes per query row
-  const int64_t qi = q0 + warp * 16 + row;
-  const float lse = qi < sh.tq ? p.lse[bh * sh.tq + qi] : 0.0f;
-  const float delta = qi < sh.tq ? p.delta[bh * sh.tq + qi] : 0.0f;
-  int64_t hi = sh.tk;
-  if (sh.causal != Causal::kNone) hi = q0 + kRows + offset < sh.tk ? q0 + kRows + offset : sh.tk;
-
-  for (int64_t j0 = 0; j0 < hi; j0 += kTile) {
-    __syncthreads();
-    stage<T, HD>(Ks, L::ldh, static_cast<const T*>(p.k.data) + b * p.k.s[0] + hk * p.k.s[1], p.k.s[2], p.k.s[3], j0,
-                 kTile, sh.tk, sh.head_dim);
-    stage<T, HD>(Vs, L::ldh, static_cast<const T*>(p.v.data) + b * p.v.s[0] + hk * p.v.s[1], p.v.s[2], p.v.s[3], j0,
-                 kTile, sh.tk, sh.value_dim);
-    for (int c = threadIdx.x; c < kTile; c += blockDim.x) live[c] = 0;
-    __syncthreads();
-    mma_acc<T, HD / 16, kTile / 16, false>(S_w, L::lds, Qs + warp * 16 * L::ldh, L::ldh, Ks, L::ldh, true);
-    mma_acc<T, HD / 16, kTile / 16, false>(dP_w, L::lds, dOs + warp * 16 * L::ldh, L::ldh, Vs, L::ldh, true);
-    __syncwarp();
-    for (int c = half * (kTile / 2); c < (half + 1) * (kTile / 2); ++c) {
-      float s = S_w[row * L::lds + c] * sh.scale;
-      const bool ok = visible<T>(p, mg, qi, j0 + c, offset, &s);
-      const float pr = ok ? __expf(s - lse) : 0.0f;
-      dS_w[row * L::ldp + c] = from_float<T>(ok ? pr * (dP_w[row * L::lds + c] - delta) : 0.0f);
-      if (ok) atomicOr(&live[c], 1);  // many lanes mark one key: an atomic, not a racing store
+  for (int64_t it = 0; it < iters; ++it) {
+    const int buf = int(it & 1);
+    const int64_t h = h_first + it / per_head, m = m_lo + it % per_head, m0 = m * BM, bh = b * sh.heads + h;
+    cp_async_wait<0>();
+    __syncthreads();  // tile `it` landed; every warp is done with the other buffer and with dS^T
+    if (it + 1 < iters) {
+      load_tile(it + 1, buf ^ 1);
+      cp_async_commit();
     }
+    const T* Qb = Qs + buf * L::qo;
+    const T* dOb = dOs + buf * L::qo;
+    const float* lse_b = lse_s + buf * BM;
+    const float* delta_b = delta_s + buf * BM;
+
+    float st[kMT][4], dpt[kMT][4];  // S^T and dP^T: this warp's 16 keys x BM queries
+    mma_abt<T, HD, kMT>(st, Ks + warp * 16 * ld, Qb, ld, lane);
+    mma_abt<T, HD, kMT>(dpt, Vs + warp * 16 * ld, dOb, ld, lane);
+
+    const bool full = sh.mask_kind == MaskKind::kNone && j0 + kBN <= sh.tk && m0 + BM <= sh.tq &&
+                      (sh.causal == Causal::kNone || j0 + kBN - 1 <= m0 + offset);
+    bool seen[2] = {full, full};
+#pragma unroll
+    for (int n = 0; n < kMT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e / 2, c = n * 8 + quad * 2 + e % 2;  // key row i, query column c
+        float x = st[n][e] * scale2;
+        bool ok = true;
+        if (!full) {
+          const int64_t t = m0 + c, j = key_row[i];
+          ok = t < sh.tq && j < sh.tk && (sh.causal == Causal::kNone || j <= t + offset);
+          if (ok && sh.mask_kind != MaskKind::kNone) {
+            const int64_t at = b * p.mask.s[0] + h * p.mask.s[1] + t * p.mask.s[2] + j * p.mask.s[3];
+            if (sh.mask_kind == MaskKind::kBool) {
+              ok = static_cast<const uint8_t*>(p.mask.data)[at] != 0;
+            } else {
+              x += to_float(static_cast<const T*>(p.mask.data)[at]) * kLog2e;
+              ok = x != neg_inf();
+            }
+          }
+          seen[i] = seen[i] || ok;
+        }
+        const float pr = ok ? exp2_approx(x - lse_b[c]) : 0.0f;
+        st[n][e] = pr;
+        dpt[n][e] = ok ? pr * (dpt[n][e] - delta_b[c]) : 0.0f;  // dS^T; hidden: exactly 0, even if dP is NaN
+      }
+
+    // dV += P^T dO, dK += dS^T Q
+    {
+      uint32_t a[kMT / 2][4];
+      as_a_fragments<T, kMT>(a, st);
+      mma_ab_trans<T, kMT / 2, kDT>(dvacc, a, dOb, ld, lane);
+      as_a_fragments<T, kMT>(a, dpt);
+      mma_ab_trans<T, kMT / 2, kDT>(dk, a, Qb, ld, lane);
+#pragma unroll
+      for (int n = 0; n < kMT; ++n) {  // dS^T into shared memory for dQ
+        *reinterpret_cast<uint32_t*>(dSs + (warp * 16 + lane / 4) * lds + n * 8 + quad * 2) = a[n / 2][n % 2 * 2];
+        *reinterpret_cast<uint32_t*>(dSs + (warp * 16 + lane / 4 + 8) * lds + n * 8 + quad * 2) =
+            a[n / 2][n % 2 * 2 + 1];
+      }
+    }
+    if (!full) {  // which of this warp's keys some query of the tile sees
+      for (int i = 0; i < 2; ++i) {  // every lane shuffles (no short-circuit || around it)
+        int any = seen[i];
+        any |= __shfl_xor_sync(0xffffffffu, any, 1);
+        any |= __shfl_xor_sync(0xffffffffu, any, 2);
+        seen[i] = any != 0;
+      }
+      const uint32_t lo = __ballot_sync(0xffffffffu, seen[0]), hi = __ballot_sync(0xffffffffu, seen[1]);
+      uint32_t bits = 0;
+      for (int r = 0; r < 8; ++r) bits |= (lo >> (4 * r) & 1) << r | (hi >> (4 * r) & 1) << (r + 8);
+      if (lane == 0) live_s[warp] = bits;
+    }
+    __syncthreads();  // dS^T and live_s complete
+
+    // this warp's dQ slice: queries rb * 16.., columns cb * kCW..; dQ = dS K over the 64 keys
+    const int rb = warp % kWR, cb = warp / kWR;
+    float dq[kCW / 8][4];
+#pragma unroll
+    for (int n = 0; n < kCW / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < kBN / 16; ++ks) {
+      uint32_t a[4];
+      ldmatrix_x4_trans(a, dSs + (ks * 16 + lane / 16 * 8 + lane % 8) * lds + rb * 16 + (lane / 8) % 2 * 8);
+      uint32_t keep_lo = 0xffffffffu, keep_hi = 0xffffffffu;  // K entries of keys nobody sees: 0
+      if (!full) keep_lo = keep_halves(live_s[ks], quad * 2), keep_hi = keep_halves(live_s[ks], quad * 2 + 8);  // warp ks's keys
+#pragma unroll
+      for (int n = 0; n < kCW / 8; n += 2) {
+        uint32_t f[4];
+        ldmatrix_x4_trans(f, Ks + (ks * 16 + (lane / 8) % 2 * 8 + lane % 8) * ld + cb * kCW + n * 8 + lane / 16 * 8);
+        mma_m16n8k16<T>(dq[n], a, f[0] & keep_lo, f[1] & keep_hi);
+        mma_m16n8k16<T>(dq[n + 1], a, f[2] & keep_lo, f[3] & keep_hi);
+      }
+    }
+
+    // add it to the dQ sum when it is this key tile's turn (key tiles in order: deterministic)
+    int* turn = p.dq_turn + bh * m_tiles + m;
+    if (threadIdx.x == 0) wait_flag(turn, int(th.tile));
     __syncthreads();
-    for (int idx = threadIdx.x; idx < kTile * HD; idx += blockDim.x)
-      if (!live[idx / HD]) Ks[(idx / HD) * L::ldh + idx % HD] = from_float<T>(0.0f);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int64_t t = m0 + rb * 16 + lane / 4 + 8 * i;
+      if (t >= sh.tq) continue;
+      float* row = p.dq_acc + (bh * sh.tq + t) * d;
+#pragma unroll
+      for (int n = 0; n < kCW / 8; ++n) {
+        const int64_t c = cb * kCW + n * 8 + quad * 2;
+        if (c + 1 < d) {
+          float2 old = load_l2(reinterpret_cast<const float2*>(row + c));
+          old.x += dq[n][2 * i], old.y += dq[n][2 * i + 1];
+          *reinterpret_cast<float2*>(row + c) = old;
+        } else if (c < d) {
+          row[c] += dq[n][2 * i];
+        }
+      }
+    }
+    __threadfence();
     __syncthreads();
-    mma_acc<T, kTile / 16, HD / 16, true>(dQ_w, L::ldo, dS_w, L::ldp, Ks, L::ldh, false);
+    if (threadIdx.x == 0) signal_flag(turn, int(th.tile) + 1);
   }
-  __syncwarp();
-  if (qi < sh.tq) {
-    T* gq = static_cast<T*>(p.grad_q) + (bh * sh.tq + qi) * sh.head_dim;
-    for (int c = half; c < sh.head_dim; c += 2) gq[c] = from_float<T>(dQ_w[row * L::ldo + c] * sh.scale);
+
+  // dK (scaled) and dV of this CTA's keys: straight into grad_k/grad_v, or fp32 partials
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t j = key_row[i];
+    if (j >= sh.tk) continue;
+#pragma unroll
+    for (int n = 0; n < kDT; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t c = n * 8 + quad * 2 + e;
+        if (p.head_splits == 1) {
+          const int64_t at = ((b * sh.kv_heads + hk) * sh.tk + j);
+          if (c < d) static_cast<T*>(p.grad_k)[at * d + c] = from_float<T>(dk[n][2 * i + e] * sh.scale);
+          if (c < dv) static_cast<T*>(p.grad_v)[at * dv + c] = from_float<T>(dvacc[n][2 * i + e]);
+        } else {
+          float* part = p.dkv_part + ((bhk * p.head_splits + split) * sh.tk + j) * (d + dv);
+          if (c < d) part[c] = dk[n][2 * i + e] * sh.scale;
+          if (c < dv) part[d + c] = dvacc[n][2 * i + e];
+        }
+      }
   }
 }
 
-template <typename T, int HD>
-int launch(const Params& p, cudaStream_t stream) {
-  using L = BwdSmem<HD>;
-  cudaError_t err = cudaFuncSetAttribute(dkdv_kernel<T, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(L::dkdv));
-  if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(dq_kernel<T, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(L::dq));
-  if (err != cudaSuccess) return int(err);
-  const int64_t rows = p.sh.batch * p.sh.heads * p.sh.tq;
-  launch_kernel(delta_kernel<T>, unsigned((rows + 255) / 256), 256, 0, stream, static_cast<const T*>(p.out),
-                static_cast<const T*>(p.grad_out), p.delta, rows, p.sh.value_dim);
-  const dim3 kv_grid(unsigned(row_tiles(p.sh.tk) * p.sh.batch * p.sh.kv_heads));
-  launch_kernel(dkdv_kernel<T, HD>, kv_grid, kWarps * 32, L::dkdv, stream, p);
-  const dim3 q_grid(unsigned(row_tiles(p.sh.tq) * p.sh.batch * p.sh.heads));
-  launch_kernel(dq_kernel<T, HD>, q_grid, kWarps * 32, L::dq, stream, p);
-  return int(cudaGetLastError());
-}
-
-// The one table of backward instantiations: calls f(HD) as an integral constant for head dim
-// hd <= 128 (the binding refuses larger ones), or returns `none`.
-template <typename F, typename R>
-R with_head_dim(int64_t hd, R none, F&& f) {
-  using std::integral_constant;
-  if (hd <= 32) return f(integral_constant<int, 32>{});
-  if (hd <= 64) return f(integral_constant<int, 64>{});
-  if (hd <= 80) return f(integral_constant<int, 80>{});
-  if (hd <= 96) return f(integral_constant<int, 96>{});
-  if (hd <= 128) return f(integral_constant<int, 128>{});
-  return none;
-}
-
+// delta = rowsum(dO * O) in fp32, one warp per row (O contiguous, dO strided).
 template <typename T>
-int dispatch_head_dim(const Params& p, cudaStream_t stream) {
-  return with_head_dim(max_head_dim(p.sh), int(cudaErrorInvalidValue),
-                       [&](auto hd) { return launch<T, hd.value>(p, stream); });
+__global__ void delta_kernel(const Params p) {
+  const AttentionShape& sh = p.sh;
+  const int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32, dv = sh.value_dim;
+  if (r >= sh.batch * sh.heads * sh.tq) return;
+  const T* o = static_cast<const T*>(p.out) + r * dv;
+  const int64_t b = r / (sh.heads * sh.tq), h = r / sh.tq % sh.heads, t = r % sh.tq;
+  const T* go = static_cast<const T*>(p.dout.data) + b * p.dout.s[0] + h * p.dout.s[1] + t * p.dout.s[2];
+  float acc = 0.0f;
+  for (int64_t c = threadIdx.x % 32; c < dv; c += 32) acc += to_float(o[c]) * to_float(go[c]);
+  for (int s = 16; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+  if (threadIdx.x % 32 == 0) p.delta[r] = acc;
+}
+
+// grad_q = scale * dQ sum; with head splits, grad_k/grad_v = the partials summed in split order.
+template <typename T>
+__global__ void finish_kernel(const Params p) {
+  const AttentionShape& sh = p.sh;
+  const int64_t d = sh.head_dim, dv = sh.value_dim, nq = sh.batch * sh.heads * sh.tq * d;
+  const int64_t nkv = p.head_splits > 1 ? sh.batch * sh.kv_heads * sh.tk * (d + dv) : 0;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < nq + nkv; i += int64_t(gridDim.x) * blockDim.x) {
+    if (i < nq) {
+      static_cast<T*>(p.grad_q)[i] = from_float<T>(p.dq_acc[i] * sh.scale);
+      continue;
+    }
+    const int64_t r = (i - nq) / (d + dv), c = (i - nq) % (d + dv), bhk = r / sh.tk, j = r % sh.tk;
+    float acc = 0.0f;
+    for (int64_t s = 0; s < p.head_splits; ++s) acc += p.dkv_part[((bhk * p.head_splits + s) * sh.tk + j) * (d + dv) + c];
+    if (c < d) static_cast<T*>(p.grad_k)[r * d + c] = from_float<T>(acc);
+    else static_cast<T*>(p.grad_v)[r * dv + c - d] = from_float<T>(acc);
+  }
+}
+
+// The one table of backward tile shapes: f(HD, BM) for head dim hd (<= 128).
+template <typename F>
+auto with_bwd_tiles(int64_t hd, F&& f) {
+  using std::integral_constant;
+  if (hd <= 32) return f(integral_constant<int, 32>{}, integral_constant<int, 64>{});
+  if (hd <= 64) return f(integral_constant<int, 64>{}, integral_constant<int, 64>{});
+  // 65..96 (80 included) on 96-wide tiles: BM = 64 spills there, and BM = 32 needs the dQ slice
+  // (D / 2) to be a multiple of 16
+  if (hd <= 96) return f(integral_constant<int, 96>{}, integral_constant<int, 32>{});
+  return f(integral_constant<int, 128>{}, integral_constant<int, 32>{});
+}
+
+// Query heads of a GQA group split over this many CTAs per key tile: enough CTAs for about two
+// per SM (MQA at B = 1 has only Tk / 64 key tiles otherwise), always a divisor of the group.
+int64_t head_splits(const AttentionShape& sh) {
+  const int64_t group = sh.heads / sh.kv_heads, ctas = sh.batch * sh.kv_heads * row_tiles(sh.tk);
+  int device = 0, sms = 0;
+  if (group == 1 || cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return 1;
+  int64_t s = 1;
+  while (s < group && ctas * s < 2 * sms) {
+    do ++s; while (group % s != 0);
+  }
+  return s;
+}
+
+int64_t dq_tiles(const AttentionShape& sh) {
+  return with_bwd_tiles(max_head_dim(sh), [&](auto, auto bm) { return (sh.tq + bm.value - 1) / bm.value; });
+}
+
+template <typename T, int HD, int BM>
+int launch(const Params& p, cudaStream_t stream) {
+  const size_t bytes = BwdTiles<HD, BM>::bytes;
+  cudaError_t err = cudaFuncSetAttribute(backward_kernel<T, HD, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (err != cudaSuccess) return int(err);
+  const AttentionShape& sh = p.sh;
+  const int64_t rows = sh.batch * sh.heads * sh.tq;  // delta: one warp per query row
+  launch_kernel(delta_kernel<T>, unsigned((rows + 7) / 8), 256, 0, stream, p);
+  const unsigned grid = unsigned(row_tiles(sh.tk) * sh.batch * sh.kv_heads * p.head_splits);
+  launch_kernel(backward_kernel<T, HD, BM>, grid, kThreads, bytes, stream, p);
+  const int64_t finish = sh.batch * sh.heads * sh.tq * sh.head_dim +
+                         (p.head_splits > 1 ? sh.batch * sh.kv_heads * sh.tk * (sh.head_dim + sh.value_dim) : 0);
+  launch_kernel(finish_kernel<T>, unsigned(min(int64_t(1024), (finish + 255) / 256)), 256, 0, stream, p);
+  return int(cudaGetLastError());
 }
 
 }  // namespace
@@ -220,19 +330,33 @@ namespace fastlm {
 
 int64_t attention_backward_cuda_smem(int64_t head_dim, int64_t value_dim) {
   const int64_t hd = head_dim > value_dim ? head_dim : value_dim;
-  return cuda::attn::with_head_dim(hd, int64_t(-1), [](auto d) {
-    using L = cuda::attn::BwdSmem<d.value>;
-    return int64_t(L::dkdv > L::dq ? L::dkdv : L::dq);
-  });
+  return cuda::attn::with_bwd_tiles(hd, [](auto d, auto bm) { return int64_t(cuda::attn::BwdTiles<d.value, bm.value>::bytes); });
 }
 
-int attention_backward_cuda(const AttentionShape& shape, const void* grad_out, Strided4 q, Strided4 k, Strided4 v,
-                            Strided4 mask, const void* out, const float* lse, float* delta, void* grad_q,
+AttentionBackwardWorkspace attention_backward_cuda_workspace(const AttentionShape& shape) {
+  const int64_t splits = cuda::attn::head_splits(shape);
+  const int64_t dq = shape.batch * shape.heads * shape.tq * shape.head_dim;
+  const int64_t turns = shape.batch * shape.heads * cuda::attn::dq_tiles(shape);
+  const int64_t part = splits > 1 ? shape.batch * shape.kv_heads * splits * shape.tk * (shape.head_dim + shape.value_dim) : 0;
+  return {shape.batch * shape.heads * shape.tq + dq + turns + part, splits};
+}
+
+int attention_backward_cuda(const AttentionShape& shape, Strided4 grad_out, Strided4 q, Strided4 k, Strided4 v,
+                            Strided4 mask, const void* out, const float* lse, float* workspace, void* grad_q,
                             void* grad_k, void* grad_v, cudaStream_t stream) {
-  cuda::attn::Params p{shape, q, k, v, mask, const_cast<void*>(out), const_cast<float*>(lse)};
-  p.grad_out = grad_out, p.delta = delta, p.grad_q = grad_q, p.grad_k = grad_k, p.grad_v = grad_v;
-  if (shape.dtype == DType::kFloat16) return cuda::attn::dispatch_head_dim<__half>(p, stream);
-  return cuda::attn::dispatch_head_dim<__nv_bfloat16>(p, stream);
+  const AttentionBackwardWorkspace ws = attention_backward_cuda_workspace(shape);
+  cuda::attn::Params p{shape, q, k, v, mask, const_cast<void*>(out), const_cast<float*>(lse), grad_out};  // dout
+  p.delta = workspace;
+  p.dq_acc = p.delta + shape.batch * shape.heads * shape.tq;
+  p.dq_turn = reinterpret_cast<int*>(p.dq_acc + shape.batch * shape.heads * shape.tq * shape.head_dim);
+  p.dkv_part = reinterpret_cast<float*>(p.dq_turn + shape.batch * shape.heads * cuda::attn::dq_tiles(shape));
+  p.head_splits = ws.head_splits;
+  p.grad_q = grad_q, p.grad_k = grad_k, p.grad_v = grad_v;
+  const int64_t hd = cuda::attn::max_head_dim(shape);
+  return cuda::attn::with_bwd_tiles(hd, [&](auto d, auto bm) {
+    if (shape.dtype == DType::kFloat16) return cuda::attn::launch<__half, d.value, bm.value>(p, stream);
+    return cuda::attn::launch<__nv_bfloat16, d.value, bm.value>(p, stream);
+  });
 }
 
 }  // namespace fastlm

@@ -1,11 +1,10 @@
 // Pieces shared by the tensor-core attention kernels (attention.cu forward, attention_bwd.cu
-// backward): launch parameters, staging of strided (T, D) tiles into shared memory, and the
-// visibility rule of fastlm/attention.h for one (query, key) score.
+// backward): launch parameters, the 1-D grid's (head, tile) split, and the index math of row
+// groups (GQA packing), key ranges and tile classes, as __host__ __device__ helpers.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -13,13 +12,14 @@
 #include "activations.cuh"
 #include "fastlm/attention.h"
 #include "launch.cuh"
+#include "ptx.cuh"
 
 namespace fastlm::cuda::attn {
 
-namespace wmma = nvcuda::wmma;
-
-constexpr int kWarps = 4;
+constexpr int kWarps = 4, kThreads = kWarps * 32;
 constexpr int kRows = 16 * kWarps;  // query (or key) rows per CTA: 16 per warp
+constexpr int kPad = 8;             // halves of padding per shared row: an ldmatrix phase's 8 rows in distinct banks
+constexpr float kLog2e = 1.4426950408889634f;
 
 __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
 
@@ -28,49 +28,18 @@ struct Params {
   Strided4 q, k, v, mask;
   void* out;   // forward: written; backward: read (contiguous (B, H, Tq, Dv))
   float* lse;  // forward: written; backward: read
-  const void* grad_out = nullptr;  // backward: contiguous (B, H, Tq, Dv)
+  Strided4 dout{};                 // backward: grad_out, rows 16-byte aligned like q, k, v
   float* delta = nullptr;          // backward: rowsum(grad_out * out), (B, H, Tq) scratch
   void* grad_q = nullptr;          // backward outputs, contiguous like q, k, v
   void* grad_k = nullptr;
   void* grad_v = nullptr;
   float* part = nullptr;  // split-KV forward: (B*H, splits, Tq, Dv + 2) partial O, max, sum
   int64_t chunk = 0;      // split-KV forward: keys per split (a multiple of every key tile)
+  float* dq_acc = nullptr;   // backward: fp32 (B, H, Tq, D) dQ sums, zeroed, then scaled into grad_q
+  int* dq_turn = nullptr;    // backward: per (b, h, query tile), the key tile whose turn it is to add
+  float* dkv_part = nullptr; // backward, head_splits > 1: fp32 (B, Hkv, splits, Tk, D + Dv) partials
+  int64_t head_splits = 1;   // backward: CTAs sharing one KV head's group of query heads
 };
-
-// Rows [r0, r0 + rows) x cols [0, HD) of a strided (T, D) matrix into shared memory, zero padded.
-template <typename T, int HD>
-__device__ __forceinline__ void stage(T* dst, int ld, const T* src, int64_t rs, int64_t cs, int64_t r0, int rows,
-                                      int64_t valid_rows, int64_t cols) {
-  for (int idx = threadIdx.x; idx < rows * HD; idx += blockDim.x) {
-    const int r = idx / HD, c = idx % HD;
-    T val = from_float<T>(0.0f);
-    if (r0 + r < valid_rows && c < cols) val = src[(r0 + r) * rs + c * cs];
-    dst[r * ld + c] = val;
-  }
-}
-
-// The mask of one (batch, head), as a byte pointer (null without a mask).
-template <typename T>
-__device__ __forceinline__ const char* head_mask(const Params& p, int64_t b, int64_t h) {
-  if (p.mask.data == nullptr) return nullptr;
-  const int64_t elt = p.sh.mask_kind == MaskKind::kBool ? 1 : int64_t(sizeof(T));
-  return static_cast<const char*>(p.mask.data) + (b * p.mask.s[0] + h * p.mask.s[1]) * elt;
-}
-
-// Whether query qi sees key j; adds an additive mask into *s. Out-of-range indices are hidden.
-template <typename T>
-__device__ __forceinline__ bool visible(const Params& p, const char* mg, int64_t qi, int64_t j, int64_t offset,
-                                        float* s) {
-  const AttentionShape& sh = p.sh;
-  bool ok = qi < sh.tq && j < sh.tk && (sh.causal == Causal::kNone || j <= qi + offset);
-  if (ok && sh.mask_kind == MaskKind::kBool) {
-    ok = reinterpret_cast<const uint8_t*>(mg)[qi * p.mask.s[2] + j * p.mask.s[3]] != 0;
-  } else if (ok && sh.mask_kind == MaskKind::kAdditive) {
-    *s += to_float(reinterpret_cast<const T*>(mg)[qi * p.mask.s[2] + j * p.mask.s[3]]);
-    ok = *s != neg_inf();
-  }
-  return ok;
-}
 
 // Grids are 1-D over (head, row tile) pairs, tiles fastest, so the CTAs of one head run together
 // (its K/V stay in L2) and no head count hits the 65,535 limit of gridDim.y (decode at B = 2048,
@@ -92,31 +61,133 @@ __host__ __device__ constexpr int64_t causal_offset(const AttentionShape& sh) {
   return sh.causal == Causal::kBottomRight ? sh.tk - sh.tq : 0;
 }
 
-// C (16 x 16*NC, fp32 in shared memory, ldc) += A (16 x 16*KC, row-major T) * B, where B is
-// (16*KC x 16*NC) row-major (B_ROW) or given as its transpose (16*NC x 16*KC) row-major.
-template <typename T, int KC, int NC, bool B_ROW>
-__device__ __forceinline__ void mma_acc(float* C, int ldc, const T* A, int lda, const T* B, int ldb, bool zero) {
-#pragma unroll
-  for (int n = 0; n < NC; ++n) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    if (zero) wmma::fill_fragment(acc, 0.0f);
-    else wmma::load_matrix_sync(acc, C + n * 16, ldc, wmma::mem_row_major);
-#pragma unroll
-    for (int kk = 0; kk < KC; ++kk) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-      wmma::load_matrix_sync(a, A + kk * 16, lda);
-      if constexpr (B_ROW) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
-        wmma::load_matrix_sync(bf, B + kk * 16 * ldb + n * 16, ldb);
-        wmma::mma_sync(acc, a, bf, acc);
-      } else {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
-        wmma::load_matrix_sync(bf, B + n * 16 * ldb + kk * 16, ldb);
-        wmma::mma_sync(acc, a, bf, acc);
-      }
-    }
-    wmma::store_matrix_sync(C + n * 16, acc, ldc, wmma::mem_row_major);
+// ---- The flash-attention-2 kernels' index math (attention.cu), host-testable.
+// Query rows of a CTA come from a "row group": one query head (prefill), or, for decode-like
+// calls (Tq <= kPackMaxTq) under GQA, the G query heads that share one KV head, packed as row
+// r = g * Tq + t. Packing makes one CTA read each K/V tile once for the whole group and fills
+// the 64-row tile with real queries instead of 1 row and 63 of padding.
+constexpr int64_t kPackMaxTq = 16;
+__host__ __device__ constexpr int64_t packed_heads(const AttentionShape& sh) {
+  return sh.tq <= kPackMaxTq && sh.heads > sh.kv_heads ? sh.heads / sh.kv_heads : 1;
+}
+struct RowGroup {
+  int64_t batch, head0, kv_head, rows;  // rows = packed heads * Tq
+};
+__host__ __device__ inline RowGroup row_group(const AttentionShape& sh, int64_t group) {
+  const int64_t pack = packed_heads(sh), per_batch = sh.heads / pack;
+  const int64_t h0 = group % per_batch * pack;
+  return {group / per_batch, h0, h0 / (sh.heads / sh.kv_heads), pack * sh.tq};
+}
+struct QueryRow {
+  int64_t head, t;  // query head and position of packed row r
+};
+__host__ __device__ inline QueryRow query_row(const AttentionShape& sh, const RowGroup& g, int64_t r) {
+  return {g.head0 + r / sh.tq, r % sh.tq};
+}
+
+// The keys a CTA walks, [lo, hi), and where its tiles stop being maskless. A tile [j0, j0 + bn)
+// is full (no visibility test at all) when no user mask exists, it lies inside Tk and, under
+// causal, its last key is visible to the tile's first query: j0 + bn - 1 <= t_min + offset.
+struct KeyRange {
+  int64_t lo, hi;  // keys to visit; hi <= lo: none
+  int64_t t_min;   // smallest query position among the CTA's rows
+};
+__host__ __device__ inline KeyRange key_range(const AttentionShape& sh, int64_t rows, int64_t r0, int64_t rows_per_cta,
+                                              int64_t split_lo, int64_t split_hi) {
+  const bool packed = rows > sh.tq;
+  const int64_t last = r0 + rows_per_cta < rows ? r0 + rows_per_cta : rows;  // one past the CTA's last row
+  const int64_t t_min = packed ? 0 : r0, t_max = packed ? sh.tq - 1 : last - 1;
+  int64_t hi = sh.tk < split_hi ? sh.tk : split_hi;
+  if (sh.causal != Causal::kNone) {
+    const int64_t seen = t_max + causal_offset(sh) + 1;  // keys [0, seen) visible to some row
+    hi = seen < hi ? seen : hi;
   }
+  return {split_lo, hi, t_min};
+}
+__host__ __device__ inline bool tile_is_full(const AttentionShape& sh, const KeyRange& kr, int64_t j0, int64_t bn) {
+  if (sh.mask_kind != MaskKind::kNone || j0 + bn > sh.tk) return false;
+  return sh.causal == Causal::kNone || j0 + bn - 1 <= kr.t_min + causal_offset(sh);
+}
+
+// ROWS x HD of a (rows, d) operand into shared memory (rows HD + kPad apart) as 16-byte
+// cp.async chunks; row_ptr(r) is a row's global address, or null past the end (zero fill).
+// Columns past d zero-fill too. Rows must be 16-byte aligned (the bindings make them so).
+template <typename T, int HD, int ROWS, typename RowPtr>
+__device__ __forceinline__ void load_rows(T* dst, int64_t d, RowPtr row_ptr) {
+  constexpr int kChunks = HD / 8;
+#pragma unroll
+  for (int i = 0; i < (ROWS * kChunks + kThreads - 1) / kThreads; ++i) {
+    const int idx = threadIdx.x + i * kThreads;
+    if (ROWS * kChunks % kThreads != 0 && idx >= ROWS * kChunks) break;
+    const int r = idx / kChunks, c = idx % kChunks * 8;
+    const T* src = row_ptr(r);
+    const int64_t left = d - c;
+    const int bytes = src == nullptr || left <= 0 ? 0 : (left >= 8 ? 16 : int(left) * 2);
+    cp_async16(dst + r * (HD + kPad) + c, bytes > 0 ? src + c : dst, bytes);  // any valid address when 0
+  }
+}
+
+// Warp-level GEMMs on mma.sync.m16n8k16 fragments (PTX ISA layouts: lane l holds rows l / 4 and
+// l / 4 + 8 of a C fragment, columns 2 (l % 4) + {0, 1}).
+// acc (16 x 8*NT fp32 C fragments) += A (16 x K, given as K/16 fragment sets a[ks]) times B, where
+// B (K x 8*NT) is read from a [k][n] row-major shared tile by ldmatrix.trans. keep(ks, lo, hi)
+// may clear 16-bit halves of the B fragments: lo covers k rows ks*16 + 2 (l % 4) + {0, 1}, hi
+// the same + 8 (how a key nobody sees is kept out of the product, NaN included).
+struct KeepAll {
+  __device__ __forceinline__ void operator()(int, uint32_t&, uint32_t&) const {}
+};
+template <typename T, int KS, int NT, typename Keep = KeepAll>
+__device__ __forceinline__ void mma_ab_trans(float (&acc)[NT][4], const uint32_t (&a)[KS][4], const T* b, int ldb,
+                                             int lane, Keep keep = {}) {
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    uint32_t lo = 0xffffffffu, hi = 0xffffffffu;
+    keep(ks, lo, hi);
+#pragma unroll
+    for (int n = 0; n < NT; n += 2) {
+      uint32_t f[4];
+      ldmatrix_x4_trans(f, b + (ks * 16 + (lane / 8) % 2 * 8 + lane % 8) * ldb + n * 8 + lane / 16 * 8);
+      mma_m16n8k16<T>(acc[n], a[ks], f[0] & lo, f[1] & hi);
+      mma_m16n8k16<T>(acc[n + 1], a[ks], f[2] & lo, f[3] & hi);
+    }
+  }
+}
+
+// acc (16 x 8*NT) = A B^T: A rows at a (16 x HD, row-major), B^T rows at b (8*NT x HD, row-major).
+template <typename T, int HD, int NT>
+__device__ __forceinline__ void mma_abt(float (&acc)[NT][4], const T* a, const T* b, int ld, int lane) {
+#pragma unroll
+  for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk) {
+    uint32_t fa[4];
+    ldmatrix_x4(fa, a + (lane % 16) * ld + kk * 16 + lane / 16 * 8);
+#pragma unroll
+    for (int n = 0; n < NT; n += 2) {
+      uint32_t fb[4];
+      ldmatrix_x4(fb, b + (n * 8 + lane / 16 * 8 + lane % 8) * ld + kk * 16 + (lane / 8) % 2 * 8);
+      mma_m16n8k16<T>(acc[n], fa, fb[0], fb[1]);
+      mma_m16n8k16<T>(acc[n + 1], fa, fb[2], fb[3]);
+    }
+  }
+}
+
+// C fragments (16 x 8*NT, fp32) repacked as A fragments (16 x 16 per k step) of T.
+template <typename T, int NT>
+__device__ __forceinline__ void as_a_fragments(uint32_t (&a)[NT / 2][4], const float (&c)[NT][4]) {
+#pragma unroll
+  for (int ks = 0; ks < NT / 2; ++ks) {
+    a[ks][0] = pack2<T>(c[2 * ks][0], c[2 * ks][1]);
+    a[ks][1] = pack2<T>(c[2 * ks][2], c[2 * ks][3]);
+    a[ks][2] = pack2<T>(c[2 * ks + 1][0], c[2 * ks + 1][1]);
+    a[ks][3] = pack2<T>(c[2 * ks + 1][2], c[2 * ks + 1][3]);
+  }
+}
+
+
+// The 16-bit halves of a B fragment register to keep, from bits `bit` and `bit + 1` of `live`.
+__device__ __forceinline__ uint32_t keep_halves(uint64_t live, int bit) {
+  return (live >> bit & 1 ? 0xffffu : 0u) | (live >> (bit + 1) & 1 ? 0xffff0000u : 0u);
 }
 
 }  // namespace fastlm::cuda::attn

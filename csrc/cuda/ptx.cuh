@@ -4,6 +4,11 @@
 //   cp_async_commit / cp_async_wait<N>   close a group / wait until at most N groups are in flight
 //   ldmatrix_x{1,2,4}[_trans]            8x8 b16 matrices from shared memory into mma fragments
 //   mma_m16n8k16<T>  D = A B + C, T = __half or __nv_bfloat16, fp32 accumulators (row.col)
+//   exp2_approx      ex2.approx.ftz.f32: one MUFU.EX2 (2^-inf = +0, NaN stays NaN)
+//   pack2<T>         two floats rounded to T, as the 32-bit register an mma fragment takes
+//   load_l2          a float2 read through L2 only (ld.global.cg): L1 is not coherent across CTAs
+//   wait_flag / signal_flag   ld.acquire.gpu spin until *flag == value / st.release.gpu: one thread
+//                    of a CTA orders a critical section against other CTAs (bar.sync around it)
 #pragma once
 #ifdef FASTLM_EMU
 #include "fastlm_emu/ptx.h"
@@ -67,6 +72,37 @@ __device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&c)[4], const
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+__device__ __forceinline__ float2 load_l2(const float2* p) { return __ldcg(p); }
+
+__device__ __forceinline__ void wait_flag(const int* flag, int value) {
+  int seen;
+  do {
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(flag) : "memory");
+  } while (seen != value);
+}
+__device__ __forceinline__ void signal_flag(int* flag, int value) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(flag), "r"(value) : "memory");
 }
 
 }  // namespace fastlm::cuda

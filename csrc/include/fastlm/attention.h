@@ -47,10 +47,17 @@ int attention_forward_cuda(const AttentionShape& shape, Strided4 q, Strided4 k, 
 int64_t attention_forward_cuda_smem(int64_t head_dim, int64_t value_dim);
 int64_t attention_backward_cuda_smem(int64_t head_dim, int64_t value_dim);
 
-// Backward: head dims up to 128. grad_out and out contiguous (B, H, Tq, Dv); delta is fp32
-// scratch of B * H * Tq floats; grad_q/k/v contiguous like q/k/v.
-int attention_backward_cuda(const AttentionShape& shape, const void* grad_out, Strided4 q, Strided4 k, Strided4 v,
-                            Strided4 mask, const void* out, const float* lse, float* delta, void* grad_q,
+// Backward: head dims up to 128. out contiguous (B, H, Tq, Dv); grad_out, q, k, v with the
+// forward's 16-byte row alignment; grad_q/k/v
+// contiguous like q/k/v. workspace: attention_backward_cuda_workspace(shape).floats of fp32
+// scratch, zeroed by the caller (delta, the dQ sums and their turn counters, dK/dV partials).
+struct AttentionBackwardWorkspace {
+  int64_t floats;       // scratch size
+  int64_t head_splits;  // CTAs sharing one KV head's query heads (> 1: dK/dV partials summed after)
+};
+AttentionBackwardWorkspace attention_backward_cuda_workspace(const AttentionShape& shape);
+int attention_backward_cuda(const AttentionShape& shape, Strided4 grad_out, Strided4 q, Strided4 k, Strided4 v,
+                            Strided4 mask, const void* out, const float* lse, float* workspace, void* grad_q,
                             void* grad_k, void* grad_v, cudaStream_t stream);
 
 }  // namespace fastlm

@@ -89,6 +89,8 @@ inline float max(float a, float b) { return std::fmax(a, b); }
 
 // ---------------------------------------------------------------- block and warp sync
 inline void __syncthreads() { ::fastlm::emu::syncthreads(); }
+// Blocks run one at a time and threads switch only at sync points: memory is always ordered.
+inline void __threadfence() {}
 void __syncwarp(unsigned mask = 0xffffffffu);
 unsigned __ballot_sync(unsigned mask, int pred);
 int __all_sync(unsigned mask, int pred);

@@ -3,7 +3,9 @@
 // layouts of fragments.h and the alignment rules of the ISA (a violation stops the launch, as
 // a misaligned-address fault would on a GPU).
 #pragma once
+#include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "fastlm_emu/cuda.h"
 #include "fastlm_emu/half.h"
@@ -36,5 +38,30 @@ __device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[
   static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "mma_m16n8k16: f16 or bf16");
   emu::mma_m16n8k16(c, a, b0, b1, std::is_same_v<T, __half> ? 1 : 2);
 }
+
+__device__ __forceinline__ float exp2_approx(float x) { return std::exp2(x); }
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "pack2: f16 or bf16");
+  uint16_t a, b;
+  if constexpr (std::is_same_v<T, __half>) {
+    a = __float2half_rn(lo).bits, b = __float2half_rn(hi).bits;
+  } else {
+    a = __float2bfloat16_rn(lo).bits, b = __float2bfloat16_rn(hi).bits;
+  }
+  return uint32_t(a) | uint32_t(b) << 16;  // the lower address's element in the low half
+}
+
+__device__ __forceinline__ float2 load_l2(const float2* p) { return *p; }
+
+// Blocks run one after another here, in grid order: a flag a CTA waits for must already hold
+// its value, or on a GPU the wait would depend on a later CTA and could spin forever.
+__device__ __forceinline__ void wait_flag(const int* flag, int value) {
+  if (*flag != value)
+    emu::fail("wait_flag: flag %p holds %d, waiting for %d, which only a later CTA could write (a GPU would "
+              "spin, maybe forever)", static_cast<const void*>(flag), *flag, value);
+}
+__device__ __forceinline__ void signal_flag(int* flag, int value) { *flag = value; }
 
 }  // namespace fastlm::cuda
