@@ -377,7 +377,8 @@ def test_cuda_forward_masks_and_nan(backend, device):
 @pytest.mark.parametrize("backend,device", CUDA_RUNS)
 def test_cuda_layouts_and_head_dims(backend, device):
     """Forward and backward on layouts the 16-byte loads can't take as they are (head dim 20,
-    (B, T, H, D) views, a storage offset of 3 elements) and on head dims 96 and 80 (96-wide tiles)."""
+    (B, T, H, D) views, a storage offset of 3 elements), on head dims 96 and 80 (96-wide tiles),
+    an odd head dim and a negative scale."""
     q, k, v = _qkv(1, 4, 2, 45, 70, 20, 20, torch.float16, device)
     check(backend, q, k, v, causal=TOP_LEFT)
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv(2, 4, 4, 50, 50, 64, 64, torch.float16, device))
@@ -388,6 +389,9 @@ def test_cuda_layouts_and_head_dims(backend, device):
     check(backend, q, q.clone(), q.clone())
     check(backend, *_qkv(1, 2, 1, 70, 90, 96, 96, torch.float16, device))
     check(backend, *_qkv(1, 3, 3, 33, 40, 80, 80, torch.bfloat16, device), causal=TOP_LEFT)
+    # an odd head dim (the dQ sums' rows are padded to even), and a negative scale (no tile may
+    # take the max of unscaled scores then)
+    check(backend, *_qkv(1, 2, 1, 70, 66, 13, 13, torch.float16, device), causal=BOTTOM_RIGHT, scale=-0.3)
 
 
 def test_cuda_backend_reasons():

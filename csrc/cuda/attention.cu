@@ -40,7 +40,7 @@ struct FwdTiles {
 };
 
 template <typename T, int HD, int BN>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 2) forward_kernel(const Params p) {
   using L = FwdTiles<HD, BN>;
   constexpr int ld = L::ld, kNT = BN / 8, kDT = HD / 8;  // n8 tiles of S and of O
   FASTLM_DYNAMIC_SHARED(unsigned char, smem);
@@ -61,14 +61,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
   const int64_t offset = causal_offset(sh);
 
   // this lane's two rows: warp * 16 + lane / 4 (+ 8)
-  int64_t t_row[2], head_row[2];
+  int64_t t_row[2];
   bool row_ok[2];
   const char* mask_row[2] = {nullptr, nullptr};
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int64_t r = r0 + warp * 16 + lane / 4 + 8 * i;
     const QueryRow qr = query_row(sh, g, r);
-    row_ok[i] = r < g.rows, t_row[i] = qr.t, head_row[i] = qr.head;
+    row_ok[i] = r < g.rows, t_row[i] = qr.t;
     if (row_ok[i] && p.mask.data != nullptr) {
       const int64_t elt = sh.mask_kind == MaskKind::kBool ? 1 : int64_t(sizeof(T));
       mask_row[i] = static_cast<const char*>(p.mask.data) +
@@ -80,8 +80,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
     const QueryRow qr = query_row(sh, g, r0 + r);
     return qg + qr.head * p.q.s[1] + qr.t * p.q.s[2];
   };
-  auto key_rows = [&](const T* base, int64_t s2, int64_t j0) {
-    return [=](int r) -> const T* { return j0 + r < sh.tk ? base + (j0 + r) * s2 : nullptr; };
+  const TileLoader<T, HD, BN> k_loader(sh.head_dim), v_loader(sh.value_dim);
+  auto load_kv = [&](const TileLoader<T, HD, BN>& load, T* dst, const T* base, int64_t stride, int64_t j0, int64_t d) {
+    load(dst, base + j0 * stride, stride, int(min(int64_t(BN), sh.tk - j0)), d);
   };
 
   float acc_o[kDT][4];
@@ -92,28 +93,27 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
 
   if (kr.lo < kr.hi) {
     load_rows<T, HD, kRows>(Qs, sh.head_dim, q_row);
-    load_rows<T, HD, BN>(Ks, sh.head_dim, key_rows(kg, p.k.s[2], kr.lo));
+    load_kv(k_loader, Ks, kg, p.k.s[2], kr.lo, sh.head_dim);
     cp_async_commit();
   }
-  for (int64_t j0 = kr.lo; j0 < kr.hi; j0 += BN) {
+  // One key tile; `masked` is a compile-time flag: the maskless tiles get a loop of their own whose
+  // body has no visibility code at all (the SASS main loop), the partial ones a second loop.
+  auto step = [&](int64_t j0, auto masked) {
     cp_async_wait<0>();
     __syncthreads();  // K_j (and Q) landed; every warp is done with V_{j-1}
-    load_rows<T, HD, BN>(Vs, sh.value_dim, key_rows(vg, p.v.s[2], j0));
+    load_kv(v_loader, Vs, vg, p.v.s[2], j0, sh.value_dim);
     cp_async_commit();
 
     // S = Q K_j^T: this warp's 16 rows x BN keys
     float s[kNT][4];
     mma_abt<T, HD, kNT>(s, Qs + warp * 16 * ld, Ks, ld, lane);
 
-    // scale into log2 units; on partial tiles hide what a row may not see
-    const bool full = tile_is_full(sh, kr, j0, BN);
+    // On partial tiles: scale into log2 units and hide what a row may not see. Full tiles keep
+    // raw scores (the scale is folded into the exponent's FFMA below; full tiles need scale > 0,
+    // so the max of raw scores is the max of scaled ones).
+    constexpr bool kMasked = decltype(masked)::value;
     uint32_t live = 0xffffffffu;  // bit 2n+c: key n*8 + quad*2 + c is seen by some row of the warp
-    if (full) {
-#pragma unroll
-      for (int n = 0; n < kNT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[n][e] *= scale2;
-    } else {
+    if constexpr (kMasked) {
       // per row, keys [j0, j0 + lim) pass the bounds and causal tests (32-bit from here on)
       int lim[2];
 #pragma unroll
@@ -122,6 +122,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
         if (sh.causal != Causal::kNone) end = min(end, t_row[i] + offset - j0 + 1);
         lim[i] = row_ok[i] ? int(max(int64_t(0), min(end, int64_t(BN)))) : 0;
       }
+      const int64_t elt = sh.mask_kind == MaskKind::kBool ? 1 : int64_t(sizeof(T));
+      const char* mask_tile[2] = {mask_row[0] + j0 * p.mask.s[3] * elt, mask_row[1] + j0 * p.mask.s[3] * elt};
       live = 0;
 #pragma unroll
       for (int n = 0; n < kNT; ++n)
@@ -131,9 +133,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
           bool ok = c < lim[i];
           float x = s[n][e] * scale2;
           if (ok && sh.mask_kind == MaskKind::kBool) {
-            ok = mask_row[i][(j0 + c) * p.mask.s[3]] != 0;
+            ok = mask_tile[i][c * p.mask.s[3]] != 0;
           } else if (ok && sh.mask_kind == MaskKind::kAdditive) {
-            x += to_float(reinterpret_cast<const T*>(mask_row[i])[(j0 + c) * p.mask.s[3]]) * kLog2e;
+            x += to_float(reinterpret_cast<const T*>(mask_tile[i])[c * p.mask.s[3]]) * kLog2e;
             ok = x != neg_inf();
           }
           s[n][e] = ok ? x : neg_inf();
@@ -143,23 +145,25 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
       live |= __shfl_xor_sync(0xffffffffu, live, 8);
       live |= __shfl_xor_sync(0xffffffffu, live, 16);
     }
+    const float mul = kMasked ? 1.0f : scale2;  // what still multiplies s on the way to log2 units
 
     // online softmax, rows lane / 4 (i = 0) and lane / 4 + 8 (i = 1)
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      float mx = m_run[i];
+      float mx = neg_inf();  // the tile's max, in s's units
 #pragma unroll
       for (int n = 0; n < kNT; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * i], s[n][2 * i + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float sub = mx == neg_inf() ? 0.0f : mx;  // a row that sees nothing yet stays at 0
+      const float m_new = fmaxf(m_run[i], mx * mul);
+      const float sub = m_new == neg_inf() ? 0.0f : m_new;  // a row that sees nothing yet stays at 0
       const float alpha = exp2_approx(m_run[i] - sub);
-      m_run[i] = mx;
+      m_run[i] = m_new;
       float sum = 0.0f;
 #pragma unroll
       for (int n = 0; n < kNT; ++n) {
-        s[n][2 * i] = exp2_approx(s[n][2 * i] - sub);
-        s[n][2 * i + 1] = exp2_approx(s[n][2 * i + 1] - sub);
+        s[n][2 * i] = exp2_approx(fmaf(s[n][2 * i], mul, -sub));
+        s[n][2 * i + 1] = exp2_approx(fmaf(s[n][2 * i + 1], mul, -sub));
         sum += s[n][2 * i] + s[n][2 * i + 1];
       }
       l_run[i] = l_run[i] * alpha + sum;
@@ -170,7 +174,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
     cp_async_wait<0>();
     __syncthreads();  // V_j landed; every warp is done with K_j
     if (j0 + BN < kr.hi) {
-      load_rows<T, HD, BN>(Ks, sh.head_dim, key_rows(kg, p.k.s[2], j0 + BN));
+      load_kv(k_loader, Ks, kg, p.k.s[2], j0 + BN, sh.head_dim);
       cp_async_commit();
     }
 
@@ -180,7 +184,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
     mma_ab_trans<T, BN / 16, kDT>(acc_o, a, Vs, ld, lane, [&](int ks, uint32_t& lo, uint32_t& hi) {
       lo = keep_halves(live, 4 * ks), hi = keep_halves(live, 4 * ks + 2);
     });
-  }
+  };
+  int64_t j0 = kr.lo;
+  for (const int64_t end = full_tiles_end(sh, kr, BN); j0 < end; j0 += BN) step(j0, std::false_type{});
+  for (; j0 < kr.hi; j0 += BN) step(j0, std::true_type{});
 
   // the quad's partial sums into the row's; rows that saw nothing give 0 and lse -inf
 #pragma unroll
@@ -191,7 +198,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
   const int64_t dv = sh.value_dim;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int64_t bh = g.batch * sh.heads + head_row[i];
+    const int64_t bh = g.batch * sh.heads + query_row(sh, g, r0 + warp * 16 + lane / 4 + 8 * i).head;
     const float m_nat = m_run[i] * kLn2;  // back to natural-log units
     if (row_ok[i] && gridDim.z > 1) {     // split-KV: unnormalized O, max, sum for merge_kernel
       float* po = p.part + ((bh * gridDim.z + blockIdx.z) * sh.tq + t_row[i]) * (dv + 2);

@@ -37,8 +37,12 @@ struct BwdTiles {
   static constexpr size_t bytes = (2 * kv + 4 * qo + ds) * 2 + 4 * BM * 4 + kWarps * 4;
 };
 
+// Row stride of the fp32 dQ sums: even, so a lane's two columns are one aligned float2 (the pad
+// column of an odd head dim only ever receives 0 + 0).
+__host__ __device__ constexpr int64_t dq_ld(int64_t d) { return (d + 1) / 2 * 2; }
+
 template <typename T, int HD, int BM>
-__global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
   using L = BwdTiles<HD, BM>;
   constexpr int ld = L::ld, lds = L::lds, kMT = BM / 8, kDT = HD / 8;
   constexpr int kWR = BM / 16, kWC = kWarps / kWR, kCW = HD / kWC;  // dQ: warps as kWR x kWC slices
@@ -66,21 +70,20 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
 
   const T* kg = static_cast<const T*>(p.k.data) + b * p.k.s[0] + hk * p.k.s[1];
   const T* vg = static_cast<const T*>(p.v.data) + b * p.v.s[0] + hk * p.v.s[1];
-  auto rows_of = [](const T* base, int64_t stride, int64_t first, int64_t limit) {
-    return [=](int r) -> const T* { return first + r < limit ? base + (first + r) * stride : nullptr; };
-  };
+  const TileLoader<T, HD, BM> q_loader(d), do_loader(dv);
   // iteration it: query head h_first + it / per_head, query tile m_lo + it % per_head
   auto load_tile = [&](int64_t it, int buf) {
     const int64_t h = h_first + it / per_head, m0 = (m_lo + it % per_head) * BM, bh = b * sh.heads + h;
-    const T* qg = static_cast<const T*>(p.q.data) + b * p.q.s[0] + h * p.q.s[1];
-    load_rows<T, HD, BM>(Qs + buf * L::qo, d, rows_of(qg, p.q.s[2], m0, sh.tq));
-    const T* dog = static_cast<const T*>(p.dout.data) + b * p.dout.s[0] + h * p.dout.s[1];
-    load_rows<T, HD, BM>(dOs + buf * L::qo, dv, rows_of(dog, p.dout.s[2], m0, sh.tq));
-    for (int r = threadIdx.x; r < BM; r += kThreads) {
-      const bool in = m0 + r < sh.tq;
-      const float l = in ? p.lse[bh * sh.tq + m0 + r] : neg_inf();
+    const int valid = int(min(int64_t(BM), sh.tq - m0));
+    const T* qg = static_cast<const T*>(p.q.data) + b * p.q.s[0] + h * p.q.s[1] + m0 * p.q.s[2];
+    const T* dog = static_cast<const T*>(p.dout.data) + b * p.dout.s[0] + h * p.dout.s[1] + m0 * p.dout.s[2];
+    q_loader(Qs + buf * L::qo, qg, p.q.s[2], valid, d);
+    do_loader(dOs + buf * L::qo, dog, p.dout.s[2], valid, dv);
+    if (threadIdx.x < BM) {  // lse in log2 units, +inf where the row saw nothing (P = 0 there)
+      const int r = threadIdx.x;
+      const float l = r < valid ? p.lse[bh * sh.tq + m0 + r] : neg_inf();
       lse_s[buf * BM + r] = l == neg_inf() ? -neg_inf() : l * kLog2e;
-      delta_s[buf * BM + r] = in ? p.delta[bh * sh.tq + m0 + r] : 0.0f;
+      delta_s[buf * BM + r] = r < valid ? p.delta[bh * sh.tq + m0 + r] : 0.0f;
     }
   };
 
@@ -90,11 +93,11 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dvacc[n][e] = 0.0f;
   const float scale2 = sh.scale * kLog2e;
-  const int64_t key_row[2] = {j0 + warp * 16 + lane / 4, j0 + warp * 16 + lane / 4 + 8};
 
   if (iters > 0) {
-    load_rows<T, HD, kBN>(Ks, d, rows_of(kg, p.k.s[2], j0, sh.tk));
-    load_rows<T, HD, kBN>(Vs, dv, rows_of(vg, p.v.s[2], j0, sh.tk));
+    const int valid = int(min(int64_t(kBN), sh.tk - j0));
+    TileLoader<T, HD, kBN>{d}(Ks, kg + j0 * p.k.s[2], p.k.s[2], valid, d);
+    TileLoader<T, HD, kBN>{dv}(Vs, vg + j0 * p.v.s[2], p.v.s[2], valid, dv);
     load_tile(0, 0);
     cp_async_commit();
   }
@@ -119,6 +122,23 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
     const bool full = sh.mask_kind == MaskKind::kNone && j0 + kBN <= sh.tk && m0 + BM <= sh.tq &&
                       (sh.causal == Causal::kNone || j0 + kBN - 1 <= m0 + offset);
     bool seen[2] = {full, full};
+    // partial tiles, per key row i: query columns [c_lo, c_hi) pass the bounds and causal tests
+    // (32-bit from here on), and the mask row starts at mask_tile[i]
+    int c_lo[2] = {0, 0}, c_hi[2] = {BM, BM};
+    const char* mask_tile[2] = {nullptr, nullptr};
+    if (!full) {
+      const int64_t elt = sh.mask_kind == MaskKind::kBool ? 1 : int64_t(sizeof(T));
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int64_t j = j0 + warp * 16 + lane / 4 + 8 * i;
+        const int64_t lo = sh.causal == Causal::kNone ? 0 : j - offset - m0;  // j <= t + offset
+        c_lo[i] = int(max(int64_t(0), min(lo, int64_t(BM))));
+        c_hi[i] = j < sh.tk ? int(min(int64_t(BM), sh.tq - m0)) : 0;
+        if (sh.mask_kind != MaskKind::kNone)
+          mask_tile[i] = static_cast<const char*>(p.mask.data) +
+                         (b * p.mask.s[0] + h * p.mask.s[1] + m0 * p.mask.s[2] + j * p.mask.s[3]) * elt;
+      }
+    }
 #pragma unroll
     for (int n = 0; n < kMT; ++n)
 #pragma unroll
@@ -127,16 +147,12 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
         float x = st[n][e] * scale2;
         bool ok = true;
         if (!full) {
-          const int64_t t = m0 + c, j = key_row[i];
-          ok = t < sh.tq && j < sh.tk && (sh.causal == Causal::kNone || j <= t + offset);
-          if (ok && sh.mask_kind != MaskKind::kNone) {
-            const int64_t at = b * p.mask.s[0] + h * p.mask.s[1] + t * p.mask.s[2] + j * p.mask.s[3];
-            if (sh.mask_kind == MaskKind::kBool) {
-              ok = static_cast<const uint8_t*>(p.mask.data)[at] != 0;
-            } else {
-              x += to_float(static_cast<const T*>(p.mask.data)[at]) * kLog2e;
-              ok = x != neg_inf();
-            }
+          ok = c >= c_lo[i] && c < c_hi[i];
+          if (ok && sh.mask_kind == MaskKind::kBool) {
+            ok = mask_tile[i][c * p.mask.s[2]] != 0;
+          } else if (ok && sh.mask_kind == MaskKind::kAdditive) {
+            x += to_float(reinterpret_cast<const T*>(mask_tile[i])[c * p.mask.s[2]]) * kLog2e;
+            ok = x != neg_inf();
           }
           seen[i] = seen[i] || ok;
         }
@@ -173,44 +189,49 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
     }
     __syncthreads();  // dS^T and live_s complete
 
-    // this warp's dQ slice: queries rb * 16.., columns cb * kCW..; dQ = dS K over the 64 keys
+    // this warp's dQ slice, queries rb * 16.. and columns cb * kCW.., as dQ = dS K over the 64
+    // keys, in chunks of kQC columns (fewer live registers), each added to the dQ sum when it is
+    // this key tile's turn (key tiles in order: deterministic). The turn is taken after the first
+    // chunk's product and handed on after the last chunk's sums.
     const int rb = warp % kWR, cb = warp / kWR;
-    float dq[kCW / 8][4];
-#pragma unroll
-    for (int n = 0; n < kCW / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
-#pragma unroll
-    for (int ks = 0; ks < kBN / 16; ++ks) {
-      uint32_t a[4];
-      ldmatrix_x4_trans(a, dSs + (ks * 16 + lane / 16 * 8 + lane % 8) * lds + rb * 16 + (lane / 8) % 2 * 8);
-      uint32_t keep_lo = 0xffffffffu, keep_hi = 0xffffffffu;  // K entries of keys nobody sees: 0
-      if (!full) keep_lo = keep_halves(live_s[ks], quad * 2), keep_hi = keep_halves(live_s[ks], quad * 2 + 8);  // warp ks's keys
-#pragma unroll
-      for (int n = 0; n < kCW / 8; n += 2) {
-        uint32_t f[4];
-        ldmatrix_x4_trans(f, Ks + (ks * 16 + (lane / 8) % 2 * 8 + lane % 8) * ld + cb * kCW + n * 8 + lane / 16 * 8);
-        mma_m16n8k16<T>(dq[n], a, f[0] & keep_lo, f[1] & keep_hi);
-        mma_m16n8k16<T>(dq[n + 1], a, f[2] & keep_lo, f[3] & keep_hi);
-      }
-    }
-
-    // add it to the dQ sum when it is this key tile's turn (key tiles in order: deterministic)
+    constexpr int kQC = kCW % 32 == 0 ? 32 : kCW;
     int* turn = p.dq_turn + bh * m_tiles + m;
-    if (threadIdx.x == 0) wait_flag(turn, int(th.tile));
-    __syncthreads();
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int64_t t = m0 + rb * 16 + lane / 4 + 8 * i;
-      if (t >= sh.tq) continue;
-      float* row = p.dq_acc + (bh * sh.tq + t) * d;
+    for (int c0 = 0; c0 < kCW; c0 += kQC) {
+      float dq[kQC / 8][4];
 #pragma unroll
-      for (int n = 0; n < kCW / 8; ++n) {
-        const int64_t c = cb * kCW + n * 8 + quad * 2;
-        if (c + 1 < d) {
-          float2 old = load_l2(reinterpret_cast<const float2*>(row + c));
-          old.x += dq[n][2 * i], old.y += dq[n][2 * i + 1];
-          *reinterpret_cast<float2*>(row + c) = old;
-        } else if (c < d) {
-          row[c] += dq[n][2 * i];
+      for (int n = 0; n < kQC / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+#pragma unroll
+      for (int ks = 0; ks < kBN / 16; ++ks) {
+        uint32_t a[4];
+        ldmatrix_x4_trans(a, dSs + (ks * 16 + lane / 16 * 8 + lane % 8) * lds + rb * 16 + (lane / 8) % 2 * 8);
+        uint32_t keep_lo = 0xffffffffu, keep_hi = 0xffffffffu;  // K entries of keys nobody sees: 0
+        if (!full) keep_lo = keep_halves(live_s[ks], quad * 2), keep_hi = keep_halves(live_s[ks], quad * 2 + 8);
+#pragma unroll
+        for (int n = 0; n < kQC / 8; n += 2) {
+          uint32_t f[4];
+          ldmatrix_x4_trans(f, Ks + (ks * 16 + (lane / 8) % 2 * 8 + lane % 8) * ld + cb * kCW + c0 + n * 8 + lane / 16 * 8);
+          mma_m16n8k16<T>(dq[n], a, f[0] & keep_lo, f[1] & keep_hi);
+          mma_m16n8k16<T>(dq[n + 1], a, f[2] & keep_lo, f[3] & keep_hi);
+        }
+      }
+      if (c0 == 0) {
+        if (threadIdx.x == 0) wait_flag(turn, int(th.tile));
+        __syncthreads();
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int64_t t = m0 + rb * 16 + lane / 4 + 8 * i;
+        if (t >= sh.tq) continue;
+        float* row = p.dq_acc + (bh * sh.tq + t) * dq_ld(d);
+#pragma unroll
+        for (int n = 0; n < kQC / 8; ++n) {
+          const int64_t c = cb * kCW + c0 + n * 8 + quad * 2;
+          if (c < d) {  // rows are an even number of floats apart: float2 aligned
+            float2 old = load_l2(reinterpret_cast<const float2*>(row + c));
+            old.x += dq[n][2 * i], old.y += dq[n][2 * i + 1];
+            *reinterpret_cast<float2*>(row + c) = old;
+          }
         }
       }
     }
@@ -222,7 +243,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
   // dK (scaled) and dV of this CTA's keys: straight into grad_k/grad_v, or fp32 partials
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int64_t j = key_row[i];
+    const int64_t j = j0 + warp * 16 + lane / 4 + 8 * i;
     if (j >= sh.tk) continue;
 #pragma unroll
     for (int n = 0; n < kDT; ++n)
@@ -265,7 +286,7 @@ __global__ void finish_kernel(const Params p) {
   const int64_t nkv = p.head_splits > 1 ? sh.batch * sh.kv_heads * sh.tk * (d + dv) : 0;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < nq + nkv; i += int64_t(gridDim.x) * blockDim.x) {
     if (i < nq) {
-      static_cast<T*>(p.grad_q)[i] = from_float<T>(p.dq_acc[i] * sh.scale);
+      static_cast<T*>(p.grad_q)[i] = from_float<T>(p.dq_acc[i / d * dq_ld(d) + i % d] * sh.scale);
       continue;
     }
     const int64_t r = (i - nq) / (d + dv), c = (i - nq) % (d + dv), bhk = r / sh.tk, j = r % sh.tk;
@@ -335,7 +356,7 @@ int64_t attention_backward_cuda_smem(int64_t head_dim, int64_t value_dim) {
 
 AttentionBackwardWorkspace attention_backward_cuda_workspace(const AttentionShape& shape) {
   const int64_t splits = cuda::attn::head_splits(shape);
-  const int64_t dq = shape.batch * shape.heads * shape.tq * shape.head_dim;
+  const int64_t dq = shape.batch * shape.heads * shape.tq * cuda::attn::dq_ld(shape.head_dim);
   const int64_t turns = shape.batch * shape.heads * cuda::attn::dq_tiles(shape);
   const int64_t part = splits > 1 ? shape.batch * shape.kv_heads * splits * shape.tk * (shape.head_dim + shape.value_dim) : 0;
   return {shape.batch * shape.heads * shape.tq + dq + turns + part, splits};
@@ -348,7 +369,7 @@ int attention_backward_cuda(const AttentionShape& shape, Strided4 grad_out, Stri
   cuda::attn::Params p{shape, q, k, v, mask, const_cast<void*>(out), const_cast<float*>(lse), grad_out};  // dout
   p.delta = workspace;
   p.dq_acc = p.delta + shape.batch * shape.heads * shape.tq;
-  p.dq_turn = reinterpret_cast<int*>(p.dq_acc + shape.batch * shape.heads * shape.tq * shape.head_dim);
+  p.dq_turn = reinterpret_cast<int*>(p.dq_acc + shape.batch * shape.heads * shape.tq * cuda::attn::dq_ld(shape.head_dim));
   p.dkv_part = reinterpret_cast<float*>(p.dq_turn + shape.batch * shape.heads * cuda::attn::dq_tiles(shape));
   p.head_splits = ws.head_splits;
   p.grad_q = grad_q, p.grad_k = grad_k, p.grad_v = grad_v;

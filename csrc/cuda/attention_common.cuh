@@ -108,6 +108,16 @@ __host__ __device__ inline bool tile_is_full(const AttentionShape& sh, const Key
   if (sh.mask_kind != MaskKind::kNone || j0 + bn > sh.tk) return false;
   return sh.causal == Causal::kNone || j0 + bn - 1 <= kr.t_min + causal_offset(sh);
 }
+// Full tiles come first: the walk from kr.lo in steps of bn is full exactly before this key.
+// A scale <= 0 (or NaN) makes every tile partial: full tiles take the max of unscaled scores.
+__host__ __device__ inline int64_t full_tiles_end(const AttentionShape& sh, const KeyRange& kr, int64_t bn) {
+  if (sh.mask_kind != MaskKind::kNone || !(sh.scale > 0.0f)) return kr.lo;
+  int64_t last = sh.tk - bn;  // the last full tile's first key
+  if (sh.causal != Causal::kNone && kr.t_min + causal_offset(sh) - bn + 1 < last) last = kr.t_min + causal_offset(sh) - bn + 1;
+  if (last < kr.lo) return kr.lo;
+  const int64_t end = kr.lo + ((last - kr.lo) / bn + 1) * bn;
+  return end < kr.hi ? end : (kr.hi > kr.lo ? kr.hi : kr.lo);
+}
 
 // ROWS x HD of a (rows, d) operand into shared memory (rows HD + kPad apart) as 16-byte
 // cp.async chunks; row_ptr(r) is a row's global address, or null past the end (zero fill).
@@ -189,5 +199,47 @@ __device__ __forceinline__ void as_a_fragments(uint32_t (&a)[NT / 2][4], const f
 __device__ __forceinline__ uint32_t keep_halves(uint64_t live, int bit) {
   return (live >> bit & 1 ? 0xffffu : 0u) | (live >> (bit + 1) & 1 ? 0xffff0000u : 0u);
 }
+
+// Loads ROWS x HD tiles of consecutive rows src + r * stride (r < valid_rows, >= 1, are real; the
+// rest zero-fill) by 16-byte cp.async. Built once per kernel for one operand width d: where a
+// thread's chunk column is the same in every pass (HD / 8 divides the block), the column's byte
+// count is computed once and each chunk costs a compare, two 64-bit selects and an add. Rows
+// past valid_rows re-read the tile's row 0 with src-size 0, so no address leaves the tensor.
+template <typename T, int HD, int ROWS>
+struct TileLoader {
+  static constexpr int kChunks = HD / 8, kPasses = (ROWS * kChunks + kThreads - 1) / kThreads;
+  static constexpr bool kFixedColumn = kThreads % kChunks == 0;
+  int r0, c0, bytes0;  // this thread's first row, its column (0 where it is past d) and bytes there
+  __device__ __forceinline__ static int column_bytes(int64_t d, int c) {
+    const int64_t left = d - c;
+    return left <= 0 ? 0 : (left >= 8 ? 16 : int(left) * 2);
+  }
+  __device__ __forceinline__ explicit TileLoader(int64_t d)
+      : r0(threadIdx.x / kChunks), c0(threadIdx.x % kChunks * 8), bytes0(column_bytes(d, c0)) {
+    if (bytes0 == 0) c0 = 0;
+  }
+  __device__ __forceinline__ void operator()(T* dst, const T* src, int64_t stride, int valid_rows, int64_t d) const {
+    if constexpr (kFixedColumn) {
+      constexpr int kRowStep = kThreads / kChunks;
+      const int col = int(threadIdx.x % kChunks * 8);
+#pragma unroll
+      for (int i = 0; i < kPasses; ++i) {
+        const int r = r0 + i * kRowStep;
+        if (ROWS % kRowStep != 0 && r >= ROWS) break;
+        const bool in = r < valid_rows;
+        cp_async16(dst + r * (HD + kPad) + col, src + (in ? r * stride : 0) + c0, in ? bytes0 : 0);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kPasses; ++i) {
+        const int idx = threadIdx.x + i * kThreads;
+        if (ROWS * kChunks % kThreads != 0 && idx >= ROWS * kChunks) break;
+        const int r = idx / kChunks, c = idx % kChunks * 8, bytes = column_bytes(d, c);
+        const bool in = r < valid_rows && bytes > 0;
+        cp_async16(dst + r * (HD + kPad) + c, src + (in ? r * stride + c : 0), in ? bytes : 0);
+      }
+    }
+  }
+};
 
 }  // namespace fastlm::cuda::attn
