@@ -17,6 +17,23 @@ STATIC_ORDER: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
         REFERENCE,
     ),
 }
+# Attention on Hopper: the cuda kernels are the FlashAttention-2 design on mma.sync (HMMA), which
+# FA2's published H100 figures put near 35 % of the bf16 peak (~350 TF/s forward at D = 128); the
+# Triton kernels' tl.dot lowers to wgmma on sm_90 (the AOT compile shows it in the forward and
+# dQ), the instruction FA3 reaches 60-75 % with. No Hopper tier of the cuda backend yet.
+_HOPPER_ATTENTION = (
+    ("triton", "static estimate: wgmma on sm_90 (the cuda kernels use mma.sync, ~35 % of H100 peak in FA2's design)"),
+    ("cuda", "static estimate: FlashAttention-2 design on mma.sync; behind wgmma on Hopper"),
+    REFERENCE,
+)
+STATIC_ORDER.update({("attention", cls): _HOPPER_ATTENTION for cls in ("h100", "h200", "hopper")})
+# Elsewhere (sm_80/86/89): both issue mma.sync; the cuda forward's main loop is 5.9 instructions
+# per HMMA by SASS count with 16-byte cp.async loads, the design FA2 takes to ~70 % of A100 peak.
+STATIC_ORDER[("attention", "*")] = (
+    ("cuda", "static estimate: FlashAttention-2 design, 5.9 instructions per HMMA in the forward's main loop (SASS)"),
+    ("triton", "static estimate: the Triton tutorial's structure, behind FA2's design before Hopper"),
+    REFERENCE,
+)
 
 # Ops whose reference backend *is* torch's fast op (e.g. a reference that calls
 # F.scaled_dot_product_attention), keyed to the benchmark's names for that op. Where such a
