@@ -10,19 +10,27 @@
 //            lane-partial until the end. The S accumulators are repacked as P's A fragments
 //            (an m16n8 C pair is an m16k16 A fragment): P never touches shared memory.
 //   O+=PV    V fragments by ldmatrix.x4.trans; O stays in fp32 registers for the whole loop.
-//   masking  tiles are classified per CTA (attention_common.cuh: tile_is_full): a full tile
-//            runs no visibility test; only the Tk edge, the causal diagonal and tiles under a
-//            user mask test each score, and there V entries of keys no row of the warp sees
-//            are zeroed in registers (a NaN hidden behind the mask cannot reach O as 0 * NaN).
+//   masking  tiles are classified per CTA (attention_common.cuh: full_tiles_end): the full ones
+//            come first and run in a loop of their own with no visibility code at all; only the
+//            Tk edge, the causal diagonal and tiles under a user mask test each score, and there
+//            V entries of keys no row of the warp sees are zeroed in registers (a NaN hidden
+//            behind the mask cannot reach O as 0 * NaN).
 // Decode-like calls (Tq <= 16) under GQA pack the query heads of a KV group into the 64 rows
 // (row_group), so K/V are read once per group; with few CTAs the keys are split over gridDim.z
 // and the fp32 partials merged in a fixed order (merge_kernel; no atomics).
 // Arithmetic, D = 128, BN = 64, per warp per tile: 128 HMMA (64 for S, 64 for PV) against 72
-// ldmatrix (8 Q + 32 K + 32 V), ~4.5 instructions per score for the softmax (32 scores per lane:
-// ~144), 64 FMUL for the O rescale, 16 cp.async per thread plus addressing (~50): about 460
-// issued instructions per 128 HMMA, 3.6 per HMMA (the wmma kernel this replaces issued ~70).
-// Shared memory: (64 + 2 BN) rows x (D + 8) halves = 52 KB at D = 128 (67 KB at D = 256), so 3
-// CTAs fit an A100 SM, 4 an H100 SM, and every head dim fits the 99 KB per block of sm_86/89.
+// ldmatrix (8 Q + 32 K + 32 V); per score 1 FMNMX, 1 FFMA + 1 MUFU.EX2 (scale folded in), 1 FADD
+// and half an F2FP (32 scores per lane: ~145); 64 FMUL for the O rescale; 16 cp.async per thread
+// with ~5 integer instructions each. The compiled main loop (the maskless tiles; SASS counted by
+// scripts/sass_report.py, asserted in tests/test_sass_report.py) is 5.9 instructions per HMMA on
+// sm_80 and 5.8 on sm_90a, loads only as 16-byte LDGSTS, and has no loop without HMMA (the wmma
+// kernel this replaces: 11.5-17.2 per HMMA, 2-byte loads, 5 such loops).
+// Loads in flight: a 16 KB K or V tile per CTA streams behind each GEMM half (8 x 16 B per
+// thread); with 2 CTAs per SM that is 32 KB in flight per SM, about what A100's HBM needs at
+// ~1.5 TB/s and ~1 us latency per SM-share (1.5e12 / 108 SMs x 1e-6 s = 14 KB).
+// Occupancy: 211-250 registers per thread (launch bound: 2 CTAs of 128 threads per SM), so 8
+// warps per SM, as FA2 runs at D = 128. Shared memory: (64 + 2 BN) rows x (D + 8) halves = 52 KB
+// at D = 128 (67 KB at D = 256): every head dim fits the 99 KB per block of sm_86/89.
 // The 8-half row padding puts the 8 rows of an ldmatrix phase in distinct bank groups.
 #include "attention_common.cuh"
 #include "ptx.cuh"

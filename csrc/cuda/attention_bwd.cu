@@ -18,8 +18,11 @@
 // finish_kernel, which also scales the dQ sums into grad_q.
 // Arithmetic, D = 128 (BM = 32), per warp per query tile: 5 GEMMs of 16 x 32 x 128 (2 x 32 HMMA
 // for S^T, dP^T; 2 x 32 for dV, dK; 32 for this warp's 16 x 64 slice of dQ over 64 keys) = 160
-// HMMA, against ~90 ldmatrix, ~6 instructions per score for P and dS (16 x 32 / 32 lanes = 16
-// per lane x 2), 8 float2 read-add-writes of dQ and ~40 for loads and addressing: ~3 per HMMA.
+// HMMA against ~90 ldmatrix, ~6 instructions per score for P and dS, 8 float2 read-add-writes of
+// dQ and the tile loads. The compiled loop body, which holds both the maskless and the masked
+// code (one loop: partial tiles sit at both ends of a head's walk), counts 12.7 instructions per
+// HMMA on sm_80 and 13.1 on sm_90a (scripts/sass_report.py); splitting it as the forward does is
+// the next step. 196-254 registers, 2 CTAs (8 warps) per SM, no spills.
 // Shared memory: K, V (64 rows) + 2 x (Q, dO) (BM rows) of D + 8 halves, plus dS^T (64 x BM + 8):
 // 75 KB at D = 128, 57 KB at D = 96, so every head dim fits the 99 KB per block of sm_86/89.
 #include "attention_common.cuh"
