@@ -514,6 +514,52 @@ def test_extension_ops_validate_inputs():
         torch.ops.fastlm.attention_fwd(q, k.bfloat16(), v, None, 0, 1.0)
 
 
+# (B, H, H_kv, Tq, Tk, D): prefill with ragged tiles both ways, packed GQA/MQA decode, Tq > Tk
+PLAN_SHAPES = [(2, 4, 4, 130, 200, 64), (1, 8, 2, 3, 300, 128), (1, 4, 1, 1, 64, 32), (1, 2, 2, 200, 70, 128),
+               (1, 6, 2, 16, 16, 256), (1, 2, 2, 64, 64, 64), (1, 8, 1, 9, 100, 80)]
+
+
+@pytest.mark.emu
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
+@pytest.mark.parametrize("causal", [NO_CAUSAL, TOP_LEFT, BOTTOM_RIGHT], ids=["none", "top_left", "bottom_right"])
+def test_cuda_index_math(causal):
+    """The kernels' __host__ __device__ index math against first principles: every query row
+    lands in exactly one CTA that reads its KV head, every key a row may see is walked, tiles
+    called full need no visibility test (and the next one does), and in the backward the first
+    query tile per key tile is exact and non-decreasing (the dQ turn order relies on it)."""
+    plan_op = torch.ops.fastlm_emu.attention_cuda_plan
+    for b, h, hkv, tq, tk, d in PLAN_SHAPES:
+        offset, group = (tk - tq if causal == BOTTOM_RIGHT else 0), h // hkv
+        last_key = lambda t: tk - 1 if causal == NO_CAUSAL else min(tk - 1, t + offset)  # noqa: E731
+        for mask_kind, scale in ((0, 0.125), (1, 0.125), (2, 0.125), (0, -0.5)):
+            plan = plan_op(b, h, hkv, tq, tk, d, causal, mask_kind, scale, False)
+            bn, per, rows_seen = plan[0], 5 + 2 * 64, []
+            assert (len(plan) - 1) % per == 0
+            for c in range(1, len(plan), per):
+                batch, kv_head, lo, hi, full_end = plan[c:c + 5]
+                rows = [(plan[c + 5 + 2 * i], plan[c + 6 + 2 * i]) for i in range(64) if plan[c + 5 + 2 * i] >= 0]
+                assert rows and all(head // group == kv_head for head, _ in rows)
+                assert len({head for head, _ in rows}) == 1 or tq <= 16  # only decode-like calls pack heads
+                rows_seen += [(batch, head, t) for head, t in rows]
+                seen = [last_key(t) for _, t in rows]
+                assert lo == 0 and max(hi, 0) == max(seen + [-1]) + 1, (lo, hi, seen)  # hi <= lo: nothing
+                assert lo <= full_end <= max(lo, hi) and (full_end - lo) % bn == 0
+                if mask_kind or scale <= 0:
+                    assert full_end == lo
+                is_full = lambda j0: j0 + bn <= tk and all(j0 + bn - 1 <= last_key(t) for _, t in rows)  # noqa: E731
+                assert all(is_full(j0) for j0 in range(lo, full_end, bn))
+                if not mask_kind and scale > 0 and full_end < hi and len({hd for hd, _ in rows}) == 1:
+                    assert not is_full(full_end), "a full tile left to the masked loop"
+            expected = [(bb, hh, t) for bb in range(b) for hh in range(h) for t in range(tq)]
+            assert sorted(rows_seen) == expected
+        bm, *firsts = plan_op(b, h, hkv, tq, tk, d if d <= 128 else 128, causal, 0, 0.125, True)
+        assert len(firsts) == (tk + 63) // 64 and firsts == sorted(firsts)
+        for n, m_lo in enumerate(firsts):
+            keys = range(64 * n, min(64 * n + 64, tk))
+            sees = [t for t in range(tq) if any(j <= last_key(t) for j in keys)]
+            assert not sees or sees[0] // bm == m_lo, (n, m_lo, sees[:1])
+
+
 @pytest.mark.emu
 @pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
 def test_cuda_fits_99kb_and_routes_around_less(monkeypatch):

@@ -320,6 +320,24 @@ int64_t attention_forward_cuda_smem(int64_t head_dim, int64_t value_dim) {
   return cuda::attn::with_tiles(hd, [](auto d, auto bn) { return int64_t(cuda::attn::FwdTiles<d.value, bn.value>::bytes); });
 }
 
+std::vector<int64_t> attention_forward_index_plan(const AttentionShape& shape) {
+  using namespace cuda::attn;
+  const int64_t bn = with_tiles(max_head_dim(shape), [](auto, auto b) { return int64_t(b.value); });
+  std::vector<int64_t> plan{bn};
+  const int64_t ctas = base_ctas(shape), rows = row_group(shape, 0).rows;
+  for (int64_t cta = 0; cta < ctas; ++cta) {
+    const TileHead th = tile_head(cta, rows);
+    const RowGroup g = row_group(shape, th.head);
+    const KeyRange kr = key_range(shape, g.rows, th.tile * kRows, kRows, 0, shape.tk);
+    plan.insert(plan.end(), {g.batch, g.kv_head, kr.lo, kr.hi, full_tiles_end(shape, kr, bn)});
+    for (int64_t r = th.tile * kRows; r < th.tile * kRows + kRows; ++r) {
+      const QueryRow q = query_row(shape, g, r);
+      plan.insert(plan.end(), {r < g.rows ? q.head : -1, r < g.rows ? q.t : -1});
+    }
+  }
+  return plan;
+}
+
 int64_t attention_forward_cuda_workspace(const AttentionShape& shape) {
   const int64_t splits = cuda::attn::num_splits(shape);
   return splits > 1 ? shape.batch * shape.heads * splits * shape.tq * (shape.value_dim + 2) : 0;

@@ -67,8 +67,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
   const int64_t b = bhk / sh.kv_heads, hk = bhk % sh.kv_heads, h_first = hk * group + split * hpc;
   const int64_t offset = causal_offset(sh), dv = sh.value_dim, d = sh.head_dim;
   const int64_t m_tiles = (sh.tq + BM - 1) / BM;
-  int64_t m_lo = 0;  // under causal, the first query tile that sees key j0
-  if (sh.causal != Causal::kNone) m_lo = max(int64_t(0), j0 - offset) / BM;
+  const int64_t m_lo = first_query_tile(sh, j0, BM);
   const int64_t per_head = m_tiles > m_lo ? m_tiles - m_lo : 0, iters = hpc * per_head;
 
   const T* kg = static_cast<const T*>(p.k.data) + b * p.k.s[0] + hk * p.k.s[1];
@@ -327,6 +326,10 @@ int64_t head_splits(const AttentionShape& sh) {
   return s;
 }
 
+int64_t query_tile_rows(const AttentionShape& sh) {
+  return with_bwd_tiles(max_head_dim(sh), [](auto, auto bm) { return int64_t(bm.value); });
+}
+
 int64_t dq_tiles(const AttentionShape& sh) {
   return with_bwd_tiles(max_head_dim(sh), [&](auto, auto bm) { return (sh.tq + bm.value - 1) / bm.value; });
 }
@@ -355,6 +358,13 @@ namespace fastlm {
 int64_t attention_backward_cuda_smem(int64_t head_dim, int64_t value_dim) {
   const int64_t hd = head_dim > value_dim ? head_dim : value_dim;
   return cuda::attn::with_bwd_tiles(hd, [](auto d, auto bm) { return int64_t(cuda::attn::BwdTiles<d.value, bm.value>::bytes); });
+}
+
+std::vector<int64_t> attention_backward_index_plan(const AttentionShape& shape) {
+  const int64_t bm = cuda::attn::query_tile_rows(shape);
+  std::vector<int64_t> plan{bm};
+  for (int64_t j0 = 0; j0 < shape.tk; j0 += cuda::attn::kRows) plan.push_back(cuda::attn::first_query_tile(shape, j0, bm));
+  return plan;
 }
 
 AttentionBackwardWorkspace attention_backward_cuda_workspace(const AttentionShape& shape) {

@@ -108,6 +108,15 @@ __host__ __device__ inline bool tile_is_full(const AttentionShape& sh, const Key
   if (sh.mask_kind != MaskKind::kNone || j0 + bn > sh.tk) return false;
   return sh.causal == Causal::kNone || j0 + bn - 1 <= kr.t_min + causal_offset(sh);
 }
+// Backward: the first query tile (of bm queries) with a query that sees key j0 under causal.
+// Non-decreasing in j0, so the key tiles adding into one query tile's dQ are a prefix 0..n of
+// the key tiles: what lets them take turns in key-tile order (attention_bwd.cu).
+__host__ __device__ inline int64_t first_query_tile(const AttentionShape& sh, int64_t j0, int64_t bm) {
+  if (sh.causal == Causal::kNone) return 0;
+  const int64_t t = j0 - causal_offset(sh);  // the first query that sees key j0
+  return (t > 0 ? t : 0) / bm;
+}
+
 // Full tiles come first: the walk from kr.lo in steps of bn is full exactly before this key.
 // A scale <= 0 (or NaN) makes every tile partial: full tiles take the max of unscaled scores.
 __host__ __device__ inline int64_t full_tiles_end(const AttentionShape& sh, const KeyRange& kr, int64_t bn) {

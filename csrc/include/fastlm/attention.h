@@ -5,6 +5,8 @@
 // alignment (torch's is_causal) and Tk - Tq for bottom-right. Rows that see no key give
 // output 0, lse -inf and zero gradients; keys that no query of a tile sees never enter the math.
 #pragma once
+#include <vector>
+
 #include "fastlm/common.h"
 
 namespace fastlm {
@@ -41,6 +43,13 @@ void attention_backward_cpu(const AttentionShape& shape, Strided4 grad_out, Stri
 int64_t attention_forward_cuda_workspace(const AttentionShape& shape);
 int attention_forward_cuda(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v, Strided4 mask,
                            void* out, float* lse, float* workspace, cudaStream_t stream);
+
+// The kernels' index math, evaluated on the host for tests (no launch). Forward: [key tile BN,
+// then per CTA: batch, kv head, first key, end key, end of the full tiles, and for each of its 64
+// rows the query head and position (-1, -1 past the end)]. Backward: [query tile BM, then per
+// key tile of 64 the first query tile that sees it].
+std::vector<int64_t> attention_forward_index_plan(const AttentionShape& shape);
+std::vector<int64_t> attention_backward_index_plan(const AttentionShape& shape);
 
 // Bytes of shared memory per block the forward / backward kernels need for these head dims
 // (the dispatcher compares them with the device's sharedMemPerBlockOptin: 99 KB on sm_86/89).
