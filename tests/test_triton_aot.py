@@ -58,3 +58,17 @@ def test_kernels_compile_within_limits(rows, module, target):
         if r["seconds"] > MAX_COMPILE_SECONDS:
             problems.append(f"{where}: compiled in {r['seconds']} s > {MAX_COMPILE_SECONDS} s")
     assert not problems, "\n".join(problems)
+
+
+def test_attention_uses_wgmma_on_sm_90(rows):
+    """On Hopper tl.dot must lower to wgmma, not the mma.sync of sm_80, where the tile allows it
+    (a warpgroup MMA needs 64-row tiles): every 16-bit attention forward case has a config that
+    uses it, and so do dQ and dK/dV at D = 64 (at D = 256 their tiles are all below 64 rows)."""
+    sm90 = [r for r in rows if r["target"] == "sm_90" and r["dtype"] in ("fp16", "bf16")]
+    for kernel, cases in (("attention._fwd_kernel", None), ("attention._dq_kernel", "d64"),
+                          ("attention._dkdv_kernel", "d64")):
+        mine = [r for r in sm90 if r["kernel"] == kernel and (cases is None or r["case"].startswith(cases))]
+        assert mine, f"no 16-bit {kernel} compiled for sm_90"
+        for case in {r["case"] for r in mine}:
+            assert any(r["wgmma"] for r in mine if r["case"] == case), f"{kernel} [{case}]: no config uses wgmma"
+    assert not any(r["wgmma"] for r in rows if r["target"] == "sm_80"), "wgmma in an sm_80 compile"

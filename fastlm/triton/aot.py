@@ -178,6 +178,7 @@ class Result:
     spills: int = -1  # spill store bytes
     seconds: float = 0.0
     error: str = ""
+    wgmma: bool = False  # Hopper's warpgroup MMA in the PTX (tl.dot lowered to it)
     ttir: str = field(default="", repr=False)
 
 
@@ -230,6 +231,7 @@ def compile_launch(launch: Launch, capability: int, keep_ttir: bool = False) -> 
     res.seconds = time.perf_counter() - t0
     res.smem = int(compiled.metadata.shared)
     res.regs, res.spills = _ptxas_report(log.getvalue(), compiled.asm["ptx"], capability)
+    res.wgmma = "wgmma.mma_async" in compiled.asm["ptx"]
     if keep_ttir:
         res.ttir = compiled.asm["ttir"]
     return res
@@ -381,7 +383,8 @@ def sweep(capabilities, dtypes, ci_only, modules=None, report=print):
                 res = compile_launch(launch, cap)
                 row = dict(kernel=launch.kernel, target=f"sm_{cap}", dtype=dtype, case=case.label,
                            config=launch.config or _options_label(launch), smem=res.smem, limit=TARGETS[cap].smem,
-                           regs=res.regs, spills=res.spills, seconds=round(res.seconds, 2), error=res.error,
+                           regs=res.regs, spills=res.spills, wgmma=res.wgmma, seconds=round(res.seconds, 2),
+                           error=res.error,
                            status=status(res, TARGETS[cap].smem))
                 rows.append(row)
                 report(row)
