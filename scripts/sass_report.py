@@ -209,11 +209,18 @@ def _width_order(w):
 
 
 def main_loop(loops):
-    """Outermost loop with the most MMAs, its MMA-free inner loops; None without MMA loops."""
-    outer = [lp for lp in loops if lp["depth"] == 0 and lp["mma"]]
-    if not outer:
+    """The loop whose body issues the tensor-core work, and its MMA-free inner loops; None
+    without MMA loops. That is the innermost loop holding MMAs (one that holds no MMA-holding
+    loop) with the most MMAs; among equals, the one with the fewest instructions: kernels that
+    compile the same tile step twice, maskless and masked, run the maskless one on all but the
+    edge tiles (the masked copy is listed with --loops)."""
+    def holds_mma_loop(lp):
+        return any(o is not lp and o["header"] in lp["blocks"] and o["mma"] for o in loops)
+
+    inner = [lp for lp in loops if lp["mma"] and not holds_mma_loop(lp)]
+    if not inner:
         return None
-    m = max(outer, key=lambda lp: lp["mma"])
+    m = min(inner, key=lambda lp: (-lp["mma"], lp["insts"]))
     inner = [lp for lp in loops if lp is not m and lp["header"] in m["blocks"] and not lp["mma"]]
     return {**_public(m), "mma_free_inner_loops": [_public(lp) for lp in inner]}
 

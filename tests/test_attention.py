@@ -552,12 +552,17 @@ def test_cuda_index_math(causal):
                     assert not is_full(full_end), "a full tile left to the masked loop"
             expected = [(bb, hh, t) for bb in range(b) for hh in range(h) for t in range(tq)]
             assert sorted(rows_seen) == expected
-        bm, *firsts = plan_op(b, h, hkv, tq, tk, d if d <= 128 else 128, causal, 0, 0.125, True)
-        assert len(firsts) == (tk + 63) // 64 and firsts == sorted(firsts)
-        for n, m_lo in enumerate(firsts):
-            keys = range(64 * n, min(64 * n + 64, tk))
-            sees = [t for t in range(tq) if any(j <= last_key(t) for j in keys)]
-            assert not sees or sees[0] // bm == m_lo, (n, m_lo, sees[:1])
+        for mask_kind in (0, 1):
+            bm, *plan = plan_op(b, h, hkv, tq, tk, min(d, 128), causal, mask_kind, 0.125, True)
+            firsts = plan[0::3]
+            assert len(plan) == 3 * ((tk + 63) // 64) and firsts == sorted(firsts)
+            for n, (m_lo, full_lo, full_hi) in enumerate(zip(plan[0::3], plan[1::3], plan[2::3])):
+                keys = range(64 * n, min(64 * n + 64, tk))
+                sees = [t for t in range(tq) if any(j <= last_key(t) for j in keys)]
+                assert not sees or sees[0] // bm == m_lo, (n, m_lo, sees[:1])
+                full = lambda m: (not mask_kind and 64 * n + 64 <= tk and m * bm + bm <= tq  # noqa: E731
+                                  and all(64 * n + 63 <= last_key(t) for t in range(m * bm, m * bm + bm)))
+                assert [m for m in range((tq + bm - 1) // bm) if full(m)] == list(range(full_lo, full_hi)), n
 
 
 @pytest.mark.emu

@@ -239,3 +239,15 @@ def test_attention_forward_main_loop_figures(kernels, arch):
         assert 0 < per_mma <= 6.0, f"{name}: {per_mma} instructions per HMMA in the main loop"
         assert widths == [16], f"{name}: global load widths {widths} in the main loop"
         assert mma_free == 0, f"{name}: {mma_free} inner loops without tensor-core instructions"
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_backward_main_loop_figures(kernels, arch):
+    """The backward at D = 128: its maskless query-tile loop issues at most 6 instructions per
+    HMMA; its loads are 16-byte cp.async (Q, dO), the dQ sums' float2 and lse/delta (4 bytes),
+    and its only inner loop without tensor-core work is the wait for the dQ turn."""
+    figures = sr.main_loop_figures(r"attn::.*backward_kernel<[^,]+, 128\b", arch)
+    assert len(figures) == 2, f"expected the fp16 and bf16 backward at D = 128, got {list(figures)}"
+    for name, (per_mma, widths, mma_free) in figures.items():
+        assert 0 < per_mma <= 6.0, f"{name}: {per_mma} instructions per HMMA in the main loop"
+        assert widths == [4, 8, 16], f"{name}: global load widths {widths} in the main loop"
+        assert mma_free == 1, f"{name}: {mma_free} inner loops without tensor-core instructions"

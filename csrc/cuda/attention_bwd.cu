@@ -18,11 +18,13 @@
 // finish_kernel, which also scales the dQ sums into grad_q.
 // Arithmetic, D = 128 (BM = 32), per warp per query tile: 5 GEMMs of 16 x 32 x 128 (2 x 32 HMMA
 // for S^T, dP^T; 2 x 32 for dV, dK; 32 for this warp's 16 x 64 slice of dQ over 64 keys) = 160
-// HMMA against ~90 ldmatrix, ~6 instructions per score for P and dS, 8 float2 read-add-writes of
-// dQ and the tile loads. The compiled loop body, which holds both the maskless and the masked
-// code (one loop: partial tiles sit at both ends of a head's walk), counts 12.7 instructions per
-// HMMA on sm_80 and 13.1 on sm_90a (scripts/sass_report.py); splitting it as the forward does is
-// the next step. 196-254 registers, 2 CTAs (8 warps) per SM, no spills.
+// HMMA against ~100 ldmatrix, ~6 instructions per score for P and dS, 8 float2 read-add-writes of
+// dQ and the tile loads. Per head, the maskless query tiles run in a loop of their own: compiled,
+// it is 5.7 instructions per HMMA on sm_80 and 5.9 on sm_90a (scripts/sass_report.py, asserted
+// in tests/test_sass_report.py); its global traffic is 16-byte cp.async for Q and dO, the dQ
+// float2 sums and 4-byte lse/delta, and its one inner loop is the spin on the dQ turn. The masked
+// copy (causal diagonal, ragged Tq, user masks) is 10.6. 205-254 registers, 2 CTAs (8 warps) per
+// SM, no spills.
 // Shared memory: K, V (64 rows) + 2 x (Q, dO) (BM rows) of D + 8 halves, plus dS^T (64 x BM + 8):
 // 75 KB at D = 128, 57 KB at D = 96, so every head dim fits the 99 KB per block of sm_86/89.
 #include "attention_common.cuh"
@@ -68,14 +70,15 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
   const int64_t offset = causal_offset(sh), dv = sh.value_dim, d = sh.head_dim;
   const int64_t m_tiles = (sh.tq + BM - 1) / BM;
   const int64_t m_lo = first_query_tile(sh, j0, BM);
-  const int64_t per_head = m_tiles > m_lo ? m_tiles - m_lo : 0, iters = hpc * per_head;
+  // loop counters in 32 bits (query tiles per head < 2^31 / 64): registers are the limit here
+  const int per_head = int(m_tiles > m_lo ? m_tiles - m_lo : 0), iters = int(hpc) * per_head;
 
   const T* kg = static_cast<const T*>(p.k.data) + b * p.k.s[0] + hk * p.k.s[1];
   const T* vg = static_cast<const T*>(p.v.data) + b * p.v.s[0] + hk * p.v.s[1];
   const TileLoader<T, HD, BM> q_loader(d), do_loader(dv);
-  // iteration it: query head h_first + it / per_head, query tile m_lo + it % per_head
-  auto load_tile = [&](int64_t it, int buf) {
-    const int64_t h = h_first + it / per_head, m0 = (m_lo + it % per_head) * BM, bh = b * sh.heads + h;
+  // query head h_first + hh, query tile m_lo + mrel
+  auto load_tile = [&](int hh, int mrel, int buf) {
+    const int64_t h = h_first + hh, m0 = (m_lo + mrel) * BM, bh = b * sh.heads + h;
     const int valid = int(min(int64_t(BM), sh.tq - m0));
     const T* qg = static_cast<const T*>(p.q.data) + b * p.q.s[0] + h * p.q.s[1] + m0 * p.q.s[2];
     const T* dog = static_cast<const T*>(p.dout.data) + b * p.dout.s[0] + h * p.dout.s[1] + m0 * p.dout.s[2];
@@ -96,20 +99,32 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
     for (int e = 0; e < 4; ++e) dk[n][e] = dvacc[n][e] = 0.0f;
   const float scale2 = sh.scale * kLog2e;
 
+  // Visit order: per query head, the maskless query tiles (full_query_tiles) first, then the rest;
+  // visit(k) is the query tile (counted from m_lo) of a head's k-th visit. Any order is safe for
+  // the dQ turns: a key tile only ever waits for lower key tiles, which never wait for it.
+  const QueryTiles maskless = full_query_tiles(sh, j0, kBN, BM);
+  const int full_lo = int(min(int64_t(per_head), max(int64_t(0), maskless.lo - m_lo)));
+  const int n_full = int(max(int64_t(0), min(int64_t(per_head), maskless.hi - m_lo) - full_lo));
+  auto visit = [&](int k) { return k < n_full ? full_lo + k : (k - n_full < full_lo ? k - n_full : k); };
+
   if (iters > 0) {
     const int valid = int(min(int64_t(kBN), sh.tk - j0));
     TileLoader<T, HD, kBN>{d}(Ks, kg + j0 * p.k.s[2], p.k.s[2], valid, d);
     TileLoader<T, HD, kBN>{dv}(Vs, vg + j0 * p.v.s[2], p.v.s[2], valid, dv);
-    load_tile(0, 0);
+    load_tile(0, visit(0), 0);
     cp_async_commit();
   }
-  for (int64_t it = 0; it < iters; ++it) {
-    const int buf = int(it & 1);
-    const int64_t h = h_first + it / per_head, m = m_lo + it % per_head, m0 = m * BM, bh = b * sh.heads + h;
+  // The q-th query tile visited; `masked` is a compile-time flag, as in the forward: per head, the
+  // maskless query tiles run in a loop of their own with no visibility code.
+  auto step = [&](int q, int hh, int k, auto masked) {
+    constexpr bool full = !decltype(masked)::value;
+    const int buf = int(q & 1);
+    const int64_t h = h_first + hh, m = m_lo + visit(k), m0 = m * BM, bh = b * sh.heads + h;
     cp_async_wait<0>();
-    __syncthreads();  // tile `it` landed; every warp is done with the other buffer and with dS^T
-    if (it + 1 < iters) {
-      load_tile(it + 1, buf ^ 1);
+    __syncthreads();  // this tile landed; every warp is done with the other buffer and with dS^T
+    if (q + 1 < iters) {  // the next visit: the next tile of this head, or the next head's first
+      const bool same = k + 1 < per_head;
+      load_tile(same ? hh : hh + 1, visit(same ? k + 1 : 0), buf ^ 1);
       cp_async_commit();
     }
     const T* Qb = Qs + buf * L::qo;
@@ -121,8 +136,6 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
     mma_abt<T, HD, kMT>(st, Ks + warp * 16 * ld, Qb, ld, lane);
     mma_abt<T, HD, kMT>(dpt, Vs + warp * 16 * ld, dOb, ld, lane);
 
-    const bool full = sh.mask_kind == MaskKind::kNone && j0 + kBN <= sh.tk && m0 + BM <= sh.tq &&
-                      (sh.causal == Causal::kNone || j0 + kBN - 1 <= m0 + offset);
     bool seen[2] = {full, full};
     // partial tiles, per key row i: query columns [c_lo, c_hi) pass the bounds and causal tests
     // (32-bit from here on), and the mask row starts at mask_tile[i]
@@ -240,6 +253,11 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) signal_flag(turn, int(th.tile) + 1);
+  };
+  int q = 0;
+  for (int hh = 0; hh < int(hpc); ++hh) {
+    for (int k = 0; k < n_full; ++k) step(q++, hh, k, std::false_type{});
+    for (int k = n_full; k < per_head; ++k) step(q++, hh, k, std::true_type{});
   }
 
   // dK (scaled) and dV of this CTA's keys: straight into grad_k/grad_v, or fp32 partials
@@ -363,7 +381,10 @@ int64_t attention_backward_cuda_smem(int64_t head_dim, int64_t value_dim) {
 std::vector<int64_t> attention_backward_index_plan(const AttentionShape& shape) {
   const int64_t bm = cuda::attn::query_tile_rows(shape);
   std::vector<int64_t> plan{bm};
-  for (int64_t j0 = 0; j0 < shape.tk; j0 += cuda::attn::kRows) plan.push_back(cuda::attn::first_query_tile(shape, j0, bm));
+  for (int64_t j0 = 0; j0 < shape.tk; j0 += cuda::attn::kRows) {
+    const cuda::attn::QueryTiles full = cuda::attn::full_query_tiles(shape, j0, cuda::attn::kRows, bm);
+    plan.insert(plan.end(), {cuda::attn::first_query_tile(shape, j0, bm), full.lo, full.hi});
+  }
   return plan;
 }
 

@@ -117,6 +117,23 @@ __host__ __device__ inline int64_t first_query_tile(const AttentionShape& sh, in
   return (t > 0 ? t : 0) / bm;
 }
 
+// Backward: the query tiles [lo, hi) in which every query sees every key of [j0, j0 + bn) (no
+// user mask, the keys inside Tk, the queries inside Tq, under causal past the diagonal): the
+// maskless ones. Outside them (the diagonal before, a ragged Tq after) tiles are masked.
+struct QueryTiles {
+  int64_t lo, hi;
+};
+__host__ __device__ inline QueryTiles full_query_tiles(const AttentionShape& sh, int64_t j0, int64_t bn, int64_t bm) {
+  if (sh.mask_kind != MaskKind::kNone || j0 + bn > sh.tk) return {0, 0};
+  int64_t lo = 0;
+  if (sh.causal != Causal::kNone) {  // m * bm >= j0 + bn - 1 - offset
+    const int64_t first = j0 + bn - 1 - causal_offset(sh);
+    lo = first > 0 ? (first + bm - 1) / bm : 0;
+  }
+  const int64_t hi = sh.tq / bm;  // tiles wholly inside Tq
+  return {lo, hi > lo ? hi : lo};
+}
+
 // Full tiles come first: the walk from kr.lo in steps of bn is full exactly before this key.
 // A scale <= 0 (or NaN) makes every tile partial: full tiles take the max of unscaled scores.
 __host__ __device__ inline int64_t full_tiles_end(const AttentionShape& sh, const KeyRange& kr, int64_t bn) {
