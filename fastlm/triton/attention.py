@@ -400,9 +400,9 @@ def _dq_kernel(
 _FWD_TILES = ((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 8, 2),
               (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1))
 _DKDV_TILES = ((32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 2), (32, 32, 8, 1), (32, 32, 4, 1),
-               (16, 16, 4, 1))
+               (16, 16, 4, 1), (16, 16, 8, 1))
 _DQ_TILES = ((128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2),
-             (64, 32, 8, 2), (32, 32, 8, 1), (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1))
+             (64, 32, 8, 2), (32, 32, 8, 1), (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1))
 _KEY = ["D", "DV", "TQ_B", "TK_B", "CAUSAL", "MASK", "DROPOUT", "PREC"]
 REG_LIMIT = 190  # estimated 32-bit registers per thread a config may need (255 exist; see _regs)
 REG_LIMIT_TF32 = 150  # fp32 operands: TF32 tiles measured spilling from an estimate of 160
@@ -453,7 +453,11 @@ def _allowed(regs, kind):
     def allowed(cfg, a):
         if a["PREC"] == "ieee":  # FMA dots hold whole rows of K = D in registers: only the smallest tiles
             most = 512 if kind == "fwd" and a["BLOCK_D"] < 256 else 256
-            return cfg.num_warps == 4 and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= most
+            # the backward's 16x16 tiles spread over 8 warps (half the registers each) for dQ, and
+            # for dK/dV at D = 256: measured spill-free but for dQ at D = 256 (676 B; 16 warps get
+            # capped at 64 registers and spill 2 KB)
+            warps = 8 if kind == "dq" or (kind == "dkdv" and a["BLOCK_D"] >= 256) else 4
+            return cfg.num_warps == warps and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= most
         tile = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"]
         if tile <= 256:  # 16x16, every list's last resort (TF32 at D=256 has nothing else)
             return True
