@@ -204,3 +204,28 @@ def test_cuda_kernels_train_step_under_emulation(preset):
     assert set(grads) == set(grads64)
     for name in grads64:
         assert_close(f"{preset} grad {name}", grads[name], grads64[name], grads0[name], kind="grad")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+@pytest.mark.emu
+@pytest.mark.skipif(not fastlm._ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
+def test_cuda_kernels_decode_from_the_cache_under_emulation(preset):
+    """bf16 prefill into the KV cache, then one-token decode steps (the decode path: Tq = 1, GQA
+    heads packed into one tile, K/V read as slices of the cache) with every op on the cuda
+    kernels under the emulator, against the fp64 model and the reference backend in bf16."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset(preset)).eval()
+    idx = torch.randint(0, 256, (2, 12))
+
+    def run(dtype, backend):
+        m = GPT(model.config).eval()
+        m.load_state_dict(model.state_dict())
+        m = m.to(dtype)
+        cache = KVCache(m.config, 2, 12, "cpu", dtype)
+        with torch.no_grad(), fastlm.use_backend(backend):
+            steps = [m.hidden(idx[:, :8], pos=0, cache=cache)]
+            steps += [m.hidden(idx[:, t:t + 1], pos=t, cache=cache) for t in range(8, 12)]
+        return torch.cat(steps, 1)
+
+    out, out64, base = run(torch.bfloat16, "cuda-emu"), run(torch.float64, "reference"), run(torch.bfloat16, "reference")
+    assert_close(f"{preset} hidden states", out, out64, base)
