@@ -97,6 +97,9 @@ def test_cp_async_aligned_copy():
         ("early_exit_bug", r"mask 0xffffffff names lanes that have exited|exited while its warp waits"),
         ("cp_async_bug", r"cp\.async: misaligned address"),
         ("bad_grid_bug", r"invalid configuration argument: grid \(1,70000,1\)"),
+        ("turns_bug", r"wait_flag: flag 0x[0-9a-f]+ holds 0, waiting for 1, which only a later CTA could write"),
+        ("cp_async_shared_source_bug", r"cp\.async: source 0x[0-9a-f]+ is shared memory, not a global address"),
+        ("l2_float2_bug", r"ld\.global\.cg\.v2\.f32: misaligned address"),
     ],
 )
 def test_emulator_reports(name, message):
@@ -105,6 +108,14 @@ def test_emulator_reports(name, message):
         run(name, _inputs())
     # a launch refused up front (bad grid) runs no block; every other bug stops a running one
     assert torch.ops.fastlm_emu.emu_stats()[6] == faults + (name != "bad_grid_bug")
+
+
+def test_turns_and_tickets_in_grid_order():
+    """Blocks that hand a flag on in order (the attention backward's dQ turns) run clean, and
+    tickets come out in start order; float2 through L2 at an 8-byte aligned address copies."""
+    torch.testing.assert_close(run("turns", _inputs())[:4], torch.arange(4.0))
+    x = _inputs()
+    torch.testing.assert_close(run("l2_float2", x)[:64], x[2:66])
 
 
 def test_stats_count_checked_accesses():

@@ -29,8 +29,9 @@
 // thread); with 2 CTAs per SM that is 32 KB in flight per SM, about what A100's HBM needs at
 // ~1.5 TB/s and ~1 us latency per SM-share (1.5e12 / 108 SMs x 1e-6 s = 14 KB).
 // Occupancy: 211-250 registers per thread (launch bound: 2 CTAs of 128 threads per SM), so 8
-// warps per SM, as FA2 runs at D = 128. Shared memory: (64 + 2 BN) rows x (D + 8) halves = 52 KB
-// at D = 128 (67 KB at D = 256): every head dim fits the 99 KB per block of sm_86/89.
+// warps per SM on sm_80/90, as FA2 runs at D = 128. Shared memory: (64 + 2 BN) rows x (D + 8)
+// halves = 52 KB at D = 128 (67 KB at D = 256): every head dim fits the 99 KB per block of
+// sm_86/89, but their 100 KB per SM hold one such CTA (4 warps) above D = 64.
 // The 8-half row padding puts the 8 rows of an ldmatrix phase in distinct bank groups.
 #include "attention_common.cuh"
 #include "ptx.cuh"

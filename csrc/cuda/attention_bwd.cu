@@ -24,7 +24,9 @@
 // in tests/test_sass_report.py); its global traffic is 16-byte cp.async for Q and dO, the dQ
 // float2 sums and 4-byte lse/delta, and its one inner loop is the spin on the dQ turn. The masked
 // copy (causal diagonal, ragged Tq, user masks) is 10.6. 205-254 registers, 2 CTAs (8 warps) per
-// SM, no spills.
+// SM on sm_80/90 (one above D = 32 on sm_86/89's 100 KB per SM), no spills.
+// CTAs take their (head, key tile) from a ticket (an atomicAdd at start), so a key tile waiting
+// for its dQ turn only ever waits for CTAs already running: no reliance on dispatch order.
 // Shared memory: K, V (64 rows) + 2 x (Q, dO) (BM rows) of D + 8 halves, plus dS^T (64 x BM + 8):
 // 75 KB at D = 128, 57 KB at D = 96, so every head dim fits the 99 KB per block of sm_86/89.
 #include "attention_common.cuh"
@@ -39,7 +41,7 @@ template <int HD, int BM>
 struct BwdTiles {
   static constexpr int ld = HD + kPad, lds = BM + kPad;  // halves per shared row
   static constexpr size_t kv = size_t(kBN) * ld, qo = size_t(BM) * ld, ds = size_t(kBN) * lds;  // elements
-  static constexpr size_t bytes = (2 * kv + 4 * qo + ds) * 2 + 4 * BM * 4 + kWarps * 4;
+  static constexpr size_t bytes = (2 * kv + 4 * qo + ds) * 2 + 4 * BM * 4 + kWarps * 4 + 4;
 };
 
 // Row stride of the fp32 dQ sums: even, so a lane's two columns are one aligned float2 (the pad
@@ -60,11 +62,16 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
   float* lse_s = reinterpret_cast<float*>(dSs + L::ds);  // [2][BM], log2 units (+inf: row saw nothing)
   float* delta_s = lse_s + 2 * BM;                        // [2][BM]
   uint32_t* live_s = reinterpret_cast<uint32_t*>(delta_s + 2 * BM);  // [kWarps]: keys some query sees
+  int* ticket_s = reinterpret_cast<int*>(live_s + kWarps);             // this CTA's place in the start order
 
   const AttentionShape& sh = p.sh;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane % 4;
   const int64_t group = sh.heads / sh.kv_heads, hpc = group / p.head_splits;
-  const TileHead th = tile_head(blockIdx.x, sh.tk);
+  // The CTA's (head, key tile) comes from its ticket, not blockIdx: a key tile waits for the
+  // lower key tiles of its head (the dQ turns), and lower tickets belong to CTAs already running.
+  if (threadIdx.x == 0) *ticket_s = ticket(p.cta_ticket);
+  __syncthreads();
+  const TileHead th = tile_head(*ticket_s, sh.tk);
   const int64_t j0 = th.tile * kBN, split = th.head % p.head_splits, bhk = th.head / p.head_splits;
   const int64_t b = bhk / sh.kv_heads, hk = bhk % sh.kv_heads, h_first = hk * group + split * hpc;
   const int64_t offset = causal_offset(sh), dv = sh.value_dim, d = sh.head_dim;
@@ -241,17 +248,17 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
         float* row = p.dq_acc + (bh * sh.tq + t) * dq_ld(d);
 #pragma unroll
         for (int n = 0; n < kQC / 8; ++n) {
-          const int64_t c = cb * kCW + c0 + n * 8 + quad * 2;
-          if (c < d) {  // rows are an even number of floats apart: float2 aligned
-            float2 old = load_l2(reinterpret_cast<const float2*>(row + c));
+          const int c = cb * kCW + c0 + n * 8 + quad * 2;
+          if (c < int(d)) {  // rows are an even number of floats apart: float2 aligned
+            float2* at = reinterpret_cast<float2*>(row + c);
+            float2 old = load_l2(at);
             old.x += dq[n][2 * i], old.y += dq[n][2 * i + 1];
-            *reinterpret_cast<float2*>(row + c) = old;
+            store_l2(at, old);
           }
         }
       }
     }
-    __threadfence();
-    __syncthreads();
+    __syncthreads();  // every thread's sums are issued; signal_flag fences them before the flag
     if (threadIdx.x == 0) signal_flag(turn, int(th.tile) + 1);
   };
   int q = 0;
@@ -352,6 +359,22 @@ int64_t dq_tiles(const AttentionShape& sh) {
   return with_bwd_tiles(max_head_dim(sh), [&](auto, auto bm) { return (sh.tq + bm.value - 1) / bm.value; });
 }
 
+// The zeroed fp32 workspace, in floats, each region 16-byte aligned (the dQ sums are read and
+// written as float2, so an odd B * H * Tq of delta before them must not shift them).
+struct BwdWorkspace {
+  int64_t delta, dq, turns, ticket, part, end;
+};
+BwdWorkspace bwd_workspace(const AttentionShape& sh, int64_t splits) {
+  auto up4 = [](int64_t n) { return (n + 3) / 4 * 4; };
+  BwdWorkspace w{};
+  w.dq = up4(sh.batch * sh.heads * sh.tq);                                // after delta
+  w.turns = w.dq + up4(sh.batch * sh.heads * sh.tq * dq_ld(sh.head_dim));  // ints from here
+  w.ticket = w.turns + up4(sh.batch * sh.heads * dq_tiles(sh));
+  w.part = w.ticket + 4;
+  w.end = w.part + (splits > 1 ? sh.batch * sh.kv_heads * splits * sh.tk * (sh.head_dim + sh.value_dim) : 0);
+  return w;
+}
+
 template <typename T, int HD, int BM>
 int launch(const Params& p, cudaStream_t stream) {
   const size_t bytes = BwdTiles<HD, BM>::bytes;
@@ -390,10 +413,7 @@ std::vector<int64_t> attention_backward_index_plan(const AttentionShape& shape) 
 
 AttentionBackwardWorkspace attention_backward_cuda_workspace(const AttentionShape& shape) {
   const int64_t splits = cuda::attn::head_splits(shape);
-  const int64_t dq = shape.batch * shape.heads * shape.tq * cuda::attn::dq_ld(shape.head_dim);
-  const int64_t turns = shape.batch * shape.heads * cuda::attn::dq_tiles(shape);
-  const int64_t part = splits > 1 ? shape.batch * shape.kv_heads * splits * shape.tk * (shape.head_dim + shape.value_dim) : 0;
-  return {shape.batch * shape.heads * shape.tq + dq + turns + part, splits};
+  return {cuda::attn::bwd_workspace(shape, splits).end, splits};
 }
 
 int attention_backward_cuda(const AttentionShape& shape, Strided4 grad_out, Strided4 q, Strided4 k, Strided4 v,
@@ -401,10 +421,12 @@ int attention_backward_cuda(const AttentionShape& shape, Strided4 grad_out, Stri
                             void* grad_k, void* grad_v, cudaStream_t stream) {
   const AttentionBackwardWorkspace ws = attention_backward_cuda_workspace(shape);
   cuda::attn::Params p{shape, q, k, v, mask, const_cast<void*>(out), const_cast<float*>(lse), grad_out};  // dout
-  p.delta = workspace;
-  p.dq_acc = p.delta + shape.batch * shape.heads * shape.tq;
-  p.dq_turn = reinterpret_cast<int*>(p.dq_acc + shape.batch * shape.heads * shape.tq * cuda::attn::dq_ld(shape.head_dim));
-  p.dkv_part = reinterpret_cast<float*>(p.dq_turn + shape.batch * shape.heads * cuda::attn::dq_tiles(shape));
+  const cuda::attn::BwdWorkspace at = cuda::attn::bwd_workspace(shape, ws.head_splits);
+  p.delta = workspace + at.delta;
+  p.dq_acc = workspace + at.dq;
+  p.dq_turn = reinterpret_cast<int*>(workspace + at.turns);
+  p.cta_ticket = reinterpret_cast<int*>(workspace + at.ticket);
+  p.dkv_part = workspace + at.part;
   p.head_splits = ws.head_splits;
   p.grad_q = grad_q, p.grad_k = grad_k, p.grad_v = grad_v;
   const int64_t hd = cuda::attn::max_head_dim(shape);

@@ -37,6 +37,7 @@ struct Params {
   int64_t chunk = 0;      // split-KV forward: keys per split (a multiple of every key tile)
   float* dq_acc = nullptr;   // backward: fp32 (B, H, Tq, D) dQ sums, zeroed, then scaled into grad_q
   int* dq_turn = nullptr;    // backward: per (b, h, query tile), the key tile whose turn it is to add
+  int* cta_ticket = nullptr; // backward: zeroed counter handing out (head, key tile) in start order
   float* dkv_part = nullptr; // backward, head_splits > 1: fp32 (B, Hkv, splits, Tk, D + Dv) partials
   int64_t head_splits = 1;   // backward: CTAs sharing one KV head's group of query heads
 };
@@ -146,11 +147,13 @@ __host__ __device__ inline int64_t full_tiles_end(const AttentionShape& sh, cons
 }
 
 // ROWS x HD of a (rows, d) operand into shared memory (rows HD + kPad apart) as 16-byte
-// cp.async chunks; row_ptr(r) is a row's global address, or null past the end (zero fill).
+// cp.async chunks; row_ptr(r) is a row's global address, or null past the end (zero fill, read
+// from row 0: cp.async's source must be a global address even when it copies 0 bytes).
 // Columns past d zero-fill too. Rows must be 16-byte aligned (the bindings make them so).
 template <typename T, int HD, int ROWS, typename RowPtr>
 __device__ __forceinline__ void load_rows(T* dst, int64_t d, RowPtr row_ptr) {
   constexpr int kChunks = HD / 8;
+  const T* row0 = row_ptr(0);  // a CTA's first row always exists: the zero-fill chunks' (global) source
 #pragma unroll
   for (int i = 0; i < (ROWS * kChunks + kThreads - 1) / kThreads; ++i) {
     const int idx = threadIdx.x + i * kThreads;
@@ -159,7 +162,7 @@ __device__ __forceinline__ void load_rows(T* dst, int64_t d, RowPtr row_ptr) {
     const T* src = row_ptr(r);
     const int64_t left = d - c;
     const int bytes = src == nullptr || left <= 0 ? 0 : (left >= 8 ? 16 : int(left) * 2);
-    cp_async16(dst + r * (HD + kPad) + c, bytes > 0 ? src + c : dst, bytes);  // any valid address when 0
+    cp_async16(dst + r * (HD + kPad) + c, bytes > 0 ? src + c : row0, bytes);
   }
 }
 

@@ -6,9 +6,11 @@
 //   mma_m16n8k16<T>  D = A B + C, T = __half or __nv_bfloat16, fp32 accumulators (row.col)
 //   exp2_approx      ex2.approx.ftz.f32: one MUFU.EX2 (2^-inf = +0, NaN stays NaN)
 //   pack2<T>         two floats rounded to T, as the 32-bit register an mma fragment takes
-//   load_l2          a float2 read through L2 only (ld.global.cg): L1 is not coherent across CTAs
-//   wait_flag / signal_flag   ld.acquire.gpu spin until *flag == value / st.release.gpu: one thread
-//                    of a CTA orders a critical section against other CTAs (bar.sync around it)
+//   load_l2 / store_l2   a float2 through L2 only (.cg): L1 is not coherent across CTAs
+//   ticket           atomicAdd on a zeroed counter: the order CTAs really started in
+//   wait_flag / signal_flag   relaxed spin until *flag == value, then fence.acq_rel / fence, then
+//                    a relaxed store: one thread of a CTA orders a critical section against other
+//                    CTAs (bar.sync around it)
 #pragma once
 #ifdef FASTLM_EMU
 #include "fastlm_emu/ptx.h"
@@ -94,15 +96,24 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
 }
 
 __device__ __forceinline__ float2 load_l2(const float2* p) { return __ldcg(p); }
+__device__ __forceinline__ void store_l2(float2* p, float2 v) { __stcg(p, v); }
 
+// A ticket from a zeroed counter (atomicAdd): CTAs holding lower tickets are already running.
+__device__ __forceinline__ int ticket(int* counter) { return atomicAdd(counter, 1); }
+
+// Spin relaxed (an acquire per iteration would invalidate L1 every time), then one fence.
 __device__ __forceinline__ void wait_flag(const int* flag, int value) {
   int seen;
   do {
-    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(flag) : "memory");
+    asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(flag) : "memory");
   } while (seen != value);
+  asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
 }
+// Called by one thread after a bar.sync: the fence makes the CTA's writes (ordered before it by
+// the barrier) visible before the flag, as CUTLASS's semaphore release does.
 __device__ __forceinline__ void signal_flag(int* flag, int value) {
-  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(flag), "r"(value) : "memory");
+  asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+  asm volatile("st.relaxed.gpu.global.b32 [%0], %1;\n" ::"l"(flag), "r"(value) : "memory");
 }
 
 }  // namespace fastlm::cuda

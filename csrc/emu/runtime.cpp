@@ -488,6 +488,9 @@ void shared_access_by_lane(int lane, const void* p, size_t n, bool write) {
 void cp_async_queue(void* dst, const void* src, int bytes, int src_bytes) {
   Thread& t = me();
   if (!in_shared_arena(dst)) fail("cp.async: destination %p is not shared memory (%s)", dst, thread_name(t).c_str());
+  if (in_shared_arena(src))
+    fail("cp.async: source %p is shared memory, not a global address (even a 0-byte copy needs one) (%s)", src,
+         thread_name(t).c_str());
   if (reinterpret_cast<uintptr_t>(dst) % unsigned(bytes) || reinterpret_cast<uintptr_t>(src) % unsigned(bytes))
     fail("cp.async: misaligned address: a %d-byte copy needs %d-byte aligned addresses, got shared %p and global %p (%s)",
          bytes, bytes, dst, src, thread_name(t).c_str());

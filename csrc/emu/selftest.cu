@@ -109,6 +109,35 @@ __global__ void cp_async_copy(const float* in, float* out, int offset) {
   for (int i = 0; i < 4; ++i) out[threadIdx.x * 4 + i] = buf[(threadIdx.x * 4 + 4 + i) % 64];
 }
 
+// Blocks take turns through a flag in grid order, as the attention backward's dQ sums do: block
+// b waits until the flag reads b (+ 1 for the bug: a turn only a later block could give), then
+// records its ticket and hands the turn on.
+__global__ void take_turns(int* flag, int* counter, float* out, int ahead) {
+  FASTLM_SHARED(int, mine, [1]);
+  if (threadIdx.x == 0) *mine = cuda::ticket(counter);
+  __syncthreads();
+  if (threadIdx.x == 0) cuda::wait_flag(flag, int(blockIdx.x) + ahead);
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = float(*mine);
+  __syncthreads();
+  if (threadIdx.x == 0) cuda::signal_flag(flag, int(blockIdx.x) + 1);
+}
+
+// A zero-byte cp.async whose source is shared memory (it must be a global address).
+__global__ void cp_async_shared_source(const float* in, float* out) {
+  FASTLM_SHARED(float, buf, [64]);
+  cuda::cp_async16(&buf[threadIdx.x * 4], &buf[0], 0);
+  cuda::cp_async_commit();
+  cuda::cp_async_wait<0>();
+  out[threadIdx.x] = in[threadIdx.x];
+}
+
+// float2 through L2 at an address 4 bytes off its 8-byte alignment.
+__global__ void l2_float2(const float* in, float* out, int offset) {
+  const float2 v = cuda::load_l2(reinterpret_cast<const float2*>(in + offset) + threadIdx.x);
+  cuda::store_l2(reinterpret_cast<float2*>(out) + threadIdx.x, v);
+}
+
 }  // namespace
 
 // Runs test kernel `name` on in (at least 384 floats) into out (512 floats). Returns the launch
@@ -126,6 +155,14 @@ int run(const char* name, const float* in, float* out) {
   else if (is("cp_async")) launch_kernel(cp_async_copy, 1, 16, 0, nullptr, in, out, 4);
   else if (is("cp_async_bug")) launch_kernel(cp_async_copy, 1, 16, 0, nullptr, in, out, 2);
   else if (is("bad_grid_bug")) launch_kernel(block_sum<true>, dim3(1, 70000), 64, 0, nullptr, in, out);
+  else if (is("turns") || is("turns_bug")) {
+    static int flag_and_counter[2];
+    flag_and_counter[0] = flag_and_counter[1] = 0;
+    launch_kernel(take_turns, 4, 32, 0, nullptr, &flag_and_counter[0], &flag_and_counter[1], out, is("turns") ? 0 : 1);
+  }
+  else if (is("cp_async_shared_source_bug")) launch_kernel(cp_async_shared_source, 1, 16, 0, nullptr, in, out);
+  else if (is("l2_float2")) launch_kernel(l2_float2, 1, 32, 0, nullptr, in, out, 2);
+  else if (is("l2_float2_bug")) launch_kernel(l2_float2, 1, 32, 0, nullptr, in, out, 1);
   else return -1;
   return int(cudaGetLastError());
 }

@@ -53,10 +53,20 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   return uint32_t(a) | uint32_t(b) << 16;  // the lower address's element in the low half
 }
 
-__device__ __forceinline__ float2 load_l2(const float2* p) { return *p; }
+// 8-byte accesses need 8-byte alignment on a GPU (misaligned: a fault); x86 wouldn't mind.
+__device__ __forceinline__ float2 load_l2(const float2* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 8) emu::fail("ld.global.cg.v2.f32: misaligned address %p", static_cast<const void*>(p));
+  return *p;
+}
+__device__ __forceinline__ void store_l2(float2* p, float2 v) {
+  if (reinterpret_cast<uintptr_t>(p) % 8) emu::fail("st.global.cg.v2.f32: misaligned address %p", static_cast<void*>(p));
+  *p = v;
+}
 
 // Blocks run one after another here, in grid order: a flag a CTA waits for must already hold
 // its value, or on a GPU the wait would depend on a later CTA and could spin forever.
+__device__ __forceinline__ int ticket(int* counter) { return (*counter)++; }
+
 __device__ __forceinline__ void wait_flag(const int* flag, int value) {
   if (*flag != value)
     emu::fail("wait_flag: flag %p holds %d, waiting for %d, which only a later CTA could write (a GPU would "
