@@ -327,6 +327,20 @@ def test_triton_decode_split_kv(dtype):
         check("triton", q, k, v, mask=mask, causal=causal)
 
 
+@pytest.mark.parametrize("causal", ["none", "bottom_right"])
+def test_triton_ieee_fp32_wide_heads(causal):
+    """fp32 without TF32 at head dims over 128: dQ reads q and dO in 64-column chunks (not kept
+    resident); D = 200 / Dv = 136 check the chunks' column masks; with a mask too."""
+    from fastlm.triton import attention as triton_attention
+
+    assert triton_attention.fp32_precision() == "ieee"
+    q, k, v = _qkv(1, 2, 1, 20, 33, 256, 256, torch.float32, GPU or "cpu")
+    check("triton", q, k, v, causal=CAUSAL[causal])
+    check("triton", *_qkv(1, 2, 2, 20, 33, 200, 136, torch.float32, GPU or "cpu"), causal=CAUSAL[causal])
+    if causal == "none":
+        check("triton", q, k, v, mask=_mask("bool_bh", 1, 2, 20, 33, torch.float32).to(GPU or "cpu"))
+
+
 # the cuda backend on a GPU and under the emulator: (backend, device)
 CUDA_RUNS = [pytest.param(p.values[0], p.values[1], id=p.id, marks=p.marks) for p in cuda_params()]
 

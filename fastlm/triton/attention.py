@@ -322,34 +322,62 @@ def _dkdv_kernel(
 
 
 @triton.jit
+def _dot_rows(a_base, offs_a, sar, sac, na, b_base, offs_b, sbr, sbc, nb, NC: tl.constexpr, BLOCK: tl.constexpr,
+              PREC: tl.constexpr):
+    """A B^T over NC columns, A's and B's rows read from memory 64 columns at a time. For IEEE
+    fp32 (FMA) dots at D = 256: their operands hold whole rows in registers, and a resident
+    16 x 256 q or dO spills; chunks re-read from L2 don't."""
+    acc = tl.zeros((offs_a.shape[0], offs_b.shape[0]), tl.float32)
+    for c0 in tl.static_range(0, BLOCK, 64):
+        offs_c = c0 + tl.arange(0, 64)
+        a = tl.load(a_base + offs_a[:, None].to(tl.int64) * sar + offs_c[None, :] * sac,
+                    mask=(offs_a[:, None] < na) & (offs_c[None, :] < NC), other=0.0)
+        b = tl.load(b_base + offs_b[:, None].to(tl.int64) * sbr + offs_c[None, :] * sbc,
+                    mask=(offs_b[:, None] < nb) & (offs_c[None, :] < NC), other=0.0)
+        acc += _dot(a, tl.trans(b), PREC)
+    return acc
+
+
+@triton.jit
 def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, last_row, bh, lo, hi,
               skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, seed, p_drop,
               EDGE: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
               DROPOUT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, q_base, do_base, sqt, sqd, CHUNK: tl.constexpr):
+    """CHUNK: q and dO are not resident; their products are read in column chunks (_dot_rows)."""
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        v = _load(v_base, offs_n, offs_dv, svt, svd, TK, DV, EDGE)
-        dp = _dot(do, tl.trans(v), PREC)
+        if CHUNK:
+            dp = _dot_rows(do_base, offs_m, DV, 1, TQ, v_base, offs_n, svt, svd, TK, DV, BLOCK_DV, PREC)
+            qk = _dot_rows(q_base, offs_m, sqt, sqd, TQ, k_base, offs_n, skt, skd, TK, D, BLOCK_D, PREC)
+        else:
+            v = _load(v_base, offs_n, offs_dv, svt, svd, TK, DV, EDGE)
+            dp = _dot(do, tl.trans(v), PREC)
         if DROPOUT:
             dp = dp * _drop_scale(seed, bh, offs_m[:, None], offs_n[None, :], TK, p_drop)
         if EDGE or MASK != 0:
             if MASK != 0:  # the live keys come from the mask: K is loaded after it
                 k = _load(k_base, offs_n, offs_d, skt, skd, TK, D, EDGE)
-                ok, s = _masked(_dot(q, tl.trans(k), PREC) * qk_scale, offs_m[:, None], offs_n[None, :], TQ, TK,
+                if not CHUNK:
+                    qk = _dot(q, tl.trans(k), PREC)
+                ok, s = _masked(qk * qk_scale, offs_m[:, None], offs_n[None, :], TQ, TK,
                                 offset, m_base, smq, smk, CAUSAL and EDGE, MASK)
                 k = tl.where(_live_keys(ok, offs_n, last_row, offset, CAUSAL, MASK)[:, None], k, 0.0).to(k.dtype)
             else:
                 k = _load(k_base, offs_n, offs_d, skt, skd, TK, D, EDGE,
                           _live_keys(None, offs_n, last_row, offset, CAUSAL, MASK))
-                ok, s = _masked(_dot(q, tl.trans(k), PREC) * qk_scale, offs_m[:, None], offs_n[None, :], TQ, TK,
+                if not CHUNK:
+                    qk = _dot(q, tl.trans(k), PREC)
+                ok, s = _masked(qk * qk_scale, offs_m[:, None], offs_n[None, :], TQ, TK,
                                 offset, m_base, smq, smk, CAUSAL, MASK)
             p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
             ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
         else:
             k = _load(k_base, offs_n, offs_d, skt, skd, TK, D, False)
-            p = tl.exp2(_dot(q, tl.trans(k), PREC) * qk_scale - lse[:, None])
+            if not CHUNK:
+                qk = _dot(q, tl.trans(k), PREC)
+            p = tl.exp2(qk * qk_scale - lse[:, None])
             ds = p * (dp - delta[:, None])
         dq += _dot(_operand(ds, k, PREC), k, PREC)
     return dq
@@ -362,7 +390,7 @@ def _dq_kernel(
     H, GROUP, TQ, TK, offset, qk_scale, seed, p_drop, TQ_B, TK_B,
     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
     DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, CHUNK: tl.constexpr,
 ):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -380,12 +408,15 @@ def _dq_kernel(
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     last_row = tl.minimum(start_m + BLOCK_M, TQ) - 1
     full, hi = _key_ranges(start_m, TK, offset, CAUSAL, BLOCK_M, BLOCK_N)
+    q_base, do_base = q_ptr + _offset(b, sqb, h, sqh), do_ptr + bh.to(tl.int64) * TQ * DV
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, last_row, bh, 0, full,
                    skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, seed, p_drop,
-                   False, CAUSAL, MASK, PREC, DROPOUT, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
+                   False, CAUSAL, MASK, PREC, DROPOUT, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, q_base, do_base, sqt, sqd,
+                   CHUNK)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, last_row, bh, full, hi,
                    skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, seed, p_drop,
-                   True, CAUSAL, MASK, PREC, DROPOUT, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
+                   True, CAUSAL, MASK, PREC, DROPOUT, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, q_base, do_base, sqt, sqd,
+                   CHUNK)
     qmask = (offs_m[:, None] < TQ) & (offs_d[None, :] < D)
     tl.store(dq_ptr + rows[:, None] * D + offs_d[None, :], (dq * (qk_scale * _LN2)).to(dq_ptr.dtype.element_ty),
              mask=qmask)
@@ -454,8 +485,7 @@ def _allowed(regs, kind):
         if a["PREC"] == "ieee":  # FMA dots hold whole rows of K = D in registers: only the smallest tiles
             most = 512 if kind == "fwd" and a["BLOCK_D"] < 256 else 256
             # the backward's 16x16 tiles spread over 8 warps (half the registers each) for dQ, and
-            # for dK/dV at D = 256: measured spill-free but for dQ at D = 256 (676 B; 16 warps get
-            # capped at 64 registers and spill 2 KB)
+            # for dK/dV at D = 256; dQ at D = 256 also reads q and dO in chunks (CHUNK)
             warps = 8 if kind == "dq" or (kind == "dkdv" and a["BLOCK_D"] >= 256) else 4
             return cfg.num_warps == warps and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= most
         tile = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"]
@@ -560,5 +590,6 @@ def backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p=0.0, se
         dvv.copy_(dv_out.sum(2))
     args = (q, k, v, mask_t, grad_out, lse, delta, dq, *strides, h, h // hkv, tq, tk, offset, qk_scale,
             seed, dropout_p, *buckets)
-    _launch(_dq_kernel, _dq_tuned, lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h), args, meta)
+    chunk = meta["PREC"] == "ieee" and meta["BLOCK_D"] > 128  # IEEE fp32 at D = 256: q, dO not resident
+    _launch(_dq_kernel, _dq_tuned, lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h), args, dict(meta, CHUNK=chunk))
     return dq, dk, dvv
