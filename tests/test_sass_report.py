@@ -115,6 +115,38 @@ def test_sibling_loops_main_is_the_one_with_most_mma():
     assert main["gld_bytes"] == {8: 1} and main["mma_free_inner_loops"] == []
 
 
+# The tile step compiled twice, as the attention kernels do: an outer loop (0x10..0xe0) holding a
+# maskless copy (0x20..0x50: two HMMAs, 4 instructions) and a masked copy (0x70..0xc0: two HMMAs,
+# 6 instructions). The main loop is the innermost MMA loop; of equals, the one with fewer
+# instructions (the maskless copy, which runs on all but the edge tiles).
+TWO_COPIES = """
+0000 MOV R0, RZ
+0010 MOV R1, RZ
+0020 HMMA.16816.F32 R8, R4, R6, R8
+0030 HMMA.16816.F32 R8, R4, R6, R8
+0040 IADD3 R1, R1, 0x1, RZ
+0050 @P0 BRA 0x20
+0060 MOV R2, RZ
+0070 HMMA.16816.F32 R8, R4, R6, R8
+0080 FSEL R9, R9, -INF, P3
+0090 LDG.E.U8 R3, [R4.64]
+00a0 HMMA.16816.F32 R8, R4, R6, R8
+00b0 IADD3 R2, R2, 0x1, RZ
+00c0 @P1 BRA 0x70
+00d0 IADD3 R0, R0, 0x1, RZ
+00e0 @P2 BRA 0x10
+00f0 EXIT
+"""
+
+
+def test_main_loop_is_the_innermost_and_of_equals_the_shortest():
+    loops = sr.find_loops(listing(TWO_COPIES))
+    assert [(lp["start"], lp["depth"], lp["mma"]) for lp in loops] == [(0x10, 0, 4), (0x20, 1, 2), (0x70, 1, 2)]
+    main = sr.main_loop(loops)
+    assert (main["start"], main["insts"], main["insts_per_mma"], main["gld_bytes"]) == (0x20, 4, 2.0, {})
+    assert main["mma_free_inner_loops"] == []
+
+
 def test_no_mma_no_main_loop():
     loops = sr.find_loops(listing("0000 IADD3 R0, R0, 0x1, RZ\n0010 @P0 BRA 0x0\n0020 EXIT"))
     assert [(lp["start"], lp["insts"]) for lp in loops] == [(0, 2)]
