@@ -112,10 +112,24 @@ def register_by_dtype(op: str, example: Callable[[torch.device], tuple], cpu_dty
         register(op, name, example=example if name == "reference" else None)(make(name, allowed))
 
 
-def implementations(*, reference: Callable, triton: Callable, cpu: Callable, cuda: Callable) -> dict[str, Callable]:
+def _extension_call(name: str) -> Callable:
+    def call(*args, ops=torch.ops.fastlm):
+        return getattr(ops, name)(*args)
+    call.__name__ = name
+    return call
+
+
+def implementations(*, reference: Callable, triton: Callable, cpu: Callable | None = None,
+                    cuda: Callable | None = None, ext: str | None = None) -> dict[str, Callable]:
     """An op's per-backend implementations, keyed by backend name. `cuda` calls the compiled
     kernels through its `ops=torch.ops.fastlm` argument; "cuda-emu" is the same call bound to the
-    emulated kernels in torch.ops.fastlm_emu."""
+    emulated kernels in torch.ops.fastlm_emu. ext: the name of an extension op taking exactly the
+    implementation's arguments, which then serves as both cpu and cuda (the extension dispatches
+    on the device)."""
+    if ext is not None:
+        cpu = cuda = _extension_call(ext)
+    if cpu is None or cuda is None:
+        raise TypeError("implementations: give cpu and cuda, or ext")
     emulated = functools.partial(cuda, ops=torch.ops.fastlm_emu)
     return {"reference": reference, "triton": triton, "cpu": cpu, "cuda": cuda, "cuda-emu": emulated}
 

@@ -2,7 +2,6 @@
 // attention.cpp (tensor cores, fp16/bf16; forward head dims up to 256, backward up to 128).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -71,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   }
   const at::Tensor go = rows_16b_aligned(grad_out), o = out.contiguous(), ls = lse.contiguous();
   const at::Tensor qa = rows_16b_aligned(q), ka = rows_16b_aligned(k), va = rows_16b_aligned(v);
-  at::Tensor workspace = at::zeros({attention_backward_cuda_workspace(sh).floats}, q.options().dtype(at::kFloat));
+  at::Tensor workspace = at::empty({attention_backward_cuda_workspace(sh).floats}, q.options().dtype(at::kFloat));
   check_launch(op, attention_backward_cuda(sh, strided(go), strided(qa), strided(ka), strided(va),
                                            mask ? strided(*mask) : kNoMask, o.data_ptr(), ls.data_ptr<float>(),
                                            workspace.data_ptr<float>(), gq.data_ptr(), gk.data_ptr(), gv.data_ptr(),

@@ -359,7 +359,7 @@ int64_t dq_tiles(const AttentionShape& sh) {
   return with_bwd_tiles(max_head_dim(sh), [&](auto, auto bm) { return (sh.tq + bm.value - 1) / bm.value; });
 }
 
-// The zeroed fp32 workspace, in floats, each region 16-byte aligned (the dQ sums are read and
+// The fp32 workspace, in floats, each region 16-byte aligned (the dQ sums are read and
 // written as float2, so an odd B * H * Tq of delta before them must not shift them).
 struct BwdWorkspace {
   int64_t delta, dq, turns, ticket, part, end;
@@ -429,6 +429,9 @@ int attention_backward_cuda(const AttentionShape& shape, Strided4 grad_out, Stri
   p.dkv_part = workspace + at.part;
   p.head_splits = ws.head_splits;
   p.grad_q = grad_q, p.grad_k = grad_k, p.grad_v = grad_v;
+  // only the dQ sums, turn counters and ticket start at 0; delta and the partials are written whole
+  const cudaError_t err = cudaMemsetAsync(workspace + at.dq, 0, size_t(at.part - at.dq) * sizeof(float), stream);
+  if (err != cudaSuccess) return int(err);
   const int64_t hd = cuda::attn::max_head_dim(shape);
   return cuda::attn::with_bwd_tiles(hd, [&](auto d, auto bm) {
     if (shape.dtype == DType::kFloat16) return cuda::attn::launch<__half, d.value, bm.value>(p, stream);

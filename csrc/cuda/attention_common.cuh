@@ -86,9 +86,9 @@ __host__ __device__ inline QueryRow query_row(const AttentionShape& sh, const Ro
   return {g.head0 + r / sh.tq, r % sh.tq};
 }
 
-// The keys a CTA walks, [lo, hi), and where its tiles stop being maskless. A tile [j0, j0 + bn)
-// is full (no visibility test at all) when no user mask exists, it lies inside Tk and, under
-// causal, its last key is visible to the tile's first query: j0 + bn - 1 <= t_min + offset.
+// The keys a CTA walks, [lo, hi). A tile [j0, j0 + bn) of them is full (no visibility test at
+// all; full_tiles_end) when no user mask exists, it lies inside Tk and, under causal, its last
+// key is visible to the CTA's first query: j0 + bn - 1 <= t_min + offset.
 struct KeyRange {
   int64_t lo, hi;  // keys to visit; hi <= lo: none
   int64_t t_min;   // smallest query position among the CTA's rows
@@ -104,10 +104,6 @@ __host__ __device__ inline KeyRange key_range(const AttentionShape& sh, int64_t 
     hi = seen < hi ? seen : hi;
   }
   return {split_lo, hi, t_min};
-}
-__host__ __device__ inline bool tile_is_full(const AttentionShape& sh, const KeyRange& kr, int64_t j0, int64_t bn) {
-  if (sh.mask_kind != MaskKind::kNone || j0 + bn > sh.tk) return false;
-  return sh.causal == Causal::kNone || j0 + bn - 1 <= kr.t_min + causal_offset(sh);
 }
 // Backward: the first query tile (of bm queries) with a query that sees key j0 under causal.
 // Non-decreasing in j0, so the key tiles adding into one query tile's dQ are a prefix 0..n of
@@ -135,8 +131,9 @@ __host__ __device__ inline QueryTiles full_query_tiles(const AttentionShape& sh,
   return {lo, hi > lo ? hi : lo};
 }
 
-// Full tiles come first: the walk from kr.lo in steps of bn is full exactly before this key.
-// A scale <= 0 (or NaN) makes every tile partial: full tiles take the max of unscaled scores.
+// Full tiles come first (the conditions only get harder as j0 grows): the walk from kr.lo in
+// steps of bn is full exactly before this key. A scale <= 0 (or NaN) makes every tile partial:
+// full tiles take the max of unscaled scores.
 __host__ __device__ inline int64_t full_tiles_end(const AttentionShape& sh, const KeyRange& kr, int64_t bn) {
   if (sh.mask_kind != MaskKind::kNone || !(sh.scale > 0.0f)) return kr.lo;
   int64_t last = sh.tk - bn;  // the last full tile's first key

@@ -31,7 +31,8 @@ extern "C" void fastlm_emu_switch(void** save_sp, void* load_sp);
 extern "C" void fastlm_emu_fiber_start();
 extern "C" void fastlm_emu_fiber_main();
 // A new fiber's stack holds six zeroed registers and then the address of fastlm_emu_fiber_start,
-// so the first switch to it pops the zeros and its `ret` enters the stub, which calls fiber_main.
+// so the first switch to it pops the zeros and its `ret` enters the entry trampoline, which
+// calls fiber_main.
 asm(R"(
   .text
   .globl fastlm_emu_switch

@@ -88,19 +88,11 @@ def _triton_backward(grad_out, x, bias, activation):
     return kernels.backward(grad_out, x, bias, activation)
 
 
-def _ext_forward(x, bias, activation, ops=torch.ops.fastlm):
-    return ops.bias_act_fwd(x, bias, activation)
-
-
-def _ext_backward(grad_out, x, bias, activation, ops=torch.ops.fastlm):
-    return ops.bias_act_bwd(grad_out, x, bias, activation)
-
-
 _FORWARD = _backend.implementations(
-    reference=bias_act_ref, triton=_triton_forward, cpu=_ext_forward, cuda=_ext_forward
+    reference=bias_act_ref, triton=_triton_forward, ext="bias_act_fwd"
 )
 _BACKWARD = _backend.implementations(
-    reference=bias_act_backward_ref, triton=_triton_backward, cpu=_ext_backward, cuda=_ext_backward
+    reference=bias_act_backward_ref, triton=_triton_backward, ext="bias_act_bwd"
 )
 
 

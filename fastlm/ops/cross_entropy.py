@@ -98,15 +98,11 @@ def _cuda_forward(logits, target, weight, ignore_index, label_smoothing, ops=tor
     return ops.cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing)
 
 
-def _ext_backward(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, ops=torch.ops.fastlm):
-    return ops.cross_entropy_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing)
-
-
 _FORWARD = _backend.implementations(
     reference=cross_entropy_rows_ref, triton=_triton_forward, cpu=_cpu_forward, cuda=_cuda_forward
 )
 _BACKWARD = _backend.implementations(
-    reference=cross_entropy_backward_ref, triton=_triton_backward, cpu=_ext_backward, cuda=_ext_backward
+    reference=cross_entropy_backward_ref, triton=_triton_backward, ext="cross_entropy_bwd"
 )
 
 

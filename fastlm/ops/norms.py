@@ -87,19 +87,11 @@ def _triton_backward(*args):
     return kernels.backward(*args)
 
 
-def _ext_forward(*args, ops=torch.ops.fastlm):
-    return ops.norm_fwd(*args)
-
-
-def _ext_backward(*args, ops=torch.ops.fastlm):
-    return ops.norm_bwd(*args)
-
-
 _FORWARD = _backend.implementations(
-    reference=norm_ref, triton=_triton_forward, cpu=_ext_forward, cuda=_ext_forward
+    reference=norm_ref, triton=_triton_forward, ext="norm_fwd"
 )
 _BACKWARD = _backend.implementations(
-    reference=norm_backward_ref, triton=_triton_backward, cpu=_ext_backward, cuda=_ext_backward
+    reference=norm_backward_ref, triton=_triton_backward, ext="norm_bwd"
 )
 
 

@@ -89,19 +89,11 @@ def _triton_backward(grad_y, y, scale, log):
     return kernels.backward(grad_y, y, scale, log)
 
 
-def _ext_forward(x, mask, scale, causal_rows, log, ops=torch.ops.fastlm):
-    return ops.softmax_fwd(x, mask, scale, causal_rows, log)
-
-
-def _ext_backward(grad_y, y, scale, log, ops=torch.ops.fastlm):
-    return ops.softmax_bwd(grad_y, y, scale, log)
-
-
 _FORWARD = _backend.implementations(
-    reference=_softmax_prepared_ref, triton=_triton_forward, cpu=_ext_forward, cuda=_ext_forward
+    reference=_softmax_prepared_ref, triton=_triton_forward, ext="softmax_fwd"
 )
 _BACKWARD = _backend.implementations(
-    reference=softmax_backward_ref, triton=_triton_backward, cpu=_ext_backward, cuda=_ext_backward
+    reference=softmax_backward_ref, triton=_triton_backward, ext="softmax_bwd"
 )
 
 

@@ -59,7 +59,8 @@ int64_t attention_backward_cuda_smem(int64_t head_dim, int64_t value_dim);
 // Backward: head dims up to 128. out contiguous (B, H, Tq, Dv); grad_out, q, k, v with the
 // forward's 16-byte row alignment; grad_q/k/v
 // contiguous like q/k/v. workspace: attention_backward_cuda_workspace(shape).floats of fp32
-// scratch, zeroed by the caller (delta, the dQ sums and their turn counters, dK/dV partials).
+// scratch (delta, the dQ sums and their turn counters, dK/dV partials); the launcher zeroes
+// what must start at 0 on the stream.
 struct AttentionBackwardWorkspace {
   int64_t floats;       // scratch size
   int64_t head_splits;  // CTAs sharing one KV head's query heads (> 1: dK/dV partials summed after)

@@ -12,6 +12,19 @@ struct __nv_bfloat16 {
   uint16_t bits;
 };
 
+namespace fastlm::emu {
+inline uint32_t f32_bits(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  return x;
+}
+inline float f32_from_bits(uint32_t x) {
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+}  // namespace fastlm::emu
+
 inline float __half2float(__half h) {
   const uint32_t sign = uint32_t(h.bits & 0x8000) << 16, exp = (h.bits >> 10) & 0x1f, man = h.bits & 0x3ff;
   uint32_t out;
@@ -27,14 +40,11 @@ inline float __half2float(__half h) {
     do { m <<= 1; ++e; } while (!(m & 0x400));
     out = sign | uint32_t(112 - e) << 23 | ((m & 0x3ff) << 13);
   }
-  float f;
-  std::memcpy(&f, &out, 4);
-  return f;
+  return fastlm::emu::f32_from_bits(out);
 }
 
 inline __half __float2half_rn(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
+  const uint32_t x = fastlm::emu::f32_bits(f);
   const uint16_t sign = uint16_t((x >> 16) & 0x8000);
   const uint32_t ax = x & 0x7fffffffu;
   if (ax > 0x7f800000u) return __half{uint16_t(sign | 0x7e00)};  // NaN
@@ -55,15 +65,11 @@ inline __half __float2half_rn(float f) {
 }
 
 inline float __bfloat162float(__nv_bfloat16 h) {
-  const uint32_t x = uint32_t(h.bits) << 16;
-  float f;
-  std::memcpy(&f, &x, 4);
-  return f;
+  return fastlm::emu::f32_from_bits(uint32_t(h.bits) << 16);
 }
 
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
+  uint32_t x = fastlm::emu::f32_bits(f);
   if ((x & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{uint16_t((x >> 16) | 0x40)};  // quiet NaN
   x += 0x7fffu + ((x >> 16) & 1);
   return __nv_bfloat16{uint16_t(x >> 16)};
