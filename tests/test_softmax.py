@@ -34,7 +34,7 @@ def _run(fn, x, grad):
     return y, gx
 
 
-def _check(backend, x, log, scale=1.0, mask=None, is_causal=False, dim=-1):
+def _check(backend, x, log, scale=1.0, mask=None, is_causal=False, dim=-1, grad_fp32_tol=None):
     dtype = x.dtype
     fn = log_softmax if log else softmax
     out = lambda t: fn(t, dim, scale=scale, mask=mask, is_causal=is_causal, backend=backend)  # noqa: E731
@@ -49,7 +49,7 @@ def _check(backend, x, log, scale=1.0, mask=None, is_causal=False, dim=-1):
     y0, gx0 = _run(ref(dtype), x, grad)
     assert y.dtype == dtype and y.shape == x.shape
     assert_close(f"{backend} y", y, y64, y0)
-    assert_close(f"{backend} grad_x", gx, gx64, gx0, kind="grad")
+    assert_close(f"{backend} grad_x", gx, gx64, gx0, kind="grad", fp32_tol=grad_fp32_tol)
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
@@ -109,8 +109,10 @@ def test_rising_rows_rescale_online_stats(backend, device, dtypes):
     """The max grows in every chunk/tile, so the running sum is rescaled again and again."""
     ramp = torch.linspace(-60.0, 60.0, 3000, device=device)
     x = torch.stack([ramp, ramp.flip(0), ramp * 0.01 + torch.randn(3000, device=device)])
+    # grad_x = g - p * sum(g) (log) or p * (g - sum(p g)): an fp32 sum of 3000 unit-size terms is
+    # off by up to ~3000 * 6e-8 = 2e-4 times p, so fp32 gets atol 1e-4 here (it failed at 1.4e-5)
     for log in (False, True):
-        _check(backend, x, log, scale=1.3)
+        _check(backend, x, log, scale=1.3, grad_fp32_tol=dict(rtol=1e-5, atol=1e-4))
 
 
 @pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
