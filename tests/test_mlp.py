@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm.ops.bias_act import ACTIVATIONS, act_ref
-from fastlm.ops.mlp import geglu, mlp, swiglu
+from fastlm.ops.mlp import gated_mlp, geglu, mlp, swiglu
 from backends import cuda_params, GPU, backends
 from numerics import assert_close
 
@@ -55,6 +55,34 @@ def test_gated(backend, device, dtypes, kind):
         ours = lambda x_, g_, u_, d_: fn(x_, g_, u_, d_, backend=backend)
         ref = lambda x_, g_, u_, d_: F.linear(act(F.linear(x_, g_)) * F.linear(x_, u_), d_)
         _compare(f"{backend} {kind} {dt}", ours, ref, [x, wg, wu, wd], grad)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_gated_mlp_biases(backend, device, dtypes, activation):
+    """The general gated form: biases on all three projections (LLaMA's mlp_bias), any activation."""
+    for dt in dtypes:
+        M, D, H = 7, 32, 80
+        x = torch.randn(M, D, device=device, dtype=dt)
+        wg, wu = [(torch.randn(H, D, device=device) / D**0.5).to(dt) for _ in range(2)]
+        wd = (torch.randn(D, H, device=device) / H**0.5).to(dt)
+        bg, bu, bd = [torch.randn(n, device=device, dtype=dt) for n in (H, H, D)]
+        grad = torch.randn(M, D, device=device, dtype=dt)
+        ours = lambda x_, g_, u_, d_, bg_, bu_, bd_: gated_mlp(x_, g_, u_, d_, activation=activation, b_gate=bg_,
+                                                               b_up=bu_, b_down=bd_, backend=backend)
+        ref = lambda x_, g_, u_, d_, bg_, bu_, bd_: F.linear(
+            act_ref(F.linear(x_, g_, bg_), activation) * F.linear(x_, u_, bu_), d_, bd_)
+        _compare(f"{backend} gated_mlp {activation} {dt}", ours, ref, [x, wg, wu, wd, bg, bu, bd], grad)
+
+
+def test_geglu_tanh_is_gemmas_gelu():
+    x, wg, wu, wd = torch.randn(4, 16), torch.randn(24, 16), torch.randn(24, 16), torch.randn(16, 24)
+    want = F.linear(F.gelu(F.linear(x, wg), approximate="tanh") * F.linear(x, wu), wd)
+    torch.testing.assert_close(geglu(x, wg, wu, wd, approximate="tanh"), want, **TOL)
+    with pytest.raises(ValueError, match=r"geglu: approximate must be 'none' or 'tanh', got 'erf'"):
+        geglu(x, wg, wu, wd, approximate="erf")
+    with pytest.raises(ValueError, match=r"gated_mlp: unknown activation 'tanh'"):
+        gated_mlp(x, wg, wu, wd, activation="tanh")
 
 
 def test_gated_residual_and_compile():
