@@ -99,16 +99,21 @@ def test_patch_torch_transformer_encoder():
 
 
 def test_patch_edge_cases():
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got int"):
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, a model class or name, got int"):
         fastlm.patch(3)
     with pytest.raises(ValueError, match="backend must be None or one of .*; got 'gpu'"):
         fastlm.patch(nn.Sequential(nn.ReLU()), backend="gpu")
     report = fastlm.patch(nn.Linear(3, 3))
     assert report.swapped == [] and report.left == [("", "Linear", "the root module itself: patch its parent")]
 
-    class MyLinear(nn.Linear):
+    class MyLinear(nn.Linear):  # nn.Linear's forward: recognised by its probe, swapped
         pass
 
-    report = fastlm.patch(nn.Sequential(MyLinear(2, 2), nn.GELU()))
-    assert report.left == [("0", "MyLinear", "a subclass of nn.Linear (its forward may differ)")]
-    assert report.swapped == [("1", "GELU", "fastlm GELU")]
+    class ScaledLinear(nn.Linear):  # a custom forward: the probe tells, and it is left alone
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    report = fastlm.patch(nn.Sequential(MyLinear(2, 2), nn.GELU(), ScaledLinear(2, 2)))
+    assert report.left == [("2", "ScaledLinear", "a subclass of nn.Linear whose forward differs from nn.Linear's "
+                                                 "(probe mismatch)")]
+    assert report.swapped == [("0", "MyLinear", "fastlm Linear"), ("1", "GELU", "fastlm GELU")]

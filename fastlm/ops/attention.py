@@ -317,7 +317,8 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa
     if value.shape[1:3] != key.shape[1:3]:
         raise ValueError(f"{fn}: value shape {tuple(value.shape)} does not match key shape {tuple(key.shape)} in (H_kv, Tk)")
     hkv = key.shape[1]
-    if hkv != h and not (enable_gqa and hkv > 0 and h % hkv == 0):
+    # one K/V head broadcasts over the query heads as in torch (Falcon's multi-query calls rely on it)
+    if hkv != h and not ((enable_gqa or hkv == 1) and hkv > 0 and h % hkv == 0):
         need = "H to be a multiple of H_kv" if enable_gqa else "enable_gqa=True for H != H_kv"
         raise ValueError(f"{fn}: query has {h} heads and key/value {hkv}; needs {need}")
     if not 0.0 <= dropout_p < 1.0:

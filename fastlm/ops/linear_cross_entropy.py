@@ -57,16 +57,35 @@ def _chunks(hidden, weight, bias):
 
 
 def _accumulate(grad_logits, hidden_c, weight, gh, gw, gb, s, e):
-    gh[s:e] = (grad_logits @ weight).to(gh.dtype)
-    gw += (grad_logits.t() @ hidden_c).to(gw.dtype)
+    """The chunk's share of the gradients. The first chunk writes gw and gb (no zero fill: that
+    would be a full pass over V x D); fp32 chunks write gh in place and accumulate gw inside the
+    GEMM (addmm_), so no V x D temporary is made per chunk."""
+    first = s == 0
+    if grad_logits.dtype == gh.dtype:
+        torch.mm(grad_logits, weight, out=gh[s:e])
+    else:
+        gh[s:e] = (grad_logits @ weight).to(gh.dtype)
+    if grad_logits.dtype == gw.dtype:
+        if first:
+            torch.mm(grad_logits.t(), hidden_c, out=gw)
+        else:
+            gw.addmm_(grad_logits.t(), hidden_c)
+    elif first:
+        gw.copy_(grad_logits.t() @ hidden_c)
+    else:
+        gw += (grad_logits.t() @ hidden_c).to(gw.dtype)
     if gb is not None:
-        gb += grad_logits.sum(0, dtype=gb.dtype)
+        if first:
+            torch.sum(grad_logits, 0, dtype=gb.dtype, out=gb)
+        else:
+            gb += grad_logits.sum(0, dtype=gb.dtype)
 
 
 def _grad_buffers(hidden, weight, bias):
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     gh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-    gw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if hidden.shape[0] == 0 else \
+        torch.empty(weight.shape, dtype=acc, device=weight.device)  # written by the first chunk
     gb = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=bias.device)
     return gh, gw, gb
 
@@ -151,12 +170,20 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (ignore_index, label_smoothing, reduction, backend)
 
 
+def _is_one(grad: torch.Tensor) -> bool:
+    """grad == 1, asked only where it costs no device sync and nothing is being traced (CPU, eager:
+    a plain tensor, no dispatch mode such as fake or proxy tensors active)."""
+    eager = type(grad) is torch.Tensor and torch._C._len_torch_dispatch_stack() == 0 and not torch.compiler.is_compiling()
+    return eager and grad.device.type == "cpu" and grad.numel() == 1 and grad.item() == 1.0
+
+
 def _backward(ctx, grad_loss, *_):
     ignore_index, label_smoothing, reduction, backend = ctx.args
     if ctx.precomputed:
         gh, gw, gb = ctx.saved_tensors
-        g = grad_loss.to(torch.float32)
-        gh, gw, gb = (gh * g).to(gh.dtype), (gw * g).to(gw.dtype), (gb * g).to(gb.dtype)
+        if not _is_one(grad_loss):  # loss.backward() sends exactly 1: skip three passes over the gradients
+            g = grad_loss.to(torch.float32)
+            gh, gw, gb = (gh * g).to(gh.dtype), (gw * g).to(gw.dtype), (gb * g).to(gb.dtype)
     else:
         hidden, weight, target, bias, lse = ctx.saved_tensors
         grad_rows = grad_loss.to(lse.dtype).expand(target.shape[0])

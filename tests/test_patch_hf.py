@@ -1,0 +1,133 @@
+"""fastlm.patch on 18 Hugging Face families built from tiny configs: the patched model's logits,
+loss and gradients equal the unpatched eager model's (fp32), and the profiler shows which fastlm
+ops ran: norm, MLP (a fused activation), rope, attention and, for causal LMs given labels, the
+loss. The known gaps are listed in GAPS with the reason the report must give."""
+import copy
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import fastlm
+from ops_available import needs
+
+T = pytest.importorskip("transformers")
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=97,
+             max_position_embeddings=64)
+GQA = dict(SMALL, num_key_value_heads=2)
+FAMILIES = {  # name: (model class, config, has rope, causal LM)
+    "gpt2": (T.GPT2LMHeadModel, T.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=97,
+                                             bos_token_id=0, eos_token_id=0), False, True),
+    "llama": (T.LlamaForCausalLM, T.LlamaConfig(**GQA), True, True),
+    "mistral": (T.MistralForCausalLM, T.MistralConfig(**GQA), True, True),
+    "qwen2": (T.Qwen2ForCausalLM, T.Qwen2Config(**GQA), True, True),
+    "qwen3": (T.Qwen3ForCausalLM, T.Qwen3Config(head_dim=16, **GQA), True, True),
+    "gemma": (T.GemmaForCausalLM, T.GemmaConfig(head_dim=16, **GQA), True, True),
+    "gemma2": (T.Gemma2ForCausalLM, T.Gemma2Config(head_dim=16, **GQA), True, True),
+    "phi3": (T.Phi3ForCausalLM, T.Phi3Config(pad_token_id=0, partial_rotary_factor=0.5, **GQA), True, True),
+    "olmo2": (T.Olmo2ForCausalLM, T.Olmo2Config(**GQA), True, True),
+    "mixtral": (T.MixtralForCausalLM, T.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **GQA), True, True),
+    "bert": (T.BertForMaskedLM, T.BertConfig(**SMALL), False, False),
+    "roberta": (T.RobertaForMaskedLM, T.RobertaConfig(**SMALL, pad_token_id=1), False, False),
+    "bart": (T.BartForConditionalGeneration, T.BartConfig(
+        d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=97, max_position_embeddings=64), False, False),
+    "t5": (T.T5ForConditionalGeneration, T.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
+                                                    vocab_size=97), False, False),
+    "opt": (T.OPTForCausalLM, T.OPTConfig(hidden_size=64, ffn_dim=128, num_attention_heads=4, num_hidden_layers=2,
+                                          vocab_size=97, max_position_embeddings=64, word_embed_proj_dim=64), False, True),
+    "gpt_neox": (T.GPTNeoXForCausalLM, T.GPTNeoXConfig(rotary_pct=0.25, **SMALL), True, True),
+    "falcon": (T.FalconForCausalLM, T.FalconConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                                   vocab_size=97), True, True),
+    "vit": (T.ViTForImageClassification, T.ViTConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                                     num_hidden_layers=2, image_size=32, patch_size=8), False, False),
+}
+# kinds that do not run on fastlm yet, with the reason the report gives (the attention issue's work)
+GAPS = {"gemma2": {"attention": "attention softcap 50.0"}, "t5": {"attention": "an additive position_bias that trains"}}
+EVIDENCE = {  # kind -> profiler op names, any of which shows it ran on fastlm
+    "norm": ("fastlm::norm",), "mlp": ("fastlm::bias_act_bwd",), "rope": ("fastlm::rope",),
+    "attention": ("fastlm::attention",), "loss": ("fastlm::linear_cross_entropy", "fastlm::cross_entropy"),
+}
+
+
+def _build(name):
+    cls, config, _, _ = FAMILIES[name]
+    torch.manual_seed(0)
+    model = cls(copy.deepcopy(config)).float()
+    for module in model.modules():  # dropout off everywhere (modules and the floats forwards read)
+        for attr, value in list(vars(module).items()):
+            if "drop" in attr.lower() and isinstance(value, float):
+                setattr(module, attr, 0.0)
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def _inputs(name):
+    g = torch.Generator().manual_seed(1)
+    if name == "vit":
+        return dict(pixel_values=torch.randn(2, 3, 32, 32, generator=g))
+    ids = torch.randint(2, 97, (2, 12), generator=g)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0  # left padding in the second row
+    if name in ("bart", "t5"):
+        return dict(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.randint(2, 97, (2, 7), generator=g))
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def _close_grads(model, ref):
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    scale = max(g.abs().max().item() for g in grads.values())
+    for n, p in model.named_parameters():
+        if n in grads:  # atol: gradients that are exactly 0 in math (a key bias) are rounding noise
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-6 * scale, msg=lambda m: f"{n}: {m}")
+
+
+@needs("linear", "layer_norm", "rms_norm", "scaled_dot_product_attention", "rope", "cross_entropy")
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_patched_matches_eager_and_runs_fastlm(name):
+    _, _, has_rope, causal = FAMILIES[name]
+    ref = _build(name)
+    model = copy.deepcopy(ref)
+    report = fastlm.patch(model)
+    ref.set_attn_implementation("eager")  # the oracle: HF's eager attention
+    inputs = _inputs(name)
+    mask = inputs.get("attention_mask")
+    keep = (slice(None),) if mask is None or "decoder_input_ids" in inputs else (1, slice(3, None))
+
+    model.eval(), ref.eval()
+    with torch.no_grad():  # logits in eval mode (padded positions have no meaning)
+        torch.testing.assert_close(model(**inputs).logits[keep], ref(**inputs).logits[keep], rtol=1e-5, atol=1e-5)
+
+    model.train(), ref.train()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        if causal:  # labels: the loss path (fused linear cross-entropy in training)
+            labels = inputs["input_ids"].masked_fill(mask == 0, -100)
+            labels[1, 3] = -100  # scored from position 2, a padded one (its output has no meaning)
+            out = model(**inputs, labels=labels)
+            # never formed, unless the forward post-processes them (Gemma-2's final softcap)
+            assert (out.logits is None) == model._fastlm_loss["fusable"]
+            out.loss.backward()
+        else:
+            logits = model(**inputs).logits
+            weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
+            (logits * weights).sum().backward()
+    if causal:
+        expected = ref(**inputs, labels=labels).loss
+        torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=0)
+        expected.backward()
+    else:
+        (ref(**inputs).logits * weights).sum().backward()
+    _close_grads(model, ref)
+
+    ran = {e.name for e in prof.events() if e.name.startswith("fastlm::")}
+    kinds = ["norm", "mlp", "attention"] + (["rope"] if has_rope else []) + (["loss"] if causal else [])
+    gaps = GAPS.get(name, {})
+    for kind in kinds:
+        if kind in gaps:
+            assert not any(op in ran for op in EVIDENCE[kind]), f"{name}: {kind} now runs on fastlm; update GAPS"
+            assert any(gaps[kind] in why for _, _, why in report.left), f"{name}: the report must say why\n{report}"
+        else:
+            assert any(op in ran for op in EVIDENCE[kind]), f"{name}: no fastlm {kind} op ran: {sorted(ran)}\n{report}"
+            assert kind in report.kinds(), f"{name}: the report does not list {kind}\n{report}"
