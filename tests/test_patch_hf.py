@@ -131,3 +131,81 @@ def test_family_patched_matches_eager_and_runs_fastlm(name):
         else:
             assert any(op in ran for op in EVIDENCE[kind]), f"{name}: no fastlm {kind} op ran: {sorted(ran)}\n{report}"
             assert kind in report.kinds(), f"{name}: the report does not list {kind}\n{report}"
+
+
+@needs("linear", "rms_norm", "scaled_dot_product_attention", "rope", "linear_cross_entropy")
+def test_patch_a_class_before_weights_load(tmp_path):
+    class PatchedLlama(T.LlamaForCausalLM):  # a subclass, so the hook stays out of other tests
+        pass
+
+    assert fastlm.patch(PatchedLlama, loss=False) is None
+    ref = _build("llama")
+    ref.save_pretrained(tmp_path)
+    model = PatchedLlama.from_pretrained(tmp_path, attn_implementation="sdpa")
+    kinds = model._fastlm_report.kinds()
+    assert kinds == {"norm", "mlp", "rope", "attention"} and model.config._attn_implementation == "fastlm"
+    ids = _inputs("llama")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    assert fastlm.patch.__module__ == "fastlm.patch"
+    from fastlm.patch import _resolve
+
+    assert [c.__name__ for c in _resolve("llama")] == ["LlamaPreTrainedModel"]
+    assert _resolve("MistralForCausalLM") == [T.MistralForCausalLM]
+    with pytest.raises(ValueError, match="'no_such_model' is neither a transformers class name nor a model type"):
+        fastlm.patch("no_such_model")
+
+
+@needs("linear", "rms_norm", "rope")
+def test_switches_and_report():
+    model = _build("llama")
+    report = fastlm.patch(model, rope=False, attention=False, loss=False)
+    assert report.kinds() == {"norm", "mlp"} and model.config._attn_implementation != "fastlm"
+    assert ("model.layers.0.self_attn", "LlamaAttention", "attention=False") in report.left
+    assert ("", "LlamaForCausalLM", "loss kept: loss=False") in report.left
+    with pytest.raises(TypeError, match="patch: rope must be True or False, got 'yes'"):
+        fastlm.patch(model, rope="yes")
+    bert = fastlm.patch(_build("bert"))  # a module holding parameters beside its children is listed
+    assert ("cls.predictions", "BertLMPredictionHead", "holds parameters bias beside its children: no fastlm twin") \
+        in bert.left
+
+
+def test_custom_forwards_are_left_alone():
+    class ScaledRMSNorm(torch.nn.Module):  # norm-shaped, but its forward computes something else
+        def __init__(self):
+            super().__init__()
+            self.weight, self.eps = torch.nn.Parameter(torch.ones(8)), 1e-6
+
+        def forward(self, x):
+            return 2 * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+    class OddMLP(torch.nn.Module):  # gate/up/down names, but up is applied before the activation
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = (torch.nn.Linear(8, 12), torch.nn.Linear(8, 12),
+                                                            torch.nn.Linear(12, 8))
+            self.act_fn = torch.nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x) * self.up_proj(x)))
+
+    report = fastlm.patch(torch.nn.Sequential(ScaledRMSNorm(), OddMLP()))
+    assert ("0", "ScaledRMSNorm", "forward is not x * rsqrt(mean(x^2) + eps) * (weight or 1 + weight) "
+                                  "(probe mismatch)") in report.left
+    assert not any(name == "1" for name, _, _ in report.swapped)
+    assert ("1.act_fn", "SiLU", "fastlm SiLU") in report.swapped  # its parts are still swapped one by one
+
+
+def test_hf_attention_refuses_what_it_does_not_compute():
+    from fastlm.patch.hf import hf_attention
+
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    module = torch.nn.Module()
+    for kwarg in ({"softcap": 50.0}, {"s_aux": torch.zeros(2)}, {"position_bias": torch.zeros(1, 2, 4, 4)}):
+        with pytest.raises(NotImplementedError, match=f"{next(iter(kwarg))} is not supported yet"):
+            hf_attention(module, q, k, k, None, **kwarg)
+    with pytest.raises(NotImplementedError, match="sliding_window=2 with no mask over 4 keys"):
+        hf_attention(module, q, k, k, None, sliding_window=2)
+    out, _ = hf_attention(module, q, k, k, None, softcap=None, sliding_window=8)  # None / a window past Tk: exact
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from fastlm import ops
+from fastlm.patch.recognise import on_cpu
 
 # kwargs transformers may pass to an attention function that change its math; refused unless None
 MATH_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
@@ -188,6 +189,7 @@ def _hf_tables(b, t, rotary, interleaved, g):
     return full.cos(), full.sin()
 
 
+@on_cpu
 def rope_layout(original, head_dim: int) -> bool | None:
     """Which fastlm layout `original` (an HF apply_rotary_pos_emb) computes: False rotate-half,
     True interleaved, None neither (probed on random tensors, full and half rotary width)."""

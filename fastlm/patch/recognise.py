@@ -16,6 +16,7 @@ unknown subclass with a custom forward fails it and is left alone with the reaso
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import textwrap
 
@@ -60,11 +61,16 @@ def _probe(module, state, *args):
         return None
 
 
-def _own_forward(module) -> bool:
-    """The module's class defines forward somewhere outside torch.nn (not an nn.Module default)."""
-    return type(module).forward is not nn.Module.forward
+def on_cpu(fn):
+    """Run a probe on the CPU even inside a `with torch.device("meta")` block (from_pretrained)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.device("cpu"):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
+@on_cpu
 def recognise_activation(module) -> str | None:
     """The fused-activation name whose math `module` computes, found by probing all four."""
     if module is None or not isinstance(module, nn.Module) or module._modules or any(True for _ in module.parameters()):
@@ -99,6 +105,7 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}, offset={self.offset}, from={self.kind}"
 
 
+@on_cpu
 def recognise_rms_norm(module, backend=None):
     params = dict(module.named_parameters())
     if module._modules or set(params) != {"weight"} or params["weight"].dim() != 1 or any(True for _ in module.buffers()):
@@ -190,6 +197,7 @@ def recognise_gated_mlp(module, backend=None):
 _MLP_PROBES: dict = {}  # (class, names, activation class, biases) -> the probe's verdict
 
 
+@on_cpu
 def _probe_gated(module, children, fused, activation) -> bool:
     """Probe at hidden 8, intermediate 12: the math, not the size, is what is checked."""
     g = torch.Generator().manual_seed(2)
@@ -236,6 +244,7 @@ class GatedExperts(nn.Module):
         return f"experts={self.num_experts}, activation={self.activation!r}, from={self.kind}"
 
 
+@on_cpu
 def recognise_experts(module, backend=None):
     params = dict(module.named_parameters(recurse=False))
     if set(params) != {"gate_up_proj", "down_proj"} or params["gate_up_proj"].dim() != 3:
@@ -258,6 +267,7 @@ def recognise_experts(module, backend=None):
 
 
 # ---------------------------------------------------------------- nn.Linear subclasses
+@on_cpu
 def recognise_linear_subclass(module, backend=None):
     import fastlm.nn as fnn
 
