@@ -32,7 +32,8 @@ def test_patch_hf_gpt2_outputs_grads_and_report():
     assert swapped["transformer.h.1.attn"].startswith("attn_implementation='fastlm'")
     assert swapped["transformer.h.1.attn.c_attn"] == "fastlm Conv1D"
     assert ("transformer.wte", "Embedding", "no fastlm twin") in report.left
-    assert "swapped 14, left 7 alone" in str(report)
+    assert swapped[""] == "loss -> fastlm linear_cross_entropy (training) / cross_entropy (eval)"
+    assert "swapped 15, left 7 alone" in str(report)
 
     idx = torch.randint(0, 97, (2, 12))
     mask = torch.ones(2, 12, dtype=torch.long)
@@ -42,7 +43,7 @@ def test_patch_hf_gpt2_outputs_grads_and_report():
         for d in m.modules():
             if isinstance(d, nn.Dropout):
                 d.p = 0.0
-    out, expected = hf(idx, attention_mask=mask, labels=idx), ref(idx, attention_mask=mask, labels=idx)
+    out, expected = hf(idx, attention_mask=mask), ref(idx, attention_mask=mask)
     torch.testing.assert_close(out.logits[0], expected.logits[0], **TOL)
     torch.testing.assert_close(out.logits[1, 3:], expected.logits[1, 3:], **TOL)  # padded positions: no meaning
     out.logits[1, 3:].sum().backward()
