@@ -21,6 +21,8 @@ inline constexpr const char* kKernelSchemas[] = {
     " -> (Tensor, Tensor, Tensor, Tensor)",
     "norm_bwd(Tensor grad_y, Tensor? grad_sum, Tensor h, Tensor? weight, Tensor mean, Tensor rstd,"
     " bool rms, bool bias_grad) -> (Tensor, Tensor, Tensor)",
+    "rope_fwd(Tensor q, Tensor k, Tensor? cos, Tensor? sin, Tensor? positions, Tensor? inv_freq, float scale,"
+    " bool interleaved, bool inverse) -> (Tensor, Tensor)",
     "softmax_fwd(Tensor x, Tensor? mask, float scale, int causal_rows, bool log) -> Tensor",
     "softmax_bwd(Tensor grad_y, Tensor y, float scale, bool log) -> Tensor",
 };

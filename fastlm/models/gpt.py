@@ -100,17 +100,12 @@ def _project(linear: fnn.Linear, h, residual, dropout: float, training: bool):
 
 
 def rope_tables(c: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (block_size, head_dim // 2) for rotate-half RoPE."""
+    """cos, sin of shape (block_size, head_dim) in HF's rotate-half layout (each frequency in both
+    halves), computed in fp64 and stored in fp32; ops.rope reads one value per pair."""
     inv = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim)
     angles = torch.outer(torch.arange(c.block_size, dtype=torch.float64), inv)  # (T, D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, D/2) -> (T, D)
     return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D) rotated by cos/sin (T, D/2), LLaMA's rotate-half layout."""
-    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D) -> 2 x (B, H, T, D/2)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (B, H, T, D)
 
 
 class KVCache:
@@ -145,9 +140,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, T, H*D) -> (B, H, T, D)
         k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv*D) -> (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv*D) -> (B, Hkv, T, D)
-        if rope is not None:
-            cos, sin = rope[0][pos:pos + T], rope[1][pos:pos + T]  # (T, D/2) each
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if rope is not None:  # q and k rotated in one pass, fp32 math (LLaMA's rotate-half layout)
+            q, k = ops.rope(q, k, rope[0][pos:pos + T], rope[1][pos:pos + T])  # tables (T, D) each
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)  # (B, Hkv, pos+T, D): a decode step has T = 1
         # one query (a decode step) sees every cached key: no mask, the decode path. T > 1 queries

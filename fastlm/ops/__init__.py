@@ -12,12 +12,13 @@ from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastlm.ops.linear_prepacked import PackedWeight, linear_prepacked, prepack_available
 from fastlm.ops.mlp import gated_mlp, geglu, mlp, mlp_ref, swiglu
 from fastlm.ops.norms import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+from fastlm.ops.rope import rope, rope_frequencies, rope_ref
 from fastlm.ops.softmax import log_softmax, softmax, softmax_ref
 
 __all__ = [
     "bias_act", "bias_act_ref", "cross_entropy", "linear", "linear_ref", "linear_cross_entropy",
     "linear_prepacked", "PackedWeight", "prepack_available",
     "mlp", "mlp_ref", "swiglu", "geglu", "gated_mlp", "layer_norm", "layer_norm_ref", "rms_norm", "rms_norm_ref",
-    "log_softmax", "softmax", "softmax_ref", "scaled_dot_product_attention",
+    "rope", "rope_frequencies", "rope_ref", "log_softmax", "softmax", "softmax_ref", "scaled_dot_product_attention",
     "scaled_dot_product_attention_ref", "scaled_dot_product_attention_with_lse",
 ]
