@@ -108,3 +108,15 @@ def test_pytest_benchmark_suite_runs():
                           "-q", "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "12 passed" in out.stdout
+
+
+def test_smoke_rope_and_patch_benchmarks(tmp_path):
+    """The rope op and the patched-Llama training step run end to end, correctness checked first."""
+    pytest.importorskip("transformers")
+    out = _bench("--smoke", "--ops", "rope,patch", "--device", "cpu", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert all(not r["note"].startswith("WRONG") for r in rows)
+    patched = [r for r in rows if r["op"] == "patch" and r["impl"] == "fastlm.patch"]
+    assert len(patched) == 1 and patched[0]["ms"] and "grad rel err" in patched[0]["note"]
+    assert {r["impl"] for r in rows if r["op"] == "rope" and r["ms"]} >= {"fastlm:cpu", "torch eager"}
