@@ -11,7 +11,7 @@ import sys
 import pytest
 
 MAX_COMPILE_SECONDS = 60
-MODULES = ("attention", "attention_decode", "linear", "softmax", "norms", "cross_entropy", "bias_act")
+MODULES = ("attention", "attention_decode", "linear", "softmax", "norms", "cross_entropy", "bias_act", "rope")
 
 # Spill-store bytes allowed per compiled config (maxima measured in the CI set, rounded up);
 # kernels not named get 0. The attention kernels (forward, dK/dV, dQ, decode) prune every config

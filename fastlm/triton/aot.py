@@ -344,8 +344,41 @@ def _row_cases():
     return cases
 
 
+def _rope_case(b, hq, hk, t, d, rot, tables, interleaved):
+    def run(dtype):
+        from fastlm.triton import rope
+
+        def heads(h):  # HF's layout: the (B, T, H*D) projection viewed as (B, H, T, D)
+            return _t(b, t, h * d, dtype=dtype).view(b, t, h, d).transpose(1, 2)
+        q, k = heads(hq), heads(hk)
+        if tables:
+            cos, sin = _t(1, t, rot // 2, dtype=dtype), _t(1, t, rot // 2, dtype=dtype)
+            pos = inv_freq = None
+        else:
+            cos = sin = None
+            pos, inv_freq = torch.arange(t).expand(b, t), torch.rand(rot // 2)
+        for inverse in (False, True):
+            rope.rope(q, k, cos, sin, pos, inv_freq, 1.0, interleaved, inverse, torch.empty_like(q), torch.empty_like(k))
+    return run
+
+
+def _rope_cases():
+    cases = []
+    # (b, hq, hk, t, d, rot): LLaMA-style GQA prefill and decode, GPT-2-sized heads (two tokens a
+    # program), NeoX/Phi partial rotary (a copied tail), Gemma's D = 256
+    for b, hq, hk, t, d, rot in ((2, 32, 8, 2048, 128, 128), (8, 32, 8, 1, 128, 128), (4, 12, 12, 2048, 64, 64),
+                                 (2, 32, 32, 1024, 80, 40), (2, 16, 16, 1024, 64, 16), (2, 8, 4, 1024, 256, 256)):
+        for tables in (True, False):
+            for interleaved in (False, True):
+                ci = (d, rot) in ((128, 128), (80, 40)) and t > 1 and tables != interleaved
+                label = f"b{b} hq{hq} hk{hk} t{t} d{d} r{rot} {'tables' if tables else 'positions'}" + (
+                    " interleaved" if interleaved else "")
+                cases.append(Case("rope", label, _rope_case(b, hq, hk, t, d, rot, tables, interleaved), ci))
+    return cases
+
+
 def cases() -> list[Case]:
-    return _attention_cases() + _linear_cases() + _row_cases()
+    return _attention_cases() + _linear_cases() + _row_cases() + _rope_cases()
 
 
 def jobs(capability: int, dtype: str, ci_only: bool, modules=None) -> list[tuple[Case, Launch]]:
