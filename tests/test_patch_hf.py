@@ -163,6 +163,11 @@ def test_switches_and_report():
     assert report.kinds() == {"norm", "mlp"} and model.config._attn_implementation != "fastlm"
     assert ("model.layers.0.self_attn", "LlamaAttention", "attention=False") in report.left
     assert ("", "LlamaForCausalLM", "loss kept: loss=False") in report.left
+    fastlm.patch(model.eval())  # loss on: return_dict=False gets a tuple that starts with the loss, as HF's does
+    ids = _inputs("llama")["input_ids"]
+    loss, logits = model(ids, labels=ids, return_dict=False)[:2]
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="patch: rope must be True or False, got 'yes'"):
         fastlm.patch(model, rope="yes")
     bert = fastlm.patch(_build("bert"))  # a module holding parameters beside its children is listed

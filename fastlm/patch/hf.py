@@ -309,21 +309,18 @@ def _loss_forward(self, *args, labels=None, **kwargs):
     ignore = kwargs.get("ignore_index", -100)
     reduction = "sum" if kwargs.get("num_items_in_batch") is not None else "mean"
     fuse = spec["fusable"] and self.training
+    as_tuple = kwargs.pop("return_dict", None) is False
     if fuse:
         head.capture = []
     try:
-        out = type(self).forward(self, *args, labels=None, **kwargs)
+        out = type(self).forward(self, *args, labels=None, return_dict=True, **kwargs)
     finally:
         captured, head.capture = head.capture, None
-    if not hasattr(out, "logits"):
-        raise TypeError(f"fastlm.patch: {type(self).__name__} returned {type(out).__name__}; the patched loss needs "
-                        "return_dict=True")
     target = _shifted_targets(labels, kwargs, ignore).to(out.logits.device)
     if fuse:
         hidden = captured[-1]  # (B, T, D), the LM head's input
         loss = ops.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, target, head.bias,
                                         ignore_index=ignore, reduction=reduction, backend=spec["backend"])
-        out.logits = None
     else:
         logits = out.logits.float()  # as HF's ForCausalLMLoss
         loss = ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, ignore_index=ignore,
@@ -332,8 +329,9 @@ def _loss_forward(self, *args, labels=None, **kwargs):
     aux = getattr(out, "aux_loss", None)
     if aux is not None and getattr(self, "router_aux_loss_coef", None) is not None:
         loss = loss + self.router_aux_loss_coef * aux.to(loss.device)  # Mixtral / Qwen-MoE router balance
-    out.loss = loss
-    return out
+    fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}  # a ModelOutput lists its non-None fields
+    out = type(out)(loss=loss, logits=None if fuse else out.logits, **fields)
+    return out.to_tuple() if as_tuple else out
 
 
 def patch_loss(model: nn.Module, backend) -> str | None:
