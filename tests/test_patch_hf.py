@@ -214,3 +214,20 @@ def test_hf_attention_refuses_what_it_does_not_compute():
     out, _ = hf_attention(module, q, k, k, None, softcap=None, sliding_window=8)  # None / a window past Tk: exact
     want = torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True).transpose(1, 2)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+@needs("linear", "rms_norm", "rope", "linear_cross_entropy")
+def test_fused_loss_honours_hf_loss_kwargs():
+    """num_items_in_batch (sum / count, as HF's trainer passes it for gradient accumulation) and
+    shift_labels (pre-shifted targets) give HF's loss, fused in training."""
+    ref = _build("qwen2")
+    model = copy.deepcopy(ref)
+    fastlm.patch(model, attention=False)
+    ids = _inputs("qwen2")["input_ids"]
+    labels = ids.clone()
+    labels[0, :5] = -100
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    for kwargs in ({"num_items_in_batch": torch.tensor(7)}, {"shift_labels": shifted}, {"num_items_in_batch": 5}):
+        out, want = model(ids, labels=labels, **kwargs), ref(ids, labels=labels, **kwargs)
+        assert out.logits is None
+        torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6, msg=lambda m: f"{kwargs}: {m}")
