@@ -54,12 +54,15 @@ def _with_causal(mask, causal, tq, tk):
     return mask, False
 
 
-def oracle(q, k, v, mask=None, causal=NO_CAUSAL, scale=None):
-    """Independent plain math with autograd: fully masked rows give 0; keys no query sees are dropped."""
+def oracle(q, k, v, mask=None, causal=NO_CAUSAL, scale=None, softcap=0.0):
+    """Independent plain math with autograd: fully masked rows give 0; keys no query sees are
+    dropped; softcap > 0 caps the scores to softcap * tanh(s / softcap) before the masks."""
     tq, tk = q.shape[-2], k.shape[-2]
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
     allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device)
     if causal != NO_CAUSAL:
         allowed = allowed.tril(0 if causal == TOP_LEFT else tk - tq)
@@ -83,18 +86,26 @@ def _run(fn, q, k, v, grad, dtype=None):
     return out, torch.autograd.grad(out, args, grad.to(out.dtype))
 
 
-def check(backend, q, k, v, mask=None, causal=NO_CAUSAL, scale=None, fp32_tol=None):
-    """Output and q/k/v grads of `backend` vs the fp64 oracle and the oracle run in q's dtype."""
+def check(backend, q, k, v, mask=None, causal=NO_CAUSAL, scale=None, fp32_tol=None, softcap=0.0, backward=True):
+    """Output and q/k/v grads (backward=False: the output only, under no_grad) of `backend` vs the
+    fp64 oracle and the oracle run in q's dtype."""
     dtype = q.dtype
     tq, tk = q.shape[-2], k.shape[-2]
     attn_mask, is_causal = _with_causal(mask, causal, tq, tk)
     grad = torch.randn(q.shape[:-1] + v.shape[-1:], dtype=dtype, device=q.device)
     gqa = q.shape[1] != k.shape[1]
-    out, grads = _run(lambda a, b, c: sdpa(a, b, c, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=gqa, backend=backend),
-                      q, k, v, grad)
     m64 = mask.double() if mask is not None and mask.dtype != torch.bool else mask
-    out64, grads64 = _run(lambda a, b, c: oracle(a, b, c, m64, causal, scale), q, k, v, grad, torch.float64)
-    base, grads0 = _run(lambda a, b, c: oracle(a, b, c, mask, causal, scale), q, k, v, grad)
+    if not backward:
+        with torch.no_grad():
+            out = sdpa(q, k, v, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=gqa, softcap=softcap,
+                       backend=backend)
+            out64 = oracle(q.double(), k.double(), v.double(), m64, causal, scale, softcap)
+            base = oracle(q, k, v, mask, causal, scale, softcap)
+        return assert_close(f"{backend} out", out, out64, base, fp32_tol=fp32_tol)
+    out, grads = _run(lambda a, b, c: sdpa(a, b, c, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=gqa,
+                                           softcap=softcap, backend=backend), q, k, v, grad)
+    out64, grads64 = _run(lambda a, b, c: oracle(a, b, c, m64, causal, scale, softcap), q, k, v, grad, torch.float64)
+    base, grads0 = _run(lambda a, b, c: oracle(a, b, c, mask, causal, scale, softcap), q, k, v, grad)
     assert out.dtype == dtype and out.shape == base.shape
     assert_close(f"{backend} out", out, out64, base, fp32_tol=fp32_tol)
     for name, g, g64, g0 in zip(("grad_q", "grad_k", "grad_v"), grads, grads64, grads0):
@@ -164,8 +175,29 @@ def test_large_magnitudes(backend, device, dtype):
               fp32_tol=dict(rtol=1e-4, atol=1e-4))
 
 
+@pytest.mark.parametrize("softcap", [0.0, 1.0, 30.0], ids=lambda c: f"softcap{c:g}")
+@pytest.mark.parametrize("backend,device,dtype", BACKEND_DTYPES)
+def test_softcap_matches_float64(backend, device, dtype, softcap):
+    """Soft-capped scores (softcap * tanh(s / softcap), then the masks), out and q/k/v grads, with
+    scores up to ~25 so the cap matters: causal with GQA, an additive mask with fully masked rows,
+    a bool mask; triton also on its split-KV decode path, cuda at D = 128 and split-KV (forward)."""
+    tol = dict(rtol=1e-4, atol=1e-4)  # scores up to ~25: fp32's own rounding of them is ~1e-5
+    b, h, hkv, tq, tk, d = (1, 2, 1, 21, 35, 32) if backend == "triton" else (1, 4, 2, 37, 70, 64)
+    qkv = lambda *shape: _qkv(*shape, dtype, device, qmul=2.5, kmul=2.5)  # noqa: E731
+    check(backend, *qkv(b, h, hkv, tq, tk, d, d), causal=TOP_LEFT, softcap=softcap, fp32_tol=tol)
+    for kind in ("additive_bh", "bool_2d"):
+        mask = _mask(kind, b, h, tq, tk, dtype).to(device)
+        check(backend, *qkv(b, h, hkv, tq, tk, d, d), mask=mask, softcap=softcap, fp32_tol=tol)
+    if backend == "triton":
+        check(backend, *qkv(1, 4, 1, 3, 260, 32, 32), causal=BOTTOM_RIGHT, softcap=softcap, fp32_tol=tol)
+    if backend.startswith("cuda"):
+        check(backend, *qkv(1, 2, 1, 33, 70, 128, 128), causal=BOTTOM_RIGHT, softcap=softcap)
+        check(backend, *qkv(1, 4, 2, 2, 1100, 64, 64), softcap=softcap, backward=False)  # split-KV
+
+
+@pytest.mark.parametrize("softcap", [0.0, 5.0], ids=lambda c: f"softcap{c:g}")
 @pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
-def test_nan_in_hidden_values_does_not_leak(backend, device, dtypes):
+def test_nan_in_hidden_values_does_not_leak(backend, device, dtypes, softcap):
     q, k, v = _qkv(2, 2, 2, 33, 75, 64, 64, torch.float32, device)
     keep = torch.ones(2, 1, 1, 75, dtype=torch.bool)
     keep[0, ..., 5] = keep[1, ..., 70:] = False
@@ -173,7 +205,7 @@ def test_nan_in_hidden_values_does_not_leak(backend, device, dtypes):
     v[1, :, 70:] = float("nan")
     k[1, :, 72] = float("nan")
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out = sdpa(q, k, v, keep, backend=backend)
+    out = sdpa(q, k, v, keep, softcap=softcap, backend=backend)
     grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
     assert not out.isnan().any(), f"{backend}: NaN from hidden value rows reached the output"
     for name, g in zip("qkv", grads):
@@ -309,6 +341,10 @@ def test_reference_gradients_gradcheck():
     mask = torch.rand(5, 7) > 0.3
     mask[2] = False
     torch.autograd.gradcheck(lambda a, b, c: scaled_dot_product_attention_ref(a, b, c, mask, enable_gqa=True), (q, k, v))
+    # softcap's explicit backward (dS times 1 - tanh^2) against numerical gradients too
+    q, k = (t.detach().mul(3.0).requires_grad_() for t in (q, k))
+    torch.autograd.gradcheck(
+        lambda a, b, c: scaled_dot_product_attention_ref(a, b, c, mask, enable_gqa=True, softcap=2.0), (q, k, v))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else []), ids=str)
@@ -425,7 +461,8 @@ def test_cuda_backend_reasons():
 def _op_samples(device, backend):
     q, k, v = _qkv(2, 2, 1, 19, 20, 16, 16, torch.float32, device)
     mask = torch.rand(2, 1, 19, 20, device=device) > 0.2
-    return [(q, k, v, None, 0.0, TOP_LEFT, 0.2, None, backend), (q, k, v, mask, 0.0, NO_CAUSAL, 0.2, None, backend)]
+    return [(q, k, v, None, 0.0, TOP_LEFT, 0.2, 0.0, None, backend),
+            (q, k, v, mask, 0.0, NO_CAUSAL, 0.2, 5.0, None, backend)]  # the interpreter runs this one
 
 
 @pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
@@ -443,19 +480,19 @@ def test_opcheck(backend, device, dtypes):
 def test_opcheck_extension_ops():
     q, k, v = _qkv(1, 2, 1, 21, 40, 48, 16, torch.float32)
     mask = torch.randn(1, 1, 21, 40)
-    for m, causal in ((None, BOTTOM_RIGHT), (mask, NO_CAUSAL)):
-        torch.library.opcheck(torch.ops.fastlm.attention_fwd.default, (q, k, v, m, causal, 0.5))
-        out, lse = torch.ops.fastlm.attention_fwd(q, k, v, m, causal, 0.5)
-        args = (torch.randn_like(out), q, k, v, m, out, lse, causal, 0.5)
+    for m, causal, softcap in ((None, BOTTOM_RIGHT, 0.0), (mask, NO_CAUSAL, 3.0)):
+        torch.library.opcheck(torch.ops.fastlm.attention_fwd.default, (q, k, v, m, causal, 0.5, softcap))
+        out, lse = torch.ops.fastlm.attention_fwd(q, k, v, m, causal, 0.5, softcap)
+        args = (torch.randn_like(out), q, k, v, m, out, lse, causal, 0.5, softcap)
         torch.library.opcheck(torch.ops.fastlm.attention_bwd.default, args)
 
 
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(compiler):
+@pytest.mark.parametrize("compiler,softcap", [("aot_eager", 0.0), ("aot_eager", 5.0), ("inductor", 5.0)])
+def test_torch_compile_fullgraph(compiler, softcap):
     torch._dynamo.reset()
 
     def f(q, k, v):
-        return sdpa(q * 2, k, v, is_causal=True, enable_gqa=True).sum(-1)
+        return sdpa(q * 2, k, v, is_causal=True, enable_gqa=True, softcap=softcap).sum(-1)
 
     compiled = torch.compile(f, fullgraph=True, backend=compiler)
     q, k, v = (t.requires_grad_() for t in _qkv(2, 4, 2, 33, 33, 32, 32, torch.float32))
@@ -496,6 +533,11 @@ def test_bad_inputs_name_argument_and_value():
         sdpa(q, k, v, dropout_p=1.5, enable_gqa=True)
     with pytest.raises(TypeError, match=r"query must be a floating-point tensor, got dtype torch.int64"):
         sdpa(q.long(), k.long(), v.long())
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"softcap must be a finite float >= 0 \(0 = off\), got {bad}"):
+            sdpa(q, k, v, enable_gqa=True, softcap=bad)
+    with pytest.raises(TypeError, match=r"softcap must be a float, got str"):
+        sdpa(q, k, v, enable_gqa=True, softcap="30")
 
 
 def test_explicit_backend_that_cannot_serve_lists_every_reason():
@@ -526,6 +568,8 @@ def test_extension_ops_validate_inputs():
         torch.ops.fastlm.attention_fwd(q, k, v, torch.ones(8, 8, dtype=torch.bool), 0, 1.0)
     with pytest.raises(TypeError, match=r"k has dtype BFloat16 but q has dtype Float"):
         torch.ops.fastlm.attention_fwd(q, k.bfloat16(), v, None, 0, 1.0)
+    with pytest.raises(ValueError, match=r"softcap must be a finite float >= 0 \(0 = off\), got -1"):
+        torch.ops.fastlm.attention_fwd(q, k, v, None, 0, 1.0, -1.0)
 
 
 # (B, H, H_kv, Tq, Tk, D): prefill with ragged tiles both ways, packed GQA/MQA decode, Tq > Tk

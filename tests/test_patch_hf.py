@@ -44,7 +44,7 @@ FAMILIES = {  # name: (model class, config, has rope, causal LM)
                                                      num_hidden_layers=2, image_size=32, patch_size=8), False, False),
 }
 # kinds that do not run on fastlm yet, with the reason the report gives (the attention issue's work)
-GAPS = {"gemma2": {"attention": "attention softcap 50.0"}, "t5": {"attention": "an additive position_bias that trains"}}
+GAPS = {"t5": {"attention": "an additive position_bias that trains"}}
 EVIDENCE = {  # kind -> profiler op names, any of which shows it ran on fastlm
     "norm": ("fastlm::norm",), "mlp": ("fastlm::bias_act_bwd",), "rope": ("fastlm::rope",),
     "attention": ("fastlm::attention",), "loss": ("fastlm::linear_cross_entropy", "fastlm::cross_entropy"),
@@ -206,7 +206,7 @@ def test_hf_attention_refuses_what_it_does_not_compute():
 
     q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
     module = torch.nn.Module()
-    for kwarg in ({"softcap": 50.0}, {"s_aux": torch.zeros(2)}, {"position_bias": torch.zeros(1, 2, 4, 4)}):
+    for kwarg in ({"s_aux": torch.zeros(2)}, {"position_bias": torch.zeros(1, 2, 4, 4)}):
         with pytest.raises(NotImplementedError, match=f"{next(iter(kwarg))} is not supported yet"):
             hf_attention(module, q, k, k, None, **kwarg)
     with pytest.raises(NotImplementedError, match="sliding_window=2 with no mask over 4 keys"):
@@ -214,6 +214,14 @@ def test_hf_attention_refuses_what_it_does_not_compute():
     out, _ = hf_attention(module, q, k, k, None, softcap=None, sliding_window=8)  # None / a window past Tk: exact
     want = torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True).transpose(1, 2)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    # softcap (Gemma-2's attn_logit_softcapping) is computed, as eager does it: tanh-capped scores
+    q, k = q * 4, k * 4  # scores up to ~30: the cap matters
+    out, _ = hf_attention(module, q, k, k, None, scaling=0.5, softcap=5.0)
+    s = 5.0 * torch.tanh((q @ k.transpose(-1, -2)) * 0.5 / 5.0)
+    s = s.masked_fill(~torch.ones(4, 4, dtype=torch.bool).tril(), -float("inf"))
+    want = (torch.softmax(s, -1) @ k).transpose(1, 2)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, hf_attention(module, q, k, k, None, scaling=0.5)[0], atol=1e-3)
 
 
 @needs("linear", "rms_norm", "rope", "linear_cross_entropy")

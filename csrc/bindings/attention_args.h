@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <utility>
@@ -24,7 +25,8 @@ inline Strided4 strided(const at::Tensor& t) {
 
 // Checks a direct torch.ops.fastlm.attention_* call (the device check is the caller's).
 inline AttentionShape check_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const std::optional<at::Tensor>& mask, int64_t causal, double scale, bool allow_half) {
+                                 const std::optional<at::Tensor>& mask, int64_t causal, double scale, double softcap,
+                                 bool allow_half) {
   const DType dtype = dtype_arg(op, "q", q, allow_half);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
     TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " is on ", t.device().str(), " but q is on ",
@@ -45,8 +47,11 @@ inline AttentionShape check_args(const char* op, const at::Tensor& q, const at::
                     q.size(3), " and v ", v.size(3));
   TORCH_CHECK_VALUE(causal >= 0 && causal <= 2, op, ": causal must be 0 (none), 1 (top-left) or 2 (bottom-right), got ",
                     causal);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, op,
+                    ": softcap must be a finite float >= 0 (0 = off), got ", softcap);
   AttentionShape sh{dtype, q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
-                    static_cast<Causal>(causal), MaskKind::kNone, static_cast<float>(scale)};
+                    static_cast<Causal>(causal), MaskKind::kNone, static_cast<float>(scale),
+                    static_cast<float>(softcap)};
   if (mask.has_value()) {
     const at::Tensor& m = *mask;
     TORCH_CHECK_VALUE(m.device() == q.device(), op, ": mask is on ", m.device().str(), " but q is on ",

@@ -3,7 +3,8 @@
 // packed to fp32, scores St = K Qt come from the register-blocked GEMM of attention_tiles.h,
 // the online softmax keeps a running max m and sum l per query (vectors across the tile's
 // queries), and O = O * alpha + P V accumulates in fp32 scratch. Key tiles wholly above the
-// causal diagonal are skipped; the mask pass runs only on tiles that need it.
+// causal diagonal are skipped; the mask pass runs only on tiles that need it. With a softcap the
+// scores are capped (softcap * tanh(s / softcap)) before the mask pass.
 #include <omp.h>
 
 #include <vector>
@@ -79,6 +80,7 @@ void forward(const AttentionShape& sh, Strided4 q, Strided4 k, Strided4 v, Strid
         if (t.empty()) break;  // later key tiles are further right of the diagonal
         pack_rows(kp + j0 * k.s[2], k.s[2], k.s[3], t.nk, D, w.Kp, D);
         gemm(t.nk, t.nqp, D, w.Kp, D, 1, w.Qt, kBlockQ, w.St, kBlockQ, nullptr, false);
+        if (sh.softcap > 0.0f) cap_scores<false>(w.St, t.nk, t.nqp, sh.softcap, nullptr);
         bool any_dead = false;
         if (!t.full()) any_dead = apply_mask<T>(t, w.St, w.live);
         softmax_tile(w.St, t.nk, t.nqp, w.m, w.l, w.alpha);

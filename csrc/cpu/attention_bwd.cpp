@@ -3,7 +3,8 @@
 // gradient and the result doesn't depend on scheduling. Inside, for every query head of the
 // GQA group and every query tile: pack Q (transposed and row-major, pre-scaled) and dO
 // (both ways), then for each visible key tile recompute St = K Qt and P = exp(St - lse),
-// dPt = V dOt, dSt = P (dPt - delta), and accumulate dV += P^T dO, dK += dS^T Q, dQ += dS K
+// dPt = V dOt, dSt = P (dPt - delta) (times 1 - tanh^2 of the capped scores under a softcap),
+// and accumulate dV += P^T dO, dK += dS^T Q, dQ += dS K
 // with the same register-blocked GEMM as the forward.
 #include <omp.h>
 
@@ -16,25 +17,30 @@ namespace {
 
 struct Scratch {
   std::vector<float> buf;
-  float *Qt, *Qs, *dOt, *dOp, *Kp, *Vp, *St, *dSt, *dQ, *lse, *delta, *dK, *dV;
+  float *Qt, *Qs, *dOt, *dOp, *Kp, *Vp, *St, *dSt, *Gt, *dQ, *lse, *delta, *dK, *dV;
   bool live[kBlockK];
-  Scratch(int64_t d, int64_t dkp, int64_t dv, int64_t dvp, int64_t tk) {
+  Scratch(int64_t d, int64_t dkp, int64_t dv, int64_t dvp, int64_t tk, bool softcap) {
     carve(buf, {{&Qt, d * kBlockQ}, {&Qs, kBlockQ * dkp}, {&dOt, dv * kBlockQ}, {&dOp, kBlockQ * dvp},
                 {&Kp, kBlockK * dkp}, {&Vp, kBlockK * dvp}, {&St, kBlockK * kBlockQ}, {&dSt, kBlockK * kBlockQ},
-                {&dQ, kBlockQ * dkp}, {&lse, kBlockQ}, {&delta, kBlockQ}, {&dK, tk * dkp}, {&dV, tk * dvp}});
+                {&Gt, softcap ? kBlockK * kBlockQ : 0}, {&dQ, kBlockQ * dkp}, {&lse, kBlockQ}, {&delta, kBlockQ},
+                {&dK, tk * dkp}, {&dV, tk * dvp}});
   }
 };
 
-// St (scores, -inf where hidden) becomes P = exp(St - lse); dSt becomes dS = P (dP - delta).
+// St (scores, -inf where hidden) becomes P = exp(St - lse); dSt becomes dS = P (dP - delta), times
+// Gt = 1 - tanh^2 (d capped / d raw score) under a softcap (kCap).
+template <bool kCap>
 FASTLM_INLINE void probs_and_dscores(float* St, float* dSt, int64_t nk, int64_t nqp, const float* lse,
-                                     const float* delta) {
+                                     const float* delta, const float* Gt) {
   for (int64_t c = 0; c < nqp; c += kLanes) {
     const vf ls = load(lse + c), dl = load(delta + c);
     for (int64_t j = 0; j < nk; ++j) {
       const vf s = load(St + j * kBlockQ + c);
       const vf hidden = select(s == kNegInf, splat(1.0f), splat(0.0f));
       const vf p = select(hidden != 0.0f, splat(0.0f), vexp(s - ls));
-      const vf ds = select(hidden != 0.0f, splat(0.0f), p * (load(dSt + j * kBlockQ + c) - dl));
+      vf ds = p * (load(dSt + j * kBlockQ + c) - dl);
+      if constexpr (kCap) ds = ds * load(Gt + j * kBlockQ + c);
+      ds = select(hidden != 0.0f, splat(0.0f), ds);
       store(St + j * kBlockQ + c, p);
       store(dSt + j * kBlockQ + c, ds);
     }
@@ -54,7 +60,7 @@ void backward(const AttentionShape& sh, Strided4 go, Strided4 q, Strided4 k, Str
   const T* od = static_cast<const T*>(o.data);
 #pragma omp parallel if (items > 1)
   {
-    Scratch w(D, Dkp, Dv, Dvp, sh.tk);
+    Scratch w(D, Dkp, Dv, Dvp, sh.tk, sh.softcap > 0.0f);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t b = item / sh.kv_heads, hk = item % sh.kv_heads;
@@ -91,12 +97,14 @@ void backward(const AttentionShape& sh, Strided4 go, Strided4 q, Strided4 k, Str
             pack_rows(kp + j0 * k.s[2], k.s[2], k.s[3], t.nk, D, w.Kp, Dkp);
             pack_rows(vp + j0 * v.s[2], v.s[2], v.s[3], t.nk, Dv, w.Vp, Dvp);
             gemm(t.nk, t.nqp, D, w.Kp, Dkp, 1, w.Qt, kBlockQ, w.St, kBlockQ, nullptr, false);
+            if (sh.softcap > 0.0f) cap_scores<true>(w.St, t.nk, t.nqp, sh.softcap, w.Gt);
             if (!t.full() && apply_mask<T>(t, w.St, w.live)) {
               zero_dead_rows(w.Kp, Dkp, w.live, t.nk);
               zero_dead_rows(w.Vp, Dvp, w.live, t.nk);
             }
             gemm(t.nk, t.nqp, Dv, w.Vp, Dvp, 1, w.dOt, kBlockQ, w.dSt, kBlockQ, nullptr, false);
-            probs_and_dscores(w.St, w.dSt, t.nk, t.nqp, w.lse, w.delta);
+            if (sh.softcap > 0.0f) probs_and_dscores<true>(w.St, w.dSt, t.nk, t.nqp, w.lse, w.delta, w.Gt);
+            else probs_and_dscores<false>(w.St, w.dSt, t.nk, t.nqp, w.lse, w.delta, nullptr);
             gemm(t.nk, Dvp, nq, w.St, kBlockQ, 1, w.dOp, Dvp, w.dV + j0 * Dvp, Dvp, nullptr, true);
             gemm(t.nk, Dkp, nq, w.dSt, kBlockQ, 1, w.Qs, Dkp, w.dK + j0 * Dkp, Dkp, nullptr, true);
             gemm(nq, Dkp, t.nk, w.dSt, 1, kBlockQ, w.Kp, Dkp, w.dQ, Dkp, nullptr, true);

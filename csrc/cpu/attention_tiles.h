@@ -173,6 +173,32 @@ inline bool apply_mask(const TileMask& t, float* St, bool* live) {
   return any_dead;
 }
 
+// tanh to a few 1e-7 relative (Cephes tanhf): an odd polynomial below |x| = 0.625, where vtanh's
+// 1 - 2 / (e^{2x} + 1) keeps only ~1e-7 absolute (a score far below the cap would lose digits:
+// cap * 1e-7), vtanh above. NaN takes vtanh's path and stays NaN.
+FASTLM_INLINE vf tanh_precise(vf x) {
+  const vf z = x * x;
+  vf p = splat(-5.70498872745e-3f);
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  return select(vabs(x) < 0.625f, p * z * x + x, vtanh(x));
+}
+
+// Soft-capping of a score tile St (nk rows of nqp, row stride kBlockQ), in place, before any
+// mask: s = cap * tanh(s / cap). The backward also wants d(capped)/d(raw) = 1 - tanh^2 in grad.
+template <bool kGrad>
+inline void cap_scores(float* St, int64_t nk, int64_t nqp, float cap, float* grad) {
+  const float inv = 1.0f / cap;
+  for (int64_t j = 0; j < nk; ++j)
+    for (int64_t c = 0; c < nqp; c += kLanes) {
+      const vf t = tanh_precise(load(St + j * kBlockQ + c) * inv);
+      store(St + j * kBlockQ + c, t * cap);
+      if constexpr (kGrad) store(grad + j * kBlockQ + c, 1.0f - t * t);
+    }
+}
+
 inline void zero_dead_rows(float* buf, int64_t ld, const bool* live, int64_t nk) {
   for (int64_t j = 0; j < nk; ++j)
     if (!live[j]) std::memset(buf + j * ld, 0, size_t(ld) * sizeof(float));

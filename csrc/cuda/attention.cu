@@ -33,6 +33,10 @@
 // halves = 52 KB at D = 128 (67 KB at D = 256): every head dim fits the 99 KB per block of
 // sm_86/89, but their 100 KB per SM hold one such CTA (4 warps) above D = 64.
 // The 8-half row padding puts the 8 rows of an ldmatrix phase in distinct bank groups.
+// Soft-capping (softcap > 0) runs in a kernel of its own, forward_softcap_kernel, the same tile
+// loop compiled with kSoftcap: each score becomes softcap * log2(e) * tanh(scale * s / softcap)
+// right after S = Q K^T (FMUL, MUFU.EX2, FADD, MUFU.RCP, FFMA per score: tanh_rcp), then masks
+// and softmax as above. forward_kernel (no softcap) compiles exactly as before.
 #include "attention_common.cuh"
 #include "ptx.cuh"
 
@@ -48,8 +52,8 @@ struct FwdTiles {
   static constexpr size_t bytes = (q_elems + 2 * kv_elems) * 2;
 };
 
-template <typename T, int HD, int BN>
-__global__ void __launch_bounds__(kThreads, 2) forward_kernel(const Params p) {
+template <typename T, int HD, int BN, bool kSoftcap>
+__device__ __forceinline__ void forward_tiles(const Params& p) {
   using L = FwdTiles<HD, BN>;
   constexpr int ld = L::ld, kNT = BN / 8, kDT = HD / 8;  // n8 tiles of S and of O
   FASTLM_DYNAMIC_SHARED(unsigned char, smem);
@@ -116,6 +120,12 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(const Params p) {
     // S = Q K_j^T: this warp's 16 rows x BN keys
     float s[kNT][4];
     mma_abt<T, HD, kNT>(s, Qs + warp * 16 * ld, Ks, ld, lane);
+    if constexpr (kSoftcap) {  // capped scores, already in log2 units on every tile
+#pragma unroll
+      for (int n = 0; n < kNT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = fmaf(-2.0f * p.cap_out, tanh_rcp(s[n][e] * p.cap_in), p.cap_out);
+    }
 
     // On partial tiles: scale into log2 units and hide what a row may not see. Full tiles keep
     // raw scores (the scale is folded into the exponent's FFMA below; full tiles need scale > 0,
@@ -140,7 +150,7 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(const Params p) {
         for (int e = 0; e < 4; ++e) {
           const int i = e / 2, c = n * 8 + quad * 2 + e % 2;
           bool ok = c < lim[i];
-          float x = s[n][e] * scale2;
+          float x = kSoftcap ? s[n][e] : s[n][e] * scale2;
           if (ok && sh.mask_kind == MaskKind::kBool) {
             ok = mask_tile[i][c * p.mask.s[3]] != 0;
           } else if (ok && sh.mask_kind == MaskKind::kAdditive) {
@@ -154,7 +164,7 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(const Params p) {
       live |= __shfl_xor_sync(0xffffffffu, live, 8);
       live |= __shfl_xor_sync(0xffffffffu, live, 16);
     }
-    const float mul = kMasked ? 1.0f : scale2;  // what still multiplies s on the way to log2 units
+    const float mul = kMasked || kSoftcap ? 1.0f : scale2;  // what still multiplies s on the way to log2 units
 
     // online softmax, rows lane / 4 (i = 0) and lane / 4 + 8 (i = 1)
 #pragma unroll
@@ -230,6 +240,16 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(const Params p) {
   }
 }
 
+template <typename T, int HD, int BN>
+__global__ void __launch_bounds__(kThreads, 2) forward_kernel(const Params p) {
+  forward_tiles<T, HD, BN, false>(p);
+}
+
+template <typename T, int HD, int BN>
+__global__ void __launch_bounds__(kThreads, 2) forward_softcap_kernel(const Params p) {
+  forward_tiles<T, HD, BN, true>(p);
+}
+
 // Merges the split-KV partials of one query row (one CTA per row), splits in a fixed order.
 template <typename T>
 __global__ void merge_kernel(const float* part, T* out, float* lse, int64_t tq, int splits, int64_t dv) {
@@ -284,10 +304,11 @@ int64_t split_chunk(const AttentionShape& sh, int64_t splits) {
 template <typename T, int HD, int BN>
 int launch(const Params& p, cudaStream_t stream) {
   const size_t bytes = FwdTiles<HD, BN>::bytes;
-  cudaError_t err = cudaFuncSetAttribute(forward_kernel<T, HD, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  auto* kernel = p.sh.softcap > 0.0f ? forward_softcap_kernel<T, HD, BN> : forward_kernel<T, HD, BN>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return int(err);
   const unsigned splits = unsigned(p.chunk > 0 ? (p.sh.tk + p.chunk - 1) / p.chunk : 1);
-  launch_kernel(forward_kernel<T, HD, BN>, dim3(unsigned(base_ctas(p.sh)), 1, splits), kThreads, bytes, stream, p);
+  launch_kernel(kernel, dim3(unsigned(base_ctas(p.sh)), 1, splits), kThreads, bytes, stream, p);
   if (splits > 1)
     launch_kernel(merge_kernel<T>, unsigned(p.sh.batch * p.sh.heads * p.sh.tq), 128, 0, stream, p.part,
                   static_cast<T*>(p.out), p.lse, p.sh.tq, int(splits), p.sh.value_dim);
@@ -347,6 +368,7 @@ int64_t attention_forward_cuda_workspace(const AttentionShape& shape) {
 int attention_forward_cuda(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v, Strided4 mask, void* out,
                            float* lse, float* workspace, cudaStream_t stream) {
   cuda::attn::Params p{shape, q, k, v, mask, out, lse};
+  cuda::attn::set_softcap(p);
   const int64_t splits = cuda::attn::num_splits(shape);
   if (splits > 1 && workspace != nullptr) p.part = workspace, p.chunk = cuda::attn::split_chunk(shape, splits);
   if (shape.dtype == DType::kFloat16) return cuda::attn::dispatch_head_dim<__half>(p, stream);

@@ -29,6 +29,9 @@
 // for its dQ turn only ever waits for CTAs already running: no reliance on dispatch order.
 // Shared memory: K, V (64 rows) + 2 x (Q, dO) (BM rows) of D + 8 halves, plus dS^T (64 x BM + 8):
 // 75 KB at D = 128, 57 KB at D = 96, so every head dim fits the 99 KB per block of sm_86/89.
+// Soft-capping (softcap > 0) runs in backward_softcap_kernel, the same loop compiled with kSoftcap:
+// it recomputes the capped scores (t = tanh(scale * s / softcap), score softcap * t) for P and
+// multiplies dS by 1 - t^2; backward_kernel (no softcap) compiles exactly as before.
 #include "attention_common.cuh"
 #include "ptx.cuh"
 
@@ -48,8 +51,8 @@ struct BwdTiles {
 // column of an odd head dim only ever receives 0 + 0).
 __host__ __device__ constexpr int64_t dq_ld(int64_t d) { return (d + 1) / 2 * 2; }
 
-template <typename T, int HD, int BM>
-__global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
+template <typename T, int HD, int BM, bool kSoftcap>
+__device__ __forceinline__ void backward_tiles(const Params& p) {
   using L = BwdTiles<HD, BM>;
   constexpr int ld = L::ld, lds = L::lds, kMT = BM / 8, kDT = HD / 8;
   constexpr int kWR = BM / 16, kWC = kWarps / kWR, kCW = HD / kWC;  // dQ: warps as kWR x kWC slices
@@ -166,7 +169,12 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = e / 2, c = n * 8 + quad * 2 + e % 2;  // key row i, query column c
-        float x = st[n][e] * scale2;
+        float x = st[n][e] * scale2;  // the score in log2 units
+        [[maybe_unused]] float t;     // softcap: tanh of the capped score
+        if constexpr (kSoftcap) {
+          t = fmaf(-2.0f, tanh_rcp(st[n][e] * p.cap_in), 1.0f);
+          x = t * p.cap_out;
+        }
         bool ok = true;
         if (!full) {
           ok = c >= c_lo[i] && c < c_hi[i];
@@ -180,7 +188,10 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
         }
         const float pr = ok ? exp2_approx(x - lse_b[c]) : 0.0f;
         st[n][e] = pr;
-        dpt[n][e] = ok ? pr * (dpt[n][e] - delta_b[c]) : 0.0f;  // dS^T; hidden: exactly 0, even if dP is NaN
+        if constexpr (kSoftcap)  // d capped / d raw = 1 - tanh^2
+          dpt[n][e] = ok ? pr * (dpt[n][e] - delta_b[c]) * fmaf(-t, t, 1.0f) : 0.0f;
+        else
+          dpt[n][e] = ok ? pr * (dpt[n][e] - delta_b[c]) : 0.0f;  // dS^T; hidden: exactly 0, even if dP is NaN
       }
 
     // dV += P^T dO, dK += dS^T Q
@@ -290,6 +301,16 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
   }
 }
 
+template <typename T, int HD, int BM>
+__global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
+  backward_tiles<T, HD, BM, false>(p);
+}
+
+template <typename T, int HD, int BM>
+__global__ void __launch_bounds__(kThreads, 2) backward_softcap_kernel(const Params p) {
+  backward_tiles<T, HD, BM, true>(p);
+}
+
 // delta = rowsum(dO * O) in fp32, one warp per row (O contiguous, dO strided).
 template <typename T>
 __global__ void delta_kernel(const Params p) {
@@ -378,13 +399,14 @@ BwdWorkspace bwd_workspace(const AttentionShape& sh, int64_t splits) {
 template <typename T, int HD, int BM>
 int launch(const Params& p, cudaStream_t stream) {
   const size_t bytes = BwdTiles<HD, BM>::bytes;
-  cudaError_t err = cudaFuncSetAttribute(backward_kernel<T, HD, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  auto* kernel = p.sh.softcap > 0.0f ? backward_softcap_kernel<T, HD, BM> : backward_kernel<T, HD, BM>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return int(err);
   const AttentionShape& sh = p.sh;
   const int64_t rows = sh.batch * sh.heads * sh.tq;  // delta: one warp per query row
   launch_kernel(delta_kernel<T>, unsigned((rows + 7) / 8), 256, 0, stream, p);
   const unsigned grid = unsigned(row_tiles(sh.tk) * sh.batch * sh.kv_heads * p.head_splits);
-  launch_kernel(backward_kernel<T, HD, BM>, grid, kThreads, bytes, stream, p);
+  launch_kernel(kernel, grid, kThreads, bytes, stream, p);
   const int64_t finish = sh.batch * sh.heads * sh.tq * sh.head_dim +
                          (p.head_splits > 1 ? sh.batch * sh.kv_heads * sh.tk * (sh.head_dim + sh.value_dim) : 0);
   launch_kernel(finish_kernel<T>, unsigned(min(int64_t(1024), (finish + 255) / 256)), 256, 0, stream, p);
@@ -429,6 +451,7 @@ int attention_backward_cuda(const AttentionShape& shape, Strided4 grad_out, Stri
   p.dkv_part = workspace + at.part;
   p.head_splits = ws.head_splits;
   p.grad_q = grad_q, p.grad_k = grad_k, p.grad_v = grad_v;
+  cuda::attn::set_softcap(p);
   // only the dQ sums, turn counters and ticket start at 0; delta and the partials are written whole
   const cudaError_t err = cudaMemsetAsync(workspace + at.dq, 0, size_t(at.part - at.dq) * sizeof(float), stream);
   if (err != cudaSuccess) return int(err);

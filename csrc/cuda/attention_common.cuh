@@ -23,6 +23,11 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
 
+// Soft-capping: tanh(x) = 1 - 2 r with r = 1 / (2^y + 1), y = 2 log2(e) x, on one MUFU.EX2 and one
+// fast reciprocal, ~1e-7 absolute (as the CPU kernels' vtanh). No clamp is needed: 2^y = inf
+// gives r = 0 (tanh 1), 2^y = 0 gives r = 1 (tanh -1), and NaN stays NaN.
+__device__ __forceinline__ float tanh_rcp(float y) { return __fdividef(1.0f, exp2_approx(y) + 1.0f); }
+
 struct Params {
   AttentionShape sh;
   Strided4 q, k, v, mask;
@@ -40,7 +45,15 @@ struct Params {
   int* cta_ticket = nullptr; // backward: zeroed counter handing out (head, key tile) in start order
   float* dkv_part = nullptr; // backward, head_splits > 1: fp32 (B, Hkv, splits, Tk, D + Dv) partials
   int64_t head_splits = 1;   // backward: CTAs sharing one KV head's group of query heads
+  // softcap > 0 (set_softcap): y = cap_in * s for a raw product s (tanh_rcp), and the capped
+  // score in log2 units is cap_out * tanh. Kernel parameters, so the FMULs read them from the
+  // constant bank and they take no registers.
+  float cap_in = 0.0f, cap_out = 0.0f;
 };
+
+inline void set_softcap(Params& p) {
+  if (p.sh.softcap > 0.0f) p.cap_in = 2.0f * kLog2e * p.sh.scale / p.sh.softcap, p.cap_out = p.sh.softcap * kLog2e;
+}
 
 // Grids are 1-D over (head, row tile) pairs, tiles fastest, so the CTAs of one head run together
 // (its K/V stay in L2) and no head count hits the 65,535 limit of gridDim.y (decode at B = 2048,

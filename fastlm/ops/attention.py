@@ -1,7 +1,7 @@
 """Fused attention, a drop-in for torch.nn.functional.scaled_dot_product_attention.
 
     fastlm.ops.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
-        is_causal=False, *, scale=None, enable_gqa=False, generator=None, backend=None)
+        is_causal=False, *, scale=None, enable_gqa=False, softcap=0.0, generator=None, backend=None)
     fastlm.ops.scaled_dot_product_attention_with_lse(...same...) -> (out, lse)
 
 Shapes (B, H, Tq, D) for query, (B, H_kv, Tk, D) for key, (B, H_kv, Tk, Dv) for value; the
@@ -18,6 +18,11 @@ attn_mask: bool (True = attend) or additive with query's dtype, broadcastable fr
 (B|1, H|1, Tq, Tk). A row that attends to nothing gives output 0, lse -inf and gradient 0
 (torch gives NaN there); keys hidden from every query never touch the output, even if NaN.
 attn_mask gets no gradient (an attn_mask that requires grad is refused).
+
+softcap (FlashAttention's, as Gemma-2 and Grok use it): when > 0, each score s = scale * q.k
+becomes softcap * tanh(s / softcap) before the mask and the softmax; 0 (the default) is off and
+costs nothing (the kernels branch at compile time). The backward multiplies dS by
+1 - tanh^2, recomputing the capped scores as it recomputes S. Every backend implements it.
 
 Dropout (reference and triton; the others say so and auto-dispatch routes around them): the
 keep-mask comes from a seed drawn from `generator` (default: torch's global one), so
@@ -72,13 +77,18 @@ def dropout_keep(seed: torch.Tensor, shape, p: float, device) -> torch.Tensor:
     return (torch.rand(shape, generator=gen, dtype=torch.float32) >= p).to(device)
 
 
-def _ref_probs(q, k, mask, causal, scale):
-    """Scores and probabilities P (0 on masked entries and fully masked rows), lse (-inf there)."""
+def _ref_probs(q, k, mask, causal, scale, softcap=0.0):
+    """Probabilities P (0 on masked entries and fully masked rows), lse (-inf there) and, with
+    softcap > 0, d(capped score)/d(raw score) = 1 - tanh^2 (else None)."""
     cdt = _compute_dtype(q)
     groups = q.shape[1] // k.shape[1]
     qf = q.to(cdt)
     kf = k.to(cdt).repeat_interleave(groups, dim=1)
     s = (qf @ kf.transpose(-1, -2)) * scale
+    dcap = None
+    if softcap > 0:
+        t = torch.tanh(s / softcap)
+        s, dcap = t * softcap, 1 - t * t
     if mask is not None and mask.dtype != torch.bool:
         s = s + mask.to(cdt)
     allowed = allowed_mask(q.shape[2], k.shape[2], causal, mask, q.device)
@@ -87,14 +97,14 @@ def _ref_probs(q, k, mask, causal, scale):
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.unsqueeze(-1).masked_fill(lse.unsqueeze(-1) == -math.inf, 0.0))
     p = p.masked_fill(s == -math.inf, 0.0)
-    return p, lse
+    return p, lse, dcap
 
 
-def attention_forward_ref(q, k, v, mask, dropout_p, causal, scale, seed):
+def attention_forward_ref(q, k, v, mask, dropout_p, causal, scale, seed, softcap=0.0):
     """(out, lse fp32): the op's forward on plain PyTorch, computed in fp32 (fp64 for fp64)."""
     cdt = _compute_dtype(q)
     groups = q.shape[1] // k.shape[1]
-    p, lse = _ref_probs(q, k, mask, causal, scale)
+    p, lse, _ = _ref_probs(q, k, mask, causal, scale, softcap)
     if dropout_p > 0:
         p = p * dropout_keep(seed, p.shape, dropout_p, p.device) / (1 - dropout_p)
     vf = v.to(cdt).repeat_interleave(groups, dim=1)
@@ -104,13 +114,13 @@ def attention_forward_ref(q, k, v, mask, dropout_p, causal, scale, seed):
     return out.to(q.dtype).contiguous(), lse.float().contiguous()
 
 
-def attention_backward_ref(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed):
+def attention_backward_ref(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed, softcap=0.0):
     """(grad_q, grad_k, grad_v) by the explicit formulas (no autograd graph)."""
     cdt = _compute_dtype(q)
     b, h, tq, _ = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     groups = h // hkv
-    p, _ = _ref_probs(q, k, mask, causal, scale)
+    p, _, dcap = _ref_probs(q, k, mask, causal, scale, softcap)
     dead = (p == 0).all(dim=2).unsqueeze(-1)  # keys no query sees: their rows stay out of the math
     kf = k.to(cdt).repeat_interleave(groups, dim=1).masked_fill(dead, 0.0)
     vf = v.to(cdt).repeat_interleave(groups, dim=1).masked_fill(dead, 0.0)
@@ -124,7 +134,8 @@ def attention_backward_ref(grad_out, q, k, v, mask, out, lse, dropout_p, causal,
     if dropout_p > 0:
         dp = dp * keep
     delta = (go * (pd @ vf)).sum(-1, keepdim=True)
-    ds = torch.where(p == 0, 0.0, p * (dp - delta))
+    ds = p * (dp - delta) if dcap is None else p * (dp - delta) * dcap
+    ds = torch.where(p == 0, 0.0, ds)  # hidden: exactly 0, even where a hidden NaN key made dcap NaN
     dq = (ds @ kf) * scale
     dk = (ds.transpose(-1, -2) @ q.to(cdt)) * scale
     dk = dk.view(b, hkv, groups, tk, k.shape[-1]).sum(2)
@@ -133,24 +144,25 @@ def attention_backward_ref(grad_out, q, k, v, mask, out, lse, dropout_p, causal,
 
 
 # ---------------------------------------------------------------- per-backend kernels
-def _ext_forward(q, k, v, mask, dropout_p, causal, scale, seed, ops=torch.ops.fastlm):
-    return ops.attention_fwd(q, k, v, mask, causal, scale)
+def _ext_forward(q, k, v, mask, dropout_p, causal, scale, seed, softcap=0.0, ops=torch.ops.fastlm):
+    return ops.attention_fwd(q, k, v, mask, causal, scale, softcap)
 
 
-def _ext_backward(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed, ops=torch.ops.fastlm):
-    return ops.attention_bwd(grad_out, q, k, v, mask, out, lse, causal, scale)
+def _ext_backward(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed, softcap=0.0, ops=torch.ops.fastlm):
+    return ops.attention_bwd(grad_out, q, k, v, mask, out, lse, causal, scale, softcap)
 
 
-def _triton_forward(q, k, v, mask, dropout_p, causal, scale, seed):
+def _triton_forward(q, k, v, mask, dropout_p, causal, scale, seed, softcap=0.0):
     from fastlm.triton import attention as kernels  # imported late: TRITON_INTERPRET is read at import
 
-    return kernels.forward(q, k, v, mask, causal, scale, dropout_p, _seed_int(seed))
+    return kernels.forward(q, k, v, mask, causal, scale, dropout_p, _seed_int(seed), softcap=softcap)
 
 
-def _triton_backward(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed):
+def _triton_backward(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed, softcap=0.0):
     from fastlm.triton import attention as kernels
 
-    return kernels.backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p, _seed_int(seed))
+    return kernels.backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p, _seed_int(seed),
+                            softcap=softcap)
 
 
 def _seed_int(seed: torch.Tensor | None) -> int:
@@ -169,13 +181,13 @@ _BACKWARD = _backend.implementations(
 @torch.library.custom_op("fastlm::attention", mutates_args=())
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float,
-    causal: int, scale: float, seed: torch.Tensor | None, backend: str,
+    causal: int, scale: float, softcap: float, seed: torch.Tensor | None, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _FORWARD[backend](q, k, v, mask, dropout_p, causal, scale, seed)
+    return _FORWARD[backend](q, k, v, mask, dropout_p, causal, scale, seed, softcap)
 
 
 @_attention_op.register_fake
-def _(q, k, v, mask, dropout_p, causal, scale, seed, backend):
+def _(q, k, v, mask, dropout_p, causal, scale, softcap, seed, backend):
     b, h, tq, _ = q.shape
     return q.new_empty(b, h, tq, v.shape[-1]), q.new_empty(b, h, tq, dtype=torch.float32)
 
@@ -183,30 +195,31 @@ def _(q, k, v, mask, dropout_p, causal, scale, seed, backend):
 @torch.library.custom_op("fastlm::attention_backward", mutates_args=())
 def _attention_backward_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-    out: torch.Tensor, lse: torch.Tensor, dropout_p: float, causal: int, scale: float,
+    out: torch.Tensor, lse: torch.Tensor, dropout_p: float, causal: int, scale: float, softcap: float,
     seed: torch.Tensor | None, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _BACKWARD[backend](grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed)
+    return _BACKWARD[backend](grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed, softcap)
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed, backend):
+def _(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, softcap, seed, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, dropout_p, causal, scale, seed, backend = inputs
+    q, k, v, mask, dropout_p, causal, scale, softcap, seed, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, mask, out, lse, seed)
-    ctx.args = (dropout_p, causal, scale, backend)
+    ctx.args = (dropout_p, causal, scale, softcap, backend)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, mask, out, lse, seed = ctx.saved_tensors
-    dropout_p, causal, scale, backend = ctx.args
-    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed, backend)
-    return dq, dk, dv, None, None, None, None, None, None
+    dropout_p, causal, scale, softcap, backend = ctx.args
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, softcap, seed,
+                                        backend)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -354,38 +367,51 @@ def _scale(query, scale):
     return 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
 
 
+def _softcap(softcap) -> float:
+    """softcap as a float, validated: finite and >= 0 (0 = off)."""
+    fn = "scaled_dot_product_attention"
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"{fn}: softcap must be a float, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"{fn}: softcap must be a finite float >= 0 (0 = off), got {softcap}")
+    return softcap
+
+
 def scaled_dot_product_attention_with_lse(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
-    generator: torch.Generator | None = None, backend: str | None = None,
+    softcap: float = 0.0, generator: torch.Generator | None = None, backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): attention as torch's SDPA plus the fp32 log-sum-exp per query row (B, H, Tq)."""
     mask, causal = _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    softcap = _softcap(softcap)
     seed = None
     if dropout_p > 0:
         seed = torch.randint(0, 2**62, (), generator=generator, dtype=torch.int64)
     chosen = _backend.select(OP, query.device, query, key, value, mask, dropout_p, causal, backend=backend)
-    return _attention_op(query, key, value, mask, float(dropout_p), causal, _scale(query, scale), seed, chosen)
+    return _attention_op(query, key, value, mask, float(dropout_p), causal, _scale(query, scale), softcap, seed,
+                         chosen)
 
 
 def scaled_dot_product_attention(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
-    generator: torch.Generator | None = None, backend: str | None = None,
+    softcap: float = 0.0, generator: torch.Generator | None = None, backend: str | None = None,
 ) -> torch.Tensor:
     """Drop-in for torch.nn.functional.scaled_dot_product_attention; see the module docstring."""
     return scaled_dot_product_attention_with_lse(
-        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa, generator=generator,
-        backend=backend,
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa, softcap=softcap,
+        generator=generator, backend=backend,
     )[0]
 
 
 def scaled_dot_product_attention_ref(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
-    generator: torch.Generator | None = None,
+    softcap: float = 0.0, generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The oracle: plain PyTorch math in fp32 (fp64 for fp64 inputs), differentiable."""
     return scaled_dot_product_attention(
-        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa, generator=generator,
-        backend="reference",
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa, softcap=softcap,
+        generator=generator, backend="reference",
     )
 
 
@@ -393,10 +419,10 @@ def scaled_dot_product_attention_ref(
 if _ext.HAS_EXTENSION and hasattr(torch.ops.fastlm, "attention_fwd"):
 
     @torch.library.register_fake("fastlm::attention_fwd")
-    def _(q, k, v, mask, causal, scale):
+    def _(q, k, v, mask, causal, scale, softcap=0.0):
         b, h, tq, _ = q.shape
         return q.new_empty(b, h, tq, v.shape[-1]), q.new_empty(b, h, tq, dtype=torch.float32)
 
     @torch.library.register_fake("fastlm::attention_bwd")
-    def _(grad_out, q, k, v, mask, out, lse, causal, scale):
+    def _(grad_out, q, k, v, mask, out, lse, causal, scale, softcap=0.0):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

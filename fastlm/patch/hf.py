@@ -31,7 +31,7 @@ from fastlm import ops
 from fastlm.patch.recognise import on_cpu
 
 # kwargs transformers may pass to an attention function that change its math; refused unless None
-MATH_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+MATH_KWARGS = ("s_aux", "sinks", "position_bias", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
                "max_length_k", "head_mask", "alibi", "attention_chunk_size")
 
 
@@ -73,9 +73,10 @@ class GPT2MLP(nn.Module):
 def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' AttentionInterface entry "fastlm": query (B, H, Tq, D), key/value
     (B, Hkv, Tk, D), attention_mask None or (B|1, 1|H, Tq, Tk) bool (True = attend) or additive.
-    Returns ((B, Tq, H, D), None), as transformers' sdpa entry does. A kwarg that would change
-    the math and that fastlm does not implement (softcap, sinks, position_bias, packed
-    sequences, ...) raises instead of being dropped."""
+    Returns ((B, Tq, H, D), None), as transformers' sdpa entry does. softcap (None or a float,
+    Gemma-2's attn_logit_softcapping) goes to the op. A kwarg that would change the math and
+    that fastlm does not implement (sinks, position_bias, packed sequences, ...) raises instead
+    of being dropped."""
     if kwargs.get("output_attentions"):
         raise ValueError("attn_implementation='fastlm' never forms attention weights; use 'eager' for output_attentions")
     for name in MATH_KWARGS:
@@ -93,7 +94,8 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
         key, value = key[:, :, :Tq], value[:, :, :Tq]  # (B, Hkv, Tq, D)
     out = ops.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                            is_causal=is_causal, scale=scaling,
-                                           enable_gqa=query.shape[1] != key.shape[1])  # (B, H, Tq, D)
+                                           enable_gqa=query.shape[1] != key.shape[1],
+                                           softcap=kwargs.get("softcap") or 0.0)  # (B, H, Tq, D)
     return out.transpose(1, 2).contiguous(), None  # (B, H, Tq, D) -> (B, Tq, H, D)
 
 
@@ -121,10 +123,6 @@ def attention_blocker(module) -> str | None:
     source = _forward_source(module)
     if "ALL_ATTENTION_FUNCTIONS" not in source:
         return "direct"  # handled per module by patch_direct_sdpa
-    config = getattr(module, "config", None)
-    cap = getattr(module, "attn_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None)
-    if "softcap" in source and cap is not None:
-        return f"attention softcap {cap} (attn_logit_softcapping) is not supported by fastlm attention yet"
     if "position_bias" in source:
         return "an additive position_bias that trains (T5); fastlm attention gives attn_mask no gradient yet"
     if "s_aux" in source or "sinks" in source:

@@ -14,8 +14,11 @@ ends), which compute the masks. A user mask is read on every tile it covers. Hid
 enter a product, so NaN there can't leak.
 
 Scores are kept in log2 units (scale * log2(e) folded into one multiply) so the softmax uses
-exp2; lse is stored in natural log. fp32 inputs use TF32 dots when torch allows TF32 for
-matmuls (read per call, part of the autotune key), else IEEE dots on small FMA tiles.
+exp2; lse is stored in natural log. With a softcap (SOFTCAP, a constexpr: softcap > 0) each
+score is softcap * log2(e) * tanh(scale * q.k / softcap) before any mask (_scores), and the
+backward multiplies dS by 1 - tanh^2; without one the kernels compile exactly as before.
+fp32 inputs use TF32 dots when torch allows TF32 for matmuls (read per call, part of the
+autotune key), else IEEE dots on small FMA tiles.
 Block sizes are autotuned on a GPU per (head dims, lengths rounded up to powers of two,
 causal, mask, dropout, precision) from one config list per kernel, among the configs whose
 shared memory fits the device and whose register estimate keeps them from spilling
@@ -58,6 +61,36 @@ def _masked(s, offs_m, offs_n, tq, tk, offset, mask_ptr, msq, msk, CAUSAL: tl.co
         ok = ok & (bias > float("-inf"))
         s = s + bias * _LOG2E
     return ok, tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
+def _tanh(x, PRECISE: tl.constexpr):
+    """tanh(x) = 1 - 2 / (e^{2x} + 1), |x| clamped to 9 where tanh is +-1 in fp32 (the compares
+    pass NaN through): ~1e-7 absolute, plenty for 16-bit inputs. PRECISE (fp32 inputs) takes
+    Cephes' odd polynomial below |x| = 0.625, a few 1e-7 relative there too. Plain exp2, divides
+    and FMAs: the same in the interpreter and on every GPU."""
+    c = tl.where(x > 9.0, 9.0, tl.where(x < -9.0, -9.0, x))
+    t = 1.0 - 2.0 / (tl.exp2(c * (2.0 * _LOG2E)) + 1.0)
+    if PRECISE:
+        z = x * x
+        p = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z
+             - 3.33332819422e-1)
+        t = tl.where(tl.abs(x) < 0.625, p * z * x + x, t)
+    return t
+
+
+@triton.jit
+def _scores(qk, qk_scale, softcap, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+    """(s, g): the raw products qk as scores in log2 units (qk_scale = scale * log2(e)), soft-capped
+    under SOFTCAP, and there g = 1 - tanh^2 = d(capped)/d(raw) for the backward (else a dummy)."""
+    if SOFTCAP:
+        t = _tanh(qk * (qk_scale / (softcap * _LOG2E)), PREC != "")
+        s = t * (softcap * _LOG2E)
+        g = 1.0 - t * t
+    else:
+        s = qk * qk_scale
+        g = qk_scale
+    return s, g
 
 
 @triton.jit
@@ -143,15 +176,15 @@ def _online_step(s, v, m_i, l_i, acc, drop, PREC: tl.constexpr, DROPOUT: tl.cons
 
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, m_base, offs_m, last_row, lo, hi,
-               skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, seed, bh, p_drop,
+               skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, bh, p_drop,
                EDGE: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-               DROPOUT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+               DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load(k_base, offs_n, offs_d, skt, skd, TK, D, EDGE)
-        s = _dot(q, tl.trans(k), PREC) * qk_scale
+        s, _ = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap, SOFTCAP, PREC)
         if EDGE or MASK != 0:
             ok, s = _masked(s, offs_m[:, None], offs_n[None, :], TQ, TK, offset, m_base, smq, smk,
                             CAUSAL and EDGE, MASK)
@@ -182,10 +215,10 @@ def _key_ranges(start_m, TK, offset, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    H, GROUP, TQ, TK, offset, qk_scale, seed, p_drop, TQ_B, TK_B,
+    H, GROUP, TQ, TK, offset, qk_scale, seed, p_drop, TQ_B, TK_B, softcap,
     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -203,11 +236,11 @@ def _fwd_kernel(
     last_row = tl.minimum(start_m + BLOCK_M, TQ) - 1
     full, hi = _key_ranges(start_m, TK, offset, CAUSAL, BLOCK_M, BLOCK_N)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, m_base, offs_m, last_row, 0, full,
-                               skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, seed, bh, p_drop,
-                               False, CAUSAL, MASK, PREC, DROPOUT, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
+                               skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, bh, p_drop,
+                               False, CAUSAL, MASK, PREC, DROPOUT, SOFTCAP, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, m_base, offs_m, last_row, full, hi,
-                               skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, seed, bh, p_drop,
-                               True, CAUSAL, MASK, PREC, DROPOUT, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
+                               skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, bh, p_drop,
+                               True, CAUSAL, MASK, PREC, DROPOUT, SOFTCAP, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
     inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
     out = acc * inv[:, None]
     o_base = o_ptr + bh.to(tl.int64) * TQ * DV
@@ -243,10 +276,10 @@ def _row_stats(lse_ptr, delta_ptr, rows, row_ok, EDGE: tl.constexpr):
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_n, bh, lo, hi,
-                sqt, sqd, smq, smk, TQ, TK, offset, qk_scale, seed, p_drop,
+                sqt, sqd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, p_drop,
                 EDGE: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-                DROPOUT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Query tiles [lo, hi) of one query head against the resident key block, transposed (keys
     down, queries across) so dK and dV accumulate as plain products."""
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
@@ -255,7 +288,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_
         q = _load(q_base, offs_m, offs_d, sqt, sqd, TQ, D, EDGE)
         do = _load(do_base, offs_m, offs_dv, DV, 1, TQ, DV, EDGE)
         lse, delta = _row_stats(lse_ptr, delta_ptr, bh.to(tl.int64) * TQ + offs_m, offs_m < TQ, EDGE)
-        st = _dot(k, tl.trans(q), PREC) * qk_scale
+        st, gt = _scores(_dot(k, tl.trans(q), PREC), qk_scale, softcap, SOFTCAP, PREC)
         dpt = _dot(v, tl.trans(do), PREC)
         if DROPOUT:
             dropt = _drop_scale(seed, bh, offs_m[None, :], offs_n[:, None], TK, p_drop)
@@ -264,10 +297,15 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_
             ok, st = _masked(st, offs_m[None, :], offs_n[:, None], TQ, TK, offset, m_base, smq, smk,
                              CAUSAL and EDGE, MASK)
             pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
-            dst = tl.where(ok, pt * (dpt - delta[None, :]), 0.0)  # dpt of a hidden NaN value stays out
+            dst = pt * (dpt - delta[None, :])
+            if SOFTCAP:
+                dst = dst * gt
+            dst = tl.where(ok, dst, 0.0)  # dpt of a hidden NaN value stays out
         else:
             pt = tl.exp2(st - lse[None, :])
             dst = pt * (dpt - delta[None, :])
+            if SOFTCAP:
+                dst = dst * gt
         if DROPOUT:
             pt = pt * dropt
         dv += _dot(_operand(pt, do, PREC), do, PREC)
@@ -279,10 +317,10 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_
 def _dkdv_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    H, HKV, GROUP, SPLIT, TQ, TK, offset, qk_scale, seed, p_drop, TQ_B, TK_B,
+    H, HKV, GROUP, SPLIT, TQ, TK, offset, qk_scale, seed, p_drop, TQ_B, TK_B, softcap,
     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Grid (key blocks, B * HKV * SPLIT): the GQA group's query heads are split over SPLIT
     programs, each writing its own (Tk, D) slice of dk / dv (summed by the launcher when
@@ -314,14 +352,14 @@ def _dkdv_kernel(
         do_base = do_ptr + bh.to(tl.int64) * TQ * DV
         m_base = m_ptr + _offset(b, smb, h, smh)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_n, bh, lo, mid,
-                             sqt, sqd, smq, smk, TQ, TK, offset, qk_scale, seed, p_drop,
-                             True, CAUSAL, MASK, PREC, DROPOUT, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV)
+                             sqt, sqd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, p_drop,
+                             True, CAUSAL, MASK, PREC, DROPOUT, SOFTCAP, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_n, bh, mid, end,
-                             sqt, sqd, smq, smk, TQ, TK, offset, qk_scale, seed, p_drop,
-                             False, CAUSAL, MASK, PREC, DROPOUT, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV)
+                             sqt, sqd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, p_drop,
+                             False, CAUSAL, MASK, PREC, DROPOUT, SOFTCAP, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_n, bh, end, TQ,
-                             sqt, sqd, smq, smk, TQ, TK, offset, qk_scale, seed, p_drop,
-                             True, CAUSAL, MASK, PREC, DROPOUT, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV)
+                             sqt, sqd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, p_drop,
+                             True, CAUSAL, MASK, PREC, DROPOUT, SOFTCAP, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV)
     out = bhs.to(tl.int64) * TK
     kmask = (offs_n[:, None] < TK) & (offs_d[None, :] < D)
     vmask = (offs_n[:, None] < TK) & (offs_dv[None, :] < DV)
@@ -349,9 +387,9 @@ def _dot_rows(a_base, offs_a, sar, sac, na, b_base, offs_b, sbr, sbc, nb, NC: tl
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, last_row, bh, lo, hi,
-              skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, seed, p_drop,
+              skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, p_drop,
               EDGE: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-              DROPOUT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+              DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, q_base, do_base, sqt, sqd, CHUNK: tl.constexpr):
     """CHUNK: q and dO are not resident; their products are read in column chunks (_dot_rows)."""
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
@@ -370,7 +408,8 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, last_row, b
                 k = _load(k_base, offs_n, offs_d, skt, skd, TK, D, EDGE)
                 if not CHUNK:
                     qk = _dot(q, tl.trans(k), PREC)
-                ok, s = _masked(qk * qk_scale, offs_m[:, None], offs_n[None, :], TQ, TK,
+                s, g = _scores(qk, qk_scale, softcap, SOFTCAP, PREC)
+                ok, s = _masked(s, offs_m[:, None], offs_n[None, :], TQ, TK,
                                 offset, m_base, smq, smk, CAUSAL and EDGE, MASK)
                 k = tl.where(_live_keys(ok, offs_n, last_row, offset, CAUSAL, MASK)[:, None], k, 0.0).to(k.dtype)
             else:
@@ -378,16 +417,23 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, last_row, b
                           _live_keys(None, offs_n, last_row, offset, CAUSAL, MASK))
                 if not CHUNK:
                     qk = _dot(q, tl.trans(k), PREC)
-                ok, s = _masked(qk * qk_scale, offs_m[:, None], offs_n[None, :], TQ, TK,
+                s, g = _scores(qk, qk_scale, softcap, SOFTCAP, PREC)
+                ok, s = _masked(s, offs_m[:, None], offs_n[None, :], TQ, TK,
                                 offset, m_base, smq, smk, CAUSAL, MASK)
             p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-            ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * g
+            ds = tl.where(ok, ds, 0.0)
         else:
             k = _load(k_base, offs_n, offs_d, skt, skd, TK, D, False)
             if not CHUNK:
                 qk = _dot(q, tl.trans(k), PREC)
-            p = tl.exp2(qk * qk_scale - lse[:, None])
+            s, g = _scores(qk, qk_scale, softcap, SOFTCAP, PREC)
+            p = tl.exp2(s - lse[:, None])
             ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * g
         dq += _dot(_operand(ds, k, PREC), k, PREC)
     return dq
 
@@ -396,10 +442,10 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, last_row, b
 def _dq_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    H, GROUP, TQ, TK, offset, qk_scale, seed, p_drop, TQ_B, TK_B,
+    H, GROUP, TQ, TK, offset, qk_scale, seed, p_drop, TQ_B, TK_B, softcap,
     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, CHUNK: tl.constexpr,
+    DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK: tl.constexpr,
 ):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -419,13 +465,13 @@ def _dq_kernel(
     full, hi = _key_ranges(start_m, TK, offset, CAUSAL, BLOCK_M, BLOCK_N)
     q_base, do_base = q_ptr + _offset(b, sqb, h, sqh), do_ptr + bh.to(tl.int64) * TQ * DV
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, last_row, bh, 0, full,
-                   skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, seed, p_drop,
-                   False, CAUSAL, MASK, PREC, DROPOUT, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, q_base, do_base, sqt, sqd,
-                   CHUNK)
+                   skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, p_drop,
+                   False, CAUSAL, MASK, PREC, DROPOUT, SOFTCAP, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, q_base, do_base,
+                   sqt, sqd, CHUNK)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, last_row, bh, full, hi,
-                   skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, seed, p_drop,
-                   True, CAUSAL, MASK, PREC, DROPOUT, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, q_base, do_base, sqt, sqd,
-                   CHUNK)
+                   skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, p_drop,
+                   True, CAUSAL, MASK, PREC, DROPOUT, SOFTCAP, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, q_base, do_base,
+                   sqt, sqd, CHUNK)
     qmask = (offs_m[:, None] < TQ) & (offs_d[None, :] < D)
     tl.store(dq_ptr + rows[:, None] * D + offs_d[None, :], (dq * (qk_scale * _LN2)).to(dq_ptr.dtype.element_ty),
              mask=qmask)
@@ -443,7 +489,7 @@ _DKDV_TILES = ((32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 2),
                (16, 16, 4, 1), (16, 16, 8, 1))
 _DQ_TILES = ((128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2),
              (64, 32, 8, 2), (32, 32, 8, 1), (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1))
-_KEY = ["D", "DV", "TQ_B", "TK_B", "CAUSAL", "MASK", "DROPOUT", "PREC"]
+_KEY = ["D", "DV", "TQ_B", "TK_B", "CAUSAL", "MASK", "DROPOUT", "SOFTCAP", "PREC"]
 REG_LIMIT = 190  # estimated 32-bit registers per thread a config may need (255 exist; see _regs)
 REG_LIMIT_TF32 = 150  # fp32 operands: TF32 tiles measured spilling from an estimate of 160
 
@@ -479,6 +525,8 @@ def _regs(kind):
     def need(cfg, a):
         e, bm, bn, d, dv = _dims(cfg, a)
         tiles = 2 + (a["MASK"] != 0) + a["DROPOUT"]  # scores and probabilities, bias, keep-mask
+        if kind != "fwd":
+            tiles += bool(a.get("SOFTCAP", False))  # 1 - tanh^2 of the capped scores
         if kind == "fwd":
             acc, resident = bm * dv, bm * d
         elif kind == "dkdv":
@@ -526,7 +574,7 @@ def _strides4(t):
     return [0 if t.shape[i] == 1 else t.stride(i) for i in range(4)]
 
 
-def _common(q, k, v, mask, causal, scale, dropout_p=0.0):
+def _common(q, k, v, mask, causal, scale, dropout_p=0.0, softcap=0.0):
     b, h, tq, d = q.shape
     hkv, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
     if mask is None:
@@ -536,7 +584,7 @@ def _common(q, k, v, mask, causal, scale, dropout_p=0.0):
     else:
         mask_t, mask_code, mstr = mask, 2, _strides4(mask)
     offset = tk - tq if causal == 2 else 0
-    meta = dict(D=d, DV=dv, CAUSAL=causal != 0, MASK=mask_code, DROPOUT=dropout_p > 0,
+    meta = dict(D=d, DV=dv, CAUSAL=causal != 0, MASK=mask_code, DROPOUT=dropout_p > 0, SOFTCAP=softcap > 0,
                 PREC=fp32_precision() if q.dtype == torch.float32 else "",
                 BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)))
     strides = _strides4(q) + _strides4(k) + _strides4(v) + mstr
@@ -550,19 +598,21 @@ def _launch(kernel, tuned, grid, args, meta):
         _tune.launch(tuned, grid, *args, **meta)
 
 
-def forward(q, k, v, mask, causal, scale, dropout_p=0.0, seed=0):
-    """(out (B, H, Tq, Dv) contiguous, lse (B, H, Tq) fp32). Decode steps take the split-KV path."""
+def forward(q, k, v, mask, causal, scale, dropout_p=0.0, seed=0, softcap=0.0):
+    """(out (B, H, Tq, Dv) contiguous, lse (B, H, Tq) fp32). Decode steps take the split-KV path.
+    softcap > 0 caps the scores (softcap * tanh(s / softcap)); 0 is off."""
     from fastlm.triton import attention_decode
 
     if attention_decode.serves(q, k, v) and q.shape[0] * k.shape[1] > 0 and dropout_p == 0:
-        return attention_decode.forward(q, k, v, mask, causal, scale)
-    b, h, hkv, tq, tk, mask_t, strides, offset, qk_scale, meta = _common(q, k, v, mask, causal, scale, dropout_p)
+        return attention_decode.forward(q, k, v, mask, causal, scale, softcap)
+    b, h, hkv, tq, tk, mask_t, strides, offset, qk_scale, meta = _common(q, k, v, mask, causal, scale, dropout_p,
+                                                                         softcap)
     out = torch.empty(b, h, tq, meta["DV"], device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     args = (q, k, v, mask_t, out, lse, *strides, h, h // hkv, tq, tk, offset, qk_scale, seed, dropout_p,
-            _tune.bucket(tq), _tune.bucket(tk))
+            _tune.bucket(tq), _tune.bucket(tk), float(softcap))
     _launch(_fwd_kernel, _fwd_tuned, lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h), args, meta)
     return out, lse
 
@@ -576,8 +626,9 @@ def group_split(b, hkv, tk, group, device) -> int:
     return next((s for s in range(1, group + 1) if group % s == 0 and programs * s >= sms), group)
 
 
-def backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p=0.0, seed=0):
-    b, h, hkv, tq, tk, mask_t, strides, offset, qk_scale, meta = _common(q, k, v, mask, causal, scale, dropout_p)
+def backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p=0.0, seed=0, softcap=0.0):
+    b, h, hkv, tq, tk, mask_t, strides, offset, qk_scale, meta = _common(q, k, v, mask, causal, scale, dropout_p,
+                                                                         softcap)
     dq, dk, dvv = (torch.empty(t.shape, device=q.device, dtype=q.dtype) for t in (q, k, v))
     if 0 in (b, h, tq, tk):
         return dq.zero_(), dk.zero_(), dvv.zero_()
@@ -592,13 +643,13 @@ def backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p=0.0, se
         dk_out, dv_out = (torch.empty(b, hkv, split, tk, t.shape[-1], device=q.device, dtype=torch.float32)
                           for t in (k, v))
     args = (q, k, v, mask_t, grad_out, lse, delta, dk_out, dv_out, *strides, h, hkv, h // hkv, split, tq, tk, offset,
-            qk_scale, seed, dropout_p, *buckets)
+            qk_scale, seed, dropout_p, *buckets, float(softcap))
     _launch(_dkdv_kernel, _dkdv_tuned, lambda m: (triton.cdiv(tk, m["BLOCK_N"]), b * hkv * split), args, meta)
     if split > 1:
         dk.copy_(dk_out.sum(2))
         dvv.copy_(dv_out.sum(2))
     args = (q, k, v, mask_t, grad_out, lse, delta, dq, *strides, h, h // hkv, tq, tk, offset, qk_scale,
-            seed, dropout_p, *buckets)
+            seed, dropout_p, *buckets, float(softcap))
     chunk = meta["PREC"] == "ieee" and meta["BLOCK_D"] > 128  # IEEE fp32 at D = 256: q, dO not resident
     _launch(_dq_kernel, _dq_tuned, lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h), args, dict(meta, CHUNK=chunk))
     return dq, dk, dvv

@@ -5,9 +5,10 @@ The query rows of one (batch, key/value head) are its GQA group's heads times Tq
 query r % Tq of head r // Tq), so the group's heads run in parallel inside one program and
 each K/V tile is read once for all of them. A program owns a chunk of keys and a block of those
 rows (ROW_BLOCK: all of them, or fewer where that many would spill), runs the online softmax
-(log2 units, exp2) over its chunk and writes fp32 partials (max, sum, unnormalized output). A
-second kernel merges the chunks in a fixed order: deterministic, no atomics. The backward of
-such calls is the regular one (it only needs out and lse).
+(log2 units, exp2; scores soft-capped under SOFTCAP) over its chunk and writes fp32 partials
+(max, sum, unnormalized output). A second kernel merges the chunks in a fixed order:
+deterministic, no atomics. The backward of such calls is the regular one (it only needs out
+and lse).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import triton
 import triton.language as tl
 
 from fastlm.triton import _tune
-from fastlm.triton.attention import _LN2, _common, _dot, _masked, _online_step, _offset
+from fastlm.triton.attention import _LN2, _common, _dot, _masked, _online_step, _offset, _scores
 
 MAX_ROWS = 64  # group * Tq handled per (batch, key/value head)
 MERGE_ROWS = 16  # rows per merge program: a 16 x 256 fp32 accumulator fits without spilling
@@ -26,9 +27,9 @@ MERGE_ROWS = 16  # rows per merge program: a 16 x 256 fp32 accumulator fits with
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, part_o, part_m, part_l,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    HKV, GROUP, TQ, TK, offset, qk_scale, CHUNK, SPLITS, TK_B,
+    HKV, GROUP, TQ, TK, offset, qk_scale, softcap, CHUNK, SPLITS, TK_B,
     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-    ROWS: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SOFTCAP: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
     split, bhk, rb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -54,8 +55,8 @@ def _split_kernel(
         in_chunk = offs_n < hi
         k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :] * skd,
                     mask=in_chunk[:, None] & (offs_d[None, :] < D), other=0.0)
-        ok, s = _masked(_dot(q, tl.trans(k), PREC) * qk_scale, qi[:, None], offs_n[None, :], TQ, hi, offset,
-                        m_rows[:, None], smq, smk, CAUSAL, MASK)
+        s, _ = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap, SOFTCAP, PREC)  # soft-capped under SOFTCAP
+        ok, s = _masked(s, qi[:, None], offs_n[None, :], TQ, hi, offset, m_rows[:, None], smq, smk, CAUSAL, MASK)
         live = tl.max(ok.to(tl.int32), 0) > 0  # few rows: the reduction is cheap next to the K/V reads
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svt + offs_dv[None, :] * svd,
                     mask=in_chunk[:, None] & (offs_dv[None, :] < DV) & live[:, None], other=0.0)
@@ -126,7 +127,7 @@ def _allowed(cfg, a):
     return _regs(cfg, a) <= (REG_LIMIT if a["PREC"] == "" else REG_LIMIT_TF32)
 
 
-_KEY = ["D", "DV", "ROWS", "TK_B", "CAUSAL", "MASK", "PREC"]
+_KEY = ["D", "DV", "ROWS", "TK_B", "CAUSAL", "MASK", "SOFTCAP", "PREC"]
 _split_tuned = _tune.autotune(
     [triton.Config({"ROW_BLOCK": rb, "BLOCK_N": bn}, num_warps=w, num_stages=s) for rb, bn, w, s in _TILES],
     _KEY, _smem, "triton attention decode", _allowed)(_split_kernel)
@@ -150,8 +151,8 @@ def _splits(b, hkv, tk, device):
     return max(1, min(want, triton.cdiv(tk, 4 * CHUNK_UNIT)))
 
 
-def forward(q, k, v, mask, causal, scale):
-    b, h, hkv, tq, tk, mask_t, strides, offset, qk_scale, meta = _common(q, k, v, mask, causal, scale)
+def forward(q, k, v, mask, causal, scale, softcap=0.0):
+    b, h, hkv, tq, tk, mask_t, strides, offset, qk_scale, meta = _common(q, k, v, mask, causal, scale, 0.0, softcap)
     meta.pop("DROPOUT")
     group = h // hkv
     rows = _rows(group, tq)
@@ -162,8 +163,8 @@ def forward(q, k, v, mask, causal, scale):
     part_o = torch.empty(b * hkv, splits, rows, bdv, device=q.device, dtype=torch.float32)
     part_m = torch.empty(b * hkv, splits, rows, device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
-    args = (q, k, v, mask_t, part_o, part_m, part_l, *strides, hkv, group, tq, tk, offset, qk_scale, chunk, splits,
-            _tune.bucket(tk))
+    args = (q, k, v, mask_t, part_o, part_m, part_l, *strides, hkv, group, tq, tk, offset, qk_scale, float(softcap),
+            chunk, splits, _tune.bucket(tk))
     grid = lambda m: (splits, b * hkv, rows // m["ROW_BLOCK"])  # noqa: E731
     if _tune.interpreting():
         _tune.launch(_split_kernel, grid(dict(ROW_BLOCK=16)), *args, **meta, ROWS=rows, ROW_BLOCK=16, BLOCK_N=16)

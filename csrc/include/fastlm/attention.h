@@ -4,6 +4,8 @@
 // for broadcast dims). Causal: query i may see key j <= i + offset, offset 0 for top-left
 // alignment (torch's is_causal) and Tk - Tq for bottom-right. Rows that see no key give
 // output 0, lse -inf and zero gradients; keys that no query of a tile sees never enter the math.
+// Scores are scale * q.k; with softcap > 0 each becomes softcap * tanh(score / softcap) before
+// the mask and the softmax (FlashAttention's softcap; 0 = off, compiled out of the kernels).
 #pragma once
 #include <vector>
 
@@ -25,6 +27,7 @@ struct AttentionShape {
   Causal causal;
   MaskKind mask_kind;
   float scale;
+  float softcap = 0.0f;  // > 0: scores capped to softcap * tanh(s / softcap); 0: off
 };
 
 // out: (B, H, Tq, Dv) contiguous, lse: (B, H, Tq) fp32 contiguous.
