@@ -13,9 +13,11 @@
 // the same CTA (one launch instead of two, and the table is not read twice), and each thread
 // moves 16-byte packs (8 halves / 4 floats per load) when the last dim is dense and the strides
 // and pointers allow it; any other layout takes the scalar path, correct for every stride.
-// Angles use sincosf, not __sincosf: positions reach 1e5 and beyond, and the fast intrinsic's
-// error grows with |angle| (no full range reduction), while sincosf stays within 2 ulp. It is
-// computed R/2 times per token, not per element, so its cost is hidden behind the memory.
+// Angles are not fed to __sincosf: positions reach 1e5 and beyond, and the fast intrinsic's error
+// grows with |angle| (no full range reduction). Nor to sincosf, whose slow path for large angles
+// keeps a table in local memory: the angle is reduced to turns in double (two flops) and handed to
+// sincospif (~1 ulp). It is computed R/2 times per token, not per element, so its cost is hidden
+// behind the memory.
 //
 // Launch shape: block (tx, ty), tx threads (a multiple of 32, up to 256) over the token's
 // (head, unit) items, ty = 256 / tx tokens per CTA so short rows still fill a CTA; grid.x =
@@ -103,7 +105,11 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(Params p) {
       float c, s;
       if (p.positions != nullptr) {
         const float angle = float(p.positions[b * p.pos_b + t * p.pos_t]) * p.inv_freq[i];
-        sincosf(angle, &s, &c);
+        // the fp32 angle (as HF forms it) reduced to [-1/2, 1/2) turns in double, exactly enough
+        // for any position, then sincospif, whose own reduction is trivial: ~1 ulp, and unlike
+        // sincosf no Payne-Hanek slow path with its local-memory table
+        const double turns = double(angle) * (0.5 / 3.14159265358979323846);
+        sincospif(float(2.0 * (turns - rint(turns))), &s, &c);
       } else {
         c = table_value(p.table_dtype, p.cos, b * p.cos_b + t * p.cos_t + i * p.cos_i);
         s = table_value(p.table_dtype, p.sin, b * p.sin_b + t * p.sin_t + i * p.sin_i);

@@ -72,6 +72,11 @@ inline float __fdividef(float a, float b) { return a / b; }
 inline float __frcp_rn(float x) { return 1.0f / x; }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __saturatef(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
+inline void sincospif(float x, float* s, float* c) {  // sin(pi x), cos(pi x)
+  const double a = 3.14159265358979323846 * double(x);
+  *s = float(std::sin(a));
+  *c = float(std::cos(a));
+}
 
 // CUDA's min/max overloads for mixed integer code.
 #define FASTLM_EMU_MINMAX(T)                              \
