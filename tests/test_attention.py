@@ -670,3 +670,39 @@ def test_backward_checks_lse_device(ns, dtype):
     op = getattr(torch.ops, ns).attention_bwd.default
     with pytest.raises(ValueError, match="attention_backward: lse is on meta but q is on cpu"):
         op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), grad, q, k, v, None, out, lse, 0, 0.25)
+
+
+@pytest.mark.parametrize("backend,device,dtype", BACKEND_DTYPES)
+def test_trainable_additive_mask_gets_its_gradient(backend, device, dtype):
+    """An additive attn_mask that requires grad (T5's relative-position bias) gets d(loss)/d(mask),
+    summed over the dims it was broadcast over, with a causal cut and GQA, against float64 autograd
+    of the plain math; with dropout it is refused."""
+    b, h, hkv, tq, tk, d = 2, 4, 2, 13, 13, 32
+    q, k, v = _qkv(b, h, hkv, tq, tk, d, d, dtype, device)
+    for shape in ((1, h, tq, tk), (tq, tk), (b, 1, 1, tk)):
+        bias = torch.randn(shape, device=device).mul(2).to(dtype)
+        cut = torch.ones(tq, tk, dtype=torch.bool, device=device).tril()
+        mask = bias.masked_fill(~cut, -math.inf) if len(shape) == 2 else bias
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, mask)]
+        out = sdpa(*leaves[:3], attn_mask=leaves[3], enable_gqa=True, backend=backend)
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, leaves, grad)
+        ref = [t.detach().double().requires_grad_() for t in (q, k, v, mask)]
+        want_out = F.scaled_dot_product_attention(*ref[:3], attn_mask=ref[3], enable_gqa=True)
+        want = torch.autograd.grad(want_out, ref, grad.double())
+        finite = torch.isfinite(mask)
+        assert got[3].shape == mask.shape and not got[3].isnan().any()
+        if dtype == torch.float32:
+            torch.testing.assert_close(got[3][finite].double(), want[3][finite], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"{backend} mask {shape}: {m}")
+            continue
+        # low precision: at most 3x the error of torch's own math in that dtype (the repo's rule)
+        low = [t.detach().cpu().requires_grad_() for t in (q, k, v, mask)]
+        torch_out = F.scaled_dot_product_attention(*low[:3], attn_mask=low[3], enable_gqa=True)
+        torch_grad = torch.autograd.grad(torch_out, low, grad.cpu())[3]
+        err = lambda g: (g.cpu().double() - want[3].cpu())[finite.cpu()].abs().max().item()  # noqa: E731
+        assert err(got[3]) <= 3 * err(torch_grad) + 1e-3, f"{backend} {dtype} mask {shape}: " \
+                                                          f"{err(got[3]):.3g} vs torch {err(torch_grad):.3g}"
+    with pytest.raises(ValueError, match=r"attn_mask requires grad with dropout_p=0.1; fastlm computes"):
+        sdpa(q, k, v, attn_mask=torch.zeros(tq, tk, dtype=dtype, device=device, requires_grad=True),
+             dropout_p=0.1, enable_gqa=True, backend=backend)

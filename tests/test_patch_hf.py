@@ -43,8 +43,9 @@ FAMILIES = {  # name: (model class, config, has rope, causal LM)
     "vit": (T.ViTForImageClassification, T.ViTConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                                      num_hidden_layers=2, image_size=32, patch_size=8), False, False),
 }
-# kinds that do not run on fastlm yet, with the reason the report gives (the attention issue's work)
-GAPS = {"t5": {"attention": "an additive position_bias that trains"}}
+# kinds that do not run on fastlm, with the reason the report must give ({name: {kind: reason}}):
+# none at present (Gemma-2's softcap and T5's trainable position_bias are served)
+GAPS: dict = {}
 EVIDENCE = {  # kind -> profiler op names, any of which shows it ran on fastlm
     "norm": ("fastlm::norm",), "mlp": ("fastlm::bias_act_bwd",), "rope": ("fastlm::rope",),
     "attention": ("fastlm::attention",), "loss": ("fastlm::linear_cross_entropy", "fastlm::cross_entropy"),
@@ -206,7 +207,7 @@ def test_hf_attention_refuses_what_it_does_not_compute():
 
     q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
     module = torch.nn.Module()
-    for kwarg in ({"s_aux": torch.zeros(2)}, {"position_bias": torch.zeros(1, 2, 4, 4)}):
+    for kwarg in ({"s_aux": torch.zeros(2)}, {"cu_seq_lens_q": torch.tensor([0, 4])}):
         with pytest.raises(NotImplementedError, match=f"{next(iter(kwarg))} is not supported yet"):
             hf_attention(module, q, k, k, None, **kwarg)
     with pytest.raises(NotImplementedError, match="sliding_window=2 with no mask over 4 keys"):

@@ -177,6 +177,21 @@ _BACKWARD = _backend.implementations(
 )
 
 
+def attention_mask_grad(grad_out, q, k, v, mask, causal, scale, softcap=0.0):
+    """d(loss)/d(additive attn_mask) = dS = P (dP - delta), summed over the dims the mask was
+    broadcast over (T5's trainable relative-position bias). The kernels never form dS; this
+    recomputes P in one plain-PyTorch pass over (B, H, Tq, Tk) in fp32, memory of the size the
+    bias itself already has."""
+    cdt = _compute_dtype(q)
+    groups = q.shape[1] // k.shape[1]
+    p, _, _ = _ref_probs(q, k, mask, causal, scale, softcap)
+    dead = (p == 0).all(dim=2).unsqueeze(-1)  # keys no query sees (their values may be NaN)
+    vf = v.to(cdt).repeat_interleave(groups, dim=1).masked_fill(dead, 0.0)
+    dp = grad_out.to(cdt) @ vf.transpose(-1, -2)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # delta = P . dP: exact, where dO . O carries O's rounding
+    return torch.where(p == 0, 0.0, ds).sum_to_size(mask.shape).to(mask.dtype)
+
+
 # ---------------------------------------------------------------- custom ops + autograd
 @torch.library.custom_op("fastlm::attention", mutates_args=())
 def _attention_op(
@@ -219,7 +234,9 @@ def _backward(ctx, grad_out, grad_lse):
     dropout_p, causal, scale, softcap, backend = ctx.args
     dq, dk, dv = _attention_backward_op(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, softcap, seed,
                                         backend)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dmask = attention_mask_grad(grad_out, q, k, v, mask, causal, scale, softcap) if ctx.needs_input_grad[3] \
+        else None
+    return dq, dk, dv, dmask, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -355,8 +372,9 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa
         raise ValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on {query.device}")
     if attn_mask.dtype not in (torch.bool, query.dtype):
         raise TypeError(f"{fn}: attn_mask must be bool or query's dtype {query.dtype}, got {attn_mask.dtype}")
-    if attn_mask.requires_grad:
-        raise ValueError(f"{fn}: attn_mask requires grad; fastlm gives attn_mask no gradient")
+    if attn_mask.requires_grad and dropout_p > 0:
+        raise ValueError(f"{fn}: attn_mask requires grad with dropout_p={dropout_p}; fastlm computes the mask's "
+                         "gradient only without dropout")
     full = (b, h, tq, key.shape[2])
     if attn_mask.dim() > 4 or any(s not in (1, f) for s, f in zip(attn_mask.shape[::-1], full[::-1])):
         raise ValueError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {full}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import math
 import sys
 import textwrap
 import types
@@ -31,7 +32,7 @@ from fastlm import ops
 from fastlm.patch.recognise import on_cpu
 
 # kwargs transformers may pass to an attention function that change its math; refused unless None
-MATH_KWARGS = ("s_aux", "sinks", "position_bias", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+MATH_KWARGS = ("s_aux", "sinks", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
                "max_length_k", "head_mask", "alibi", "attention_chunk_size")
 
 
@@ -74,9 +75,10 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
     """transformers' AttentionInterface entry "fastlm": query (B, H, Tq, D), key/value
     (B, Hkv, Tk, D), attention_mask None or (B|1, 1|H, Tq, Tk) bool (True = attend) or additive.
     Returns ((B, Tq, H, D), None), as transformers' sdpa entry does. softcap (None or a float,
-    Gemma-2's attn_logit_softcapping) goes to the op. A kwarg that would change the math and
-    that fastlm does not implement (sinks, position_bias, packed sequences, ...) raises instead
-    of being dropped."""
+    Gemma-2's attn_logit_softcapping) goes to the op; position_bias (T5's relative-position
+    bias, (B|1, H, Tq, Tk), trainable) joins the mask as an additive term and gets its gradient.
+    A kwarg that would change the math and that fastlm does not implement (sinks, packed
+    sequences, ...) raises instead of being dropped."""
     if kwargs.get("output_attentions"):
         raise ValueError("attn_implementation='fastlm' never forms attention weights; use 'eager' for output_attentions")
     for name in MATH_KWARGS:
@@ -90,8 +92,18 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
                                   f"{Tk} keys; fastlm needs the window in the attention mask")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = Tq > 1 and attention_mask is None and is_causal
+    bias = kwargs.get("position_bias")
     if is_causal and Tk > Tq:  # a prefill into an empty static cache: keys past Tq are unwritten
         key, value = key[:, :, :Tq], value[:, :, :Tq]  # (B, Hkv, Tq, D)
+        bias = None if bias is None else bias[..., :Tq]
+    if bias is not None:  # one additive mask: bias, -inf where the mask (or the causal cut) hides a key
+        if attention_mask is not None:
+            hidden = ~attention_mask if attention_mask.dtype == torch.bool else None
+            bias = bias.masked_fill(hidden, -math.inf) if hidden is not None else bias + attention_mask
+        elif is_causal:
+            keep = torch.ones(Tq, key.shape[2], dtype=torch.bool, device=query.device).tril()  # top-left, as is_causal
+            bias, is_causal = bias.masked_fill(~keep, -math.inf), False
+        attention_mask = bias.to(query.dtype)
     out = ops.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                            is_causal=is_causal, scale=scaling,
                                            enable_gqa=query.shape[1] != key.shape[1],
@@ -123,8 +135,6 @@ def attention_blocker(module) -> str | None:
     source = _forward_source(module)
     if "ALL_ATTENTION_FUNCTIONS" not in source:
         return "direct"  # handled per module by patch_direct_sdpa
-    if "position_bias" in source:
-        return "an additive position_bias that trains (T5); fastlm attention gives attn_mask no gradient yet"
     if "s_aux" in source or "sinks" in source:
         return "attention sinks are not supported by fastlm attention yet"
     return None
