@@ -331,23 +331,33 @@ def test_opcheck_extension_op():
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("mode", ["tables", "positions"])
 def test_torch_compile_fullgraph(compiler, mode):
+    _compile_case(compiler, mode, None, "cpu")
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_torch_compile_fullgraph_every_backend(backend, device, dtypes):
+    for mode in ("tables", "positions"):
+        _compile_case("aot_eager", mode, backend, device)
+
+
+def _compile_case(compiler, mode, backend, device):
     torch._dynamo.reset()
     T = 6
-    cos, sin = _tables(1, T, 32, False)
+    cos, sin = (t.to(device) for t in _tables(1, T, 32, False))
 
     def f(q, k, pos):
         if mode == "tables":
-            qo, ko = rope(q * 2, k, cos, sin)
+            qo, ko = rope(q * 2, k, cos, sin, backend=backend)
         else:
             qo, ko = rope(q * 2, k, positions=pos, scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                             "high_freq_factor": 4.0,
-                                                            "original_max_position_embeddings": 8})
+                                                            "original_max_position_embeddings": 8}, backend=backend)
         return qo.sum(-1) + ko.sum((1, -1))[:, None]
 
     compiled = torch.compile(f, fullgraph=True, backend=compiler)
-    q, k = _qk(2, 4, 2, T, 32, torch.float32)
+    q, k = (t.to(device) for t in _qk(2, 4, 2, T, 32, torch.float32))
     q.requires_grad_(), k.requires_grad_()
-    pos = torch.arange(T)
+    pos = torch.arange(T, device=device)
     out, out_ref = compiled(q, k, pos), f(q, k, pos)
     torch.testing.assert_close(out, out_ref)
     for g, g_ref in zip(torch.autograd.grad(out.sum(), (q, k)), torch.autograd.grad(out_ref.sum(), (q, k))):
