@@ -517,8 +517,13 @@ def test_bad_inputs_name_argument_and_value():
         sdpa(q, k, v[:, :, :7], enable_gqa=True)
     with pytest.raises(ValueError, match=r"batch sizes differ: query 2, key 1, value 2"):
         sdpa(q, k[:1], v, enable_gqa=True)
-    with pytest.raises(ValueError, match=r"query must be 4-D \(B, H, T, D\), got shape \(4, 8, 32\)"):
+    with pytest.raises(ValueError, match=r"query must be \(..., H, T, D\) with at least 3 dims, the same number as "
+                                         r"query's, got shape \(4, 8, 32\)"):
         sdpa(q[0], k, v)
+    with pytest.raises(ValueError, match=r"query must be \(..., H, T, D\) with at least 3 dims.*got shape \(8, 32\)"):
+        sdpa(q[0, 0], k[0, 0], v[0, 0])
+    with pytest.raises(ValueError, match=r"key's leading \(batch\) dims \(3, 2\) differ from query's \(2, 2\)"):
+        sdpa(q[None].expand(2, -1, -1, -1, -1), k[None].expand(3, -1, -1, -1, -1), v[None].expand(3, -1, -1, -1, -1))
     with pytest.raises(TypeError, match=r"key has dtype torch.bfloat16 but query has dtype torch.float32"):
         sdpa(q, k.bfloat16(), v, enable_gqa=True)
     with pytest.raises(ValueError, match=r"value is on meta but query is on cpu"):
@@ -706,3 +711,24 @@ def test_trainable_additive_mask_gets_its_gradient(backend, device, dtype):
     with pytest.raises(ValueError, match=r"attn_mask requires grad with dropout_p=0.1; fastlm computes"):
         sdpa(q, k, v, attn_mask=torch.zeros(tq, tk, dtype=dtype, device=device, requires_grad=True),
              dropout_p=0.1, enable_gqa=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
+def test_any_number_of_leading_batch_dims(backend, device, dtypes):
+    """3-D (H, T, D) and 5-D (B1, B2, H, T, D) q/k/v as torch's SDPA takes them, with GQA, a causal
+    cut, and masks that broadcast over the leading dims; out, lse and grads against torch."""
+    for lead, mask_shape in (((), None), ((), (1, 9, 11)), ((2, 3), None), ((2, 3), (3, 1, 9, 11)), ((2, 3), (9, 11))):
+        q = torch.randn(*lead, 4, 9, 32, device=device)
+        k, v = (torch.randn(*lead, 2, 11, 32, device=device) for _ in range(2))
+        mask = None if mask_shape is None else torch.randn(mask_shape, device=device)
+        causal = mask is None
+        leaves = [t.requires_grad_() for t in (q, k, v)]
+        out, lse = sdpa_lse(*leaves, attn_mask=mask, is_causal=causal, enable_gqa=True, backend=backend)
+        ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        kw = dict(attn_mask=None if mask is None else mask.double(), is_causal=causal, enable_gqa=True)
+        want = F.scaled_dot_product_attention(*ref_leaves, **kw)
+        assert out.shape == want.shape and lse.shape == want.shape[:-1], (lead, mask_shape)
+        torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+        grad = torch.randn_like(out)
+        for g, g_ref in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(want, ref_leaves, grad.double())):
+            torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-5)

@@ -7,7 +7,8 @@
 Shapes (B, H, Tq, D) for query, (B, H_kv, Tk, D) for key, (B, H_kv, Tk, Dv) for value; the
 output is (B, H, Tq, Dv) and lse (B, H, Tq) fp32 (natural log of each row's softmax
 denominator, -inf for a fully masked row). H_kv != H needs enable_gqa=True (query head h
-reads key/value head h // (H // H_kv), as torch does).
+reads key/value head h // (H // H_kv), as torch does). As in torch, B may be any number of
+leading batch dims, or none (3-D (H, T, D)); they are folded into one, views, no copies.
 
 Causal alignment: `is_causal=True` is exactly torch's: top-left aligned, query i sees keys
 j <= i (torch builds tril(ones(Tq, Tk))). Bottom-right alignment (query i sees j <= i + Tk - Tq,
@@ -331,7 +332,8 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{fn}: {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
+            raise ValueError(f"{fn}: {name} must be (..., H, T, D) with at least 3 dims, the same number as "
+                             f"query's, got shape {tuple(t.shape)}")
         if not t.dtype.is_floating_point:
             raise TypeError(f"{fn}: {name} must be a floating-point tensor, got dtype {t.dtype}")
     for name, t in (("key", key), ("value", value)):
@@ -396,11 +398,37 @@ def _softcap(softcap) -> float:
     return softcap
 
 
+def _fold(query, key, value, attn_mask):
+    """Torch's SDPA takes (..., H, T, D): any number of leading batch dims, or none (3-D: the first
+    dim is the heads). The kernels take (B, H, T, D). Returns (the leading shape or None when
+    nothing needs folding, the 4-D views and the mask expanded over the leading dims)."""
+    tensors = (query, key, value)
+    if not all(isinstance(t, torch.Tensor) for t in tensors) or query.dim() == 4 or query.dim() < 3 \
+            or key.dim() != query.dim() or value.dim() != query.dim():
+        return None, (query, key, value, attn_mask)  # 4-D already, or _check_inputs names the problem
+    lead = tuple(query.shape[:-3])
+    for name, t in (("key", key), ("value", value)):
+        if tuple(t.shape[:-3]) != lead:
+            raise ValueError(f"scaled_dot_product_attention: {name}'s leading (batch) dims {tuple(t.shape[:-3])} "
+                             f"differ from query's {lead}")
+    folded = [t.reshape(-1, *t.shape[-3:]) for t in tensors]  # (prod(lead) or 1, H, T, D)
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() > 3:
+        m = attn_mask.reshape((1,) * (query.dim() - attn_mask.dim()) + tuple(attn_mask.shape))
+        attn_mask = m.expand(*lead, *m.shape[-3:]).reshape(-1, *m.shape[-3:])
+    return lead, (*folded, attn_mask)
+
+
 def scaled_dot_product_attention_with_lse(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
     softcap: float = 0.0, generator: torch.Generator | None = None, backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse): attention as torch's SDPA plus the fp32 log-sum-exp per query row (B, H, Tq)."""
+    """(out, lse): attention as torch's SDPA plus the fp32 log-sum-exp per query row (..., H, Tq)."""
+    lead, (query, key, value, attn_mask) = _fold(query, key, value, attn_mask)
+    if lead is not None:
+        out, lse = scaled_dot_product_attention_with_lse(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa, softcap=softcap,
+            generator=generator, backend=backend)
+        return out.reshape(*lead, *out.shape[1:]), lse.reshape(*lead, *lse.shape[1:])
     mask, causal = _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     softcap = _softcap(softcap)
     seed = None
