@@ -34,7 +34,7 @@ def _run(fn, x, grad):
     return y, gx
 
 
-def _check(backend, x, log, scale=1.0, mask=None, is_causal=False, dim=-1, grad_fp32_tol=None):
+def _check(backend, x, log, scale=1.0, mask=None, is_causal=False, dim=-1, grad_fp32_tol=None, fp32_tol=None):
     dtype = x.dtype
     fn = log_softmax if log else softmax
     out = lambda t: fn(t, dim, scale=scale, mask=mask, is_causal=is_causal, backend=backend)  # noqa: E731
@@ -48,7 +48,7 @@ def _check(backend, x, log, scale=1.0, mask=None, is_causal=False, dim=-1, grad_
     y64, gx64 = _run(ref(torch.float64), x.double(), grad)
     y0, gx0 = _run(ref(dtype), x, grad)
     assert y.dtype == dtype and y.shape == x.shape
-    assert_close(f"{backend} y", y, y64, y0)
+    assert_close(f"{backend} y", y, y64, y0, fp32_tol=fp32_tol)
     assert_close(f"{backend} grad_x", gx, gx64, gx0, kind="grad", fp32_tol=grad_fp32_tol)
 
 
@@ -88,6 +88,10 @@ def test_masks_layouts_magnitudes(backend, device, dtypes, case):
         kw.update(dim=-2, is_causal=True)
     elif case == "huge":
         x = x * 1e4
+        # log_softmax of ~4e4-sized scores: the kernels' base-2 fold scales them before the max is
+        # subtracted, so fp32 rounds at ~ulp(4e4) = 4e-3 absolute, and an output near 0 (two
+        # near-equal maxima) was 2.5e-4 off in a fresh-clone run: allow one ulp of the largest score
+        kw["fp32_tol"] = dict(rtol=1e-5, atol=torch.finfo(torch.float32).eps * x.abs().max().item())
     elif case == "tiny":
         x = x * 1e-6
     elif case == "scale_neg":
