@@ -92,6 +92,7 @@ def test_masks_layouts_magnitudes(backend, device, dtypes, case):
         # subtracted, so fp32 rounds at ~ulp(4e4) = 4e-3 absolute, and an output near 0 (two
         # near-equal maxima) was 2.5e-4 off in a fresh-clone run: allow one ulp of the largest score
         kw["fp32_tol"] = dict(rtol=1e-5, atol=torch.finfo(torch.float32).eps * x.abs().max().item())
+        kw["grad_fp32_tol"] = dict(rtol=1e-4, atol=1e-5)  # and grads 1.6e-5 relative off in another run
     elif case == "tiny":
         x = x * 1e-6
     elif case == "scale_neg":
