@@ -14,13 +14,17 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const std::optional<at::Tensor>& mask, int64_t causal,
-                                                     double scale, double softcap) {
+                                                     double scale, double softcap, int64_t window_left,
+                                                     int64_t window_right,
+                                                     const std::optional<at::Tensor>& alibi_slopes,
+                                                     const std::optional<at::Tensor>& sinks) {
   TORCH_CHECK_VALUE(q.device().is_cpu(), "attention: q must be a CPU tensor here, got ", q.device().str());
-  const AttentionShape sh = check_args("attention", q, k, v, mask, causal, scale, softcap, /*allow_half=*/false);
+  const AttentionShape sh = check_args("attention", q, k, v, mask, causal, scale, softcap, /*allow_half=*/false,
+                                       window_left, window_right, alibi_slopes, sinks);
   at::Tensor out = at::empty({sh.batch, sh.heads, sh.tq, sh.value_dim}, q.options());
   at::Tensor lse = at::empty({sh.batch, sh.heads, sh.tq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  if (nothing_to_attend(sh, out, lse)) return {out, lse};
+  if (nothing_to_attend(sh, out, lse, sinks)) return {out, lse};
   attention_forward_cpu(sh, strided(q), strided(k), strided(v), mask ? strided(*mask) : kNoMask, out.data_ptr(),
                         lse.data_ptr<float>());
   return {out, lse};
@@ -29,10 +33,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, int64_t causal,
-    double scale, double softcap) {
+    double scale, double softcap, int64_t window_left, int64_t window_right,
+    const std::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* op = "attention_backward";
   TORCH_CHECK_VALUE(q.device().is_cpu(), op, ": q must be a CPU tensor here, got ", q.device().str());
-  const AttentionShape sh = check_args(op, q, k, v, mask, causal, scale, softcap, /*allow_half=*/false);
+  const AttentionShape sh = check_args(op, q, k, v, mask, causal, scale, softcap, /*allow_half=*/false,
+                                       window_left, window_right, alibi_slopes);
   check_backward_args(op, sh, grad_out, q, out, lse);
   at::Tensor gq = at::empty(q.sizes(), q.options()), gk = at::empty(k.sizes(), k.options());
   at::Tensor gv = at::empty(v.sizes(), v.options());

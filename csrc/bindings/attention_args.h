@@ -26,7 +26,9 @@ inline Strided4 strided(const at::Tensor& t) {
 // Checks a direct torch.ops.fastlm.attention_* call (the device check is the caller's).
 inline AttentionShape check_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const std::optional<at::Tensor>& mask, int64_t causal, double scale, double softcap,
-                                 bool allow_half) {
+                                 bool allow_half, int64_t window_left = -1, int64_t window_right = -1,
+                                 const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
+                                 const std::optional<at::Tensor>& sinks = std::nullopt) {
   const DType dtype = dtype_arg(op, "q", q, allow_half);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
     TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " is on ", t.device().str(), " but q is on ",
@@ -64,6 +66,33 @@ inline AttentionShape check_args(const char* op, const at::Tensor& q, const at::
     TORCH_CHECK_VALUE(ok, op, ": mask of shape ", m.sizes(), " does not broadcast to ", at::IntArrayRef(full));
     sh.mask_kind = m.scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kAdditive;
   }
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op,
+                    ": window_left and window_right must be >= 0, or -1 for unbounded, got ", window_left, " and ",
+                    window_right);
+  sh.window_left = window_left;
+  sh.window_right = window_right;
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& a = *alibi_slopes;
+    TORCH_CHECK_VALUE(a.device() == q.device(), op, ": alibi_slopes is on ", a.device().str(), " but q is on ",
+                      q.device().str());
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, op, ": alibi_slopes must be float32, got ", a.scalar_type());
+    const bool per_head = a.dim() == 1 && a.size(0) == sh.heads;
+    const bool per_batch = a.dim() == 2 && a.size(0) == sh.batch && a.size(1) == sh.heads;
+    TORCH_CHECK_VALUE(per_head || per_batch, op, ": alibi_slopes must be (H,) = (", sh.heads, ",) or (B, H) = (",
+                      sh.batch, ", ", sh.heads, "), got ", a.sizes());
+    TORCH_CHECK_VALUE(a.is_contiguous(), op, ": alibi_slopes must be contiguous");
+    sh.alibi_slopes = a.data_ptr<float>();
+    sh.alibi_batch_stride = per_batch ? sh.heads : 0;
+  }
+  if (sinks.has_value()) {
+    const at::Tensor& t = *sinks;
+    TORCH_CHECK_VALUE(t.device() == q.device(), op, ": sinks is on ", t.device().str(), " but q is on ",
+                      q.device().str());
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": sinks must be float32, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == sh.heads && t.is_contiguous(), op,
+                      ": sinks must be a contiguous (H,) = (", sh.heads, ",) tensor, got ", t.sizes());
+    sh.sinks = t.data_ptr<float>();
+  }
   return sh;
 }
 
@@ -83,11 +112,17 @@ inline void check_backward_args(const char* op, const AttentionShape& sh, const 
                     lse.sizes(), " but expected ", at::IntArrayRef({sh.batch, sh.heads, sh.tq}));
 }
 
-// Tk == 0 or Dv == 0: every row attends to nothing; fills out with 0 and lse with -inf.
-inline bool nothing_to_attend(const AttentionShape& sh, at::Tensor& out, at::Tensor& lse) {
+// Tk == 0 or Dv == 0: every row attends to nothing; fills out with 0 and lse with -inf (with
+// sinks, lse = sink of the row's head; the sinks tensor is passed here, the host view of it).
+inline bool nothing_to_attend(const AttentionShape& sh, at::Tensor& out, at::Tensor& lse,
+                              const std::optional<at::Tensor>& sinks = std::nullopt) {
   if (sh.tk != 0 && sh.value_dim != 0) return false;
   out.zero_();
-  lse.fill_(-std::numeric_limits<float>::infinity());
+  if (sinks.has_value()) {
+    lse.copy_(sinks->view({1, sh.heads, 1}).expand_as(lse));
+  } else {
+    lse.fill_(-std::numeric_limits<float>::infinity());
+  }
   return true;
 }
 

@@ -33,15 +33,19 @@ at::Tensor rows_16b_aligned(const at::Tensor& t) {
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const std::optional<at::Tensor>& mask, int64_t causal,
-                                                      double scale, double softcap) {
+                                                      double scale, double softcap, int64_t window_left,
+                                                      int64_t window_right,
+                                                      const std::optional<at::Tensor>& alibi_slopes,
+                                                      const std::optional<at::Tensor>& sinks) {
   constexpr const char* op = "attention";
   cuda_args(op, q);
-  const AttentionShape sh = check_args(op, q, k, v, mask, causal, scale, softcap, /*allow_half=*/true);
+  const AttentionShape sh = check_args(op, q, k, v, mask, causal, scale, softcap, /*allow_half=*/true,
+                                       window_left, window_right, alibi_slopes, sinks);
   const GpuGuard guard(q.device());
   at::Tensor out = at::empty({sh.batch, sh.heads, sh.tq, sh.value_dim}, q.options());
   at::Tensor lse = at::empty({sh.batch, sh.heads, sh.tq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  if (nothing_to_attend(sh, out, lse)) return {out, lse};
+  if (nothing_to_attend(sh, out, lse, sinks)) return {out, lse};
   const int64_t scratch = attention_forward_cuda_workspace(sh);
   at::Tensor workspace = at::empty({scratch}, q.options().dtype(at::kFloat));
   const at::Tensor qa = rows_16b_aligned(q), ka = rows_16b_aligned(k), va = rows_16b_aligned(v);
@@ -55,10 +59,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, int64_t causal,
-    double scale, double softcap) {
+    double scale, double softcap, int64_t window_left, int64_t window_right,
+    const std::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* op = "attention_backward";
   cuda_args(op, q);
-  const AttentionShape sh = check_args(op, q, k, v, mask, causal, scale, softcap, /*allow_half=*/true);
+  const AttentionShape sh = check_args(op, q, k, v, mask, causal, scale, softcap, /*allow_half=*/true,
+                                       window_left, window_right, alibi_slopes);
   check_backward_args(op, sh, grad_out, q, out, lse);
   TORCH_CHECK_VALUE(sh.head_dim <= 128 && sh.value_dim <= 128, op, ": the cuda backward takes head dims up to 128, got q ",
                     sh.head_dim, " and v ", sh.value_dim);

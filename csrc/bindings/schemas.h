@@ -6,10 +6,11 @@
 namespace fastlm::bind {
 
 inline constexpr const char* kKernelSchemas[] = {
-    "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, int causal, float scale, float softcap=0.0)"
-    " -> (Tensor, Tensor)",
+    "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, int causal, float scale, float softcap=0.0, "
+    "int window_left=-1, int window_right=-1, Tensor? alibi_slopes=None, Tensor? sinks=None) -> (Tensor, Tensor)",
     "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor out, Tensor lse, "
-    "int causal, float scale, float softcap=0.0) -> (Tensor, Tensor, Tensor)",
+    "int causal, float scale, float softcap=0.0, int window_left=-1, int window_right=-1, "
+    "Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor)",
     "bias_act_fwd(Tensor x, Tensor? bias, str activation) -> Tensor",
     "bias_act_bwd(Tensor grad_out, Tensor x, Tensor? bias, str activation) -> (Tensor, Tensor)",
     "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing)"

@@ -6,6 +6,16 @@
 // output 0, lse -inf and zero gradients; keys that no query of a tile sees never enter the math.
 // Scores are scale * q.k; with softcap > 0 each becomes softcap * tanh(score / softcap) before
 // the mask and the softmax (FlashAttention's softcap; 0 = off, compiled out of the kernels).
+//
+// Sliding window, ALiBi and sinks are measured from the diagonal j = i + offset, where offset is
+// diagonal_offset(shape): 0 for top-left causal, Tk - Tq otherwise (bottom-right, FlashAttention's
+// convention, also when not causal). Key j is visible to query i only if
+//   window_left < 0 or j >= i + offset - window_left, and window_right < 0 or j <= i + offset + window_right
+// (besides causal and the bool mask); key tiles wholly outside the window are skipped, not masked.
+// ALiBi adds -slope(b, h) * |i + offset - j| to each score (after the softcap, with any additive
+// mask). A sink adds exp(sink[h]) to each row's softmax denominator: lse = log(exp(sink) +
+// sum_j exp(s_ij)), a fully masked row gives output 0 and lse = sink. The backward needs no sinks
+// (the forward's lse carries them).
 #pragma once
 #include <vector>
 
@@ -28,7 +38,18 @@ struct AttentionShape {
   MaskKind mask_kind;
   float scale;
   float softcap = 0.0f;  // > 0: scores capped to softcap * tanh(s / softcap); 0: off
+  int64_t window_left = -1, window_right = -1;  // sliding window around the diagonal; -1: unbounded
+  // ALiBi slope of (b, h) = alibi_slopes[b * alibi_batch_stride + h] (fp32, on the tensors' device;
+  // stride 0 for per-head slopes); nullptr: no ALiBi.
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_batch_stride = 0;
+  const float* sinks = nullptr;  // (H,) fp32 sink logits, forward only; nullptr: none
 };
+
+// The diagonal causal masks, windows and ALiBi are measured from: key j = query i + offset.
+inline int64_t diagonal_offset(const AttentionShape& sh) {
+  return sh.causal == Causal::kTopLeft ? 0 : sh.tk - sh.tq;
+}
 
 // out: (B, H, Tq, Dv) contiguous, lse: (B, H, Tq) fp32 contiguous.
 void attention_forward_cpu(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v,
