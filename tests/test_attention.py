@@ -461,8 +461,10 @@ def test_cuda_backend_reasons():
 def _op_samples(device, backend):
     q, k, v = _qkv(2, 2, 1, 19, 20, 16, 16, torch.float32, device)
     mask = torch.rand(2, 1, 19, 20, device=device) > 0.2
-    return [(q, k, v, None, 0.0, TOP_LEFT, 0.2, 0.0, None, backend),
-            (q, k, v, mask, 0.0, NO_CAUSAL, 0.2, 5.0, None, backend)]  # the interpreter runs this one
+    slopes, sinks = torch.rand(2, 2, device=device), torch.randn(2, device=device)
+    # (..., causal, scale, softcap, window_left, window_right, alibi slopes, sinks, seed, backend)
+    return [(q, k, v, None, 0.0, TOP_LEFT, 0.2, 0.0, -1, -1, None, None, None, backend),
+            (q, k, v, mask, 0.0, NO_CAUSAL, 0.2, 5.0, 6, 3, slopes, sinks, None, backend)]  # the interpreter runs this
 
 
 @pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
@@ -470,7 +472,8 @@ def test_opcheck(backend, device, dtypes):
     samples = _op_samples(device, backend)
     for args in samples[1:] if backend == "triton" and device == "cpu" else samples:  # interpreter: one sample
         q, k, v = (t.requires_grad_() for t in args[:3])
-        torch.library.opcheck(torch.ops.fastlm.attention.default, (q, k, v) + args[3:])
+        sinks = None if args[11] is None else args[11].clone().requires_grad_()  # sinks get a gradient too
+        torch.library.opcheck(torch.ops.fastlm.attention.default, (q, k, v) + args[3:11] + (sinks,) + args[12:])
         out, lse = torch.ops.fastlm.attention(*args)
         bwd = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), args[3], out.detach(), lse) + args[4:]
         torch.library.opcheck(torch.ops.fastlm.attention_backward.default, bwd)

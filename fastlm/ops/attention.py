@@ -61,12 +61,32 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def allowed_mask(tq: int, tk: int, causal: int, attn_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+def diagonal_offset(tq: int, tk: int, causal: int) -> int:
+    """The diagonal (key j = query i + offset) that causal masks, windows and ALiBi are measured
+    from: top-left for torch's is_causal, else bottom-right (FlashAttention's convention)."""
+    return 0 if causal == TOP_LEFT else tk - tq
+
+
+def _distance(tq: int, tk: int, causal: int, device) -> torch.Tensor:
+    """(Tq, Tk) int64: j - (i + offset), how far key j is right of query i's diagonal."""
+    i = torch.arange(tq, device=device).unsqueeze(-1)
+    return torch.arange(tk, device=device) - (i + diagonal_offset(tq, tk, causal))
+
+
+def allowed_mask(tq: int, tk: int, causal: int, attn_mask: torch.Tensor | None, device,
+                 window: tuple[int, int] = (-1, -1)) -> torch.Tensor | None:
     """Bool (.., Tq, Tk) mask of what each query may see (None = everything), masks combined."""
     allowed = None
-    if causal != NO_CAUSAL:
-        offset = 0 if causal == TOP_LEFT else tk - tq
-        allowed = torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=offset)
+    left, right = window
+    if causal != NO_CAUSAL or left >= 0 or right >= 0:
+        dist = _distance(tq, tk, causal, device)
+        allowed = torch.ones(tq, tk, dtype=torch.bool, device=device)
+        if causal != NO_CAUSAL:
+            allowed &= dist <= 0
+        if left >= 0:
+            allowed &= dist >= -left
+        if right >= 0:
+            allowed &= dist <= right
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         allowed = attn_mask if allowed is None else allowed & attn_mask
     return allowed
@@ -78,9 +98,9 @@ def dropout_keep(seed: torch.Tensor, shape, p: float, device) -> torch.Tensor:
     return (torch.rand(shape, generator=gen, dtype=torch.float32) >= p).to(device)
 
 
-def _ref_probs(q, k, mask, causal, scale, softcap=0.0):
-    """Probabilities P (0 on masked entries and fully masked rows), lse (-inf there) and, with
-    softcap > 0, d(capped score)/d(raw score) = 1 - tanh^2 (else None)."""
+def _ref_probs(q, k, mask, causal, scale, softcap=0.0, window=(-1, -1), alibi=None, sinks=None):
+    """Probabilities P (0 on masked entries and fully masked rows), lse (-inf there, or the sink)
+    and, with softcap > 0, d(capped score)/d(raw score) = 1 - tanh^2 (else None)."""
     cdt = _compute_dtype(q)
     groups = q.shape[1] // k.shape[1]
     qf = q.to(cdt)
@@ -90,22 +110,28 @@ def _ref_probs(q, k, mask, causal, scale, softcap=0.0):
     if softcap > 0:
         t = torch.tanh(s / softcap)
         s, dcap = t * softcap, 1 - t * t
+    if alibi is not None:  # -slope * |distance from the diagonal|, slopes (H,) or (B, H)
+        slopes = alibi.to(cdt).reshape(-1 if alibi.dim() == 2 else 1, alibi.shape[-1], 1, 1)
+        s = s - slopes * _distance(q.shape[2], k.shape[2], causal, q.device).abs().to(cdt)
     if mask is not None and mask.dtype != torch.bool:
         s = s + mask.to(cdt)
-    allowed = allowed_mask(q.shape[2], k.shape[2], causal, mask, q.device)
+    allowed = allowed_mask(q.shape[2], k.shape[2], causal, mask, q.device, window)
     if allowed is not None:
         s = s.masked_fill(~allowed, -math.inf)
     lse = torch.logsumexp(s, dim=-1)
+    if sinks is not None:  # each row's denominator also holds exp(sink of its head)
+        lse = torch.logaddexp(lse, sinks.to(cdt).view(1, -1, 1).expand_as(lse))
     p = torch.exp(s - lse.unsqueeze(-1).masked_fill(lse.unsqueeze(-1) == -math.inf, 0.0))
     p = p.masked_fill(s == -math.inf, 0.0)
     return p, lse, dcap
 
 
-def attention_forward_ref(q, k, v, mask, dropout_p, causal, scale, seed, softcap=0.0):
+def attention_forward_ref(q, k, v, mask, dropout_p, causal, scale, seed, softcap=0.0, window=(-1, -1), alibi=None,
+                          sinks=None):
     """(out, lse fp32): the op's forward on plain PyTorch, computed in fp32 (fp64 for fp64)."""
     cdt = _compute_dtype(q)
     groups = q.shape[1] // k.shape[1]
-    p, lse, _ = _ref_probs(q, k, mask, causal, scale, softcap)
+    p, lse, _ = _ref_probs(q, k, mask, causal, scale, softcap, window, alibi, sinks)
     if dropout_p > 0:
         p = p * dropout_keep(seed, p.shape, dropout_p, p.device) / (1 - dropout_p)
     vf = v.to(cdt).repeat_interleave(groups, dim=1)
@@ -115,13 +141,14 @@ def attention_forward_ref(q, k, v, mask, dropout_p, causal, scale, seed, softcap
     return out.to(q.dtype).contiguous(), lse.float().contiguous()
 
 
-def attention_backward_ref(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed, softcap=0.0):
+def attention_backward_ref(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed, softcap=0.0,
+                           window=(-1, -1), alibi=None, sinks=None):
     """(grad_q, grad_k, grad_v) by the explicit formulas (no autograd graph)."""
     cdt = _compute_dtype(q)
     b, h, tq, _ = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     groups = h // hkv
-    p, _, dcap = _ref_probs(q, k, mask, causal, scale, softcap)
+    p, _, dcap = _ref_probs(q, k, mask, causal, scale, softcap, window, alibi, sinks)
     dead = (p == 0).all(dim=2).unsqueeze(-1)  # keys no query sees: their rows stay out of the math
     kf = k.to(cdt).repeat_interleave(groups, dim=1).masked_fill(dead, 0.0)
     vf = v.to(cdt).repeat_interleave(groups, dim=1).masked_fill(dead, 0.0)
@@ -145,25 +172,31 @@ def attention_backward_ref(grad_out, q, k, v, mask, out, lse, dropout_p, causal,
 
 
 # ---------------------------------------------------------------- per-backend kernels
-def _ext_forward(q, k, v, mask, dropout_p, causal, scale, seed, softcap=0.0, ops=torch.ops.fastlm):
-    return ops.attention_fwd(q, k, v, mask, causal, scale, softcap)
+def _ext_forward(q, k, v, mask, dropout_p, causal, scale, seed, softcap=0.0, window=(-1, -1), alibi=None,
+                 sinks=None, ops=torch.ops.fastlm):
+    return ops.attention_fwd(q, k, v, mask, causal, scale, softcap, window[0], window[1], alibi, sinks)
 
 
-def _ext_backward(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed, softcap=0.0, ops=torch.ops.fastlm):
-    return ops.attention_bwd(grad_out, q, k, v, mask, out, lse, causal, scale, softcap)
+def _ext_backward(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed, softcap=0.0, window=(-1, -1),
+                  alibi=None, sinks=None, ops=torch.ops.fastlm):
+    # sinks need no kernel work here: the forward's lse already holds them
+    return ops.attention_bwd(grad_out, q, k, v, mask, out, lse, causal, scale, softcap, window[0], window[1], alibi)
 
 
-def _triton_forward(q, k, v, mask, dropout_p, causal, scale, seed, softcap=0.0):
+def _triton_forward(q, k, v, mask, dropout_p, causal, scale, seed, softcap=0.0, window=(-1, -1), alibi=None,
+                    sinks=None):
     from fastlm.triton import attention as kernels  # imported late: TRITON_INTERPRET is read at import
 
-    return kernels.forward(q, k, v, mask, causal, scale, dropout_p, _seed_int(seed), softcap=softcap)
+    return kernels.forward(q, k, v, mask, causal, scale, dropout_p, _seed_int(seed), softcap=softcap, window=window,
+                           alibi=alibi, sinks=sinks)
 
 
-def _triton_backward(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed, softcap=0.0):
+def _triton_backward(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed, softcap=0.0,
+                     window=(-1, -1), alibi=None, sinks=None):
     from fastlm.triton import attention as kernels
 
     return kernels.backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p, _seed_int(seed),
-                            softcap=softcap)
+                            softcap=softcap, window=window, alibi=alibi)
 
 
 def _seed_int(seed: torch.Tensor | None) -> int:
@@ -178,14 +211,14 @@ _BACKWARD = _backend.implementations(
 )
 
 
-def attention_mask_grad(grad_out, q, k, v, mask, causal, scale, softcap=0.0):
+def attention_mask_grad(grad_out, q, k, v, mask, causal, scale, softcap=0.0, window=(-1, -1), alibi=None, sinks=None):
     """d(loss)/d(additive attn_mask) = dS = P (dP - delta), summed over the dims the mask was
     broadcast over (T5's trainable relative-position bias). The kernels never form dS; this
     recomputes P in one plain-PyTorch pass over (B, H, Tq, Tk) in fp32, memory of the size the
     bias itself already has."""
     cdt = _compute_dtype(q)
     groups = q.shape[1] // k.shape[1]
-    p, _, _ = _ref_probs(q, k, mask, causal, scale, softcap)
+    p, _, _ = _ref_probs(q, k, mask, causal, scale, softcap, window, alibi, sinks)
     dead = (p == 0).all(dim=2).unsqueeze(-1)  # keys no query sees (their values may be NaN)
     vf = v.to(cdt).repeat_interleave(groups, dim=1).masked_fill(dead, 0.0)
     dp = grad_out.to(cdt) @ vf.transpose(-1, -2)
@@ -197,13 +230,15 @@ def attention_mask_grad(grad_out, q, k, v, mask, causal, scale, softcap=0.0):
 @torch.library.custom_op("fastlm::attention", mutates_args=())
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float,
-    causal: int, scale: float, softcap: float, seed: torch.Tensor | None, backend: str,
+    causal: int, scale: float, softcap: float, window_left: int, window_right: int, alibi: torch.Tensor | None,
+    sinks: torch.Tensor | None, seed: torch.Tensor | None, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _FORWARD[backend](q, k, v, mask, dropout_p, causal, scale, seed, softcap)
+    return _FORWARD[backend](q, k, v, mask, dropout_p, causal, scale, seed, softcap, (window_left, window_right),
+                             alibi, sinks)
 
 
 @_attention_op.register_fake
-def _(q, k, v, mask, dropout_p, causal, scale, softcap, seed, backend):
+def _(q, k, v, mask, dropout_p, causal, scale, softcap, window_left, window_right, alibi, sinks, seed, backend):
     b, h, tq, _ = q.shape
     return q.new_empty(b, h, tq, v.shape[-1]), q.new_empty(b, h, tq, dtype=torch.float32)
 
@@ -212,32 +247,47 @@ def _(q, k, v, mask, dropout_p, causal, scale, softcap, seed, backend):
 def _attention_backward_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
     out: torch.Tensor, lse: torch.Tensor, dropout_p: float, causal: int, scale: float, softcap: float,
+    window_left: int, window_right: int, alibi: torch.Tensor | None, sinks: torch.Tensor | None,
     seed: torch.Tensor | None, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _BACKWARD[backend](grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed, softcap)
+    return _BACKWARD[backend](grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed, softcap,
+                              (window_left, window_right), alibi, sinks)
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, softcap, seed, backend):
+def _(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, softcap, window_left, window_right, alibi, sinks,
+      seed, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def attention_sinks_grad(grad_out, out, lse, sinks):
+    """d(loss)/d(sinks): a sink only grows row i's denominator, so with its probability
+    p_sink = exp(sink - lse_i) and delta_i = dO_i . O_i, d(loss)/d(sink) = -sum_i p_sink * delta_i
+    over the batch and query rows of its head. One pass over O and dO, (B, H, Tq) memory."""
+    cdt = _compute_dtype(out)
+    delta = (grad_out.to(cdt) * out.to(cdt)).sum(-1)  # (B, H, Tq)
+    p_sink = torch.exp(sinks.to(cdt).view(1, -1, 1) - lse.to(cdt))
+    p_sink = torch.where(lse == -math.inf, 0.0, p_sink)  # a -inf sink on a fully masked row: no mass
+    return -(p_sink * delta).sum((0, 2)).to(sinks.dtype)
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, dropout_p, causal, scale, softcap, seed, backend = inputs
+    q, k, v, mask, dropout_p, causal, scale, softcap, wl, wr, alibi, sinks, seed, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, mask, out, lse, seed)
-    ctx.args = (dropout_p, causal, scale, softcap, backend)
+    ctx.save_for_backward(q, k, v, mask, out, lse, alibi, sinks, seed)
+    ctx.args = (dropout_p, causal, scale, softcap, wl, wr, backend)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, mask, out, lse, seed = ctx.saved_tensors
-    dropout_p, causal, scale, softcap, backend = ctx.args
-    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, softcap, seed,
-                                        backend)
-    dmask = attention_mask_grad(grad_out, q, k, v, mask, causal, scale, softcap) if ctx.needs_input_grad[3] \
-        else None
-    return dq, dk, dv, dmask, None, None, None, None, None, None
+    q, k, v, mask, out, lse, alibi, sinks, seed = ctx.saved_tensors
+    dropout_p, causal, scale, softcap, wl, wr, backend = ctx.args
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, softcap, wl, wr,
+                                        alibi, sinks, seed, backend)
+    dmask = attention_mask_grad(grad_out, q, k, v, mask, causal, scale, softcap, (wl, wr), alibi, sinks) \
+        if ctx.needs_input_grad[3] else None
+    dsinks = attention_sinks_grad(grad_out, out, lse, sinks) if ctx.needs_input_grad[11] else None
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None, dsinks, None, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -398,6 +448,42 @@ def _softcap(softcap) -> float:
     return softcap
 
 
+def _window(window) -> tuple[int, int]:
+    """window as (left, right) ints, -1 for an unbounded side (None, or window=None: no window)."""
+    fn = "scaled_dot_product_attention"
+    if window is None:
+        return -1, -1
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"{fn}: window must be a (left, right) pair of ints (-1 or None = unbounded), got {window!r}")
+    sides = []
+    for name, w in zip(("left", "right"), window):
+        w = -1 if w is None else w
+        if isinstance(w, bool) or not isinstance(w, int) or w < -1:
+            raise ValueError(f"{fn}: window {name} must be an int >= 0, or -1 / None for unbounded, got {w!r}")
+        sides.append(int(w))
+    return sides[0], sides[1]
+
+
+def _per_head(name, t, query, batch_ok):
+    """alibi_slopes / sinks checked against (B, H, Tq, D) query: a float tensor of shape (H,), or
+    (B, H) where batch_ok; returned fp32 and contiguous (the kernels read fp32; fp64 stays fp64
+    for fp64 queries, which only the reference serves)."""
+    fn = "scaled_dot_product_attention"
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{fn}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.device != query.device:
+        raise ValueError(f"{fn}: {name} is on {t.device} but query is on {query.device}")
+    b, h = query.shape[:2]
+    shapes = [(h,)] + ([(b, h)] if batch_ok else [])
+    if tuple(t.shape) not in shapes:
+        want = " or ".join(str(x) for x in shapes)
+        raise ValueError(f"{fn}: {name} must have shape {want} (per head{', or per batch and head' if batch_ok else ''}"
+                         f"), got {tuple(t.shape)}")
+    return t.to(torch.float64 if query.dtype == torch.float64 else torch.float32).contiguous()
+
+
 def _fold(query, key, value, attn_mask):
     """Torch's SDPA takes (..., H, T, D): any number of leading batch dims, or none (3-D: the first
     dim is the heads). The kernels take (B, H, T, D). Returns (the leading shape or None when
@@ -420,44 +506,61 @@ def _fold(query, key, value, attn_mask):
 
 def scaled_dot_product_attention_with_lse(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
-    softcap: float = 0.0, generator: torch.Generator | None = None, backend: str | None = None,
+    softcap: float = 0.0, window: tuple[int | None, int | None] | None = None,
+    alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+    generator: torch.Generator | None = None, backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): attention as torch's SDPA plus the fp32 log-sum-exp per query row (..., H, Tq)."""
     lead, (query, key, value, attn_mask) = _fold(query, key, value, attn_mask)
     if lead is not None:
+        if isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.dim() > 1:  # (*lead, H) -> (B, H)
+            alibi_slopes = alibi_slopes.expand(*lead, alibi_slopes.shape[-1]).reshape(-1, alibi_slopes.shape[-1])
         out, lse = scaled_dot_product_attention_with_lse(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa, softcap=softcap,
-            generator=generator, backend=backend)
+            window=window, alibi_slopes=alibi_slopes, sinks=sinks, generator=generator, backend=backend)
         return out.reshape(*lead, *out.shape[1:]), lse.reshape(*lead, *lse.shape[1:])
     mask, causal = _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     softcap = _softcap(softcap)
+    window_left, window_right = _window(window)
+    alibi = None
+    if alibi_slopes is not None:
+        if alibi_slopes.requires_grad if isinstance(alibi_slopes, torch.Tensor) else False:
+            raise ValueError("scaled_dot_product_attention: alibi_slopes requires grad; ALiBi slopes get no "
+                             "gradient here (as in FlashAttention): pass alibi_slopes.detach()")
+        alibi = _per_head("alibi_slopes", alibi_slopes, query, batch_ok=True)
+    if sinks is not None:
+        sinks = _per_head("sinks", sinks, query, batch_ok=False)
     seed = None
     if dropout_p > 0:
         seed = torch.randint(0, 2**62, (), generator=generator, dtype=torch.int64)
     chosen = _backend.select(OP, query.device, query, key, value, mask, dropout_p, causal, backend=backend)
-    return _attention_op(query, key, value, mask, float(dropout_p), causal, _scale(query, scale), softcap, seed,
-                         chosen)
+    return _attention_op(query, key, value, mask, float(dropout_p), causal, _scale(query, scale), softcap,
+                         window_left, window_right, alibi, sinks, seed, chosen)
 
 
 def scaled_dot_product_attention(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
-    softcap: float = 0.0, generator: torch.Generator | None = None, backend: str | None = None,
+    softcap: float = 0.0, window: tuple[int | None, int | None] | None = None,
+    alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+    generator: torch.Generator | None = None, backend: str | None = None,
 ) -> torch.Tensor:
     """Drop-in for torch.nn.functional.scaled_dot_product_attention; see the module docstring."""
     return scaled_dot_product_attention_with_lse(
         query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa, softcap=softcap,
-        generator=generator, backend=backend,
+        window=window, alibi_slopes=alibi_slopes, sinks=sinks, generator=generator, backend=backend,
     )[0]
 
 
 def scaled_dot_product_attention_ref(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
-    softcap: float = 0.0, generator: torch.Generator | None = None,
+    softcap: float = 0.0, window: tuple[int | None, int | None] | None = None,
+    alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The oracle: plain PyTorch math in fp32 (fp64 for fp64 inputs), differentiable."""
     return scaled_dot_product_attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa, softcap=softcap,
-        generator=generator, backend="reference",
+        window=window, alibi_slopes=alibi_slopes, sinks=sinks, generator=generator, backend="reference",
     )
 
 
@@ -465,10 +568,11 @@ def scaled_dot_product_attention_ref(
 if _ext.HAS_EXTENSION and hasattr(torch.ops.fastlm, "attention_fwd"):
 
     @torch.library.register_fake("fastlm::attention_fwd")
-    def _(q, k, v, mask, causal, scale, softcap=0.0):
+    def _(q, k, v, mask, causal, scale, softcap=0.0, window_left=-1, window_right=-1, alibi_slopes=None, sinks=None):
         b, h, tq, _ = q.shape
         return q.new_empty(b, h, tq, v.shape[-1]), q.new_empty(b, h, tq, dtype=torch.float32)
 
     @torch.library.register_fake("fastlm::attention_bwd")
-    def _(grad_out, q, k, v, mask, out, lse, causal, scale, softcap=0.0):
+    def _(grad_out, q, k, v, mask, out, lse, causal, scale, softcap=0.0, window_left=-1, window_right=-1,
+          alibi_slopes=None):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

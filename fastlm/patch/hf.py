@@ -32,8 +32,8 @@ from fastlm import ops
 from fastlm.patch.recognise import on_cpu
 
 # kwargs transformers may pass to an attention function that change its math; refused unless None
-MATH_KWARGS = ("s_aux", "sinks", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
-               "max_length_k", "head_mask", "alibi", "attention_chunk_size")
+MATH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "head_mask", "alibi",
+               "attention_chunk_size")
 
 
 # ---------------------------------------------------------------- GPT-2
@@ -76,9 +76,13 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
     (B, Hkv, Tk, D), attention_mask None or (B|1, 1|H, Tq, Tk) bool (True = attend) or additive.
     Returns ((B, Tq, H, D), None), as transformers' sdpa entry does. softcap (None or a float,
     Gemma-2's attn_logit_softcapping) goes to the op; position_bias (T5's relative-position
-    bias, (B|1, H, Tq, Tk), trainable) joins the mask as an additive term and gets its gradient.
-    A kwarg that would change the math and that fastlm does not implement (sinks, packed
-    sequences, ...) raises instead of being dropped."""
+    bias, (B|1, H, Tq, Tk), trainable) joins the mask as an additive term and gets its gradient;
+    s_aux (GPT-OSS's per-head sink logits) become the op's sinks, with their gradient;
+    sliding_window W (Mistral, Qwen2, Gemma-2, GPT-OSS: key j seen by query i when
+    i - W < j <= i) runs as the kernels' window=(W - 1, 0), skipping the key tiles outside it,
+    whenever the mask HF built is exactly that band (no padding), else through the mask.
+    A kwarg that would change the math and that fastlm does not implement (packed sequences,
+    ...) raises instead of being dropped."""
     if kwargs.get("output_attentions"):
         raise ValueError("attn_implementation='fastlm' never forms attention weights; use 'eager' for output_attentions")
     for name in MATH_KWARGS:
@@ -86,12 +90,16 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
             raise NotImplementedError(f"attn_implementation='fastlm' ({type(module).__name__}): {name} is not "
                                       f"supported yet; use attn_implementation='eager' or 'sdpa' for this model")
     Tq, Tk = query.shape[2], key.shape[2]
-    window = kwargs.get("sliding_window")
-    if window is not None and attention_mask is None and Tk > window:
-        raise NotImplementedError(f"attn_implementation='fastlm': sliding_window={window} with no mask over "
-                                  f"{Tk} keys; fastlm needs the window in the attention mask")
+    window = None
+    if kwargs.get("sliding_window") is not None and kwargs["sliding_window"] < Tk:
+        window = (int(kwargs["sliding_window"]) - 1, 0)  # bottom-right aligned: also right for a KV cache
+        if attention_mask is not None:
+            if _is_band(attention_mask, Tq, Tk, window[0]):
+                attention_mask = None  # the kernels apply the window themselves, skipping whole tiles
+            else:
+                window = None  # padding, or a pattern of the model's own: the mask carries the window
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    is_causal = Tq > 1 and attention_mask is None and is_causal
+    is_causal = Tq > 1 and attention_mask is None and is_causal and window is None
     bias = kwargs.get("position_bias")
     if is_causal and Tk > Tq:  # a prefill into an empty static cache: keys past Tq are unwritten
         key, value = key[:, :, :Tq], value[:, :, :Tq]  # (B, Hkv, Tq, D)
@@ -107,8 +115,19 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
     out = ops.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                            is_causal=is_causal, scale=scaling,
                                            enable_gqa=query.shape[1] != key.shape[1],
-                                           softcap=kwargs.get("softcap") or 0.0)  # (B, H, Tq, D)
+                                           softcap=kwargs.get("softcap") or 0.0, window=window,
+                                           sinks=kwargs.get("s_aux", kwargs.get("sinks")))  # (B, H, Tq, D)
     return out.transpose(1, 2).contiguous(), None  # (B, H, Tq, D) -> (B, Tq, H, D)
+
+
+def _is_band(mask: torch.Tensor, tq: int, tk: int, left: int) -> bool:
+    """Whether a (B|1, 1, Tq, Tk) bool mask is exactly the causal band i + Tk - Tq - left <= j <=
+    i + Tk - Tq in every batch row (HF's sliding-window mask without padding). One pass over
+    the mask, a fraction of the attention's own cost."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (tq, tk):
+        return False
+    dist = torch.arange(tk, device=mask.device) - torch.arange(tq, device=mask.device).unsqueeze(-1) - (tk - tq)
+    return bool(((dist <= 0) & (dist >= -left)).eq(mask).all())
 
 
 def register_hf_attention() -> bool:
@@ -135,8 +154,6 @@ def attention_blocker(module) -> str | None:
     source = _forward_source(module)
     if "ALL_ATTENTION_FUNCTIONS" not in source:
         return "direct"  # handled per module by patch_direct_sdpa
-    if "s_aux" in source or "sinks" in source:
-        return "attention sinks are not supported by fastlm attention yet"
     return None
 
 
