@@ -2,9 +2,11 @@
 // kBlockQ rows). The query tile is packed once, transposed and pre-scaled; each key tile is
 // packed to fp32, scores St = K Qt come from the register-blocked GEMM of attention_tiles.h,
 // the online softmax keeps a running max m and sum l per query (vectors across the tile's
-// queries), and O = O * alpha + P V accumulates in fp32 scratch. Key tiles wholly above the
-// causal diagonal are skipped; the mask pass runs only on tiles that need it. With a softcap the
-// scores are capped (softcap * tanh(s / softcap)) before the mask pass.
+// queries), and O = O * alpha + P V accumulates in fp32 scratch. Only the key range the tile's
+// causal / sliding-window band reaches is visited; the mask pass runs only on tiles that
+// straddle a band edge or have a mask. Scores are soft-capped (softcap * tanh(s / softcap)),
+// then get ALiBi (from positions, no bias tensor), then the mask. A sink only enters the
+// finalisation: lse = logaddexp(m + log l, sink), and O / l shrinks by exp(m + log l - lse).
 #include <omp.h>
 
 #include <vector>
@@ -36,6 +38,13 @@ FASTLM_INLINE void softmax_tile(float* St, int64_t nk, int64_t nqp, float* m, fl
   }
 }
 
+// log(e^a + e^b), stable; b = -inf (no sink) returns a unchanged, NaN included.
+FASTLM_INLINE float logaddexp(float a, float b) {
+  if (b == kNegInf) return a;
+  if (a == kNegInf) return b;
+  return std::max(a, b) + std::log1p(std::exp(-std::fabs(a - b)));
+}
+
 struct Scratch {
   std::vector<float> buf;
   float *Qt, *Kp, *Vp, *St, *O, *m, *l, *alpha;
@@ -52,7 +61,6 @@ void forward(const AttentionShape& sh, Strided4 q, Strided4 k, Strided4 v, Strid
   const int64_t n_qt = (sh.tq + kBlockQ - 1) / kBlockQ;
   const int64_t items = sh.batch * sh.heads * n_qt;
   const int64_t group = sh.heads / sh.kv_heads;
-  const int64_t offset = sh.causal == Causal::kBottomRight ? sh.tk - sh.tq : 0;
   const T* qd = static_cast<const T*>(q.data);
   const T* kd = static_cast<const T*>(k.data);
   const T* vd = static_cast<const T*>(v.data);
@@ -70,19 +78,13 @@ void forward(const AttentionShape& sh, Strided4 q, Strided4 k, Strided4 v, Strid
       std::fill(w.O, w.O + kBlockQ * Dvp, 0.0f);
       std::fill(w.m, w.m + kBlockQ, kNegInf);
       std::fill(w.l, w.l + kBlockQ, 0.0f);
-      TileMask t{i0, nq, 0, 0, round_up(nq, kLanes), offset, sh.causal != Causal::kNone, sh.mask_kind,
-                 mask.data ? static_cast<const char*>(mask.data) +
-                                 (b * mask.s[0] + h * mask.s[1]) * (sh.mask_kind == MaskKind::kBool ? 1 : int64_t(sizeof(T)))
-                           : nullptr,
-                 mask.s[2], mask.s[3]};
-      for (int64_t j0 = 0; j0 < sh.tk; j0 += kBlockK) {
-        t.j0 = j0, t.nk = std::min(kBlockK, sh.tk - j0);
-        if (t.empty()) break;  // later key tiles are further right of the diagonal
+      TileMask t = tile_mask<T>(sh, mask, b, h, i0, nq);
+      const auto [key_begin, key_end] = t.keys(sh.tk);
+      for (int64_t j0 = key_begin; j0 < key_end; j0 += kBlockK) {
+        t.j0 = j0, t.nk = std::min(kBlockK, key_end - j0);
         pack_rows(kp + j0 * k.s[2], k.s[2], k.s[3], t.nk, D, w.Kp, D);
         gemm(t.nk, t.nqp, D, w.Kp, D, 1, w.Qt, kBlockQ, w.St, kBlockQ, nullptr, false);
-        if (sh.softcap > 0.0f) cap_scores<false>(w.St, t.nk, t.nqp, sh.softcap, nullptr);
-        bool any_dead = false;
-        if (!t.full()) any_dead = apply_mask<T>(t, w.St, w.live);
+        const bool any_dead = finish_scores<T>(t, sh.softcap, w.St, nullptr, w.live);
         softmax_tile(w.St, t.nk, t.nqp, w.m, w.l, w.alpha);
         pack_rows(vp + j0 * v.s[2], v.s[2], v.s[3], t.nk, Dv, w.Vp, Dvp);
         if (any_dead) zero_dead_rows(w.Vp, Dvp, w.live, t.nk);
@@ -90,10 +92,12 @@ void forward(const AttentionShape& sh, Strided4 q, Strided4 k, Strided4 v, Strid
       }
       T* o = out + ((b * sh.heads + h) * sh.tq + i0) * Dv;
       float* ls = lse + (b * sh.heads + h) * sh.tq + i0;
+      const float sink = sh.sinks ? sh.sinks[h] : kNegInf;
       for (int64_t i = 0; i < nq; ++i) {
         const float li = w.l[i];
-        write_row(o + i * Dv, w.O + i * Dvp, Dv, li > 0.0f ? 1.0f / li : 0.0f);
-        ls[i] = li > 0.0f ? w.m[i] + std::log(li) : (li == 0.0f ? kNegInf : li);
+        const float lse_scores = li > 0.0f ? w.m[i] + std::log(li) : (li == 0.0f ? kNegInf : li);
+        ls[i] = logaddexp(lse_scores, sink);  // a fully masked row (l = 0): lse = sink, out 0
+        write_row(o + i * Dv, w.O + i * Dvp, Dv, li > 0.0f ? std::exp(lse_scores - ls[i]) / li : 0.0f);
       }
     }
   }

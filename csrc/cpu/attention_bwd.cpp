@@ -2,10 +2,13 @@
 // owns dK and dV of that head (fp32 scratch, Tk rows), so no two threads ever write the same
 // gradient and the result doesn't depend on scheduling. Inside, for every query head of the
 // GQA group and every query tile: pack Q (transposed and row-major, pre-scaled) and dO
-// (both ways), then for each visible key tile recompute St = K Qt and P = exp(St - lse),
-// dPt = V dOt, dSt = P (dPt - delta) (times 1 - tanh^2 of the capped scores under a softcap),
-// and accumulate dV += P^T dO, dK += dS^T Q, dQ += dS K
-// with the same register-blocked GEMM as the forward.
+// (both ways), then for each key tile of the range its causal / sliding-window band reaches
+// (tiles outside are never visited; a tile that reaches no key just writes dQ = 0) recompute
+// St = K Qt, softcap, ALiBi and mask as the forward, P = exp(St - lse), dPt = V dOt,
+// dSt = P (dPt - delta) (times 1 - tanh^2 of the capped raw scores under a softcap: ALiBi is
+// added after the cap and doesn't change it), and accumulate dV += P^T dO, dK += dS^T Q,
+// dQ += dS K with the same register-blocked GEMM as the forward. Sinks need nothing here: the
+// forward's lse already holds them, so P is right.
 #include <omp.h>
 
 #include <vector>
@@ -53,8 +56,6 @@ void backward(const AttentionShape& sh, Strided4 go, Strided4 q, Strided4 k, Str
   const int64_t D = sh.head_dim, Dv = sh.value_dim;
   const int64_t Dkp = round_up(D, kLanes), Dvp = round_up(Dv, kLanes);
   const int64_t items = sh.batch * sh.kv_heads, group = sh.heads / sh.kv_heads;
-  const int64_t offset = sh.causal == Causal::kBottomRight ? sh.tk - sh.tq : 0;
-  const int64_t mask_elt = sh.mask_kind == MaskKind::kBool ? 1 : int64_t(sizeof(T));
   const T *qd = static_cast<const T*>(q.data), *kd = static_cast<const T*>(k.data);
   const T *vd = static_cast<const T*>(v.data), *god = static_cast<const T*>(go.data);
   const T* od = static_cast<const T*>(o.data);
@@ -71,11 +72,13 @@ void backward(const AttentionShape& sh, Strided4 go, Strided4 q, Strided4 k, Str
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         for (int64_t i0 = 0; i0 < sh.tq; i0 += kBlockQ) {
           const int64_t nq = std::min(kBlockQ, sh.tq - i0);
-          TileMask t{i0, nq, 0, 0, round_up(nq, kLanes), offset, sh.causal != Causal::kNone, sh.mask_kind,
-                     mask.data ? static_cast<const char*>(mask.data) + (b * mask.s[0] + h * mask.s[1]) * mask_elt
-                               : nullptr,
-                     mask.s[2], mask.s[3]};
-          if (t.empty()) continue;  // (only j0 = 0 is checked here: every row of the tile is hidden)
+          TileMask t = tile_mask<T>(sh, mask, b, h, i0, nq);
+          const auto [key_begin, key_end] = t.keys(sh.tk);
+          T* dq = gq + ((b * sh.heads + h) * sh.tq + i0) * D;
+          if (key_begin >= key_end) {  // every row fully masked: dQ = 0, nothing else to add
+            std::fill(dq, dq + nq * D, T{});
+            continue;
+          }
           const T* qp = qd + b * q.s[0] + h * q.s[1] + i0 * q.s[2];
           const T* gop = god + b * go.s[0] + h * go.s[1] + i0 * go.s[2];
           const T* op = od + b * o.s[0] + h * o.s[1] + i0 * o.s[2];
@@ -91,14 +94,12 @@ void backward(const AttentionShape& sh, Strided4 go, Strided4 q, Strided4 k, Str
             w.delta[i] = d;
           }
           std::fill(w.dQ, w.dQ + kBlockQ * Dkp, 0.0f);
-          for (int64_t j0 = 0; j0 < sh.tk; j0 += kBlockK) {
-            t.j0 = j0, t.nk = std::min(kBlockK, sh.tk - j0);
-            if (t.empty()) break;
+          for (int64_t j0 = key_begin; j0 < key_end; j0 += kBlockK) {
+            t.j0 = j0, t.nk = std::min(kBlockK, key_end - j0);
             pack_rows(kp + j0 * k.s[2], k.s[2], k.s[3], t.nk, D, w.Kp, Dkp);
             pack_rows(vp + j0 * v.s[2], v.s[2], v.s[3], t.nk, Dv, w.Vp, Dvp);
             gemm(t.nk, t.nqp, D, w.Kp, Dkp, 1, w.Qt, kBlockQ, w.St, kBlockQ, nullptr, false);
-            if (sh.softcap > 0.0f) cap_scores<true>(w.St, t.nk, t.nqp, sh.softcap, w.Gt);
-            if (!t.full() && apply_mask<T>(t, w.St, w.live)) {
+            if (finish_scores<T, true>(t, sh.softcap, w.St, w.Gt, w.live)) {
               zero_dead_rows(w.Kp, Dkp, w.live, t.nk);
               zero_dead_rows(w.Vp, Dvp, w.live, t.nk);
             }
@@ -109,17 +110,9 @@ void backward(const AttentionShape& sh, Strided4 go, Strided4 q, Strided4 k, Str
             gemm(t.nk, Dkp, nq, w.dSt, kBlockQ, 1, w.Qs, Dkp, w.dK + j0 * Dkp, Dkp, nullptr, true);
             gemm(nq, Dkp, t.nk, w.dSt, 1, kBlockQ, w.Kp, Dkp, w.dQ, Dkp, nullptr, true);
           }
-          T* dq = gq + ((b * sh.heads + h) * sh.tq + i0) * D;
           for (int64_t i = 0; i < nq; ++i) write_row(dq + i * D, w.dQ + i * Dkp, D, sh.scale);
         }
       }
-      // query tiles skipped above (nothing visible) still owe their dQ rows: zeros
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
-        for (int64_t i0 = 0; i0 < sh.tq; i0 += kBlockQ) {
-          const int64_t nq = std::min(kBlockQ, sh.tq - i0);
-          if (!(sh.causal != Causal::kNone && 0 > i0 + nq - 1 + offset)) continue;
-          std::fill(gq + ((b * sh.heads + h) * sh.tq + i0) * D, gq + ((b * sh.heads + h) * sh.tq + i0 + nq) * D, T{});
-        }
       T* dk = gk + (b * sh.kv_heads + hk) * sh.tk * D;
       T* dv = gv + (b * sh.kv_heads + hk) * sh.tk * Dv;
       for (int64_t j = 0; j < sh.tk; ++j) {

@@ -1,10 +1,15 @@
 // Building blocks of the CPU flash attention (attention.cpp, attention_bwd.cpp): a register-
 // blocked fp32 GEMM micro-kernel on vec_math.h vectors, packing of (bf16 or fp32, strided)
-// tiles into fp32 scratch, and the mask/causal pass over a score tile.
+// tiles into fp32 scratch, and the passes over a score tile: softcap, ALiBi (computed from
+// positions, never materialised) and the mask (causal, sliding window, bool / additive).
 //
 // Scores are kept transposed, St[j][i] = key j x query i, so the per-query softmax statistics
 // are plain vector max/sum over rows, and every product is one form: rows of C accumulate a
 // broadcast element of A times contiguous rows of B.
+//
+// Causal and the window make query i see the band of keys i + lo .. i + hi, so a query tile
+// sees one contiguous key range (TileMask::keys): key tiles outside it are never visited, and
+// tiles wholly inside the band with no mask skip the mask pass (TileMask::full).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -121,21 +126,44 @@ FASTLM_INLINE void write_row(T* dst, const float* src, int64_t n, float mul) {
   if (c < n) store_partial(dst + c, load_partial(src + c, n - c) * mul, n - c);
 }
 
+constexpr int64_t kFar = int64_t(1) << 60;  // an unbounded side of the band (no overflow adding positions)
+
 // Where one (query tile, key tile) pair sits and what hides keys from queries.
 struct TileMask {
   int64_t i0, nq, j0, nk;  // first query / key and how many are valid
   int64_t nqp;             // query columns computed: nq rounded up to whole vectors
-  int64_t offset;          // causal: key j visible to query i iff j <= i + offset
-  bool causal;
+  int64_t offset;          // the diagonal: key j = query i + offset (ALiBi distance 0)
+  int64_t lo, hi;          // causal and window: query i sees keys i + lo .. i + hi (+-kFar: unbounded)
+  float slope;             // ALiBi: scores get -slope * |i + offset - j|; 0: off
   MaskKind kind;
   const void* mask;   // already offset to this (batch, head)
   int64_t msq, msk;   // mask strides along queries and keys
 
-  // No key of this tile is visible to any query of it: skip the pair.
-  bool empty() const { return causal && j0 > i0 + nq - 1 + offset; }
+  // Keys [first, end) that some valid query of the tile sees through causal and window (each
+  // query's band is contiguous and shifts by one per query, so their union is too); empty when
+  // every row is fully masked.
+  std::pair<int64_t, int64_t> keys(int64_t tk) const {
+    return {std::max<int64_t>(0, i0 + lo), std::min(tk, i0 + nq + hi)};
+  }
   // Nothing to hide: every key visible to every valid query and all nqp columns valid.
-  bool full() const { return kind == MaskKind::kNone && nq == nqp && (!causal || j0 + nk - 1 <= i0 + offset); }
+  bool full() const {
+    return kind == MaskKind::kNone && nq == nqp && j0 + nk - 1 <= i0 + hi && j0 >= i0 + nq - 1 + lo;
+  }
 };
+
+// The TileMask of query tile [i0, i0 + nq) of (batch b, head h); j0 and nk are set per key tile.
+template <typename T>
+inline TileMask tile_mask(const AttentionShape& sh, Strided4 mask, int64_t b, int64_t h, int64_t i0, int64_t nq) {
+  const int64_t offset = diagonal_offset(sh);
+  const int64_t left = std::min(sh.window_left, kFar), right = std::min(sh.window_right, kFar);
+  int64_t hi = right >= 0 ? offset + right : kFar;
+  if (sh.causal != Causal::kNone) hi = std::min(hi, offset);
+  const int64_t elt = sh.mask_kind == MaskKind::kBool ? 1 : int64_t(sizeof(T));
+  return {i0, nq, 0, 0, round_up(nq, kLanes), offset, left >= 0 ? offset - left : -kFar, hi,
+          sh.alibi_slopes ? sh.alibi_slopes[b * sh.alibi_batch_stride + h] : 0.0f, sh.mask_kind,
+          mask.data ? static_cast<const char*>(mask.data) + (b * mask.s[0] + h * mask.s[1]) * elt : nullptr,
+          mask.s[2], mask.s[3]};
+}
 
 // Sets hidden scores of St (nk x nqp, padded queries included; row stride kBlockQ) to -inf and adds an
 // additive mask; live[j] says whether any valid query still sees key j. Returns whether any
@@ -146,26 +174,27 @@ inline bool apply_mask(const TileMask& t, float* St, bool* live) {
   for (int64_t j = 0; j < t.nk; ++j) {
     float* s = St + j * kBlockQ;
     const int64_t key = t.j0 + j;
-    // queries before `first` can't see this key (causal); queries from nq on are padding
-    const int64_t first = t.causal ? std::clamp<int64_t>(key - t.offset - t.i0, 0, t.nq) : 0;
+    // only queries [first, last) have this key in their band; queries from nq on are padding
+    const int64_t first = std::clamp<int64_t>(key - t.hi - t.i0, 0, t.nq);
+    const int64_t last = std::clamp<int64_t>(key - t.lo - t.i0 + 1, first, t.nq);
     for (int64_t i = 0; i < first; ++i) s[i] = kNegInf;
-    for (int64_t i = t.nq; i < t.nqp; ++i) s[i] = kNegInf;
+    for (int64_t i = last; i < t.nqp; ++i) s[i] = kNegInf;
     bool alive = false;
     if (t.kind == MaskKind::kBool) {
       const uint8_t* m = static_cast<const uint8_t*>(t.mask) + key * t.msk;
-      for (int64_t i = first; i < t.nq; ++i) {
+      for (int64_t i = first; i < last; ++i) {
         const bool keep = m[(t.i0 + i) * t.msq] != 0;
         s[i] = keep ? s[i] : kNegInf;
         alive |= keep;
       }
     } else if (t.kind == MaskKind::kAdditive) {
       const T* m = static_cast<const T*>(t.mask) + key * t.msk;
-      for (int64_t i = first; i < t.nq; ++i) {
+      for (int64_t i = first; i < last; ++i) {
         s[i] += scalar_to_float(m[(t.i0 + i) * t.msq]);
         alive |= s[i] != kNegInf;
       }
     } else {
-      alive = first < t.nq;
+      alive = first < last;
     }
     live[j] = alive;
     any_dead |= !alive;
@@ -197,6 +226,27 @@ inline void cap_scores(float* St, int64_t nk, int64_t nqp, float cap, float* gra
       store(St + j * kBlockQ + c, t * cap);
       if constexpr (kGrad) store(grad + j * kBlockQ + c, 1.0f - t * t);
     }
+}
+
+// ALiBi on a score tile: s_ij -= slope * |i + offset - j|, from positions (distances stay exact
+// in fp32 below 2^24).
+inline void add_alibi(const TileMask& t, float* St) {
+  vf ramp;
+  for (int c = 0; c < kLanes; ++c) ramp[c] = float(c);
+  for (int64_t j = 0; j < t.nk; ++j)
+    for (int64_t c = 0; c < t.nqp; c += kLanes) {
+      const vf dist = vabs(ramp + float(t.i0 + c + t.offset - t.j0 - j));
+      store(St + j * kBlockQ + c, load(St + j * kBlockQ + c) - t.slope * dist);
+    }
+}
+
+// The spec's order on a fresh score tile St = scale * K Qt: softcap (kGrad: its derivative into
+// Gt), then ALiBi, then the mask pass where the tile needs one (returns apply_mask's any_dead).
+template <typename T, bool kGrad = false>
+inline bool finish_scores(const TileMask& t, float softcap, float* St, float* Gt, bool* live) {
+  if (softcap > 0.0f) cap_scores<kGrad>(St, t.nk, t.nqp, softcap, Gt);
+  if (t.slope != 0.0f) add_alibi(t, St);
+  return !t.full() && apply_mask<T>(t, St, live);
 }
 
 inline void zero_dead_rows(float* buf, int64_t ld, const bool* live, int64_t nk) {
