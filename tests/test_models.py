@@ -229,3 +229,29 @@ def test_cuda_kernels_decode_from_the_cache_under_emulation(preset):
 
     out, out64, base = run(torch.bfloat16, "cuda-emu"), run(torch.float64, "reference"), run(torch.bfloat16, "reference")
     assert_close(f"{preset} hidden states", out, out64, base)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_packed_training_equals_padded(preset):
+    """Four documents end to end in two rows (cu_seqlens) give the loss and gradients of the same
+    documents padded to one row each (targets -100 on the pads): no cross-document attention, and
+    positions restart at 0 in every document, also one that starts mid-row."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset(preset))
+    docs = [torch.randint(0, 256, (n,)) for n in (5, 11, 9, 7)]  # rows of 16: (5, 11) and (9, 7)
+    packed = torch.cat(docs).view(2, 16)
+    cu = torch.tensor([0, 5, 16, 25, 32], dtype=torch.int32)
+    targets = torch.cat([torch.cat([d[1:], torch.tensor([-100])]) for d in docs]).view(2, 16)  # none across docs
+    _, loss = model(packed, targets, cu_seqlens=cu)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    padded = torch.zeros(4, 11, dtype=torch.long)
+    padded_targets = torch.full((4, 11), -100)
+    for i, d in enumerate(docs):
+        padded[i, :len(d)], padded_targets[i, :len(d) - 1] = d, d[1:]
+    _, want = model(padded, padded_targets)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    for g, g_ref in zip(grads, torch.autograd.grad(want, list(model.parameters()))):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"cu_seqlens must be int32 prefix sums of document lengths ending at "
+                                         r"B\*T = 32"):
+        model(packed, targets, cu_seqlens=cu[:-1])

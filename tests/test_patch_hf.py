@@ -1,4 +1,4 @@
-"""fastlm.patch on 18 Hugging Face families built from tiny configs: the patched model's logits,
+"""fastlm.patch on 20 Hugging Face families built from tiny configs: the patched model's logits,
 loss and gradients equal the unpatched eager model's (fp32), and the profiler shows which fastlm
 ops ran: norm, MLP (a fused activation), rope, attention and, for causal LMs given labels, the
 loss. The known gaps are listed in GAPS with the reason the report must give."""
@@ -20,7 +20,7 @@ FAMILIES = {  # name: (model class, config, has rope, causal LM)
     "gpt2": (T.GPT2LMHeadModel, T.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=97,
                                              bos_token_id=0, eos_token_id=0), False, True),
     "llama": (T.LlamaForCausalLM, T.LlamaConfig(**GQA), True, True),
-    "mistral": (T.MistralForCausalLM, T.MistralConfig(**GQA), True, True),
+    "mistral": (T.MistralForCausalLM, T.MistralConfig(sliding_window=5, **GQA), True, True),  # window < T = 12
     "qwen2": (T.Qwen2ForCausalLM, T.Qwen2Config(**GQA), True, True),
     "qwen3": (T.Qwen3ForCausalLM, T.Qwen3Config(head_dim=16, **GQA), True, True),
     "gemma": (T.GemmaForCausalLM, T.GemmaConfig(head_dim=16, **GQA), True, True),
@@ -40,12 +40,16 @@ FAMILIES = {  # name: (model class, config, has rope, causal LM)
     "gpt_neox": (T.GPTNeoXForCausalLM, T.GPTNeoXConfig(rotary_pct=0.25, **SMALL), True, True),
     "falcon": (T.FalconForCausalLM, T.FalconConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
                                                    vocab_size=97), True, True),
+    "bloom": (T.BloomForCausalLM, T.BloomConfig(hidden_size=64, n_head=4, n_layer=2, vocab_size=97), False, True),
+    "gpt_oss": (T.GptOssForCausalLM, T.GptOssConfig(
+        head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=5, **GQA), True, True),
     "vit": (T.ViTForImageClassification, T.ViTConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                                      num_hidden_layers=2, image_size=32, patch_size=8), False, False),
 }
-# kinds that do not run on fastlm, with the reason the report must give ({name: {kind: reason}}):
-# none at present (Gemma-2's softcap and T5's trainable position_bias are served)
-GAPS: dict = {}
+# kinds that do not run on fastlm, with the reason the report must give ({name: {kind: reason}}).
+# GPT-OSS: its experts (clamped SwiGLU with a fused gate/up) wait for the MoE ops, and its rotary
+# (cos/sin of half width) is not recognised by the probe.
+GAPS: dict = {"gpt_oss": {"mlp": "no fastlm twin", "rope": "probe mismatch"}}
 EVIDENCE = {  # kind -> profiler op names, any of which shows it ran on fastlm
     "norm": ("fastlm::norm",), "mlp": ("fastlm::bias_act_bwd",), "rope": ("fastlm::rope",),
     "attention": ("fastlm::attention",), "loss": ("fastlm::linear_cross_entropy", "fastlm::cross_entropy"),
@@ -56,6 +60,10 @@ def _build(name):
     cls, config, _, _ = FAMILIES[name]
     torch.manual_seed(0)
     model = cls(copy.deepcopy(config)).float()
+    with torch.no_grad():  # GPT-OSS's sink logits start at ~0; make them matter
+        for module in model.modules():
+            if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
+                module.sinks.normal_(0.0, 2.0)
     for module in model.modules():  # dropout off everywhere (modules and the floats forwards read)
         for attr, value in list(vars(module).items()):
             if "drop" in attr.lower() and isinstance(value, float):
@@ -207,11 +215,19 @@ def test_hf_attention_refuses_what_it_does_not_compute():
 
     q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
     module = torch.nn.Module()
-    for kwarg in ({"s_aux": torch.zeros(2)}, {"cu_seq_lens_q": torch.tensor([0, 4])}):
+    for kwarg in ({"cu_seq_lens_q": torch.tensor([0, 4])}, {"head_mask": torch.ones(2)}):
         with pytest.raises(NotImplementedError, match=f"{next(iter(kwarg))} is not supported yet"):
             hf_attention(module, q, k, k, None, **kwarg)
-    with pytest.raises(NotImplementedError, match="sliding_window=2 with no mask over 4 keys"):
-        hf_attention(module, q, k, k, None, sliding_window=2)
+    # sliding_window W with no mask: key j seen by query i when i - W < j <= i, on the kernels' window
+    band = torch.ones(4, 4, dtype=torch.bool).tril() & ~torch.ones(4, 4, dtype=torch.bool).tril(-2)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, k, band).transpose(1, 2)
+    torch.testing.assert_close(hf_attention(module, q, k, k, None, sliding_window=2)[0], want, rtol=1e-5, atol=1e-6)
+    # s_aux (GPT-OSS's sinks): one more logit per row in the softmax, pointing at no value
+    sinks = torch.randn(2)
+    s = (q @ k.transpose(-1, -2)).masked_fill(~torch.ones(4, 4, dtype=torch.bool).tril(), -float("inf")) * 0.5
+    p = torch.softmax(torch.cat([s, sinks.view(1, 2, 1, 1).expand(1, 2, 4, 1)], -1), -1)[..., :-1]
+    torch.testing.assert_close(hf_attention(module, q, k, k, None, scaling=0.5, s_aux=sinks)[0],
+                               (p @ k).transpose(1, 2), rtol=1e-5, atol=1e-6)
     out, _ = hf_attention(module, q, k, k, None, softcap=None, sliding_window=8)  # None / a window past Tk: exact
     want = torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True).transpose(1, 2)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
@@ -240,3 +256,47 @@ def test_fused_loss_honours_hf_loss_kwargs():
         out, want = model(ids, labels=labels, **kwargs), ref(ids, labels=labels, **kwargs)
         assert out.logits is None
         torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6, msg=lambda m: f"{kwargs}: {m}")
+
+
+@needs("linear", "layer_norm", "scaled_dot_product_attention", "rms_norm", "rope")
+def test_sliding_window_runs_natively_without_padding(monkeypatch):
+    """Mistral with a window of 5 over 12 tokens and no padding: the mask HF builds is exactly the
+    band, so the op gets window=(4, 0) and no mask; logits equal eager's."""
+    from fastlm.patch import hf
+
+    ref = _build("mistral")
+    model = copy.deepcopy(ref)
+    fastlm.patch(model)
+    ref.set_attn_implementation("eager")
+    calls = []
+    op = hf.ops.scaled_dot_product_attention
+    monkeypatch.setattr(hf.ops, "scaled_dot_product_attention", lambda *a, **kw: calls.append(kw) or op(*a, **kw))
+    ids = torch.randint(2, 97, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert calls and all(kw["window"] == (4, 0) and kw["attn_mask"] is None for kw in calls), calls
+
+
+@needs("linear", "layer_norm", "scaled_dot_product_attention")
+def test_build_with_fastlm_attention_serves_bloom_and_refuses_falcon():
+    """attn_implementation="fastlm" at build: BLOOM's own attention code is served by the op with
+    in-kernel ALiBi (logits and grads equal eager's, left padding included); Falcon's, which calls
+    torch's SDPA only under "sdpa", is refused with a ValueError that names the class."""
+    cls, config, _, _ = FAMILIES["bloom"]
+    torch.manual_seed(0)
+    model = cls._from_config(copy.deepcopy(config), attn_implementation="fastlm")
+    ref = cls._from_config(copy.deepcopy(config), attn_implementation="eager")
+    ref.load_state_dict(model.state_dict())
+    inputs = _inputs("bloom")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = model(**inputs).logits
+    assert any(e.name == "fastlm::attention" for e in prof.events())
+    want = ref(**inputs).logits
+    torch.testing.assert_close(out[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1, 3:], want[1, 3:], rtol=1e-5, atol=1e-5)  # row 1: 3 left pads
+    out[1, 3:].sum().backward(), want[1, 3:].sum().backward()
+    _close_grads(model, ref)
+    cls, config, _, _ = FAMILIES["falcon"]
+    with pytest.raises(ValueError, match=r"attn_implementation='fastlm': FalconAttention \(h.0.self_attention\) "
+                                         r"runs its own attention code"):
+        cls._from_config(copy.deepcopy(config), attn_implementation="fastlm")

@@ -132,7 +132,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = fnn.Linear(c.n_embd, (c.n_head + 2 * c.n_kv_head) * c.head_dim, bias=c.bias)
         self.c_proj = fnn.Linear(c.n_head * c.head_dim, c.n_embd, bias=c.bias)
 
-    def forward(self, x, residual, pos: int = 0, cache: KVCache | None = None, rope=None):
+    def forward(self, x, residual, pos: int = 0, cache: KVCache | None = None, rope=None, packed=None):
         c = self.c
         B, T, _ = x.shape
         H, Hkv, D = c.n_head, c.n_kv_head, c.head_dim
@@ -141,7 +141,12 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv*D) -> (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv*D) -> (B, Hkv, T, D)
         if rope is not None:  # q and k rotated in one pass, fp32 math (LLaMA's rotate-half layout)
-            q, k = ops.rope(q, k, rope[0][pos:pos + T], rope[1][pos:pos + T])  # tables (T, D) each
+            q, k = ops.rope(q, k, rope[0], rope[1])  # tables (T, D), or (B, T, D) when packed
+        if packed is not None:  # documents end to end: each attends only within itself, no padding
+            cu, longest = packed
+            q, k, v = (t.transpose(1, 2).reshape(B * T, -1, D) for t in (q, k, v))  # (B, h, T, D) -> (B*T, h, D)
+            y = ops.varlen_attention(q, k, v, cu, cu, longest, longest, is_causal=True)  # (B*T, H, D)
+            return _project(self.c_proj, y.view(B, T, H * D), residual, c.dropout, self.training)
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)  # (B, Hkv, pos+T, D): a decode step has T = 1
         # one query (a decode step) sees every cached key: no mask, the decode path. T > 1 queries
@@ -191,8 +196,8 @@ class Block(nn.Module):
         self.ln_2 = _norm(c)
         self.mlp = MLP(c) if c.mlp == "mlp" else SwiGLU(c)
 
-    def forward(self, x, pos: int = 0, cache: KVCache | None = None, rope=None):
-        x = self.attn(self.ln_1(x), residual=x, pos=pos, cache=cache, rope=rope)
+    def forward(self, x, pos: int = 0, cache: KVCache | None = None, rope=None, packed=None):
+        x = self.attn(self.ln_1(x), residual=x, pos=pos, cache=cache, rope=rope, packed=packed)
         return self.mlp(self.ln_2(x), residual=x)
 
 
@@ -233,28 +238,52 @@ class GPT(nn.Module):
     def _pin(self):
         return use_backend(self.backend) if self.backend is not None else nullcontext()
 
-    def hidden(self, idx: torch.Tensor, pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        """The final normed hidden states (B, T, n_embd) of tokens idx (B, T) at positions pos.."""
+    def hidden(self, idx: torch.Tensor, pos: int = 0, cache: KVCache | None = None,
+               cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+        """The final normed hidden states (B, T, n_embd) of tokens idx (B, T) at positions pos..;
+        with cu_seqlens, idx holds documents end to end (see forward)."""
         c, t = self.config, self.transformer
         B, T = idx.shape
-        if pos + T > c.block_size:
+        if pos + T > c.block_size and cu_seqlens is None:
             raise ValueError(f"GPT: sequence of {pos + T} tokens exceeds block_size {c.block_size}")
+        positions, packed = torch.arange(pos, pos + T, device=idx.device), None
+        if cu_seqlens is not None:
+            positions, packed = self._packed_positions(idx, cu_seqlens, max_seqlen)  # (B, T)
         x = t.wte(idx)  # (B, T) -> (B, T, C)
         rope = None
         if c.pos == "learned":
-            x = x + t.wpe(torch.arange(pos, pos + T, device=idx.device))  # + (T, C)
+            x = x + t.wpe(positions)  # + (T, C) or (B, T, C)
         else:
-            rope = (self.rope_cos, self.rope_sin)
+            rope = (self.rope_cos[positions], self.rope_sin[positions])  # (T, D) or (B, T, D)
         x = F.dropout(x, c.dropout, self.training)
         for block in t.h:
-            x = block(x, pos=pos, cache=cache, rope=rope)
+            x = block(x, pos=pos, cache=cache, rope=rope, packed=packed)
         return t.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100):
+    def _packed_positions(self, idx, cu_seqlens, max_seqlen):
+        """Each token's position within its document (B, T), and the attention's (cu_seqlens,
+        longest) for the B*T tokens taken as one stream."""
+        B, T = idx.shape
+        if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or int(cu_seqlens[-1]) != B * T:
+            raise ValueError(f"GPT: cu_seqlens must be int32 prefix sums of document lengths ending at B*T = {B * T}, "
+                             f"got {cu_seqlens.dtype} {cu_seqlens.tolist()}")
+        lengths = cu_seqlens.diff()
+        longest = int(lengths.max()) if max_seqlen is None else int(max_seqlen)
+        if longest > self.config.block_size:
+            raise ValueError(f"GPT: a document of {longest} tokens exceeds block_size {self.config.block_size}")
+        starts = cu_seqlens[:-1].long().repeat_interleave(lengths.long(), output_size=B * T)  # (B*T,)
+        positions = (torch.arange(B * T, device=idx.device) - starts).view(B, T)
+        return positions, (cu_seqlens, longest)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100, *,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None):
         """(logits (B, T, V), None) without targets; (None, mean loss) with targets (B, T): the
-        loss comes from the fused linear + cross-entropy, which never forms the logits."""
+        loss comes from the fused linear + cross-entropy, which never forms the logits.
+        cu_seqlens (int32 (n + 1,), FlashAttention's): the B*T tokens of idx, read row after row,
+        are n documents end to end; each attends only within itself and restarts its positions at
+        0 (packed training: no padding, no cross-document attention; varlen_attention)."""
         with self._pin():
-            x = self.hidden(idx)
+            x = self.hidden(idx, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
             if targets is None:
                 return self.lm_head(x), None
             B, T, C = x.shape

@@ -14,11 +14,12 @@ from fastlm.ops.mlp import gated_mlp, geglu, mlp, mlp_ref, swiglu
 from fastlm.ops.norms import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 from fastlm.ops.rope import rope, rope_frequencies, rope_ref
 from fastlm.ops.softmax import log_softmax, softmax, softmax_ref
+from fastlm.ops.varlen_attention import varlen_attention
 
 __all__ = [
     "bias_act", "bias_act_ref", "cross_entropy", "linear", "linear_ref", "linear_cross_entropy",
     "linear_prepacked", "PackedWeight", "prepack_available",
     "mlp", "mlp_ref", "swiglu", "geglu", "gated_mlp", "layer_norm", "layer_norm_ref", "rms_norm", "rms_norm_ref",
     "rope", "rope_frequencies", "rope_ref", "log_softmax", "softmax", "softmax_ref", "scaled_dot_product_attention",
-    "scaled_dot_product_attention_ref", "scaled_dot_product_attention_with_lse",
+    "scaled_dot_product_attention_ref", "scaled_dot_product_attention_with_lse", "varlen_attention",
 ]

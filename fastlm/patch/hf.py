@@ -139,7 +139,42 @@ def register_hf_attention() -> bool:
         return False
     AttentionInterface.register("fastlm", hf_attention)
     AttentionMaskInterface.register("fastlm", sdpa_mask)  # boolean masks, skipped when plainly causal
+    from transformers import PreTrainedModel
+    from transformers.models.falcon import modeling_falcon
+
+    # Falcon looks its attention class up by implementation name before post_init could say why not
+    modeling_falcon.FALCON_ATTENTION_CLASSES.setdefault("fastlm", modeling_falcon.FalconAttention)
+    if not getattr(PreTrainedModel.post_init, "_fastlm", False):  # once: serve or refuse at build time
+        original = PreTrainedModel.post_init
+
+        def post_init(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            serve_attention_modules(self)
+        post_init._fastlm = True
+        PreTrainedModel.post_init = post_init
     return True
+
+
+def serve_attention_modules(model) -> None:
+    """A model built with attn_implementation="fastlm" whose attention modules run their own code
+    (never the AttentionInterface) would silently compute without fastlm, or wrongly: BLOOM's
+    eager code gets the mask the "fastlm" entry builds (None when plainly causal) and loses
+    causality. So at build time each such module is served (ALiBi attention: BLOOM) or refused
+    with a ValueError that names the class and what is missing."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) != "fastlm":
+        return
+    for name, m in model.named_modules():
+        if not (type(m).__module__.startswith("transformers.") and type(m).__name__.endswith("Attention")
+                and any(isinstance(c, nn.Linear) for c in m._modules.values())):
+            continue
+        if getattr(m, "_fastlm_sdpa", False) or attention_blocker(m) != "direct":
+            continue
+        why = patch_alibi_attention(m) if "alibi.baddbmm(" in _forward_source(m) else \
+            "runs its own attention code instead of transformers' AttentionInterface"
+        if why is not None:
+            raise ValueError(f"attn_implementation='fastlm': {type(m).__name__} ({name}) {why}; build the model with "
+                             f"attn_implementation='sdpa' and call fastlm.patch(model)")
+        m._fastlm_sdpa = True
 
 
 def _forward_source(module) -> str:
@@ -178,6 +213,8 @@ def patch_direct_sdpa(module) -> str | None:
     forward gets a copy whose `torch` / `F` / `nn` global resolves that one function to fastlm's
     drop-in. Returns why not, or None."""
     source = _forward_source(module)
+    if "alibi.baddbmm(" in source:  # BLOOM's eager-only attention: rebuilt on the op with in-kernel ALiBi
+        return patch_alibi_attention(module)
     if "scaled_dot_product_attention(" not in source:
         return "calls neither transformers' AttentionInterface nor scaled_dot_product_attention"
     config = getattr(module, "config", None)
@@ -196,6 +233,55 @@ def patch_direct_sdpa(module) -> str | None:
                 module.forward = types.MethodType(new, module)
                 return None
     return "calls scaled_dot_product_attention under a name fastlm does not recognise"
+
+
+def alibi_slopes(heads: int, device=None) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al.; BLOOM's and FlashAttention's): a geometric series
+    2^(-8 i / n) over the nearest power of two n <= heads, the rest interleaved from 2n."""
+    n = 2 ** math.floor(math.log2(heads))
+    # as fp32 powers of an fp32 base, so that the slopes are BLOOM's bit for bit
+    powers = [(2.0 ** (-8.0 / n), torch.arange(1, n + 1)),
+              (2.0 ** (-4.0 / n), torch.arange(1, 1 + 2 * (heads - n), 2))]
+    return torch.cat([torch.pow(torch.tensor(base, dtype=torch.float32), p.to(torch.int32)) for base, p in powers]).to(
+        device)
+
+
+def _alibi_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
+                   output_attentions=False, **kwargs):
+    """BloomAttention.forward on fastlm's op. BLOOM adds slope * (position of key j) to the scores;
+    under the softmax that equals the op's -slope * (i - j) (a per-row constant apart), also with
+    left padding, whose pads shift every position of a row alike. The alibi tensor HF built is
+    not read: the kernels compute the bias from the slopes."""
+    if output_attentions:
+        raise ValueError("fastlm attention never forms attention weights; use the eager model for output_attentions")
+    batch, tq, _ = hidden_states.shape
+    q, k, v = self._reshape(self.query_key_value(hidden_states))  # 3 x (B, H, T, D) views
+    if layer_past is not None:
+        k, v = layer_past.update(k, v, self.layer_idx)
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask.to(q.dtype)
+    out = ops.scaled_dot_product_attention(
+        q, k, v, attn_mask=attention_mask, dropout_p=self.attention_dropout.p if self.training else 0.0,
+        is_causal=attention_mask is None and tq > 1, scale=self.inv_norm_factor,
+        alibi_slopes=alibi_slopes(self.num_heads, q.device))  # (B, H, Tq, D); no mask: bottom-right for decode
+    context = out.transpose(1, 2).reshape(batch, tq, self.hidden_size)  # (B, Tq, H * D)
+    if self.pretraining_tp > 1 and self.slow_but_exact:
+        raise ValueError("fastlm attention does not reproduce BLOOM's slow_but_exact tensor-parallel slicing")
+    out = torch.nn.functional.dropout(self.dense(context), self.hidden_dropout, self.training)
+    return residual + out, None
+
+
+def patch_alibi_attention(module) -> str | None:
+    """BLOOM's attention (eager-only HF code that adds a precomputed alibi tensor) served by the op
+    with alibi_slopes. Returns why not, or None."""
+    needed = ("query_key_value", "dense", "_reshape", "inv_norm_factor", "num_heads", "hidden_size")
+    missing = [a for a in needed if not hasattr(module, a)]
+    if missing:
+        return f"an ALiBi attention fastlm does not know (no {', '.join(missing)})"
+    if getattr(module, "beta", 1.0) != 1.0:
+        return f"ALiBi scaled by beta={module.beta}"
+    module.forward = types.MethodType(_alibi_forward, module)
+    return None
 
 
 # ---------------------------------------------------------------- rotary embeddings
