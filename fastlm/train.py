@@ -43,6 +43,7 @@ class TrainConfig:
     tokenizer: str = "byte"  # "byte" | "gpt2" (local files only) | a local tokenizer folder
     preset: str = "small"  # a GPTConfig preset
     block_size: int = 128
+    pack: bool = False  # documents (files) end to end with cu_seqlens: no attention or targets across them
     batch_size: int = 16  # sequences per micro-step, per rank
     grad_accum: int = 1
     max_steps: int = 200
@@ -80,15 +81,30 @@ def corpus_files(data: str | None) -> list[Path]:
     return files
 
 
-def read_text(data: str | None, max_bytes: int) -> str:
+def read_documents(data: str | None, max_bytes: int) -> list[str]:
+    """The corpus files' texts (one document each), at most max_bytes characters in all."""
     parts, total = [], 0
     for path in corpus_files(data):
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = path.read_text(encoding="utf-8", errors="replace")[:max_bytes - total]
         parts.append(text)
         total += len(text)
         if total >= max_bytes:
             break
-    return "\n".join(parts)[:max_bytes]
+    return parts
+
+
+def read_text(data: str | None, max_bytes: int) -> str:
+    return "\n".join(read_documents(data, max_bytes))[:max_bytes]
+
+
+def tokenize_documents(tok, docs: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, starts): the documents' tokens end to end, and a bool per token, True where a
+    document begins."""
+    ids = [torch.tensor(tok.encode(d), dtype=torch.int32) for d in docs]
+    ids = [t for t in ids if len(t)]
+    starts = torch.zeros(sum(len(t) for t in ids), dtype=torch.bool)
+    starts[torch.tensor([0] + [len(t) for t in ids[:-1]]).cumsum(0)] = True
+    return torch.cat(ids), starts
 
 
 class ByteTokenizer:
@@ -117,9 +133,10 @@ class Batches:
     seed, so runs are reproducible and resumable; rank r of w takes rows [r*B, (r+1)*B) of the
     global batch of w*B rows, so w ranks together see what one process with w*B rows sees."""
 
-    def __init__(self, tokens: torch.Tensor, block_size: int, seed: int):
+    def __init__(self, tokens: torch.Tensor, block_size: int, seed: int, doc_starts: torch.Tensor | None = None):
         n = int(0.9 * len(tokens))
         self.splits = {"train": tokens[:n], "val": tokens[n:]}
+        self.starts = None if doc_starts is None else {"train": doc_starts[:n], "val": doc_starts[n:]}
         self.block_size, self.seed = block_size, seed
         for split, t in self.splits.items():
             if len(t) <= block_size + 1:
@@ -132,7 +149,20 @@ class Batches:
         starts = starts[rank * batch_size:(rank + 1) * batch_size]  # (B,)
         offsets = torch.arange(self.block_size + 1)
         windows = data[starts[:, None] + offsets].long()  # (B, T + 1)
-        return windows[:, :-1], windows[:, 1:]  # inputs (B, T), targets (B, T)
+        if self.starts is None:
+            return windows[:, :-1], windows[:, 1:]  # inputs (B, T), targets (B, T)
+        return self._packed(windows, self.starts[split][starts[:, None] + offsets])
+
+    def _packed(self, windows, begins):
+        """Packed documents: each row is cut where a document begins (cu_seqlens over the B*T
+        tokens), and the target of a document's last token (the next one's first) is ignored."""
+        B, T = windows.shape[0], self.block_size
+        cut = begins[:, :-1].clone()  # (B, T): a segment starts here
+        cut[:, 0] = True  # every row starts one
+        targets = windows[:, 1:].masked_fill(begins[:, 1:], -100)
+        bounds = cut.flatten().nonzero().flatten().to(torch.int32)
+        cu = torch.cat([bounds, torch.tensor([B * T], dtype=torch.int32)])
+        return windows[:, :-1], targets, cu
 
 
 # ---------------------------------------------------------------- optimisation
@@ -224,6 +254,12 @@ def load_checkpoint(path: Path, model, optimizer, world) -> dict:
 
 
 # ---------------------------------------------------------------- the loop
+def _call(step_fn, batch, device):
+    """The model on (inputs, targets) or, packed, (inputs, targets, cu_seqlens)."""
+    x, y = batch[0].to(device), batch[1].to(device)
+    return step_fn(x, y) if len(batch) == 2 else step_fn(x, y, cu_seqlens=batch[2].to(device))
+
+
 def train(c: TrainConfig) -> dict:
     """Run training; returns the history: step, loss, lr, grad_norm per step and eval losses."""
     rank, world, local = dist_info()
@@ -234,8 +270,11 @@ def train(c: TrainConfig) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     tok = make_tokenizer(c.tokenizer)
-    tokens = torch.tensor(tok.encode(read_text(c.data, c.max_bytes)), dtype=torch.int32)
-    batches = Batches(tokens, c.block_size, c.seed)
+    if c.pack:
+        tokens, doc_starts = tokenize_documents(tok, read_documents(c.data, c.max_bytes))
+    else:
+        tokens, doc_starts = torch.tensor(tok.encode(read_text(c.data, c.max_bytes)), dtype=torch.int32), None
+    batches = Batches(tokens, c.block_size, c.seed, doc_starts)
 
     torch.manual_seed(c.seed)  # same initial weights on every rank
     gc = GPTConfig.preset(c.preset, vocab_size=tok.vocab_size, block_size=c.block_size)
@@ -258,7 +297,7 @@ def train(c: TrainConfig) -> dict:
     def evaluate(step: int) -> float:
         model.eval()
         with torch.no_grad(), autocast:
-            losses = [step_fn(*(t.to(device) for t in batches.get("val", 0, i, c.batch_size, rank, world)))[1]
+            losses = [_call(step_fn, batches.get("val", 0, i, c.batch_size, rank, world), device)[1]
                       for i in range(c.eval_batches)]
         model.train()
         return all_mean(torch.stack(losses).mean().float(), world).item()
@@ -266,7 +305,7 @@ def train(c: TrainConfig) -> dict:
     if rank == 0:
         print(f"fastlm.train: {raw.num_params() / 1e6:.2f}M parameters ({c.preset}), {len(tokens):,} tokens, "
               f"{world} rank(s) on {device}, batch {c.batch_size}x{c.grad_accum}x{world} of {c.block_size}, "
-              f"autocast {amp}, backend {c.backend or 'auto'}")
+              f"autocast {amp}, backend {c.backend or 'auto'}{', documents packed' if c.pack else ''}")
     bar = None
     if c.progress and rank == 0:
         try:
@@ -284,10 +323,10 @@ def train(c: TrainConfig) -> dict:
             group["lr"] = lr
         total = torch.zeros((), device=device)
         for micro in range(c.grad_accum):
-            x, y = (t.to(device) for t in batches.get("train", step, micro, c.batch_size, rank, world))
+            batch = batches.get("train", step, micro, c.batch_size, rank, world)
             sync = micro == c.grad_accum - 1 or world == 1 or c.dist != "ddp"
             with (nullcontext() if sync else model.no_sync()), autocast:
-                _, loss = step_fn(x, y)
+                _, loss = _call(step_fn, batch, device)
                 scaler.scale(loss / c.grad_accum).backward()
             total += loss.detach().float() / c.grad_accum
         scaler.unscale_(optimizer)

@@ -45,6 +45,37 @@ def test_batches_and_schedule():
     assert T.lr_at(60, c) == pytest.approx(0.55) and T.lr_at(110, c) == pytest.approx(0.1)
 
 
+def test_packed_batches_cut_at_documents():
+    docs = ["abc", "defgh", "ij", "klmnopqrstu"]
+    tokens, starts = T.tokenize_documents(T.ByteTokenizer(), docs)
+    assert tokens.tolist() == list(b"abcdefghijklmnopqrstu") and starts.nonzero().flatten().tolist() == [0, 3, 8, 10]
+    b = T.Batches(torch.cat([tokens] * 20), 6, seed=1, doc_starts=torch.cat([starts] * 20))
+    x, y, cu = b.get("train", 2, 0, 3)
+    assert x.shape == y.shape == (3, 6) and cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == 18
+    flat_x, flat_y, begins = x.flatten(), y.flatten(), set(cu.tolist())
+    assert {0, 6, 12} <= begins  # every row starts a segment
+    letters = dict(zip(b"abcdefghijklmnopqrstu", tokens.tolist()))
+    first = {letters[ord(d[0])] for d in docs}
+    for i in range(18):  # a segment starts exactly where a document does (or a row)
+        assert (i in begins) == (i % 6 == 0 or int(flat_x[i]) in first)
+        nxt = int(x.flatten()[i + 1]) if i % 6 < 5 else None
+        if nxt is not None and nxt in first:
+            assert flat_y[i] == -100  # no target across documents
+        elif nxt is not None:
+            assert flat_y[i] == nxt
+
+
+@needs_model_ops
+def test_packed_training_runs(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, text in enumerate(T.read_documents(None, 40_000)[:40]):
+        (docs / f"{i}.txt").write_text(text)
+    history = T.train(config(tmp_path, data=str(docs), pack=True, max_steps=30, batch_size=2, block_size=24,
+                             eval_batches=1))
+    assert len(history["loss"]) == 30 and history["loss"][-1] < history["loss"][0] - 1.0  # it learns
+
+
 def test_cli_arguments():
     c = T.parse_args(["--max-steps", "7", "--no-progress", "--lr", "0.01", "--backend", "reference"])
     assert (c.max_steps, c.progress, c.lr, c.backend, c.preset) == (7, False, 0.01, "reference", "small")
