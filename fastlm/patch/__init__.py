@@ -181,6 +181,8 @@ def _walk(module: nn.Module, prefix: str, ctx: _Context) -> None:
             report.swapped.append((full, type(child).__name__, f"fastlm {type(new).__name__}"))
             continue
         own = [n for n, p in child._parameters.items() if p is not None]
+        if _is_attention(child):  # attention sinks (GPT-OSS) are read by the attention op itself
+            own = [n for n in own if n != "sinks"]
         if child._modules and why != "already fastlm":
             if own:
                 report.left.append((full, type(child).__name__, f"holds parameters {', '.join(own)} beside its "
