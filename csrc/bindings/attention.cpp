@@ -51,10 +51,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   return {gq, gk, gv};
 }
 
+// Variable-length packed sequences (FlashAttention's flash_attn_varlen_func): each sequence of
+// cu_seqlens_q / cu_seqlens_k is its own attention problem; out (total_q, H, Dv), lse (H, total_q).
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t causal, double scale,
+    double softcap, int64_t window_left, int64_t window_right, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& sinks) {
+  constexpr const char* op = "attention_varlen";
+  TORCH_CHECK_VALUE(q.device().is_cpu(), op, ": q must be a CPU tensor here, got ", q.device().str());
+  const AttentionShape sh =
+      check_varlen_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, softcap,
+                        /*allow_half=*/false, window_left, window_right, alibi_slopes, sinks);
+  at::Tensor out = at::empty({q.size(0), sh.heads, sh.value_dim}, q.options());
+  at::Tensor lse = at::empty({sh.heads, q.size(0)}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  attention_forward_cpu(sh, strided_varlen(q), strided_varlen(k), strided_varlen(v), kNoMask, out.data_ptr(),
+                        lse.data_ptr<float>());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const at::Tensor& out, const at::Tensor& lse, int64_t causal, double scale, double softcap, int64_t window_left,
+    int64_t window_right, const std::optional<at::Tensor>& alibi_slopes) {
+  constexpr const char* op = "attention_varlen_backward";
+  TORCH_CHECK_VALUE(q.device().is_cpu(), op, ": q must be a CPU tensor here, got ", q.device().str());
+  const AttentionShape sh =
+      check_varlen_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, softcap,
+                        /*allow_half=*/false, window_left, window_right, alibi_slopes);
+  check_varlen_backward_args(op, sh, grad_out, q, out, lse);
+  at::Tensor gq = at::empty(q.sizes(), q.options()), gk = at::empty(k.sizes(), k.options());
+  at::Tensor gv = at::empty(v.sizes(), v.options());
+  if (q.size(0) == 0 || k.size(0) == 0 || sh.heads == 0) return {gq.zero_(), gk.zero_(), gv.zero_()};
+  const at::Tensor lse_c = lse.contiguous();
+  attention_backward_cpu(sh, strided_varlen(grad_out), strided_varlen(q), strided_varlen(k), strided_varlen(v),
+                         kNoMask, strided_varlen(out), lse_c.data_ptr<float>(), gq.data_ptr(), gk.data_ptr(),
+                         gv.data_ptr());
+  return {gq, gk, gv};
+}
+
 }  // namespace
 }  // namespace fastlm::bind
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("attention_fwd", &fastlm::bind::attention_fwd_cpu);
   m.impl("attention_bwd", &fastlm::bind::attention_bwd_cpu);
+  m.impl("attention_varlen_fwd", &fastlm::bind::attention_varlen_fwd_cpu);
+  m.impl("attention_varlen_bwd", &fastlm::bind::attention_varlen_bwd_cpu);
 }

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -21,6 +22,40 @@ inline Strided4 strided(const at::Tensor& t) {
   Strided4 r{t.data_ptr(), {0, 0, 0, 0}};
   for (int d = 0; d < 4; ++d) r.s[d] = t.size(d) == 1 ? 0 : t.stride(d);
   return r;
+}
+
+// Window, ALiBi slopes and sinks into sh (its batch and heads already set), shared by the dense
+// and the varlen checks.
+inline void check_options(const char* op, AttentionShape& sh, const at::Tensor& q, int64_t window_left,
+                          int64_t window_right, const std::optional<at::Tensor>& alibi_slopes,
+                          const std::optional<at::Tensor>& sinks) {
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op,
+                    ": window_left and window_right must be >= 0, or -1 for unbounded, got ", window_left, " and ",
+                    window_right);
+  sh.window_left = window_left;
+  sh.window_right = window_right;
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& a = *alibi_slopes;
+    TORCH_CHECK_VALUE(a.device() == q.device(), op, ": alibi_slopes is on ", a.device().str(), " but q is on ",
+                      q.device().str());
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, op, ": alibi_slopes must be float32, got ", a.scalar_type());
+    const bool per_head = a.dim() == 1 && a.size(0) == sh.heads;
+    const bool per_batch = a.dim() == 2 && a.size(0) == sh.batch && a.size(1) == sh.heads;
+    TORCH_CHECK_VALUE(per_head || per_batch, op, ": alibi_slopes must be (H,) = (", sh.heads, ",) or (",
+                      is_varlen(sh) ? "num_seqs" : "B", ", H) = (", sh.batch, ", ", sh.heads, "), got ", a.sizes());
+    TORCH_CHECK_VALUE(a.is_contiguous(), op, ": alibi_slopes must be contiguous");
+    sh.alibi_slopes = a.data_ptr<float>();
+    sh.alibi_batch_stride = per_batch ? sh.heads : 0;
+  }
+  if (sinks.has_value()) {
+    const at::Tensor& t = *sinks;
+    TORCH_CHECK_VALUE(t.device() == q.device(), op, ": sinks is on ", t.device().str(), " but q is on ",
+                      q.device().str());
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": sinks must be float32, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == sh.heads && t.is_contiguous(), op,
+                      ": sinks must be a contiguous (H,) = (", sh.heads, ",) tensor, got ", t.sizes());
+    sh.sinks = t.data_ptr<float>();
+  }
 }
 
 // Checks a direct torch.ops.fastlm.attention_* call (the device check is the caller's).
@@ -66,33 +101,7 @@ inline AttentionShape check_args(const char* op, const at::Tensor& q, const at::
     TORCH_CHECK_VALUE(ok, op, ": mask of shape ", m.sizes(), " does not broadcast to ", at::IntArrayRef(full));
     sh.mask_kind = m.scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kAdditive;
   }
-  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op,
-                    ": window_left and window_right must be >= 0, or -1 for unbounded, got ", window_left, " and ",
-                    window_right);
-  sh.window_left = window_left;
-  sh.window_right = window_right;
-  if (alibi_slopes.has_value()) {
-    const at::Tensor& a = *alibi_slopes;
-    TORCH_CHECK_VALUE(a.device() == q.device(), op, ": alibi_slopes is on ", a.device().str(), " but q is on ",
-                      q.device().str());
-    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, op, ": alibi_slopes must be float32, got ", a.scalar_type());
-    const bool per_head = a.dim() == 1 && a.size(0) == sh.heads;
-    const bool per_batch = a.dim() == 2 && a.size(0) == sh.batch && a.size(1) == sh.heads;
-    TORCH_CHECK_VALUE(per_head || per_batch, op, ": alibi_slopes must be (H,) = (", sh.heads, ",) or (B, H) = (",
-                      sh.batch, ", ", sh.heads, "), got ", a.sizes());
-    TORCH_CHECK_VALUE(a.is_contiguous(), op, ": alibi_slopes must be contiguous");
-    sh.alibi_slopes = a.data_ptr<float>();
-    sh.alibi_batch_stride = per_batch ? sh.heads : 0;
-  }
-  if (sinks.has_value()) {
-    const at::Tensor& t = *sinks;
-    TORCH_CHECK_VALUE(t.device() == q.device(), op, ": sinks is on ", t.device().str(), " but q is on ",
-                      q.device().str());
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": sinks must be float32, got ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == sh.heads && t.is_contiguous(), op,
-                      ": sinks must be a contiguous (H,) = (", sh.heads, ",) tensor, got ", t.sizes());
-    sh.sinks = t.data_ptr<float>();
-  }
+  check_options(op, sh, q, window_left, window_right, alibi_slopes, sinks);
   return sh;
 }
 
@@ -110,6 +119,100 @@ inline void check_backward_args(const char* op, const AttentionShape& sh, const 
   TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({sh.batch, sh.heads, sh.tq}), op, ": lse has shape ",
                     lse.sizes(), " but expected ", at::IntArrayRef({sh.batch, sh.heads, sh.tq}));
+}
+
+// Variable-length packed attention (attention_varlen_*): q (total_q, H, D), k (total_k, H_kv, D),
+// v (total_k, H_kv, Dv) as the kernels' Strided4 (batch stride 0, T = the packed rows).
+inline Strided4 strided_varlen(const at::Tensor& t) {
+  return Strided4{t.data_ptr(), {0, t.stride(1), t.stride(0), t.stride(2)}};
+}
+
+// cu_seqlens_<x>: host int32 (num_seqs + 1,) contiguous, 0 first, `total` last, nondecreasing,
+// every length at most max_seqlen_<x>.
+inline const int32_t* cu_seqlens_arg(const char* op, const char* name, const at::Tensor& cu, const char* total_name,
+                                     int64_t total, const char* max_name, int64_t max_seqlen) {
+  TORCH_CHECK_VALUE(cu.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", cu.device().str());
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, op, ": ", name, " must be 1-D (num_seqs + 1,), got shape ",
+                    cu.sizes());
+  TORCH_CHECK_VALUE(cu.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", cu.strides());
+  TORCH_CHECK_VALUE(max_seqlen >= 0, op, ": ", max_name, " must be >= 0, got ", max_seqlen);
+  const int32_t* c = cu.data_ptr<int32_t>();
+  const int64_t n = cu.size(0);
+  TORCH_CHECK_VALUE(c[0] == 0, op, ": ", name, "[0] must be 0, got ", c[0]);
+  for (int64_t b = 0; b + 1 < n; ++b) {
+    const int64_t len = int64_t(c[b + 1]) - int64_t(c[b]);
+    TORCH_CHECK_VALUE(len >= 0, op, ": ", name, " must be nondecreasing, got ", name, "[", b, "] = ", c[b], " > ",
+                      name, "[", b + 1, "] = ", c[b + 1]);
+    TORCH_CHECK_VALUE(len <= max_seqlen, op, ": sequence ", b, " has length ", len, " (from ", name, ") > ", max_name,
+                      " = ", max_seqlen);
+  }
+  TORCH_CHECK_VALUE(c[n - 1] == total, op, ": ", name, "[-1] = ", c[n - 1], " must equal ", total_name, " = ", total);
+  return c;
+}
+
+// Checks a direct torch.ops.fastlm.attention_varlen_* call (the device check is the caller's).
+// The shape's batch is num_seqs, tq / tk are max_seqlen_q / max_seqlen_k.
+inline AttentionShape check_varlen_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                        int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t causal, double scale,
+                                        double softcap, bool allow_half, int64_t window_left, int64_t window_right,
+                                        const std::optional<at::Tensor>& alibi_slopes,
+                                        const std::optional<at::Tensor>& sinks = std::nullopt) {
+  const DType dtype = dtype_arg(op, "q", q, allow_half);
+  TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must be 3-D (total_q, H, D), got shape ", q.sizes());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
+    TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " is on ", t.device().str(), " but q is on ",
+                      q.device().str());
+    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+                     " but q has dtype ", q.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 3, op, ": ", name, " must be 3-D (total_k, H_kv, ",
+                      name == std::string("k") ? "D" : "Dv", "), got shape ", t.sizes());
+  }
+  TORCH_CHECK_VALUE(k.size(2) == q.size(2), op, ": k head dim ", k.size(2), " != q head dim ", q.size(2));
+  TORCH_CHECK_VALUE(v.size(0) == k.size(0) && v.size(1) == k.size(1), op, ": v shape ", v.sizes(),
+                    " does not match k shape ", k.sizes(), " in (total_k, H_kv)");
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": q has ", q.size(1),
+                    " heads, not a multiple of k's ", k.size(1));
+  TORCH_CHECK_VALUE(q.size(2) <= 256 && v.size(2) <= 256, op, ": head dims up to 256 on ", q.device().str(), ", got q ",
+                    q.size(2), " and v ", v.size(2));
+  TORCH_CHECK_VALUE(causal >= 0 && causal <= 2, op, ": causal must be 0 (none), 1 (top-left) or 2 (bottom-right), got ",
+                    causal);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, op,
+                    ": softcap must be a finite float >= 0 (0 = off), got ", softcap);
+  const int32_t* cu_q = cu_seqlens_arg(op, "cu_seqlens_q", cu_seqlens_q, "total_q (q.size(0))", q.size(0),
+                                       "max_seqlen_q", max_seqlen_q);
+  const int32_t* cu_k = cu_seqlens_arg(op, "cu_seqlens_k", cu_seqlens_k, "total_k (k.size(0))", k.size(0),
+                                       "max_seqlen_k", max_seqlen_k);
+  TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), op, ": cu_seqlens_q has ", cu_seqlens_q.size(0),
+                    " entries but cu_seqlens_k has ", cu_seqlens_k.size(0), " (both num_seqs + 1)");
+  AttentionShape sh{dtype, cu_seqlens_q.size(0) - 1, q.size(1), k.size(1), max_seqlen_q, max_seqlen_k, q.size(2),
+                    v.size(2), static_cast<Causal>(causal), MaskKind::kNone, static_cast<float>(scale),
+                    static_cast<float>(softcap)};
+  sh.cu_seqlens_q = cu_q;
+  sh.cu_seqlens_k = cu_k;
+  check_options(op, sh, q, window_left, window_right, alibi_slopes, sinks);
+  return sh;
+}
+
+// Varlen backward: grad_out and out (total_q, H, Dv) on q's device with q's dtype; lse fp32 (H, total_q).
+inline void check_varlen_backward_args(const char* op, const AttentionShape& sh, const at::Tensor& grad_out,
+                                       const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse) {
+  const int64_t total_q = q.size(0);
+  const std::vector<int64_t> out_shape{total_q, sh.heads, sh.value_dim};
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_out", grad_out}, {"out", out}}) {
+    TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " is on ", t.device().str(), " but q is on ",
+                      q.device().str());
+    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+                     " but q has dtype ", q.scalar_type());
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(out_shape), op, ": ", name, " has shape ", t.sizes(),
+                      " but the output's is (total_q, H, Dv) = ", at::IntArrayRef(out_shape));
+  }
+  TORCH_CHECK_VALUE(lse.device() == q.device(), op, ": lse is on ", lse.device().str(), " but q is on ",
+                    q.device().str());
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({sh.heads, total_q}), op, ": lse has shape ", lse.sizes(),
+                    " but expected (H, total_q) = ", at::IntArrayRef({sh.heads, total_q}));
 }
 
 // Tk == 0 or Dv == 0: every row attends to nothing; fills out with 0 and lse with -inf (with

@@ -1,14 +1,18 @@
 // Flash attention forward on the CPU: one OpenMP work item per (batch, head, query tile of
-// kBlockQ rows). The query tile is packed once, transposed and pre-scaled; each key tile is
-// packed to fp32, scores St = K Qt come from the register-blocked GEMM of attention_tiles.h,
-// the online softmax keeps a running max m and sum l per query (vectors across the tile's
-// queries), and O = O * alpha + P V accumulates in fp32 scratch. Only the key range the tile's
-// causal / sliding-window band reaches is visited; the mask pass runs only on tiles that
-// straddle a band edge or have a mask. Scores are soft-capped (softcap * tanh(s / softcap)),
-// then get ALiBi (from positions, no bias tensor), then the mask. A sink only enters the
-// finalisation: lse = logaddexp(m + log l, sink), and O / l shrinks by exp(m + log l - lse).
+// kBlockQ rows); with variable-length packed sequences (cu_seqlens) per (sequence, head, query
+// tile of its real rows), each sequence its own problem over its own keys, so no padding is
+// ever computed (dense is the case of equal lengths and batch strides). The query tile is
+// packed once, transposed and pre-scaled; each key tile is packed to fp32, scores St = K Qt
+// come from the register-blocked GEMM of attention_tiles.h, the online softmax keeps a running
+// max m and sum l per query (vectors across the tile's queries), and O = O * alpha + P V
+// accumulates in fp32 scratch. Only the key range the tile's causal / sliding-window band
+// reaches is visited; the mask pass runs only on tiles that straddle a band edge or have a
+// mask. Scores are soft-capped (softcap * tanh(s / softcap)), then get ALiBi (from positions,
+// no bias tensor), then the mask. A sink only enters the finalisation: lse = logaddexp(m +
+// log l, sink), and O / l shrinks by exp(m + log l - lse).
 #include <omp.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "attention_tiles.h"
@@ -58,9 +62,10 @@ struct Scratch {
 template <typename T>
 void forward(const AttentionShape& sh, Strided4 q, Strided4 k, Strided4 v, Strided4 mask, T* out, float* lse) {
   const int64_t D = sh.head_dim, Dv = sh.value_dim, Dvp = round_up(Dv, kLanes);
-  const int64_t n_qt = (sh.tq + kBlockQ - 1) / kBlockQ;
-  const int64_t items = sh.batch * sh.heads * n_qt;
+  const std::vector<int64_t> tiles = query_tile_starts(sh);  // per sequence: its query tiles
+  const int64_t items = sh.heads * tiles.back();              // (sequence, head, query tile)
   const int64_t group = sh.heads / sh.kv_heads;
+  const RowLayout ol = rows_layout(sh, sh.heads, sh.tq, Dv), ll = lse_layout(sh);
   const T* qd = static_cast<const T*>(q.data);
   const T* kd = static_cast<const T*>(k.data);
   const T* vd = static_cast<const T*>(v.data);
@@ -69,17 +74,21 @@ void forward(const AttentionShape& sh, Strided4 q, Strided4 k, Strided4 v, Strid
     Scratch w(D, Dvp);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t b = item / (sh.heads * n_qt), h = item / n_qt % sh.heads, i0 = item % n_qt * kBlockQ;
-      const int64_t hk = h / group, nq = std::min(kBlockQ, sh.tq - i0);
-      const T* qp = qd + b * q.s[0] + h * q.s[1] + i0 * q.s[2];
-      const T* kp = kd + b * k.s[0] + hk * k.s[1];
-      const T* vp = vd + b * v.s[0] + hk * v.s[1];
+      // sequence b owns items [heads * tiles[b], heads * tiles[b + 1]), head-major inside
+      const int64_t b = std::upper_bound(tiles.begin(), tiles.end(), item / sh.heads) - tiles.begin() - 1;
+      const int64_t n_qt = tiles[b + 1] - tiles[b], r = item - sh.heads * tiles[b];
+      const int64_t h = r / n_qt, i0 = r % n_qt * kBlockQ;
+      const Seq s = sequence(sh, b);
+      const int64_t hk = h / group, nq = std::min(kBlockQ, s.tq - i0);
+      const T* qp = qd + b * q.s[0] + h * q.s[1] + (s.q0 + i0) * q.s[2];
+      const T* kp = kd + b * k.s[0] + hk * k.s[1] + s.k0 * k.s[2];
+      const T* vp = vd + b * v.s[0] + hk * v.s[1] + s.k0 * v.s[2];
       pack_transposed(qp, q.s[2], q.s[3], nq, D, w.Qt, kBlockQ, sh.scale);
       std::fill(w.O, w.O + kBlockQ * Dvp, 0.0f);
       std::fill(w.m, w.m + kBlockQ, kNegInf);
       std::fill(w.l, w.l + kBlockQ, 0.0f);
-      TileMask t = tile_mask<T>(sh, mask, b, h, i0, nq);
-      const auto [key_begin, key_end] = t.keys(sh.tk);
+      TileMask t = tile_mask<T>(sh, mask, s, b, h, i0, nq);
+      const auto [key_begin, key_end] = t.keys(s.tk);
       for (int64_t j0 = key_begin; j0 < key_end; j0 += kBlockK) {
         t.j0 = j0, t.nk = std::min(kBlockK, key_end - j0);
         pack_rows(kp + j0 * k.s[2], k.s[2], k.s[3], t.nk, D, w.Kp, D);
@@ -90,14 +99,14 @@ void forward(const AttentionShape& sh, Strided4 q, Strided4 k, Strided4 v, Strid
         if (any_dead) zero_dead_rows(w.Vp, Dvp, w.live, t.nk);
         gemm(nq, Dvp, t.nk, w.St, 1, kBlockQ, w.Vp, Dvp, w.O, Dvp, w.alpha, true);
       }
-      T* o = out + ((b * sh.heads + h) * sh.tq + i0) * Dv;
-      float* ls = lse + (b * sh.heads + h) * sh.tq + i0;
+      T* o = out + ol.at(b, h, s.q0 + i0);
+      float* ls = lse + ll.at(b, h, s.q0 + i0);
       const float sink = sh.sinks ? sh.sinks[h] : kNegInf;
       for (int64_t i = 0; i < nq; ++i) {
         const float li = w.l[i];
         const float lse_scores = li > 0.0f ? w.m[i] + std::log(li) : (li == 0.0f ? kNegInf : li);
         ls[i] = logaddexp(lse_scores, sink);  // a fully masked row (l = 0): lse = sink, out 0
-        write_row(o + i * Dv, w.O + i * Dvp, Dv, li > 0.0f ? std::exp(lse_scores - ls[i]) / li : 0.0f);
+        write_row(o + i * ol.t, w.O + i * Dvp, Dv, li > 0.0f ? std::exp(lse_scores - ls[i]) / li : 0.0f);
       }
     }
   }

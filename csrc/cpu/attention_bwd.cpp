@@ -1,16 +1,19 @@
-// Flash attention backward on the CPU. One OpenMP work item per (batch, key/value head): it
-// owns dK and dV of that head (fp32 scratch, Tk rows), so no two threads ever write the same
-// gradient and the result doesn't depend on scheduling. Inside, for every query head of the
-// GQA group and every query tile: pack Q (transposed and row-major, pre-scaled) and dO
-// (both ways), then for each key tile of the range its causal / sliding-window band reaches
-// (tiles outside are never visited; a tile that reaches no key just writes dQ = 0) recompute
-// St = K Qt, softcap, ALiBi and mask as the forward, P = exp(St - lse), dPt = V dOt,
-// dSt = P (dPt - delta) (times 1 - tanh^2 of the capped raw scores under a softcap: ALiBi is
-// added after the cap and doesn't change it), and accumulate dV += P^T dO, dK += dS^T Q,
-// dQ += dS K with the same register-blocked GEMM as the forward. Sinks need nothing here: the
-// forward's lse already holds them, so P is right.
+// Flash attention backward on the CPU. One OpenMP work item per (batch, key/value head) (with
+// variable-length packed sequences: per (sequence, key/value head), over that sequence's real query
+// and key rows only): it owns dK and dV of that head (fp32 scratch, Tk rows), so no two threads
+// ever write the same gradient and the result doesn't depend on scheduling. Inside, for every query
+// head of the GQA group and every query tile: pack Q (transposed and row-major, pre-scaled) and dO
+// (both ways), then for each key tile of the range its causal / sliding-window band reaches (tiles
+// outside are never visited; a tile that reaches no key just writes dQ = 0) recompute St = K Qt,
+// softcap, ALiBi and mask as the forward, P = exp(St - lse), dPt = V dOt, dSt = P (dPt - delta)
+// (times 1 - tanh^2 of the capped raw scores under a softcap: ALiBi is added after the cap and
+// doesn't change it), and accumulate dV += P^T dO, dK += dS^T Q, dQ += dS K with the same register-
+// blocked GEMM as the forward. Sinks need nothing here: the forward's lse already holds them, so P
+// is right.
 #include <omp.h>
 
+#include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "attention_tiles.h"
@@ -56,37 +59,52 @@ void backward(const AttentionShape& sh, Strided4 go, Strided4 q, Strided4 k, Str
   const int64_t D = sh.head_dim, Dv = sh.value_dim;
   const int64_t Dkp = round_up(D, kLanes), Dvp = round_up(Dv, kLanes);
   const int64_t items = sh.batch * sh.kv_heads, group = sh.heads / sh.kv_heads;
+  // Sequences longest first (varlen: their work differs, and the dynamic schedule balances best
+  // that way; each item owns its outputs, so the order changes no result), and the longest key
+  // range, which sizes the dK/dV scratch.
+  std::vector<int64_t> order(size_t(sh.batch));
+  std::iota(order.begin(), order.end(), int64_t{0});
+  int64_t max_tk = sh.tk;
+  if (is_varlen(sh)) {
+    max_tk = 0;
+    for (int64_t b = 0; b < sh.batch; ++b) max_tk = std::max(max_tk, sequence(sh, b).tk);
+    const auto work = [&](int64_t b) { const Seq s = sequence(sh, b); return s.tq * s.tk; };
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return work(a) > work(b); });
+  }
+  const RowLayout dql = rows_layout(sh, sh.heads, sh.tq, D), ll = lse_layout(sh);
+  const RowLayout dkl = rows_layout(sh, sh.kv_heads, sh.tk, D), dvl = rows_layout(sh, sh.kv_heads, sh.tk, Dv);
   const T *qd = static_cast<const T*>(q.data), *kd = static_cast<const T*>(k.data);
   const T *vd = static_cast<const T*>(v.data), *god = static_cast<const T*>(go.data);
   const T* od = static_cast<const T*>(o.data);
 #pragma omp parallel if (items > 1)
   {
-    Scratch w(D, Dkp, Dv, Dvp, sh.tk, sh.softcap > 0.0f);
+    Scratch w(D, Dkp, Dv, Dvp, max_tk, sh.softcap > 0.0f);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t b = item / sh.kv_heads, hk = item % sh.kv_heads;
-      const T* kp = kd + b * k.s[0] + hk * k.s[1];
-      const T* vp = vd + b * v.s[0] + hk * v.s[1];
-      std::fill(w.dK, w.dK + sh.tk * Dkp, 0.0f);
-      std::fill(w.dV, w.dV + sh.tk * Dvp, 0.0f);
+      const int64_t b = order[item / sh.kv_heads], hk = item % sh.kv_heads;
+      const Seq s = sequence(sh, b);
+      const T* kp = kd + b * k.s[0] + hk * k.s[1] + s.k0 * k.s[2];
+      const T* vp = vd + b * v.s[0] + hk * v.s[1] + s.k0 * v.s[2];
+      std::fill(w.dK, w.dK + s.tk * Dkp, 0.0f);
+      std::fill(w.dV, w.dV + s.tk * Dvp, 0.0f);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        for (int64_t i0 = 0; i0 < sh.tq; i0 += kBlockQ) {
-          const int64_t nq = std::min(kBlockQ, sh.tq - i0);
-          TileMask t = tile_mask<T>(sh, mask, b, h, i0, nq);
-          const auto [key_begin, key_end] = t.keys(sh.tk);
-          T* dq = gq + ((b * sh.heads + h) * sh.tq + i0) * D;
+        for (int64_t i0 = 0; i0 < s.tq; i0 += kBlockQ) {
+          const int64_t nq = std::min(kBlockQ, s.tq - i0);
+          TileMask t = tile_mask<T>(sh, mask, s, b, h, i0, nq);
+          const auto [key_begin, key_end] = t.keys(s.tk);
+          T* dq = gq + dql.at(b, h, s.q0 + i0);
           if (key_begin >= key_end) {  // every row fully masked: dQ = 0, nothing else to add
-            std::fill(dq, dq + nq * D, T{});
+            for (int64_t i = 0; i < nq; ++i) std::fill(dq + i * dql.t, dq + i * dql.t + D, T{});
             continue;
           }
-          const T* qp = qd + b * q.s[0] + h * q.s[1] + i0 * q.s[2];
-          const T* gop = god + b * go.s[0] + h * go.s[1] + i0 * go.s[2];
-          const T* op = od + b * o.s[0] + h * o.s[1] + i0 * o.s[2];
+          const T* qp = qd + b * q.s[0] + h * q.s[1] + (s.q0 + i0) * q.s[2];
+          const T* gop = god + b * go.s[0] + h * go.s[1] + (s.q0 + i0) * go.s[2];
+          const T* op = od + b * o.s[0] + h * o.s[1] + (s.q0 + i0) * o.s[2];
           pack_transposed(qp, q.s[2], q.s[3], nq, D, w.Qt, kBlockQ, sh.scale);
           pack_rows(qp, q.s[2], q.s[3], nq, D, w.Qs, Dkp, sh.scale);
           pack_transposed(gop, go.s[2], go.s[3], nq, Dv, w.dOt, kBlockQ, 1.0f);
           pack_rows(gop, go.s[2], go.s[3], nq, Dv, w.dOp, Dvp);
-          const float* ls = lse + (b * sh.heads + h) * sh.tq + i0;
+          const float* ls = lse + ll.at(b, h, s.q0 + i0);
           for (int64_t i = 0; i < kBlockQ; ++i) {
             w.lse[i] = i < nq ? ls[i] : kNegInf;
             float d = 0.0f;
@@ -110,14 +128,14 @@ void backward(const AttentionShape& sh, Strided4 go, Strided4 q, Strided4 k, Str
             gemm(t.nk, Dkp, nq, w.dSt, kBlockQ, 1, w.Qs, Dkp, w.dK + j0 * Dkp, Dkp, nullptr, true);
             gemm(nq, Dkp, t.nk, w.dSt, 1, kBlockQ, w.Kp, Dkp, w.dQ, Dkp, nullptr, true);
           }
-          for (int64_t i = 0; i < nq; ++i) write_row(dq + i * D, w.dQ + i * Dkp, D, sh.scale);
+          for (int64_t i = 0; i < nq; ++i) write_row(dq + i * dql.t, w.dQ + i * Dkp, D, sh.scale);
         }
       }
-      T* dk = gk + (b * sh.kv_heads + hk) * sh.tk * D;
-      T* dv = gv + (b * sh.kv_heads + hk) * sh.tk * Dv;
-      for (int64_t j = 0; j < sh.tk; ++j) {
-        write_row(dk + j * D, w.dK + j * Dkp, D, 1.0f);
-        write_row(dv + j * Dv, w.dV + j * Dvp, Dv, 1.0f);
+      T* dk = gk + dkl.at(b, hk, s.k0);
+      T* dv = gv + dvl.at(b, hk, s.k0);
+      for (int64_t j = 0; j < s.tk; ++j) {
+        write_row(dk + j * dkl.t, w.dK + j * Dkp, D, 1.0f);
+        write_row(dv + j * dvl.t, w.dV + j * Dvp, Dv, 1.0f);
       }
     }
   }

@@ -10,6 +10,10 @@
 // Causal and the window make query i see the band of keys i + lo .. i + hi, so a query tile
 // sees one contiguous key range (TileMask::keys): key tiles outside it are never visited, and
 // tiles wholly inside the band with no mask skip the mask pass (TileMask::full).
+//
+// Variable-length packed sequences (AttentionShape::cu_seqlens_*) take the same code: each
+// sequence b is a Seq (its first query / key row in the packed T dims and its own Tq, Tk), and
+// positions inside tiles stay relative to the sequence; dense is every Seq at row 0 with Tq, Tk.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -151,10 +155,48 @@ struct TileMask {
   }
 };
 
-// The TileMask of query tile [i0, i0 + nq) of (batch b, head h); j0 and nk are set per key tile.
+// One sequence (batch entry) b: its queries are rows q0 .. q0 + tq of the T dim of q (and of
+// out, dO, lse), its keys rows k0 .. k0 + tk of k and v. Dense: every sequence starts at row 0
+// and has the shape's tq, tk; varlen: rows of the packed tensors from cu_seqlens.
+struct Seq {
+  int64_t q0, tq, k0, tk;
+};
+FASTLM_INLINE Seq sequence(const AttentionShape& sh, int64_t b) {
+  if (!is_varlen(sh)) return {0, sh.tq, 0, sh.tk};
+  const int64_t q0 = sh.cu_seqlens_q[b], k0 = sh.cu_seqlens_k[b];
+  return {q0, sh.cu_seqlens_q[b + 1] - q0, k0, sh.cu_seqlens_k[b + 1] - k0};
+}
+
+// Element strides (sequence, head, row) of a contiguous output with n values per (row, head):
+// dense (B, heads, T, n), varlen (total rows, heads, n) (rows are then absolute: Seq::q0 + i).
+struct RowLayout {
+  int64_t b, h, t;
+  int64_t at(int64_t seq, int64_t head, int64_t row) const { return seq * b + head * h + row * t; }
+};
+inline RowLayout rows_layout(const AttentionShape& sh, int64_t heads, int64_t t, int64_t n) {
+  if (is_varlen(sh)) return {0, n, heads * n};
+  return {heads * t * n, t * n, n};
+}
+// lse: dense (B, H, Tq), varlen (H, total_q).
+inline RowLayout lse_layout(const AttentionShape& sh) {
+  if (is_varlen(sh)) return {0, sh.cu_seqlens_q[sh.batch], 1};
+  return {sh.heads * sh.tq, sh.tq, 1};
+}
+
+// Query tiles [tile_begin[b], tile_begin[b + 1]) belong to sequence b (ceil(tq_b / kBlockQ) each,
+// none for an empty one): work items cover real rows only, never a padded max length.
+inline std::vector<int64_t> query_tile_starts(const AttentionShape& sh) {
+  std::vector<int64_t> starts(size_t(sh.batch) + 1, 0);
+  for (int64_t b = 0; b < sh.batch; ++b) starts[b + 1] = starts[b] + (sequence(sh, b).tq + kBlockQ - 1) / kBlockQ;
+  return starts;
+}
+
+// The TileMask of query tile [i0, i0 + nq) of (batch b, head h) of sequence s (i0 relative to
+// the sequence); j0 and nk are set per key tile, relative too.
 template <typename T>
-inline TileMask tile_mask(const AttentionShape& sh, Strided4 mask, int64_t b, int64_t h, int64_t i0, int64_t nq) {
-  const int64_t offset = diagonal_offset(sh);
+inline TileMask tile_mask(const AttentionShape& sh, Strided4 mask, const Seq& s, int64_t b, int64_t h, int64_t i0,
+                          int64_t nq) {
+  const int64_t offset = diagonal_offset(sh, s.tq, s.tk);
   const int64_t left = std::min(sh.window_left, kFar), right = std::min(sh.window_right, kFar);
   int64_t hi = right >= 0 ? offset + right : kFar;
   if (sh.causal != Causal::kNone) hi = std::min(hi, offset);

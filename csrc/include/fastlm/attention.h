@@ -44,14 +44,27 @@ struct AttentionShape {
   const float* alibi_slopes = nullptr;
   int64_t alibi_batch_stride = 0;
   const float* sinks = nullptr;  // (H,) fp32 sink logits, forward only; nullptr: none
+  // Variable-length packed sequences (FlashAttention's varlen), host int32 (batch + 1,) prefix
+  // sums: sequence b has queries [cu_seqlens_q[b], cu_seqlens_q[b+1]) and keys [cu_seqlens_k[b],
+  // cu_seqlens_k[b+1]) of the packed T dims, and is its own attention problem (its own Tq, Tk and
+  // diagonal offset); tq/tk are then upper bounds of those lengths. q/k/v are given as Strided4
+  // with batch stride 0 and T = the packed rows; out is (total_q, H, Dv) and lse (H, total_q).
+  // nullptr (both): dense, every sequence has Tq = tq and Tk = tk.
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
 };
 
-// The diagonal causal masks, windows and ALiBi are measured from: key j = query i + offset.
-inline int64_t diagonal_offset(const AttentionShape& sh) {
-  return sh.causal == Causal::kTopLeft ? 0 : sh.tk - sh.tq;
-}
+inline bool is_varlen(const AttentionShape& sh) { return sh.cu_seqlens_q != nullptr; }
 
-// out: (B, H, Tq, Dv) contiguous, lse: (B, H, Tq) fp32 contiguous.
+// The diagonal causal masks, windows and ALiBi are measured from: key j = query i + offset, for a
+// sequence of tq queries and tk keys.
+inline int64_t diagonal_offset(const AttentionShape& sh, int64_t tq, int64_t tk) {
+  return sh.causal == Causal::kTopLeft ? 0 : tk - tq;
+}
+inline int64_t diagonal_offset(const AttentionShape& sh) { return diagonal_offset(sh, sh.tq, sh.tk); }
+
+// out: (B, H, Tq, Dv) contiguous, lse: (B, H, Tq) fp32 contiguous; varlen (shape.cu_seqlens_*):
+// out (total_q, H, Dv) and lse (H, total_q) contiguous, grad_q/k/v contiguous (total, H, D).
 void attention_forward_cpu(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v,
                            Strided4 mask, void* out, float* lse);
 
