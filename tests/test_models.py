@@ -255,3 +255,18 @@ def test_packed_training_equals_padded(preset):
     with pytest.raises(ValueError, match=r"cu_seqlens must be int32 prefix sums of document lengths ending at "
                                          r"B\*T = 32"):
         model(packed, targets, cu_seqlens=cu[:-1])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_generate_batch_paged_equals_one_by_one(preset):
+    """Prompts of lengths 3, 11 and 6 generated together (one packed prefill, paged decode steps)
+    give each the tokens it gets alone with the contiguous cache; greedy, so exactly."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset(preset))
+    prompts = [torch.randint(0, 256, (n,)) for n in (3, 11, 6)]
+    together = model.generate_batch(prompts, 9, temperature=0.0, page_size=4)
+    for prompt, got in zip(prompts, together):
+        alone = model.generate(prompt.view(1, -1), 9, temperature=0.0)[0]
+        assert torch.equal(got, alone), (got.tolist(), alone.tolist())
+    with pytest.raises(ValueError, match=r"generate_batch: needs non-empty prompts"):
+        model.generate_batch([torch.randint(0, 256, (120,))], 9)

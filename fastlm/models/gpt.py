@@ -125,6 +125,27 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class PagedKVCache:
+    """Keys and values of every layer in fixed-size pages, vLLM style: (n_layer, pages, page_size,
+    Hkv, D) each; sequence b owns the pages block_table[b] and holds seqlens[b] tokens. Sequences
+    of different lengths share one pool, and each decode step appends in place."""
+
+    def __init__(self, c: GPTConfig, batch: int, max_len: int, page_size: int, device, dtype):
+        per_seq = -(-max_len // page_size)  # pages per sequence, rounded up
+        shape = (c.n_layer, batch * per_seq, page_size, c.n_kv_head, c.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.block_table = torch.arange(batch * per_seq, device=device, dtype=torch.int32).view(batch, per_seq)
+        self.seqlens = torch.zeros(batch, device=device, dtype=torch.int32)
+
+    def write(self, layer: int, seq: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store rows k, v (N, Hkv, D) of sequences seq (N,) at positions pos (N,)."""
+        page_size = self.k.shape[2]
+        page = self.block_table[seq, pos // page_size].long()
+        self.k[layer, page, pos % page_size] = k
+        self.v[layer, page, pos % page_size] = v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, c: GPTConfig, layer: int):
         super().__init__()
@@ -143,10 +164,16 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:  # q and k rotated in one pass, fp32 math (LLaMA's rotate-half layout)
             q, k = ops.rope(q, k, rope[0], rope[1])  # tables (T, D), or (B, T, D) when packed
         if packed is not None:  # documents end to end: each attends only within itself, no padding
-            cu, longest = packed
+            cu, longest, seq, positions = packed
             q, k, v = (t.transpose(1, 2).reshape(B * T, -1, D) for t in (q, k, v))  # (B, h, T, D) -> (B*T, h, D)
+            if isinstance(cache, PagedKVCache):  # a batched prefill: every prompt's keys go to its pages
+                cache.write(self.layer, seq, positions.flatten(), k, v)
             y = ops.varlen_attention(q, k, v, cu, cu, longest, longest, is_causal=True)  # (B*T, H, D)
             return _project(self.c_proj, y.view(B, T, H * D), residual, c.dropout, self.training)
+        if isinstance(cache, PagedKVCache):  # decode steps of sequences of different lengths
+            y = ops.decode_attention(q.transpose(1, 2), cache.k[self.layer], cache.v[self.layer], cache.seqlens,
+                                     block_table=cache.block_table, k=k.transpose(1, 2), v=v.transpose(1, 2))
+            return _project(self.c_proj, y.reshape(B, T, H * D), residual, c.dropout, self.training)  # (B, T, H, D)
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)  # (B, Hkv, pos+T, D): a decode step has T = 1
         # one query (a decode step) sees every cached key: no mask, the decode path. T > 1 queries
@@ -249,6 +276,8 @@ class GPT(nn.Module):
         positions, packed = torch.arange(pos, pos + T, device=idx.device), None
         if cu_seqlens is not None:
             positions, packed = self._packed_positions(idx, cu_seqlens, max_seqlen)  # (B, T)
+        elif isinstance(cache, PagedKVCache):  # each sequence continues from its own length
+            positions = cache.seqlens.long().view(B, 1) + torch.arange(T, device=idx.device)  # (B, T)
         x = t.wte(idx)  # (B, T) -> (B, T, C)
         rope = None
         if c.pos == "learned":
@@ -271,9 +300,9 @@ class GPT(nn.Module):
         longest = int(lengths.max()) if max_seqlen is None else int(max_seqlen)
         if longest > self.config.block_size:
             raise ValueError(f"GPT: a document of {longest} tokens exceeds block_size {self.config.block_size}")
-        starts = cu_seqlens[:-1].long().repeat_interleave(lengths.long(), output_size=B * T)  # (B*T,)
-        positions = (torch.arange(B * T, device=idx.device) - starts).view(B, T)
-        return positions, (cu_seqlens, longest)
+        seq = torch.arange(len(lengths), device=idx.device).repeat_interleave(lengths.long(), output_size=B * T)
+        positions = (torch.arange(B * T, device=idx.device) - cu_seqlens[:-1].long()[seq]).view(B, T)
+        return positions, (cu_seqlens, longest, seq, positions)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100, *,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None):
@@ -310,6 +339,39 @@ class GPT(nn.Module):
                     logits = self.lm_head(self.hidden(ctx)[:, -1])  # (B, C) -> (B, V)
                     idx = torch.cat([idx, sample(logits, temperature, top_k, top_p, generator)], dim=1)
                 return idx
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: list[torch.Tensor], max_new_tokens: int, temperature: float = 1.0,
+                       top_k: int | None = None, top_p: float | None = None, *, page_size: int = 16,
+                       generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """Prompts of different lengths generated together, with no padding anywhere: one packed
+        prefill (varlen attention) writes every prompt's keys to a paged KV cache, then each step
+        decodes all sequences at once, each at its own position (paged decode attention)."""
+        lengths = [int(p.numel()) for p in prompts]
+        if not prompts or min(lengths) < 1 or max(lengths) + max_new_tokens > self.config.block_size:
+            raise ValueError(f"generate_batch: needs non-empty prompts with length + max_new_tokens <= block_size "
+                             f"{self.config.block_size}, got lengths {lengths} and max_new_tokens {max_new_tokens}")
+        was_training = self.training
+        self.eval()
+        try:
+            with self._pin():
+                device = prompts[0].device
+                cache = PagedKVCache(self.config, len(prompts), max(lengths) + max_new_tokens, page_size, device,
+                                     self.lm_head.weight.dtype)
+                cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+                x = self.hidden(torch.cat([p.flatten() for p in prompts]).view(1, -1), cache=cache, cu_seqlens=cu)
+                cache.seqlens += torch.tensor(lengths, device=device, dtype=torch.int32)
+                logits = self.lm_head(x[0, cu[1:].long() - 1])  # each prompt's last token: (B, C) -> (B, V)
+                new = []
+                for step in range(max_new_tokens):
+                    new.append(sample(logits, temperature, top_k, top_p, generator))  # (B, 1)
+                    if step + 1 < max_new_tokens:
+                        logits = self.lm_head(self.hidden(new[-1], cache=cache)[:, -1])  # (B, 1, C) -> (B, V)
+                        cache.seqlens += 1
+                tokens = torch.cat(new, 1) if new else torch.empty(len(prompts), 0, dtype=torch.long, device=device)
+                return [torch.cat([p.flatten(), t]) for p, t in zip(prompts, tokens)]
         finally:
             self.train(was_training)
 

@@ -7,6 +7,7 @@ from fastlm.ops.attention import (
 )
 from fastlm.ops.bias_act import bias_act, bias_act_ref
 from fastlm.ops.cross_entropy import cross_entropy
+from fastlm.ops.decode_attention import decode_attention
 from fastlm.ops.linear import linear, linear_ref
 from fastlm.ops.linear_cross_entropy import linear_cross_entropy
 from fastlm.ops.linear_prepacked import PackedWeight, linear_prepacked, prepack_available
@@ -22,4 +23,5 @@ __all__ = [
     "mlp", "mlp_ref", "swiglu", "geglu", "gated_mlp", "layer_norm", "layer_norm_ref", "rms_norm", "rms_norm_ref",
     "rope", "rope_frequencies", "rope_ref", "log_softmax", "softmax", "softmax_ref", "scaled_dot_product_attention",
     "scaled_dot_product_attention_ref", "scaled_dot_product_attention_with_lse", "varlen_attention",
+    "decode_attention",
 ]

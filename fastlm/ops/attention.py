@@ -464,18 +464,17 @@ def _window(window) -> tuple[int, int]:
     return sides[0], sides[1]
 
 
-def _per_head(name, t, query, batch_ok):
-    """alibi_slopes / sinks checked against (B, H, Tq, D) query: a float tensor of shape (H,), or
-    (B, H) where batch_ok; returned fp32 and contiguous (the kernels read fp32; fp64 stays fp64
-    for fp64 queries, which only the reference serves)."""
-    fn = "scaled_dot_product_attention"
+def _per_head(name, t, query, batch_ok, fn="scaled_dot_product_attention", batch_heads=None):
+    """alibi_slopes / sinks checked against query: a float tensor of shape (H,), or (B, H) where
+    batch_ok, (B, H) = batch_heads or query.shape[:2]; returned fp32 and contiguous (the kernels
+    read fp32; fp64 stays fp64 for fp64 queries, which only the reference serves)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
     if not t.dtype.is_floating_point:
         raise TypeError(f"{fn}: {name} must be a floating-point tensor, got dtype {t.dtype}")
     if t.device != query.device:
         raise ValueError(f"{fn}: {name} is on {t.device} but query is on {query.device}")
-    b, h = query.shape[:2]
+    b, h = batch_heads or query.shape[:2]
     shapes = [(h,)] + ([(b, h)] if batch_ok else [])
     if tuple(t.shape) not in shapes:
         want = " or ".join(str(x) for x in shapes)

@@ -230,29 +230,21 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                      return_lse: bool = False, backend: str | None = None):
     """Attention over packed variable-length sequences; see the module docstring."""
     _check(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    num_seqs = cu_seqlens_q.numel() - 1
-    dims = torch.empty(num_seqs, q.shape[1], 1, 1, device="meta")  # (B, H, ., .) for the per-head checks
+    seqs_heads = (cu_seqlens_q.numel() - 1, q.shape[1])  # ALiBi slopes may be per sequence and head
     alibi = None
     if alibi_slopes is not None:
         if isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.requires_grad:
             raise ValueError("varlen_attention: alibi_slopes requires grad; ALiBi slopes get no gradient here "
                              "(as in FlashAttention): pass alibi_slopes.detach()")
-        alibi = _per_head("alibi_slopes", alibi_slopes, _Like(dims, q), batch_ok=True)
+        alibi = _per_head("alibi_slopes", alibi_slopes, q, True, "varlen_attention", seqs_heads)
     if sinks is not None:
-        sinks = _per_head("sinks", sinks, _Like(dims, q), batch_ok=False)
+        sinks = _per_head("sinks", sinks, q, False, "varlen_attention", seqs_heads)
     chosen = _backend.select(OP, q.device, q, k, v, cu_seqlens_q, backend=backend)
     out, lse = _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                           TOP_LEFT if is_causal else NO_CAUSAL,
                           1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale), _softcap(softcap),
                           *_window(window), alibi, sinks, chosen)
     return (out, lse) if return_lse else out
-
-
-class _Like:
-    """A (num_seqs, H) shape with q's dtype and device, for the dense op's per-head checks."""
-
-    def __init__(self, dims, q):
-        self.shape, self.dtype, self.device = dims.shape, q.dtype, q.device
 
 
 if _ext.HAS_EXTENSION and hasattr(torch.ops.fastlm, "attention_varlen_fwd"):
