@@ -2,11 +2,7 @@
 every SDPA backend torch offers on the device (flash, efficient, cudnn, math on CUDA; the CPU's
 default kernel and math on CPU) and torch.compile of plain attention math; decode latency at
 Tq = 1. Flops: forward 4*B*H*Tq*Tk*D, halved when causal; backward 2.5x the forward. The
-"vs eager" column is the fastest torch SDPA backend's time in that row group over this one.
-
-Sliding window (Mistral's: each query sees itself and the 511 keys before it, T = 4096 on CPU):
-fastlm's window=(511, 0), which skips the key tiles outside the band, against torch's SDPA given
-the same band as a dense bool mask (and fastlm given that mask), flops counted over the band."""
+"vs eager" column is the fastest torch SDPA backend's time in that row group over this one."""
 from __future__ import annotations
 
 import contextlib
@@ -47,36 +43,6 @@ def decode_shapes(device: torch.device, quick: bool):
     if device.type == "cpu":
         tks = [4096]
     return [(1, 32, 1, tk, 128) for tk in tks]
-
-
-def window_shapes(device: torch.device, quick: bool):
-    """(B, H, T, D, W): a causal band of W keys per query."""
-    if headline():
-        return []
-    if smoke():
-        return [(1, 2, 128, 64, 32)]
-    return [(1, 8, 4096, 64, 512)] if device.type == "cpu" else [(4, 16, 4096, 128, 512), (1, 16, 16384, 128, 4096)]
-
-
-def window_impls(device, q, band, w):
-    """fn(q, k, v, causal) per implementation; causal is ignored (the band is causal)."""
-    out = {}
-    for name in registry.BACKENDS:
-        if name == "reference" or (name == "triton" and device.type == "cpu"):
-            continue
-        if not registry.why_not(OP, name, device, q, q, q, None, 0.0, NO_CAUSAL):
-            out[f"fastlm:{name} window"] = lambda a, b, c, _, _n=name: scaled_dot_product_attention(
-                a, b, c, window=(w - 1, 0), backend=_n)
-            out[f"fastlm:{name} mask"] = lambda a, b, c, _, _n=name: scaled_dot_product_attention(
-                a, b, c, band, backend=_n)
-    kinds = ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH") if device.type == "cuda" and SDPBackend else (None,)
-    for kind in kinds:
-        def torch_fn(a, b, c, _, kind=kind):
-            ctx = sdpa_kernel([getattr(SDPBackend, kind)]) if kind else contextlib.nullcontext()
-            with ctx:
-                return F.scaled_dot_product_attention(a, b, c, band)
-        out[f"sdpa:{kind.split('_')[0].lower() if kind else 'cpu'} mask"] = torch_fn
-    return out
 
 
 def dtypes(device: torch.device):
@@ -140,17 +106,6 @@ def run(device: torch.device, quick: bool, ceilings: dict, progress=print) -> li
             ref = attention_forward_ref(q.double(), k.double(), v.double(), None, 0.0, NO_CAUSAL, 1 / math.sqrt(d), None)[0]
             rows += _time_all(device, impls(device, q, False), q, k, v, None, False, ref, case,
                               4 * b * h * tq * tk * d, peak, modes=("fwd",))
-        for (b, h, t, d, w) in window_shapes(device, quick):
-            case = f"window {w} {b}x{h}x{t}x{d} {str(dtype)[6:]}"
-            progress(f"  attention {case}")
-            q, k, v = (torch.randn(b, h, t, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-            g = torch.randn(b, h, t, d, device=device, dtype=dtype)
-            i = torch.arange(t, device=device)
-            band = (i.view(1, -1) <= i.view(-1, 1)) & (i.view(1, -1) > i.view(-1, 1) - w)  # (T, T)
-            ref = attention_forward_ref(q.detach().double(), k.detach().double(), v.detach().double(), band, 0.0,
-                                        NO_CAUSAL, 1 / math.sqrt(d), None)[0]
-            rows += _time_all(device, window_impls(device, q, band, w), q, k, v, g, False, ref, case,
-                              4 * b * h * int(band.sum()) * d, peak)
     return rows
 
 
