@@ -120,3 +120,13 @@ def test_smoke_rope_and_patch_benchmarks(tmp_path):
     patched = [r for r in rows if r["op"] == "patch" and r["impl"] == "fastlm.patch"]
     assert len(patched) == 1 and patched[0]["ms"] and "grad rel err" in patched[0]["note"]
     assert {r["impl"] for r in rows if r["op"] == "rope" and r["ms"]} >= {"fastlm:cpu", "torch eager"}
+
+
+def test_smoke_attention_options_benchmark(tmp_path):
+    """Window, varlen and paged-decode rows run end to end, each checked against the oracle first."""
+    out = _bench("--smoke", "--ops", "attention_options", "--device", "cpu", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert all(not r["note"].startswith(("WRONG", "failed")) for r in rows), [r["note"] for r in rows]
+    timed = {r["impl"] for r in rows if r["ms"]}
+    assert {"fastlm:cpu window", "fastlm:cpu varlen", "sdpa:cpu mask", "sdpa:cpu contiguous"} <= timed, timed
