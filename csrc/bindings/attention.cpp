@@ -92,6 +92,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
   return {gq, gk, gv};
 }
 
+// Decode against a KV cache (FlashAttention's flash_attn_with_kvcache): q (B, Tq, H, D), a paged
+// cache with block_table or a contiguous one; out (B, Tq, H, Dv) in q's dtype, lse (B, H, Tq) fp32.
+std::tuple<at::Tensor, at::Tensor> attention_decode_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const std::optional<at::Tensor>& block_table, const at::Tensor& cache_seqlens, bool causal, double scale,
+    double softcap, int64_t window_left, int64_t window_right, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& sinks) {
+  constexpr const char* op = "attention_decode";
+  TORCH_CHECK_VALUE(q.device().is_cpu(), op, ": q must be a CPU tensor here, got ", q.device().str());
+  const DecodeArgs a = check_decode_args(op, q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, softcap,
+                                         /*allow_half=*/false, window_left, window_right, alibi_slopes, sinks);
+  const AttentionShape& sh = a.shape;
+  at::Tensor out = at::empty({sh.batch, sh.tq, sh.heads, sh.value_dim}, q.options());
+  at::Tensor lse = at::empty({sh.batch, sh.heads, sh.tq}, q.options().dtype(at::kFloat));
+  if (lse.numel() == 0) return {out, lse};
+  attention_decode_forward_cpu(sh, a.cache, strided(q), strided(k_cache), strided(v_cache), out.data_ptr(),
+                               lse.data_ptr<float>());
+  return {out, lse};
+}
+
 }  // namespace
 }  // namespace fastlm::bind
 
@@ -100,4 +120,5 @@ TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("attention_bwd", &fastlm::bind::attention_bwd_cpu);
   m.impl("attention_varlen_fwd", &fastlm::bind::attention_varlen_fwd_cpu);
   m.impl("attention_varlen_bwd", &fastlm::bind::attention_varlen_bwd_cpu);
+  m.impl("attention_decode_fwd", &fastlm::bind::attention_decode_fwd_cpu);
 }

@@ -215,6 +215,111 @@ inline void check_varlen_backward_args(const char* op, const AttentionShape& sh,
                     " but expected (H, total_q) = ", at::IntArrayRef({sh.heads, total_q}));
 }
 
+// Decode against a KV cache (attention_decode_fwd): the checked shape and cache layout, and the
+// int32 host tensors the layout points into (kept alive here).
+struct DecodeArgs {
+  AttentionShape shape;
+  KvCacheLayout cache;
+  at::Tensor block_table, cache_seqlens;
+};
+
+// Checks a direct torch.ops.fastlm.attention_decode_fwd call (the device check of q is the
+// caller's): q (B, Tq, H, D); paged k_cache (num_pages, page_size, H_kv, D), v_cache (num_pages,
+// page_size, H_kv, Dv) with block_table int32 (B, max_pages), or contiguous k_cache (B, max_len,
+// H_kv, D) without one; cache_seqlens int32 (B,) in [0, capacity]; and every page a batch row uses
+// (the first ceil(cache_seqlens[b] / page_size) entries of its table row) in [0, num_pages).
+// The shape's tq is Tq, tk the capacity (max_pages * page_size or max_len).
+inline DecodeArgs check_decode_args(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
+                                    const at::Tensor& v_cache, const std::optional<at::Tensor>& block_table,
+                                    const at::Tensor& cache_seqlens, bool causal, double scale, double softcap,
+                                    bool allow_half, int64_t window_left, int64_t window_right,
+                                    const std::optional<at::Tensor>& alibi_slopes,
+                                    const std::optional<at::Tensor>& sinks) {
+  const DType dtype = dtype_arg(op, "q", q, allow_half);
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be 4-D (B, Tq, H, D), got shape ", q.sizes());
+  const bool paged = block_table.has_value();
+  const char* layout = paged ? "(num_pages, page_size, H_kv, " : "(B, max_len, H_kv, ";
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k_cache", k_cache}, {"v_cache", v_cache}}) {
+    TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " is on ", t.device().str(), " but q is on ",
+                      q.device().str());
+    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+                     " but q has dtype ", q.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 4, op, ": ", name, " must be 4-D ", layout, name == std::string("k_cache") ? "D" : "Dv",
+                      ")", paged ? "" : " (no block_table: a contiguous cache)", ", got shape ", t.sizes());
+  }
+  const int64_t batch = q.size(0), tq = q.size(1), heads = q.size(2), head_dim = q.size(3);
+  TORCH_CHECK_VALUE(k_cache.size(3) == head_dim, op, ": k_cache head dim ", k_cache.size(3), " != q head dim ",
+                    head_dim);
+  TORCH_CHECK_VALUE(v_cache.size(0) == k_cache.size(0) && v_cache.size(1) == k_cache.size(1) &&
+                        v_cache.size(2) == k_cache.size(2),
+                    op, ": v_cache shape ", v_cache.sizes(), " does not match k_cache shape ", k_cache.sizes(), " in ",
+                    paged ? "(num_pages, page_size, H_kv)" : "(B, max_len, H_kv)");
+  const int64_t kv_heads = k_cache.size(2);
+  TORCH_CHECK_VALUE(kv_heads > 0 && heads % kv_heads == 0, op, ": q has ", heads, " heads, not a multiple of k_cache's ",
+                    kv_heads);
+  TORCH_CHECK_VALUE(head_dim <= 256 && v_cache.size(3) <= 256, op, ": head dims up to 256 on ", q.device().str(),
+                    ", got q ", head_dim, " and v_cache ", v_cache.size(3));
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, op,
+                    ": softcap must be a finite float >= 0 (0 = off), got ", softcap);
+
+  DecodeArgs a;
+  KvCacheLayout& c = a.cache;
+  int64_t capacity = 0, max_pages = 0;
+  if (paged) {
+    const at::Tensor& bt = *block_table;
+    TORCH_CHECK_VALUE(bt.device() == q.device(), op, ": block_table is on ", bt.device().str(), " but q is on ",
+                      q.device().str());
+    TORCH_CHECK_TYPE(bt.scalar_type() == at::kInt, op, ": block_table must be int32, got ", bt.scalar_type());
+    TORCH_CHECK_VALUE(bt.dim() == 2 && bt.size(0) == batch, op, ": block_table must be (B, max_pages) with B = ",
+                      batch, ", got shape ", bt.sizes());
+    TORCH_CHECK_VALUE(k_cache.size(1) >= 1, op, ": page_size (k_cache.size(1)) must be >= 1, got k_cache shape ",
+                      k_cache.sizes());
+    a.block_table = bt.contiguous();
+    max_pages = bt.size(1);
+    c.block_table = a.block_table.data_ptr<int32_t>();
+    c.block_table_stride = max_pages;
+    c.page_size = k_cache.size(1);
+    capacity = max_pages * c.page_size;
+  } else {
+    TORCH_CHECK_VALUE(k_cache.size(0) == batch, op, ": without block_table k_cache is contiguous (B, max_len, H_kv, D)",
+                      " with B = q.size(0) = ", batch, ", got k_cache shape ", k_cache.sizes());
+    c.block_table = nullptr;
+    c.block_table_stride = 0;
+    c.page_size = std::max<int64_t>(1, k_cache.size(1));
+    capacity = k_cache.size(1);
+  }
+  TORCH_CHECK_VALUE(cache_seqlens.device() == q.device(), op, ": cache_seqlens is on ", cache_seqlens.device().str(),
+                    " but q is on ", q.device().str());
+  TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt, op, ": cache_seqlens must be int32, got ",
+                   cache_seqlens.scalar_type());
+  TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == batch, op,
+                    ": cache_seqlens must be (B,) with B = ", batch, ", got shape ", cache_seqlens.sizes());
+  a.cache_seqlens = cache_seqlens.contiguous();
+  c.cache_seqlens = a.cache_seqlens.data_ptr<int32_t>();
+  if (q.device().is_cpu()) {  // values are read on the host: only where they live there
+    const int64_t num_pages = k_cache.size(0);
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t len = c.cache_seqlens[b];
+      TORCH_CHECK_VALUE(len >= 0 && len <= capacity, op, ": cache_seqlens[", b, "] = ", len,
+                        " is out of range [0, ", capacity, "] (capacity = ",
+                        paged ? "max_pages * page_size = " : "max_len = ", capacity, ")");
+      if (!paged) continue;
+      const int64_t used = (len + c.page_size - 1) / c.page_size;
+      for (int64_t p = 0; p < used; ++p) {
+        const int64_t page = c.block_table[b * max_pages + p];
+        TORCH_CHECK_VALUE(page >= 0 && page < num_pages, op, ": block_table[", b, ", ", p, "] = ", page,
+                          " is out of range [0, num_pages = ", num_pages, ") (batch ", b, " uses pages 0..", used - 1,
+                          " for its cache_seqlens = ", len, " keys)");
+      }
+    }
+  }
+  a.shape = AttentionShape{dtype, batch, heads, kv_heads, tq, capacity, head_dim, v_cache.size(3),
+                           causal ? Causal::kBottomRight : Causal::kNone, MaskKind::kNone, static_cast<float>(scale),
+                           static_cast<float>(softcap)};
+  check_options(op, a.shape, q, window_left, window_right, alibi_slopes, sinks);
+  return a;
+}
+
 // Tk == 0 or Dv == 0: every row attends to nothing; fills out with 0 and lse with -inf (with
 // sinks, lse = sink of the row's head; the sinks tensor is passed here, the host view of it).
 inline bool nothing_to_attend(const AttentionShape& sh, at::Tensor& out, at::Tensor& lse,

@@ -17,6 +17,9 @@ inline constexpr const char* kKernelSchemas[] = {
     "attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
     "int max_seqlen_q, int max_seqlen_k, Tensor out, Tensor lse, int causal, float scale, float softcap=0.0, "
     "int window_left=-1, int window_right=-1, Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor)",
+    "attention_decode_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? block_table, Tensor cache_seqlens, "
+    "bool causal, float scale, float softcap=0.0, int window_left=-1, int window_right=-1, "
+    "Tensor? alibi_slopes=None, Tensor? sinks=None) -> (Tensor, Tensor)",
     "bias_act_fwd(Tensor x, Tensor? bias, str activation) -> Tensor",
     "bias_act_bwd(Tensor grad_out, Tensor x, Tensor? bias, str activation) -> (Tensor, Tensor)",
     "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing)"

@@ -20,35 +20,6 @@
 namespace fastlm::cpu::attn {
 namespace {
 
-// Online-softmax update for one key tile: St (nk x kBlockQ) becomes P, m/l/alpha per query.
-FASTLM_INLINE void softmax_tile(float* St, int64_t nk, int64_t nqp, float* m, float* l, float* alpha) {
-  for (int64_t c = 0; c < nqp; c += kLanes) {
-    vf mx = load(m + c);
-    for (int64_t j = 0; j < nk; ++j) mx = vmax(mx, load(St + j * kBlockQ + c));
-    const vf m_old = load(m + c);
-    // alpha = exp(m_old - m_new), 0 while nothing was seen (m_old = -inf)
-    const vf a = select(m_old == kNegInf, splat(0.0f), vexp(m_old - mx));
-    const vf sub = select(mx == kNegInf, splat(0.0f), mx);
-    vf sum = splat(0.0f);
-    for (int64_t j = 0; j < nk; ++j) {
-      const vf s = load(St + j * kBlockQ + c);
-      const vf p = select(s == kNegInf, splat(0.0f), vexp(s - sub));
-      store(St + j * kBlockQ + c, p);
-      sum += p;
-    }
-    store(m + c, mx);
-    store(alpha + c, a);
-    store(l + c, load(l + c) * a + sum);
-  }
-}
-
-// log(e^a + e^b), stable; b = -inf (no sink) returns a unchanged, NaN included.
-FASTLM_INLINE float logaddexp(float a, float b) {
-  if (b == kNegInf) return a;
-  if (a == kNegInf) return b;
-  return std::max(a, b) + std::log1p(std::exp(-std::fabs(a - b)));
-}
-
 struct Scratch {
   std::vector<float> buf;
   float *Qt, *Kp, *Vp, *St, *O, *m, *l, *alpha;
@@ -102,12 +73,7 @@ void forward(const AttentionShape& sh, Strided4 q, Strided4 k, Strided4 v, Strid
       T* o = out + ol.at(b, h, s.q0 + i0);
       float* ls = lse + ll.at(b, h, s.q0 + i0);
       const float sink = sh.sinks ? sh.sinks[h] : kNegInf;
-      for (int64_t i = 0; i < nq; ++i) {
-        const float li = w.l[i];
-        const float lse_scores = li > 0.0f ? w.m[i] + std::log(li) : (li == 0.0f ? kNegInf : li);
-        ls[i] = logaddexp(lse_scores, sink);  // a fully masked row (l = 0): lse = sink, out 0
-        write_row(o + i * ol.t, w.O + i * Dvp, Dv, li > 0.0f ? std::exp(lse_scores - ls[i]) / li : 0.0f);
-      }
+      for (int64_t i = 0; i < nq; ++i) write_row(o + i * ol.t, w.O + i * Dvp, Dv, finish_row(w.m[i], w.l[i], sink, ls + i));
     }
   }
 }

@@ -309,6 +309,44 @@ inline void carve(std::vector<float>& buf, std::initializer_list<std::pair<float
   }
 }
 
+// Online-softmax update for one key tile: St (nk x kBlockQ) becomes P, m/l/alpha per query.
+FASTLM_INLINE void softmax_tile(float* St, int64_t nk, int64_t nqp, float* m, float* l, float* alpha) {
+  for (int64_t c = 0; c < nqp; c += kLanes) {
+    vf mx = load(m + c);
+    for (int64_t j = 0; j < nk; ++j) mx = vmax(mx, load(St + j * kBlockQ + c));
+    const vf m_old = load(m + c);
+    // alpha = exp(m_old - m_new), 0 while nothing was seen (m_old = -inf)
+    const vf a = select(m_old == kNegInf, splat(0.0f), vexp(m_old - mx));
+    const vf sub = select(mx == kNegInf, splat(0.0f), mx);
+    vf sum = splat(0.0f);
+    for (int64_t j = 0; j < nk; ++j) {
+      const vf s = load(St + j * kBlockQ + c);
+      const vf p = select(s == kNegInf, splat(0.0f), vexp(s - sub));
+      store(St + j * kBlockQ + c, p);
+      sum += p;
+    }
+    store(m + c, mx);
+    store(alpha + c, a);
+    store(l + c, load(l + c) * a + sum);
+  }
+}
+
+// log(e^a + e^b), stable; b = -inf (no sink) returns a unchanged, NaN included.
+FASTLM_INLINE float logaddexp(float a, float b) {
+  if (b == kNegInf) return a;
+  if (a == kNegInf) return b;
+  return std::max(a, b) + std::log1p(std::exp(-std::fabs(a - b)));
+}
+
+// The end of a query row with running max m and sum l: writes its lse (the sink, -inf for none,
+// joins the denominator) and returns the factor turning the accumulated P V into the output.
+// A fully masked row (l = 0) gets lse = sink and factor 0.
+FASTLM_INLINE float finish_row(float m, float l, float sink, float* lse) {
+  const float lse_scores = l > 0.0f ? m + std::log(l) : (l == 0.0f ? kNegInf : l);
+  *lse = logaddexp(lse_scores, sink);
+  return l > 0.0f ? std::exp(lse_scores - *lse) / l : 0.0f;
+}
+
 // Runtime dtype to the element type: fp32, or bf16 as raw uint16 bits.
 template <typename Fn>
 FASTLM_INLINE void with_type(DType dtype, Fn&& fn) {

@@ -68,6 +68,25 @@ inline int64_t diagonal_offset(const AttentionShape& sh) { return diagonal_offse
 void attention_forward_cpu(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v,
                            Strided4 mask, void* out, float* lse);
 
+// Decode attention against a KV cache (FlashAttention's flash_attn_with_kvcache, vLLM's paged
+// attention), forward only. q is (B, Tq, H, D) given as Strided4 strides of (b, t, h, d). The
+// caches are Strided4 with strides of (page, slot, kv head, d): paged, k (num_pages, page_size,
+// Hkv, D) and key row j of batch b in page block_table[b * block_table_stride + j / page_size],
+// slot j % page_size; contiguous (block_table nullptr), k (B, max_len, Hkv, D), i.e. page b of
+// page_size = max_len. Batch b has keys [0, cache_seqlens[b]) (host int32) and its queries sit at
+// positions cache_seqlens[b] - Tq + i: shape.tk is only the capacity, shape.causal is kNone or
+// kBottomRight, and window / ALiBi / softcap / sinks act as in attention_forward_cpu with Tk =
+// cache_seqlens[b]. Host pointers; the caller has checked the pages a batch uses are in range.
+// out: (B, Tq, H, Dv) contiguous, lse (B, H, Tq) fp32 contiguous.
+struct KvCacheLayout {
+  const int32_t* block_table;  // nullptr: contiguous cache
+  int64_t block_table_stride;  // elements between batch rows of block_table
+  int64_t page_size;           // >= 1 (contiguous: max_len)
+  const int32_t* cache_seqlens;
+};
+void attention_decode_forward_cpu(const AttentionShape& shape, const KvCacheLayout& cache, Strided4 q,
+                                  Strided4 k_cache, Strided4 v_cache, void* out, float* lse);
+
 // grad_q/k/v: contiguous, shaped like q/k/v. out and lse are the forward's.
 void attention_backward_cpu(const AttentionShape& shape, Strided4 grad_out, Strided4 q, Strided4 k,
                             Strided4 v, Strided4 mask, Strided4 out, const float* lse,
