@@ -92,19 +92,22 @@ std::vector<int64_t> attention_cuda_smem(int64_t head_dim, int64_t value_dim) {
   return {attention_forward_cuda_smem(head_dim, value_dim), attention_backward_cuda_smem(head_dim, value_dim)};
 }
 
-// The kernels' index math for a shape (see attention.h), for tests; causal and mask_kind as in
-// AttentionShape (mask kind 0 none, 1 bool, 2 additive).
+// The kernels' index math for a shape (see attention.h), for tests; causal, mask_kind and the
+// window as in AttentionShape (mask kind 0 none, 1 bool, 2 additive; window sides -1: unbounded).
 std::vector<int64_t> attention_cuda_plan(int64_t batch, int64_t heads, int64_t kv_heads, int64_t tq, int64_t tk,
                                          int64_t head_dim, int64_t causal, int64_t mask_kind, double scale,
-                                         bool backward) {
+                                         bool backward, int64_t window_left, int64_t window_right) {
   TORCH_CHECK_VALUE(batch > 0 && heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && tq > 0 && tk > 0 &&
                         head_dim > 0 && head_dim <= 256,
                     "attention_cuda_plan: bad shape B ", batch, ", H ", heads, ", H_kv ", kv_heads, ", Tq ", tq,
                     ", Tk ", tk, ", D ", head_dim);
   TORCH_CHECK_VALUE(causal >= 0 && causal <= 2 && mask_kind >= 0 && mask_kind <= 2,
                     "attention_cuda_plan: causal must be 0..2 and mask_kind 0..2, got ", causal, " and ", mask_kind);
-  const AttentionShape sh{DType::kFloat16, batch, heads, kv_heads, tq, tk, head_dim, head_dim,
-                          static_cast<Causal>(causal), static_cast<MaskKind>(mask_kind), static_cast<float>(scale)};
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1,
+                    "attention_cuda_plan: window sides must be >= 0 or -1, got ", window_left, " and ", window_right);
+  AttentionShape sh{DType::kFloat16, batch, heads, kv_heads, tq, tk, head_dim, head_dim,
+                    static_cast<Causal>(causal), static_cast<MaskKind>(mask_kind), static_cast<float>(scale)};
+  sh.window_left = window_left, sh.window_right = window_right;
   return backward ? attention_backward_index_plan(sh) : attention_forward_index_plan(sh);
 }
 
@@ -114,7 +117,7 @@ std::vector<int64_t> attention_cuda_plan(int64_t batch, int64_t heads, int64_t k
 TORCH_LIBRARY_FRAGMENT(FASTLM_GPU_NAMESPACE, m) {
   m.def("attention_cuda_smem(int head_dim, int value_dim) -> int[]", &fastlm::bind::attention_cuda_smem);
   m.def("attention_cuda_plan(int batch, int heads, int kv_heads, int tq, int tk, int head_dim, int causal, "
-        "int mask_kind, float scale, bool backward) -> int[]",
+        "int mask_kind, float scale, bool backward, int window_left=-1, int window_right=-1) -> int[]",
         &fastlm::bind::attention_cuda_plan);
 }
 

@@ -10,14 +10,19 @@
 //            lane-partial until the end. The S accumulators are repacked as P's A fragments
 //            (an m16n8 C pair is an m16k16 A fragment): P never touches shared memory.
 //   O+=PV    V fragments by ldmatrix.x4.trans; O stays in fp32 registers for the whole loop.
-//   masking  tiles are classified per CTA (attention_common.cuh: full_tiles_end): the full ones
-//            come first and run in a loop of their own with no visibility code at all; only the
-//            Tk edge, the causal diagonal and tiles under a user mask test each score, and there
-//            V entries of keys no row of the warp sees are zeroed in registers (a NaN hidden
-//            behind the mask cannot reach O as 0 * NaN).
+//   masking  the CTA walks only the keys its rows may see (attention_common.cuh: key_range, the
+//            causal/window band clipped to Tk: key tiles wholly outside a sliding window are never
+//            loaded). Its full tiles are one run that goes through a loop of its own with no
+//            visibility code at all; only the window's left edge before it, and the Tk edge, the
+//            causal diagonal or the window's right edge after it (and every tile under a user
+//            mask) test each score, and there V entries of keys no row of the warp sees are
+//            zeroed in registers (a NaN hidden behind the mask cannot reach O as 0 * NaN).
 // Decode-like calls (Tq <= 16) under GQA pack the query heads of a KV group into the 64 rows
-// (row_group), so K/V are read once per group; with few CTAs the keys are split over gridDim.z
-// and the fp32 partials merged in a fixed order (merge_kernel; no atomics).
+// (row_group), so K/V are read once per group; with few CTAs the keys in sight (a window's, not
+// all of Tk) are split over gridDim.z and the fp32 partials merged in a fixed order (merge_kernel;
+// no atomics). Attention sinks join each row's softmax denominator where the row is finalised
+// (row_norm: the epilogue, or merge_kernel after a split); a row that saw nothing gives 0 and
+// lse = sink.
 // Arithmetic, D = 128, BN = 64, per warp per tile: 128 HMMA (64 for S, 64 for PV) against 72
 // ldmatrix (8 Q + 32 K + 32 V); per score 1 FMNMX, 1 FFMA + 1 MUFU.EX2 (scale folded in), 1 FADD
 // and half an F2FP (32 scores per lane: ~145); 64 FMUL for the O rescale; 16 cp.async per thread
@@ -33,10 +38,12 @@
 // halves = 52 KB at D = 128 (67 KB at D = 256): every head dim fits the 99 KB per block of
 // sm_86/89, but their 100 KB per SM hold one such CTA (4 warps) above D = 64.
 // The 8-half row padding puts the 8 rows of an ldmatrix phase in distinct bank groups.
-// Soft-capping (softcap > 0) runs in a kernel of its own, forward_softcap_kernel, the same tile
-// loop compiled with kSoftcap: each score becomes softcap * log2(e) * tanh(scale * s / softcap)
-// right after S = Q K^T (FMUL, MUFU.EX2, FADD, MUFU.RCP, FFMA per score: tanh_rcp), then masks
-// and softmax as above. forward_kernel (no softcap) compiles exactly as before.
+// Soft-capping (softcap > 0) and ALiBi run in a kernel of their own, forward_score_mod_kernel, the
+// same tile loop compiled with kScoreMod: right after S = Q K^T each score becomes softcap *
+// log2(e) * tanh(scale * s / softcap) (FMUL, MUFU.EX2, FADD, MUFU.RCP, FFMA per score: tanh_rcp)
+// or scale * log2(e) * s, then gets ALiBi's -slope * log2(e) * |i + offset - j| (FADD, FFMA; each
+// option a branch uniform over the launch), then masks and softmax as above. forward_kernel
+// (neither) has no score-mod code; windows and sinks cost it only loop bounds and the epilogue.
 #include "attention_common.cuh"
 #include "ptx.cuh"
 
@@ -52,7 +59,25 @@ struct FwdTiles {
   static constexpr size_t bytes = (q_elems + 2 * kv_elems) * 2;
 };
 
-template <typename T, int HD, int BN, bool kSoftcap>
+// A row's normalisation from its running max m (natural-log units) and sum l of exp(s - m), with
+// a sink logit in the denominator (-inf: none): lse = logaddexp(m + log l, sink), evaluated as
+// max + log1p(exp(-|difference|)) so neither side overflows, and the output is acc * inv with
+// inv = exp(m + log l - lse) / l. A row that saw nothing gives inv 0 and lse = sink; NaN stays NaN.
+struct RowNorm {
+  float inv, lse;
+};
+__device__ __forceinline__ RowNorm row_norm(float m, float l, float sink) {
+  if (l == 0.0f) return {0.0f, sink};
+  const float lse_scores = m + __logf(l);
+  if (sink == neg_inf()) return {1.0f / l, lse_scores};
+  const float lse = fmaxf(lse_scores, sink) + log1pf(__expf(-fabsf(lse_scores - sink)));
+  return {__expf(lse_scores - lse) / l, lse};
+}
+__device__ __forceinline__ float sink_of(const AttentionShape& sh, int64_t h) {
+  return sh.sinks == nullptr ? neg_inf() : sh.sinks[h];
+}
+
+template <typename T, int HD, int BN, bool kScoreMod>
 __device__ __forceinline__ void forward_tiles(const Params& p) {
   using L = FwdTiles<HD, BN>;
   constexpr int ld = L::ld, kNT = BN / 8, kDT = HD / 8;  // n8 tiles of S and of O
@@ -66,22 +91,23 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
   const TileHead th = tile_head(blockIdx.x, row_group(sh, 0).rows);
   const RowGroup g = row_group(sh, th.head);
   const int64_t r0 = th.tile * kRows;
-  const int64_t split_lo = gridDim.z > 1 ? int64_t(blockIdx.z) * p.chunk : 0;
-  const KeyRange kr = key_range(sh, g.rows, r0, kRows, split_lo, gridDim.z > 1 ? split_lo + p.chunk : sh.tk);
+  const int64_t split_lo = gridDim.z > 1 ? split_keys(sh).lo + int64_t(blockIdx.z) * p.chunk : 0;
+  const KeyRange kr = key_range(sh, g.rows, r0, kRows, split_lo, gridDim.z > 1 ? split_lo + p.chunk : sh.tk, BN);
   const T* qg = static_cast<const T*>(p.q.data) + g.batch * p.q.s[0];
   const T* kg = static_cast<const T*>(p.k.data) + g.batch * p.k.s[0] + g.kv_head * p.k.s[1];
   const T* vg = static_cast<const T*>(p.v.data) + g.batch * p.v.s[0] + g.kv_head * p.v.s[1];
-  const int64_t offset = causal_offset(sh);
 
   // this lane's two rows: warp * 16 + lane / 4 (+ 8)
   int64_t t_row[2];
   bool row_ok[2];
+  float slope2[2];  // ALiBi (score-mod kernel only)
   const char* mask_row[2] = {nullptr, nullptr};
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int64_t r = r0 + warp * 16 + lane / 4 + 8 * i;
     const QueryRow qr = query_row(sh, g, r);
     row_ok[i] = r < g.rows, t_row[i] = qr.t;
+    slope2[i] = kScoreMod && row_ok[i] ? alibi_slope2(sh, g.batch, qr.head) : 0.0f;
     if (row_ok[i] && p.mask.data != nullptr) {
       const int64_t elt = sh.mask_kind == MaskKind::kBool ? 1 : int64_t(sizeof(T));
       mask_row[i] = static_cast<const char*>(p.mask.data) +
@@ -102,7 +128,6 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
 #pragma unroll
   for (int n = 0; n < kDT; ++n) acc_o[n][0] = acc_o[n][1] = acc_o[n][2] = acc_o[n][3] = 0.0f;
   float m_run[2] = {neg_inf(), neg_inf()}, l_run[2] = {0.0f, 0.0f};  // max in log2 units
-  const float scale2 = sh.scale * kLog2e;
 
   if (kr.lo < kr.hi) {
     load_rows<T, HD, kRows>(Qs, sh.head_dim, q_row);
@@ -120,11 +145,29 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
     // S = Q K_j^T: this warp's 16 rows x BN keys
     float s[kNT][4];
     mma_abt<T, HD, kNT>(s, Qs + warp * 16 * ld, Ks, ld, lane);
-    if constexpr (kSoftcap) {  // capped scores, already in log2 units on every tile
+    if constexpr (kScoreMod) {  // on every tile: capped and/or biased scores, in log2 units from here
+      if (p.cap_in != 0.0f) {
 #pragma unroll
-      for (int n = 0; n < kNT; ++n)
+        for (int n = 0; n < kNT; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[n][e] = fmaf(-2.0f * p.cap_out, tanh_rcp(s[n][e] * p.cap_in), p.cap_out);
+          for (int e = 0; e < 4; ++e) s[n][e] = fmaf(-2.0f * p.cap_out, tanh_rcp(s[n][e] * p.cap_in), p.cap_out);
+      } else {
+#pragma unroll
+        for (int n = 0; n < kNT; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[n][e] *= p.scale2;
+      }
+      if (sh.alibi_slopes != nullptr) {
+        // ALiBi after the cap: slope2 * |t + offset - j| for key j = j0 + n * 8 + 2 quad + e % 2,
+        // as |base - (n * 8 + e % 2)| in fp32 (exact for distances below 2^24)
+        float base[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) base[i] = float(t_row[i] + diagonal(sh) - j0 - 2 * quad);
+#pragma unroll
+        for (int n = 0; n < kNT; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[n][e] = fmaf(slope2[e / 2], fabsf(base[e / 2] - float(n * 8 + e % 2)), s[n][e]);
+      }
     }
 
     // On partial tiles: scale into log2 units and hide what a row may not see. Full tiles keep
@@ -133,13 +176,13 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
     constexpr bool kMasked = decltype(masked)::value;
     uint32_t live = 0xffffffffu;  // bit 2n+c: key n*8 + quad*2 + c is seen by some row of the warp
     if constexpr (kMasked) {
-      // per row, keys [j0, j0 + lim) pass the bounds and causal tests (32-bit from here on)
-      int lim[2];
+      // per row, keys [j0 + first, j0 + lim) pass the bounds, causal and window tests (32-bit from here on)
+      int first[2], lim[2];
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        int64_t end = sh.tk - j0;
-        if (sh.causal != Causal::kNone) end = min(end, t_row[i] + offset - j0 + 1);
-        lim[i] = row_ok[i] ? int(max(int64_t(0), min(end, int64_t(BN)))) : 0;
+        const Span seen = keys_seen(sh, t_row[i], t_row[i]);
+        first[i] = int(clamp_to(seen.lo - j0, BN));
+        lim[i] = row_ok[i] ? int(clamp_to(seen.hi - j0, BN)) : 0;
       }
       const int64_t elt = sh.mask_kind == MaskKind::kBool ? 1 : int64_t(sizeof(T));
       const char* mask_tile[2] = {mask_row[0] + j0 * p.mask.s[3] * elt, mask_row[1] + j0 * p.mask.s[3] * elt};
@@ -149,8 +192,8 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = e / 2, c = n * 8 + quad * 2 + e % 2;
-          bool ok = c < lim[i];
-          float x = kSoftcap ? s[n][e] : s[n][e] * scale2;
+          bool ok = c >= first[i] && c < lim[i];
+          float x = kScoreMod ? s[n][e] : s[n][e] * p.scale2;
           if (ok && sh.mask_kind == MaskKind::kBool) {
             ok = mask_tile[i][c * p.mask.s[3]] != 0;
           } else if (ok && sh.mask_kind == MaskKind::kAdditive) {
@@ -164,7 +207,7 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
       live |= __shfl_xor_sync(0xffffffffu, live, 8);
       live |= __shfl_xor_sync(0xffffffffu, live, 16);
     }
-    const float mul = kMasked || kSoftcap ? 1.0f : scale2;  // what still multiplies s on the way to log2 units
+    const float mul = kMasked || kScoreMod ? 1.0f : p.scale2;  // what still multiplies s on the way to log2 units
 
     // online softmax, rows lane / 4 (i = 0) and lane / 4 + 8 (i = 1)
 #pragma unroll
@@ -204,9 +247,17 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
       lo = keep_halves(live, 4 * ks), hi = keep_halves(live, 4 * ks + 2);
     });
   };
+  // masked tiles up to the full run (a left window edge), the full run, masked tiles to the end;
+  // one call site per kind, so the binary holds one copy of each
   int64_t j0 = kr.lo;
-  for (const int64_t end = full_tiles_end(sh, kr, BN); j0 < end; j0 += BN) step(j0, std::false_type{});
-  for (; j0 < kr.hi; j0 += BN) step(j0, std::true_type{});
+#pragma unroll 1
+  for (int part = 0; part < 3; ++part) {
+    if (part == 1) {
+      for (; j0 < kr.full_hi; j0 += BN) step(j0, std::false_type{});
+    } else {
+      for (const int64_t end = part == 0 ? kr.full_lo : kr.hi; j0 < end; j0 += BN) step(j0, std::true_type{});
+    }
+  }
 
   // the quad's partial sums into the row's; rows that saw nothing give 0 and lse -inf
 #pragma unroll
@@ -217,7 +268,7 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
   const int64_t dv = sh.value_dim;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int64_t bh = g.batch * sh.heads + query_row(sh, g, r0 + warp * 16 + lane / 4 + 8 * i).head;
+    const int64_t h = query_row(sh, g, r0 + warp * 16 + lane / 4 + 8 * i).head, bh = g.batch * sh.heads + h;
     const float m_nat = m_run[i] * kLn2;  // back to natural-log units
     if (row_ok[i] && gridDim.z > 1) {     // split-KV: unnormalized O, max, sum for merge_kernel
       float* po = p.part + ((bh * gridDim.z + blockIdx.z) * sh.tq + t_row[i]) * (dv + 2);
@@ -228,14 +279,14 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
           if (n * 8 + quad * 2 + c < dv) po[n * 8 + quad * 2 + c] = acc_o[n][2 * i + c];
       if (quad == 0) po[dv] = m_nat, po[dv + 1] = l_run[i];
     } else if (row_ok[i]) {
-      const float inv = l_run[i] == 0.0f ? 0.0f : 1.0f / l_run[i];  // NaN stays NaN
+      const RowNorm rn = row_norm(m_nat, l_run[i], sink_of(sh, h));
       T* o = static_cast<T*>(p.out) + (bh * sh.tq + t_row[i]) * dv;
 #pragma unroll
       for (int n = 0; n < kDT; ++n)
 #pragma unroll
         for (int c = 0; c < 2; ++c)
-          if (n * 8 + quad * 2 + c < dv) o[n * 8 + quad * 2 + c] = from_float<T>(acc_o[n][2 * i + c] * inv);
-      if (quad == 0) p.lse[bh * sh.tq + t_row[i]] = l_run[i] == 0.0f ? neg_inf() : m_nat + __logf(l_run[i]);
+          if (n * 8 + quad * 2 + c < dv) o[n * 8 + quad * 2 + c] = from_float<T>(acc_o[n][2 * i + c] * rn.inv);
+      if (quad == 0) p.lse[bh * sh.tq + t_row[i]] = rn.lse;
     }
   }
 }
@@ -246,14 +297,15 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(const Params p) {
 }
 
 template <typename T, int HD, int BN>
-__global__ void __launch_bounds__(kThreads, 2) forward_softcap_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 2) forward_score_mod_kernel(const Params p) {
   forward_tiles<T, HD, BN, true>(p);
 }
 
-// Merges the split-KV partials of one query row (one CTA per row), splits in a fixed order.
+// Merges the split-KV partials of one query row (one CTA per row), splits in a fixed order; the
+// sink joins the merged denominator here (the split CTAs leave it out).
 template <typename T>
-__global__ void merge_kernel(const float* part, T* out, float* lse, int64_t tq, int splits, int64_t dv) {
-  const int64_t r = blockIdx.x, bh = r / tq, qi = r % tq;
+__global__ void merge_kernel(const float* part, T* out, float* lse, const AttentionShape sh, int splits) {
+  const int64_t tq = sh.tq, dv = sh.value_dim, r = blockIdx.x, bh = r / tq, qi = r % tq;
   auto base = [&](int s) { return part + ((bh * splits + s) * tq + qi) * (dv + 2); };
   float m = neg_inf();
   for (int s = 0; s < splits; ++s) m = fmaxf(m, base(s)[dv]);
@@ -262,16 +314,16 @@ __global__ void merge_kernel(const float* part, T* out, float* lse, int64_t tq, 
     const float ms = base(s)[dv];
     l += ms == neg_inf() ? 0.0f : base(s)[dv + 1] * __expf(ms - m);
   }
-  const float inv = l == 0.0f ? 0.0f : 1.0f / l;
+  const RowNorm rn = row_norm(m, l, sink_of(sh, bh % sh.heads));
   for (int64_t c = threadIdx.x; c < dv; c += blockDim.x) {
     float acc = 0.0f;
     for (int s = 0; s < splits; ++s) {
       const float ms = base(s)[dv];
       acc += ms == neg_inf() ? 0.0f : base(s)[c] * __expf(ms - m);
     }
-    out[r * dv + c] = from_float<T>(acc * inv);
+    out[r * dv + c] = from_float<T>(acc * rn.inv);
   }
-  if (threadIdx.x == 0) lse[r] = l == 0.0f ? neg_inf() : m + __logf(l);
+  if (threadIdx.x == 0) lse[r] = rn.lse;
 }
 
 constexpr int64_t kSplitGrain = 64;  // split chunks are whole multiples of every key tile size
@@ -282,36 +334,40 @@ int64_t base_ctas(const AttentionShape& sh) {
   return sh.batch * (sh.heads / pack) * row_tiles(pack * sh.tq);
 }
 
-// How many key splits a call gets: decode-like calls (Tq <= 16, Tk >= 1024) spread the keys
-// over enough CTAs to put about two on every SM, each split still streaming >= 4 tiles of 64
-// keys; everything else runs unsplit.
+// How many key splits a call gets: decode-like calls (Tq <= 16, >= 1024 keys in sight: the
+// window's, if any) spread those keys over enough CTAs to put about two on every SM, each split
+// still streaming >= 4 tiles of 64 keys; everything else runs unsplit.
+int64_t visible_keys(const AttentionShape& sh) {
+  const Span keys = split_keys(sh);
+  return keys.hi > keys.lo ? keys.hi - keys.lo : 0;
+}
 int64_t num_splits(const AttentionShape& sh) {
-  if (sh.tq > kPackMaxTq || sh.tk < 1024) return 1;
+  if (sh.tq > kPackMaxTq || visible_keys(sh) < 1024) return 1;
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
     return 1;
   const int64_t ctas = base_ctas(sh), want = (2 * sms + ctas - 1) / ctas;
-  const int64_t most = (sh.tk + 4 * kSplitGrain - 1) / (4 * kSplitGrain);
+  const int64_t most = (visible_keys(sh) + 4 * kSplitGrain - 1) / (4 * kSplitGrain);
   return want < 1 ? 1 : (want < most ? want : most);
 }
 
 int64_t split_chunk(const AttentionShape& sh, int64_t splits) {
-  const int64_t per = (sh.tk + splits - 1) / splits;
+  const int64_t per = (visible_keys(sh) + splits - 1) / splits;
   return (per + kSplitGrain - 1) / kSplitGrain * kSplitGrain;
 }
 
 template <typename T, int HD, int BN>
 int launch(const Params& p, cudaStream_t stream) {
   const size_t bytes = FwdTiles<HD, BN>::bytes;
-  auto* kernel = p.sh.softcap > 0.0f ? forward_softcap_kernel<T, HD, BN> : forward_kernel<T, HD, BN>;
+  auto* kernel = score_mod(p.sh) ? forward_score_mod_kernel<T, HD, BN> : forward_kernel<T, HD, BN>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return int(err);
-  const unsigned splits = unsigned(p.chunk > 0 ? (p.sh.tk + p.chunk - 1) / p.chunk : 1);
+  const unsigned splits = unsigned(p.chunk > 0 ? (visible_keys(p.sh) + p.chunk - 1) / p.chunk : 1);
   launch_kernel(kernel, dim3(unsigned(base_ctas(p.sh)), 1, splits), kThreads, bytes, stream, p);
   if (splits > 1)
     launch_kernel(merge_kernel<T>, unsigned(p.sh.batch * p.sh.heads * p.sh.tq), 128, 0, stream, p.part,
-                  static_cast<T*>(p.out), p.lse, p.sh.tq, int(splits), p.sh.value_dim);
+                  static_cast<T*>(p.out), p.lse, p.sh, int(splits));
   return int(cudaGetLastError());
 }
 
@@ -350,8 +406,8 @@ std::vector<int64_t> attention_forward_index_plan(const AttentionShape& shape) {
   for (int64_t cta = 0; cta < ctas; ++cta) {
     const TileHead th = tile_head(cta, rows);
     const RowGroup g = row_group(shape, th.head);
-    const KeyRange kr = key_range(shape, g.rows, th.tile * kRows, kRows, 0, shape.tk);
-    plan.insert(plan.end(), {g.batch, g.kv_head, kr.lo, kr.hi, full_tiles_end(shape, kr, bn)});
+    const KeyRange kr = key_range(shape, g.rows, th.tile * kRows, kRows, 0, shape.tk, bn);
+    plan.insert(plan.end(), {g.batch, g.kv_head, kr.lo, kr.hi, kr.full_lo, kr.full_hi});
     for (int64_t r = th.tile * kRows; r < th.tile * kRows + kRows; ++r) {
       const QueryRow q = query_row(shape, g, r);
       plan.insert(plan.end(), {r < g.rows ? q.head : -1, r < g.rows ? q.t : -1});
@@ -368,7 +424,7 @@ int64_t attention_forward_cuda_workspace(const AttentionShape& shape) {
 int attention_forward_cuda(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v, Strided4 mask, void* out,
                            float* lse, float* workspace, cudaStream_t stream) {
   cuda::attn::Params p{shape, q, k, v, mask, out, lse};
-  cuda::attn::set_softcap(p);
+  cuda::attn::set_score_params(p);
   const int64_t splits = cuda::attn::num_splits(shape);
   if (splits > 1 && workspace != nullptr) p.part = workspace, p.chunk = cuda::attn::split_chunk(shape, splits);
   if (shape.dtype == DType::kFloat16) return cuda::attn::dispatch_head_dim<__half>(p, stream);

@@ -10,9 +10,13 @@
 //                    turn counter makes the key tiles take turns (wait_flag / signal_flag), so the
 //                    sums are deterministic without atomics.
 // Q, dO (and lse, delta) are double-buffered: tile m + 1 streams in by 16-byte cp.async while m
-// is computed. Masking follows the forward's tile classes: full tiles test nothing; partial
-// ones hide scores and zero dS where hidden (so a NaN in a hidden V or K row cannot leak), and
-// zero K entries of keys no query of the tile sees before dQ = dS K.
+// is computed. A key tile walks only the query tiles with a query that may see it (query_tiles:
+// the causal/window band), so under a sliding window each key tile visits a short run of query
+// tiles. Masking follows the forward's tile classes: full tiles test nothing; partial ones (the
+// band's edges, ragged Tq, user masks) hide scores and zero dS where hidden (so a NaN in a hidden
+// V or K row cannot leak), and zero K entries of keys no query of the tile sees before dQ = dS K.
+// The key tiles adding into one query tile's dQ are then a run starting past 0 under a window:
+// delta_kernel starts each turn counter at its run's first key tile (first_key_tile).
 // GQA: a CTA walks G / head_splits query heads; head_splits > 1 (few KV heads, e.g. MQA, where
 // B * Hkv * key tiles would leave SMs idle) writes fp32 dK/dV partials summed in a fixed order by
 // finish_kernel, which also scales the dQ sums into grad_q.
@@ -29,9 +33,12 @@
 // for its dQ turn only ever waits for CTAs already running: no reliance on dispatch order.
 // Shared memory: K, V (64 rows) + 2 x (Q, dO) (BM rows) of D + 8 halves, plus dS^T (64 x BM + 8):
 // 75 KB at D = 128, 57 KB at D = 96, so every head dim fits the 99 KB per block of sm_86/89.
-// Soft-capping (softcap > 0) runs in backward_softcap_kernel, the same loop compiled with kSoftcap:
-// it recomputes the capped scores (t = tanh(scale * s / softcap), score softcap * t) for P and
-// multiplies dS by 1 - t^2; backward_kernel (no softcap) compiles exactly as before.
+// Soft-capping (softcap > 0) and ALiBi run in backward_score_mod_kernel, the same loop compiled
+// with kScoreMod: it recomputes the capped scores (t = tanh(scale * s / softcap), score softcap *
+// t; a branch uniform over the launch) and adds ALiBi's bias from a per-tile table in shared
+// memory for P, and multiplies dS by 1 - t^2 (the cap's derivative, of the raw score only: ALiBi
+// is additive). backward_kernel (neither) has none of it. No sinks here: the forward's lse already
+// holds them, and P = exp(s - lse) is all the backward needs.
 #include "attention_common.cuh"
 #include "ptx.cuh"
 
@@ -44,14 +51,15 @@ template <int HD, int BM>
 struct BwdTiles {
   static constexpr int ld = HD + kPad, lds = BM + kPad;  // halves per shared row
   static constexpr size_t kv = size_t(kBN) * ld, qo = size_t(BM) * ld, ds = size_t(kBN) * lds;  // elements
-  static constexpr size_t bytes = (2 * kv + 4 * qo + ds) * 2 + 4 * BM * 4 + kWarps * 4 + 4;
+  static constexpr int bias = BM + kBN;  // ALiBi table per buffer: one entry per key-query offset
+  static constexpr size_t bytes = (2 * kv + 4 * qo + ds) * 2 + 4 * BM * 4 + kWarps * 4 + 4 + 2 * bias * 4;
 };
 
 // Row stride of the fp32 dQ sums: even, so a lane's two columns are one aligned float2 (the pad
 // column of an odd head dim only ever receives 0 + 0).
 __host__ __device__ constexpr int64_t dq_ld(int64_t d) { return (d + 1) / 2 * 2; }
 
-template <typename T, int HD, int BM, bool kSoftcap>
+template <typename T, int HD, int BM, bool kScoreMod>
 __device__ __forceinline__ void backward_tiles(const Params& p) {
   using L = BwdTiles<HD, BM>;
   constexpr int ld = L::ld, lds = L::lds, kMT = BM / 8, kDT = HD / 8;
@@ -66,6 +74,7 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
   float* delta_s = lse_s + 2 * BM;                        // [2][BM]
   uint32_t* live_s = reinterpret_cast<uint32_t*>(delta_s + 2 * BM);  // [kWarps]: keys some query sees
   int* ticket_s = reinterpret_cast<int*>(live_s + kWarps);             // this CTA's place in the start order
+  float* bias_s = reinterpret_cast<float*>(ticket_s + 1);              // [2][L::bias]: ALiBi, score-mod kernel
 
   const AttentionShape& sh = p.sh;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane % 4;
@@ -77,11 +86,12 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
   const TileHead th = tile_head(*ticket_s, sh.tk);
   const int64_t j0 = th.tile * kBN, split = th.head % p.head_splits, bhk = th.head / p.head_splits;
   const int64_t b = bhk / sh.kv_heads, hk = bhk % sh.kv_heads, h_first = hk * group + split * hpc;
-  const int64_t offset = causal_offset(sh), dv = sh.value_dim, d = sh.head_dim;
+  const int64_t dv = sh.value_dim, d = sh.head_dim;
   const int64_t m_tiles = (sh.tq + BM - 1) / BM;
-  const int64_t m_lo = first_query_tile(sh, j0, BM);
+  const QueryTiles seen_by = query_tiles(sh, j0, kBN, BM);  // the query tiles this key tile visits
+  const int64_t m_lo = seen_by.lo;
   // loop counters in 32 bits (query tiles per head < 2^31 / 64): registers are the limit here
-  const int per_head = int(m_tiles > m_lo ? m_tiles - m_lo : 0), iters = int(hpc) * per_head;
+  const int per_head = int(seen_by.hi - seen_by.lo), iters = int(hpc) * per_head;
 
   const T* kg = static_cast<const T*>(p.k.data) + b * p.k.s[0] + hk * p.k.s[1];
   const T* vg = static_cast<const T*>(p.v.data) + b * p.v.s[0] + hk * p.v.s[1];
@@ -100,6 +110,13 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
       lse_s[buf * BM + r] = l == neg_inf() ? -neg_inf() : l * kLog2e;
       delta_s[buf * BM + r] = r < valid ? p.delta[bh * sh.tq + m0 + r] : 0.0f;
     }
+    // ALiBi in log2 units as a table over the tile's key-query offsets: query m0 + c and key j0 + r
+    // are i + offset - j = m0 + offset - j0 + c - r apart, entry c - r + kBN - 1. Read per score
+    // from shared memory, it holds no registers through the score loop, where the D = 128 kernels
+    // have none to spare (255 on sm_90a). 0 without ALiBi.
+    if (kScoreMod && threadIdx.x < L::bias - 1)
+      bias_s[buf * L::bias + threadIdx.x] =
+          alibi_slope2(sh, b, h) * fabsf(float(m0 + diagonal(sh) - j0 + int(threadIdx.x) - (kBN - 1)));
   };
 
   float dk[kDT][4], dvacc[kDT][4];
@@ -107,7 +124,6 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
   for (int n = 0; n < kDT; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dvacc[n][e] = 0.0f;
-  const float scale2 = sh.scale * kLog2e;
 
   // Visit order: per query head, the maskless query tiles (full_query_tiles) first, then the rest;
   // visit(k) is the query tile (counted from m_lo) of a head's k-th visit. Any order is safe for
@@ -146,9 +162,11 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
     mma_abt<T, HD, kMT>(st, Ks + warp * 16 * ld, Qb, ld, lane);
     mma_abt<T, HD, kMT>(dpt, Vs + warp * 16 * ld, dOb, ld, lane);
 
+    // score-mod kernel: the ALiBi table entry of query column 2 quad and key row warp * 16 + lane / 4
+    const float* bias_b = bias_s + buf * L::bias + kBN - 1 + 2 * quad - (warp * 16 + lane / 4);
     bool seen[2] = {full, full};
-    // partial tiles, per key row i: query columns [c_lo, c_hi) pass the bounds and causal tests
-    // (32-bit from here on), and the mask row starts at mask_tile[i]
+    // partial tiles, per key row i: query columns [c_lo, c_hi) pass the bounds, causal and window
+    // tests (32-bit from here on), and the mask row starts at mask_tile[i]
     int c_lo[2] = {0, 0}, c_hi[2] = {BM, BM};
     const char* mask_tile[2] = {nullptr, nullptr};
     if (!full) {
@@ -156,9 +174,9 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int64_t j = j0 + warp * 16 + lane / 4 + 8 * i;
-        const int64_t lo = sh.causal == Causal::kNone ? 0 : j - offset - m0;  // j <= t + offset
-        c_lo[i] = int(max(int64_t(0), min(lo, int64_t(BM))));
-        c_hi[i] = j < sh.tk ? int(min(int64_t(BM), sh.tq - m0)) : 0;
+        const Span seers = queries_seeing(sh, j, j);
+        c_lo[i] = int(clamp_to(seers.lo - m0, BM));
+        c_hi[i] = j < sh.tk ? int(clamp_to(seers.hi - m0, BM)) : 0;
         if (sh.mask_kind != MaskKind::kNone)
           mask_tile[i] = static_cast<const char*>(p.mask.data) +
                          (b * p.mask.s[0] + h * p.mask.s[1] + m0 * p.mask.s[2] + j * p.mask.s[3]) * elt;
@@ -169,11 +187,14 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = e / 2, c = n * 8 + quad * 2 + e % 2;  // key row i, query column c
-        float x = st[n][e] * scale2;  // the score in log2 units
-        [[maybe_unused]] float t;     // softcap: tanh of the capped score
-        if constexpr (kSoftcap) {
-          t = fmaf(-2.0f, tanh_rcp(st[n][e] * p.cap_in), 1.0f);
-          x = t * p.cap_out;
+        float x = st[n][e] * p.scale2;  // the score in log2 units
+        [[maybe_unused]] float t = 0.0f;  // softcap: tanh of the capped raw score (0: no cap)
+        if constexpr (kScoreMod) {
+          if (p.cap_in != 0.0f) {
+            t = fmaf(-2.0f, tanh_rcp(st[n][e] * p.cap_in), 1.0f);
+            x = t * p.cap_out;
+          }
+          x += bias_b[n * 8 + e % 2 - 8 * i];  // ALiBi, after the cap
         }
         bool ok = true;
         if (!full) {
@@ -188,7 +209,7 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
         }
         const float pr = ok ? exp2_approx(x - lse_b[c]) : 0.0f;
         st[n][e] = pr;
-        if constexpr (kSoftcap)  // d capped / d raw = 1 - tanh^2
+        if constexpr (kScoreMod)  // d capped / d raw = 1 - tanh^2 (1 without a cap; ALiBi is additive)
           dpt[n][e] = ok ? pr * (dpt[n][e] - delta_b[c]) * fmaf(-t, t, 1.0f) : 0.0f;
         else
           dpt[n][e] = ok ? pr * (dpt[n][e] - delta_b[c]) : 0.0f;  // dS^T; hidden: exactly 0, even if dP is NaN
@@ -228,6 +249,8 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
     // chunk's product and handed on after the last chunk's sums.
     const int rb = warp % kWR, cb = warp / kWR;
     constexpr int kQC = kCW % 32 == 0 ? 32 : kCW;
+    // the key tiles adding into query tile m are a run from first_key_tile, where delta_kernel
+    // starts its turn counter: key tile n's turn is n
     int* turn = p.dq_turn + bh * m_tiles + m;
 #pragma unroll
     for (int c0 = 0; c0 < kCW; c0 += kQC) {
@@ -307,13 +330,16 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
 }
 
 template <typename T, int HD, int BM>
-__global__ void __launch_bounds__(kThreads, 2) backward_softcap_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 2) backward_score_mod_kernel(const Params p) {
   backward_tiles<T, HD, BM, true>(p);
 }
 
-// delta = rowsum(dO * O) in fp32, one warp per row (O contiguous, dO strided).
+// delta = rowsum(dO * O) in fp32, one warp per row (O contiguous, dO strided). The first row of
+// each query tile (of bm rows) also starts the tile's dQ turn counter at the first key tile that
+// adds into it (a window's left edge makes that > 0; computed here, it costs the backward kernel
+// no registers).
 template <typename T>
-__global__ void delta_kernel(const Params p) {
+__global__ void delta_kernel(const Params p, int bm) {
   const AttentionShape& sh = p.sh;
   const int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32, dv = sh.value_dim;
   if (r >= sh.batch * sh.heads * sh.tq) return;
@@ -324,6 +350,8 @@ __global__ void delta_kernel(const Params p) {
   for (int64_t c = threadIdx.x % 32; c < dv; c += 32) acc += to_float(o[c]) * to_float(go[c]);
   for (int s = 16; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
   if (threadIdx.x % 32 == 0) p.delta[r] = acc;
+  if (threadIdx.x % 32 == 0 && t % bm == 0)
+    p.dq_turn[r / sh.tq * ((sh.tq + bm - 1) / bm) + t / bm] = int(first_key_tile(sh, t, kBN));
 }
 
 // grad_q = scale * dQ sum; with head splits, grad_k/grad_v = the partials summed in split order.
@@ -399,12 +427,12 @@ BwdWorkspace bwd_workspace(const AttentionShape& sh, int64_t splits) {
 template <typename T, int HD, int BM>
 int launch(const Params& p, cudaStream_t stream) {
   const size_t bytes = BwdTiles<HD, BM>::bytes;
-  auto* kernel = p.sh.softcap > 0.0f ? backward_softcap_kernel<T, HD, BM> : backward_kernel<T, HD, BM>;
+  auto* kernel = score_mod(p.sh) ? backward_score_mod_kernel<T, HD, BM> : backward_kernel<T, HD, BM>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return int(err);
   const AttentionShape& sh = p.sh;
   const int64_t rows = sh.batch * sh.heads * sh.tq;  // delta: one warp per query row
-  launch_kernel(delta_kernel<T>, unsigned((rows + 7) / 8), 256, 0, stream, p);
+  launch_kernel(delta_kernel<T>, unsigned((rows + 7) / 8), 256, 0, stream, p, BM);
   const unsigned grid = unsigned(row_tiles(sh.tk) * sh.batch * sh.kv_heads * p.head_splits);
   launch_kernel(kernel, grid, kThreads, bytes, stream, p);
   const int64_t finish = sh.batch * sh.heads * sh.tq * sh.head_dim +
@@ -427,8 +455,9 @@ std::vector<int64_t> attention_backward_index_plan(const AttentionShape& shape) 
   const int64_t bm = cuda::attn::query_tile_rows(shape);
   std::vector<int64_t> plan{bm};
   for (int64_t j0 = 0; j0 < shape.tk; j0 += cuda::attn::kRows) {
+    const cuda::attn::QueryTiles seen = cuda::attn::query_tiles(shape, j0, cuda::attn::kRows, bm);
     const cuda::attn::QueryTiles full = cuda::attn::full_query_tiles(shape, j0, cuda::attn::kRows, bm);
-    plan.insert(plan.end(), {cuda::attn::first_query_tile(shape, j0, bm), full.lo, full.hi});
+    plan.insert(plan.end(), {seen.lo, seen.hi, full.lo, full.hi});
   }
   return plan;
 }
@@ -451,8 +480,9 @@ int attention_backward_cuda(const AttentionShape& shape, Strided4 grad_out, Stri
   p.dkv_part = workspace + at.part;
   p.head_splits = ws.head_splits;
   p.grad_q = grad_q, p.grad_k = grad_k, p.grad_v = grad_v;
-  cuda::attn::set_softcap(p);
-  // only the dQ sums, turn counters and ticket start at 0; delta and the partials are written whole
+  cuda::attn::set_score_params(p);
+  // the dQ sums, turn counters and ticket start at 0 (delta_kernel then moves each turn counter to
+  // its first key tile); delta and the partials are written whole
   const cudaError_t err = cudaMemsetAsync(workspace + at.dq, 0, size_t(at.part - at.dq) * sizeof(float), stream);
   if (err != cudaSuccess) return int(err);
   const int64_t hd = cuda::attn::max_head_dim(shape);

@@ -1,6 +1,9 @@
 // Pieces shared by the tensor-core attention kernels (attention.cu forward, attention_bwd.cu
 // backward): launch parameters, the 1-D grid's (head, tile) split, and the index math of row
-// groups (GQA packing), key ranges and tile classes, as __host__ __device__ helpers.
+// groups (GQA packing), key ranges and tile classes, as __host__ __device__ helpers. Causal
+// masks and sliding windows are one band of visible keys around the diagonal (band), so loop
+// bounds, tile classes and per-score tests agree by construction; ALiBi's bias is computed in
+// the kernels from the slope (alibi_slope2).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -45,14 +48,28 @@ struct Params {
   int* cta_ticket = nullptr; // backward: zeroed counter handing out (head, key tile) in start order
   float* dkv_part = nullptr; // backward, head_splits > 1: fp32 (B, Hkv, splits, Tk, D + Dv) partials
   int64_t head_splits = 1;   // backward: CTAs sharing one KV head's group of query heads
-  // softcap > 0 (set_softcap): y = cap_in * s for a raw product s (tanh_rcp), and the capped
-  // score in log2 units is cap_out * tanh. Kernel parameters, so the FMULs read them from the
-  // constant bank and they take no registers.
-  float cap_in = 0.0f, cap_out = 0.0f;
+  // set_score_params: scale2 = scale * log2(e) takes a raw product s to log2 units; softcap > 0:
+  // y = cap_in * s (tanh_rcp), and the capped score in log2 units is cap_out * tanh. Kernel
+  // parameters, so the FMULs read them from the constant bank and they take no registers.
+  float scale2 = 0.0f, cap_in = 0.0f, cap_out = 0.0f;
 };
 
-inline void set_softcap(Params& p) {
+inline void set_score_params(Params& p) {
+  p.scale2 = p.sh.scale * kLog2e;
   if (p.sh.softcap > 0.0f) p.cap_in = 2.0f * kLog2e * p.sh.scale / p.sh.softcap, p.cap_out = p.sh.softcap * kLog2e;
+}
+
+// Softcap and ALiBi both rewrite each score between S = Q K^T and the softmax, so they share one
+// kernel variant, the kScoreMod template flag, and are told apart there by runtime flags that are
+// uniform over a launch. A template flag per option would double the attention binaries again; one
+// shared flag keeps the plain kernels' maskless loops (whose SASS is asserted) exactly as they were.
+__host__ __device__ constexpr bool score_mod(const AttentionShape& sh) {
+  return sh.softcap > 0.0f || sh.alibi_slopes != nullptr;
+}
+// ALiBi's slope of (batch b, query head h) in log2 units and negated, so that the bias of a score
+// is slope2 * |i + offset - j|; 0 without ALiBi.
+__device__ __forceinline__ float alibi_slope2(const AttentionShape& sh, int64_t b, int64_t h) {
+  return sh.alibi_slopes == nullptr ? 0.0f : -kLog2e * sh.alibi_slopes[b * sh.alibi_batch_stride + h];
 }
 
 // Grids are 1-D over (head, row tile) pairs, tiles fastest, so the CTAs of one head run together
@@ -71,8 +88,40 @@ __host__ __device__ constexpr int64_t max_head_dim(const AttentionShape& sh) {
   return sh.head_dim > sh.value_dim ? sh.head_dim : sh.value_dim;
 }
 
-__host__ __device__ constexpr int64_t causal_offset(const AttentionShape& sh) {
-  return sh.causal == Causal::kBottomRight ? sh.tk - sh.tq : 0;
+__host__ __device__ constexpr int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ constexpr int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+__host__ __device__ constexpr int64_t clamp_to(int64_t x, int64_t hi) { return imax(0, imin(x, hi)); }
+
+// diagonal_offset (attention.h) for device code too: key j = query i + diagonal(sh) is the
+// diagonal that causal masks, windows and ALiBi are measured from.
+__host__ __device__ constexpr int64_t diagonal(const AttentionShape& sh) {
+  return sh.causal == Causal::kTopLeft ? 0 : sh.tk - sh.tq;
+}
+
+// The keys query i may see as a band around its diagonal key: [i + offset - left, i + offset +
+// right]. Causal caps right at 0; an unbounded side is kFar, beyond any index difference and far
+// from overflowing int64 when added to one. Every visibility rule but the user mask is this band
+// clipped to [0, Tk): the tile walks, the tile classes and the per-score tests all derive from it.
+constexpr int64_t kFar = int64_t(1) << 48;
+struct Band {
+  int64_t left, right;
+};
+__host__ __device__ constexpr Band band(const AttentionShape& sh) {
+  const int64_t right = sh.window_right < 0 ? kFar : sh.window_right;
+  return {sh.window_left < 0 ? kFar : sh.window_left, sh.causal != Causal::kNone && right > 0 ? 0 : right};
+}
+struct Span {
+  int64_t lo, hi;  // [lo, hi); hi <= lo: empty
+};
+// Keys some query of [t0, t1] may see.
+__host__ __device__ inline Span keys_seen(const AttentionShape& sh, int64_t t0, int64_t t1) {
+  const Band bd = band(sh);
+  return {imax(0, t0 + diagonal(sh) - bd.left), imin(sh.tk, t1 + diagonal(sh) + bd.right + 1)};
+}
+// Queries that may see some key of [j0, j1].
+__host__ __device__ inline Span queries_seeing(const AttentionShape& sh, int64_t j0, int64_t j1) {
+  const Band bd = band(sh);
+  return {imax(0, j0 - diagonal(sh) - bd.right), imin(sh.tq, j1 - diagonal(sh) + bd.left + 1)};
 }
 
 // ---- The flash-attention-2 kernels' index math (attention.cu), host-testable.
@@ -99,61 +148,67 @@ __host__ __device__ inline QueryRow query_row(const AttentionShape& sh, const Ro
   return {g.head0 + r / sh.tq, r % sh.tq};
 }
 
-// The keys a CTA walks, [lo, hi). A tile [j0, j0 + bn) of them is full (no visibility test at
-// all; full_tiles_end) when no user mask exists, it lies inside Tk and, under causal, its last
-// key is visible to the CTA's first query: j0 + bn - 1 <= t_min + offset.
+// Split-KV decode (Tq <= kPackMaxTq): every CTA holds all of [0, Tq) (one tile, or packed heads),
+// so the keys any of them may see are one range, and the splits cut that range, not [0, Tk).
+__host__ __device__ inline Span split_keys(const AttentionShape& sh) { return keys_seen(sh, 0, sh.tq - 1); }
+
+// The keys a CTA walks, [lo, hi), from lo in steps of bn: those its rows may see, within its
+// split. Tiles [j0, j0 + bn) in [full_lo, full_hi) are full: no visibility test at all, because no
+// user mask exists and every row of the CTA sees every key (all inside [lo, hi), the first one
+// past the last row's left window edge, the last one before the first row's diagonal or right
+// edge). Since both conditions are monotone in j0, the full tiles are one run: masked tiles
+// before it (a left window edge), masked ones after it (causal diagonal, right edge, Tk). A
+// scale <= 0 (or NaN) makes every tile masked: full tiles take the max of unscaled scores.
 struct KeyRange {
-  int64_t lo, hi;  // keys to visit; hi <= lo: none
-  int64_t t_min;   // smallest query position among the CTA's rows
+  int64_t lo, hi;            // keys to visit; hi <= lo: none
+  int64_t full_lo, full_hi;  // the full tiles, on the walk's grid; full_hi == full_lo: none
 };
 __host__ __device__ inline KeyRange key_range(const AttentionShape& sh, int64_t rows, int64_t r0, int64_t rows_per_cta,
-                                              int64_t split_lo, int64_t split_hi) {
+                                              int64_t split_lo, int64_t split_hi, int64_t bn) {
   const bool packed = rows > sh.tq;
-  const int64_t last = r0 + rows_per_cta < rows ? r0 + rows_per_cta : rows;  // one past the CTA's last row
-  const int64_t t_min = packed ? 0 : r0, t_max = packed ? sh.tq - 1 : last - 1;
-  int64_t hi = sh.tk < split_hi ? sh.tk : split_hi;
-  if (sh.causal != Causal::kNone) {
-    const int64_t seen = t_max + causal_offset(sh) + 1;  // keys [0, seen) visible to some row
-    hi = seen < hi ? seen : hi;
-  }
-  return {split_lo, hi, t_min};
-}
-// Backward: the first query tile (of bm queries) with a query that sees key j0 under causal.
-// Non-decreasing in j0, so the key tiles adding into one query tile's dQ are a prefix 0..n of
-// the key tiles: what lets them take turns in key-tile order (attention_bwd.cu).
-__host__ __device__ inline int64_t first_query_tile(const AttentionShape& sh, int64_t j0, int64_t bm) {
-  if (sh.causal == Causal::kNone) return 0;
-  const int64_t t = j0 - causal_offset(sh);  // the first query that sees key j0
-  return (t > 0 ? t : 0) / bm;
+  const int64_t t_min = packed ? 0 : r0, t_max = packed ? sh.tq - 1 : imin(r0 + rows_per_cta, rows) - 1;
+  const Span seen = keys_seen(sh, t_min, t_max);
+  KeyRange kr{imax(split_lo, seen.lo), imin(split_hi, seen.hi), 0, 0};
+  kr.full_lo = kr.full_hi = kr.lo;
+  if (sh.mask_kind != MaskKind::kNone || !(sh.scale > 0.0f)) return kr;
+  const Band bd = band(sh);
+  const int64_t first = t_max + diagonal(sh) - bd.left;                          // every row sees keys >= first ...
+  const int64_t last = imin(kr.hi, t_min + diagonal(sh) + bd.right + 1) - bn;  // ... and the tile from last
+  const int64_t lo = first > kr.lo ? kr.lo + (first - kr.lo + bn - 1) / bn * bn : kr.lo;
+  if (last >= lo) kr.full_lo = lo, kr.full_hi = lo + ((last - lo) / bn + 1) * bn;
+  return kr;
 }
 
-// Backward: the query tiles [lo, hi) in which every query sees every key of [j0, j0 + bn) (no
-// user mask, the keys inside Tk, the queries inside Tq, under causal past the diagonal): the
-// maskless ones. Outside them (the diagonal before, a ragged Tq after) tiles are masked.
+// Backward: the query tiles (of bm queries) with a query that may see some key of [j0, j0 + bn).
+// Both ends are non-decreasing in j0 (key tiles nobody sees lie before or after all others, and
+// get an empty range there), so the key tiles adding into one query tile's dQ are a contiguous
+// run, starting at first_key_tile: what lets them take turns in key-tile order (attention_bwd.cu).
 struct QueryTiles {
   int64_t lo, hi;
 };
-__host__ __device__ inline QueryTiles full_query_tiles(const AttentionShape& sh, int64_t j0, int64_t bn, int64_t bm) {
-  if (sh.mask_kind != MaskKind::kNone || j0 + bn > sh.tk) return {0, 0};
-  int64_t lo = 0;
-  if (sh.causal != Causal::kNone) {  // m * bm >= j0 + bn - 1 - offset
-    const int64_t first = j0 + bn - 1 - causal_offset(sh);
-    lo = first > 0 ? (first + bm - 1) / bm : 0;
-  }
-  const int64_t hi = sh.tq / bm;  // tiles wholly inside Tq
-  return {lo, hi > lo ? hi : lo};
+__host__ __device__ inline QueryTiles query_tiles(const AttentionShape& sh, int64_t j0, int64_t bn, int64_t bm) {
+  const Span q = queries_seeing(sh, j0, imin(j0 + bn, sh.tk) - 1);
+  if (q.hi > q.lo) return {q.lo / bm, (q.hi - 1) / bm + 1};
+  const int64_t at = (imin(q.lo, sh.tq) + bm - 1) / bm;
+  return {at, at};
+}
+// The first key tile (of bn keys) with a key that some query of the tile starting at m0 may see.
+__host__ __device__ inline int64_t first_key_tile(const AttentionShape& sh, int64_t m0, int64_t bn) {
+  return keys_seen(sh, m0, m0).lo / bn;
 }
 
-// Full tiles come first (the conditions only get harder as j0 grows): the walk from kr.lo in
-// steps of bn is full exactly before this key. A scale <= 0 (or NaN) makes every tile partial:
-// full tiles take the max of unscaled scores.
-__host__ __device__ inline int64_t full_tiles_end(const AttentionShape& sh, const KeyRange& kr, int64_t bn) {
-  if (sh.mask_kind != MaskKind::kNone || !(sh.scale > 0.0f)) return kr.lo;
-  int64_t last = sh.tk - bn;  // the last full tile's first key
-  if (sh.causal != Causal::kNone && kr.t_min + causal_offset(sh) - bn + 1 < last) last = kr.t_min + causal_offset(sh) - bn + 1;
-  if (last < kr.lo) return kr.lo;
-  const int64_t end = kr.lo + ((last - kr.lo) / bn + 1) * bn;
-  return end < kr.hi ? end : (kr.hi > kr.lo ? kr.hi : kr.lo);
+// Backward: the query tiles [lo, hi) in which every query sees every key of [j0, j0 + bn) (no
+// user mask, the keys inside Tk, the queries inside Tq and inside the band): the maskless ones.
+// Outside them (a left window edge or the diagonal before, a right window edge or a ragged Tq
+// after) tiles are masked.
+__host__ __device__ inline QueryTiles full_query_tiles(const AttentionShape& sh, int64_t j0, int64_t bn, int64_t bm) {
+  if (sh.mask_kind != MaskKind::kNone || j0 + bn > sh.tk) return {0, 0};
+  const Band bd = band(sh);
+  const int64_t first = j0 + bn - 1 - diagonal(sh) - bd.right;  // queries >= first see the last key
+  const int64_t last = j0 - diagonal(sh) + bd.left;             // queries <= last see the first key
+  const int64_t lo = first > 0 ? (first + bm - 1) / bm : 0;
+  const int64_t hi = imin(sh.tq / bm, last >= bm - 1 ? (last + 1) / bm : 0);  // tiles wholly inside Tq
+  return {lo, hi > lo ? hi : lo};
 }
 
 // ROWS x HD of a (rows, d) operand into shared memory (rows HD + kPad apart) as 16-byte
