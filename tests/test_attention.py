@@ -599,11 +599,12 @@ def test_cuda_index_math(causal):
         last_key = lambda t: tk - 1 if causal == NO_CAUSAL else min(tk - 1, t + offset)  # noqa: E731
         for mask_kind, scale in ((0, 0.125), (1, 0.125), (2, 0.125), (0, -0.5)):
             plan = plan_op(b, h, hkv, tq, tk, d, causal, mask_kind, scale, False)
-            bn, per, rows_seen = plan[0], 5 + 2 * 64, []
+            bn, per, rows_seen = plan[0], 6 + 2 * 64, []
             assert (len(plan) - 1) % per == 0
             for c in range(1, len(plan), per):
-                batch, kv_head, lo, hi, full_end = plan[c:c + 5]
-                rows = [(plan[c + 5 + 2 * i], plan[c + 6 + 2 * i]) for i in range(64) if plan[c + 5 + 2 * i] >= 0]
+                batch, kv_head, lo, hi, full_lo, full_end = plan[c:c + 6]
+                assert full_lo == lo  # no window: the full tiles come first
+                rows = [(plan[c + 6 + 2 * i], plan[c + 7 + 2 * i]) for i in range(64) if plan[c + 6 + 2 * i] >= 0]
                 assert rows and all(head // group == kv_head for head, _ in rows)
                 assert len({head for head, _ in rows}) == 1 or tq <= 16  # only decode-like calls pack heads
                 rows_seen += [(batch, head, t) for head, t in rows]
@@ -620,12 +621,12 @@ def test_cuda_index_math(causal):
             assert sorted(rows_seen) == expected
         for mask_kind in (0, 1):
             bm, *plan = plan_op(b, h, hkv, tq, tk, min(d, 128), causal, mask_kind, 0.125, True)
-            firsts = plan[0::3]
-            assert len(plan) == 3 * ((tk + 63) // 64) and firsts == sorted(firsts)
-            for n, (m_lo, full_lo, full_hi) in enumerate(zip(plan[0::3], plan[1::3], plan[2::3])):
+            firsts = plan[0::4]
+            assert len(plan) == 4 * ((tk + 63) // 64) and firsts == sorted(firsts)
+            for n, (m_lo, m_hi, full_lo, full_hi) in enumerate(zip(plan[0::4], plan[1::4], plan[2::4], plan[3::4])):
                 keys = range(64 * n, min(64 * n + 64, tk))
                 sees = [t for t in range(tq) if any(j <= last_key(t) for j in keys)]
-                assert not sees or sees[0] // bm == m_lo, (n, m_lo, sees[:1])
+                assert not sees or (sees[0] // bm, sees[-1] // bm + 1) == (m_lo, m_hi), (n, m_lo, m_hi, sees[:1])
                 full = lambda m: (not mask_kind and 64 * n + 64 <= tk and m * bm + bm <= tq  # noqa: E731
                                   and all(64 * n + 63 <= last_key(t) for t in range(m * bm, m * bm + bm)))
                 assert [m for m in range((tq + bm - 1) // bm) if full(m)] == list(range(full_lo, full_hi)), n

@@ -101,9 +101,10 @@ int attention_forward_cuda(const AttentionShape& shape, Strided4 q, Strided4 k, 
                            void* out, float* lse, float* workspace, cudaStream_t stream);
 
 // The kernels' index math, evaluated on the host for tests (no launch). Forward: [key tile BN,
-// then per CTA: batch, kv head, first key, end key, end of the full tiles, and for each of its 64
-// rows the query head and position (-1, -1 past the end)]. Backward: [query tile BM, then per
-// key tile of 64: the first query tile that sees it, and the maskless query tiles [lo, hi)].
+// then per CTA: batch, kv head, first key, end key, the full (maskless) key tiles' [start, end),
+// and for each of its 64 rows the query head and position (-1, -1 past the end)]. Backward:
+// [query tile BM, then per key tile of 64: the query tiles that see it [first, end), and the
+// maskless ones [lo, hi)].
 std::vector<int64_t> attention_forward_index_plan(const AttentionShape& shape);
 std::vector<int64_t> attention_backward_index_plan(const AttentionShape& shape);
 
