@@ -300,40 +300,172 @@ def test_dropout_reference_seeded_and_differentiable():
         lambda x, y, z: sdpa(x, y, z, dropout_p=0.3, is_causal=True, generator=torch.Generator().manual_seed(1)),
         inputs,
     )
-    # dropout picks the reference automatically; pinning cpu says why not
+    # fp64 dropout is the reference's (cpu serves fp32/bf16 only)
     assert torch.equal(a, sdpa(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(7), backend="reference"))
-    with pytest.raises(fastlm.BackendUnavailableError, match=r"dropout_p > 0 not supported by the cpu backend \(reference and triton only\)"):
-        sdpa(q.float(), k.float(), v.float(), dropout_p=0.3, backend="cpu")
 
 
-@pytest.mark.parametrize("backend,device,dtypes", [p for p in BACKENDS if p.values[0] == "triton"])
-def test_dropout_triton_matches_its_mask(backend, device, dtypes):
-    """Triton's Philox keep-mask, read back through the output (q = k = 0, v = I gives
-    out[i, j] = keep[i, j] / (1 - p) / Tk), then out and grads against fp64 math with that mask."""
+@pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="extension not built")
+def test_dropout_auto_picks_cpu_and_cuda_says_why_not():
+    """Training-mode attention on CPU fp32/bf16 stays on the cpu kernel; cuda has no dropout."""
+    from fastlm import backend as registry
+    from fastlm.ops.attention import OP
+
+    q, k, v = _qkv(1, 2, 2, 5, 7, 8, 8, torch.float32)
+    assert registry.select(OP, q.device, q, k, v, None, 0.3, NO_CAUSAL) == "cpu"
+    assert registry.why_not(OP, "cpu", q.device, q, k, v, None, 0.3, NO_CAUSAL) == []
+    gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    auto = sdpa(q, k, v, dropout_p=0.3, generator=gen())
+    assert torch.equal(auto, sdpa(q, k, v, dropout_p=0.3, generator=gen(), backend="cpu"))
+    assert not torch.equal(auto, sdpa(q, k, v, dropout_p=0.3, generator=gen(), backend="reference"))
+    reasons = registry.why_not(OP, "cuda", q.device, q.half(), k.half(), v.half(), None, 0.3, NO_CAUSAL)
+    assert "dropout_p > 0 not supported by the cuda backend (reference, cpu and triton only)" in reasons
+    # the raw ops: dropout_p and seed last, validated
+    out, lse = torch.ops.fastlm.attention_fwd(q, k, v, None, 0, 0.5, 0.0, -1, -1, None, None, 0.3, 123)
+    again, lse2 = torch.ops.fastlm.attention_fwd(q, k, v, None, 0, 0.5, 0.0, -1, -1, None, None, 0.3, 123)
+    plain, lse0 = torch.ops.fastlm.attention_fwd(q, k, v, None, 0, 0.5)
+    assert torch.equal(out, again) and torch.equal(lse, lse0) and not torch.equal(out, plain)
+    torch.library.opcheck(torch.ops.fastlm.attention_fwd.default,
+                          (q, k, v, None, 0, 0.5, 0.0, -1, -1, None, None, 0.3, 123))
+    torch.library.opcheck(torch.ops.fastlm.attention_bwd.default,
+                          (torch.randn_like(out), q, k, v, None, out, lse, 0, 0.5, 0.0, -1, -1, None, 0.3, 123))
+    with pytest.raises(ValueError, match=r"attention: dropout_p must be in \[0, 1\), got 1"):
+        torch.ops.fastlm.attention_fwd(q, k, v, None, 0, 0.5, 0.0, -1, -1, None, None, 1.0, 0)
+    with pytest.raises(ValueError, match=r"attention_backward: dropout_p must be in \[0, 1\), got -0.1"):
+        torch.ops.fastlm.attention_bwd(out, q, k, v, None, out, lse, 0, 0.5, 0.0, -1, -1, None, -0.1, 0)
+
+
+DROPOUT_RUNS = [
+    pytest.param("triton", GPU or "cpu", torch.float32, id="triton"),
+    pytest.param("cpu", "cpu", torch.float32, id="cpu-float32"),
+    pytest.param("cpu", "cpu", torch.bfloat16, id="cpu-bfloat16"),
+]
+
+
+def _dropout_probe(backend, b, h, hkv, tq, tk, p, device="cpu", dtype=torch.float32, generator=None):
+    """The keep-mask (B, H, Tq, Tk) a backend draws, read back through its output: q = k = 0 and
+    v = I give out[..., i, j] = keep[i, j] / (1 - p) / Tk."""
+    zeros = torch.zeros(b, h, tq, 16, device=device, dtype=dtype)
+    keys = torch.zeros(b, hkv, tk, 16, device=device, dtype=dtype)
+    eye = torch.eye(tk, device=device, dtype=dtype).expand(b, hkv, tk, tk)
+    probe = sdpa(zeros, keys, eye, dropout_p=p, generator=generator, enable_gqa=hkv != h, backend=backend)
+    return probe
+
+
+def _triton_kernel_keep(b, h, hkv, tq, tk, p, seed):
+    """The Triton kernels' keep-mask for a seed int, from fastlm/triton/attention.py's forward
+    called directly (the interpreter on CPU tensors without a GPU)."""
+    from fastlm.triton import attention as kernels
+
+    device = GPU or "cpu"
+    zeros = torch.zeros(b, h, tq, 16, device=device)
+    keys = torch.zeros(b, hkv, tk, 16, device=device)
+    eye = torch.eye(tk, device=device).expand(b, hkv, tk, tk)
+    out, _ = kernels.forward(zeros, keys, eye, None, NO_CAUSAL, 1.0, p, seed)
+    return (out > 0).cpu()
+
+
+@pytest.mark.parametrize("backend,device,dtype", DROPOUT_RUNS)
+def test_dropout_triton_matches_its_mask(backend, device, dtype):
+    """The backend's Philox keep-mask, read back through the output (q = k = 0, v = I gives
+    out[i, j] = keep[i, j] / (1 - p) / Tk), then out and grads against fp64 math with that mask
+    (low precision: within the repo's factor of the same math run in that dtype)."""
     p, b, h, tq, tk = 0.25, 1, 2, 20, 24
     gen = lambda: torch.Generator().manual_seed(11)  # noqa: E731
-    zeros = torch.zeros(b, h, tq, 16, device=device)
-    eye = torch.eye(tk, device=device).expand(b, h, tk, tk)
-    probe = sdpa(zeros, zeros[:, :, :1].expand(b, h, tk, 16), eye, dropout_p=p, generator=gen(), backend=backend)
+    probe = _dropout_probe(backend, b, h, h, tq, tk, p, device, dtype, gen())
     keep = probe > 0
     assert 0.6 < keep.float().mean() < 0.9
-    torch.testing.assert_close(probe[keep], torch.full_like(probe[keep], 1 / (1 - p) / tk))
+    torch.testing.assert_close(probe[keep].float(), torch.full_like(probe[keep], 1 / (1 - p) / tk).float(),
+                               **({} if dtype == torch.float32 else dict(rtol=1e-2, atol=0)))
     for causal in (False, True):
-        q, k, v = (t.requires_grad_() for t in _qkv(b, h, h, tq, tk, 32, 32, torch.float32, device))
+        q, k, v = (t.requires_grad_() for t in _qkv(b, h, h, tq, tk, 32, 32, dtype, device))
         out = sdpa(q, k, v, dropout_p=p, is_causal=causal, generator=gen(), backend=backend)
         again = sdpa(q, k, v, dropout_p=p, is_causal=causal, generator=gen(), backend=backend)
         assert torch.equal(out, again)
         grad = torch.randn_like(out)
         grads = torch.autograd.grad(out, (q, k, v), grad)
-        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-        s64 = (q64 @ k64.transpose(-1, -2)) / math.sqrt(32)
-        if causal:
-            s64 = s64.masked_fill(~torch.ones(tq, tk, dtype=torch.bool, device=device).tril(), -math.inf)
-        out64 = (torch.softmax(s64, -1) * keep / (1 - p)) @ v64
-        grads64 = torch.autograd.grad(out64, (q64, k64, v64), grad.double())
-        assert_close("triton dropout out", out, out64)
-        for name, g, g64 in zip("qkv", grads, grads64):
-            assert_close(f"triton dropout grad_{name}", g, g64)
+
+        def math_(q_, k_, v_):
+            s_ = (q_ @ k_.transpose(-1, -2)) / math.sqrt(32)
+            if causal:
+                s_ = s_.masked_fill(~torch.ones(tq, tk, dtype=torch.bool, device=device).tril(), -math.inf)
+            return (torch.softmax(s_, -1) * keep / (1 - p)) @ v_
+
+        out64, grads64 = _run(math_, q, k, v, grad, torch.float64)
+        base, grads0 = _run(math_, q, k, v, grad) if dtype != torch.float32 else (None, (None,) * 3)
+        assert_close(f"{backend} dropout out", out, out64, base)
+        for name, g, g64, g0 in zip("qkv", grads, grads64, grads0):
+            assert_close(f"{backend} dropout grad_{name}", g, g64, g0, kind="grad", atol=1e-4)
+
+
+# (B, H, H_kv, Tq, Tk): one score, odd sizes past a tile, GQA (the query head picks the mask), Tq != Tk
+DROPOUT_MASK_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 3, 20, 24), (1, 4, 2, 70, 33), (2, 2, 1, 17, 130)]
+
+
+@pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="extension not built")
+@pytest.mark.parametrize("shape", DROPOUT_MASK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_dropout_cpu_mask_is_tritons(shape):
+    """The cpu kernel draws exactly the Triton kernels' keep-mask (csrc/cpu/philox.h is tl.rand
+    bit for bit): for the same generator seed through the op, and for raw seed ints, the int32
+    wrap of seed + b * H + h included (0x7FFFFFFF)."""
+    from fastlm.ops.attention import _seed_int
+
+    b, h, hkv, tq, tk = shape
+    for p, gen_seed in ((0.25, 0), (0.1, 11), (0.5, 2024)):
+        probe = _dropout_probe("cpu", b, h, hkv, tq, tk, p, generator=torch.Generator().manual_seed(gen_seed))
+        # the seed the op draws from that generator, as it hands it to the Triton kernels
+        drawn = torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(gen_seed), dtype=torch.int64)
+        triton_keep = _triton_kernel_keep(b, h, hkv, tq, tk, p, _seed_int(drawn))
+        assert torch.equal(probe > 0, triton_keep), f"p={p}, generator seed {gen_seed}"
+        if tq * tk >= 100:
+            assert abs((probe > 0).float().mean().item() - (1 - p)) < 0.1
+    for seed in (0, 1, 0x7FFFFFFF - 1, 0x7FFFFFFF):
+        zeros = torch.zeros(b, h, tq, 16)
+        keys = torch.zeros(b, hkv, tk, 16)
+        eye = torch.eye(tk).expand(b, hkv, tk, tk)
+        out, _ = torch.ops.fastlm.attention_fwd(zeros, keys, eye, None, 0, 1.0, 0.0, -1, -1, None, None, 0.3, seed)
+        assert torch.equal(out > 0, _triton_kernel_keep(b, h, hkv, tq, tk, 0.3, seed)), f"seed {seed}"
+
+
+@pytest.mark.skipif(not _ext.HAS_EXTENSION, reason="extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dropout_cpu_composes_with_every_option(dtype, monkeypatch):
+    """cpu dropout with GQA, bottom-right causal, a bool mask, softcap, window, ALiBi and sinks
+    against the reference run in fp64 with the same keep-mask (the cpu's, read back by a probe and
+    handed to the reference's dropout_keep): out, lse (undropped statistics) and q/k/v/sinks grads."""
+    import fastlm.ops.attention as attention_mod
+
+    b, h, hkv, tq, tk, d, p = 2, 4, 2, 37, 70, 32, 0.2
+    keep = _dropout_probe("cpu", b, h, hkv, tq, tk, p, generator=torch.Generator().manual_seed(5)) > 0
+    monkeypatch.setattr(attention_mod, "dropout_keep", lambda seed, shape, p_, device: keep.expand(shape).to(device))
+    q, k, v = _qkv(b, h, hkv, tq, tk, d, d, dtype)
+    mask = torch.rand(b, 1, tq, tk) > 0.2
+    slopes, sinks = torch.rand(h) * 0.3, torch.randn(h)
+    cases = [dict(is_causal=True), dict(attn_mask=causal_lower_right(tq, tk), softcap=5.0),
+             dict(attn_mask=mask, window=(9, 4), alibi_slopes=slopes, sinks=sinks)]
+    grad = torch.randn(b, h, tq, d, dtype=dtype)
+    for kw in cases:
+        def run(backend, cast):
+            leaves = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+            extra = dict(kw)
+            if "sinks" in extra:
+                extra["sinks"] = extra["sinks"].to(torch.float64 if cast == torch.float64 else torch.float32) \
+                    .requires_grad_()
+                leaves.append(extra["sinks"])
+            out, lse = sdpa_lse(*leaves[:3], dropout_p=p, enable_gqa=True, generator=torch.Generator().manual_seed(5),
+                                backend=backend, **extra)
+            return out, lse, torch.autograd.grad(out, leaves, grad.to(out.dtype))
+
+        out, lse, grads = run("cpu", dtype)
+        out64, lse64, grads64 = run("reference", torch.float64)
+        base, _, grads0 = run("reference", dtype) if dtype != torch.float32 else (None, None, (None,) * 4)
+        name = ", ".join(kw)
+        assert_close(f"cpu dropout out ({name})", out, out64, base)
+        torch.testing.assert_close(lse.double(), lse64.double(), rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 2e-2,
+                                   msg=lambda m: f"cpu dropout lse ({name}): {m}")
+        for gname, g, g64, g0 in zip(("q", "k", "v", "sinks"), grads, grads64, grads0):
+            # the sinks' grad is fp32 but comes from the low-precision out and dO: judge it by q's dtype's rule
+            g = g.to(dtype) if gname == "sinks" else g
+            assert_close(f"cpu dropout grad_{gname} ({name})", g, g64, g0, kind="grad", atol=1e-4)
 
 
 def test_reference_gradients_gradcheck():

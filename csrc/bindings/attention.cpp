@@ -17,10 +17,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                                                      double scale, double softcap, int64_t window_left,
                                                      int64_t window_right,
                                                      const std::optional<at::Tensor>& alibi_slopes,
-                                                     const std::optional<at::Tensor>& sinks) {
+                                                     const std::optional<at::Tensor>& sinks, double dropout_p,
+                                                     int64_t seed) {
   TORCH_CHECK_VALUE(q.device().is_cpu(), "attention: q must be a CPU tensor here, got ", q.device().str());
-  const AttentionShape sh = check_args("attention", q, k, v, mask, causal, scale, softcap, /*allow_half=*/false,
-                                       window_left, window_right, alibi_slopes, sinks);
+  AttentionShape sh = check_args("attention", q, k, v, mask, causal, scale, softcap, /*allow_half=*/false,
+                                 window_left, window_right, alibi_slopes, sinks);
+  dropout_args("attention", sh, dropout_p, seed);
   at::Tensor out = at::empty({sh.batch, sh.heads, sh.tq, sh.value_dim}, q.options());
   at::Tensor lse = at::empty({sh.batch, sh.heads, sh.tq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
@@ -34,11 +36,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, int64_t causal,
     double scale, double softcap, int64_t window_left, int64_t window_right,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t seed) {
   constexpr const char* op = "attention_backward";
   TORCH_CHECK_VALUE(q.device().is_cpu(), op, ": q must be a CPU tensor here, got ", q.device().str());
-  const AttentionShape sh = check_args(op, q, k, v, mask, causal, scale, softcap, /*allow_half=*/false,
-                                       window_left, window_right, alibi_slopes);
+  AttentionShape sh = check_args(op, q, k, v, mask, causal, scale, softcap, /*allow_half=*/false,
+                                 window_left, window_right, alibi_slopes);
+  dropout_args(op, sh, dropout_p, seed);
   check_backward_args(op, sh, grad_out, q, out, lse);
   at::Tensor gq = at::empty(q.sizes(), q.options()), gk = at::empty(k.sizes(), k.options());
   at::Tensor gv = at::empty(v.sizes(), v.options());

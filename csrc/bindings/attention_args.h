@@ -58,6 +58,17 @@ inline void check_options(const char* op, AttentionShape& sh, const at::Tensor& 
   }
 }
 
+// dropout_p in [0, 1) and the Philox seed into sh; a backend without dropout (supported = false)
+// refuses dropout_p > 0, naming itself.
+inline void dropout_args(const char* op, AttentionShape& sh, double dropout_p, int64_t seed, bool supported = true,
+                         const char* backend = "cpu") {
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK_VALUE(supported || dropout_p == 0.0, op, ": dropout_p > 0 is not supported by the ", backend,
+                    " kernels, got ", dropout_p);
+  sh.dropout_p = static_cast<float>(dropout_p);
+  sh.dropout_seed = seed;
+}
+
 // Checks a direct torch.ops.fastlm.attention_* call (the device check is the caller's).
 inline AttentionShape check_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const std::optional<at::Tensor>& mask, int64_t causal, double scale, double softcap,

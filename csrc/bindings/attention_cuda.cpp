@@ -36,11 +36,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
                                                       double scale, double softcap, int64_t window_left,
                                                       int64_t window_right,
                                                       const std::optional<at::Tensor>& alibi_slopes,
-                                                      const std::optional<at::Tensor>& sinks) {
+                                                      const std::optional<at::Tensor>& sinks,
+                                                      double dropout_p, int64_t seed) {
   constexpr const char* op = "attention";
   cuda_args(op, q);
-  const AttentionShape sh = check_args(op, q, k, v, mask, causal, scale, softcap, /*allow_half=*/true,
-                                       window_left, window_right, alibi_slopes, sinks);
+  AttentionShape sh = check_args(op, q, k, v, mask, causal, scale, softcap, /*allow_half=*/true,
+                                 window_left, window_right, alibi_slopes, sinks);
+  dropout_args(op, sh, dropout_p, seed, /*supported=*/false, "cuda");
   const GpuGuard guard(q.device());
   at::Tensor out = at::empty({sh.batch, sh.heads, sh.tq, sh.value_dim}, q.options());
   at::Tensor lse = at::empty({sh.batch, sh.heads, sh.tq}, q.options().dtype(at::kFloat));
@@ -60,11 +62,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, int64_t causal,
     double scale, double softcap, int64_t window_left, int64_t window_right,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t seed) {
   constexpr const char* op = "attention_backward";
   cuda_args(op, q);
-  const AttentionShape sh = check_args(op, q, k, v, mask, causal, scale, softcap, /*allow_half=*/true,
-                                       window_left, window_right, alibi_slopes);
+  AttentionShape sh = check_args(op, q, k, v, mask, causal, scale, softcap, /*allow_half=*/true,
+                                 window_left, window_right, alibi_slopes);
+  dropout_args(op, sh, dropout_p, seed, /*supported=*/false, "cuda");
   check_backward_args(op, sh, grad_out, q, out, lse);
   TORCH_CHECK_VALUE(sh.head_dim <= 128 && sh.value_dim <= 128, op, ": the cuda backward takes head dims up to 128, got q ",
                     sh.head_dim, " and v ", sh.value_dim);

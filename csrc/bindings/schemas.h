@@ -7,10 +7,11 @@ namespace fastlm::bind {
 
 inline constexpr const char* kKernelSchemas[] = {
     "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, int causal, float scale, float softcap=0.0, "
-    "int window_left=-1, int window_right=-1, Tensor? alibi_slopes=None, Tensor? sinks=None) -> (Tensor, Tensor)",
+    "int window_left=-1, int window_right=-1, Tensor? alibi_slopes=None, Tensor? sinks=None, float dropout_p=0.0, "
+    "int seed=0) -> (Tensor, Tensor)",
     "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor out, Tensor lse, "
     "int causal, float scale, float softcap=0.0, int window_left=-1, int window_right=-1, "
-    "Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor)",
+    "Tensor? alibi_slopes=None, float dropout_p=0.0, int seed=0) -> (Tensor, Tensor, Tensor)",
     "attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
     "int max_seqlen_q, int max_seqlen_k, int causal, float scale, float softcap=0.0, int window_left=-1, "
     "int window_right=-1, Tensor? alibi_slopes=None, Tensor? sinks=None) -> (Tensor, Tensor)",

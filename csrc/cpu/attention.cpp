@@ -9,7 +9,8 @@
 // reaches is visited; the mask pass runs only on tiles that straddle a band edge or have a
 // mask. Scores are soft-capped (softcap * tanh(s / softcap)), then get ALiBi (from positions,
 // no bias tensor), then the mask. A sink only enters the finalisation: lse = logaddexp(m +
-// log l, sink), and O / l shrinks by exp(m + log l - lse).
+// log l, sink), and O / l shrinks by exp(m + log l - lse). Dropout scales P by Triton's keep /
+// (1 - p) (philox.h) after the softmax update, so m and l (hence lse) are the undropped ones.
 #include <omp.h>
 
 #include <algorithm>
@@ -36,6 +37,7 @@ void forward(const AttentionShape& sh, Strided4 q, Strided4 k, Strided4 v, Strid
   const std::vector<int64_t> tiles = query_tile_starts(sh);  // per sequence: its query tiles
   const int64_t items = sh.heads * tiles.back();              // (sequence, head, query tile)
   const int64_t group = sh.heads / sh.kv_heads;
+  const bool drop = sh.dropout_p > 0.0f;
   const RowLayout ol = rows_layout(sh, sh.heads, sh.tq, Dv), ll = lse_layout(sh);
   const T* qd = static_cast<const T*>(q.data);
   const T* kd = static_cast<const T*>(k.data);
@@ -60,12 +62,14 @@ void forward(const AttentionShape& sh, Strided4 q, Strided4 k, Strided4 v, Strid
       std::fill(w.l, w.l + kBlockQ, 0.0f);
       TileMask t = tile_mask<T>(sh, mask, s, b, h, i0, nq);
       const auto [key_begin, key_end] = t.keys(s.tk);
+      const Dropout dr = dropout_of(sh, b, h, s.tk);
       for (int64_t j0 = key_begin; j0 < key_end; j0 += kBlockK) {
         t.j0 = j0, t.nk = std::min(kBlockK, key_end - j0);
         pack_rows(kp + j0 * k.s[2], k.s[2], k.s[3], t.nk, D, w.Kp, D);
         gemm(t.nk, t.nqp, D, w.Kp, D, 1, w.Qt, kBlockQ, w.St, kBlockQ, nullptr, false);
         const bool any_dead = finish_scores<T>(t, sh.softcap, w.St, nullptr, w.live);
         softmax_tile(w.St, t.nk, t.nqp, w.m, w.l, w.alpha);
+        if (drop) drop_probs(dr, i0, j0, t.nk, t.nqp, w.St);  // l, m stay the undropped P's
         pack_rows(vp + j0 * v.s[2], v.s[2], v.s[3], t.nk, Dv, w.Vp, Dvp);
         if (any_dead) zero_dead_rows(w.Vp, Dvp, w.live, t.nk);
         gemm(nq, Dvp, t.nk, w.St, 1, kBlockQ, w.Vp, Dvp, w.O, Dvp, w.alpha, true);

@@ -9,7 +9,8 @@
 // (times 1 - tanh^2 of the capped raw scores under a softcap: ALiBi is added after the cap and
 // doesn't change it), and accumulate dV += P^T dO, dK += dS^T Q, dQ += dS K with the same register-
 // blocked GEMM as the forward. Sinks need nothing here: the forward's lse already holds them, so P
-// is right.
+// is right. Dropout regenerates the forward's keep-mask Z (Triton's Philox, philox.h) per tile:
+// dV += (P Z)^T dO, dP = (dO V^T) Z, dS = P (dP - delta), delta = rowsum(dO O) of the dropped O.
 #include <omp.h>
 
 #include <algorithm>
@@ -34,20 +35,30 @@ struct Scratch {
 };
 
 // St (scores, -inf where hidden) becomes P = exp(St - lse); dSt becomes dS = P (dP - delta), times
-// Gt = 1 - tanh^2 (d capped / d raw score) under a softcap (kCap).
-template <bool kCap>
+// Gt = 1 - tanh^2 (d capped / d raw score) under a softcap (kCap). With dropout (kDrop) dSt holds
+// (dO V^T) before the keep-mask Z = keep / (1 - p) of query tile i0, key tile j0: dP = dSt Z, and St
+// becomes P Z, what dV = (P Z)^T dO needs (dS keeps the undropped P).
+template <bool kCap, bool kDrop>
 FASTLM_INLINE void probs_and_dscores(float* St, float* dSt, int64_t nk, int64_t nqp, const float* lse,
-                                     const float* delta, const float* Gt) {
+                                     const float* delta, const float* Gt, const Dropout& dr, int64_t i0, int64_t j0) {
   for (int64_t c = 0; c < nqp; c += kLanes) {
     const vf ls = load(lse + c), dl = load(delta + c);
+    const vu rows = drop_offsets(dr, i0 + c, j0);
     for (int64_t j = 0; j < nk; ++j) {
       const vf s = load(St + j * kBlockQ + c);
       const vf hidden = select(s == kNegInf, splat(1.0f), splat(0.0f));
       const vf p = select(hidden != 0.0f, splat(0.0f), vexp(s - ls));
-      vf ds = p * (load(dSt + j * kBlockQ + c) - dl);
+      vf dp = load(dSt + j * kBlockQ + c);
+      vf pz = p;
+      if constexpr (kDrop) {
+        const vf z = drop_factor(dr, rows + uint32_t(j));
+        dp = dp * z;
+        pz = p * z;
+      }
+      vf ds = p * (dp - dl);
       if constexpr (kCap) ds = ds * load(Gt + j * kBlockQ + c);
       ds = select(hidden != 0.0f, splat(0.0f), ds);
-      store(St + j * kBlockQ + c, p);
+      store(St + j * kBlockQ + c, pz);
       store(dSt + j * kBlockQ + c, ds);
     }
   }
@@ -59,6 +70,7 @@ void backward(const AttentionShape& sh, Strided4 go, Strided4 q, Strided4 k, Str
   const int64_t D = sh.head_dim, Dv = sh.value_dim;
   const int64_t Dkp = round_up(D, kLanes), Dvp = round_up(Dv, kLanes);
   const int64_t items = sh.batch * sh.kv_heads, group = sh.heads / sh.kv_heads;
+  const bool drop = sh.dropout_p > 0.0f;
   // Sequences longest first (varlen: their work differs, and the dynamic schedule balances best
   // that way; each item owns its outputs, so the order changes no result), and the longest key
   // range, which sizes the dK/dV scratch.
@@ -92,6 +104,7 @@ void backward(const AttentionShape& sh, Strided4 go, Strided4 q, Strided4 k, Str
           const int64_t nq = std::min(kBlockQ, s.tq - i0);
           TileMask t = tile_mask<T>(sh, mask, s, b, h, i0, nq);
           const auto [key_begin, key_end] = t.keys(s.tk);
+          const Dropout dr = dropout_of(sh, b, h, s.tk);
           T* dq = gq + dql.at(b, h, s.q0 + i0);
           if (key_begin >= key_end) {  // every row fully masked: dQ = 0, nothing else to add
             for (int64_t i = 0; i < nq; ++i) std::fill(dq + i * dql.t, dq + i * dql.t + D, T{});
@@ -122,8 +135,14 @@ void backward(const AttentionShape& sh, Strided4 go, Strided4 q, Strided4 k, Str
               zero_dead_rows(w.Vp, Dvp, w.live, t.nk);
             }
             gemm(t.nk, t.nqp, Dv, w.Vp, Dvp, 1, w.dOt, kBlockQ, w.dSt, kBlockQ, nullptr, false);
-            if (sh.softcap > 0.0f) probs_and_dscores<true>(w.St, w.dSt, t.nk, t.nqp, w.lse, w.delta, w.Gt);
-            else probs_and_dscores<false>(w.St, w.dSt, t.nk, t.nqp, w.lse, w.delta, nullptr);
+            const bool cap = sh.softcap > 0.0f;
+            if (drop) {
+              if (cap) probs_and_dscores<true, true>(w.St, w.dSt, t.nk, t.nqp, w.lse, w.delta, w.Gt, dr, i0, j0);
+              else probs_and_dscores<false, true>(w.St, w.dSt, t.nk, t.nqp, w.lse, w.delta, nullptr, dr, i0, j0);
+            } else {
+              if (cap) probs_and_dscores<true, false>(w.St, w.dSt, t.nk, t.nqp, w.lse, w.delta, w.Gt, dr, i0, j0);
+              else probs_and_dscores<false, false>(w.St, w.dSt, t.nk, t.nqp, w.lse, w.delta, nullptr, dr, i0, j0);
+            }
             gemm(t.nk, Dvp, nq, w.St, kBlockQ, 1, w.dOp, Dvp, w.dV + j0 * Dvp, Dvp, nullptr, true);
             gemm(t.nk, Dkp, nq, w.dSt, kBlockQ, 1, w.Qs, Dkp, w.dK + j0 * Dkp, Dkp, nullptr, true);
             gemm(nq, Dkp, t.nk, w.dSt, 1, kBlockQ, w.Kp, Dkp, w.dQ, Dkp, nullptr, true);

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "fastlm/attention.h"
+#include "philox.h"
 #include "vec_math.h"
 
 namespace fastlm::cpu::attn {
@@ -289,6 +290,41 @@ inline bool finish_scores(const TileMask& t, float softcap, float* St, float* Gt
   if (softcap > 0.0f) cap_scores<kGrad>(St, t.nk, t.nqp, softcap, Gt);
   if (t.slope != 0.0f) add_alibi(t, St);
   return !t.full() && apply_mask<T>(t, St, live);
+}
+
+// Dropout of one (sequence, query head): Triton's keep-mask (philox.h), keep(i, j) = rand(key,
+// uint32(i * tk + j)) >= p with key from seed + b * H + h, i and j relative to the sequence, tk its
+// key count; kept entries are scaled by 1 / (1 - p) (both in fp32, as the Triton kernels do).
+struct Dropout {
+  PhiloxKey key;
+  uint32_t tk;
+  float p, scale;
+};
+FASTLM_INLINE Dropout dropout_of(const AttentionShape& sh, int64_t b, int64_t h, int64_t tk) {
+  return {philox_key(sh.dropout_seed, b * sh.heads + h), uint32_t(tk), sh.dropout_p, 1.0f / (1.0f - sh.dropout_p)};
+}
+
+// Philox offsets i * Tk + j0 of queries i .. i + kLanes (uint32, wrapping as Triton's
+// (offs_m * TK + offs_n).to(uint32) does); add j - j0 for key j.
+FASTLM_INLINE vu drop_offsets(const Dropout& d, int64_t i, int64_t j0) {
+  vu ramp;
+  for (int c = 0; c < kLanes; ++c) ramp[c] = uint32_t(c);
+  return (ramp + uint32_t(i)) * d.tk + uint32_t(j0);
+}
+// keep / (1 - p), or 0, for the entries at these offsets.
+FASTLM_INLINE vf drop_factor(const Dropout& d, vu offsets) {
+  return select(philox_rand(offsets, d.key) >= d.p, splat(d.scale), splat(0.0f));
+}
+
+// St (P of a key tile, nk x nqp, row stride kBlockQ) times keep / (1 - p): what reaches P V.
+inline void drop_probs(const Dropout& d, int64_t i0, int64_t j0, int64_t nk, int64_t nqp, float* St) {
+  for (int64_t c = 0; c < nqp; c += kLanes) {
+    const vu rows = drop_offsets(d, i0 + c, j0);
+    for (int64_t j = 0; j < nk; ++j) {
+      float* s = St + j * kBlockQ + c;
+      store(s, load(s) * drop_factor(d, rows + uint32_t(j)));
+    }
+  }
 }
 
 inline void zero_dead_rows(float* buf, int64_t ld, const bool* live, int64_t nk) {

@@ -25,11 +25,12 @@ becomes softcap * tanh(s / softcap) before the mask and the softmax; 0 (the defa
 costs nothing (the kernels branch at compile time). The backward multiplies dS by
 1 - tanh^2, recomputing the capped scores as it recomputes S. Every backend implements it.
 
-Dropout (reference and triton; the others say so and auto-dispatch routes around them): the
+Dropout (reference, cpu and triton; cuda says so and auto-dispatch routes around it): the
 keep-mask comes from a seed drawn from `generator` (default: torch's global one), so
-torch.manual_seed makes runs reproducible and the backward regenerates the same mask. The two
-backends draw their masks differently (torch.Generator vs Philox in the kernel), so the same
-seed gives different masks on reference and triton.
+torch.manual_seed makes runs reproducible and the backward regenerates the same mask. cpu and
+triton draw the same mask (Triton's Philox, tl.rand(seed + b * H + h, i * Tk + j) >= p, which
+csrc/cpu/philox.h reproduces bit for bit), so the same seed drops the same entries on both; the
+reference draws from a torch.Generator, a different mask for the same seed.
 
 Backends: cpu (fp32/bf16, csrc/cpu/attention*.cpp), triton (fp32/fp16/bf16,
 fastlm/triton/attention.py; CUDA tensors, or CPU ones under TRITON_INTERPRET=1), cuda (fp16/bf16 on
@@ -174,13 +175,16 @@ def attention_backward_ref(grad_out, q, k, v, mask, out, lse, dropout_p, causal,
 # ---------------------------------------------------------------- per-backend kernels
 def _ext_forward(q, k, v, mask, dropout_p, causal, scale, seed, softcap=0.0, window=(-1, -1), alibi=None,
                  sinks=None, ops=torch.ops.fastlm):
-    return ops.attention_fwd(q, k, v, mask, causal, scale, softcap, window[0], window[1], alibi, sinks)
+    # dropout (cpu kernels only; cuda's why_not routes it away): Triton's Philox keep-mask from the same seed int
+    return ops.attention_fwd(q, k, v, mask, causal, scale, softcap, window[0], window[1], alibi, sinks,
+                             float(dropout_p), _seed_int(seed))
 
 
 def _ext_backward(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, seed, softcap=0.0, window=(-1, -1),
                   alibi=None, sinks=None, ops=torch.ops.fastlm):
     # sinks need no kernel work here: the forward's lse already holds them
-    return ops.attention_bwd(grad_out, q, k, v, mask, out, lse, causal, scale, softcap, window[0], window[1], alibi)
+    return ops.attention_bwd(grad_out, q, k, v, mask, out, lse, causal, scale, softcap, window[0], window[1], alibi,
+                             float(dropout_p), _seed_int(seed))
 
 
 def _triton_forward(q, k, v, mask, dropout_p, causal, scale, seed, softcap=0.0, window=(-1, -1), alibi=None,
@@ -317,13 +321,13 @@ def _kernel_reasons(backend, dtypes, max_head_dim, q, v, dropout_p) -> list[str]
         if d > max_head_dim:
             reasons.append(f"{name} {d} > {max_head_dim} not supported by the {backend} backend")
     if dropout_p > 0:
-        reasons.append(f"dropout_p > 0 not supported by the {backend} backend (reference and triton only)")
+        reasons.append(f"dropout_p > 0 not supported by the {backend} backend (reference, cpu and triton only)")
     return reasons
 
 
 @_backend.register(OP, "cpu")
 def _(q, k, v, mask, dropout_p, causal):
-    return _kernel_reasons("cpu", CPU_DTYPES, CPU_MAX_HEAD_DIM, q, v, dropout_p)
+    return _kernel_reasons("cpu", CPU_DTYPES, CPU_MAX_HEAD_DIM, q, v, 0.0)  # cpu has dropout (triton's mask)
 
 
 @_backend.register(OP, "triton")
@@ -567,11 +571,12 @@ def scaled_dot_product_attention_ref(
 if _ext.HAS_EXTENSION and hasattr(torch.ops.fastlm, "attention_fwd"):
 
     @torch.library.register_fake("fastlm::attention_fwd")
-    def _(q, k, v, mask, causal, scale, softcap=0.0, window_left=-1, window_right=-1, alibi_slopes=None, sinks=None):
+    def _(q, k, v, mask, causal, scale, softcap=0.0, window_left=-1, window_right=-1, alibi_slopes=None, sinks=None,
+          dropout_p=0.0, seed=0):
         b, h, tq, _ = q.shape
         return q.new_empty(b, h, tq, v.shape[-1]), q.new_empty(b, h, tq, dtype=torch.float32)
 
     @torch.library.register_fake("fastlm::attention_bwd")
     def _(grad_out, q, k, v, mask, out, lse, causal, scale, softcap=0.0, window_left=-1, window_right=-1,
-          alibi_slopes=None):
+          alibi_slopes=None, dropout_p=0.0, seed=0):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

@@ -16,6 +16,14 @@
 // mask). A sink adds exp(sink[h]) to each row's softmax denominator: lse = log(exp(sink) +
 // sum_j exp(s_ij)), a fully masked row gives output 0 and lse = sink. The backward needs no sinks
 // (the forward's lse carries them).
+//
+// Dropout (dropout_p > 0, CPU kernels only): the softmax statistics (m, l, lse) are those of the
+// undropped P; only where P feeds the output is it multiplied by keep / (1 - p), O = (P o Z) V,
+// and the backward regenerates the same Z: dV = (P o Z)^T dO, dP = (dO V^T) o Z, dS = P (dP - delta)
+// with delta = rowsum(dO o O) (the dropped O). keep(b, h, i, j) is Triton's (cpu/philox.h):
+// tl.rand(seed + b * H + h, uint32(i * Tk + j)) >= p, h the query head (GQA included), so the
+// cpu and triton backends drop the same entries for the same seed. Varlen: b is the sequence
+// index, i and j the positions inside the sequence and Tk the sequence's own key count.
 #pragma once
 #include <vector>
 
@@ -52,6 +60,10 @@ struct AttentionShape {
   // nullptr (both): dense, every sequence has Tq = tq and Tk = tk.
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
+  // Attention dropout (CPU kernels; see the header comment): probability in [0, 1) (0: off) and
+  // the Philox seed, which Triton's kernels take as the int seed & 0x7FFFFFFF.
+  float dropout_p = 0.0f;
+  int64_t dropout_seed = 0;
 };
 
 inline bool is_varlen(const AttentionShape& sh) { return sh.cu_seqlens_q != nullptr; }
