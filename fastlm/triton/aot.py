@@ -251,16 +251,21 @@ def _t(*shape, dtype):
     return torch.randn(*shape).to(dtype)
 
 
-def _attention_case(b, h, hkv, tq, tk, d, causal=0, mask=None, dropout=0.0, backward=True):
+def _attention_case(b, h, hkv, tq, tk, d, causal=0, mask=None, dropout=0.0, backward=True, softcap=0.0,
+                    window=(-1, -1), alibi=None, sinks=False):
+    """alibi: None, "h" (slopes (H,)) or "bh" ((B, H))."""
     def run(dtype):
         from fastlm.triton import attention
 
         q, k, v = _t(b, h, tq, d, dtype=dtype), _t(b, hkv, tk, d, dtype=dtype), _t(b, hkv, tk, d, dtype=dtype)
         m = None if mask is None else (torch.ones(1, h, tq, tk, dtype=torch.bool) if mask == "bool"
                                        else torch.zeros(1, 1, tq, tk, dtype=dtype))
-        out, lse = attention.forward(q, k, v, m, causal, d ** -0.5, dropout, 1)
+        options = dict(softcap=softcap, window=window, alibi=None if alibi is None else torch.rand(
+            *((h,) if alibi == "h" else (b, h))))
+        out, lse = attention.forward(q, k, v, m, causal, d ** -0.5, dropout, 1, sinks=torch.randn(h) if sinks else None,
+                                     **options)
         if backward:
-            attention.backward(torch.randn_like(out), q, k, v, m, out, lse, causal, d ** -0.5, dropout, 1)
+            attention.backward(torch.randn_like(out), q, k, v, m, out, lse, causal, d ** -0.5, dropout, 1, **options)
     return run
 
 
@@ -285,6 +290,21 @@ def _attention_cases():
                 1, group * 2, 2, 1, 4096, d, 2, None, 0.0, backward=False), ci=False))
         cases.append(Case("attention_decode", f"d{d} group8 tq8 mask", _attention_case(  # 64 rows a program
             1, 16, 2, 8, 4096, d, 2, "float", 0.0, backward=False), ci=d in (128, 256)))
+    # the options (issue #13): every one at once in CI, the heaviest kernels they make (both band
+    # edges, ALiBi's per-score term, softcap's 1 - tanh^2 tile, sinks). At D = 64: IEEE fp32 dK/dV
+    # at D = 128 spills with no option at all. Not fp16 (so not sm_90's 16-bit) for now: there
+    # ptxas gives the 4-warp 32x32 dK/dV 168 registers and spills 8 B, which the pruning doesn't
+    # model yet (the sweep compiles it). Gemma-2-style softcap + sliding window at D = 256 and a
+    # two-sided window with (H,) slopes: sweep only.
+    cases.append(Case("attention", "d64 causal2 window(255,0) alibi(B,H) sinks softcap30", _attention_case(
+        2, 4, 2, 1024, 1024, 64, 2, softcap=30.0, window=(255, 0), alibi="bh", sinks=True), ci=True,
+        dtypes=("fp32", "bf16")))
+    cases.append(Case("attention", "d256 causal1 window(511,0) softcap50", _attention_case(
+        2, 4, 2, 1024, 1024, 256, 1, softcap=50.0, window=(511, 0))))
+    cases.append(Case("attention", "d128 causal0 window(128,128) alibi(H)", _attention_case(
+        2, 4, 2, 1024, 1024, 128, 0, window=(128, 128), alibi="h")))
+    cases.append(Case("attention_decode", "d128 group8 tq1 window(1023,0) alibi(B,H) sinks softcap30", _attention_case(
+        1, 16, 2, 1, 4096, 128, 2, backward=False, softcap=30.0, window=(1023, 0), alibi="bh", sinks=True), ci=True))
     return cases
 
 

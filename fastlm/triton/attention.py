@@ -6,17 +6,25 @@ Backward: a pre-pass computes delta = rowsum(dO * O); one kernel owns a block of
 key/value head and accumulates dK, dV over the query heads of its GQA group; another owns a
 block of queries and accumulates dQ. No atomics: the gradients are deterministic.
 
-Masking: key j is visible to query i when j < Tk, j <= i + offset (causal), and the mask
-allows it. Every key loop runs in two kinds of tiles: full ones, which every query of the tile
-sees (no bounds, causal or padding work at all), and edge ones (the causal diagonal, ragged
-ends), which compute the masks. A user mask is read on every tile it covers. Hidden scores are
--inf and their probabilities exactly 0; keys no query of a tile sees are zeroed before they
-enter a product, so NaN there can't leak.
+Masking: key j is visible to query i when j < Tk, j lies in the band [i + lower, i + upper] and
+the mask allows it. The band folds causality and the sliding window (issue #13, band()): with
+diag = 0 for top-left causal, else Tk - Tq, upper = diag under causality, diag + window_right
+for a right window, the smaller when both (UPPER), and lower = diag - window_left for a left
+window (LOWER); an unbounded side costs nothing (constexprs). Every key loop runs in two kinds of tiles: full ones,
+which every query of the tile sees (no bounds, band or padding work at all), and edge ones (the
+band's two edges, ragged ends), which compute the masks; tiles outside the band are not visited
+(_ranges gives each query block its key range, each key block its query range). A user mask is
+read on every tile it covers. Hidden scores are -inf and their probabilities exactly 0; keys no
+query of a tile sees are zeroed before they enter a product, so NaN there can't leak.
 
 Scores are kept in log2 units (scale * log2(e) folded into one multiply) so the softmax uses
 exp2; lse is stored in natural log. With a softcap (SOFTCAP, a constexpr: softcap > 0) each
 score is softcap * log2(e) * tanh(scale * q.k / softcap) before any mask (_scores), and the
-backward multiplies dS by 1 - tanh^2; without one the kernels compile exactly as before.
+backward multiplies dS by 1 - tanh^2; without one the kernels compile exactly as before. ALiBi
+(ALIBI) adds -slope * log2(e) * |i + diag - j| after the cap, slope read per (batch, head) in the
+kernel; it is constant in q and k, so the backward only recomputes it. Attention sinks (SINKS,
+forward only) add exp(sink_h) to the softmax denominator in the finalisation (_finish); the
+backward needs nothing for them, since its P = exp(s - lse) reads the forward's lse.
 fp32 inputs use TF32 dots when torch allows TF32 for matmuls (read per call, part of the
 autotune key), else IEEE dots on small FMA tiles.
 Block sizes are autotuned on a GPU per (head dims, lengths rounded up to powers of two,
@@ -47,12 +55,16 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _masked(s, offs_m, offs_n, tq, tk, offset, mask_ptr, msq, msk, CAUSAL: tl.constexpr, MASK: tl.constexpr):
+def _masked(s, offs_m, offs_n, tq, tk, lower, upper, mask_ptr, msq, msk,
+            LOWER: tl.constexpr, UPPER: tl.constexpr, MASK: tl.constexpr):
     """(visible, s with the additive mask added in log2 units and -inf where hidden) for the
-    (offs_m x offs_n) score tile; the offsets may be transposed views (keys down)."""
+    (offs_m x offs_n) score tile; the offsets may be transposed views (keys down). LOWER / UPPER
+    check the band's edges (full tiles pass False: every key of theirs is inside it)."""
     ok = (offs_m < tq) & (offs_n < tk)
-    if CAUSAL:
-        ok = ok & (offs_n <= offs_m + offset)
+    if UPPER:
+        ok = ok & (offs_n <= offs_m + upper)
+    if LOWER:
+        ok = ok & (offs_n >= offs_m + lower)
     if MASK == 1:
         keep = tl.load(mask_ptr + offs_m.to(tl.int64) * msq + offs_n * msk, mask=ok, other=0)
         ok = ok & (keep != 0)
@@ -80,9 +92,12 @@ def _tanh(x, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _scores(qk, qk_scale, softcap, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+def _scores(qk, qk_scale, softcap, rows, cols, diag, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+            PREC: tl.constexpr):
     """(s, g): the raw products qk as scores in log2 units (qk_scale = scale * log2(e)), soft-capped
-    under SOFTCAP, and there g = 1 - tanh^2 = d(capped)/d(raw) for the backward (else a dummy)."""
+    under SOFTCAP, and there g = 1 - tanh^2 = d(capped)/d(raw) for the backward (else a dummy).
+    Under ALIBI, after the cap, s -= slope * |i + diag - j| for queries rows, keys cols (broadcast
+    views, either orientation), slope in log2 units (_slope); g is untouched (no q, k in it)."""
     if SOFTCAP:
         t = _tanh(qk * (qk_scale / (softcap * _LOG2E)), PREC != "")
         s = t * (softcap * _LOG2E)
@@ -90,7 +105,19 @@ def _scores(qk, qk_scale, softcap, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
     else:
         s = qk * qk_scale
         g = qk_scale
+    if ALIBI:
+        s = s - slope * tl.abs(rows + diag - cols).to(tl.float32)
     return s, g
+
+
+@triton.jit
+def _slope(alibi_ptr, b, stride, h, ALIBI: tl.constexpr):
+    """Head h's ALiBi slope in log2 units (slopes (H,) have stride 0, (B, H) stride H); a dummy
+    without ALIBI."""
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(alibi_ptr + b * stride + h) * _LOG2E
+    return slope
 
 
 @triton.jit
@@ -139,15 +166,18 @@ def _operand(x, like, PREC: tl.constexpr):
 
 
 @triton.jit
-def _live_keys(ok, offs_n, last_row, offset, CAUSAL: tl.constexpr, MASK: tl.constexpr):
-    """Keys some query row (<= last_row) of an edge tile sees. Causal bounds give it without a
-    reduction; only a user mask needs the column reduction of ok."""
+def _live_keys(ok, offs_n, first_row, last_row, lower, upper, LOWER: tl.constexpr, UPPER: tl.constexpr,
+               MASK: tl.constexpr):
+    """Keys some query row (first_row..last_row) of an edge tile sees. The band's edges give it
+    without a reduction; only a user mask needs the column reduction of ok."""
     if MASK != 0:
         live = tl.max(ok.to(tl.int32), 0) > 0
-    elif CAUSAL:
-        live = offs_n <= last_row + offset
     else:
         live = offs_n >= 0  # every key in bounds (the load's row check covers j >= Tk)
+        if UPPER:
+            live = live & (offs_n <= last_row + upper)
+        if LOWER:
+            live = live & (offs_n >= first_row + lower)
     return live
 
 
@@ -175,21 +205,23 @@ def _online_step(s, v, m_i, l_i, acc, drop, PREC: tl.constexpr, DROPOUT: tl.cons
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, m_base, offs_m, last_row, lo, hi,
-               skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, bh, p_drop,
-               EDGE: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-               DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, m_base, offs_m, first_row, last_row, lo, hi,
+               skt, skd, svt, svd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, bh, p_drop,
+               EDGE: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, MASK: tl.constexpr,
+               PREC: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr):
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load(k_base, offs_n, offs_d, skt, skd, TK, D, EDGE)
-        s, _ = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap, SOFTCAP, PREC)
+        s, _ = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap, offs_m[:, None], offs_n[None, :], diag, slope,
+                       SOFTCAP, ALIBI, PREC)
         if EDGE or MASK != 0:
-            ok, s = _masked(s, offs_m[:, None], offs_n[None, :], TQ, TK, offset, m_base, smq, smk,
-                            CAUSAL and EDGE, MASK)
+            ok, s = _masked(s, offs_m[:, None], offs_n[None, :], TQ, TK, lower, upper, m_base, smq, smk,
+                            LOWER and EDGE, UPPER and EDGE, MASK)
             v = _load(v_base, offs_n, offs_dv, svt, svd, TK, DV, EDGE,
-                      _live_keys(ok, offs_n, last_row, offset, CAUSAL, MASK))
+                      _live_keys(ok, offs_n, first_row, last_row, lower, upper, LOWER, UPPER, MASK))
         else:
             v = _load(v_base, offs_n, offs_dv, svt, svd, TK, DV, False)
         drop = 1.0
@@ -200,25 +232,55 @@ def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, m_base, offs_m, last_row, lo, h
 
 
 @triton.jit
-def _key_ranges(start_m, TK, offset, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(full, hi) for a query block: key tiles [0, full) are seen by all its rows, [full, hi)
-    are the diagonal / ragged edge, keys from hi on are seen by none."""
-    hi = TK
-    full = TK // BLOCK_N * BLOCK_N
-    if CAUSAL:
-        hi = tl.minimum(TK, start_m + BLOCK_M + offset)
-        full = tl.maximum(tl.minimum(full, (start_m + offset + 1) // BLOCK_N * BLOCK_N), 0)
-    return full, hi
+def _ranges(start, n, n_full, lo_off, hi_off, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, BLOCK: tl.constexpr,
+            TILE: tl.constexpr):
+    """Which TILE-sized tiles of an axis [0, n) the BLOCK indices a = start.. of the other axis
+    see, when a sees [a + lo_off, a + hi_off] (a side without HAS_* unbounded): (lo, full_lo,
+    full_hi, hi). Tiles in [full_lo, full_hi) are seen whole by every a (and end by n_full, the
+    caller's bound for tiles that need no bounds checks); [lo, full_lo) and [full_hi, hi) are
+    the band's edges and the ragged end; nothing outside [lo, hi) is seen by any a. A query
+    block's key tiles take (lower, upper); a key block's query tiles (-upper, -lower)."""
+    lo, full_lo = 0, 0
+    hi, full_hi = n, n_full
+    if HAS_HI:
+        hi = tl.minimum(n, tl.maximum(start + BLOCK + hi_off, 0))
+        full_hi = tl.minimum(full_hi, tl.maximum(start + hi_off + 1, 0) // TILE * TILE)
+    if HAS_LO:  # (a band starting past n still visits the one tile below n: rare, and masked)
+        lo = tl.minimum(tl.maximum(start + lo_off, 0) // TILE * TILE, hi)
+        full_lo = tl.minimum(tl.cdiv(tl.maximum(start + BLOCK - 1 + lo_off, 0), TILE) * TILE, hi)
+        full_lo = tl.maximum(full_lo, lo)
+    full_hi = tl.maximum(full_hi, full_lo)  # a narrow band: no full tile, one edge run [lo, hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _finish(m_i, l_i, sink, SINKS: tl.constexpr):
+    """(inv, lse) from the online softmax's row max m and sum l (log2 units): out = acc * inv, lse
+    in natural log. Under SINKS the sink logit (log2 units, -inf = none) joins the denominator:
+    lse = logaddexp(m + log l, sink), inv = exp(m + log l - lse) / l. A row that saw no key
+    gets out 0 and lse = sink (-inf without)."""
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    inv = tl.where(seen, 1.0 / l_safe, 0.0)
+    lse = tl.where(seen, m_i + tl.log2(l_safe), float("-inf"))
+    if SINKS:
+        top = tl.maximum(lse, sink)
+        top = tl.where(top == float("-inf"), 0.0, top)  # neither: log2(0) gives -inf below
+        total = top + tl.log2(tl.exp2(lse - top) + tl.exp2(sink - top))
+        inv = tl.where(seen, inv * tl.exp2(lse - total), 0.0)
+        lse = total
+    return inv, lse * _LN2
 
 
 @triton.jit(do_not_specialize=["TQ_B", "TK_B"])
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    H, GROUP, TQ, TK, offset, qk_scale, seed, p_drop, TQ_B, TK_B, softcap,
-    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-    DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    H, GROUP, TQ, TK, qk_scale, seed, p_drop, TQ_B, TK_B, softcap, diag, lower, upper, alibi_ptr, alibi_stride,
+    sinks_ptr,
+    D: tl.constexpr, DV: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, MASK: tl.constexpr,
+    PREC: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -230,23 +292,34 @@ def _fwd_kernel(
     k_base = k_ptr + _offset(b, skb, hk, skh)
     v_base = v_ptr + _offset(b, svb, hk, svh)
     m_base = m_ptr + _offset(b, smb, h, smh)
+    slope = _slope(alibi_ptr, b, alibi_stride, h, ALIBI)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     last_row = tl.minimum(start_m + BLOCK_M, TQ) - 1
-    full, hi = _key_ranges(start_m, TK, offset, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, m_base, offs_m, last_row, 0, full,
-                               skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, bh, p_drop,
-                               False, CAUSAL, MASK, PREC, DROPOUT, SOFTCAP, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, m_base, offs_m, last_row, full, hi,
-                               skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, bh, p_drop,
-                               True, CAUSAL, MASK, PREC, DROPOUT, SOFTCAP, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
-    inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
+    lo, full_lo, full_hi, hi = _ranges(start_m, TK, TK // BLOCK_N * BLOCK_N, lower, upper, LOWER, UPPER,
+                                       BLOCK_M, BLOCK_N)
+    if LOWER:  # the window's left edge
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, m_base, offs_m, start_m, last_row, lo, full_lo,
+                                   skt, skd, svt, svd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap,
+                                   seed, bh, p_drop, True, LOWER, UPPER, MASK, PREC, DROPOUT, SOFTCAP, ALIBI,
+                                   D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, m_base, offs_m, start_m, last_row, full_lo, full_hi,
+                               skt, skd, svt, svd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap,
+                               seed, bh, p_drop, False, LOWER, UPPER, MASK, PREC, DROPOUT, SOFTCAP, ALIBI,
+                               D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, m_base, offs_m, start_m, last_row, full_hi, hi,
+                               skt, skd, svt, svd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap,
+                               seed, bh, p_drop, True, LOWER, UPPER, MASK, PREC, DROPOUT, SOFTCAP, ALIBI,
+                               D, DV, BLOCK_N, BLOCK_D, BLOCK_DV)
+    sink = 0.0
+    if SINKS:
+        sink = tl.load(sinks_ptr + h) * _LOG2E
+    inv, lse = _finish(m_i, l_i, sink, SINKS)
     out = acc * inv[:, None]
     o_base = o_ptr + bh.to(tl.int64) * TQ * DV
     tl.store(o_base + offs_m[:, None] * DV + offs_dv[None, :], out.to(o_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < TQ) & (offs_dv[None, :] < DV))
-    lse = tl.where(l_i > 0.0, (m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0))) * _LN2, float("-inf"))
     tl.store(lse_ptr + bh.to(tl.int64) * TQ + offs_m, lse, mask=offs_m < TQ)
 
 
@@ -276,10 +349,11 @@ def _row_stats(lse_ptr, delta_ptr, rows, row_ok, EDGE: tl.constexpr):
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_n, bh, lo, hi,
-                sqt, sqd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, p_drop,
-                EDGE: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-                DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                sqt, sqd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
+                EDGE: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, MASK: tl.constexpr,
+                PREC: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr):
     """Query tiles [lo, hi) of one query head against the resident key block, transposed (keys
     down, queries across) so dK and dV accumulate as plain products."""
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
@@ -288,14 +362,15 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_
         q = _load(q_base, offs_m, offs_d, sqt, sqd, TQ, D, EDGE)
         do = _load(do_base, offs_m, offs_dv, DV, 1, TQ, DV, EDGE)
         lse, delta = _row_stats(lse_ptr, delta_ptr, bh.to(tl.int64) * TQ + offs_m, offs_m < TQ, EDGE)
-        st, gt = _scores(_dot(k, tl.trans(q), PREC), qk_scale, softcap, SOFTCAP, PREC)
+        st, gt = _scores(_dot(k, tl.trans(q), PREC), qk_scale, softcap, offs_m[None, :], offs_n[:, None], diag, slope,
+                         SOFTCAP, ALIBI, PREC)
         dpt = _dot(v, tl.trans(do), PREC)
         if DROPOUT:
             dropt = _drop_scale(seed, bh, offs_m[None, :], offs_n[:, None], TK, p_drop)
             dpt = dpt * dropt
         if EDGE or MASK != 0:
-            ok, st = _masked(st, offs_m[None, :], offs_n[:, None], TQ, TK, offset, m_base, smq, smk,
-                             CAUSAL and EDGE, MASK)
+            ok, st = _masked(st, offs_m[None, :], offs_n[:, None], TQ, TK, lower, upper, m_base, smq, smk,
+                             LOWER and EDGE, UPPER and EDGE, MASK)
             pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
             dst = pt * (dpt - delta[None, :])
             if SOFTCAP:
@@ -317,10 +392,11 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_
 def _dkdv_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    H, HKV, GROUP, SPLIT, TQ, TK, offset, qk_scale, seed, p_drop, TQ_B, TK_B, softcap,
-    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-    DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    H, HKV, GROUP, SPLIT, TQ, TK, qk_scale, seed, p_drop, TQ_B, TK_B, softcap, diag, lower, upper, alibi_ptr,
+    alibi_stride,
+    D: tl.constexpr, DV: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, MASK: tl.constexpr,
+    PREC: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Grid (key blocks, B * HKV * SPLIT): the GQA group's query heads are split over SPLIT
     programs, each writing its own (Tk, D) slice of dk / dv (summed by the launcher when
@@ -336,30 +412,31 @@ def _dkdv_kernel(
     v = _load(v_ptr + _offset(b, svb, hk, svh), offs_n, offs_dv, svt, svd, TK, DV, True)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
-    # query tiles [lo, mid) cross the diagonal, [mid, end) see every key of the block (only when
-    # the block is whole), [end, TQ) is the ragged end
-    lo, mid = 0, 0
-    if CAUSAL:
-        lo = tl.minimum(tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M, TQ)
-        mid = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M, TQ)
-        mid = tl.maximum(mid, lo)
-    end = tl.where(start_n + BLOCK_N > TK, 0, TQ // BLOCK_M * BLOCK_M)
-    end = tl.maximum(end, mid)
+    # query tiles [lo, full_lo) cross the band's upper edge (the causal diagonal), [full_lo,
+    # full_hi) see every key of the block (only when the block is whole), [full_hi, hi) cross its
+    # lower edge or are the ragged end; queries outside [lo, hi) see none of these keys
+    lo, full_lo, full_hi, hi = _ranges(start_n, TQ, tl.where(start_n + BLOCK_N > TK, 0, TQ // BLOCK_M * BLOCK_M),
+                                       -upper, -lower, UPPER, LOWER, BLOCK_N, BLOCK_M)
     for g in range(0, per):
         h = hk * GROUP + part * per + g
         bh = b * H + h
         q_base = q_ptr + _offset(b, sqb, h, sqh)
         do_base = do_ptr + bh.to(tl.int64) * TQ * DV
         m_base = m_ptr + _offset(b, smb, h, smh)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_n, bh, lo, mid,
-                             sqt, sqd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, p_drop,
-                             True, CAUSAL, MASK, PREC, DROPOUT, SOFTCAP, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_n, bh, mid, end,
-                             sqt, sqd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, p_drop,
-                             False, CAUSAL, MASK, PREC, DROPOUT, SOFTCAP, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_n, bh, end, TQ,
-                             sqt, sqd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, p_drop,
-                             True, CAUSAL, MASK, PREC, DROPOUT, SOFTCAP, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV)
+        slope = _slope(alibi_ptr, b, alibi_stride, h, ALIBI)
+        if UPPER:
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_n, bh, lo, full_lo,
+                                 sqt, sqd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
+                                 True, LOWER, UPPER, MASK, PREC, DROPOUT, SOFTCAP, ALIBI, D, DV, BLOCK_M, BLOCK_D,
+                                 BLOCK_DV)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_n, bh, full_lo, full_hi,
+                             sqt, sqd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
+                             False, LOWER, UPPER, MASK, PREC, DROPOUT, SOFTCAP, ALIBI, D, DV, BLOCK_M, BLOCK_D,
+                             BLOCK_DV)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_n, bh, full_hi, hi,
+                             sqt, sqd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
+                             True, LOWER, UPPER, MASK, PREC, DROPOUT, SOFTCAP, ALIBI, D, DV, BLOCK_M, BLOCK_D,
+                             BLOCK_DV)
     out = bhs.to(tl.int64) * TK
     kmask = (offs_n[:, None] < TK) & (offs_d[None, :] < D)
     vmask = (offs_n[:, None] < TK) & (offs_dv[None, :] < DV)
@@ -386,11 +463,12 @@ def _dot_rows(a_base, offs_a, sar, sac, na, b_base, offs_b, sbr, sbc, nb, NC: tl
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, last_row, bh, lo, hi,
-              skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, p_drop,
-              EDGE: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-              DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, q_base, do_base, sqt, sqd, CHUNK: tl.constexpr):
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, first_row, last_row, bh, lo, hi,
+              skt, skd, svt, svd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
+              EDGE: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+              DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, q_base, do_base, sqt, sqd,
+              CHUNK: tl.constexpr):
     """CHUNK: q and dO are not resident; their products are read in column chunks (_dot_rows)."""
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
@@ -408,18 +486,21 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, last_row, b
                 k = _load(k_base, offs_n, offs_d, skt, skd, TK, D, EDGE)
                 if not CHUNK:
                     qk = _dot(q, tl.trans(k), PREC)
-                s, g = _scores(qk, qk_scale, softcap, SOFTCAP, PREC)
+                s, g = _scores(qk, qk_scale, softcap, offs_m[:, None], offs_n[None, :], diag, slope,
+                               SOFTCAP, ALIBI, PREC)
                 ok, s = _masked(s, offs_m[:, None], offs_n[None, :], TQ, TK,
-                                offset, m_base, smq, smk, CAUSAL and EDGE, MASK)
-                k = tl.where(_live_keys(ok, offs_n, last_row, offset, CAUSAL, MASK)[:, None], k, 0.0).to(k.dtype)
+                                lower, upper, m_base, smq, smk, LOWER and EDGE, UPPER and EDGE, MASK)
+                k = tl.where(_live_keys(ok, offs_n, first_row, last_row, lower, upper, LOWER, UPPER, MASK)[:, None],
+                             k, 0.0).to(k.dtype)
             else:
                 k = _load(k_base, offs_n, offs_d, skt, skd, TK, D, EDGE,
-                          _live_keys(None, offs_n, last_row, offset, CAUSAL, MASK))
+                          _live_keys(None, offs_n, first_row, last_row, lower, upper, LOWER, UPPER, MASK))
                 if not CHUNK:
                     qk = _dot(q, tl.trans(k), PREC)
-                s, g = _scores(qk, qk_scale, softcap, SOFTCAP, PREC)
+                s, g = _scores(qk, qk_scale, softcap, offs_m[:, None], offs_n[None, :], diag, slope,
+                               SOFTCAP, ALIBI, PREC)
                 ok, s = _masked(s, offs_m[:, None], offs_n[None, :], TQ, TK,
-                                offset, m_base, smq, smk, CAUSAL, MASK)
+                                lower, upper, m_base, smq, smk, LOWER, UPPER, MASK)
             p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
             ds = p * (dp - delta[:, None])
             if SOFTCAP:
@@ -429,7 +510,8 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, last_row, b
             k = _load(k_base, offs_n, offs_d, skt, skd, TK, D, False)
             if not CHUNK:
                 qk = _dot(q, tl.trans(k), PREC)
-            s, g = _scores(qk, qk_scale, softcap, SOFTCAP, PREC)
+            s, g = _scores(qk, qk_scale, softcap, offs_m[:, None], offs_n[None, :], diag, slope,
+                           SOFTCAP, ALIBI, PREC)
             p = tl.exp2(s - lse[:, None])
             ds = p * (dp - delta[:, None])
             if SOFTCAP:
@@ -442,10 +524,10 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, last_row, b
 def _dq_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    H, GROUP, TQ, TK, offset, qk_scale, seed, p_drop, TQ_B, TK_B, softcap,
-    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-    DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK: tl.constexpr,
+    H, GROUP, TQ, TK, qk_scale, seed, p_drop, TQ_B, TK_B, softcap, diag, lower, upper, alibi_ptr, alibi_stride,
+    D: tl.constexpr, DV: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, MASK: tl.constexpr,
+    PREC: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK: tl.constexpr,
 ):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -462,16 +544,23 @@ def _dq_kernel(
     m_base = m_ptr + _offset(b, smb, h, smh)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     last_row = tl.minimum(start_m + BLOCK_M, TQ) - 1
-    full, hi = _key_ranges(start_m, TK, offset, CAUSAL, BLOCK_M, BLOCK_N)
+    slope = _slope(alibi_ptr, b, alibi_stride, h, ALIBI)
+    lo, full_lo, full_hi, hi = _ranges(start_m, TK, TK // BLOCK_N * BLOCK_N, lower, upper, LOWER, UPPER,
+                                       BLOCK_M, BLOCK_N)
     q_base, do_base = q_ptr + _offset(b, sqb, h, sqh), do_ptr + bh.to(tl.int64) * TQ * DV
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, last_row, bh, 0, full,
-                   skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, p_drop,
-                   False, CAUSAL, MASK, PREC, DROPOUT, SOFTCAP, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, q_base, do_base,
-                   sqt, sqd, CHUNK)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, last_row, bh, full, hi,
-                   skt, skd, svt, svd, smq, smk, TQ, TK, offset, qk_scale, softcap, seed, p_drop,
-                   True, CAUSAL, MASK, PREC, DROPOUT, SOFTCAP, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, q_base, do_base,
-                   sqt, sqd, CHUNK)
+    if LOWER:  # the window's left edge
+        dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, start_m, last_row, bh, lo, full_lo,
+                       skt, skd, svt, svd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
+                       True, LOWER, UPPER, MASK, PREC, DROPOUT, SOFTCAP, ALIBI, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV,
+                       q_base, do_base, sqt, sqd, CHUNK)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, start_m, last_row, bh, full_lo, full_hi,
+                   skt, skd, svt, svd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
+                   False, LOWER, UPPER, MASK, PREC, DROPOUT, SOFTCAP, ALIBI, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV,
+                   q_base, do_base, sqt, sqd, CHUNK)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, start_m, last_row, bh, full_hi, hi,
+                   skt, skd, svt, svd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
+                   True, LOWER, UPPER, MASK, PREC, DROPOUT, SOFTCAP, ALIBI, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV,
+                   q_base, do_base, sqt, sqd, CHUNK)
     qmask = (offs_m[:, None] < TQ) & (offs_d[None, :] < D)
     tl.store(dq_ptr + rows[:, None] * D + offs_d[None, :], (dq * (qk_scale * _LN2)).to(dq_ptr.dtype.element_ty),
              mask=qmask)
@@ -489,7 +578,7 @@ _DKDV_TILES = ((32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 2),
                (16, 16, 4, 1), (16, 16, 8, 1))
 _DQ_TILES = ((128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2),
              (64, 32, 8, 2), (32, 32, 8, 1), (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1))
-_KEY = ["D", "DV", "TQ_B", "TK_B", "CAUSAL", "MASK", "DROPOUT", "SOFTCAP", "PREC"]
+_KEY = ["D", "DV", "TQ_B", "TK_B", "LOWER", "UPPER", "MASK", "DROPOUT", "SOFTCAP", "ALIBI", "PREC"]
 REG_LIMIT = 190  # estimated 32-bit registers per thread a config may need (255 exist; see _regs)
 REG_LIMIT_TF32 = 150  # fp32 operands: TF32 tiles measured spilling from an estimate of 160
 
@@ -547,7 +636,9 @@ def _allowed(regs, kind):
             return cfg.num_warps == warps and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= most
         tile = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"]
         if tile <= 256:  # 16x16, every list's last resort (TF32 at D=256 has nothing else)
-            return True
+            # but 16-bit dK/dV keeps only its 8-warp one: on 4 warps ptxas trades registers for
+            # occupancy (96-128) and spills 8-32 B at the slightest change of the loop bounds
+            return not (kind == "dkdv" and a["PREC"] == "" and cfg.num_warps == 4)
         # 32x32 forward tiles at D=256 land where ptxas caps registers at 168 and spills
         small = tile == 1024 and kind == "fwd" and a["BLOCK_D"] >= 256
         return regs(cfg, a) <= (REG_LIMIT if a["PREC"] == "" else REG_LIMIT_TF32) and not small
@@ -574,7 +665,24 @@ def _strides4(t):
     return [0 if t.shape[i] == 1 else t.stride(i) for i in range(4)]
 
 
-def _common(q, k, v, mask, causal, scale, dropout_p=0.0, softcap=0.0):
+def band(causal, tq, tk, window=(-1, -1)):
+    """(diag, lower, upper): the diagonal ALiBi measures from (0 for top-left causal, else
+    Tk - Tq) and the keys [i + lower, i + upper] query i may see, None for an unbounded side:
+    causality and a right window are one edge (the tighter wins). A window side longer than
+    Tq + Tk hides nothing: clamped there so the kernels' int32 index sums can't overflow."""
+    diag = 0 if causal == 1 else tk - tq
+    left, right = (min(w, tq + tk) for w in window)
+    upper = diag if causal else None
+    if right >= 0:
+        upper = diag + right if upper is None else min(upper, diag + right)
+    lower = diag - left if left >= 0 else None
+    return diag, lower, upper
+
+
+def _common(q, k, v, mask, causal, scale, dropout_p=0.0, softcap=0.0, window=(-1, -1), alibi=None):
+    """Launch facts shared by every attention kernel: sizes, the mask as kernel argument, the
+    strides, scale * log2(e), the option arguments every kernel takes after softcap (diag,
+    lower, upper, alibi, alibi_stride) and the constexprs."""
     b, h, tq, d = q.shape
     hkv, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
     if mask is None:
@@ -583,12 +691,13 @@ def _common(q, k, v, mask, causal, scale, dropout_p=0.0, softcap=0.0):
         mask_t, mask_code, mstr = mask.view(torch.uint8), 1, _strides4(mask)
     else:
         mask_t, mask_code, mstr = mask, 2, _strides4(mask)
-    offset = tk - tq if causal == 2 else 0
-    meta = dict(D=d, DV=dv, CAUSAL=causal != 0, MASK=mask_code, DROPOUT=dropout_p > 0, SOFTCAP=softcap > 0,
-                PREC=fp32_precision() if q.dtype == torch.float32 else "",
+    diag, lower, upper = band(causal, tq, tk, window)
+    options = (diag, lower or 0, upper or 0, alibi, 0 if alibi is None or alibi.dim() == 1 else alibi.stride(0))
+    meta = dict(D=d, DV=dv, LOWER=lower is not None, UPPER=upper is not None, MASK=mask_code, DROPOUT=dropout_p > 0,
+                SOFTCAP=softcap > 0, ALIBI=alibi is not None, PREC=fp32_precision() if q.dtype == torch.float32 else "",
                 BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)))
     strides = _strides4(q) + _strides4(k) + _strides4(v) + mstr
-    return b, h, hkv, tq, tk, mask_t, strides, offset, scale * LOG2E, meta
+    return b, h, hkv, tq, tk, mask_t, strides, scale * LOG2E, options, meta
 
 
 def _launch(kernel, tuned, grid, args, meta):
@@ -598,22 +707,26 @@ def _launch(kernel, tuned, grid, args, meta):
         _tune.launch(tuned, grid, *args, **meta)
 
 
-def forward(q, k, v, mask, causal, scale, dropout_p=0.0, seed=0, softcap=0.0):
+def forward(q, k, v, mask, causal, scale, dropout_p=0.0, seed=0, softcap=0.0, window=(-1, -1), alibi=None,
+            sinks=None):
     """(out (B, H, Tq, Dv) contiguous, lse (B, H, Tq) fp32). Decode steps take the split-KV path.
-    softcap > 0 caps the scores (softcap * tanh(s / softcap)); 0 is off."""
+    softcap > 0 caps the scores (softcap * tanh(s / softcap)); 0 is off. window = (left, right),
+    -1 unbounded; alibi: fp32 slopes (H,) or (B, H), contiguous; sinks: fp32 logits (H,). lse
+    includes the sinks (the backward reads it so)."""
     from fastlm.triton import attention_decode
 
     if attention_decode.serves(q, k, v) and q.shape[0] * k.shape[1] > 0 and dropout_p == 0:
-        return attention_decode.forward(q, k, v, mask, causal, scale, softcap)
-    b, h, hkv, tq, tk, mask_t, strides, offset, qk_scale, meta = _common(q, k, v, mask, causal, scale, dropout_p,
-                                                                         softcap)
+        return attention_decode.forward(q, k, v, mask, causal, scale, softcap, window, alibi, sinks)
+    b, h, hkv, tq, tk, mask_t, strides, qk_scale, options, meta = _common(q, k, v, mask, causal, scale, dropout_p,
+                                                                          softcap, window, alibi)
     out = torch.empty(b, h, tq, meta["DV"], device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    args = (q, k, v, mask_t, out, lse, *strides, h, h // hkv, tq, tk, offset, qk_scale, seed, dropout_p,
-            _tune.bucket(tq), _tune.bucket(tk), float(softcap))
-    _launch(_fwd_kernel, _fwd_tuned, lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h), args, meta)
+    args = (q, k, v, mask_t, out, lse, *strides, h, h // hkv, tq, tk, qk_scale, seed, dropout_p,
+            _tune.bucket(tq), _tune.bucket(tk), float(softcap), *options, sinks)
+    _launch(_fwd_kernel, _fwd_tuned, lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h), args,
+            dict(meta, SINKS=sinks is not None))
     return out, lse
 
 
@@ -626,9 +739,12 @@ def group_split(b, hkv, tk, group, device) -> int:
     return next((s for s in range(1, group + 1) if group % s == 0 and programs * s >= sms), group)
 
 
-def backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p=0.0, seed=0, softcap=0.0):
-    b, h, hkv, tq, tk, mask_t, strides, offset, qk_scale, meta = _common(q, k, v, mask, causal, scale, dropout_p,
-                                                                         softcap)
+def backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p=0.0, seed=0, softcap=0.0, window=(-1, -1),
+             alibi=None):
+    """(dq, dk, dv). No sinks argument: P = exp(s - lse) with the forward's lse already
+    divides by them."""
+    b, h, hkv, tq, tk, mask_t, strides, qk_scale, options, meta = _common(q, k, v, mask, causal, scale, dropout_p,
+                                                                          softcap, window, alibi)
     dq, dk, dvv = (torch.empty(t.shape, device=q.device, dtype=q.dtype) for t in (q, k, v))
     if 0 in (b, h, tq, tk):
         return dq.zero_(), dk.zero_(), dvv.zero_()
@@ -642,14 +758,14 @@ def backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p=0.0, se
     if split > 1:
         dk_out, dv_out = (torch.empty(b, hkv, split, tk, t.shape[-1], device=q.device, dtype=torch.float32)
                           for t in (k, v))
-    args = (q, k, v, mask_t, grad_out, lse, delta, dk_out, dv_out, *strides, h, hkv, h // hkv, split, tq, tk, offset,
-            qk_scale, seed, dropout_p, *buckets, float(softcap))
+    args = (q, k, v, mask_t, grad_out, lse, delta, dk_out, dv_out, *strides, h, hkv, h // hkv, split, tq, tk,
+            qk_scale, seed, dropout_p, *buckets, float(softcap), *options)
     _launch(_dkdv_kernel, _dkdv_tuned, lambda m: (triton.cdiv(tk, m["BLOCK_N"]), b * hkv * split), args, meta)
     if split > 1:
         dk.copy_(dk_out.sum(2))
         dvv.copy_(dv_out.sum(2))
-    args = (q, k, v, mask_t, grad_out, lse, delta, dq, *strides, h, h // hkv, tq, tk, offset, qk_scale,
-            seed, dropout_p, *buckets, float(softcap))
+    args = (q, k, v, mask_t, grad_out, lse, delta, dq, *strides, h, h // hkv, tq, tk, qk_scale,
+            seed, dropout_p, *buckets, float(softcap), *options)
     chunk = meta["PREC"] == "ieee" and meta["BLOCK_D"] > 128  # IEEE fp32 at D = 256: q, dO not resident
     _launch(_dq_kernel, _dq_tuned, lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h), args, dict(meta, CHUNK=chunk))
     return dq, dk, dvv

@@ -5,10 +5,13 @@ The query rows of one (batch, key/value head) are its GQA group's heads times Tq
 query r % Tq of head r // Tq), so the group's heads run in parallel inside one program and
 each K/V tile is read once for all of them. A program owns a chunk of keys and a block of those
 rows (ROW_BLOCK: all of them, or fewer where that many would spill), runs the online softmax
-(log2 units, exp2; scores soft-capped under SOFTCAP) over its chunk and writes fp32 partials
-(max, sum, unnormalized output). A second kernel merges the chunks in a fixed order:
-deterministic, no atomics. The backward of such calls is the regular one (it only needs out
-and lse).
+(log2 units, exp2; scores soft-capped under SOFTCAP, ALiBi under ALIBI, the band of
+attention.py under LOWER / UPPER) over its chunk and writes fp32 partials (max, sum,
+unnormalized output). The chunks split only the keys some query of the call can see, so a
+sliding window spreads its few keys over every program instead of leaving most of them idle. A
+second kernel merges the chunks in a fixed order (deterministic, no atomics) and adds the sinks
+(SINKS) to the denominator as the regular forward does. The backward of such calls is the
+regular one (it only needs out and lse).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import triton
 import triton.language as tl
 
 from fastlm.triton import _tune
-from fastlm.triton.attention import _LN2, _common, _dot, _masked, _online_step, _offset, _scores
+from fastlm.triton.attention import _LOG2E, _common, _dot, _finish, _masked, _online_step, _offset, _scores, band
 
 MAX_ROWS = 64  # group * Tq handled per (batch, key/value head)
 MERGE_ROWS = 16  # rows per merge program: a 16 x 256 fp32 accumulator fits without spilling
@@ -27,11 +30,13 @@ MERGE_ROWS = 16  # rows per merge program: a 16 x 256 fp32 accumulator fits with
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, part_o, part_m, part_l,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    HKV, GROUP, TQ, TK, offset, qk_scale, softcap, CHUNK, SPLITS, TK_B,
-    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-    SOFTCAP: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    HKV, GROUP, TQ, K_START, K_END, qk_scale, softcap, CHUNK, SPLITS, TK_B, diag, lower, upper, alibi_ptr,
+    alibi_stride,
+    D: tl.constexpr, DV: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, MASK: tl.constexpr,
+    PREC: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    """Keys [K_START, K_END) (those some query sees) in chunks of CHUNK, one per program."""
     split, bhk, rb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hk = bhk // HKV, bhk % HKV
     r = rb * ROW_BLOCK + tl.arange(0, ROW_BLOCK)
@@ -45,18 +50,23 @@ def _split_kernel(
     k_base = k_ptr + _offset(b, skb, hk, skh)
     v_base = v_ptr + _offset(b, svb, hk, svh)
     qi = tl.where(row_ok, i, TQ)  # padded rows count as out of range: nothing visible
+    slope = 0.0
+    if ALIBI:  # per row: the rows are several heads
+        slope = (tl.load(alibi_ptr + b * alibi_stride + h, mask=row_ok, other=0.0) * _LOG2E)[:, None]
     m_i = tl.full((ROW_BLOCK,), float("-inf"), tl.float32)
     l_i = tl.zeros((ROW_BLOCK,), tl.float32)
     acc = tl.zeros((ROW_BLOCK, BLOCK_DV), tl.float32)
-    lo = split * CHUNK
-    hi = tl.minimum(lo + CHUNK, TK)
+    lo = K_START + split * CHUNK
+    hi = tl.minimum(lo + CHUNK, K_END)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_chunk = offs_n < hi
         k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :] * skd,
                     mask=in_chunk[:, None] & (offs_d[None, :] < D), other=0.0)
-        s, _ = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap, SOFTCAP, PREC)  # soft-capped under SOFTCAP
-        ok, s = _masked(s, qi[:, None], offs_n[None, :], TQ, hi, offset, m_rows[:, None], smq, smk, CAUSAL, MASK)
+        s, _ = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap, qi[:, None], offs_n[None, :], diag, slope,
+                       SOFTCAP, ALIBI, PREC)
+        ok, s = _masked(s, qi[:, None], offs_n[None, :], TQ, hi, lower, upper, m_rows[:, None], smq, smk,
+                        LOWER, UPPER, MASK)
         live = tl.max(ok.to(tl.int32), 0) > 0  # few rows: the reduction is cheap next to the K/V reads
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svt + offs_dv[None, :] * svd,
                     mask=in_chunk[:, None] & (offs_dv[None, :] < DV) & live[:, None], other=0.0)
@@ -68,8 +78,8 @@ def _split_kernel(
 
 
 @triton.jit
-def _merge_kernel(part_o, part_m, part_l, o_ptr, lse_ptr, HKV, GROUP, TQ, DV, SPLITS,
-                  ROWS: tl.constexpr, MERGE_ROWS: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _merge_kernel(part_o, part_m, part_l, o_ptr, lse_ptr, sinks_ptr, HKV, GROUP, TQ, DV, SPLITS,
+                  SINKS: tl.constexpr, ROWS: tl.constexpr, MERGE_ROWS: tl.constexpr, BLOCK_DV: tl.constexpr):
     bhk, rb = tl.program_id(0), tl.program_id(1)
     r = rb * MERGE_ROWS + tl.arange(0, MERGE_ROWS)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -84,14 +94,16 @@ def _merge_kernel(part_o, part_m, part_l, o_ptr, lse_ptr, HKV, GROUP, TQ, DV, SP
         w = tl.exp2(tl.load(part_m + base + r) - m_safe)  # a chunk that saw nothing has m = -inf: weight 0
         l += tl.load(part_l + base + r) * w
         acc += tl.load(part_o + (base + r[:, None]) * BLOCK_DV + offs_dv[None, :]) * w[:, None]
-    inv = tl.where(l > 0.0, 1.0 / tl.where(l > 0.0, l, 1.0), 0.0)
     b, hk = bhk // HKV, bhk % HKV
     g, i = r // TQ, r % TQ
     row_ok = g < GROUP
+    sink = 0.0
+    if SINKS:
+        sink = tl.load(sinks_ptr + hk * GROUP + g, mask=row_ok, other=0.0) * _LOG2E
+    inv, lse = _finish(m, l, sink, SINKS)
     out_rows = (b.to(tl.int64) * HKV * GROUP + hk * GROUP + g) * TQ + i  # (b, h, i) in (B, H, Tq)
     tl.store(o_ptr + out_rows[:, None] * DV + offs_dv[None, :], (acc * inv[:, None]).to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    lse = tl.where(l > 0.0, (m + tl.log2(tl.where(l > 0.0, l, 1.0))) * _LN2, float("-inf"))
     tl.store(lse_ptr + out_rows, lse, mask=row_ok)
 
 
@@ -127,7 +139,7 @@ def _allowed(cfg, a):
     return _regs(cfg, a) <= (REG_LIMIT if a["PREC"] == "" else REG_LIMIT_TF32)
 
 
-_KEY = ["D", "DV", "ROWS", "TK_B", "CAUSAL", "MASK", "SOFTCAP", "PREC"]
+_KEY = ["D", "DV", "ROWS", "TK_B", "LOWER", "UPPER", "MASK", "SOFTCAP", "ALIBI", "PREC"]
 _split_tuned = _tune.autotune(
     [triton.Config({"ROW_BLOCK": rb, "BLOCK_N": bn}, num_warps=w, num_stages=s) for rb, bn, w, s in _TILES],
     _KEY, _smem, "triton attention decode", _allowed)(_split_kernel)
@@ -151,20 +163,31 @@ def _splits(b, hkv, tk, device):
     return max(1, min(want, triton.cdiv(tk, 4 * CHUNK_UNIT)))
 
 
-def forward(q, k, v, mask, causal, scale, softcap=0.0):
-    b, h, hkv, tq, tk, mask_t, strides, offset, qk_scale, meta = _common(q, k, v, mask, causal, scale, 0.0, softcap)
+def _visible(tq, tk, lower, upper):
+    """[start, end) of the keys some query sees under the band, start a multiple of CHUNK_UNIT
+    (aligned tiles); start < end (an empty band: one chunk whose keys are all masked)."""
+    start = 0 if lower is None else min(max(lower, 0), tk - 1) // CHUNK_UNIT * CHUNK_UNIT
+    end = tk if upper is None else min(max(tq + upper, 0), tk)
+    return start, max(end, start + 1)
+
+
+def forward(q, k, v, mask, causal, scale, softcap=0.0, window=(-1, -1), alibi=None, sinks=None):
+    """attention.forward for decode steps (same arguments, no dropout)."""
+    b, h, hkv, tq, tk, mask_t, strides, qk_scale, options, meta = _common(q, k, v, mask, causal, scale, 0.0, softcap,
+                                                                          window, alibi)
     meta.pop("DROPOUT")
     group = h // hkv
     rows = _rows(group, tq)
     bdv = meta["BLOCK_DV"]
-    splits = _splits(b, hkv, tk, q.device)
-    chunk = triton.cdiv(triton.cdiv(tk, splits), CHUNK_UNIT) * CHUNK_UNIT
-    splits = triton.cdiv(tk, chunk)
+    k_start, k_end = _visible(tq, tk, *band(causal, tq, tk, window)[1:])
+    splits = _splits(b, hkv, k_end - k_start, q.device)
+    chunk = triton.cdiv(triton.cdiv(k_end - k_start, splits), CHUNK_UNIT) * CHUNK_UNIT
+    splits = triton.cdiv(k_end - k_start, chunk)
     part_o = torch.empty(b * hkv, splits, rows, bdv, device=q.device, dtype=torch.float32)
     part_m = torch.empty(b * hkv, splits, rows, device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
-    args = (q, k, v, mask_t, part_o, part_m, part_l, *strides, hkv, group, tq, tk, offset, qk_scale, float(softcap),
-            chunk, splits, _tune.bucket(tk))
+    args = (q, k, v, mask_t, part_o, part_m, part_l, *strides, hkv, group, tq, k_start, k_end, qk_scale,
+            float(softcap), chunk, splits, _tune.bucket(k_end - k_start), *options)
     grid = lambda m: (splits, b * hkv, rows // m["ROW_BLOCK"])  # noqa: E731
     if _tune.interpreting():
         _tune.launch(_split_kernel, grid(dict(ROW_BLOCK=16)), *args, **meta, ROWS=rows, ROW_BLOCK=16, BLOCK_N=16)
@@ -172,6 +195,6 @@ def forward(q, k, v, mask, causal, scale, softcap=0.0):
         _tune.launch(_split_tuned, grid, *args, **meta, ROWS=rows)
     out = torch.empty(b, h, tq, meta["DV"], device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)
-    _tune.launch(_merge_kernel, (b * hkv, rows // MERGE_ROWS), part_o, part_m, part_l, out, lse, hkv, group, tq,
-                 meta["DV"], splits, ROWS=rows, MERGE_ROWS=MERGE_ROWS, BLOCK_DV=bdv)
+    _tune.launch(_merge_kernel, (b * hkv, rows // MERGE_ROWS), part_o, part_m, part_l, out, lse, sinks, hkv, group,
+                 tq, meta["DV"], splits, SINKS=sinks is not None, ROWS=rows, MERGE_ROWS=MERGE_ROWS, BLOCK_DV=bdv)
     return out, lse
