@@ -69,6 +69,34 @@ inline void dropout_args(const char* op, AttentionShape& sh, double dropout_p, i
   sh.dropout_seed = seed;
 }
 
+// q, k, v of one call agree: device, dtype, rank, head dims (<= 256), GQA head counts; causal and
+// softcap in range. Dense calls are (B, H, T, D); packed (varlen) ones (total, H, D).
+inline void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool packed,
+                      int64_t causal, double softcap) {
+  const int64_t rank = packed ? 3 : 4, t_axis = packed ? 0 : 2, d_axis = rank - 1;
+  const char* layout = packed ? "3-D (total, H, D)" : "4-D (B, H, T, D)";
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
+    TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " is on ", t.device().str(), " but q is on ",
+                      q.device().str());
+    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+                     " but q has dtype ", q.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == rank, op, ": ", name, " must be ", layout, ", got shape ", t.sizes());
+  }
+  TORCH_CHECK_VALUE(q.dim() == rank, op, ": q must be ", layout, ", got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.size(d_axis) == q.size(d_axis), op, ": k head dim ", k.size(d_axis), " != q head dim ",
+                    q.size(d_axis));
+  TORCH_CHECK_VALUE(v.size(1) == k.size(1) && v.size(t_axis) == k.size(t_axis), op, ": v shape ", v.sizes(),
+                    " does not match k shape ", k.sizes(), packed ? " in (total_k, H_kv)" : " in (H_kv, Tk)");
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": q has ", q.size(1),
+                    " heads, not a multiple of k's ", k.size(1));
+  TORCH_CHECK_VALUE(q.size(d_axis) <= 256 && v.size(d_axis) <= 256, op, ": head dims up to 256 on ",
+                    q.device().str(), ", got q ", q.size(d_axis), " and v ", v.size(d_axis));
+  TORCH_CHECK_VALUE(causal >= 0 && causal <= 2, op, ": causal must be 0 (none), 1 (top-left) or 2 (bottom-right), got ",
+                    causal);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, op,
+                    ": softcap must be a finite float >= 0 (0 = off), got ", softcap);
+}
+
 // Checks a direct torch.ops.fastlm.attention_* call (the device check is the caller's).
 inline AttentionShape check_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const std::optional<at::Tensor>& mask, int64_t causal, double scale, double softcap,
@@ -76,27 +104,9 @@ inline AttentionShape check_args(const char* op, const at::Tensor& q, const at::
                                  const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
                                  const std::optional<at::Tensor>& sinks = std::nullopt) {
   const DType dtype = dtype_arg(op, "q", q, allow_half);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
-    TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " is on ", t.device().str(), " but q is on ",
-                      q.device().str());
-    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-                     " but q has dtype ", q.scalar_type());
-    TORCH_CHECK_VALUE(t.dim() == 4, op, ": ", name, " must be 4-D (B, H, T, D), got shape ", t.sizes());
-  }
-  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be 4-D (B, H, T, D), got shape ", q.sizes());
+  check_qkv(op, q, k, v, /*packed=*/false, causal, softcap);
   TORCH_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0), op, ": batch sizes differ: q ", q.size(0),
                     ", k ", k.size(0), ", v ", v.size(0));
-  TORCH_CHECK_VALUE(k.size(3) == q.size(3), op, ": k head dim ", k.size(3), " != q head dim ", q.size(3));
-  TORCH_CHECK_VALUE(v.size(1) == k.size(1) && v.size(2) == k.size(2), op, ": v shape ", v.sizes(),
-                    " does not match k shape ", k.sizes(), " in (H_kv, Tk)");
-  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": q has ", q.size(1),
-                    " heads, not a multiple of k's ", k.size(1));
-  TORCH_CHECK_VALUE(q.size(3) <= 256 && v.size(3) <= 256, op, ": head dims up to 256 on ", q.device().str(), ", got q ",
-                    q.size(3), " and v ", v.size(3));
-  TORCH_CHECK_VALUE(causal >= 0 && causal <= 2, op, ": causal must be 0 (none), 1 (top-left) or 2 (bottom-right), got ",
-                    causal);
-  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, op,
-                    ": softcap must be a finite float >= 0 (0 = off), got ", softcap);
   AttentionShape sh{dtype, q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
                     static_cast<Causal>(causal), MaskKind::kNone, static_cast<float>(scale),
                     static_cast<float>(softcap)};
@@ -171,26 +181,7 @@ inline AttentionShape check_varlen_args(const char* op, const at::Tensor& q, con
                                         const std::optional<at::Tensor>& alibi_slopes,
                                         const std::optional<at::Tensor>& sinks = std::nullopt) {
   const DType dtype = dtype_arg(op, "q", q, allow_half);
-  TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must be 3-D (total_q, H, D), got shape ", q.sizes());
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
-    TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " is on ", t.device().str(), " but q is on ",
-                      q.device().str());
-    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-                     " but q has dtype ", q.scalar_type());
-    TORCH_CHECK_VALUE(t.dim() == 3, op, ": ", name, " must be 3-D (total_k, H_kv, ",
-                      name == std::string("k") ? "D" : "Dv", "), got shape ", t.sizes());
-  }
-  TORCH_CHECK_VALUE(k.size(2) == q.size(2), op, ": k head dim ", k.size(2), " != q head dim ", q.size(2));
-  TORCH_CHECK_VALUE(v.size(0) == k.size(0) && v.size(1) == k.size(1), op, ": v shape ", v.sizes(),
-                    " does not match k shape ", k.sizes(), " in (total_k, H_kv)");
-  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": q has ", q.size(1),
-                    " heads, not a multiple of k's ", k.size(1));
-  TORCH_CHECK_VALUE(q.size(2) <= 256 && v.size(2) <= 256, op, ": head dims up to 256 on ", q.device().str(), ", got q ",
-                    q.size(2), " and v ", v.size(2));
-  TORCH_CHECK_VALUE(causal >= 0 && causal <= 2, op, ": causal must be 0 (none), 1 (top-left) or 2 (bottom-right), got ",
-                    causal);
-  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, op,
-                    ": softcap must be a finite float >= 0 (0 = off), got ", softcap);
+  check_qkv(op, q, k, v, /*packed=*/true, causal, softcap);
   const int32_t* cu_q = cu_seqlens_arg(op, "cu_seqlens_q", cu_seqlens_q, "total_q (q.size(0))", q.size(0),
                                        "max_seqlen_q", max_seqlen_q);
   const int32_t* cu_k = cu_seqlens_arg(op, "cu_seqlens_k", cu_seqlens_k, "total_k (k.size(0))", k.size(0),

@@ -325,6 +325,24 @@ def _kernel_reasons(backend, dtypes, max_head_dim, q, v, dropout_p) -> list[str]
     return reasons
 
 
+def packed_cpu_reasons(q, head_dims, ext_op: str) -> list[str]:
+    """Why the cpu kernels of the packed ops (varlen_attention, decode_attention) can't serve."""
+    reasons = []
+    if q.dtype not in CPU_DTYPES:
+        reasons.append(f"dtype {_name(q.dtype)} not supported by the cpu backend (float32, bfloat16)")
+    if max(head_dims) > CPU_MAX_HEAD_DIM:
+        reasons.append(f"head dims up to {CPU_MAX_HEAD_DIM} on the cpu backend, got {', '.join(map(str, head_dims))}")
+    if not hasattr(torch.ops.fastlm, ext_op):
+        reasons.append(f"the extension has no {ext_op} (rebuild fastlm)")
+    return reasons
+
+
+def refuse_on_gpu_backends(op: str, what: str) -> None:
+    """Registers the triton and cuda backends of `op` as unable to serve it, saying `what` they lack."""
+    for name in ("triton", "cuda"):
+        _backend.register(op, name)(lambda *inputs, _n=name: [f"the {_n} kernels {what} yet (cpu and reference do)"])
+
+
 @_backend.register(OP, "cpu")
 def _(q, k, v, mask, dropout_p, causal):
     return _kernel_reasons("cpu", CPU_DTYPES, CPU_MAX_HEAD_DIM, q, v, 0.0)  # cpu has dropout (triton's mask)

@@ -30,10 +30,12 @@ import torch
 
 from fastlm import _ext
 from fastlm import backend as _backend
-from fastlm.ops.attention import BOTTOM_RIGHT, NO_CAUSAL, _per_head, _softcap, _window, attention_forward_ref
+from fastlm.ops.attention import (
+    BOTTOM_RIGHT, NO_CAUSAL, _per_head, _softcap, _window, attention_forward_ref, packed_cpu_reasons,
+    refuse_on_gpu_backends,
+)
 
 OP = "decode_attention"
-CPU_DTYPES = (torch.float32, torch.bfloat16)
 
 
 # ---------------------------------------------------------------- reference (the oracle)
@@ -105,20 +107,10 @@ def _(q, k_cache):
 
 @_backend.register(OP, "cpu")
 def _(q, k_cache):
-    reasons = []
-    if q.dtype not in CPU_DTYPES:
-        reasons.append(f"dtype {str(q.dtype)[6:]} not supported by the cpu backend (float32, bfloat16)")
-    if q.shape[-1] > 256:
-        reasons.append(f"head dims up to 256 on the cpu backend, got {q.shape[-1]}")
-    if not hasattr(torch.ops.fastlm, "attention_decode_fwd"):
-        reasons.append("the extension has no attention_decode_fwd (rebuild fastlm)")
-    return reasons
+    return packed_cpu_reasons(q, (q.shape[-1],), "attention_decode_fwd")
 
 
-for _name in ("triton", "cuda"):
-    @_backend.register(OP, _name)
-    def _(q, k_cache, _name=_name):
-        return [f"the {_name} kernels do not read paged KV caches yet (cpu and reference do)"]
+refuse_on_gpu_backends(OP, "do not read paged KV caches")
 
 
 # ---------------------------------------------------------------- public entry point

@@ -30,11 +30,10 @@ from fastlm import _ext
 from fastlm import backend as _backend
 from fastlm.ops.attention import (
     NO_CAUSAL, TOP_LEFT, _per_head, _softcap, _window, attention_backward_ref, attention_forward_ref,
-    attention_sinks_grad,
+    attention_sinks_grad, packed_cpu_reasons, refuse_on_gpu_backends,
 )
 
 OP = "varlen_attention"
-CPU_DTYPES = (torch.float32, torch.bfloat16)
 
 
 # ---------------------------------------------------------------- reference (the oracle)
@@ -171,20 +170,10 @@ def _(q, k, v, cu_q):
 
 @_backend.register(OP, "cpu")
 def _(q, k, v, cu_q):
-    reasons = []
-    if q.dtype not in CPU_DTYPES:
-        reasons.append(f"dtype {str(q.dtype)[6:]} not supported by the cpu backend (float32, bfloat16)")
-    if max(q.shape[-1], v.shape[-1]) > 256:
-        reasons.append(f"head dims up to 256 on the cpu backend, got {q.shape[-1]} and {v.shape[-1]}")
-    if not hasattr(torch.ops.fastlm, "attention_varlen_fwd"):
-        reasons.append("the extension has no attention_varlen_fwd (rebuild fastlm)")
-    return reasons
+    return packed_cpu_reasons(q, (q.shape[-1], v.shape[-1]), "attention_varlen_fwd")
 
 
-for _name in ("triton", "cuda"):
-    @_backend.register(OP, _name)
-    def _(q, k, v, cu_q, _name=_name):
-        return [f"the {_name} attention kernels do not take packed variable-length batches yet (cpu and reference do)"]
+refuse_on_gpu_backends(OP, "do not take packed variable-length batches")
 
 
 # ---------------------------------------------------------------- public entry point
