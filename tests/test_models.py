@@ -270,3 +270,10 @@ def test_generate_batch_paged_equals_one_by_one(preset):
         assert torch.equal(got, alone), (got.tolist(), alone.tolist())
     with pytest.raises(ValueError, match=r"generate_batch: needs non-empty prompts"):
         model.generate_batch([torch.randint(0, 256, (120,))], 9)
+
+
+def test_packed_training_refuses_attention_dropout():
+    model = GPT(GPTConfig.preset("tiny", dropout=0.1)).train()
+    idx = torch.randint(0, 256, (1, 8))
+    with pytest.raises(ValueError, match=r"packed \(cu_seqlens\) training has no attention dropout .*dropout=0.1"):
+        model(idx, idx, cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32))

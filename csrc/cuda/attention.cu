@@ -27,13 +27,13 @@
 // ldmatrix (8 Q + 32 K + 32 V); per score 1 FMNMX, 1 FFMA + 1 MUFU.EX2 (scale folded in), 1 FADD
 // and half an F2FP (32 scores per lane: ~145); 64 FMUL for the O rescale; 16 cp.async per thread
 // with ~5 integer instructions each. The compiled main loop (the maskless tiles; SASS counted by
-// scripts/sass_report.py, asserted in tests/test_sass_report.py) is 5.9 instructions per HMMA on
-// sm_80 and 5.8 on sm_90a, loads only as 16-byte LDGSTS, and has no loop without HMMA (the wmma
+// scripts/sass_report.py, asserted in tests/test_sass_report.py) is 5.95 instructions per HMMA on
+// sm_80 and 5.90 on sm_90a (the window's loop bounds added ~0.1), loads only as 16-byte LDGSTS, and has no loop without HMMA (the wmma
 // kernel this replaces: 11.5-17.2 per HMMA, 2-byte loads, 5 such loops).
 // Loads in flight: a 16 KB K or V tile per CTA streams behind each GEMM half (8 x 16 B per
 // thread); with 2 CTAs per SM that is 32 KB in flight per SM, about what A100's HBM needs at
 // ~1.5 TB/s and ~1 us latency per SM-share (1.5e12 / 108 SMs x 1e-6 s = 14 KB).
-// Occupancy: 211-250 registers per thread (launch bound: 2 CTAs of 128 threads per SM), so 8
+// Occupancy: 205-250 registers per thread (launch bound: 2 CTAs of 128 threads per SM), so 8
 // warps per SM on sm_80/90, as FA2 runs at D = 128. Shared memory: (64 + 2 BN) rows x (D + 8)
 // halves = 52 KB at D = 128 (67 KB at D = 256): every head dim fits the 99 KB per block of
 // sm_86/89, but their 100 KB per SM hold one such CTA (4 warps) above D = 64.

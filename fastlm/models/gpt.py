@@ -158,22 +158,13 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = c.n_head, c.n_kv_head, c.head_dim
         q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)  # (B, T, (H+2Hkv)*D) -> q, k, v
+        if packed is not None or isinstance(cache, PagedKVCache):
+            return self._unpadded(q, k, v, residual, rope, cache, packed)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, T, H*D) -> (B, H, T, D)
         k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv*D) -> (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, T, Hkv*D) -> (B, Hkv, T, D)
         if rope is not None:  # q and k rotated in one pass, fp32 math (LLaMA's rotate-half layout)
-            q, k = ops.rope(q, k, rope[0], rope[1])  # tables (T, D), or (B, T, D) when packed
-        if packed is not None:  # documents end to end: each attends only within itself, no padding
-            cu, longest, seq, positions = packed
-            q, k, v = (t.transpose(1, 2).reshape(B * T, -1, D) for t in (q, k, v))  # (B, h, T, D) -> (B*T, h, D)
-            if isinstance(cache, PagedKVCache):  # a batched prefill: every prompt's keys go to its pages
-                cache.write(self.layer, seq, positions.flatten(), k, v)
-            y = ops.varlen_attention(q, k, v, cu, cu, longest, longest, is_causal=True)  # (B*T, H, D)
-            return _project(self.c_proj, y.view(B, T, H * D), residual, c.dropout, self.training)
-        if isinstance(cache, PagedKVCache):  # decode steps of sequences of different lengths
-            y = ops.decode_attention(q.transpose(1, 2), cache.k[self.layer], cache.v[self.layer], cache.seqlens,
-                                     block_table=cache.block_table, k=k.transpose(1, 2), v=v.transpose(1, 2))
-            return _project(self.c_proj, y.reshape(B, T, H * D), residual, c.dropout, self.training)  # (B, T, H, D)
+            q, k = ops.rope(q, k, rope[0], rope[1])  # tables (T, D)
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)  # (B, Hkv, pos+T, D): a decode step has T = 1
         # one query (a decode step) sees every cached key: no mask, the decode path. T > 1 queries
@@ -185,6 +176,30 @@ class CausalSelfAttention(nn.Module):
                                              dropout_p=c.dropout if self.training else 0.0)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, H, T, D) -> (B, T, H*D)
         return _project(self.c_proj, y, residual, c.dropout, self.training)
+
+    def _unpadded(self, q, k, v, residual, rope, cache, packed):
+        """Documents end to end (packed: varlen attention, each attends only within itself), or
+        sequences each at its own length in a paged cache (decode attention). q, k, v stay in the
+        (B, T, h*D) layout the projection gives them, viewed as (N, T', h, D): no transposes, no copies."""
+        c, (B, T, _) = self.c, q.shape
+        H, Hkv, D = c.n_head, c.n_kv_head, c.head_dim
+        n, t = (1, B * T) if packed is not None else (B, T)  # packed: one stream of B*T tokens
+        q, k, v = q.view(n, t, H, D), k.view(n, t, Hkv, D), v.view(n, t, Hkv, D)
+        if rope is not None:  # each token at its own position: tables (B, T, D)
+            q, k = ops.rope(q, k, rope[0].view(n, t, D), rope[1].view(n, t, D), heads_dim=2)
+        if packed is None:  # one decode step per sequence; k, v appended to its pages in place
+            y = ops.decode_attention(q, cache.k[self.layer], cache.v[self.layer], cache.seqlens,
+                                     block_table=cache.block_table, k=k, v=v)  # (B, T, H, D)
+        else:
+            if self.training and c.dropout > 0:
+                raise ValueError(f"GPT: packed (cu_seqlens) training has no attention dropout (varlen_attention "
+                                 f"takes none yet), but the config has dropout={c.dropout}")
+            cu, longest, seq, positions = packed
+            q, k, v = q[0], k[0], v[0]  # (1, B*T, h, D) -> (B*T, h, D)
+            if isinstance(cache, PagedKVCache):  # a batched prefill: every prompt's keys go to its pages
+                cache.write(self.layer, seq, positions.flatten(), k, v)
+            y = ops.varlen_attention(q, k, v, cu, cu, longest, longest, is_causal=True)  # (B*T, H, D)
+        return _project(self.c_proj, y.reshape(B, T, H * D), residual, c.dropout, self.training)
 
 
 class MLP(nn.Module):

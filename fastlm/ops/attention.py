@@ -459,9 +459,8 @@ def _scale(query, scale):
     return 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
 
 
-def _softcap(softcap) -> float:
+def _softcap(softcap, fn="scaled_dot_product_attention") -> float:
     """softcap as a float, validated: finite and >= 0 (0 = off)."""
-    fn = "scaled_dot_product_attention"
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
         raise TypeError(f"{fn}: softcap must be a float, got {type(softcap).__name__}")
     softcap = float(softcap)
@@ -470,9 +469,8 @@ def _softcap(softcap) -> float:
     return softcap
 
 
-def _window(window) -> tuple[int, int]:
+def _window(window, fn="scaled_dot_product_attention") -> tuple[int, int]:
     """window as (left, right) ints, -1 for an unbounded side (None, or window=None: no window)."""
-    fn = "scaled_dot_product_attention"
     if window is None:
         return -1, -1
     if not isinstance(window, (tuple, list)) or len(window) != 2:
@@ -486,12 +484,16 @@ def _window(window) -> tuple[int, int]:
     return sides[0], sides[1]
 
 
-def _per_head(name, t, query, batch_ok, fn="scaled_dot_product_attention", batch_heads=None):
+def _per_head(name, t, query, batch_ok, fn="scaled_dot_product_attention", batch_heads=None, grad_ok=False):
     """alibi_slopes / sinks checked against query: a float tensor of shape (H,), or (B, H) where
-    batch_ok, (B, H) = batch_heads or query.shape[:2]; returned fp32 and contiguous (the kernels
-    read fp32; fp64 stays fp64 for fp64 queries, which only the reference serves)."""
+    batch_ok, (B, H) = batch_heads or query.shape[:2], that requires grad only where grad_ok;
+    returned fp32 and contiguous (the kernels read fp32; fp64 stays fp64 for fp64 queries, which
+    only the reference serves)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.requires_grad and not grad_ok and torch.is_grad_enabled():
+        raise ValueError(f"{fn}: {name} requires grad, and gets no gradient here (ALiBi slopes, as in "
+                         f"FlashAttention; nothing in inference-only decode): pass {name}.detach()")
     if not t.dtype.is_floating_point:
         raise TypeError(f"{fn}: {name} must be a floating-point tensor, got dtype {t.dtype}")
     if t.device != query.device:
@@ -543,14 +545,9 @@ def scaled_dot_product_attention_with_lse(
     mask, causal = _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     softcap = _softcap(softcap)
     window_left, window_right = _window(window)
-    alibi = None
-    if alibi_slopes is not None:
-        if alibi_slopes.requires_grad if isinstance(alibi_slopes, torch.Tensor) else False:
-            raise ValueError("scaled_dot_product_attention: alibi_slopes requires grad; ALiBi slopes get no "
-                             "gradient here (as in FlashAttention): pass alibi_slopes.detach()")
-        alibi = _per_head("alibi_slopes", alibi_slopes, query, batch_ok=True)
+    alibi = None if alibi_slopes is None else _per_head("alibi_slopes", alibi_slopes, query, batch_ok=True)
     if sinks is not None:
-        sinks = _per_head("sinks", sinks, query, batch_ok=False)
+        sinks = _per_head("sinks", sinks, query, batch_ok=False, grad_ok=True)
     seed = None
     if dropout_p > 0:
         seed = torch.randint(0, 2**62, (), generator=generator, dtype=torch.int64)

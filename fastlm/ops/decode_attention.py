@@ -182,16 +182,13 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, k=
     if not torch.compiler.is_compiling() and seqlens.numel() and int(seqlens.max()) > capacity:
         raise ValueError(f"decode_attention: a sequence of {int(seqlens.max())} keys exceeds the cache's capacity "
                          f"of {capacity} per sequence")
-    batch_heads = (q.shape[0], q.shape[2])  # q is (B, Tq, H, D)
-    alibi = None
-    if alibi_slopes is not None:
-        alibi = _per_head("alibi_slopes", alibi_slopes, q, True, "decode_attention", batch_heads)
-    if sinks is not None:
-        sinks = _per_head("sinks", sinks, q, False, "decode_attention", batch_heads)
+    fn, batch_heads = "decode_attention", (q.shape[0], q.shape[2])  # q is (B, Tq, H, D)
+    alibi = None if alibi_slopes is None else _per_head("alibi_slopes", alibi_slopes, q, True, fn, batch_heads)
+    sinks = None if sinks is None else _per_head("sinks", sinks, q, False, fn, batch_heads)
     chosen = _backend.select(OP, q.device, q, k_cache, backend=backend)
     out, lse = _decode_op(q, k_cache, v_cache, block_table, seqlens, bool(is_causal),
-                          1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale), _softcap(softcap),
-                          *_window(window), alibi, sinks, chosen)
+                          1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale), _softcap(softcap, fn),
+                          *_window(window, fn), alibi, sinks, chosen)
     return (out, lse) if return_lse else out
 
 

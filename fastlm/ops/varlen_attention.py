@@ -219,20 +219,15 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                      return_lse: bool = False, backend: str | None = None):
     """Attention over packed variable-length sequences; see the module docstring."""
     _check(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    seqs_heads = (cu_seqlens_q.numel() - 1, q.shape[1])  # ALiBi slopes may be per sequence and head
-    alibi = None
-    if alibi_slopes is not None:
-        if isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.requires_grad:
-            raise ValueError("varlen_attention: alibi_slopes requires grad; ALiBi slopes get no gradient here "
-                             "(as in FlashAttention): pass alibi_slopes.detach()")
-        alibi = _per_head("alibi_slopes", alibi_slopes, q, True, "varlen_attention", seqs_heads)
+    fn, seqs_heads = "varlen_attention", (cu_seqlens_q.numel() - 1, q.shape[1])  # ALiBi: per sequence and head
+    alibi = None if alibi_slopes is None else _per_head("alibi_slopes", alibi_slopes, q, True, fn, seqs_heads)
     if sinks is not None:
-        sinks = _per_head("sinks", sinks, q, False, "varlen_attention", seqs_heads)
+        sinks = _per_head("sinks", sinks, q, False, fn, seqs_heads, grad_ok=True)
     chosen = _backend.select(OP, q.device, q, k, v, cu_seqlens_q, backend=backend)
     out, lse = _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                           TOP_LEFT if is_causal else NO_CAUSAL,
-                          1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale), _softcap(softcap),
-                          *_window(window), alibi, sinks, chosen)
+                          1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale), _softcap(softcap, fn),
+                          *_window(window, fn), alibi, sinks, chosen)
     return (out, lse) if return_lse else out
 
 

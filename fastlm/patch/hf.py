@@ -123,11 +123,17 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
 def _is_band(mask: torch.Tensor, tq: int, tk: int, left: int) -> bool:
     """Whether a (B|1, 1, Tq, Tk) bool mask is exactly the causal band i + Tk - Tq - left <= j <=
     i + Tk - Tq in every batch row (HF's sliding-window mask without padding). One pass over
-    the mask, a fraction of the attention's own cost."""
+    the mask, once per forward: every layer gets the same mask tensor, which remembers the answer
+    (until it is written to)."""
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (tq, tk):
         return False
-    dist = torch.arange(tk, device=mask.device) - torch.arange(tq, device=mask.device).unsqueeze(-1) - (tk - tq)
-    return bool(((dist <= 0) & (dist >= -left)).eq(mask).all())
+    key = (left, mask._version)
+    memo = getattr(mask, "_fastlm_band", None)
+    if memo is None or memo[0] != key:
+        dist = torch.arange(tk, device=mask.device) - torch.arange(tq, device=mask.device).unsqueeze(-1) - (tk - tq)
+        memo = (key, bool(((dist <= 0) & (dist >= -left)).eq(mask).all()))
+        mask._fastlm_band = memo
+    return memo[1]
 
 
 def register_hf_attention() -> bool:
@@ -263,7 +269,7 @@ def _alibi_forward(self, hidden_states, residual, alibi, attention_mask, layer_p
     out = ops.scaled_dot_product_attention(
         q, k, v, attn_mask=attention_mask, dropout_p=self.attention_dropout.p if self.training else 0.0,
         is_causal=attention_mask is None and tq > 1, scale=self.inv_norm_factor,
-        alibi_slopes=alibi_slopes(self.num_heads, q.device))  # (B, H, Tq, D); no mask: bottom-right for decode
+        alibi_slopes=self._fastlm_alibi_slopes)  # (B, H, Tq, D); no mask: bottom-right for decode
     context = out.transpose(1, 2).reshape(batch, tq, self.hidden_size)  # (B, Tq, H * D)
     if self.pretraining_tp > 1 and self.slow_but_exact:
         raise ValueError("fastlm attention does not reproduce BLOOM's slow_but_exact tensor-parallel slicing")
@@ -280,6 +286,9 @@ def patch_alibi_attention(module) -> str | None:
         return f"an ALiBi attention fastlm does not know (no {', '.join(missing)})"
     if getattr(module, "beta", 1.0) != 1.0:
         return f"ALiBi scaled by beta={module.beta}"
+    # a non-persistent buffer: follows the module's .to(device), stays out of its state_dict
+    module.register_buffer("_fastlm_alibi_slopes", alibi_slopes(module.num_heads,
+                                                                module.query_key_value.weight.device), persistent=False)
     module.forward = types.MethodType(_alibi_forward, module)
     return None
 
