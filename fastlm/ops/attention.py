@@ -337,23 +337,22 @@ def packed_cpu_reasons(q, head_dims, ext_op: str) -> list[str]:
     return reasons
 
 
-def refuse_on_gpu_backends(op: str, what: str) -> None:
-    """Registers the triton and cuda backends of `op` as unable to serve it, saying `what` they lack."""
-    for name in ("triton", "cuda"):
-        _backend.register(op, name)(lambda *inputs, _n=name: [f"the {_n} kernels {what} yet (cpu and reference do)"])
-
-
 @_backend.register(OP, "cpu")
 def _(q, k, v, mask, dropout_p, causal):
     return _kernel_reasons("cpu", CPU_DTYPES, CPU_MAX_HEAD_DIM, q, v, 0.0)  # cpu has dropout (triton's mask)
 
 
-@_backend.register(OP, "triton")
-def _(q, k, v, mask, dropout_p, causal):
+def triton_reasons(q, v) -> list[str]:
+    """Why the triton attention kernels (dense, varlen and decode alike) can't serve q/v."""
     reasons = _kernel_reasons("triton", GPU_DTYPES, TRITON_MAX_HEAD_DIM, q, v, 0.0)  # triton has dropout
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # the decode path too: same dots
         reasons.append("the Triton interpreter computes tl.dot wrongly for bfloat16 operands (bf16 runs on GPU only)")
     return reasons
+
+
+@_backend.register(OP, "triton")
+def _(q, k, v, mask, dropout_p, causal):
+    return triton_reasons(q, v)
 
 
 @torch.compiler.assume_constant_result
@@ -366,9 +365,15 @@ def _cuda_smem(device_type: str, head_dim: int, value_dim: int) -> list[int] | N
     return list(ns.attention_cuda_smem(head_dim, value_dim))
 
 
-@_backend.register(OP, "cuda")
-def _(q, k, v, mask, dropout_p, causal):
+def cuda_reasons(q, k, v, dropout_p=0.0, ext_op: str | None = None) -> list[str]:
+    """Why the cuda attention kernels (dense, varlen and decode alike) can't serve these inputs:
+    dtype, head dims, the backward's head-dim limit when a gradient is wanted, shared memory
+    against this device's opt-in limit, and (ext_op) an extension built without that op."""
     reasons = _kernel_reasons("cuda", CUDA_DTYPES, CUDA_MAX_HEAD_DIM, q, v, dropout_p)
+    if ext_op is not None:
+        ns = torch.ops.fastlm_emu if q.device.type == "cpu" else torch.ops.fastlm
+        if not hasattr(ns, ext_op):
+            reasons.append(f"the cuda kernels were built without {ext_op} (rebuild fastlm)")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if needs_grad and max(q.shape[-1], v.shape[-1]) > CUDA_MAX_BACKWARD_HEAD_DIM:
         reasons.append(f"head dims > {CUDA_MAX_BACKWARD_HEAD_DIM} have no cuda backward (forward only, under no_grad)")
@@ -382,6 +387,11 @@ def _(q, k, v, mask, dropout_p, causal):
                 reasons.append(f"the {kind} kernel for head dim {max(q.shape[-1], v.shape[-1])} needs {bytes_} bytes "
                                f"of shared memory per block; this GPU allows {limit}")
     return reasons
+
+
+@_backend.register(OP, "cuda")
+def _(q, k, v, mask, dropout_p, causal):
+    return cuda_reasons(q, k, v, dropout_p)
 
 
 # ---------------------------------------------------------------- public entry point

@@ -18,9 +18,10 @@ lets it see keys j <= L_b - Tq + i (bottom-right), and windows / ALiBi are measu
 diagonal, as scaled_dot_product_attention's with Tk = L_b. Inference only: nothing here has a
 gradient (inputs that require one are refused).
 
-Backends: reference (gathers each sequence's keys and runs the dense oracle) and cpu
+Backends: reference (gathers each sequence's keys and runs the dense oracle), cpu
 (csrc/cpu/attention_decode.cpp: K/V read once per KV head for all its query heads, keys split
-across threads and merged by log-sum-exp, pages gathered tile by tile, never copied whole).
+across threads and merged by log-sum-exp, pages gathered tile by tile, never copied whole), and
+triton and cuda: their decode kernels, with each key tile's rows gathered through block_table.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ import torch
 from fastlm import _ext
 from fastlm import backend as _backend
 from fastlm.ops.attention import (
-    BOTTOM_RIGHT, NO_CAUSAL, _per_head, _softcap, _window, attention_forward_ref, packed_cpu_reasons,
-    refuse_on_gpu_backends,
+    BOTTOM_RIGHT, NO_CAUSAL, _per_head, _softcap, _window, attention_forward_ref, cuda_reasons, packed_cpu_reasons,
+    triton_reasons,
 )
 
 OP = "decode_attention"
@@ -68,13 +69,22 @@ def decode_forward_ref(q, k_cache, v_cache, block_table, seqlens, causal, scale,
     return out, lse
 
 
-def _cpu_forward(q, k_cache, v_cache, block_table, seqlens, causal, scale, softcap=0.0, window=(-1, -1), alibi=None,
-                 sinks=None):
-    return torch.ops.fastlm.attention_decode_fwd(q, k_cache, v_cache, block_table, seqlens, causal, scale, softcap,
-                                                 window[0], window[1], alibi, sinks)
+def _ext_forward(q, k_cache, v_cache, block_table, seqlens, causal, scale, softcap=0.0, window=(-1, -1), alibi=None,
+                 sinks=None, ops=torch.ops.fastlm):
+    return ops.attention_decode_fwd(q, k_cache, v_cache, block_table, seqlens, causal, scale, softcap, window[0],
+                                    window[1], alibi, sinks)
 
 
-_FORWARD = {"reference": decode_forward_ref, "cpu": _cpu_forward}  # the others' why_not refuses
+def _triton_forward(q, k_cache, v_cache, block_table, seqlens, causal, scale, softcap=0.0, window=(-1, -1),
+                    alibi=None, sinks=None):
+    from fastlm.triton import attention_decode as kernels  # imported late: TRITON_INTERPRET is read at import
+
+    return kernels.paged_forward(q, k_cache, v_cache, block_table, seqlens, causal, scale, softcap=softcap,
+                                 window=window, alibi=alibi, sinks=sinks)
+
+
+_FORWARD = _backend.implementations(reference=decode_forward_ref, triton=_triton_forward, cpu=_ext_forward,
+                                    cuda=_ext_forward)
 
 
 @torch.library.custom_op("fastlm::decode_attention", mutates_args=())
@@ -96,21 +106,28 @@ def _(q, k_cache, v_cache, block_table, seqlens, causal, scale, softcap, window_
 
 # ---------------------------------------------------------------- who can serve what
 def _example(device: torch.device):
-    q = torch.empty(1, 1, 2, 64, device=device)
-    return (q, torch.empty(1, 16, 2, 64, device=device))
+    q, cache = torch.empty(1, 1, 2, 64, device=device), torch.empty(1, 16, 2, 64, device=device)
+    return (q, cache, cache)
 
 
 @_backend.register(OP, "reference", example=_example)
-def _(q, k_cache):
+def _(q, k_cache, v_cache):
     return [] if q.dtype.is_floating_point else [f"dtype {q.dtype} is not floating point"]
 
 
 @_backend.register(OP, "cpu")
-def _(q, k_cache):
-    return packed_cpu_reasons(q, (q.shape[-1],), "attention_decode_fwd")
+def _(q, k_cache, v_cache):
+    return packed_cpu_reasons(q, (q.shape[-1], v_cache.shape[-1]), "attention_decode_fwd")
 
 
-refuse_on_gpu_backends(OP, "do not read paged KV caches")
+@_backend.register(OP, "triton")
+def _(q, k_cache, v_cache):
+    return triton_reasons(q, v_cache)
+
+
+@_backend.register(OP, "cuda")
+def _(q, k_cache, v_cache):
+    return cuda_reasons(q, k_cache, v_cache, ext_op="attention_decode_fwd")
 
 
 # ---------------------------------------------------------------- public entry point
@@ -185,7 +202,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, k=
     fn, batch_heads = "decode_attention", (q.shape[0], q.shape[2])  # q is (B, Tq, H, D)
     alibi = None if alibi_slopes is None else _per_head("alibi_slopes", alibi_slopes, q, True, fn, batch_heads)
     sinks = None if sinks is None else _per_head("sinks", sinks, q, False, fn, batch_heads)
-    chosen = _backend.select(OP, q.device, q, k_cache, backend=backend)
+    chosen = _backend.select(OP, q.device, q, k_cache, v_cache, backend=backend)
     out, lse = _decode_op(q, k_cache, v_cache, block_table, seqlens, bool(is_causal),
                           1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale), _softcap(softcap, fn),
                           *_window(window, fn), alibi, sinks, chosen)

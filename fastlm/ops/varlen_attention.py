@@ -16,9 +16,10 @@ Options are scaled_dot_product_attention's, per sequence: is_causal is top-left 
 causal), and windows/ALiBi are measured from that diagonal. alibi_slopes (H,) or (num_seqs, H);
 sinks (H,), with a gradient. H_kv may divide H (GQA). No attn_mask, no dropout (refused).
 
-Backends: reference (a loop over sequences of the dense oracle) and cpu (csrc/cpu, one
-OpenMP work item per (sequence, head, query tile)). The triton and cuda kernels do not take
-packed batches yet; they say so, and auto-dispatch routes to cpu/reference.
+Backends: reference (a loop over sequences of the dense oracle), cpu (csrc/cpu, one OpenMP
+work item per (sequence, head, query tile)), and triton and cuda: the dense kernels' programs /
+CTAs indexed by (sequence, head, query tile), each reading its sequence's bounds from
+cu_seqlens on the device and returning at once when its tile lies past the sequence's end.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from fastlm import _ext
 from fastlm import backend as _backend
 from fastlm.ops.attention import (
     NO_CAUSAL, TOP_LEFT, _per_head, _softcap, _window, attention_backward_ref, attention_forward_ref,
-    attention_sinks_grad, packed_cpu_reasons, refuse_on_gpu_backends,
+    attention_sinks_grad, cuda_reasons, packed_cpu_reasons, triton_reasons,
 )
 
 OP = "varlen_attention"
@@ -83,21 +84,38 @@ def varlen_backward_ref(grad_out, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, c
 
 
 # ---------------------------------------------------------------- per-backend kernels
-def _cpu_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, softcap=0.0, window=(-1, -1), alibi=None,
-                 sinks=None):
-    return torch.ops.fastlm.attention_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, softcap,
-                                                 window[0], window[1], alibi, sinks)
+def _ext_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, softcap=0.0, window=(-1, -1), alibi=None,
+                 sinks=None, ops=torch.ops.fastlm):
+    return ops.attention_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, softcap, window[0], window[1],
+                                    alibi, sinks)
 
 
-def _cpu_backward(grad_out, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, causal, scale, softcap=0.0,
-                  window=(-1, -1), alibi=None, sinks=None):
-    return torch.ops.fastlm.attention_varlen_bwd(grad_out, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, causal,
-                                                 scale, softcap, window[0], window[1], alibi)
+def _ext_backward(grad_out, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, causal, scale, softcap=0.0,
+                  window=(-1, -1), alibi=None, sinks=None, ops=torch.ops.fastlm):
+    return ops.attention_varlen_bwd(grad_out, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, causal, scale, softcap,
+                                    window[0], window[1], alibi)
 
 
-# only these two serve (the others' why_not says so, so dispatch never picks them)
-_FORWARD = {"reference": varlen_forward_ref, "cpu": _cpu_forward}
-_BACKWARD = {"reference": varlen_backward_ref, "cpu": _cpu_backward}
+def _triton_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, softcap=0.0, window=(-1, -1), alibi=None,
+                    sinks=None):
+    from fastlm.triton import attention as kernels  # imported late: TRITON_INTERPRET is read at import
+
+    return kernels.varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, softcap=softcap, window=window,
+                                  alibi=alibi, sinks=sinks)
+
+
+def _triton_backward(grad_out, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, causal, scale, softcap=0.0,
+                     window=(-1, -1), alibi=None, sinks=None):
+    from fastlm.triton import attention as kernels
+
+    return kernels.varlen_backward(grad_out, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, causal, scale,
+                                   softcap=softcap, window=window, alibi=alibi)
+
+
+_FORWARD = _backend.implementations(reference=varlen_forward_ref, triton=_triton_forward, cpu=_ext_forward,
+                                    cuda=_ext_forward)
+_BACKWARD = _backend.implementations(reference=varlen_backward_ref, triton=_triton_backward, cpu=_ext_backward,
+                                     cuda=_ext_backward)
 
 
 # ---------------------------------------------------------------- custom ops + autograd
@@ -173,7 +191,14 @@ def _(q, k, v, cu_q):
     return packed_cpu_reasons(q, (q.shape[-1], v.shape[-1]), "attention_varlen_fwd")
 
 
-refuse_on_gpu_backends(OP, "do not take packed variable-length batches")
+@_backend.register(OP, "triton")
+def _(q, k, v, cu_q):
+    return triton_reasons(q, v)
+
+
+@_backend.register(OP, "cuda")
+def _(q, k, v, cu_q):
+    return cuda_reasons(q, k, v, ext_op="attention_varlen_fwd")
 
 
 # ---------------------------------------------------------------- public entry point
