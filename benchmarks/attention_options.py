@@ -101,7 +101,7 @@ def decode_cases(device, dtype, peak, progress):
         cache[table.long()] = src.transpose(1, 2).reshape(b, pages, page, hkv, d)
     seqlens = torch.full((b,), tk, device=device, dtype=torch.int32)
     fns = {}
-    if not registry.why_not("decode_attention", "cpu", device, q, kp) and device.type == "cpu":
+    if not registry.why_not("decode_attention", "cpu", device, q, kp, vp) and device.type == "cpu":
         fns["fastlm:cpu paged"] = lambda a, b_, c, _: decode_attention(
             a.transpose(1, 2), kp, vp, seqlens, block_table=table, is_causal=False, backend="cpu").transpose(1, 2)
     for name in _fastlm_backends(device, q):

@@ -112,6 +112,21 @@ def register_by_dtype(op: str, example: Callable[[torch.device], tuple], cpu_dty
         register(op, name, example=example if name == "reference" else None)(make(name, allowed))
 
 
+def register_cpu_kernels_only(op: str, example: Callable[[torch.device], tuple], cpu_dtypes, ext_op: str,
+                              gpu_missing: str) -> None:
+    """An op whose only kernels so far are the cpu ones: reference serves any floating dtype, cpu
+    `cpu_dtypes` when the extension has `ext_op`; triton and cuda refuse, saying `gpu_missing`."""
+    def cpu(x, *_):
+        missing = [] if hasattr(torch.ops.fastlm, ext_op) else [f"the extension has no {ext_op} (rebuild fastlm)"]
+        return dtype_reason(x, cpu_dtypes, "cpu") + missing
+
+    register(op, "reference", example=example)(
+        lambda x, *_: [] if x.dtype.is_floating_point else [f"dtype {x.dtype} is not floating point"])
+    register(op, "cpu")(cpu)
+    for name in ("triton", "cuda"):
+        register(op, name)(lambda *_, _n=name: [f"no {_n} kernel for {op} yet: {gpu_missing}"])
+
+
 def _extension_call(name: str) -> Callable:
     def call(*args, ops=torch.ops.fastlm):
         return getattr(ops, name)(*args)

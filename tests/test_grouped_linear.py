@@ -1,0 +1,120 @@
+"""grouped_linear against a float64 loop of per-expert F.linear: every activation (gated too),
+bias or not, empty and one-row experts, the dropped tail, and gradients to x, weight and bias."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlm
+from fastlm import _ext
+from fastlm.ops import grouped_linear, grouped_swiglu
+from numerics import assert_close
+
+HAS_KERNEL = _ext.HAS_EXTENSION and hasattr(torch.ops.fastlm, "grouped_linear_fwd")
+NO_KERNEL = pytest.mark.skipif(not HAS_KERNEL, reason="extension without moe kernels")
+BACKEND_DTYPES = [pytest.param(b, d, id=f"{b}-{str(d)[6:]}", marks=() if b == "reference" else NO_KERNEL)
+                  for b in ("reference", "cpu") for d in (torch.float32, torch.bfloat16)]
+ACTS = {"gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "relu": F.relu, "silu": F.silu}
+
+
+def loop(x, weight, counts, bias, activation):
+    """Expert e's rows through F.linear and the activation; rows past the last expert give 0."""
+    outs, lo = [], 0
+    for e, n in enumerate(counts):
+        p = F.linear(x[lo:lo + n], weight[e], None if bias is None else bias[e])
+        if activation in ("swiglu", "geglu"):
+            gate, up = p.chunk(2, -1)
+            p = (F.silu(gate) if activation == "swiglu" else F.gelu(gate)) * up
+        elif activation is not None:
+            p = ACTS[activation](p)
+        outs.append(p)
+        lo += n
+    width = weight.shape[1] // (2 if activation in ("swiglu", "geglu") else 1)
+    outs.append(x.new_zeros(x.shape[0] - lo, width) + 0 * x[lo:, :1])  # the tail: 0, still in the graph
+    return torch.cat(outs)
+
+
+def check(backend, dtype, counts, tail, k, n_w, activation, with_bias):
+    e = len(counts)
+    x = torch.randn(sum(counts) + tail, k, dtype=dtype)
+    weight = torch.randn(e, n_w, k, dtype=dtype) / k ** 0.5
+    bias = torch.randn(e, n_w, dtype=dtype) if with_bias else None
+    offsets = torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32)
+
+    def run(fn, dt):
+        args = [t.detach().to(dt).requires_grad_() if t is not None else None for t in (x, weight, bias)]
+        out = fn(*args)
+        grads = torch.autograd.grad(out, [a for a in args if a is not None], grad.to(out.dtype))
+        return out, grads
+
+    width = n_w // (2 if activation in ("swiglu", "geglu") else 1)
+    grad = torch.randn(x.shape[0], width, dtype=dtype)
+    got = run(lambda a, w, b: grouped_linear(a, w, offsets, bias=b, activation=activation, backend=backend), dtype)
+    want = run(lambda a, w, b: loop(a, w, counts, b, activation), torch.float64)
+    base = run(lambda a, w, b: loop(a, w, counts, b, activation), dtype)
+    tag = f"{backend} {activation} bias={with_bias}"
+    assert got[0].shape == (x.shape[0], width) and got[0].dtype == dtype
+    assert_close(f"{tag} out", got[0], want[0], base[0], atol=1e-6)
+    for name, g, g64, g0 in zip(("grad_x", "grad_weight", "grad_bias"), got[1], want[1], base[1]):
+        assert_close(f"{tag} {name}", g, g64, g0, kind="grad", atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"])
+def test_matches_per_expert_loop(backend, dtype, activation):
+    check(backend, dtype, [5, 0, 1, 17, 0, 3], tail=4, k=24, n_w=40, activation=activation, with_bias=True)
+    check(backend, dtype, [33, 1], tail=0, k=7, n_w=6, activation=activation, with_bias=False)
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+def test_edge_shapes(backend, dtype):
+    check(backend, dtype, [0, 0, 0], tail=5, k=8, n_w=8, activation="swiglu", with_bias=True)  # all dropped
+    check(backend, dtype, [1], tail=0, k=1, n_w=2, activation="swiglu", with_bias=False)
+    out = grouped_linear(torch.randn(0, 8, dtype=dtype), torch.randn(2, 4, 8, dtype=dtype),
+                         torch.zeros(3, dtype=torch.int32), backend=backend)
+    assert out.shape == (0, 4)
+
+
+def test_swiglu_is_mixtral_expert():
+    """grouped_swiglu on HF's (E, 2I, H) gate_up_proj: silu(x Wg^T) * (x Wu^T), gate first."""
+    x, w = torch.randn(6, 8), torch.randn(2, 10, 8)
+    offsets = torch.tensor([0, 4, 6], dtype=torch.int32)
+    gate, up = F.linear(x[:4], w[0]).chunk(2, -1)
+    torch.testing.assert_close(grouped_swiglu(x, w, offsets, backend="reference")[:4], F.silu(gate) * up)
+
+
+def test_bad_inputs_name_argument_and_value():
+    x, w = torch.randn(6, 8), torch.randn(2, 10, 8)
+    with pytest.raises(TypeError, match=r"offsets must be an int32 \(3,\) tensor \(experts \+ 1\), got torch.int64"):
+        grouped_linear(x, w, torch.tensor([0, 3, 6]))
+    with pytest.raises(ValueError, match=r"offsets must rise from 0 and end at most at x's 6 rows, got \[0, 4, 3\]"):
+        grouped_linear(x, w, torch.tensor([0, 4, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"offsets must rise from 0 .*got \[0, 4, 7\]"):
+        grouped_linear(x, w, torch.tensor([0, 4, 7], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"weight's in_features 8 != x's 5"):
+        grouped_linear(torch.randn(6, 5), w, torch.tensor([0, 3, 6], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"activation 'swiglu' splits weight's 9 outputs .* must be even"):
+        grouped_linear(x, torch.randn(2, 9, 8), torch.tensor([0, 3, 6], dtype=torch.int32), activation="swiglu")
+    with pytest.raises(ValueError, match=r"unknown activation 'tanh'"):
+        grouped_linear(x, w, torch.tensor([0, 3, 6], dtype=torch.int32), activation="tanh")
+    with pytest.raises(ValueError, match=r"bias must be \(2, 10\) torch.float32 on cpu, got \(10,\)"):
+        grouped_linear(x, w, torch.tensor([0, 3, 6], dtype=torch.int32), bias=torch.randn(10))
+    with pytest.raises(fastlm.BackendUnavailableError, match=r"no cuda kernel for grouped_linear yet"):
+        grouped_linear(x, w, torch.tensor([0, 3, 6], dtype=torch.int32), backend="cuda-emu")
+
+
+def test_opcheck_and_compile():
+    backend = "cpu" if HAS_KERNEL else "reference"
+    x, w = torch.randn(10, 8, requires_grad=True), torch.randn(3, 12, 8, requires_grad=True)
+    b = torch.randn(3, 12, requires_grad=True)
+    offsets = torch.tensor([0, 4, 4, 9], dtype=torch.int32)
+    for act in ("none", "swiglu", "relu"):
+        torch.library.opcheck(torch.ops.fastlm.grouped_linear.default, (x, w, offsets, b, act, backend))
+    if HAS_KERNEL:
+        torch.library.opcheck(torch.ops.fastlm.grouped_linear_fwd.default, (x.detach(), w.detach(), offsets, None,
+                                                                            "geglu"))
+    torch._dynamo.reset()
+    f = lambda a: grouped_swiglu(a * 2, w, offsets, bias=b).sum()  # noqa: E731
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), f(x))
+    for g, g_ref in zip(torch.autograd.grad(compiled(x), (x, w, b)), torch.autograd.grad(f(x), (x, w, b))):
+        torch.testing.assert_close(g, g_ref)
