@@ -2,6 +2,7 @@
 sources stay torch-free, and ptxas reports no register spills in any kernel."""
 import glob
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -23,6 +24,15 @@ def _nvcc():
 def test_extension_is_built():
     assert _ext.HAS_EXTENSION, f"fastlm._C failed to import: {_ext.EXTENSION_ERROR}"
     assert "-O3" in _ext.CPU_FLAGS
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64"
+                    or os.environ.get("FASTLM_BUILD_EMU", "").strip() == "0",
+                    reason="the emulator is built by default on x86-64 Linux only (FASTLM_BUILD_EMU)")
+def test_emulator_is_built():
+    """Without this, a broken emulator build would only turn every cuda-emu test into a skip."""
+    assert _ext.HAS_EMULATOR, f"fastlm._C_emu failed to import: {_ext.EMULATOR_ERROR}"
+    assert hasattr(torch.ops.fastlm_emu, "attention_fwd") and hasattr(torch.ops.fastlm_emu, "emu_stats")
 
 
 @pytest.mark.skipif(torch.version.cuda is None or _nvcc() is None, reason="needs a CUDA torch and nvcc")

@@ -28,6 +28,9 @@ def _configs():
     for bm, bn, bk, warps, stages in [
         (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
         (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 64, 4, 4),
+        # fp32 within the 99 KB of sm_86/89 (RTX 3090/4090, A10, L4, L40S): 64x64 tiles, K steps of
+        # 32, 3 stages = 4 B * (3 * (64 + 64 + 64 pre-activation rows) * 32 + 64 * 64) = 90 KB at most
+        (64, 64, 32, 4, 3),
     ]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                   num_warps=warps, num_stages=stages))
