@@ -20,7 +20,8 @@ import torch
 
 from benchmarks import common, compare, report
 
-OPS = ["bias_act", "attention", "attention_options", "softmax", "cross_entropy", "linear", "norms", "rope", "model", "patch"]
+OPS = ["bias_act", "attention", "attention_options", "softmax", "cross_entropy", "linear", "norms", "rope", "moe", "model",
+       "patch"]
 # --headline: what a short GPU session measures first (each module's shapes() picks the cases)
 HEADLINE_OPS = ["attention", "linear", "cross_entropy", "softmax", "norms", "model"]
 

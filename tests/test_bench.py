@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,3 +131,19 @@ def test_smoke_attention_options_benchmark(tmp_path):
     assert all(not r["note"].startswith(("WRONG", "failed")) for r in rows), [r["note"] for r in rows]
     timed = {r["impl"] for r in rows if r["ms"]}
     assert {"fastlm:cpu window", "fastlm:cpu varlen", "sdpa:cpu mask", "sdpa:cpu contiguous"} <= timed, timed
+
+
+def test_smoke_moe_benchmark(tmp_path):
+    """The MoE layer against HF Mixtral's block (eager and grouped_mm), correctness checked first,
+    and the routing balance / drop-rate table for each router kind and capacity factor."""
+    pytest.importorskip("transformers")
+    out = _bench("--smoke", "--ops", "moe", "--device", "cpu", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert all(not r["note"].startswith(("WRONG", "failed")) for r in rows), [r["note"] for r in rows]
+    timed = {(r["impl"], r["mode"]) for r in rows if r["ms"]}
+    want = {("HF eager", "fwd+bwd")} | ({("fastlm:cpu", "fwd+bwd")} if hasattr(torch.ops.fastlm, "grouped_linear_fwd")
+                                        else set())
+    assert want <= timed, timed
+    routing = [r for r in rows if r["impl"].startswith("routing")]
+    assert len(routing) == 9 and all("dropped" in r["note"] for r in routing)
