@@ -27,7 +27,15 @@ FAMILIES = {  # name: (model class, config, has rope, causal LM)
     "gemma2": (T.Gemma2ForCausalLM, T.Gemma2Config(head_dim=16, **GQA), True, True),
     "phi3": (T.Phi3ForCausalLM, T.Phi3Config(pad_token_id=0, partial_rotary_factor=0.5, **GQA), True, True),
     "olmo2": (T.Olmo2ForCausalLM, T.Olmo2Config(**GQA), True, True),
-    "mixtral": (T.MixtralForCausalLM, T.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **GQA), True, True),
+    # MoE: output_router_logits=True, so the loss carries HF's load-balancing aux loss (and its gradient)
+    "mixtral": (T.MixtralForCausalLM, T.MixtralConfig(num_local_experts=4, num_experts_per_tok=2,
+                                                      output_router_logits=True, **GQA), True, True),
+    "qwen2_moe": (T.Qwen2MoeForCausalLM, T.Qwen2MoeConfig(  # a shared expert behind a sigmoid gate, no renormalising
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        output_router_logits=True, **GQA), True, True),
+    "qwen3_moe": (T.Qwen3MoeForCausalLM, T.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                                         norm_topk_prob=True, head_dim=16, output_router_logits=True,
+                                                         **GQA), True, True),
     "bert": (T.BertForMaskedLM, T.BertConfig(**SMALL), False, False),
     "roberta": (T.RobertaForMaskedLM, T.RobertaConfig(**SMALL, pad_token_id=1), False, False),
     "bart": (T.BartForConditionalGeneration, T.BartConfig(
@@ -42,16 +50,21 @@ FAMILIES = {  # name: (model class, config, has rope, causal LM)
                                                    vocab_size=97), True, True),
     "bloom": (T.BloomForCausalLM, T.BloomConfig(hidden_size=64, n_head=4, n_layer=2, vocab_size=97), False, True),
     "gpt_oss": (T.GptOssForCausalLM, T.GptOssConfig(
-        head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=5, **GQA), True, True),
+        head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=5, output_router_logits=True, **GQA),
+                True, True),
     "vit": (T.ViTForImageClassification, T.ViTConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                                      num_hidden_layers=2, image_size=32, patch_size=8), False, False),
 }
 # kinds that do not run on fastlm, with the reason the report must give ({name: {kind: reason}}).
-# GPT-OSS: its experts (clamped SwiGLU with a fused gate/up) wait for the MoE ops, and its rotary
-# (cos/sin of half width) is not recognised by the probe.
-GAPS: dict = {"gpt_oss": {"mlp": "no fastlm twin", "rope": "probe mismatch"}}
+# GPT-OSS: its rotary (cos/sin of half width) is not recognised by the probe. (Its experts run on
+# the MoE ops, their clamped interleaved SwiGLU unfused between the grouped GEMMs.)
+GAPS: dict = {"gpt_oss": {"rope": "probe mismatch"}}
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"}  # every MoE block: router and experts on fastlm's MoE ops
+MOE_OPS = {"fastlm::moe_router", "fastlm::moe_router_backward", "fastlm::moe_permute", "fastlm::grouped_linear",
+           "fastlm::grouped_linear_backward", "fastlm::moe_unpermute", "fastlm::moe_unpermute_backward"}
 EVIDENCE = {  # kind -> profiler op names, any of which shows it ran on fastlm
-    "norm": ("fastlm::norm",), "mlp": ("fastlm::bias_act_bwd",), "rope": ("fastlm::rope",),
+    "norm": ("fastlm::norm",), "mlp": ("fastlm::bias_act_bwd", "fastlm::grouped_linear_backward"),
+    "rope": ("fastlm::rope",),
     "attention": ("fastlm::attention",), "loss": ("fastlm::linear_cross_entropy", "fastlm::cross_entropy"),
 }
 
@@ -168,6 +181,10 @@ def test_family_patched_matches_eager_and_runs_fastlm(name):
         _no_worse_than_eager(f"{name} grad {n}", grads[0][n], grads[1][n], grads[2][n], 3.0, floor=1e-6 * scale)
 
     ran = {e.name for e in prof.events() if e.name.startswith("fastlm::")}
+    if name in MOE:
+        assert MOE_OPS <= ran, f"{name}: MoE ops that did not run: {sorted(MOE_OPS - ran)}\n{report}"
+        blocks = {n for n, m in model.named_modules() if hasattr(m, "experts")}
+        assert blocks and blocks <= {n for n, _, new in report.swapped if new.startswith("fastlm MoE block")}, report
     kinds = ["norm", "mlp", "attention"] + (["rope"] if has_rope else []) + (["loss"] if causal else [])
     gaps = GAPS.get(name, {})
     for kind in kinds:

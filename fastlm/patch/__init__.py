@@ -18,7 +18,11 @@ weights are untouched.
 - RMS norms of any library: LlamaRMSNorm and its siblings, Gemma's (1 + weight) form, T5LayerNorm,
   OLMo2/Qwen3's q/k norms -> fastlm.ops.rms_norm;                             [norm]
 - gated MLPs (gate/up/down or Phi-3's fused gate_up, SiLU or GELU) -> fastlm.ops.gated_mlp;
-  MoE expert blocks (Mixtral, Qwen-MoE) -> gated_mlp per expert; a Linear followed by an
+  sparse MoE blocks (fastlm/patch/moe.py): HF experts modules (Mixtral, Qwen2-MoE, Qwen3-MoE,
+  GPT-OSS, ...) -> experts_implementation="fastlm" (transformers' ExpertsInterface: moe_permute,
+  grouped_linear, moe_unpermute), their top-k routers -> fastlm.ops.moe_router (same outputs, so
+  HF's router-logit recording and aux loss are untouched); experts modules outside transformers'
+  interface -> fastlm.ops.moe_experts; a Linear followed by an
   activation, in an nn.Sequential or in any forward that calls the two back to back (BERT,
   ViT, OPT, BART, GPT-NeoX, Falcon, T5) -> one fastlm Linear with the activation fused;
   GPT-2's Conv1D MLP;                                                         [mlp]
@@ -37,7 +41,7 @@ from torch import nn
 
 import fastlm.nn as fnn
 from fastlm.nn._base import FastModule, check_backend
-from fastlm.patch import hf
+from fastlm.patch import hf, moe
 from fastlm.patch.hf import Conv1D, GPT2MLP, LMHead, hf_attention, register_hf_attention
 from fastlm.patch.recognise import (GatedExperts, GatedMLP, RMSNorm, fusable_pairs, recognise_activation,
                                     recognise_experts, recognise_gated_mlp, recognise_linear_subclass,
@@ -68,7 +72,8 @@ class PatchReport:
         """The kinds of fusion that were applied: a subset of SWITCHES."""
         found = set()
         for _, _, new in self.swapped:
-            for kind, marks in (("norm", ("Norm",)), ("mlp", ("MLP", "Experts", "activation=")),
+            for kind, marks in (("norm", ("Norm",)), ("mlp", ("MLP", "Experts", "activation=", "experts_implementation",
+                                                              "moe_router", "MoE")),
                                 ("rope", ("rope",)), ("attention", ("attn_implementation", "scaled_dot_product_attention")),
                                 ("loss", ("cross_entropy",))):
                 if any(m in new for m in marks):
@@ -82,6 +87,8 @@ class _Context:
     switches: dict
     report: PatchReport
     attentions: list = field(default_factory=list)  # (name, module) of HF attention modules seen
+    experts: list = field(default_factory=list)  # (name, module) of HF experts modules seen
+    routers: set = field(default_factory=set)  # names of the routers served
 
 
 # ---------------------------------------------------------------- per-module decisions
@@ -166,6 +173,9 @@ def _walk(module: nn.Module, prefix: str, ctx: _Context) -> None:
         if child is None:
             continue
         full = prefix + name
+        if moe.is_hf_experts(child) or moe.is_router(child):
+            _moe_part(full, child, ctx)
+            continue
         if _is_attention(child):
             ctx.attentions.append((full, child))
             if ctx.switches["rope"] and getattr(child, "_fastlm_rope", None) is None:
@@ -190,6 +200,40 @@ def _walk(module: nn.Module, prefix: str, ctx: _Context) -> None:
             _walk(child, full + ".", ctx)
         elif not any(n == full for n, _, _ in report.swapped):  # not an Identity left by a fusion
             report.left.append((full, type(child).__name__, why))
+
+
+def _moe_part(name: str, module: nn.Module, ctx: _Context) -> None:
+    """An HF experts module (collected: one experts implementation per model) or a top-k router
+    (served in place: its forward on fastlm.ops.moe_router)."""
+    kind = type(module).__name__
+    if "_fastlm_router" in module.__dict__ or (
+            "_fastlm_experts" in module.__dict__
+            and getattr(getattr(module, "config", None), "_experts_implementation", None) == moe.ENTRY):
+        ctx.report.left.append((name, kind, "already fastlm"))
+    elif not ctx.switches["mlp"]:
+        ctx.report.left.append((name, kind, "mlp=False"))
+    elif moe.is_hf_experts(module):
+        ctx.experts.append((name, module))
+    else:
+        why = moe.patch_router(module, ctx.backend)
+        if why is None:
+            ctx.routers.add(name)
+            ctx.report.swapped.append((name, kind, module._fastlm_router.describe(module.top_k)))
+        else:
+            ctx.report.left.append((name, kind, f"router kept: {why}"))
+
+
+def _switch_experts(model: nn.Module, ctx: _Context) -> None:
+    if not ctx.experts:
+        return
+    swapped, left = moe.switch_experts(model, ctx.experts, ctx.backend)
+    ctx.report.swapped += swapped
+    ctx.report.left += left
+    served = {n.rpartition(".")[0] for n, _, _ in swapped}
+    blocks = {n.rpartition(".")[0] for n in ctx.routers} & served
+    for name, block in model.named_modules():  # a block whose router and experts both run on fastlm
+        if name in blocks:
+            ctx.report.swapped.append((name, type(block).__name__, "fastlm MoE block (moe_router + experts)"))
 
 
 def _switch_attention(model: nn.Module, ctx: _Context) -> None:
@@ -244,6 +288,7 @@ def _patch_module(model: nn.Module, backend, switches) -> PatchReport:
         return ctx.report
     _walk(model, "", ctx)
     _switch_attention(model, ctx)
+    _switch_experts(model, ctx)
     if _is_causal_lm(model):
         why = hf.patch_loss(model, backend) if switches["loss"] else "loss=False"
         if why is None:
@@ -319,4 +364,6 @@ def patch(model, *, backend: str | None = None, rope: bool = True, norm: bool = 
     return _patch_module(model, backend, switches)
 
 
-__all__ = ["patch", "PatchReport", "register_hf_attention", "hf_attention", "TWINS"]
+unpatch_moe = moe.unpatch_moe
+
+__all__ = ["patch", "PatchReport", "register_hf_attention", "hf_attention", "TWINS", "unpatch_moe"]

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from fastlm import ops
+from fastlm.patch import moe
 from fastlm.patch.recognise import on_cpu
 
 # kwargs transformers may pass to an attention function that change its math; refused unless None
@@ -137,13 +138,15 @@ def _is_band(mask: torch.Tensor, tq: int, tk: int, left: int) -> bool:
 
 
 def register_hf_attention() -> bool:
-    """Register "fastlm" with transformers' attention (and mask) interfaces; False without transformers."""
+    """Register "fastlm" with transformers' attention (and mask) and experts interfaces; False
+    without transformers."""
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:
         return False
     AttentionInterface.register("fastlm", hf_attention)
+    moe.register_hf_experts()  # experts_implementation="fastlm" (transformers' ExpertsInterface)
     AttentionMaskInterface.register("fastlm", sdpa_mask)  # boolean masks, skipped when plainly causal
     from transformers import PreTrainedModel
     from transformers.models.falcon import modeling_falcon
@@ -156,6 +159,7 @@ def register_hf_attention() -> bool:
         def post_init(self, *args, **kwargs):
             original(self, *args, **kwargs)
             serve_attention_modules(self)
+            moe.serve_experts_modules(self)
         post_init._fastlm = True
         PreTrainedModel.post_init = post_init
     return True

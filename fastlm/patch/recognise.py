@@ -218,8 +218,12 @@ def _probe_gated(module, children, fused, activation) -> bool:
 # ---------------------------------------------------------------- MoE experts
 class GatedExperts(nn.Module):
     """Mixture-of-experts expert weights (E, 2I, H) gate_up and (E, H, I) down, as Mixtral and
-    Qwen-MoE store them, run expert by expert on fastlm.ops.gated_mlp (the routing and the
-    token gather/scatter are HF's; a grouped kernel is the MoE op's job)."""
+    Qwen-MoE store them, on fastlm.ops.moe_experts (permute, two grouped GEMMs with the gated
+    activation fused, weighted unpermute). For experts modules outside transformers'
+    ExpertsInterface (which fastlm/patch/moe.py serves without replacing the module); the routing
+    is the caller's."""
+
+    GATED = {"silu": "swiglu", "gelu": "geglu"}
 
     def __init__(self, module: nn.Module, activation: str, backend=None):
         super().__init__()
@@ -228,17 +232,10 @@ class GatedExperts(nn.Module):
         self.kind = type(module).__name__
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        out = torch.zeros_like(hidden_states)  # (N, H)
-        half = self.gate_up_proj.shape[1] // 2
-        with torch.no_grad():
-            hit = torch.bincount(top_k_index.flatten(), minlength=self.num_experts)[: self.num_experts].nonzero()
-        for e in hit.flatten().tolist():
-            token, slot = torch.where(top_k_index == e)  # tokens routed to expert e, and their top-k slot
-            w = self.gate_up_proj[e]
-            y = ops.gated_mlp(hidden_states[token], w[:half], w[half:], self.down_proj[e], activation=self.activation,
-                              backend=self.backend)
-            out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
-        return out
+        weights = top_k_weights.to(torch.float64 if hidden_states.dtype == torch.float64 else torch.float32)
+        out = ops.moe_experts(hidden_states, top_k_index.to(torch.int32), weights, self.gate_up_proj, self.down_proj,
+                              activation=self.GATED[self.activation], backend=self.backend)
+        return out.to(hidden_states.dtype)
 
     def extra_repr(self):
         return f"experts={self.num_experts}, activation={self.activation!r}, from={self.kind}"
@@ -250,8 +247,9 @@ def recognise_experts(module, backend=None):
     if set(params) != {"gate_up_proj", "down_proj"} or params["gate_up_proj"].dim() != 3:
         return None, "not an experts block"
     act_name, activation = _activation_child(module)
-    if activation is None:
-        return None, "experts' activation has no fused form"
+    if activation not in GatedExperts.GATED:
+        return None, f"experts' gated activation {activation or type(getattr(module, act_name, None)).__name__} has no " \
+                     "fused grouped form (swiglu, geglu)"
     E, H, inner = params["gate_up_proj"].shape[0], 8, 12  # probe at hidden 8, intermediate 12
     g = torch.Generator().manual_seed(3)
     state = {"gate_up_proj": torch.randn(E, 2 * inner, H, generator=g) * H ** -0.5,
