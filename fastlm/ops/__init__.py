@@ -5,6 +5,7 @@ from fastlm.ops.attention import (
     scaled_dot_product_attention_ref,
     scaled_dot_product_attention_with_lse,
 )
+from fastlm.ops.base_assignment import base_assignment
 from fastlm.ops.bias_act import bias_act, bias_act_ref
 from fastlm.ops.cross_entropy import cross_entropy
 from fastlm.ops.decode_attention import decode_attention
@@ -28,5 +29,5 @@ __all__ = [
     "rope", "rope_frequencies", "rope_ref", "log_softmax", "softmax", "softmax_ref", "scaled_dot_product_attention",
     "scaled_dot_product_attention_ref", "scaled_dot_product_attention_with_lse", "varlen_attention",
     "decode_attention", "moe_router", "RouterOutput", "moe_permute", "moe_unpermute", "grouped_linear",
-    "grouped_swiglu", "moe_mlp", "moe_experts", "MoEOutput",
+    "grouped_swiglu", "moe_mlp", "moe_experts", "MoEOutput", "base_assignment",
 ]
