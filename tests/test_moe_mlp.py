@@ -88,6 +88,10 @@ def test_shapes_and_bad_input():
     x = torch.randn(2, 5, 8)
     out = moe_mlp(x, torch.randn(4, 8), torch.randn(4, 12, 8), torch.randn(4, 8, 6), 2, backend="reference")
     assert out.out.shape == x.shape and out.router_logits.shape == (10, 4) and out.routing.expert_ids.shape == (10, 2)
+    empty = torch.randn(0, 8, requires_grad=True)  # no tokens: empty output, zero losses, gradients flow
+    r = moe_mlp(empty, torch.randn(4, 8), torch.randn(4, 12, 8), torch.randn(4, 8, 6), 2, backend="reference")
+    (r.out.sum() + r.routing.aux_loss + r.routing.z_loss).backward()
+    assert r.out.shape == (0, 8) and empty.grad.shape == (0, 8) and r.routing.aux_loss.item() == 0
     with pytest.raises(ValueError, match=r"w_down must be \(E, H, I\) and w_gate_up \(E, 2I, H\), got w_gate_up "
                                          r"\(4, 6, 8\) and w_down \(4, 8, 6\)"):
         moe_mlp(x, torch.randn(4, 8), torch.randn(4, 6, 8), torch.randn(4, 8, 6), 2)

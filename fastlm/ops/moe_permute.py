@@ -52,7 +52,7 @@ def moe_permute_backward_ref(grad_sorted, row_index):
     kept = (rows >= 0).view(-1, 1)
     picked = torch.where(kept, grad_sorted[rows.clamp(min=0)].to(cdt), 0.0) if rows.numel() else \
         grad_sorted.new_zeros(0, grad_sorted.shape[1], dtype=cdt)
-    return picked.view(t, k, -1).sum(1).to(grad_sorted.dtype)
+    return picked.view(t, k, grad_sorted.shape[1]).sum(1).to(grad_sorted.dtype)
 
 
 def moe_unpermute_ref(y_sorted, row_index, weights):
@@ -62,7 +62,7 @@ def moe_unpermute_ref(y_sorted, row_index, weights):
     kept = (rows >= 0).view(-1, 1)
     picked = torch.where(kept, y_sorted[rows.clamp(min=0)].to(cdt), 0.0) if rows.numel() else \
         y_sorted.new_zeros(0, y_sorted.shape[1], dtype=cdt)
-    return (picked.view(t, k, -1) * weights.to(cdt).unsqueeze(-1)).sum(1).to(y_sorted.dtype)
+    return (picked.view(t, k, y_sorted.shape[1]) * weights.to(cdt).unsqueeze(-1)).sum(1).to(y_sorted.dtype)
 
 
 def moe_unpermute_backward_ref(grad_out, y_sorted, row_index, weights):
