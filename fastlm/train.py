@@ -12,6 +12,11 @@ checkpoints (model, optimizer, step, configs) to --out every --ckpt-interval ste
 end, --resume to continue from the checkpoint there. Batches are a pure function of (seed,
 step), so a resumed run sees exactly the batches the uninterrupted one would have.
 
+Mixture-of-experts presets (moe-tiny): the loss reported is the LM loss; the MoE layers' aux
+losses are added to it for the backward and shown beside it, with the expert load of the step
+(the least and most loaded expert's share of the kept assignments, 1/E each when balanced, and
+the share capacity dropped; each averaged over layers). --capacity-factor turns on dropping.
+
 Distributed: under torchrun (RANK/WORLD_SIZE set) each rank trains on its slice of the same
 global batch, wrapped in DistributedDataParallel (--dist ddp, nccl on GPU, gloo on CPU) or
 FSDP2's fully_shard (--dist fsdp, where torch has it); --batch-size is per rank.
@@ -42,6 +47,7 @@ class TrainConfig:
     max_bytes: int = 8_000_000  # read at most this much text (the whole stdlib is ~40 MB)
     tokenizer: str = "byte"  # "byte" | "gpt2" (local files only) | a local tokenizer folder
     preset: str = "small"  # a GPTConfig preset
+    capacity_factor: float = 0.0  # MoE presets: GShard capacity factor (excess assignments dropped); 0: dropless
     block_size: int = 128
     pack: bool = False  # documents (files) end to end with cu_seqlens: no attention or targets across them
     batch_size: int = 16  # sequences per micro-step, per rank
@@ -260,6 +266,24 @@ def _call(step_fn, batch, device):
     return step_fn(x, y) if len(batch) == 2 else step_fn(x, y, cu_seqlens=batch[2].to(device))
 
 
+MOE_STATS = ("aux_loss", "expert_share_min", "expert_share_max", "drop_rate")
+
+
+def moe_stats(model: GPT) -> torch.Tensor:
+    """(aux loss, least and most loaded expert's share, dropped share) of the last forward; the
+    shares averaged over MoE layers. One tensor, so logging costs one device sync."""
+    layers = model.moe_layers()
+    load = torch.stack([m.expert_load for m in layers])  # (layers, E)
+    drop = torch.stack([m.drop_rate for m in layers])  # (layers,)
+    return torch.stack([model.aux_loss().detach().float(), load.min(1).values.mean(), load.max(1).values.mean(),
+                        drop.mean()])
+
+
+def moe_message(stats) -> str:
+    aux, lo, hi, drop = stats
+    return f"aux {aux:.4f}, expert share min/max {lo:.3f}/{hi:.3f}, dropped {100 * drop:.1f}%"
+
+
 def train(c: TrainConfig) -> dict:
     """Run training; returns the history: step, loss, lr, grad_norm per step and eval losses."""
     rank, world, local = dist_info()
@@ -278,11 +302,16 @@ def train(c: TrainConfig) -> dict:
 
     torch.manual_seed(c.seed)  # same initial weights on every rank
     gc = GPTConfig.preset(c.preset, vocab_size=tok.vocab_size, block_size=c.block_size)
+    if c.capacity_factor:
+        if gc.moe is None:
+            raise ValueError(f"train: --capacity-factor applies to MoE presets, and {c.preset!r} has no experts")
+        gc.moe.capacity_factor = c.capacity_factor
+    moe = gc.moe is not None
     raw = GPT(gc, backend=c.backend).to(device)
     model = wrap_distributed(raw, c, device) if world > 1 else raw
     optimizer = make_optimizer(model, c, fused=device.type == "cuda")  # after fully_shard swaps the Parameters
     ckpt_path = Path(c.out) / "ckpt.pt"
-    history = dict(step=[], loss=[], lr=[], grad_norm=[], eval_step=[], eval_loss=[])
+    history = dict(step=[], loss=[], lr=[], grad_norm=[], eval_step=[], eval_loss=[], **{k: [] for k in MOE_STATS if moe})
     start = 0
     if c.resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, model, optimizer, world)
@@ -294,11 +323,15 @@ def train(c: TrainConfig) -> dict:
     autocast = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
+    def forward(batch):
+        """(the loss to backpropagate, the LM loss alone): MoE adds its layers' aux losses to the first."""
+        _, loss = _call(step_fn, batch, device)
+        return loss, raw.lm_loss if moe else loss.detach()
+
     def evaluate(step: int) -> float:
         model.eval()
         with torch.no_grad(), autocast:
-            losses = [_call(step_fn, batches.get("val", 0, i, c.batch_size, rank, world), device)[1]
-                      for i in range(c.eval_batches)]
+            losses = [forward(batches.get("val", 0, i, c.batch_size, rank, world))[1] for i in range(c.eval_batches)]
         model.train()
         return all_mean(torch.stack(losses).mean().float(), world).item()
 
@@ -322,13 +355,16 @@ def train(c: TrainConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=device)
+        stats = torch.zeros(len(MOE_STATS), device=device)
         for micro in range(c.grad_accum):
             batch = batches.get("train", step, micro, c.batch_size, rank, world)
             sync = micro == c.grad_accum - 1 or world == 1 or c.dist != "ddp"
             with (nullcontext() if sync else model.no_sync()), autocast:
-                _, loss = _call(step_fn, batch, device)
+                loss, lm_loss = forward(batch)
                 scaler.scale(loss / c.grad_accum).backward()
-            total += loss.detach().float() / c.grad_accum
+            total += lm_loss.float() / c.grad_accum
+            if moe:
+                stats += moe_stats(raw) / c.grad_accum
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
         scaler.step(optimizer)
@@ -339,12 +375,16 @@ def train(c: TrainConfig) -> dict:
         history["loss"].append(loss_value)
         history["lr"].append(lr)
         history["grad_norm"].append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+        stats = all_mean(stats, world).tolist() if moe else []
+        for key, value in zip(MOE_STATS, stats):
+            history[key].append(value)
         done = step + 1
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **({"moe": moe_message(stats)} if moe else {}))
         if rank == 0 and (done % c.log_interval == 0 or done == 1 or done == c.max_steps):
-            msg = f"step {done}: loss {loss_value:.4f}, lr {lr:.2e}, {time.perf_counter() - t0:.1f}s"
+            experts = f"{moe_message(stats)}, " if moe else ""
+            msg = f"step {done}: loss {loss_value:.4f}, {experts}lr {lr:.2e}, {time.perf_counter() - t0:.1f}s"
             (bar.write if bar is not None else print)(msg)
         if c.eval_interval and (done % c.eval_interval == 0 or done == c.max_steps):
             val = evaluate(done)
@@ -359,7 +399,8 @@ def train(c: TrainConfig) -> dict:
     if end > start:
         save_checkpoint(ckpt_path, model, optimizer, end, c, gc, history, world, rank)
     if rank == 0 and history["loss"]:
-        print(f"first loss {history['loss'][0]:.4f}, last loss {history['loss'][-1]:.4f}; checkpoint {ckpt_path}")
+        last = f" ({moe_message([history[k][-1] for k in MOE_STATS])})" if moe else ""
+        print(f"first loss {history['loss'][0]:.4f}, last loss {history['loss'][-1]:.4f}{last}; checkpoint {ckpt_path}")
     return history
 
 

@@ -1,11 +1,12 @@
-"""The GPT decoder: HF GPT-2 weight loading, reference-path agreement, KV-cached generation."""
+"""The GPT decoder: HF GPT-2 weight loading, reference-path agreement, KV-cached generation, MoE blocks."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastlm
 from backends import EMU_MARKS
-from fastlm.models import GPT, GPTConfig, KVCache, sample
+from fastlm.models import GPT, PRESETS, GPTConfig, KVCache, sample
+from fastlm.models.gpt import MoEConfig
 from numerics import assert_close
 from ops_available import MODEL_OPS, needs
 
@@ -69,7 +70,7 @@ def test_from_hf_errors(tmp_path):
         GPT.from_hf(str(tmp_path))
 
 
-@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny", "moe-tiny"])
 def test_reference_path_agrees(preset):
     model = GPT(GPTConfig.preset(preset)).eval()
     idx = torch.randint(0, 256, (2, 33))
@@ -80,7 +81,8 @@ def test_reference_path_agrees(preset):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     _, loss = model(idx, idx)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), idx.flatten()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.lm_loss, F.cross_entropy(logits.flatten(0, 1), idx.flatten()), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_backend_pinned_on_model():
@@ -91,7 +93,7 @@ def test_backend_pinned_on_model():
     torch.testing.assert_close(model(idx)[0], expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny", "moe-tiny"])
 def test_llama_options_train_step(preset):
     c = GPTConfig.preset(preset)
     model = GPT(c)
@@ -104,7 +106,7 @@ def test_llama_options_train_step(preset):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny", "moe-tiny"])
 def test_greedy_generation_cached_equals_uncached(preset):
     model = GPT(GPTConfig.preset(preset, n_layer=3)).eval()
     prompt = torch.randint(0, 256, (2, 7))
@@ -114,7 +116,7 @@ def test_greedy_generation_cached_equals_uncached(preset):
     assert torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny", "moe-tiny"])
 def test_chunked_prefill_into_the_cache(preset):
     """T > 1 new tokens after a cached prefix: causal aligned bottom-right, same as one pass."""
     model = GPT(GPTConfig.preset(preset)).eval()
@@ -162,9 +164,9 @@ def test_config_errors():
     assert model.generate(torch.zeros(1, 4, dtype=torch.long), 5, use_cache=False).shape == (1, 9)
 
 
-@pytest.mark.parametrize("backend", [None, "reference"])
-def test_torch_compile_fullgraph(backend):
-    model = GPT(GPTConfig.preset("tiny"), backend=backend)
+@pytest.mark.parametrize("backend,preset", [(None, "tiny"), ("reference", "tiny"), (None, "moe-tiny")])
+def test_torch_compile_fullgraph(backend, preset):
+    model = GPT(GPTConfig.preset(preset), backend=backend)
     idx = torch.randint(0, 256, (2, 16))
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(idx)[0], model(idx)[0], rtol=1e-5, atol=1e-5)
@@ -231,13 +233,15 @@ def test_cuda_kernels_decode_from_the_cache_under_emulation(preset):
     assert_close(f"{preset} hidden states", out, out64, base)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny", "moe-tiny"])
 def test_packed_training_equals_padded(preset):
     """Four documents end to end in two rows (cu_seqlens) give the loss and gradients of the same
     documents padded to one row each (targets -100 on the pads): no cross-document attention, and
     positions restart at 0 in every document, also one that starts mid-row."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig.preset(preset))
+    # the MoE aux loss averages over the tokens present, pads included: compare the LM loss alone
+    no_aux = dict(moe=dict(PRESETS[preset]["moe"], aux_loss_coef=0.0)) if "moe" in PRESETS[preset] else {}
+    model = GPT(GPTConfig.preset(preset, **no_aux))
     docs = [torch.randint(0, 256, (n,)) for n in (5, 11, 9, 7)]  # rows of 16: (5, 11) and (9, 7)
     packed = torch.cat(docs).view(2, 16)
     cu = torch.tensor([0, 5, 16, 25, 32], dtype=torch.int32)
@@ -257,7 +261,7 @@ def test_packed_training_equals_padded(preset):
         model(packed, targets, cu_seqlens=cu[:-1])
 
 
-@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny", "moe-tiny"])
 def test_generate_batch_paged_equals_one_by_one(preset):
     """Prompts of lengths 3, 11 and 6 generated together (one packed prefill, paged decode steps)
     give each the tokens it gets alone with the contiguous cache; greedy, so exactly."""
@@ -277,3 +281,62 @@ def test_packed_training_refuses_attention_dropout():
     idx = torch.randint(0, 256, (1, 8))
     with pytest.raises(ValueError, match=r"packed \(cu_seqlens\) training has no attention dropout .*dropout=0.1"):
         model(idx, idx, cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32))
+
+
+# ---------------------------------------------------------------- mixture of experts (moe-tiny)
+def test_moe_tiny_loss_includes_aux_and_reaches_the_routers():
+    c = GPTConfig.preset("moe-tiny")
+    assert (c.moe.num_experts, c.moe.top_k, c.mlp, c.norm, c.pos) == (8, 2, "swiglu", "rmsnorm", "rope")
+    model = GPT(c)
+    layers = model.moe_layers()
+    assert len(layers) == c.n_layer and all(isinstance(m, fastlm.nn.MoE) for m in layers)
+    assert layers[0].experts.gate_up_proj.shape == (8, 2 * c.hidden_size, c.n_embd)
+    idx = torch.randint(0, 256, (2, 17))
+    logits, _ = model(idx)
+    _, loss = model(idx, idx)
+    aux = sum(m.aux_loss for m in layers)
+    assert aux.item() > 0 and aux.requires_grad  # 0.01 * ~top_k per layer when balanced
+    torch.testing.assert_close(model.lm_loss, F.cross_entropy(logits.flatten(0, 1), idx.flatten()), rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(loss, model.lm_loss + aux, rtol=0, atol=0)
+    loss.backward()
+    for i, m in enumerate(layers):  # the routers learn from the LM loss (through the weights) and the aux loss
+        assert m.gate.weight.grad.abs().sum() > 0, f"layer {i}: no gradient reaches the router"
+        assert torch.isfinite(m.experts.gate_up_proj.grad).all() and m.experts.down_proj.grad.abs().sum() > 0
+        torch.testing.assert_close(m.expert_load.sum(), torch.tensor(1.0))
+    # without its aux loss the router still learns from the LM loss
+    model.zero_grad()
+    for m in layers:
+        m.aux_loss_coef = 0.0
+    _, loss = model(idx, idx)
+    torch.testing.assert_close(loss, model.lm_loss, rtol=0, atol=0)
+    loss.backward()
+    assert all(m.gate.weight.grad.abs().sum() > 0 for m in layers)
+
+
+def test_moe_tiny_loss_falls_on_a_repeated_batch():
+    model = GPT(GPTConfig.preset("moe-tiny"))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    idx = torch.randint(0, 256, (2, 17))
+    losses = []
+    for _ in range(30):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(model.lm_loss.item())
+    assert losses[-1] < losses[0] - 2.0, losses  # random tokens: memorised
+
+
+def test_moe_config():
+    c = GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=50, block_size=16, mlp="mlp", activation="gelu",
+                  moe=dict(num_experts=4, top_k=1, router="switch", capacity_factor=1.25, shared_expert_size=16))
+    assert isinstance(c.moe, MoEConfig) and c.moe.capacity_factor == 1.25
+    moe = GPT(c).transformer.h[0].mlp
+    assert (moe.activation, moe.router, moe.normalize, moe.capacity_factor) == ("gelu", "switch", False, 1.25)
+    assert moe.experts.gate_up_proj.shape == (4, 128, 32)  # a plain activation: (E, I, H)
+    assert GPTConfig(**{**vars(c), "moe": vars(c.moe)}) == c  # what a checkpoint's asdict gives back
+    with pytest.raises(ValueError, match="router='base'"):
+        GPT(GPTConfig.preset("moe-tiny", moe=dict(router="base")))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'experts'"):
+        GPTConfig.preset("moe-tiny", moe=dict(experts=8))

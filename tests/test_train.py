@@ -1,4 +1,5 @@
-"""fastlm.train: fastlm vs reference loss curves, checkpoint resume, 2-process DDP and FSDP2 on CPU (gloo)."""
+"""fastlm.train: fastlm vs reference loss curves, checkpoint resume, 2-process DDP and FSDP2 on CPU (gloo),
+the moe-tiny preset with its expert-load logging."""
 import json
 import os
 import socket
@@ -79,6 +80,30 @@ def test_packed_training_runs(tmp_path):
 def test_cli_arguments():
     c = T.parse_args(["--max-steps", "7", "--no-progress", "--lr", "0.01", "--backend", "reference"])
     assert (c.max_steps, c.progress, c.lr, c.backend, c.preset) == (7, False, 0.01, "reference", "small")
+    c = T.parse_args(["--preset", "moe-tiny", "--capacity-factor", "1.25"])
+    assert (c.preset, c.capacity_factor) == ("moe-tiny", 1.25)
+
+
+@needs_model_ops
+def test_moe_tiny_trains_and_logs_expert_load(tmp_path, capsys):
+    """moe-tiny with capacity dropping: the LM loss falls, and every step records (and the progress
+    line prints) the aux loss, the least / most loaded expert's share and the dropped share."""
+    history = T.train(config(tmp_path, preset="moe-tiny", capacity_factor=1.0, max_steps=30, batch_size=2,
+                             block_size=24, eval_batches=1, log_interval=10))
+    assert history["loss"][-1] < history["loss"][0] - 1.0  # it learns
+    for key in T.MOE_STATS:
+        assert len(history[key]) == 30, key
+    aux, lo, hi, drop = (torch.tensor(history[k]) for k in T.MOE_STATS)
+    assert ((aux > 0.01) & (aux < 0.2)).all()  # 2 layers x 0.01 x (top_k = 2 when balanced .. 8 when not)
+    assert ((lo <= 1 / 8) & (hi >= 1 / 8) & (hi <= 1)).all()
+    assert ((drop > 0) & (drop < 0.9)).all()  # capacity factor 1 on 48 tokens: 12 slots per expert, some overflow
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("step 10: loss"))
+    assert f"aux {history['aux_loss'][9]:.4f}, expert share min/max {lo[9]:.3f}/{hi[9]:.3f}, " \
+           f"dropped {100 * drop[9]:.1f}%" in line
+    assert "moe-tiny" in out and "expert share" in out.splitlines()[-1]
+    with pytest.raises(ValueError, match="--capacity-factor applies to MoE presets, and 'tiny' has no experts"):
+        T.train(config(tmp_path, capacity_factor=1.0, max_steps=1))
 
 
 @needs_model_ops

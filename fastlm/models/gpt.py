@@ -7,7 +7,8 @@
     with fastlm.use_backend("reference"): ...          # the whole model on the reference path
 
 GPT-2 blocks by default (learned positions, LayerNorm, GELU MLP, tied embeddings); LLaMA-style
-options: norm="rmsnorm", mlp="swiglu", pos="rope", n_kv_head < n_head (GQA). Module and
+options: norm="rmsnorm", mlp="swiglu", pos="rope", n_kv_head < n_head (GQA); moe=MoEConfig(...)
+makes every block's MLP a sparse mixture of experts (fastlm.nn.MoE, Mixtral's layout). Module and
 parameter names follow HF GPT-2 (transformer.h.0.attn.c_attn.weight, ...), with nn.Linear's
 (out, in) weight layout, so loading HF weights is a rename-free transpose of the Conv1D ones.
 The token embedding lookup, RoPE rotation and dropout are plain torch glue; every matmul,
@@ -28,6 +29,7 @@ import fastlm.nn as fnn
 from fastlm import ops
 from fastlm.backend import use_backend
 from fastlm.nn._base import ACTIVATIONS, check_backend
+from fastlm.nn.moe import Experts
 
 PRESETS = {
     # GPT-2 family: (n_layer, n_head, n_embd)
@@ -40,7 +42,28 @@ PRESETS = {
     "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=256),
     "llama-tiny": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=128, vocab_size=256,
                        norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, tie_embeddings=False),
+    # llama-tiny with Mixtral's sparse MLP: 8 SwiGLU experts of hidden_size 128, top-2, dropless
+    "moe-tiny": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=128, vocab_size=256,
+                     norm="rmsnorm", mlp="swiglu", hidden_size=128, pos="rope", bias=False, tie_embeddings=False,
+                     moe=dict(num_experts=8, top_k=2)),
 }
+
+
+@dataclass
+class MoEConfig:
+    """Every block's MLP as a fastlm.nn.MoE of num_experts experts of the config's hidden_size,
+    each an MLP of the config's kind (mlp="swiglu": SwiGLU experts; "mlp": the config's activation).
+    See fastlm.nn.MoE for the options; normalize=None is the router's own (topk: renormalised)."""
+    num_experts: int = 8
+    top_k: int = 2
+    router: str = "topk"  # "topk" | "switch" (top_k=1)
+    score: str = "softmax"  # "softmax" | "sigmoid"
+    normalize: bool | None = None
+    capacity_factor: float | None = None  # None: dropless
+    aux_loss_coef: float = 0.01  # Switch load balancing, per layer, summed into the training loss
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss
+    jitter: float = 0.0
+    shared_expert_size: int | None = None  # Qwen2-MoE's gated shared expert of this width
 
 
 @dataclass
@@ -61,10 +84,13 @@ class GPTConfig:
     bias: bool = True
     dropout: float = 0.0
     tie_embeddings: bool = True
+    moe: MoEConfig | None = None  # a dict is taken as MoEConfig's fields (presets, checkpoints' asdict)
 
     def __post_init__(self):
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) "
                              f"and n_head by n_kv_head ({self.n_kv_head})")
@@ -230,13 +256,29 @@ class SwiGLU(nn.Module):
         return _project(self.down_proj, h, residual, self.c.dropout, self.training)
 
 
+class MoE(fnn.MoE):
+    """fastlm.nn.MoE as a block's MLP: experts shaped like the dense MLP would be, and its output
+    dropped out and added to the residual as MLP's (its aux_loss is collected by GPT.forward)."""
+
+    def __init__(self, c: GPTConfig):
+        m = c.moe
+        super().__init__(c.n_embd, c.hidden_size, m.num_experts, m.top_k,
+                         activation="swiglu" if c.mlp == "swiglu" else c.activation, router=m.router, score=m.score,
+                         normalize=m.normalize, capacity_factor=m.capacity_factor, aux_loss_coef=m.aux_loss_coef,
+                         z_loss_coef=m.z_loss_coef, jitter=m.jitter, shared_expert_size=m.shared_expert_size)
+        self.c = c
+
+    def forward(self, x, residual):
+        return _project(super().forward, x, residual, self.c.dropout, self.training)
+
+
 class Block(nn.Module):
     def __init__(self, c: GPTConfig, layer: int):
         super().__init__()
         self.ln_1 = _norm(c)
         self.attn = CausalSelfAttention(c, layer)
         self.ln_2 = _norm(c)
-        self.mlp = MLP(c) if c.mlp == "mlp" else SwiGLU(c)
+        self.mlp = MoE(c) if c.moe is not None else MLP(c) if c.mlp == "mlp" else SwiGLU(c)
 
     def forward(self, x, pos: int = 0, cache: KVCache | None = None, rope=None, packed=None):
         x = self.attn(self.ln_1(x), residual=x, pos=pos, cache=cache, rope=rope, packed=packed)
@@ -264,7 +306,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
-            if name.endswith(("c_proj.weight", "down_proj.weight")):
+            if name.endswith(("c_proj.weight", "down_proj.weight", "experts.down_proj")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
 
     @staticmethod
@@ -273,9 +315,19 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+        if isinstance(m, Experts):  # stacked expert weights: each expert as a Linear
+            nn.init.normal_(m.gate_up_proj, mean=0.0, std=0.02)
+            nn.init.normal_(m.down_proj, mean=0.0, std=0.02)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def moe_layers(self) -> list[MoE]:
+        return [block.mlp for block in self.transformer.h if isinstance(block.mlp, MoE)]
+
+    def aux_loss(self) -> torch.Tensor:
+        """The MoE layers' aux losses of the last forward, summed (differentiable); 0 without MoE."""
+        return sum((m.aux_loss for m in self.moe_layers()), torch.zeros((), device=self.lm_head.weight.device))
 
     def _pin(self):
         return use_backend(self.backend) if self.backend is not None else nullcontext()
@@ -323,6 +375,8 @@ class GPT(nn.Module):
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None):
         """(logits (B, T, V), None) without targets; (None, mean loss) with targets (B, T): the
         loss comes from the fused linear + cross-entropy, which never forms the logits.
+        With MoE blocks the returned loss is that LM loss plus every layer's aux_loss (the one to
+        backpropagate); the LM loss alone is kept, detached, as `model.lm_loss`.
         cu_seqlens (int32 (n + 1,), FlashAttention's): the B*T tokens of idx, read row after row,
         are n documents end to end; each attends only within itself and restarts its positions at
         0 (packed training: no padding, no cross-document attention; varlen_attention)."""
@@ -333,7 +387,8 @@ class GPT(nn.Module):
             B, T, C = x.shape
             loss = ops.linear_cross_entropy(x.reshape(B * T, C), self.lm_head.weight,  # (B, T, C) -> (B*T, C)
                                             targets.reshape(B * T), ignore_index=ignore_index)  # (B, T) -> (B*T,)
-            return None, loss
+            self.lm_loss = loss.detach()
+            return None, (loss + self.aux_loss()) if self.config.moe is not None else loss
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -438,4 +493,4 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     return torch.multinomial(probs, 1, generator=generator)  # (B, 1)
 
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "PRESETS", "sample"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "MoEConfig", "PRESETS", "sample"]

@@ -3,9 +3,10 @@ from torch import nn as _nn
 
 from fastlm.nn.attention import MultiheadAttention, TransformerEncoderLayer
 from fastlm.nn.modules import GELU, MLP, CrossEntropyLoss, LayerNorm, Linear, ReLU, RMSNorm, SiLU, Softmax
+from fastlm.nn.moe import MoE
 
 __all__ = ["Linear", "LayerNorm", "RMSNorm", "GELU", "ReLU", "SiLU", "Softmax", "CrossEntropyLoss",
-           "MultiheadAttention", "TransformerEncoderLayer", "MLP", "prepack"]
+           "MultiheadAttention", "TransformerEncoderLayer", "MLP", "MoE", "prepack"]
 
 
 def prepack(model: _nn.Module, enabled: bool = True, *, min_elements: int = 1 << 16) -> list[str]:
