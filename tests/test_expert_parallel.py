@@ -1,5 +1,6 @@
 """Expert parallelism under a real 2-process torchrun (gloo, CPU): each rank holds half the experts
-and half the tokens; the output and every gradient equal the single-process MoE on all tokens."""
+and half the tokens; the output and every gradient equal the single-process MoE on all tokens,
+for the core exchange (expert_parallel_experts) and for fastlm.nn.MoE(process_group=...)."""
 import os
 import subprocess
 import sys
@@ -61,10 +62,39 @@ def _worker():
         full = one_process_step(x, router, w1, w2, grad, None)
         errors["out_vs_all_tokens"] = (out - full[0][mine]).abs().max().item()
         errors["grad_w_gate_up_vs_all_tokens"] = (a.grad - full[3][experts]).abs().max().item()
+    errors.update(_module_errors(rank, world, x[mine], grad[mine], backend))
     print(f"rank {rank} backend {backend} " + " ".join(f"{n}={v:.2e}" for n, v in errors.items()), flush=True)
     assert max(errors.values()) < 1e-4, errors
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _module_errors(rank, world, x, grad, backend):
+    """fastlm.nn.MoE(process_group=WORLD) holding E/P experts vs the full module, on this rank's tokens."""
+    import fastlm.nn as fnn
+
+    full = fnn.MoE(16, 12, 4, 2, shared_expert_size=8, backend=backend)
+    with torch.no_grad():
+        for p in full.parameters():  # same draws on every rank (the seed above)
+            p.normal_(0, 0.3)
+    ep = fnn.MoE(16, 12, 4, 2, shared_expert_size=8, backend=backend, process_group=dist.group.WORLD)
+    local = slice(rank * 4 // world, (rank + 1) * 4 // world)
+    state = full.state_dict()
+    state["experts.gate_up_proj"] = state["experts.gate_up_proj"][local]
+    state["experts.down_proj"] = state["experts.down_proj"][local]
+    ep.load_state_dict(state)
+    outs = []
+    for m in (full, ep):
+        out = m(x)
+        (out * grad).sum().backward()
+        outs.append(out.detach())
+    # the full module saw only this rank's tokens: its expert grads summed over ranks are the EP ones
+    want = full.experts.gate_up_proj.grad.clone()
+    dist.all_reduce(want)
+    return {"module_out": (outs[0] - outs[1]).abs().max().item(),
+            "module_grad_experts": (ep.experts.gate_up_proj.grad - want[local]).abs().max().item(),
+            "module_grad_shared": (ep.shared_expert.up_proj.weight.grad - full.shared_expert.up_proj.weight.grad)
+            .abs().max().item()}
 
 
 @pytest.mark.parametrize("capacity", ["none", "7"])

@@ -116,11 +116,7 @@ def test_matches_float64_eager(kw):
     check_against_eager(moe, (3, 13))
 
 
-EMPTY_OP_BUG = pytest.mark.xfail(strict=True, raises=RuntimeError, reason="fastlm.ops.moe_permute's reference "
-                                  "unpermute and permute-backward view(t, k, -1) zero tokens: ambiguous (fix proposed)")
-
-
-@pytest.mark.parametrize("shape", [(1,), (7,), (2, 5, 3), pytest.param((0,), marks=EMPTY_OP_BUG)],
+@pytest.mark.parametrize("shape", [(1,), (7,), (2, 5, 3), (0,)],
                          ids=["one-token", "tokens", "3d", "empty"])
 def test_shapes(shape):
     moe = randomize(fnn.MoE(8, 16, 4, shared_expert_size=8))
@@ -244,10 +240,33 @@ def test_hf_load_balancing_loss():
     torch.testing.assert_close(moe.aux_loss, want, rtol=1e-5, atol=1e-6)
 
 
+def test_base_router_balanced_and_gated_by_sigmoid():
+    """BASE layers: training assigns exactly T/E tokens per expert (the balanced optimum of the
+    logits), each token's output scaled by sigmoid(its logit); eval takes the best expert."""
+    moe = randomize(fnn.MoE(16, 24, 4, 1, router="base")).double()
+    x = torch.randn(24, 16, dtype=torch.float64, requires_grad=True)
+    out = moe(x)
+    ids = moe.last_routing.expert_ids.view(-1).long()
+    assert moe.last_routing.counts.tolist() == [6, 6, 6, 6] and float(moe.aux_loss) == 0.0
+    logits = x @ moe.gate.weight.t()
+    assert torch.equal(ids, ops.base_assignment(logits.detach())[0].long())  # the op's balanced optimum
+    want = torch.zeros_like(x)
+    for e in range(4):
+        rows = ids == e
+        gate, up = F.linear(x[rows], moe.experts.gate_up_proj[e]).chunk(2, -1)
+        want[rows] = F.linear(F.silu(gate) * up, moe.experts.down_proj[e]) * torch.sigmoid(logits[rows, e:e + 1])
+    torch.testing.assert_close(out, want)
+    (g_router,) = torch.autograd.grad(out.sum(), moe.gate.weight)
+    assert g_router.abs().sum() > 0  # the router learns through the sigmoid gate
+    moe.eval()
+    moe(x)
+    assert torch.equal(moe.last_routing.expert_ids.view(-1).long(), logits.argmax(-1))
+
+
 # ---------------------------------------------------------------- errors, compile
 @pytest.mark.parametrize("kw,error,message", [
-    (dict(router="base"), ValueError, r"router='base' \(BASE layers' balanced assignment\) is not available yet: it "
-                                      r"needs a base_assignment op"),
+    (dict(router="base"), ValueError, r"router='base' assigns each token one expert, exactly balanced: it takes "
+                                      r"top_k=1, capacity_factor=None and normalize=None, got top_k=2"),
     (dict(router="expert_choice"), ValueError, r"router must be one of topk, switch, base, got 'expert_choice'"),
     (dict(router="switch"), ValueError, r"router='switch' sends each token to one expert: top_k must be 1, got 2"),
     (dict(router="switch", top_k=1, normalize=True), ValueError, r"router='switch' .* normalize=True"),
@@ -260,7 +279,8 @@ def test_hf_load_balancing_loss():
     (dict(jitter=1.0), ValueError, r"jitter must be a number in \[0, 1\), got 1.0"),
     (dict(shared_expert_size=0), ValueError, r"shared_expert_size must be an int >= 1, got 0"),
     (dict(backend="fast"), ValueError, r"backend must be None or one of .*got 'fast'"),
-    (dict(process_group=object()), NotImplementedError, r"process_group \(expert parallelism\) is not implemented"),
+    (dict(process_group=object()), ValueError, r"process_group must be a torch.distributed ProcessGroup whose size "
+                                                r"divides num_experts=4, got <object"),
 ])
 def test_bad_arguments(kw, error, message):
     args = {"hidden_size": 8, "intermediate_size": 16, "num_experts": 4, "top_k": 2, **kw}

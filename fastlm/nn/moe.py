@@ -13,18 +13,21 @@ shared_expert_size, Qwen2MoeSparseMoeBlock's `shared_expert.{gate,up,down}_proj.
 by sigmoid(x @ shared_expert_gate^T), is added. HF Qwen2-MoE's `config.norm_topk_prob` is
 `normalize` here.
 
-The routed experts are one fastlm.ops.moe_mlp call (router, permute, two grouped GEMMs, weighted
-unpermute), never a Python loop over experts.
+The routed experts are fastlm.ops.moe_mlp's pipeline (moe_router, then moe_experts: permute, two
+grouped GEMMs, weighted unpermute), never a Python loop over experts; with a process_group the
+experts are spread over the group's processes (expert parallelism, fastlm.nn.expert_parallel).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastlm import ops
 from fastlm.nn._base import ACTIVATIONS, FastModule, check_backend
+from fastlm.nn.expert_parallel import expert_parallel_experts
 from fastlm.nn.modules import Linear
 from fastlm.ops.grouped_linear import GATED
 from fastlm.ops.moe_router import RouterOutput, capacity_for
@@ -81,11 +84,16 @@ def _check(hidden_size, intermediate_size, num_experts, top_k, activation, route
                     ("num_experts", num_experts)):
         positive_int(name, v)
     if process_group is not None:
-        raise NotImplementedError("MoE: process_group (expert parallelism) is not implemented yet; "
-                                  "pass process_group=None")
-    if router == "base":
-        raise ValueError("MoE: router='base' (BASE layers' balanced assignment) is not available yet: it needs a "
-                         "base_assignment op that fastlm.ops does not have; use router='topk' or 'switch'")
+        world = process_group.size() if hasattr(process_group, "size") else None
+        if world is None or num_experts % world:
+            raise ValueError(f"MoE: process_group must be a torch.distributed ProcessGroup whose size divides "
+                             f"num_experts={num_experts}, got {process_group!r}"
+                             f"{f' of size {world}' if world is not None else ''}")
+    if router == "base":  # BASE layers: one expert per token, balanced exactly; no aux loss to tune
+        if top_k != 1 or capacity_factor is not None or normalize:
+            raise ValueError(f"MoE: router='base' assigns each token one expert, exactly balanced: it takes top_k=1, "
+                             f"capacity_factor=None and normalize=None, got top_k={top_k!r}, "
+                             f"capacity_factor={capacity_factor!r}, normalize={normalize!r}")
     if router not in ROUTERS:
         raise ValueError(f"MoE: router must be one of {', '.join(ROUTERS)}, got {router!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
@@ -118,8 +126,11 @@ class MoE(FastModule, nn.Module):
     router: "topk" (scores softmax or sigmoid per `score`, the top_k largest, renormalised to sum
     to 1 when `normalize`: Mixtral), "switch" (Switch Transformer: top_k=1, weight = the softmax
     probability, not renormalised, which would make it 1 and leave the router no gradient), or
-    "base" (BASE layers: refused until fastlm has its balanced-assignment op). normalize=None is
-    the router's own: True for topk, False for switch.
+    "base" (BASE layers, Lewis et al. 2021: in training each token gets one expert by
+    fastlm.ops.base_assignment, every expert exactly T/E tokens, the assignment maximising the
+    total logit; at eval the token's best expert; the output is scaled by sigmoid(logit), through
+    which the router learns; no auxiliary loss). normalize=None is the router's own: True for
+    topk, False for switch.
     capacity_factor: GShard's token dropping: each forward lets at most
     ceil(capacity_factor * T * top_k / E) assignments reach an expert (T: the tokens of that call),
     first choices of every token first; a dropped assignment contributes 0 (the block's residual
@@ -129,7 +140,10 @@ class MoE(FastModule, nn.Module):
     After each forward: `aux_loss` = aux_loss_coef * load-balancing loss + z_loss_coef * z-loss (a
     differentiable fp32 scalar; a 0 tensor when both coefficients are 0), `last_routing` (the
     RouterOutput, detached), `expert_load` and `drop_rate`.
-    process_group (expert parallelism) is not implemented yet: only None is accepted.
+    process_group (expert parallelism): this process holds experts r*E/P .. (r+1)*E/P - 1 of the
+    group's P (rank r), so `experts` and the state_dict carry E/P experts; tokens are exchanged
+    with all-to-alls (fastlm.nn.expert_parallel). The router (gate) is replicated: average its
+    gradient as any data-parallel weight (DDP does).
     """
 
     def __init__(self, hidden_size, intermediate_size, num_experts, top_k=2, *, activation="swiglu", router="topk",
@@ -148,7 +162,9 @@ class MoE(FastModule, nn.Module):
         self.backend = check_backend(backend)
         # submodule order is HF's, so state_dict keys come in its order too
         self.gate = nn.Linear(hidden_size, num_experts, bias=False, **kw)  # only its weight is used: (E, H)
-        self.experts = Experts(num_experts, hidden_size, intermediate_size, activation in GATED, **kw)
+        self.process_group = process_group
+        local = num_experts // process_group.size() if process_group is not None else num_experts
+        self.experts = Experts(local, hidden_size, intermediate_size, activation in GATED, **kw)
         if shared_expert_size is not None:
             self.shared_expert = SharedExpert(hidden_size, shared_expert_size, activation, **kw)
             self.shared_expert_gate = Linear(hidden_size, 1, bias=False, **kw)
@@ -161,14 +177,11 @@ class MoE(FastModule, nn.Module):
         flat = x.reshape(-1, self.hidden_size)  # (..., H) -> (T, H)
         tokens = flat.shape[0]
         with self._pin():
-            res = ops.moe_mlp(flat, self.gate.weight, self.experts.gate_up_proj, self.experts.down_proj, self.top_k,
-                              activation=self.activation, score=self.score, normalize=self.normalize,
-                              capacity=capacity_for(tokens, self.num_experts, self.top_k, self.capacity_factor),
-                              jitter=self.jitter if self.training else 0.0)
-            out = res.out
+            logits = F.linear(flat, self.gate.weight)  # (T, E)
+            r = self._route(logits, tokens)
+            out = self._experts(flat, r)
             if self.shared_expert_size is not None:
                 out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)  # gate (T, 1)
-        r = res.routing
         self.last_routing = RouterOutput(*(t.detach() for t in r))
         self._assignments = tokens * self.top_k
         aux = r.aux_loss.new_zeros(())
@@ -179,6 +192,25 @@ class MoE(FastModule, nn.Module):
         self.aux_loss = aux
         out = out.view(x.shape)  # (T, H) -> (..., H)
         return out if residual is None else out + residual
+
+    def _route(self, logits, tokens) -> RouterOutput:
+        if self.router != "base":
+            return ops.moe_router(logits, self.top_k, score=self.score, normalize=self.normalize,
+                                  capacity=capacity_for(tokens, self.num_experts, self.top_k, self.capacity_factor),
+                                  jitter=self.jitter if self.training else 0.0)
+        ids = ops.base_assignment(logits.detach())[0] if self.training else logits.argmax(-1).to(torch.int32)
+        wdt = torch.float64 if logits.dtype == torch.float64 else torch.float32  # the routing weights' dtype
+        weights = torch.sigmoid(logits.gather(1, ids.view(-1, 1).long()).to(wdt))  # (T, 1): BASE's gate
+        zero = logits.new_zeros((), dtype=wdt)
+        counts = torch.bincount(ids.long(), minlength=self.num_experts).to(torch.int32)
+        return RouterOutput(ids.view(-1, 1), weights, counts, zero, zero)
+
+    def _experts(self, flat, r: RouterOutput):
+        w_up, w_down = self.experts.gate_up_proj, self.experts.down_proj
+        if self.process_group is None:
+            return ops.moe_experts(flat, r.expert_ids, r.weights, w_up, w_down, activation=self.activation)
+        return expert_parallel_experts(flat, r.expert_ids, r.weights, w_up, w_down, self.num_experts,
+                                       self.process_group, activation=self.activation)
 
     def __getstate__(self):
         # the last forward's aux_loss holds its autograd graph, which can't be deep-copied or
