@@ -97,10 +97,13 @@ std::tuple<at::Tensor, at::Tensor> grouped_linear_fwd_cpu(const at::Tensor& x, c
     else at::mm_out(target, xe, we);
     if (g.mode == GroupedAct::kNone && !(b.defined() && !bias_in_gemm)) continue;
     at::Tensor oe = out.narrow(0, r0, n);
+    // The GEMM wrote p into pre (target); the epilogue writes it back only when it adds the bias.
+    const bool bias_in_epilogue = b.defined() && !bias_in_gemm;
     grouped_linear_epilogue_cpu(GroupedEpilogueArgs{
         dtype, g.mode, g.act, n, Nw, target.data_ptr(), target.stride(0),
-        b.defined() && !bias_in_gemm ? b.select(0, e).data_ptr() : nullptr,
-        g.mode == GroupedAct::kNone ? nullptr : target.data_ptr(), target.stride(0), oe.data_ptr(), oe.stride(0)});
+        bias_in_epilogue ? b.select(0, e).data_ptr() : nullptr,
+        g.mode != GroupedAct::kNone && bias_in_epilogue ? target.data_ptr() : nullptr, target.stride(0), oe.data_ptr(),
+        oe.stride(0)});
   }
   // The dropped tail: no expert, output 0 (and pre 0, so nothing stale is ever saved).
   if (o[E] < N) {
