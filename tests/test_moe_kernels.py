@@ -560,3 +560,25 @@ def test_opcheck():
     out, pre = ops.grouped_linear_fwd(xs, w, off, None, "gelu")
     _opcheck("grouped_linear_bwd", (torch.randn(24, 8), xs, w, off, pre, "gelu", True))
     _opcheck("grouped_linear_bwd", (torch.randn(24, 8), xs, w, off, torch.empty(0), "none", False))
+
+
+def test_expanded_upstream_grads():
+    # autograd may hand over expanded (stride-0) gradients, e.g. from a .sum(): same results as contiguous ones
+    N, K, Nw = 10, 6, 8
+    off = make_offsets([4, 0, 5], N)
+    x, w = torch.randn(N, K), torch.randn(3, Nw, K)
+    go = torch.randn(1, Nw).expand(N, Nw)
+    for act in ("none", "silu"):
+        _, pre = ops.grouped_linear_fwd(x, w, off, None, act)
+        for a, b in zip(ops.grouped_linear_bwd(go, x, w, off, pre, act, True),
+                        ops.grouped_linear_bwd(go.contiguous(), x, w, off, pre, act, True)):
+            assert torch.equal(a, b)
+    xs, ri, _ = ops.moe_permute_fwd(x, random_ids(N, 2, 3), 3)
+    g, wt = torch.randn(1, K).expand(N, K), torch.rand(1, 2).expand(N, 2)
+    for a, b in zip(ops.moe_unpermute_bwd(g, xs, ri, wt), ops.moe_unpermute_bwd(g.contiguous(), xs, ri, wt.contiguous())):
+        assert torch.equal(a, b)
+    gs = torch.randn(1, K).expand(N * 2, K)
+    assert torch.equal(ops.moe_permute_bwd(gs, ri), ops.moe_permute_bwd(gs.contiguous(), ri))
+    logits, gw = torch.randn(N, 3), torch.randn(1, 2)
+    assert torch.equal(ops.moe_router_bwd(gw.expand(N, 2), torch.ones(()), torch.ones(()), logits, 2, False, True, 3),
+                       ops.moe_router_bwd(gw.expand(N, 2).contiguous(), torch.ones(()), torch.ones(()), logits, 2, False, True, 3))
