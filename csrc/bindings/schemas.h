@@ -39,4 +39,24 @@ inline constexpr const char* kKernelSchemas[] = {
     "softmax_bwd(Tensor grad_y, Tensor y, float scale, bool log) -> Tensor",
 };
 
+// The mixture-of-experts ops (CPU kernels only so far): defined with TORCH_LIBRARY_FRAGMENT from
+// csrc/bindings/moe_router.cpp, so the emulator module does not declare ops it has no kernel
+// for. Move them into kKernelSchemas when CUDA kernels land.
+inline constexpr const char* kMoeSchemas[] = {
+    "moe_router_fwd(Tensor logits, int top_k, bool sigmoid=False, bool normalize=True, int capacity=-1)"
+    " -> (Tensor expert_ids, Tensor weights, Tensor counts, Tensor aux_loss, Tensor z_loss)",
+    "moe_router_bwd(Tensor grad_weights, Tensor grad_aux, Tensor grad_z, Tensor logits, int top_k, bool sigmoid,"
+    " bool normalize, int capacity) -> Tensor grad_logits",
+    "moe_permute_fwd(Tensor x, Tensor expert_ids, int num_experts)"
+    " -> (Tensor x_sorted, Tensor row_index, Tensor offsets)",
+    "moe_permute_bwd(Tensor grad_sorted, Tensor row_index) -> Tensor grad_x",
+    "moe_unpermute_fwd(Tensor y_sorted, Tensor row_index, Tensor weights) -> Tensor out",
+    "moe_unpermute_bwd(Tensor grad_out, Tensor y_sorted, Tensor row_index, Tensor weights)"
+    " -> (Tensor grad_y_sorted, Tensor grad_weights)",
+    "grouped_linear_fwd(Tensor x, Tensor weight, Tensor offsets, Tensor? bias, str activation=\"none\")"
+    " -> (Tensor out, Tensor pre)",
+    "grouped_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor offsets, Tensor pre, str activation,"
+    " bool has_bias) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)",
+};
+
 }  // namespace fastlm::bind

@@ -1,0 +1,104 @@
+// Launchers for the mixture-of-experts CPU kernels (csrc/cpu/moe_*.cpp): the router, the token
+// permutation to expert-sorted rows and back, and the grouped linear's epilogues. Semantics are
+// those of the ops in /work/notes/moe_spec.md (torch.ops.fastlm.moe_*, grouped_linear_*); the
+// bindings (csrc/bindings/moe_*.cpp) validate shapes and dtypes and allocate, the launchers read
+// raw pointers with strides in elements. T tokens, E experts, k = top_k.
+#pragma once
+#include "fastlm/common.h"
+
+namespace fastlm {
+
+// ---------------------------------------------------------------- router
+struct MoeRouterArgs {
+  DType dtype;                  // of logits: kFloat32 or kBFloat16
+  int64_t tokens, experts;      // T, E
+  const void* logits; int64_t logits_stride0, logits_stride1;
+  int64_t top_k;                // 1 <= k <= E
+  bool sigmoid, normalize;
+  int64_t capacity;             // -1: none, else >= 0 kept assignments per expert
+};
+
+// expert_ids (T, k) int32 and weights (T, k) fp32 contiguous; counts (E,) int32; aux_loss and
+// z_loss single floats. Deterministic for any thread count.
+void moe_router_forward_cpu(const MoeRouterArgs& a, int32_t* expert_ids, float* weights, int32_t* counts,
+                            float* aux_loss, float* z_loss);
+
+// grad_logits (T, E) contiguous in a.dtype. grad_weights (T, k) fp32 with the given strides.
+void moe_router_backward_cpu(const MoeRouterArgs& a, const float* grad_weights, int64_t gw_stride0,
+                             int64_t gw_stride1, float grad_aux, float grad_z, void* grad_logits);
+
+// ---------------------------------------------------------------- permute / unpermute
+// The permutation copies rows as bytes (row_bytes each, x's row stride in bytes, x_sorted
+// contiguous); the reductions take DType and strides in elements.
+
+// Validates expert_ids (T, k) (strides given) against [-1, E): returns the flat index t*k+slot
+// of the first bad value, or -1 when all are good. Then, only when all are good, fills
+// row_index (T, k) contiguous, offsets (E+1,) and x_sorted (T*k rows, the tail zero-filled).
+int64_t moe_permute_forward_cpu(int64_t tokens, int64_t top_k, int64_t experts, const int32_t* expert_ids,
+                                int64_t ids_stride0, int64_t ids_stride1, const void* x, int64_t x_stride_bytes,
+                                int64_t row_bytes, void* x_sorted, int32_t* row_index, int32_t* offsets);
+
+// Validates row_index (T, k) against [-1, rows); with `unique`, also that no row appears twice.
+// Returns -1 when good, else the flat index of the first offending entry (*duplicate tells which).
+int64_t moe_check_row_index_cpu(int64_t tokens, int64_t top_k, const int32_t* row_index, int64_t ri_stride0,
+                                int64_t ri_stride1, int64_t rows, bool unique, bool* duplicate);
+
+// grad_x (T, H) = sum over slots of grad_sorted[row_index[t, s]] (-1 skipped), fp32 accumulation.
+void moe_permute_backward_cpu(DType dtype, int64_t tokens, int64_t top_k, int64_t hidden, const void* grad_sorted,
+                              int64_t gs_stride, const int32_t* row_index, int64_t ri_stride0, int64_t ri_stride1,
+                              void* grad_x, int64_t gx_stride);
+
+// out (T, H) = sum over slots of weights[t, s] * y_sorted[row_index[t, s]] (-1 skipped), fp32.
+void moe_unpermute_forward_cpu(DType dtype, int64_t tokens, int64_t top_k, int64_t hidden, const void* y_sorted,
+                               int64_t y_stride, const int32_t* row_index, int64_t ri_stride0, int64_t ri_stride1,
+                               const float* weights, int64_t w_stride0, int64_t w_stride1, void* out,
+                               int64_t out_stride);
+
+// grad_y_sorted (rows, H): row_index[t, s]'s row = weights[t, s] * grad_out[t], unreferenced rows
+// 0 (each row referenced at most once: check first); grad_weights (T, k) contiguous fp32 =
+// dot(y_sorted[row], grad_out[t]), 0 for dropped slots.
+void moe_unpermute_backward_cpu(DType dtype, int64_t tokens, int64_t top_k, int64_t hidden, int64_t rows,
+                                const void* grad_out, int64_t go_stride, const void* y_sorted, int64_t y_stride,
+                                const int32_t* row_index, int64_t ri_stride0, int64_t ri_stride1,
+                                const float* weights, int64_t w_stride0, int64_t w_stride1, void* grad_y_sorted,
+                                int64_t gy_stride, float* grad_weights);
+
+// ---------------------------------------------------------------- grouped linear
+enum class GroupedAct : int { kNone = 0, kElementwise = 1, kGated = 2 };
+
+// The forward epilogue over one expert's block of GEMM output z (rows, cols = Nw):
+//   kNone:        out = z + bias                          (out may alias z; cols outputs)
+//   kElementwise: v = z + bias, pre = v, out = act(v)     (cols outputs)
+//   kGated:       gate = z[:, :I] + bias[:I], up = z[:, I:] + bias[I:], pre = (gate, up),
+//                 out = act(gate) * up                     (I = cols / 2 outputs)
+// bias (cols,) may be null; pre may be null or alias z; the activation reads pre's rounded value.
+struct GroupedEpilogueArgs {
+  DType dtype;
+  GroupedAct mode;
+  Activation act;  // ignored for kNone
+  int64_t rows, cols;
+  const void* z; int64_t z_stride;
+  const void* bias;
+  void* pre; int64_t pre_stride;
+  void* out; int64_t out_stride;
+};
+void grouped_linear_epilogue_cpu(const GroupedEpilogueArgs& a);
+
+// The backward's one pass over rows [0, offsets[E]): grad_p = grad_out * act'(pre) (gated:
+// d gate = g * up * act'(gate), d up = g * act(gate)), written to grad_p unless mode is kNone
+// (then grad_p is grad_out itself); grad_bias (E, cols) contiguous in dtype, when non-null,
+// receives the per-expert column sums of grad_p in fp32 (0 for empty experts), deterministically.
+struct GroupedGradArgs {
+  DType dtype;
+  GroupedAct mode;
+  Activation act;
+  int64_t experts, cols;  // cols = Nw
+  const int32_t* offsets; // (E+1,), validated
+  const void* grad_out; int64_t grad_out_stride;
+  const void* pre; int64_t pre_stride;
+  void* grad_p; int64_t grad_p_stride;
+  void* grad_bias;
+};
+void grouped_linear_grad_cpu(const GroupedGradArgs& a);
+
+}  // namespace fastlm
