@@ -20,23 +20,6 @@ constexpr int64_t kAssignmentsPerChunk = 1024;
 constexpr int64_t kParallelMinBytes = 1 << 16;
 
 template <typename T>
-void permute_backward(int64_t tokens, int64_t k, int64_t H, const T* gs, int64_t gs_stride, const int32_t* ri,
-                      int64_t ri0, int64_t ri1, T* gx, int64_t gx_stride) {
-#pragma omp parallel for schedule(static) if (tokens * H * k * int64_t(sizeof(T)) >= kParallelMinBytes)
-  for (int64_t t = 0; t < tokens; ++t) {
-    T* out = gx + t * gx_stride;
-    for_each_vector(H, [&](int64_t i, int64_t m) {
-      vf acc = splat(0.0f);
-      for (int64_t s = 0; s < k; ++s) {
-        const int32_t r = ri[t * ri0 + s * ri1];
-        if (r >= 0) acc = acc + load_n(gs + r * gs_stride + i, m);
-      }
-      store_n(out + i, acc, m);
-    });
-  }
-}
-
-template <typename T>
 void unpermute_forward(int64_t tokens, int64_t k, int64_t H, const T* y, int64_t y_stride, const int32_t* ri,
                        int64_t ri0, int64_t ri1, const float* w, int64_t w0, int64_t w1, T* out,
                        int64_t out_stride) {
@@ -47,7 +30,7 @@ void unpermute_forward(int64_t tokens, int64_t k, int64_t H, const T* y, int64_t
       vf acc = splat(0.0f);
       for (int64_t s = 0; s < k; ++s) {
         const int32_t r = ri[t * ri0 + s * ri1];
-        if (r >= 0) acc = acc + w[t * w0 + s * w1] * load_n(y + r * y_stride + i, m);
+        if (r >= 0) acc = acc + (w ? w[t * w0 + s * w1] : 1.0f) * load_n(y + r * y_stride + i, m);
       }
       store_n(o + i, acc, m);
     });
@@ -176,16 +159,6 @@ int64_t moe_check_row_index_cpu(int64_t tokens, int64_t top_k, const int32_t* ro
   return -1;
 }
 
-void moe_permute_backward_cpu(DType dtype, int64_t tokens, int64_t top_k, int64_t hidden, const void* grad_sorted,
-                              int64_t gs_stride, const int32_t* row_index, int64_t ri_stride0, int64_t ri_stride1,
-                              void* grad_x, int64_t gx_stride) {
-  if (dtype == DType::kFloat32)
-    cpu::permute_backward(tokens, top_k, hidden, static_cast<const float*>(grad_sorted), gs_stride, row_index,
-                          ri_stride0, ri_stride1, static_cast<float*>(grad_x), gx_stride);
-  else
-    cpu::permute_backward(tokens, top_k, hidden, static_cast<const uint16_t*>(grad_sorted), gs_stride, row_index,
-                          ri_stride0, ri_stride1, static_cast<uint16_t*>(grad_x), gx_stride);
-}
 
 void moe_unpermute_forward_cpu(DType dtype, int64_t tokens, int64_t top_k, int64_t hidden, const void* y_sorted,
                                int64_t y_stride, const int32_t* row_index, int64_t ri_stride0, int64_t ri_stride1,
@@ -199,6 +172,14 @@ void moe_unpermute_forward_cpu(DType dtype, int64_t tokens, int64_t top_k, int64
     cpu::unpermute_forward(tokens, top_k, hidden, static_cast<const uint16_t*>(y_sorted), y_stride, row_index,
                            ri_stride0, ri_stride1, weights, w_stride0, w_stride1, static_cast<uint16_t*>(out),
                            out_stride);
+}
+
+// grad_x[t] = sum of the token's rows of grad_sorted: the unpermute with unit weights
+void moe_permute_backward_cpu(DType dtype, int64_t tokens, int64_t top_k, int64_t hidden, const void* grad_sorted,
+                              int64_t gs_stride, const int32_t* row_index, int64_t ri_stride0, int64_t ri_stride1,
+                              void* grad_x, int64_t gx_stride) {
+  moe_unpermute_forward_cpu(dtype, tokens, top_k, hidden, grad_sorted, gs_stride, row_index, ri_stride0, ri_stride1,
+                            nullptr, 0, 0, grad_x, gx_stride);
 }
 
 void moe_unpermute_backward_cpu(DType dtype, int64_t tokens, int64_t top_k, int64_t hidden, int64_t rows,

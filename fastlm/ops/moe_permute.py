@@ -45,24 +45,23 @@ def moe_permute_ref(x, expert_ids, num_experts):
     return x_sorted.contiguous(), row_index, offsets
 
 
-def moe_permute_backward_ref(grad_sorted, row_index):
+def _token_rows(y, row_index, cdt):
+    """(T, k, H) in cdt: each assignment's row of y, zeros where dropped."""
     t, k = row_index.shape
-    cdt = torch.float64 if grad_sorted.dtype == torch.float64 else torch.float32
     rows = row_index.reshape(-1).long()
-    kept = (rows >= 0).view(-1, 1)
-    picked = torch.where(kept, grad_sorted[rows.clamp(min=0)].to(cdt), 0.0) if rows.numel() else \
-        grad_sorted.new_zeros(0, grad_sorted.shape[1], dtype=cdt)
-    return picked.view(t, k, grad_sorted.shape[1]).sum(1).to(grad_sorted.dtype)
+    picked = torch.where((rows >= 0).view(-1, 1), y[rows.clamp(min=0)].to(cdt), 0.0) if rows.numel() else \
+        y.new_zeros(0, y.shape[1], dtype=cdt)
+    return picked.view(t, k, y.shape[1])
+
+
+def moe_permute_backward_ref(grad_sorted, row_index):
+    cdt = torch.float64 if grad_sorted.dtype == torch.float64 else torch.float32
+    return _token_rows(grad_sorted, row_index, cdt).sum(1).to(grad_sorted.dtype)
 
 
 def moe_unpermute_ref(y_sorted, row_index, weights):
-    t, k = row_index.shape
     cdt = torch.float64 if y_sorted.dtype == torch.float64 else torch.float32
-    rows = row_index.reshape(-1).long()
-    kept = (rows >= 0).view(-1, 1)
-    picked = torch.where(kept, y_sorted[rows.clamp(min=0)].to(cdt), 0.0) if rows.numel() else \
-        y_sorted.new_zeros(0, y_sorted.shape[1], dtype=cdt)
-    return (picked.view(t, k, y_sorted.shape[1]) * weights.to(cdt).unsqueeze(-1)).sum(1).to(y_sorted.dtype)
+    return (_token_rows(y_sorted, row_index, cdt) * weights.to(cdt).unsqueeze(-1)).sum(1).to(y_sorted.dtype)
 
 
 def moe_unpermute_backward_ref(grad_out, y_sorted, row_index, weights):

@@ -48,7 +48,8 @@ void moe_permute_backward_cpu(DType dtype, int64_t tokens, int64_t top_k, int64_
                               int64_t gs_stride, const int32_t* row_index, int64_t ri_stride0, int64_t ri_stride1,
                               void* grad_x, int64_t gx_stride);
 
-// out (T, H) = sum over slots of weights[t, s] * y_sorted[row_index[t, s]] (-1 skipped), fp32.
+// out (T, H) = sum over slots of weights[t, s] * y_sorted[row_index[t, s]] (-1 skipped), fp32;
+// weights nullptr: unit weights (the permute backward).
 void moe_unpermute_forward_cpu(DType dtype, int64_t tokens, int64_t top_k, int64_t hidden, const void* y_sorted,
                                int64_t y_stride, const int32_t* row_index, int64_t ri_stride0, int64_t ri_stride1,
                                const float* weights, int64_t w_stride0, int64_t w_stride1, void* out,
