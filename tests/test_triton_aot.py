@@ -59,6 +59,19 @@ def test_kernels_compile_within_limits(rows, module, target):
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.parametrize("target", ["sm_80", "sm_90"])
+def test_varlen_and_paged_specialisations_compile(rows, target):
+    """The packed-sequence (VARLEN) forward and backward and the paged-cache decode (CACHE: the
+    block-table gather, lengths read on the device) are compiled in CI, not only the dense ones
+    (the limits themselves are checked above)."""
+    mine = [r for r in rows if r["target"] == target]
+    for kernel, prefix in (("attention._fwd_kernel", "varlen"), ("attention._dkdv_kernel", "varlen"),
+                           ("attention._dq_kernel", "varlen"), ("attention._delta_kernel", "varlen"),
+                           ("attention_decode._split_kernel", "paged"), ("attention_decode._merge_kernel", "paged")):
+        assert any(r["kernel"] == kernel and r["case"].startswith(prefix) for r in mine), \
+            f"no {prefix} {kernel} compiled for {target}"
+
+
 def test_attention_uses_wgmma_on_sm_90(rows):
     """On Hopper tl.dot must lower to wgmma, not the mma.sync of sm_80, where the tile allows it
     (a warpgroup MMA needs 64-row tiles): every 16-bit attention forward case has a config that

@@ -6,6 +6,15 @@ Backward: a pre-pass computes delta = rowsum(dO * O); one kernel owns a block of
 key/value head and accumulates dK, dV over the query heads of its GQA group; another owns a
 block of queries and accumulates dQ. No atomics: the gradients are deterministic.
 
+Packed variable-length sequences (varlen_forward / varlen_backward, FlashAttention's varlen) are
+the same kernels under the VARLEN constexpr, not copies: batch entry b becomes sequence b, whose
+bounds each program reads from cu_seqlens on the device (_sequence); the grid is sized by the
+longest sequence and programs past their own sequence's end return at once, so no padding is
+computed. The packed (total, H, D) tensors pass their row stride as the batch stride (a
+sequence's "batch index" is its first row), lengths, diagonal, band, window tile skipping and
+ALiBi are per sequence, and out / lse / dq / dk / dv use the packed layouts ((total, H, D) and
+FlashAttention's (H, total) lse).
+
 Masking: key j is visible to query i when j < Tk, j lies in the band [i + lower, i + upper] and
 the mask allows it. The band folds causality and the sliding window (issue #13, band()): with
 diag = 0 for top-left causal, else Tk - Tq, upper = diag under causality, diag + window_right

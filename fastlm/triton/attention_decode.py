@@ -17,7 +17,7 @@ regular one (it only needs out and lse).
 
 Against a cache (CACHE) each sequence's length L_b is read on the device (cache_seqlens), so the
 grid is sized by the cache's capacity and each program derives its sequence's split from L_b
-(_plan; programs past it return at once); the queries sit at L_b - Tq... (bottom-right). Each key
+(_plan; programs past it return at once); query i sits at L_b - Tq + i (bottom-right). Each key
 tile's rows are gathered through the block table (page = table[b, j // page], slot = j % page);
 a contiguous cache is the same kernel with page b of size max_len, so both run the same
 instructions in the same order and agree bit for bit: the split and the tile loop depend only
@@ -40,36 +40,49 @@ MERGE_ROWS = 16  # rows per merge program: a 16 x 256 fp32 accumulator fits with
 
 
 @triton.jit
-def _plan(seqlens_ptr, b, TK, TQ, diag, lower, upper, WANT, CACHE: tl.constexpr, LOWER: tl.constexpr,
-          UPPER: tl.constexpr, CHUNK_UNIT: tl.constexpr):
-    """Sequence b's split: (L, diag, lower, upper, start, end, chunk, splits). L = TK, or under
-    CACHE its cache length min(cache_seqlens[b], TK = the capacity); diag = diag * (L - Tq) and the
-    band's edges, relative to it (attention.relative_band), moved onto it. Keys [start, end) are
+def _plan(seqlens_ptr, b, TK, TQ, diag, lower, upper, WANT, START, END, CHUNK, SPLITS, CACHE: tl.constexpr,
+          LOWER: tl.constexpr, UPPER: tl.constexpr, CHUNK_UNIT: tl.constexpr):
+    """Sequence b's split: (diag, lower, upper, start, end, chunk, splits). Keys [start, end) are
     those some query sees (start a multiple of CHUNK_UNIT), in `splits` chunks of `chunk` (a
     multiple of CHUNK_UNIT, at least 4 of them, at most WANT chunks; none when no key is seen).
-    A function of L, Tq, the band and WANT only: the same for any layout of the keys."""
-    L = TK
+    Dense: the launcher's (plan(), the same function of Tk) and its band, all kernel parameters
+    (nothing more held in registers than before caches existed). CACHE: computed here from L =
+    min(cache_seqlens[b], TK = the capacity), with diag = diag * (L - Tq) and the band's edges,
+    given relative to it (attention.relative_band), moved onto it. A function of L, Tq, the band
+    and WANT only: the same for any layout of the keys."""
+    start, end, chunk, splits = START, END, CHUNK, SPLITS
     if CACHE:
         L = tl.minimum(tl.load(seqlens_ptr + b), TK)  # (the capacity: never past the table)
-    diag = diag * (L - TQ)
-    lower, upper = lower + diag, upper + diag
-    start, end = 0, L
-    if LOWER:
-        start = tl.minimum(tl.maximum(lower, 0), L) // CHUNK_UNIT * CHUNK_UNIT
-    if UPPER:
-        end = tl.minimum(tl.maximum(TQ + upper, 0), L)
-    n = tl.maximum(end - start, 0)
-    splits = tl.minimum(WANT, tl.cdiv(n, 4 * CHUNK_UNIT))
-    chunk = tl.cdiv(tl.cdiv(n, tl.maximum(splits, 1)), CHUNK_UNIT) * CHUNK_UNIT
-    splits = tl.cdiv(n, tl.maximum(chunk, 1))
-    return L, diag, lower, upper, start, end, chunk, splits
+        diag = diag * (L - TQ)
+        lower, upper = lower + diag, upper + diag
+        start, end = 0, L
+        if LOWER:
+            start = tl.minimum(tl.maximum(lower, 0), L) // CHUNK_UNIT * CHUNK_UNIT
+        if UPPER:
+            end = tl.minimum(tl.maximum(TQ + upper, 0), L)
+        n = tl.maximum(end - start, 0)
+        splits = tl.minimum(WANT, tl.cdiv(n, 4 * CHUNK_UNIT))
+        chunk = tl.cdiv(tl.cdiv(n, tl.maximum(splits, 1)), CHUNK_UNIT) * CHUNK_UNIT
+        splits = tl.cdiv(n, tl.maximum(chunk, 1))
+    return diag, lower, upper, start, end, chunk, splits
+
+
+def plan(tq, tk, lower, upper, want):
+    """_plan on the host for a dense call (every sequence has tk keys): (start, end, chunk,
+    splits), lower / upper absolute or None."""
+    start = 0 if lower is None else min(max(lower, 0), tk) // CHUNK_UNIT * CHUNK_UNIT
+    end = tk if upper is None else min(max(tq + upper, 0), tk)
+    n = max(end - start, 0)
+    splits = min(want, triton.cdiv(n, 4 * CHUNK_UNIT))
+    chunk = triton.cdiv(triton.cdiv(n, max(splits, 1)), CHUNK_UNIT) * CHUNK_UNIT
+    return start, end, chunk, triton.cdiv(n, max(chunk, 1))
 
 
 @triton.jit(do_not_specialize=["TK_B"])
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, part_o, part_m, part_l, seqlens_ptr, table_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk, stb, stp,
-    HKV, GROUP, TQ, TK, PAGE, qk_scale, softcap, WANT, SPLITS, TK_B, diag, lower, upper, alibi_ptr,
+    HKV, GROUP, TQ, TK, PAGE, qk_scale, softcap, WANT, SPLITS, START, END, CHUNK, TK_B, diag, lower, upper, alibi_ptr,
     alibi_stride,
     D: tl.constexpr, DV: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, MASK: tl.constexpr,
     PREC: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, CACHE: tl.constexpr, ROWS: tl.constexpr,
@@ -82,10 +95,11 @@ def _split_kernel(
     with (page, slot) strides (skb, skt)."""
     split, bhk, rb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hk = bhk // HKV, bhk % HKV
-    L, diag, lower, upper, k_start, k_end, chunk, splits = _plan(seqlens_ptr, b, TK, TQ, diag, lower, upper, WANT,
-                                                                 CACHE, LOWER, UPPER, CHUNK_UNIT)
-    if split >= splits:  # this sequence needs fewer chunks (the grid is sized by the capacity)
-        return
+    diag, lower, upper, k_start, k_end, chunk, splits = _plan(seqlens_ptr, b, TK, TQ, diag, lower, upper, WANT, START,
+                                                              END, CHUNK, SPLITS, CACHE, LOWER, UPPER, CHUNK_UNIT)
+    if CACHE:  # (dense calls launch exactly their split count: no branch around the loop)
+        if split >= splits:  # this sequence needs fewer chunks (the grid is sized by the capacity)
+            return
     r = rb * ROW_BLOCK + tl.arange(0, ROW_BLOCK)
     g, i = r // TQ, r % TQ
     h = hk * GROUP + g
@@ -96,6 +110,9 @@ def _split_kernel(
     m_rows = m_ptr + b.to(tl.int64) * smb + h.to(tl.int64) * smh  # per-row mask base (head varies by row)
     k_base = k_ptr + hk.to(tl.int64) * skh
     v_base = v_ptr + hk.to(tl.int64) * svh
+    if not CACHE:  # sequence b's rows
+        k_base += b.to(tl.int64) * skb
+        v_base += b.to(tl.int64) * svb
     qi = tl.where(row_ok, i, TQ)  # padded rows count as out of range: nothing visible
     slope = 0.0
     if ALIBI:  # per row: the rows are several heads
@@ -103,7 +120,7 @@ def _split_kernel(
     m_i = tl.full((ROW_BLOCK,), float("-inf"), tl.float32)
     l_i = tl.zeros((ROW_BLOCK,), tl.float32)
     acc = tl.zeros((ROW_BLOCK, BLOCK_DV), tl.float32)
-    lo = k_start + split * chunk
+    lo = tl.multiple_of(k_start + split * chunk, CHUNK_UNIT)  # (aligned tiles, as the dense call's were)
     hi = tl.minimum(lo + chunk, k_end)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -111,10 +128,9 @@ def _split_kernel(
         if CACHE:  # each row through the block table
             page = tl.load(table_ptr + b * stb + (offs_n // PAGE) * stp, mask=in_chunk, other=0).to(tl.int64)
             slot = (offs_n % PAGE).to(tl.int64)
-            k_rows, v_rows = page * skb + slot * skt, page * svb + slot * svt
+            k_rows = page * skb + slot * skt
         else:
-            k_rows = b.to(tl.int64) * skb + offs_n.to(tl.int64) * skt
-            v_rows = b.to(tl.int64) * svb + offs_n.to(tl.int64) * svt
+            k_rows = offs_n.to(tl.int64) * skt
         k = tl.load(k_base + k_rows[:, None] + offs_d[None, :] * skd,
                     mask=in_chunk[:, None] & (offs_d[None, :] < D), other=0.0)
         s, _ = _scores(_dot(q, tl.trans(k), PREC), qk_scale, softcap, qi[:, None], offs_n[None, :], diag, slope,
@@ -122,6 +138,10 @@ def _split_kernel(
         ok, s = _masked(s, qi[:, None], offs_n[None, :], TQ, hi, lower, upper, m_rows[:, None], smq, smk,
                         LOWER, UPPER, MASK)
         live = tl.max(ok.to(tl.int32), 0) > 0  # few rows: the reduction is cheap next to the K/V reads
+        if CACHE:  # (V's row offsets made here, not held through the scores)
+            v_rows = page * svb + slot * svt
+        else:
+            v_rows = offs_n.to(tl.int64) * svt
         v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :] * svd,
                     mask=in_chunk[:, None] & (offs_dv[None, :] < DV) & live[:, None], other=0.0)
         m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc, 1.0, PREC, False)
@@ -133,15 +153,15 @@ def _split_kernel(
 
 @triton.jit
 def _merge_kernel(part_o, part_m, part_l, o_ptr, lse_ptr, sinks_ptr, seqlens_ptr, sob, soh, sot, HKV, GROUP, TQ, TK,
-                  DV, WANT, SPLITS, diag, lower, upper, CACHE: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr,
+                  DV, WANT, SPLITS, START, END, CHUNK, diag, lower, upper, CACHE: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr,
                   CHUNK_UNIT: tl.constexpr, SINKS: tl.constexpr, ROWS: tl.constexpr, MERGE_ROWS: tl.constexpr,
                   BLOCK_DV: tl.constexpr):
     """The sequence's chunks (_plan's count: the same as the split kernel's) in order; out
     (b, h, i) at b * sob + h * soh + i * sot (its last dim contiguous), lse (B, H, Tq)."""
     bhk, rb = tl.program_id(0), tl.program_id(1)
     b, hk = bhk // HKV, bhk % HKV
-    _, _, _, _, _, _, _, splits = _plan(seqlens_ptr, b, TK, TQ, diag, lower, upper, WANT, CACHE, LOWER, UPPER,
-                                        CHUNK_UNIT)
+    splits = _plan(seqlens_ptr, b, TK, TQ, diag, lower, upper, WANT, START, END, CHUNK, SPLITS, CACHE, LOWER, UPPER,
+                   CHUNK_UNIT)[6]
     r = rb * MERGE_ROWS + tl.arange(0, MERGE_ROWS)
     offs_dv = tl.arange(0, BLOCK_DV)
     m = tl.full((MERGE_ROWS,), float("-inf"), tl.float32)
@@ -231,14 +251,20 @@ def _run(q, k, v, mask_t, out, lse, strides, out_strides, b, h, hkv, tq, tk, qk_
     bdv = meta["BLOCK_DV"]
     cache = seqlens is not None
     want = _want(b, hkv, q.device)
-    splits = max(1, min(want, triton.cdiv(tk, 4 * CHUNK_UNIT)))  # bounds every sequence's count (_plan)
+    if cache:  # a bound on every sequence's count (_plan), which programs past it return
+        start = end = chunk = 0
+        splits = max(1, min(want, triton.cdiv(tk, 4 * CHUNK_UNIT)))
+    else:  # the plan itself (no key visible: one program, whose chunk is empty)
+        start, end, chunk, splits = plan(tq, tk, *(options[i] if meta[e] else None for i, e in ((1, "LOWER"),
+                                                                                                  (2, "UPPER"))), want)
+        splits = max(splits, 1)
     part_o = torch.empty(b * hkv, splits, rows, bdv, device=q.device, dtype=torch.float32)
     part_m = torch.empty(b * hkv, splits, rows, device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     table_strides = (table.stride(0), table.stride(1)) if cache else (0, 0)
     diag, lower, upper = options[:3]
     args = (q, k, v, mask_t, part_o, part_m, part_l, seqlens, table, *strides, *table_strides, hkv, group, tq, tk,
-            page, qk_scale, float(softcap), want, splits, tk_bucket, *options)
+            page, qk_scale, float(softcap), want, splits, start, end, chunk, tk_bucket, *options)
     meta = dict(meta, CACHE=cache, ROWS=rows, CHUNK_UNIT=CHUNK_UNIT)
     grid = lambda m: (splits, b * hkv, rows // m["ROW_BLOCK"])  # noqa: E731
     if _tune.interpreting():
@@ -246,7 +272,8 @@ def _run(q, k, v, mask_t, out, lse, strides, out_strides, b, h, hkv, tq, tk, qk_
     else:
         _tune.launch(_split_tuned, grid, *args, **meta)
     _tune.launch(_merge_kernel, (b * hkv, rows // MERGE_ROWS), part_o, part_m, part_l, out, lse, sinks, seqlens,
-                 *out_strides, hkv, group, tq, tk, meta["DV"], want, splits, diag, lower, upper, CACHE=cache,
+                 *out_strides, hkv, group, tq, tk, meta["DV"], want, splits, start, end, chunk, diag, lower, upper,
+                 CACHE=cache,
                  LOWER=meta["LOWER"], UPPER=meta["UPPER"], CHUNK_UNIT=CHUNK_UNIT, SINKS=sinks is not None,
                  ROWS=rows, MERGE_ROWS=MERGE_ROWS, BLOCK_DV=bdv)
     return out, lse
@@ -258,8 +285,6 @@ def forward(q, k, v, mask, causal, scale, softcap=0.0, window=(-1, -1), alibi=No
                                                                           window, alibi)
     for name in ("DROPOUT", "VARLEN"):
         meta.pop(name)
-    factor, lower, upper = relative_band(causal, tq, tk, window)  # _plan places the band per sequence
-    options = (factor, lower or 0, upper or 0, *options[3:])
     out = torch.empty(b, h, tq, meta["DV"], device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)
     return _run(q, k, v, mask_t, out, lse, strides, out.stride()[:3], b, h, hkv, tq, tk, qk_scale, softcap,
