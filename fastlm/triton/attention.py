@@ -410,21 +410,22 @@ def _row_stats(lse_ptr, delta_ptr, rows, row_ok, EDGE: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, sdo, lse_ptr, delta_ptr, stat, m_base, offs_n, bh, lo, hi,
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, sdo, lse_ptr, delta_ptr, h, qb, TQ_ALL, m_base, offs_n, bh, lo, hi,
                 sqt, sqd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
                 EDGE: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, MASK: tl.constexpr,
                 PREC: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_DV: tl.constexpr):
+                BLOCK_DV: tl.constexpr, VARLEN: tl.constexpr):
     """Query tiles [lo, hi) of one query head against the resident key block, transposed (keys
-    down, queries across) so dK and dV accumulate as plain products. dO rows are sdo apart; the
-    tile's lse and delta start at index stat (_stat_row)."""
+    down, queries across) so dK and dV accumulate as plain products. dO rows are sdo apart; lse
+    and delta rows as _stat_row(bh, h, TQ_ALL, qb) says (made per tile: one register less held
+    through the loop than its int64 base)."""
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load(q_base, offs_m, offs_d, sqt, sqd, TQ, D, EDGE)
         do = _load(do_base, offs_m, offs_dv, sdo, 1, TQ, DV, EDGE)
-        lse, delta = _row_stats(lse_ptr, delta_ptr, stat + offs_m, offs_m < TQ, EDGE)
+        lse, delta = _row_stats(lse_ptr, delta_ptr, _stat_row(bh, h, TQ_ALL, qb, VARLEN) + offs_m, offs_m < TQ, EDGE)
         st, gt = _scores(_dot(k, tl.trans(q), PREC), qk_scale, softcap, offs_m[None, :], offs_n[:, None], diag, slope,
                          SOFTCAP, ALIBI, PREC)
         dpt = _dot(v, tl.trans(do), PREC)
@@ -490,29 +491,34 @@ def _dkdv_kernel(
         bh = b * H + h
         q_base = q_ptr + _offset(qb, sqb, h, sqh)
         do_base, sdo = _rows(do_ptr, bh, h, H, TQ_ALL, DV, qb, VARLEN)
-        stat = _stat_row(bh, h, TQ_ALL, qb, VARLEN)
         m_base = m_ptr + _offset(b, smb, h, smh)
         slope = _slope(alibi_ptr, b, alibi_stride, h, ALIBI)
         if UPPER:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sdo, lse_ptr, delta_ptr, stat, m_base, offs_n, bh, lo, full_lo,
-                                 sqt, sqd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
-                                 True, LOWER, UPPER, MASK, PREC, DROPOUT, SOFTCAP, ALIBI, D, DV, BLOCK_M, BLOCK_D,
-                                 BLOCK_DV)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sdo, lse_ptr, delta_ptr, stat, m_base, offs_n, bh, full_lo, full_hi,
-                             sqt, sqd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
-                             False, LOWER, UPPER, MASK, PREC, DROPOUT, SOFTCAP, ALIBI, D, DV, BLOCK_M, BLOCK_D,
-                             BLOCK_DV)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sdo, lse_ptr, delta_ptr, stat, m_base, offs_n, bh, full_hi, hi,
-                             sqt, sqd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
-                             True, LOWER, UPPER, MASK, PREC, DROPOUT, SOFTCAP, ALIBI, D, DV, BLOCK_M, BLOCK_D,
-                             BLOCK_DV)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sdo, lse_ptr, delta_ptr, h, qb, TQ_ALL, m_base,
+                                 offs_n, bh, lo, full_lo, sqt, sqd, smq, smk, TQ, TK, diag, lower, upper, slope,
+                                 qk_scale, softcap, seed, p_drop, True, LOWER, UPPER, MASK, PREC, DROPOUT,
+                                 SOFTCAP, ALIBI, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, VARLEN)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sdo, lse_ptr, delta_ptr, h, qb, TQ_ALL, m_base,
+                             offs_n, bh, full_lo, full_hi, sqt, sqd, smq, smk, TQ, TK, diag, lower, upper, slope,
+                             qk_scale, softcap, seed, p_drop, False, LOWER, UPPER, MASK, PREC, DROPOUT,
+                             SOFTCAP, ALIBI, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, VARLEN)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sdo, lse_ptr, delta_ptr, h, qb, TQ_ALL, m_base,
+                             offs_n, bh, full_hi, hi, sqt, sqd, smq, smk, TQ, TK, diag, lower, upper, slope,
+                             qk_scale, softcap, seed, p_drop, True, LOWER, UPPER, MASK, PREC, DROPOUT,
+                             SOFTCAP, ALIBI, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, VARLEN)
     kmask = (offs_n[:, None] < TK) & (offs_d[None, :] < D)
     vmask = (offs_n[:, None] < TK) & (offs_dv[None, :] < DV)
     scale = qk_scale * _LN2  # dS is in natural units: dK = dS^T Q * scale
-    dk_base, sdk = _rows(dk_ptr, bhs, hk, HKV, TK_ALL, D, part * TK_ALL + kb, VARLEN)
-    dv_base, sdv = _rows(dv_ptr, bhs, hk, HKV, TK_ALL, DV, part * TK_ALL + kb, VARLEN)
-    tl.store(dk_base + offs_n[:, None] * sdk + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kmask)
-    tl.store(dv_base + offs_n[:, None] * sdv + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=vmask)
+    # rows of dk / dv: dense (B, HKV, SPLIT, Tk, D) from row bhs * Tk, VARLEN (SPLIT, total_k, HKV, D) from row
+    # (part * total_k + kb) * HKV + hk, HKV rows apart (the dense form as it was: IEEE fp32 16x16 tiles sit at
+    # ptxas's register target, and a pointer + int32 offset form spilled 16 B there)
+    row0, rs = bhs.to(tl.int64) * TK, 1
+    if VARLEN:
+        row0, rs = (part.to(tl.int64) * TK_ALL + kb) * HKV + hk, HKV
+    tl.store(dk_ptr + (row0 + offs_n[:, None] * rs) * D + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
+             mask=kmask)
+    tl.store(dv_ptr + (row0 + offs_n[:, None] * rs) * DV + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=vmask)
 
 
 @triton.jit
