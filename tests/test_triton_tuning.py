@@ -217,3 +217,62 @@ def test_fp32_dot_precision_follows_torch_and_keys_the_tuner(monkeypatch, dtype)
     assert {a["PREC"] for _, a in ieee} == {want[0]}
     assert {a["PREC"] for _, a in tf32_by_precision} == {a["PREC"] for _, a in tf32_by_flag} == {want[1]}
     assert (_keys(ieee) != _keys(tf32_by_flag)) == (dtype == torch.float32)
+
+
+def _varlen(lengths, d=32, h=4, hkv=2, max_len=None):
+    from fastlm.triton import attention
+
+    cu = torch.tensor([0] + [sum(lengths[:i + 1]) for i in range(len(lengths))], dtype=torch.int32)
+    q, k, v = torch.randn(cu[-1], h, d), torch.randn(cu[-1], hkv, d), torch.randn(cu[-1], hkv, d)
+    m = max_len or max(lengths)
+    out, lse = attention.varlen_forward(q, k, v, cu, cu, m, m, 1, 0.125)
+    return attention.varlen_backward(torch.randn_like(out), q, k, v, cu, cu, m, m, out, lse, 1, 0.125)
+
+
+def test_varlen_autotune_key_is_the_bucketed_longest_sequence():
+    """Packed batches key the tuner by max_seqlen's bucket (lengths are on the device); the
+    varlen specialisation is part of the key, so it never reuses a dense config's timing."""
+    a, b = _recorded(lambda: _varlen([1000, 7, 300])), _recorded(lambda: _varlen([3, 1020, 900, 5]))
+    assert _keys(a) == _keys(b)
+    assert all(args["VARLEN"] for _, args in a)
+    assert _keys(a) != _keys(_recorded(lambda: _varlen([1000, 7], max_len=3000)))
+    assert _keys(a) != _keys(_recorded(lambda: _attention(1000, 1000, d=32)))
+
+
+def test_varlen_gqa_backward_same_with_the_group_in_one_program_or_split(monkeypatch):
+    """dK / dV of packed sequences: the GQA group's heads in one program, or split over programs
+    into (SPLIT, total_k, H_kv, D) fp32 partials summed after, give the same gradients."""
+    from fastlm.triton import attention
+
+    torch.manual_seed(0)
+    lengths = [0, 37, 5, 20]
+    monkeypatch.setattr(attention, "group_split", lambda *a: 4)
+    split = _varlen(lengths, h=8, hkv=2)
+    monkeypatch.setattr(attention, "group_split", lambda *a: 1)
+    torch.manual_seed(0)
+    whole = _varlen(lengths, h=8, hkv=2)
+    for name, a, b in zip(("dq", "dk", "dv"), split, whole):
+        assert not a.isnan().any(), f"{name}: unwritten rows"
+        assert_close(name, a, b)
+
+
+def _paged(seqlens, paged=True, b=2, hkv=2, h=8, d=64, page=16, capacity=4096):
+    from fastlm.triton import attention_decode
+
+    q = torch.randn(b, 1, h, d)
+    if paged:
+        kc = torch.randn(b * capacity // page, page, hkv, d)
+        table = torch.randperm(b * capacity // page).to(torch.int32).view(b, -1)
+    else:
+        kc, table = torch.randn(b, capacity, hkv, d), None
+    attention_decode.paged_forward(q, kc, kc, table, torch.tensor(seqlens, dtype=torch.int32), True, d ** -0.5)
+
+
+def test_paged_decode_tunes_once_for_every_length_and_layout():
+    """Decoding against a cache keys the tuner by shapes only: another token (or any lengths)
+    re-uses the config, and a paged and a contiguous cache of the same shapes get the same one
+    (their results are bit-identical only if their tiles are)."""
+    a = _recorded(lambda: _paged([100, 3000]))
+    assert _keys(a) == _keys(_recorded(lambda: _paged([101, 3001])))
+    assert _keys(a) == _keys(_recorded(lambda: _paged([5, 17], paged=False)))
+    assert _keys(a) == _keys(_recorded(lambda: _paged([5, 17], page=1, capacity=512)))

@@ -245,6 +245,7 @@ class Case:
     run: object  # run(dtype): calls the module's launcher on CPU tensors
     ci: bool = False  # part of the representative set compiled by tests/test_triton_aot.py
     dtypes: tuple = ("fp32", "fp16", "bf16")
+    ci_configs: int = 0  # in CI, only the first this many configs per tuned kernel (0: all); the sweep compiles all
 
 
 def _t(*shape, dtype):
@@ -266,6 +267,39 @@ def _attention_case(b, h, hkv, tq, tk, d, causal=0, mask=None, dropout=0.0, back
                                      **options)
         if backward:
             attention.backward(torch.randn_like(out), q, k, v, m, out, lse, causal, d ** -0.5, dropout, 1, **options)
+    return run
+
+
+def _varlen_case(seqs, h, hkv, max_len, d, causal=0, softcap=0.0, window=(-1, -1), alibi=None, sinks=False):
+    """Packed sequences of max_len rows each (varlen_forward / varlen_backward: the launchers
+    read only shapes, the kernels read cu_seqlens on the device); alibi None, "h" or "bh"."""
+    def run(dtype):
+        from fastlm.triton import attention
+
+        total = seqs * max_len
+        q, k, v = _t(total, h, d, dtype=dtype), _t(total, hkv, d, dtype=dtype), _t(total, hkv, d, dtype=dtype)
+        cu = torch.arange(0, total + 1, max_len, dtype=torch.int32)
+        options = dict(softcap=softcap, window=window, alibi=None if alibi is None else torch.rand(
+            *((h,) if alibi == "h" else (seqs, h))))
+        out, lse = attention.varlen_forward(q, k, v, cu, cu, max_len, max_len, causal, d ** -0.5,
+                                            sinks=torch.randn(h) if sinks else None, **options)
+        attention.varlen_backward(torch.randn_like(out), q, k, v, cu, cu, max_len, max_len, out, lse, causal,
+                                  d ** -0.5, **options)
+    return run
+
+
+def _paged_case(b, h, hkv, tq, pages, page, d, causal=True, softcap=0.0, window=(-1, -1), alibi=None, sinks=False):
+    """Decode against a paged KV cache (attention_decode.paged_forward); alibi None, "h" or "bh"."""
+    def run(dtype):
+        from fastlm.triton import attention_decode
+
+        q = _t(b, tq, h, d, dtype=dtype)
+        kc, vc = _t(b * pages, page, hkv, d, dtype=dtype), _t(b * pages, page, hkv, d, dtype=dtype)
+        table = torch.arange(b * pages, dtype=torch.int32).view(b, pages)
+        seqlens = torch.full((b,), pages * page - 3, dtype=torch.int32)
+        attention_decode.paged_forward(q, kc, vc, table, seqlens, causal, d ** -0.5, softcap=softcap, window=window,
+                                       alibi=None if alibi is None else torch.rand(*((h,) if alibi == "h" else (b, h))),
+                                       sinks=torch.randn(h) if sinks else None)
     return run
 
 
@@ -305,6 +339,21 @@ def _attention_cases():
         2, 4, 2, 1024, 1024, 128, 0, window=(128, 128), alibi="h")))
     cases.append(Case("attention_decode", "d128 group8 tq1 window(1023,0) alibi(B,H) sinks softcap30", _attention_case(
         1, 16, 2, 1, 4096, 128, 2, backward=False, softcap=30.0, window=(1023, 0), alibi="bh", sinks=True), ci=True))
+    # varlen (packed sequences): the dense kernels' VARLEN path. CI: the every-option case at
+    # D = 64 (as the dense options case), 16-bit, its two biggest configs per kernel (a 64-row
+    # forward for wgmma): the VARLEN additions are the same in every config (the sweep has all)
+    for d in (64, 128, 256):
+        cases.append(Case("attention", f"varlen d{d} causal1", _varlen_case(8, 4, 2, 512, d, 1)))
+    cases.append(Case("attention", "varlen d64 causal2 window(255,0) alibi(S,H) sinks softcap30", _varlen_case(
+        8, 4, 2, 512, 64, 2, softcap=30.0, window=(255, 0), alibi="bh", sinks=True), ci=True, dtypes=("fp16", "bf16"),
+        ci_configs=2))
+    # decode against a paged cache (the block-table gather, lengths from the device): Llama-style
+    # GQA, one token; in CI a speculative 4 with every option
+    for d in (64, 128, 256):
+        cases.append(Case("attention_decode", f"paged d{d} group8 tq1 page16", _paged_case(4, 16, 2, 1, 64, 16, d)))
+    cases.append(Case("attention_decode", "paged d128 group4 tq4 page64 window(1023,0) alibi(B,H) sinks softcap30",
+                      _paged_case(4, 8, 2, 4, 16, 64, 128, softcap=30.0, window=(1023, 0), alibi="bh", sinks=True),
+                      ci=True))
     return cases
 
 
@@ -409,6 +458,13 @@ def jobs(capability: int, dtype: str, ci_only: bool, modules=None) -> list[tuple
             continue
         with capture(TARGETS[capability]) as recorded:
             case.run(DTYPES[dtype])
+        if ci_only and case.ci_configs:  # the first configs of each kernel, in its list's order
+            count, kept = {}, []
+            for launch in recorded:
+                count[launch.kernel] = count.get(launch.kernel, 0) + 1
+                if count[launch.kernel] <= case.ci_configs:
+                    kept.append(launch)
+            recorded = kept
         for launch in recorded:
             if launch.key() not in seen:
                 seen.add(launch.key())

@@ -6,6 +6,15 @@ Backward: a pre-pass computes delta = rowsum(dO * O); one kernel owns a block of
 key/value head and accumulates dK, dV over the query heads of its GQA group; another owns a
 block of queries and accumulates dQ. No atomics: the gradients are deterministic.
 
+Packed variable-length sequences (varlen_forward / varlen_backward, FlashAttention's varlen) are
+the same kernels under the VARLEN constexpr, not copies: batch entry b becomes sequence b, whose
+bounds each program reads from cu_seqlens on the device (_sequence); the grid is sized by the
+longest sequence and programs past their own sequence's end return at once, so no padding is
+computed. The packed (total, H, D) tensors pass their row stride as the batch stride (a
+sequence's "batch index" is its first row), lengths, diagonal, band, window tile skipping and
+ALiBi are per sequence, and out / lse / dq / dk / dv use the packed layouts ((total, H, D) and
+FlashAttention's (H, total) lse).
+
 Masking: key j is visible to query i when j < Tk, j lies in the band [i + lower, i + upper] and
 the mask allows it. The band folds causality and the sliding window (issue #13, band()): with
 diag = 0 for top-left causal, else Tk - Tq, upper = diag under causality, diag + window_right
@@ -125,6 +134,47 @@ def _offset(b, sb, h, sh):
     """b * sb + h * sh in int64: a head term alone passes 2^31 elements, e.g. for a per-head
     (1, H, 16384, 16384) mask."""
     return b.to(tl.int64) * sb + h.to(tl.int64) * sh
+
+
+@triton.jit
+def _sequence(cu_q, cu_k, b, TQ, TK, diag, lower, upper, VARLEN: tl.constexpr):
+    """(qb, kb, Tq, Tk, diag, lower, upper) of batch entry b: dense, b itself (the index the batch
+    strides multiply) and the call's lengths and band. Under VARLEN b is a sequence of the
+    packed tensors, whose launcher passes row strides as batch strides: qb / kb are its first
+    rows, Tq / Tk its lengths (cu_seqlens, read on the device), diag = diag * (Tk - Tq) (the
+    launcher passes 0 for top-left causal, else 1) and lower / upper, given relative to the
+    diagonal (relative_band), moved onto it."""
+    qb, kb = b, b
+    if VARLEN:
+        qb, kb = tl.load(cu_q + b), tl.load(cu_k + b)
+        TQ, TK = tl.load(cu_q + b + 1) - qb, tl.load(cu_k + b + 1) - kb
+        diag = diag * (TK - TQ)
+        lower, upper = lower + diag, upper + diag
+    return qb, kb, TQ, TK, diag, lower, upper
+
+
+@triton.jit
+def _rows(ptr, bh, h, H, T, W, t0, VARLEN: tl.constexpr):
+    """(base, row stride) of head h's rows in a contiguous (B, H, T, W) output (bh = b * H + h),
+    or under VARLEN in a packed (total, H, W) one from row t0."""
+    if VARLEN:
+        base = ptr + (tl.cast(t0, tl.int64) * H + h) * W
+        stride = H * W
+    else:
+        base = ptr + bh.to(tl.int64) * T * W
+        stride = W
+    return base, stride
+
+
+@triton.jit
+def _stat_row(bh, h, T, t0, VARLEN: tl.constexpr):
+    """Index of query row 0 of bh in the per-row statistics (lse, delta): (B, H, T), or under
+    VARLEN (H, total) with the sequence's rows from t0 (FlashAttention's varlen lse)."""
+    if VARLEN:
+        row = h.to(tl.int64) * T + t0
+    else:
+        row = bh.to(tl.int64) * T
+    return row
 
 
 @triton.jit
@@ -277,20 +327,27 @@ def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
     H, GROUP, TQ, TK, qk_scale, seed, p_drop, TQ_B, TK_B, softcap, diag, lower, upper, alibi_ptr, alibi_stride,
-    sinks_ptr,
+    sinks_ptr, cu_q_ptr, cu_k_ptr,
     D: tl.constexpr, DV: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, MASK: tl.constexpr,
     PREC: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
+    """Grid (query blocks, B * H); under VARLEN (blocks of the longest sequence, sequences * H)."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     hk = h // GROUP
     start_m = pid_m * BLOCK_M
+    TQ_ALL = TQ  # (the packed total under VARLEN: the layout of out and lse)
+    qb, kb, TQ, TK, diag, lower, upper = _sequence(cu_q_ptr, cu_k_ptr, b, TQ, TK, diag, lower, upper, VARLEN)
+    if VARLEN:
+        if start_m >= TQ:  # past this sequence's end
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-    q = _load(q_ptr + _offset(b, sqb, h, sqh), offs_m, offs_d, sqt, sqd, TQ, D, True)
-    k_base = k_ptr + _offset(b, skb, hk, skh)
-    v_base = v_ptr + _offset(b, svb, hk, svh)
+    q = _load(q_ptr + _offset(qb, sqb, h, sqh), offs_m, offs_d, sqt, sqd, TQ, D, True)
+    k_base = k_ptr + _offset(kb, skb, hk, skh)
+    v_base = v_ptr + _offset(kb, svb, hk, svh)
     m_base = m_ptr + _offset(b, smb, h, smh)
     slope = _slope(alibi_ptr, b, alibi_stride, h, ALIBI)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -317,23 +374,28 @@ def _fwd_kernel(
         sink = tl.load(sinks_ptr + h) * _LOG2E
     inv, lse = _finish(m_i, l_i, sink, SINKS)
     out = acc * inv[:, None]
-    o_base = o_ptr + bh.to(tl.int64) * TQ * DV
-    tl.store(o_base + offs_m[:, None] * DV + offs_dv[None, :], out.to(o_ptr.dtype.element_ty),
+    o_base, so = _rows(o_ptr, bh, h, H, TQ_ALL, DV, qb, VARLEN)
+    tl.store(o_base + offs_m[:, None] * so + offs_dv[None, :], out.to(o_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < TQ) & (offs_dv[None, :] < DV))
-    tl.store(lse_ptr + bh.to(tl.int64) * TQ + offs_m, lse, mask=offs_m < TQ)
+    tl.store(lse_ptr + _stat_row(bh, h, TQ_ALL, qb, VARLEN) + offs_m, lse, mask=offs_m < TQ)
 
 
 @triton.jit
-def _delta_kernel(o_ptr, do_ptr, delta_ptr, TQ, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """delta = rowsum(dO * O) in fp32; o and do contiguous (B*H, Tq, Dv)."""
+def _delta_kernel(o_ptr, do_ptr, delta_ptr, TQ, DV, H, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_DV: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32, laid out as lse; o and do contiguous (B*H, Tq, Dv), or
+    under VARLEN (total, H, Dv) (grid (blocks of total, H): every packed row at once)."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
+    h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     msk = (offs_m[:, None] < TQ) & (offs_dv[None, :] < DV)
-    off = bh.to(tl.int64) * TQ * DV + offs_m[:, None] * DV + offs_dv[None, :]
-    o = tl.load(o_ptr + off, mask=msk, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + off, mask=msk, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + bh.to(tl.int64) * TQ + offs_m, tl.sum(o * do, 1), mask=offs_m < TQ)
+    o_base, sr = _rows(o_ptr, bh, h, H, TQ, DV, 0, VARLEN)
+    do_base, _ = _rows(do_ptr, bh, h, H, TQ, DV, 0, VARLEN)
+    off = offs_m[:, None] * sr + offs_dv[None, :]
+    o = tl.load(o_base + off, mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(do_base + off, mask=msk, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + _stat_row(bh, h, TQ, 0, VARLEN) + offs_m, tl.sum(o * do, 1), mask=offs_m < TQ)
 
 
 @triton.jit
@@ -348,20 +410,22 @@ def _row_stats(lse_ptr, delta_ptr, rows, row_ok, EDGE: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_n, bh, lo, hi,
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, sdo, lse_ptr, delta_ptr, h, qb, TQ_ALL, m_base, offs_n, bh, lo, hi,
                 sqt, sqd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
                 EDGE: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, MASK: tl.constexpr,
                 PREC: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_DV: tl.constexpr):
+                BLOCK_DV: tl.constexpr, VARLEN: tl.constexpr):
     """Query tiles [lo, hi) of one query head against the resident key block, transposed (keys
-    down, queries across) so dK and dV accumulate as plain products."""
+    down, queries across) so dK and dV accumulate as plain products. dO rows are sdo apart; lse
+    and delta rows as _stat_row(bh, h, TQ_ALL, qb) says (made per tile: one register less held
+    through the loop than its int64 base)."""
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load(q_base, offs_m, offs_d, sqt, sqd, TQ, D, EDGE)
-        do = _load(do_base, offs_m, offs_dv, DV, 1, TQ, DV, EDGE)
-        lse, delta = _row_stats(lse_ptr, delta_ptr, bh.to(tl.int64) * TQ + offs_m, offs_m < TQ, EDGE)
+        do = _load(do_base, offs_m, offs_dv, sdo, 1, TQ, DV, EDGE)
+        lse, delta = _row_stats(lse_ptr, delta_ptr, _stat_row(bh, h, TQ_ALL, qb, VARLEN) + offs_m, offs_m < TQ, EDGE)
         st, gt = _scores(_dot(k, tl.trans(q), PREC), qk_scale, softcap, offs_m[None, :], offs_n[:, None], diag, slope,
                          SOFTCAP, ALIBI, PREC)
         dpt = _dot(v, tl.trans(do), PREC)
@@ -393,23 +457,28 @@ def _dkdv_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
     H, HKV, GROUP, SPLIT, TQ, TK, qk_scale, seed, p_drop, TQ_B, TK_B, softcap, diag, lower, upper, alibi_ptr,
-    alibi_stride,
+    alibi_stride, cu_q_ptr, cu_k_ptr,
     D: tl.constexpr, DV: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, MASK: tl.constexpr,
-    PREC: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    PREC: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Grid (key blocks, B * HKV * SPLIT): the GQA group's query heads are split over SPLIT
     programs, each writing its own (Tk, D) slice of dk / dv (summed by the launcher when
-    SPLIT > 1)."""
+    SPLIT > 1): (B, HKV, SPLIT, Tk, D), under VARLEN (SPLIT, total_k, HKV, D)."""
     pid_n, bhs = tl.program_id(0), tl.program_id(1)
     b, hs = bhs // (HKV * SPLIT), bhs % (HKV * SPLIT)
     hk, part = hs // SPLIT, hs % SPLIT
     per = GROUP // SPLIT
     start_n = pid_n * BLOCK_N
+    TQ_ALL, TK_ALL = TQ, TK
+    qb, kb, TQ, TK, diag, lower, upper = _sequence(cu_q_ptr, cu_k_ptr, b, TQ, TK, diag, lower, upper, VARLEN)
+    if VARLEN:
+        if start_n >= TK:  # past this sequence's keys
+            return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-    k = _load(k_ptr + _offset(b, skb, hk, skh), offs_n, offs_d, skt, skd, TK, D, True)
-    v = _load(v_ptr + _offset(b, svb, hk, svh), offs_n, offs_dv, svt, svd, TK, DV, True)
+    k = _load(k_ptr + _offset(kb, skb, hk, skh), offs_n, offs_d, skt, skd, TK, D, True)
+    v = _load(v_ptr + _offset(kb, svb, hk, svh), offs_n, offs_dv, svt, svd, TK, DV, True)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
     # query tiles [lo, full_lo) cross the band's upper edge (the causal diagonal), [full_lo,
@@ -420,29 +489,36 @@ def _dkdv_kernel(
     for g in range(0, per):
         h = hk * GROUP + part * per + g
         bh = b * H + h
-        q_base = q_ptr + _offset(b, sqb, h, sqh)
-        do_base = do_ptr + bh.to(tl.int64) * TQ * DV
+        q_base = q_ptr + _offset(qb, sqb, h, sqh)
+        do_base, sdo = _rows(do_ptr, bh, h, H, TQ_ALL, DV, qb, VARLEN)
         m_base = m_ptr + _offset(b, smb, h, smh)
         slope = _slope(alibi_ptr, b, alibi_stride, h, ALIBI)
         if UPPER:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_n, bh, lo, full_lo,
-                                 sqt, sqd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
-                                 True, LOWER, UPPER, MASK, PREC, DROPOUT, SOFTCAP, ALIBI, D, DV, BLOCK_M, BLOCK_D,
-                                 BLOCK_DV)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_n, bh, full_lo, full_hi,
-                             sqt, sqd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
-                             False, LOWER, UPPER, MASK, PREC, DROPOUT, SOFTCAP, ALIBI, D, DV, BLOCK_M, BLOCK_D,
-                             BLOCK_DV)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, m_base, offs_n, bh, full_hi, hi,
-                             sqt, sqd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
-                             True, LOWER, UPPER, MASK, PREC, DROPOUT, SOFTCAP, ALIBI, D, DV, BLOCK_M, BLOCK_D,
-                             BLOCK_DV)
-    out = bhs.to(tl.int64) * TK
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sdo, lse_ptr, delta_ptr, h, qb, TQ_ALL, m_base,
+                                 offs_n, bh, lo, full_lo, sqt, sqd, smq, smk, TQ, TK, diag, lower, upper, slope,
+                                 qk_scale, softcap, seed, p_drop, True, LOWER, UPPER, MASK, PREC, DROPOUT,
+                                 SOFTCAP, ALIBI, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, VARLEN)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sdo, lse_ptr, delta_ptr, h, qb, TQ_ALL, m_base,
+                             offs_n, bh, full_lo, full_hi, sqt, sqd, smq, smk, TQ, TK, diag, lower, upper, slope,
+                             qk_scale, softcap, seed, p_drop, False, LOWER, UPPER, MASK, PREC, DROPOUT,
+                             SOFTCAP, ALIBI, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, VARLEN)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, sdo, lse_ptr, delta_ptr, h, qb, TQ_ALL, m_base,
+                             offs_n, bh, full_hi, hi, sqt, sqd, smq, smk, TQ, TK, diag, lower, upper, slope,
+                             qk_scale, softcap, seed, p_drop, True, LOWER, UPPER, MASK, PREC, DROPOUT,
+                             SOFTCAP, ALIBI, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, VARLEN)
     kmask = (offs_n[:, None] < TK) & (offs_d[None, :] < D)
     vmask = (offs_n[:, None] < TK) & (offs_dv[None, :] < DV)
     scale = qk_scale * _LN2  # dS is in natural units: dK = dS^T Q * scale
-    tl.store(dk_ptr + (out + offs_n[:, None]) * D + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kmask)
-    tl.store(dv_ptr + (out + offs_n[:, None]) * DV + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=vmask)
+    # rows of dk / dv: dense (B, HKV, SPLIT, Tk, D) from row bhs * Tk, VARLEN (SPLIT, total_k, HKV, D) from row
+    # (part * total_k + kb) * HKV + hk, HKV rows apart (the dense form as it was: IEEE fp32 16x16 tiles sit at
+    # ptxas's register target, and a pointer + int32 offset form spilled 16 B there)
+    row0, rs = bhs.to(tl.int64) * TK, 1
+    if VARLEN:
+        row0, rs = (part.to(tl.int64) * TK_ALL + kb) * HKV + hk, HKV
+    tl.store(dk_ptr + (row0 + offs_n[:, None] * rs) * D + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
+             mask=kmask)
+    tl.store(dv_ptr + (row0 + offs_n[:, None] * rs) * DV + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=vmask)
 
 
 @triton.jit
@@ -467,14 +543,14 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, first_row, 
               skt, skd, svt, svd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
               EDGE: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
               DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, q_base, do_base, sqt, sqd,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, q_base, do_base, sdo, sqt, sqd,
               CHUNK: tl.constexpr):
     """CHUNK: q and dO are not resident; their products are read in column chunks (_dot_rows)."""
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if CHUNK:
-            dp = _dot_rows(do_base, offs_m, DV, 1, TQ, v_base, offs_n, svt, svd, TK, DV, BLOCK_DV, PREC)
+            dp = _dot_rows(do_base, offs_m, sdo, 1, TQ, v_base, offs_n, svt, svd, TK, DV, BLOCK_DV, PREC)
             qk = _dot_rows(q_base, offs_m, sqt, sqd, TQ, k_base, offs_n, skt, skd, TK, D, BLOCK_D, PREC)
         else:
             v = _load(v_base, offs_n, offs_dv, svt, svd, TK, DV, EDGE)
@@ -525,44 +601,51 @@ def _dq_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
     H, GROUP, TQ, TK, qk_scale, seed, p_drop, TQ_B, TK_B, softcap, diag, lower, upper, alibi_ptr, alibi_stride,
+    cu_q_ptr, cu_k_ptr,
     D: tl.constexpr, DV: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, MASK: tl.constexpr,
-    PREC: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    PREC: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK: tl.constexpr,
 ):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     hk = h // GROUP
     start_m = pid_m * BLOCK_M
+    TQ_ALL = TQ
+    qb, kb, TQ, TK, diag, lower, upper = _sequence(cu_q_ptr, cu_k_ptr, b, TQ, TK, diag, lower, upper, VARLEN)
+    if VARLEN:
+        if start_m >= TQ:  # past this sequence's end
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-    q = _load(q_ptr + _offset(b, sqb, h, sqh), offs_m, offs_d, sqt, sqd, TQ, D, True)
-    rows = bh.to(tl.int64) * TQ + offs_m
-    do = _load(do_ptr + bh.to(tl.int64) * TQ * DV, offs_m, offs_dv, DV, 1, TQ, DV, True)
-    lse, delta = _row_stats(lse_ptr, delta_ptr, rows, offs_m < TQ, True)
-    k_base = k_ptr + _offset(b, skb, hk, skh)
-    v_base = v_ptr + _offset(b, svb, hk, svh)
+    q_base = q_ptr + _offset(qb, sqb, h, sqh)
+    q = _load(q_base, offs_m, offs_d, sqt, sqd, TQ, D, True)
+    do_base, sdo = _rows(do_ptr, bh, h, H, TQ_ALL, DV, qb, VARLEN)
+    do = _load(do_base, offs_m, offs_dv, sdo, 1, TQ, DV, True)
+    lse, delta = _row_stats(lse_ptr, delta_ptr, _stat_row(bh, h, TQ_ALL, qb, VARLEN) + offs_m, offs_m < TQ, True)
+    k_base = k_ptr + _offset(kb, skb, hk, skh)
+    v_base = v_ptr + _offset(kb, svb, hk, svh)
     m_base = m_ptr + _offset(b, smb, h, smh)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     last_row = tl.minimum(start_m + BLOCK_M, TQ) - 1
     slope = _slope(alibi_ptr, b, alibi_stride, h, ALIBI)
     lo, full_lo, full_hi, hi = _ranges(start_m, TK, TK // BLOCK_N * BLOCK_N, lower, upper, LOWER, UPPER,
                                        BLOCK_M, BLOCK_N)
-    q_base, do_base = q_ptr + _offset(b, sqb, h, sqh), do_ptr + bh.to(tl.int64) * TQ * DV
     if LOWER:  # the window's left edge
         dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, start_m, last_row, bh, lo, full_lo,
                        skt, skd, svt, svd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
                        True, LOWER, UPPER, MASK, PREC, DROPOUT, SOFTCAP, ALIBI, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV,
-                       q_base, do_base, sqt, sqd, CHUNK)
+                       q_base, do_base, sdo, sqt, sqd, CHUNK)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, start_m, last_row, bh, full_lo, full_hi,
                    skt, skd, svt, svd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
                    False, LOWER, UPPER, MASK, PREC, DROPOUT, SOFTCAP, ALIBI, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV,
-                   q_base, do_base, sqt, sqd, CHUNK)
+                   q_base, do_base, sdo, sqt, sqd, CHUNK)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, start_m, last_row, bh, full_hi, hi,
                    skt, skd, svt, svd, smq, smk, TQ, TK, diag, lower, upper, slope, qk_scale, softcap, seed, p_drop,
                    True, LOWER, UPPER, MASK, PREC, DROPOUT, SOFTCAP, ALIBI, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV,
-                   q_base, do_base, sqt, sqd, CHUNK)
+                   q_base, do_base, sdo, sqt, sqd, CHUNK)
     qmask = (offs_m[:, None] < TQ) & (offs_d[None, :] < D)
-    tl.store(dq_ptr + rows[:, None] * D + offs_d[None, :], (dq * (qk_scale * _LN2)).to(dq_ptr.dtype.element_ty),
+    dq_base, sdq = _rows(dq_ptr, bh, h, H, TQ_ALL, D, qb, VARLEN)
+    tl.store(dq_base + offs_m[:, None] * sdq + offs_d[None, :], (dq * (qk_scale * _LN2)).to(dq_ptr.dtype.element_ty),
              mask=qmask)
 
 
@@ -578,7 +661,7 @@ _DKDV_TILES = ((32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 2),
                (16, 16, 4, 1), (16, 16, 8, 1))
 _DQ_TILES = ((128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2),
              (64, 32, 8, 2), (32, 32, 8, 1), (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1))
-_KEY = ["D", "DV", "TQ_B", "TK_B", "LOWER", "UPPER", "MASK", "DROPOUT", "SOFTCAP", "ALIBI", "PREC"]
+_KEY = ["D", "DV", "TQ_B", "TK_B", "LOWER", "UPPER", "MASK", "DROPOUT", "SOFTCAP", "ALIBI", "PREC", "VARLEN"]
 REG_LIMIT = 190  # estimated 32-bit registers per thread a config may need (255 exist; see _regs)
 REG_LIMIT_TF32 = 150  # fp32 operands: TF32 tiles measured spilling from an estimate of 160
 
@@ -665,38 +748,59 @@ def _strides4(t):
     return [0 if t.shape[i] == 1 else t.stride(i) for i in range(4)]
 
 
+def relative_band(causal, tq, tk, window=(-1, -1)):
+    """band() for lengths the kernels read on the device (varlen, decode against a cache), tq and
+    tk bounding them: (factor, lower, upper) with the diagonal diag = factor * (Tk - Tq) (factor
+    0 for top-left causal, else 1) and the band's edges relative to it (the kernels add diag)."""
+    left, right = (min(w, tq + tk) for w in window)
+    upper = 0 if causal else None
+    if right >= 0:
+        upper = right if upper is None else min(upper, right)
+    lower = -left if left >= 0 else None
+    return (0 if causal == 1 else 1), lower, upper
+
+
 def band(causal, tq, tk, window=(-1, -1)):
     """(diag, lower, upper): the diagonal ALiBi measures from (0 for top-left causal, else
     Tk - Tq) and the keys [i + lower, i + upper] query i may see, None for an unbounded side:
     causality and a right window are one edge (the tighter wins). A window side longer than
     Tq + Tk hides nothing: clamped there so the kernels' int32 index sums can't overflow."""
-    diag = 0 if causal == 1 else tk - tq
-    left, right = (min(w, tq + tk) for w in window)
-    upper = diag if causal else None
-    if right >= 0:
-        upper = diag + right if upper is None else min(upper, diag + right)
-    lower = diag - left if left >= 0 else None
-    return diag, lower, upper
+    factor, lower, upper = relative_band(causal, tq, tk, window)
+    diag = factor * (tk - tq)
+    return diag, None if lower is None else diag + lower, None if upper is None else diag + upper
 
 
-def _common(q, k, v, mask, causal, scale, dropout_p=0.0, softcap=0.0, window=(-1, -1), alibi=None):
+def _packed_strides(t):
+    """(total, heads, dim) as the kernels' (batch, head, row, dim) strides: a sequence's "batch
+    index" is its first row (_sequence), so the batch stride is the row stride."""
+    return [t.stride(0), t.stride(1), t.stride(0), t.stride(2)]
+
+
+def _common(q, k, v, mask, causal, scale, dropout_p=0.0, softcap=0.0, window=(-1, -1), alibi=None, lengths=None):
     """Launch facts shared by every attention kernel: sizes, the mask as kernel argument, the
     strides, scale * log2(e), the option arguments every kernel takes after softcap (diag,
-    lower, upper, alibi, alibi_stride) and the constexprs."""
-    b, h, tq, d = q.shape
-    hkv, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    lower, upper, alibi, alibi_stride) and the constexprs. lengths = (max_q, max_k) for packed
+    varlen q (total_q, H, D), k, v (total_k, H_kv, D): then b is None, tq / tk are the totals
+    and the band is relative_band's."""
+    if lengths is None:
+        b, h, tq, d = q.shape
+        hkv, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    else:
+        (tq, h, d), (tk, hkv), dv, b = q.shape, k.shape[:2], v.shape[-1], None
     if mask is None:
         mask_t, mask_code, mstr = q, 0, [0, 0, 0, 0]
     elif mask.dtype == torch.bool:
         mask_t, mask_code, mstr = mask.view(torch.uint8), 1, _strides4(mask)
     else:
         mask_t, mask_code, mstr = mask, 2, _strides4(mask)
-    diag, lower, upper = band(causal, tq, tk, window)
+    diag, lower, upper = band(causal, tq, tk, window) if lengths is None else relative_band(causal, *lengths, window)
     options = (diag, lower or 0, upper or 0, alibi, 0 if alibi is None or alibi.dim() == 1 else alibi.stride(0))
     meta = dict(D=d, DV=dv, LOWER=lower is not None, UPPER=upper is not None, MASK=mask_code, DROPOUT=dropout_p > 0,
                 SOFTCAP=softcap > 0, ALIBI=alibi is not None, PREC=fp32_precision() if q.dtype == torch.float32 else "",
+                VARLEN=lengths is not None,
                 BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)))
-    strides = _strides4(q) + _strides4(k) + _strides4(v) + mstr
+    layout = _strides4 if lengths is None else _packed_strides
+    strides = layout(q) + layout(k) + layout(v) + mstr
     return b, h, hkv, tq, tk, mask_t, strides, scale * LOG2E, options, meta
 
 
@@ -724,7 +828,7 @@ def forward(q, k, v, mask, causal, scale, dropout_p=0.0, seed=0, softcap=0.0, wi
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     args = (q, k, v, mask_t, out, lse, *strides, h, h // hkv, tq, tk, qk_scale, seed, dropout_p,
-            _tune.bucket(tq), _tune.bucket(tk), float(softcap), *options, sinks)
+            _tune.bucket(tq), _tune.bucket(tk), float(softcap), *options, sinks, None, None)
     _launch(_fwd_kernel, _fwd_tuned, lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h), args,
             dict(meta, SINKS=sinks is not None))
     return out, lse
@@ -750,8 +854,8 @@ def backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p=0.0, se
         return dq.zero_(), dk.zero_(), dvv.zero_()
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     delta = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)
-    _tune.launch(_delta_kernel, (triton.cdiv(tq, 64), b * h), out, grad_out, delta, tq, meta["DV"],
-                 BLOCK_M=64, BLOCK_DV=meta["BLOCK_DV"])
+    _tune.launch(_delta_kernel, (triton.cdiv(tq, 64), b * h), out, grad_out, delta, tq, meta["DV"], h,
+                 VARLEN=False, BLOCK_M=64, BLOCK_DV=meta["BLOCK_DV"])
     buckets = (_tune.bucket(tq), _tune.bucket(tk))
     split = group_split(b, hkv, tk, h // hkv, q.device)
     dk_out, dv_out = dk, dvv
@@ -759,13 +863,89 @@ def backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p=0.0, se
         dk_out, dv_out = (torch.empty(b, hkv, split, tk, t.shape[-1], device=q.device, dtype=torch.float32)
                           for t in (k, v))
     args = (q, k, v, mask_t, grad_out, lse, delta, dk_out, dv_out, *strides, h, hkv, h // hkv, split, tq, tk,
-            qk_scale, seed, dropout_p, *buckets, float(softcap), *options)
+            qk_scale, seed, dropout_p, *buckets, float(softcap), *options, None, None)
     _launch(_dkdv_kernel, _dkdv_tuned, lambda m: (triton.cdiv(tk, m["BLOCK_N"]), b * hkv * split), args, meta)
     if split > 1:
         dk.copy_(dk_out.sum(2))
         dvv.copy_(dv_out.sum(2))
     args = (q, k, v, mask_t, grad_out, lse, delta, dq, *strides, h, h // hkv, tq, tk, qk_scale,
-            seed, dropout_p, *buckets, float(softcap), *options)
+            seed, dropout_p, *buckets, float(softcap), *options, None, None)
     chunk = meta["PREC"] == "ieee" and meta["BLOCK_D"] > 128  # IEEE fp32 at D = 256: q, dO not resident
     _launch(_dq_kernel, _dq_tuned, lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h), args, dict(meta, CHUNK=chunk))
+    return dq, dk, dvv
+
+
+# ---------------------------------------------------------------- varlen (packed sequences)
+def _check_packed(fn, q, k, v, cu_q, cu_k, max_q, max_k):
+    """What the kernels rely on and the ops layer may not have checked (direct calls): shapes,
+    and cu_seqlens as contiguous int32 on q's device (their values are read on the device)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{fn}: {name} must be packed (total, heads, head_dim), got shape {tuple(t.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] or v.shape[:2] != k.shape[:2] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"{fn}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not agree "
+                         "(heads a multiple of k's, k / v rows and heads, q / k head dims)")
+    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1 or cu.stride(0) != 1 or cu.device != q.device:
+            raise ValueError(f"{fn}: {name} must be a contiguous 1-D int32 tensor on {q.device}, got {cu.dtype} "
+                             f"{tuple(cu.shape)} on {cu.device}")
+    if cu_q.numel() != cu_k.numel():
+        raise ValueError(f"{fn}: cu_seqlens_q has {cu_q.numel() - 1} sequences but cu_seqlens_k {cu_k.numel() - 1}")
+    for name, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
+        if not isinstance(m, int) or m < 0:
+            raise ValueError(f"{fn}: {name} must be an int >= 0, got {m!r}")
+
+
+def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, softcap=0.0, window=(-1, -1), alibi=None,
+                   sinks=None):
+    """Packed sequences (FlashAttention's varlen): (out (total_q, H, Dv), lse (H, total_q) fp32).
+    q (total_q, H, D), k (total_k, H_kv, D), v (total_k, H_kv, Dv), any strides; cu_q / cu_k int32
+    (num_seqs + 1,) prefix sums on q's device; max_q / max_k bound the lengths and size the grid
+    (programs past their sequence's end return at once). causal: 0 none, 1 top-left, 2
+    bottom-right, per sequence, as are the window, ALiBi ((H,) or (num_seqs, H)) and sinks (H,)."""
+    _check_packed("varlen_forward", q, k, v, cu_q, cu_k, max_q, max_k)
+    seqs = cu_q.numel() - 1
+    _, h, hkv, tq, tk, mask_t, strides, qk_scale, options, meta = _common(
+        q, k, v, None, causal, scale, 0.0, softcap, window, alibi, lengths=(max_q, max_k))
+    out = torch.empty(tq, h, meta["DV"], device=q.device, dtype=q.dtype)
+    lse = torch.empty(h, tq, device=q.device, dtype=torch.float32)
+    if out.numel() == 0 and lse.numel() == 0 or max_q == 0:
+        return out, lse
+    args = (q, k, v, mask_t, out, lse, *strides, h, h // hkv, tq, tk, qk_scale, 0, 0.0,
+            _tune.bucket(max_q), _tune.bucket(max_k), float(softcap), *options, sinks, cu_q, cu_k)
+    _launch(_fwd_kernel, _fwd_tuned, lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), seqs * h), args,
+            dict(meta, SINKS=sinks is not None))
+    return out, lse
+
+
+def varlen_backward(grad_out, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, causal, scale, softcap=0.0,
+                    window=(-1, -1), alibi=None):
+    """(dq, dk, dv) of varlen_forward, shaped as q, k, v (contiguous); lse is its (H, total_q)."""
+    _check_packed("varlen_backward", q, k, v, cu_q, cu_k, max_q, max_k)
+    seqs = cu_q.numel() - 1
+    _, h, hkv, tq, tk, mask_t, strides, qk_scale, options, meta = _common(
+        q, k, v, None, causal, scale, 0.0, softcap, window, alibi, lengths=(max_q, max_k))
+    dq, dk, dvv = (torch.empty(t.shape, device=q.device, dtype=q.dtype) for t in (q, k, v))
+    if 0 in (seqs, h, tq, tk, max_q, max_k):
+        return dq.zero_(), dk.zero_(), dvv.zero_()
+    grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
+    delta = torch.empty(h, tq, device=q.device, dtype=torch.float32)
+    _tune.launch(_delta_kernel, (triton.cdiv(tq, 64), h), out, grad_out, delta, tq, meta["DV"], h,
+                 VARLEN=True, BLOCK_M=64, BLOCK_DV=meta["BLOCK_DV"])
+    buckets = (_tune.bucket(max_q), _tune.bucket(max_k))
+    split = group_split(seqs, hkv, max_k, h // hkv, q.device)
+    dk_out, dv_out = dk, dvv
+    if split > 1:  # (SPLIT, total_k, H_kv, D) fp32 partials
+        dk_out, dv_out = (torch.empty(split, *t.shape, device=q.device, dtype=torch.float32) for t in (k, v))
+    args = (q, k, v, mask_t, grad_out, lse, delta, dk_out, dv_out, *strides, h, hkv, h // hkv, split, tq, tk,
+            qk_scale, 0, 0.0, *buckets, float(softcap), *options, cu_q, cu_k)
+    _launch(_dkdv_kernel, _dkdv_tuned, lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), seqs * hkv * split), args, meta)
+    if split > 1:
+        dk.copy_(dk_out.sum(0))
+        dvv.copy_(dv_out.sum(0))
+    args = (q, k, v, mask_t, grad_out, lse, delta, dq, *strides, h, h // hkv, tq, tk, qk_scale, 0, 0.0, *buckets,
+            float(softcap), *options, cu_q, cu_k)
+    chunk = meta["PREC"] == "ieee" and meta["BLOCK_D"] > 128
+    _launch(_dq_kernel, _dq_tuned, lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), seqs * h), args,
+            dict(meta, CHUNK=chunk))
     return dq, dk, dvv
