@@ -33,10 +33,13 @@
 // Loads in flight: a 16 KB K or V tile per CTA streams behind each GEMM half (8 x 16 B per
 // thread); with 2 CTAs per SM that is 32 KB in flight per SM, about what A100's HBM needs at
 // ~1.5 TB/s and ~1 us latency per SM-share (1.5e12 / 108 SMs x 1e-6 s = 14 KB).
-// Occupancy: 205-250 registers per thread (launch bound: 2 CTAs of 128 threads per SM), so 8
-// warps per SM on sm_80/90, as FA2 runs at D = 128. Shared memory: (64 + 2 BN) rows x (D + 8)
-// halves = 52 KB at D = 128 (67 KB at D = 256): every head dim fits the 99 KB per block of
-// sm_86/89, but their 100 KB per SM hold one such CTA (4 warps) above D = 64.
+// Occupancy: 200 (sm_80) / 213 (sm_90a) registers per thread at D = 128, up to 249 at D = 256
+// (launch bound: 2 CTAs of 128 threads per SM), so 8 warps per SM on sm_80/90, as FA2 runs at
+// D = 128. Shared memory: (64 + 2 BN) rows x (D + 8) halves (+ 32 bytes: the CTA's sequence) =
+// 52 KB at D = 128 (67 KB at D = 256): every head dim fits the 99 KB per block of sm_86/89, but
+// their 100 KB per SM hold one such CTA (4 warps) above D = 64. The sequence's lengths live in
+// that shared slot, read where a masked tile, the ALiBi bias or the epilogue needs them: kept in
+// registers through the loop they cost up to 24 registers (a CTA per SM at D = 64 on sm_80).
 // The 8-half row padding puts the 8 rows of an ldmatrix phase in distinct bank groups.
 // Soft-capping (softcap > 0) and ALiBi run in a kernel of their own, forward_score_mod_kernel, the
 // same tile loop compiled with kScoreMod: right after S = Q K^T each score becomes softcap *
@@ -60,6 +63,7 @@
 // own keys in sight) depend on that length alone, so a paged cache and a contiguous one give the
 // same bits. The grid's split count is a bound from the capacity; CTAs whose chunk lies past the
 // sequence's keys leave the neutral partial (max -inf, sum 0), which the merge adds as nothing.
+// decode_kernel: 211 (sm_80) / 217 (sm_90a) registers at D = 128, no spills.
 #include "attention_common.cuh"
 #include "ptx.cuh"
 
@@ -72,7 +76,9 @@ template <int HD, int BN>
 struct FwdTiles {
   static constexpr int ld = HD + kPad;  // halves per shared row
   static constexpr size_t q_elems = size_t(kRows) * ld, kv_elems = size_t(BN) * ld;
-  static constexpr size_t bytes = (q_elems + 2 * kv_elems) * 2;
+  // then the CTA's sequence (SeqSpan), 16-byte aligned after the tiles
+  static constexpr size_t seq_at = ((q_elems + 2 * kv_elems) * 2 + 15) / 16 * 16;
+  static constexpr size_t bytes = seq_at + sizeof(SeqSpan);
 };
 
 // A row's normalisation from its running max m (natural-log units) and sum l of exp(s - m), with
@@ -117,6 +123,13 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
   g.rows = packed_heads(p.sh) * seq.tq;  // this sequence's rows
   const int64_t r0 = th.tile * kRows;
   if (r0 >= g.rows) return;  // varlen: a query tile past this sequence's end
+  // The lengths (and first rows) stay in shared memory for the tile loop and the epilogue, which
+  // rebuild the sequence's shape from there (own()) after a barrier: held in registers through
+  // the loop, they cost the dense kernels up to 24 registers (a CTA per SM at D = 64 on sm_80).
+  SeqSpan* seq_s = reinterpret_cast<SeqSpan*>(smem + L::seq_at);
+  if (threadIdx.x == 0) *seq_s = seq;
+  __syncthreads();
+  auto own = [&] { return seq_shape(p.sh, seq_s->tq, seq_s->tk); };
   int64_t split_lo = 0, split_hi = sh.tk;
   if (gridDim.z > 1) {  // split-KV: this CTA's chunk of the keys in sight (decode: per sequence)
     const Span in_sight = split_keys(sh);
@@ -157,7 +170,8 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
   const TileLoader<T, HD, BN> k_loader(sh.head_dim), v_loader(sh.value_dim);
   auto load_kv = [&](const TileLoader<T, HD, BN>& load, T* dst, const T* base, const int64_t (&s)[4], int64_t j0,
                      int64_t d) {
-    const int valid = int(min(int64_t(BN), sh.tk - j0));
+    // rows past the keys any row of the CTA sees (kr.hi, <= Tk) zero-fill: they are masked anyway
+    const int valid = int(min(int64_t(BN), kr.hi - j0));
     if constexpr (kCache) {
       // key j: page block_table[b][j / page_size], slot j % page_size (contiguous: page b, slot j);
       // an index and a 32-bit division per row and tile, nothing per element
@@ -208,7 +222,8 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[n][e] *= p.scale2;
       }
-      if (sh.alibi_slopes != nullptr) {
+      if (p.sh.alibi_slopes != nullptr) {
+        const AttentionShape sh = own();  // the lengths read where a tile needs them
         // ALiBi after the cap: slope2 * |t + offset - j| for key j = j0 + n * 8 + 2 quad + e % 2,
         // as |base - (n * 8 + e % 2)| in fp32 (exact for distances below 2^24)
         float base[2];
@@ -227,6 +242,7 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
     constexpr bool kMasked = decltype(masked)::value;
     uint32_t live = 0xffffffffu;  // bit 2n+c: key n*8 + quad*2 + c is seen by some row of the warp
     if constexpr (kMasked) {
+      const AttentionShape sh = own();
       // per row, keys [j0 + first, j0 + lim) pass the bounds, causal and window tests (32-bit from here on)
       int first[2], lim[2];
 #pragma unroll
@@ -316,9 +332,10 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
     l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
     l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
   }
-  const int64_t dv = sh.value_dim;
+  const int64_t dv = p.sh.value_dim;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
+    const AttentionShape sh = own();
     const int64_t h = query_row(sh, g, r0 + warp * 16 + lane / 4 + 8 * i).head, bh = g.batch * sh.heads + h;
     const float m_nat = m_run[i] * kLn2;  // back to natural-log units
     if (row_ok[i] && gridDim.z > 1) {     // split-KV: unnormalized O, max, sum for merge_kernel
@@ -331,7 +348,7 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
       if (quad == 0) po[dv] = m_nat, po[dv + 1] = l_run[i];
     } else if (row_ok[i]) {
       const RowNorm rn = row_norm(m_nat, l_run[i], sink_of(sh, h));
-      const int64_t t = seq.q0 + t_row[i];  // the row in out / lse (varlen: packed)
+      const int64_t t = seq_s->q0 + t_row[i];  // the row in out / lse (varlen: packed)
       T* o = static_cast<T*>(p.out) + (g.batch * p.out_s[0] + h * p.out_s[1] + t * p.out_s[2]) * dv;
 #pragma unroll
       for (int n = 0; n < kDT; ++n)

@@ -24,15 +24,16 @@
 // for S^T, dP^T; 2 x 32 for dV, dK; 32 for this warp's 16 x 64 slice of dQ over 64 keys) = 160
 // HMMA against ~100 ldmatrix, ~6 instructions per score for P and dS, 8 float2 read-add-writes of
 // dQ and the tile loads. Per head, the maskless query tiles run in a loop of their own: compiled,
-// it is 5.7 instructions per HMMA on sm_80 and 5.9 on sm_90a (scripts/sass_report.py, asserted
+// it is 5.56 instructions per HMMA on sm_80 and 5.71 on sm_90a (scripts/sass_report.py, asserted
 // in tests/test_sass_report.py); its global traffic is 16-byte cp.async for Q and dO, the dQ
 // float2 sums and 4-byte lse/delta, and its one inner loop is the spin on the dQ turn. The masked
-// copy (causal diagonal, ragged Tq, user masks) is 10.6. 205-254 registers, 2 CTAs (8 warps) per
+// copy (causal diagonal, ragged Tq, user masks) is 10.6. 198-254 registers, 2 CTAs (8 warps) per
 // SM on sm_80/90 (one above D = 32 on sm_86/89's 100 KB per SM), no spills.
 // CTAs take their (head, key tile) from a ticket (an atomicAdd at start), so a key tile waiting
 // for its dQ turn only ever waits for CTAs already running: no reliance on dispatch order.
-// Shared memory: K, V (64 rows) + 2 x (Q, dO) (BM rows) of D + 8 halves, plus dS^T (64 x BM + 8):
-// 75 KB at D = 128, 57 KB at D = 96, so every head dim fits the 99 KB per block of sm_86/89.
+// Shared memory: K, V (64 rows) + 2 x (Q, dO) (BM rows) of D + 8 halves, plus dS^T (64 x BM + 8)
+// and the CTA's sequence (32 bytes): 75 KB at D = 128, 57 KB at D = 96, so every head dim fits the
+// 99 KB per block of sm_86/89.
 // Soft-capping (softcap > 0) and ALiBi run in backward_score_mod_kernel, the same loop compiled
 // with kScoreMod: it recomputes the capped scores (t = tanh(scale * s / softcap), score softcap *
 // t; a branch uniform over the launch) and adds ALiBi's bias from a per-tile table in shared
@@ -129,7 +130,7 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
     do_loader(dOs + buf * L::qo, dog, p.dout.s[2], valid, dv);
     if (threadIdx.x < BM) {  // lse in log2 units, +inf where the row saw nothing (P = 0 there)
       const int r = threadIdx.x;
-      const float l = r < valid ? p.lse[b * p.lse_s[0] + h * p.lse_s[1] + (row0 + r) * p.lse_s[2]] : neg_inf();
+      const float l = r < valid ? p.lse[b * p.lse_s[0] + h * p.lse_s[1] + row0 + r] : neg_inf();  // lse rows: stride 1
       lse_s[buf * BM + r] = l == neg_inf() ? -neg_inf() : l * kLog2e;
       delta_s[buf * BM + r] = r < valid ? p.delta[bh * ws_tq + m0 + r] : 0.0f;
     }
@@ -302,7 +303,10 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int64_t t = m0 + rb * 16 + lane / 4 + 8 * i;
-        if (t >= seq_s->tq) continue;  // read here, after the turn's barrier: no register held since the tile's start
+        // Tq read here, after the turn's barrier (no register held since the tile's start); the
+        // plain kernel's maskless tiles lie wholly inside Tq and skip the test (the score-mod
+        // kernel keeps it: without it, ptxas' allocation at D = 128 spills 8 bytes on sm_90a)
+        if ((kScoreMod || !full) && t >= seq_s->tq) continue;
         float* row = p.dq_acc + (bh * ws_tq + t) * dq_ld(d);
 #pragma unroll
         for (int n = 0; n < kQC / 8; ++n) {
