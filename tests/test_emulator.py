@@ -136,3 +136,65 @@ def test_device_profile_switch():
     finally:
         torch.ops.fastlm_emu.emu_set_arch("8.0")
     assert torch.ops.fastlm_emu.emu_device()[:2] == [8, 0]
+
+
+# ---------------------------------------------------------------- the attention kernels' new paths
+def _emu_delta(fn):
+    """(result, [launches, faults] the call added)."""
+    before = torch.ops.fastlm_emu.emu_stats()
+    out = fn()
+    after = torch.ops.fastlm_emu.emu_stats()
+    return out, [after[0] - before[0], after[6] - before[6]]
+
+
+def test_decode_split_kv_paged_equals_contiguous():
+    """Decode with keys enough to split (>= 1024 in sight): each sequence cuts its own keys, so a
+    paged cache and a contiguous one of another capacity (another grid depth) give the same bits,
+    and splits past a short sequence's keys merge in as nothing. Two launches (tiles, merge), no
+    faults; against the float64 oracle."""
+    from fastlm.ops.decode_attention import decode_forward_ref
+
+    torch.manual_seed(0)
+    lengths, h, hkv, d, tq, ps = [0, 1100, 2000, 5], 4, 1, 32, 2, 16
+    cap = 2048
+    k, v = (torch.randn(len(lengths), cap + 64, hkv, d, dtype=torch.float16) for _ in range(2))
+    pages = cap // ps
+    table = torch.randperm(len(lengths) * pages).view(len(lengths), pages).to(torch.int32)
+    kp, vp = (torch.full((len(lengths) * pages, ps, hkv, d), float("nan"), dtype=torch.float16) for _ in range(2))
+    kp[table.long()] = k[:, :cap].reshape(len(lengths), pages, ps, hkv, d)
+    vp[table.long()] = v[:, :cap].reshape(len(lengths), pages, ps, hkv, d)
+    q = torch.randn(len(lengths), tq, h, d, dtype=torch.float16)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    sinks = torch.randn(h)
+    args = (seqlens, True, d ** -0.5, 0.0, -1, -1, None, sinks)
+    (out_p, lse_p), stats = _emu_delta(lambda: torch.ops.fastlm_emu.attention_decode_fwd(q, kp, vp, table, *args))
+    assert stats == [2, 0]
+    out_c, lse_c = torch.ops.fastlm_emu.attention_decode_fwd(q, k, v, None, *args)  # capacity 2112
+    assert torch.equal(out_p, out_c) and torch.equal(lse_p, lse_c)
+    want, want_lse = decode_forward_ref(q.double(), k.double(), v.double(), None, seqlens, True, d ** -0.5,
+                                        sinks=sinks.double())
+    torch.testing.assert_close(out_p.double(), want, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(lse_p.double(), want_lse.double(), rtol=1e-3, atol=1e-3)
+
+
+def test_varlen_one_launch_per_pass():
+    """Varlen runs the packed batch in one launch of the forward (and delta, backward, finish
+    for the gradients), with no faults; sequences without keys give 0, without queries nothing."""
+    torch.manual_seed(0)
+    lengths = [(5, 5), (0, 3), (70, 9), (3, 0), (1, 130)]
+    cu_q, cu_k = (torch.tensor([0] + [sum(x[i] for x in lengths[:n + 1]) for n in range(len(lengths))],
+                               dtype=torch.int32) for i in (0, 1))
+    q = torch.randn(int(cu_q[-1]), 4, 32, dtype=torch.float16)
+    k, v = (torch.randn(int(cu_k[-1]), 2, 32, dtype=torch.float16) for _ in range(2))
+    args = (cu_q, cu_k, 70, 130, 2, 32 ** -0.5)
+    (out, lse), stats = _emu_delta(lambda: torch.ops.fastlm_emu.attention_varlen_fwd(q, k, v, *args))
+    assert stats == [1, 0]
+    assert torch.equal(out[75:78], torch.zeros_like(out[75:78])) and bool(torch.isinf(lse[:, 75:78]).all())
+    grad = torch.randn_like(out)
+    (dq, dk, dv), stats = _emu_delta(
+        lambda: torch.ops.fastlm_emu.attention_varlen_bwd(grad, q, k, v, *args[:4], out, lse, *args[4:]))
+    assert stats == [3, 0]
+    ref = torch.ops.fastlm.attention_varlen_bwd(grad.float(), q.float(), k.float(), v.float(), *args[:4], out.float(),
+                                                lse, *args[4:])
+    for got, want in zip((dq, dk, dv), ref):
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)

@@ -283,3 +283,18 @@ def test_attention_backward_main_loop_figures(kernels, arch):
         assert 0 < per_mma <= 6.0, f"{name}: {per_mma} instructions per HMMA in the main loop"
         assert widths == [4, 8, 16], f"{name}: global load widths {widths} in the main loop"
         assert mma_free == 1, f"{name}: {mma_free} inner loops without tensor-core instructions"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_decode_main_loop_figures(kernels, arch):
+    """The KV-cache decode kernel at D = 128 (attention.cu's decode_kernel): its main loop loads K
+    and V only as 16-byte cp.async, besides one 4-byte block-table entry per row and tile, and has no
+    inner loop without tensor-core work (the page lookup is straight-line code per row). Its
+    instructions per HMMA (14.2 on both archs: the per-row page index and 32-bit division of the
+    gather, and the score-mod code) are bounded so the gather cannot quietly grow."""
+    figures = sr.main_loop_figures(r"attn::.*decode_kernel<[^,]+, 128\b", arch)
+    assert len(figures) == 2, f"expected the fp16 and bf16 decode at D = 128, got {list(figures)}"
+    for name, (per_mma, widths, mma_free) in figures.items():
+        assert 0 < per_mma <= 15.0, f"{name}: {per_mma} instructions per HMMA in the main loop"
+        assert widths == [4, 16], f"{name}: global load widths {widths} in the main loop"
+        assert mma_free == 0, f"{name}: {mma_free} inner loops without tensor-core instructions"

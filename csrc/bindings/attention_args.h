@@ -148,16 +148,22 @@ inline Strided4 strided_varlen(const at::Tensor& t) {
   return Strided4{t.data_ptr(), {0, t.stride(1), t.stride(0), t.stride(2)}};
 }
 
-// cu_seqlens_<x>: host int32 (num_seqs + 1,) contiguous, 0 first, `total` last, nondecreasing,
-// every length at most max_seqlen_<x>.
-inline const int32_t* cu_seqlens_arg(const char* op, const char* name, const at::Tensor& cu, const char* total_name,
-                                     int64_t total, const char* max_name, int64_t max_seqlen) {
-  TORCH_CHECK_VALUE(cu.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", cu.device().str());
+// cu_seqlens_<x>: int32 (num_seqs + 1,) contiguous on q's device, 0 first, `total` last,
+// nondecreasing, every length at most max_seqlen_<x>. The values are checked only where they can
+// be read without a device sync (a CPU tensor: the cpu kernels, and the emulated cuda backend,
+// whose device memory is host memory); a CUDA kernel reads them on the device, and the Python ops
+// layer has checked them before the call.
+inline const int32_t* cu_seqlens_arg(const char* op, const char* name, const at::Tensor& cu, const at::Tensor& q,
+                                     const char* total_name, int64_t total, const char* max_name,
+                                     int64_t max_seqlen) {
+  TORCH_CHECK_VALUE(cu.device() == q.device(), op, ": ", name, " is on ", cu.device().str(), " but q is on ",
+                    q.device().str());
   TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", cu.scalar_type());
   TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, op, ": ", name, " must be 1-D (num_seqs + 1,), got shape ",
                     cu.sizes());
   TORCH_CHECK_VALUE(cu.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", cu.strides());
   TORCH_CHECK_VALUE(max_seqlen >= 0, op, ": ", max_name, " must be >= 0, got ", max_seqlen);
+  if (!cu.device().is_cpu()) return cu.data_ptr<int32_t>();
   const int32_t* c = cu.data_ptr<int32_t>();
   const int64_t n = cu.size(0);
   TORCH_CHECK_VALUE(c[0] == 0, op, ": ", name, "[0] must be 0, got ", c[0]);
@@ -172,7 +178,8 @@ inline const int32_t* cu_seqlens_arg(const char* op, const char* name, const at:
   return c;
 }
 
-// Checks a direct torch.ops.fastlm.attention_varlen_* call (the device check is the caller's).
+// Checks a direct torch.ops.fastlm.attention_varlen_* call (the device check of q is the caller's;
+// cu_seqlens values only on the CPU: cu_seqlens_arg).
 // The shape's batch is num_seqs, tq / tk are max_seqlen_q / max_seqlen_k.
 inline AttentionShape check_varlen_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                         const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
@@ -182,9 +189,9 @@ inline AttentionShape check_varlen_args(const char* op, const at::Tensor& q, con
                                         const std::optional<at::Tensor>& sinks = std::nullopt) {
   const DType dtype = dtype_arg(op, "q", q, allow_half);
   check_qkv(op, q, k, v, /*packed=*/true, causal, softcap);
-  const int32_t* cu_q = cu_seqlens_arg(op, "cu_seqlens_q", cu_seqlens_q, "total_q (q.size(0))", q.size(0),
+  const int32_t* cu_q = cu_seqlens_arg(op, "cu_seqlens_q", cu_seqlens_q, q, "total_q (q.size(0))", q.size(0),
                                        "max_seqlen_q", max_seqlen_q);
-  const int32_t* cu_k = cu_seqlens_arg(op, "cu_seqlens_k", cu_seqlens_k, "total_k (k.size(0))", k.size(0),
+  const int32_t* cu_k = cu_seqlens_arg(op, "cu_seqlens_k", cu_seqlens_k, q, "total_k (k.size(0))", k.size(0),
                                        "max_seqlen_k", max_seqlen_k);
   TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), op, ": cu_seqlens_q has ", cu_seqlens_q.size(0),
                     " entries but cu_seqlens_k has ", cu_seqlens_k.size(0), " (both num_seqs + 1)");
@@ -193,6 +200,7 @@ inline AttentionShape check_varlen_args(const char* op, const at::Tensor& q, con
                     static_cast<float>(softcap)};
   sh.cu_seqlens_q = cu_q;
   sh.cu_seqlens_k = cu_k;
+  sh.total_q = q.size(0);
   check_options(op, sh, q, window_left, window_right, alibi_slopes, sinks);
   return sh;
 }
@@ -218,7 +226,7 @@ inline void check_varlen_backward_args(const char* op, const AttentionShape& sh,
 }
 
 // Decode against a KV cache (attention_decode_fwd): the checked shape and cache layout, and the
-// int32 host tensors the layout points into (kept alive here).
+// int32 tensors (on q's device) the layout points into (kept alive here).
 struct DecodeArgs {
   AttentionShape shape;
   KvCacheLayout cache;

@@ -1,9 +1,14 @@
-// attention: the CUDA implementations of attention_fwd / attention_bwd declared in
-// attention.cpp (tensor cores, fp16/bf16; forward head dims up to 256, backward up to 128).
+// attention: the CUDA implementations of attention_fwd / attention_bwd, attention_varlen_fwd /
+// attention_varlen_bwd and attention_decode_fwd (schemas.h; tensor cores, fp16/bf16; forward head
+// dims up to 256, backward up to 128). Varlen's cu_seqlens and decode's cache_seqlens and
+// block_table stay on the device: the kernels read them there, so these checks look at their
+// dtype, shape and device only (values too under the emulator, where they are host memory).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "attention_args.h"
@@ -18,15 +23,18 @@ void cuda_args(const char* op, const at::Tensor& q) {
                    " (the cuda attention kernels run on tensor cores), got ", q.scalar_type());
 }
 
-// The forward kernel loads rows as 16-byte cp.async chunks, so the last dim must be contiguous
-// and the base and every other stride (of a dim longer than 1) a multiple of 16 bytes. Any other
+// The kernels load rows as 16-byte cp.async chunks, so the last dim must be contiguous and the
+// base and every other stride (of a dim longer than 1) a multiple of 16 bytes: for a paged KV
+// cache (num_pages, page_size, H_kv, D) that makes every page's rows aligned too. Any other
 // layout is copied once into rows padded to 8 elements, as FlashAttention asks of its callers.
 at::Tensor rows_16b_aligned(const at::Tensor& t) {
-  bool ok = (t.size(3) <= 1 || t.stride(3) == 1) && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  for (int d = 0; ok && d < 3; ++d) ok = t.size(d) <= 1 || t.stride(d) % 8 == 0;
+  const int64_t last = t.dim() - 1;
+  bool ok = (t.size(last) <= 1 || t.stride(last) == 1) && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; ok && d < last; ++d) ok = t.size(d) <= 1 || t.stride(d) % 8 == 0;
   if (ok) return t;
-  at::Tensor padded = at::empty({t.size(0), t.size(1), t.size(2), (t.size(3) + 7) / 8 * 8}, t.options());
-  at::Tensor rows = padded.narrow(3, 0, t.size(3));
+  std::vector<int64_t> sizes = t.sizes().vec();
+  sizes[last] = (sizes[last] + 7) / 8 * 8;
+  at::Tensor rows = at::empty(sizes, t.options()).narrow(last, 0, t.size(last));
   rows.copy_(t);
   return rows;
 }
@@ -87,6 +95,102 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   return {gq, gk, gv};
 }
 
+// Every row attends to nothing (no keys anywhere, or Dv = 0): out 0, lse -inf or the row's sink.
+// lse is (..., H, rows) or (H, rows): the sinks broadcast along the last dim.
+void fill_empty(at::Tensor& out, at::Tensor& lse, const std::optional<at::Tensor>& sinks) {
+  out.zero_();
+  if (!sinks.has_value()) {
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return;
+  }
+  lse.copy_(sinks->view({sinks->size(0), 1}).expand_as(lse));
+}
+
+// Variable-length packed sequences, one launch for the whole batch (attention.cu).
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t causal, double scale,
+    double softcap, int64_t window_left, int64_t window_right, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& sinks) {
+  constexpr const char* op = "attention_varlen";
+  cuda_args(op, q);
+  const AttentionShape sh =
+      check_varlen_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, softcap,
+                        /*allow_half=*/true, window_left, window_right, alibi_slopes, sinks);
+  const GpuGuard guard(q.device());
+  at::Tensor out = at::empty({q.size(0), sh.heads, sh.value_dim}, q.options());
+  at::Tensor lse = at::empty({sh.heads, q.size(0)}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  if (k.size(0) == 0 || sh.tk == 0 || sh.value_dim == 0) {
+    fill_empty(out, lse, sinks);
+    return {out, lse};
+  }
+  const at::Tensor qa = rows_16b_aligned(q), ka = rows_16b_aligned(k), va = rows_16b_aligned(v);
+  // no split-KV under varlen: the workspace is empty
+  check_launch(op, attention_forward_cuda(sh, strided_varlen(qa), strided_varlen(ka), strided_varlen(va), kNoMask,
+                                          out.data_ptr(), lse.data_ptr<float>(), nullptr, gpu_stream()));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const at::Tensor& out, const at::Tensor& lse, int64_t causal, double scale, double softcap, int64_t window_left,
+    int64_t window_right, const std::optional<at::Tensor>& alibi_slopes) {
+  constexpr const char* op = "attention_varlen_backward";
+  cuda_args(op, q);
+  const AttentionShape sh =
+      check_varlen_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, softcap,
+                        /*allow_half=*/true, window_left, window_right, alibi_slopes);
+  check_varlen_backward_args(op, sh, grad_out, q, out, lse);
+  TORCH_CHECK_VALUE(sh.head_dim <= 128 && sh.value_dim <= 128, op, ": the cuda backward takes head dims up to 128, got q ",
+                    sh.head_dim, " and v ", sh.value_dim);
+  const GpuGuard guard(q.device());
+  at::Tensor gq = at::empty(q.sizes(), q.options()), gk = at::empty(k.sizes(), k.options());
+  at::Tensor gv = at::empty(v.sizes(), v.options());
+  if (q.size(0) == 0 || k.size(0) == 0 || sh.tq == 0 || sh.tk == 0 || sh.heads == 0 || sh.head_dim == 0 ||
+      sh.value_dim == 0) {
+    return {gq.zero_(), gk.zero_(), gv.zero_()};
+  }
+  const at::Tensor go = rows_16b_aligned(grad_out), o = out.contiguous(), ls = lse.contiguous();
+  const at::Tensor qa = rows_16b_aligned(q), ka = rows_16b_aligned(k), va = rows_16b_aligned(v);
+  // sized by (num_seqs, H, max_seqlen_q/k), never by the lengths (which stay on the device)
+  at::Tensor workspace = at::empty({attention_backward_cuda_workspace(sh).floats}, q.options().dtype(at::kFloat));
+  check_launch(op, attention_backward_cuda(sh, strided_varlen(go), strided_varlen(qa), strided_varlen(ka),
+                                           strided_varlen(va), kNoMask, o.data_ptr(), ls.data_ptr<float>(),
+                                           workspace.data_ptr<float>(), gq.data_ptr(), gk.data_ptr(), gv.data_ptr(),
+                                           gpu_stream()));
+  return {gq, gk, gv};
+}
+
+// Decode against a paged or contiguous KV cache (attention.cu's decode_kernel).
+std::tuple<at::Tensor, at::Tensor> attention_decode_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const std::optional<at::Tensor>& block_table, const at::Tensor& cache_seqlens, bool causal, double scale,
+    double softcap, int64_t window_left, int64_t window_right, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& sinks) {
+  constexpr const char* op = "attention_decode";
+  cuda_args(op, q);
+  const DecodeArgs a = check_decode_args(op, q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, softcap,
+                                         /*allow_half=*/true, window_left, window_right, alibi_slopes, sinks);
+  const AttentionShape& sh = a.shape;
+  const GpuGuard guard(q.device());
+  at::Tensor out = at::empty({sh.batch, sh.tq, sh.heads, sh.value_dim}, q.options());
+  at::Tensor lse = at::empty({sh.batch, sh.heads, sh.tq}, q.options().dtype(at::kFloat));
+  if (lse.numel() == 0) return {out, lse};
+  if (sh.tk == 0 || sh.value_dim == 0 || k_cache.size(0) == 0) {  // no cache rows: every sequence is empty
+    fill_empty(out, lse, sinks);
+    return {out, lse};
+  }
+  const at::Tensor qa = rows_16b_aligned(q), kc = rows_16b_aligned(k_cache), vc = rows_16b_aligned(v_cache);
+  const int64_t scratch = attention_decode_forward_cuda_workspace(sh);
+  at::Tensor workspace = at::empty({scratch}, q.options().dtype(at::kFloat));
+  check_launch(op, attention_decode_forward_cuda(sh, a.cache, strided(qa), strided(kc), strided(vc), out.data_ptr(),
+                                                 lse.data_ptr<float>(),
+                                                 scratch > 0 ? workspace.data_ptr<float>() : nullptr, gpu_stream()));
+  return {out, lse};
+}
+
 // Shared memory the kernels need per block, [forward, backward] bytes: the Python dispatcher
 // routes around a device whose opt-in limit is smaller (fastlm/ops/attention.py).
 std::vector<int64_t> attention_cuda_smem(int64_t head_dim, int64_t value_dim) {
@@ -127,4 +231,7 @@ TORCH_LIBRARY_FRAGMENT(FASTLM_GPU_NAMESPACE, m) {
 TORCH_LIBRARY_IMPL(FASTLM_GPU_NAMESPACE, FASTLM_GPU_KEY, m) {
   m.impl("attention_fwd", &fastlm::bind::attention_fwd_cuda);
   m.impl("attention_bwd", &fastlm::bind::attention_bwd_cuda);
+  m.impl("attention_varlen_fwd", &fastlm::bind::attention_varlen_fwd_cuda);
+  m.impl("attention_varlen_bwd", &fastlm::bind::attention_varlen_bwd_cuda);
+  m.impl("attention_decode_fwd", &fastlm::bind::attention_decode_fwd_cuda);
 }

@@ -33,10 +33,13 @@
 // Loads in flight: a 16 KB K or V tile per CTA streams behind each GEMM half (8 x 16 B per
 // thread); with 2 CTAs per SM that is 32 KB in flight per SM, about what A100's HBM needs at
 // ~1.5 TB/s and ~1 us latency per SM-share (1.5e12 / 108 SMs x 1e-6 s = 14 KB).
-// Occupancy: 205-250 registers per thread (launch bound: 2 CTAs of 128 threads per SM), so 8
-// warps per SM on sm_80/90, as FA2 runs at D = 128. Shared memory: (64 + 2 BN) rows x (D + 8)
-// halves = 52 KB at D = 128 (67 KB at D = 256): every head dim fits the 99 KB per block of
-// sm_86/89, but their 100 KB per SM hold one such CTA (4 warps) above D = 64.
+// Occupancy: 200 (sm_80) / 213 (sm_90a) registers per thread at D = 128, up to 249 at D = 256
+// (launch bound: 2 CTAs of 128 threads per SM), so 8 warps per SM on sm_80/90, as FA2 runs at
+// D = 128. Shared memory: (64 + 2 BN) rows x (D + 8) halves (+ 32 bytes: the CTA's sequence) =
+// 52 KB at D = 128 (67 KB at D = 256): every head dim fits the 99 KB per block of sm_86/89, but
+// their 100 KB per SM hold one such CTA (4 warps) above D = 64. The sequence's lengths live in
+// that shared slot, read where a masked tile, the ALiBi bias or the epilogue needs them: kept in
+// registers through the loop they cost up to 24 registers (a CTA per SM at D = 64 on sm_80).
 // The 8-half row padding puts the 8 rows of an ldmatrix phase in distinct bank groups.
 // Soft-capping (softcap > 0) and ALiBi run in a kernel of their own, forward_score_mod_kernel, the
 // same tile loop compiled with kScoreMod: right after S = Q K^T each score becomes softcap *
@@ -44,6 +47,23 @@
 // or scale * log2(e) * s, then gets ALiBi's -slope * log2(e) * |i + offset - j| (FADD, FFMA; each
 // option a branch uniform over the launch), then masks and softmax as above. forward_kernel
 // (neither) has no score-mod code; windows and sinks cost it only loop bounds and the epilogue.
+// Varlen (FlashAttention's flash_attn_varlen_func) runs in these same kernels, one launch for the
+// packed batch: the grid is cdiv(pack * max_seqlen_q, 64) tiles x num_seqs x row groups, each CTA
+// reads its sequence's cu_seqlens pair from device memory (seq_span), exits at once if its tile
+// lies past the sequence's queries, offsets its Q/K/V rows by the sequence's first rows and does
+// all index math (diagonal, band, tile walk) with the sequence's own Tq, Tk; out and lse rows go
+// through Params' layouts (packed (total_q, H, Dv), (H, total_q)). The dense path pays one uniform
+// branch and a few integer ops per CTA for it; its main loop is unchanged. No split-KV under varlen.
+// Decode against a KV cache (flash_attn_with_kvcache / vLLM's paged attention) is decode_kernel:
+// the same tile loop with kCache, where each key tile's rows are gathered through the block table
+// (row j: page table[b][j / page_size], slot j % page_size; per row and tile one 4-byte table load
+// and a 32-bit division, nothing per element; any page_size >= 1, a contiguous cache as page b),
+// still one 16-byte cp.async per chunk (the binding keeps cache rows 16-byte aligned). Tk is
+// cache_seqlens[b], read on the device; the key walk and the split (split_chunk of the sequence's
+// own keys in sight) depend on that length alone, so a paged cache and a contiguous one give the
+// same bits. The grid's split count is a bound from the capacity; CTAs whose chunk lies past the
+// sequence's keys leave the neutral partial (max -inf, sum 0), which the merge adds as nothing.
+// decode_kernel: 211 (sm_80) / 217 (sm_90a) registers at D = 128, no spills.
 #include "attention_common.cuh"
 #include "ptx.cuh"
 
@@ -56,7 +76,9 @@ template <int HD, int BN>
 struct FwdTiles {
   static constexpr int ld = HD + kPad;  // halves per shared row
   static constexpr size_t q_elems = size_t(kRows) * ld, kv_elems = size_t(BN) * ld;
-  static constexpr size_t bytes = (q_elems + 2 * kv_elems) * 2;
+  // then the CTA's sequence (SeqSpan), 16-byte aligned after the tiles
+  static constexpr size_t seq_at = ((q_elems + 2 * kv_elems) * 2 + 15) / 16 * 16;
+  static constexpr size_t bytes = seq_at + sizeof(SeqSpan);
 };
 
 // A row's normalisation from its running max m (natural-log units) and sum l of exp(s - m), with
@@ -77,7 +99,10 @@ __device__ __forceinline__ float sink_of(const AttentionShape& sh, int64_t h) {
   return sh.sinks == nullptr ? neg_inf() : sh.sinks[h];
 }
 
-template <typename T, int HD, int BN, bool kScoreMod>
+// kCache: the decode kernel (attention_decode_forward_cuda): key rows through the KV cache's
+// block table, Tk = cache_seqlens[b], splits cut per sequence. Otherwise dense, or varlen where
+// sh.cu_seqlens_q is set (a uniform branch per CTA: seq_span).
+template <typename T, int HD, int BN, bool kScoreMod, bool kCache = false>
 __device__ __forceinline__ void forward_tiles(const Params& p) {
   using L = FwdTiles<HD, BN>;
   constexpr int ld = L::ld, kNT = BN / 8, kDT = HD / 8;  // n8 tiles of S and of O
@@ -86,16 +111,39 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
   T* Ks = Qs + L::q_elems;
   T* Vs = Ks + L::kv_elems;
 
-  const AttentionShape& sh = p.sh;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane % 4;
-  const TileHead th = tile_head(blockIdx.x, row_group(sh, 0).rows);
-  const RowGroup g = row_group(sh, th.head);
+  // The launch's shape sizes the grid (varlen: by max_seqlen_q); from here on sh is this CTA's own
+  // problem: its sequence's Tq and Tk (varlen), or the cached keys of its batch row (decode).
+  const TileHead th = tile_head(blockIdx.x, row_group(p.sh, 0).rows);
+  RowGroup g = row_group(p.sh, th.head);
+  SeqSpan seq{0, 0, p.sh.tq, p.sh.tk};
+  if constexpr (kCache) seq.tk = p.cache.cache_seqlens[g.batch];
+  else seq = seq_span(p.sh, g.batch);
+  const AttentionShape sh = seq_shape(p.sh, seq.tq, seq.tk);
+  g.rows = packed_heads(p.sh) * seq.tq;  // this sequence's rows
   const int64_t r0 = th.tile * kRows;
-  const int64_t split_lo = gridDim.z > 1 ? split_keys(sh).lo + int64_t(blockIdx.z) * p.chunk : 0;
-  const KeyRange kr = key_range(sh, g.rows, r0, kRows, split_lo, gridDim.z > 1 ? split_lo + p.chunk : sh.tk, BN);
-  const T* qg = static_cast<const T*>(p.q.data) + g.batch * p.q.s[0];
-  const T* kg = static_cast<const T*>(p.k.data) + g.batch * p.k.s[0] + g.kv_head * p.k.s[1];
-  const T* vg = static_cast<const T*>(p.v.data) + g.batch * p.v.s[0] + g.kv_head * p.v.s[1];
+  if (r0 >= g.rows) return;  // varlen: a query tile past this sequence's end
+  // The lengths (and first rows) stay in shared memory for the tile loop and the epilogue, which
+  // rebuild the sequence's shape from there (own()) after a barrier: held in registers through
+  // the loop, they cost the dense kernels up to 24 registers (a CTA per SM at D = 64 on sm_80).
+  SeqSpan* seq_s = reinterpret_cast<SeqSpan*>(smem + L::seq_at);
+  if (threadIdx.x == 0) *seq_s = seq;
+  __syncthreads();
+  auto own = [&] { return seq_shape(p.sh, seq_s->tq, seq_s->tk); };
+  int64_t split_lo = 0, split_hi = sh.tk;
+  if (gridDim.z > 1) {  // split-KV: this CTA's chunk of the keys in sight (decode: per sequence)
+    const Span in_sight = split_keys(sh);
+    const int64_t chunk = kCache ? split_chunk(imax(1, in_sight.hi - in_sight.lo), p.split_want) : p.chunk;
+    split_lo = in_sight.lo + int64_t(blockIdx.z) * chunk, split_hi = split_lo + chunk;
+  }
+  const KeyRange kr = key_range(sh, g.rows, r0, kRows, split_lo, split_hi, BN);
+  const T* qg = static_cast<const T*>(p.q.data) + g.batch * p.q.s[0] + seq.q0 * p.q.s[2];
+  // K/V: dense and varlen rows are kg + j * stride (varlen from the sequence's first key); the
+  // cache's rows are found through its pages, with strides (page, slot, kv head) in p.k.s
+  const T* kg = static_cast<const T*>(p.k.data) +
+                (kCache ? g.kv_head * p.k.s[2] : g.batch * p.k.s[0] + g.kv_head * p.k.s[1] + seq.k0 * p.k.s[2]);
+  const T* vg = static_cast<const T*>(p.v.data) +
+                (kCache ? g.kv_head * p.v.s[2] : g.batch * p.v.s[0] + g.kv_head * p.v.s[1] + seq.k0 * p.v.s[2]);
 
   // this lane's two rows: warp * 16 + lane / 4 (+ 8)
   int64_t t_row[2];
@@ -120,8 +168,25 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
     return qg + qr.head * p.q.s[1] + qr.t * p.q.s[2];
   };
   const TileLoader<T, HD, BN> k_loader(sh.head_dim), v_loader(sh.value_dim);
-  auto load_kv = [&](const TileLoader<T, HD, BN>& load, T* dst, const T* base, int64_t stride, int64_t j0, int64_t d) {
-    load(dst, base + j0 * stride, stride, int(min(int64_t(BN), sh.tk - j0)), d);
+  auto load_kv = [&](const TileLoader<T, HD, BN>& load, T* dst, const T* base, const int64_t (&s)[4], int64_t j0,
+                     int64_t d) {
+    // rows past the keys any row of the CTA sees (kr.hi, <= Tk) zero-fill: they are masked anyway
+    const int valid = int(min(int64_t(BN), kr.hi - j0));
+    if constexpr (kCache) {
+      // key j: page block_table[b][j / page_size], slot j % page_size (contiguous: page b, slot j);
+      // an index and a 32-bit division per row and tile, nothing per element
+      const int32_t* pages = p.cache.block_table + g.batch * p.cache.block_table_stride;
+      const bool contiguous = p.cache.block_table == nullptr;
+      const uint32_t page_size = uint32_t(p.cache.page_size);
+      load.gather(dst, base, [&](int r) -> int64_t {
+        const uint32_t j = uint32_t(j0 + r);
+        if (contiguous) return g.batch * s[0] + int64_t(j) * s[1];
+        const uint32_t page = j / page_size;
+        return int64_t(pages[page]) * s[0] + int64_t(j - page * page_size) * s[1];
+      }, valid, d);
+    } else {
+      load(dst, base + j0 * s[2], s[2], valid, d);
+    }
   };
 
   float acc_o[kDT][4];
@@ -131,7 +196,7 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
 
   if (kr.lo < kr.hi) {
     load_rows<T, HD, kRows>(Qs, sh.head_dim, q_row);
-    load_kv(k_loader, Ks, kg, p.k.s[2], kr.lo, sh.head_dim);
+    load_kv(k_loader, Ks, kg, p.k.s, kr.lo, sh.head_dim);
     cp_async_commit();
   }
   // One key tile; `masked` is a compile-time flag: the maskless tiles get a loop of their own whose
@@ -139,7 +204,7 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
   auto step = [&](int64_t j0, auto masked) {
     cp_async_wait<0>();
     __syncthreads();  // K_j (and Q) landed; every warp is done with V_{j-1}
-    load_kv(v_loader, Vs, vg, p.v.s[2], j0, sh.value_dim);
+    load_kv(v_loader, Vs, vg, p.v.s, j0, sh.value_dim);
     cp_async_commit();
 
     // S = Q K_j^T: this warp's 16 rows x BN keys
@@ -157,7 +222,8 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[n][e] *= p.scale2;
       }
-      if (sh.alibi_slopes != nullptr) {
+      if (p.sh.alibi_slopes != nullptr) {
+        const AttentionShape sh = own();  // the lengths read where a tile needs them
         // ALiBi after the cap: slope2 * |t + offset - j| for key j = j0 + n * 8 + 2 quad + e % 2,
         // as |base - (n * 8 + e % 2)| in fp32 (exact for distances below 2^24)
         float base[2];
@@ -176,6 +242,7 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
     constexpr bool kMasked = decltype(masked)::value;
     uint32_t live = 0xffffffffu;  // bit 2n+c: key n*8 + quad*2 + c is seen by some row of the warp
     if constexpr (kMasked) {
+      const AttentionShape sh = own();
       // per row, keys [j0 + first, j0 + lim) pass the bounds, causal and window tests (32-bit from here on)
       int first[2], lim[2];
 #pragma unroll
@@ -236,7 +303,7 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
     cp_async_wait<0>();
     __syncthreads();  // V_j landed; every warp is done with K_j
     if (j0 + BN < kr.hi) {
-      load_kv(k_loader, Ks, kg, p.k.s[2], j0 + BN, sh.head_dim);
+      load_kv(k_loader, Ks, kg, p.k.s, j0 + BN, sh.head_dim);
       cp_async_commit();
     }
 
@@ -265,13 +332,14 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
     l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
     l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
   }
-  const int64_t dv = sh.value_dim;
+  const int64_t dv = p.sh.value_dim;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
+    const AttentionShape sh = own();
     const int64_t h = query_row(sh, g, r0 + warp * 16 + lane / 4 + 8 * i).head, bh = g.batch * sh.heads + h;
     const float m_nat = m_run[i] * kLn2;  // back to natural-log units
     if (row_ok[i] && gridDim.z > 1) {     // split-KV: unnormalized O, max, sum for merge_kernel
-      float* po = p.part + ((bh * gridDim.z + blockIdx.z) * sh.tq + t_row[i]) * (dv + 2);
+      float* po = p.part + ((bh * gridDim.z + blockIdx.z) * p.sh.tq + t_row[i]) * (dv + 2);
 #pragma unroll
       for (int n = 0; n < kDT; ++n)
 #pragma unroll
@@ -280,13 +348,14 @@ __device__ __forceinline__ void forward_tiles(const Params& p) {
       if (quad == 0) po[dv] = m_nat, po[dv + 1] = l_run[i];
     } else if (row_ok[i]) {
       const RowNorm rn = row_norm(m_nat, l_run[i], sink_of(sh, h));
-      T* o = static_cast<T*>(p.out) + (bh * sh.tq + t_row[i]) * dv;
+      const int64_t t = seq_s->q0 + t_row[i];  // the row in out / lse (varlen: packed)
+      T* o = static_cast<T*>(p.out) + (g.batch * p.out_s[0] + h * p.out_s[1] + t * p.out_s[2]) * dv;
 #pragma unroll
       for (int n = 0; n < kDT; ++n)
 #pragma unroll
         for (int c = 0; c < 2; ++c)
           if (n * 8 + quad * 2 + c < dv) o[n * 8 + quad * 2 + c] = from_float<T>(acc_o[n][2 * i + c] * rn.inv);
-      if (quad == 0) p.lse[bh * sh.tq + t_row[i]] = rn.lse;
+      if (quad == 0) p.lse[g.batch * p.lse_s[0] + h * p.lse_s[1] + t * p.lse_s[2]] = rn.lse;
     }
   }
 }
@@ -301,12 +370,23 @@ __global__ void __launch_bounds__(kThreads, 2) forward_score_mod_kernel(const Pa
   forward_tiles<T, HD, BN, true>(p);
 }
 
+// The decode kernel: the forward's tile loop over a KV cache's pages. Always the score-mod
+// variant (softcap and ALiBi by uniform branches): one kernel per head dim for every decode option,
+// where an FMUL per score is noise against the cache's bytes.
+template <typename T, int HD, int BN>
+__global__ void __launch_bounds__(kThreads, 2) decode_kernel(const Params p) {
+  forward_tiles<T, HD, BN, true, true>(p);
+}
+
 // Merges the split-KV partials of one query row (one CTA per row), splits in a fixed order; the
-// sink joins the merged denominator here (the split CTAs leave it out).
+// sink joins the merged denominator here (the split CTAs leave it out). A split past a decode
+// sequence's keys left the neutral partial (max -inf, sum 0), which adds exactly nothing.
 template <typename T>
-__global__ void merge_kernel(const float* part, T* out, float* lse, const AttentionShape sh, int splits) {
+__global__ void merge_kernel(const Params p, int splits) {
+  const AttentionShape& sh = p.sh;
   const int64_t tq = sh.tq, dv = sh.value_dim, r = blockIdx.x, bh = r / tq, qi = r % tq;
-  auto base = [&](int s) { return part + ((bh * splits + s) * tq + qi) * (dv + 2); };
+  const int64_t b = bh / sh.heads, h = bh % sh.heads;
+  auto base = [&](int s) { return p.part + ((bh * splits + s) * tq + qi) * (dv + 2); };
   float m = neg_inf();
   for (int s = 0; s < splits; ++s) m = fmaxf(m, base(s)[dv]);
   float l = 0.0f;
@@ -314,19 +394,18 @@ __global__ void merge_kernel(const float* part, T* out, float* lse, const Attent
     const float ms = base(s)[dv];
     l += ms == neg_inf() ? 0.0f : base(s)[dv + 1] * __expf(ms - m);
   }
-  const RowNorm rn = row_norm(m, l, sink_of(sh, bh % sh.heads));
+  const RowNorm rn = row_norm(m, l, sink_of(sh, h));
+  T* out = static_cast<T*>(p.out) + (b * p.out_s[0] + h * p.out_s[1] + qi * p.out_s[2]) * dv;
   for (int64_t c = threadIdx.x; c < dv; c += blockDim.x) {
     float acc = 0.0f;
     for (int s = 0; s < splits; ++s) {
       const float ms = base(s)[dv];
       acc += ms == neg_inf() ? 0.0f : base(s)[c] * __expf(ms - m);
     }
-    out[r * dv + c] = from_float<T>(acc * rn.inv);
+    out[c] = from_float<T>(acc * rn.inv);
   }
-  if (threadIdx.x == 0) lse[r] = rn.lse;
+  if (threadIdx.x == 0) p.lse[b * p.lse_s[0] + h * p.lse_s[1] + qi * p.lse_s[2]] = rn.lse;
 }
-
-constexpr int64_t kSplitGrain = 64;  // split chunks are whole multiples of every key tile size
 
 // CTAs before any split: (row groups) x (64-row tiles of a group).
 int64_t base_ctas(const AttentionShape& sh) {
@@ -334,40 +413,44 @@ int64_t base_ctas(const AttentionShape& sh) {
   return sh.batch * (sh.heads / pack) * row_tiles(pack * sh.tq);
 }
 
-// How many key splits a call gets: decode-like calls (Tq <= 16, >= 1024 keys in sight: the
-// window's, if any) spread those keys over enough CTAs to put about two on every SM, each split
-// still streaming >= 4 tiles of 64 keys; everything else runs unsplit.
+// How many CTAs may share a row group's keys: decode-like calls (Tq <= 16) spread the keys in
+// sight (a window's, if any: split_keys) over enough CTAs to put about two on every SM, each
+// split still streaming >= 4 tiles of 64 keys (split_count); everything else, and varlen, runs
+// unsplit.
 int64_t visible_keys(const AttentionShape& sh) {
   const Span keys = split_keys(sh);
   return keys.hi > keys.lo ? keys.hi - keys.lo : 0;
 }
-int64_t num_splits(const AttentionShape& sh) {
-  if (sh.tq > kPackMaxTq || visible_keys(sh) < 1024) return 1;
+int64_t split_want(const AttentionShape& sh) {
+  if (sh.tq > kPackMaxTq || sh.cu_seqlens_q != nullptr || visible_keys(sh) < 1024) return 1;
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
     return 1;
-  const int64_t ctas = base_ctas(sh), want = (2 * sms + ctas - 1) / ctas;
-  const int64_t most = (visible_keys(sh) + 4 * kSplitGrain - 1) / (4 * kSplitGrain);
-  return want < 1 ? 1 : (want < most ? want : most);
+  const int64_t ctas = base_ctas(sh);
+  return (2 * sms + ctas - 1) / ctas;
 }
-
-int64_t split_chunk(const AttentionShape& sh, int64_t splits) {
-  const int64_t per = (visible_keys(sh) + splits - 1) / splits;
-  return (per + kSplitGrain - 1) / kSplitGrain * kSplitGrain;
-}
+// Splits of the launch (gridDim.z): of a dense call, or under decode the most any sequence can
+// need (sh.tk is the cache's capacity, a bound of every cache_seqlens[b]; split_count is
+// non-decreasing in the keys in sight).
+int64_t num_splits(const AttentionShape& sh) { return split_count(imax(1, visible_keys(sh)), split_want(sh)); }
 
 template <typename T, int HD, int BN>
 int launch(const Params& p, cudaStream_t stream) {
   const size_t bytes = FwdTiles<HD, BN>::bytes;
-  auto* kernel = score_mod(p.sh) ? forward_score_mod_kernel<T, HD, BN> : forward_kernel<T, HD, BN>;
+  auto* kernel = p.cache.cache_seqlens != nullptr ? decode_kernel<T, HD, BN>
+                 : score_mod(p.sh)                ? forward_score_mod_kernel<T, HD, BN>
+                                                  : forward_kernel<T, HD, BN>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return int(err);
-  const unsigned splits = unsigned(p.chunk > 0 ? (visible_keys(p.sh) + p.chunk - 1) / p.chunk : 1);
-  launch_kernel(kernel, dim3(unsigned(base_ctas(p.sh)), 1, splits), kThreads, bytes, stream, p);
+  // dense: the chunks that cover the keys in sight; decode: the most any sequence may cut
+  const int64_t chunks = p.chunk > 0 ? (visible_keys(p.sh) + p.chunk - 1) / p.chunk : num_splits(p.sh);
+  const unsigned splits = unsigned(p.part != nullptr ? chunks : 1);
+  const int64_t ctas = base_ctas(p.sh);
+  if (ctas == 0) return 0;  // varlen with max_seqlen_q = 0: no query anywhere
+  launch_kernel(kernel, dim3(unsigned(ctas), 1, splits), kThreads, bytes, stream, p);
   if (splits > 1)
-    launch_kernel(merge_kernel<T>, unsigned(p.sh.batch * p.sh.heads * p.sh.tq), 128, 0, stream, p.part,
-                  static_cast<T*>(p.out), p.lse, p.sh, int(splits));
+    launch_kernel(merge_kernel<T>, unsigned(p.sh.batch * p.sh.heads * p.sh.tq), 128, 0, stream, p, int(splits));
   return int(cudaGetLastError());
 }
 
@@ -421,14 +504,42 @@ int64_t attention_forward_cuda_workspace(const AttentionShape& shape) {
   return splits > 1 ? shape.batch * shape.heads * splits * shape.tq * (shape.value_dim + 2) : 0;
 }
 
+namespace cuda::attn {
+namespace {
+int dispatch(Params& p, float* workspace, cudaStream_t stream) {
+  set_score_params(p);
+  const int64_t splits = num_splits(p.sh);
+  if (splits > 1 && workspace != nullptr) {
+    // dense: one chunk for every row group; decode: each sequence cuts its own keys (chunk 0)
+    p.part = workspace, p.split_want = split_want(p.sh);
+    p.chunk = p.cache.cache_seqlens == nullptr ? split_chunk(visible_keys(p.sh), p.split_want) : 0;
+  }
+  if (p.sh.dtype == DType::kFloat16) return dispatch_head_dim<__half>(p, stream);
+  return dispatch_head_dim<__nv_bfloat16>(p, stream);
+}
+}  // namespace
+}  // namespace cuda::attn
+
 int attention_forward_cuda(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v, Strided4 mask, void* out,
                            float* lse, float* workspace, cudaStream_t stream) {
   cuda::attn::Params p{shape, q, k, v, mask, out, lse};
-  cuda::attn::set_score_params(p);
-  const int64_t splits = cuda::attn::num_splits(shape);
-  if (splits > 1 && workspace != nullptr) p.part = workspace, p.chunk = cuda::attn::split_chunk(shape, splits);
-  if (shape.dtype == DType::kFloat16) return cuda::attn::dispatch_head_dim<__half>(p, stream);
-  return cuda::attn::dispatch_head_dim<__nv_bfloat16>(p, stream);
+  cuda::attn::set_layouts(p, is_varlen(shape) ? cuda::attn::Layout::kVarlen : cuda::attn::Layout::kDense);
+  return cuda::attn::dispatch(p, workspace, stream);
+}
+
+int64_t attention_decode_forward_cuda_workspace(const AttentionShape& shape) {
+  return attention_forward_cuda_workspace(shape);
+}
+
+int attention_decode_forward_cuda(const AttentionShape& shape, const KvCacheLayout& cache, Strided4 q,
+                                  Strided4 k_cache, Strided4 v_cache, void* out, float* lse, float* workspace,
+                                  cudaStream_t stream) {
+  // q's strides (b, t, h, d) in the kernel's (b, h, t, d) order
+  const Strided4 qk{q.data, {q.s[0], q.s[2], q.s[1], q.s[3]}};
+  cuda::attn::Params p{shape, qk, k_cache, v_cache, Strided4{nullptr, {0, 0, 0, 0}}, out, lse};
+  p.cache = cache;
+  cuda::attn::set_layouts(p, cuda::attn::Layout::kDecode);
+  return cuda::attn::dispatch(p, workspace, stream);
 }
 
 }  // namespace fastlm

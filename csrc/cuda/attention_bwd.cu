@@ -24,21 +24,29 @@
 // for S^T, dP^T; 2 x 32 for dV, dK; 32 for this warp's 16 x 64 slice of dQ over 64 keys) = 160
 // HMMA against ~100 ldmatrix, ~6 instructions per score for P and dS, 8 float2 read-add-writes of
 // dQ and the tile loads. Per head, the maskless query tiles run in a loop of their own: compiled,
-// it is 5.7 instructions per HMMA on sm_80 and 5.9 on sm_90a (scripts/sass_report.py, asserted
+// it is 5.56 instructions per HMMA on sm_80 and 5.71 on sm_90a (scripts/sass_report.py, asserted
 // in tests/test_sass_report.py); its global traffic is 16-byte cp.async for Q and dO, the dQ
 // float2 sums and 4-byte lse/delta, and its one inner loop is the spin on the dQ turn. The masked
-// copy (causal diagonal, ragged Tq, user masks) is 10.6. 205-254 registers, 2 CTAs (8 warps) per
+// copy (causal diagonal, ragged Tq, user masks) is 10.6. 198-254 registers, 2 CTAs (8 warps) per
 // SM on sm_80/90 (one above D = 32 on sm_86/89's 100 KB per SM), no spills.
 // CTAs take their (head, key tile) from a ticket (an atomicAdd at start), so a key tile waiting
 // for its dQ turn only ever waits for CTAs already running: no reliance on dispatch order.
-// Shared memory: K, V (64 rows) + 2 x (Q, dO) (BM rows) of D + 8 halves, plus dS^T (64 x BM + 8):
-// 75 KB at D = 128, 57 KB at D = 96, so every head dim fits the 99 KB per block of sm_86/89.
+// Shared memory: K, V (64 rows) + 2 x (Q, dO) (BM rows) of D + 8 halves, plus dS^T (64 x BM + 8)
+// and the CTA's sequence (32 bytes): 75 KB at D = 128, 57 KB at D = 96, so every head dim fits the
+// 99 KB per block of sm_86/89.
 // Soft-capping (softcap > 0) and ALiBi run in backward_score_mod_kernel, the same loop compiled
 // with kScoreMod: it recomputes the capped scores (t = tanh(scale * s / softcap), score softcap *
 // t; a branch uniform over the launch) and adds ALiBi's bias from a per-tile table in shared
 // memory for P, and multiplies dS by 1 - t^2 (the cap's derivative, of the raw score only: ALiBi
 // is additive). backward_kernel (neither) has none of it. No sinks here: the forward's lse already
 // holds them, and P = exp(s - lse) is all the backward needs.
+// Varlen: the same kernels, one launch; key tiles are counted over max_seqlen_k per (sequence, KV
+// head), and a CTA whose key tile lies past its sequence's keys exits right after its ticket (no
+// other tile ever waits for it: dQ turns only run through a sequence's real key tiles). The
+// workspace (delta, dQ sums, turn counters, dK/dV partials) is laid out for (num_seqs, H,
+// max_seqlen_q) rows, so its size needs no host read of cu_seqlens; delta_kernel and finish_kernel
+// walk those rows and skip the ones past a sequence's end; the inputs and grads are read and
+// written at the sequence's packed rows.
 #include "attention_common.cuh"
 #include "ptx.cuh"
 
@@ -52,7 +60,9 @@ struct BwdTiles {
   static constexpr int ld = HD + kPad, lds = BM + kPad;  // halves per shared row
   static constexpr size_t kv = size_t(kBN) * ld, qo = size_t(BM) * ld, ds = size_t(kBN) * lds;  // elements
   static constexpr int bias = BM + kBN;  // ALiBi table per buffer: one entry per key-query offset
-  static constexpr size_t bytes = (2 * kv + 4 * qo + ds) * 2 + 4 * BM * 4 + kWarps * 4 + 4 + 2 * bias * 4;
+  // then, 16-byte aligned, the CTA's sequence (seq_at: see backward_tiles)
+  static constexpr size_t seq_at = ((2 * kv + 4 * qo + ds) * 2 + 4 * BM * 4 + kWarps * 4 + 4 + 2 * bias * 4 + 15) / 16 * 16;
+  static constexpr size_t bytes = seq_at + sizeof(SeqSpan);
 };
 
 // Row stride of the fp32 dQ sums: even, so a lane's two columns are one aligned float2 (the pad
@@ -75,40 +85,54 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
   uint32_t* live_s = reinterpret_cast<uint32_t*>(delta_s + 2 * BM);  // [kWarps]: keys some query sees
   int* ticket_s = reinterpret_cast<int*>(live_s + kWarps);             // this CTA's place in the start order
   float* bias_s = reinterpret_cast<float*>(ticket_s + 1);              // [2][L::bias]: ALiBi, score-mod kernel
+  SeqSpan* seq_s = reinterpret_cast<SeqSpan*>(smem + L::seq_at);      // this CTA's sequence
 
-  const AttentionShape& sh = p.sh;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane % 4;
-  const int64_t group = sh.heads / sh.kv_heads, hpc = group / p.head_splits;
+  const int64_t group = p.sh.heads / p.sh.kv_heads, hpc = group / p.head_splits;
   // The CTA's (head, key tile) comes from its ticket, not blockIdx: a key tile waits for the
   // lower key tiles of its head (the dQ turns), and lower tickets belong to CTAs already running.
   if (threadIdx.x == 0) *ticket_s = ticket(p.cta_ticket);
   __syncthreads();
-  const TileHead th = tile_head(*ticket_s, sh.tk);
+  // The launch's shape sizes the grid and the workspace (varlen: max_seqlen_q/k, rows of the dQ
+  // sums, delta and turn counters at (b, h, t < max_seqlen_q)); sh is this CTA's sequence.
+  const TileHead th = tile_head(*ticket_s, p.sh.tk);
   const int64_t j0 = th.tile * kBN, split = th.head % p.head_splits, bhk = th.head / p.head_splits;
-  const int64_t b = bhk / sh.kv_heads, hk = bhk % sh.kv_heads, h_first = hk * group + split * hpc;
-  const int64_t dv = sh.value_dim, d = sh.head_dim;
-  const int64_t m_tiles = (sh.tq + BM - 1) / BM;
+  const int64_t b = bhk / p.sh.kv_heads, hk = bhk % p.sh.kv_heads, h_first = hk * group + split * hpc;
+  // The sequence's bounds live in shared memory, not registers: the D = 128 kernels have none to
+  // spare (255). own() is the sequence's shape, the launch's constant-bank fields with the lengths
+  // loaded from there; load_tile and step build it afresh after their barriers, so no length stays
+  // in a register across the loop.
+  if (threadIdx.x == 0) *seq_s = seq_span(p.sh, b);
+  __syncthreads();
+  const SeqSpan& seq = *seq_s;
+  auto own = [&] { return seq_shape(p.sh, seq_s->tq, seq_s->tk); };
+  const AttentionShape sh = own();
+  if (j0 >= sh.tk) return;  // varlen: a key tile past this sequence's end (nobody waits for it)
+  const int64_t dv = p.sh.value_dim, d = p.sh.head_dim;
+  const int64_t ws_tq = p.sh.tq, m_tiles = (ws_tq + BM - 1) / BM;  // the workspace's rows and query tiles per head
   const QueryTiles seen_by = query_tiles(sh, j0, kBN, BM);  // the query tiles this key tile visits
   const int64_t m_lo = seen_by.lo;
   // loop counters in 32 bits (query tiles per head < 2^31 / 64): registers are the limit here
   const int per_head = int(seen_by.hi - seen_by.lo), iters = int(hpc) * per_head;
 
-  const T* kg = static_cast<const T*>(p.k.data) + b * p.k.s[0] + hk * p.k.s[1];
-  const T* vg = static_cast<const T*>(p.v.data) + b * p.v.s[0] + hk * p.v.s[1];
+  const T* kg = static_cast<const T*>(p.k.data) + b * p.k.s[0] + hk * p.k.s[1] + seq.k0 * p.k.s[2];
+  const T* vg = static_cast<const T*>(p.v.data) + b * p.v.s[0] + hk * p.v.s[1] + seq.k0 * p.v.s[2];
   const TileLoader<T, HD, BM> q_loader(d), do_loader(dv);
   // query head h_first + hh, query tile m_lo + mrel
   auto load_tile = [&](int hh, int mrel, int buf) {
-    const int64_t h = h_first + hh, m0 = (m_lo + mrel) * BM, bh = b * sh.heads + h;
+    const AttentionShape sh = own();
+    const int64_t h = h_first + hh, m0 = (m_lo + mrel) * BM, bh = b * p.sh.heads + h;
     const int valid = int(min(int64_t(BM), sh.tq - m0));
-    const T* qg = static_cast<const T*>(p.q.data) + b * p.q.s[0] + h * p.q.s[1] + m0 * p.q.s[2];
-    const T* dog = static_cast<const T*>(p.dout.data) + b * p.dout.s[0] + h * p.dout.s[1] + m0 * p.dout.s[2];
+    const int64_t row0 = seq.q0 + m0;  // the tile's first packed row (dense: m0)
+    const T* qg = static_cast<const T*>(p.q.data) + b * p.q.s[0] + h * p.q.s[1] + row0 * p.q.s[2];
+    const T* dog = static_cast<const T*>(p.dout.data) + b * p.dout.s[0] + h * p.dout.s[1] + row0 * p.dout.s[2];
     q_loader(Qs + buf * L::qo, qg, p.q.s[2], valid, d);
     do_loader(dOs + buf * L::qo, dog, p.dout.s[2], valid, dv);
     if (threadIdx.x < BM) {  // lse in log2 units, +inf where the row saw nothing (P = 0 there)
       const int r = threadIdx.x;
-      const float l = r < valid ? p.lse[bh * sh.tq + m0 + r] : neg_inf();
+      const float l = r < valid ? p.lse[b * p.lse_s[0] + h * p.lse_s[1] + row0 + r] : neg_inf();  // lse rows: stride 1
       lse_s[buf * BM + r] = l == neg_inf() ? -neg_inf() : l * kLog2e;
-      delta_s[buf * BM + r] = r < valid ? p.delta[bh * sh.tq + m0 + r] : 0.0f;
+      delta_s[buf * BM + r] = r < valid ? p.delta[bh * ws_tq + m0 + r] : 0.0f;
     }
     // ALiBi in log2 units as a table over the tile's key-query offsets: query m0 + c and key j0 + r
     // are i + offset - j = m0 + offset - j0 + c - r apart, entry c - r + kBN - 1. Read per score
@@ -145,9 +169,10 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
   auto step = [&](int q, int hh, int k, auto masked) {
     constexpr bool full = !decltype(masked)::value;
     const int buf = int(q & 1);
-    const int64_t h = h_first + hh, m = m_lo + visit(k), m0 = m * BM, bh = b * sh.heads + h;
+    const int64_t h = h_first + hh, m = m_lo + visit(k), m0 = m * BM, bh = b * p.sh.heads + h;
     cp_async_wait<0>();
     __syncthreads();  // this tile landed; every warp is done with the other buffer and with dS^T
+    const AttentionShape sh = own();
     if (q + 1 < iters) {  // the next visit: the next tile of this head, or the next head's first
       const bool same = k + 1 < per_head;
       load_tile(same ? hh : hh + 1, visit(same ? k + 1 : 0), buf ^ 1);
@@ -170,14 +195,14 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
     int c_lo[2] = {0, 0}, c_hi[2] = {BM, BM};
     const char* mask_tile[2] = {nullptr, nullptr};
     if (!full) {
-      const int64_t elt = sh.mask_kind == MaskKind::kBool ? 1 : int64_t(sizeof(T));
+      const int64_t elt = p.sh.mask_kind == MaskKind::kBool ? 1 : int64_t(sizeof(T));
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int64_t j = j0 + warp * 16 + lane / 4 + 8 * i;
         const Span seers = queries_seeing(sh, j, j);
         c_lo[i] = int(clamp_to(seers.lo - m0, BM));
         c_hi[i] = j < sh.tk ? int(clamp_to(seers.hi - m0, BM)) : 0;
-        if (sh.mask_kind != MaskKind::kNone)
+        if (p.sh.mask_kind != MaskKind::kNone)
           mask_tile[i] = static_cast<const char*>(p.mask.data) +
                          (b * p.mask.s[0] + h * p.mask.s[1] + m0 * p.mask.s[2] + j * p.mask.s[3]) * elt;
       }
@@ -199,9 +224,9 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
         bool ok = true;
         if (!full) {
           ok = c >= c_lo[i] && c < c_hi[i];
-          if (ok && sh.mask_kind == MaskKind::kBool) {
+          if (ok && p.sh.mask_kind == MaskKind::kBool) {
             ok = mask_tile[i][c * p.mask.s[2]] != 0;
-          } else if (ok && sh.mask_kind == MaskKind::kAdditive) {
+          } else if (ok && p.sh.mask_kind == MaskKind::kAdditive) {
             x += to_float(reinterpret_cast<const T*>(mask_tile[i])[c * p.mask.s[2]]) * kLog2e;
             ok = x != neg_inf();
           }
@@ -251,7 +276,7 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
     constexpr int kQC = kCW % 32 == 0 ? 32 : kCW;
     // the key tiles adding into query tile m are a run from first_key_tile, where delta_kernel
     // starts its turn counter: key tile n's turn is n
-    int* turn = p.dq_turn + bh * m_tiles + m;
+    int* turn = p.dq_turn + bh * m_tiles + m;  // the workspace's (b, h, query tile)
 #pragma unroll
     for (int c0 = 0; c0 < kCW; c0 += kQC) {
       float dq[kQC / 8][4];
@@ -278,8 +303,11 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int64_t t = m0 + rb * 16 + lane / 4 + 8 * i;
-        if (t >= sh.tq) continue;
-        float* row = p.dq_acc + (bh * sh.tq + t) * dq_ld(d);
+        // Tq read here, after the turn's barrier (no register held since the tile's start); the
+        // plain kernel's maskless tiles lie wholly inside Tq and skip the test (the score-mod
+        // kernel keeps it: without it, ptxas' allocation at D = 128 spills 8 bytes on sm_90a)
+        if ((kScoreMod || !full) && t >= seq_s->tq) continue;
+        float* row = p.dq_acc + (bh * ws_tq + t) * dq_ld(d);
 #pragma unroll
         for (int n = 0; n < kQC / 8; ++n) {
           const int c = cb * kCW + c0 + n * 8 + quad * 2;
@@ -305,19 +333,19 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int64_t j = j0 + warp * 16 + lane / 4 + 8 * i;
-    if (j >= sh.tk) continue;
+    if (j >= seq.tk) continue;
 #pragma unroll
     for (int n = 0; n < kDT; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int64_t c = n * 8 + quad * 2 + e;
         if (p.head_splits == 1) {
-          const int64_t at = ((b * sh.kv_heads + hk) * sh.tk + j);
-          if (c < d) static_cast<T*>(p.grad_k)[at * d + c] = from_float<T>(dk[n][2 * i + e] * sh.scale);
+          const int64_t at = b * p.dkv_s[0] + hk * p.dkv_s[1] + (seq.k0 + j) * p.dkv_s[2];
+          if (c < d) static_cast<T*>(p.grad_k)[at * d + c] = from_float<T>(dk[n][2 * i + e] * p.sh.scale);
           if (c < dv) static_cast<T*>(p.grad_v)[at * dv + c] = from_float<T>(dvacc[n][2 * i + e]);
-        } else {
-          float* part = p.dkv_part + ((bhk * p.head_splits + split) * sh.tk + j) * (d + dv);
-          if (c < d) part[c] = dk[n][2 * i + e] * sh.scale;
+        } else {  // partials at the launch's (b, hk, split, j < max_seqlen_k)
+          float* part = p.dkv_part + ((bhk * p.head_splits + split) * p.sh.tk + j) * (d + dv);
+          if (c < d) part[c] = dk[n][2 * i + e] * p.sh.scale;
           if (c < dv) part[d + c] = dvacc[n][2 * i + e];
         }
       }
@@ -337,39 +365,57 @@ __global__ void __launch_bounds__(kThreads, 2) backward_score_mod_kernel(const P
 // delta = rowsum(dO * O) in fp32, one warp per row (O contiguous, dO strided). The first row of
 // each query tile (of bm rows) also starts the tile's dQ turn counter at the first key tile that
 // adds into it (a window's left edge makes that > 0; computed here, it costs the backward kernel
-// no registers).
+// no registers). Rows run over the workspace's (b, h, t < the launch's tq); varlen rows past their
+// sequence's end have nothing to do.
 template <typename T>
 __global__ void delta_kernel(const Params p, int bm) {
-  const AttentionShape& sh = p.sh;
-  const int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32, dv = sh.value_dim;
-  if (r >= sh.batch * sh.heads * sh.tq) return;
-  const T* o = static_cast<const T*>(p.out) + r * dv;
-  const int64_t b = r / (sh.heads * sh.tq), h = r / sh.tq % sh.heads, t = r % sh.tq;
-  const T* go = static_cast<const T*>(p.dout.data) + b * p.dout.s[0] + h * p.dout.s[1] + t * p.dout.s[2];
+  const int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32, dv = p.sh.value_dim;
+  if (r >= p.sh.batch * p.sh.heads * p.sh.tq) return;
+  const int64_t b = r / (p.sh.heads * p.sh.tq), h = r / p.sh.tq % p.sh.heads, t = r % p.sh.tq;
+  const SeqSpan seq = seq_span(p.sh, b);
+  if (t >= seq.tq) return;
+  const int64_t row = b * p.out_s[0] + h * p.out_s[1] + (seq.q0 + t) * p.out_s[2];
+  const T* o = static_cast<const T*>(p.out) + row * dv;
+  const T* go = static_cast<const T*>(p.dout.data) + b * p.dout.s[0] + h * p.dout.s[1] + (seq.q0 + t) * p.dout.s[2];
   float acc = 0.0f;
   for (int64_t c = threadIdx.x % 32; c < dv; c += 32) acc += to_float(o[c]) * to_float(go[c]);
   for (int s = 16; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
   if (threadIdx.x % 32 == 0) p.delta[r] = acc;
   if (threadIdx.x % 32 == 0 && t % bm == 0)
-    p.dq_turn[r / sh.tq * ((sh.tq + bm - 1) / bm) + t / bm] = int(first_key_tile(sh, t, kBN));
+    p.dq_turn[r / p.sh.tq * ((p.sh.tq + bm - 1) / bm) + t / bm] =
+        int(first_key_tile(seq_shape(p.sh, seq.tq, seq.tk), t, kBN));
 }
 
 // grad_q = scale * dQ sum; with head splits, grad_k/grad_v = the partials summed in split order.
+// Both walk the workspace's rows (b, h, t < the launch's tq or tk) and write the outputs' rows
+// through the layouts (varlen: packed, rows past a sequence's end skipped).
 template <typename T>
 __global__ void finish_kernel(const Params p) {
   const AttentionShape& sh = p.sh;
   const int64_t d = sh.head_dim, dv = sh.value_dim, nq = sh.batch * sh.heads * sh.tq * d;
   const int64_t nkv = p.head_splits > 1 ? sh.batch * sh.kv_heads * sh.tk * (d + dv) : 0;
+  const bool varlen = sh.cu_seqlens_q != nullptr;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < nq + nkv; i += int64_t(gridDim.x) * blockDim.x) {
     if (i < nq) {
-      static_cast<T*>(p.grad_q)[i] = from_float<T>(p.dq_acc[i / d * dq_ld(d) + i % d] * sh.scale);
+      int64_t at = i;  // dense: grad_q is laid out as the workspace
+      if (varlen) {
+        const int64_t r = i / d, bh = r / sh.tq, t = r % sh.tq, b = bh / sh.heads;
+        const SeqSpan seq = seq_span(sh, b);
+        if (t >= seq.tq) continue;
+        at = (b * p.out_s[0] + bh % sh.heads * p.out_s[1] + (seq.q0 + t) * p.out_s[2]) * d + i % d;
+      }
+      static_cast<T*>(p.grad_q)[at] = from_float<T>(p.dq_acc[i / d * dq_ld(d) + i % d] * sh.scale);
       continue;
     }
     const int64_t r = (i - nq) / (d + dv), c = (i - nq) % (d + dv), bhk = r / sh.tk, j = r % sh.tk;
+    const int64_t b = bhk / sh.kv_heads, hk = bhk % sh.kv_heads;
+    const SeqSpan seq = seq_span(sh, b);
+    if (j >= seq.tk) continue;
     float acc = 0.0f;
     for (int64_t s = 0; s < p.head_splits; ++s) acc += p.dkv_part[((bhk * p.head_splits + s) * sh.tk + j) * (d + dv) + c];
-    if (c < d) static_cast<T*>(p.grad_k)[r * d + c] = from_float<T>(acc);
-    else static_cast<T*>(p.grad_v)[r * dv + c - d] = from_float<T>(acc);
+    const int64_t at = b * p.dkv_s[0] + hk * p.dkv_s[1] + (seq.k0 + j) * p.dkv_s[2];
+    if (c < d) static_cast<T*>(p.grad_k)[at * d + c] = from_float<T>(acc);
+    else static_cast<T*>(p.grad_v)[at * dv + c - d] = from_float<T>(acc);
   }
 }
 
@@ -480,6 +526,7 @@ int attention_backward_cuda(const AttentionShape& shape, Strided4 grad_out, Stri
   p.dkv_part = workspace + at.part;
   p.head_splits = ws.head_splits;
   p.grad_q = grad_q, p.grad_k = grad_k, p.grad_v = grad_v;
+  cuda::attn::set_layouts(p, is_varlen(shape) ? cuda::attn::Layout::kVarlen : cuda::attn::Layout::kDense);
   cuda::attn::set_score_params(p);
   // the dQ sums, turn counters and ticket start at 0 (delta_kernel then moves each turn counter to
   // its first key tile); delta and the partials are written whole

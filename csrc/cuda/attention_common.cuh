@@ -3,7 +3,8 @@
 // groups (GQA packing), key ranges and tile classes, as __host__ __device__ helpers. Causal
 // masks and sliding windows are one band of visible keys around the diagonal (band), so loop
 // bounds, tile classes and per-score tests agree by construction; ALiBi's bias is computed in
-// the kernels from the slope (alibi_slope2).
+// the kernels from the slope (alibi_slope2). Varlen and KV-cache calls give each CTA its own
+// problem (seq_span, seq_shape): the same helpers then run on a sequence's Tq and Tk.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -48,11 +49,47 @@ struct Params {
   int* cta_ticket = nullptr; // backward: zeroed counter handing out (head, key tile) in start order
   float* dkv_part = nullptr; // backward, head_splits > 1: fp32 (B, Hkv, splits, Tk, D + Dv) partials
   int64_t head_splits = 1;   // backward: CTAs sharing one KV head's group of query heads
+  // Where rows live, as (batch, head, row) strides counted in rows (set_layouts): out and grad_q
+  // (rows of Dv / D elements), lse (floats), grad_k and grad_v (rows of D / Dv). The row of query
+  // t of batch b is q0 + t, q0 the sequence's first packed row (0 unless varlen), likewise keys.
+  int64_t out_s[3] = {0, 0, 0}, lse_s[3] = {0, 0, 0}, dkv_s[3] = {0, 0, 0};
+  // Decode (attention_decode_forward_cuda): the cache's block table and lengths, key rows gathered
+  // through it. Split-KV: the CTAs that may share a row group's keys; decode sequences cut their
+  // own keys in sight by split_chunk(keys, split_want) (chunk == 0 there), so a sequence's split
+  // depends on its length, not on the cache's capacity that sizes the grid.
+  KvCacheLayout cache{nullptr, 0, 1, nullptr};
+  int64_t split_want = 1;
   // set_score_params: scale2 = scale * log2(e) takes a raw product s to log2 units; softcap > 0:
   // y = cap_in * s (tanh_rcp), and the capped score in log2 units is cap_out * tanh. Kernel
   // parameters, so the FMULs read them from the constant bank and they take no registers.
   float scale2 = 0.0f, cap_in = 0.0f, cap_out = 0.0f;
 };
+
+// Row layouts (Params::out_s ...): dense out (B, H, Tq, Dv), lse (B, H, Tq), grads like q, k, v
+// contiguous; varlen out (total_q, H, Dv), lse (H, total_q), grad_k/v (total_k, Hkv, D); decode
+// out (B, Tq, H, Dv) and lse (B, H, Tq).
+enum class Layout { kDense, kVarlen, kDecode };
+inline void set_layouts(Params& p, Layout layout) {
+  const AttentionShape& sh = p.sh;
+  const int64_t lse_dense[3] = {sh.heads * sh.tq, sh.tq, 1};
+  auto set = [](int64_t (&dst)[3], int64_t b, int64_t h, int64_t t) { dst[0] = b, dst[1] = h, dst[2] = t; };
+  switch (layout) {
+    case Layout::kDense:
+      set(p.out_s, sh.heads * sh.tq, sh.tq, 1);
+      set(p.lse_s, lse_dense[0], lse_dense[1], lse_dense[2]);
+      set(p.dkv_s, sh.kv_heads * sh.tk, sh.tk, 1);
+      break;
+    case Layout::kVarlen:
+      set(p.out_s, 0, 1, sh.heads);
+      set(p.lse_s, 0, sh.total_q, 1);
+      set(p.dkv_s, 0, 1, sh.kv_heads);
+      break;
+    case Layout::kDecode:
+      set(p.out_s, sh.tq * sh.heads, 1, sh.heads);
+      set(p.lse_s, lse_dense[0], lse_dense[1], lse_dense[2]);
+      break;
+  }
+}
 
 inline void set_score_params(Params& p) {
   p.scale2 = p.sh.scale * kLog2e;
@@ -91,6 +128,25 @@ __host__ __device__ constexpr int64_t max_head_dim(const AttentionShape& sh) {
 __host__ __device__ constexpr int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ constexpr int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 __host__ __device__ constexpr int64_t clamp_to(int64_t x, int64_t hi) { return imax(0, imin(x, hi)); }
+
+// ---- Varlen: each CTA's own problem. The launch's shape bounds the sequences (tq, tk =
+// max_seqlen_q/k, the grid and the workspace are sized by them); seq_span reads a sequence's
+// first packed rows and lengths from device memory, and seq_shape gives the index math below its
+// own Tq and Tk (diagonal, band, tile walks). Dense: the launch's shape itself. One uniform branch
+// per CTA, nothing per score.
+struct SeqSpan {
+  int64_t q0, k0, tq, tk;  // first packed query and key row, lengths
+};
+__device__ __forceinline__ SeqSpan seq_span(const AttentionShape& sh, int64_t b) {
+  if (sh.cu_seqlens_q == nullptr) return {0, 0, sh.tq, sh.tk};
+  const int64_t q0 = sh.cu_seqlens_q[b], k0 = sh.cu_seqlens_k[b];
+  return {q0, k0, sh.cu_seqlens_q[b + 1] - q0, sh.cu_seqlens_k[b + 1] - k0};
+}
+__host__ __device__ inline AttentionShape seq_shape(const AttentionShape& sh, int64_t tq, int64_t tk) {
+  AttentionShape s = sh;
+  s.tq = tq, s.tk = tk;
+  return s;
+}
 
 // diagonal_offset (attention.h) for device code too: key j = query i + diagonal(sh) is the
 // diagonal that causal masks, windows and ALiBi are measured from.
@@ -136,6 +192,8 @@ __host__ __device__ constexpr int64_t packed_heads(const AttentionShape& sh) {
 struct RowGroup {
   int64_t batch, head0, kv_head, rows;  // rows = packed heads * Tq
 };
+// sh: the launch's shape (packing is decided once per launch, by max_seqlen_q under varlen); rows
+// is pack * the launch's tq, a bound of the sequence's pack * Tq_b (forward_tiles sets its own).
 __host__ __device__ inline RowGroup row_group(const AttentionShape& sh, int64_t group) {
   const int64_t pack = packed_heads(sh), per_batch = sh.heads / pack;
   const int64_t h0 = group % per_batch * pack;
@@ -231,6 +289,19 @@ __device__ __forceinline__ void load_rows(T* dst, int64_t d, RowPtr row_ptr) {
   }
 }
 
+// Split-KV: keys per split when `visible` keys are in sight and at most `want` CTAs may share
+// them: splits only from 1024 keys on, each streaming >= 4 tiles of 64 keys, the chunk a whole
+// number of every key tile. A function of its two arguments alone, so a decode sequence's split
+// depends on its own length only (paged == contiguous bit for bit). visible >= 1.
+constexpr int64_t kSplitGrain = 64;
+__host__ __device__ constexpr int64_t split_count(int64_t visible, int64_t want) {
+  return visible < 1024 ? 1 : imax(1, imin(want, (visible + 4 * kSplitGrain - 1) / (4 * kSplitGrain)));
+}
+__host__ __device__ constexpr int64_t split_chunk(int64_t visible, int64_t want) {
+  return ((visible + split_count(visible, want) - 1) / split_count(visible, want) + kSplitGrain - 1) / kSplitGrain *
+         kSplitGrain;
+}
+
 // Warp-level GEMMs on mma.sync.m16n8k16 fragments (PTX ISA layouts: lane l holds rows l / 4 and
 // l / 4 + 8 of a C fragment, columns 2 (l % 4) + {0, 1}).
 // acc (16 x 8*NT fp32 C fragments) += A (16 x K, given as K/16 fragment sets a[ks]) times B, where
@@ -313,6 +384,11 @@ struct TileLoader {
     if (bytes0 == 0) c0 = 0;
   }
   __device__ __forceinline__ void operator()(T* dst, const T* src, int64_t stride, int valid_rows, int64_t d) const {
+    gather(dst, src, [stride](int r) { return r * stride; }, valid_rows, d);
+  }
+  // The same for rows anywhere: tile row r (< valid_rows) at src + row(r) (a KV cache's pages).
+  template <typename RowOffset>
+  __device__ __forceinline__ void gather(T* dst, const T* src, RowOffset row, int valid_rows, int64_t d) const {
     if constexpr (kFixedColumn) {
       constexpr int kRowStep = kThreads / kChunks;
       const int col = int(threadIdx.x % kChunks * 8);
@@ -321,7 +397,7 @@ struct TileLoader {
         const int r = r0 + i * kRowStep;
         if (ROWS % kRowStep != 0 && r >= ROWS) break;
         const bool in = r < valid_rows;
-        cp_async16(dst + r * (HD + kPad) + col, src + (in ? r * stride : 0) + c0, in ? bytes0 : 0);
+        cp_async16(dst + r * (HD + kPad) + col, src + (in ? row(r) : 0) + c0, in ? bytes0 : 0);
       }
     } else {
 #pragma unroll
@@ -330,7 +406,7 @@ struct TileLoader {
         if (ROWS * kChunks % kThreads != 0 && idx >= ROWS * kChunks) break;
         const int r = idx / kChunks, c = idx % kChunks * 8, bytes = column_bytes(d, c);
         const bool in = r < valid_rows && bytes > 0;
-        cp_async16(dst + r * (HD + kPad) + c, src + (in ? r * stride + c : 0), in ? bytes : 0);
+        cp_async16(dst + r * (HD + kPad) + c, src + (in ? row(r) + c : 0), in ? bytes : 0);
       }
     }
   }

@@ -52,14 +52,17 @@ struct AttentionShape {
   const float* alibi_slopes = nullptr;
   int64_t alibi_batch_stride = 0;
   const float* sinks = nullptr;  // (H,) fp32 sink logits, forward only; nullptr: none
-  // Variable-length packed sequences (FlashAttention's varlen), host int32 (batch + 1,) prefix
-  // sums: sequence b has queries [cu_seqlens_q[b], cu_seqlens_q[b+1]) and keys [cu_seqlens_k[b],
-  // cu_seqlens_k[b+1]) of the packed T dims, and is its own attention problem (its own Tq, Tk and
-  // diagonal offset); tq/tk are then upper bounds of those lengths. q/k/v are given as Strided4
-  // with batch stride 0 and T = the packed rows; out is (total_q, H, Dv) and lse (H, total_q).
-  // nullptr (both): dense, every sequence has Tq = tq and Tk = tk.
+  // Variable-length packed sequences (FlashAttention's varlen), int32 (batch + 1,) prefix sums on
+  // the kernels' device (host memory for the CPU kernels, device memory for the CUDA ones, which
+  // read them there: no host sync): sequence b has queries [cu_seqlens_q[b], cu_seqlens_q[b+1])
+  // and keys [cu_seqlens_k[b], cu_seqlens_k[b+1]) of the packed T dims, and is its own attention
+  // problem (its own Tq, Tk and diagonal offset); tq/tk are then upper bounds of those lengths
+  // (max_seqlen_q/k). q/k/v are given as Strided4 with batch stride 0 and T = the packed rows; out
+  // is (total_q, H, Dv) and lse (H, total_q). nullptr (both): dense, every sequence has Tq = tq and
+  // Tk = tk.
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
+  int64_t total_q = 0;  // varlen: the packed query rows (q.size(0)), lse's row length
   // Attention dropout (CPU kernels; see the header comment): probability in [0, 1) (0: off) and
   // the Philox seed, which Triton's kernels take as the int seed & 0x7FFFFFFF.
   float dropout_p = 0.0f;
@@ -88,7 +91,9 @@ void attention_forward_cpu(const AttentionShape& shape, Strided4 q, Strided4 k, 
 // page_size = max_len. Batch b has keys [0, cache_seqlens[b]) (host int32) and its queries sit at
 // positions cache_seqlens[b] - Tq + i: shape.tk is only the capacity, shape.causal is kNone or
 // kBottomRight, and window / ALiBi / softcap / sinks act as in attention_forward_cpu with Tk =
-// cache_seqlens[b]. Host pointers; the caller has checked the pages a batch uses are in range.
+// cache_seqlens[b]. Pointers on the kernels' device (the CPU kernel's: host); the caller has
+// checked the pages a batch uses are in range (the CUDA binding cannot without a sync: the ops
+// layer does).
 // out: (B, Tq, H, Dv) contiguous, lse (B, H, Tq) fp32 contiguous.
 struct KvCacheLayout {
   const int32_t* block_table;  // nullptr: contiguous cache
@@ -108,9 +113,22 @@ void attention_backward_cpu(const AttentionShape& shape, Strided4 grad_out, Stri
 // synchronize. Forward: head dims up to 256; decode-like calls split the keys across CTAs and
 // need attention_forward_cuda_workspace(shape) floats of scratch (0: no split; call both with
 // the same current device).
+// Varlen (shape.cu_seqlens_*, device int32) runs in the same kernels and one launch: CTAs are
+// indexed by (sequence, head, query tile of max_seqlen_q) and those past their sequence's end exit;
+// it never splits the keys (workspace 0).
 int64_t attention_forward_cuda_workspace(const AttentionShape& shape);
 int attention_forward_cuda(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v, Strided4 mask,
                            void* out, float* lse, float* workspace, cudaStream_t stream);
+
+// Decode against a KV cache on tensor cores (the forward's kernel with each key tile's rows
+// gathered through the block table; cache and q as for attention_decode_forward_cpu, pointers in
+// device memory). Paged and contiguous caches give bit-identical results: the key tiles and the
+// split of sequence b depend on cache_seqlens[b] alone. Needs
+// attention_decode_forward_cuda_workspace(shape) floats of scratch (0: no split).
+int64_t attention_decode_forward_cuda_workspace(const AttentionShape& shape);
+int attention_decode_forward_cuda(const AttentionShape& shape, const KvCacheLayout& cache, Strided4 q,
+                                  Strided4 k_cache, Strided4 v_cache, void* out, float* lse, float* workspace,
+                                  cudaStream_t stream);
 
 // The kernels' index math, evaluated on the host for tests (no launch). Forward: [key tile BN,
 // then per CTA: batch, kv head, first key, end key, the full (maskless) key tiles' [start, end),
@@ -125,9 +143,10 @@ std::vector<int64_t> attention_backward_index_plan(const AttentionShape& shape);
 int64_t attention_forward_cuda_smem(int64_t head_dim, int64_t value_dim);
 int64_t attention_backward_cuda_smem(int64_t head_dim, int64_t value_dim);
 
-// Backward: head dims up to 128. out contiguous (B, H, Tq, Dv); grad_out, q, k, v with the
-// forward's 16-byte row alignment; grad_q/k/v
-// contiguous like q/k/v. workspace: attention_backward_cuda_workspace(shape).floats of fp32
+// Backward: head dims up to 128. out contiguous (B, H, Tq, Dv) (varlen: (total_q, H, Dv));
+// grad_out, q, k, v with the forward's 16-byte row alignment; grad_q/k/v contiguous like q/k/v.
+// Varlen: one launch, CTAs per (sequence, KV head, key tile of max_seqlen_k); the workspace is
+// laid out for (num_seqs, H, max_seqlen_q) rows, so its size depends on the bounds only. workspace: attention_backward_cuda_workspace(shape).floats of fp32
 // scratch (delta, the dQ sums and their turn counters, dK/dV partials); the launcher zeroes
 // what must start at 0 on the stream.
 struct AttentionBackwardWorkspace {
