@@ -32,6 +32,10 @@ SPILL_BUDGET = {
 # holds them at its 128 / 168 register targets; the sequence bounds the dense kernels read as
 # parameters live in registers there. The dense d128 dQ spills in the same tiles.)
 IEEE_SPILL_BUDGET: dict[str, int] = {}
+# sm_86 (added with issue #11's audit): the 16-bit D = 128 dQ's 32 x 32 tile over 8 warps spills
+# 4 B there (ptxas's 128-register target at 8 warps), the "dense d128 dQ" spill the note above
+# names for sm_80's sweep; a register-model gap in attention._allowed, not a shared-memory one.
+SM86_SPILL_BUDGET = {"attention._dq_kernel": 4}
 
 
 # what the session checked, for its terminal summary (tests/conftest.py pytest_terminal_summary)
@@ -44,6 +48,8 @@ def problems_of(r) -> list[str]:
     """What is wrong with one compile row (empty: within every limit)."""
     where = f"{r['kernel']} {r['dtype']} {r['target']} [{r['case']}] {r['config']}"
     budget = SPILL_BUDGET.get(r["kernel"], 0)
+    if r["target"] == "sm_86":
+        budget = max(budget, SM86_SPILL_BUDGET.get(r["kernel"], 0))
     if r["dtype"] == "fp32":
         budget = max(budget, IEEE_SPILL_BUDGET.get(r["kernel"], 0))
     problems = []
