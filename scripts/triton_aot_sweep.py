@@ -1,6 +1,7 @@
 """Compile every Triton kernel for sm_80, sm_86 and sm_90 with every specialisation and config
 its launcher can pick, for fp32/fp16/bf16, and print a table (kernel, target, dtype, config,
-shared memory, registers, spills, seconds, status). No GPU needed; single process.
+shared memory, registers, spills, seconds, status). No GPU needed; single process. A case whose
+launcher has no config that fits a target (e.g. sm_86's 99 KB) is a row with status no-config.
 
     python scripts/triton_aot_sweep.py [--targets 80,90] [--dtypes fp16] [--modules attention] [--jsonl rows.jsonl]
 

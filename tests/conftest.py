@@ -1,5 +1,6 @@
 import os
 import random
+import sys
 import zlib
 
 import pytest
@@ -20,7 +21,13 @@ def pytest_report_header(config):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """What ran under the SIMT emulator this session (csrc/emu), for CI logs."""
+    """What ran under the SIMT emulator this session (csrc/emu), and how many Triton compiles
+    tests/test_triton_aot.py checked (its module-level SUMMARY), for CI logs."""
+    aot = getattr(sys.modules.get("test_triton_aot"), "SUMMARY", None)
+    if aot and aot["compiles"]:
+        targets = ", ".join(f"{n} {t}" for t, n in sorted(aot["targets"].items()))
+        terminalreporter.write_line(f"Triton AOT: {aot['compiles']} kernel compiles checked ({targets}), "
+                                    f"{aot['seconds']} s compiling")
     from fastlm import _ext
 
     if not _ext.HAS_EMULATOR:

@@ -15,7 +15,7 @@ def _recorded(run, capability=90):
     """(kernel, named args) of every launch run() makes, launch sizes as for sm_<capability>."""
     rec = []
     saved = dict(_tune._aot)
-    _tune._aot.update(target=TARGETS[capability], record=lambda k, a, m: rec.append((k, a, m)))
+    _tune._aot.update(target=TARGETS[capability], record=lambda k, a, m, g: rec.append((k, a, m)))
     try:
         run()
     finally:
@@ -106,7 +106,7 @@ def test_autotune_off_runs_the_first_config_that_fits(monkeypatch):
 def test_no_config_fits_names_the_limit_and_sizes():
     small = _tune.Target(80, 1024, 108)
     saved = dict(_tune._aot)
-    _tune._aot.update(target=small, record=lambda k, a, m: k.early_config_prune(
+    _tune._aot.update(target=small, record=lambda k, a, m, g: k.early_config_prune(
         k.configs, dict(zip(k.arg_names, a)), **m))
     try:
         with pytest.raises(RuntimeError, match=r"triton attention forward: no config fits 1024 B of shared memory "
@@ -276,3 +276,152 @@ def test_paged_decode_tunes_once_for_every_length_and_layout():
     assert _keys(a) == _keys(_recorded(lambda: _paged([101, 3001])))
     assert _keys(a) == _keys(_recorded(lambda: _paged([5, 17], paged=False)))
     assert _keys(a) == _keys(_recorded(lambda: _paged([5, 17], page=1, capacity=512)))
+
+
+# ---------------------------------------------------------------- grid limits (CUDA: axes 1, 2 <= 65,535)
+def _grids(run, capability=90):
+    """(kernel name, (x, y, z)) of every launch run() makes for sm_<capability>, an autotuned
+    launch once per config its pruning keeps (any of them may be picked)."""
+    got = []
+
+    def record(kernel, args, meta, grid):
+        tuned = isinstance(kernel, fastlm_autotuner())
+        fn = kernel.fn if tuned else kernel
+        configs = kernel.early_config_prune(kernel.configs, dict(zip(fn.arg_names, args)), **meta) if tuned else [None]
+        for cfg in configs:
+            got.append((fn.fn.__name__, _tune.grid_of(grid, {**meta, **(cfg.kwargs if cfg else {})})))
+    saved = dict(_tune._aot)
+    _tune._aot.update(target=TARGETS[capability], record=record)
+    try:
+        run()
+    finally:
+        _tune._aot.update(saved)
+    assert got, "no launch recorded"
+    return got
+
+
+def _dense_many_heads():  # B * H = 70,000 > 65,535, tiny T and D
+    from fastlm.triton import attention
+
+    q = torch.randn(35000, 2, 1, 16)
+    out, lse = attention.forward(q, q, q, None, 0, 0.25)
+    attention.backward(out, q, q, q, None, out, lse, 0, 0.25)
+
+
+def _dense_big_batch():  # B = 70,000 > 65,535 (one head): the batch folded into axis 0
+    from fastlm.triton import attention
+
+    q = torch.randn(70000, 1, 1, 16)
+    out, lse = attention.forward(q, q, q, None, 0, 0.25)
+    attention.backward(out, q, q, q, None, out, lse, 0, 0.25)
+
+
+def _varlen_many_sequences():  # 2,048 packed sequences x 32 heads
+    from fastlm.triton import attention
+
+    seqs, h = 2048, 32
+    q = torch.randn(seqs * 2, h, 16)
+    cu = torch.arange(0, seqs * 2 + 1, 2, dtype=torch.int32)
+    out, lse = attention.varlen_forward(q, q, q, cu, cu, 2, 2, 1, 0.25)
+    attention.varlen_backward(out, q, q, q, cu, cu, 2, 2, out, lse, 1, 0.25)
+
+
+def _decode_big_batch():  # B = 2,048, H = H_kv = 32: B * H_kv = 65,536 (stride-0 keys: no memory)
+    from fastlm.triton import attention
+
+    q = torch.randn(2048, 32, 1, 16)
+    k = torch.randn(1, 1, 1, 16).expand(2048, 32, 512, 16)
+    attention.forward(q, k, k, None, 2, 0.25)
+
+
+def _paged_big_batch():
+    from fastlm.triton import attention_decode
+
+    q = torch.randn(2048, 1, 32, 16)
+    kc = torch.randn(1, 1, 1, 16).expand(2048, 256, 32, 16)  # a contiguous cache, one row per sequence
+    attention_decode.paged_forward(q, kc, kc, None, torch.full((2048,), 200, dtype=torch.int32), True, 0.25)
+
+
+@pytest.mark.parametrize("run,kernels", [
+    (_dense_many_heads, {"_fwd_kernel", "_delta_kernel", "_dkdv_kernel", "_dq_kernel"}),
+    (_dense_big_batch, {"_fwd_kernel", "_delta_kernel", "_dkdv_kernel", "_dq_kernel"}),
+    (_varlen_many_sequences, {"_fwd_kernel", "_delta_kernel", "_dkdv_kernel", "_dq_kernel"}),
+    (_decode_big_batch, {"_split_kernel", "_merge_kernel"}),
+    (_paged_big_batch, {"_split_kernel", "_merge_kernel"}),
+], ids=["dense-70000-heads", "dense-70000-batch", "varlen-2048x32", "decode-2048x32", "paged-2048x32"])
+@pytest.mark.parametrize("capability", [80, 90])
+def test_attention_grids_fit_cuda_limits(run, kernels, capability):
+    """Batch x heads past 65,535 must not land on grid axis 1 or 2 (CUDA refuses the launch; the
+    interpreter does not), for every config the tuner may pick."""
+    grids = _grids(run, capability)
+    assert {name for name, _ in grids} == kernels
+    over = [(name, g) for name, g in grids if any(n > m for n, m in zip(g, _tune.MAX_GRID))]
+    assert not over, f"grid axes over CUDA's limits {_tune.MAX_GRID}: {over[:4]}"
+    assert all(n >= 1 for _, g in grids for n in g)
+
+
+@pytest.mark.parametrize("fold", [False, True], ids=["3d-grid", "batch-folded"])
+def test_grid_decomposition(monkeypatch, fold):
+    """(tile, bh) of each program (attention._tile: a (tiles, B * heads) grid, or with B * heads
+    past 65,535 (here: past 1) folded into axis 0, tile fastest) and decode's split / head
+    decomposition: several query / key tiles of several heads and sequences, GQA, every kernel
+    of the forward, backward, varlen and decode paths against the reference (a wrong
+    decomposition writes the wrong head or tile)."""
+    from fastlm.triton import attention, attention_decode
+
+    if fold:
+        monkeypatch.setattr(attention, "MAX_GRID_YZ", 1)
+    # 4 batch entries of 3 tiles (16 rows each), so swapping tile and batch entry is caught
+    q, k, v = torch.randn(4, 6, 40, 16), torch.randn(4, 2, 40, 16), torch.randn(4, 2, 40, 16)
+    qr, kr, vr = (x.double().requires_grad_() for x in (q, k, v))
+    want = F.scaled_dot_product_attention(qr, kr.repeat_interleave(3, 1), vr.repeat_interleave(3, 1), is_causal=True)
+    gout = torch.randn_like(q)
+    want_grads = torch.autograd.grad(want, (qr, kr, vr), gout.double())
+    out, lse = attention.forward(q, k, v, None, 1, 0.25)
+    assert_close("out", out, want)
+    for name, g, w in zip("qkv", attention.backward(gout, q, k, v, None, out, lse, 1, 0.25), want_grads):
+        assert_close(f"grad_{name}", g, w)
+    # packed: sequences of 40, 17, 33 and 5 rows (3, 2, 3 and 1 tiles of 16)
+    lens = [40, 17, 33, 5]
+    cu = torch.tensor([0, 40, 57, 90, 95], dtype=torch.int32)
+    pq, pk, pv = (torch.cat([x[i, :, :n].transpose(0, 1) for i, n in enumerate(lens)]) for x in (q, k, v))
+    out_p, _ = attention.varlen_forward(pq, pk, pv, cu, cu, 40, 40, 1, 0.25)
+    for i, n in enumerate(lens):
+        ref = F.scaled_dot_product_attention(q[i:i + 1, :, :n], k[i:i + 1, :, :n].repeat_interleave(3, 1),
+                                             v[i:i + 1, :, :n].repeat_interleave(3, 1), is_causal=True, scale=0.25)
+        assert_close(f"varlen out, sequence {i}", out_p[cu[i]:cu[i + 1]].transpose(0, 1)[None], ref)
+    # decode: B * H_kv = 6 (batch, kv head) pairs, each split over several key chunks
+    qd, kd = torch.randn(3, 4, 1, 16), torch.randn(3, 2, 600, 16)
+    vd = torch.randn(3, 2, 600, 16)
+    assert attention_decode.serves(qd, kd, vd)
+    out_d, _ = attention.forward(qd, kd, vd, None, 2, 0.25)
+    ref = F.scaled_dot_product_attention(qd, kd.repeat_interleave(2, 1), vd.repeat_interleave(2, 1), scale=0.25)
+    assert_close("decode out", out_d, ref)
+
+
+def test_decode_head_offsets_are_int64():
+    """test_head_offsets_are_int64 for the split-KV decode kernel: a per-head bool mask whose head
+    stride puts head 2 past 2^31 elements (the heads of a GQA group are rows of one program, so
+    the row's head offset h * stride must be int64)."""
+    from fastlm.triton import attention_decode
+
+    h, tk, d = 3, 256, 16
+    head_stride = 2**30 + 2**19
+    base = 2**31
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        buf = torch.empty(base + 2 * head_stride + tk, dtype=torch.bool)
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    mask = buf.as_strided((1, h, 1, tk), (0, head_stride, tk, 1), base)
+    keep = torch.rand(h, 1, tk) > 0.3
+    keep[..., 0] = True
+    for i in range(h):
+        mask[0, i].copy_(keep[i])
+    q, k, v = torch.randn(1, h, 1, d), torch.randn(1, 1, tk, d), torch.randn(1, 1, tk, d)
+    assert attention_decode.serves(q, k, v)
+    want = F.scaled_dot_product_attention(q.double(), k.double().expand(1, h, tk, d), v.double().expand(1, h, tk, d),
+                                          attn_mask=keep[None])
+    out = sdpa(q, k, v, attn_mask=mask, backend="triton", enable_gqa=True)
+    assert_close("decode out (head 2 past 2^31 mask elements)", out, want)

@@ -4,15 +4,19 @@
   unspecialised int arguments, so a new sequence length re-benchmarks only when it crosses a
   power of two and decoding does not re-tune every token.
 - Configs are pruned before anything is compiled: each kernel file states how much shared
-  memory a config needs (an upper estimate, checked against the compiled kernels by
-  tests/test_triton_aot.py), and configs over the device's per-block limit
-  (`shared_memory_per_block_optin`: 227 KB on sm_90, 163 KB on sm_80, 99 KB on sm_86/89) are
-  dropped. A kernel with no config that fits raises, naming the sizes.
+  memory a config needs (an upper estimate: tests/test_triton_aot.py asserts it is at least the
+  compiled kernel's shared memory for every config it compiles), and configs over the device's
+  per-block limit (`shared_memory_per_block_optin`: 227 KB on sm_90, 163 KB on sm_80, 99 KB on sm_86/89) are
+  dropped. A kernel with no config that fits raises NoConfigFits (a RuntimeError), naming the
+  sizes.
 - FASTLM_TRITON_AUTOTUNE=0 makes every autotuned kernel run one config, the first that
   survives pruning, with no benchmarking (read per call): a GPU correctness run tests one
   config per kernel fast.
-- Launches go through `launch` so fastlm.triton.aot can record them (kernel, arguments,
+- Launches go through `launch` so fastlm.triton.aot can record them (kernel, grid, arguments,
   meta-parameters) for a GPU it compiles for ahead of time instead of running them.
+- No grid puts more than 65,535 programs on axis 1 or 2 (CUDA's caps, MAX_GRID): products that
+  can pass it (batch x heads) go to axis 0 (tests/test_triton_tuning.py checks the grids the
+  attention launchers record).
 """
 from __future__ import annotations
 
@@ -68,10 +72,20 @@ def bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+MAX_GRID = (2**31 - 1, 65535, 65535)  # CUDA's limits per grid axis (x, y, z)
+
+
+def grid_of(grid, meta: dict) -> tuple:
+    """The (x, y, z) grid a launch with these meta-parameters (a config's included) gets."""
+    g = tuple(grid(meta) if callable(grid) else grid)
+    return g + (1,) * (3 - len(g))
+
+
 def launch(kernel, grid, *args, **meta):
-    """kernel[grid](*args, **meta), or recorded instead while fastlm.triton.aot captures."""
+    """kernel[grid](*args, **meta), or recorded instead while fastlm.triton.aot captures:
+    record(kernel, args, meta, grid), grid as given (callable for autotuned kernels)."""
     if _aot["record"] is not None:
-        _aot["record"](kernel, args, meta)
+        _aot["record"](kernel, args, meta, grid)
         return None
     return kernel[grid](*args, **meta)
 
@@ -80,12 +94,20 @@ def _device_of(args: dict) -> torch.device:
     return next(v.device for v in args.values() if isinstance(v, torch.Tensor))
 
 
+class NoConfigFits(RuntimeError):
+    """No config of a tuned kernel fits the device's shared memory (`what` names the kernel)."""
+
+    def __init__(self, what: str, message: str):
+        super().__init__(message)
+        self.what = what
+
+
 def fitting(configs, smem_need, args: dict, limit: int, what: str):
     """The configs whose shared-memory estimate fits `limit`, in order; raises when none does."""
     keep = [c for c in configs if smem_need(c, args) <= limit]
     if not keep:
         need = min(smem_need(c, args) for c in configs)
-        raise RuntimeError(f"{what}: no config fits {limit} B of shared memory per block "
+        raise NoConfigFits(what, f"{what}: no config fits {limit} B of shared memory per block "
                            f"(the smallest needs {need} B) for {_describe(args)}")
     return keep
 
@@ -110,9 +132,16 @@ def prune_for(smem_need, what: str, allowed=None):
 
 
 def autotune(configs, key, smem_need, what: str, allowed=None):
-    """triton.autotune keyed on `key` (bucketed ints, constexprs), pruned by shared memory."""
+    """triton.autotune keyed on `key` (bucketed ints, constexprs), pruned by shared memory. The
+    tuner keeps the estimate as .fastlm_smem_need (fastlm.triton.aot reports it per config)."""
     prune = prune_for(smem_need, what, allowed)
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})
+    tune = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})
+
+    def wrap(fn):
+        tuner = tune(fn)
+        tuner.fastlm_smem_need = smem_need
+        return tuner
+    return wrap
 
 
 def dtype_bytes(t) -> int:

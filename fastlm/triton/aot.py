@@ -17,7 +17,9 @@ Triton versions (GPU machine: Triton 3.6; CI: Triton 3.8), what this module reli
 - GPUTarget from triton.backends.compiler (3.0+; older: triton.compiler);
 - attrs {(index,): [["tt.divisibility", 16]]}, made by the backend's parse_attr("D") where it exists;
 - compiled.metadata.shared (bytes); the ptxas log through knobs.nvidia.dump_ptxas_log (printed
-  to stdout; 3.5+), else ptxas -v is run on compiled.asm["ptx"] with the wheel's ptxas;
+  to stdout), else ptxas -v is run on compiled.asm["ptx"] with the wheel's ptxas. triton.knobs
+  itself exists from 3.4; whether its nvidia.dump_ptxas_log exists there or only from 3.5 is
+  not checked here (only 3.6 and 3.8 are run): the import and the attribute are both guarded;
 - Autotuner.configs / .early_config_prune / .fn and Config.kwargs / num_warps / num_stages.
 """
 from __future__ import annotations
@@ -44,8 +46,9 @@ TARGETS = {
     90: _tune.Target(90, 232448, 132),  # H100/H200
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# what CI compiles: fp16 and bf16 kernels differ only in conversions, so each 16-bit one on one target
-CI_DTYPES = {80: ("fp32", "bf16"), 90: ("fp32", "fp16")}
+# what CI compiles: fp16 and bf16 kernels differ only in conversions, so each 16-bit one on one target;
+# on sm_86 (99 KB per block) only the cases with Case.ci86 (the configs closest to that limit)
+CI_DTYPES = {80: ("fp32", "bf16"), 86: ("fp32", "fp16"), 90: ("fp32", "fp16")}
 _TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8",
                torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
 
@@ -86,6 +89,8 @@ class Launch:
     divisible: list  # argument names specialised as multiples of 16
     options: dict  # num_warps, num_stages
     config: str = ""  # the autotune config, for tables
+    grid: tuple = ()  # (x, y, z) as the launcher would launch it (_tune.grid_of)
+    smem_estimate: int = -1  # the kernel file's shared-memory estimate for this config (-1: none)
 
     def key(self):
         return (self.kernel, tuple(sorted(self.signature.items())), tuple(sorted(self.constexprs.items())),
@@ -111,7 +116,7 @@ def _specialize(value, specialize: bool):
     raise TypeError(f"cannot specialise argument value {value!r}")
 
 
-def _expand(kernel, args, meta) -> list[Launch]:
+def _expand(kernel, args, meta, grid=()) -> list[Launch]:
     """A recorded launch as compile jobs: one per config an autotuned kernel can pick."""
     if isinstance(kernel, triton.runtime.Autotuner):
         jit = kernel.fn
@@ -119,14 +124,21 @@ def _expand(kernel, args, meta) -> list[Launch]:
         configs = kernel.configs
         if kernel.early_config_prune:
             configs = kernel.early_config_prune(configs, named, **meta)
+        need = getattr(kernel, "fastlm_smem_need", None)
         jobs = []
         for c in configs:
             opts = dict(num_warps=c.num_warps, num_stages=c.num_stages)
             label = ",".join(f"{k}={v}" for k, v in c.kwargs.items()) + f",w{c.num_warps},s{c.num_stages}"
-            jobs.append(_launch(jit, args, {**meta, **c.kwargs}, opts, label))
+            job = _launch(jit, args, {**meta, **c.kwargs}, opts, label)
+            job.grid = _tune.grid_of(grid, {**meta, **c.kwargs})
+            if need is not None:
+                job.smem_estimate = int(need(c, {**named, **meta}))
+            jobs.append(job)
         return jobs
     opts = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
-    return [_launch(kernel, args, meta, opts, "")]
+    job = _launch(kernel, args, meta, opts, "")
+    job.grid = _tune.grid_of(grid, meta)
+    return [job]
 
 
 def _launch(jit, args, meta, options, label) -> Launch:
@@ -157,7 +169,7 @@ def capture(target: _tune.Target):
         raise RuntimeError("fastlm.triton.aot needs a process without TRITON_INTERPRET=1")
     recorded = []
     saved = dict(_tune._aot)
-    _tune._aot.update(target=target, record=lambda k, a, m: recorded.extend(_expand(k, a, dict(m))))
+    _tune._aot.update(target=target, record=lambda k, a, m, g=(): recorded.extend(_expand(k, a, dict(m), g)))
     env = os.environ.get("FASTLM_TRITON_AUTOTUNE")
     os.environ["FASTLM_TRITON_AUTOTUNE"] = "1"  # every config a tuned launch can pick
     try:
@@ -208,9 +220,11 @@ def compile_launch(launch: Launch, capability: int, keep_ttir: bool = False) -> 
     res = Result()
     log = io.StringIO()
     try:
-        from triton import knobs  # 3.4+: ask Triton to print ptxas's -v log
+        from triton import knobs  # triton.knobs: 3.4+ (dump_ptxas_log: see the header)
     except ImportError:
         knobs = None
+    if knobs is not None and not hasattr(getattr(knobs, "nvidia", None), "dump_ptxas_log"):
+        knobs = None  # no such knob in this version: ptxas -v is run ourselves
     t0 = time.perf_counter()
     try:
         saved = knobs.nvidia.dump_ptxas_log if knobs else None
@@ -246,6 +260,7 @@ class Case:
     ci: bool = False  # part of the representative set compiled by tests/test_triton_aot.py
     dtypes: tuple = ("fp32", "fp16", "bf16")
     ci_configs: int = 0  # in CI, only the first this many configs per tuned kernel (0: all); the sweep compiles all
+    ci86: tuple = ()  # the dtypes CI compiles this case in for sm_86 (whatever `ci` says: sm_80 / sm_90)
 
 
 def _t(*shape, dtype):
@@ -318,12 +333,17 @@ def _attention_cases():
                                    (1, None, 0.1)):
             ci = (d, causal, mask, drop) in ((64, 1, None, 0.1), (256, 0, "float", 0.0))
             label = f"d{d} causal{causal} mask={mask} p={drop}"
-            cases.append(Case("attention", label, _attention_case(2, 4, 2, 1024, 1024, d, causal, mask, drop), ci))
+            # sm_86 in CI: 16-bit D = 128 forward + backward, its two biggest configs per kernel
+            # (best first: those nearest the 99 KB limit)
+            sm86 = (d, causal, mask, drop) == (128, 1, None, 0.0)
+            cases.append(Case("attention", label, _attention_case(2, 4, 2, 1024, 1024, d, causal, mask, drop), ci,
+                              ci_configs=2 if sm86 else 0, ci86=("fp16",) if sm86 else ()))
         for group in (1, 8):  # decode: group * Tq rows per program
             cases.append(Case("attention_decode", f"d{d} group{group} tq1", _attention_case(
                 1, group * 2, 2, 1, 4096, d, 2, None, 0.0, backward=False), ci=False))
         cases.append(Case("attention_decode", f"d{d} group8 tq8 mask", _attention_case(  # 64 rows a program
-            1, 16, 2, 8, 4096, d, 2, "float", 0.0, backward=False), ci=d in (128, 256)))
+            1, 16, 2, 8, 4096, d, 2, "float", 0.0, backward=False), ci=d in (128, 256),
+            ci86=("fp16",) if d == 128 else ()))
     # the options (issue #13): every one at once in CI, the heaviest kernels they make (both band
     # edges, ALiBi's per-score term, softcap's 1 - tanh^2 tile, sinks). At D = 64: IEEE fp32 dK/dV
     # at D = 128 spills with no option at all. Not fp16 (so not sm_90's 16-bit) for now: there
@@ -368,7 +388,8 @@ def _linear_cases():
             x, w, b = _t(512, 768, dtype=dtype), _t(3072, 768, dtype=dtype), _t(3072, dtype=dtype)
             y, z = linear.forward(x, w, b, None, act, act is not None)
             linear.backward(torch.randn_like(y), x, w, b, z if act else y, act or "none")
-        cases.append(Case("linear", f"act={act} fwd+bwd", run, ci=act == "gelu_tanh"))  # every epilogue path
+        cases.append(Case("linear", f"act={act} fwd+bwd", run, ci=act == "gelu_tanh",  # every epilogue path
+                          ci86=("fp32",) if act == "gelu_tanh" else ()))
     return cases
 
 
@@ -450,14 +471,32 @@ def cases() -> list[Case]:
     return _attention_cases() + _linear_cases() + _row_cases() + _rope_cases()
 
 
-def jobs(capability: int, dtype: str, ci_only: bool, modules=None) -> list[tuple[Case, Launch]]:
-    """Every distinct launch the cases make for one target and dtype (first case that made it)."""
+@dataclass
+class NoConfig:
+    """A case's launcher found no config that fits the target (_tune.NoConfigFits): what it says."""
+    what: str
+    message: str
+
+
+def _in_ci(case: Case, capability: int, dtype: str) -> bool:
+    return dtype in case.ci86 if capability == 86 else case.ci
+
+
+def jobs(capability: int, dtype: str, ci_only: bool, modules=None) -> list[tuple[Case, Launch | NoConfig]]:
+    """Every distinct launch the cases make for one target and dtype (first case that made it);
+    a launcher that has no config fitting the target gives a NoConfig (after the launches it
+    recorded before it), not an exception."""
     seen, out = set(), []
     for case in cases():
-        if (ci_only and not case.ci) or dtype not in case.dtypes or (modules and case.module not in modules):
+        if (ci_only and not _in_ci(case, capability, dtype)) or dtype not in case.dtypes or (
+                modules and case.module not in modules):
             continue
+        failed = None
         with capture(TARGETS[capability]) as recorded:
-            case.run(DTYPES[dtype])
+            try:
+                case.run(DTYPES[dtype])
+            except _tune.NoConfigFits as e:
+                failed = NoConfig(e.what, str(e))
         if ci_only and case.ci_configs:  # the first configs of each kernel, in its list's order
             count, kept = {}, []
             for launch in recorded:
@@ -469,6 +508,8 @@ def jobs(capability: int, dtype: str, ci_only: bool, modules=None) -> list[tuple
             if launch.key() not in seen:
                 seen.add(launch.key())
                 out.append((case, launch))
+        if failed is not None:
+            out.append((case, failed))
     return out
 
 
@@ -482,18 +523,29 @@ def status(res: Result, limit: int) -> str:
 
 
 def sweep(capabilities, dtypes, ci_only, modules=None, report=print):
-    """Compiles every job and calls report(row) per compile; returns the rows (dicts)."""
+    """Compiles every job and calls report(row) per compile; returns the rows (dicts). status:
+    clean, spills, smem-over, failed (compile error), or no-config (the launcher found no config
+    that fits the target's shared memory: nothing compiled, error holds its message)."""
     rows = []
     for cap in capabilities:
         for dtype in dtypes:
             if ci_only and dtype not in CI_DTYPES.get(cap, ()):
                 continue
             for case, launch in jobs(cap, dtype, ci_only, modules):
+                if isinstance(launch, NoConfig):  # nothing to compile: the launcher itself refused
+                    row = dict(kernel=f"{case.module}.<{launch.what}>", target=f"sm_{cap}", dtype=dtype,
+                               case=case.label, config="", smem=-1, smem_estimate=-1, limit=TARGETS[cap].smem,
+                               regs=-1, spills=-1, wgmma=False, grid=[], seconds=0.0, error=launch.message,
+                               status="no-config")
+                    rows.append(row)
+                    report(row)
+                    continue
                 res = compile_launch(launch, cap)
                 row = dict(kernel=launch.kernel, target=f"sm_{cap}", dtype=dtype, case=case.label,
-                           config=launch.config or _options_label(launch), smem=res.smem, limit=TARGETS[cap].smem,
-                           regs=res.regs, spills=res.spills, wgmma=res.wgmma, seconds=round(res.seconds, 2),
-                           error=res.error,
+                           config=launch.config or _options_label(launch), smem=res.smem,
+                           smem_estimate=launch.smem_estimate, limit=TARGETS[cap].smem,
+                           regs=res.regs, spills=res.spills, wgmma=res.wgmma, grid=list(launch.grid),
+                           seconds=round(res.seconds, 2), error=res.error,
                            status=status(res, TARGETS[cap].smem))
                 rows.append(row)
                 report(row)

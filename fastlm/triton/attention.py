@@ -137,6 +137,24 @@ def _offset(b, sb, h, sh):
 
 
 @triton.jit
+def _tile(T, BLOCK: tl.constexpr, FOLD: tl.constexpr):
+    """(tile, bh) of this program. Grid (tiles, B * heads) as always, unless B * heads passes
+    65,535, CUDA's cap on grid axes 1 and 2 (a packed batch of 2,048 sequences x 32 heads):
+    then FOLD (the launcher's _grid) and a 1-D grid of tiles * B * heads programs (axis 0 takes
+    2^31 - 1), decomposed with the tile index fastest as csrc's attention does it, so CTAs are
+    issued in the 2-D grid's order and the query blocks of one head still run together, sharing
+    its K/V in L2; T is the length the tiles cover (the longest sequence's). Only that case pays
+    the division, and every other launch compiles to exactly the code it did: the 1-D grid for
+    all launches, and a (tiles, heads, B) one, were measured making ptxas spill 8 to 12 B in a
+    few sm_80 configs at its register target (IEEE fp32 16 x 16 dK/dV, a bf16 64 x 64 forward)."""
+    if FOLD:
+        tiles = tl.cdiv(T, BLOCK)
+        pid = tl.program_id(0)
+        return pid % tiles, pid // tiles
+    return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
 def _sequence(cu_q, cu_k, b, TQ, TK, diag, lower, upper, VARLEN: tl.constexpr):
     """(qb, kb, Tq, Tk, diag, lower, upper) of batch entry b: dense, b itself (the index the batch
     strides multiply) and the call's lengths and band. Under VARLEN b is a sequence of the
@@ -322,19 +340,20 @@ def _finish(m_i, l_i, sink, SINKS: tl.constexpr):
     return inv, lse * _LN2
 
 
-@triton.jit(do_not_specialize=["TQ_B", "TK_B"])
+@triton.jit(do_not_specialize=["TQ_B", "TK_B", "TILE_T"])
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    H, GROUP, TQ, TK, qk_scale, seed, p_drop, TQ_B, TK_B, softcap, diag, lower, upper, alibi_ptr, alibi_stride,
+    H, GROUP, TQ, TK, qk_scale, seed, p_drop, TQ_B, TK_B, TILE_T, softcap, diag, lower, upper, alibi_ptr, alibi_stride,
     sinks_ptr, cu_q_ptr, cu_k_ptr,
     D: tl.constexpr, DV: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, MASK: tl.constexpr,
     PREC: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINKS: tl.constexpr,
-    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr, FOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    """Grid (query blocks, B * H); under VARLEN (blocks of the longest sequence, sequences * H)."""
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    """Grid (query blocks, B * H); under VARLEN (blocks of the longest sequence, sequences * H);
+    folded into axis 0 past 65,535 (_tile). TILE_T: Tq, or the longest sequence's."""
+    pid_m, bh = _tile(TILE_T, BLOCK_M, FOLD)
     b, h = bh // H, bh % H
     hk = h // GROUP
     start_m = pid_m * BLOCK_M
@@ -384,8 +403,10 @@ def _fwd_kernel(
 def _delta_kernel(o_ptr, do_ptr, delta_ptr, TQ, DV, H, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_DV: tl.constexpr):
     """delta = rowsum(dO * O) in fp32, laid out as lse; o and do contiguous (B*H, Tq, Dv), or
-    under VARLEN (total, H, Dv) (grid (blocks of total, H): every packed row at once)."""
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    under VARLEN (total, H, Dv) (grid (blocks of total * H,): every packed row at once); 1-D
+    grid as _tile."""
+    tiles = tl.cdiv(TQ, BLOCK_M)  # (a memory-bound pass: the division is free)
+    pid_m, bh = tl.program_id(0) % tiles, tl.program_id(0) // tiles
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -452,20 +473,21 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, sdo, lse_ptr, delta_ptr, h, qb, T
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["TQ_B", "TK_B"])
+@triton.jit(do_not_specialize=["TQ_B", "TK_B", "TILE_T"])
 def _dkdv_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    H, HKV, GROUP, SPLIT, TQ, TK, qk_scale, seed, p_drop, TQ_B, TK_B, softcap, diag, lower, upper, alibi_ptr,
+    H, HKV, GROUP, SPLIT, TQ, TK, qk_scale, seed, p_drop, TQ_B, TK_B, TILE_T, softcap, diag, lower, upper, alibi_ptr,
     alibi_stride, cu_q_ptr, cu_k_ptr,
     D: tl.constexpr, DV: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, MASK: tl.constexpr,
     PREC: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    FOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Grid (key blocks, B * HKV * SPLIT): the GQA group's query heads are split over SPLIT
+    """Grid (key blocks, B * HKV * SPLIT) (folded past 65,535: _tile; TILE_T = Tk, or the longest
+    sequence's under VARLEN): the GQA group's query heads are split over SPLIT
     programs, each writing its own (Tk, D) slice of dk / dv (summed by the launcher when
     SPLIT > 1): (B, HKV, SPLIT, Tk, D), under VARLEN (SPLIT, total_k, HKV, D)."""
-    pid_n, bhs = tl.program_id(0), tl.program_id(1)
+    pid_n, bhs = _tile(TILE_T, BLOCK_N, FOLD)
     b, hs = bhs // (HKV * SPLIT), bhs % (HKV * SPLIT)
     hk, part = hs // SPLIT, hs % SPLIT
     per = GROUP // SPLIT
@@ -596,17 +618,19 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, first_row, 
     return dq
 
 
-@triton.jit(do_not_specialize=["TQ_B", "TK_B"])
+@triton.jit(do_not_specialize=["TQ_B", "TK_B", "TILE_T"])
 def _dq_kernel(
     q_ptr, k_ptr, v_ptr, m_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smh, smq, smk,
-    H, GROUP, TQ, TK, qk_scale, seed, p_drop, TQ_B, TK_B, softcap, diag, lower, upper, alibi_ptr, alibi_stride,
+    H, GROUP, TQ, TK, qk_scale, seed, p_drop, TQ_B, TK_B, TILE_T, softcap, diag, lower, upper, alibi_ptr, alibi_stride,
     cu_q_ptr, cu_k_ptr,
     D: tl.constexpr, DV: tl.constexpr, LOWER: tl.constexpr, UPPER: tl.constexpr, MASK: tl.constexpr,
     PREC: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK: tl.constexpr,
+    FOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    """Grid (query blocks, B * H) as _fwd_kernel's (_tile)."""
+    pid_m, bh = _tile(TILE_T, BLOCK_M, FOLD)
     b, h = bh // H, bh % H
     hk = h // GROUP
     start_m = pid_m * BLOCK_M
@@ -804,6 +828,18 @@ def _common(q, k, v, mask, causal, scale, dropout_p=0.0, softcap=0.0, window=(-1
     return b, h, hkv, tq, tk, mask_t, strides, scale * LOG2E, options, meta
 
 
+MAX_GRID_YZ = 65535  # CUDA's cap on grid axis 1 (a test lowers it to run FOLD in the interpreter)
+
+
+def _grid(t, block, heads, b):
+    """(grid(meta), FOLD) for a kernel tiling length t in meta[block] rows per program over
+    b * heads (batch entry, head) pairs: (tiles, b * heads), or past axis 1's cap (tiles * b *
+    heads,) (_tile)."""
+    if b * heads > MAX_GRID_YZ:
+        return (lambda m: (triton.cdiv(t, m[block]) * b * heads,)), True
+    return (lambda m: (triton.cdiv(t, m[block]), b * heads)), False
+
+
 def _launch(kernel, tuned, grid, args, meta):
     if _tune.interpreting():  # fixed small blocks: the interpreter is slow and autotuning it pointless
         _tune.launch(kernel, grid(dict(BLOCK_M=16, BLOCK_N=16)), *args, **meta, BLOCK_M=16, BLOCK_N=16)
@@ -828,9 +864,9 @@ def forward(q, k, v, mask, causal, scale, dropout_p=0.0, seed=0, softcap=0.0, wi
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     args = (q, k, v, mask_t, out, lse, *strides, h, h // hkv, tq, tk, qk_scale, seed, dropout_p,
-            _tune.bucket(tq), _tune.bucket(tk), float(softcap), *options, sinks, None, None)
-    _launch(_fwd_kernel, _fwd_tuned, lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h), args,
-            dict(meta, SINKS=sinks is not None))
+            _tune.bucket(tq), _tune.bucket(tk), tq, float(softcap), *options, sinks, None, None)
+    grid, fold = _grid(tq, "BLOCK_M", h, b)
+    _launch(_fwd_kernel, _fwd_tuned, grid, args, dict(meta, SINKS=sinks is not None, FOLD=fold))
     return out, lse
 
 
@@ -854,7 +890,7 @@ def backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p=0.0, se
         return dq.zero_(), dk.zero_(), dvv.zero_()
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     delta = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)
-    _tune.launch(_delta_kernel, (triton.cdiv(tq, 64), b * h), out, grad_out, delta, tq, meta["DV"], h,
+    _tune.launch(_delta_kernel, (triton.cdiv(tq, 64) * b * h,), out, grad_out, delta, tq, meta["DV"], h,
                  VARLEN=False, BLOCK_M=64, BLOCK_DV=meta["BLOCK_DV"])
     buckets = (_tune.bucket(tq), _tune.bucket(tk))
     split = group_split(b, hkv, tk, h // hkv, q.device)
@@ -863,15 +899,17 @@ def backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p=0.0, se
         dk_out, dv_out = (torch.empty(b, hkv, split, tk, t.shape[-1], device=q.device, dtype=torch.float32)
                           for t in (k, v))
     args = (q, k, v, mask_t, grad_out, lse, delta, dk_out, dv_out, *strides, h, hkv, h // hkv, split, tq, tk,
-            qk_scale, seed, dropout_p, *buckets, float(softcap), *options, None, None)
-    _launch(_dkdv_kernel, _dkdv_tuned, lambda m: (triton.cdiv(tk, m["BLOCK_N"]), b * hkv * split), args, meta)
+            qk_scale, seed, dropout_p, *buckets, tk, float(softcap), *options, None, None)
+    grid, fold = _grid(tk, "BLOCK_N", hkv * split, b)
+    _launch(_dkdv_kernel, _dkdv_tuned, grid, args, dict(meta, FOLD=fold))
     if split > 1:
         dk.copy_(dk_out.sum(2))
         dvv.copy_(dv_out.sum(2))
     args = (q, k, v, mask_t, grad_out, lse, delta, dq, *strides, h, h // hkv, tq, tk, qk_scale,
-            seed, dropout_p, *buckets, float(softcap), *options, None, None)
+            seed, dropout_p, *buckets, tq, float(softcap), *options, None, None)
     chunk = meta["PREC"] == "ieee" and meta["BLOCK_D"] > 128  # IEEE fp32 at D = 256: q, dO not resident
-    _launch(_dq_kernel, _dq_tuned, lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h), args, dict(meta, CHUNK=chunk))
+    grid, fold = _grid(tq, "BLOCK_M", h, b)
+    _launch(_dq_kernel, _dq_tuned, grid, args, dict(meta, CHUNK=chunk, FOLD=fold))
     return dq, dk, dvv
 
 
@@ -912,9 +950,9 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, softcap=0.0
     if out.numel() == 0 and lse.numel() == 0 or max_q == 0:
         return out, lse
     args = (q, k, v, mask_t, out, lse, *strides, h, h // hkv, tq, tk, qk_scale, 0, 0.0,
-            _tune.bucket(max_q), _tune.bucket(max_k), float(softcap), *options, sinks, cu_q, cu_k)
-    _launch(_fwd_kernel, _fwd_tuned, lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), seqs * h), args,
-            dict(meta, SINKS=sinks is not None))
+            _tune.bucket(max_q), _tune.bucket(max_k), max_q, float(softcap), *options, sinks, cu_q, cu_k)
+    grid, fold = _grid(max_q, "BLOCK_M", h, seqs)
+    _launch(_fwd_kernel, _fwd_tuned, grid, args, dict(meta, SINKS=sinks is not None, FOLD=fold))
     return out, lse
 
 
@@ -930,7 +968,7 @@ def varlen_backward(grad_out, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, causa
         return dq.zero_(), dk.zero_(), dvv.zero_()
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     delta = torch.empty(h, tq, device=q.device, dtype=torch.float32)
-    _tune.launch(_delta_kernel, (triton.cdiv(tq, 64), h), out, grad_out, delta, tq, meta["DV"], h,
+    _tune.launch(_delta_kernel, (triton.cdiv(tq, 64) * h,), out, grad_out, delta, tq, meta["DV"], h,
                  VARLEN=True, BLOCK_M=64, BLOCK_DV=meta["BLOCK_DV"])
     buckets = (_tune.bucket(max_q), _tune.bucket(max_k))
     split = group_split(seqs, hkv, max_k, h // hkv, q.device)
@@ -938,14 +976,15 @@ def varlen_backward(grad_out, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, causa
     if split > 1:  # (SPLIT, total_k, H_kv, D) fp32 partials
         dk_out, dv_out = (torch.empty(split, *t.shape, device=q.device, dtype=torch.float32) for t in (k, v))
     args = (q, k, v, mask_t, grad_out, lse, delta, dk_out, dv_out, *strides, h, hkv, h // hkv, split, tq, tk,
-            qk_scale, 0, 0.0, *buckets, float(softcap), *options, cu_q, cu_k)
-    _launch(_dkdv_kernel, _dkdv_tuned, lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), seqs * hkv * split), args, meta)
+            qk_scale, 0, 0.0, *buckets, max_k, float(softcap), *options, cu_q, cu_k)
+    grid, fold = _grid(max_k, "BLOCK_N", hkv * split, seqs)
+    _launch(_dkdv_kernel, _dkdv_tuned, grid, args, dict(meta, FOLD=fold))
     if split > 1:
         dk.copy_(dk_out.sum(0))
         dvv.copy_(dv_out.sum(0))
     args = (q, k, v, mask_t, grad_out, lse, delta, dq, *strides, h, h // hkv, tq, tk, qk_scale, 0, 0.0, *buckets,
-            float(softcap), *options, cu_q, cu_k)
+            max_q, float(softcap), *options, cu_q, cu_k)
     chunk = meta["PREC"] == "ieee" and meta["BLOCK_D"] > 128
-    _launch(_dq_kernel, _dq_tuned, lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), seqs * h), args,
-            dict(meta, CHUNK=chunk))
+    grid, fold = _grid(max_q, "BLOCK_M", h, seqs)
+    _launch(_dq_kernel, _dq_tuned, grid, args, dict(meta, CHUNK=chunk, FOLD=fold))
     return dq, dk, dvv

@@ -89,11 +89,16 @@ def _split_kernel(
     ROW_BLOCK: tl.constexpr, CHUNK_UNIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    """Grid (SPLITS >= any sequence's split count, B * HKV, row blocks): chunk `split` of the keys
-    _plan gives sequence b. Dense: k / v (B, HKV, TK, D) by their strides. CACHE: key j of b at
-    page table[b, j // PAGE] (strides stb, stp), slot j % PAGE: k_cache (pages, PAGE, HKV, D)
-    with (page, slot) strides (skb, skt)."""
-    split, bhk, rb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Grid (SPLITS * B * HKV, row blocks), SPLITS >= any sequence's split count: chunk `split` of
+    the keys _plan gives sequence b. B * HKV shares axis 0 with the split (split fastest, so the
+    CTAs are issued in the order of the old (SPLITS, B * HKV, row blocks) grid) rather than taking
+    axis 1: CUDA caps axes 1 and 2 at 65,535, which B * HKV passes in large decode batches
+    (2,048 x 32). One integer division per program (a loop of whole K/V tiles follows); the CI
+    configs compile spill-free as before. Dense: k / v (B, HKV, TK, D) by their strides. CACHE:
+    key j of b at page table[b, j // PAGE] (strides stb, stp), slot j % PAGE: k_cache (pages,
+    PAGE, HKV, D) with (page, slot) strides (skb, skt)."""
+    pid, rb = tl.program_id(0), tl.program_id(1)
+    split, bhk = pid % SPLITS, pid // SPLITS
     b, hk = bhk // HKV, bhk % HKV
     diag, lower, upper, k_start, k_end, chunk, splits = _plan(seqlens_ptr, b, TK, TQ, diag, lower, upper, WANT, START,
                                                               END, CHUNK, SPLITS, CACHE, LOWER, UPPER, CHUNK_UNIT)
@@ -266,7 +271,7 @@ def _run(q, k, v, mask_t, out, lse, strides, out_strides, b, h, hkv, tq, tk, qk_
     args = (q, k, v, mask_t, part_o, part_m, part_l, seqlens, table, *strides, *table_strides, hkv, group, tq, tk,
             page, qk_scale, float(softcap), want, splits, start, end, chunk, tk_bucket, *options)
     meta = dict(meta, CACHE=cache, ROWS=rows, CHUNK_UNIT=CHUNK_UNIT)
-    grid = lambda m: (splits, b * hkv, rows // m["ROW_BLOCK"])  # noqa: E731
+    grid = lambda m: (splits * b * hkv, rows // m["ROW_BLOCK"])  # noqa: E731  (_split_kernel: axis 1 <= 4)
     if _tune.interpreting():
         _tune.launch(_split_kernel, grid(dict(ROW_BLOCK=16)), *args, **meta, ROW_BLOCK=16, BLOCK_N=16)
     else:
