@@ -16,22 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.attention import _time_all
-from benchmarks.common import Row, headline, smoke
-from fastlm import backend as registry
+from benchmarks.common import Row, contenders, headline, smoke
 from fastlm.ops import decode_attention, scaled_dot_product_attention, varlen_attention
 from fastlm.ops.attention import NO_CAUSAL, OP, attention_forward_ref
 
 OPTION = "attention_options"
 
 
-def _serving(op, device, *inputs):
-    """fastlm's kernels that can serve op here (not the reference, the emulator, or interpreted Triton)."""
-    return [n for n in registry.BACKENDS if n not in ("reference", "cuda-emu")
-            and not (n == "triton" and device.type == "cpu") and not registry.why_not(op, n, device, *inputs)]
-
-
 def _fastlm_backends(device, q):
-    return _serving(OP, device, q, q, q, None, 0.0, NO_CAUSAL)
+    return contenders(OP, device, q, q, q, None, 0.0, NO_CAUSAL)
 
 
 def _band(t, w, device):
@@ -77,7 +70,7 @@ def varlen_cases(device, dtype, peak, progress):
     mask = (doc.view(-1, 1) == doc.view(1, -1)) & torch.ones(total, total, dtype=torch.bool, device=device).tril()
     packed = lambda x: x[0].transpose(0, 1)  # (1, H, total, D) -> (total, H, D)  # noqa: E731
     fns = {}
-    for name in _serving("varlen_attention", device, packed(q), packed(k), packed(v), cu):
+    for name in contenders("varlen_attention", device, packed(q), packed(k), packed(v), cu):
         fns[f"fastlm:{name} varlen"] = lambda a, b_, c, _, nm=name: varlen_attention(
             packed(a), packed(b_), packed(c), cu, cu, max(lengths), max(lengths), is_causal=True,
             backend=nm).transpose(0, 1).unsqueeze(0)
@@ -104,7 +97,7 @@ def decode_cases(device, dtype, peak, progress):
         cache[table.long()] = src.transpose(1, 2).reshape(b, pages, page, hkv, d)
     seqlens = torch.full((b,), tk, device=device, dtype=torch.int32)
     fns = {}
-    for name in _serving("decode_attention", device, q.transpose(1, 2), kp, vp):
+    for name in contenders("decode_attention", device, q.transpose(1, 2), kp, vp):
         fns[f"fastlm:{name} paged"] = lambda a, b_, c, _, nm=name: decode_attention(
             a.transpose(1, 2), kp, vp, seqlens, block_table=table, is_causal=False, backend=nm).transpose(1, 2)
     for name in _fastlm_backends(device, q):

@@ -53,6 +53,15 @@ class Row:
     bucket: str = ""  # dispatch-table key (fastlm.backend.bucket); "" = derived from op and case by report.py
 
 
+def contenders(op: str, device: torch.device, *inputs) -> list[str]:
+    """fastlm's backends that can serve op on these inputs and are worth timing: not the reference,
+    and on CPU neither the Triton interpreter nor the emulator (correctness tools, not contenders)."""
+    from fastlm import backend as registry
+
+    return [n for n in registry.BACKENDS if n not in ("reference", "cuda-emu")
+            and not (n == "triton" and device.type == "cpu") and not registry.why_not(op, n, device, *inputs)]
+
+
 def device_name(device: torch.device) -> str:
     """Folder-friendly name of the hardware, e.g. nvidia-h100-80gb-hbm3 or cpu-intel-xeon-2c."""
     if device.type == "cuda":

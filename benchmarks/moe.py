@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import Row, smoke, time_interleaved
-from fastlm import backend as registry
+from benchmarks.common import Row, contenders, smoke, time_interleaved
 from fastlm.ops import moe_mlp, moe_router
 from fastlm.ops.moe_router import capacity_for
 
@@ -39,11 +38,10 @@ def _block(device, dtype, impl):
 
 
 def _serving(device, x, logits):
-    return [n for n in registry.BACKENDS if n not in ("reference", "cuda-emu")
-            and not (n == "triton" and device.type == "cpu")
-            and not registry.why_not("grouped_linear", n, device, x, x.new_empty(1, 1, x.shape[1]),
-                                     torch.zeros(2, dtype=torch.int32, device=device))
-            and not registry.why_not("moe_router", n, device, logits)]
+    """Backends that serve both halves of moe_mlp (its grouped GEMMs and its router) here."""
+    grouped = contenders("grouped_linear", device, x, x.new_empty(1, 1, x.shape[1]),
+                         torch.zeros(2, dtype=torch.int32, device=device))
+    return [n for n in grouped if n in contenders("moe_router", device, logits)]
 
 
 def _step(fn, x, grad, mode):

@@ -82,6 +82,24 @@ def test_swiglu_is_mixtral_expert():
     torch.testing.assert_close(grouped_swiglu(x, w, offsets, backend="reference")[:4], F.silu(gate) * up)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=NO_KERNEL)])
+def test_inference_keeps_no_pre_activation(backend):
+    """Without a gradient the pre-activation is not kept (the op returns it empty) and the output is
+    the training forward's, bit for bit."""
+    x, w = torch.randn(30, 16), torch.randn(3, 24, 16)
+    b = torch.randn(3, 24)
+    offsets = torch.tensor([0, 9, 9, 26], dtype=torch.int32)
+    for act in ("swiglu", "gelu", "none"):
+        out, pre = torch.ops.fastlm.grouped_linear(x, w, offsets, b, act, False, backend)
+        want, want_pre = torch.ops.fastlm.grouped_linear(x, w, offsets, b, act, True, backend)
+        assert pre.numel() == 0 and torch.equal(out, want)
+        assert want_pre.numel() == (0 if act == "none" else 30 * 24)
+    with torch.no_grad():
+        torch.testing.assert_close(grouped_linear(x, w, offsets, bias=b, activation="geglu", backend=backend),
+                                   torch.ops.fastlm.grouped_linear(x, w, offsets, b, "geglu", True, backend)[0],
+                                   rtol=0, atol=0)
+
+
 def test_bad_inputs_name_argument_and_value():
     x, w = torch.randn(6, 8), torch.randn(2, 10, 8)
     with pytest.raises(TypeError, match=r"offsets must be an int32 \(3,\) tensor \(experts \+ 1\), got torch.int64"):
@@ -108,7 +126,7 @@ def test_opcheck_and_compile():
     b = torch.randn(3, 12, requires_grad=True)
     offsets = torch.tensor([0, 4, 4, 9], dtype=torch.int32)
     for act in ("none", "swiglu", "relu"):
-        torch.library.opcheck(torch.ops.fastlm.grouped_linear.default, (x, w, offsets, b, act, backend))
+        torch.library.opcheck(torch.ops.fastlm.grouped_linear.default, (x, w, offsets, b, act, True, backend))
     if HAS_KERNEL:
         torch.library.opcheck(torch.ops.fastlm.grouped_linear_fwd.default, (x.detach(), w.detach(), offsets, None,
                                                                             "geglu"))

@@ -1,6 +1,6 @@
 """The MoE CPU kernels (torch.ops.fastlm.moe_router_*, moe_permute_*, moe_unpermute_*,
 grouped_linear_*) called directly, against float64 formulas written here from the spec
-(notes/moe_spec.md), and their backwards against torch.autograd on float64 reimplementations.
+(the docstrings of fastlm/ops/moe_router.py, moe_permute.py, grouped_linear.py), and their backwards against torch.autograd on float64 reimplementations.
 Outputs are NaN-prefilled by conftest (deterministic fill of torch.empty, ours included), so an
 element a kernel forgets to write fails; shapes and dtypes are checked on every output.
 """

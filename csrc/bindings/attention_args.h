@@ -330,17 +330,22 @@ inline DecodeArgs check_decode_args(const char* op, const at::Tensor& q, const a
   return a;
 }
 
-// Tk == 0 or Dv == 0: every row attends to nothing; fills out with 0 and lse with -inf (with
-// sinks, lse = sink of the row's head; the sinks tensor is passed here, the host view of it).
-inline bool nothing_to_attend(const AttentionShape& sh, at::Tensor& out, at::Tensor& lse,
-                              const std::optional<at::Tensor>& sinks = std::nullopt) {
-  if (sh.tk != 0 && sh.value_dim != 0) return false;
+// Every row attends to nothing: out 0, lse -inf, or with sinks the sink of the row's head. lse
+// is (..., H, rows) (dense, decode) or (H, rows) (varlen): the sinks broadcast along the last dim.
+inline void fill_nothing_attended(at::Tensor& out, at::Tensor& lse, const std::optional<at::Tensor>& sinks) {
   out.zero_();
   if (sinks.has_value()) {
-    lse.copy_(sinks->view({1, sh.heads, 1}).expand_as(lse));
+    lse.copy_(sinks->view({sinks->size(0), 1}).expand_as(lse));
   } else {
     lse.fill_(-std::numeric_limits<float>::infinity());
   }
+}
+
+// Tk == 0 or Dv == 0: every row attends to nothing (filled as above); true when so.
+inline bool nothing_to_attend(const AttentionShape& sh, at::Tensor& out, at::Tensor& lse,
+                              const std::optional<at::Tensor>& sinks = std::nullopt) {
+  if (sh.tk != 0 && sh.value_dim != 0) return false;
+  fill_nothing_attended(out, lse, sinks);
   return true;
 }
 

@@ -17,6 +17,12 @@
 namespace fastlm::bind {
 namespace {
 
+// The backward kernels cover head dims up to 128 (dense and varlen alike).
+void backward_head_dims(const char* op, const AttentionShape& sh) {
+  TORCH_CHECK_VALUE(sh.head_dim <= 128 && sh.value_dim <= 128, op, ": the cuda backward takes head dims up to 128, got q ",
+                    sh.head_dim, " and v ", sh.value_dim);
+}
+
 void cuda_args(const char* op, const at::Tensor& q) {
   TORCH_CHECK_VALUE(q.device().type() == kGpu, op, ": q must be a ", kGpuName, " tensor here, got ", q.device().str());
   TORCH_CHECK_TYPE(q.scalar_type() != at::kFloat, op, ": q must be float16 or bfloat16 on ", q.device().str(),
@@ -77,8 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
                                  window_left, window_right, alibi_slopes);
   dropout_args(op, sh, dropout_p, seed, /*supported=*/false, "cuda");
   check_backward_args(op, sh, grad_out, q, out, lse);
-  TORCH_CHECK_VALUE(sh.head_dim <= 128 && sh.value_dim <= 128, op, ": the cuda backward takes head dims up to 128, got q ",
-                    sh.head_dim, " and v ", sh.value_dim);
+  backward_head_dims(op, sh);
   const GpuGuard guard(q.device());
   at::Tensor gq = at::empty(q.sizes(), q.options()), gk = at::empty(k.sizes(), k.options());
   at::Tensor gv = at::empty(v.sizes(), v.options());
@@ -93,17 +98,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
                                            workspace.data_ptr<float>(), gq.data_ptr(), gk.data_ptr(), gv.data_ptr(),
                                            gpu_stream()));
   return {gq, gk, gv};
-}
-
-// Every row attends to nothing (no keys anywhere, or Dv = 0): out 0, lse -inf or the row's sink.
-// lse is (..., H, rows) or (H, rows): the sinks broadcast along the last dim.
-void fill_empty(at::Tensor& out, at::Tensor& lse, const std::optional<at::Tensor>& sinks) {
-  out.zero_();
-  if (!sinks.has_value()) {
-    lse.fill_(-std::numeric_limits<float>::infinity());
-    return;
-  }
-  lse.copy_(sinks->view({sinks->size(0), 1}).expand_as(lse));
 }
 
 // Variable-length packed sequences, one launch for the whole batch (attention.cu).
@@ -122,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(
   at::Tensor lse = at::empty({sh.heads, q.size(0)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   if (k.size(0) == 0 || sh.tk == 0 || sh.value_dim == 0) {
-    fill_empty(out, lse, sinks);
+    fill_nothing_attended(out, lse, sinks);
     return {out, lse};
   }
   const at::Tensor qa = rows_16b_aligned(q), ka = rows_16b_aligned(k), va = rows_16b_aligned(v);
@@ -143,8 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
       check_varlen_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, softcap,
                         /*allow_half=*/true, window_left, window_right, alibi_slopes);
   check_varlen_backward_args(op, sh, grad_out, q, out, lse);
-  TORCH_CHECK_VALUE(sh.head_dim <= 128 && sh.value_dim <= 128, op, ": the cuda backward takes head dims up to 128, got q ",
-                    sh.head_dim, " and v ", sh.value_dim);
+  backward_head_dims(op, sh);
   const GpuGuard guard(q.device());
   at::Tensor gq = at::empty(q.sizes(), q.options()), gk = at::empty(k.sizes(), k.options());
   at::Tensor gv = at::empty(v.sizes(), v.options());
@@ -179,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_fwd_cuda(
   at::Tensor lse = at::empty({sh.batch, sh.heads, sh.tq}, q.options().dtype(at::kFloat));
   if (lse.numel() == 0) return {out, lse};
   if (sh.tk == 0 || sh.value_dim == 0 || k_cache.size(0) == 0) {  // no cache rows: every sequence is empty
-    fill_empty(out, lse, sinks);
+    fill_nothing_attended(out, lse, sinks);
     return {out, lse};
   }
   const at::Tensor qa = rows_16b_aligned(q), kc = rows_16b_aligned(k_cache), vc = rows_16b_aligned(v_cache);

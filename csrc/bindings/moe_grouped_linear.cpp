@@ -9,6 +9,7 @@
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 
 #include "cpu_output.h"
@@ -67,7 +68,7 @@ at::Tensor grouped_args(const char* op, const at::Tensor& x, const at::Tensor& w
 std::tuple<at::Tensor, at::Tensor> grouped_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                           const at::Tensor& offsets,
                                                           const std::optional<at::Tensor>& bias,
-                                                          c10::string_view activation) {
+                                                          c10::string_view activation, bool save_pre) {
   constexpr const char* op = "grouped_linear_fwd";
   const GroupedActivation g = grouped_activation_arg(op, activation);
   const DType dtype = kernel_input_arg(op, "x", x, c10::DeviceType::CPU, /*allow_half=*/false);
@@ -84,14 +85,22 @@ std::tuple<at::Tensor, at::Tensor> grouped_linear_fwd_cpu(const at::Tensor& x, c
   const at::Tensor w = weight.size(2) > 1 && weight.stride(2) != 1 ? weight.contiguous() : weight;
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   at::Tensor out = empty_output({N, width}, x.options());
-  at::Tensor pre = g.mode == GroupedAct::kNone ? at::empty({0}, x.options()) : empty_output({N, Nw}, x.options());
+  // pre (N, Nw) is kept only for a backward; without one (inference) each expert's GEMM lands in
+  // one scratch block sized for the largest expert, reused while cache-warm, instead of a fresh
+  // (N, Nw) buffer written and never read.
+  const bool keep_pre = save_pre && g.mode != GroupedAct::kNone;
+  at::Tensor pre = keep_pre ? empty_output({N, Nw}, x.options()) : at::empty({0}, x.options());
+  int64_t largest = 0;
+  for (int64_t e = 0; e < E; ++e) largest = std::max<int64_t>(largest, o[e + 1] - o[e]);
+  at::Tensor scratch = g.mode != GroupedAct::kNone && !keep_pre ? at::empty({largest, Nw}, x.options()) : at::Tensor();
   // bf16: the bias goes into the GEMM (addmm), so p + bias is rounded once as in eager (see
   // linear.cpp); fp32: mm, and the bias add rides in the epilogue pass.
   const bool bias_in_gemm = b.defined() && dtype == DType::kBFloat16;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = o[e], n = o[e + 1] - o[e];
     if (n == 0) continue;
-    at::Tensor target = (g.mode == GroupedAct::kNone ? out : pre).narrow(0, r0, n);
+    at::Tensor target = g.mode == GroupedAct::kNone ? out.narrow(0, r0, n)
+                        : keep_pre ? pre.narrow(0, r0, n) : scratch.narrow(0, 0, n);
     const at::Tensor xe = xs.narrow(0, r0, n), we = w.select(0, e).t();
     if (bias_in_gemm) at::addmm_out(target, b.select(0, e), xe, we);
     else at::mm_out(target, xe, we);
@@ -102,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_linear_fwd_cpu(const at::Tensor& x, c
     grouped_linear_epilogue_cpu(GroupedEpilogueArgs{
         dtype, g.mode, g.act, n, Nw, target.data_ptr(), target.stride(0),
         bias_in_epilogue ? b.select(0, e).data_ptr() : nullptr,
-        g.mode != GroupedAct::kNone && bias_in_epilogue ? target.data_ptr() : nullptr, target.stride(0), oe.data_ptr(),
+        keep_pre && bias_in_epilogue ? target.data_ptr() : nullptr, target.stride(0), oe.data_ptr(),
         oe.stride(0)});
   }
   // The dropped tail: no expert, output 0 (and pre 0, so nothing stale is ever saved).

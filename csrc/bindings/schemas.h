@@ -53,7 +53,8 @@ inline constexpr const char* kMoeSchemas[] = {
     "moe_unpermute_fwd(Tensor y_sorted, Tensor row_index, Tensor weights) -> Tensor out",
     "moe_unpermute_bwd(Tensor grad_out, Tensor y_sorted, Tensor row_index, Tensor weights)"
     " -> (Tensor grad_y_sorted, Tensor grad_weights)",
-    "grouped_linear_fwd(Tensor x, Tensor weight, Tensor offsets, Tensor? bias, str activation=\"none\")"
+    "grouped_linear_fwd(Tensor x, Tensor weight, Tensor offsets, Tensor? bias, str activation=\"none\","
+    " bool save_pre=True)"
     " -> (Tensor out, Tensor pre)",
     "grouped_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor offsets, Tensor pre, str activation,"
     " bool has_bias) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)",

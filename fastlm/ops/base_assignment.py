@@ -21,8 +21,8 @@ caller differentiates.
 
 Speed: the auction starts from near-equilibrium prices found by a few sweeps of coordinate
 descent on the dual (E prices, each set so its expert is wanted by exactly its capacity), then
-eps-scaling finishes the job: 4096 tokens x 8 experts take about 2 s on 2 CPU cores, against 133 s
-for the plain auction from zero prices.
+eps-scaling finishes the job: 4096 tokens x 8 experts take 0.07 s on 2 idle CPU cores, against
+2.0 s for the same eps-scaled auction from zero prices (and minutes without eps-scaling).
 
 Backends: reference only (vectorised PyTorch rounds on any device; a fused kernel is future work),
 registered as one opaque custom op so that torch.compile(fullgraph=True) takes it.
@@ -46,7 +46,7 @@ def _default_eps(scores: torch.Tensor) -> float:
 
 def base_assignment_ref(scores: torch.Tensor, capacity: list[int], eps: float, max_rounds: int = 1_000_000):
     """(expert_ids (T,) int32, prices (E,)) by the Jacobi forward auction with eps-scaling (rounds
-    at eps = spread / 8, / 64, ... down to eps, each starting from the last one's prices: a coarse
+    at eps = spread / 64, then / 8 each time down to eps, each from the last one's prices: a coarse
     auction settles the prices cheaply, the fine ones only adjust them); see the module docstring."""
     a = scores.detach().to(torch.float64)
     t, e = a.shape
@@ -100,8 +100,9 @@ def _auction(a, price, slots, eps, rounds, max_rounds):
         free = (owner < 0).nonzero().view(-1)
         if free.numel() == 0:
             return owner, rounds
-        cheapest = price.min(1).values  # (E,)
-        second = price.topk(2, dim=1, largest=False).values[:, 1] if slots > 1 else torch.full_like(cheapest, torch.inf)
+        slot_prices, slot_ids = price.sort(1)  # each expert's slots, cheapest first
+        cheapest = slot_prices[:, 0]  # (E,)
+        second = slot_prices[:, 1] if slots > 1 else torch.full_like(cheapest, torch.inf)
         value = a[free] - cheapest  # (F, E)
         best, choice = value.max(1)
         others = value.scatter(1, choice.view(-1, 1), -torch.inf).max(1).values
@@ -116,11 +117,10 @@ def _auction(a, price, slots, eps, rounds, max_rounds):
         ce = choice[by_expert]
         group_start = torch.searchsorted(ce, ce, right=False)
         rank = torch.arange(ce.numel(), device=dev) - group_start
-        slot_prices, slot_ids = price.sort(1)
-        ok = rank < slots
-        ok[ok.clone()] &= bid[by_expert[ok]] > slot_prices[ce[ok], rank[ok]]
+        r = rank.clamp(max=slots - 1)
+        ok = (rank < slots) & (bid[by_expert] > slot_prices[ce, r])
         winners, ex = by_expert[ok], ce[ok]
-        slot = slot_ids[ex, rank[ok]]
+        slot = slot_ids[ex, r[ok]]
         evicted = holder[ex, slot]
         owner[evicted[evicted >= 0]] = -1
         holder[ex, slot] = free[winners]

@@ -14,8 +14,9 @@ are fine.
 
 The epilogue (bias, activation, gating) is fused: it runs on each expert's output block right
 after its GEMM, while the block is cache-hot, instead of a second pass over (N, N_w) per op. The
-forward keeps the pre-activation for the backward when there is an activation, as linear does:
-recomputing it would cost a whole second GEMM.
+forward keeps the pre-activation for the backward when there is an activation and a gradient is
+wanted, as linear does: recomputing it would cost a whole second GEMM. Without a gradient each
+expert's GEMM output lands in one reused scratch block instead (no (N, N_w) write nobody reads).
 
 Backends: cpu (one call: torch's GEMM per expert slice, csrc/cpu/moe_grouped.cpp's fused epilogue),
 reference (a loop over experts in fp32). Triton and CUDA kernels: not yet.
@@ -52,8 +53,9 @@ def _activate(p, activation):
     return act_ref(p, activation)
 
 
-def grouped_linear_ref(x, weight, offsets, bias, activation="none"):
-    """(out, pre): pre is the pre-activation (x's dtype) when there is an activation, else empty."""
+def grouped_linear_ref(x, weight, offsets, bias, activation="none", save_pre=True):
+    """(out, pre): pre is the pre-activation (x's dtype) when there is an activation and save_pre,
+    else empty."""
     cdt, n_w = _cdt(x), weight.shape[1]
     p = torch.zeros(x.shape[0], n_w, dtype=cdt, device=x.device)
     for e, lo, hi in _expert_rows(offsets):
@@ -61,7 +63,7 @@ def grouped_linear_ref(x, weight, offsets, bias, activation="none"):
         if bias is not None:
             p[lo:hi] += bias[e].to(cdt)
     out = _activate(p, activation)
-    pre = p.to(x.dtype) if activation != "none" else x.new_empty(0)
+    pre = p.to(x.dtype) if activation != "none" and save_pre else x.new_empty(0)
     return out.to(x.dtype), pre
 
 
@@ -95,18 +97,18 @@ def _out_cols(weight, activation):
 
 @torch.library.custom_op("fastlm::grouped_linear", mutates_args=())
 def _grouped_op(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None,
-                activation: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(_FORWARD[backend](x, weight, offsets, bias, activation))
+                activation: str, save_pre: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(_FORWARD[backend](x, weight, offsets, bias, activation, save_pre))
 
 
-def _fake(x, weight, offsets, bias, activation):
-    pre = x.new_empty(x.shape[0], weight.shape[1]) if activation != "none" else x.new_empty(0)
+def _fake(x, weight, offsets, bias, activation, save_pre=True):
+    pre = x.new_empty(x.shape[0], weight.shape[1]) if activation != "none" and save_pre else x.new_empty(0)
     return x.new_empty(x.shape[0], _out_cols(weight, activation)), pre
 
 
 @_grouped_op.register_fake
-def _(x, weight, offsets, bias, activation, backend):
-    return _fake(x, weight, offsets, bias, activation)
+def _(x, weight, offsets, bias, activation, save_pre, backend):
+    return _fake(x, weight, offsets, bias, activation, save_pre)
 
 
 @torch.library.custom_op("fastlm::grouped_linear_backward", mutates_args=())
@@ -127,7 +129,7 @@ def _(grad_out, x, weight, offsets, pre, activation, has_bias, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, offsets, bias, activation, backend = inputs
+    x, weight, offsets, bias, activation, _save_pre, backend = inputs
     ctx.save_for_backward(x, weight, offsets, output[1])
     ctx.args = (activation, bias is not None, backend)
     ctx.mark_non_differentiable(output[1])
@@ -138,7 +140,7 @@ def _backward(ctx, grad_out, _grad_pre):
     activation, has_bias, backend = ctx.args
     grad_x, grad_w, grad_b = _grouped_backward_op(grad_out.contiguous(), x, weight, offsets, pre, activation,
                                                   has_bias, backend)
-    return grad_x, grad_w, None, grad_b if has_bias else None, None, None
+    return grad_x, grad_w, None, grad_b if has_bias else None, None, None, None
 
 
 _grouped_op.register_autograd(_backward, setup_context=_setup_context)
@@ -197,7 +199,9 @@ def grouped_linear(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.
     activation = "none" if activation is None else activation
     _check(x_sorted, weight, offsets, bias, activation)
     chosen = _backend.select(OP, x_sorted.device, x_sorted, weight, offsets, backend=backend)
-    return _grouped_op(x_sorted, weight, offsets, bias, activation, chosen)[0]
+    # the pre-activation is kept only when a backward will read it
+    save_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_sorted, weight, bias))
+    return _grouped_op(x_sorted, weight, offsets, bias, activation, save_pre, chosen)[0]
 
 
 def grouped_swiglu(x_sorted: torch.Tensor, weight_gate_up: torch.Tensor, offsets: torch.Tensor, *,
@@ -210,8 +214,8 @@ def grouped_swiglu(x_sorted: torch.Tensor, weight_gate_up: torch.Tensor, offsets
 if _ext.HAS_EXTENSION and hasattr(torch.ops.fastlm, "grouped_linear_fwd"):
 
     @torch.library.register_fake("fastlm::grouped_linear_fwd")
-    def _(x, weight, offsets, bias, activation="none"):
-        return _fake(x, weight, offsets, bias, activation)
+    def _(x, weight, offsets, bias, activation="none", save_pre=True):
+        return _fake(x, weight, offsets, bias, activation, save_pre)
 
     @torch.library.register_fake("fastlm::grouped_linear_bwd")
     def _(grad_out, x, weight, offsets, pre, activation, has_bias):

@@ -54,40 +54,42 @@ class RouterOutput(NamedTuple):
 
 
 # ---------------------------------------------------------------- reference (the oracle)
-def _differentiable_ref(logits, top_k, sigmoid, normalize, capacity):
-    """The forward as plain differentiable PyTorch (fp32, fp64 for fp64): what both the reference
-    forward and, through autograd, the reference backward evaluate."""
-    cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    lg = logits.to(cdt)
+def _route(lg, top_k, sigmoid, capacity):
+    """(scores s, chosen experts (T, k), kept (T, k)) for fp32/fp64 logits: shared by both directions."""
     t, e = lg.shape
     s = torch.sigmoid(lg) if sigmoid else torch.softmax(lg, -1)
-    chosen = torch.sort(s.detach(), dim=-1, descending=True, stable=True).indices[:, :top_k]  # ties: lower id first
-    w = s.gather(1, chosen)
-    if normalize:
-        w = w / w.sum(-1, keepdim=True)
+    chosen = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :top_k]  # ties: lower id first
     keep = torch.ones_like(chosen, dtype=torch.bool)
     if capacity >= 0:  # slot-major priority: rank of each assignment among its expert's, in that order
         slot_major = chosen.t().reshape(-1)
         rank = torch.nn.functional.one_hot(slot_major, e).cumsum(0).gather(1, slot_major.view(-1, 1)).view(-1) - 1
         keep = (rank < capacity).view(top_k, t).t()
-    ids = torch.where(keep, chosen, -1).to(torch.int32)
-    w = torch.where(keep, w, 0.0)
-    counts = torch.bincount(chosen[keep], minlength=e).to(torch.int32)
-    if t == 0:
-        zero = lg.sum() * 0.0
-        return ids, w, counts, zero, zero.clone()
-    p = s / s.sum(-1, keepdim=True) if sigmoid else s
-    picked = torch.bincount(chosen.reshape(-1), minlength=e).to(cdt) / t
-    aux = e * (picked * p.mean(0)).sum()
-    z = torch.logsumexp(lg, -1).square().mean()
-    return ids, w, counts, aux, z
+    return s, chosen, keep
+
+
+def _picked_share(chosen, e, dtype):
+    """f_e: the share of tokens that picked expert e among their top_k (before capacity)."""
+    return torch.bincount(chosen.reshape(-1), minlength=e).to(dtype) / chosen.shape[0]
 
 
 def moe_router_ref(logits, top_k, sigmoid=False, normalize=True, capacity=-1):
     """Weights and losses fp32 (fp64 for fp64 logits, so the oracle keeps its precision)."""
-    ids, w, counts, aux, z = _differentiable_ref(logits.detach(), top_k, sigmoid, normalize, capacity)
-    out = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return ids.contiguous(), w.to(out).contiguous(), counts, aux.to(out), z.to(out)
+    cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lg = logits.detach().to(cdt)
+    t, e = lg.shape
+    s, chosen, keep = _route(lg, top_k, sigmoid, capacity)
+    w = s.gather(1, chosen)
+    if normalize:
+        w = w / w.sum(-1, keepdim=True)
+    ids = torch.where(keep, chosen, -1).to(torch.int32).contiguous()
+    w = torch.where(keep, w, 0.0).contiguous()
+    counts = torch.bincount(chosen[keep], minlength=e).to(torch.int32)
+    if t == 0:
+        return ids, w, counts, lg.new_zeros(()), lg.new_zeros(())
+    p = s / s.sum(-1, keepdim=True) if sigmoid else s
+    aux = e * (_picked_share(chosen, e, cdt) * p.mean(0)).sum()
+    z = torch.logsumexp(lg, -1).square().mean()
+    return ids, w, counts, aux, z
 
 
 def moe_router_backward_ref(grad_weights, grad_aux, grad_z, logits, top_k, sigmoid=False, normalize=True,
@@ -96,10 +98,8 @@ def moe_router_backward_ref(grad_weights, grad_aux, grad_z, logits, top_k, sigmo
     cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     lg = logits.to(cdt)
     t, e = lg.shape
-    ids, _, _, _, _ = _differentiable_ref(lg, top_k, sigmoid, normalize, capacity)
-    s = torch.sigmoid(lg) if sigmoid else torch.softmax(lg, -1)
-    chosen = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :top_k]
-    g = torch.where(ids >= 0, grad_weights.to(cdt), 0.0)  # dropped slots: constant 0 weights
+    s, chosen, keep = _route(lg, top_k, sigmoid, capacity)
+    g = torch.where(keep, grad_weights.to(cdt), 0.0)  # dropped slots: constant 0 weights
     sel = s.gather(1, chosen)
     if normalize:
         total = sel.sum(-1, keepdim=True)
@@ -107,8 +107,7 @@ def moe_router_backward_ref(grad_weights, grad_aux, grad_z, logits, top_k, sigmo
     ds = torch.zeros_like(s).scatter_add_(1, chosen, g)
     dp = torch.zeros_like(s)
     if t:
-        picked = torch.bincount(chosen.reshape(-1), minlength=e).to(cdt) / t
-        dp = (grad_aux.to(cdt) * e / t * picked).expand(t, e)
+        dp = (grad_aux.to(cdt) * e / t * _picked_share(chosen, e, cdt)).expand(t, e)
     if sigmoid:
         total, p = s.sum(-1, keepdim=True), s / s.sum(-1, keepdim=True)
         ds = ds + (dp - (dp * p).sum(-1, keepdim=True)) / total
