@@ -112,19 +112,25 @@ def register_by_dtype(op: str, example: Callable[[torch.device], tuple], cpu_dty
         register(op, name, example=example if name == "reference" else None)(make(name, allowed))
 
 
-def register_cpu_kernels_only(op: str, example: Callable[[torch.device], tuple], cpu_dtypes, ext_op: str,
-                              gpu_missing: str) -> None:
-    """An op whose only kernels so far are the cpu ones: reference serves any floating dtype, cpu
-    `cpu_dtypes` when the extension has `ext_op`; triton and cuda refuse, saying `gpu_missing`."""
-    def cpu(x, *_):
-        missing = [] if hasattr(torch.ops.fastlm, ext_op) else [f"the extension has no {ext_op} (rebuild fastlm)"]
-        return dtype_reason(x, cpu_dtypes, "cpu") + missing
+def register_kernels(op: str, example: Callable[[torch.device], tuple], ext_op: str, *, cpu, triton, cuda,
+                     missing: str = "") -> None:
+    """An op whose kernels serve a dtype list per backend: reference any floating dtype; cpu and
+    cuda the given dtypes when the extension has `ext_op`; triton the given dtypes. A backend given
+    None has no kernel yet and refuses, saying `missing`."""
+    def make(name, allowed):
+        def why(x, *_):
+            if allowed is None:
+                return [f"no {name} kernel for {op} yet: {missing}"]
+            reasons = dtype_reason(x, allowed, name)
+            if name != "triton" and not hasattr(torch.ops.fastlm, ext_op):
+                reasons.append(f"the extension has no {ext_op} (rebuild fastlm)")
+            return reasons
+        return why
 
     register(op, "reference", example=example)(
         lambda x, *_: [] if x.dtype.is_floating_point else [f"dtype {x.dtype} is not floating point"])
-    register(op, "cpu")(cpu)
-    for name in ("triton", "cuda"):
-        register(op, name)(lambda *_, _n=name: [f"no {_n} kernel for {op} yet: {gpu_missing}"])
+    for name, allowed in (("cpu", cpu), ("triton", triton), ("cuda", cuda)):
+        register(op, name)(make(name, allowed))
 
 
 def _extension_call(name: str) -> Callable:

@@ -153,8 +153,12 @@ def _example(device):
                                                                      device=device))
 
 
-_backend.register_cpu_kernels_only(OP, _example, CPU_DTYPES, "grouped_linear_fwd",
-                                   "grouped GEMMs run on cpu or reference")
+_backend.register_kernels(
+    OP, _example, "grouped_linear_fwd", missing="grouped GEMMs run on cpu or reference",
+    cpu=CPU_DTYPES,
+    triton=None,
+    cuda=None,
+)
 
 
 # ---------------------------------------------------------------- public entry point

@@ -163,14 +163,22 @@ _unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_se
 
 
 # ---------------------------------------------------------------- who can serve what
-_backend.register_cpu_kernels_only(
+_backend.register_kernels(
     "moe_permute", lambda device: (torch.empty(16, 64, device=device), torch.zeros(16, 2, dtype=torch.int32,
                                                                                    device=device), 8),
-    CPU_DTYPES, "moe_permute_fwd", "permutation runs on cpu or reference")
-_backend.register_cpu_kernels_only(
+    "moe_permute_fwd", missing="permutation runs on cpu or reference",
+    cpu=CPU_DTYPES,
+    triton=None,
+    cuda=None,
+)
+_backend.register_kernels(
     "moe_unpermute", lambda device: (torch.empty(32, 64, device=device), torch.zeros(16, 2, dtype=torch.int32,
                                                                                      device=device)),
-    CPU_DTYPES, "moe_unpermute_fwd", "unpermutation runs on cpu or reference")
+    "moe_unpermute_fwd", missing="unpermutation runs on cpu or reference",
+    cpu=CPU_DTYPES,
+    triton=None,
+    cuda=None,
+)
 
 
 # ---------------------------------------------------------------- public entry points

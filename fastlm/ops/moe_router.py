@@ -182,8 +182,13 @@ _router_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------- who can serve what
-_backend.register_cpu_kernels_only(OP, lambda device: (torch.empty(16, 8, device=device),), CPU_DTYPES,
-                                   "moe_router_fwd", "the router runs on cpu or reference")
+_backend.register_kernels(
+    OP, lambda device: (torch.empty(16, 8, device=device),), "moe_router_fwd",
+    missing="the router runs on cpu or reference",
+    cpu=CPU_DTYPES,
+    triton=None,
+    cuda=None,
+)
 
 
 # ---------------------------------------------------------------- public entry point
