@@ -123,7 +123,7 @@ def test_bad_inputs_name_argument_and_value():
         moe_router(torch.randn(3, 4), 1, capacity=-2)
     with pytest.raises(ValueError, match=r"logits must be a floating-point \(tokens, experts\) tensor, got \(3,\)"):
         moe_router(torch.randn(3), 1)
-    with pytest.raises(fastlm.BackendUnavailableError, match=r"dtype float64 not supported by the triton backend|no triton kernel"):
+    with pytest.raises(fastlm.BackendUnavailableError, match=r"dtype float64 not supported by the triton backend"):
         moe_router(torch.randn(3, 4, dtype=torch.float64), 1, backend="triton")
 
 
