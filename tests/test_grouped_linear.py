@@ -122,7 +122,7 @@ def test_bad_inputs_name_argument_and_value():
         grouped_linear(x, w, torch.tensor([0, 3, 6], dtype=torch.int32), activation="tanh")
     with pytest.raises(ValueError, match=r"bias must be \(2, 10\) torch.float32 on cpu, got \(10,\)"):
         grouped_linear(x, w, torch.tensor([0, 3, 6], dtype=torch.int32), bias=torch.randn(10))
-    with pytest.raises(fastlm.BackendUnavailableError, match=r"dtype float64 not supported by the triton backend|no triton kernel"):
+    with pytest.raises(fastlm.BackendUnavailableError, match=r"dtype float64 not supported by the triton backend"):
         grouped_linear(x.double(), w.double(), torch.tensor([0, 3, 6], dtype=torch.int32), backend="triton")
 
 
