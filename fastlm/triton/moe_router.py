@@ -20,8 +20,9 @@ chain rule of fastlm/ops/moe_router.py in fp32.
 
 Why it is fast: the router is memory-bound on reading the (T, E) logits once (E = 8..256: a
 row is 16..512 bytes); k passes of a BLOCK_E-wide max are k * log2(BLOCK_E) shuffle steps per
-row, small next to that load. Tiles hold about 2048 elements (BLOCK_T = 2048 / BLOCK_E rows,
-at most 64: 64 rows of 32 experts is 16 fp32 values per thread at 4 warps).
+row, small next to that load. Tiles hold about 2048 elements (BLOCK_T = 2048 / BLOCK_E rows, at
+most 64), 8 per thread: the scores, softmax, selection mask and gradient tiles all stay live, and
+16 a thread spilled 4 B at E = 256 on sm_86.
 """
 from __future__ import annotations
 
@@ -170,7 +171,7 @@ def _blocks(e: int) -> tuple[int, int, int]:
     kernel's BLOCK_T^2 rank comparison)."""
     block_e = triton.next_power_of_2(max(e, 1))
     block_t = max(1, min(64, TILE_ELEMENTS // block_e))
-    return block_t, block_e, 4 if block_t * block_e >= 1024 else 1
+    return block_t, block_e, max(1, min(8, block_t * block_e // 256))  # 8 elements of a tile a thread
 
 
 def _route(logits, top_k, sigmoid, normalize, capacity):
