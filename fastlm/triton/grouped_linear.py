@@ -13,8 +13,9 @@ act(gate) * up is formed in registers and the (N, 2I) pre-activation is written 
 backward needs it. Offsets are clamped to [0, N] on the device: bad ones can give wrong rows
 but never an out-of-bounds access.
 
-Backward: grad_p = grad_out * act'(pre) (gated: [g * up * act'(gate), g * act(gate)]) written
-once in the operands' dtype by `_grad_p_kernel` (not recomputed per column block of two GEMMs);
+Backward: grad_p = grad_out * act'(pre) (bias_act's backward kernel; gated: [g * up * act'(gate),
+g * act(gate)] by `_gated_grad_kernel`) written once in the operands' dtype (not recomputed per
+column block of two GEMMs);
 dX by the same grouped kernel with W[e] read transposed through strides; dW[e] = grad_p_e^T @ x_e
 by `_weight_grad_kernel`, a grid over (expert, Nw block, K block), each program reducing over its
 expert's rows (empty experts write 0), and grad_bias[e] = the column sums of grad_p_e, summed in
@@ -34,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.triton import _tune
+from fastlm.triton import _tune, bias_act
 from fastlm.triton.bias_act import ACT_CODES, _act_derivative, _act_forward
 from fastlm.triton.linear import _precision
 
@@ -111,27 +112,20 @@ def _grouped_gemm_kernel(
 
 
 @triton.jit
-def _grad_p_kernel(
-    g_ptr, pre_ptr, gp_ptr, N, NC, sg,
-    ACT: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _gated_grad_kernel(
+    g_ptr, pre_ptr, gp_ptr, N, NC, sg, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """grad_p = g * act'(pre); GATED: [g * up * act'(gate), g * act(gate)] (pre = [gate, up])."""
+    """grad_p (N, 2 NC) = [g * up * act'(gate), g * act(gate)] from pre = [gate, up]."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m[:, None] < N) & (offs_n[None, :] < NC)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    mask = (offs_m[:, None] < N) & (offs_n < NC)
     row = offs_m[:, None].to(tl.int64)
-    g = tl.load(g_ptr + row * sg + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    width = 2 * NC if GATED else NC
-    p = tl.load(pre_ptr + row * width + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    if GATED:
-        up = tl.load(pre_ptr + row * width + NC + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(gp_ptr + row * width + offs_n[None, :], (g * up * _act_derivative(p, ACT)).to(gp_ptr.dtype.element_ty),
-                 mask=mask)
-        tl.store(gp_ptr + row * width + NC + offs_n[None, :], (g * _act_forward(p, ACT)).to(gp_ptr.dtype.element_ty),
-                 mask=mask)
-    else:
-        tl.store(gp_ptr + row * width + offs_n[None, :], (g * _act_derivative(p, ACT)).to(gp_ptr.dtype.element_ty),
-                 mask=mask)
+    g = tl.load(g_ptr + row * sg + offs_n, mask=mask, other=0.0).to(tl.float32)
+    gate_at, up_at = row * 2 * NC + offs_n, row * 2 * NC + NC + offs_n
+    gate = tl.load(pre_ptr + gate_at, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(pre_ptr + up_at, mask=mask, other=0.0).to(tl.float32)
+    tl.store(gp_ptr + gate_at, (g * up * _act_derivative(gate, ACT)).to(gp_ptr.dtype.element_ty), mask=mask)
+    tl.store(gp_ptr + up_at, (g * _act_forward(gate, ACT)).to(gp_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -233,15 +227,15 @@ def backward(grad_out, x, weight, offsets, pre, activation, has_bias):
     dev = x.device
     if activation == "none":
         gp = grad_out.contiguous()
+    elif activation not in GATED_ACT:  # elementwise: bias_act's backward kernel, grad_out * act'(pre)
+        gp, _ = bias_act.backward(grad_out, pre, None, activation)
     else:
-        gated = activation in GATED_ACT
-        n_cols = nw // 2 if gated else nw
         gp = torch.empty(n, nw, dtype=x.dtype, device=dev)
-        if n and n_cols:
-            bm, bn = 32, min(triton.next_power_of_2(n_cols), 128)
-            _tune.launch(_grad_p_kernel, (triton.cdiv(n, bm), triton.cdiv(n_cols, bn)), grad_out, pre.contiguous(),
-                         gp, n, n_cols, grad_out.stride(0), ACT=ACT_CODES[GATED_ACT.get(activation, activation)],
-                         GATED=gated, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+        if n and nw:
+            bm, bn = 16, min(triton.next_power_of_2(nw // 2), 128)  # 16 elements a thread (32: spills on sm_86)
+            _tune.launch(_gated_grad_kernel, (triton.cdiv(n, bm), triton.cdiv(nw // 2, bn)), grad_out,
+                         pre.contiguous(), gp, n, nw // 2, grad_out.stride(0), ACT=ACT_CODES[GATED_ACT[activation]],
+                         BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
     w_t = (weight.stride(0), weight.stride(2), weight.stride(1))  # B[e, k, nw] = W[e, nw, k]
     grad_x, _ = _grouped_gemm(gp, weight, w_t, offsets, k)
     grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=dev)
