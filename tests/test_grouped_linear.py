@@ -66,7 +66,7 @@ def check(backend, device, dtype, counts, tail, k, n_w, activation, with_bias):
     BACKEND_DTYPES, [(a,) for a in (None, "gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu")],
     [(None,), ("gelu_tanh",), ("swiglu",)]))
 def test_matches_per_expert_loop(backend, device, dtype, activation):
-    check(backend, device, dtype, [5, 0, 1, 17, 0, 3], tail=4, k=24, n_w=40, activation=activation, with_bias=True)
+    check(backend, device, dtype, [5, 0, 1, 17, 0, 3], tail=4, k=40, n_w=40, activation=activation, with_bias=True)
     check(backend, device, dtype, [33, 1], tail=0, k=7, n_w=6, activation=activation, with_bias=False)
 
 

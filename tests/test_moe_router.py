@@ -85,6 +85,7 @@ def test_topk_softmax_and_sigmoid(backend, device, dtype, t, e, k):
 def test_capacity_drops_slot_major(backend, device, dtype):
     for cap in (0, 1, 5, 9, 1000):
         check(backend, device, dtype, 40, 6, 2, capacity=cap)
+    check(backend, device, dtype, 100, 40, 2, capacity=3)  # several row blocks: positions carried across them
     logits = torch.zeros(5, 4).index_fill_(1, torch.tensor([2]), 3.0).to(device, dtype)
     ids = moe_router(logits, 2, capacity=3, backend=backend).expert_ids
     # every token's first choice is expert 2: the first three keep it, the last two are dropped there
