@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import fastlm
 from fastlm import _ext
 from fastlm.ops import grouped_linear, grouped_swiglu
-from moe_backends import F16, BF16, backends_once, moe_backend_dtypes, with_cases
+from moe_backends import BF16, F16, SLOW, backends_once, moe_backend_dtypes, with_cases
 from numerics import assert_close
 
 HAS_KERNEL = _ext.HAS_EXTENSION and hasattr(torch.ops.fastlm, "grouped_linear_fwd")
@@ -66,7 +66,7 @@ def check(backend, device, dtype, counts, tail, k, n_w, activation, with_bias):
     BACKEND_DTYPES, [(a,) for a in (None, "gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu")],
     [(None,), ("gelu_tanh",), ("swiglu",)]))
 def test_matches_per_expert_loop(backend, device, dtype, activation):
-    check(backend, device, dtype, [5, 0, 1, 17, 0, 3], tail=4, k=24, n_w=40, activation=activation, with_bias=True)
+    check(backend, device, dtype, [5, 0, 1, 17, 0, 3], tail=4, k=40, n_w=40, activation=activation, with_bias=True)
     check(backend, device, dtype, [33, 1], tail=0, k=7, n_w=6, activation=activation, with_bias=False)
 
 
@@ -122,7 +122,7 @@ def test_bad_inputs_name_argument_and_value():
         grouped_linear(x, w, torch.tensor([0, 3, 6], dtype=torch.int32), activation="tanh")
     with pytest.raises(ValueError, match=r"bias must be \(2, 10\) torch.float32 on cpu, got \(10,\)"):
         grouped_linear(x, w, torch.tensor([0, 3, 6], dtype=torch.int32), bias=torch.randn(10))
-    with pytest.raises(fastlm.BackendUnavailableError, match=r"dtype float64 not supported by the triton backend|no triton kernel"):
+    with pytest.raises(fastlm.BackendUnavailableError, match=r"dtype float64 not supported by the triton backend"):
         grouped_linear(x.double(), w.double(), torch.tensor([0, 3, 6], dtype=torch.int32), backend="triton")
 
 
@@ -131,7 +131,7 @@ def test_opcheck_and_compile(backend, device, dtype):
     new = dict(device=device, dtype=dtype, requires_grad=True)
     x, w, b = torch.randn(10, 8, **new), torch.randn(3, 12, 8, **new), torch.randn(3, 12, **new)
     offsets = torch.tensor([0, 4, 4, 9], dtype=torch.int32, device=device)
-    for act in ("none", "swiglu", "relu"):
+    for act in ("swiglu",) if backend in SLOW else ("none", "swiglu", "relu"):  # interpreted / emulated: slow
         torch.library.opcheck(torch.ops.fastlm.grouped_linear.default, (x, w, offsets, b, act, True, backend))
     if HAS_KERNEL and backend == "cpu":
         torch.library.opcheck(torch.ops.fastlm.grouped_linear_fwd.default, (x.detach(), w.detach(), offsets, None,

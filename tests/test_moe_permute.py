@@ -40,9 +40,9 @@ def permute_oracle(x, ids, e):
     return x_sorted, index, offsets
 
 
-# the slow backends: odd sizes with drops, and top_k = E
+# the slow backends: more assignments than one counting block (64) at an odd width, and top_k = E
 @pytest.mark.parametrize("backend,device,dtype,t,e,k,h", with_cases(
-    BACKEND_DTYPES, [(1, 1, 1, 8), (29, 6, 2, 33), (16, 4, 4, 64), (50, 8, 3, 1)], [(29, 6, 2, 33), (16, 4, 4, 64)]))
+    BACKEND_DTYPES, [(1, 1, 1, 8), (29, 6, 2, 33), (16, 4, 4, 64), (50, 8, 3, 1)], [(50, 8, 3, 33), (16, 4, 4, 64)]))
 def test_permute_matches_loop_and_grad(backend, device, dtype, t, e, k, h):
     for name, ids in routings(t, e, k).items():
         x = torch.randn(t, h, dtype=dtype, requires_grad=True)
@@ -63,7 +63,7 @@ def test_permute_matches_loop_and_grad(backend, device, dtype, t, e, k, h):
 
 
 @pytest.mark.parametrize("backend,device,dtype,t,e,k,h", with_cases(
-    BACKEND_DTYPES, [(1, 1, 1, 8), (29, 6, 2, 33), (50, 8, 3, 1)], [(29, 6, 2, 33)]))
+    BACKEND_DTYPES, [(1, 1, 1, 8), (29, 6, 2, 33), (50, 8, 3, 1)], [(50, 8, 3, 33)]))
 def test_unpermute_weighted_sum_and_grads(backend, device, dtype, t, e, k, h):
     for name, ids in routings(t, e, k).items():
         _, rows, _ = moe_permute(torch.randn(t, 2, dtype=dtype), ids, e, backend="reference")

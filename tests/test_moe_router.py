@@ -51,7 +51,7 @@ def check(backend, device, dtype, t, e, k, **opts):
 
     def run(fn, dt):
         x = logits.detach().to(dt).requires_grad_()
-        ids, w, counts, aux, z = (t.cpu() for t in fn(x))
+        ids, w, counts, aux, z = (o.cpu() for o in fn(x))
         loss = (w * gw.to(w.dtype)).sum() + aux * ga.to(aux.dtype) + z * gz.to(z.dtype)
         return ids, w, counts, aux, z, torch.autograd.grad(loss, x)[0]
 
@@ -71,7 +71,7 @@ def check(backend, device, dtype, t, e, k, **opts):
     assert_close(f"{backend} grad_logits", grad, want[5], base[5], kind="grad", atol=1e-6)
 
 
-# the slow backends: top_k = E, top_k = 1 over more experts than a warp, and a mid case
+# the slow backends: top_k = E, and top_k = 1 of 40 experts over two row blocks
 @pytest.mark.parametrize("backend,device,dtype,t,e,k", with_cases(
     BACKEND_DTYPES, [(1, 1, 1), (33, 8, 2), (64, 8, 8), (97, 16, 1), (50, 3, 3)], [(50, 3, 3), (33, 40, 1)]))
 def test_topk_softmax_and_sigmoid(backend, device, dtype, t, e, k):
@@ -85,6 +85,7 @@ def test_topk_softmax_and_sigmoid(backend, device, dtype, t, e, k):
 def test_capacity_drops_slot_major(backend, device, dtype):
     for cap in (0, 1, 5, 9, 1000):
         check(backend, device, dtype, 40, 6, 2, capacity=cap)
+    check(backend, device, dtype, 100, 40, 2, capacity=3)  # several row blocks: positions carried across them
     logits = torch.zeros(5, 4).index_fill_(1, torch.tensor([2]), 3.0).to(device, dtype)
     ids = moe_router(logits, 2, capacity=3, backend=backend).expert_ids
     # every token's first choice is expert 2: the first three keep it, the last two are dropped there
@@ -123,7 +124,7 @@ def test_bad_inputs_name_argument_and_value():
         moe_router(torch.randn(3, 4), 1, capacity=-2)
     with pytest.raises(ValueError, match=r"logits must be a floating-point \(tokens, experts\) tensor, got \(3,\)"):
         moe_router(torch.randn(3), 1)
-    with pytest.raises(fastlm.BackendUnavailableError, match=r"dtype float64 not supported by the triton backend|no triton kernel"):
+    with pytest.raises(fastlm.BackendUnavailableError, match=r"dtype float64 not supported by the triton backend"):
         moe_router(torch.randn(3, 4, dtype=torch.float64), 1, backend="triton")
 
 

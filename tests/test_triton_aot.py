@@ -14,7 +14,8 @@ import sys
 import pytest
 
 MAX_COMPILE_SECONDS = 60
-MODULES = ("attention", "attention_decode", "linear", "softmax", "norms", "cross_entropy", "bias_act", "rope")
+MODULES = ("attention", "attention_decode", "linear", "softmax", "norms", "cross_entropy", "bias_act", "rope",
+           "moe_router", "moe_permute", "grouped_linear")
 
 # Spill-store bytes allowed per compiled config (maxima measured in the CI set, rounded up);
 # kernels not named get 0. The attention kernels (forward, dK/dV, dQ, decode) prune every config
@@ -41,7 +42,7 @@ SM86_SPILL_BUDGET = {"attention._dq_kernel": 4}
 # what the session checked, for its terminal summary (tests/conftest.py pytest_terminal_summary)
 SUMMARY = {"compiles": 0, "seconds": 0.0, "targets": {}}
 # modules sm_86 compiles in CI (Case.ci86), and the kernels among them with no estimate to check
-SM86_MODULES = ("attention", "attention_decode", "linear")
+SM86_MODULES = ("attention", "attention_decode", "linear", "grouped_linear")
 
 
 def problems_of(r) -> list[str]:

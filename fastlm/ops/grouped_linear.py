@@ -19,7 +19,8 @@ wanted, as linear does: recomputing it would cost a whole second GEMM. Without a
 expert's GEMM output lands in one reused scratch block instead (no (N, N_w) write nobody reads).
 
 Backends: cpu (one call: torch's GEMM per expert slice, csrc/cpu/moe_grouped.cpp's fused epilogue),
-reference (a loop over experts in fp32). Triton and CUDA kernels: not yet.
+triton (fastlm/triton/grouped_linear.py: one launch over all experts, the tile schedule found
+on the device), reference (a loop over experts in fp32). CUDA kernels: not yet.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from fastlm.ops.bias_act import ACTIVATIONS, act_grad_ref, act_ref
 
 OP = "grouped_linear"
 CPU_DTYPES = (torch.float32, torch.bfloat16)
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GATED = {"swiglu": "silu", "geglu": "gelu"}
 
 
@@ -86,8 +88,21 @@ def grouped_linear_backward_ref(grad_out, x, weight, offsets, pre, activation, h
     return grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_b.to(weight.dtype) if has_bias else x.new_empty(0)
 
 
-_FORWARD = _backend.implementations(reference=grouped_linear_ref, triton=None, ext="grouped_linear_fwd")
-_BACKWARD = _backend.implementations(reference=grouped_linear_backward_ref, triton=None, ext="grouped_linear_bwd")
+def _triton_forward(x, weight, offsets, bias, activation, save_pre):
+    from fastlm.triton import grouped_linear as kernels  # imported late: TRITON_INTERPRET is read at import
+
+    return kernels.forward(x, weight, offsets, bias, activation, save_pre)
+
+
+def _triton_backward(grad_out, x, weight, offsets, pre, activation, has_bias):
+    from fastlm.triton import grouped_linear as kernels
+
+    return kernels.backward(grad_out, x, weight, offsets, pre, activation, has_bias)
+
+
+_FORWARD = _backend.implementations(reference=grouped_linear_ref, triton=_triton_forward, ext="grouped_linear_fwd")
+_BACKWARD = _backend.implementations(reference=grouped_linear_backward_ref, triton=_triton_backward,
+                                     ext="grouped_linear_bwd")
 
 
 # ---------------------------------------------------------------- custom ops + autograd
@@ -156,7 +171,7 @@ def _example(device):
 _backend.register_kernels(
     OP, _example, "grouped_linear_fwd", missing="grouped GEMMs run on cpu or reference",
     cpu=CPU_DTYPES,
-    triton=None,
+    triton=GPU_DTYPES,
     cuda=None,
 )
 
@@ -186,7 +201,9 @@ def _check(x, weight, offsets, bias, activation):
                         f"{' ' + str(tuple(offsets.shape)) if isinstance(offsets, torch.Tensor) else ''}")
     if offsets.device != x.device:
         raise ValueError(f"{fn}: offsets is on {offsets.device} but x is on {x.device}")
-    if not torch.compiler.is_compiling():
+    # values are checked on the host only where they live there (no device sync); the GPU kernels
+    # clamp offsets into [0, N], so bad ones give wrong rows but no out-of-bounds access
+    if not torch.compiler.is_compiling() and offsets.device.type == "cpu":
         host = offsets.tolist()
         if host[0] != 0 or any(b < a for a, b in zip(host, host[1:])) or host[-1] > x.shape[0]:
             raise ValueError(f"{fn}: offsets must rise from 0 and end at most at x's {x.shape[0]} rows, got {host}")

@@ -18,7 +18,9 @@ summed in one place: deterministic, unlike an index_add with atomics).
 Gradients: moe_permute to x (the k rows of a token summed back); moe_unpermute to y_sorted and
 to weights (dot(y_row, grad_out[t]), which is how the router learns).
 
-Backends: cpu (csrc/cpu/moe_permute.cpp: counting sort, rows copied in parallel), reference.
+Backends: cpu (csrc/cpu/moe_permute.cpp: counting sort, rows copied in parallel), triton
+(fastlm/triton/moe_permute.py: a device-side counting sort, each row copied where it is
+placed; gathers with fp32 accumulation), reference.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from fastlm import _ext
 from fastlm import backend as _backend
 
 CPU_DTYPES = (torch.float32, torch.bfloat16)
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------- reference (the oracle)
@@ -77,10 +80,23 @@ def moe_unpermute_backward_ref(grad_out, y_sorted, row_index, weights):
     return grad_y.to(y_sorted.dtype), grad_w.to(weights.dtype)
 
 
-_PERMUTE = _backend.implementations(reference=moe_permute_ref, triton=None, ext="moe_permute_fwd")
-_PERMUTE_BWD = _backend.implementations(reference=moe_permute_backward_ref, triton=None, ext="moe_permute_bwd")
-_UNPERMUTE = _backend.implementations(reference=moe_unpermute_ref, triton=None, ext="moe_unpermute_fwd")
-_UNPERMUTE_BWD = _backend.implementations(reference=moe_unpermute_backward_ref, triton=None, ext="moe_unpermute_bwd")
+def _triton(name):
+    """The fastlm.triton.moe_permute launcher `name`, imported at the first call (TRITON_INTERPRET
+    is read at import)."""
+    def call(*args):
+        from fastlm.triton import moe_permute as kernels
+
+        return getattr(kernels, name)(*args)
+    return call
+
+
+_PERMUTE = _backend.implementations(reference=moe_permute_ref, triton=_triton("permute"), ext="moe_permute_fwd")
+_PERMUTE_BWD = _backend.implementations(reference=moe_permute_backward_ref, triton=_triton("permute_backward"),
+                                        ext="moe_permute_bwd")
+_UNPERMUTE = _backend.implementations(reference=moe_unpermute_ref, triton=_triton("unpermute"),
+                                      ext="moe_unpermute_fwd")
+_UNPERMUTE_BWD = _backend.implementations(reference=moe_unpermute_backward_ref, triton=_triton("unpermute_backward"),
+                                          ext="moe_unpermute_bwd")
 
 
 # ---------------------------------------------------------------- custom ops + autograd
@@ -168,7 +184,7 @@ _backend.register_kernels(
                                                                                    device=device), 8),
     "moe_permute_fwd", missing="permutation runs on cpu or reference",
     cpu=CPU_DTYPES,
-    triton=None,
+    triton=GPU_DTYPES,
     cuda=None,
 )
 _backend.register_kernels(
@@ -176,7 +192,7 @@ _backend.register_kernels(
                                                                                      device=device)),
     "moe_unpermute_fwd", missing="unpermutation runs on cpu or reference",
     cpu=CPU_DTYPES,
-    triton=None,
+    triton=GPU_DTYPES,
     cuda=None,
 )
 
@@ -206,7 +222,8 @@ def moe_permute(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, *, 
         raise ValueError(f"{fn}: expert_ids has {expert_ids.shape[0]} rows but x has {x.shape[0]} tokens")
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"{fn}: num_experts must be an int >= 1, got {num_experts!r}")
-    if not torch.compiler.is_compiling() and expert_ids.numel():
+    # values are checked where they live on the host; the GPU kernels treat ids outside [0, E) as dropped
+    if not torch.compiler.is_compiling() and expert_ids.device.type == "cpu" and expert_ids.numel():
         lo, hi = int(expert_ids.min()), int(expert_ids.max())
         if lo < -1 or hi >= num_experts:
             raise ValueError(f"{fn}: expert_ids must be in [-1, {num_experts}) (-1: dropped), got values in "
@@ -228,7 +245,9 @@ def moe_unpermute(y_sorted: torch.Tensor, row_index: torch.Tensor, weights: torc
                          f"{' ' + str(weights.dtype) if isinstance(weights, torch.Tensor) else ''}")
     if weights.device != y_sorted.device:
         raise ValueError(f"{fn}: weights is on {weights.device} but y_sorted is on {y_sorted.device}")
-    if not torch.compiler.is_compiling() and row_index.numel() and int(row_index.max()) >= y_sorted.shape[0]:
+    # (on the host only: the GPU kernels skip rows outside y_sorted)
+    if (not torch.compiler.is_compiling() and row_index.device.type == "cpu" and row_index.numel()
+            and int(row_index.max()) >= y_sorted.shape[0]):
         raise ValueError(f"{fn}: row_index holds row {int(row_index.max())} but y_sorted has "
                          f"{y_sorted.shape[0]} rows")
     chosen = _backend.select("moe_unpermute", y_sorted.device, y_sorted, row_index, backend=backend)

@@ -28,7 +28,8 @@ The backward recomputes scores and selection from the logits (a row of E numbers
 saving them.
 
 Backends: cpu (csrc/cpu/moe_router.cpp: one pass per row, fp32 math, T*k serial capacity scan),
-reference (plain PyTorch, fp32 or fp64). Triton and CUDA kernels: not yet.
+triton (fastlm/triton/moe_router.py: row blocks, capacity by a device-side slot-major prefix),
+reference (plain PyTorch, fp32 or fp64). CUDA kernels: not yet.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from fastlm import backend as _backend
 
 OP = "moe_router"
 CPU_DTYPES = (torch.float32, torch.bfloat16)
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCORES = ("softmax", "sigmoid")
 
 
@@ -120,8 +122,21 @@ def moe_router_backward_ref(grad_weights, grad_aux, grad_z, logits, top_k, sigmo
     return dl.to(logits.dtype)
 
 
-_FORWARD = _backend.implementations(reference=moe_router_ref, triton=None, ext="moe_router_fwd")
-_BACKWARD = _backend.implementations(reference=moe_router_backward_ref, triton=None, ext="moe_router_bwd")
+def _triton_forward(logits, top_k, sigmoid, normalize, capacity):
+    from fastlm.triton import moe_router as kernels  # imported late: TRITON_INTERPRET is read at import
+
+    return kernels.forward(logits, top_k, sigmoid, normalize, capacity)
+
+
+def _triton_backward(grad_weights, grad_aux, grad_z, logits, top_k, sigmoid, normalize, capacity):
+    from fastlm.triton import moe_router as kernels
+
+    return kernels.backward(grad_weights, grad_aux, grad_z, logits, top_k, sigmoid, normalize, capacity)
+
+
+_FORWARD = _backend.implementations(reference=moe_router_ref, triton=_triton_forward, ext="moe_router_fwd")
+_BACKWARD = _backend.implementations(reference=moe_router_backward_ref, triton=_triton_backward,
+                                     ext="moe_router_bwd")
 
 
 # ---------------------------------------------------------------- custom ops + autograd
@@ -186,7 +201,7 @@ _backend.register_kernels(
     OP, lambda device: (torch.empty(16, 8, device=device),), "moe_router_fwd",
     missing="the router runs on cpu or reference",
     cpu=CPU_DTYPES,
-    triton=None,
+    triton=GPU_DTYPES,
     cuda=None,
 )
 

@@ -467,8 +467,52 @@ def _rope_cases():
     return cases
 
 
+def _moe_cases():
+    """Router (Mixtral's 8 experts top-2 with capacity, DeepSeek-V3-sized 256 experts top-8 sigmoid),
+    permute / unpermute at a 4096-wide hidden size, and the grouped GEMMs of a Mixtral-shaped
+    expert MLP (gated up-projection, then the down projection with a bias and an activation)."""
+    cases = []
+    # CI compiles the middle router case (all three kernels) and the gated grouped GEMM: the other
+    # cases add register pressure (E = 256) or the bias and elementwise paths, in the sweep
+    for t, e, k, sigmoid, capacity in ((4096, 8, 2, False, 1280), (1024, 64, 6, True, 100), (1024, 256, 8, True, -1)):
+        def route(dtype, t=t, e=e, k=k, sigmoid=sigmoid, capacity=capacity):
+            from fastlm.triton import moe_router
+
+            logits = _t(t, e, dtype=dtype)
+            moe_router.forward(logits, k, sigmoid, True, capacity)
+            moe_router.backward(torch.randn(t, k), torch.ones(()), torch.ones(()), logits, k, sigmoid, True, capacity)
+        cases.append(Case("moe_router", f"t{t} e{e} k{k} {'sigmoid' if sigmoid else 'softmax'} cap{capacity}", route,
+                          ci=e == 64))
+
+    def permute(dtype):
+        from fastlm.triton import moe_permute
+
+        t, k, e, h = 1024, 2, 8, 4096
+        x = _t(t, h, dtype=dtype)
+        ids = torch.randint(-1, e, (t, k), dtype=torch.int32)
+        xs, rows, _ = moe_permute.permute(x, ids, e)
+        moe_permute.permute_backward(torch.randn_like(xs), rows)
+        out = moe_permute.unpermute(xs, rows, torch.rand(t, k))
+        moe_permute.unpermute_backward(torch.randn_like(out), xs, rows, torch.rand(t, k))
+    cases.append(Case("moe_permute", "t1024 k2 e8 h4096", permute, ci=True))
+
+    for activation, n_w, bias in (("swiglu", 2 * 1792, False), ("gelu_tanh", 1024, True)):
+        def grouped(dtype, activation=activation, n_w=n_w, bias=bias):
+            from fastlm.triton import grouped_linear
+
+            n, k, e = 2048, 1024, 8
+            x, w = _t(n, k, dtype=dtype), _t(e, n_w, k, dtype=dtype) / 32
+            b = _t(e, n_w, dtype=dtype) if bias else None
+            offsets = torch.tensor([0, 100, 100, 700, 701, 1200, 1500, 1900, 2000], dtype=torch.int32)
+            out, pre = grouped_linear.forward(x, w, offsets, b, activation, True)
+            grouped_linear.backward(torch.randn_like(out), x, w, offsets, pre, activation, bias)
+        cases.append(Case("grouped_linear", f"{activation} n2048 k1024 nw{n_w} e8 fwd+bwd", grouped,
+                          ci=activation == "swiglu", ci86=("fp16",) if activation == "swiglu" else ()))
+    return cases
+
+
 def cases() -> list[Case]:
-    return _attention_cases() + _linear_cases() + _row_cases() + _rope_cases()
+    return _attention_cases() + _linear_cases() + _row_cases() + _rope_cases() + _moe_cases()
 
 
 @dataclass
