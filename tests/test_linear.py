@@ -18,6 +18,9 @@ BACKEND_DTYPES = backend_dtypes(BACKENDS)
 SHAPES = [(1, 64, 64), (7, 768, 64), (129, 64, 768), (7, 64, 3072), (1, 3072, 64), (129, 768, 768)]
 ACTS = (None,) + ACTIVATIONS
 INTERPRETER_SHAPES = [(1, 64, 64), (7, 64, 128), (129, 64, 64), (7, 128, 64)]
+# The emulator runs a 128x128x64 tile in tens of milliseconds, forward and both backward GEMMs:
+# shapes that still cross every tile edge (M, N past 128, K past a 64-deep tile) but stay small.
+EMULATOR_SHAPES = [(1, 64, 64), (7, 200, 64), (129, 64, 136), (7, 64, 264), (1, 136, 64), (130, 136, 136)]
 GEMM_TOL = dict(rtol=1e-4, atol=1e-4)  # fp32 sums over up to 3072 terms
 
 
@@ -59,6 +62,8 @@ def test_matches_float64(backend, device, dtype, index):
     shape = SHAPES[index]
     if backend == "triton" and device == "cpu" and shape not in INTERPRETER_SHAPES:
         shape = INTERPRETER_SHAPES[index % len(INTERPRETER_SHAPES)]  # the interpreter is slow: small shapes
+    if backend == "cuda-emu":
+        shape = EMULATOR_SHAPES[index]
     acts = [ACTS[index % len(ACTS)]] + ([ACTS[(index + 3) % len(ACTS)]] if dtype == torch.float32 else [])
     for act in acts:  # every activation shows up across the shapes
         _check(backend, device, dtype, act, *shape)
@@ -107,6 +112,26 @@ def test_misaligned_storage_offset(backend, device, dtypes):
     want = (F.gelu(x.double() @ w.double().t()) + r.double()).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend,device,dtypes", cuda_params((torch.float16, torch.bfloat16)))
+def test_gemm_core_raster_and_operand_layouts(backend, device, dtypes):
+    """The GEMM core (csrc/cuda/gemm_core.cuh) on the edges its tiles and grouped raster order
+    have: 9 x 2 output tiles (more M tiles than one raster group of 8, so the last group is
+    partial), a K that ends mid-tile, and backward operands it reads in place through its
+    transposed layouts: grad_y and x arrive as strided views (grad_y a column slice, x the
+    transpose of a row-major tensor), weight with a row stride past its width."""
+    dtype = dtypes[-1]
+    M, K, N = 1100, 72, 136
+    _check(backend, device, dtype, "gelu_tanh", M, K, N)
+    x = torch.randn(K, M, device=device, dtype=dtype).t()  # (M, K), M-contiguous
+    w = torch.randn(N, K + 8, device=device, dtype=dtype)[:, :K]  # row stride K + 8
+    g = torch.randn(M, 2 * N, device=device, dtype=dtype)[:, ::2]  # column stride 2
+    xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
+    gx, gw = torch.autograd.grad(linear(xs, ws, backend=backend), (xs, ws), g)
+    x64, w64, g64 = x.double(), w.double(), g.double()
+    assert_close(f"{backend} strided grad_x", gx, g64 @ w64, g @ w, kind="grad")
+    assert_close(f"{backend} strided grad_weight", gw, g64.t() @ x64, g.t() @ x, kind="grad")
 
 
 @pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
