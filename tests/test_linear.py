@@ -118,9 +118,10 @@ def test_misaligned_storage_offset(backend, device, dtypes):
 def test_gemm_core_raster_and_operand_layouts(backend, device, dtypes):
     """The GEMM core (csrc/cuda/gemm_core.cuh) on the edges its tiles and grouped raster order
     have: 9 x 2 output tiles (more M tiles than one raster group of 8, so the last group is
-    partial), a K that ends mid-tile, and backward operands it reads in place through its
-    transposed layouts: grad_y and x arrive as strided views (grad_y a column slice, x the
-    transpose of a row-major tensor), weight with a row stride past its width."""
+    partial), a K that ends mid-tile, and the backward's transposed (MN-major) operand reads of
+    grad_p, x and weight, here from strided views: weight with a row stride past its width (read
+    in place), grad_y a column slice and x the transpose of a row-major tensor (the binding
+    copies those two to 16-byte aligned rows first)."""
     dtype = dtypes[-1]
     M, K, N = 1100, 72, 136
     _check(backend, device, dtype, "gelu_tanh", M, K, N)
@@ -225,6 +226,20 @@ def test_extension_ops_validate_inputs():
         torch.ops.fastlm.linear_fwd(x, torch.randn(6, 7), None, None, "none", False)
     with pytest.raises(ValueError, match=r"residual must have shape \(4, 6\), got \[4, 7\]"):
         torch.ops.fastlm.linear_fwd(x, w, None, torch.randn(4, 7), "none", False)
+
+
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="the emulator extension is not built")
+def test_cuda_backward_op_validates_inputs():
+    ops = torch.ops.fastlm_emu
+    x, w, g = torch.randn(4, 16).half(), torch.randn(8, 16).half(), torch.randn(4, 8).half()
+    with pytest.raises(TypeError, match=r"linear_bwd: x must be float16 or bfloat16 for the CUDA tensor-core GEMM, got Float"):
+        ops.linear_bwd(g.float(), x.float(), w.float())
+    with pytest.raises(ValueError, match=r"linear_bwd: grad_p must have shape \(4, 8\), got \[4, 9\]"):
+        ops.linear_bwd(torch.randn(4, 9).half(), x, w)
+    with pytest.raises(TypeError, match=r"linear_bwd: grad_p and weight must have x's dtype Half, got BFloat16"):
+        ops.linear_bwd(g, x, w.bfloat16())
+    with pytest.raises(ValueError, match=r"linear_bwd: the CUDA GEMM needs N and K multiples of 8, got N=6, K=16"):
+        ops.linear_bwd(torch.randn(4, 6).half(), x, torch.randn(6, 16).half())
 
 
 @pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
