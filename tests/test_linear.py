@@ -135,6 +135,26 @@ def test_gemm_core_raster_and_operand_layouts(backend, device, dtypes):
     assert_close(f"{backend} strided grad_weight", gw, g64.t() @ x64, g.t() @ x, kind="grad")
 
 
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="the emulator extension is not built")
+@pytest.mark.parametrize("M,K,N", [(1, 1032, 64), (64, 520, 136)])
+def test_small_m_split_k(M, K, N):
+    """M <= 64 (decode): the cuda forward splits K over CTAs into a fp32 workspace and a second
+    launch sums the slices and applies the epilogue (5 and 3 slices here, each ending in a ragged
+    one); checked against the oracle with every epilogue input, and that it did split."""
+    dtype = torch.float16
+    x, w = torch.randn(M, K, dtype=dtype), (torch.randn(N, K) / K**0.5).to(dtype)
+    b, r = torch.randn(N, dtype=dtype), torch.randn(M, N, dtype=dtype)
+    before = torch.ops.fastlm_emu.emu_stats()[0]
+    y, pre = torch.ops.fastlm_emu.linear_fwd(x, w, b, r, "silu", True)
+    assert torch.ops.fastlm_emu.emu_stats()[0] - before == 2, "expected the split GEMM and its epilogue launch"
+    z64 = x.double() @ w.double().t() + b.double()
+    z = (x.float() @ w.float().t() + b.float()).to(dtype)
+    assert_close("split-K preact", pre, z64, z)
+    y64 = F.silu(z64.to(dtype).double()) + r.double()
+    assert_close("split-K y", y, y64, (F.silu(z.float()) + r.float()).to(dtype))
+    _check("cuda-emu", "cpu", dtype, "gelu", M, K, N)  # the backward too
+
+
 @pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
 def test_empty_batch(backend, device, dtypes):
     x = torch.randn(0, 64, device=device, dtype=dtypes[0], requires_grad=True)

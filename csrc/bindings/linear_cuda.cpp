@@ -48,10 +48,12 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x_in, const
   const at::Tensor x = empty_k ? x_in : gemm_operand(x_in), w = empty_k ? w_in : gemm_operand(w_in);
   const at::Tensor b = bias ? gemm_operand(*bias) : at::Tensor();
   const at::Tensor r = residual ? gemm_operand(rows_view(*residual)) : at::Tensor();
+  const int64_t workspace = linear_forward_cuda_workspace(M, N, K);
+  at::Tensor ws = at::empty({workspace}, x_in.options().dtype(at::kFloat));
   const LinearCudaArgs args{dtype, has_act, act, M, N, K, x.data_ptr(), empty_k ? 0 : row_stride(x), w.data_ptr(),
                             empty_k ? 0 : row_stride(w), b.defined() ? b.data_ptr() : nullptr,
                             r.defined() ? r.data_ptr() : nullptr, r.defined() ? row_stride(r) : 0, y.data_ptr(),
-                            save_preact ? pre.data_ptr() : nullptr};
+                            save_preact ? pre.data_ptr() : nullptr, workspace ? ws.data_ptr<float>() : nullptr};
   check_launch(op, linear_forward_cuda(args, gpu_stream()));
   return {y, pre};
 }

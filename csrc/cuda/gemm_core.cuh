@@ -12,8 +12,8 @@
 //    warp loads 4 A and 4 B ldmatrix.x4 (8 LDSM) and issues 4 x 8 = 32 mma.sync.m16n8k16. Per
 //    64-deep K tile a thread issues 128 HMMA, 32 LDSM, 16 cp.async (8 per operand, 16 bytes
 //    each), 16 predicates and 16 64-bit pointer steps, one barrier: the SASS main loop is
-//    294-304 instructions, 2.30-2.38 per HMMA on sm_80 and sm_90a (the old 2-stage 128 x 128 x 32
-//    kernel with 64 x 32 warp tiles: 4.75 / 4.88), with 222-234 registers and no spills.
+//    294-308 instructions, 2.30-2.41 per HMMA on sm_80 and sm_90a (the old 2-stage 128 x 128 x 32
+//    kernel with 64 x 32 warp tiles: 4.75 / 4.88), with 216-230 registers and no spills.
 //  - 3-stage cp.async pipeline (16-byte, L2-only .cg; src-size 0 zero-fills the chunks past M,
 //    N or K): two K tiles (64 KB) are in flight while a third feeds the tensor cores; one
 //    __syncthreads per K tile. Shared memory 3 x (16 + 16) KB = 96 KB per CTA: one CTA (4
@@ -34,6 +34,9 @@
 //    the pre-activation as 16-byte stores. The activation is chosen at run time by one switch
 //    per element (a uniform branch), not a template per activation: 2 dtypes x 3 layouts = 6
 //    kernels in all.
+//  - Small M (decode, M <= 64): split-K. blockIdx.y takes a K slice and stores its fp32 tile to a
+//    workspace; splitk_epilogue_kernel sums the slices and runs the same epilogue (see
+//    splitk_slices for the bandwidth arithmetic).
 // Requirements (the bindings check them): the contiguous dimension of each operand and N are
 // multiples of 8, row strides are multiples of 8 elements and base pointers 16-byte aligned
 // (cp.async and the epilogue's 16-byte accesses). Any M, N, K otherwise (ragged edges zero-fill).
@@ -72,6 +75,12 @@ struct GemmArgs {
   const void* a; int64_t lda;  // K-major: stride between M rows; MN-major: between K rows
   const void* b; int64_t ldb;
   Epilogue ep;
+  // Split-K (small M): CTA row blockIdx.y reduces K range [y k_split, (y + 1) k_split) and, when
+  // partial is non-null, stores its fp32 tile at partial + y m n instead of the epilogue; the
+  // split-K epilogue kernel then sums the splits and applies the epilogue. k_split: a multiple
+  // of kBK, k when there is one split.
+  int64_t k_split;
+  float* partial;
 };
 
 // 16 bytes moved as one access (LDG.128 / STG.128 / LDS.128): 8 halves or 4 floats.
@@ -107,27 +116,28 @@ struct TileLoader {
 #endif
   static constexpr int kChunkStride = KMajor ? 16 * kBK : 8 * kBM;  // halves between chunk i and i + 1
 
-  __device__ __forceinline__ TileLoader(const T* p, int64_t ld, int64_t rows, int64_t k, int64_t r0) {
+  __device__ __forceinline__ TileLoader(const T* p, int64_t ld, int64_t rows, int64_t k_begin, int64_t k_end,
+                                        int64_t r0) {
     const int t = threadIdx.x;
 #ifdef FASTLM_EMU
     valid = p;
 #endif
     if constexpr (KMajor) {  // chunk i: row t / 8 + 16 i, column chunk t % 8
       const int row = t / 8, c = t % 8;
-      src = p + (r0 + row) * ld + c * 8;
+      src = p + (r0 + row) * ld + k_begin + c * 8;
       step = 16 * ld;
       k_step = kBK;
-      k_left = k - c * 8;
+      k_left = k_end - k_begin - c * 8;
       smem_off = row * kBK + ((c ^ (row & 7)) * 8);  // row + 16 i keeps row % 8
       rows_ok = 0;
 #pragma unroll
       for (int i = 0; i < 8; ++i) rows_ok |= uint32_t(r0 + row + 16 * i < rows) << i;
     } else {  // chunk i: K row t / 16 + 8 i, column chunk t % 16
       const int kr = t / 16, c = t % 16;
-      src = p + kr * ld + r0 + c * 8;
+      src = p + (k_begin + kr) * ld + r0 + c * 8;
       step = 8 * ld;
       k_step = kBK * ld;
-      k_left = k - kr;
+      k_left = k_end - k_begin - kr;
       smem_off = kr * kBM + ((c ^ kr) * 8);  // kr + 8 i keeps the K row % 8 == kr
       rows_ok = r0 + c * 8 < rows ? 0xffu : 0u;  // rows % 8 == 0: the chunk is all in or all out
     }
@@ -194,6 +204,42 @@ __device__ __forceinline__ void ldmatrix_frag(uint32_t (&r)[4], const void* p) {
   else ldmatrix_x4_trans(r, p);
 }
 
+// bias[n .. n + 8) as floats (zeros without a bias): one 16-byte load.
+template <typename T>
+__device__ __forceinline__ void load_bias8(const Epilogue& ep, int64_t n, float (&bias)[8]) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) bias[e] = 0.0f;
+  if (ep.bias) {
+    const Bytes16 raw = *reinterpret_cast<const Bytes16*>(static_cast<const T*>(ep.bias) + n);
+    const T* b = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) bias[e] = to_float(b[e]);
+  }
+}
+
+// The epilogue on 8 adjacent accumulators of row m, columns n..n + 7: 16-byte residual load,
+// 16-byte stores of the pre-activation and y.
+template <typename T>
+__device__ __forceinline__ void epilogue8(const Epilogue& ep, int64_t m, int64_t n, const float (&v)[8],
+                                          const float (&bias)[8]) {
+  Bytes16 pre_raw, out_raw, res_raw;
+  T* pre = reinterpret_cast<T*>(&pre_raw);
+  T* out = reinterpret_cast<T*>(&out_raw);
+  const T* res = reinterpret_cast<const T*>(&res_raw);
+  if (ep.residual)
+    res_raw = *reinterpret_cast<const Bytes16*>(static_cast<const T*>(ep.residual) + m * ep.residual_ld + n);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    pre[e] = from_float<T>(v[e] + bias[e]);  // z + bias rounded once: what the backward differentiates act at
+    // With an activation, act(pre) as eager computes it; without, z + bias unrounded.
+    float o = ep.has_act ? act_runtime(ep.act, to_float(pre[e])) : v[e] + bias[e];
+    if (ep.residual) o += to_float(res[e]);
+    out[e] = from_float<T>(o);
+  }
+  if (ep.preact) *reinterpret_cast<Bytes16*>(static_cast<T*>(ep.preact) + m * ep.preact_ld + n) = pre_raw;
+  *reinterpret_cast<Bytes16*>(static_cast<T*>(ep.y) + m * ep.y_ld + n) = out_raw;
+}
+
 // The CTA's (m, n) tile from blockIdx.x in grouped raster order: kGroupM M-tiles per strip.
 __device__ __forceinline__ void tile_coords(int64_t m, int64_t n, int64_t* m0, int64_t* n0) {
   const int64_t tiles_m = (m + kBM - 1) / kBM, tiles_n = (n + kBN - 1) / kBN;
@@ -212,8 +258,10 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = (warp / 2) * kWarpM, wn = (warp % 2) * kWarpN;
 
-  TileLoader<T, AKMajor> load_a(static_cast<const T*>(p.a), p.lda, p.m, p.k, m0);
-  TileLoader<T, BKMajor> load_b(static_cast<const T*>(p.b), p.ldb, p.n, p.k, n0);
+  const int64_t k_begin = int64_t(blockIdx.y) * p.k_split;
+  const int64_t k_end = p.k - k_begin < p.k_split ? p.k : k_begin + p.k_split;
+  TileLoader<T, AKMajor> load_a(static_cast<const T*>(p.a), p.lda, p.m, k_begin, k_end, m0);
+  TileLoader<T, BKMajor> load_b(static_cast<const T*>(p.b), p.ldb, p.n, k_begin, k_end, n0);
   const auto stage_a = [&](int s) { return smem + s * 2 * kTileHalves; };
   const auto stage_b = [&](int s) { return smem + s * 2 * kTileHalves + kTileHalves; };
   int a_base[4], b_base[4];
@@ -231,7 +279,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs p) {
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
 
-  const int64_t tiles = (p.k + kBK - 1) / kBK;
+  const int64_t tiles = (k_end - k_begin + kBK - 1) / kBK;
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {  // prologue: tiles 0 and 1 in flight
     if (s < tiles) {
@@ -295,16 +343,9 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs p) {
   const int cc = threadIdx.x % 16, r0 = threadIdx.x / 16;
   const int64_t n = n0 + 8 * cc;
   if (n >= p.n) return;  // n % 8 == 0: the 8 columns are all in or all out
-  const Epilogue& ep = p.ep;
   float bias[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) bias[e] = 0.0f;
-  if (ep.bias) {
-    const Bytes16 raw = *reinterpret_cast<const Bytes16*>(static_cast<const T*>(ep.bias) + n);
-    const T* b = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) bias[e] = to_float(b[e]);
-  }
+  load_bias8<T>(p.ep, n, bias);
+  float* partial = p.partial ? p.partial + int64_t(blockIdx.y) * p.m * p.n : nullptr;
 #pragma unroll 4
   for (int i = 0; i < kBM / 8; ++i) {
     const int row = r0 + 8 * i;
@@ -312,34 +353,66 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs p) {
     if (m >= p.m) break;
     const Float4 lo = *reinterpret_cast<const Float4*>(stage + row * kBN + (((2 * cc) ^ (row & 7)) * 4));
     const Float4 hi = *reinterpret_cast<const Float4*>(stage + row * kBN + (((2 * cc + 1) ^ (row & 7)) * 4));
-    const float v[8] = {lo.v[0], lo.v[1], lo.v[2], lo.v[3], hi.v[0], hi.v[1], hi.v[2], hi.v[3]};
-    Bytes16 pre_raw, out_raw, res_raw;
-    T* pre = reinterpret_cast<T*>(&pre_raw);
-    T* out = reinterpret_cast<T*>(&out_raw);
-    const T* res = reinterpret_cast<const T*>(&res_raw);
-    if (ep.residual)
-      res_raw = *reinterpret_cast<const Bytes16*>(static_cast<const T*>(ep.residual) + m * ep.residual_ld + n);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      pre[e] = from_float<T>(v[e] + bias[e]);  // z + bias rounded once: what the backward differentiates act at
-      // With an activation, act(pre) as eager computes it; without, z + bias unrounded.
-      float o = ep.has_act ? act_runtime(ep.act, to_float(pre[e])) : v[e] + bias[e];
-      if (ep.residual) o += to_float(res[e]);
-      out[e] = from_float<T>(o);
+    if (partial) {  // a split-K slice: the fp32 sums, for splitk_epilogue_kernel
+      reinterpret_cast<Float4*>(partial + m * p.n + n)[0] = lo;
+      reinterpret_cast<Float4*>(partial + m * p.n + n)[1] = hi;
+      continue;
     }
-    if (ep.preact) *reinterpret_cast<Bytes16*>(static_cast<T*>(ep.preact) + m * ep.preact_ld + n) = pre_raw;
-    *reinterpret_cast<Bytes16*>(static_cast<T*>(ep.y) + m * ep.y_ld + n) = out_raw;
+    const float v[8] = {lo.v[0], lo.v[1], lo.v[2], lo.v[3], hi.v[0], hi.v[1], hi.v[2], hi.v[3]};
+    epilogue8<T>(p.ep, m, n, v, bias);
   }
 }
 
+// Split-K's second pass: one thread per 8 columns of a row sums the splits' fp32 partials and
+// applies the epilogue (16-byte loads of the partials, 16-byte stores).
+template <typename T>
+__global__ void __launch_bounds__(256) splitk_epilogue_kernel(const GemmArgs p, int splits) {
+  const int64_t chunk = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, chunks_per_row = p.n / 8;
+  if (chunk >= p.m * chunks_per_row) return;
+  const int64_t m = chunk / chunks_per_row, n = (chunk % chunks_per_row) * 8;
+  float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int s = 0; s < splits; ++s) {
+    const Float4* src = reinterpret_cast<const Float4*>(p.partial + (s * p.m + m) * p.n + n);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] += src[e / 4].v[e % 4];
+  }
+  float bias[8];
+  load_bias8<T>(p.ep, n, bias);
+  epilogue8<T>(p.ep, m, n, v, bias);
+}
+
+// Split-K for small M (decode): how many K slices keep ~2 CTAs per SM busy when the output
+// has few tiles, each slice at least 4 K tiles deep. M = 1, N = K = 4096 on one 128-row tile:
+// 32 CTAs stream 32 MB of weight, ~1 MB each, which one CTA per SM cannot pull at the SM's
+// share of 3 TB/s (~23 GB/s per SM at 132 SMs: ~45 us); 8 slices make 256 CTAs (all SMs busy,
+// 128 KB of fp32 partials) for ~11 us at 3 TB/s (32 MB / 3 TB/s), the bandwidth floor.
+inline int splitk_slices(int64_t m, int64_t n, int64_t k) {
+  if (m > 64 || k <= 0) return 1;
+  const int64_t tiles_n = (n + kBN - 1) / kBN, target = 264 / tiles_n, deep = (k + 4 * kBK - 1) / (4 * kBK);
+  const int64_t s = target < deep ? target : deep;
+  return s < 1 ? 1 : int(s > 64 ? 64 : s);
+}
+// The slice depth for `splits` slices (a multiple of kBK), and the slice count that leaves none empty.
+inline int64_t splitk_depth(int64_t k, int splits) {
+  return ((k + splits - 1) / splits + kBK - 1) / kBK * kBK;
+}
+
 // Launches the kernel for the operand layouts; the binding has checked the requirements above.
+// partial (splits x m x n floats) is needed when splits > 1.
 template <typename T, bool AKMajor, bool BKMajor>
-int launch_gemm(const GemmArgs& p, cudaStream_t stream) {
+int launch_gemm(GemmArgs p, cudaStream_t stream, int splits = 1, float* partial = nullptr) {
   const auto kernel = gemm_kernel<T, AKMajor, BKMajor>;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return int(err);
+  p.k_split = splits > 1 ? splitk_depth(p.k, splits) : p.k;
+  if (splits > 1) splits = int((p.k + p.k_split - 1) / p.k_split);
+  p.partial = splits > 1 ? partial : nullptr;
   const int64_t ctas = ((p.m + kBM - 1) / kBM) * ((p.n + kBN - 1) / kBN);
-  launch_kernel(kernel, dim3(unsigned(ctas)), kThreads, kSmemBytes, stream, p);
+  launch_kernel(kernel, dim3(unsigned(ctas), unsigned(splits)), kThreads, kSmemBytes, stream, p);
+  if (splits > 1) {
+    const int64_t chunks = p.m * (p.n / 8);
+    launch_kernel(splitk_epilogue_kernel<T>, dim3(unsigned((chunks + 255) / 256)), 256, 0, stream, p, splits);
+  }
   return int(cudaGetLastError());
 }
 

@@ -1,7 +1,7 @@
 // linear on CUDA: y = act(x @ w^T + bias) + residual, and its backward dX = grad_p @ w and
 // dW = grad_p^T @ x, all on the one tensor-core GEMM core in gemm_core.cuh (its header has the
 // tiling, pipeline and epilogue arithmetic). The forward is A = x, B = w, both K-major, with the
-// epilogue; the backward reads its operands in place through the core's MN-major layouts
+// epilogue (split-K over a fp32 workspace for M <= 64, the decode shapes: see splitk_slices); the backward reads its operands in place through the core's MN-major layouts
 // (ldmatrix.trans), so nothing is transposed or copied:
 //   dX (M, K) = grad_p (M, N) @ w (N, K):    A = grad_p K-major, B = w read N-major (w^T)
 //   dW (N, K) = grad_p^T (N, M) @ x (M, K):  A = grad_p read M-major, B = x read N-major
@@ -27,7 +27,8 @@ int forward(const LinearCudaArgs& a, cudaStream_t stream) {
   p.m = a.m, p.n = a.n, p.k = a.k;
   p.a = a.x, p.lda = a.x_stride, p.b = a.w, p.ldb = a.w_stride;
   p.ep = gemm::Epilogue{a.has_act, a.act, a.bias, a.residual, a.residual_stride, a.y, a.n, a.preact, a.n};
-  return gemm::launch_gemm<T, true, true>(p, stream);
+  const int splits = a.workspace ? gemm::splitk_slices(a.m, a.n, a.k) : 1;
+  return gemm::launch_gemm<T, true, true>(p, stream, splits, a.workspace);
 }
 
 template <typename T>
@@ -68,6 +69,11 @@ int linear_forward_cuda(const LinearCudaArgs& a, cudaStream_t stream) {
   if (a.dtype == DType::kFloat16) return cuda::forward<__half>(a, stream);
   if (a.dtype == DType::kBFloat16) return cuda::forward<__nv_bfloat16>(a, stream);
   return int(cudaErrorInvalidValue);
+}
+
+int64_t linear_forward_cuda_workspace(int64_t m, int64_t n, int64_t k) {
+  const int splits = cuda::gemm::splitk_slices(m, n, k);
+  return splits > 1 ? int64_t(splits) * m * n : 0;
 }
 
 int linear_backward_cuda(const LinearGradCudaArgs& a, cudaStream_t stream) {

@@ -24,7 +24,8 @@ Backends:
   and grad_bias summed inside the dW launch.
 - cuda (fp16/bf16, N and K multiples of 8): hand-written mma.sync tensor-core GEMM with the
   epilogue (csrc/cuda/gemm_core.cuh, csrc/cuda/linear.cu: 128x128x64 tiles, 3-stage cp.async,
-  swizzled shared memory, epilogue staged through shared memory with 16-byte stores).
+  swizzled shared memory, epilogue staged through shared memory with 16-byte stores; split-K
+  over a fp32 workspace for M <= 64).
   Backward: grad_p written once by bias_act's backward, then dX and dW on the same GEMM core,
   reading grad_p, x and weight in place through its transposed (ldmatrix.trans) layouts.
 - reference: plain PyTorch in fp32 (fp64 for fp64 inputs).

@@ -38,8 +38,12 @@ struct LinearCudaArgs {
   const void* residual; int64_t residual_stride;
   void* y;        // (m, n) contiguous
   void* preact;   // (m, n) contiguous or null: x @ w^T + bias, rounded to the dtype
+  float* workspace;  // linear_forward_cuda_workspace(m, n, k) floats, or null (no split-K)
 };
 int linear_forward_cuda(const LinearCudaArgs& a, cudaStream_t stream);
+// The fp32 workspace the forward's split-K path wants (small M: K is split over CTAs so that
+// the weight streams at full bandwidth); 0 when it runs unsplit.
+int64_t linear_forward_cuda_workspace(int64_t m, int64_t n, int64_t k);
 
 // The backward GEMMs on the same core: grad_x (M, K) = grad_p (M, N) @ w (N, K) and
 // grad_w (N, K) = grad_p^T @ x (M, K), both contiguous outputs, operands read in place (no
