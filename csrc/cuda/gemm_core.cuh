@@ -102,13 +102,13 @@ __device__ __forceinline__ float act_runtime(Activation a, float z) {
 
 // One operand's K tiles, in order, into their swizzled stages: 1024 16-byte chunks per tile, 8
 // per thread. Per chunk the main loop pays one predicate, one 64-bit pointer step and the
-// cp.async; `rows` bounds the M or N index, `k` the K index.
+// cp.async; `rows` bounds the M or N index, [k_begin, k_end) is the K range (a split-K slice).
 template <typename T, bool KMajor>
 struct TileLoader {
   const T* src;      // this thread's chunk 0 of the next tile
   int64_t step;      // between this thread's chunks: 16 rows (K-major) or 8 K rows (MN-major)
   int64_t k_step;    // between tiles
-  int64_t k_left;    // K minus this thread's first K index in the next tile
+  int64_t k_left;    // k_end minus this thread's first K index in the next tile
   uint32_t rows_ok;  // bit i: chunk i's row (K-major) / the thread's 8 columns (MN-major) in range
   int smem_off;      // this thread's chunk 0 in a stage (halves)
 #ifdef FASTLM_EMU
@@ -144,7 +144,7 @@ struct TileLoader {
   }
 
   // The next tile into `stage`; chunks past the edges are zero-filled (src-size 0, nothing read:
-  // their addresses may lie past the operand, as CUTLASS's predicated copies do).
+  // their addresses may lie past the operand, as Triton's masked cp.async loads do).
   __device__ __forceinline__ void load_next(T* stage) {
     // K-major: K % 8 == 0, so the thread's K chunk is all in or all out, for all 8 rows at once;
     // MN-major: K row kr + 8 i is in while 8 i < k_left (one compare per chunk, no mask).
