@@ -18,6 +18,9 @@ BACKEND_DTYPES = backend_dtypes(BACKENDS)
 SHAPES = [(1, 64, 64), (7, 768, 64), (129, 64, 768), (7, 64, 3072), (1, 3072, 64), (129, 768, 768)]
 ACTS = (None,) + ACTIVATIONS
 INTERPRETER_SHAPES = [(1, 64, 64), (7, 64, 128), (129, 64, 64), (7, 128, 64)]
+# The emulator runs a 128x128x64 tile in tens of milliseconds, forward and both backward GEMMs:
+# shapes that still cross every tile edge (M, N past 128, K past a 64-deep tile) but stay small.
+EMULATOR_SHAPES = [(1, 64, 64), (7, 200, 64), (129, 64, 136), (7, 64, 264), (1, 136, 64), (130, 136, 136)]
 GEMM_TOL = dict(rtol=1e-4, atol=1e-4)  # fp32 sums over up to 3072 terms
 
 
@@ -59,6 +62,8 @@ def test_matches_float64(backend, device, dtype, index):
     shape = SHAPES[index]
     if backend == "triton" and device == "cpu" and shape not in INTERPRETER_SHAPES:
         shape = INTERPRETER_SHAPES[index % len(INTERPRETER_SHAPES)]  # the interpreter is slow: small shapes
+    if backend == "cuda-emu":
+        shape = EMULATOR_SHAPES[index]
     acts = [ACTS[index % len(ACTS)]] + ([ACTS[(index + 3) % len(ACTS)]] if dtype == torch.float32 else [])
     for act in acts:  # every activation shows up across the shapes
         _check(backend, device, dtype, act, *shape)
@@ -107,6 +112,47 @@ def test_misaligned_storage_offset(backend, device, dtypes):
     want = (F.gelu(x.double() @ w.double().t()) + r.double()).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend,device,dtypes", cuda_params((torch.float16, torch.bfloat16)))
+def test_gemm_core_raster_and_operand_layouts(backend, device, dtypes):
+    """The GEMM core (csrc/cuda/gemm_core.cuh) on the edges its tiles and grouped raster order
+    have: 9 x 2 output tiles (more M tiles than one raster group of 8, so the last group is
+    partial), a K that ends mid-tile, and the backward's transposed (MN-major) operand reads of
+    grad_p, x and weight, here from strided views: weight with a row stride past its width (read
+    in place), grad_y a column slice and x the transpose of a row-major tensor (the binding
+    copies those two to 16-byte aligned rows first)."""
+    dtype = dtypes[-1]
+    M, K, N = 1100, 72, 136
+    _check(backend, device, dtype, "gelu_tanh", M, K, N)
+    x = torch.randn(K, M, device=device, dtype=dtype).t()  # (M, K), M-contiguous
+    w = torch.randn(N, K + 8, device=device, dtype=dtype)[:, :K]  # row stride K + 8
+    g = torch.randn(M, 2 * N, device=device, dtype=dtype)[:, ::2]  # column stride 2
+    xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
+    gx, gw = torch.autograd.grad(linear(xs, ws, backend=backend), (xs, ws), g)
+    x64, w64, g64 = x.double(), w.double(), g.double()
+    assert_close(f"{backend} strided grad_x", gx, g64 @ w64, g @ w, kind="grad")
+    assert_close(f"{backend} strided grad_weight", gw, g64.t() @ x64, g.t() @ x, kind="grad")
+
+
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="the emulator extension is not built")
+@pytest.mark.parametrize("M,K,N", [(1, 1032, 64), (64, 520, 136)])
+def test_small_m_split_k(M, K, N):
+    """M <= 64 (decode): the cuda forward splits K over CTAs into a fp32 workspace and a second
+    launch sums the slices and applies the epilogue (5 and 3 slices here, each ending in a ragged
+    one); checked against the oracle with every epilogue input, and that it did split."""
+    dtype = torch.float16
+    x, w = torch.randn(M, K, dtype=dtype), (torch.randn(N, K) / K**0.5).to(dtype)
+    b, r = torch.randn(N, dtype=dtype), torch.randn(M, N, dtype=dtype)
+    before = torch.ops.fastlm_emu.emu_stats()[0]
+    y, pre = torch.ops.fastlm_emu.linear_fwd(x, w, b, r, "silu", True)
+    assert torch.ops.fastlm_emu.emu_stats()[0] - before == 2, "expected the split GEMM and its epilogue launch"
+    z64 = x.double() @ w.double().t() + b.double()
+    z = (x.float() @ w.float().t() + b.float()).to(dtype)
+    assert_close("split-K preact", pre, z64, z)
+    y64 = F.silu(z64.to(dtype).double()) + r.double()
+    assert_close("split-K y", y, y64, (F.silu(z.float()) + r.float()).to(dtype))
+    _check("cuda-emu", "cpu", dtype, "gelu", M, K, N)  # the backward too
 
 
 @pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
@@ -200,6 +246,20 @@ def test_extension_ops_validate_inputs():
         torch.ops.fastlm.linear_fwd(x, torch.randn(6, 7), None, None, "none", False)
     with pytest.raises(ValueError, match=r"residual must have shape \(4, 6\), got \[4, 7\]"):
         torch.ops.fastlm.linear_fwd(x, w, None, torch.randn(4, 7), "none", False)
+
+
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="the emulator extension is not built")
+def test_cuda_backward_op_validates_inputs():
+    ops = torch.ops.fastlm_emu
+    x, w, g = torch.randn(4, 16).half(), torch.randn(8, 16).half(), torch.randn(4, 8).half()
+    with pytest.raises(TypeError, match=r"linear_bwd: x must be float16 or bfloat16 for the CUDA tensor-core GEMM, got Float"):
+        ops.linear_bwd(g.float(), x.float(), w.float())
+    with pytest.raises(ValueError, match=r"linear_bwd: grad_p must have shape \(4, 8\), got \[4, 9\]"):
+        ops.linear_bwd(torch.randn(4, 9).half(), x, w)
+    with pytest.raises(TypeError, match=r"linear_bwd: grad_p and weight must have x's dtype Half, got BFloat16"):
+        ops.linear_bwd(g, x, w.bfloat16())
+    with pytest.raises(ValueError, match=r"linear_bwd: the CUDA GEMM needs N and K multiples of 8, got N=6, K=16"):
+        ops.linear_bwd(torch.randn(4, 6).half(), x, torch.randn(6, 16).half())
 
 
 @pytest.mark.parametrize("backend,device,dtypes", BACKENDS)

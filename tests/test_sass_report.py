@@ -298,3 +298,18 @@ def test_attention_decode_main_loop_figures(kernels, arch):
         assert 0 < per_mma <= 15.0, f"{name}: {per_mma} instructions per HMMA in the main loop"
         assert widths == [4, 16], f"{name}: global load widths {widths} in the main loop"
         assert mma_free == 0, f"{name}: {mma_free} inner loops without tensor-core instructions"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gemm_core_main_loop_figures(kernels, arch):
+    """The GEMM core behind linear and its backward (csrc/cuda/gemm_core.cuh has the arithmetic):
+    six kernels (fp16/bf16 x the forward's K-major operands and the backward's two transposed
+    layouts); each main loop issues at most 2.5 instructions per HMMA (the old 2-stage BK=32
+    kernel: 4.75 on sm_80, 4.88 on sm_90a), loads global memory only as 16-byte cp.async and has
+    no inner loop without tensor-core work."""
+    figures = sr.main_loop_figures(r"gemm::gemm_kernel<", arch)
+    assert len(figures) == 6, f"expected 2 dtypes x 3 operand layouts, got {list(figures)}"
+    for name, (per_mma, widths, mma_free) in figures.items():
+        assert 0 < per_mma <= 2.5, f"{name}: {per_mma} instructions per HMMA in the main loop"
+        assert widths == [16], f"{name}: global load widths {widths} in the main loop"
+        assert mma_free == 0, f"{name}: {mma_free} inner loops without tensor-core instructions"

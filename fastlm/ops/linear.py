@@ -23,7 +23,11 @@ Backends:
   strides for dX and dW, with act'(p) fused into the operand loads (grad_p is never stored)
   and grad_bias summed inside the dW launch.
 - cuda (fp16/bf16, N and K multiples of 8): hand-written mma.sync tensor-core GEMM with the
-  epilogue (csrc/cuda/linear.cu). Backward GEMMs: torch.mm.
+  epilogue (csrc/cuda/gemm_core.cuh, csrc/cuda/linear.cu: 128x128x64 tiles, 3-stage cp.async,
+  swizzled shared memory, epilogue staged through shared memory with 16-byte stores; split-K
+  over a fp32 workspace for M <= 64).
+  Backward: grad_p written once by bias_act's backward, then dX and dW on the same GEMM core,
+  reading grad_p, x and weight in place through its transposed (ldmatrix.trans) layouts.
 - reference: plain PyTorch in fp32 (fp64 for fp64 inputs).
 """
 from __future__ import annotations
@@ -95,16 +99,22 @@ def _triton_backward(grad_y, x, weight, bias, preact, activation):
     return kernels.backward(grad_y, x, weight, bias, preact, activation)
 
 
-def _ext_backward(grad_y, x, weight, bias, preact, activation, ops=torch.ops.fastlm):
-    gz, gb = _grad_p(grad_y, preact, bias, activation, ops.bias_act_bwd)
+def _cpu_backward(grad_y, x, weight, bias, preact, activation):
+    gz, gb = _grad_p(grad_y, preact, bias, activation, torch.ops.fastlm.bias_act_bwd)
     return gz @ weight, gz.t() @ x, gb
+
+
+def _cuda_backward(grad_y, x, weight, bias, preact, activation, ops=torch.ops.fastlm):
+    gz, gb = _grad_p(grad_y, preact, bias, activation, ops.bias_act_bwd)
+    gx, gw = ops.linear_bwd(gz, x, weight)
+    return gx, gw, gb
 
 
 _FORWARD = _backend.implementations(
     reference=linear_fwd_ref, triton=_triton_forward, cpu=_ext_forward, cuda=_ext_forward
 )
 _BACKWARD = _backend.implementations(
-    reference=linear_bwd_ref, triton=_triton_backward, cpu=_ext_backward, cuda=_ext_backward
+    reference=linear_bwd_ref, triton=_triton_backward, cpu=_cpu_backward, cuda=_cuda_backward
 )
 
 

@@ -24,9 +24,9 @@ struct LinearEpilogueArgs {
 void linear_epilogue_cpu(const LinearEpilogueArgs& a);
 
 // y (M, N) = act(x (M, K) @ w (N, K)^T + bias) + residual, fp16/bf16, tensor cores
-// (mma.sync m16n8k16, cp.async double buffering). Needs K % 8 == 0, N % 8 == 0 and 16-byte
-// aligned rows (strides multiples of 8); preact (M, N), when non-null, receives x @ w^T + bias
-// for the backward. Returns the launch status.
+// (csrc/cuda/gemm_core.cuh: mma.sync m16n8k16, 3-stage cp.async). Needs K % 8 == 0, N % 8 == 0,
+// 16-byte aligned rows (strides multiples of 8) for x, w and residual and a 16-byte aligned bias;
+// preact (M, N), when non-null, receives x @ w^T + bias for the backward. Returns the launch status.
 struct LinearCudaArgs {
   DType dtype;  // kFloat16 or kBFloat16
   bool has_act;
@@ -38,7 +38,25 @@ struct LinearCudaArgs {
   const void* residual; int64_t residual_stride;
   void* y;        // (m, n) contiguous
   void* preact;   // (m, n) contiguous or null: x @ w^T + bias, rounded to the dtype
+  float* workspace;  // linear_forward_cuda_workspace(m, n, k) floats, or null (no split-K)
 };
 int linear_forward_cuda(const LinearCudaArgs& a, cudaStream_t stream);
+// The fp32 workspace the forward's split-K path wants (small M: K is split over CTAs so that
+// the weight streams at full bandwidth); 0 when it runs unsplit.
+int64_t linear_forward_cuda_workspace(int64_t m, int64_t n, int64_t k);
+
+// The backward GEMMs on the same core: grad_x (M, K) = grad_p (M, N) @ w (N, K) and
+// grad_w (N, K) = grad_p^T @ x (M, K), both contiguous outputs, operands read in place (no
+// transposes). Same alignment needs as the forward; N % 8 == 0, K % 8 == 0, any M.
+struct LinearGradCudaArgs {
+  DType dtype;
+  int64_t m, n, k;
+  const void* grad_p; int64_t grad_p_stride;
+  const void* x; int64_t x_stride;
+  const void* w; int64_t w_stride;
+  void* grad_x;  // (m, k)
+  void* grad_w;  // (n, k)
+};
+int linear_backward_cuda(const LinearGradCudaArgs& a, cudaStream_t stream);
 
 }  // namespace fastlm
