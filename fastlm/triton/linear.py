@@ -1,10 +1,19 @@
 """Triton GEMM with the linear epilogue: y = act(a @ b^T + bias) + residual, one store.
 
 a is (M, K), b is (N, K), both with arbitrary strides, so the same kernel also computes the
-backward's dX = grad_p @ W and dW = grad_p^T @ x by passing transposed strides. In the
-backward the activation derivative is fused into the A-operand load: A = grad_y * act'(p) is
-formed per tile from grad_y and the saved pre-activation p (never stored), and the dW launch
-also sums its A rows into grad_bias (programs of the first column block only; deterministic).
+backward's dX = grad_p @ W and dW = grad_p^T @ x by passing transposed strides.
+Backward with an activation: grad_p = grad_y * act'(p) is written once by bias_act's backward
+pass (which also gives grad_bias as deterministic per-strip column sums), then dX and dW are
+plain GEMMs on it. Why not fuse act'(p) into the GEMMs' operand loads (as this file did): each
+of the two GEMMs re-forms its A tile once per output column block, so every element of p went
+through act' 2 * ceil(K / BLOCK_N) times (GPT-2's fc1, K = 768, 128-wide blocks: 12 times),
+and GELU's derivative is an erf plus an exp, ~25 fp32 instructions and a MUFU op per element,
+~0.2 clock/element/SM against the ~0.25 clock the wgmma spends on that element of a 128-wide
+tile: the backward GEMMs ran at about half speed, and their pipelines held a third tile (p)
+per stage. The separate pass costs one (M, N) write and one read more (M = 8192, N = 3072,
+bf16: 2 x 50 MB, ~0.03 ms at 3.3 TB/s, ~0.1 ms with the pass's own reads), once.
+Without an activation grad_p is grad_y itself: no pass, and the dW launch sums its A rows
+(grad_y's columns) into grad_bias (programs of the first column block only; deterministic).
 fp32 accumulation; fp32 operands use TF32 exactly when torch would (allow_tf32). Autotuned on
 GPU per (M, N, K rounded up to powers of two, epilogue), among the configs whose shared memory
 fits the device (fastlm/triton/_tune.py); the interpreter (CPU CI) runs one small fixed config.
@@ -18,7 +27,8 @@ import triton
 import triton.language as tl
 
 from fastlm.triton import _tune
-from fastlm.triton.bias_act import ACT_CODES, _act_derivative, _act_forward
+from fastlm.triton import bias_act
+from fastlm.triton.bias_act import ACT_CODES, _act_forward
 
 
 def _configs():
@@ -29,7 +39,7 @@ def _configs():
         (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
         (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 64, 4, 4),
         # fp32 within the 99 KB of sm_86/89 (RTX 3090/4090, A10, L4, L40S): 64x64 tiles, K steps of
-        # 32, 3 stages = 4 B * (3 * (64 + 64 + 64 pre-activation rows) * 32 + 64 * 64) = 90 KB at most
+        # 32, 3 stages = 4 B * (3 * (64 + 64) * 32 + 64 * 64) = 64 KB at most
         (64, 64, 32, 4, 3),
     ]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
@@ -38,12 +48,11 @@ def _configs():
 
 
 def _smem(cfg, a):
-    """Upper estimate: A and B tiles (and the pre-activation tile of a backward) per pipeline
-    stage; the epilogue reuses that memory."""
+    """Upper estimate: A and B tiles per pipeline stage, plus the epilogue tile."""
     kw = cfg.kwargs
     e = a["a_ptr"].element_size()
-    rows = kw["BLOCK_M"] * (2 if a["PRO_ACT"] >= 0 else 1) + kw["BLOCK_N"]
-    return e * (max(cfg.num_stages, 2) * rows * kw["BLOCK_K"] + kw["BLOCK_M"] * kw["BLOCK_N"])  # + epilogue tile
+    rows = kw["BLOCK_M"] + kw["BLOCK_N"]
+    return e * (max(cfg.num_stages, 2) * rows * kw["BLOCK_K"] + kw["BLOCK_M"] * kw["BLOCK_N"])
 
 
 def _allowed(cfg, a):
@@ -52,16 +61,16 @@ def _allowed(cfg, a):
     return a["a_ptr"].element_size() < 4 or cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= 64 * 64
 
 
-_KEY = ["M_B", "N_B", "K_B", "HAS_BIAS", "HAS_RES", "ACT", "SAVE_Z", "PRO_ACT", "BIAS_GRAD", "PRECISION"]
+_KEY = ["M_B", "N_B", "K_B", "HAS_BIAS", "HAS_RES", "ACT", "SAVE_Z", "BIAS_GRAD", "PRECISION"]
 
 
 @_tune.autotune(_configs(), _KEY, _smem, "triton linear GEMM", _allowed)
 @triton.jit(do_not_specialize=["M_B", "N_B", "K_B"])
 def _gemm_kernel(
-    a_ptr, b_ptr, bias_ptr, res_ptr, y_ptr, z_ptr, p_ptr, gb_ptr, M, N, K, M_B, N_B, K_B,
-    sam, sak, sbn, sbk, srm, srn, spm, spk,
+    a_ptr, b_ptr, bias_ptr, res_ptr, y_ptr, z_ptr, gb_ptr, M, N, K, M_B, N_B, K_B,
+    sam, sak, sbn, sbk, srm, srn,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, SAVE_Z: tl.constexpr,
-    PRO_ACT: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -78,17 +87,12 @@ def _gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * sam + offs_k[None, :] * sak
     b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * sbn + offs_k[:, None] * sbk
-    p_ptrs = p_ptr + offs_m[:, None].to(tl.int64) * spm + offs_k[None, :] * spk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         a_mask = (offs_m[:, None] < M) & k_ok[None, :]
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        if PRO_ACT >= 0:  # A = grad_y * act'(p), rounded to the operand dtype like a stored grad
-            p = tl.load(p_ptrs, mask=a_mask, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) * _act_derivative(p, PRO_ACT)).to(a_ptr.dtype.element_ty)
-            p_ptrs += BLOCK_K * spk
         if BIAS_GRAD:
             row_sum += tl.sum(a.to(tl.float32), axis=1)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
@@ -113,10 +117,9 @@ def _gemm_kernel(
 
 
 def gemm(a, a_strides, b, b_strides, M, N, K, *, bias=None, residual=None, activation=None, save_z=False,
-         prologue=None, grad_bias=None):
+         grad_bias=None):
     """act(A @ B^T + bias) + residual as a new (M, N) tensor, and A @ B^T + bias (empty unless save_z).
     A[m, k] = a[m * a_strides[0] + k * a_strides[1]], B[n, k] likewise with b_strides.
-    prologue=(p, p_strides, activation): A becomes a * act'(p) tile by tile (activation None: a).
     grad_bias: an (M,) tensor that receives the row sums of A."""
     y = torch.empty((M, N), dtype=a.dtype, device=a.device)
     z = torch.empty((M, N) if save_z else (0,), dtype=a.dtype, device=a.device)
@@ -124,18 +127,15 @@ def gemm(a, a_strides, b, b_strides, M, N, K, *, bias=None, residual=None, activ
         if grad_bias is not None:
             grad_bias.zero_()
         return y, z
-    p, p_strides, pro_act = prologue if prologue is not None else (a, (0, 0), None)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _tune.launch(
         _gemm_kernel, grid,
         a, b, bias if bias is not None else y, residual if residual is not None else y, y, z if save_z else y,
-        p, grad_bias if grad_bias is not None else y,
+        grad_bias if grad_bias is not None else y,
         M, N, K, _tune.bucket(M), _tune.bucket(N), _tune.bucket(K), a_strides[0], a_strides[1], b_strides[0], b_strides[1],
         residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
-        p_strides[0], p_strides[1],
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=ACT_CODES[activation] if activation else -1,
-        SAVE_Z=save_z, PRO_ACT=ACT_CODES[pro_act] if pro_act else -1, BIAS_GRAD=grad_bias is not None,
-        PRECISION=_precision(a.dtype),
+        SAVE_Z=save_z, BIAS_GRAD=grad_bias is not None, PRECISION=_precision(a.dtype),
     )
     return y, z
 
@@ -152,21 +152,19 @@ def forward(x, weight, bias, residual, activation, save_preact):
 
 
 def backward(grad_y, x, weight, bias, preact, activation):
-    """dX = grad_p @ W and dW = grad_p^T @ x, grad_p = grad_y * act'(preact) formed in both GEMMs'
-    operand loads (never stored); grad_bias summed inside the dW launch. No copies: strides."""
+    """dX = grad_p @ W and dW = grad_p^T @ x as two plain GEMMs (transposes by strides, no copies).
+    With an activation grad_p = grad_y * act'(preact) and grad_bias come from one bias_act pass
+    (see the header); without one grad_p is grad_y and the dW launch sums grad_bias."""
     M, N = grad_y.shape
     K = x.shape[1]
-    act = None if activation == "none" else activation
-    if K == 0:  # no dW launch to sum grad_bias in; the bias_act kernel does it
-        from fastlm.triton import bias_act as ba
-
-        gp, gb = ba.backward(grad_y, preact, torch.zeros_like(bias), act) if act and bias is not None else (grad_y, None)
-        gb = gb if gb is not None else (gp.sum(0) if bias is not None else grad_y.new_empty(0))
-        return x.new_zeros(x.shape), weight.new_zeros(weight.shape), gb
-    gs, ps = grad_y.stride(), preact.stride() if act else (0, 0)
-    p = preact if act else grad_y
-    gx, _ = gemm(grad_y, gs, weight, weight.stride()[::-1], M, K, N, prologue=(p, ps, act))
-    gb = torch.empty(N if bias is not None else 0, dtype=grad_y.dtype, device=grad_y.device)
-    gw, _ = gemm(grad_y, gs[::-1], x, x.stride()[::-1], N, K, M, prologue=(p, ps[::-1], act),
-                 grad_bias=gb if bias is not None else None)
+    sum_in_dw = activation == "none" and bias is not None
+    if activation != "none":
+        gp, gb = bias_act.backward(grad_y, preact, None, activation, sum_columns=bias is not None)
+    else:
+        gp, gb = grad_y, torch.empty(N if bias is not None else 0, dtype=grad_y.dtype, device=grad_y.device)
+    if K == 0:  # no dW launch to sum grad_bias in
+        return x.new_zeros(x.shape), weight.new_zeros(weight.shape), gp.sum(0) if sum_in_dw else gb
+    gs = gp.stride()
+    gx, _ = gemm(gp, gs, weight, weight.stride()[::-1], M, K, N)
+    gw, _ = gemm(gp, gs[::-1], x, x.stride()[::-1], N, K, M, grad_bias=gb if sum_in_dw else None)
     return gx, gw, gb
