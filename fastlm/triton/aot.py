@@ -395,16 +395,19 @@ def _linear_cases():
 
 def _row_cases():
     cases = []
-    for cols in (768, 4096, 50257, 262144):
-        big = cols > 8192
+    # softmax: 128 columns go many rows to a program, 4096 and 16384 one register tile a row (16384:
+    # 16 warps), 50257 and 262144 the two-walk path; enough rows that the launcher keeps its widest groups
+    for cols in (128, 768, 4096, 16384, 50257, 262144):
         for log in (False, True):
             def sm(dtype, cols=cols, log=log):
                 from fastlm.triton import softmax
 
-                x = _t(4, cols, dtype=dtype)
+                x = _t(max(4, 2**21 // cols), cols, dtype=dtype)
                 y = softmax.forward(x, torch.zeros(1, cols, dtype=dtype), 0.5, 4, log)
                 softmax.backward(torch.randn_like(y), y, 0.5, log)
-            cases.append(Case("softmax", f"cols{cols} log={log}", sm, ci=cols == 4096 and not log))
+            cases.append(Case("softmax", f"cols{cols} log={log}", sm, ci=cols in (128, 4096, 16384, 50257) and not log))
+    for cols in (768, 4096, 50257, 262144):
+        big = cols > 8192
         def ce(dtype, cols=cols):
             from fastlm.triton import cross_entropy
 
