@@ -406,6 +406,16 @@ def _row_cases():
                 y = softmax.forward(x, torch.zeros(1, cols, dtype=dtype), 0.5, 4, log)
                 softmax.backward(torch.randn_like(y), y, 0.5, log)
             cases.append(Case("softmax", f"cols{cols} log={log}", sm, ci=cols in (128, 4096, 16384, 50257) and not log))
+    # norms: one register tile a row up to 8192 columns (16 warps), the chunked walks beyond
+    for cols in (768, 4096, 8192, 16384, 32768):
+        def norm(dtype, cols=cols):
+            from fastlm.triton import norms
+
+            x, w = _t(64, cols, dtype=dtype), _t(cols, dtype=dtype)
+            for rms in (False, True):
+                y, h, mean, rstd = norms.forward(x, x, w, w, 1e-5, rms)
+                norms.backward(torch.randn_like(y), y, h, w, mean, rstd, rms, not rms)
+        cases.append(Case("norms", f"cols{cols}", norm, ci=cols in (4096, 32768)))
     for cols in (768, 4096, 50257, 262144):
         big = cols > 8192
         def ce(dtype, cols=cols):
@@ -418,14 +428,6 @@ def _row_cases():
                 cross_entropy.backward(torch.ones(4), x, t, w, lse, -100, smooth)
         cases.append(Case("cross_entropy", f"cols{cols}", ce, ci=cols == 50257))
         if not big:
-            def norm(dtype, cols=cols):
-                from fastlm.triton import norms
-
-                x, w = _t(64, cols, dtype=dtype), _t(cols, dtype=dtype)
-                for rms in (False, True):
-                    y, h, mean, rstd = norms.forward(x, x, w, w, 1e-5, rms)
-                    norms.backward(torch.randn_like(y), y, h, w, mean, rstd, rms, not rms)
-            cases.append(Case("norms", f"cols{cols}", norm, ci=cols == 4096))
             def ba(dtype, cols=cols):
                 from fastlm.triton import bias_act
 
