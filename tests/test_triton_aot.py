@@ -141,6 +141,17 @@ def test_attention_uses_wgmma_on_sm_90(rows):
     assert not any(r["wgmma"] for r in rows if r["target"] == "sm_80"), "wgmma in an sm_80 compile"
 
 
+def test_linear_is_persistent_tma_wgmma_on_sm_90(rows):
+    """16-bit linear GEMMs (forward, dX, dW: every operand orientation) compile on sm_90 to the
+    persistent TMA kernel: every config loads by cp.async.bulk.tensor and multiplies with
+    wgmma; sm_80 keeps the pointer kernel (no TMA there)."""
+    sm90 = [r for r in rows if r["target"] == "sm_90" and r["kernel"].startswith("linear.")
+            and r["dtype"] in ("fp16", "bf16")]
+    assert sm90 and all(r["kernel"] == "linear._gemm_tma_kernel" for r in sm90), {r["kernel"] for r in sm90}
+    assert all(r["wgmma"] and r["tma"] for r in sm90), [r["config"] for r in sm90 if not (r["wgmma"] and r["tma"])]
+    assert not any(r.get("tma") for r in rows if r["target"] != "sm_90")
+
+
 def test_sweep_records_a_case_without_a_fitting_config(monkeypatch):
     """A target where a launcher has no config that fits (here a 1 KB one) is a "no-config" row
     with the launcher's message, not a crash of the sweep (nothing is compiled for it)."""

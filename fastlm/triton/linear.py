@@ -17,6 +17,23 @@ Without an activation grad_p is grad_y itself: no pass, and the dW launch sums i
 fp32 accumulation; fp32 operands use TF32 exactly when torch would (allow_tf32). Autotuned on
 GPU per (M, N, K rounded up to powers of two, epilogue), among the configs whose shared memory
 fits the device (fastlm/triton/_tune.py); the interpreter (CPU CI) runs one small fixed config.
+
+Two kernels, one epilogue (_epilogue) and one tile order (_tile_coords, grouped by GROUP_M):
+- _gemm_tma_kernel, sm_90+ with fp16/bf16 operands where Triton has host tensor descriptors
+  (triton.tools.tensor_descriptor; Triton 3.6 and 3.8): persistent (one program per SM striding
+  over the output tiles, so the next tile's loads overlap the last one's epilogue and no launch
+  tail is left), A and B boxes by TMA (zero-filled at the edges: no masks, no address math in
+  the K loop), tl.dot as wgmma. Operands of either major order: an M-major A (dW's grad_p^T) or
+  an N-major B (dX's W, dW's x) is read as its contiguous (K, M) / (K, N) box, so the backward
+  needs no copies either. Needs 16-byte aligned bases and leading strides; else the pointer kernel.
+- _gemm_kernel (pointer loads): sm_80/86/89, fp32, and any layout TMA can't address.
+AOT, sm_90 fp16 (tests/test_triton_aot.py; before -> after this design):
+  pointer kernel, backward with act' in the K loop: 128x128x64 4 warps 255 registers, 144 B of
+  spills in dW, 12 B in dX, 8 B forward; 164,864 B shared (the p tile per stage).
+  TMA kernel, every config 0 spills, wgmma and cp.async.bulk.tensor in the PTX:
+  128x256x64 8 warps 3 stages 190-252 registers 147,480 B; 128x128x64 8w/4s 112-140 regs
+  131,104 B; 128x64 and 64x128 x64 4w/4s 112-150 regs 98,336 B; 64x64x64 60-76 regs 65,568 B.
+Not measured on a GPU yet: the TMA kernel's speed is an estimate (no device this session).
 """
 from __future__ import annotations
 
@@ -28,6 +45,11 @@ import triton.language as tl
 
 from fastlm.triton import _tune
 from fastlm.triton import bias_act
+
+try:  # host-side TMA descriptors: Triton 3.4+ (absent: the pointer kernel serves every GPU)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 from fastlm.triton.bias_act import ACT_CODES, _act_forward
 
 
@@ -64,41 +86,20 @@ def _allowed(cfg, a):
 _KEY = ["M_B", "N_B", "K_B", "HAS_BIAS", "HAS_RES", "ACT", "SAVE_Z", "BIAS_GRAD", "PRECISION"]
 
 
-@_tune.autotune(_configs(), _KEY, _smem, "triton linear GEMM", _allowed)
-@triton.jit(do_not_specialize=["M_B", "N_B", "K_B"])
-def _gemm_kernel(
-    a_ptr, b_ptr, bias_ptr, res_ptr, y_ptr, z_ptr, gb_ptr, M, N, K, M_B, N_B, K_B,
-    sam, sak, sbn, sbk, srm, srn,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, SAVE_Z: tl.constexpr,
-    BIAS_GRAD: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    # grouped launch order: GROUP_M row-blocks share each column block while it is in L2
-    pid = tl.program_id(0)
+@triton.jit
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped order: GROUP_M row-blocks share each column block while it is in L2."""
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
+    first_m = (tile // width) * GROUP_M
     group = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group
-    pid_n = (pid % width) // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * sam + offs_k[None, :] * sak
-    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * sbn + offs_k[:, None] * sbk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
-        a_mask = (offs_m[:, None] < M) & k_ok[None, :]
-        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        if BIAS_GRAD:
-            row_sum += tl.sum(a.to(tl.float32), axis=1)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * sak
-        b_ptrs += BLOCK_K * sbk
+    return first_m + (tile % width) % group, (tile % width) // group
+
+
+@triton.jit
+def _epilogue(acc, row_sum, pid_n, offs_m, offs_n, M, N, bias_ptr, res_ptr, y_ptr, z_ptr, gb_ptr, srm, srn,
+              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, SAVE_Z: tl.constexpr,
+              BIAS_GRAD: tl.constexpr):
     if BIAS_GRAD:
         if pid_n == 0:  # one column block writes the row sums: no duplicates, no atomics
             tl.store(gb_ptr + offs_m, row_sum.to(gb_ptr.dtype.element_ty), mask=offs_m < M)
@@ -116,6 +117,122 @@ def _gemm_kernel(
     tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@_tune.autotune(_configs(), _KEY, _smem, "triton linear GEMM", _allowed)
+@triton.jit(do_not_specialize=["M_B", "N_B", "K_B"])
+def _gemm_kernel(
+    a_ptr, b_ptr, bias_ptr, res_ptr, y_ptr, z_ptr, gb_ptr, M, N, K, M_B, N_B, K_B,
+    sam, sak, sbn, sbk, srm, srn,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, SAVE_Z: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * sam + offs_k[None, :] * sak
+    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * sbn + offs_k[:, None] * sbk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a_mask = (offs_m[:, None] < M) & k_ok[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        if BIAS_GRAD:
+            row_sum += tl.sum(a.to(tl.float32), axis=1)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * sak
+        b_ptrs += BLOCK_K * sbk
+    _epilogue(acc, row_sum, pid_n, offs_m, offs_n, M, N, bias_ptr, res_ptr, y_ptr, z_ptr, gb_ptr, srm, srn,
+              HAS_BIAS, HAS_RES, ACT, SAVE_Z, BIAS_GRAD)
+
+
+# ---------------------------------------------------------------- persistent TMA kernel (sm_90+)
+def _tma_configs():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4,
+                              pre_hook=_set_blocks)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st,
+                          pre_hook=_set_blocks)
+            # 128x128 over 4 warps holds 128 accumulator registers a thread and spills in the epilogue
+            for bm, bn, bk, w, st in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
+                                      (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]]
+
+
+def _set_blocks(nargs):
+    """Config pre-hook: the host descriptors' block shapes follow the config (and each operand's
+    major order: an M-major A is read as (BLOCK_K, BLOCK_M) boxes, an N-major B as (BLOCK_K, BLOCK_N))."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bk, bm] if nargs["A_M_MAJOR"] else [bm, bk]
+    nargs["b_desc"].block_shape = [bk, bn] if nargs["B_N_MAJOR"] else [bn, bk]
+
+
+def _tma_smem(cfg, a):
+    """Upper estimate: A and B boxes per stage, plus 1 KB for barriers and reduction scratch
+    (the epilogue stores from registers: 131,104 B compiled for 128x128x64 in 4 stages)."""
+    kw = cfg.kwargs
+    e = a["a_desc"].base.element_size()
+    return e * max(cfg.num_stages, 2) * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] + 1024
+
+
+_TMA_KEY = ["M_B", "N_B", "K_B", "HAS_BIAS", "HAS_RES", "ACT", "SAVE_Z", "BIAS_GRAD", "A_M_MAJOR", "B_N_MAJOR"]
+
+
+@_tune.autotune(_tma_configs(), _TMA_KEY, _tma_smem, "triton linear TMA GEMM")
+@triton.jit(do_not_specialize=["M_B", "N_B", "K_B"])
+def _gemm_tma_kernel(
+    a_desc, b_desc, bias_ptr, res_ptr, y_ptr, z_ptr, gb_ptr, M, N, K, M_B, N_B, K_B, srm, srn,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, SAVE_Z: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, A_M_MAJOR: tl.constexpr, B_N_MAJOR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Persistent: one program per SM walks output tiles (grouped order), stride the grid; the
+    A and B boxes arrive by TMA (zero-filled past the edges: no masks in the K loop)."""
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if A_M_MAJOR:
+                a = tl.trans(a_desc.load([k0, off_m]))
+            else:
+                a = a_desc.load([off_m, k0])
+            if B_N_MAJOR:
+                b = b_desc.load([k0, off_n])
+            else:
+                b = tl.trans(b_desc.load([off_n, k0]))
+            if BIAS_GRAD:
+                row_sum += tl.sum(a.to(tl.float32), axis=1)
+            acc = tl.dot(a, b, acc)
+        _epilogue(acc, row_sum, pid_n, off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, BLOCK_N), M, N,
+                  bias_ptr, res_ptr, y_ptr, z_ptr, gb_ptr, srm, srn, HAS_BIAS, HAS_RES, ACT, SAVE_Z, BIAS_GRAD)
+
+
+def _descriptor(t, strides, rows, cols):
+    """A (rows, cols) operand (element [r, c] at r * strides[0] + c * strides[1]) as a TMA
+    descriptor over its contiguous orientation: ((rows, cols), False) when strides[1] == 1,
+    ((cols, rows), True) when strides[0] == 1; None when TMA can't address it (16-byte rules)."""
+    e = t.element_size()
+    if t.data_ptr() % 16:
+        return None
+    for lead, unit, shape, flipped in ((strides[0], strides[1], [rows, cols], False),
+                                       (strides[1], strides[0], [cols, rows], True)):
+        if unit == 1 and (lead * e) % 16 == 0 and lead >= shape[1]:
+            return TensorDescriptor(t, shape, [lead, 1], [64, 64]), flipped  # block shape: set by _set_blocks
+    return None
+
+
+def _use_tma(a, M, N, K) -> bool:
+    """Hopper (and later) with 16-bit operands, where the installed Triton has host tensor
+    descriptors (triton.tools.tensor_descriptor); everything else runs the pointer kernel."""
+    return (TensorDescriptor is not None and a.dtype in (torch.float16, torch.bfloat16) and min(M, N, K) > 0
+            and _tune.capability(a.device) >= 90)
+
+
 def gemm(a, a_strides, b, b_strides, M, N, K, *, bias=None, residual=None, activation=None, save_z=False,
          grad_bias=None):
     """act(A @ B^T + bias) + residual as a new (M, N) tensor, and A @ B^T + bias (empty unless save_z).
@@ -126,6 +243,21 @@ def gemm(a, a_strides, b, b_strides, M, N, K, *, bias=None, residual=None, activ
     if M == 0 or N == 0:
         if grad_bias is not None:
             grad_bias.zero_()
+        return y, z
+    descs = _use_tma(a, M, N, K) and (_descriptor(a, a_strides, M, K), _descriptor(b, b_strides, N, K))
+    if descs and all(descs):
+        (a_desc, a_m_major), (b_desc, b_n_major) = descs
+        sms = _tune.sm_count(a.device)
+        grid = lambda meta: (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+        _tune.launch(
+            _gemm_tma_kernel, grid,
+            a_desc, b_desc, bias if bias is not None else y, residual if residual is not None else y, y,
+            z if save_z else y, grad_bias if grad_bias is not None else y,
+            M, N, K, _tune.bucket(M), _tune.bucket(N), _tune.bucket(K),
+            residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
+            HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=ACT_CODES[activation] if activation else -1,
+            SAVE_Z=save_z, BIAS_GRAD=grad_bias is not None, A_M_MAJOR=a_m_major, B_N_MAJOR=b_n_major,
+        )
         return y, z
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _tune.launch(
