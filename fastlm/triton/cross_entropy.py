@@ -7,6 +7,10 @@ class weights their sum (label smoothing's W) is reduced on the device and read 
 program: no host sync (was float(weight.sum()) per backward, a stall of the CPU queue).
 Targets out of range are rejected by the caller; should one reach the kernels, its row's
 loss is NaN (never a plausible number) and its gradient row 0.
+8 warps over a 4096-column tile (16 values an array a thread): at 4 warps the smoothing forward
+held 187-202 registers and the sm_90 fp16 backward spilled 4-8 B. AOT (tests/test_triton_aot.py,
+50,257 columns): forward 32 registers (90-94 with weights + smoothing), backward 40-59, 0 spills
+on sm_80 and sm_90, shared memory <= 4 KB (reduction scratch).
 """
 from __future__ import annotations
 
@@ -107,7 +111,7 @@ def forward(logits, target, weight, ignore_index: int, label_smoothing: float):
     _tune.launch(
         _forward_kernel, (rows,),
         x, target.contiguous(), weight if weight is not None else x, loss, lse, cols, x.stride(0), ignore_index,
-        label_smoothing, HAS_W=weight is not None, SMOOTH=label_smoothing > 0, BLOCK=_block(cols, logits.device),
+        label_smoothing, HAS_W=weight is not None, SMOOTH=label_smoothing > 0, BLOCK=_block(cols, logits.device), num_warps=8,
     )
     return loss, lse
 
@@ -123,6 +127,6 @@ def backward(grad_loss, logits, target, weight, lse, ignore_index: int, label_sm
         _backward_kernel, (rows,),
         x, target.contiguous(), weight if weight is not None else x, lse, grad_loss.contiguous(), grad, weight_sum,
         cols, x.stride(0), cols, ignore_index, label_smoothing,
-        HAS_W=weight is not None, BLOCK=_block(cols, logits.device),
+        HAS_W=weight is not None, BLOCK=_block(cols, logits.device), num_warps=8,
     )
     return grad
