@@ -27,12 +27,13 @@ Two kernels, one epilogue (_epilogue) and one tile order (_tile_coords, grouped 
   an N-major B (dX's W, dW's x) is read as its contiguous (K, M) / (K, N) box, so the backward
   needs no copies either. Needs 16-byte aligned bases and leading strides; else the pointer kernel.
 - _gemm_kernel (pointer loads): sm_80/86/89, fp32, and any layout TMA can't address.
-AOT, sm_90 fp16 (tests/test_triton_aot.py; before -> after this design):
-  pointer kernel, backward with act' in the K loop: 128x128x64 4 warps 255 registers, 144 B of
-  spills in dW, 12 B in dX, 8 B forward; 164,864 B shared (the p tile per stage).
-  TMA kernel, every config 0 spills, wgmma and cp.async.bulk.tensor in the PTX:
-  128x256x64 8 warps 3 stages 190-252 registers 147,480 B; 128x128x64 8w/4s 112-140 regs
-  131,104 B; 128x64 and 64x128 x64 4w/4s 112-150 regs 98,336 B; 64x64x64 60-76 regs 65,568 B.
+AOT (scripts/triton_aot_sweep.py --modules linear, sm_80/86/90, fp32/fp16/bf16: 358 compiles, all
+0 spills; before: sm_90 fp16 pointer backward with act' in the K loop, 128x128x64 4 warps, 255
+registers, 144 B of spills in dW, 12 B in dX, 164,864 B shared; fp32 IEEE up to 1 KB spilled):
+  TMA kernel (sm_90, 16-bit), wgmma and cp.async.bulk.tensor in every config: 128x256x64 8w/3s
+  190-255 registers 147,512 B (not with the erf GELU epilogue: _epilogue_fits); 128x128x64 8w/4s
+  112-234 regs 131,136 B; 128x64 / 64x128 x64 4w/4s 112-188 regs 98,368 B; 64x64x64 60-101 regs
+  65,600 B. Pointer kernel fp32 (_TILES_32) 40-142 regs <= 32 KB; 16-bit on sm_80/86 <= 100 KB.
 Not measured on a GPU yet: the TMA kernel's speed is an estimate (no device this session).
 """
 from __future__ import annotations
@@ -46,27 +47,29 @@ import triton.language as tl
 from fastlm.triton import _tune
 from fastlm.triton import bias_act
 
+from fastlm.triton.bias_act import ACT_CODES, _act_forward
+
 try:  # host-side TMA descriptors: Triton 3.4+ (absent: the pointer kernel serves every GPU)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
     TensorDescriptor = None
-from fastlm.triton.bias_act import ACT_CODES, _act_forward
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). 16-bit operands: tensor-core tiles.
+_TILES_16 = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 4, 4),
+             (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 32, 4, 3)]
+# fp32: without TF32 (torch's default) tl.dot runs on FMA units and holds K-slices of both tiles
+# in registers: 64x64 tiles over 8 warps or 32x32 over 4, K steps <= 32, compile spill-free on
+# sm_80/sm_90 (64x64x32 over 4 warps spilled 8-224 B, 64x64x64 up to 1 KB). All fit sm_86/89's
+# 99 KB: 4 B * 3 stages * (64 + 64) * 32 = 48 KB at most.
+_TILES_32 = [(64, 64, 32, 8, 3), (64, 64, 16, 8, 4), (32, 32, 32, 4, 3)]
 
 
 def _configs():
     if os.environ.get("TRITON_INTERPRET") == "1":  # at import, as triton.jit decides: not _tune's AOT view
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4)]
-    cfgs = []
-    for bm, bn, bk, warps, stages in [
-        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
-        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 64, 4, 4),
-        # fp32 within the 99 KB of sm_86/89 (RTX 3090/4090, A10, L4, L40S): 64x64 tiles, K steps of
-        # 32, 3 stages = 4 B * (3 * (64 + 64) * 32 + 64 * 64) = 64 KB at most
-        (64, 64, 32, 4, 3),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                  num_warps=warps, num_stages=stages))
-    return cfgs
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in _TILES_16 + _TILES_32]
 
 
 def _smem(cfg, a):
@@ -77,10 +80,19 @@ def _smem(cfg, a):
     return e * (max(cfg.num_stages, 2) * rows * kw["BLOCK_K"] + kw["BLOCK_M"] * kw["BLOCK_N"])
 
 
+def _epilogue_fits(cfg, a):
+    """The erf GELU epilogue next to 128 fp32 accumulators a thread (128x128 over 4 warps,
+    128x256 over 8) spills 216-404 B (sm_80/86 pointer, sm_90 TMA): those tiles are left to the
+    other epilogues, which compile clean."""
+    acc_per_thread = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] // (32 * cfg.num_warps)
+    return a["ACT"] != ACT_CODES["gelu"] or acc_per_thread <= 64
+
+
 def _allowed(cfg, a):
-    """fp32 tiles over 64x64 spill (1.5-3 KB) and outgrow the estimate above (278528 B measured
-    for 128x64x64 on sm_90): they are left to 16-bit operands."""
-    return a["a_ptr"].element_size() < 4 or cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= 64 * 64
+    """Each operand width its own tiles (_TILES_16 / _TILES_32), and _epilogue_fits."""
+    kw = cfg.kwargs
+    tile = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages)
+    return (tile in _TILES_32) == (a["a_ptr"].element_size() == 4) and _epilogue_fits(cfg, a)
 
 
 _KEY = ["M_B", "N_B", "K_B", "HAS_BIAS", "HAS_RES", "ACT", "SAVE_Z", "BIAS_GRAD", "PRECISION"]
@@ -180,7 +192,7 @@ def _tma_smem(cfg, a):
 _TMA_KEY = ["M_B", "N_B", "K_B", "HAS_BIAS", "HAS_RES", "ACT", "SAVE_Z", "BIAS_GRAD", "A_M_MAJOR", "B_N_MAJOR"]
 
 
-@_tune.autotune(_tma_configs(), _TMA_KEY, _tma_smem, "triton linear TMA GEMM")
+@_tune.autotune(_tma_configs(), _TMA_KEY, _tma_smem, "triton linear TMA GEMM", _epilogue_fits)
 @triton.jit(do_not_specialize=["M_B", "N_B", "K_B"])
 def _gemm_tma_kernel(
     a_desc, b_desc, bias_ptr, res_ptr, y_ptr, z_ptr, gb_ptr, M, N, K, M_B, N_B, K_B, srm, srn,
