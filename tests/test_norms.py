@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import fastlm
 from fastlm import _ext
 from fastlm.ops.norms import layer_norm, norm_backward_ref, norm_ref, rms_norm
-from backends import backend_dtypes, backends
+from backends import GPU, backend_dtypes, backends
 from numerics import assert_close
 
 BACKENDS = backends()
@@ -237,3 +237,23 @@ def test_extension_ops_validate_inputs():
         torch.ops.fastlm.norm_fwd(x, None, None, torch.randn(8), 1e-5, True)
     with pytest.raises(ValueError, match=r"rstd must have shape \(4,\), got \[3\]"):
         torch.ops.fastlm.norm_bwd(x, None, x, None, torch.zeros(4), torch.zeros(3), False, False)
+
+
+# ------------------------------------------------------------------ triton: wide rows in chunks
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_triton_wide_rows_walk_in_chunks(kind):
+    """Rows wider than one register tile (fastlm.triton.norms._widths: 1,024 columns under the
+    interpreter, 8,192 on GPU) take the chunked forward (Chan-merged mean / M2) and the
+    row-sums + column-block backward: a ragged last chunk, a mean 1000x the spread (no
+    E[z^2] - mean^2 cancellation), no weight, and a residual, against float64."""
+    from fastlm.triton import norms as kernels
+
+    device = GPU or "cpu"
+    cols = kernels._widths(torch.device(device))[0] + 77
+    x = torch.randn(3, cols, device=device) * 0.05 + 50.0
+    _check("triton", device, torch.float32, kind, (3, cols), residual=True)
+    # large offset: layer_norm's variance must not come from E[z^2] - mean^2
+    outs, _ = _run(_ours(kind, "triton"), [x, None, None, None], [torch.randn_like(x)], 1e-5)
+    want = _torch_norm(kind, x.double(), None, None, None, 1e-5)
+    torch.testing.assert_close(outs[0].double(), want, rtol=1e-4, atol=1e-4)
+    _check("triton", device, torch.float16, kind, (2, cols), residual=False, weight=False, bias=False)

@@ -7,7 +7,7 @@ from fastlm import _ext
 from fastlm.ops import log_softmax, softmax
 from fastlm.ops.softmax import softmax_backward_ref
 from numerics import assert_close
-from row_cases import BACKEND_DTYPES, BACKENDS, cols_for
+from row_cases import BACKEND_DTYPES, BACKENDS, GPU, cols_for
 
 NEG_INF = float("-inf")
 
@@ -253,3 +253,24 @@ def test_nan_and_inf_propagate(backend, device, dtype):
             assert torch.isnan(want[:2]).all() and torch.isnan(y[:2]).all(), f"cols={cols} log={log}"
             assert (y[2] == (float("-inf") if log else 0.0)).all(), f"cols={cols} log={log}"
             torch.testing.assert_close(y[3].float(), want[3], rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------------ triton: rows per program
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_row_groups(dtype):
+    """Narrow rows go several to a program (fastlm.triton.softmax._plan): a row count that is no
+    multiple of the group, groups spanning mask periods and causal blocks, a fully masked row and
+    a NaN row inside a group, against the float64 oracle."""
+    from fastlm.triton import softmax as kernels
+
+    device = GPU or "cpu"
+    x = (torch.randn(3, 43, 40, device=device) * 2).to(dtype)
+    mask = torch.rand(43, 40, device=device) > 0.3
+    mask[:, 0], mask[5] = True, False
+    plan = kernels._plan(3 * 43, 40, x.element_size(), x.device)
+    assert plan["ONE_TILE"] and 1 < plan["ROWS"] and (3 * 43) % plan["ROWS"], plan
+    for log in (False, True):
+        _check("triton", x, log, scale=0.8, mask=mask, is_causal=True)
+    x[1, 7, 0] = float("nan")  # column 0 is never masked
+    y = softmax(x, mask=mask, backend="triton")
+    assert torch.isnan(y[1, 7]).all() and not torch.isnan(y[1, 6]).any() and not torch.isnan(y[1, 8]).any()

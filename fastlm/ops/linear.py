@@ -11,17 +11,16 @@ gradient may be needed. Recomputing it instead would cost a whole second GEMM (2
 flops) to save one (M, N) store. p is exactly what bias_act's backward consumes:
 grad_p = grad_y · act'(p), with grad_bias = Σ_rows grad_p reduced in the same pass (a zero
 bias vector of N elements is passed so that pass does the reduction); then
-dX = grad_p @ weight and dW = grad_pᵀ @ x (cpu, cuda, reference). The triton backend fuses
-act'(p) into the two GEMMs' operand loads instead (see below). grad_residual is grad_y. Without an activation
+dX = grad_p @ weight and dW = grad_pᵀ @ x (every backend). grad_residual is grad_y. Without an activation
 nothing extra is saved and grad_p is grad_y itself.
 
 Backends:
 - cpu (fp32, bf16): torch's CPU GEMM (MKL / oneDNN) into the output, then one fused
   epilogue pass over it, in place (csrc/cpu/linear.cpp). Backward GEMMs: torch.mm.
 - triton (fp32/fp16/bf16 on GPU; fp32/fp16 in the interpreter, whose bf16 tl.dot is wrong):
-  one tl.dot GEMM with the epilogue before its store, autotuned. Backward: the same kernel by
-  strides for dX and dW, with act'(p) fused into the operand loads (grad_p is never stored)
-  and grad_bias summed inside the dW launch.
+  one tl.dot GEMM with the epilogue before its store, autotuned. Backward: bias_act's pass for
+  grad_p (with an activation), then the same kernel by strides for dX and dW; without an
+  activation grad_bias is summed inside the dW launch.
 - cuda (fp16/bf16, N and K multiples of 8): hand-written mma.sync tensor-core GEMM with the
   epilogue (csrc/cuda/gemm_core.cuh, csrc/cuda/linear.cu: 128x128x64 tiles, 3-stage cp.async,
   swizzled shared memory, epilogue staged through shared memory with 16-byte stores; split-K

@@ -55,6 +55,16 @@ def sm_count(device: torch.device, cpu_default: int = 4) -> int:
     return cpu_default
 
 
+def capability(device: torch.device) -> int:
+    """Compute capability as 80, 90, ...; 0 for a CPU tensor outside an AOT capture."""
+    if _aot["target"] is not None:
+        return _aot["target"].capability
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 0
+
+
 def smem_limit(device: torch.device) -> int:
     if _aot["target"] is not None:
         return _aot["target"].smem

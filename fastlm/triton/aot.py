@@ -104,6 +104,8 @@ def _specialize(value, specialize: bool):
         return "constexpr", False
     if isinstance(value, torch.Tensor):
         return "*" + _TYPE_NAMES[value.dtype], specialize and value.data_ptr() % 16 == 0
+    if type(value).__name__ == "TensorDescriptor":  # a host TMA descriptor (triton.tools.tensor_descriptor)
+        return f"tensordesc<{_TYPE_NAMES[value.base.dtype]}[{', '.join(map(str, value.block_shape))}]>", False
     if isinstance(value, bool):
         return "u1", False
     if isinstance(value, int):
@@ -127,6 +129,8 @@ def _expand(kernel, args, meta, grid=()) -> list[Launch]:
         need = getattr(kernel, "fastlm_smem_need", None)
         jobs = []
         for c in configs:
+            if c.pre_hook is not None:  # e.g. descriptors' block shapes follow the config
+                c.pre_hook({**named, **meta, **c.kwargs})
             opts = dict(num_warps=c.num_warps, num_stages=c.num_stages)
             label = ",".join(f"{k}={v}" for k, v in c.kwargs.items()) + f",w{c.num_warps},s{c.num_stages}"
             job = _launch(jit, args, {**meta, **c.kwargs}, opts, label)
@@ -191,6 +195,7 @@ class Result:
     seconds: float = 0.0
     error: str = ""
     wgmma: bool = False  # Hopper's warpgroup MMA in the PTX (tl.dot lowered to it)
+    tma: bool = False  # TMA bulk tensor copies in the PTX (cp.async.bulk.tensor)
     ttir: str = field(default="", repr=False)
 
 
@@ -246,6 +251,7 @@ def compile_launch(launch: Launch, capability: int, keep_ttir: bool = False) -> 
     res.smem = int(compiled.metadata.shared)
     res.regs, res.spills = _ptxas_report(log.getvalue(), compiled.asm["ptx"], capability)
     res.wgmma = "wgmma.mma_async" in compiled.asm["ptx"]
+    res.tma = "cp.async.bulk.tensor" in compiled.asm["ptx"]
     if keep_ttir:
         res.ttir = compiled.asm["ttir"]
     return res
@@ -395,16 +401,29 @@ def _linear_cases():
 
 def _row_cases():
     cases = []
-    for cols in (768, 4096, 50257, 262144):
-        big = cols > 8192
+    # softmax: 128 columns go many rows to a program, 4096 and 16384 one register tile a row (16384:
+    # 16 warps), 50257 and 262144 the two-walk path; enough rows that the launcher keeps its widest groups
+    for cols in (128, 768, 4096, 16384, 50257, 262144):
         for log in (False, True):
             def sm(dtype, cols=cols, log=log):
                 from fastlm.triton import softmax
 
-                x = _t(4, cols, dtype=dtype)
+                x = _t(max(4, 2**21 // cols), cols, dtype=dtype)
                 y = softmax.forward(x, torch.zeros(1, cols, dtype=dtype), 0.5, 4, log)
                 softmax.backward(torch.randn_like(y), y, 0.5, log)
-            cases.append(Case("softmax", f"cols{cols} log={log}", sm, ci=cols == 4096 and not log))
+            cases.append(Case("softmax", f"cols{cols} log={log}", sm, ci=cols in (128, 4096, 16384, 50257) and not log))
+    # norms: one register tile a row up to 8192 columns (16 warps), the chunked walks beyond
+    for cols in (768, 4096, 8192, 16384, 32768):
+        def norm(dtype, cols=cols):
+            from fastlm.triton import norms
+
+            x, w = _t(64, cols, dtype=dtype), _t(cols, dtype=dtype)
+            for rms in (False, True):
+                y, h, mean, rstd = norms.forward(x, x, w, w, 1e-5, rms)
+                norms.backward(torch.randn_like(y), y, h, w, mean, rstd, rms, not rms)
+        cases.append(Case("norms", f"cols{cols}", norm, ci=cols in (4096, 32768)))
+    for cols in (768, 4096, 50257, 262144):
+        big = cols > 8192
         def ce(dtype, cols=cols):
             from fastlm.triton import cross_entropy
 
@@ -415,14 +434,6 @@ def _row_cases():
                 cross_entropy.backward(torch.ones(4), x, t, w, lse, -100, smooth)
         cases.append(Case("cross_entropy", f"cols{cols}", ce, ci=cols == 50257))
         if not big:
-            def norm(dtype, cols=cols):
-                from fastlm.triton import norms
-
-                x, w = _t(64, cols, dtype=dtype), _t(cols, dtype=dtype)
-                for rms in (False, True):
-                    y, h, mean, rstd = norms.forward(x, x, w, w, 1e-5, rms)
-                    norms.backward(torch.randn_like(y), y, h, w, mean, rstd, rms, not rms)
-            cases.append(Case("norms", f"cols{cols}", norm, ci=cols == 4096))
             def ba(dtype, cols=cols):
                 from fastlm.triton import bias_act
 
@@ -579,7 +590,7 @@ def sweep(capabilities, dtypes, ci_only, modules=None, report=print):
                 if isinstance(launch, NoConfig):  # nothing to compile: the launcher itself refused
                     row = dict(kernel=f"{case.module}.<{launch.what}>", target=f"sm_{cap}", dtype=dtype,
                                case=case.label, config="", smem=-1, smem_estimate=-1, limit=TARGETS[cap].smem,
-                               regs=-1, spills=-1, wgmma=False, grid=[], seconds=0.0, error=launch.message,
+                               regs=-1, spills=-1, wgmma=False, tma=False, grid=[], seconds=0.0, error=launch.message,
                                status="no-config")
                     rows.append(row)
                     report(row)
@@ -588,7 +599,7 @@ def sweep(capabilities, dtypes, ci_only, modules=None, report=print):
                 row = dict(kernel=launch.kernel, target=f"sm_{cap}", dtype=dtype, case=case.label,
                            config=launch.config or _options_label(launch), smem=res.smem,
                            smem_estimate=launch.smem_estimate, limit=TARGETS[cap].smem,
-                           regs=res.regs, spills=res.spills, wgmma=res.wgmma, grid=list(launch.grid),
+                           regs=res.regs, spills=res.spills, wgmma=res.wgmma, tma=res.tma, grid=list(launch.grid),
                            seconds=round(res.seconds, 2), error=res.error,
                            status=status(res, TARGETS[cap].smem))
                 rows.append(row)

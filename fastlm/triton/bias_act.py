@@ -68,7 +68,8 @@ def _forward_kernel(
 @triton.jit
 def _backward_kernel(
     gy_ptr, x_ptr, b_ptr, gx_ptr, partial_ptr, rows, cols, gy_stride, x_stride, gx_stride, rows_per_split,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SUM_COLS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     split = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,9 +87,9 @@ def _backward_kernel(
         gy = tl.load(gy_ptr + row * gy_stride + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
         g = gy * _act_derivative(z, ACT)
         tl.store(gx_ptr + row * gx_stride + offs_n[None, :], g.to(gx_ptr.dtype.element_ty), mask=mask)
-        if HAS_BIAS:
+        if SUM_COLS:
             acc += tl.sum(tl.where(mask, g, 0.0), axis=0)
-    if HAS_BIAS:
+    if SUM_COLS:
         tl.store(partial_ptr + split * cols + offs_n, acc, mask=col_ok)
 
 
@@ -119,10 +120,14 @@ def forward(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torc
     return y
 
 
-def backward(grad_out, x, bias, activation):
+def backward(grad_out, x, bias, activation, sum_columns=None):
+    """(grad_x, grad_bias): grad_bias holds grad_x's column sums when sum_columns (default: when
+    there is a bias; linear's backward asks for them without one: its pre-activation has the
+    bias added already)."""
+    sum_columns = bias is not None if sum_columns is None else sum_columns
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     cols = x.shape[-1] if x.dim() else 1
-    grad_bias = x.new_zeros(cols if bias is not None else 0)
+    grad_bias = x.new_zeros(cols if sum_columns else 0)
     if x.numel() == 0:
         return grad_x, grad_bias
     g2, x2 = _rows(grad_out), _rows(x)
@@ -133,13 +138,14 @@ def backward(grad_out, x, bias, activation):
     splits = max(1, min(triton.cdiv(rows, block_m), triton.cdiv(4 * _tune.sm_count(x.device), col_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_m) * block_m
     splits = triton.cdiv(rows, rows_per_split)
-    partial = torch.empty((splits, cols) if bias is not None else (1,), dtype=torch.float32, device=x.device)
+    partial = torch.empty((splits, cols) if sum_columns else (1,), dtype=torch.float32, device=x.device)
     _tune.launch(
         _backward_kernel, (splits, col_blocks),
         g2, x2, bias if bias is not None else x2, grad_x, partial, rows, cols,
         g2.stride(0), x2.stride(0), cols, rows_per_split,
-        HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_BIAS=bias is not None, SUM_COLS=sum_columns, ACT=ACT_CODES[activation], BLOCK_M=block_m,
+        BLOCK_N=block_n,
     )
-    if bias is not None:
+    if sum_columns:
         grad_bias = partial.sum(0).to(x.dtype)
     return grad_x, grad_bias
