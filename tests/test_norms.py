@@ -237,3 +237,23 @@ def test_extension_ops_validate_inputs():
         torch.ops.fastlm.norm_fwd(x, None, None, torch.randn(8), 1e-5, True)
     with pytest.raises(ValueError, match=r"rstd must have shape \(4,\), got \[3\]"):
         torch.ops.fastlm.norm_bwd(x, None, x, None, torch.zeros(4), torch.zeros(3), False, False)
+
+
+# ------------------------------------------------------------------ cuda kernels under the emulator
+# Each case reaches a distinct path of csrc/cuda/norms.cu: the thread count per row (1, 4, 32,
+# 256: shuffles within sub-warp groups, across warps through shared memory), the backward's
+# register accumulators (weight and bias, weight only, bias only, none: no partials at all),
+# their fold over the row groups of a block, the persistent grid looping when there are more row
+# blocks than SMs, and the scalar path of odd widths. The partials are NaN-prefilled scratch, so
+# an element a block failed to write shows up in grad_weight / grad_bias.
+@pytest.mark.emu
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
+@pytest.mark.parametrize("kind,shape,dtype,weight,bias", [
+    ("layer", (300, 24), torch.bfloat16, True, True),    # 1 thread a row; 300 row groups fold in one block
+    ("rms", (61, 100), torch.float16, True, False),      # 4 threads a row; weight grad only
+    ("layer", (270, 4104), torch.bfloat16, True, True),  # 256 threads, 2 rows a block: 135 row blocks > SMs
+    ("layer", (45, 1025), torch.float32, False, True),   # odd width (scalar path); bias grad only
+    ("layer", (33, 200), torch.float32, False, False),   # no gradient summed over rows
+], ids=["narrow", "rms-weight", "persistent", "odd-bias", "no-affine"])
+def test_cuda_emu_backward_partials(kind, shape, dtype, weight, bias):
+    _check("cuda-emu", "cpu", dtype, kind, shape, weight=weight, bias=bias)

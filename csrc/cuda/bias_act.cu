@@ -1,14 +1,23 @@
 // bias_act on CUDA: y = act(x + bias), and grad_x = grad_y * act'(x + bias) with grad_bias.
 // Memory-bound, so the whole game is bytes: each thread moves 16-byte packs (8 halves or
-// 4 floats) along a row, the bias pack is loaded once per thread and reused for every row it
-// visits, the pre-activation is recomputed in backward instead of stored, and grad_bias is
-// reduced in registers and shared memory during the same pass (per-split partials, then a
-// tiny fixed-order reduce, so results are deterministic; no atomics).
+// 4 floats) down a column strip, the bias pack is loaded once per thread and reused for every
+// row it visits, the pre-activation is recomputed in backward instead of stored, and grad_bias
+// is summed in registers during the same pass (per-row-split partials, then column_sum.cuh's
+// fixed-order reduce: deterministic, no atomics).
+//
+// Loads in flight (Little's law: ~3 TB/s x ~600 ns = 1.8 MB per H100, ~14 KB per SM): a thread
+// issues its kRowsInFlight = 4 rows' packs before it uses any, and the grid holds ~2 blocks of
+// 256 threads per SM, so 512 x 4 x 16 B = 32 KB (forward: x) / 64 KB (backward: grad_y and x)
+// are in flight per SM, 2-4x the need, at 32-48 registers a thread (sass_report.py --kernel
+// bias_act). The grad_bias partials are (2 SMs / column blocks) x cols fp32, ~1-3 % of the
+// traffic of a 4K x 3K activation; read back once by column_sum (32-column blocks x 8 warps).
+// Widths, strides or pointers that are not 16-byte multiples take the scalar path (VEC = 1).
 #include <cuda_runtime.h>
 
 #include <algorithm>
 
 #include "activations.cuh"
+#include "column_sum.cuh"
 #include "launch.cuh"
 #include "fastlm/bias_act.h"
 
@@ -16,44 +25,41 @@ namespace fastlm::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kRowsInFlight = 4;  // rows a thread loads before it uses any of them
+constexpr int kBlocksPerSm = 2;   // 512 threads x 4 rows x 16 B = 32 KB of x in flight per SM
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-int sm_count() {
-  static int cache[64] = {0};  // per device; a racing fill writes the same value
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
-  int n = 0;
-  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-  n = std::max(n, 1);
-  if (dev >= 0 && dev < 64) cache[dev] = n;
-  return n;
-}
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Row splits (gridDim.y): enough blocks for ~8 per SM, never more than there are rows.
-// Depends on (rows, cols) only, so the backward's workspace size is known before launch.
-int64_t row_splits(int64_t rows, int64_t cols) {
-  const int64_t col_blocks = std::max<int64_t>(1, ceil_div(cols, 4 * kThreads));
-  const int64_t want = ceil_div(int64_t(sm_count()) * 8, col_blocks);
-  return std::max<int64_t>(1, std::min({want, rows, int64_t(65535)}));
-}
-
+// A block is (tx, ty): tx threads side by side own tx * vec adjacent columns (one pack each;
+// tx the power of two >= the packs of a row up to 32, then a multiple of 32 up to 256), ty =
+// 256 / tx rows walk down them (a warp covers several narrow rows instead of idling);
+// gridDim.x column blocks, gridDim.y row splits (~kBlocksPerSm blocks per SM in all, never
+// more than the row blocks).
 struct Plan {
   dim3 grid, block;
 };
 
 Plan make_plan(int64_t rows, int64_t cols, int vec) {
-  const int64_t packs = cols / vec;
-  const int tx = int(std::min<int64_t>(kThreads, ceil_div(packs, 32) * 32));
+  const int64_t packs = ceil_div(cols, vec);
+  int tx = 1;
+  while (tx < 32 && tx < packs) tx *= 2;
+  if (packs > 32) tx = int(std::min<int64_t>(kThreads, ceil_div(packs, 32) * 32));
   const int ty = kThreads / tx;
-  return Plan{dim3(unsigned(ceil_div(packs, tx)), unsigned(row_splits(rows, cols))),
-              dim3(unsigned(tx), unsigned(ty))};
+  const int64_t col_blocks = ceil_div(packs, tx);
+  const int64_t splits = std::min({ceil_div(int64_t(sm_count()) * kBlocksPerSm, col_blocks), ceil_div(rows, ty),
+                                   int64_t(65535)});
+  return Plan{dim3(unsigned(col_blocks), unsigned(std::max<int64_t>(1, splits))), dim3(unsigned(tx), unsigned(ty))};
+}
+
+// The most row splits any plan for (rows, cols) can have: the backward's workspace is sized
+// before the pack width (which depends on pointer alignment) is chosen.
+int64_t max_row_splits(int64_t rows) {
+  return std::max<int64_t>(1, std::min({int64_t(sm_count()) * kBlocksPerSm, rows, int64_t(65535)}));
 }
 
 template <typename T, int VEC>
@@ -77,16 +83,25 @@ __global__ void __launch_bounds__(kThreads)
   float b[VEC];
   load_bias<T, VEC>(bias, c, b);
   const int64_t step = int64_t(gridDim.y) * blockDim.y;
-  for (int64_t r = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += step) {
-    const Pack<T, VEC> xp = *reinterpret_cast<const Pack<T, VEC>*>(x + r * xs + c);
-    Pack<T, VEC> yp;
+  for (int64_t r0 = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r0 < rows; r0 += kRowsInFlight * step) {
+    Pack<T, VEC> xp[kRowsInFlight];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) yp.v[i] = from_float<T>(act_forward<A>(to_float(xp.v[i]) + b[i]));
-    *reinterpret_cast<Pack<T, VEC>*>(y + r * ys + c) = yp;
+    for (int u = 0; u < kRowsInFlight; ++u) {
+      if (r0 + u * step < rows) xp[u] = *reinterpret_cast<const Pack<T, VEC>*>(x + (r0 + u * step) * xs + c);
+    }
+#pragma unroll
+    for (int u = 0; u < kRowsInFlight; ++u) {
+      if (r0 + u * step >= rows) break;
+      Pack<T, VEC> yp;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) yp.v[i] = from_float<T>(act_forward<A>(to_float(xp[u].v[i]) + b[i]));
+      *reinterpret_cast<Pack<T, VEC>*>(y + (r0 + u * step) * ys + c) = yp;
+    }
   }
 }
 
-// partial (gridDim.y, cols) fp32, or null when no bias gradient is wanted.
+// partial (gridDim.y, cols) fp32: this row split's grad_bias, summed in registers and folded
+// over the block's ty rows in shared memory; null when no bias gradient is wanted.
 template <typename T, Activation A, int VEC>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const T* __restrict__ gy, int64_t gys, const T* __restrict__ x, int64_t xs,
@@ -102,17 +117,27 @@ __global__ void __launch_bounds__(kThreads)
     float b[VEC];
     load_bias<T, VEC>(bias, c, b);
     const int64_t step = int64_t(gridDim.y) * blockDim.y;
-    for (int64_t r = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += step) {
-      const Pack<T, VEC> gp = *reinterpret_cast<const Pack<T, VEC>*>(gy + r * gys + c);
-      const Pack<T, VEC> xp = *reinterpret_cast<const Pack<T, VEC>*>(x + r * xs + c);
-      Pack<T, VEC> op;
+    for (int64_t r0 = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r0 < rows; r0 += kRowsInFlight * step) {
+      Pack<T, VEC> gp[kRowsInFlight], xp[kRowsInFlight];
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        const float g = to_float(gp.v[i]) * act_derivative<A>(to_float(xp.v[i]) + b[i]);
-        op.v[i] = from_float<T>(g);
-        acc[i] += g;
+      for (int u = 0; u < kRowsInFlight; ++u) {
+        const int64_t r = r0 + u * step;
+        if (r >= rows) continue;
+        gp[u] = *reinterpret_cast<const Pack<T, VEC>*>(gy + r * gys + c);
+        xp[u] = *reinterpret_cast<const Pack<T, VEC>*>(x + r * xs + c);
       }
-      *reinterpret_cast<Pack<T, VEC>*>(gx + r * gxs + c) = op;
+#pragma unroll
+      for (int u = 0; u < kRowsInFlight; ++u) {
+        if (r0 + u * step >= rows) break;
+        Pack<T, VEC> op;
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          const float g = to_float(gp[u].v[i]) * act_derivative<A>(to_float(xp[u].v[i]) + b[i]);
+          op.v[i] = from_float<T>(g);
+          acc[i] += g;
+        }
+        *reinterpret_cast<Pack<T, VEC>*>(gx + (r0 + u * step) * gxs + c) = op;
+      }
     }
   }
   if (partial == nullptr) return;  // uniform across the grid
@@ -127,16 +152,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 #pragma unroll
   for (int i = 0; i < VEC; ++i) partial[int64_t(blockIdx.y) * cols + c + i] = acc[i];
-}
-
-template <typename T>
-__global__ void reduce_partials_kernel(const float* __restrict__ partial, int64_t splits,
-                                       int64_t cols, T* __restrict__ out) {
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= cols) return;
-  float s = 0.0f;
-  for (int64_t j = 0; j < splits; ++j) s += partial[j * cols + c];
-  out[c] = from_float<T>(s);
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
@@ -185,10 +200,7 @@ int launch_backward(int64_t rows, int64_t cols, const void* gy, int64_t gys, con
   else
     launch_kernel(backward_kernel<T, A, 1>, plan.grid, plan.block, 0, stream, gyp, gys, xp, xs, bp, gxp, gxs, partial,
                   rows, cols);
-  if (grad_bias) {
-    launch_kernel(reduce_partials_kernel<T>, unsigned(ceil_div(cols, kThreads)), kThreads, 0, stream, partial,
-                  int64_t(plan.grid.y), cols, static_cast<T*>(grad_bias));
-  }
+  if (grad_bias) launch_column_sum(partial, int64_t(plan.grid.y), cols, cols, static_cast<T*>(grad_bias), stream);
   return int(cudaGetLastError());
 }
 
@@ -239,7 +251,7 @@ int bias_act_forward_cuda(DType dtype, Activation act, int64_t rows, int64_t col
 }
 
 int64_t bias_act_backward_cuda_workspace(int64_t rows, int64_t cols) {
-  return cuda::row_splits(rows, cols) * cols;
+  return cuda::max_row_splits(rows) * cols;
 }
 
 int bias_act_backward_cuda(DType dtype, Activation act, int64_t rows, int64_t cols,
