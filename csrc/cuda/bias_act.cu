@@ -19,6 +19,7 @@
 #include "activations.cuh"
 #include "column_sum.cuh"
 #include "launch.cuh"
+#include "row_io.cuh"
 #include "fastlm/bias_act.h"
 
 namespace fastlm::cuda {
@@ -27,11 +28,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kRowsInFlight = 4;  // rows a thread loads before it uses any of them
 constexpr int kBlocksPerSm = 2;   // 512 threads x 4 rows x 16 B = 32 KB of x in flight per SM
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -159,11 +155,10 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 // 16-byte packs need every row start and the bias 16-byte aligned.
 template <typename T>
 int pick_vec(int64_t cols, std::initializer_list<int64_t> strides, std::initializer_list<const void*> ptrs) {
-  constexpr int kVec = 16 / sizeof(T);
-  if (cols % kVec) return 1;
-  for (int64_t s : strides) if (s % kVec) return 1;
+  if (cols % kVec<T>) return 1;
+  for (int64_t s : strides) if (s % kVec<T>) return 1;
   for (const void* p : ptrs) if (p && !aligned16(p)) return 1;
-  return kVec;
+  return kVec<T>;
 }
 
 template <typename T, Activation A>
@@ -172,11 +167,10 @@ int launch_forward(int64_t rows, int64_t cols, const void* x, int64_t xs, const 
   const T* xp = static_cast<const T*>(x);
   const T* bp = static_cast<const T*>(bias);
   T* yp = static_cast<T*>(y);
-  constexpr int kVec = 16 / sizeof(T);
   const int vec = pick_vec<T>(cols, {xs, ys}, {x, bias, y});
   const Plan plan = make_plan(rows, cols, vec);
-  if (vec == kVec)
-    launch_kernel(forward_kernel<T, A, kVec>, plan.grid, plan.block, 0, stream, xp, xs, bp, yp, ys, rows, cols);
+  if (vec == kVec<T>)
+    launch_kernel(forward_kernel<T, A, kVec<T>>, plan.grid, plan.block, 0, stream, xp, xs, bp, yp, ys, rows, cols);
   else
     launch_kernel(forward_kernel<T, A, 1>, plan.grid, plan.block, 0, stream, xp, xs, bp, yp, ys, rows, cols);
   return int(cudaGetLastError());
@@ -191,11 +185,10 @@ int launch_backward(int64_t rows, int64_t cols, const void* gy, int64_t gys, con
   const T* bp = static_cast<const T*>(bias);
   T* gxp = static_cast<T*>(gx);
   float* partial = grad_bias ? workspace : nullptr;
-  constexpr int kVec = 16 / sizeof(T);
   const int vec = pick_vec<T>(cols, {gys, xs, gxs}, {gy, x, bias, gx});
   const Plan plan = make_plan(rows, cols, vec);
-  if (vec == kVec)
-    launch_kernel(backward_kernel<T, A, kVec>, plan.grid, plan.block, 0, stream, gyp, gys, xp, xs, bp, gxp, gxs,
+  if (vec == kVec<T>)
+    launch_kernel(backward_kernel<T, A, kVec<T>>, plan.grid, plan.block, 0, stream, gyp, gys, xp, xs, bp, gxp, gxs,
                   partial, rows, cols);
   else
     launch_kernel(backward_kernel<T, A, 1>, plan.grid, plan.block, 0, stream, gyp, gys, xp, xs, bp, gxp, gxs, partial,

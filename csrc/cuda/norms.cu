@@ -28,6 +28,7 @@
 #include "activations.cuh"
 #include "column_sum.cuh"
 #include "launch.cuh"
+#include "row_io.cuh"
 #include "fastlm/norms.h"
 
 namespace fastlm::cuda {
@@ -37,11 +38,6 @@ constexpr int kMaxThreads = 512;       // per row group: cols <= kMaxElems * 512
 constexpr int kMaxElems = 32;          // row elements per thread (registers)
 constexpr int kForwardThreads = 128;   // forward block: 128 / tx rows when a row takes < 128 threads
 constexpr int kBackwardThreads = 512;  // backward block (one per SM): 512 / tx rows at a time
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -268,8 +264,7 @@ template <template <typename, int> class K, typename F>
 void with_type_vec(DType dtype, int vec, F&& f) {
   auto go = [&](auto tag) {
     using T = decltype(tag);
-    constexpr int kFull = 16 / sizeof(T);
-    if (vec == kFull) f(K<T, kFull>{});
+    if (vec == kVec<T>) f(K<T, kVec<T>>{});
     else f(K<T, 1>{});
   };
   if (dtype == DType::kFloat32) go(float{});
