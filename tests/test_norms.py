@@ -46,8 +46,13 @@ def _check(backend, device, dtype, kind, shape, residual=True, weight=True, bias
     r = torch.randn(shape, device=device, dtype=dtype) if residual else None
     w = torch.randn(n, device=device, dtype=dtype) if weight else None
     b = torch.randn(n, device=device, dtype=dtype) if (bias and kind == "layer") else None
-    grads = [torch.randn(shape, device=device, dtype=dtype) for _ in range(2)]
-    inputs = [x, r, w, b]
+    _compare(backend, kind, [x, r, w, b], eps)
+
+
+def _compare(backend, kind, inputs, eps=1e-5):
+    """Outputs and gradients of `backend` on these (x, residual, weight, bias) against fp64."""
+    x, dtype = inputs[0], inputs[0].dtype
+    grads = [torch.randn(x.shape, device=x.device, dtype=dtype) for _ in range(2)]
     ref = lambda *a: _torch_norm(kind, *a)
     outs, gs = _run(_ours(kind, backend), inputs, grads, eps)
     outs64, gs64 = _run(ref, inputs, grads, eps, torch.float64)
@@ -257,3 +262,19 @@ def test_extension_ops_validate_inputs():
 ], ids=["narrow", "rms-weight", "persistent", "odd-bias", "no-affine"])
 def test_cuda_emu_backward_partials(kind, shape, dtype, weight, bias):
     _check("cuda-emu", "cpu", dtype, kind, shape, weight=weight, bias=bias)
+
+
+# row_io.cuh's head / 16-byte body / tail in the forward: odd widths (each row of a contiguous
+# tensor starts at another 16-byte phase), x sliced at an odd offset, and a residual and weight
+# in other phases than x (which take scalar accesses), against the float64 oracle.
+@pytest.mark.emu
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
+@pytest.mark.parametrize("cols,offset", [(1, 0), (7, 3), (1000, 5), (1023, 1)])
+def test_cuda_emu_any_width_and_offset(cols, offset):
+    dtype = torch.bfloat16
+    x = (torch.randn(5, cols + 9, dtype=dtype) * 2 + 0.5)[:, offset:offset + cols]
+    r = torch.randn(5, cols + 2, dtype=dtype)[:, 2:]
+    w = torch.randn(cols + 1, dtype=dtype)[1:]
+    b = torch.randn(cols, dtype=dtype)
+    _compare("cuda-emu", "layer", [x, r, w, b])
+    _compare("cuda-emu", "rms", [x, None, w, None])

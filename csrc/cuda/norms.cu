@@ -1,25 +1,28 @@
 // layer_norm / rms_norm on CUDA with the optional pre-norm residual add. A row belongs to a
-// group of tx threads, tx the power of two (1..512) that leaves each thread at most 32 elements
-// (16-byte packs: 8 halves or 4 floats; scalars when a width or stride is not a pack multiple),
-// so narrow rows share a warp (tx < 32: xor shuffles stay inside the aligned lane group) and
+// group of tx threads, tx the power of two (up to 512) that leaves each thread at most 32
+// elements, so narrow rows share a warp (xor shuffles stay inside the aligned lane group) and
 // wide rows get up to 16 warps; blockDim.y rows per block.
 //
-// Forward: each thread keeps its slice of h = x + residual in registers, so the row is read
-// once and written once (h, y): two-pass fp32 statistics (mean, then centered variance) from
-// registers with shuffles + shared memory, no atomics. All of a thread's pack loads are issued
-// before the first add (unrolled, predicated): 128-thread blocks at 66-75 registers (7 blocks,
-// 896 threads an SM) with up to 4 packs of x and 4 of residual each = up to 114 KB in flight
-// per SM; a 768-wide bf16 row (3 packs a thread) still keeps ~43 KB in flight, 3x the ~14 KB
-// that Little's law asks of an H100 SM (~3 TB/s x ~600 ns / 132 SMs).
+// Forward: each thread holds its slice of h = x + residual in registers through row_io.cuh
+// (16-byte packs for any width, stride and offset: a scalar head up to x's 16-byte boundary,
+// then packs, then a scalar tail; tx >= 8 so one head and one tail element per thread), so the
+// row is read once and written once (h, y): two-pass fp32 statistics (mean, then centered
+// variance) from registers with shuffles + shared memory, no atomics. All of a thread's loads
+// of x and residual are issued before the first add: 128-thread blocks at 122-126 registers
+// (no spills) = 4 blocks, 512 threads an SM, with up to 4 packs of x and 4 of residual each =
+// up to 64 KB in flight per SM; a 768-wide bf16 row (3 packs a thread) keeps 24 KB (48 KB with
+// a residual) in flight, above the ~14 KB Little's law asks of an H100 SM (~3 TB/s x ~600 ns /
+// 132 SMs). The scalar edges cost at most 2 x 7 two-byte accesses a row.
 //
 // Backward: one persistent 512-thread block per SM (tx threads a row, 512 / tx rows at a time).
 // grad_h is written per row; grad_weight / grad_bias are summed in registers over every row a
 // thread visits, folded over the block's row groups in shared memory and written as ONE fp32
-// partial row per block (SMs x cols, ~2 MB at 4096 cols: L2-resident, fully written, so no
-// memset, and none at all when neither gradient is wanted), then column_sum.cuh adds the
-// partials in a fixed order (deterministic). The first pass issues its 2 x 4 pack loads per
-// thread together (512 x 8 x 16 B = 64 KB in flight per SM); the second pass re-reads the same
-// slice from L1. Before: a read-modify-write of a global fp32 workspace row per row and
+// partial row per block and gradient (132 SMs x 2 x 4096 cols x 4 B = 4.3 MB: L2-resident,
+// written in full, so no memset, and none at all when neither gradient is wanted), then
+// column_sum.cuh adds the partials in a fixed order (deterministic). The first pass issues its
+// 2 x 4 pack loads per thread together (512 x 8 x 16 B = 64 KB in flight per SM); the second
+// pass re-reads the same slice from L1. Widths or strides that are not pack multiples take
+// scalar accesses here (the accumulators are per column, so every row must split alike). Before: a read-modify-write of a global fp32 workspace row per row and
 // gradient (16 B of extra traffic per element) into a memset 69 MB buffer at 4096 columns.
 #include <cuda_runtime.h>
 
@@ -96,66 +99,54 @@ __device__ __forceinline__ void store_pack(T* p, const float (&v)[VEC]) {
   *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
 }
 
-template <typename T, int VEC>
+// One row group of TPR threads holds its row through row_io.cuh: K packs per thread plus one
+// head and one tail element, so any width, stride and offset keeps 16-byte accesses for x and
+// for every operand in phase with x (residual, h, y, weight, bias; scalars for one that isn't).
+template <typename T, int TPR>
 __global__ void __launch_bounds__(kMaxThreads, 1) forward_kernel(NormForwardArgs a) {
   FASTLM_SHARED(float, smem, [kMaxThreads / 32]);
+  constexpr int K = kMaxElems / kVec<T>;
+  using Row = Slots<T, TPR, K>;
+  using Regs = Held<T, K>;
   const int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool live = r < a.rows;  // no early return: group_sum may sync the block
-  const int64_t cols = a.cols, stride = int64_t(blockDim.x) * VEC;
-  constexpr int kMaxPacks = kMaxElems / VEC;
-  float v[kMaxPacks][VEC];
-  float sum = 0.0f;
-#pragma unroll
-  for (int k = 0; k < kMaxPacks; ++k) {
-    const int64_t c = threadIdx.x * VEC + k * stride;
-    if (live && c < cols) {
-      load_pack<T, VEC>(static_cast<const T*>(a.x) + r * a.x_stride + c, v[k]);
-      if (a.residual) {
-        float res[VEC];
-        load_pack<T, VEC>(static_cast<const T*>(a.residual) + r * a.residual_stride + c, res);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) v[k][i] = to_float(from_float<T>(v[k][i] + res[i]));  // h in T, as eager
-        store_pack<T, VEC>(static_cast<T*>(a.h) + r * cols + c, v[k]);
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) v[k][i] = 0.0f;
-    }
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) sum += v[k][i];
+  const int64_t cols = a.cols;
+  const T* x_row = static_cast<const T*>(a.x) + (live ? r : 0) * a.x_stride;
+  const Row row = whole_row<T, TPR, K>(split_row(x_row, live ? cols : 0), int(threadIdx.x));  // dead: holds nothing
+  float v[Regs::kSlots];
+  const Regs xs = row.load(x_row, true);
+  if (a.residual) {
+    const T* res_row = static_cast<const T*>(a.residual) + r * a.residual_stride;
+    const Regs rs = row.load(res_row, same_phase(res_row, x_row));  // in flight with x
+    row.for_each([&](int slot, int64_t) { v[slot] = to_float(from_float<T>(xs.at(slot) + rs.at(slot))); });  // h in T, as eager
+    T* h_row = static_cast<T*>(a.h) + r * cols;
+    if (live) row.store(h_row, same_phase(h_row, x_row), [&](int slot, int64_t) { return v[slot]; });
+  } else {
+    row.for_each([&](int slot, int64_t) { v[slot] = xs.at(slot); });
   }
+  float sum = 0.0f;
+  row.for_each([&](int slot, int64_t) { sum += v[slot]; });
   const float mean = a.rms ? 0.0f : group_sum(sum, smem) / float(cols);
   float sq = 0.0f;
-#pragma unroll
-  for (int k = 0; k < kMaxPacks; ++k) {
-    const bool in = threadIdx.x * VEC + k * stride < cols;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const float d = in ? v[k][i] - mean : 0.0f;
-      sq += d * d;
-    }
-  }
+  row.for_each([&](int slot, int64_t) { sq += (v[slot] - mean) * (v[slot] - mean); });
   const float rstd = rsqrtf(group_sum(sq, smem) / float(cols) + a.eps);
   if (!live) return;
   if (threadIdx.x == 0) {
     if (a.mean) a.mean[r] = mean;
     a.rstd[r] = rstd;
   }
-#pragma unroll
-  for (int k = 0; k < kMaxPacks; ++k) {
-    const int64_t c = threadIdx.x * VEC + k * stride;
-    if (c >= cols) break;
-    float w[VEC], b[VEC], o[VEC];
-    if (a.weight) load_pack<T, VEC>(static_cast<const T*>(a.weight) + c, w);
-    if (a.bias && !a.rms) load_pack<T, VEC>(static_cast<const T*>(a.bias) + c, b);
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      o[i] = (v[k][i] - mean) * rstd;
-      if (a.weight) o[i] *= w[i];
-      if (a.bias && !a.rms) o[i] += b[i];
-    }
-    store_pack<T, VEC>(static_cast<T*>(a.y) + r * cols + c, o);
-  }
+  const T* weight = static_cast<const T*>(a.weight);
+  const T* bias = a.rms ? nullptr : static_cast<const T*>(a.bias);
+  Regs ws, bs;
+  if (weight) ws = row.load(weight, same_phase(weight, x_row));
+  if (bias) bs = row.load(bias, same_phase(bias, x_row));
+  T* y_row = static_cast<T*>(a.y) + r * cols;
+  row.store(y_row, same_phase(y_row, x_row), [&](int slot, int64_t) {
+    float o = (v[slot] - mean) * rstd;
+    if (weight) o *= ws.at(slot);
+    if (bias) o += bs.at(slot);
+    return o;
+  });
 }
 
 // One block of kBackwardThreads per SM, persistent: row group y of block b handles rows
@@ -272,12 +263,20 @@ void with_type_vec(DType dtype, int vec, F&& f) {
   else go(__nv_bfloat16{});
 }
 
-template <typename T, int VEC>
-struct Fwd {
-  void launch(const NormForwardArgs& a, dim3 grid, dim3 block, cudaStream_t s) const {
-    launch_kernel(forward_kernel<T, VEC>, grid, block, 0, s, a);
+// forward_kernel<T, tx> for the runtime (dtype, tx); tx >= 8 (row_io: one head and one tail
+// element per thread).
+template <typename T>
+void launch_forward(const NormForwardArgs& a, int tx, dim3 grid, dim3 block, cudaStream_t s) {
+  switch (tx) {
+    case 8: return launch_kernel(forward_kernel<T, 8>, grid, block, 0, s, a);
+    case 16: return launch_kernel(forward_kernel<T, 16>, grid, block, 0, s, a);
+    case 32: return launch_kernel(forward_kernel<T, 32>, grid, block, 0, s, a);
+    case 64: return launch_kernel(forward_kernel<T, 64>, grid, block, 0, s, a);
+    case 128: return launch_kernel(forward_kernel<T, 128>, grid, block, 0, s, a);
+    case 256: return launch_kernel(forward_kernel<T, 256>, grid, block, 0, s, a);
+    default: return launch_kernel(forward_kernel<T, 512>, grid, block, 0, s, a);
   }
-};
+}
 
 // Gradients summed over rows: 0 (none wanted), 1 (weight only), 2 (weight and/or bias).
 int accumulated_grads(const NormBackwardArgs& a) { return a.grad_bias ? 2 : a.grad_weight ? 1 : 0; }
@@ -309,14 +308,14 @@ namespace fastlm {
 
 int norm_forward_cuda(const NormForwardArgs& a, cudaStream_t stream) {
   using namespace cuda;
-  const int eb = elem_bytes(a.dtype);
-  const bool aligned = aligned16(a.x, a.x_stride, eb) && aligned16(a.residual, a.residual_stride, eb) &&
-                       aligned16(a.weight, 0, eb) && aligned16(a.bias, 0, eb) && aligned16(a.h, a.cols, eb) &&
-                       aligned16(a.y, a.cols, eb);
-  const Plan p = make_plan(a.cols, eb, aligned, kForwardThreads);
+  Plan p = make_plan(a.cols, elem_bytes(a.dtype), true, kForwardThreads);  // p.vec unused: row_io splits each row
   if (a.cols > int64_t(p.tx) * kMaxElems) return int(cudaErrorInvalidValue);
+  p.tx = std::max(p.tx, 8);
+  p.ty = std::max(1, kForwardThreads / p.tx);
   const dim3 grid(unsigned(ceil_div(a.rows, p.ty))), block(unsigned(p.tx), unsigned(p.ty));
-  with_type_vec<Fwd>(a.dtype, p.vec, [&](auto k) { k.launch(a, grid, block, stream); });
+  if (a.dtype == DType::kFloat32) launch_forward<float>(a, p.tx, grid, block, stream);
+  else if (a.dtype == DType::kFloat16) launch_forward<__half>(a, p.tx, grid, block, stream);
+  else launch_forward<__nv_bfloat16>(a, p.tx, grid, block, stream);
   return int(cudaGetLastError());
 }
 
