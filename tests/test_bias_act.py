@@ -224,3 +224,21 @@ def test_extension_ops_validate_inputs():
         torch.ops.fastlm.bias_act_fwd(x, torch.randn(8, dtype=torch.bfloat16), "gelu")
     with pytest.raises(ValueError, match=r"grad_out has shape \[4, 7\] but x has shape \[4, 8\]"):
         torch.ops.fastlm.bias_act_bwd(torch.randn(4, 7), x, None, "gelu")
+
+
+# ------------------------------------------------------------------ cuda kernels under the emulator
+# 16-byte packs (every width above is odd, so only these reach the vector path), a thread's
+# 4 rows in flight with a partial group (rows not a multiple of 4 x the row step), several
+# column blocks with a partly idle last one, and grad_bias from per-row-split partials through
+# column_sum (NaN-prefilled scratch: an unwritten partial shows up in grad_bias).
+@pytest.mark.emu
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
+@pytest.mark.parametrize("shape,dtype,activation", [
+    ((1800, 256), torch.bfloat16, "gelu"),  # 32 threads x 8 rows a block, 216 row splits: rows 0..1727 + a partial 4-row group
+    ((23, 2056), torch.float16, "silu"),    # 257 packs: two column blocks, the second with one live thread
+    ((41, 516), torch.float32, "gelu_tanh"),
+], ids=["many-rows", "two-col-blocks", "fp32"])
+def test_cuda_emu_vector_path(shape, dtype, activation):
+    x = torch.randn(shape, dtype=dtype) * 3
+    bias = torch.randn(shape[-1], dtype=dtype)
+    _check("cuda-emu", "cpu", dtype, activation, x, bias)

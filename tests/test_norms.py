@@ -46,8 +46,13 @@ def _check(backend, device, dtype, kind, shape, residual=True, weight=True, bias
     r = torch.randn(shape, device=device, dtype=dtype) if residual else None
     w = torch.randn(n, device=device, dtype=dtype) if weight else None
     b = torch.randn(n, device=device, dtype=dtype) if (bias and kind == "layer") else None
-    grads = [torch.randn(shape, device=device, dtype=dtype) for _ in range(2)]
-    inputs = [x, r, w, b]
+    _compare(backend, kind, [x, r, w, b], eps)
+
+
+def _compare(backend, kind, inputs, eps=1e-5):
+    """Outputs and gradients of `backend` on these (x, residual, weight, bias) against fp64."""
+    x, dtype = inputs[0], inputs[0].dtype
+    grads = [torch.randn(x.shape, device=x.device, dtype=dtype) for _ in range(2)]
     ref = lambda *a: _torch_norm(kind, *a)
     outs, gs = _run(_ours(kind, backend), inputs, grads, eps)
     outs64, gs64 = _run(ref, inputs, grads, eps, torch.float64)
@@ -257,3 +262,39 @@ def test_triton_wide_rows_walk_in_chunks(kind):
     want = _torch_norm(kind, x.double(), None, None, None, 1e-5)
     torch.testing.assert_close(outs[0].double(), want, rtol=1e-4, atol=1e-4)
     _check("triton", device, torch.float16, kind, (2, cols), residual=False, weight=False, bias=False)
+
+
+# ------------------------------------------------------------------ cuda kernels under the emulator
+# Each case reaches a distinct path of csrc/cuda/norms.cu: the thread count per row (1, 4, 32,
+# 256: shuffles within sub-warp groups, across warps through shared memory), the backward's
+# register accumulators (weight and bias, weight only, bias only, none: no partials at all),
+# their fold over the row groups of a block, the persistent grid looping when there are more row
+# blocks than SMs, and the scalar path of odd widths. The partials are NaN-prefilled scratch, so
+# an element a block failed to write shows up in grad_weight / grad_bias.
+@pytest.mark.emu
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
+@pytest.mark.parametrize("kind,shape,dtype,weight,bias", [
+    ("layer", (300, 24), torch.bfloat16, True, True),    # 1 thread a row; 300 row groups fold in one block
+    ("rms", (61, 100), torch.float16, True, False),      # 4 threads a row; weight grad only
+    ("layer", (270, 4104), torch.bfloat16, True, True),  # 256 threads, 2 rows a block: 135 row blocks > SMs
+    ("layer", (45, 1025), torch.float32, False, True),   # odd width (scalar path); bias grad only
+    ("layer", (33, 200), torch.float32, False, False),   # no gradient summed over rows
+], ids=["narrow", "rms-weight", "persistent", "odd-bias", "no-affine"])
+def test_cuda_emu_backward_partials(kind, shape, dtype, weight, bias):
+    _check("cuda-emu", "cpu", dtype, kind, shape, weight=weight, bias=bias)
+
+
+# row_io.cuh's head / 16-byte body / tail in the forward: odd widths (each row of a contiguous
+# tensor starts at another 16-byte phase), x sliced at an odd offset, and a residual and weight
+# in other phases than x (which take scalar accesses), against the float64 oracle.
+@pytest.mark.emu
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
+@pytest.mark.parametrize("cols,offset", [(1, 0), (7, 3), (1000, 5), (1023, 1)])
+def test_cuda_emu_any_width_and_offset(cols, offset):
+    dtype = torch.bfloat16
+    x = (torch.randn(5, cols + 9, dtype=dtype) * 2 + 0.5)[:, offset:offset + cols]
+    r = torch.randn(5, cols + 2, dtype=dtype)[:, 2:]
+    w = torch.randn(cols + 1, dtype=dtype)[1:]
+    b = torch.randn(cols, dtype=dtype)
+    _compare("cuda-emu", "layer", [x, r, w, b])
+    _compare("cuda-emu", "rms", [x, None, w, None])

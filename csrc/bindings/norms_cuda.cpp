@@ -34,9 +34,12 @@ NormGrads norm_bwd_cuda(const at::Tensor& grad_y, const std::optional<at::Tensor
   NormBackwardPlan p = plan_norm_backward(op, grad_y, grad_sum, h, weight, mean, rstd, rms, bias_grad,
                                           kGpu);
   if (p.args.rows > 0 && p.args.cols > 0) {
-    at::Tensor ws = at::empty({norm_backward_cuda_workspace(p.args.rows, p.args.cols)},
-                              h.options().dtype(at::kFloat));
-    check_launch(op, norm_backward_cuda(p.args, ws.data_ptr<float>(), gpu_stream()));
+    // Per-CTA fp32 partials of grad_weight / grad_bias, every element written by the kernel
+    // (no memset); none at all when neither gradient is wanted.
+    at::Tensor ws;
+    if (p.args.grad_weight || p.args.grad_bias)
+      ws = at::empty({norm_backward_cuda_workspace(p.args.rows, p.args.cols)}, h.options().dtype(at::kFloat));
+    check_launch(op, norm_backward_cuda(p.args, ws.defined() ? ws.data_ptr<float>() : nullptr, gpu_stream()));
   }
   return p.outputs();
 }

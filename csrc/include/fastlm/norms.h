@@ -44,7 +44,9 @@ void norm_forward_cpu(const NormForwardArgs& a);
 void norm_backward_cpu(const NormBackwardArgs& a);
 
 int norm_forward_cuda(const NormForwardArgs& a, cudaStream_t stream);
-// Floats of scratch the backward needs for deterministic grad_weight / grad_bias partials.
+// Floats of scratch the backward needs for deterministic grad_weight / grad_bias partials (one
+// fp32 row per CTA and gradient, fully written by the kernel: no memset). Pass null when neither
+// gradient is wanted.
 int64_t norm_backward_cuda_workspace(int64_t rows, int64_t cols);
 int norm_backward_cuda(const NormBackwardArgs& a, float* workspace, cudaStream_t stream);
 
