@@ -253,3 +253,39 @@ def test_nan_and_inf_propagate(backend, device, dtype):
             assert torch.isnan(want[:2]).all() and torch.isnan(y[:2]).all(), f"cols={cols} log={log}"
             assert (y[2] == (float("-inf") if log else 0.0)).all(), f"cols={cols} log={log}"
             torch.testing.assert_close(y[3].float(), want[3], rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------- cuda kernels' row walk (emulator)
+ROW_WALK = [(torch.float16, 1), (torch.float32, 7), (torch.bfloat16, 1000), (torch.float16, 1023),
+            (torch.float32, 50257), (torch.bfloat16, 131072)]
+
+
+@pytest.mark.emu
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
+@pytest.mark.parametrize("dtype,cols", ROW_WALK, ids=[f"{str(d)[6:]}-{c}" for d, c in ROW_WALK])
+def test_cuda_emu_any_width_stride_offset(dtype, cols):
+    """The cuda kernels (row_io.cuh) under the emulator, each width on its own layout (8 threads,
+    warp, 128, 512 held; 50257 fp32 and 131072 bf16 stream, the latter past the shared-memory
+    stash): x is a slice with storage offset 3 and row stride cols + 5, so its rows start at every
+    16-byte phase and y (dense) is out of phase with x; grad_y is another slice, out of phase with
+    y. Row 0 holds a NaN (the whole row is NaN), the last row is fully masked (0 / -inf)."""
+    from fastlm.ops.softmax import _softmax_prepared_ref
+    ops = torch.ops.fastlm_emu
+    rows = 2 if cols > 2000 else 5
+    x = (torch.randn(rows, cols + 5, dtype=torch.float64) * 3).to(dtype)[:, 3:3 + cols]
+    g = torch.randn(rows, cols + 2, dtype=torch.float64).to(dtype)[:, 1:1 + cols]
+    x[0, cols // 2] = float("nan")
+    mask = torch.rand(rows, cols) > 0.2
+    mask[:, 0] = mask[0, cols // 2] = True
+    mask[-1] = False
+    for log in (False, True):
+        y = ops.softmax_fwd(x, mask, 0.7, 0, log)
+        y64 = _softmax_prepared_ref(x.double(), mask, 0.7, 0, log)
+        y0 = _softmax_prepared_ref(x, mask, 0.7, 0, log)
+        assert torch.isnan(y[0]).all(), f"log={log}: a NaN must spread over its row"
+        assert (y[-1] == (NEG_INF if log else 0.0)).all(), f"log={log}: fully masked row"
+        assert_close(f"y log={log}", y[1:], y64[1:], y0[1:])
+        gx = ops.softmax_bwd(g, y, 0.7, log)
+        gx64 = softmax_backward_ref(g[1:].double(), y[1:].double(), 0.7, log)
+        gx0 = softmax_backward_ref(g[1:], y[1:], 0.7, log)
+        assert_close(f"grad_x log={log}", gx[1:], gx64, gx0, kind="grad")

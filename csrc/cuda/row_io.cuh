@@ -151,10 +151,13 @@ __device__ __forceinline__ Slots<T, TPR, K> whole_row(const RowSplit& s, int lan
   return Slots<T, TPR, K>{s, lane, 0, true};
 }
 
-// f(Slots) for each chunk of TPR K packs (at least once, so rows without packs see their edges).
+// f(Slots) for each chunk of TPR K packs. The first chunk (always called, so rows without packs
+// see their edges) is peeled: the loop's chunks have no edge code (and nothing for ptxas to keep
+// live across it).
 template <typename T, int TPR, int K, typename F>
 __device__ __forceinline__ void stream_row(const RowSplit& s, int lane, F&& f) {
-  for (int64_t p0 = 0; p0 == 0 || p0 < s.packs; p0 += int64_t(TPR) * K) f(Slots<T, TPR, K>{s, lane, p0, p0 == 0});
+  f(Slots<T, TPR, K>{s, lane, 0, true});
+  for (int64_t p0 = int64_t(TPR) * K; p0 < s.packs; p0 += int64_t(TPR) * K) f(Slots<T, TPR, K>{s, lane, p0, false});
 }
 
 }  // namespace fastlm::cuda
