@@ -34,7 +34,7 @@ struct CeArgs {
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
 
 template <typename T, typename L>
-__global__ void __launch_bounds__(L::BLOCK)
+__global__ void __launch_bounds__(L::BLOCK, 1)
     forward_kernel(const T* __restrict__ x, int64_t xs, CeArgs a, float* __restrict__ loss,
                    float* __restrict__ lse, int64_t rows, int64_t cols) {
   FASTLM_SHARED(MaxSum, sm_pair, [L::BLOCK / 32]);
@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(L::BLOCK)
 }
 
 template <typename T, typename L>
-__global__ void __launch_bounds__(L::BLOCK)
+__global__ void __launch_bounds__(L::BLOCK, 1)
     backward_kernel(const T* __restrict__ x, int64_t xs, CeArgs a, const float* __restrict__ weight_sum,
                     const float* __restrict__ lse, const float* __restrict__ gscale, T* __restrict__ grad,
                     int64_t gs, int64_t rows, int64_t cols) {

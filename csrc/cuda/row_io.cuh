@@ -75,9 +75,9 @@ struct Held {
   static constexpr int kV = kVec<T>;
   static constexpr int kHead = K * kV, kTail = K * kV + 1, kSlots = K * kV + 2;
   Pack<T, kV> body[K];
-  T edge[2];
+  T head, tail;  // named, not an array: a merged edge path must select, not index local memory
   __device__ __forceinline__ float at(int slot) const {
-    return slot < kHead ? to_float(body[slot / kV].v[slot % kV]) : to_float(edge[slot - kHead]);
+    return slot < kHead ? to_float(body[slot / kV].v[slot % kV]) : to_float(slot == kHead ? head : tail);
   }
 };
 
@@ -108,8 +108,8 @@ struct Slots {
         for (int i = 0; i < kV; ++i) h.body[k].v[i] = row[pack_col(k) + i];
       }
     }
-    if (has_head()) h.edge[0] = row[lane];
-    if (has_tail()) h.edge[1] = row[tail_col()];
+    if (has_head()) h.head = row[lane];
+    if (has_tail()) h.tail = row[tail_col()];
     return h;
   }
 

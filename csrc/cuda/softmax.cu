@@ -53,11 +53,15 @@ struct Logit {
   }
 };
 
+// Row indices are 32-bit here (the launcher refuses 2^31 rows and more): a 64-bit remainder is a
+// subroutine call, around which ptxas spills.
 template <typename T>
 __device__ __forceinline__ Logit<T> row_logit(const MaskArgs& ma, int64_t r, int64_t cols) {
   const int64_t mask_elem = ma.kind == 1 ? 1 : int64_t(sizeof(T));
-  const void* mrow = ma.kind ? static_cast<const char*>(ma.ptr) + (r % ma.rows) * cols * mask_elem : nullptr;
-  return Logit<T>{ma, mrow, ma.causal_rows > 0 ? min(cols, r % ma.causal_rows + 1) : cols};
+  const uint32_t r32 = uint32_t(r);
+  const void* mrow =
+      ma.kind ? static_cast<const char*>(ma.ptr) + int64_t(r32 % uint32_t(ma.rows)) * cols * mask_elem : nullptr;
+  return Logit<T>{ma, mrow, ma.causal_rows > 0 ? min(cols, int64_t(r32 % uint32_t(ma.causal_rows)) + 1) : cols};
 }
 
 // y from z and the row's merged pair. Fully masked (every z is -inf): 0, or -inf for log; a NaN
@@ -76,7 +80,7 @@ struct Output {
 };
 
 template <typename T, typename L>
-__global__ void __launch_bounds__(L::BLOCK)
+__global__ void __launch_bounds__(L::BLOCK, 1)
     forward_held(const T* __restrict__ x, int64_t xs, MaskArgs ma, bool log, T* __restrict__ y, int64_t ys,
                  int64_t rows, int64_t cols) {
   FASTLM_SHARED(MaxSum, sm, [L::BLOCK / 32]);
@@ -96,7 +100,7 @@ __global__ void __launch_bounds__(L::BLOCK)
 // online pair and stashes the first `stash_packs` packs in shared memory; pass 2 writes y from
 // the stash, re-reading from global memory only the packs past it.
 template <typename T, typename L>
-__global__ void __launch_bounds__(L::BLOCK)
+__global__ void __launch_bounds__(L::BLOCK, 1)
     forward_long(const T* __restrict__ x, int64_t xs, MaskArgs ma, bool log, T* __restrict__ y, int64_t ys,
                  int64_t cols, int64_t stash_packs) {
   FASTLM_SHARED(MaxSum, sm, [L::BLOCK / 32]);
@@ -127,8 +131,8 @@ __global__ void __launch_bounds__(L::BLOCK)
 #pragma unroll
       for (int k = 0; k < L::K; ++k)
         if (slots.has_pack(k)) h.body[k] = stash[slots.p0 + lane + int64_t(k) * L::TPR];
-      if (slots.has_head()) h.edge[0] = xr[lane];
-      if (slots.has_tail()) h.edge[1] = xr[slots.tail_col()];
+      if (slots.has_head()) h.head = xr[lane];
+      if (slots.has_tail()) h.tail = xr[slots.tail_col()];
     } else {
       h = slots.load(xr, true);
     }
@@ -137,7 +141,7 @@ __global__ void __launch_bounds__(L::BLOCK)
 }
 
 template <typename T, typename L>
-__global__ void __launch_bounds__(L::BLOCK)
+__global__ void __launch_bounds__(L::BLOCK, 1)
     backward_kernel(const T* __restrict__ g, int64_t gs, const T* __restrict__ y, int64_t ys, float scale,
                     bool log, T* __restrict__ gx, int64_t gxs, int64_t rows, int64_t cols) {
   FASTLM_SHARED(float, sm, [L::BLOCK / 32]);
@@ -229,6 +233,7 @@ int softmax_forward_cuda(DType dtype, bool log, int64_t rows, int64_t cols, cons
                          int64_t mask_rows, int64_t causal_rows, void* y, int64_t y_row_stride,
                          cudaStream_t stream) {
   if (rows == 0 || cols == 0) return 0;
+  if (rows > INT32_MAX || mask_rows > INT32_MAX || causal_rows > INT32_MAX) return int(cudaErrorInvalidValue);
   const cuda::MaskArgs ma{mask_kind, mask, mask_rows > 0 ? mask_rows : 1, causal_rows, scale};
   switch (dtype) {
     case DType::kFloat32: return cuda::forward_t<float>(log, rows, cols, x, x_row_stride, ma, y, y_row_stride, stream);
