@@ -8,18 +8,23 @@
 // folds them into an online (max, sum) pair, the pairs merge across the row, and y is written
 // from the registers: the row is read from DRAM once. Longer rows stream in chunks of 512 x 4
 // packs and keep as many packs as fit in shared memory (227 KB on sm_90, 163 KB on sm_80), so a
-// 65536-wide bf16 row is still read once; a 131072-wide one re-reads its last 11 % (sm_90).
+// 65536-wide bf16 row is still read once; a 131072-wide one re-reads its last 11 % (sm_90),
+// an fp32 one its last 56 %.
 // Backward: dot = sum(y g) (log: sum g), then gx = scale y (g - dot) (log: scale (g - e^y dot))
-// from the held (y, g) registers; rows longer than 4096 packs read (y, g) twice.
+// from the held (y, g) registers, for rows up to 2048 packs (two operands: K <= 4 keeps them in
+// registers); longer rows read (y, g) twice (the second time from L2 while the ~132 rows in
+// flight fit in it: up to ~64K halves a row on an H100).
 //
-// Why it is fast: all K loads of a thread are issued before the first is used. Held layouts at
-// their widest: 8 packs x 16 B = 128 B in flight per thread; at 512 threads and ~96 registers a
-// CTA, one CTA per SM (64 K registers): 64 KB in flight per SM, > the ~14 KB per SM that Little's
-// law asks of H100 (3 TB/s x ~600 ns = 1.8 MB over 132 SMs). Narrow layouts have fewer packs per
-// thread but 16 CTAs per SM: 2048 threads x >= 1 pack = >= 32 KB. Mask kind and log are uniform
-// runtime branches (few instantiations); masks are read element by element (small, cached).
-// scripts/sass_report.py --kernel softmax prints the load widths, loads per thread, registers and
-// occupancy that this arithmetic rests on.
+// Why it is fast: every 16-byte load a thread makes (K packs of x, or of y and grad_y) is
+// issued before the first is used. Little's law asks ~13.6 KB in flight per SM of an H100
+// (3.0 TB/s x ~600 ns / 132 SMs). sm_90a figures (scripts/sass_report.py --memory --kernel
+// softmax): forward held at 512 x 8 packs: 79-117 registers, 1 CTA (16 warps) per SM, 132-136 B
+// per thread in flight = 66-68 KB per SM; 128 x 8: 85-117 registers, 66-85 KB; a warp x 4:
+// 43-63 KB; 8 threads x 2: 24-36 warps x 36-40 B = 27-45 KB; the long-row stream 512 x 4:
+// 34-36 KB. Backward (two operands, K <= 4): 36-80 KB. So every layout has 2-7x the bytes in
+// flight that the copy bandwidth needs, no spills, and loads 16 bytes wide except <= 2 (VEC - 1)
+// head/tail elements a row, and the masks (read element by element: small, cached). Mask kind
+// and log are uniform runtime branches, which keeps the instantiation count small.
 #include <cuda_runtime.h>
 
 #include <algorithm>
