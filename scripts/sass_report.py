@@ -7,7 +7,14 @@ Per kernel and arch: registers, static shared memory, local memory and spill ins
 per MMA, its MMA-free inner loops and its global load widths are what a kernel rewrite is
 judged by, so `main_loop_figures` returns exactly those for tests to assert on.
 
-    python scripts/sass_report.py [SO] [--arch sm_80] [--kernel attention] [--loops] [--json]
+Memory-bound kernels (--memory; `memory_figures` for tests) are judged instead by their global
+access widths, the bytes of global loads each thread has in flight (the largest batch of loads
+issued in one basic block before any instruction reads what they load), and Little's law: with
+those bytes in flight per thread and the occupancy's threads per SM, the estimated share of the
+copy bandwidth is min(1, bytes in flight per SM / (bandwidth x latency / SMs)), H100 figures:
+3.0 TB/s x 600 ns / 132 SMs = 13.6 KB per SM.
+
+    python scripts/sass_report.py [SO] [--arch sm_80] [--kernel attention] [--loops] [--memory] [--json]
 """
 import argparse
 import importlib.machinery
@@ -204,6 +211,46 @@ def insn_mix(insns):
     return mix
 
 
+# Little's law for the memory-bound estimate: bytes that must be in flight per SM to reach the
+# copy bandwidth (H100 SXM: ~3.0 TB/s at ~600 ns load latency, over 132 SMs).
+COPY_BYTES_PER_S, LOAD_LATENCY_S, SMS = 3.0e12, 600e-9, 132
+NEEDED_IN_FLIGHT_PER_SM = COPY_BYTES_PER_S * LOAD_LATENCY_S / SMS
+REG = re.compile(r"\bR(\d+)\b")
+STORE_OPS = ("STG", "STS", "ST", "STL", "RED", "REDG", "ATOM", "ATOMG", "ATOMS")
+
+
+def _load_width(op):
+    return next((WIDTH_TOKENS[t] for t in op.split(".")[1:] if t in WIDTH_TOKENS), 4)
+
+
+def loads_in_flight(insns):
+    """(bytes, 16-byte loads) of the largest batch of global loads one thread issues in a basic
+    block before any instruction reads a register one of them writes: what it has in flight."""
+    best = (0, 0)
+    for start, (end, _) in basic_blocks(insns).items() if insns else ():
+        pending, nbytes, n16 = set(), 0, 0
+        for i in range(start, end):
+            op, regs = insns[i][2], [int(r) for r in REG.findall(insns[i][3])]
+            base = op.split(".")[0]
+            sources = regs if base in STORE_OPS else regs[1:]
+            if pending & set(sources):  # the first use: the batch ends here
+                best = max(best, (nbytes, n16))
+                pending, nbytes, n16 = set(), 0, 0
+            if base == "LDG" and regs:
+                width = _load_width(op)
+                pending |= set(range(regs[0], regs[0] + max(1, width // 4)))
+                nbytes, n16 = nbytes + width, n16 + (width == 16)
+        best = max(best, (nbytes, n16))
+    return {"bytes": best[0], "loads16": best[1]}
+
+
+def memory_estimate(kernel):
+    """Bytes in flight per SM and the share of copy bandwidth Little's law allows them."""
+    occ = kernel["occupancy"] or {}
+    per_sm = kernel["in_flight"]["bytes"] * occ.get("warps_per_sm", 0) * 32
+    return {"in_flight_per_sm": per_sm, "bw_share": round(min(1.0, per_sm / NEEDED_IN_FLIGHT_PER_SM), 3)}
+
+
 def _width_order(w):
     return (w == "tma", 0 if w == "tma" else w)
 
@@ -306,7 +353,8 @@ def _arch_report(so, mtime, arch, tool):
                     "local_bytes": r.get("local"), "stack_bytes": r.get("stack"),
                     "launch_bound_threads": sizes.get((module, mangled)),
                     **{k: v for k, v in insn_mix(insns).items() if k != "insts_per_mma"},
-                    "loops": [_public(lp) for lp in loops], "main_loop": main_loop(loops)})
+                    "loops": [_public(lp) for lp in loops], "main_loop": main_loop(loops),
+                    "in_flight": loads_in_flight(insns)})
     return out
 
 
@@ -333,6 +381,20 @@ def report(so=None, archs=None, pattern=None, threads=None, dyn_smem=0):
             static = k["smem_static"] or 0
             occ = occupancy(arch, k["regs"] or 0, static + dyn_smem, block, static)
             out.append({**k, "occupancy": occ})
+    return out
+
+
+def memory_figures(pattern, arch, so=None):
+    """{kernel name: figures} of memory-bound kernels: global load widths (bytes: count), bytes and
+    16-byte loads in flight per thread, registers, spills (STL + LDL), warps per SM and the
+    Little's-law share of copy bandwidth."""
+    out = {}
+    for k in report(so, [arch], pattern):
+        occ = k["occupancy"] or {}
+        out[k["name"]] = {"load_widths": k["gld_bytes"], "in_flight": k["in_flight"]["bytes"],
+                          "loads16_in_flight": k["in_flight"]["loads16"], "regs": k["regs"],
+                          "spills": k["stl"] + k["ldl"], "warps_per_sm": occ.get("warps_per_sm"),
+                          **memory_estimate(k)}
     return out
 
 
@@ -377,6 +439,18 @@ def print_table(kernels, show_loops=False):
                   f"shfl {lp['shfl']} bar {lp['bar']} ex2 {lp['ex2']}")
 
 
+def print_memory_table(kernels):
+    fmt = "{:7}{:14}{:48}{:>5}{:>8}{:>5}{:>9}{:>7}{:>9}{:>7}  {}"
+    print(fmt.format("arch", "module", "kernel", "regs", "stl/ldl", "w/SM", "B/thread", "16B/t",
+                     "KB/SM", "share", "global loads"))
+    for k in kernels:
+        est, occ = memory_estimate(k), k["occupancy"] or {}
+        print(fmt.format(k["arch"], k["module"] or "-", short(k["name"])[:47], k["regs"] or "-", f"{k['stl']}/{k['ldl']}",
+                         occ.get("warps_per_sm", "-"), k["in_flight"]["bytes"], k["in_flight"]["loads16"],
+                         round(est["in_flight_per_sm"] / 1024, 1), f"{100 * est['bw_share']:.0f}%",
+                         widths(k["gld_bytes"])))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("so", nargs="?", help="extension binary (default: the installed fastlm._C)")
@@ -385,12 +459,15 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, help="block size where no launch bound is compiled in")
     ap.add_argument("--dyn-smem", type=int, default=0, help="dynamic shared memory per CTA, bytes")
     ap.add_argument("--loops", action="store_true", help="list every loop")
+    ap.add_argument("--memory", action="store_true", help="memory-bound figures: loads in flight, share of bandwidth")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     kernels = report(a.so, a.arch, a.kernel, a.threads, a.dyn_smem)
     if a.json:
         json.dump(kernels, sys.stdout, indent=1, default=str)
         print()
+    elif a.memory:
+        print_memory_table(kernels)
     else:
         print_table(kernels, a.loops)
     return 0 if kernels else 1

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import fastlm
 from fastlm import _ext
 from fastlm.ops import cross_entropy
+from backends import EMU_MARKS
 from numerics import assert_close
 from row_cases import BACKEND_DTYPES, BACKENDS, GPU, cols_for
 
@@ -127,9 +128,14 @@ def test_torch_compile_fullgraph(compiler):
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("backend,device,dtypes", BACKENDS)
 def test_target_out_of_range_names_value(backend, device, dtypes):
+    """CPU tensors: IndexError naming the value. GPU tensors: no host sync, so the row's loss is NaN."""
     x = torch.randn(5, 10, device=device)
     for bad in (10, -3):
         t = torch.tensor([1, 2, bad, 4, -100], device=device)
+        if device != "cpu":
+            loss = cross_entropy(x, t, reduction="none", backend=backend).cpu()
+            assert torch.isnan(loss[2]) and not torch.isnan(loss[[0, 1, 3, 4]]).any()
+            continue
         with pytest.raises(IndexError, match=rf"target value {bad} \(row 2\) is out of range for 10 classes"):
             cross_entropy(x, t, backend=backend)
 
@@ -182,3 +188,39 @@ def test_triton_kernel_out_of_range_target_gives_nan_row():
     loss, _ = kernels.forward(x, t, None, -100, 0.0)
     assert torch.isnan(loss[[1, 3]]).all() and loss[2] == 0
     assert_close("triton loss row 0", loss[:1], F.cross_entropy(x[:1].double(), t[:1], reduction="none"))
+
+
+# ---------------------------------------------------------------- cuda kernels' row walk (emulator)
+# (dtype, cols): every row layout once; the long widths in one dtype only (the emulator is slow)
+ROW_WALK = [pytest.param(d, c, id=f"{str(d)[6:]}-{c}", marks=EMU_MARKS) for d, c in (
+    (torch.float16, 1), (torch.float32, 7), (torch.bfloat16, 1000), (torch.float16, 1023),
+    (torch.bfloat16, 50257), (torch.float32, 131072))]
+
+
+@pytest.mark.parametrize("dtype,cols", ROW_WALK)
+def test_cuda_emu_any_width_stride_offset(dtype, cols):
+    """The cuda kernels (row_io.cuh) under the emulator, on every layout: the logits are a slice
+    with storage offset 3 and row stride cols + 5 (rows start at every 16-byte phase; the dense
+    gradient is out of phase with them), with class weights and label smoothing. Row 1 is
+    ignored (0 loss, 0 gradient); row 0's target is out of range: the kernels flag it on the
+    device with NaN loss, lse and gradient row (what GPU tensors get, with no host sync)."""
+    from fastlm.ops.cross_entropy import cross_entropy_backward_ref, cross_entropy_rows_ref
+    ops = torch.ops.fastlm_emu
+    rows = 3 if cols > 2000 else 5
+    x = (torch.randn(rows, cols + 5, dtype=torch.float64) * 3).to(dtype)[:, 3:3 + cols]
+    t = torch.randint(0, cols, (rows,))
+    t[0], t[1] = cols + 2, -100
+    w = torch.rand(cols) + 0.5
+    gl = torch.randn(rows)
+    for weight, eps in ((None, 0.0), (w, 0.1)):
+        loss, lse = ops.cross_entropy_fwd(x, t, weight, -100, eps)
+        gx = ops.cross_entropy_bwd(gl, x, t, weight, lse, -100, eps)
+        assert torch.isnan(loss[0]) and torch.isnan(lse[0]) and torch.isnan(gx[0]).all()
+        assert loss[1] == 0 and lse[1] == 0 and (gx[1] == 0).all()
+        ok = slice(1, rows)
+        loss64, lse64 = cross_entropy_rows_ref(x[ok].double(), t[ok], weight, -100, eps)
+        torch.testing.assert_close(loss[ok].double(), loss64, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse[ok].double(), lse64, rtol=1e-5, atol=1e-5)
+        gx64 = cross_entropy_backward_ref(gl[ok].double(), x[ok].double(), t[ok], weight, lse64, -100, eps)
+        gx0 = cross_entropy_backward_ref(gl[ok], x[ok], t[ok], weight, lse[ok], -100, eps)
+        assert_close(f"grad weight={weight is not None} eps={eps}", gx[ok], gx64, gx0, kind="grad")

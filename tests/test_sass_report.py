@@ -179,6 +179,26 @@ def test_instruction_mix_widths_and_classes():
     assert mix["insts_per_mma"] == 10.0
 
 
+def test_loads_in_flight_end_at_the_first_use():
+    """Loads issued before the first instruction that reads what one of them loaded are in flight
+    together; a store's registers are all sources; a new basic block starts a new batch."""
+    insns = listing("""
+0000 LDG.E.128 R4, desc[UR4][R2.64]
+0010 LDG.E.128 R8, desc[UR4][R2.64+0x200]
+0020 LDG.E.U16 R12, desc[UR4][R14.64]
+0030 IADD3 R2, R2, 0x400, RZ
+0040 FADD R13, R7, R5
+0050 LDG.E.128 R4, desc[UR4][R2.64]
+0060 STG.E.128 desc[UR4][R2.64], R4
+0070 EXIT
+""")
+    assert sr.loads_in_flight(insns) == {"bytes": 34, "loads16": 2}
+    k = {"in_flight": {"bytes": 64}, "occupancy": {"warps_per_sm": 8}}  # 64 B x 256 threads = 16 KB
+    assert sr.memory_estimate(k) == {"in_flight_per_sm": 16384, "bw_share": 1.0}
+    k["occupancy"]["warps_per_sm"] = 2
+    assert sr.memory_estimate(k)["bw_share"] == round(4096 / sr.NEEDED_IN_FLIGHT_PER_SM, 3)
+
+
 def test_resource_and_block_size_parsing():
     res = sr.parse_res_usage([("m", " Function _Z1kPf:\n"),
                               ("m", "  REG:71 STACK:8 SHARED:3072 LOCAL:16 CONSTANT[0]:664\n")])
@@ -313,3 +333,20 @@ def test_gemm_core_main_loop_figures(kernels, arch):
         assert 0 < per_mma <= 2.5, f"{name}: {per_mma} instructions per HMMA in the main loop"
         assert widths == [16], f"{name}: global load widths {widths} in the main loop"
         assert mma_free == 0, f"{name}: {mma_free} inner loops without tensor-core instructions"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_memory_bound_kernels_figures(kernels, arch):
+    """softmax and cross_entropy (row_io.cuh: scalar head, 16-byte body, scalar tail for any
+    width, stride and offset): every kernel reads rows with 16-byte loads (its 1-, 2- and 4-byte
+    loads are the head and tail elements, masks, targets and class weights), issues at least 2
+    of them per thread before the first use (4-8 outside the 8-thread layout for <= 16 packs), uses no local memory,
+    and by Little's law has enough bytes in flight per SM for >= 85 % of copy bandwidth."""
+    figures = sr.memory_figures(r"^(softmax|cross_entropy)$", arch)
+    assert len(figures) >= 40, f"expected the softmax and cross_entropy kernels, got {len(figures)}"
+    for name, f in figures.items():
+        assert 16 in f["load_widths"], f"{name}: no 16-byte loads ({f['load_widths']})"
+        narrow = "RowLayout<8," in name
+        assert f["loads16_in_flight"] >= (2 if narrow else 4), f"{name}: {f}"
+        assert f["spills"] == 0, f"{name}: {f}"
+        assert f["bw_share"] >= 0.85, f"{name}: {f}"

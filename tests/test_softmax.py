@@ -6,6 +6,7 @@ import fastlm
 from fastlm import _ext
 from fastlm.ops import log_softmax, softmax
 from fastlm.ops.softmax import softmax_backward_ref
+from backends import EMU_MARKS
 from numerics import assert_close
 from row_cases import BACKEND_DTYPES, BACKENDS, GPU, cols_for
 
@@ -274,3 +275,39 @@ def test_triton_row_groups(dtype):
     x[1, 7, 0] = float("nan")  # column 0 is never masked
     y = softmax(x, mask=mask, backend="triton")
     assert torch.isnan(y[1, 7]).all() and not torch.isnan(y[1, 6]).any() and not torch.isnan(y[1, 8]).any()
+
+
+# ---------------------------------------------------------------- cuda kernels' row walk (emulator)
+# (dtype, cols): every row layout once; the long widths in one dtype only (the emulator is slow)
+ROW_WALK = [pytest.param(d, c, id=f"{str(d)[6:]}-{c}", marks=EMU_MARKS) for d, c in (
+    (torch.float16, 1), (torch.float32, 7), (torch.bfloat16, 1000), (torch.float16, 1023),
+    (torch.float32, 50257), (torch.bfloat16, 131072))]
+
+
+@pytest.mark.parametrize("dtype,cols", ROW_WALK)
+def test_cuda_emu_any_width_stride_offset(dtype, cols):
+    """The cuda kernels (row_io.cuh) under the emulator, each width on its own layout (8 threads,
+    warp, 128, 512 held; 50257 fp32 and 131072 bf16 stream, the latter past the shared-memory
+    stash): x is a slice with storage offset 3 and row stride cols + 5, so its rows start at every
+    16-byte phase and y (dense) is out of phase with x; grad_y is another slice, out of phase with
+    y. Row 0 holds a NaN (the whole row is NaN), the last row is fully masked (0 / -inf)."""
+    from fastlm.ops.softmax import _softmax_prepared_ref
+    ops = torch.ops.fastlm_emu
+    rows = 2 if cols > 2000 else 5
+    x = (torch.randn(rows, cols + 5, dtype=torch.float64) * 3).to(dtype)[:, 3:3 + cols]
+    g = torch.randn(rows, cols + 2, dtype=torch.float64).to(dtype)[:, 1:1 + cols]
+    x[0, cols // 2] = float("nan")
+    mask = torch.rand(rows, cols) > 0.2
+    mask[:, 0] = mask[0, cols // 2] = True
+    mask[-1] = False
+    for log in (False, True):
+        y = ops.softmax_fwd(x, mask, 0.7, 0, log)
+        y64 = _softmax_prepared_ref(x.double(), mask, 0.7, 0, log)
+        y0 = _softmax_prepared_ref(x, mask, 0.7, 0, log)
+        assert torch.isnan(y[0]).all(), f"log={log}: a NaN must spread over its row"
+        assert (y[-1] == (NEG_INF if log else 0.0)).all(), f"log={log}: fully masked row"
+        assert_close(f"y log={log}", y[1:], y64[1:], y0[1:])
+        gx = ops.softmax_bwd(g, y, 0.7, log)
+        gx64 = softmax_backward_ref(g[1:].double(), y[1:].double(), 0.7, log)
+        gx0 = softmax_backward_ref(g[1:], y[1:], 0.7, log)
+        assert_close(f"grad_x log={log}", gx[1:], gx64, gx0, kind="grad")

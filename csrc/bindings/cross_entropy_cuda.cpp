@@ -1,5 +1,6 @@
-// cross_entropy: CUDA implementations of the ops declared in cross_entropy.cpp. Target range
-// is checked by the Python layer (fastlm/ops/cross_entropy.py) before these run.
+// cross_entropy: CUDA implementations of the ops declared in cross_entropy.cpp. Nothing here
+// reads device values on the host: a target out of range gives its row NaN loss, lse and
+// gradient on the device (fastlm/cross_entropy.h); CPU targets are checked by the Python layer.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>

@@ -75,9 +75,9 @@ struct Held {
   static constexpr int kV = kVec<T>;
   static constexpr int kHead = K * kV, kTail = K * kV + 1, kSlots = K * kV + 2;
   Pack<T, kV> body[K];
-  T edge[2];
+  T head, tail;  // named, not an array: a merged edge path must select, not index local memory
   __device__ __forceinline__ float at(int slot) const {
-    return slot < kHead ? to_float(body[slot / kV].v[slot % kV]) : to_float(edge[slot - kHead]);
+    return slot < kHead ? to_float(body[slot / kV].v[slot % kV]) : to_float(slot == kHead ? head : tail);
   }
 };
 
@@ -108,8 +108,8 @@ struct Slots {
         for (int i = 0; i < kV; ++i) h.body[k].v[i] = row[pack_col(k) + i];
       }
     }
-    if (has_head()) h.edge[0] = row[lane];
-    if (has_tail()) h.edge[1] = row[tail_col()];
+    if (has_head()) h.head = row[lane];
+    if (has_tail()) h.tail = row[tail_col()];
     return h;
   }
 
@@ -151,10 +151,13 @@ __device__ __forceinline__ Slots<T, TPR, K> whole_row(const RowSplit& s, int lan
   return Slots<T, TPR, K>{s, lane, 0, true};
 }
 
-// f(Slots) for each chunk of TPR K packs (at least once, so rows without packs see their edges).
+// f(Slots) for each chunk of TPR K packs. The first chunk (always called, so rows without packs
+// see their edges) is peeled: the loop's chunks have no edge code (and nothing for ptxas to keep
+// live across it).
 template <typename T, int TPR, int K, typename F>
 __device__ __forceinline__ void stream_row(const RowSplit& s, int lane, F&& f) {
-  for (int64_t p0 = 0; p0 == 0 || p0 < s.packs; p0 += int64_t(TPR) * K) f(Slots<T, TPR, K>{s, lane, p0, p0 == 0});
+  f(Slots<T, TPR, K>{s, lane, 0, true});
+  for (int64_t p0 = int64_t(TPR) * K; p0 < s.packs; p0 += int64_t(TPR) * K) f(Slots<T, TPR, K>{s, lane, p0, false});
 }
 
 }  // namespace fastlm::cuda

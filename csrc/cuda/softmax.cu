@@ -1,12 +1,34 @@
-// softmax / log_softmax on CUDA. TPR threads own a row (a warp for rows up to 1024 columns,
-// a 512-thread block beyond), walk it in 16-byte packs keeping an online (max, sum) pair per
-// thread, merge the pairs (row_softmax.cuh), then walk the row again to write y; a row of any
-// length (262,144 columns and beyond) is read twice and written once. Mask kind and log are
-// uniform runtime branches, which keeps the instantiation count (and compile time) small.
-// Backward: one reduction pass over (y, g), one write pass.
+// softmax / log_softmax on CUDA, y = softmax(scale x + mask), and its backward.
+//
+// What: TPR threads own a row (launch_rows in row_softmax.cuh: 8 threads for <= 16 packs, a warp
+// for <= 128, 128 threads for <= 1024, 512 for <= 4096 packs; a pack is 16 bytes: 8 halves or 4
+// floats), several rows per CTA when rows are narrow. Rows up to 4096 packs (32768 halves, 16384
+// floats) are HELD: each thread loads its K packs (row_io.cuh: scalar head up to the row's first
+// 16-byte boundary, 16-byte body, scalar tail, so any width, stride and offset is vectorised),
+// folds them into an online (max, sum) pair, the pairs merge across the row, and y is written
+// from the registers: the row is read from DRAM once. Longer rows stream in chunks of 512 x 4
+// packs and keep as many packs as fit in shared memory (227 KB on sm_90, 163 KB on sm_80), so a
+// 65536-wide bf16 row is still read once; a 131072-wide one re-reads its last 11 % (sm_90),
+// an fp32 one its last 56 %.
+// Backward: dot = sum(y g) (log: sum g), then gx = scale y (g - dot) (log: scale (g - e^y dot))
+// from the held (y, g) registers, for rows up to 2048 packs (two operands: K <= 4 keeps them in
+// registers); longer rows read (y, g) twice (the second time from L2 while the ~132 rows in
+// flight fit in it: up to ~64K halves a row on an H100).
+//
+// Why it is fast: every 16-byte load a thread makes (K packs of x, or of y and grad_y) is
+// issued before the first is used. Little's law asks ~13.6 KB in flight per SM of an H100
+// (3.0 TB/s x ~600 ns / 132 SMs). sm_90a figures (scripts/sass_report.py --memory --kernel
+// softmax): forward held at 512 x 8 packs: 79-117 registers, 1 CTA (16 warps) per SM, 132-136 B
+// per thread in flight = 66-68 KB per SM; 128 x 8: 85-117 registers, 66-85 KB; a warp x 4:
+// 43-63 KB; 8 threads x 2: 24-36 warps x 36-40 B = 27-45 KB; the long-row stream 512 x 4:
+// 34-36 KB. Backward (two operands, K <= 4): 36-80 KB. So every layout has 2-7x the bytes in
+// flight that the copy bandwidth needs, no spills, and loads 16 bytes wide except <= 2 (VEC - 1)
+// head/tail elements a row, and the masks (read element by element: small, cached). Mask kind
+// and log are uniform runtime branches, which keeps the instantiation count small.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "fastlm/softmax.h"
 #include "row_softmax.cuh"
@@ -22,115 +44,187 @@ struct MaskArgs {
   float scale;
 };
 
-template <typename T, int VEC>
-__device__ __forceinline__ void load_z(const T* x, const MaskArgs& ma, const void* mrow, int64_t c,
-                                       int64_t valid, float (&z)[VEC]) {
-  const RowPack<T, VEC> p = *reinterpret_cast<const RowPack<T, VEC>*>(x + c);
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    float v = to_float(p.v[i]) * ma.scale;
-    if (ma.kind == 1) v = static_cast<const uint8_t*>(mrow)[c + i] ? v : neg_inf();
-    else if (ma.kind == 2) v += to_float(static_cast<const T*>(mrow)[c + i]);
-    z[i] = c + i < valid ? v : neg_inf();
+// z = scale x (+ additive mask, or -inf where a bool mask drops it or past the causal limit).
+template <typename T>
+struct Logit {
+  MaskArgs ma;
+  const void* mrow;
+  int64_t valid;
+  __device__ __forceinline__ float operator()(float x, int64_t c) const {
+    float v = x * ma.scale;
+    if (ma.kind == 1) v = static_cast<const uint8_t*>(mrow)[c] ? v : neg_inf();
+    else if (ma.kind == 2) v += to_float(static_cast<const T*>(mrow)[c]);
+    return c < valid ? v : neg_inf();
   }
-}
+};
 
-template <typename T, int TPR, int BLOCK, int VEC>
-__global__ void __launch_bounds__(BLOCK)
-    forward_kernel(const T* __restrict__ x, int64_t xs, MaskArgs ma, bool log, T* __restrict__ y,
-                   int64_t ys, int64_t rows, int64_t cols) {
-  FASTLM_SHARED(float, sm_m, [BLOCK / 32]);
-  FASTLM_SHARED(float, sm_s, [BLOCK / 32]);
-  constexpr int kRowsPerBlock = BLOCK / TPR;
-  const int tid = threadIdx.x % TPR;
-  const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / TPR;
-  if (r >= rows) return;  // TPR > 32 means one row per block and an exact grid: never taken there
-  const T* xr = x + r * xs;
+// Row indices are 32-bit here (the launcher refuses 2^31 rows and more): a 64-bit remainder is a
+// subroutine call, around which ptxas spills.
+template <typename T>
+__device__ __forceinline__ Logit<T> row_logit(const MaskArgs& ma, int64_t r, int64_t cols) {
   const int64_t mask_elem = ma.kind == 1 ? 1 : int64_t(sizeof(T));
-  const void* mrow = ma.kind ? static_cast<const char*>(ma.ptr) + (r % ma.rows) * cols * mask_elem : nullptr;
-  const int64_t valid = ma.causal_rows > 0 ? min(cols, r % ma.causal_rows + 1) : cols;
-  MaxSum st{neg_inf(), 0.0f};
-  for (int64_t c = int64_t(tid) * VEC; c < valid; c += int64_t(TPR) * VEC) {
-    float z[VEC];
-    load_z<T, VEC>(xr, ma, mrow, c, valid, z);
-    st = online_add<VEC>(st, z);
+  const uint32_t r32 = uint32_t(r);
+  const void* mrow =
+      ma.kind ? static_cast<const char*>(ma.ptr) + int64_t(r32 % uint32_t(ma.rows)) * cols * mask_elem : nullptr;
+  return Logit<T>{ma, mrow, ma.causal_rows > 0 ? min(cols, int64_t(r32 % uint32_t(ma.causal_rows)) + 1) : cols};
+}
+
+// y from z and the row's merged pair. Fully masked (every z is -inf): 0, or -inf for log; a NaN
+// or +inf in the row left s NaN and every output NaN.
+struct Output {
+  bool log, empty;
+  float shift, inv;
+  __device__ __forceinline__ Output(MaxSum st, bool log_) : log(log_), empty(st.s == 0.0f) {
+    shift = log ? st.m + logf(st.s) : st.m;
+    inv = __fdividef(1.0f, st.s);  // IEEE division's slow-path call would spill
   }
-  st = row_merge<TPR>(st, sm_m, sm_s);
-  // Fully masked (every z is -inf): 0, or -inf for log. A NaN or +inf in the row leaves m or s
-  // NaN and propagates, as torch's softmax does (AMP's GradScaler must see the overflow).
-  const bool empty = st.s == 0.0f;
-  const float shift = log ? st.m + logf(st.s) : st.m;
-  const float inv = 1.0f / st.s;
+  __device__ __forceinline__ float operator()(float z) const {
+    if (empty) return log ? neg_inf() : 0.0f;
+    return log ? z - shift : fast_exp(z - shift) * inv;
+  }
+};
+
+template <typename T, typename L>
+__global__ void __launch_bounds__(L::BLOCK, 1)
+    forward_held(const T* __restrict__ x, int64_t xs, MaskArgs ma, bool log, T* __restrict__ y, int64_t ys,
+                 int64_t rows, int64_t cols) {
+  FASTLM_SHARED(MaxSum, sm, [L::BLOCK / 32]);
+  bool live;
+  const int64_t r = layout_row<L>(rows, live);
+  const T* xr = x + r * xs;
   T* yr = y + r * ys;
-  for (int64_t c = int64_t(tid) * VEC; c < cols; c += int64_t(TPR) * VEC) {
-    float z[VEC];
-    load_z<T, VEC>(xr, ma, mrow, c, valid, z);
-    RowPack<T, VEC> out;
+  const auto slots = whole_row<T, L::TPR, L::K>(split_row(xr, cols), threadIdx.x % L::TPR);
+  const auto h = slots.load(xr, true);
+  const Logit<T> z = row_logit<T>(ma, r, cols);
+  auto zs = [&](int slot, int64_t c) { return z(h.at(slot), c); };
+  const Output out(row_merge<L::TPR>(fold(MaxSum{neg_inf(), 0.0f}, slots, zs), sm), log);
+  if (live) slots.store(yr, same_phase(xr, yr), [&](int slot, int64_t c) { return out(zs(slot, c)); });
+}
+
+// Rows of more than 4096 packs: pass 1 streams the row (4 packs per thread in flight) into the
+// online pair and stashes the first `stash_packs` packs in shared memory; pass 2 writes y from
+// the stash, re-reading from global memory only the packs past it.
+template <typename T, typename L>
+__global__ void __launch_bounds__(L::BLOCK, 1)
+    forward_long(const T* __restrict__ x, int64_t xs, MaskArgs ma, bool log, T* __restrict__ y, int64_t ys,
+                 int64_t cols, int64_t stash_packs) {
+  FASTLM_SHARED(MaxSum, sm, [L::BLOCK / 32]);
+  FASTLM_DYNAMIC_SHARED(float, stash_words);  // one untyped array for every instantiation
+  auto* stash = reinterpret_cast<Pack<T, kVec<T>>*>(stash_words);
+  const int64_t r = blockIdx.x;
+  const T* xr = x + r * xs;
+  T* yr = y + r * ys;
+  const RowSplit s = split_row(xr, cols);
+  const Logit<T> z = row_logit<T>(ma, r, cols);
+  const int lane = threadIdx.x;
+  MaxSum st{neg_inf(), 0.0f};
+  stream_row<T, L::TPR, L::K>(s, lane, [&](const auto& slots) {
+    const auto h = slots.load(xr, true);
+    st = fold(st, slots, [&](int slot, int64_t c) { return z(h.at(slot), c); });
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      float v = log ? z[i] - shift : fast_exp(z[i] - shift) * inv;
-      if (empty) v = log ? neg_inf() : 0.0f;
-      out.v[i] = from_float<T>(v);
+    for (int k = 0; k < L::K; ++k) {
+      const int64_t p = slots.p0 + lane + int64_t(k) * L::TPR;
+      if (slots.has_pack(k) && p < stash_packs) stash[p] = h.body[k];
     }
-    *reinterpret_cast<RowPack<T, VEC>*>(yr + c) = out;
+  });
+  const Output out(row_merge<L::TPR>(st, sm), log);
+  const bool vec = same_phase(xr, yr);
+  stream_row<T, L::TPR, L::K>(s, lane, [&](const auto& slots) {
+    using H = std::decay_t<decltype(slots.load(xr, true))>;
+    H h;
+    if (slots.p0 + int64_t(L::TPR) * L::K <= stash_packs) {  // uniform: the whole chunk is stashed
+#pragma unroll
+      for (int k = 0; k < L::K; ++k)
+        if (slots.has_pack(k)) h.body[k] = stash[slots.p0 + lane + int64_t(k) * L::TPR];
+      if (slots.has_head()) h.head = xr[lane];
+      if (slots.has_tail()) h.tail = xr[slots.tail_col()];
+    } else {
+      h = slots.load(xr, true);
+    }
+    slots.store(yr, vec, [&](int slot, int64_t c) { return out(z(h.at(slot), c)); });
+  });
+}
+
+template <typename T, typename L>
+__global__ void __launch_bounds__(L::BLOCK, 1)
+    backward_kernel(const T* __restrict__ g, int64_t gs, const T* __restrict__ y, int64_t ys, float scale,
+                    bool log, T* __restrict__ gx, int64_t gxs, int64_t rows, int64_t cols) {
+  FASTLM_SHARED(float, sm, [L::BLOCK / 32]);
+  bool live;
+  const int64_t r = layout_row<L>(rows, live);
+  const T* yr = y + r * ys;
+  const T* gr = g + r * gs;
+  T* gxr = gx + r * gxs;
+  const RowSplit s = split_row(yr, cols);
+  const bool g_vec = same_phase(yr, gr), gx_vec = same_phase(yr, gxr);
+  const int lane = threadIdx.x % L::TPR;
+  // masked entries (y = 0, or -inf for log) get 0 and add nothing to dot
+  auto term = [&](float yv, float gv) { return log ? (yv > neg_inf() ? gv : 0.0f) : yv * gv; };
+  auto grad = [&](float yv, float gv, float dot) {
+    return log ? (yv > neg_inf() ? scale * (gv - fast_exp(yv) * dot) : 0.0f) : scale * yv * (gv - dot);
+  };
+  if constexpr (L::kHeld) {
+    const auto slots = whole_row<T, L::TPR, L::K>(s, lane);
+    const auto hy = slots.load(yr, true);
+    const auto hg = slots.load(gr, g_vec);
+    float acc = 0.0f;
+    slots.for_each([&](int slot, int64_t) { acc += term(hy.at(slot), hg.at(slot)); });
+    const float dot = row_sum<L::TPR>(acc, sm);
+    if (live) slots.store(gxr, gx_vec, [&](int slot, int64_t) { return grad(hy.at(slot), hg.at(slot), dot); });
+  } else {
+    float acc = 0.0f;
+    stream_row<T, L::TPR, L::K>(s, lane, [&](const auto& slots) {
+      const auto hy = slots.load(yr, true);
+      const auto hg = slots.load(gr, g_vec);
+      slots.for_each([&](int slot, int64_t) { acc += term(hy.at(slot), hg.at(slot)); });
+    });
+    const float dot = row_sum<L::TPR>(acc, sm);
+    stream_row<T, L::TPR, L::K>(s, lane, [&](const auto& slots) {
+      const auto hy = slots.load(yr, true);
+      const auto hg = slots.load(gr, g_vec);
+      slots.store(gxr, gx_vec, [&](int slot, int64_t) { return grad(hy.at(slot), hg.at(slot), dot); });
+    });
   }
 }
 
-template <typename T, int TPR, int BLOCK, int VEC>
-__global__ void __launch_bounds__(BLOCK)
-    backward_kernel(const T* __restrict__ g, int64_t gs, const T* __restrict__ y, int64_t ys,
-                    float scale, bool log, T* __restrict__ gx, int64_t gxs, int64_t rows, int64_t cols) {
-  FASTLM_SHARED(float, sm, [BLOCK / 32]);
-  constexpr int kRowsPerBlock = BLOCK / TPR;
-  const int tid = threadIdx.x % TPR;
-  const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / TPR;
-  if (r >= rows) return;
-  const T* gr = g + r * gs;
-  const T* yr = y + r * ys;
-  float acc = 0.0f;
-  for (int64_t c = int64_t(tid) * VEC; c < cols; c += int64_t(TPR) * VEC) {
-    const RowPack<T, VEC> gp = *reinterpret_cast<const RowPack<T, VEC>*>(gr + c);
-    const RowPack<T, VEC> yp = *reinterpret_cast<const RowPack<T, VEC>*>(yr + c);
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const float yv = to_float(yp.v[i]), gv = to_float(gp.v[i]);
-      acc += log ? (yv > neg_inf() ? gv : 0.0f) : yv * gv;
-    }
-  }
-  const float dot = row_sum<TPR>(acc, sm);
-  T* gxr = gx + r * gxs;
-  for (int64_t c = int64_t(tid) * VEC; c < cols; c += int64_t(TPR) * VEC) {
-    const RowPack<T, VEC> gp = *reinterpret_cast<const RowPack<T, VEC>*>(gr + c);
-    const RowPack<T, VEC> yp = *reinterpret_cast<const RowPack<T, VEC>*>(yr + c);
-    RowPack<T, VEC> out;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const float yv = to_float(yp.v[i]), gv = to_float(gp.v[i]);
-      const float v = log ? (yv > neg_inf() ? scale * (gv - fast_exp(yv) * dot) : 0.0f) : scale * yv * (gv - dot);
-      out.v[i] = from_float<T>(v);
-    }
-    *reinterpret_cast<RowPack<T, VEC>*>(gxr + c) = out;
-  }
+// Packs of a long row kept in shared memory: all of them if the device's opt-in limit allows.
+template <typename T, typename L>
+int64_t stash_packs_for(int64_t cols) {
+  int dev = 0, optin = 48 * 1024;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    optin = 48 * 1024;
+  const int64_t fit = (int64_t(optin) - int64_t(sizeof(MaxSum)) * (L::BLOCK / 32)) / 16;
+  return std::min<int64_t>(fit, cols / kVec<T> + 1);
 }
 
 template <typename T>
-int forward_t(bool log, int64_t rows, int64_t cols, const void* x, int64_t xs, const MaskArgs& ma,
-              void* y, int64_t ys, cudaStream_t stream) {
-  const int vec = pick_vec<T>(cols, {xs, ys}, {x, y});  // mask entries are read one by one
-  return launch_rows<T>(rows, cols, vec, [&](auto tpr, auto block, auto v, unsigned grid) {
-    launch_kernel(forward_kernel<T, tpr.value, block.value, v.value>, grid, block.value, 0, stream,
-                  static_cast<const T*>(x), xs, ma, log, static_cast<T*>(y), ys, rows, cols);
+int forward_t(bool log, int64_t rows, int64_t cols, const void* x, int64_t xs, const MaskArgs& ma, void* y,
+              int64_t ys, cudaStream_t stream) {
+  return launch_rows<T, 8>(rows, cols, [&](auto layout, unsigned grid) {
+    using L = decltype(layout);
+    if constexpr (L::kHeld) {
+      launch_kernel(forward_held<T, L>, grid, L::BLOCK, 0, stream, static_cast<const T*>(x), xs, ma, log,
+                    static_cast<T*>(y), ys, rows, cols);
+    } else {
+      const int64_t stash = stash_packs_for<T, L>(cols);
+      const size_t bytes = size_t(stash) * 16;
+      if (cudaFuncSetAttribute(forward_long<T, L>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) !=
+          cudaSuccess)
+        return;  // launch_rows returns the error
+      launch_kernel(forward_long<T, L>, grid, L::BLOCK, bytes, stream, static_cast<const T*>(x), xs, ma, log,
+                    static_cast<T*>(y), ys, cols, stash);
+    }
   });
 }
 
 template <typename T>
 int backward_t(bool log, int64_t rows, int64_t cols, const void* g, int64_t gs, const void* y, int64_t ys,
                float scale, void* gx, int64_t gxs, cudaStream_t stream) {
-  const int vec = pick_vec<T>(cols, {gs, ys, gxs}, {g, y, gx});
-  return launch_rows<T>(rows, cols, vec, [&](auto tpr, auto block, auto v, unsigned grid) {
-    launch_kernel(backward_kernel<T, tpr.value, block.value, v.value>, grid, block.value, 0, stream,
-                  static_cast<const T*>(g), gs, static_cast<const T*>(y), ys, scale, log, static_cast<T*>(gx), gxs,
-                  rows, cols);
+  return launch_rows<T, 4>(rows, cols, [&](auto layout, unsigned grid) {
+    using L = decltype(layout);
+    launch_kernel(backward_kernel<T, L>, grid, L::BLOCK, 0, stream, static_cast<const T*>(g), gs,
+                  static_cast<const T*>(y), ys, scale, log, static_cast<T*>(gx), gxs, rows, cols);
   });
 }
 
@@ -144,6 +238,7 @@ int softmax_forward_cuda(DType dtype, bool log, int64_t rows, int64_t cols, cons
                          int64_t mask_rows, int64_t causal_rows, void* y, int64_t y_row_stride,
                          cudaStream_t stream) {
   if (rows == 0 || cols == 0) return 0;
+  if (rows > INT32_MAX || mask_rows > INT32_MAX || causal_rows > INT32_MAX) return int(cudaErrorInvalidValue);
   const cuda::MaskArgs ma{mask_kind, mask, mask_rows > 0 ? mask_rows : 1, causal_rows, scale};
   switch (dtype) {
     case DType::kFloat32: return cuda::forward_t<float>(log, rows, cols, x, x_row_stride, ma, y, y_row_stride, stream);

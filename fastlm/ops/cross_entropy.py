@@ -9,8 +9,11 @@ The forward reads the logits once and saves one fp32 log-sum-exp per row; the ba
 recomputes the probabilities from it, so no N x C tensor is kept between the two. The
 per-row losses are fp32; the reduction is a few plain torch ops over N values, through which
 autograd hands each row its gradient scale. A target that is neither ignore_index nor in
-[0, C) raises IndexError naming its value (cpu: found by the kernel; other backends: checked
-before launch, one device sync).
+[0, C): on CPU tensors IndexError naming its value (cpu: found by the kernel; other backends:
+checked before launch, on the host where the target lives); on GPU tensors no check can run on
+the host without a device sync, so the kernels decide on the device and give that row a NaN loss
+(and lse; the cuda backend also a NaN gradient row), which a "mean" or "sum" carries into the
+loss: visible, as torch's device-side assert is, without stopping the stream.
 
 Backends: cuda and triton (fp32/fp16/bf16, CUDA tensors), cpu (fp32/bf16), reference (any
 float dtype, computed in fp32 or fp64).
@@ -32,8 +35,16 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def bad_targets(target: torch.Tensor, classes: int, ignore_index: int) -> torch.Tensor:
+    return (target != ignore_index) & ((target < 0) | (target >= classes))
+
+
 def check_targets(target: torch.Tensor, classes: int, ignore_index: int) -> None:
-    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+    """IndexError for a target out of range, on CPU tensors only: anywhere else reading the answer
+    would be a device sync (the kernels flag such rows with NaN instead; see the module docstring)."""
+    if target.device.type != "cpu":
+        return
+    bad = bad_targets(target, classes, ignore_index)
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
         raise IndexError(f"cross_entropy: target value {int(target[row])} (row {row}) is out of range for "
@@ -44,7 +55,7 @@ def check_targets(target: torch.Tensor, classes: int, ignore_index: int) -> None
 def _terms(logits, target, weight, ignore_index):
     x = logits.to(_compute_dtype(logits))
     valid = target != ignore_index
-    t = torch.where(valid, target, 0)
+    t = torch.where(valid & (target >= 0) & (target < x.shape[1]), target, 0)  # out of range: NaN rows later
     w = None if weight is None else weight.to(x.dtype)
     wt = torch.ones_like(x[:, 0]) if w is None else w[t]
     wsum = float(x.shape[1]) if w is None else w.sum()
@@ -60,7 +71,15 @@ def cross_entropy_rows_ref(logits, target, weight, ignore_index, label_smoothing
     if label_smoothing > 0:
         smooth = x.sum(-1) if w is None else x @ w
         loss = loss + label_smoothing / x.shape[1] * (wsum * lse - smooth)
-    return torch.where(valid, loss, 0.0), torch.where(valid, lse, 0.0)
+    return _nan_where_bad(target, x.shape[1], ignore_index, torch.where(valid, loss, 0.0), torch.where(valid, lse, 0.0))
+
+
+def _nan_where_bad(target, classes, ignore_index, *rows):
+    """Rows whose target is out of range set to NaN, on the device (CPU targets were checked)."""
+    if target.device.type == "cpu":
+        return rows
+    bad = bad_targets(target, classes, ignore_index)
+    return tuple(torch.where(bad, float("nan"), r) for r in rows)
 
 
 def cross_entropy_backward_ref(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing):
@@ -72,6 +91,7 @@ def cross_entropy_backward_ref(grad_loss, logits, target, weight, lse, ignore_in
     grad = (g * (1 - eps) * wt)[:, None] * p.scatter_add(1, t[:, None], -torch.ones_like(p[:, :1]))
     if eps > 0:
         grad = grad + (g * eps / classes)[:, None] * (wsum * p - (1.0 if w is None else w[None, :]))
+    (grad,) = _nan_where_bad(target[:, None], classes, ignore_index, grad)
     return grad.to(logits.dtype).contiguous()
 
 
@@ -80,7 +100,8 @@ def _triton_forward(logits, target, weight, ignore_index, label_smoothing):
     from fastlm.triton import cross_entropy as kernels  # imported late: TRITON_INTERPRET is read at import
 
     check_targets(target, logits.shape[1], ignore_index)
-    return kernels.forward(logits, target, weight, ignore_index, label_smoothing)
+    return _nan_where_bad(target, logits.shape[1], ignore_index,
+                          *kernels.forward(logits, target, weight, ignore_index, label_smoothing))
 
 
 def _triton_backward(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing):

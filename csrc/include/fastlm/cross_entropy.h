@@ -22,8 +22,9 @@ void cross_entropy_backward_cpu(DType dtype, int64_t rows, int64_t cols, const v
                                 int64_t ignore_index, float label_smoothing,
                                 const float* lse, const float* gscale, void* grad, int64_t grad_row_stride);
 
-// CUDA launchers return the launch status; they never synchronize. Targets out of range are
-// the caller's to reject (the kernels treat them as ignored rows rather than read out of bounds).
+// CUDA launchers return the launch status; they never synchronize. A target neither
+// ignore_index nor in [0, cols) gives its row NaN loss and lse (forward) and a NaN gradient row
+// (backward), decided on the device; nothing is read out of bounds.
 int cross_entropy_forward_cuda(DType dtype, int64_t rows, int64_t cols, const void* logits,
                                int64_t logits_row_stride, const int64_t* target, const float* weight,
                                int64_t ignore_index, float label_smoothing, float* loss, float* lse,
