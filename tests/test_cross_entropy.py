@@ -180,13 +180,15 @@ def test_extension_ops_validate_inputs():
 # ------------------------------------------------------------------ triton kernels (no host sync)
 def test_triton_kernel_out_of_range_target_gives_nan_row():
     """The GPU path can't check targets on the host without a sync: a bad target that reaches
-    the kernel gives its row a NaN loss (never a plausible number); ignored rows stay 0."""
+    the kernel gives its row a NaN loss, lse and gradient (as the cuda kernels do); ignored rows stay 0."""
     from fastlm.triton import cross_entropy as kernels
 
     x = torch.randn(4, 10, device=GPU or "cpu")
     t = torch.tensor([3, 10, -100, -2], device=GPU or "cpu")
-    loss, _ = kernels.forward(x, t, None, -100, 0.0)
-    assert torch.isnan(loss[[1, 3]]).all() and loss[2] == 0
+    loss, lse = kernels.forward(x, t, None, -100, 0.0)
+    assert torch.isnan(loss[[1, 3]]).all() and torch.isnan(lse[[1, 3]]).all() and loss[2] == 0
+    grad = kernels.backward(torch.ones(4, device=x.device), x, t, None, lse, -100, 0.0)
+    assert torch.isnan(grad[[1, 3]]).all() and (grad[2] == 0).all() and not grad[0].isnan().any()
     assert_close("triton loss row 0", loss[:1], F.cross_entropy(x[:1].double(), t[:1], reduction="none"))
 
 

@@ -59,7 +59,7 @@ def _forward_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, cols, x_stride, igno
         loss += eps / cols * (tl.sum(wsum, 0) * lse - tl.sum(smooth, 0))
     out_of_range = skip & (t != ignore_index)
     tl.store(loss_ptr + row, tl.where(out_of_range, float("nan"), tl.where(skip, 0.0, loss)))
-    tl.store(lse_ptr + row, lse)
+    tl.store(lse_ptr + row, tl.where(out_of_range, float("nan"), lse))
 
 
 @triton.jit
@@ -68,6 +68,7 @@ def _backward_kernel(x_ptr, t_ptr, w_ptr, lse_ptr, g_ptr, gx_ptr, wsum_ptr, cols
     row = tl.program_id(0).to(tl.int64)
     t = tl.load(t_ptr + row)
     skip = (t == ignore_index) | (t < 0) | (t >= cols)
+    out_of_range = skip & (t != ignore_index)  # flagged as the forward does: a NaN row, as the cuda kernel
     tt = tl.where(skip, 0, t)
     g = tl.where(skip, 0.0, tl.load(g_ptr + row))
     wt = 1.0
@@ -89,6 +90,7 @@ def _backward_kernel(x_ptr, t_ptr, w_ptr, lse_ptr, g_ptr, gx_ptr, wsum_ptr, cols
             w = 1.0
         p = tl.where(skip, 0.0, tl.exp(x - lse))  # ignored rows: lse is 0
         gx = ca * (p - tl.where(offs == t, 1.0, 0.0)) + cb * (weight_sum * p - w)
+        gx = tl.where(out_of_range, float("nan"), gx)
         tl.store(gx_ptr + row * gx_stride + offs, gx.to(gx_ptr.dtype.element_ty), mask=ok)
 
 
