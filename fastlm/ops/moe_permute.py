@@ -169,7 +169,7 @@ _backend.register_kernels(
     "moe_permute_fwd", missing="permutation runs on cpu or reference",
     cpu=CPU_DTYPES,
     triton=None,
-    cuda=None,
+    cuda=(torch.float32, torch.float16, torch.bfloat16),
 )
 _backend.register_kernels(
     "moe_unpermute", lambda device: (torch.empty(32, 64, device=device), torch.zeros(16, 2, dtype=torch.int32,
@@ -177,7 +177,7 @@ _backend.register_kernels(
     "moe_unpermute_fwd", missing="unpermutation runs on cpu or reference",
     cpu=CPU_DTYPES,
     triton=None,
-    cuda=None,
+    cuda=(torch.float32, torch.float16, torch.bfloat16),
 )
 
 

@@ -187,7 +187,7 @@ _backend.register_kernels(
     missing="the router runs on cpu or reference",
     cpu=CPU_DTYPES,
     triton=None,
-    cuda=None,
+    cuda=(torch.float32, torch.float16, torch.bfloat16),
 )
 
 
