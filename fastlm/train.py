@@ -20,6 +20,10 @@ the share capacity dropped; each averaged over layers). --capacity-factor turns 
 Distributed: under torchrun (RANK/WORLD_SIZE set) each rank trains on its slice of the same
 global batch, wrapped in DistributedDataParallel (--dist ddp, nccl on GPU, gloo on CPU) or
 FSDP2's fully_shard (--dist fsdp, where torch has it); --batch-size is per rank.
+--expert-parallel (MoE presets, --dist ddp): each of the P ranks keeps E/P of every MoE layer's
+experts and the ranks trade tokens with all-to-alls (fastlm.nn.MoE's process_group); DDP averages
+everything else. The run is the data-parallel one computed another way: same losses, gradient
+norms and checkpoint (the experts gathered back into one state dict).
 """
 from __future__ import annotations
 
@@ -70,6 +74,7 @@ class TrainConfig:
     backend: str | None = None  # pin a fastlm backend for the whole run ("reference" to compare)
     compile: bool = False
     dist: str = "ddp"  # "ddp" | "fsdp" (under torchrun)
+    expert_parallel: bool = False  # MoE presets under torchrun, --dist ddp: E/P experts per rank
     device: str = "auto"
     progress: bool = True
 
@@ -205,7 +210,24 @@ def dist_info() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def wrap_distributed(model: GPT, c: TrainConfig, device: torch.device) -> torch.nn.Module:
+def shard_experts(model: GPT, c: TrainConfig, world: int) -> list[str]:
+    """--expert-parallel: every MoE layer keeps this rank's E/world experts; returns their
+    parameters' names (which DDP must leave alone)."""
+    if not c.expert_parallel:
+        return []
+    why = ("it needs torchrun with 2 or more ranks" if world < 2 else
+           f"preset {c.preset!r} has no experts" if model.config.moe is None else
+           f"it runs with --dist ddp, not {c.dist!r}" if c.dist != "ddp" else
+           f"{model.config.moe.num_experts} experts don't split over {world} ranks"
+           if model.config.moe.num_experts % world else "")
+    if why:
+        raise ValueError(f"train: --expert-parallel can't be used here: {why}")
+    for layer in model.moe_layers():
+        layer.shard_experts_(dist.group.WORLD)
+    return [n for n, _ in model.named_parameters() if ".experts." in n]
+
+
+def wrap_distributed(model: GPT, c: TrainConfig, device: torch.device, experts: list[str]) -> torch.nn.Module:
     if c.dist == "fsdp":
         try:
             from torch.distributed.fsdp import fully_shard
@@ -216,6 +238,8 @@ def wrap_distributed(model: GPT, c: TrainConfig, device: torch.device) -> torch.
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
 
+    # each rank's experts are its own: not broadcast from rank 0, their gradients not averaged
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -227,17 +251,77 @@ def all_mean(x: torch.Tensor, world: int) -> torch.Tensor:
     return x
 
 
+def clip_gradients(model: torch.nn.Module, experts: list[str], max_norm: float, world: int) -> torch.Tensor:
+    """clip_grad_norm_ of the whole model. With sharded experts each rank holds its own experts'
+    gradients: they sum the tokens of every rank, so divided by `world` they are what DDP's
+    average gives the data-parallel run; the norm's square sums them over ranks."""
+    if not experts:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    replicated, own = [], []
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            (own if name.removeprefix("module.") in experts else replicated).append(p.grad)
+    torch._foreach_div_(own, float(world))
+    zero = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    own_square = sum((g.double().square().sum() for g in own), zero)
+    dist.all_reduce(own_square)
+    norm = (sum((g.double().square().sum() for g in replicated), zero) + own_square).sqrt().float()
+    torch._foreach_mul_(replicated + own, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
+
+
 # ---------------------------------------------------------------- checkpoints
-def _state(model, optimizer, world):
+def _gather_experts(tensors: dict, experts: list[str]) -> None:
+    """The sharded experts' tensors (weights, or an optimizer state's per-parameter dicts) become
+    the whole layer's: every rank's E/P experts concatenated in rank order."""
+    for name in experts:
+        entry = tensors[name]
+        items = entry.items() if isinstance(entry, dict) else [(None, entry)]
+        for key, t in list(items):
+            if not isinstance(t, torch.Tensor) or t.dim() == 0:
+                continue  # e.g. Adam's step count
+            parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, t.contiguous())
+            whole = torch.cat(parts).cpu()
+            if key is None:
+                tensors[name] = whole
+            else:
+                entry[key] = whole
+
+
+def _slice_experts(tensors: dict, experts: list[str]) -> None:
+    """The inverse of _gather_experts for this rank, on a checkpoint's whole state."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    for name in experts:
+        entry = tensors[name]
+        items = entry.items() if isinstance(entry, dict) else [(None, entry)]
+        for key, t in list(items):
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                local = t.shape[0] // world
+                part = t[rank * local:(rank + 1) * local]
+                if key is None:
+                    tensors[name] = part
+                else:
+                    entry[key] = part
+
+
+def _state(model, optimizer, world, experts):
     if world > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # cpu_offload keeps the result on rank 0 only; gathering the experts needs every rank's
+        options = StateDictOptions(full_state_dict=True, cpu_offload=not experts)
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        if experts:
+            _gather_experts(model_state, experts)
+            _gather_experts(optim_state["state"], experts)
+        return model_state, optim_state
     return model.state_dict(), optimizer.state_dict()
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, c: TrainConfig, gc: GPTConfig, history, world, rank):
-    model_state, optim_state = _state(model, optimizer, world)
+def save_checkpoint(path: Path, model, optimizer, step: int, c: TrainConfig, gc: GPTConfig, history, world, rank,
+                    experts=()):
+    model_state, optim_state = _state(model, optimizer, world, list(experts))
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -246,11 +330,14 @@ def save_checkpoint(path: Path, model, optimizer, step: int, c: TrainConfig, gc:
         os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, model, optimizer, world) -> dict:
+def load_checkpoint(path: Path, model, optimizer, world, experts=()) -> dict:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if world > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+        if experts:
+            _slice_experts(ckpt["model"], list(experts))
+            _slice_experts(ckpt["optimizer"]["state"], list(experts))
         set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
                        options=StateDictOptions(full_state_dict=True))
     else:
@@ -308,13 +395,14 @@ def train(c: TrainConfig) -> dict:
         gc.moe.capacity_factor = c.capacity_factor
     moe = gc.moe is not None
     raw = GPT(gc, backend=c.backend).to(device)
-    model = wrap_distributed(raw, c, device) if world > 1 else raw
+    experts = shard_experts(raw, c, world)  # after the whole model is built: the same weights as without
+    model = wrap_distributed(raw, c, device, experts) if world > 1 else raw
     optimizer = make_optimizer(model, c, fused=device.type == "cuda")  # after fully_shard swaps the Parameters
     ckpt_path = Path(c.out) / "ckpt.pt"
     history = dict(step=[], loss=[], lr=[], grad_norm=[], eval_step=[], eval_loss=[], **{k: [] for k in MOE_STATS if moe})
     start = 0
     if c.resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, model, optimizer, world)
+        ckpt = load_checkpoint(ckpt_path, model, optimizer, world, experts)
         start, history = ckpt["step"], ckpt["history"]
         if rank == 0:
             print(f"resumed from {ckpt_path} at step {start}")
@@ -338,7 +426,8 @@ def train(c: TrainConfig) -> dict:
     if rank == 0:
         print(f"fastlm.train: {raw.num_params() / 1e6:.2f}M parameters ({c.preset}), {len(tokens):,} tokens, "
               f"{world} rank(s) on {device}, batch {c.batch_size}x{c.grad_accum}x{world} of {c.block_size}, "
-              f"autocast {amp}, backend {c.backend or 'auto'}{', documents packed' if c.pack else ''}")
+              f"autocast {amp}, backend {c.backend or 'auto'}{', documents packed' if c.pack else ''}"
+              f"{f', experts sharded over {world} ranks' if experts else ''}")
     bar = None
     if c.progress and rank == 0:
         try:
@@ -366,7 +455,7 @@ def train(c: TrainConfig) -> dict:
             if moe:
                 stats += moe_stats(raw) / c.grad_accum
         scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
+        norm = clip_gradients(model, experts, c.grad_clip if c.grad_clip > 0 else float("inf"), world)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -383,8 +472,8 @@ def train(c: TrainConfig) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **({"moe": moe_message(stats)} if moe else {}))
         if rank == 0 and (done % c.log_interval == 0 or done == 1 or done == c.max_steps):
-            experts = f"{moe_message(stats)}, " if moe else ""
-            msg = f"step {done}: loss {loss_value:.4f}, {experts}lr {lr:.2e}, {time.perf_counter() - t0:.1f}s"
+            routing = f"{moe_message(stats)}, " if moe else ""
+            msg = f"step {done}: loss {loss_value:.4f}, {routing}lr {lr:.2e}, {time.perf_counter() - t0:.1f}s"
             (bar.write if bar is not None else print)(msg)
         if c.eval_interval and (done % c.eval_interval == 0 or done == c.max_steps):
             val = evaluate(done)
@@ -393,11 +482,11 @@ def train(c: TrainConfig) -> dict:
             if rank == 0:
                 (bar.write if bar is not None else print)(f"step {done}: eval loss {val:.4f}")
         if c.ckpt_interval and done % c.ckpt_interval == 0 and done < end:
-            save_checkpoint(ckpt_path, model, optimizer, done, c, gc, history, world, rank)
+            save_checkpoint(ckpt_path, model, optimizer, done, c, gc, history, world, rank, experts)
     if bar is not None:
         bar.close()
     if end > start:
-        save_checkpoint(ckpt_path, model, optimizer, end, c, gc, history, world, rank)
+        save_checkpoint(ckpt_path, model, optimizer, end, c, gc, history, world, rank, experts)
     if rank == 0 and history["loss"]:
         last = f" ({moe_message([history[k][-1] for k in MOE_STATS])})" if moe else ""
         print(f"first loss {history['loss'][0]:.4f}, last loss {history['loss'][-1]:.4f}{last}; checkpoint {ckpt_path}")

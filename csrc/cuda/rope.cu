@@ -32,17 +32,13 @@
 
 #include "activations.cuh"
 #include "launch.cuh"
+#include "row_io.cuh"
 #include "fastlm/rope.h"
 
 namespace fastlm::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 __device__ __forceinline__ float table_value(DType dtype, const void* base, int64_t offset) {
   switch (dtype) {

@@ -212,6 +212,25 @@ class MoE(FastModule, nn.Module):
         return expert_parallel_experts(flat, r.expert_ids, r.weights, w_up, w_down, self.num_experts,
                                        self.process_group, activation=self.activation)
 
+    def shard_experts_(self, process_group) -> "MoE":
+        """Expert parallelism for a layer built whole: keep only this rank's E/P experts (rank r of
+        P keeps experts r*E/P .. (r+1)*E/P - 1) and exchange tokens over `process_group` from now
+        on. Built with the same seed on every rank, the sharded layers hold exactly the whole
+        layer's experts between them (how fastlm.train --expert-parallel starts)."""
+        if self.process_group is not None:
+            raise RuntimeError("MoE.shard_experts_: the experts are already sharded over a process group")
+        _check(self.hidden_size, self.intermediate_size, self.num_experts, self.top_k, self.activation, self.router,
+               self.score, self.normalize, self.capacity_factor, self.aux_loss_coef, self.z_loss_coef, self.jitter,
+               self.shared_expert_size, process_group)
+        local = self.num_experts // process_group.size()
+        first = process_group.rank() * local
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(self.experts, name)
+            setattr(self.experts, name, nn.Parameter(w.detach()[first:first + local].clone(),
+                                                     requires_grad=w.requires_grad))
+        self.process_group = process_group
+        return self
+
     def __getstate__(self):
         # the last forward's aux_loss holds its autograd graph, which can't be deep-copied or
         # pickled: a copy starts as if no forward had run

@@ -1,0 +1,160 @@
+// Row I/O for the memory-bound kernels: 16-byte packs for a row of ANY width, row stride and
+// storage offset, with several packs per thread in flight.
+//
+// Why: a kernel that vectorises only when cols, every stride and every pointer are multiples of
+// 16 bytes drops to 2-byte loads for GPT-2's 50257-wide vocab, any odd slice, any odd width: 8x
+// the load instructions, ~20-30 % of copy bandwidth. Here the row is split by its own address:
+//
+//   [ head: < VEC scalars up to the first 16-byte boundary ][ body: packs of VEC ][ tail: < VEC ]
+//
+// so at most 2 (VEC - 1) elements of a row (VEC = 16 / sizeof(T): 8 halves, 4 floats) take scalar
+// accesses, whatever the layout. Precondition: the row pointer is aligned to sizeof(T) (every
+// torch tensor is).
+//
+// API (namespace fastlm::cuda):
+//   Pack<T, N>                 N elements, aligned to their size: one LDG/STG.128 when N * sizeof(T) = 16
+//   kVec<T>                    16 / sizeof(T)
+//   split_row(row, cols)       RowSplit {head, packs, tail} of that row (host or device)
+//   same_phase(a, b)           a and b are equal mod 16 bytes: a second operand (an output, a
+//                              gradient) can use 16-byte accesses at the first operand's body positions
+//   Slots<T, TPR, K>           the elements one of the TPR threads that own a row holds: K packs
+//                              (pack p0 + lane + k TPR, coalesced across the threads) and, when
+//                              `edges`, head element `lane` and tail element `lane` (TPR >= VEC - 1,
+//                              so one of each suffices). Methods:
+//     load(row, vec)  -> Held  every pack load issued before any is used (K x 16 B in flight per
+//                              thread); vec = false: the same positions element by element (a second
+//                              operand out of phase with the first)
+//     for_each(f)              f(slot, col) for each held element; slots are compile-time after
+//                              unrolling, so Held::at(slot) is a register
+//     store(row, vec, f)       row[col] = f(slot, col) for each held element, 16-byte stores when vec
+//   Held<T, K>                 the loaded registers (raw T: 4 registers per pack for every dtype)
+//   stream_row<T, TPR, K>(split, lane, f)
+//                              chunks of TPR K packs: f(slots) per chunk, the edges in the first.
+//                              For one-pass kernels and rows too long to hold.
+//
+// Holding a row: Slots with p0 = 0 and K packs per thread hold TPR K VEC + 2 (VEC - 1) elements
+// in registers, so a kernel that reduces over the row and then writes from it reads it once.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "activations.cuh"
+
+namespace fastlm::cuda {
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename T>
+inline constexpr int kVec = int(16 / sizeof(T));
+
+struct RowSplit {
+  int64_t head;   // scalar elements before the first 16-byte boundary (< VEC)
+  int64_t packs;  // whole 16-byte packs after them
+  int64_t tail;   // scalar elements after the last pack (< VEC)
+};
+
+template <typename T>
+__host__ __device__ __forceinline__ RowSplit split_row(const T* row, int64_t cols) {
+  const uint64_t misaligned = reinterpret_cast<uintptr_t>(row) % 16;
+  int64_t head = int64_t((16 - misaligned) % 16 / sizeof(T));
+  head = head < cols ? head : cols;
+  const int64_t packs = (cols - head) / kVec<T>;
+  return RowSplit{head, packs, cols - head - packs * kVec<T>};
+}
+
+__host__ __device__ __forceinline__ bool same_phase(const void* a, const void* b) {
+  return ((reinterpret_cast<uintptr_t>(a) ^ reinterpret_cast<uintptr_t>(b)) & 15) == 0;
+}
+
+template <typename T, int K>
+struct Held {
+  static constexpr int kV = kVec<T>;
+  static constexpr int kHead = K * kV, kTail = K * kV + 1, kSlots = K * kV + 2;
+  Pack<T, kV> body[K];
+  T edge[2];
+  __device__ __forceinline__ float at(int slot) const {
+    return slot < kHead ? to_float(body[slot / kV].v[slot % kV]) : to_float(edge[slot - kHead]);
+  }
+};
+
+template <typename T, int TPR, int K>
+struct Slots {
+  static constexpr int kV = kVec<T>;
+  static_assert(TPR >= kV - 1, "one head and one tail element per thread");
+  RowSplit s;
+  int lane;       // this thread's index among the row's TPR threads
+  int64_t p0;     // the first pack of this chunk
+  bool edges;     // this chunk holds the head and tail elements
+
+  __device__ __forceinline__ bool has_pack(int k) const { return p0 + lane + int64_t(k) * TPR < s.packs; }
+  __device__ __forceinline__ int64_t pack_col(int k) const { return s.head + (p0 + lane + int64_t(k) * TPR) * kV; }
+  __device__ __forceinline__ bool has_head() const { return edges && lane < s.head; }
+  __device__ __forceinline__ bool has_tail() const { return edges && lane < s.tail; }
+  __device__ __forceinline__ int64_t tail_col() const { return s.head + s.packs * kV + lane; }
+
+  __device__ __forceinline__ Held<T, K> load(const T* __restrict__ row, bool vec) const {
+    Held<T, K> h;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (!has_pack(k)) continue;
+      if (vec) {
+        h.body[k] = *reinterpret_cast<const Pack<T, kV>*>(row + pack_col(k));
+      } else {
+#pragma unroll
+        for (int i = 0; i < kV; ++i) h.body[k].v[i] = row[pack_col(k) + i];
+      }
+    }
+    if (has_head()) h.edge[0] = row[lane];
+    if (has_tail()) h.edge[1] = row[tail_col()];
+    return h;
+  }
+
+  template <typename F>
+  __device__ __forceinline__ void for_each(F&& f) const {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (!has_pack(k)) continue;
+#pragma unroll
+      for (int i = 0; i < kV; ++i) f(k * kV + i, pack_col(k) + i);
+    }
+    if (has_head()) f(Held<T, K>::kHead, int64_t(lane));
+    if (has_tail()) f(Held<T, K>::kTail, tail_col());
+  }
+
+  template <typename F>
+  __device__ __forceinline__ void store(T* __restrict__ row, bool vec, F&& f) const {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (!has_pack(k)) continue;
+      Pack<T, kV> out;
+#pragma unroll
+      for (int i = 0; i < kV; ++i) out.v[i] = from_float<T>(f(k * kV + i, pack_col(k) + i));
+      if (vec) {
+        *reinterpret_cast<Pack<T, kV>*>(row + pack_col(k)) = out;
+      } else {
+#pragma unroll
+        for (int i = 0; i < kV; ++i) row[pack_col(k) + i] = out.v[i];
+      }
+    }
+    if (has_head()) row[lane] = from_float<T>(f(Held<T, K>::kHead, int64_t(lane)));
+    if (has_tail()) row[tail_col()] = from_float<T>(f(Held<T, K>::kTail, tail_col()));
+  }
+};
+
+// The whole row as it is held by one thread (K packs per thread cover it: packs <= TPR K).
+template <typename T, int TPR, int K>
+__device__ __forceinline__ Slots<T, TPR, K> whole_row(const RowSplit& s, int lane) {
+  return Slots<T, TPR, K>{s, lane, 0, true};
+}
+
+// f(Slots) for each chunk of TPR K packs (at least once, so rows without packs see their edges).
+template <typename T, int TPR, int K, typename F>
+__device__ __forceinline__ void stream_row(const RowSplit& s, int lane, F&& f) {
+  for (int64_t p0 = 0; p0 == 0 || p0 < s.packs; p0 += int64_t(TPR) * K) f(Slots<T, TPR, K>{s, lane, p0, p0 == 0});
+}
+
+}  // namespace fastlm::cuda
