@@ -10,8 +10,9 @@ from fastlm.ops.moe_permute import (moe_permute_backward_ref, moe_permute_ref, m
                                     moe_unpermute_ref)
 from fastlm.ops.moe_router import moe_router_backward_ref, moe_router_ref
 
-pytestmark = pytest.mark.skipif(not (_ext.HAS_EMULATOR and hasattr(torch.ops.fastlm_emu, "moe_router_fwd")),
-                                reason="fastlm._C_emu without the MoE kernels")
+pytestmark = [pytest.mark.emu,
+              pytest.mark.skipif(not (_ext.HAS_EMULATOR and hasattr(torch.ops.fastlm_emu, "moe_router_fwd")),
+                                 reason="fastlm._C_emu without the MoE kernels")]
 
 
 def emu():

@@ -7,7 +7,7 @@
 //      rows [offsets[E], T*k) by the same arithmetic as kept rows get theirs.
 //   2. scan: one block turns the (E+1) x chunks table, bucket-major, into exclusive prefix sums:
 //      cell (e, c) becomes the first row of bucket e's assignments from chunk c, and offsets[e] is
-//      cell (e, 0). 4096 cells per pass of the 1024 threads (E=64, T*k=64k: 16 passes).
+//      cell (e, 0). 4096 cells per pass of the 1024 threads (E=64, T*k=64k: 65 x 256 cells, 5 passes).
 //   3. place: the chunk's buckets in shared memory; an assignment's rank among the same bucket's
 //      earlier assignments of its chunk is a scan of <= 255 broadcast shared reads; then each warp
 //      copies whole rows, 16-byte loads when row bytes, row stride and both pointers allow (else
@@ -15,16 +15,20 @@
 //      once and written once.
 // The reductions (permute backward = unpermute with unit weights, unpermute forward and
 // backward) give a token to a warp: its k rows are gathered pack by pack (16-byte packs when
-// aligned) and summed in fp32 registers, k loads in flight per pack; the backward writes each
+// aligned) and summed in fp32 registers, the slot loop unrolled 4 deep (4 rows' 16-byte loads in
+// flight per lane, 16 KiB per block of 8 warps, SASS: 4 LDG.128 per iteration); the backward writes each
 // referenced row once, reduces dot(y_row, grad_out) with a fixed shuffle tree, and a second
 // kernel zero-fills the rows nobody references (marked in a byte map), so each output byte is
 // written exactly once and no float atomics are used: results are the same every run.
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 #include "fastlm/moe.h"
-#include "row_softmax.cuh"
+#include "launch.cuh"
+#include "row_io.cuh"
 
 namespace fastlm::cuda {
 namespace {
@@ -172,14 +176,14 @@ __global__ void __launch_bounds__(kRowThreads)
       const int32_t r = ri[t * ri0 + s * ri1];
       if (!row_ok(r, rows)) continue;
       const float wt = w ? w[t * w0 + s * w1] : 1.0f;
-      const RowPack<T, VEC> p = *reinterpret_cast<const RowPack<T, VEC>*>(y + r * ys + c);
+      const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(y + r * ys + c);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) acc[i] += wt * to_float(p.v[i]);
     }
-    RowPack<T, VEC> o;
+    Pack<T, VEC> o;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) o.v[i] = from_float<T>(acc[i]);
-    *reinterpret_cast<RowPack<T, VEC>*>(out + t * os + c) = o;
+    *reinterpret_cast<Pack<T, VEC>*>(out + t * os + c) = o;
   }
 }
 
@@ -201,16 +205,16 @@ __global__ void __launch_bounds__(kRowThreads)
     const float wt = w[t * w0 + s * w1];
     float dot = 0.0f;
     for (int64_t c = int64_t(lane) * VEC; c < H; c += 32 * VEC) {
-      const RowPack<T, VEC> g = *reinterpret_cast<const RowPack<T, VEC>*>(go + t * gos + c);
-      const RowPack<T, VEC> yv = *reinterpret_cast<const RowPack<T, VEC>*>(y + r * ys + c);
-      RowPack<T, VEC> o;
+      const Pack<T, VEC> g = *reinterpret_cast<const Pack<T, VEC>*>(go + t * gos + c);
+      const Pack<T, VEC> yv = *reinterpret_cast<const Pack<T, VEC>*>(y + r * ys + c);
+      Pack<T, VEC> o;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         const float gf = to_float(g.v[i]);
         o.v[i] = from_float<T>(wt * gf);
         dot += gf * to_float(yv.v[i]);
       }
-      *reinterpret_cast<RowPack<T, VEC>*>(gy + r * gys + c) = o;
+      *reinterpret_cast<Pack<T, VEC>*>(gy + r * gys + c) = o;
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
@@ -234,19 +238,23 @@ __global__ void __launch_bounds__(kRowThreads)
   const int lane = threadIdx.x % 32;
   const int64_t r = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / 32;
   if (r >= rows || referenced[r]) return;
-  RowPack<T, VEC> zero;
+  Pack<T, VEC> zero;
 #pragma unroll
   for (int i = 0; i < VEC; ++i) zero.v[i] = from_float<T>(0.0f);
-  for (int64_t c = int64_t(lane) * VEC; c < H; c += 32 * VEC) *reinterpret_cast<RowPack<T, VEC>*>(gy + r * gys + c) = zero;
+  for (int64_t c = int64_t(lane) * VEC; c < H; c += 32 * VEC)
+    *reinterpret_cast<Pack<T, VEC>*>(gy + r * gys + c) = zero;
 }
 
 inline unsigned blocks_for(int64_t n, int64_t per_block) { return unsigned((n + per_block - 1) / per_block); }
 
-// Calls launch(integral_constant<VEC>) with 16-byte packs when every stride and pointer allows.
+// Calls launch(integral_constant<VEC>): 16-byte packs when H, every row stride and every pointer
+// are pack-aligned, else single elements.
 template <typename T, typename F>
 void with_vec(int64_t H, std::initializer_list<int64_t> strides, std::initializer_list<const void*> ptrs, F&& launch) {
-  constexpr int kVec = 16 / sizeof(T);
-  if (pick_vec<T>(H, strides, ptrs) == kVec) launch(std::integral_constant<int, kVec>{});
+  bool packs = H % kVec<T> == 0;
+  for (int64_t s : strides) packs = packs && s % kVec<T> == 0;
+  for (const void* p : ptrs) packs = packs && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+  if (packs) launch(std::integral_constant<int, kVec<T>>{});
   else launch(std::integral_constant<int, 1>{});
 }
 
@@ -325,10 +333,14 @@ int moe_unpermute_forward_cuda(DType dtype, int64_t tokens, int64_t top_k, int64
                                int64_t ri_stride1, const float* weights, int64_t w_stride0, int64_t w_stride1,
                                void* out, int64_t out_stride, cudaStream_t stream) {
   if (tokens == 0 || hidden == 0) return 0;
+  auto gather = [&](auto zero) {
+    cuda::gather_t<decltype(zero)>(tokens, top_k, hidden, rows, y_sorted, y_stride, row_index, ri_stride0,
+                                   ri_stride1, weights, w_stride0, w_stride1, out, out_stride, stream);
+  };
   switch (dtype) {
-    case DType::kFloat32: cuda::gather_t<float>(tokens, top_k, hidden, rows, y_sorted, y_stride, row_index, ri_stride0, ri_stride1, weights, w_stride0, w_stride1, out, out_stride, stream); break;
-    case DType::kFloat16: cuda::gather_t<__half>(tokens, top_k, hidden, rows, y_sorted, y_stride, row_index, ri_stride0, ri_stride1, weights, w_stride0, w_stride1, out, out_stride, stream); break;
-    case DType::kBFloat16: cuda::gather_t<__nv_bfloat16>(tokens, top_k, hidden, rows, y_sorted, y_stride, row_index, ri_stride0, ri_stride1, weights, w_stride0, w_stride1, out, out_stride, stream); break;
+    case DType::kFloat32: gather(float{}); break;
+    case DType::kFloat16: gather(__half{}); break;
+    case DType::kBFloat16: gather(__nv_bfloat16{}); break;
   }
   return int(cudaGetLastError());
 }
@@ -350,10 +362,15 @@ int moe_unpermute_backward_cuda(DType dtype, int64_t tokens, int64_t top_k, int6
       launch_kernel(mark_kernel, blocks_for(tokens * top_k, kRowThreads), kRowThreads, 0, stream, tokens, top_k, rows,
                     row_index, ri_stride0, ri_stride1, referenced);
   }
+  auto scatter = [&](auto zero) {
+    scatter_t<decltype(zero)>(tokens, top_k, hidden, rows, grad_out, go_stride, y_sorted, y_stride, row_index,
+                              ri_stride0, ri_stride1, weights, w_stride0, w_stride1, grad_y_sorted, gy_stride,
+                              grad_weights, referenced, stream);
+  };
   switch (dtype) {
-    case DType::kFloat32: scatter_t<float>(tokens, top_k, hidden, rows, grad_out, go_stride, y_sorted, y_stride, row_index, ri_stride0, ri_stride1, weights, w_stride0, w_stride1, grad_y_sorted, gy_stride, grad_weights, referenced, stream); break;
-    case DType::kFloat16: scatter_t<__half>(tokens, top_k, hidden, rows, grad_out, go_stride, y_sorted, y_stride, row_index, ri_stride0, ri_stride1, weights, w_stride0, w_stride1, grad_y_sorted, gy_stride, grad_weights, referenced, stream); break;
-    case DType::kBFloat16: scatter_t<__nv_bfloat16>(tokens, top_k, hidden, rows, grad_out, go_stride, y_sorted, y_stride, row_index, ri_stride0, ri_stride1, weights, w_stride0, w_stride1, grad_y_sorted, gy_stride, grad_weights, referenced, stream); break;
+    case DType::kFloat32: scatter(float{}); break;
+    case DType::kFloat16: scatter(__half{}); break;
+    case DType::kBFloat16: scatter(__nv_bfloat16{}); break;
   }
   return int(cudaGetLastError());
 }

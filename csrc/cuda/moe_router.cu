@@ -3,8 +3,9 @@
 // (expert e lives with lane e % 32, in a per-warp shared row), so scores, softmax statistics and
 // the k top-k rounds never need a barrier: each round is one pass over a lane's E/32 scores plus
 // a 5-step shuffle argmax (ties to the lower expert, NaN first, as the CPU's ordering). The row is
-// read from global memory once (any strides, fp32/fp16/bf16), everything after is fp32 in shared
-// memory: E=64, k=8 costs 2 + 8 * 2 = 18 shared reads per lane and 8 * 10 shuffles per row.
+// read from global memory once (any strides, fp32/fp16/bf16; the sigmoid backward reads it twice),
+// everything after is fp32 in shared memory: (4 + k) E/32 shared reads per lane and 10 + 10 k
+// shuffles per row, 24 and 90 for E=64, k=8; 2E bytes in (bf16), 8k bytes out per token.
 //
 // What needs all rows (aux loss's counts and mean probabilities, z loss, GShard capacity) is
 // reduced without float atomics, so results are the same run to run:
@@ -22,10 +23,12 @@
 // one memset per call, whatever the routing.
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
+#include "activations.cuh"
 #include "fastlm/moe.h"
-#include "row_softmax.cuh"
+#include "launch.cuh"
 
 namespace fastlm::cuda {
 namespace {
@@ -110,7 +113,7 @@ template <typename T>
 __device__ __forceinline__ RowStats score_row(const T* __restrict__ row, int64_t stride, int E, bool sigmoid,
                                               float* s) {
   const int lane = threadIdx.x % 32;
-  float m = neg_inf();
+  float m = -INFINITY;
   for (int e = lane; e < E; e += 32) {
     const float l = to_float(row[e * stride]);
     s[e] = l;
@@ -409,10 +412,13 @@ int moe_router_forward_cuda(const MoeRouterArgs& a, void* workspace, int32_t* ex
     cudaMemsetAsync(z_loss, 0, sizeof(float), stream);
     return int(cudaGetLastError());
   }
+  auto forward = [&](auto zero) {
+    return cuda::forward_t<decltype(zero)>(a, workspace, expert_ids, weights, counts, aux_loss, z_loss, stream);
+  };
   switch (a.dtype) {
-    case DType::kFloat32: return cuda::forward_t<float>(a, workspace, expert_ids, weights, counts, aux_loss, z_loss, stream);
-    case DType::kFloat16: return cuda::forward_t<__half>(a, workspace, expert_ids, weights, counts, aux_loss, z_loss, stream);
-    case DType::kBFloat16: return cuda::forward_t<__nv_bfloat16>(a, workspace, expert_ids, weights, counts, aux_loss, z_loss, stream);
+    case DType::kFloat32: return forward(float{});
+    case DType::kFloat16: return forward(__half{});
+    case DType::kBFloat16: return forward(__nv_bfloat16{});
   }
   return int(cudaErrorInvalidValue);
 }
@@ -421,10 +427,14 @@ int moe_router_backward_cuda(const MoeRouterArgs& a, void* workspace, const floa
                              int64_t gw_stride0, int64_t gw_stride1, const float* grad_aux, const float* grad_z,
                              void* grad_logits, cudaStream_t stream) {
   if (a.tokens == 0) return 0;
+  auto backward = [&](auto zero) {
+    return cuda::backward_t<decltype(zero)>(a, workspace, grad_weights, gw_stride0, gw_stride1, grad_aux, grad_z,
+                                            grad_logits, stream);
+  };
   switch (a.dtype) {
-    case DType::kFloat32: return cuda::backward_t<float>(a, workspace, grad_weights, gw_stride0, gw_stride1, grad_aux, grad_z, grad_logits, stream);
-    case DType::kFloat16: return cuda::backward_t<__half>(a, workspace, grad_weights, gw_stride0, gw_stride1, grad_aux, grad_z, grad_logits, stream);
-    case DType::kBFloat16: return cuda::backward_t<__nv_bfloat16>(a, workspace, grad_weights, gw_stride0, gw_stride1, grad_aux, grad_z, grad_logits, stream);
+    case DType::kFloat32: return backward(float{});
+    case DType::kFloat16: return backward(__half{});
+    case DType::kBFloat16: return backward(__nv_bfloat16{});
   }
   return int(cudaErrorInvalidValue);
 }

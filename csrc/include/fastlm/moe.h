@@ -1,9 +1,10 @@
 // Launchers for the mixture-of-experts CPU kernels (csrc/cpu/moe_*.cpp): the router, the token
-// permutation to expert-sorted rows and back, and the grouped linear's epilogues. Semantics are
-// those of the ops in fastlm/ops/moe_router.py, moe_permute.py and grouped_linear.py (their
-// references are the oracle; torch.ops.fastlm.moe_*, grouped_linear_*); the
-// bindings (csrc/bindings/moe_*.cpp) validate shapes and dtypes and allocate, the launchers read
-// raw pointers with strides in elements. T tokens, E experts, k = top_k.
+// permutation to expert-sorted rows and back, and the grouped linear's epilogues; the router and
+// the permutations also on CUDA (csrc/cuda/moe_router.cu, moe_permute.cu; their section below).
+// Semantics are those of the ops in fastlm/ops/moe_router.py, moe_permute.py and grouped_linear.py
+// (their references are the oracle; torch.ops.fastlm.moe_*, grouped_linear_*); the bindings
+// (csrc/bindings/moe_*.cpp) validate shapes and dtypes and allocate, the launchers read raw
+// pointers with strides in elements. T tokens, E experts, k = top_k.
 #pragma once
 #include <cstddef>
 
