@@ -182,18 +182,18 @@ _unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_se
 _backend.register_kernels(
     "moe_permute", lambda device: (torch.empty(16, 64, device=device), torch.zeros(16, 2, dtype=torch.int32,
                                                                                    device=device), 8),
-    "moe_permute_fwd", missing="permutation runs on cpu or reference",
+    "moe_permute_fwd",
     cpu=CPU_DTYPES,
     triton=GPU_DTYPES,
-    cuda=None,
+    cuda=GPU_DTYPES,
 )
 _backend.register_kernels(
     "moe_unpermute", lambda device: (torch.empty(32, 64, device=device), torch.zeros(16, 2, dtype=torch.int32,
                                                                                      device=device)),
-    "moe_unpermute_fwd", missing="unpermutation runs on cpu or reference",
+    "moe_unpermute_fwd",
     cpu=CPU_DTYPES,
     triton=GPU_DTYPES,
-    cuda=None,
+    cuda=GPU_DTYPES,
 )
 
 

@@ -199,10 +199,9 @@ _router_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------- who can serve what
 _backend.register_kernels(
     OP, lambda device: (torch.empty(16, 8, device=device),), "moe_router_fwd",
-    missing="the router runs on cpu or reference",
     cpu=CPU_DTYPES,
     triton=GPU_DTYPES,
-    cuda=None,
+    cuda=GPU_DTYPES,
 )
 
 

@@ -1,10 +1,13 @@
 // Launchers for the mixture-of-experts CPU kernels (csrc/cpu/moe_*.cpp): the router, the token
-// permutation to expert-sorted rows and back, and the grouped linear's epilogues. Semantics are
-// those of the ops in fastlm/ops/moe_router.py, moe_permute.py and grouped_linear.py (their
-// references are the oracle; torch.ops.fastlm.moe_*, grouped_linear_*); the
-// bindings (csrc/bindings/moe_*.cpp) validate shapes and dtypes and allocate, the launchers read
-// raw pointers with strides in elements. T tokens, E experts, k = top_k.
+// permutation to expert-sorted rows and back, and the grouped linear's epilogues; the router and
+// the permutations also on CUDA (csrc/cuda/moe_router.cu, moe_permute.cu; their section below).
+// Semantics are those of the ops in fastlm/ops/moe_router.py, moe_permute.py and grouped_linear.py
+// (their references are the oracle; torch.ops.fastlm.moe_*, grouped_linear_*); the bindings
+// (csrc/bindings/moe_*.cpp) validate shapes and dtypes and allocate, the launchers read raw
+// pointers with strides in elements. T tokens, E experts, k = top_k.
 #pragma once
+#include <cstddef>
+
 #include "fastlm/common.h"
 
 namespace fastlm {
@@ -64,6 +67,46 @@ void moe_unpermute_backward_cpu(DType dtype, int64_t tokens, int64_t top_k, int6
                                 const int32_t* row_index, int64_t ri_stride0, int64_t ri_stride1,
                                 const float* weights, int64_t w_stride0, int64_t w_stride1, void* grad_y_sorted,
                                 int64_t gy_stride, float* grad_weights);
+
+// ---------------------------------------------------------------- CUDA (router and permutations)
+// csrc/cuda/moe_router.cu, moe_permute.cu: the semantics above, on device pointers, also fp16.
+// Launchers return the launch status and never synchronize or read device values on the host;
+// `workspace` is device memory of the size the matching *_workspace_bytes_cuda gives (no
+// initialization needed). Outputs are the same run to run (no float atomics).
+
+// A warp holds a row of E fp32 scores and E partial sums in shared memory (2 * 4 warps * E floats).
+constexpr int64_t kMoeRouterMaxExpertsCuda = 1024;
+size_t moe_router_workspace_bytes_cuda(const MoeRouterArgs& a);
+// a.logits on the device; outputs as moe_router_forward_cpu's, on the device.
+int moe_router_forward_cuda(const MoeRouterArgs& a, void* workspace, int32_t* expert_ids, float* weights,
+                            int32_t* counts, float* aux_loss, float* z_loss, cudaStream_t stream);
+// grad_aux, grad_z: one fp32 each, read on the device.
+int moe_router_backward_cuda(const MoeRouterArgs& a, void* workspace, const float* grad_weights,
+                             int64_t gw_stride0, int64_t gw_stride1, const float* grad_aux, const float* grad_z,
+                             void* grad_logits, cudaStream_t stream);
+
+// Ids outside [-1, E) are treated as dropped (row_index -1, no row taken): the device never
+// reads or writes out of bounds; the bindings reject them first wherever the ids live on the host.
+size_t moe_permute_workspace_bytes_cuda(int64_t tokens, int64_t top_k, int64_t experts);
+int moe_permute_forward_cuda(int64_t tokens, int64_t top_k, int64_t experts, const int32_t* expert_ids,
+                             int64_t ids_stride0, int64_t ids_stride1, const void* x, int64_t x_stride_bytes,
+                             int64_t row_bytes, void* x_sorted, int32_t* row_index, int32_t* offsets,
+                             void* workspace, cudaStream_t stream);
+
+// Row indices outside [0, rows) count as dropped (memory-safe on the device).
+// out (T, H) = sum over slots of weights[t, s] * y_sorted[row_index[t, s]], fp32; weights null:
+// unit weights (the permute backward).
+int moe_unpermute_forward_cuda(DType dtype, int64_t tokens, int64_t top_k, int64_t hidden, int64_t rows,
+                               const void* y_sorted, int64_t y_stride, const int32_t* row_index, int64_t ri_stride0,
+                               int64_t ri_stride1, const float* weights, int64_t w_stride0, int64_t w_stride1,
+                               void* out, int64_t out_stride, cudaStream_t stream);
+// As moe_unpermute_backward_cpu; `referenced` is device scratch of `rows` bytes. A row referenced
+// twice (not a permutation's row_index) is written by both: one of them wins.
+int moe_unpermute_backward_cuda(DType dtype, int64_t tokens, int64_t top_k, int64_t hidden, int64_t rows,
+                                const void* grad_out, int64_t go_stride, const void* y_sorted, int64_t y_stride,
+                                const int32_t* row_index, int64_t ri_stride0, int64_t ri_stride1,
+                                const float* weights, int64_t w_stride0, int64_t w_stride1, void* grad_y_sorted,
+                                int64_t gy_stride, float* grad_weights, uint8_t* referenced, cudaStream_t stream);
 
 // ---------------------------------------------------------------- grouped linear
 enum class GroupedAct : int { kNone = 0, kElementwise = 1, kGated = 2 };
