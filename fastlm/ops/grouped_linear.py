@@ -18,7 +18,7 @@ forward keeps the pre-activation for the backward when there is an activation an
 wanted, as linear does: recomputing it would cost a whole second GEMM. Without a gradient each
 expert's GEMM output lands in one reused scratch block instead (no (N, N_w) write nobody reads).
 
-Backends: cpu (one call: torch's GEMM per expert slice, csrc/cpu/moe_grouped.cpp's fused epilogue),
+Backends: cpu (one call: torch's GEMM per expert slice, csrc/cpu/moe_grouped_linear.cpp's fused epilogue),
 triton (fastlm/triton/grouped_linear.py: one launch over all experts, the tile schedule found
 on the device), reference (a loop over experts in fp32). CUDA kernels: not yet.
 """

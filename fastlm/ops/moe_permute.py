@@ -20,7 +20,10 @@ to weights (dot(y_row, grad_out[t]), which is how the router learns).
 
 Backends: cpu (csrc/cpu/moe_permute.cpp: counting sort, rows copied in parallel), triton
 (fastlm/triton/moe_permute.py: a device-side counting sort, each row copied where it is
-placed; gathers with fp32 accumulation), reference.
+placed; gathers with fp32 accumulation), cuda (csrc/cuda/moe_permute.cu: counting sort with a
+device scan, 16-byte row copies, a warp per token for the gathers), reference. Values of
+expert_ids / row_index are checked on the host only for CPU tensors; on a GPU the kernels treat
+ids outside [-1, E) as dropped and skip rows outside y_sorted (memory-safe, no host sync).
 """
 from __future__ import annotations
 

@@ -29,7 +29,9 @@ saving them.
 
 Backends: cpu (csrc/cpu/moe_router.cpp: one pass per row, fp32 math, T*k serial capacity scan),
 triton (fastlm/triton/moe_router.py: row blocks, capacity by a device-side slot-major prefix),
-reference (plain PyTorch, fp32 or fp64). CUDA kernels: not yet.
+cuda (csrc/cuda/moe_router.cu: a warp per row, top-k by warp argmax rounds, capacity ranks by a
+device scan, fixed-order loss sums; up to 1024 experts), reference (plain PyTorch, fp32 or fp64).
+On GPU tensors nothing is read on the host: the kernels are memory-safe for any logits.
 """
 from __future__ import annotations
 
