@@ -247,3 +247,8 @@ def linear_ref(x, weight, bias=None, *, activation=None, residual=None):
 
 if _ext.HAS_EXTENSION:
     torch.library.register_fake("fastlm::linear_fwd")(_fake_forward)
+    if hasattr(torch.ops.fastlm, "linear_bwd"):  # the cuda build's backward GEMMs (dX, dW)
+
+        @torch.library.register_fake("fastlm::linear_bwd")
+        def _(grad_p, x, weight):
+            return x.new_empty(x.shape), weight.new_empty(weight.shape)
