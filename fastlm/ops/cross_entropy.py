@@ -11,9 +11,9 @@ per-row losses are fp32; the reduction is a few plain torch ops over N values, t
 autograd hands each row its gradient scale. A target that is neither ignore_index nor in
 [0, C): on CPU tensors IndexError naming its value (cpu: found by the kernel; other backends:
 checked before launch, on the host where the target lives); on GPU tensors no check can run on
-the host without a device sync, so the kernels decide on the device and give that row a NaN loss
-(and lse; the cuda backend also a NaN gradient row), which a "mean" or "sum" carries into the
-loss: visible, as torch's device-side assert is, without stopping the stream.
+the host without a device sync, so the kernels decide on the device and give that row a NaN loss,
+lse and gradient row (every backend alike), which a "mean" or "sum" carries into the loss:
+visible, as torch's device-side assert is, without stopping the stream.
 
 Backends: cuda and triton (fp32/fp16/bf16, CUDA tensors), cpu (fp32/bf16), reference (any
 float dtype, computed in fp32 or fp64).
@@ -100,8 +100,7 @@ def _triton_forward(logits, target, weight, ignore_index, label_smoothing):
     from fastlm.triton import cross_entropy as kernels  # imported late: TRITON_INTERPRET is read at import
 
     check_targets(target, logits.shape[1], ignore_index)
-    return _nan_where_bad(target, logits.shape[1], ignore_index,
-                          *kernels.forward(logits, target, weight, ignore_index, label_smoothing))
+    return kernels.forward(logits, target, weight, ignore_index, label_smoothing)  # flags bad rows itself
 
 
 def _triton_backward(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing):
