@@ -37,6 +37,10 @@
 //  - Small M (decode, M <= 64): split-K. blockIdx.y takes a K slice and stores its fp32 tile to a
 //    workspace; splitk_epilogue_kernel sums the slices and runs the same epilogue (see
 //    splitk_slices for the bandwidth arithmetic).
+//  - Grouped GEMMs (grouped_linear, moe_grouped_linear.cu): the tile body (gemm_tile) is shared;
+//    grouped_rows_kernel maps a CTA to (expert, m-tile) from device offsets, grouped_reduce_kernel
+//    to (expert, tile) with the K loop over the expert's rows (dW). A gated tile loads 64 gate and
+//    the 64 matching up rows of B (TileLoader's Halves) and forms act(gate) * up in the epilogue.
 // Requirements (the bindings check them): the contiguous dimension of each operand and N are
 // multiples of 8, row strides are multiples of 8 elements and base pointers 16-byte aligned
 // (cp.async and the epilogue's 16-byte accesses). Any M, N, K otherwise (ragged edges zero-fill).
@@ -68,9 +72,6 @@ struct Epilogue {
   const void* residual; int64_t residual_ld;    // (m, n) or null
   void* y; int64_t y_ld;                        // (m, n)
   void* preact; int64_t preact_ld;              // (m, n) or null
-  // Gated (swiglu / geglu, act = the gate's activation): the GEMM's columns are n gate then n up
-  // columns; y (m, n) = act(gate + bias) * (up + bias[n + j]), preact (m, 2 n) = (gate, up).
-  bool gated;
 };
 
 struct GemmArgs {
@@ -260,9 +261,9 @@ __device__ __forceinline__ void tile_coords(int64_t m, int64_t n, int64_t* m0, i
   *n0 = ((pid % width) / group_m) * kBN;
 }
 
-// The gated epilogue on 8 adjacent outputs of row m, columns n..n + 7 (gate columns n.., up
-// columns ep_n + n.. of the GEMM): gate and up rounded as pre (what the backward reads), then
-// y = act(gate) * up.
+// The gated epilogue (a Halves tile; act = the gate's activation) on 8 adjacent outputs of row m,
+// columns n..n + 7: gate = acc + bias[n..], up = acc + bias[width + n..], each rounded as pre
+// (gate, up) stores it (what the backward reads); y = act(gate) * up.
 template <typename T>
 __device__ __forceinline__ void gated_epilogue8(const Epilogue& ep, int64_t m, int64_t n, int64_t width,
                                                 const float (&gate)[8], const float (&up)[8]) {
@@ -545,6 +546,11 @@ inline int splitk_slices(int64_t m, int64_t n, int64_t k) {
 // The slice depth for `splits` slices (a multiple of kBK), and the slice count that leaves none empty.
 inline int64_t splitk_depth(int64_t k, int splits) {
   return ((k + splits - 1) / splits + kBK - 1) / kBK * kBK;
+}
+
+// A pointer and row stride the 16-byte chunks of the loaders and the epilogue can use.
+inline bool aligned(const void* p, int64_t stride) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && stride % 8 == 0;
 }
 
 // Launches the kernel for the operand layouts; the binding has checked the requirements above.

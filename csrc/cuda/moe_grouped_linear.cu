@@ -85,6 +85,7 @@ __global__ void __launch_bounds__(128) grad_bias_kernel(const GroupedLinearGradC
   lo = lo < 0 ? 0 : lo > a.rows ? a.rows : lo;
   hi = hi < lo ? lo : hi > a.rows ? a.rows : hi;
   float sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll 4  // four rows' loads in flight; the sums still add in row order
   for (int64_t r = lo; r < hi; ++r) {
     const Bytes16 raw = *reinterpret_cast<const Bytes16*>(static_cast<const T*>(grad_p) + r * grad_p_stride + c);
     const T* v = reinterpret_cast<const T*>(&raw);
@@ -104,7 +105,7 @@ int forward(const GroupedLinearCudaArgs& a, cudaStream_t stream) {
   gemm::GemmArgs p{};
   p.m = a.rows, p.n = a.width, p.k = a.k, p.k_split = a.k;
   p.a = a.x, p.lda = a.x_stride, p.b = a.weight, p.ldb = a.weight_stride;
-  p.ep.has_act = a.mode == GroupedAct::kElementwise, p.ep.act = a.act, p.ep.gated = gated;
+  p.ep.has_act = a.mode == GroupedAct::kElementwise, p.ep.act = a.act;  // gated: the Halves epilogue
   p.ep.bias = a.bias, p.ep.y = a.out, p.ep.y_ld = a.out_stride, p.ep.preact = a.pre, p.ep.preact_ld = a.pre_stride;
   const gemm::GroupedArgs g{a.offsets, a.experts, a.rows, 0, a.weight_expert_stride, gated ? 2 * a.width : a.width, 0};
   return gated ? gemm::launch_grouped_rows<T, true, true, true>(p, g, stream)
@@ -139,17 +140,13 @@ int backward(const GroupedLinearGradCudaArgs& a, cudaStream_t stream) {
   return gemm::launch_grouped_reduce<T>(dw, gw, stream);
 }
 
-bool aligned(const void* p, int64_t stride) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && stride % 8 == 0;
-}
-
 }  // namespace
 }  // namespace fastlm::cuda
 
 namespace fastlm {
 
 int grouped_linear_forward_cuda(const GroupedLinearCudaArgs& a, cudaStream_t stream) {
-  using cuda::aligned;
+  using cuda::gemm::aligned;
   const bool ok = a.width % 8 == 0 && a.k % 8 == 0 && aligned(a.x, a.x_stride) && aligned(a.weight, a.weight_stride) &&
                   a.weight_expert_stride % 8 == 0 && (!a.bias || aligned(a.bias, 0)) &&
                   aligned(a.out, a.out_stride) && (!a.pre || aligned(a.pre, a.pre_stride));
@@ -161,7 +158,7 @@ int grouped_linear_forward_cuda(const GroupedLinearCudaArgs& a, cudaStream_t str
 }
 
 int grouped_linear_backward_cuda(const GroupedLinearGradCudaArgs& a, cudaStream_t stream) {
-  using cuda::aligned;
+  using cuda::gemm::aligned;
   const bool act = a.mode != GroupedAct::kNone;
   const bool ok = a.width % 8 == 0 && a.k % 8 == 0 && aligned(a.grad_out, a.grad_out_stride) &&
                   aligned(a.x, a.x_stride) && aligned(a.weight, a.weight_stride) && a.weight_expert_stride % 8 == 0 &&
