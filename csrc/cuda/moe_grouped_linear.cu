@@ -5,10 +5,11 @@
 //   dW       grad_weight[e] = grad_p_e^T @ x_e                      grouped_reduce_kernel, K = e's rows
 // The grid is static (cdiv(N, 128) + E m-slots x n-tiles): each CTA scans the device offsets for
 // its (expert, m-tile), so nothing waits on a host copy of the routing. Waste: at most one partial
-// m-tile per expert (E x 128 rows of zero-filled MMA, e.g. 8 of 40 tiles for Mixtral at 4096
-// tokens x top-2 / 8 experts = 1024 rows each: none), plus E idle slot CTAs per column that exit
-// at once. The dropped tail (rows past offsets[E]) is zeroed by the slots after the last expert:
-// they run no K tile, and act(0) = 0 for every activation.
+// m-tile per expert, on average half a tile of zero-filled rows each (Mixtral, 4096 tokens x
+// top-2 over 8 experts: 8 x 64 of 8192 rows, ~6% of the MMA), plus up to E spare slot CTAs per
+// column that exit after the search (a scan of E offsets, before any load). The dropped tail
+// (rows past offsets[E]) is zeroed by the slots after the last expert: they run no K tile, and
+// act(0) = 0 for every activation.
 // Gated (swiglu / geglu): a CTA's 128 B rows are 64 gate rows j.. and the 64 matching up rows
 // I + j.. (one extra pointer step per K tile in the loader), so act(gate) * up is formed in the
 // same epilogue: 64 outputs per CTA column, pre (gate, up) saved with 16-byte stores.
