@@ -350,3 +350,18 @@ def test_memory_bound_kernels_figures(kernels, arch):
         assert f["loads16_in_flight"] >= (2 if narrow else 4), f"{name}: {f}"
         assert f["spills"] == 0, f"{name}: {f}"
         assert f["bw_share"] >= 0.85, f"{name}: {f}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_grouped_gemm_main_loop_figures(kernels, arch):
+    """grouped_linear's kernels on the same core (csrc/cuda/moe_grouped_linear.cu): the row-grouped
+    forward (plain and gated: gate and up halves in one tile), its dX, and the per-expert dW
+    reduction, fp16/bf16: 8 kernels, each main loop at most 2.5 instructions per HMMA (2.30-2.45
+    on sm_80: the gated loader's one extra pointer step per K tile), 16-byte cp.async loads only,
+    no inner loop without tensor-core work (the expert search runs before the main loop)."""
+    figures = sr.main_loop_figures(r"gemm::grouped_(rows|reduce)_kernel<", arch)
+    assert len(figures) == 8, f"expected 2 dtypes x (3 row-grouped + 1 reduction), got {list(figures)}"
+    for name, (per_mma, widths, mma_free) in figures.items():
+        assert 0 < per_mma <= 2.5, f"{name}: {per_mma} instructions per HMMA in the main loop"
+        assert widths == [16], f"{name}: global load widths {widths} in the main loop"
+        assert mma_free == 0, f"{name}: {mma_free} inner loops without tensor-core instructions"

@@ -37,6 +37,10 @@
 //  - Small M (decode, M <= 64): split-K. blockIdx.y takes a K slice and stores its fp32 tile to a
 //    workspace; splitk_epilogue_kernel sums the slices and runs the same epilogue (see
 //    splitk_slices for the bandwidth arithmetic).
+//  - Grouped GEMMs (grouped_linear, moe_grouped_linear.cu): the tile body (gemm_tile) is shared;
+//    grouped_rows_kernel maps a CTA to (expert, m-tile) from device offsets, grouped_reduce_kernel
+//    to (expert, tile) with the K loop over the expert's rows (dW). A gated tile loads 64 gate and
+//    the 64 matching up rows of B (TileLoader's Halves) and forms act(gate) * up in the epilogue.
 // Requirements (the bindings check them): the contiguous dimension of each operand and N are
 // multiples of 8, row strides are multiples of 8 elements and base pointers 16-byte aligned
 // (cp.async and the epilogue's 16-byte accesses). Any M, N, K otherwise (ragged edges zero-fill).
@@ -103,14 +107,19 @@ __device__ __forceinline__ float act_runtime(Activation a, float z) {
 // One operand's K tiles, in order, into their swizzled stages: 1024 16-byte chunks per tile, 8
 // per thread. Per chunk the main loop pays one predicate, one 64-bit pointer step and the
 // cp.async; `rows` bounds the M or N index, [k_begin, k_end) is the K range (a split-K slice).
-template <typename T, bool KMajor>
+// Halves (K-major B of a gated GEMM): tile rows 0-63 are operand rows r0.. (the gate half) and
+// tile rows 64-127 rows rows + r0.. (the up half, `rows` rows further): one extra pointer step
+// per tile, before chunk 4.
+template <typename T, bool KMajor, bool Halves = false>
 struct TileLoader {
+  static_assert(KMajor || !Halves, "gate / up halves are K-major weight rows");
   const T* src;      // this thread's chunk 0 of the next tile
   int64_t step;      // between this thread's chunks: 16 rows (K-major) or 8 K rows (MN-major)
   int64_t k_step;    // between tiles
   int64_t k_left;    // k_end minus this thread's first K index in the next tile
   uint32_t rows_ok;  // bit i: chunk i's row (K-major) / the thread's 8 columns (MN-major) in range
   int smem_off;      // this thread's chunk 0 in a stage (halves)
+  int64_t half_jump; // Halves: from gate row r0 + 64 + row to up row rows + r0 + row
 #ifdef FASTLM_EMU
   const T* valid;    // the emulator wants a real global address even for a 0-byte copy
 #endif
@@ -130,8 +139,9 @@ struct TileLoader {
       k_left = k_end - k_begin - c * 8;
       smem_off = row * kBK + ((c ^ (row & 7)) * 8);  // row + 16 i keeps row % 8
       rows_ok = 0;
+      half_jump = Halves ? (rows - kBN / 2) * ld : 0;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) rows_ok |= uint32_t(r0 + row + 16 * i < rows) << i;
+      for (int i = 0; i < 8; ++i) rows_ok |= uint32_t(r0 + row + 16 * (Halves ? i % 4 : i) < rows) << i;
     } else {  // chunk i: K row t / 16 + 8 i, column chunk t % 16
       const int kr = t / 16, c = t % 16;
       src = p + (k_begin + kr) * ld + r0 + c * 8;
@@ -140,6 +150,7 @@ struct TileLoader {
       k_left = k_end - k_begin - kr;
       smem_off = kr * kBM + ((c ^ kr) * 8);  // kr + 8 i keeps the K row % 8 == kr
       rows_ok = r0 + c * 8 < rows ? 0xffu : 0u;  // rows % 8 == 0: the chunk is all in or all out
+      half_jump = 0;
     }
   }
 
@@ -153,6 +164,7 @@ struct TileLoader {
     const T* p = src;
 #pragma unroll
     for (int i = 0; i < 8; ++i, p += step) {
+      if (Halves && i == kBN / 32) p += half_jump;
       const bool in = KMajor ? (rows_in >> i) & 1 : rows_in != 0 && k_rows_left > 8 * i;
 #ifdef FASTLM_EMU
       cp_async16(stage + smem_off + i * kChunkStride, in ? p : valid, in ? 16 : 0);
@@ -249,19 +261,44 @@ __device__ __forceinline__ void tile_coords(int64_t m, int64_t n, int64_t* m0, i
   *n0 = ((pid % width) / group_m) * kBN;
 }
 
-template <typename T, bool AKMajor, bool BKMajor>
-__global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs p) {
-  FASTLM_DYNAMIC_SHARED(unsigned char, smem_bytes);  // kStages x (A tile, B tile), then the fp32 epilogue stage
-  T* smem = reinterpret_cast<T*>(smem_bytes);
-  int64_t m0, n0;
-  tile_coords(p.m, p.n, &m0, &n0);
+// The gated epilogue (a Halves tile; act = the gate's activation) on 8 adjacent outputs of row m,
+// columns n..n + 7: gate = acc + bias[n..], up = acc + bias[width + n..], each rounded as pre
+// (gate, up) stores it (what the backward reads); y = act(gate) * up.
+template <typename T>
+__device__ __forceinline__ void gated_epilogue8(const Epilogue& ep, int64_t m, int64_t n, int64_t width,
+                                                const float (&gate)[8], const float (&up)[8]) {
+  float bias_gate[8], bias_up[8];
+  load_bias8<T>(ep, n, bias_gate);
+  load_bias8<T>(ep, width + n, bias_up);
+  Bytes16 gate_raw, up_raw, out_raw;
+  T* g = reinterpret_cast<T*>(&gate_raw);
+  T* u = reinterpret_cast<T*>(&up_raw);
+  T* out = reinterpret_cast<T*>(&out_raw);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    g[e] = from_float<T>(gate[e] + bias_gate[e]);
+    u[e] = from_float<T>(up[e] + bias_up[e]);
+    out[e] = from_float<T>(act_runtime(ep.act, to_float(g[e])) * to_float(u[e]));
+  }
+  if (ep.preact) {
+    T* pre = static_cast<T*>(ep.preact) + m * ep.preact_ld + n;
+    *reinterpret_cast<Bytes16*>(pre) = gate_raw;
+    *reinterpret_cast<Bytes16*>(pre + width) = up_raw;
+  }
+  *reinterpret_cast<Bytes16*>(static_cast<T*>(ep.y) + m * ep.y_ld + n) = out_raw;
+}
+
+// One CTA's output tile: rows m0.. of A (p.m rows), columns n0.. of B (p.n rows; Halves: the
+// gate rows n0.. and the up rows p.n + n0.., 64 each), K range [k_begin, k_end); then the
+// epilogue, or the fp32 tile into `partial` (a split-K slice). smem: kSmemBytes.
+template <typename T, bool AKMajor, bool BKMajor, bool Halves>
+__device__ __forceinline__ void gemm_tile(const GemmArgs& p, T* smem, int64_t m0, int64_t n0, int64_t k_begin,
+                                          int64_t k_end, float* partial) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = (warp / 2) * kWarpM, wn = (warp % 2) * kWarpN;
 
-  const int64_t k_begin = int64_t(blockIdx.y) * p.k_split;
-  const int64_t k_end = p.k - k_begin < p.k_split ? p.k : k_begin + p.k_split;
   TileLoader<T, AKMajor> load_a(static_cast<const T*>(p.a), p.lda, p.m, k_begin, k_end, m0);
-  TileLoader<T, BKMajor> load_b(static_cast<const T*>(p.b), p.ldb, p.n, k_begin, k_end, n0);
+  TileLoader<T, BKMajor, Halves> load_b(static_cast<const T*>(p.b), p.ldb, p.n, k_begin, k_end, n0);
   const auto stage_a = [&](int s) { return smem + s * 2 * kTileHalves; };
   const auto stage_b = [&](int s) { return smem + s * 2 * kTileHalves + kTileHalves; };
   int a_base[4], b_base[4];
@@ -339,13 +376,33 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs p) {
       }
   __syncthreads();
 
+  if (Halves) {  // gated: each thread 8 outputs (gate columns 8 cc.., up 64 + 8 cc..) of rows r0 + 16 i
+    const int cc = threadIdx.x % 8, r0 = threadIdx.x / 8;
+    const int64_t n = n0 + 8 * cc;
+    if (n >= p.n) return;
+#pragma unroll 2
+    for (int i = 0; i < kBM / 16; ++i) {
+      const int row = r0 + 16 * i;
+      const int64_t m = m0 + row;
+      if (m >= p.m) break;
+      float gate[8], up[8];
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {  // 4-float chunks: gate 2 cc, 2 cc + 1; up 16 + 2 cc, 16 + 2 cc + 1
+        const int chunk = (h / 2) * (kBN / 8) + 2 * cc + h % 2;
+        const Float4 q = *reinterpret_cast<const Float4*>(stage + row * kBN + ((chunk ^ (row & 7)) * 4));
+#pragma unroll
+        for (int e = 0; e < 4; ++e) (h < 2 ? gate : up)[4 * (h % 2) + e] = q.v[e];
+      }
+      gated_epilogue8<T>(p.ep, m, n, p.n, gate, up);
+    }
+    return;
+  }
   // Each thread: columns 8 cc .. 8 cc + 7 of rows r0 + 8 i; 16-byte global accesses.
   const int cc = threadIdx.x % 16, r0 = threadIdx.x / 16;
   const int64_t n = n0 + 8 * cc;
   if (n >= p.n) return;  // n % 8 == 0: the 8 columns are all in or all out
   float bias[8];
   load_bias8<T>(p.ep, n, bias);
-  float* partial = p.partial ? p.partial + int64_t(blockIdx.y) * p.m * p.n : nullptr;
 #pragma unroll 4
   for (int i = 0; i < kBM / 8; ++i) {
     const int row = r0 + 8 * i;
@@ -361,6 +418,100 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs p) {
     const float v[8] = {lo.v[0], lo.v[1], lo.v[2], lo.v[3], hi.v[0], hi.v[1], hi.v[2], hi.v[3]};
     epilogue8<T>(p.ep, m, n, v, bias);
   }
+}
+
+template <typename T, bool AKMajor, bool BKMajor>
+__global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs p) {
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem_bytes);  // kStages x (A tile, B tile), then the fp32 epilogue stage
+  int64_t m0, n0;
+  tile_coords(p.m, p.n, &m0, &n0);
+  const int64_t k_begin = int64_t(blockIdx.y) * p.k_split;
+  const int64_t k_end = p.k - k_begin < p.k_split ? p.k : k_begin + p.k_split;
+  float* partial = p.partial ? p.partial + int64_t(blockIdx.y) * p.m * p.n : nullptr;
+  gemm_tile<T, AKMajor, BKMajor, false>(p, reinterpret_cast<T*>(smem_bytes), m0, n0, k_begin, k_end, partial);
+}
+
+// ---------------------------------------------------------------- grouped GEMMs (grouped_linear)
+// One launch over E experts of unequal sizes: the grid depends on the shapes only, and each CTA
+// finds its expert from the offsets on the device (no host sync on the routing).
+struct GroupedArgs {
+  const int32_t* offsets;  // (experts + 1,): expert e owns rows [offsets[e], offsets[e + 1]); clamped to [0, rows]
+  int64_t experts, rows;   // rows: x's N
+  int64_t tiles_n;         // output column tiles per CTA row
+  int64_t b_expert_stride, bias_expert_stride, y_expert_stride;  // elements between experts' B, bias, y
+};
+
+__device__ __forceinline__ int64_t clamped_offset(const GroupedArgs& g, int64_t e, int64_t lo) {
+  const int64_t o = g.offsets[e];
+  return o < lo ? lo : o > g.rows ? g.rows : o;
+}
+
+// Row-grouped (forward, dX): CTA (slot, n-tile), slot = the slot-th m-tile of the experts' rows in
+// order; sum over e of cdiv(rows_e, 128) <= cdiv(N, 128) + E, so cdiv(N, 128) + E slots hold them
+// all, the dropped tail's tiles after them (they run no K loop and no bias: 0 out, as act(0) = 0
+// for every activation). A is K-major rows of the expert, B = weight[e], bias = bias[e].
+template <typename T, bool AKMajor, bool BKMajor, bool Halves>
+__global__ void __launch_bounds__(kThreads) grouped_rows_kernel(GemmArgs p, const GroupedArgs g) {
+  static_assert(AKMajor, "row-grouped A is K-major: the expert's rows");
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem_bytes);
+  const int64_t slot = blockIdx.x / g.tiles_n, n0 = (blockIdx.x % g.tiles_n) * (Halves ? kBN / 2 : kBN);
+  // The expert whose m-tiles hold `slot`: a uniform scan of E offsets (L1-resident after the
+  // first CTA of the SM; E = 8 for Mixtral).
+  int64_t e = 0, lo = clamped_offset(g, 0, 0), first = 0;  // m-tiles before expert e, its first row
+  for (; e < g.experts; ++e) {
+    const int64_t hi = clamped_offset(g, e + 1, lo), tiles = (hi - lo + kBM - 1) / kBM;
+    if (slot < first + tiles) break;
+    first += tiles;
+    lo = hi;
+  }
+  const bool tail = e == g.experts;
+  const int64_t hi = tail ? g.rows : clamped_offset(g, e + 1, lo), m0 = (slot - first) * kBM;
+  if (m0 >= hi - lo) return;  // a slot no expert needed
+  p.m = hi - lo;
+  p.a = static_cast<const T*>(p.a) + lo * p.lda;
+  p.b = static_cast<const T*>(p.b) + (tail ? 0 : e) * g.b_expert_stride;
+  p.ep.bias = p.ep.bias && !tail ? static_cast<const T*>(p.ep.bias) + e * g.bias_expert_stride : nullptr;
+  p.ep.y = static_cast<T*>(p.ep.y) + lo * p.ep.y_ld;
+  if (p.ep.preact) p.ep.preact = static_cast<T*>(p.ep.preact) + lo * p.ep.preact_ld;
+  gemm_tile<T, AKMajor, BKMajor, Halves>(p, reinterpret_cast<T*>(smem_bytes), m0, n0, 0, tail ? 0 : p.k, nullptr);
+}
+
+// Reduction over each expert's rows (dW[e] = grad_p_e^T @ x_e): CTA (expert, m-tile, n-tile), the
+// K loop runs over the expert's rows (both operands MN-major, read in place from row offsets[e]);
+// an empty expert runs no K tile and writes 0.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) grouped_reduce_kernel(GemmArgs p, const GroupedArgs g) {
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem_bytes);
+  const int64_t per_expert = (p.m + kBM - 1) / kBM * g.tiles_n, e = blockIdx.x / per_expert;
+  const int64_t t = blockIdx.x % per_expert, m0 = (t / g.tiles_n) * kBM, n0 = (t % g.tiles_n) * kBN;
+  const int64_t lo = clamped_offset(g, e, 0), hi = clamped_offset(g, e + 1, lo);
+  p.a = static_cast<const T*>(p.a) + lo * p.lda;
+  p.b = static_cast<const T*>(p.b) + lo * p.ldb;
+  p.ep.y = static_cast<T*>(p.ep.y) + e * g.y_expert_stride;
+  gemm_tile<T, false, false, false>(p, reinterpret_cast<T*>(smem_bytes), m0, n0, 0, hi - lo, nullptr);
+}
+
+template <typename T, bool AKMajor, bool BKMajor, bool Halves>
+int launch_grouped_rows(const GemmArgs& p, GroupedArgs g, cudaStream_t stream) {
+  const auto kernel = grouped_rows_kernel<T, AKMajor, BKMajor, Halves>;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (err != cudaSuccess) return int(err);
+  const int64_t width = Halves ? kBN / 2 : kBN;
+  g.tiles_n = (p.n + width - 1) / width;
+  const int64_t ctas = ((g.rows + kBM - 1) / kBM + g.experts) * g.tiles_n;
+  if (ctas > 0) launch_kernel(kernel, dim3(unsigned(ctas)), kThreads, kSmemBytes, stream, p, g);
+  return int(cudaGetLastError());
+}
+
+template <typename T>
+int launch_grouped_reduce(const GemmArgs& p, GroupedArgs g, cudaStream_t stream) {
+  const auto kernel = grouped_reduce_kernel<T>;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (err != cudaSuccess) return int(err);
+  g.tiles_n = (p.n + kBN - 1) / kBN;
+  const int64_t ctas = g.experts * ((p.m + kBM - 1) / kBM) * g.tiles_n;
+  if (ctas > 0) launch_kernel(kernel, dim3(unsigned(ctas)), kThreads, kSmemBytes, stream, p, g);
+  return int(cudaGetLastError());
 }
 
 // Split-K's second pass: one thread per 8 columns of a row sums the splits' fp32 partials and
@@ -395,6 +546,11 @@ inline int splitk_slices(int64_t m, int64_t n, int64_t k) {
 // The slice depth for `splits` slices (a multiple of kBK), and the slice count that leaves none empty.
 inline int64_t splitk_depth(int64_t k, int splits) {
   return ((k + splits - 1) / splits + kBK - 1) / kBK * kBK;
+}
+
+// A pointer and row stride the 16-byte chunks of the loaders and the epilogue can use.
+inline bool aligned(const void* p, int64_t stride) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && stride % 8 == 0;
 }
 
 // Launches the kernel for the operand layouts; the binding has checked the requirements above.

@@ -49,11 +49,6 @@ int backward(const LinearGradCudaArgs& a, cudaStream_t stream) {
   return a.n > 0 ? gemm::launch_gemm<T, false, false>(dw, stream) : 0;  // M == 0: zeros
 }
 
-// The layouts need 16-byte chunks along each contiguous dimension and 16-byte aligned rows.
-bool aligned(const void* p, int64_t stride) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && stride % 8 == 0;
-}
-
 }  // namespace
 }  // namespace fastlm::cuda
 
@@ -61,7 +56,7 @@ namespace fastlm {
 
 int linear_forward_cuda(const LinearCudaArgs& a, cudaStream_t stream) {
   // K == 0 runs no K tile (x and w are never read): the epilogue alone gives act(bias) + residual.
-  using cuda::aligned;
+  using cuda::gemm::aligned;
   const bool rows_ok = a.k == 0 || (a.k % 8 == 0 && aligned(a.x, a.x_stride) && aligned(a.w, a.w_stride));
   const bool epilogue_ok = (!a.bias || aligned(a.bias, 0)) && (!a.residual || aligned(a.residual, a.residual_stride));
   if (a.n % 8 || !rows_ok || !epilogue_ok) return int(cudaErrorInvalidValue);
@@ -77,7 +72,7 @@ int64_t linear_forward_cuda_workspace(int64_t m, int64_t n, int64_t k) {
 }
 
 int linear_backward_cuda(const LinearGradCudaArgs& a, cudaStream_t stream) {
-  using cuda::aligned;
+  using cuda::gemm::aligned;
   const bool ok = a.n % 8 == 0 && a.k % 8 == 0 && aligned(a.grad_p, a.grad_p_stride) && aligned(a.x, a.x_stride) &&
                   aligned(a.w, a.w_stride);
   if (!ok) return int(cudaErrorInvalidValue);

@@ -20,7 +20,11 @@ expert's GEMM output lands in one reused scratch block instead (no (N, N_w) writ
 
 Backends: cpu (one call: torch's GEMM per expert slice, csrc/cpu/moe_grouped_linear.cpp's fused epilogue),
 triton (fastlm/triton/grouped_linear.py: one launch over all experts, the tile schedule found
-on the device), reference (a loop over experts in fp32). CUDA kernels: not yet.
+on the device), reference (a loop over experts in fp32), cuda (csrc/cuda/moe_grouped_linear.cu,
+fp16/bf16 on the tensor-core GEMM core: one launch over all experts, each CTA finding its
+(expert, m-tile) from the offsets on the device; the gated form's CTAs hold matching gate and up
+columns, so act(gate) * up is formed in the epilogue; backward: grad_p once, then grouped dX and a
+per-expert dW reduction).
 """
 from __future__ import annotations
 
@@ -172,7 +176,7 @@ _backend.register_kernels(
     OP, _example, "grouped_linear_fwd", missing="grouped GEMMs run on cpu or reference",
     cpu=CPU_DTYPES,
     triton=GPU_DTYPES,
-    cuda=None,
+    cuda=(torch.float16, torch.bfloat16),
 )
 
 

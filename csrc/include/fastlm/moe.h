@@ -146,4 +146,43 @@ struct GroupedGradArgs {
 };
 void grouped_linear_grad_cpu(const GroupedGradArgs& a);
 
+// ---------------------------------------------------------------- grouped linear on CUDA
+// csrc/cuda/moe_grouped_linear.cu, on the GEMM core. fp16/bf16, device pointers; offsets (E+1,)
+// are read on the device only (clamped into [0, rows]). Every width, K and row stride is a
+// multiple of 8 elements and every base 16-byte aligned (the binding pads odd shapes with zeros).
+// Gated: weight rows [0, width) are the gate, [width, 2 width) the up projection (the binding
+// spreads an unpadded I into these halves).
+struct GroupedLinearCudaArgs {
+  DType dtype;
+  GroupedAct mode;
+  Activation act;           // ignored for kNone; gated: the gate's activation
+  int64_t rows, experts, k, width;  // x (rows, k); out (rows, width); cols = width or 2 width (gated)
+  const int32_t* offsets;
+  const void* x; int64_t x_stride;
+  const void* weight; int64_t weight_expert_stride, weight_stride;  // (E, cols, k)
+  const void* bias;         // (E, cols) contiguous, or null
+  void* out; int64_t out_stride;
+  void* pre; int64_t pre_stride;  // (rows, cols), or null; rows past offsets[E] get 0 like out
+};
+int grouped_linear_forward_cuda(const GroupedLinearCudaArgs& a, cudaStream_t stream);
+
+// grad_p = grad_out * act'(pre) into grad_p (kNone: grad_p is grad_out), grad_bias = its per-expert
+// column sums, grad_x = grad_p @ weight[e] by expert (tail rows 0), grad_weight[e] = grad_p_e^T x_e.
+struct GroupedLinearGradCudaArgs {
+  DType dtype;
+  GroupedAct mode;
+  Activation act;
+  int64_t rows, experts, k, width;  // as in the forward
+  const int32_t* offsets;
+  const void* grad_out; int64_t grad_out_stride;  // (rows, width)
+  const void* pre; int64_t pre_stride;            // (rows, cols) unless kNone
+  const void* x; int64_t x_stride;
+  const void* weight; int64_t weight_expert_stride, weight_stride;
+  void* grad_p; int64_t grad_p_stride;            // (rows, cols) scratch unless kNone
+  void* grad_x;                                   // (rows, k) contiguous
+  void* grad_weight;                              // (E, cols, k) contiguous
+  void* grad_bias;                                // (E, cols) contiguous, or null
+};
+int grouped_linear_backward_cuda(const GroupedLinearGradCudaArgs& a, cudaStream_t stream);
+
 }  // namespace fastlm
