@@ -86,6 +86,9 @@ OPS = {
     "bias_act": lambda: (lambda x, b: fastlm.ops.bias_act(x, b, "gelu", backend="cuda"), _leaf(6, 64), _leaf(64)),
     "moe_router": lambda: (lambda logits: fastlm.ops.moe_router(logits, 2, capacity=3, backend="cuda"),
                            _leaf(8, 4, dtype=torch.float32)),
+    "grouped_swiglu": lambda: (
+        lambda x, w: fastlm.ops.grouped_swiglu(x, w, torch.tensor([0, 3, 3, 8], dtype=torch.int32, device=DEVICE),
+                                               backend="cuda"), _leaf(10, 64), _leaf(3, 32, 64)),
     "moe_permute_unpermute": lambda: (_permute_unpermute, _leaf(8, 64), torch.zeros(8, 2, dtype=torch.int32,
                                                                                       device=DEVICE)),
 }
