@@ -114,6 +114,8 @@ class NoConfigFits(RuntimeError):
 
 def fitting(configs, smem_need, args: dict, limit: int, what: str):
     """The configs whose shared-memory estimate fits `limit`, in order; raises when none does."""
+    if not configs:
+        raise NoConfigFits(what, f"{what}: no config is meant for {_describe(args)}")
     keep = [c for c in configs if smem_need(c, args) <= limit]
     if not keep:
         need = min(smem_need(c, args) for c in configs)

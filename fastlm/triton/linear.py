@@ -65,8 +65,11 @@ _TILES_16 = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (
 _TILES_32 = [(64, 64, 32, 8, 3), (64, 64, 16, 8, 4), (32, 32, 32, 4, 3)]
 
 
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # at import, as triton.jit decides: not _tune's AOT view
+
+
 def _configs():
-    if os.environ.get("TRITON_INTERPRET") == "1":  # at import, as triton.jit decides: not _tune's AOT view
+    if _INTERPRETED:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
             for bm, bn, bk, w, st in _TILES_16 + _TILES_32]
@@ -89,7 +92,10 @@ def _epilogue_fits(cfg, a):
 
 
 def _allowed(cfg, a):
-    """Each operand width its own tiles (_TILES_16 / _TILES_32), and _epilogue_fits."""
+    """Each operand width its own tiles (_TILES_16 / _TILES_32), and _epilogue_fits (the
+    interpreter's one config serves every width)."""
+    if _INTERPRETED:
+        return _epilogue_fits(cfg, a)
     kw = cfg.kwargs
     tile = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages)
     return (tile in _TILES_32) == (a["a_ptr"].element_size() == 4) and _epilogue_fits(cfg, a)
