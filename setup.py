@@ -101,6 +101,7 @@ def extension():
 
 # ---------------------------------------------------------------- the emulator build
 EMU_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-DFASTLM_EMU", "-fno-strict-aliasing",
+             "-Wno-psabi",  # kernels taking a 64-byte aligned TmaDesc by value: GCC's note on that ABI
              "-I" + os.path.join(ROOT, "csrc", "emu", "include"), "-I" + os.path.join(ROOT, "csrc", "include")]
 # Kernel files get TSan's instrumentation (every load and store calls a __tsan_* hook) but not
 # TSan's runtime: csrc/emu/runtime.cpp implements the hooks as the shared-memory checker.
@@ -119,7 +120,7 @@ def emu_objects(build_dir):
     """Compiles csrc/cuda/*.cu, the emulator's self-test kernels and its runtime as host C++."""
     cxx = os.environ.get("CXX", sysconfig.get_config_var("CXX") or "c++").split()
     jobs = [(src, EMU_KERNEL_FLAGS) for src in sources("cuda", ".cu") + ["csrc/emu/selftest.cu"]]
-    jobs.append(("csrc/emu/runtime.cpp", []))
+    jobs += [("csrc/emu/runtime.cpp", []), ("csrc/emu/sm90.cpp", [])]
     os.makedirs(build_dir, exist_ok=True)
 
     def compile_one(job):

@@ -18,6 +18,7 @@
 #define __restrict__ __restrict
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
+#define __grid_constant__  // a TmaDesc kernel parameter (sm_90): by value here as anywhere
 
 // ---------------------------------------------------------------- runtime API
 enum cudaError_t : int {
