@@ -285,6 +285,17 @@ def test_tma_boxes_zero_fill_and_swizzle_byte_for_byte(sm90):
     assert torch.equal(out.view(torch.uint8), want_bytes.flatten())
 
 
+def test_tma_box_3d_zero_fill(sm90):
+    """A 64 x 8 x 2 box at (0, 4, 1) of a 64 x 10 x 3 tensor of 16-bit elements whose rows are 80
+    elements apart and slices 12 rows apart, no swizzle: rows 10 and 11 come back 0."""
+    x = torch.randn(2048)
+    out = run("tma_box_3d", x)[:512]
+    src = x.view(torch.int16)[: 3 * 12 * 80].view(3, 12, 80)[:, :10, :64]
+    want = torch.zeros(2, 8, 64, dtype=torch.int16)
+    want[:, :6] = src[1:3, 4:10]
+    assert torch.equal(out.view(torch.int16), want.flatten())
+
+
 def test_tma_wgmma_pipeline_matches_float64(sm90):
     """384 threads: a producer thread feeds two stages through full/empty mbarriers with TMA,
     two consumer warpgroups run wgmma on them (the warp-specialized Hopper GEMM's shape)."""
@@ -314,6 +325,23 @@ def test_tma_wgmma_pipeline_matches_float64(sm90):
 def test_emulator_reports_sm90(sm90, name, message):
     with pytest.raises(RuntimeError, match=message):
         run(name, torch.randn(128 * 256 + 256 * 64))
+
+
+@pytest.mark.parametrize(
+    "misuse, message",
+    [
+        (0, r"mbarrier\.init: the mbarrier at byte 0 of shared 'bar' \(16 bytes\) is initialized twice"),
+        (1, r"mbarrier\.arrive on the uninitialized mbarrier at byte 8 of shared 'bar'"),
+        (2, r"mbarrier\.arrive: more arrivals than the 1 the mbarrier at byte 0 of shared 'bar' \(16 bytes\) expects "
+            r"in its phase 0"),
+        (3, r"wgmma\.mma_async without a wgmma_fence\(\)"),
+        (4, r"cp\.async\.bulk\.tensor\.2d: misaligned address: the destination at byte 128 of shared 'dynamic shared "
+            r"memory' \(8192 bytes\) is not 1024-byte aligned"),
+    ],
+)
+def test_sm90_misuse_is_reported(sm90, misuse, message):
+    with pytest.raises(RuntimeError, match=message):
+        run(f"sm90_misuse_{misuse}", torch.randn(2048))
 
 
 def test_sm90_instructions_need_the_sm90_profile():

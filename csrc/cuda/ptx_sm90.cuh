@@ -47,10 +47,12 @@
 //   TMA itself needs 128-byte aligned destinations, 1024 for 128B), and adding 32 bytes to the
 //   start of a 128B-swizzled K-major operand (K step inside the atom) reads the right chunks.
 //   Descriptor base offset (bits 49-51) is always 0 here.
-// What the emulator checks (tests/test_emulator.py): K-major A and B and MN-major B with 128B
-// swizzle, K stepped inside the atom, N = 24, 64, 128, 256, A from registers; TMA 2-D boxes
-// with 128B swizzle and zero fill. It decodes the other layouts (no swizzle, 32B, 64B, MN-major
-// A) by the same formulas, untested against a GPU. It fails loudly on: a descriptor base offset
+// What the emulator's self-tests cover (tests/test_emulator.py): K-major A and B and MN-major B
+// with 128B swizzle, K stepped inside the atom, N = 24, 64, 128, 256, A from registers; TMA 2-D
+// boxes with 128B swizzle and 3-D boxes without, zero fill. It decodes the other layouts (no
+// swizzle, 32B, 64B, MN-major A) by the same formulas, which no test stages independently. All
+// of this is the ISA as read here (and CUTLASS's canonical layouts); none of it has yet been
+// compared with a GPU's results. It fails loudly on: a descriptor base offset
 // other than 0, a swizzled TMA box whose inner extent is not the swizzle span, complete_tx
 // before expect_tx (the ISA allows a transiently negative tx-count; the kernels here never
 // need it). Only 16-bit inputs (f16, bf16) with fp32 accumulators exist in this API.

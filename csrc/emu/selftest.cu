@@ -287,6 +287,54 @@ __global__ void named_handoff(const float* in, float* out) {
   }
 }
 
+// A 3-D box (64 x 8 x 2 of 16-bit elements, no swizzle) at (0, 4, 1) of a 64 x 10 x 3 tensor
+// with a padded middle stride (attention's (d, t, b*h) view): rows t = 10, 11 fall outside.
+__global__ void tma_box_3d(const __grid_constant__ h90::TmaDesc desc, float* out) {
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem);
+  FASTLM_SHARED(uint64_t, full, [1]);
+  if (threadIdx.x == 0) {
+    h90::mbar_init(&full[0], 1);
+    h90::fence_barrier_init();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    h90::mbar_arrive_expect_tx(&full[0], 64 * 8 * 2 * 2);
+    h90::tma_load_3d(smem, &desc, 0, 4, 1, &full[0]);
+  }
+  h90::mbar_wait(&full[0], 0);
+  for (int i = threadIdx.x; i < 512; i += blockDim.x) std::memcpy(&out[i], smem + 4 * i, 4);
+}
+
+// One misuse each, which the emulator must stop: 0 an mbarrier initialized twice, 1 an arrive on
+// an uninitialized one, 2 more arrivals than it expects in a phase, 3 a wgmma without
+// wgmma_fence, 4 a TMA destination off the 1024-byte alignment 128B swizzle needs.
+template <int kMisuse>
+__global__ void sm90_misuse(const __grid_constant__ h90::TmaDesc desc, float* out) {
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem);
+  FASTLM_SHARED(uint64_t, bar, [2]);
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    h90::mbar_init(&bar[0], 1);
+    if (kMisuse == 0) h90::mbar_init(&bar[0], 1);
+    h90::fence_barrier_init();
+  }
+  __syncthreads();
+  if (kMisuse == 1 && tid == 0) h90::mbar_arrive(&bar[1]);
+  if (kMisuse == 2 && tid < 2) {
+    if (tid == 0) h90::mbar_arrive_expect_tx(&bar[0], 16);  // the phase waits for 16 bytes still
+    else h90::mbar_arrive(&bar[0]);
+  }
+  if (kMisuse == 3) {
+    float d[4];
+    h90::wgmma_ss<__half, 8, false, false>(d, 0, 0, false);
+    out[tid] = d[0];
+  }
+  if (kMisuse == 4 && tid == 0) {
+    h90::mbar_arrive_expect_tx(&bar[0], 4096);
+    h90::tma_load_2d(smem + 128, &desc, 0, 0, &bar[0]);
+  }
+}
+
 template <typename T>
 void to_16bit(const float* from, T* to, size_t n) {
   for (size_t i = 0; i < n; ++i) {
@@ -348,6 +396,20 @@ int run(const char* name, const float* in, float* out) {
     h90::TmaDesc desc;
     if (!h90::make_tma_desc_2d(&desc, in, 2, 72, 40, 144, 64, 32, h90::TmaSwizzle::k128B, nullptr)) return -2;
     launch_kernel(tma_boxes, 1, 128, 8192, nullptr, desc, out);
+  }
+  else if (is("tma_box_3d")) {
+    h90::TmaDesc desc;
+    const int64_t dims[3] = {64, 10, 3}, strides[2] = {160, 160 * 12};  // rows of 80 elements, 12 per slice
+    const int box[3] = {64, 8, 2};
+    if (!h90::make_tma_desc_3d(&desc, in, 2, dims, strides, box, h90::TmaSwizzle::kNone, nullptr)) return -2;
+    launch_kernel(tma_box_3d, 1, 128, 2048, nullptr, desc, out);
+  }
+  else if (std::strncmp(name, "sm90_misuse_", 12) == 0 && name[12] >= '0' && name[12] <= '4' && !name[13]) {
+    h90::TmaDesc desc;
+    if (!h90::make_tma_desc_2d(&desc, in, 2, 72, 40, 144, 64, 32, h90::TmaSwizzle::k128B, nullptr)) return -2;
+    void (*const kernels[])(h90::TmaDesc, float*) = {sm90_misuse<0>, sm90_misuse<1>, sm90_misuse<2>, sm90_misuse<3>,
+                                                     sm90_misuse<4>};
+    launch_kernel(kernels[name[12] - '0'], 1, 128, 8192, nullptr, desc, out);
   }
   else if (is("wgmma_ss_n64")) launch_wgmma_tile<64, false, false>(in, out);
   else if (is("wgmma_ss_n128_mn")) launch_wgmma_tile<128, true, false>(in, out);
