@@ -259,11 +259,20 @@ def test_wgmma_d_fragment_matches_the_isa_table(sm90):
 def test_wgmma_matches_float64(sm90, name, n):
     """One warpgroup, K = 64 in four k16 steps (K-major operands step the descriptor's start by 32
     bytes inside the 128B swizzle atom, MN-major B by 2 KB), bf16 operands staged where TMA's 128B
-    swizzle puts them; _rs takes A from registers laid out by the ISA's A-fragment table."""
+    swizzle puts them; _rs takes A from registers laid out by the ISA's A-fragment table, one
+    commit group per k16 step chained on the group in flight (wgmma_wait<1>)."""
     a, b = torch.randn(64, 64), torch.randn(64, n)
     out = run(name, _wgmma_inputs(a, b))
     want = a.bfloat16().double() @ b.bfloat16().double()
     torch.testing.assert_close(_gather_d(out, n), want, rtol=1e-5, atol=1e-4)
+
+
+def test_wgmma_accumulators_are_undefined_before_the_wait(sm90):
+    """A kernel that stores its accumulators between wgmma_commit and wgmma_wait gets NaN (a GPU:
+    whatever the registers hold), so the float64 comparison fails as it would on a GPU."""
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    out = run("wgmma_read_before_wait_bug", _wgmma_inputs(a, b))
+    assert bool(out[: 128 * 32].isnan().all())
 
 
 def test_tma_boxes_zero_fill_and_swizzle_byte_for_byte(sm90):
@@ -319,6 +328,9 @@ def test_tma_wgmma_pipeline_matches_float64(sm90):
          r"deadlock in block \(0,0,0\): 256 threads wait on the mbarrier at byte 0 of shared 'bars' \(32 bytes\) for the "
          r"phase of parity 0 to complete \(it has completed 0 phases; the current one still expects 0 arrivals and 16 "
          r"transaction bytes\)"),
+        ("pipeline_early_release_bug",
+         r"race \(write after read\) on byte \d+ of shared 'dynamic shared memory'.*the wgmma shared-memory reads of "
+         r"warpgroup \d .*and thread \(256,0,0\)"),
         ("named_handoff_bug", r"race \(read after write\) on byte \d+ of shared 'buf'"),
     ],
 )

@@ -405,8 +405,9 @@ bool run_block(uint3 bidx, size_t dynamic_bytes) {
     t.copies.clear();
     t.group_ends.clear();
     t.wait_object = 0, t.wait_arg = 0;
-    t.wg_fenced = false, t.wg_open = 0;
+    t.wg_fenced = false, t.wg_open = 0, t.wg_commits = 0;
     t.wg_groups.clear();
+    t.wg_acc.clear();
     uintptr_t top = (reinterpret_cast<uintptr_t>(t.stack) + kStackBytes) & ~uintptr_t(15);
     void** sp = reinterpret_cast<void**>(top) - 8;  // r15 r14 r13 r12 rbx rbp, return address, pad
     for (int k = 0; k < 8; ++k) sp[k] = nullptr;

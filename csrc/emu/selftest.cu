@@ -175,9 +175,11 @@ __global__ void tma_boxes(const __grid_constant__ h90::TmaDesc desc, float* out)
 // by the threads in the layouts TMA would write with 128B swizzle: A K-major (start + 32 bytes
 // per k16), B K-major (the same) or MN-major (kTransB: 64-column blocks 8 KB apart = LBO, start +
 // 2 KB per k16). kRegsA: A from registers, taken from afrag (per thread, per k16 step, 8 values
-// in the ISA's A-fragment order). in: A row-major, B row-major (k, n), afrag; out: each thread's
-// N/2 accumulators in order.
-template <int N, bool kTransB, bool kRegsA>
+// in the ISA's A-fragment order), one commit group per k16 step with wgmma_wait<1> between (each
+// chained on the accumulators of the group still in flight). in: A row-major, B row-major (k, n),
+// afrag; out: each thread's N/2 accumulators in order. kReadBeforeWait: the bug of storing the
+// accumulators before wgmma_wait (a GPU stores undefined values; the emulator's are NaN).
+template <int N, bool kTransB, bool kRegsA, bool kReadBeforeWait = false>
 __global__ void wgmma_tile(const float* in, float* out) {
   FASTLM_DYNAMIC_SHARED(unsigned char, smem);
   const float* a = in;
@@ -207,14 +209,20 @@ __global__ void wgmma_tile(const float* in, float* out) {
       for (int j = 0; j < 4; ++j)
         r[j] = cuda::pack2<__nv_bfloat16>(afrag[(ks * 128 + tid) * 8 + 2 * j], afrag[(ks * 128 + tid) * 8 + 2 * j + 1]);
       h90::wgmma_rs<__nv_bfloat16, N, kTransB>(d, r, db, ks > 0);
+      h90::wgmma_commit();
+      h90::wgmma_wait<1>();
+      if (ks < 3) h90::wgmma_fence();
     } else {
       const uint64_t da = h90::smem_desc(sa + 32 * ks, h90::TmaSwizzle::k128B, 16, 1024);
       h90::wgmma_ss<__nv_bfloat16, N, false, kTransB>(d, da, db, ks > 0);
     }
   }
   h90::wgmma_commit();
+  if (kReadBeforeWait)
+    for (int i = 0; i < N / 2; ++i) out[tid * (N / 2) + i] = d[i];
   h90::wgmma_wait<0>();
-  for (int i = 0; i < N / 2; ++i) out[tid * (N / 2) + i] = d[i];
+  if (!kReadBeforeWait)
+    for (int i = 0; i < N / 2; ++i) out[tid * (N / 2) + i] = d[i];
 }
 
 // A warp-specialized pipeline as the Hopper GEMMs run it: D (128 x 64) = A (128 x 256) * B
@@ -224,7 +232,8 @@ __global__ void wgmma_tile(const float* in, float* out) {
 // kBug: 1 the consumers skip the full-barrier wait from the third k-tile on (they read a stage
 // the producer is refilling); 2 the producer skips the empty-barrier wait (it overwrites a stage the
 // consumers may still read); 3 the producer expects 16 more bytes than its loads bring, so the
-// first phase never completes (deadlock).
+// first phase never completes (deadlock); 4 the consumers release a stage (arrive on empty)
+// before wgmma_wait, while their wgmma may still read it.
 constexpr int kPipeM = 128, kPipeN = 64, kPipeK = 256, kPipeStageBytes = (128 * 64 + 64 * 64) * 2;
 template <int kBug>
 __global__ void tma_wgmma_pipeline(const __grid_constant__ h90::TmaDesc desc_a,
@@ -266,8 +275,9 @@ __global__ void tma_wgmma_pipeline(const __grid_constant__ h90::TmaDesc desc_a,
       h90::wgmma_ss<__half, kPipeN, false, true>(d, da, db, kt > 0 || ks > 0);
     }
     h90::wgmma_commit();
+    if (kBug == 4) h90::mbar_arrive(&empty[s]);
     h90::wgmma_wait<0>();
-    h90::mbar_arrive(&empty[s]);
+    if (kBug != 4) h90::mbar_arrive(&empty[s]);
   }
   for (int i = 0; i < kPipeN / 2; ++i) out[tid * (kPipeN / 2) + i] = d[i];
 }
@@ -343,11 +353,12 @@ void to_16bit(const float* from, T* to, size_t n) {
   }
 }
 
-template <int N, bool kTransB, bool kRegsA>
+template <int N, bool kTransB, bool kRegsA, bool kReadBeforeWait = false>
 void launch_wgmma_tile(const float* in, float* out) {
+  const auto kernel = wgmma_tile<N, kTransB, kRegsA, kReadBeforeWait>;
   const size_t smem = 8192 + (kTransB ? size_t(N + 63) / 64 * 8192 : size_t(N) * 128);
-  cudaFuncSetAttribute(wgmma_tile<N, kTransB, kRegsA>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  launch_kernel(wgmma_tile<N, kTransB, kRegsA>, 1, 128, smem, nullptr, in, out);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  launch_kernel(kernel, 1, 128, smem, nullptr, in, out);
 }
 
 template <int kBug>
@@ -415,12 +426,14 @@ int run(const char* name, const float* in, float* out) {
   else if (is("wgmma_ss_n128_mn")) launch_wgmma_tile<128, true, false>(in, out);
   else if (is("wgmma_ss_n256")) launch_wgmma_tile<256, false, false>(in, out);
   else if (is("wgmma_ss_n24")) launch_wgmma_tile<24, false, false>(in, out);
+  else if (is("wgmma_read_before_wait_bug")) launch_wgmma_tile<64, false, false, true>(in, out);
   else if (is("wgmma_rs_n128")) launch_wgmma_tile<128, false, true>(in, out);
   else if (is("wgmma_rs_n64_mn")) launch_wgmma_tile<64, true, true>(in, out);
   else if (is("pipeline")) launch_pipeline<0>(in, out);
   else if (is("pipeline_early_read_bug")) launch_pipeline<1>(in, out);
   else if (is("pipeline_overwrite_bug")) launch_pipeline<2>(in, out);
   else if (is("pipeline_deadlock_bug")) launch_pipeline<3>(in, out);
+  else if (is("pipeline_early_release_bug")) launch_pipeline<4>(in, out);
   else if (is("named_handoff")) launch_kernel(named_handoff<true>, 1, 256, 0, nullptr, in, out);
   else if (is("named_handoff_bug")) launch_kernel(named_handoff<false>, 1, 256, 0, nullptr, in, out);
   else return -1;
