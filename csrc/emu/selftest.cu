@@ -151,9 +151,13 @@ __device__ inline uint32_t sw128(int row, int byte_in_row) {
   return uint32_t(row * 128 + ((byte_in_row / 16) ^ (row % 8)) * 16 + byte_in_row % 16);
 }
 
-// Two TMA boxes of 64 x 32 16-bit elements (128B swizzle) from a 72 x 40 tensor, at (-8, 20)
-// and (40, 0): both run out of bounds; out receives the two boxes' raw shared bytes.
+// TMA boxes into shared memory; out receives the raw shared bytes. kRank 2: two 64 x 32 boxes
+// of 16-bit elements (128B swizzle) from a 72 x 40 tensor at (-8, 20) and (40, 0), both partly
+// out of bounds. kRank 3: one 64 x 8 x 2 box (no swizzle) at (0, 4, 1) of a 64 x 10 x 3 tensor
+// with padded strides (attention's (d, t, b*h) view): rows t = 10, 11 fall outside.
+template <int kRank>
 __global__ void tma_boxes(const __grid_constant__ h90::TmaDesc desc, float* out) {
+  constexpr int kBytes = kRank == 2 ? 2 * 64 * 32 * 2 : 64 * 8 * 2 * 2;
   FASTLM_DYNAMIC_SHARED(unsigned char, smem);
   FASTLM_SHARED(uint64_t, full, [1]);
   if (threadIdx.x == 0) {
@@ -163,12 +167,16 @@ __global__ void tma_boxes(const __grid_constant__ h90::TmaDesc desc, float* out)
   __syncthreads();
   if (threadIdx.x == 0) {
     h90::tma_prefetch_desc(&desc);
-    h90::mbar_arrive_expect_tx(&full[0], 2 * 64 * 32 * 2);
-    h90::tma_load_2d(smem, &desc, -8, 20, &full[0]);
-    h90::tma_load_2d(smem + 4096, &desc, 40, 0, &full[0]);
+    h90::mbar_arrive_expect_tx(&full[0], kBytes);
+    if (kRank == 2) {
+      h90::tma_load_2d(smem, &desc, -8, 20, &full[0]);
+      h90::tma_load_2d(smem + 4096, &desc, 40, 0, &full[0]);
+    } else {
+      h90::tma_load_3d(smem, &desc, 0, 4, 1, &full[0]);
+    }
   }
   h90::mbar_wait(&full[0], 0);
-  for (int i = threadIdx.x; i < 2048; i += blockDim.x) std::memcpy(&out[i], smem + 4 * i, 4);
+  for (int i = threadIdx.x; i < kBytes / 4; i += blockDim.x) std::memcpy(&out[i], smem + 4 * i, 4);
 }
 
 // D (64 x N) = A (64 x 64) * B (64 x N) by one warpgroup, four k16 steps, bf16 inputs staged
@@ -297,24 +305,6 @@ __global__ void named_handoff(const float* in, float* out) {
   }
 }
 
-// A 3-D box (64 x 8 x 2 of 16-bit elements, no swizzle) at (0, 4, 1) of a 64 x 10 x 3 tensor
-// with a padded middle stride (attention's (d, t, b*h) view): rows t = 10, 11 fall outside.
-__global__ void tma_box_3d(const __grid_constant__ h90::TmaDesc desc, float* out) {
-  FASTLM_DYNAMIC_SHARED(unsigned char, smem);
-  FASTLM_SHARED(uint64_t, full, [1]);
-  if (threadIdx.x == 0) {
-    h90::mbar_init(&full[0], 1);
-    h90::fence_barrier_init();
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    h90::mbar_arrive_expect_tx(&full[0], 64 * 8 * 2 * 2);
-    h90::tma_load_3d(smem, &desc, 0, 4, 1, &full[0]);
-  }
-  h90::mbar_wait(&full[0], 0);
-  for (int i = threadIdx.x; i < 512; i += blockDim.x) std::memcpy(&out[i], smem + 4 * i, 4);
-}
-
 // One misuse each, which the emulator must stop: 0 an mbarrier initialized twice, 1 an arrive on
 // an uninitialized one, 2 more arrivals than it expects in a phase, 3 a wgmma without
 // wgmma_fence, 4 a TMA destination off the 1024-byte alignment 128B swizzle needs.
@@ -406,14 +396,14 @@ int run(const char* name, const float* in, float* out) {
   else if (is("tma_boxes")) {
     h90::TmaDesc desc;
     if (!h90::make_tma_desc_2d(&desc, in, 2, 72, 40, 144, 64, 32, h90::TmaSwizzle::k128B, nullptr)) return -2;
-    launch_kernel(tma_boxes, 1, 128, 8192, nullptr, desc, out);
+    launch_kernel(tma_boxes<2>, 1, 128, 8192, nullptr, desc, out);
   }
   else if (is("tma_box_3d")) {
     h90::TmaDesc desc;
     const int64_t dims[3] = {64, 10, 3}, strides[2] = {160, 160 * 12};  // rows of 80 elements, 12 per slice
     const int box[3] = {64, 8, 2};
     if (!h90::make_tma_desc_3d(&desc, in, 2, dims, strides, box, h90::TmaSwizzle::kNone, nullptr)) return -2;
-    launch_kernel(tma_box_3d, 1, 128, 2048, nullptr, desc, out);
+    launch_kernel(tma_boxes<3>, 1, 128, 2048, nullptr, desc, out);
   }
   else if (std::strncmp(name, "sm90_misuse_", 12) == 0 && name[12] >= '0' && name[12] <= '4' && !name[13]) {
     h90::TmaDesc desc;
