@@ -390,12 +390,14 @@ __global__ void __launch_bounds__(384, 1) probe(const __grid_constant__ TmaDesc 
   mbar_wait(&bar, 0);
   float d[128];
   const uint32_t a[4] = {threadIdx.x, 1u, 2u, 3u};
+  wgmma_fence_operand(d);
   wgmma_fence();
   wgmma_ss<__nv_bfloat16, 256, false, true>(d, smem_desc(smem, TmaSwizzle::k128B, 16, 1024),
                                             smem_desc(smem + 8192, TmaSwizzle::k128B, 8192, 1024), false);
   wgmma_rs<__half, 256, false>(d, a, smem_desc(smem + 8192, TmaSwizzle::k128B, 16, 1024), true);
   wgmma_commit();
   wgmma_wait<0>();
+  wgmma_fence_operand(d);
   named_barrier_sync(1, 256);
   named_barrier_arrive(2, 256);
   fence_proxy_async_shared();

@@ -9,7 +9,8 @@
 //   named barriers  bar.sync / bar.arrive with an id (1..15) and a thread count (producer /
 //               consumer warpgroups sync without stopping the whole block)
 //   setmaxnreg  move registers from producer to consumer warpgroups
-//   wgmma       smem_desc, wgmma_fence / wgmma_commit / wgmma_wait<N>, wgmma_ss / wgmma_rs:
+//   wgmma       smem_desc, wgmma_fence / wgmma_commit / wgmma_wait<N>, wgmma_ss / wgmma_rs,
+//               wgmma_fence_operand (keeps the compiler from moving accumulator accesses):
 //               D (64 x N fp32 in the warpgroup's registers) (+)= A (64 x 16) * B (16 x N)
 // Why this is the fast path on sm_90: one TMA instruction moves a whole tile (no address math,
 // no registers) and signals an mbarrier, so one producer warp feeds the tensor cores; one wgmma
@@ -291,6 +292,15 @@ __device__ __forceinline__ void wgmma_commit() {
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   FASTLM_SM90(asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"));
+}
+// Pins accumulators (or A registers) in place around a wgmma batch: the compiler may not move
+// their reads or writes across it (CUTLASS's warpgroup_fence_operand). Without it ptxas may
+// copy them between the wgmma and its wait, and then serializes the wgmmas (warning C7512).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_fence_operand(T (&regs)[N]) {
+  static_assert(sizeof(T) == 4, "wgmma_fence_operand: float accumulators or uint32_t registers");
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(reinterpret_cast<uint32_t&>(regs[i]))::"memory");
 }
 
 }  // namespace fastlm::cuda::sm90

@@ -276,6 +276,7 @@ __global__ void tma_wgmma_pipeline(const __grid_constant__ h90::TmaDesc desc_a,
     const int s = kt % 2;
     if (kBug != 1 || kt < 2) h90::mbar_wait(&full[s], (kt / 2) & 1);
     unsigned char* stage = smem + s * kPipeStageBytes;
+    h90::wgmma_fence_operand(d);
     h90::wgmma_fence();
     for (int ks = 0; ks < 4; ++ks) {
       const uint64_t da = h90::smem_desc(stage + wg * 64 * 128 + 32 * ks, h90::TmaSwizzle::k128B, 16, 1024);
@@ -286,6 +287,7 @@ __global__ void tma_wgmma_pipeline(const __grid_constant__ h90::TmaDesc desc_a,
     if (kBug == 4) h90::mbar_arrive(&empty[s]);
     h90::wgmma_wait<0>();
     if (kBug != 4) h90::mbar_arrive(&empty[s]);
+    h90::wgmma_fence_operand(d);
   }
   for (int i = 0; i < kPipeN / 2; ++i) out[tid * (kPipeN / 2) + i] = d[i];
 }

@@ -140,6 +140,11 @@ __device__ __forceinline__ void wgmma_wait() {
   emu::sm90::wgmma_wait(N);
 }
 
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_fence_operand(T (&)[N]) {
+  static_assert(sizeof(T) == 4, "wgmma_fence_operand: float accumulators or uint32_t registers");
+}  // a compiler-ordering hint on a GPU; nothing to do here
+
 template <typename T, int N, bool TransA, bool TransB>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
   static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma m64nNk16: N in 8..256, a multiple of 8");
