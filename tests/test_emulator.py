@@ -2,7 +2,9 @@
 each class of kernel bug it must report: a race from a missing __syncthreads, an out-of-bounds
 shared index, an uninitialized shared read, a lane leaving before a warp collective, a
 misaligned cp.async, a launch over the grid limits, and a misread fragment layout (which
-computes wrong, so the float64 comparison catches it as it would on a GPU)."""
+computes wrong, so the float64 comparison catches it as it would on a GPU). Then the sm_90a
+primitives (mbarrier, TMA, named barriers, wgmma) against the ISA's layouts and a float64 matmul,
+and the pipeline bugs their happens-before must catch."""
 import pytest
 import torch
 

@@ -141,7 +141,6 @@ __global__ void l2_float2(const float* in, float* out, int offset) {
   cuda::store_l2(reinterpret_cast<float2*>(out) + threadIdx.x, v);
 }
 
-
 // ---------------------------------------------------------------- sm_90a (run on the "9.0" profile)
 namespace h90 = cuda::sm90;
 
