@@ -91,6 +91,14 @@ FASTLM_SM90_HD constexpr uint32_t swizzle_address(uint32_t addr, TmaSwizzle sw) 
   return addr ^ (((addr >> 7) & ((1u << bits) - 1)) << 4);
 }
 
+// Rounds a shared-memory pointer up to kAlign bytes (1024 for 128B-swizzled tiles): the dynamic
+// buffer is only 128-byte aligned once a kernel also declares static shared memory (barriers).
+template <int kAlign>
+FASTLM_SM90_HD inline unsigned char* smem_align(void* p) {
+  static_assert(kAlign > 0 && (kAlign & (kAlign - 1)) == 0, "smem_align: a power of two");
+  return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(p) + kAlign - 1) & ~uintptr_t(kAlign - 1));
+}
+
 // The wgmma shared-memory matrix descriptor for a tile at shared address `addr`.
 FASTLM_SM90_HD constexpr uint64_t smem_desc_bits(uint32_t addr, TmaSwizzle sw, uint32_t lbo_bytes, uint32_t sbo_bytes) {
   const uint64_t layout = sw == TmaSwizzle::k128B ? 1 : sw == TmaSwizzle::k64B ? 2 : sw == TmaSwizzle::k32B ? 3 : 0;

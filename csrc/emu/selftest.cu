@@ -157,7 +157,8 @@ __device__ inline uint32_t sw128(int row, int byte_in_row) {
 template <int kRank>
 __global__ void tma_boxes(const __grid_constant__ h90::TmaDesc desc, float* out) {
   constexpr int kBytes = kRank == 2 ? 2 * 64 * 32 * 2 : 64 * 8 * 2 * 2;
-  FASTLM_DYNAMIC_SHARED(unsigned char, smem);
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem_raw);
+  unsigned char* smem = h90::smem_align<1024>(smem_raw);  // the launch asks for 1 KB more
   FASTLM_SHARED(uint64_t, full, [1]);
   if (threadIdx.x == 0) {
     h90::mbar_init(&full[0], 1);
@@ -188,7 +189,8 @@ __global__ void tma_boxes(const __grid_constant__ h90::TmaDesc desc, float* out)
 // accumulators before wgmma_wait (a GPU stores undefined values; the emulator's are NaN).
 template <int N, bool kTransB, bool kRegsA, bool kReadBeforeWait = false>
 __global__ void wgmma_tile(const float* in, float* out) {
-  FASTLM_DYNAMIC_SHARED(unsigned char, smem);
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem_raw);
+  unsigned char* smem = h90::smem_align<1024>(smem_raw);  // the launch asks for 1 KB more
   const float* a = in;
   const float* b = in + 64 * 64;
   const float* afrag = b + 64 * N;
@@ -245,7 +247,8 @@ constexpr int kPipeM = 128, kPipeN = 64, kPipeK = 256, kPipeStageBytes = (128 * 
 template <int kBug>
 __global__ void tma_wgmma_pipeline(const __grid_constant__ h90::TmaDesc desc_a,
                                    const __grid_constant__ h90::TmaDesc desc_b, float* out) {
-  FASTLM_DYNAMIC_SHARED(unsigned char, smem);
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem_raw);
+  unsigned char* smem = h90::smem_align<1024>(smem_raw);  // the launch asks for 1 KB more
   FASTLM_SHARED(uint64_t, bars, [4]);  // full[0], full[1], empty[0], empty[1]
   uint64_t* full = &bars[0];
   uint64_t* empty = &bars[2];
@@ -311,7 +314,8 @@ __global__ void named_handoff(const float* in, float* out) {
 // wgmma_fence, 4 a TMA destination off the 1024-byte alignment 128B swizzle needs.
 template <int kMisuse>
 __global__ void sm90_misuse(const __grid_constant__ h90::TmaDesc desc, float* out) {
-  FASTLM_DYNAMIC_SHARED(unsigned char, smem);
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem_raw);
+  unsigned char* smem = h90::smem_align<1024>(smem_raw);  // the launch asks for 1 KB more
   FASTLM_SHARED(uint64_t, bar, [2]);
   const int tid = threadIdx.x;
   if (tid == 0) {
@@ -347,7 +351,7 @@ void to_16bit(const float* from, T* to, size_t n) {
 template <int N, bool kTransB, bool kRegsA, bool kReadBeforeWait = false>
 void launch_wgmma_tile(const float* in, float* out) {
   const auto kernel = wgmma_tile<N, kTransB, kRegsA, kReadBeforeWait>;
-  const size_t smem = 8192 + (kTransB ? size_t(N + 63) / 64 * 8192 : size_t(N) * 128);
+  const size_t smem = 1024 + 8192 + (kTransB ? size_t(N + 63) / 64 * 8192 : size_t(N) * 128);
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   launch_kernel(kernel, 1, 128, smem, nullptr, in, out);
 }
@@ -364,8 +368,9 @@ void launch_pipeline(const float* in, float* out) {
     std::fprintf(stderr, "make_tma_desc_2d: %s\n", why);
     return;
   }
-  cudaFuncSetAttribute(tma_wgmma_pipeline<kBug>, cudaFuncAttributeMaxDynamicSharedMemorySize, 2 * kPipeStageBytes);
-  launch_kernel(tma_wgmma_pipeline<kBug>, 1, 384, 2 * kPipeStageBytes, nullptr, da, db, out);
+  constexpr int kSmem = 1024 + 2 * kPipeStageBytes;
+  cudaFuncSetAttribute(tma_wgmma_pipeline<kBug>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  launch_kernel(tma_wgmma_pipeline<kBug>, 1, 384, kSmem, nullptr, da, db, out);
 }
 
 }  // namespace
@@ -397,21 +402,21 @@ int run(const char* name, const float* in, float* out) {
   else if (is("tma_boxes")) {
     h90::TmaDesc desc;
     if (!h90::make_tma_desc_2d(&desc, in, 2, 72, 40, 144, 64, 32, h90::TmaSwizzle::k128B, nullptr)) return -2;
-    launch_kernel(tma_boxes<2>, 1, 128, 8192, nullptr, desc, out);
+    launch_kernel(tma_boxes<2>, 1, 128, 8192 + 1024, nullptr, desc, out);
   }
   else if (is("tma_box_3d")) {
     h90::TmaDesc desc;
     const int64_t dims[3] = {64, 10, 3}, strides[2] = {160, 160 * 12};  // rows of 80 elements, 12 per slice
     const int box[3] = {64, 8, 2};
     if (!h90::make_tma_desc_3d(&desc, in, 2, dims, strides, box, h90::TmaSwizzle::kNone, nullptr)) return -2;
-    launch_kernel(tma_boxes<3>, 1, 128, 2048, nullptr, desc, out);
+    launch_kernel(tma_boxes<3>, 1, 128, 2048 + 1024, nullptr, desc, out);
   }
   else if (std::strncmp(name, "sm90_misuse_", 12) == 0 && name[12] >= '0' && name[12] <= '4' && !name[13]) {
     h90::TmaDesc desc;
     if (!h90::make_tma_desc_2d(&desc, in, 2, 72, 40, 144, 64, 32, h90::TmaSwizzle::k128B, nullptr)) return -2;
     void (*const kernels[])(h90::TmaDesc, float*) = {sm90_misuse<0>, sm90_misuse<1>, sm90_misuse<2>, sm90_misuse<3>,
                                                      sm90_misuse<4>};
-    launch_kernel(kernels[name[12] - '0'], 1, 128, 8192, nullptr, desc, out);
+    launch_kernel(kernels[name[12] - '0'], 1, 128, 8192 + 1024, nullptr, desc, out);
   }
   else if (is("wgmma_ss_n64")) launch_wgmma_tile<64, false, false>(in, out);
   else if (is("wgmma_ss_n128_mn")) launch_wgmma_tile<128, true, false>(in, out);
