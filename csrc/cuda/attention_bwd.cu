@@ -56,11 +56,13 @@
 // loop above with BN = 32 (the turn counters, tickets and query-tile walks count 32-key tiles).
 // BM = 16 queries per tile keeps shared memory at K, V (32 rows) + 2 x (Q, dO) (16 rows) of 264
 // halves + dS^T: 68 KB, under the 99 KB per block of sm_86/89 (BM = 32 would need 101 KB), so one
-// tile serves every arch: 2 CTAs per SM on sm_80/90 (242 registers on sm_80, no spills), 1 on
-// sm_86/89. Per warp per query tile: 32 + 32 HMMA for S^T and dP^T, 16 + 16 for its dV and dK
-// columns, 16 for its 16 x 64 slice of dQ over 32 keys = 112 HMMA against 92 ldmatrix, 8 scores
-// of P/dS per lane and 16 float2 dQ read-add-writes. The duplicated S^T/dP^T make that 448 HMMA
-// per CTA and tile for 320 of unique work (1.4x), and BN = 32 reads Q, dO and the dQ sums twice
+// tile serves every arch: 2 CTAs per SM on sm_80/90 (242 / 240 registers on sm_80 / sm_90a, no
+// spills), 1 on sm_86/89. Per warp per query tile: 32 + 32 HMMA for S^T and dP^T, 16 + 16 for its
+// dV and dK columns, 16 for its 16 x 64 slice of dQ over 32 keys = 112 HMMA against ~92
+// ldmatrix, 8 scores of P/dS per lane and 16 float2 dQ read-add-writes: the maskless loop compiles
+// to 7.0 instructions per HMMA on sm_80 and 7.29 on sm_90a (score-mod kernel 8.67 / 9.19: 112
+// HMMA per tile against D = 128's 160 carry about the same per-tile overhead). The duplicated
+// S^T/dP^T make that 448 HMMA per CTA and tile for 320 of unique work (1.4x), and BN = 32 reads Q, dO and the dQ sums twice
 // as often per key as BN = 64: correctness and registers first here; an 8-warp CTA of 64 keys
 // (FlashAttention-2's choice at D = 256, with P^T/dS^T shared through shared memory) would cut
 // both on sm_80/90 but needs more than the 99 KB of sm_86/89.
@@ -463,7 +465,7 @@ auto with_bwd_tiles(int64_t hd, F&& f) {
   if (hd <= 96) return f(BwdTiles<96, 32, 64>{});
   if (hd <= 128) return f(BwdTiles<128, 32, 64>{});
   // 129..256: 32 keys per CTA, two warps per 16 keys each owning half of dK/dV's columns, 16
-  // queries per tile: 70 KB of shared memory (see the header)
+  // queries per tile: 68 KB of shared memory (see the header)
   return f(BwdTiles<256, 16, 32>{});
 }
 
