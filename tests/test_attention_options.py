@@ -161,6 +161,16 @@ def test_decode_with_options(backend, device, dtype):
     check(backend, *_qkv(1, h, hkv, 3, 300, d, d, dtype, device), causal=BOTTOM_RIGHT, **opts)
 
 
+@pytest.mark.parametrize("backend,device", [pytest.param(*p.values[:2], id=p.id, marks=p.marks) for p in cuda_params()])
+def test_cuda_wide_heads_with_options(backend, device):
+    """The cuda backward at head dims 129..256: its score-mod kernel (softcap and ALiBi) under a
+    window with sinks and GQA, and a two-sided window (edges in the middle of a key tile)."""
+    h = 4
+    check(backend, *_qkv(1, h, 2, 30, 45, 256, 256, torch.float16, device), causal=BOTTOM_RIGHT, window=(10, 0),
+          alibi_slopes=torch.rand(h, device=device) * 0.5, softcap=5.0, sinks=torch.randn(h, device=device))
+    check(backend, *_qkv(1, h, 1, 45, 30, 192, 192, torch.bfloat16, device), window=(5, 7))
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_leading_dims_fold_alibi(backend):
     """5-D q/k/v with (B1, B2, H) slopes: folded to (B1*B2, H) with the batch dims."""

@@ -90,6 +90,16 @@ def test_options_per_sequence(backend, dtype):
           alibi_slopes=torch.rand(2) * 0.3)
 
 
+@pytest.mark.emu
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
+def test_cuda_wide_heads():
+    """Head dims 129..256 (the cuda backward's 32-key tiles): sequences empty, of one token and
+    ragged around the 32-key and 16-query tile edges, causal, MQA; Dv != D."""
+    lengths = [(0, 3), (1, 1), (17, 33), (33, 20)]
+    check("cuda-emu", torch.float16, lengths, h=2, hkv=1, d=256, dv=256, is_causal=True)
+    check("cuda-emu", torch.bfloat16, lengths, h=2, hkv=2, d=192, dv=160, window=(7, 0), softcap=5.0)
+
+
 @pytest.mark.parametrize("backend,dtype", [pytest.param(p.values[0], p.values[1][-1], id=p.id, marks=p.marks)
                                            for p in BACKENDS])
 def test_lse_layout_and_empty_rows(backend, dtype):

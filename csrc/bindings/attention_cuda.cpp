@@ -1,6 +1,6 @@
 // attention: the CUDA implementations of attention_fwd / attention_bwd, attention_varlen_fwd /
-// attention_varlen_bwd and attention_decode_fwd (schemas.h; tensor cores, fp16/bf16; forward head
-// dims up to 256, backward up to 128). Varlen's cu_seqlens and decode's cache_seqlens and
+// attention_varlen_bwd and attention_decode_fwd (schemas.h; tensor cores, fp16/bf16; head dims up
+// to 256 forward and backward: check_args' limit). Varlen's cu_seqlens and decode's cache_seqlens and
 // block_table stay on the device: the kernels read them there, so these checks look at their
 // dtype, shape and device only (values too under the emulator, where they are host memory).
 #include <ATen/core/Tensor.h>
@@ -16,12 +16,6 @@
 
 namespace fastlm::bind {
 namespace {
-
-// The backward kernels cover head dims up to 128 (dense and varlen alike).
-void backward_head_dims(const char* op, const AttentionShape& sh) {
-  TORCH_CHECK_VALUE(sh.head_dim <= 128 && sh.value_dim <= 128, op, ": the cuda backward takes head dims up to 128, got q ",
-                    sh.head_dim, " and v ", sh.value_dim);
-}
 
 void cuda_args(const char* op, const at::Tensor& q) {
   TORCH_CHECK_VALUE(q.device().type() == kGpu, op, ": q must be a ", kGpuName, " tensor here, got ", q.device().str());
@@ -83,7 +77,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
                                  window_left, window_right, alibi_slopes);
   dropout_args(op, sh, dropout_p, seed, /*supported=*/false, "cuda");
   check_backward_args(op, sh, grad_out, q, out, lse);
-  backward_head_dims(op, sh);
   const GpuGuard guard(q.device());
   at::Tensor gq = at::empty(q.sizes(), q.options()), gk = at::empty(k.sizes(), k.options());
   at::Tensor gv = at::empty(v.sizes(), v.options());
@@ -137,7 +130,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
       check_varlen_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, softcap,
                         /*allow_half=*/true, window_left, window_right, alibi_slopes);
   check_varlen_backward_args(op, sh, grad_out, q, out, lse);
-  backward_head_dims(op, sh);
   const GpuGuard guard(q.device());
   at::Tensor gq = at::empty(q.sizes(), q.options()), gk = at::empty(k.sizes(), k.options());
   at::Tensor gv = at::empty(v.sizes(), v.options());

@@ -1,14 +1,18 @@
 // Argument checks shared by the MoE bindings (moe_router.cpp, moe_permute.cpp,
-// moe_grouped_linear.cpp). Messages name the op, the argument and the offending value.
+// moe_grouped_linear.cpp and their _cuda twins). Messages name the op, the argument and the
+// offending value.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
 #include "common.h"
+#include "fastlm/moe.h"
 
 namespace fastlm::bind {
 
@@ -101,6 +105,81 @@ inline void check_row_index_on_host(const char* op, const at::Tensor& row_index,
                     " twice (again at [", t, ", ", s, "])");
   TORCH_CHECK_VALUE(false, op, ": row_index must be in [-1, ", rows, ") (rows of the sorted tensor), got ", value,
                     " at [", t, ", ", s, "]");
+}
+
+// grouped_linear's activation by name: none, elementwise (gelu, gelu_tanh, relu, silu) or gated
+// (swiglu, geglu: the weight's Nw outputs are gate and up halves).
+struct GroupedActivation {
+  GroupedAct mode = GroupedAct::kNone;
+  Activation act = Activation::kGelu;
+};
+inline GroupedActivation grouped_activation_arg(const char* op, c10::string_view name) {
+  const std::string s(name);
+  GroupedActivation g;
+  if (s == "none") return g;
+  if (s == "swiglu" || s == "geglu") {
+    g.mode = GroupedAct::kGated;
+    g.act = s == "swiglu" ? Activation::kSilu : Activation::kGelu;
+    return g;
+  }
+  TORCH_CHECK_VALUE(parse_activation(s, &g.act), op, ": unknown activation '", s,
+                    "'; expected one of none, gelu, gelu_tanh, relu, silu, swiglu, geglu");
+  g.mode = GroupedAct::kElementwise;
+  return g;
+}
+
+// grouped_linear's operands past x's own device and dtype (each binding's): x (N, K), weight (E,
+// Nw, K) beside x, gated: Nw even; offsets (E + 1,) int32 on x's device, whose values (0 first,
+// nondecreasing, last <= N) are checked where they live on the host (on a GPU the kernels clamp
+// them); bias (forward), if any, (E, Nw) beside x. The activation parsed, offsets contiguous.
+struct GroupedArgs {
+  GroupedActivation g;
+  at::Tensor offsets;
+  int64_t E, N, Nw, width;  // width: the outputs per row (Nw, or Nw / 2 gated)
+};
+inline GroupedArgs grouped_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& offsets, c10::string_view activation,
+                                const std::optional<at::Tensor>& bias = std::nullopt) {
+  const GroupedActivation g = grouped_activation_arg(op, activation);
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D (N, K), got shape ", x.sizes());
+  same_place_arg(op, "weight", weight, x);
+  TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(2) == x.size(1), op, ": weight must have shape (E, Nw, ",
+                    x.size(1), ") to match x's K, got ", weight.sizes());
+  const int64_t E = weight.size(0), N = x.size(0), Nw = weight.size(1);
+  TORCH_CHECK_VALUE(g.mode != GroupedAct::kGated || Nw % 2 == 0, op,
+                    ": a gated activation needs an even Nw (gate and up halves) in weight (E, Nw, K), got Nw = ", Nw);
+  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kInt, op, ": offsets must be int32, got ", offsets.scalar_type());
+  same_device_arg(op, "offsets", offsets, "x", x);
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == E + 1, op, ": offsets must have shape (E + 1,) = (",
+                    E + 1, ",), got ", offsets.sizes());
+  TORCH_CHECK_VALUE(N <= INT32_MAX, op, ": x has ", N, " rows, past the int32 offsets");
+  if (bias) {
+    same_place_arg(op, "bias", *bias, x);
+    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == E && bias->size(1) == Nw, op, ": bias must have shape (",
+                      E, ", ", Nw, "), got ", bias->sizes());
+  }
+  const at::Tensor o = offsets.contiguous();
+  if (o.device().is_cpu()) {
+    const int32_t* p = o.data_ptr<int32_t>();
+    TORCH_CHECK_VALUE(p[0] == 0, op, ": offsets[0] must be 0, got ", p[0]);
+    for (int64_t e = 0; e < E; ++e)
+      TORCH_CHECK_VALUE(p[e + 1] >= p[e], op, ": offsets must be nondecreasing, got offsets[", e + 1, "] = ",
+                        p[e + 1], " < offsets[", e, "] = ", p[e]);
+    TORCH_CHECK_VALUE(p[E] <= N, op, ": offsets[", E, "] = ", p[E], " exceeds the ", N, " rows of x");
+  }
+  return {g, o, E, N, Nw, g.mode == GroupedAct::kGated ? Nw / 2 : Nw};
+}
+
+// The backward's grad_out (N, width) and, with an activation, its saved pre-activation (N, Nw).
+inline void grouped_grad_args(const char* op, const GroupedArgs& a, const at::Tensor& x, const at::Tensor& grad_out,
+                              const at::Tensor& pre, c10::string_view activation) {
+  same_place_arg(op, "grad_out", grad_out, x);
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == a.N && grad_out.size(1) == a.width, op,
+                    ": grad_out must have shape (", a.N, ", ", a.width, "), got ", grad_out.sizes());
+  if (a.g.mode == GroupedAct::kNone) return;
+  same_place_arg(op, "pre", pre, x);
+  TORCH_CHECK_VALUE(pre.dim() == 2 && pre.size(0) == a.N && pre.size(1) == a.Nw, op, ": pre must have shape (", a.N,
+                    ", ", a.Nw, ") for activation '", std::string(activation), "', got ", pre.sizes());
 }
 
 // A view with unit column stride (copies only when there is none).

@@ -19,67 +19,14 @@
 namespace fastlm::bind {
 namespace {
 
-struct GroupedActivation {
-  GroupedAct mode = GroupedAct::kNone;
-  Activation act = Activation::kGelu;
-};
-
-GroupedActivation grouped_activation_arg(const char* op, c10::string_view name) {
-  const std::string s(name);
-  GroupedActivation g;
-  if (s == "none") return g;
-  if (s == "swiglu" || s == "geglu") {
-    g.mode = GroupedAct::kGated;
-    g.act = s == "swiglu" ? Activation::kSilu : Activation::kGelu;
-    return g;
-  }
-  TORCH_CHECK_VALUE(parse_activation(s, &g.act), op, ": unknown activation '", s,
-                    "'; expected one of none, gelu, gelu_tanh, relu, silu, swiglu, geglu");
-  g.mode = GroupedAct::kElementwise;
-  return g;
-}
-
-// x (N, K), weight (E, Nw, K), offsets (E+1,) int32: 0 first, nondecreasing, last <= N; gated: Nw even.
-// Returns offsets as a contiguous CPU tensor.
-at::Tensor grouped_args(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& offsets,
-                        const GroupedActivation& g) {
-  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D (N, K), got shape ", x.sizes());
-  same_place_arg(op, "weight", weight, x);
-  TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(2) == x.size(1), op, ": weight must have shape (E, Nw, ",
-                    x.size(1), ") to match x's K, got ", weight.sizes());
-  const int64_t E = weight.size(0), N = x.size(0), Nw = weight.size(1);
-  TORCH_CHECK_VALUE(g.mode != GroupedAct::kGated || Nw % 2 == 0, op,
-                    ": a gated activation needs an even Nw (gate and up halves) in weight (E, Nw, K), got Nw = ", Nw);
-  cpu_arg(op, "offsets", offsets);
-  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kInt, op, ": offsets must be int32, got ", offsets.scalar_type());
-  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == E + 1, op, ": offsets must have shape (E + 1,) = (",
-                    E + 1, ",), got ", offsets.sizes());
-  TORCH_CHECK_VALUE(N <= INT32_MAX, op, ": x has ", N, " rows, past the int32 offsets");
-  const at::Tensor o = offsets.contiguous();
-  const int32_t* p = o.data_ptr<int32_t>();
-  TORCH_CHECK_VALUE(p[0] == 0, op, ": offsets[0] must be 0, got ", p[0]);
-  for (int64_t e = 0; e < E; ++e)
-    TORCH_CHECK_VALUE(p[e + 1] >= p[e], op, ": offsets must be nondecreasing, got offsets[", e + 1, "] = ", p[e + 1],
-                      " < offsets[", e, "] = ", p[e]);
-  TORCH_CHECK_VALUE(p[E] <= N, op, ": offsets[", E, "] = ", p[E], " exceeds the ", N, " rows of x");
-  return o;
-}
-
 std::tuple<at::Tensor, at::Tensor> grouped_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                           const at::Tensor& offsets,
                                                           const std::optional<at::Tensor>& bias,
                                                           c10::string_view activation, bool save_pre) {
   constexpr const char* op = "grouped_linear_fwd";
-  const GroupedActivation g = grouped_activation_arg(op, activation);
   const DType dtype = kernel_input_arg(op, "x", x, c10::DeviceType::CPU, /*allow_half=*/false);
-  const at::Tensor off = grouped_args(op, x, weight, offsets, g);
-  const int64_t E = weight.size(0), N = x.size(0), Nw = weight.size(1);
-  if (bias) {
-    same_place_arg(op, "bias", *bias, x);
-    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == E && bias->size(1) == Nw, op, ": bias must have shape (",
-                      E, ", ", Nw, "), got ", bias->sizes());
-  }
-  const int64_t width = g.mode == GroupedAct::kGated ? Nw / 2 : Nw;
+  cpu_arg(op, "offsets", offsets);
+  const auto [g, off, E, N, Nw, width] = grouped_args(op, x, weight, offsets, activation, bias);
   const int32_t* o = off.data_ptr<int32_t>();
   const at::Tensor xs = unit_cols(x);
   const at::Tensor w = weight.size(2) > 1 && weight.stride(2) != 1 ? weight.contiguous() : weight;
@@ -127,19 +74,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_bwd_cpu(const at::
                                                                       const at::Tensor& offsets, const at::Tensor& pre,
                                                                       c10::string_view activation, bool has_bias) {
   constexpr const char* op = "grouped_linear_bwd";
-  const GroupedActivation g = grouped_activation_arg(op, activation);
   const DType dtype = kernel_input_arg(op, "x", x, c10::DeviceType::CPU, /*allow_half=*/false);
-  const at::Tensor off = grouped_args(op, x, weight, offsets, g);
-  const int64_t E = weight.size(0), N = x.size(0), Nw = weight.size(1), K = x.size(1);
-  const int64_t width = g.mode == GroupedAct::kGated ? Nw / 2 : Nw;
-  same_place_arg(op, "grad_out", grad_out, x);
-  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == N && grad_out.size(1) == width, op,
-                    ": grad_out must have shape (", N, ", ", width, "), got ", grad_out.sizes());
-  if (g.mode != GroupedAct::kNone) {
-    same_place_arg(op, "pre", pre, x);
-    TORCH_CHECK_VALUE(pre.dim() == 2 && pre.size(0) == N && pre.size(1) == Nw, op, ": pre must have shape (", N,
-                      ", ", Nw, ") for activation '", std::string(activation), "', got ", pre.sizes());
-  }
+  cpu_arg(op, "offsets", offsets);
+  const GroupedArgs ga = grouped_args(op, x, weight, offsets, activation);
+  grouped_grad_args(op, ga, x, grad_out, pre, activation);
+  const auto [g, off, E, N, Nw, width] = ga;
+  const int64_t K = x.size(1);
   const int32_t* o = off.data_ptr<int32_t>();
   const int64_t used = o[E];
   const at::Tensor go = unit_cols(grad_out), xs = unit_cols(x);

@@ -18,6 +18,7 @@
 #include "common.h"
 #include "fastlm/moe.h"
 #include "gpu_binding.h"
+#include "moe_args.h"
 #include "schemas.h"
 
 namespace fastlm::bind {
@@ -60,56 +61,11 @@ int64_t stride_of(const at::Tensor& t, int64_t d) {
   return dense;
 }
 
-struct Mode {
-  GroupedAct mode = GroupedAct::kNone;
-  Activation act = Activation::kGelu;
-};
-
-Mode mode_arg(const char* op, c10::string_view name) {
-  const std::string s(name);
-  Mode m;
-  if (s == "none") return m;
-  if (s == "swiglu" || s == "geglu") {
-    m.mode = GroupedAct::kGated;
-    m.act = s == "swiglu" ? Activation::kSilu : Activation::kGelu;
-    return m;
-  }
-  TORCH_CHECK_VALUE(parse_activation(s, &m.act), op, ": unknown activation '", s,
-                    "'; expected one of none, gelu, gelu_tanh, relu, silu, swiglu, geglu");
-  m.mode = GroupedAct::kElementwise;
-  return m;
-}
-
-// x (N, K) fp16/bf16 here, weight (E, Nw, K) beside it, offsets (E + 1,) int32 on x's device
-// (values checked where they are on the host); gated: Nw even. Returns the dtype.
-DType grouped_args(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& offsets,
-                   const Mode& m) {
+// x fp16/bf16 on this binding's device (the rest: grouped_args, moe_args.h). Returns the dtype.
+DType gpu_rows_arg(const char* op, const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.device().type() == kGpu, op, ": x must be a ", kGpuName, " tensor here, got ", x.device().str());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
                    ": x must be float16 or bfloat16 for the CUDA tensor-core GEMM, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D (N, K), got shape ", x.sizes());
-  same_place_arg(op, "weight", weight, x);
-  TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(2) == x.size(1), op, ": weight must have shape (E, Nw, ",
-                    x.size(1), ") to match x's K, got ", weight.sizes());
-  const int64_t E = weight.size(0), N = x.size(0);
-  TORCH_CHECK_VALUE(m.mode != GroupedAct::kGated || weight.size(1) % 2 == 0, op,
-                    ": a gated activation needs an even Nw (gate and up halves) in weight (E, Nw, K), got Nw = ",
-                    weight.size(1));
-  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kInt, op, ": offsets must be int32, got ", offsets.scalar_type());
-  TORCH_CHECK_VALUE(offsets.device() == x.device(), op, ": offsets is on ", offsets.device().str(), " but x is on ",
-                    x.device().str());
-  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == E + 1, op, ": offsets must have shape (E + 1,) = (",
-                    E + 1, ",), got ", offsets.sizes());
-  TORCH_CHECK_VALUE(N <= INT32_MAX, op, ": x has ", N, " rows, past the int32 offsets");
-  if (offsets.device().is_cpu()) {
-    const at::Tensor o = offsets.contiguous();
-    const int32_t* p = o.data_ptr<int32_t>();
-    TORCH_CHECK_VALUE(p[0] == 0, op, ": offsets[0] must be 0, got ", p[0]);
-    for (int64_t e = 0; e < E; ++e)
-      TORCH_CHECK_VALUE(p[e + 1] >= p[e], op, ": offsets must be nondecreasing, got offsets[", e + 1, "] = ",
-                        p[e + 1], " < offsets[", e, "] = ", p[e]);
-    TORCH_CHECK_VALUE(p[E] <= N, op, ": offsets[", E, "] = ", p[E], " exceeds the ", N, " rows of x");
-  }
   return x.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
 }
 
@@ -118,7 +74,7 @@ struct Extents {
   int64_t k, k8, width, width8, parts;
   int64_t cols8() const { return parts * width8; }
 };
-Extents extents(const at::Tensor& x, const at::Tensor& weight, const Mode& m) {
+Extents extents(const at::Tensor& x, const at::Tensor& weight, const GroupedActivation& m) {
   const int64_t parts = m.mode == GroupedAct::kGated ? 2 : 1, width = weight.size(1) / parts;
   return {x.size(1), round8(x.size(1)), width, round8(width), parts};
 }
@@ -133,14 +89,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_linear_fwd_cuda(const at::Tensor& x, 
                                                            const std::optional<at::Tensor>& bias,
                                                            c10::string_view activation, bool save_pre) {
   constexpr const char* op = "grouped_linear_fwd";
-  const Mode m = mode_arg(op, activation);
-  const DType dtype = grouped_args(op, x, weight, offsets, m);
-  const int64_t E = weight.size(0), N = x.size(0), Nw = weight.size(1);
-  if (bias) {
-    same_place_arg(op, "bias", *bias, x);
-    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == E && bias->size(1) == Nw, op, ": bias must have shape (",
-                      E, ", ", Nw, "), got ", bias->sizes());
-  }
+  const DType dtype = gpu_rows_arg(op, x);
+  const auto [m, off, E, N, Nw, width] = grouped_args(op, x, weight, offsets, activation, bias);
   const Extents s = extents(x, weight, m);
   const bool keep_pre = save_pre && m.mode != GroupedAct::kNone;
   const GpuGuard guard(x.device());
@@ -149,7 +99,6 @@ std::tuple<at::Tensor, at::Tensor> grouped_linear_fwd_cuda(const at::Tensor& x, 
   if (N > 0 && s.width > 0) {
     const at::Tensor xp = gemm_operand(spread(x, 1, 1, s.k, s.k8)), w = padded_weight(weight, s);
     const at::Tensor b = bias ? gemm_operand(spread(*bias, 1, s.parts, s.width, s.width8).contiguous()) : at::Tensor();
-    const at::Tensor off = offsets.contiguous();
     const GroupedLinearCudaArgs args{dtype, m.mode, m.act, N, E, s.k8, s.width8, off.data_ptr<int32_t>(),
                                      xp.data_ptr(), stride_of(xp, 0), w.data_ptr(), stride_of(w, 0),
                                      stride_of(w, 1), b.defined() ? b.data_ptr() : nullptr, out.data_ptr(),
@@ -164,19 +113,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_bwd_cuda(const at:
                                                                        const at::Tensor& offsets, const at::Tensor& pre,
                                                                        c10::string_view activation, bool has_bias) {
   constexpr const char* op = "grouped_linear_bwd";
-  const Mode m = mode_arg(op, activation);
-  const DType dtype = grouped_args(op, x, weight, offsets, m);
-  const int64_t E = weight.size(0), N = x.size(0), Nw = weight.size(1), K = x.size(1);
+  const DType dtype = gpu_rows_arg(op, x);
+  const GroupedArgs ga = grouped_args(op, x, weight, offsets, activation);
+  grouped_grad_args(op, ga, x, grad_out, pre, activation);
+  const auto [m, off, E, N, Nw, width] = ga;
+  const int64_t K = x.size(1);
   const Extents s = extents(x, weight, m);
-  same_place_arg(op, "grad_out", grad_out, x);
-  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == N && grad_out.size(1) == s.width, op,
-                    ": grad_out must have shape (", N, ", ", s.width, "), got ", grad_out.sizes());
   const bool act = m.mode != GroupedAct::kNone;
-  if (act) {
-    same_place_arg(op, "pre", pre, x);
-    TORCH_CHECK_VALUE(pre.dim() == 2 && pre.size(0) == N && pre.size(1) == Nw, op, ": pre must have shape (", N,
-                      ", ", Nw, ") for activation '", std::string(activation), "', got ", pre.sizes());
-  }
   const GpuGuard guard(x.device());
   at::Tensor grad_x = at::empty({N, s.k8}, x.options());
   at::Tensor grad_w = at::empty({E, s.cols8(), s.k8}, x.options());
@@ -186,7 +129,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_bwd_cuda(const at:
     const at::Tensor pr = act ? gemm_operand(spread(pre, 1, s.parts, s.width, s.width8)) : at::Tensor();
     const at::Tensor xp = gemm_operand(spread(x, 1, 1, s.k, s.k8)), w = padded_weight(weight, s);
     at::Tensor grad_p = at::empty(act ? at::IntArrayRef{N, s.cols8()} : at::IntArrayRef{0}, x.options());
-    const at::Tensor off = offsets.contiguous();
     const GroupedLinearGradCudaArgs args{dtype, m.mode, m.act, N, E, s.k8, s.width8, off.data_ptr<int32_t>(),
                                          go.data_ptr(), stride_of(go, 0), act ? pr.data_ptr() : nullptr,
                                          act ? stride_of(pr, 0) : 0, xp.data_ptr(), stride_of(xp, 0), w.data_ptr(),

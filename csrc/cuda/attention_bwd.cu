@@ -1,6 +1,7 @@
 // Flash attention backward for sm_80+, FlashAttention-2's design: fp16/bf16 in, fp32 accumulate,
-// head dims up to 128. One CTA = 4 warps owns BN = 64 keys of one KV head (16 per warp) and walks
-// the query tiles (BM = 64 queries for D <= 64, 32 above) of its query heads. Per query tile, 5 GEMMs:
+// head dims up to 256. Up to D = 128 one CTA = 4 warps owns BN = 64 keys of one KV head (16 per
+// warp) and walks the query tiles (BM = 64 queries for D <= 64, 32 above) of its query heads; the
+// D = 256 class (129..256) is described at the end of this header. Per query tile, 5 GEMMs:
 //   S^T  = K Q^T    and  dP^T = V dO^T  (ldmatrix + mma.sync; both stay in registers)
 //   P^T  = exp2(S^T * scale * log2 e - lse * log2 e),  dS^T = P^T (dP^T - delta)   (registers)
 //   dV  += P^T dO   and  dK  += dS^T Q  (P^T, dS^T repacked as A fragments; dK, dV in registers
@@ -47,19 +48,41 @@
 // max_seqlen_q) rows, so its size needs no host read of cu_seqlens; delta_kernel and finish_kernel
 // walk those rows and skip the ones past a sequence's end; the inputs and grads are read and
 // written at the sequence's packed rows.
+// Head dims 129..256 (one class, HD = 256; columns past D zero-filled as everywhere). dK + dV of
+// 16 keys x 256 columns would be 256 fp32 registers per thread, so the CTA owns BN = 32 keys and
+// its 4 warps sit as 2 key groups (16 keys) x 2 column halves: each warp keeps dK/dV for its 16
+// keys and 128 columns (128 registers, as at D = 128). Both warps of a key group compute the same
+// S^T and dP^T (16 keys x BM over all 256 columns) and each writes half of dS^T; the rest is the
+// loop above with BN = 32 (the turn counters, tickets and query-tile walks count 32-key tiles).
+// BM = 16 queries per tile keeps shared memory at K, V (32 rows) + 2 x (Q, dO) (16 rows) of 264
+// halves + dS^T: 68 KB, under the 99 KB per block of sm_86/89 (BM = 32 would need 101 KB), so one
+// tile serves every arch: 2 CTAs per SM on sm_80/90 (242 / 240 registers on sm_80 / sm_90a, no
+// spills), 1 on sm_86/89. Per warp per query tile: 32 + 32 HMMA for S^T and dP^T, 16 + 16 for its
+// dV and dK columns, 16 for its 16 x 64 slice of dQ over 32 keys = 112 HMMA against ~92
+// ldmatrix, 8 scores of P/dS per lane and 16 float2 dQ read-add-writes: the maskless loop compiles
+// to 7.0 instructions per HMMA on sm_80 and 7.29 on sm_90a (score-mod kernel 8.67 / 9.19: 112
+// HMMA per tile against D = 128's 160 carry about the same per-tile overhead). The duplicated
+// S^T/dP^T make that 448 HMMA per CTA and tile for 320 of unique work (1.4x), and BN = 32 reads Q, dO and the dQ sums twice
+// as often per key as BN = 64: correctness and registers first here; an 8-warp CTA of 64 keys
+// (FlashAttention-2's choice at D = 256, with P^T/dS^T shared through shared memory) would cut
+// both on sm_80/90 but needs more than the 99 KB of sm_86/89.
 #include "attention_common.cuh"
 #include "ptx.cuh"
 
 namespace fastlm::cuda::attn {
 namespace {
 
-constexpr int kBN = kRows;
-
-template <int HD, int BM>
+// A tile shape: HD (the head-dim class), BM queries per tile, BN keys per CTA. The CTA's 4 warps
+// sit as kKeyWarps groups of 16 keys times kColSplit slices of HD: each warp owns the dK/dV
+// columns of its slice (HD / kColSplit of them, 8 fp32 registers per 8 columns) for its 16 keys.
+template <int HD, int BM, int BN>
 struct BwdTiles {
+  static constexpr int kHD = HD, kBM = BM, kBN = BN;
+  static constexpr int kKeyWarps = BN / 16, kColSplit = kWarps / kKeyWarps, kOwnCols = HD / kColSplit;
+  static_assert(kKeyWarps * kColSplit == kWarps && kOwnCols % 16 == 0, "warps as key groups x column slices");
   static constexpr int ld = HD + kPad, lds = BM + kPad;  // halves per shared row
-  static constexpr size_t kv = size_t(kBN) * ld, qo = size_t(BM) * ld, ds = size_t(kBN) * lds;  // elements
-  static constexpr int bias = BM + kBN;  // ALiBi table per buffer: one entry per key-query offset
+  static constexpr size_t kv = size_t(BN) * ld, qo = size_t(BM) * ld, ds = size_t(BN) * lds;  // elements
+  static constexpr int bias = BM + BN;  // ALiBi table per buffer: one entry per key-query offset
   // then, 16-byte aligned, the CTA's sequence (seq_at: see backward_tiles)
   static constexpr size_t seq_at = ((2 * kv + 4 * qo + ds) * 2 + 4 * BM * 4 + kWarps * 4 + 4 + 2 * bias * 4 + 15) / 16 * 16;
   static constexpr size_t bytes = seq_at + sizeof(SeqSpan);
@@ -69,17 +92,24 @@ struct BwdTiles {
 // column of an odd head dim only ever receives 0 + 0).
 __host__ __device__ constexpr int64_t dq_ld(int64_t d) { return (d + 1) / 2 * 2; }
 
-template <typename T, int HD, int BM, bool kScoreMod>
+// Key tiles of bn keys per (sequence, KV head, split) over the launch's tk (at least 1, as
+// tile_head), and the (head, key tile) of a CTA's ticket: key tile fastest.
+__host__ __device__ constexpr int64_t key_tiles(int64_t tk, int64_t bn) { return tk > 0 ? (tk + bn - 1) / bn : 1; }
+__device__ __forceinline__ TileHead key_tile_head(int64_t ticket, int64_t tk, int64_t bn) {
+  return {ticket % key_tiles(tk, bn), ticket / key_tiles(tk, bn)};
+}
+
+template <typename T, int HD, int BM, int BN, bool kScoreMod>
 __device__ __forceinline__ void backward_tiles(const Params& p) {
-  using L = BwdTiles<HD, BM>;
-  constexpr int ld = L::ld, lds = L::lds, kMT = BM / 8, kDT = HD / 8;
+  using L = BwdTiles<HD, BM, BN>;
+  constexpr int ld = L::ld, lds = L::lds, kMT = BM / 8, kDT = L::kOwnCols / 8;
   constexpr int kWR = BM / 16, kWC = kWarps / kWR, kCW = HD / kWC;  // dQ: warps as kWR x kWC slices
   FASTLM_DYNAMIC_SHARED(unsigned char, smem);
   T* Ks = reinterpret_cast<T*>(smem);
   T* Vs = Ks + L::kv;
   T* Qs = Vs + L::kv;         // [2][BM][ld]
   T* dOs = Qs + 2 * L::qo;    // [2][BM][ld]
-  T* dSs = dOs + 2 * L::qo;   // [kBN][lds]: dS^T
+  T* dSs = dOs + 2 * L::qo;   // [BN][lds]: dS^T
   float* lse_s = reinterpret_cast<float*>(dSs + L::ds);  // [2][BM], log2 units (+inf: row saw nothing)
   float* delta_s = lse_s + 2 * BM;                        // [2][BM]
   uint32_t* live_s = reinterpret_cast<uint32_t*>(delta_s + 2 * BM);  // [kWarps]: keys some query sees
@@ -88,6 +118,9 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
   SeqSpan* seq_s = reinterpret_cast<SeqSpan*>(smem + L::seq_at);      // this CTA's sequence
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad = lane % 4;
+  // this warp's 16 keys (from key_row0 of the CTA's BN) and its slice of dK/dV columns (from col0)
+  const int key_row0 = (L::kColSplit == 1 ? warp : warp % L::kKeyWarps) * 16;
+  const int slice = L::kColSplit == 1 ? 0 : warp / L::kKeyWarps, col0 = slice * L::kOwnCols;
   const int64_t group = p.sh.heads / p.sh.kv_heads, hpc = group / p.head_splits;
   // The CTA's (head, key tile) comes from its ticket, not blockIdx: a key tile waits for the
   // lower key tiles of its head (the dQ turns), and lower tickets belong to CTAs already running.
@@ -95,8 +128,8 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
   __syncthreads();
   // The launch's shape sizes the grid and the workspace (varlen: max_seqlen_q/k, rows of the dQ
   // sums, delta and turn counters at (b, h, t < max_seqlen_q)); sh is this CTA's sequence.
-  const TileHead th = tile_head(*ticket_s, p.sh.tk);
-  const int64_t j0 = th.tile * kBN, split = th.head % p.head_splits, bhk = th.head / p.head_splits;
+  const TileHead th = key_tile_head(*ticket_s, p.sh.tk, BN);
+  const int64_t j0 = th.tile * BN, split = th.head % p.head_splits, bhk = th.head / p.head_splits;
   const int64_t b = bhk / p.sh.kv_heads, hk = bhk % p.sh.kv_heads, h_first = hk * group + split * hpc;
   // The sequence's bounds live in shared memory, not registers: the D = 128 kernels have none to
   // spare (255). own() is the sequence's shape, the launch's constant-bank fields with the lengths
@@ -110,7 +143,7 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
   if (j0 >= sh.tk) return;  // varlen: a key tile past this sequence's end (nobody waits for it)
   const int64_t dv = p.sh.value_dim, d = p.sh.head_dim;
   const int64_t ws_tq = p.sh.tq, m_tiles = (ws_tq + BM - 1) / BM;  // the workspace's rows and query tiles per head
-  const QueryTiles seen_by = query_tiles(sh, j0, kBN, BM);  // the query tiles this key tile visits
+  const QueryTiles seen_by = query_tiles(sh, j0, BN, BM);  // the query tiles this key tile visits
   const int64_t m_lo = seen_by.lo;
   // loop counters in 32 bits (query tiles per head < 2^31 / 64): registers are the limit here
   const int per_head = int(seen_by.hi - seen_by.lo), iters = int(hpc) * per_head;
@@ -135,12 +168,12 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
       delta_s[buf * BM + r] = r < valid ? p.delta[bh * ws_tq + m0 + r] : 0.0f;
     }
     // ALiBi in log2 units as a table over the tile's key-query offsets: query m0 + c and key j0 + r
-    // are i + offset - j = m0 + offset - j0 + c - r apart, entry c - r + kBN - 1. Read per score
+    // are i + offset - j = m0 + offset - j0 + c - r apart, entry c - r + BN - 1. Read per score
     // from shared memory, it holds no registers through the score loop, where the D = 128 kernels
     // have none to spare (255 on sm_90a). 0 without ALiBi.
     if (kScoreMod && threadIdx.x < L::bias - 1)
       bias_s[buf * L::bias + threadIdx.x] =
-          alibi_slope2(sh, b, h) * fabsf(float(m0 + diagonal(sh) - j0 + int(threadIdx.x) - (kBN - 1)));
+          alibi_slope2(sh, b, h) * fabsf(float(m0 + diagonal(sh) - j0 + int(threadIdx.x) - (BN - 1)));
   };
 
   float dk[kDT][4], dvacc[kDT][4];
@@ -152,15 +185,15 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
   // Visit order: per query head, the maskless query tiles (full_query_tiles) first, then the rest;
   // visit(k) is the query tile (counted from m_lo) of a head's k-th visit. Any order is safe for
   // the dQ turns: a key tile only ever waits for lower key tiles, which never wait for it.
-  const QueryTiles maskless = full_query_tiles(sh, j0, kBN, BM);
+  const QueryTiles maskless = full_query_tiles(sh, j0, BN, BM);
   const int full_lo = int(min(int64_t(per_head), max(int64_t(0), maskless.lo - m_lo)));
   const int n_full = int(max(int64_t(0), min(int64_t(per_head), maskless.hi - m_lo) - full_lo));
   auto visit = [&](int k) { return k < n_full ? full_lo + k : (k - n_full < full_lo ? k - n_full : k); };
 
   if (iters > 0) {
-    const int valid = int(min(int64_t(kBN), sh.tk - j0));
-    TileLoader<T, HD, kBN>{d}(Ks, kg + j0 * p.k.s[2], p.k.s[2], valid, d);
-    TileLoader<T, HD, kBN>{dv}(Vs, vg + j0 * p.v.s[2], p.v.s[2], valid, dv);
+    const int valid = int(min(int64_t(BN), sh.tk - j0));
+    TileLoader<T, HD, BN>{d}(Ks, kg + j0 * p.k.s[2], p.k.s[2], valid, d);
+    TileLoader<T, HD, BN>{dv}(Vs, vg + j0 * p.v.s[2], p.v.s[2], valid, dv);
     load_tile(0, visit(0), 0);
     cp_async_commit();
   }
@@ -183,12 +216,14 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
     const float* lse_b = lse_s + buf * BM;
     const float* delta_b = delta_s + buf * BM;
 
-    float st[kMT][4], dpt[kMT][4];  // S^T and dP^T: this warp's 16 keys x BM queries
-    mma_abt<T, HD, kMT>(st, Ks + warp * 16 * ld, Qb, ld, lane);
-    mma_abt<T, HD, kMT>(dpt, Vs + warp * 16 * ld, dOb, ld, lane);
+    // S^T and dP^T: this warp's 16 keys x BM queries, over all of HD (the warps of one key group
+    // under a column split each compute them: see the header)
+    float st[kMT][4], dpt[kMT][4];
+    mma_abt<T, HD, kMT>(st, Ks + key_row0 * ld, Qb, ld, lane);
+    mma_abt<T, HD, kMT>(dpt, Vs + key_row0 * ld, dOb, ld, lane);
 
-    // score-mod kernel: the ALiBi table entry of query column 2 quad and key row warp * 16 + lane / 4
-    const float* bias_b = bias_s + buf * L::bias + kBN - 1 + 2 * quad - (warp * 16 + lane / 4);
+    // score-mod kernel: the ALiBi table entry of query column 2 quad and key row key_row0 + lane / 4
+    const float* bias_b = bias_s + buf * L::bias + BN - 1 + 2 * quad - (key_row0 + lane / 4);
     bool seen[2] = {full, full};
     // partial tiles, per key row i: query columns [c_lo, c_hi) pass the bounds, causal and window
     // tests (32-bit from here on), and the mask row starts at mask_tile[i]
@@ -198,7 +233,7 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
       const int64_t elt = p.sh.mask_kind == MaskKind::kBool ? 1 : int64_t(sizeof(T));
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const int64_t j = j0 + warp * 16 + lane / 4 + 8 * i;
+        const int64_t j = j0 + key_row0 + lane / 4 + 8 * i;
         const Span seers = queries_seeing(sh, j, j);
         c_lo[i] = int(clamp_to(seers.lo - m0, BM));
         c_hi[i] = j < sh.tk ? int(clamp_to(seers.hi - m0, BM)) : 0;
@@ -240,17 +275,18 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
           dpt[n][e] = ok ? pr * (dpt[n][e] - delta_b[c]) : 0.0f;  // dS^T; hidden: exactly 0, even if dP is NaN
       }
 
-    // dV += P^T dO, dK += dS^T Q
+    // dV += P^T dO, dK += dS^T Q (this warp's columns of them)
     {
       uint32_t a[kMT / 2][4];
       as_a_fragments<T, kMT>(a, st);
-      mma_ab_trans<T, kMT / 2, kDT>(dvacc, a, dOb, ld, lane);
+      mma_ab_trans<T, kMT / 2, kDT>(dvacc, a, dOb + col0, ld, lane);
       as_a_fragments<T, kMT>(a, dpt);
-      mma_ab_trans<T, kMT / 2, kDT>(dk, a, Qb, ld, lane);
+      mma_ab_trans<T, kMT / 2, kDT>(dk, a, Qb + col0, ld, lane);
 #pragma unroll
-      for (int n = 0; n < kMT; ++n) {  // dS^T into shared memory for dQ
-        *reinterpret_cast<uint32_t*>(dSs + (warp * 16 + lane / 4) * lds + n * 8 + quad * 2) = a[n / 2][n % 2 * 2];
-        *reinterpret_cast<uint32_t*>(dSs + (warp * 16 + lane / 4 + 8) * lds + n * 8 + quad * 2) =
+      for (int n = 0; n < kMT; ++n) {  // dS^T into shared memory for dQ; a key group's slices share the columns
+        if (n % L::kColSplit != slice) continue;
+        *reinterpret_cast<uint32_t*>(dSs + (key_row0 + lane / 4) * lds + n * 8 + quad * 2) = a[n / 2][n % 2 * 2];
+        *reinterpret_cast<uint32_t*>(dSs + (key_row0 + lane / 4 + 8) * lds + n * 8 + quad * 2) =
             a[n / 2][n % 2 * 2 + 1];
       }
     }
@@ -264,11 +300,11 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
       const uint32_t lo = __ballot_sync(0xffffffffu, seen[0]), hi = __ballot_sync(0xffffffffu, seen[1]);
       uint32_t bits = 0;
       for (int r = 0; r < 8; ++r) bits |= (lo >> (4 * r) & 1) << r | (hi >> (4 * r) & 1) << (r + 8);
-      if (lane == 0) live_s[warp] = bits;
+      if (lane == 0 && slice == 0) live_s[key_row0 / 16] = bits;  // one writer per key group
     }
     __syncthreads();  // dS^T and live_s complete
 
-    // this warp's dQ slice, queries rb * 16.. and columns cb * kCW.., as dQ = dS K over the 64
+    // this warp's dQ slice, queries rb * 16.. and columns cb * kCW.., as dQ = dS K over the BN
     // keys, in chunks of kQC columns (fewer live registers), each added to the dQ sum when it is
     // this key tile's turn (key tiles in order: deterministic). The turn is taken after the first
     // chunk's product and handed on after the last chunk's sums.
@@ -283,7 +319,7 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
 #pragma unroll
       for (int n = 0; n < kQC / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
 #pragma unroll
-      for (int ks = 0; ks < kBN / 16; ++ks) {
+      for (int ks = 0; ks < BN / 16; ++ks) {
         uint32_t a[4];
         ldmatrix_x4_trans(a, dSs + (ks * 16 + lane / 16 * 8 + lane % 8) * lds + rb * 16 + (lane / 8) % 2 * 8);
         uint32_t keep_lo = 0xffffffffu, keep_hi = 0xffffffffu;  // K entries of keys nobody sees: 0
@@ -332,13 +368,13 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
   // dK (scaled) and dV of this CTA's keys: straight into grad_k/grad_v, or fp32 partials
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int64_t j = j0 + warp * 16 + lane / 4 + 8 * i;
+    const int64_t j = j0 + key_row0 + lane / 4 + 8 * i;
     if (j >= seq.tk) continue;
 #pragma unroll
     for (int n = 0; n < kDT; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int64_t c = n * 8 + quad * 2 + e;
+        const int64_t c = col0 + n * 8 + quad * 2 + e;
         if (p.head_splits == 1) {
           const int64_t at = b * p.dkv_s[0] + hk * p.dkv_s[1] + (seq.k0 + j) * p.dkv_s[2];
           if (c < d) static_cast<T*>(p.grad_k)[at * d + c] = from_float<T>(dk[n][2 * i + e] * p.sh.scale);
@@ -352,14 +388,14 @@ __device__ __forceinline__ void backward_tiles(const Params& p) {
   }
 }
 
-template <typename T, int HD, int BM>
+template <typename T, int HD, int BM, int BN>
 __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const Params p) {
-  backward_tiles<T, HD, BM, false>(p);
+  backward_tiles<T, HD, BM, BN, false>(p);
 }
 
-template <typename T, int HD, int BM>
+template <typename T, int HD, int BM, int BN>
 __global__ void __launch_bounds__(kThreads, 2) backward_score_mod_kernel(const Params p) {
-  backward_tiles<T, HD, BM, true>(p);
+  backward_tiles<T, HD, BM, BN, true>(p);
 }
 
 // delta = rowsum(dO * O) in fp32, one warp per row (O contiguous, dO strided). The first row of
@@ -368,7 +404,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_score_mod_kernel(const P
 // no registers). Rows run over the workspace's (b, h, t < the launch's tq); varlen rows past their
 // sequence's end have nothing to do.
 template <typename T>
-__global__ void delta_kernel(const Params p, int bm) {
+__global__ void delta_kernel(const Params p, int bm, int bn) {
   const int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32, dv = p.sh.value_dim;
   if (r >= p.sh.batch * p.sh.heads * p.sh.tq) return;
   const int64_t b = r / (p.sh.heads * p.sh.tq), h = r / p.sh.tq % p.sh.heads, t = r % p.sh.tq;
@@ -383,7 +419,7 @@ __global__ void delta_kernel(const Params p, int bm) {
   if (threadIdx.x % 32 == 0) p.delta[r] = acc;
   if (threadIdx.x % 32 == 0 && t % bm == 0)
     p.dq_turn[r / p.sh.tq * ((p.sh.tq + bm - 1) / bm) + t / bm] =
-        int(first_key_tile(seq_shape(p.sh, seq.tq, seq.tk), t, kBN));
+        int(first_key_tile(seq_shape(p.sh, seq.tq, seq.tk), t, bn));
 }
 
 // grad_q = scale * dQ sum; with head splits, grad_k/grad_v = the partials summed in split order.
@@ -419,22 +455,25 @@ __global__ void finish_kernel(const Params p) {
   }
 }
 
-// The one table of backward tile shapes: f(HD, BM) for head dim hd (<= 128).
+// The one table of backward tile shapes: f(BwdTiles<HD, BM, BN>{}) for head dim hd (<= 256).
 template <typename F>
 auto with_bwd_tiles(int64_t hd, F&& f) {
-  using std::integral_constant;
-  if (hd <= 32) return f(integral_constant<int, 32>{}, integral_constant<int, 64>{});
-  if (hd <= 64) return f(integral_constant<int, 64>{}, integral_constant<int, 64>{});
+  if (hd <= 32) return f(BwdTiles<32, 64, 64>{});
+  if (hd <= 64) return f(BwdTiles<64, 64, 64>{});
   // 65..96 (80 included) on 96-wide tiles: BM = 64 spills there, and BM = 32 needs the dQ slice
   // (D / 2) to be a multiple of 16
-  if (hd <= 96) return f(integral_constant<int, 96>{}, integral_constant<int, 32>{});
-  return f(integral_constant<int, 128>{}, integral_constant<int, 32>{});
+  if (hd <= 96) return f(BwdTiles<96, 32, 64>{});
+  if (hd <= 128) return f(BwdTiles<128, 32, 64>{});
+  // 129..256: 32 keys per CTA, two warps per 16 keys each owning half of dK/dV's columns, 16
+  // queries per tile: 68 KB of shared memory (see the header)
+  return f(BwdTiles<256, 16, 32>{});
 }
 
 // Query heads of a GQA group split over this many CTAs per key tile: enough CTAs for about two
-// per SM (MQA at B = 1 has only Tk / 64 key tiles otherwise), always a divisor of the group.
+// per SM (MQA at B = 1 has only Tk / BN key tiles otherwise), always a divisor of the group.
 int64_t head_splits(const AttentionShape& sh) {
-  const int64_t group = sh.heads / sh.kv_heads, ctas = sh.batch * sh.kv_heads * row_tiles(sh.tk);
+  const int64_t bn = with_bwd_tiles(max_head_dim(sh), [](auto t) { return int64_t(t.kBN); });
+  const int64_t group = sh.heads / sh.kv_heads, ctas = sh.batch * sh.kv_heads * key_tiles(sh.tk, bn);
   int device = 0, sms = 0;
   if (group == 1 || cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
@@ -446,12 +485,8 @@ int64_t head_splits(const AttentionShape& sh) {
   return s;
 }
 
-int64_t query_tile_rows(const AttentionShape& sh) {
-  return with_bwd_tiles(max_head_dim(sh), [](auto, auto bm) { return int64_t(bm.value); });
-}
-
 int64_t dq_tiles(const AttentionShape& sh) {
-  return with_bwd_tiles(max_head_dim(sh), [&](auto, auto bm) { return (sh.tq + bm.value - 1) / bm.value; });
+  return with_bwd_tiles(max_head_dim(sh), [&](auto t) { return (sh.tq + t.kBM - 1) / t.kBM; });
 }
 
 // The fp32 workspace, in floats, each region 16-byte aligned (the dQ sums are read and
@@ -470,16 +505,16 @@ BwdWorkspace bwd_workspace(const AttentionShape& sh, int64_t splits) {
   return w;
 }
 
-template <typename T, int HD, int BM>
+template <typename T, int HD, int BM, int BN>
 int launch(const Params& p, cudaStream_t stream) {
-  const size_t bytes = BwdTiles<HD, BM>::bytes;
-  auto* kernel = score_mod(p.sh) ? backward_score_mod_kernel<T, HD, BM> : backward_kernel<T, HD, BM>;
+  const size_t bytes = BwdTiles<HD, BM, BN>::bytes;
+  auto* kernel = score_mod(p.sh) ? backward_score_mod_kernel<T, HD, BM, BN> : backward_kernel<T, HD, BM, BN>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess) return int(err);
   const AttentionShape& sh = p.sh;
   const int64_t rows = sh.batch * sh.heads * sh.tq;  // delta: one warp per query row
-  launch_kernel(delta_kernel<T>, unsigned((rows + 7) / 8), 256, 0, stream, p, BM);
-  const unsigned grid = unsigned(row_tiles(sh.tk) * sh.batch * sh.kv_heads * p.head_splits);
+  launch_kernel(delta_kernel<T>, unsigned((rows + 7) / 8), 256, 0, stream, p, BM, BN);
+  const unsigned grid = unsigned(key_tiles(sh.tk, BN) * sh.batch * sh.kv_heads * p.head_splits);
   launch_kernel(kernel, grid, kThreads, bytes, stream, p);
   const int64_t finish = sh.batch * sh.heads * sh.tq * sh.head_dim +
                          (p.head_splits > 1 ? sh.batch * sh.kv_heads * sh.tk * (sh.head_dim + sh.value_dim) : 0);
@@ -494,15 +529,17 @@ namespace fastlm {
 
 int64_t attention_backward_cuda_smem(int64_t head_dim, int64_t value_dim) {
   const int64_t hd = head_dim > value_dim ? head_dim : value_dim;
-  return cuda::attn::with_bwd_tiles(hd, [](auto d, auto bm) { return int64_t(cuda::attn::BwdTiles<d.value, bm.value>::bytes); });
+  return cuda::attn::with_bwd_tiles(hd, [](auto t) { return int64_t(t.bytes); });
 }
 
 std::vector<int64_t> attention_backward_index_plan(const AttentionShape& shape) {
-  const int64_t bm = cuda::attn::query_tile_rows(shape);
-  std::vector<int64_t> plan{bm};
-  for (int64_t j0 = 0; j0 < shape.tk; j0 += cuda::attn::kRows) {
-    const cuda::attn::QueryTiles seen = cuda::attn::query_tiles(shape, j0, cuda::attn::kRows, bm);
-    const cuda::attn::QueryTiles full = cuda::attn::full_query_tiles(shape, j0, cuda::attn::kRows, bm);
+  const auto [bm, bn] = cuda::attn::with_bwd_tiles(cuda::attn::max_head_dim(shape), [](auto t) {
+    return std::pair<int64_t, int64_t>{t.kBM, t.kBN};
+  });
+  std::vector<int64_t> plan{bm, bn};
+  for (int64_t j0 = 0; j0 < shape.tk; j0 += bn) {
+    const cuda::attn::QueryTiles seen = cuda::attn::query_tiles(shape, j0, bn, bm);
+    const cuda::attn::QueryTiles full = cuda::attn::full_query_tiles(shape, j0, bn, bm);
     plan.insert(plan.end(), {seen.lo, seen.hi, full.lo, full.hi});
   }
   return plan;
@@ -533,9 +570,10 @@ int attention_backward_cuda(const AttentionShape& shape, Strided4 grad_out, Stri
   const cudaError_t err = cudaMemsetAsync(workspace + at.dq, 0, size_t(at.part - at.dq) * sizeof(float), stream);
   if (err != cudaSuccess) return int(err);
   const int64_t hd = cuda::attn::max_head_dim(shape);
-  return cuda::attn::with_bwd_tiles(hd, [&](auto d, auto bm) {
-    if (shape.dtype == DType::kFloat16) return cuda::attn::launch<__half, d.value, bm.value>(p, stream);
-    return cuda::attn::launch<__nv_bfloat16, d.value, bm.value>(p, stream);
+  return cuda::attn::with_bwd_tiles(hd, [&](auto t) {
+    using L = decltype(t);
+    if (shape.dtype == DType::kFloat16) return cuda::attn::launch<__half, L::kHD, L::kBM, L::kBN>(p, stream);
+    return cuda::attn::launch<__nv_bfloat16, L::kHD, L::kBM, L::kBN>(p, stream);
   });
 }
 

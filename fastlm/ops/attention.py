@@ -34,7 +34,7 @@ reference draws from a torch.Generator, a different mask for the same seed.
 
 Backends: cpu (fp32/bf16, csrc/cpu/attention*.cpp), triton (fp32/fp16/bf16,
 fastlm/triton/attention.py; CUDA tensors, or CPU ones under TRITON_INTERPRET=1), cuda (fp16/bf16 on
-tensor cores, csrc/cuda/attention*.cu; head dims to 256 forward, 128 backward), reference (plain PyTorch in fp32, or fp64
+tensor cores, csrc/cuda/attention*.cu; head dims to 256, forward and backward), reference (plain PyTorch in fp32, or fp64
 for fp64 inputs; the oracle).
 """
 from __future__ import annotations
@@ -53,7 +53,6 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_HEAD_DIM = 256
 CUDA_DTYPES = (torch.float16, torch.bfloat16)  # tensor cores only
 CUDA_MAX_HEAD_DIM = 256
-CUDA_MAX_BACKWARD_HEAD_DIM = 128
 NO_CAUSAL, TOP_LEFT, BOTTOM_RIGHT = 0, 1, 2
 
 
@@ -367,17 +366,17 @@ def _cuda_smem(device_type: str, head_dim: int, value_dim: int) -> list[int] | N
 
 def cuda_reasons(q, k, v, dropout_p=0.0, ext_op: str | None = None) -> list[str]:
     """Why the cuda attention kernels (dense, varlen and decode alike) can't serve these inputs:
-    dtype, head dims, the backward's head-dim limit when a gradient is wanted, shared memory
-    against this device's opt-in limit, and (ext_op) an extension built without that op."""
+    dtype, head dims (one limit for forward and backward), shared memory against this device's
+    opt-in limit (the backward's only when a gradient is wanted), and (ext_op) an extension built
+    without that op."""
     reasons = _kernel_reasons("cuda", CUDA_DTYPES, CUDA_MAX_HEAD_DIM, q, v, dropout_p)
     if ext_op is not None:
         ns = torch.ops.fastlm_emu if q.device.type == "cpu" else torch.ops.fastlm
         if not hasattr(ns, ext_op):
             reasons.append(f"the cuda kernels were built without {ext_op} (rebuild fastlm)")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if needs_grad and max(q.shape[-1], v.shape[-1]) > CUDA_MAX_BACKWARD_HEAD_DIM:
-        reasons.append(f"head dims > {CUDA_MAX_BACKWARD_HEAD_DIM} have no cuda backward (forward only, under no_grad)")
-    elif q.shape[-1] > 0 and v.shape[-1] > 0 and q.device.type in ("cpu", "cuda"):
+    dims = (q.shape[-1], v.shape[-1])
+    if 0 < min(dims) and max(dims) <= CUDA_MAX_HEAD_DIM and q.device.type in ("cpu", "cuda"):
         need = _cuda_smem(q.device.type, q.shape[-1], v.shape[-1])
         limit = _backend.shared_memory_per_block(q.device) if need else 0
         for kind, bytes_ in zip(("forward", "backward"), need or ()):

@@ -133,8 +133,8 @@ int attention_decode_forward_cuda(const AttentionShape& shape, const KvCacheLayo
 // The kernels' index math, evaluated on the host for tests (no launch). Forward: [key tile BN,
 // then per CTA: batch, kv head, first key, end key, the full (maskless) key tiles' [start, end),
 // and for each of its 64 rows the query head and position (-1, -1 past the end)]. Backward:
-// [query tile BM, then per key tile of 64: the query tiles that see it [first, end), and the
-// maskless ones [lo, hi)].
+// [query tile BM, key tile BN, then per key tile of BN: the query tiles that see it [first, end),
+// and the maskless ones [lo, hi)].
 std::vector<int64_t> attention_forward_index_plan(const AttentionShape& shape);
 std::vector<int64_t> attention_backward_index_plan(const AttentionShape& shape);
 
@@ -143,7 +143,7 @@ std::vector<int64_t> attention_backward_index_plan(const AttentionShape& shape);
 int64_t attention_forward_cuda_smem(int64_t head_dim, int64_t value_dim);
 int64_t attention_backward_cuda_smem(int64_t head_dim, int64_t value_dim);
 
-// Backward: head dims up to 128. out contiguous (B, H, Tq, Dv) (varlen: (total_q, H, Dv));
+// Backward: head dims up to 256, as the forward. out contiguous (B, H, Tq, Dv) (varlen: (total_q, H, Dv));
 // grad_out, q, k, v with the forward's 16-byte row alignment; grad_q/k/v contiguous like q/k/v.
 // Varlen: one launch, CTAs per (sequence, KV head, key tile of max_seqlen_k); the workspace is
 // laid out for (num_seqs, H, max_seqlen_q) rows, so its size depends on the bounds only. workspace: attention_backward_cuda_workspace(shape).floats of fp32
