@@ -17,10 +17,16 @@
 //   split_row(row, cols)       RowSplit {head, packs, tail} of that row (host or device)
 //   same_phase(a, b)           a and b are equal mod 16 bytes: a second operand (an output, a
 //                              gradient) can use 16-byte accesses at the first operand's body positions
+//   phase_period(bytes, {strides})  rows whose starts are equal mod 16 bytes in EVERY operand: row r
+//                              and r + P, P = 16 / gcd(16, each row stride in bytes) <= 16 / elem
+//                              bytes (host). A kernel that gives one thread the same columns of
+//                              several rows (per-column sums) walks rows of one phase, r = q + P i:
+//                              their splits are equal, so a slot is one column for all of them
 //   Slots<T, TPR, K>           the elements one of the TPR threads that own a row holds: K packs
 //                              (pack p0 + lane + k TPR, coalesced across the threads) and, when
 //                              `edges`, head element `lane` and tail element `lane` (TPR >= VEC - 1,
-//                              so one of each suffices). Methods:
+//                              so one of each suffices; TPR = 0: blockDim.x threads, the launcher
+//                              sees to that bound). Methods:
 //     load(row, vec)  -> Held  every pack load issued before any is used (K x 16 B in flight per
 //                              thread); vec = false: the same positions element by element (a second
 //                              operand out of phase with the first)
@@ -38,6 +44,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "activations.cuh"
 
@@ -70,6 +77,17 @@ __host__ __device__ __forceinline__ bool same_phase(const void* a, const void* b
   return ((reinterpret_cast<uintptr_t>(a) ^ reinterpret_cast<uintptr_t>(b)) & 15) == 0;
 }
 
+// Rows r and r + P start at the same address mod 16 in every operand whose row stride (elements)
+// is listed: P = 16 / gcd(16, stride bytes...), 1 when every stride is a multiple of 16 bytes.
+inline int phase_period(int elem_bytes, std::initializer_list<int64_t> strides) {
+  int64_t g = 16;
+  for (int64_t s : strides) {
+    int64_t b = ((s * elem_bytes) % 16 + 16) % 16;  // negative strides too
+    while (b) { const int64_t t = g % b; g = b; b = t; }
+  }
+  return int(16 / g);
+}
+
 template <typename T, int K>
 struct Held {
   static constexpr int kV = kVec<T>;
@@ -84,14 +102,15 @@ struct Held {
 template <typename T, int TPR, int K>
 struct Slots {
   static constexpr int kV = kVec<T>;
-  static_assert(TPR >= kV - 1, "one head and one tail element per thread");
+  static_assert(TPR == 0 || TPR >= kV - 1, "one head and one tail element per thread");
   RowSplit s;
   int lane;       // this thread's index among the row's TPR threads
   int64_t p0;     // the first pack of this chunk
   bool edges;     // this chunk holds the head and tail elements
 
-  __device__ __forceinline__ bool has_pack(int k) const { return p0 + lane + int64_t(k) * TPR < s.packs; }
-  __device__ __forceinline__ int64_t pack_col(int k) const { return s.head + (p0 + lane + int64_t(k) * TPR) * kV; }
+  __device__ __forceinline__ int64_t threads() const { return TPR > 0 ? int64_t(TPR) : int64_t(blockDim.x); }
+  __device__ __forceinline__ bool has_pack(int k) const { return p0 + lane + k * threads() < s.packs; }
+  __device__ __forceinline__ int64_t pack_col(int k) const { return s.head + (p0 + lane + k * threads()) * kV; }
   __device__ __forceinline__ bool has_head() const { return edges && lane < s.head; }
   __device__ __forceinline__ bool has_tail() const { return edges && lane < s.tail; }
   __device__ __forceinline__ int64_t tail_col() const { return s.head + s.packs * kV + lane; }
