@@ -1,20 +1,29 @@
 // bias_act on CUDA: y = act(x + bias), and grad_x = grad_y * act'(x + bias) with grad_bias.
-// Memory-bound, so the whole game is bytes: each thread moves 16-byte packs (8 halves or
-// 4 floats) down a column strip, the bias pack is loaded once per thread and reused for every
+// Memory-bound, so the whole game is bytes: each thread moves one 16-byte pack (8 halves or
+// 4 floats) of a row down a column strip, the bias is loaded once per thread and reused for every
 // row it visits, the pre-activation is recomputed in backward instead of stored, and grad_bias
 // is summed in registers during the same pass (per-row-split partials, then column_sum.cuh's
 // fixed-order reduce: deterministic, no atomics).
 //
+// Any width, row stride and offset keeps 16-byte accesses (row_io.cuh): a row is a scalar head
+// up to x's 16-byte boundary, packs, and a scalar tail, the edges owned by column block 0's first
+// threads. Column sums need every row a thread visits to split alike, and a row's split depends
+// only on (base + r x stride bytes) mod 16, which repeats every P = phase_period <= 8 rows (16 /
+// element bytes): row split y walks only rows y mod P + P i, so a thread's slots are the same
+// columns in all its rows. grad_y and grad_x use 16-byte accesses at x's pack positions when they
+// are in phase with x (equal offsets mod 16 and strides mod 16 bytes: any contiguous tensors);
+// an operand out of phase with x takes element accesses there instead, as does the bias (once
+// per thread) when out of phase. Before: any width, stride or pointer not a 16-byte multiple
+// dropped the whole tensor to 2-byte accesses (GPT-2's 3072 x odd slices, every odd width).
+//
 // Loads in flight (Little's law: ~3 TB/s x ~600 ns = 1.8 MB per H100, ~14 KB per SM): a thread
-// issues its kRowsInFlight = 4 rows' packs before it uses any, and the grid holds ~2 blocks of
-// 256 threads per SM, so 512 x 4 x 16 B = 32 KB (forward: x) / 64 KB (backward: grad_y and x)
-// are in flight per SM, 2-4x the need. Registers (sass_report.py --kernel bias_act, sm_90a):
-// forward 40-76, backward 66-128 (bf16 GELU: 4 rows x 8 derivatives unrolled), no spills; 2
-// blocks an SM fit even at 128, and the grid asks for no more. The grad_bias partials are
-// (2 x SMs / column blocks) x cols fp32: 1.6 MB for 3072 bf16 columns on 132 SMs, written
-// and read once, ~2 % of an 8K x 3K backward's 151 MB; column_sum reads them back (32-column
-// blocks x 8 warps).
-// Widths, strides or pointers that are not 16-byte multiples take the scalar path (VEC = 1).
+// issues its kRowsInFlight = 4 rows' packs (and edge elements) before it uses any. Registers
+// (sass_report.py --kernel bias_act, sm_90a, no spills): forward 64-121, so 2 blocks of 256 an
+// SM: 512 x 4 x 16 B = 32 KB of x in flight; backward 122-128 (fp32, fp16: 2 blocks, 64 KB of
+// grad_y and x) and 166-168 (bf16: 1 block, 256 x 4 x 2 x 16 B = 32 KB), 2.4-4.7x the need. The
+// grad_bias partials are (2 x SMs / column blocks + up to P - 1) x cols fp32 (rows padded to
+// 16 bytes): 1.6 MB for 3072 bf16 columns on 132 SMs, written and read once, ~2 % of an 8K x 3K
+// backward's 151 MB; column_sum reads them back 16 bytes at a time.
 #include <cuda_runtime.h>
 
 #include <algorithm>

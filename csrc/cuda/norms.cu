@@ -22,7 +22,11 @@
 // column_sum.cuh adds the partials in a fixed order (deterministic). The first pass issues its
 // 2 x 4 pack loads per thread together (512 x 8 x 16 B = 64 KB in flight per SM); the second
 // pass re-reads the same slice from L1. Widths or strides that are not pack multiples take
-// scalar accesses here (the accumulators are per column, so every row must split alike). Before: a read-modify-write of a global fp32 workspace row per row and
+// scalar accesses here (the accumulators are per column, so every row must split alike). The
+// phase walk of bias_act.cu (row_io's phase_period: a block takes rows of one 16-byte phase)
+// would keep packs here too, but its 2 x 34 accumulators (head and tail slots added) next to
+// the held rows spilled 0.1-1 KB a thread under the 128 registers of 512 threads; until that
+// fits, these cases stay scalar. The partial rows are padded to 16 bytes for column_sum. Before: a read-modify-write of a global fp32 workspace row per row and
 // gradient (16 B of extra traffic per element) into a memset 69 MB buffer at 4096 columns.
 #include <cuda_runtime.h>
 
