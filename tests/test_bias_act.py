@@ -227,7 +227,7 @@ def test_extension_ops_validate_inputs():
 
 
 # ------------------------------------------------------------------ cuda kernels under the emulator
-# 16-byte packs (every width above is odd, so only these reach the vector path), a thread's
+# Aligned rows (one phase: every row split walks all rows), a thread's
 # 4 rows in flight with a partial group (rows not a multiple of 4 x the row step), several
 # column blocks with a partly idle last one, and grad_bias from per-row-split partials through
 # column_sum (NaN-prefilled scratch: an unwritten partial shows up in grad_bias).
