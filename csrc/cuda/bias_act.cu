@@ -17,16 +17,21 @@
 // dropped the whole tensor to 2-byte accesses (GPT-2's 3072 x odd slices, every odd width).
 //
 // Loads in flight (Little's law: ~3 TB/s x ~600 ns = 1.8 MB per H100, ~14 KB per SM): a thread
-// issues its kRowsInFlight = 4 rows' packs (and edge elements) before it uses any. Registers
-// (sass_report.py --kernel bias_act, sm_90a, no spills): forward 64-121, so 2 blocks of 256 an
-// SM: 512 x 4 x 16 B = 32 KB of x in flight; backward 122-128 (fp32, fp16: 2 blocks, 64 KB of
-// grad_y and x) and 166-168 (bf16: 1 block, 256 x 4 x 2 x 16 B = 32 KB), 2.4-4.7x the need. The
-// grad_bias partials are (2 x SMs / column blocks + up to P - 1) x cols fp32 (rows padded to
-// 16 bytes): 1.6 MB for 3072 bf16 columns on 132 SMs, written and read once, ~2 % of an 8K x 3K
-// backward's 151 MB; column_sum reads them back 16 bytes at a time.
+// issues its kRowsInFlight = 4 rows' packs and edge elements as one straight run before it uses
+// any (rows past the end reload the last row instead of branching around the load). Figures
+// from sass_report.py --memory --kernel bias_act, no spills anywhere: forward 90-128 registers
+// under launch bounds (256, 2), 2 blocks an SM, 4 x 16 B (+ edges) in flight a thread = 40-48 KB
+// per SM; backward fp32 126-128 registers, 2 blocks, 8 x 16 B a thread = 96 KB per SM; backward
+// 16-bit 170-191 registers (4 rows x 8 derivatives unrolled; capped at 128 it spilled), 1 block
+// of 256, 8 x 16 B a thread = 40 KB per SM, except bf16 on sm_90a, where ptxas splits the batch
+// after 3-5 packs: 19.5-21.5 KB per SM, still 1.4x the need. The grad_bias partials are
+// (2 x SMs / column blocks + up to P - 1) x cols fp32 (rows padded to 16 bytes): 1.6 MB for
+// 3072 bf16 columns on 132 SMs, written and read once, ~2 % of an 8K x 3K backward's 151 MB;
+// column_sum reads them back 16 bytes at a time.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "activations.cuh"
 #include "column_sum.cuh"
@@ -84,6 +89,9 @@ int64_t partial_ld(int64_t cols) { return ceil_div(cols, 4) * 4; }
 struct PhaseRows {
   int64_t q, period, n, first, step;
   __device__ __forceinline__ int64_t row(int64_t i) const { return q + period * i; }
+  // rows past the phase's end load its last row again (not stored): the loads of a batch stay
+  // one straight run, with no branch between them
+  __device__ __forceinline__ int64_t clamp(int64_t i) const { return i < n ? i : n - 1; }
 };
 
 __device__ __forceinline__ PhaseRows phase_rows(int64_t rows, int period) {
@@ -113,7 +121,7 @@ __device__ __forceinline__ void load_bias(const Slots<T, 0, 1>& cs, const T* bia
 }
 
 template <typename T, Activation A>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     forward_kernel(const T* __restrict__ x, int64_t xs, const T* __restrict__ bias,
                    T* __restrict__ y, int64_t ys, int64_t rows, int64_t cols, int period) {
   const PhaseRows pr = phase_rows(rows, period);
@@ -126,9 +134,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i0 = pr.first; i0 < pr.n; i0 += kRowsInFlight * pr.step) {
     Held<T, 1> xh[kRowsInFlight];
 #pragma unroll
-    for (int u = 0; u < kRowsInFlight; ++u) {
-      if (i0 + u * pr.step < pr.n) xh[u] = cs.load(x + pr.row(i0 + u * pr.step) * xs, true);
-    }
+    for (int u = 0; u < kRowsInFlight; ++u) xh[u] = cs.load(x + pr.row(pr.clamp(i0 + u * pr.step)) * xs, true);
 #pragma unroll
     for (int u = 0; u < kRowsInFlight; ++u) {
       if (i0 + u * pr.step >= pr.n) break;
@@ -159,13 +165,16 @@ __global__ void __launch_bounds__(kThreads)
   const bool gy_vec = same_phase(gy + pr.q * gys, x_q), gx_vec = same_phase(gx + pr.q * gxs, x_q);
   for (int64_t i0 = pr.first; i0 < pr.n; i0 += kRowsInFlight * pr.step) {
     Held<T, 1> gh[kRowsInFlight], xh[kRowsInFlight];
+    auto load_rows = [&](auto gy_in_phase) {  // one straight run of 8 loads per (compile-time) grad_y width
 #pragma unroll
-    for (int u = 0; u < kRowsInFlight; ++u) {
-      if (i0 + u * pr.step >= pr.n) continue;
-      const int64_t r = pr.row(i0 + u * pr.step);
-      gh[u] = cs.load(gy + r * gys, gy_vec);
-      xh[u] = cs.load(x + r * xs, true);
-    }
+      for (int u = 0; u < kRowsInFlight; ++u) {
+        const int64_t r = pr.row(pr.clamp(i0 + u * pr.step));
+        gh[u] = cs.load(gy + r * gys, decltype(gy_in_phase)::value);
+        xh[u] = cs.load(x + r * xs, true);
+      }
+    };
+    if (gy_vec) load_rows(std::true_type{});
+    else load_rows(std::false_type{});
 #pragma unroll
     for (int u = 0; u < kRowsInFlight; ++u) {
       if (i0 + u * pr.step >= pr.n) break;
