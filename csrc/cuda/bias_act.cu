@@ -101,17 +101,21 @@ __device__ __forceinline__ PhaseRows phase_rows(int64_t rows, int period) {
 }
 
 // The thread's columns: one pack of the phase's split (pack blockIdx.x * tx + threadIdx.x) and,
-// in column block 0, head and tail element threadIdx.x.
+// in column block 0, head and tail element threadIdx.x. With one pack a thread, Slots' thread
+// count only bounds the edges: tx >= 8 >= VEC - 1.
 template <typename T>
-__device__ __forceinline__ Slots<T, 0, 1> column_slots(const T* phase_row, int64_t cols) {
-  return Slots<T, 0, 1>{split_row(phase_row, cols), int(threadIdx.x), int64_t(blockIdx.x) * blockDim.x,
+using ColumnSlots = Slots<T, 8, 1>;
+
+template <typename T>
+__device__ __forceinline__ ColumnSlots<T> column_slots(const T* phase_row, int64_t cols) {
+  return ColumnSlots<T>{split_row(phase_row, cols), int(threadIdx.x), int64_t(blockIdx.x) * blockDim.x,
                         blockIdx.x == 0};
 }
 
 // The bias at the thread's slots, loaded once (16-byte when in phase with x's rows, else element
 // by element) and reused for every row; 0 without a bias.
 template <typename T>
-__device__ __forceinline__ void load_bias(const Slots<T, 0, 1>& cs, const T* bias, const T* phase_row,
+__device__ __forceinline__ void load_bias(const ColumnSlots<T>& cs, const T* bias, const T* phase_row,
                                           float (&b)[Held<T, 1>::kSlots]) {
 #pragma unroll
   for (int i = 0; i < Held<T, 1>::kSlots; ++i) b[i] = 0.0f;

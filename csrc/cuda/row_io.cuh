@@ -25,8 +25,7 @@
 //   Slots<T, TPR, K>           the elements one of the TPR threads that own a row holds: K packs
 //                              (pack p0 + lane + k TPR, coalesced across the threads) and, when
 //                              `edges`, head element `lane` and tail element `lane` (TPR >= VEC - 1,
-//                              so one of each suffices; TPR = 0: blockDim.x threads, the launcher
-//                              sees to that bound). Methods:
+//                              so one of each suffices). Methods:
 //     load(row, vec)  -> Held  every pack load issued before any is used (K x 16 B in flight per
 //                              thread); vec = false: the same positions element by element (a second
 //                              operand out of phase with the first)
@@ -102,15 +101,14 @@ struct Held {
 template <typename T, int TPR, int K>
 struct Slots {
   static constexpr int kV = kVec<T>;
-  static_assert(TPR == 0 || TPR >= kV - 1, "one head and one tail element per thread");
+  static_assert(TPR >= kV - 1, "one head and one tail element per thread");
   RowSplit s;
   int lane;       // this thread's index among the row's TPR threads
   int64_t p0;     // the first pack of this chunk
   bool edges;     // this chunk holds the head and tail elements
 
-  __device__ __forceinline__ int64_t threads() const { return TPR > 0 ? int64_t(TPR) : int64_t(blockDim.x); }
-  __device__ __forceinline__ bool has_pack(int k) const { return p0 + lane + k * threads() < s.packs; }
-  __device__ __forceinline__ int64_t pack_col(int k) const { return s.head + (p0 + lane + k * threads()) * kV; }
+  __device__ __forceinline__ bool has_pack(int k) const { return p0 + lane + int64_t(k) * TPR < s.packs; }
+  __device__ __forceinline__ int64_t pack_col(int k) const { return s.head + (p0 + lane + int64_t(k) * TPR) * kV; }
   __device__ __forceinline__ bool has_head() const { return edges && lane < s.head; }
   __device__ __forceinline__ bool has_tail() const { return edges && lane < s.tail; }
   __device__ __forceinline__ int64_t tail_col() const { return s.head + s.packs * kV + lane; }
