@@ -227,7 +227,7 @@ def test_extension_ops_validate_inputs():
 
 
 # ------------------------------------------------------------------ cuda kernels under the emulator
-# 16-byte packs (every width above is odd, so only these reach the vector path), a thread's
+# Aligned rows (one phase: every row split walks all rows), a thread's
 # 4 rows in flight with a partial group (rows not a multiple of 4 x the row step), several
 # column blocks with a partly idle last one, and grad_bias from per-row-split partials through
 # column_sum (NaN-prefilled scratch: an unwritten partial shows up in grad_bias).
@@ -242,3 +242,33 @@ def test_cuda_emu_vector_path(shape, dtype, activation):
     x = torch.randn(shape, dtype=dtype) * 3
     bias = torch.randn(shape[-1], dtype=dtype)
     _check("cuda-emu", "cpu", dtype, activation, x, bias)
+
+
+# row_io.cuh's head / 16-byte body / tail on every row, whatever the width, row stride and offset:
+# the widths of the memory-bound kernels' contract (1, 7, 1000, 1023, 50257, 131072), x sliced at
+# an odd offset out of a wider tensor (odd strides: 8 alignment phases for 2-byte types, 4 for
+# fp32, each walked by its own row splits), a bias one element off x's phase (element-wise bias
+# loads), no bias, and rows with NaNs (which must stay NaN in y and grad_x, and only there).
+@pytest.mark.emu
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
+@pytest.mark.parametrize("rows,cols,offset,pad,dtype,activation,bias,nan", [
+    (3, 1, 0, 0, torch.bfloat16, "gelu", True, False),
+    (9, 7, 3, 6, torch.float16, "silu", True, True),
+    (11, 1000, 1, 4, torch.float32, "gelu_tanh", True, True),   # stride 1004 floats: 4 phases
+    (17, 1023, 0, 0, torch.bfloat16, "relu", False, False),     # contiguous odd width: 8 phases
+    (3, 50257, 5, 8, torch.float16, "gelu", True, False),       # GPT-2's vocabulary, odd stride
+    (2, 131072, 1, 2, torch.bfloat16, "silu", True, False),     # one odd-offset row per phase
+], ids=["w1", "w7-nan", "w1000-fp32-nan", "w1023-nobias", "w50257", "w131072"])
+def test_cuda_emu_any_width_stride_offset(rows, cols, offset, pad, dtype, activation, bias, nan):
+    x = (torch.randn(rows, cols + pad, dtype=dtype) * 3)[:, offset:offset + cols]
+    if nan:
+        x[1, ::3] = float("nan")
+    b = torch.randn(cols + 1, dtype=dtype)[1:] if bias else None
+    _check("cuda-emu", "cpu", dtype, activation, x, b)
+    if not nan:
+        return
+    grad = torch.randn(x.shape, dtype=dtype)
+    y, grads = _run(lambda a, c: bias_act(a, c, activation, backend="cuda-emu"), x, b, grad)
+    y64, grads64 = _run(lambda a, c: _act(a if c is None else a + c, activation), x, b, grad, torch.float64)
+    for name, got, want in [("y", y, y64), ("grad_x", grads[0], grads64[0])]:
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{name}: NaNs where the oracle has none, or missing"

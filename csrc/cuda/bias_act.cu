@@ -1,23 +1,37 @@
 // bias_act on CUDA: y = act(x + bias), and grad_x = grad_y * act'(x + bias) with grad_bias.
-// Memory-bound, so the whole game is bytes: each thread moves 16-byte packs (8 halves or
-// 4 floats) down a column strip, the bias pack is loaded once per thread and reused for every
+// Memory-bound, so the whole game is bytes: each thread moves one 16-byte pack (8 halves or
+// 4 floats) of a row down a column strip, the bias is loaded once per thread and reused for every
 // row it visits, the pre-activation is recomputed in backward instead of stored, and grad_bias
 // is summed in registers during the same pass (per-row-split partials, then column_sum.cuh's
 // fixed-order reduce: deterministic, no atomics).
 //
+// Any width, row stride and offset keeps 16-byte accesses (row_io.cuh): a row is a scalar head
+// up to x's 16-byte boundary, packs, and a scalar tail, the edges owned by column block 0's first
+// threads. Column sums need every row a thread visits to split alike, and a row's split depends
+// only on (base + r x stride bytes) mod 16, which repeats every P = phase_period <= 8 rows (16 /
+// element bytes): row split y walks only rows y mod P + P i, so a thread's slots are the same
+// columns in all its rows. grad_y and grad_x use 16-byte accesses at x's pack positions when they
+// are in phase with x (equal offsets mod 16 and strides mod 16 bytes: any contiguous tensors);
+// an operand out of phase with x takes element accesses there instead, as does the bias (once
+// per thread) when out of phase. Before: any width, stride or pointer not a 16-byte multiple
+// dropped the whole tensor to 2-byte accesses (GPT-2's 3072 x odd slices, every odd width).
+//
 // Loads in flight (Little's law: ~3 TB/s x ~600 ns = 1.8 MB per H100, ~14 KB per SM): a thread
-// issues its kRowsInFlight = 4 rows' packs before it uses any, and the grid holds ~2 blocks of
-// 256 threads per SM, so 512 x 4 x 16 B = 32 KB (forward: x) / 64 KB (backward: grad_y and x)
-// are in flight per SM, 2-4x the need. Registers (sass_report.py --kernel bias_act, sm_90a):
-// forward 40-76, backward 66-128 (bf16 GELU: 4 rows x 8 derivatives unrolled), no spills; 2
-// blocks an SM fit even at 128, and the grid asks for no more. The grad_bias partials are
-// (2 x SMs / column blocks) x cols fp32: 1.6 MB for 3072 bf16 columns on 132 SMs, written
-// and read once, ~2 % of an 8K x 3K backward's 151 MB; column_sum reads them back (32-column
-// blocks x 8 warps).
-// Widths, strides or pointers that are not 16-byte multiples take the scalar path (VEC = 1).
+// issues its kRowsInFlight = 4 rows' packs and edge elements as one straight run before it uses
+// any (rows past the end reload the last row instead of branching around the load). Figures
+// from sass_report.py --memory --kernel bias_act, no spills anywhere: forward 90-128 registers
+// under launch bounds (256, 2), 2 blocks an SM, 4 x 16 B (+ edges) in flight a thread = 40-48 KB
+// per SM; backward fp32 126-128 registers, 2 blocks, 8 x 16 B a thread = 96 KB per SM; backward
+// 16-bit 170-191 registers (4 rows x 8 derivatives unrolled; capped at 128 it spilled), 1 block
+// of 256, 8 x 16 B a thread = 40 KB per SM, except bf16 on sm_90a, where ptxas splits the batch
+// after 3-5 packs: 19.5-21.5 KB per SM, still 1.4x the need. The grad_bias partials are
+// (2 x SMs / column blocks + up to P - 1) x cols fp32 (rows padded to 16 bytes): 1.6 MB for
+// 3072 bf16 columns on 132 SMs, written and read once, ~2 % of an 8K x 3K backward's 151 MB;
+// column_sum reads them back 16 bytes at a time.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "activations.cuh"
 #include "column_sum.cuh"
@@ -31,151 +45,170 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kRowsInFlight = 4;  // rows a thread loads before it uses any of them
 constexpr int kBlocksPerSm = 2;   // 512 threads x 4 rows x 16 B = 32 KB of x in flight per SM
+constexpr int kMaxPhases = 8;     // phase_period's bound: 16 / 2-byte elements
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// A block is (tx, ty): tx threads side by side own tx * vec adjacent columns (one pack each;
-// tx the power of two >= the packs of a row up to 32, then a multiple of 32 up to 256), ty =
-// 256 / tx rows walk down them (a warp covers several narrow rows instead of idling);
-// gridDim.x column blocks, gridDim.y row splits (~kBlocksPerSm blocks per SM in all, never
-// more than the row blocks).
+// A block is (tx, ty): tx threads side by side own tx adjacent packs of a row (one each; tx the
+// power of two >= the packs of a row, 8..32, then a multiple of 32 up to 256; column block 0's
+// first threads also own the head and tail elements, so tx >= 8 > VEC - 1), ty = 256 / tx rows
+// walk down them (a warp covers several narrow rows instead of idling). gridDim.x column blocks;
+// gridDim.y = period x splits: row split y walks the rows of phase y % period (row_io's
+// phase_period), so every row it visits splits alike and a thread's slots are the same columns
+// in all of them (~kBlocksPerSm blocks per SM in all, never more splits than a phase's row blocks).
 struct Plan {
   dim3 grid, block;
+  int period;
 };
 
-Plan make_plan(int64_t rows, int64_t cols, int vec) {
-  const int64_t packs = ceil_div(cols, vec);
-  int tx = 1;
+Plan make_plan(int64_t rows, int64_t cols, int elem_bytes, int period) {
+  const int64_t packs = ceil_div(cols, 16 / elem_bytes);  // >= the packs of any split of the row
+  int tx = 8;
   while (tx < 32 && tx < packs) tx *= 2;
   if (packs > 32) tx = int(std::min<int64_t>(kThreads, ceil_div(packs, 32) * 32));
   const int ty = kThreads / tx;
   const int64_t col_blocks = ceil_div(packs, tx);
-  const int64_t splits = std::min({ceil_div(int64_t(sm_count()) * kBlocksPerSm, col_blocks), ceil_div(rows, ty),
-                                   int64_t(65535)});
-  return Plan{dim3(unsigned(col_blocks), unsigned(std::max<int64_t>(1, splits))), dim3(unsigned(tx), unsigned(ty))};
+  const int64_t per_phase = std::min({ceil_div(ceil_div(int64_t(sm_count()) * kBlocksPerSm, col_blocks), period),
+                                      ceil_div(ceil_div(rows, period), ty), int64_t(65535 / period)});
+  const int64_t splits = period * std::max<int64_t>(1, per_phase);
+  return Plan{dim3(unsigned(col_blocks), unsigned(splits)), dim3(unsigned(tx), unsigned(ty)), period};
 }
 
-// The most row splits any plan for (rows, cols) can have: the backward's workspace is sized
-// before the pack width (which depends on pointer alignment) is chosen.
+// The most row splits any plan for (rows, cols) can have (period x ceil(target / period) and
+// period x ceil(rows / period) are below target + 8 and rows + 8): the backward's workspace is
+// sized before the strides are seen.
 int64_t max_row_splits(int64_t rows) {
-  return std::max<int64_t>(1, std::min({int64_t(sm_count()) * kBlocksPerSm, rows, int64_t(65535)}));
+  return std::min({int64_t(sm_count()) * kBlocksPerSm + kMaxPhases, rows + kMaxPhases, int64_t(65535)});
 }
 
-template <typename T, int VEC>
-__device__ __forceinline__ void load_bias(const T* bias, int64_t c, float (&b)[VEC]) {
-  if (bias) {
-    Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(bias + c);
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) b[i] = to_float(p.v[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) b[i] = 0.0f;
-  }
+// fp32 partial rows padded to whole 16-byte packs (column_sum.cuh reads them 4 floats at a time).
+int64_t partial_ld(int64_t cols) { return ceil_div(cols, 4) * 4; }
+
+// This block's rows: phase q = blockIdx.y % period, the phase's n rows q + period i, i = first,
+// first + step, ... for this thread's row group.
+struct PhaseRows {
+  int64_t q, period, n, first, step;
+  __device__ __forceinline__ int64_t row(int64_t i) const { return q + period * i; }
+  // rows past the phase's end load its last row again (not stored): the loads of a batch stay
+  // one straight run, with no branch between them
+  __device__ __forceinline__ int64_t clamp(int64_t i) const { return i < n ? i : n - 1; }
+};
+
+__device__ __forceinline__ PhaseRows phase_rows(int64_t rows, int period) {
+  const int64_t q = blockIdx.y % period, splits = gridDim.y / period;
+  return PhaseRows{q, period, rows > q ? ceil_div(rows - q, period) : 0,
+                   int64_t(blockIdx.y / period) * blockDim.y + threadIdx.y, splits * blockDim.y};
 }
 
-template <typename T, Activation A, int VEC>
-__global__ void __launch_bounds__(kThreads)
+// The thread's columns: one pack of the phase's split (pack blockIdx.x * tx + threadIdx.x) and,
+// in column block 0, head and tail element threadIdx.x. With one pack a thread, Slots' thread
+// count only bounds the edges: tx >= 8 >= VEC - 1.
+template <typename T>
+using ColumnSlots = Slots<T, 8, 1>;
+
+template <typename T>
+__device__ __forceinline__ ColumnSlots<T> column_slots(const T* phase_row, int64_t cols) {
+  return ColumnSlots<T>{split_row(phase_row, cols), int(threadIdx.x), int64_t(blockIdx.x) * blockDim.x,
+                        blockIdx.x == 0};
+}
+
+// The bias at the thread's slots, loaded once (16-byte when in phase with x's rows, else element
+// by element) and reused for every row; 0 without a bias.
+template <typename T>
+__device__ __forceinline__ void load_bias(const ColumnSlots<T>& cs, const T* bias, const T* phase_row,
+                                          float (&b)[Held<T, 1>::kSlots]) {
+#pragma unroll
+  for (int i = 0; i < Held<T, 1>::kSlots; ++i) b[i] = 0.0f;
+  if (bias == nullptr) return;
+  const Held<T, 1> h = cs.load(bias, same_phase(bias, phase_row));
+  cs.for_each([&](int slot, int64_t) { b[slot] = h.at(slot); });
+}
+
+template <typename T, Activation A>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     forward_kernel(const T* __restrict__ x, int64_t xs, const T* __restrict__ bias,
-                   T* __restrict__ y, int64_t ys, int64_t rows, int64_t cols) {
-  const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
-  if (c >= cols) return;
-  float b[VEC];
-  load_bias<T, VEC>(bias, c, b);
-  const int64_t step = int64_t(gridDim.y) * blockDim.y;
-  for (int64_t r0 = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r0 < rows; r0 += kRowsInFlight * step) {
-    Pack<T, VEC> xp[kRowsInFlight];
+                   T* __restrict__ y, int64_t ys, int64_t rows, int64_t cols, int period) {
+  const PhaseRows pr = phase_rows(rows, period);
+  const T* x_q = x + pr.q * xs;  // the phase's first row (maybe past the end: address only)
+  const auto cs = column_slots(x_q, cols);
+  if (!cs.has_pack(0) && !cs.has_head() && !cs.has_tail()) return;
+  float b[Held<T, 1>::kSlots];
+  load_bias(cs, bias, x_q, b);
+  const bool y_vec = same_phase(y + pr.q * ys, x_q);  // the same for every row of the phase
+  for (int64_t i0 = pr.first; i0 < pr.n; i0 += kRowsInFlight * pr.step) {
+    Held<T, 1> xh[kRowsInFlight];
+#pragma unroll
+    for (int u = 0; u < kRowsInFlight; ++u) xh[u] = cs.load(x + pr.row(pr.clamp(i0 + u * pr.step)) * xs, true);
 #pragma unroll
     for (int u = 0; u < kRowsInFlight; ++u) {
-      if (r0 + u * step < rows) xp[u] = *reinterpret_cast<const Pack<T, VEC>*>(x + (r0 + u * step) * xs + c);
-    }
-#pragma unroll
-    for (int u = 0; u < kRowsInFlight; ++u) {
-      if (r0 + u * step >= rows) break;
-      Pack<T, VEC> yp;
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) yp.v[i] = from_float<T>(act_forward<A>(to_float(xp[u].v[i]) + b[i]));
-      *reinterpret_cast<Pack<T, VEC>*>(y + (r0 + u * step) * ys + c) = yp;
+      if (i0 + u * pr.step >= pr.n) break;
+      cs.store(y + pr.row(i0 + u * pr.step) * ys, y_vec,
+               [&](int slot, int64_t) { return act_forward<A>(xh[u].at(slot) + b[slot]); });
     }
   }
 }
 
-// partial (gridDim.y, cols) fp32: this row split's grad_bias, summed in registers and folded
-// over the block's ty rows in shared memory; null when no bias gradient is wanted.
-template <typename T, Activation A, int VEC>
+// partial (gridDim.y, ld) fp32: this row split's grad_bias, summed in registers over its rows
+// (all of one phase, so a slot is one column) and folded over the block's ty row groups in
+// shared memory; every column of the row written by exactly one thread. Null when no bias
+// gradient is wanted.
+template <typename T, Activation A>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const T* __restrict__ gy, int64_t gys, const T* __restrict__ x, int64_t xs,
                     const T* __restrict__ bias, T* __restrict__ gx, int64_t gxs,
-                    float* __restrict__ partial, int64_t rows, int64_t cols) {
-  FASTLM_SHARED(float, red, [kThreads * VEC]);
-  const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
-  const bool active = c < cols;  // no early return: the block meets at __syncthreads below
-  float acc[VEC];
+                    float* __restrict__ partial, int64_t ld, int64_t rows, int64_t cols, int period) {
+  constexpr int kSlots = Held<T, 1>::kSlots;
+  FASTLM_SHARED(float, red, [kThreads * kSlots]);
+  const PhaseRows pr = phase_rows(rows, period);
+  const T* x_q = x + pr.q * xs;
+  const auto cs = column_slots(x_q, cols);
+  float acc[kSlots], b[kSlots];
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
-  if (active) {
-    float b[VEC];
-    load_bias<T, VEC>(bias, c, b);
-    const int64_t step = int64_t(gridDim.y) * blockDim.y;
-    for (int64_t r0 = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r0 < rows; r0 += kRowsInFlight * step) {
-      Pack<T, VEC> gp[kRowsInFlight], xp[kRowsInFlight];
-#pragma unroll
-      for (int u = 0; u < kRowsInFlight; ++u) {
-        const int64_t r = r0 + u * step;
-        if (r >= rows) continue;
-        gp[u] = *reinterpret_cast<const Pack<T, VEC>*>(gy + r * gys + c);
-        xp[u] = *reinterpret_cast<const Pack<T, VEC>*>(x + r * xs + c);
-      }
+  for (int i = 0; i < kSlots; ++i) acc[i] = 0.0f;
+  load_bias(cs, bias, x_q, b);
+  const bool gy_vec = same_phase(gy + pr.q * gys, x_q), gx_vec = same_phase(gx + pr.q * gxs, x_q);
+  for (int64_t i0 = pr.first; i0 < pr.n; i0 += kRowsInFlight * pr.step) {
+    Held<T, 1> gh[kRowsInFlight], xh[kRowsInFlight];
+    auto load_rows = [&](auto gy_in_phase) {  // one straight run of 8 loads per (compile-time) grad_y width
 #pragma unroll
       for (int u = 0; u < kRowsInFlight; ++u) {
-        if (r0 + u * step >= rows) break;
-        Pack<T, VEC> op;
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          const float g = to_float(gp[u].v[i]) * act_derivative<A>(to_float(xp[u].v[i]) + b[i]);
-          op.v[i] = from_float<T>(g);
-          acc[i] += g;
-        }
-        *reinterpret_cast<Pack<T, VEC>*>(gx + (r0 + u * step) * gxs + c) = op;
+        const int64_t r = pr.row(pr.clamp(i0 + u * pr.step));
+        gh[u] = cs.load(gy + r * gys, decltype(gy_in_phase)::value);
+        xh[u] = cs.load(x + r * xs, true);
       }
+    };
+    if (gy_vec) load_rows(std::true_type{});
+    else load_rows(std::false_type{});
+#pragma unroll
+    for (int u = 0; u < kRowsInFlight; ++u) {
+      if (i0 + u * pr.step >= pr.n) break;
+      cs.store(gx + pr.row(i0 + u * pr.step) * gxs, gx_vec, [&](int slot, int64_t) {
+        const float g = gh[u].at(slot) * act_derivative<A>(xh[u].at(slot) + b[slot]);
+        acc[slot] += g;
+        return g;
+      });
     }
   }
   if (partial == nullptr) return;  // uniform across the grid
-  const int slot = (threadIdx.y * blockDim.x + threadIdx.x) * VEC;
+  const int base = (threadIdx.y * blockDim.x + threadIdx.x) * kSlots;
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) red[slot + i] = acc[i];
+  for (int i = 0; i < kSlots; ++i) red[base + i] = acc[i];
   __syncthreads();
-  if (threadIdx.y != 0 || !active) return;
+  if (threadIdx.y != 0) return;
   for (int j = 1; j < int(blockDim.y); ++j) {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) acc[i] += red[(j * blockDim.x + threadIdx.x) * VEC + i];
+    for (int i = 0; i < kSlots; ++i) acc[i] += red[(j * blockDim.x + threadIdx.x) * kSlots + i];
   }
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) partial[int64_t(blockIdx.y) * cols + c + i] = acc[i];
-}
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
-// 16-byte packs need every row start and the bias 16-byte aligned.
-template <typename T>
-int pick_vec(int64_t cols, std::initializer_list<int64_t> strides, std::initializer_list<const void*> ptrs) {
-  if (cols % kVec<T>) return 1;
-  for (int64_t s : strides) if (s % kVec<T>) return 1;
-  for (const void* p : ptrs) if (p && !aligned16(p)) return 1;
-  return kVec<T>;
+  float* mine = partial + int64_t(blockIdx.y) * ld;
+  cs.for_each([&](int slot, int64_t c) { mine[c] = acc[slot]; });
 }
 
 template <typename T, Activation A>
 int launch_forward(int64_t rows, int64_t cols, const void* x, int64_t xs, const void* bias,
                    void* y, int64_t ys, cudaStream_t stream) {
-  const T* xp = static_cast<const T*>(x);
-  const T* bp = static_cast<const T*>(bias);
-  T* yp = static_cast<T*>(y);
-  const int vec = pick_vec<T>(cols, {xs, ys}, {x, bias, y});
-  const Plan plan = make_plan(rows, cols, vec);
-  if (vec == kVec<T>)
-    launch_kernel(forward_kernel<T, A, kVec<T>>, plan.grid, plan.block, 0, stream, xp, xs, bp, yp, ys, rows, cols);
-  else
-    launch_kernel(forward_kernel<T, A, 1>, plan.grid, plan.block, 0, stream, xp, xs, bp, yp, ys, rows, cols);
+  const Plan plan = make_plan(rows, cols, sizeof(T), phase_period(sizeof(T), {xs, ys}));
+  launch_kernel(forward_kernel<T, A>, plan.grid, plan.block, 0, stream, static_cast<const T*>(x), xs,
+                static_cast<const T*>(bias), static_cast<T*>(y), ys, rows, cols, plan.period);
   return int(cudaGetLastError());
 }
 
@@ -183,20 +216,14 @@ template <typename T, Activation A>
 int launch_backward(int64_t rows, int64_t cols, const void* gy, int64_t gys, const void* x,
                     int64_t xs, const void* bias, void* gx, int64_t gxs, void* grad_bias,
                     float* workspace, cudaStream_t stream) {
-  const T* gyp = static_cast<const T*>(gy);
-  const T* xp = static_cast<const T*>(x);
-  const T* bp = static_cast<const T*>(bias);
-  T* gxp = static_cast<T*>(gx);
   float* partial = grad_bias ? workspace : nullptr;
-  const int vec = pick_vec<T>(cols, {gys, xs, gxs}, {gy, x, bias, gx});
-  const Plan plan = make_plan(rows, cols, vec);
-  if (vec == kVec<T>)
-    launch_kernel(backward_kernel<T, A, kVec<T>>, plan.grid, plan.block, 0, stream, gyp, gys, xp, xs, bp, gxp, gxs,
-                  partial, rows, cols);
-  else
-    launch_kernel(backward_kernel<T, A, 1>, plan.grid, plan.block, 0, stream, gyp, gys, xp, xs, bp, gxp, gxs, partial,
-                  rows, cols);
-  if (grad_bias) launch_column_sum(partial, int64_t(plan.grid.y), cols, cols, static_cast<T*>(grad_bias), stream);
+  const Plan plan = make_plan(rows, cols, sizeof(T), phase_period(sizeof(T), {gys, xs, gxs}));
+  if (grad_bias && (workspace == nullptr || int64_t(plan.grid.y) > max_row_splits(rows))) return int(cudaErrorInvalidValue);
+  const int64_t ld = partial_ld(cols);
+  launch_kernel(backward_kernel<T, A>, plan.grid, plan.block, 0, stream, static_cast<const T*>(gy), gys,
+                static_cast<const T*>(x), xs, static_cast<const T*>(bias), static_cast<T*>(gx), gxs, partial, ld,
+                rows, cols, plan.period);
+  if (grad_bias) launch_column_sum(partial, int64_t(plan.grid.y), ld, cols, static_cast<T*>(grad_bias), stream);
   return int(cudaGetLastError());
 }
 
@@ -247,7 +274,7 @@ int bias_act_forward_cuda(DType dtype, Activation act, int64_t rows, int64_t col
 }
 
 int64_t bias_act_backward_cuda_workspace(int64_t rows, int64_t cols) {
-  return cuda::max_row_splits(rows) * cols;
+  return cuda::max_row_splits(rows) * cuda::partial_ld(cols);
 }
 
 int bias_act_backward_cuda(DType dtype, Activation act, int64_t rows, int64_t cols,

@@ -22,7 +22,11 @@
 // column_sum.cuh adds the partials in a fixed order (deterministic). The first pass issues its
 // 2 x 4 pack loads per thread together (512 x 8 x 16 B = 64 KB in flight per SM); the second
 // pass re-reads the same slice from L1. Widths or strides that are not pack multiples take
-// scalar accesses here (the accumulators are per column, so every row must split alike). Before: a read-modify-write of a global fp32 workspace row per row and
+// scalar accesses here (the accumulators are per column, so every row must split alike). The
+// phase walk of bias_act.cu (row_io's phase_period: a block takes rows of one 16-byte phase)
+// would keep packs here too, but its 2 x 34 accumulators (head and tail slots added) next to
+// the held rows spilled 0.1-1 KB a thread under the 128 registers of 512 threads; until that
+// fits, these cases stay scalar. The partial rows are padded to 16 bytes for column_sum. Before: a read-modify-write of a global fp32 workspace row per row and
 // gradient (16 B of extra traffic per element) into a memset 69 MB buffer at 4096 columns.
 #include <cuda_runtime.h>
 
@@ -155,7 +159,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) forward_kernel(NormForwardArgs
 // and bias), folded over the block's row groups in shared memory, and written as one fp32
 // partial row per block: partial (gridDim.x, kAccs, cols), every element written, so no memset.
 template <typename T, int VEC, int kAccs>
-__global__ void __launch_bounds__(kBackwardThreads, 1) backward_kernel(NormBackwardArgs a, float* partial) {
+__global__ void __launch_bounds__(kBackwardThreads, 1) backward_kernel(NormBackwardArgs a, float* partial, int64_t ld) {
   FASTLM_SHARED(float, smem, [kMaxThreads / 32]);
   FASTLM_SHARED(float, folded, [kBackwardThreads * 8]);
   constexpr int kPacks = kMaxElems / VEC;
@@ -217,7 +221,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) backward_kernel(NormBackw
     }
   }
   if (kAccs == 0) return;
-  float* mine = partial + int64_t(blockIdx.x) * kAccs * cols;
+  float* mine = partial + int64_t(blockIdx.x) * kAccs * ld;
 #pragma unroll
   for (int k = 0; k < kPacks; ++k) {
     const int64_t c = threadIdx.x * VEC + k * stride;
@@ -225,7 +229,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) backward_kernel(NormBackw
     if (threadIdx.y == 0 && c < cols) store_floats<VEC>(mine + c, acc_w[k]);
     if (kAccs == 2) {
       fold_row_groups<VEC>(acc_b[k], folded);
-      if (threadIdx.y == 0 && c < cols) store_floats<VEC>(mine + cols + c, acc_b[k]);
+      if (threadIdx.y == 0 && c < cols) store_floats<VEC>(mine + ld + c, acc_b[k]);
     }
   }
 }
@@ -281,16 +285,20 @@ void launch_forward(const NormForwardArgs& a, int tx, dim3 grid, dim3 block, cud
 // Gradients summed over rows: 0 (none wanted), 1 (weight only), 2 (weight and/or bias).
 int accumulated_grads(const NormBackwardArgs& a) { return a.grad_bias ? 2 : a.grad_weight ? 1 : 0; }
 
+// fp32 partial rows padded to whole 16-byte packs (column_sum.cuh reads them 4 floats at a time).
+int64_t partial_ld(int64_t cols) { return ceil_div(std::max<int64_t>(cols, 1), 4) * 4; }
+
 template <typename T, int VEC>
 struct Bwd {
   void launch(const NormBackwardArgs& a, float* partial, dim3 grid, dim3 block, cudaStream_t s) const {
     const int accs = accumulated_grads(a);
-    if (accs == 0) launch_kernel(backward_kernel<T, VEC, 0>, grid, block, 0, s, a, partial);
-    if (accs == 1) launch_kernel(backward_kernel<T, VEC, 1>, grid, block, 0, s, a, partial);
-    if (accs == 2) launch_kernel(backward_kernel<T, VEC, 2>, grid, block, 0, s, a, partial);
-    const int64_t parts = grid.x, ld = accs * a.cols;
-    if (a.grad_weight) launch_column_sum(partial, parts, ld, a.cols, static_cast<T*>(a.grad_weight), s);
-    if (a.grad_bias) launch_column_sum(partial + a.cols, parts, ld, a.cols, static_cast<T*>(a.grad_bias), s);
+    const int64_t ld = partial_ld(a.cols);
+    if (accs == 0) launch_kernel(backward_kernel<T, VEC, 0>, grid, block, 0, s, a, partial, ld);
+    if (accs == 1) launch_kernel(backward_kernel<T, VEC, 1>, grid, block, 0, s, a, partial, ld);
+    if (accs == 2) launch_kernel(backward_kernel<T, VEC, 2>, grid, block, 0, s, a, partial, ld);
+    const int64_t parts = grid.x;
+    if (a.grad_weight) launch_column_sum(partial, parts, accs * ld, a.cols, static_cast<T*>(a.grad_weight), s);
+    if (a.grad_bias) launch_column_sum(partial + ld, parts, accs * ld, a.cols, static_cast<T*>(a.grad_bias), s);
   }
 };
 
@@ -320,7 +328,7 @@ int norm_forward_cuda(const NormForwardArgs& a, cudaStream_t stream) {
 }
 
 int64_t norm_backward_cuda_workspace(int64_t rows, int64_t cols) {
-  return cuda::backward_blocks(rows, cols) * 2 * std::max<int64_t>(cols, 1);
+  return cuda::backward_blocks(rows, cols) * 2 * cuda::partial_ld(cols);
 }
 
 int norm_backward_cuda(const NormBackwardArgs& a, float* workspace, cudaStream_t stream) {

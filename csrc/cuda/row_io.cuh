@@ -17,6 +17,11 @@
 //   split_row(row, cols)       RowSplit {head, packs, tail} of that row (host or device)
 //   same_phase(a, b)           a and b are equal mod 16 bytes: a second operand (an output, a
 //                              gradient) can use 16-byte accesses at the first operand's body positions
+//   phase_period(bytes, {strides})  rows whose starts are equal mod 16 bytes in EVERY operand: row r
+//                              and r + P, P = 16 / gcd(16, each row stride in bytes) <= 16 / elem
+//                              bytes (host). A kernel that gives one thread the same columns of
+//                              several rows (per-column sums) walks rows of one phase, r = q + P i:
+//                              their splits are equal, so a slot is one column for all of them
 //   Slots<T, TPR, K>           the elements one of the TPR threads that own a row holds: K packs
 //                              (pack p0 + lane + k TPR, coalesced across the threads) and, when
 //                              `edges`, head element `lane` and tail element `lane` (TPR >= VEC - 1,
@@ -38,6 +43,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "activations.cuh"
 
@@ -68,6 +74,17 @@ __host__ __device__ __forceinline__ RowSplit split_row(const T* row, int64_t col
 
 __host__ __device__ __forceinline__ bool same_phase(const void* a, const void* b) {
   return ((reinterpret_cast<uintptr_t>(a) ^ reinterpret_cast<uintptr_t>(b)) & 15) == 0;
+}
+
+// Rows r and r + P start at the same address mod 16 in every operand whose row stride (elements)
+// is listed: P = 16 / gcd(16, stride bytes...), 1 when every stride is a multiple of 16 bytes.
+inline int phase_period(int elem_bytes, std::initializer_list<int64_t> strides) {
+  int64_t g = 16;
+  for (int64_t s : strides) {
+    int64_t b = ((s * elem_bytes) % 16 + 16) % 16;  // negative strides too
+    while (b) { const int64_t t = g % b; g = b; b = t; }
+  }
+  return int(16 / g);
 }
 
 template <typename T, int K>
