@@ -17,7 +17,6 @@ from backends import EMU_MARKS
 from numerics import assert_close
 
 pytestmark = [*EMU_MARKS, pytest.mark.filterwarnings("ignore:Lower right causal bias will produce NaNs")]
-NOT_EMULATED = "sm80: the emulator does not execute wgmma yet"
 
 
 def ops():
@@ -36,8 +35,8 @@ def qkv(b, h, hkv, tq, tk, d, dtype=torch.float16, dv=None):
 
 def test_tier_takes_the_plain_forward_on_sm90_only():
     q, k, v = qkv(2, 4, 2, 130, 77, 128)
-    assert tier(q, k, v, causal=2) in ("sm90", NOT_EMULATED)
-    assert tier(*qkv(1, 2, 1, 40, 300, 64, torch.bfloat16)) in ("sm90", NOT_EMULATED)
+    assert tier(q, k, v, causal=2) == "sm90"
+    assert tier(*qkv(1, 2, 1, 40, 300, 64, torch.bfloat16)) == "sm90"
     for arch in ((8, 0), (8, 9), (10, 0)):
         assert tier(q, k, v, arch=arch) == "sm80: the Hopper tier needs an sm_90 GPU (compute capability 9.0)"
 
@@ -45,7 +44,7 @@ def test_tier_takes_the_plain_forward_on_sm90_only():
 def test_tier_refuses_every_option_it_does_not_implement():
     q, k, v = qkv(1, 2, 2, 40, 50, 64)
     refusals = {
-        "a user mask (the sm_80 kernel's)": dict(mask=torch.ones(40, 50, dtype=torch.bool)),
+        "a user mask (the sm_80 kernel's)": dict(mask=torch.ones(1, 1, 40, 50, dtype=torch.bool)),
         "softcap (the sm_80 kernel's)": dict(softcap=30.0),
         "a sliding window (the sm_80 kernel's)": dict(window=(16, -1)),
         "ALiBi (the sm_80 kernel's)": dict(alibi=torch.rand(2)),
@@ -82,12 +81,15 @@ def _oracle(q, k, v, causal, tq, tk):
 # (B, H, H_kv, Tq, Tk, D, dtype, causal): 0 none, 1 top-left, 2 bottom-right. Each covers
 # something: ragged Tq/Tk with the Tk tail masked and zero-filled; GQA with a full (maskless) key
 # tile before the diagonal one; MQA with Tq > Tk bottom-right (fully masked rows); three key
-# tiles (the ring's stages reused: empty-barrier waits and phase flips).
+# tiles (the ring's stages reused: empty-barrier waits and phase flips); two batches (the flat
+# batch*head index of the tensor maps) at D = 96 (the 128-column tile, TMA zero-filling columns
+# 96..127), bottom-right with Tq < Tk.
 CASES = [
     (1, 2, 2, 130, 77, 64, torch.float16, 0),
     (1, 4, 2, 256, 256, 128, torch.bfloat16, 1),
     (1, 2, 1, 150, 100, 128, torch.float16, 2),
     (1, 1, 1, 40, 300, 64, torch.bfloat16, 0),
+    (2, 2, 1, 70, 200, 96, torch.float16, 2),
 ]
 
 
@@ -96,8 +98,6 @@ CASES = [
 def test_hopper_forward_under_the_emulator(case):
     b, h, hkv, tq, tk, d, dtype, causal = case
     q, k, v = qkv(b, h, hkv, tq, tk, d, dtype)
-    if tier(q, k, v, causal=causal) == NOT_EMULATED:
-        pytest.skip("the emulator does not execute wgmma yet (attention_sm90.cu: kEmulatedWgmma)")
     # K/V rows past Tk hold NaN in memory (views of longer tensors): TMA's box must stop at Tk
     pad = 13
     k_mem, v_mem = (torch.full((b, hkv, tk + pad, d), math.nan, dtype=dtype) for _ in range(2))
