@@ -136,7 +136,7 @@ int attention_decode_forward_cuda(const AttentionShape& shape, const KvCacheLayo
 // The one decision of the forward's tier: why the Hopper kernel cannot serve this call on a device
 // of compute capability major.minor (nullptr: it can, and attention_forward_cuda launches it).
 // Looks at the shape, options and strides only (never at tensor values); also says so when the
-// binary has no sm_90a code (or, under the emulator, when wgmma is not emulated).
+// binary has no sm_90a code. The emulator runs the Hopper kernel on its "9.0" profile.
 const char* attention_sm90_why_not(const AttentionShape& shape, int major, int minor, const Strided4& q,
                                    const Strided4& k, const Strided4& v, const Strided4& mask);
 // Hopper-tier launches since the library loaded (tests: that the tier really ran).
