@@ -430,7 +430,7 @@ def widths(d):
 
 def print_table(kernels, show_loops=False):
     cols = "arch module kernel regs smem stl/ldl thr cta/SM w/SM loops main:ins mma ins/mma free"
-    fmt = "{:7}{:14}{:44}" + "{:>5}{:>7}{:>8}{:>5}{:>7}{:>5}{:>6}{:>9}{:>5}{:>8}{:>5}  {}"
+    fmt = "{:7}{:16}{:44}" + "{:>5}{:>7}{:>8}{:>5}{:>7}{:>5}{:>6}{:>9}{:>5}{:>8}{:>5}  {}"
     print(fmt.format(*cols.split(), "main-loop global loads / MMA kinds"))
     for k in kernels:
         occ, m = k["occupancy"] or {}, k["main_loop"] or {}
