@@ -191,12 +191,13 @@ def find_loops(insns):
 
 def insn_mix(insns):
     """Instruction counts that matter for a loop body (or a whole kernel)."""
-    mix = {"insts": len(insns), "mma": 0, "gld_bytes": {}, "lds": 0, "ldsm": 0, "shfl": 0,
+    mix = {"insts": len(insns), "mma": 0, "mma_ops": {}, "gld_bytes": {}, "lds": 0, "ldsm": 0, "shfl": 0,
            "bar": 0, "ex2": 0, "stl": 0, "ldl": 0}
     for _, _, op, _ in insns:
         tok = op.split(".")
-        if tok[0] in MMA_OPS:
+        if tok[0] in MMA_OPS:  # by kind too: HMMA (mma.sync) and HGMMA (wgmma) differ ~16x in work
             mix["mma"] += 1
+            mix["mma_ops"][tok[0]] = mix["mma_ops"].get(tok[0], 0) + 1
         elif tok[0] in ("LDG", "LDGSTS"):
             width = next((WIDTH_TOKENS[t] for t in tok[1:] if t in WIDTH_TOKENS), 4)
             mix["gld_bytes"][width] = mix["gld_bytes"].get(width, 0) + 1
@@ -398,6 +399,13 @@ def memory_figures(pattern, arch, so=None):
     return out
 
 
+def main_loop_mma_ops(pattern, arch, so=None):
+    """{kernel name: {MMA opcode: count}} of each kernel's main loop (None without one): which
+    tensor-core instruction the loop issues (HMMA: mma.sync, HGMMA: sm_90 wgmma)."""
+    return {k["name"]: dict(k["main_loop"]["mma_ops"]) if k["main_loop"] else None
+            for k in report(so, [arch], pattern)}
+
+
 def main_loop_figures(pattern, arch, so=None):
     """{kernel name: (instructions per MMA, global load widths in bytes, MMA-free inner loops)}
     of each kernel's main loop, for tests that hold a kernel rewrite to its targets."""
@@ -422,15 +430,15 @@ def widths(d):
 
 def print_table(kernels, show_loops=False):
     cols = "arch module kernel regs smem stl/ldl thr cta/SM w/SM loops main:ins mma ins/mma free"
-    fmt = "{:7}{:14}{:44}" + "{:>5}{:>7}{:>8}{:>5}{:>7}{:>5}{:>6}{:>9}{:>5}{:>8}{:>5}  {}"
-    print(fmt.format(*cols.split(), "main-loop global loads"))
+    fmt = "{:7}{:16}{:44}" + "{:>5}{:>7}{:>8}{:>5}{:>7}{:>5}{:>6}{:>9}{:>5}{:>8}{:>5}  {}"
+    print(fmt.format(*cols.split(), "main-loop global loads / MMA kinds"))
     for k in kernels:
         occ, m = k["occupancy"] or {}, k["main_loop"] or {}
         row = [k["arch"], k["module"], short(k["name"])[:43], k["regs"], k["smem_static"],
                f"{k['stl']}/{k['ldl']}", occ.get("threads"), occ.get("ctas_per_sm"),
                occ.get("warps_per_sm"), len(k["loops"]), m.get("insts"), m.get("mma"),
                m.get("insts_per_mma"), m and len(m["mma_free_inner_loops"]),
-               m and widths(m["gld_bytes"])]
+               m and widths(m["gld_bytes"]) + " " + " ".join(f"{o}:{n}" for o, n in sorted(m["mma_ops"].items()))]
         print(fmt.format(*("-" if v is None or v == {} else v for v in row)))
         for lp in k["loops"] if show_loops else []:
             print(f"{'':9}loop {lp['start']:#07x}-{lp['end']:#07x} depth {lp['depth']} "

@@ -176,6 +176,7 @@ def test_instruction_mix_widths_and_classes():
     assert mix["gld_bytes"] == {4: 2, 8: 2, 16: 2, 1: 1, 2: 1, "tma": 1}
     assert (mix["lds"], mix["ldsm"], mix["shfl"], mix["bar"], mix["ex2"]) == (1, 1, 1, 1, 1)
     assert (mix["mma"], mix["stl"], mix["ldl"], mix["insts"]) == (2, 1, 1, 20)
+    assert mix["mma_ops"] == {"HGMMA": 1, "IMMA": 1}
     assert mix["insts_per_mma"] == 10.0
 
 
@@ -291,6 +292,28 @@ def test_attention_forward_main_loop_figures(kernels, arch):
         assert 0 < per_mma <= 6.0, f"{name}: {per_mma} instructions per HMMA in the main loop"
         assert widths == [16], f"{name}: global load widths {widths} in the main loop"
         assert mma_free == 0, f"{name}: {mma_free} inner loops without tensor-core instructions"
+
+
+def test_attention_sm90_forward_main_loop_figures(kernels):
+    """The Hopper tier of the forward at D = 128 (csrc/cuda/attention_sm90.cu's header has the
+    arithmetic): on sm_90a its main loop (a consumer warpgroup's maskless key tile) issues wgmma,
+    16 HGMMA (8 S = Q K^T, 8 O += P V) with at most 40 instructions per HGMMA (32.9 when written: the
+    softmax's ~22 per HGMMA plus descriptor and barrier bookkeeping; one HGMMA m64n128k16 is 16
+    HMMA.16816 of work per warp), loads nothing itself (TMA runs in the producer's loop) and its
+    only MMA-free inner loops are the two mbarrier waits (K and V full). The sm_80 pass holds no
+    tensor-core code for it (the kernel is never launched there)."""
+    pattern = r"attn90::forward_kernel<[^,]+, 128\b"
+    ops = sr.main_loop_mma_ops(pattern, "sm_90a")
+    assert len(ops) == 2, f"expected the fp16 and bf16 Hopper forward at D = 128, got {list(ops)}"
+    for name, kinds in ops.items():
+        assert kinds == {"HGMMA": 16}, f"{name}: main-loop tensor-core instructions {kinds}"
+    for name, (per_mma, widths, mma_free) in sr.main_loop_figures(pattern, "sm_90a").items():
+        assert 0 < per_mma <= 40.0, f"{name}: {per_mma} instructions per HGMMA in the main loop"
+        assert widths == [], f"{name}: global loads {widths} in the consumers' main loop"
+        assert mma_free == 2, f"{name}: {mma_free} inner loops without tensor-core instructions"
+    sm80 = sr.main_loop_figures(pattern, "sm_80")
+    assert len(sm80) == 2 and all(f is None for f in sm80.values()), sm80
+
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_attention_backward_main_loop_figures(kernels, arch):

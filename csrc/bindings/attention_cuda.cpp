@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "attention_args.h"
@@ -176,6 +177,26 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_fwd_cuda(
   return {out, lse};
 }
 
+// Which kernel attention_fwd would launch for these arguments on a GPU of compute capability
+// major.minor: "sm90" (attention_sm90.cu) or "sm80: " and why the Hopper tier declines. The same
+// argument checks and row alignment as the forward; nothing is launched (tests call it on any
+// device's tensors).
+std::string attention_cuda_tier(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const std::optional<at::Tensor>& mask, int64_t causal, double scale, double softcap,
+                                int64_t window_left, int64_t window_right,
+                                const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks,
+                                int64_t major, int64_t minor) {
+  constexpr const char* op = "attention_cuda_tier";
+  const AttentionShape sh = check_args(op, q, k, v, mask, causal, scale, softcap, /*allow_half=*/true, window_left,
+                                       window_right, alibi_slopes, sinks);
+  const at::Tensor qa = rows_16b_aligned(q), ka = rows_16b_aligned(k), va = rows_16b_aligned(v);
+  const char* why = attention_sm90_why_not(sh, int(major), int(minor), strided(qa), strided(ka), strided(va),
+                                           mask ? strided(*mask) : kNoMask);
+  return why == nullptr ? std::string("sm90") : std::string("sm80: ") + why;
+}
+
+int64_t attention_sm90_launch_count() { return attention_sm90_launches(); }
+
 // Shared memory the kernels need per block, [forward, backward] bytes: the Python dispatcher
 // routes around a device whose opt-in limit is smaller (fastlm/ops/attention.py).
 std::vector<int64_t> attention_cuda_smem(int64_t head_dim, int64_t value_dim) {
@@ -211,6 +232,11 @@ TORCH_LIBRARY_FRAGMENT(FASTLM_GPU_NAMESPACE, m) {
   m.def("attention_cuda_plan(int batch, int heads, int kv_heads, int tq, int tk, int head_dim, int causal, "
         "int mask_kind, float scale, bool backward, int window_left=-1, int window_right=-1) -> int[]",
         &fastlm::bind::attention_cuda_plan);
+  m.def("attention_cuda_tier(Tensor q, Tensor k, Tensor v, Tensor? mask, int causal, float scale, float softcap=0., "
+        "int window_left=-1, int window_right=-1, Tensor? alibi_slopes=None, Tensor? sinks=None, int major=9, "
+        "int minor=0) -> str",
+        &fastlm::bind::attention_cuda_tier);
+  m.def("attention_sm90_launches() -> int", &fastlm::bind::attention_sm90_launch_count);
 }
 
 TORCH_LIBRARY_IMPL(FASTLM_GPU_NAMESPACE, FASTLM_GPU_KEY, m) {

@@ -65,6 +65,7 @@
 // sequence's keys leave the neutral partial (max -inf, sum 0), which the merge adds as nothing.
 // decode_kernel: 211 (sm_80) / 217 (sm_90a) registers at D = 128, no spills.
 #include "attention_common.cuh"
+#include "attention_sm90.cuh"
 #include "ptx.cuh"
 
 namespace fastlm::cuda::attn {
@@ -524,6 +525,12 @@ int attention_forward_cuda(const AttentionShape& shape, Strided4 q, Strided4 k, 
                            float* lse, float* workspace, cudaStream_t stream) {
   cuda::attn::Params p{shape, q, k, v, mask, out, lse};
   cuda::attn::set_layouts(p, is_varlen(shape) ? cuda::attn::Layout::kVarlen : cuda::attn::Layout::kDense);
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
+      attention_sm90_why_not(shape, major, minor, q, k, v, mask) == nullptr)
+    return cuda::attn::forward_sm90(p, stream);
   return cuda::attn::dispatch(p, workspace, stream);
 }
 

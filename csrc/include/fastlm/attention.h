@@ -117,6 +117,9 @@ void attention_backward_cpu(const AttentionShape& shape, Strided4 grad_out, Stri
 // indexed by (sequence, head, query tile of max_seqlen_q) and those past their sequence's end exit;
 // it never splits the keys (workspace 0).
 int64_t attention_forward_cuda_workspace(const AttentionShape& shape);
+// Dense calls with no user mask, softcap, window, ALiBi, sinks or dropout, head_dim == value_dim
+// in 64..128, Tq > 16 and TMA-able strides run on an sm_90 GPU in a FlashAttention-3 style kernel
+// (attention_sm90.cu: TMA, mbarriers, warp specialisation, wgmma); the rest in the sm_80 one.
 int attention_forward_cuda(const AttentionShape& shape, Strided4 q, Strided4 k, Strided4 v, Strided4 mask,
                            void* out, float* lse, float* workspace, cudaStream_t stream);
 
@@ -129,6 +132,15 @@ int64_t attention_decode_forward_cuda_workspace(const AttentionShape& shape);
 int attention_decode_forward_cuda(const AttentionShape& shape, const KvCacheLayout& cache, Strided4 q,
                                   Strided4 k_cache, Strided4 v_cache, void* out, float* lse, float* workspace,
                                   cudaStream_t stream);
+
+// The one decision of the forward's tier: why the Hopper kernel cannot serve this call on a device
+// of compute capability major.minor (nullptr: it can, and attention_forward_cuda launches it).
+// Looks at the shape, options and strides only (never at tensor values); also says so when the
+// binary has no sm_90a code. The emulator runs the Hopper kernel on its "9.0" profile.
+const char* attention_sm90_why_not(const AttentionShape& shape, int major, int minor, const Strided4& q,
+                                   const Strided4& k, const Strided4& v, const Strided4& mask);
+// Hopper-tier launches since the library loaded (tests: that the tier really ran).
+int64_t attention_sm90_launches();
 
 // The kernels' index math, evaluated on the host for tests (no launch). Forward: [key tile BN,
 // then per CTA: batch, kv head, first key, end key, the full (maskless) key tiles' [start, end),
