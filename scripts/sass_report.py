@@ -191,12 +191,13 @@ def find_loops(insns):
 
 def insn_mix(insns):
     """Instruction counts that matter for a loop body (or a whole kernel)."""
-    mix = {"insts": len(insns), "mma": 0, "gld_bytes": {}, "lds": 0, "ldsm": 0, "shfl": 0,
+    mix = {"insts": len(insns), "mma": 0, "mma_ops": {}, "gld_bytes": {}, "lds": 0, "ldsm": 0, "shfl": 0,
            "bar": 0, "ex2": 0, "stl": 0, "ldl": 0}
     for _, _, op, _ in insns:
         tok = op.split(".")
-        if tok[0] in MMA_OPS:
+        if tok[0] in MMA_OPS:  # mma_ops: which tensor-core instructions (HMMA: mma.sync, HGMMA: wgmma)
             mix["mma"] += 1
+            mix["mma_ops"][tok[0]] = mix["mma_ops"].get(tok[0], 0) + 1
         elif tok[0] in ("LDG", "LDGSTS"):
             width = next((WIDTH_TOKENS[t] for t in tok[1:] if t in WIDTH_TOKENS), 4)
             mix["gld_bytes"][width] = mix["gld_bytes"].get(width, 0) + 1
@@ -421,15 +422,15 @@ def widths(d):
 
 
 def print_table(kernels, show_loops=False):
-    cols = "arch module kernel regs smem stl/ldl thr cta/SM w/SM loops main:ins mma ins/mma free"
-    fmt = "{:7}{:14}{:44}" + "{:>5}{:>7}{:>8}{:>5}{:>7}{:>5}{:>6}{:>9}{:>5}{:>8}{:>5}  {}"
+    cols = "arch module kernel regs smem stl/ldl thr cta/SM w/SM loops main:ins mma op ins/mma free"
+    fmt = "{:7}{:14}{:44}" + "{:>5}{:>7}{:>8}{:>5}{:>7}{:>5}{:>6}{:>9}{:>5}{:>6}{:>8}{:>5}  {}"
     print(fmt.format(*cols.split(), "main-loop global loads"))
     for k in kernels:
         occ, m = k["occupancy"] or {}, k["main_loop"] or {}
         row = [k["arch"], k["module"], short(k["name"])[:43], k["regs"], k["smem_static"],
                f"{k['stl']}/{k['ldl']}", occ.get("threads"), occ.get("ctas_per_sm"),
                occ.get("warps_per_sm"), len(k["loops"]), m.get("insts"), m.get("mma"),
-               m.get("insts_per_mma"), m and len(m["mma_free_inner_loops"]),
+               "+".join(m.get("mma_ops", {})), m.get("insts_per_mma"), m and len(m["mma_free_inner_loops"]),
                m and widths(m["gld_bytes"])]
         print(fmt.format(*("-" if v is None or v == {} else v for v in row)))
         for lp in k["loops"] if show_loops else []:

@@ -7,7 +7,8 @@
 //   dX       dx = gz @ w   : A = gz (M, N) K-major,       B = w^T, w (N, K) read MN-major
 //   dW       dw = gz^T @ x : A = gz^T, gz read MN-major,  B = x^T, x (M, K) read MN-major
 //
-// Why it is fast (sm_80 numbers; sm_90a runs the same code, ~1.4x the shared memory):
+// Why it is fast (sm_80 numbers; sm_90a runs the same code, ~1.4x the shared memory, for M <= 64 and
+// wherever the Hopper tier in gemm_sm90.cuh can't run):
 //  - CTA tile 128 x 128 x 64, 4 warps in a 2 x 2 grid of 64 x 64 warp tiles. Per k16 step a
 //    warp loads 4 A and 4 B ldmatrix.x4 (8 LDSM) and issues 4 x 8 = 32 mma.sync.m16n8k16. Per
 //    64-deep K tile a thread issues 128 HMMA, 32 LDSM, 16 cp.async (8 per operand, 16 bytes

@@ -13,12 +13,14 @@
 //    from the producer (40 per thread) to the consumers (232): 128 x 40 + 256 x 232 = 64512 of
 //    the SM's 65536.
 //  - 128 x 128 x 64 tiles, 4-stage ring: a stage is A 128 x 64 + B 128 x 64 halves = 32 KB,
-//    4 stages 128 KB, plus a 64 KB fp32 epilogue stage (each consumer's 64 x 128 floats) = 192 KB
-//    + 1 KB for the 1024-byte alignment 128B swizzle needs, one CTA per SM. Three stages (96 KB)
-//    are in flight while one feeds the tensor cores: Little's law wants ~3.35 TB/s x ~1 us / 132
-//    = ~25 KB per SM from DRAM. 128 x 256 would halve B's shared-memory reads per flop but needs
-//    128 accumulator registers per consumer thread and a 128 KB fp32 epilogue stage, leaving
-//    room for only 2 stages of 48 KB: 128 x 128 keeps a deep pipeline and overlaps the epilogue.
+//    4 stages 128 KB, plus a 64 KB fp32 epilogue stage (each consumer's 64 x 128 floats), plus
+//    1 KB for the 1024-byte alignment 128B swizzle needs: 193 KB, one CTA per SM. Three stages
+//    (96 KB) are in flight while one feeds the tensor cores; Little's law wants ~3.35 TB/s x ~1 us
+//    / 132 = ~25 KB per SM from DRAM. Why not 128 x 256 (85 flop per byte loaded against 64, so
+//    25 % less L2 traffic): its 48 KB stages fit 4 times only without an fp32 epilogue stage, and
+//    staging through the ring would stall the producer over every epilogue. At the H100's ~990
+//    TF/s, 128 x 128 tiles pull ~15 TB/s from L2 at full rate, more than L2 gives: a 2-CTA
+//    cluster multicasting B (TMA .multicast) is the next step to cuBLAS rates (not done).
 //  - TMA with 128B swizzle writes each operand in wgmma's canonical layout, and zero-fills rows
 //    and K columns past the operand, so ragged M, N and K need no masks in the main loop. K-major
 //    operands: one 64 (K) x 128 (rows) box per stage, 128 bytes per row, SBO = 1024 (8 rows), a
@@ -29,9 +31,11 @@
 //  - Per 64-deep K tile a consumer warpgroup issues 4 wgmma m64n128k16 (4 x 262144 flops) and
 //    waits for the previous tile's group (wgmma.wait_group 1), so the tensor cores always hold a
 //    queued group; the per-tile overhead is an mbarrier wait, descriptor arithmetic and one
-//    release arrive: the sm_90a SASS main loop is ~20-25 instructions per HGMMA issued by each
-//    warp (tests/test_sass_report.py asserts HGMMA in it and bounds the count), against 128
-//    mma.sync + 32 ldmatrix + 16 cp.async per thread per K tile in the sm_80 tier.
+//    release arrive: the sm_90a SASS main loop is 61 instructions per K tile, 15.25 per HGMMA,
+//    each warp issuing them for a quarter of 1 MFLOP: ~4300 flops per warp instruction, against
+//    ~1750 in the sm_80 tier (294-308 instructions for 128 mma.sync m16n8k16). The count is
+//    asserted by tests/test_sass_report.py. ptxas: 168 registers at launch (the 384-thread
+//    bound), no spills.
 //  - Epilogue: the consumer writes its accumulators to its fp32 stage (the sm_80 tier's XOR
 //    layout), syncs its own warpgroup on a named barrier and runs gemm_core.cuh's staged_epilogue
 //    (bias, run-time activation, residual, saved pre-activation, 16-byte loads and stores),
@@ -43,8 +47,10 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 
 #include "gemm_core.cuh"
 #include "ptx_sm90.cuh"
@@ -260,7 +266,11 @@ bool launch_gemm_sm90(const GemmArgs& p, cudaStream_t stream, int* err) {
   *err = int(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, hopper::kSmemBytes));
   if (*err) return true;
   const int64_t tiles = ((p.m + kBM - 1) / kBM) * ((p.n + kBN - 1) / kBN);
-  const int64_t ctas = tiles < d.sms ? tiles : d.sms;
+  int64_t ctas = tiles < d.sms ? tiles : d.sms;
+#ifdef FASTLM_EMU
+  // The emulated 132 SMs outnumber a test's tiles: tests cap the grid to run several tiles per CTA.
+  if (const char* cap = std::getenv("FASTLM_EMU_GEMM_CTAS")) ctas = std::min<int64_t>(ctas, std::max(1, std::atoi(cap)));
+#endif
   launch_kernel(kernel, dim3(unsigned(ctas)), hopper::kThreads, hopper::kSmemBytes, stream, p, tma_a, tma_b);
   *err = int(cudaGetLastError());
   return true;
