@@ -198,3 +198,124 @@ def test_varlen_one_launch_per_pass():
                                                 lse, *args[4:])
     for got, want in zip((dq, dk, dv), ref):
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------- sm_90a: mbarrier, TMA, named barriers, wgmma
+@pytest.fixture
+def sm90():
+    torch.ops.fastlm_emu.emu_set_arch("9.0")
+    yield
+    torch.ops.fastlm_emu.emu_set_arch("8.0")
+
+
+# Transcribed from the PTX ISA, "Register Fragments and Shared Memory Matrix Layouts" for
+# wgmma .m64nNk16: thread t of the warpgroup, w = t // 32, gid = (t % 32) // 4, tig = t % 4.
+def isa_wgmma_d(n):
+    """(row, col) of d0..d(N/2-1): per 8-column block j, d4j..d4j+3 at (r, c), (r, c+1), (r+8, c), (r+8, c+1)."""
+    table = []
+    for t in range(128):
+        r, c = 16 * (t // 32) + (t % 32) // 4, 2 * (t % 4)
+        table.append([(r + 8 * (i % 4 >= 2), 8 * (i // 4) + c + i % 2) for i in range(n // 2)])
+    return torch.tensor(table)  # (128, N/2, 2)
+
+
+def isa_wgmma_a():
+    """(row, col) of a0..a7 (four .b32 registers): each warp's 16 rows as mma.m16n8k16's A."""
+    return torch.tensor([[(16 * (t // 32) + r, c) for r, c in isa_a(t % 32)] for t in range(128)])  # (128, 8, 2)
+
+
+def _wgmma_inputs(a, b):
+    """The wgmma_* test kernels' input: A (64 x 64), B (64 x N), then A's register fragments for
+    the four k16 steps laid out by the ISA table."""
+    t = isa_wgmma_a()
+    afrag = torch.stack([a[t[..., 0], t[..., 1] + 16 * ks] for ks in range(4)])
+    return torch.cat([a.flatten(), b.flatten(), afrag.flatten()])
+
+
+def _gather_d(out, n, rows=64):
+    """The 64 x N matrix from the 128 threads' accumulators, placed by the ISA table."""
+    t = isa_wgmma_d(n)
+    d = torch.full((rows, n), float("nan"), dtype=torch.float64)
+    d[t[..., 0], t[..., 1]] = out[: 128 * n // 2].view(128, n // 2).double()
+    return d
+
+
+def test_wgmma_d_fragment_matches_the_isa_table(sm90):
+    # D = A B with A[m][0] = m, A[m][1] = 64, B[0][n] = 1, B[1][n] = n (all exact in bf16): every
+    # accumulator names its own (m, n) as m + 64 n
+    a, b = torch.zeros(64, 64), torch.zeros(64, 256)
+    a[:, 0], a[:, 1] = torch.arange(64.0), 64.0
+    b[0], b[1] = 1.0, torch.arange(256.0)
+    out = run("wgmma_ss_n256", _wgmma_inputs(a, b))
+    t = isa_wgmma_d(256)
+    assert torch.equal(out[: 128 * 128].view(128, 128), (t[..., 0] + 64 * t[..., 1]).float())
+
+
+@pytest.mark.parametrize(
+    "name, n",
+    [("wgmma_ss_n64", 64), ("wgmma_ss_n128_mn", 128), ("wgmma_ss_n24", 24), ("wgmma_rs_n128", 128),
+     ("wgmma_rs_n64_mn", 64)],
+)
+def test_wgmma_matches_float64(sm90, name, n):
+    """One warpgroup, K = 64 in four k16 steps (K-major operands step the descriptor's start by 32
+    bytes inside the 128B swizzle atom, MN-major B by 2 KB), bf16 operands staged where TMA's 128B
+    swizzle puts them; _rs takes A from registers laid out by the ISA's A-fragment table."""
+    a, b = torch.randn(64, 64), torch.randn(64, n)
+    out = run(name, _wgmma_inputs(a, b))
+    want = a.bfloat16().double() @ b.bfloat16().double()
+    torch.testing.assert_close(_gather_d(out, n), want, rtol=1e-5, atol=1e-4)
+
+
+def test_tma_boxes_zero_fill_and_swizzle_byte_for_byte(sm90):
+    """Two 64 x 32 boxes of 16-bit elements from a 72 x 40 tensor at (-8, 20) and (40, 0), 128B
+    swizzle: the shared bytes equal the ISA's model (out-of-bounds elements 0; byte b of the box
+    at b ^ ((b >> 7) % 8) << 4)."""
+    x = torch.randn(2048)
+    out = run("tma_boxes", x)[:2048]
+    src = x[:1440].view(torch.int16).view(40, 72)
+    want = torch.zeros(2, 32, 64, dtype=torch.int16)
+    for box, (c0, c1) in enumerate([(-8, 20), (40, 0)]):
+        rows, cols = torch.arange(c1, c1 + 32)[:, None], torch.arange(c0, c0 + 64)[None, :]
+        inside = (rows >= 0) & (rows < 40) & (cols >= 0) & (cols < 72)
+        want[box] = torch.where(inside, src[rows.clamp(0, 39), cols.clamp(0, 71)], 0)
+    linear = torch.arange(4096)
+    swizzled = linear ^ (((linear >> 7) & 7) << 4)
+    want_bytes = torch.zeros(2, 4096, dtype=torch.uint8)
+    want_bytes[:, swizzled] = want.view(2, -1).view(torch.uint8)
+    assert torch.equal(out.view(torch.uint8), want_bytes.flatten())
+
+
+def test_tma_wgmma_pipeline_matches_float64(sm90):
+    """384 threads: a producer thread feeds two stages through full/empty mbarriers with TMA,
+    two consumer warpgroups run wgmma on them (the warp-specialized Hopper GEMM's shape)."""
+    a, b = torch.randn(128, 256), torch.randn(256, 64)
+    out = run("pipeline", torch.cat([a.flatten(), b.flatten()]))
+    d = torch.cat([_gather_d(out[g * 128 * 32:], 64) for g in range(2)])
+    torch.testing.assert_close(d, a.half().double() @ b.half().double(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(run("named_handoff", a.flatten())[:128], 2 * a.flatten()[:128].flip(0))
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("pipeline_early_read_bug",
+         r"race \(read after write\) on byte \d+ of shared 'dynamic shared memory'.*thread \(256,0,0\).*and the wgmma "
+         r"shared-memory reads of warpgroup"),
+        ("pipeline_overwrite_bug",
+         r"race \(write after read\) on byte \d+ of shared 'dynamic shared memory'.*the wgmma shared-memory reads of "
+         r"warpgroup \d .*and thread \(256,0,0\)"),
+        ("pipeline_deadlock_bug",
+         r"deadlock in block \(0,0,0\): 256 threads wait on the mbarrier at byte 0 of shared 'bars' \(32 bytes\) for the "
+         r"phase of parity 0 to complete \(it has completed 0 phases; the current one still expects 0 arrivals and 16 "
+         r"transaction bytes\)"),
+        ("named_handoff_bug", r"race \(read after write\) on byte \d+ of shared 'buf'"),
+    ],
+)
+def test_emulator_reports_sm90(sm90, name, message):
+    with pytest.raises(RuntimeError, match=message):
+        run(name, torch.randn(128 * 256 + 256 * 64))
+
+
+def test_sm90_instructions_need_the_sm90_profile():
+    with pytest.raises(RuntimeError, match=r"mbarrier\.init needs sm_90a; the emulated device is sm_80"):
+        run("pipeline", torch.randn(128 * 256 + 256 * 64))

@@ -47,6 +47,13 @@
 //   TMA itself needs 128-byte aligned destinations, 1024 for 128B), and adding 32 bytes to the
 //   start of a 128B-swizzled K-major operand (K step inside the atom) reads the right chunks.
 //   Descriptor base offset (bits 49-51) is always 0 here.
+// What the emulator checks (tests/test_emulator.py): K-major A and B and MN-major B with 128B
+// swizzle, K stepped inside the atom, N = 24, 64, 128, 256, A from registers; TMA 2-D boxes
+// with 128B swizzle and zero fill. It decodes the other layouts (no swizzle, 32B, 64B, MN-major
+// A) by the same formulas, untested against a GPU. It fails loudly on: a descriptor base offset
+// other than 0, a swizzled TMA box whose inner extent is not the swizzle span, complete_tx
+// before expect_tx (the ISA allows a transiently negative tx-count; the kernels here never
+// need it). Only 16-bit inputs (f16, bf16) with fp32 accumulators exist in this API.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -106,6 +113,29 @@ inline const char* tma_desc_problem(int rank, const void* base, int elem_bytes, 
   if (swizzle_span(sw) && box[0] * elem_bytes > swizzle_span(sw))
     return "the inner box (box_inner * elem_bytes) must not exceed the swizzle span (32, 64 or 128 bytes)";
   return nullptr;
+}
+
+namespace detail {
+// Encodes a tiled tensor map: on the GPU side through the driver's cuTensorMapEncodeTiled, in
+// the emulator as its own fields (fastlm_emu/ptx_sm90.h). False with *why set when refused.
+inline bool make_tma_desc(TmaDesc* out, int rank, const void* base, int elem_bytes, const int64_t* dims,
+                          const int64_t* strides, const int* box, TmaSwizzle sw, const char** why);
+}  // namespace detail
+
+// A 2-D tensor map: `inner` contiguous elements per row, `outer` rows `outer_stride_bytes` apart;
+// boxes of box_inner x box_outer land in shared memory row after row (swizzled if sw).
+// Out-of-bounds elements of a box are filled with zeros.
+inline bool make_tma_desc_2d(TmaDesc* out, const void* base, int elem_bytes, int64_t inner, int64_t outer,
+                             int64_t outer_stride_bytes, int box_inner, int box_outer, TmaSwizzle sw,
+                             const char** why) {
+  const int64_t dims[2] = {inner, outer};
+  const int box[2] = {box_inner, box_outer};
+  return detail::make_tma_desc(out, 2, base, elem_bytes, dims, &outer_stride_bytes, box, sw, why);
+}
+// The same in 3-D: dims and box innermost first, strides (bytes) of dims 1 and 2.
+inline bool make_tma_desc_3d(TmaDesc* out, const void* base, int elem_bytes, const int64_t (&dims)[3],
+                             const int64_t (&strides_bytes)[2], const int (&box)[3], TmaSwizzle sw, const char** why) {
+  return detail::make_tma_desc(out, 3, base, elem_bytes, dims, strides_bytes, box, sw, why);
 }
 
 }  // namespace fastlm::cuda::sm90
@@ -170,22 +200,6 @@ inline bool make_tma_desc(TmaDesc* out, int rank, const void* base, int elem_byt
   return true;
 }
 }  // namespace detail
-
-// A 2-D tensor map: `inner` contiguous elements per row, `outer` rows `outer_stride_bytes` apart;
-// boxes of box_inner x box_outer land in shared memory row after row (swizzled if sw).
-// Out-of-bounds elements of a box are filled with zeros.
-inline bool make_tma_desc_2d(TmaDesc* out, const void* base, int elem_bytes, int64_t inner, int64_t outer,
-                             int64_t outer_stride_bytes, int box_inner, int box_outer, TmaSwizzle sw,
-                             const char** why) {
-  const int64_t dims[2] = {inner, outer};
-  const int box[2] = {box_inner, box_outer};
-  return detail::make_tma_desc(out, 2, base, elem_bytes, dims, &outer_stride_bytes, box, sw, why);
-}
-// The same in 3-D: dims and box innermost first, strides (bytes) of dims 1 and 2.
-inline bool make_tma_desc_3d(TmaDesc* out, const void* base, int elem_bytes, const int64_t (&dims)[3],
-                             const int64_t (&strides_bytes)[2], const int (&box)[3], TmaSwizzle sw, const char** why) {
-  return detail::make_tma_desc(out, 3, base, elem_bytes, dims, strides_bytes, box, sw, why);
-}
 
 // ---------------------------------------------------------------- device
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)

@@ -1,7 +1,8 @@
 // The SIMT emulator's runtime (the model is described in include/fastlm_emu/runtime.h): fibers
 // and their scheduler, barriers and warp collectives, the per-block shared-memory arena with its
 // checker, cp.async queues, ldmatrix / mma.sync, the TSan-ABI memory hooks and the slice of the
-// CUDA runtime API the launchers call. Compiled without instrumentation.
+// CUDA runtime API the launchers call. Compiled without instrumentation. The sm_90 primitives
+// live in sm90.cpp; the state both share is in runtime_internal.h.
 #include <sys/mman.h>
 
 #include <cstdarg>
@@ -15,6 +16,7 @@
 #include "fastlm_emu/cuda.h"
 #include "fastlm_emu/fragments.h"
 #include "fastlm_emu/ptx.h"
+#include "runtime_internal.h"
 
 namespace fastlm::emu {
 
@@ -23,10 +25,7 @@ Current g_cur;
 namespace {
 
 // ---------------------------------------------------------------- fibers
-// x86-64: a six-register switch (System V callee-saved set); elsewhere ucontext.
-struct Context {
-  void* sp = nullptr;
-};
+// x86-64: a six-register switch (System V callee-saved set).
 extern "C" void fastlm_emu_switch(void** save_sp, void* load_sp);
 extern "C" void fastlm_emu_fiber_start();
 extern "C" void fastlm_emu_fiber_main();
@@ -65,79 +64,23 @@ fastlm_emu_fiber_start:
 static_assert(sizeof(void*) == 8, "x86-64 only");
 
 constexpr size_t kStackBytes = 128 << 10;
-constexpr int kMaxThreads = 1024;
 constexpr size_t kRedZone = 256;             // bytes between shared allocations
 constexpr size_t kArenaBytes = 1024 << 10;   // more than any GPU's shared memory plus red zones
 constexpr size_t kStaticLimit = 48 << 10;    // static __shared__ per block, on every GPU
 
-enum class State : uint8_t { Runnable, AtBarrier, AtWarp, Done, Failed };
-
-struct Copy {
-  void* dst;
-  const void* src;
-  int bytes, src_bytes;
-};
-
 }  // namespace
 
-struct Thread {
-  Context ctx;
-  unsigned char* stack = nullptr;
-  uint3 idx{0, 0, 0};
-  int tid = 0, warp = 0, lane = 0;
-  State state = State::Runnable;
-  int decls = 0;                    // FASTLM_SHARED declarations reached
-  std::vector<Copy> copies;         // cp.async issued, not yet done
-  std::vector<size_t> group_ends;   // committed groups: end index into copies
-};
-
-namespace {
-
-struct Shadow {  // per shared byte: the last write and up to two reads of the current epoch
-  uint32_t w_ep, w_wep, r1_ep, r1_wep, r2_ep, r2_wep;
-  uint16_t w_tid, r1_tid, r2_tid;
-  uint8_t flags;  // kWritten | kR1 | kR2
-};
-constexpr uint8_t kWritten = 1, kR1 = 2, kR2 = 4;
-
-struct Alloc {
-  size_t offset, bytes;
-  const char* name;
-};
-
-struct Warp {
-  int arrived = 0;
-  unsigned mask = 0, present = 0, exited = 0;
-  const char* what = nullptr;
-  CollectiveOp op = nullptr;
-  uint32_t epoch = 0;  // advances at every __syncwarp
-  void* slots[32] = {};
-};
-
-}  // namespace
-
-struct Block {
-  std::vector<Thread>* threads = nullptr;
-  int n = 0, live = 0, at_barrier = 0;
-  uint32_t epoch = 0;  // advances at every __syncthreads
-  Warp warps[kMaxThreads / 32];
-  std::vector<Alloc> allocs;  // [0]: the dynamic buffer when the launch asked for one
-  size_t used = 0;            // arena bytes handed out so far (red zones included)
-  size_t static_bytes = 0;
-  bool has_dynamic = false;
-  std::string error;
-};
+Block g_block;
+std::vector<Thread> g_threads(kMaxThreads);
+unsigned char* g_arena = nullptr;
+uintptr_t g_arena_lo = 0, g_arena_span = 0;  // span 0 outside a block: the hooks' fast exit
 
 namespace {
 
 std::mutex g_launch_mutex;
 Context g_sched;
-Block g_block;
-std::vector<Thread> g_threads(kMaxThreads);
-unsigned char* g_arena = nullptr;
 std::vector<Shadow> g_shadow;
 size_t g_shadow_dirty = 0;
-uintptr_t g_arena_lo = 0, g_arena_span = 0;  // span 0 outside a block: the hooks' fast exit
 KernelThunk g_thunk = nullptr;
 const void* g_args = nullptr;
 Stats g_stats{};
@@ -170,6 +113,8 @@ void init_once() {
   }
 }
 
+}  // namespace
+
 void switch_to_scheduler(Thread& t) { fastlm_emu_switch(&t.ctx.sp, g_sched.sp); }
 
 std::string thread_name(const Thread& t) {
@@ -177,6 +122,44 @@ std::string thread_name(const Thread& t) {
   std::snprintf(buf, sizeof buf, "thread (%u,%u,%u) of block (%u,%u,%u) [warp %d lane %d]", t.idx.x, t.idx.y, t.idx.z,
                 g_cur.block_idx.x, g_cur.block_idx.y, g_cur.block_idx.z, t.warp, t.lane);
   return buf;
+}
+
+std::string accessor_name(int tid) {
+  if (tid < g_block.n) return thread_name(g_threads[size_t(tid)]);
+  char buf[96];
+  std::snprintf(buf, sizeof buf, "the wgmma shared-memory reads of warpgroup %d (threads %d..%d)", tid - g_block.n,
+                128 * (tid - g_block.n), 128 * (tid - g_block.n) + 127);
+  return buf;
+}
+
+// ---------------------------------------------------------------- happens-before
+void hb_enable() {
+  Block& b = g_block;
+  if (b.hb) return;
+  b.hb = true;
+  b.hb_dim = b.n + (b.n + 127) / 128;
+  b.clocks.assign(size_t(b.hb_dim) * size_t(b.hb_dim), 0);
+  for (int i = 0; i < b.hb_dim; ++i) clock_of(i)[i] = 1;  // every access so far carries clock 1
+}
+
+void hb_join(uint32_t* into, const uint32_t* from) {
+  for (int i = 0; i < g_block.hb_dim; ++i) into[i] = into[i] < from[i] ? from[i] : into[i];
+}
+
+void hb_release(int tid, std::vector<uint32_t>& into) {
+  hb_enable();
+  if (into.empty()) into.assign(size_t(g_block.hb_dim), 0);
+  hb_join(into.data(), clock_of(tid));
+  ++clock_of(tid)[tid];
+}
+
+void hb_acquire(int tid, const std::vector<uint32_t>& from) {
+  if (!from.empty()) hb_join(clock_of(tid), from.data());
+}
+
+bool ordered_after(int tc, int ta, uint32_t ep_a, uint32_t clk_a) {
+  if (ta == tc || ep_a != g_block.epoch) return true;  // same accessor, or a __syncthreads between
+  return g_block.hb && clock_of(tc)[ta] >= clk_a;
 }
 
 // ---------------------------------------------------------------- shared-memory checker
@@ -203,47 +186,55 @@ std::string describe(size_t off) {
   return buf;
 }
 
-bool ordered(uint16_t ta, uint32_t ep_a, uint32_t wep_a, int tc, uint32_t wep_c) {
-  if (ta == tc || ep_a != g_block.epoch) return true;      // same thread, or a __syncthreads between
-  return ta / 32 == tc / 32 && wep_a != wep_c;             // same warp with a __syncwarp between
+namespace {
+// Accessor ta (at block epoch ep_a, warp epoch wep_a, clock entry clk_a) before tc's access now.
+bool ordered(uint16_t ta, uint32_t ep_a, uint32_t wep_a, uint32_t clk_a, int tc, uint32_t wep_c) {
+  if (ordered_after(tc, ta, ep_a, clk_a)) return true;
+  return ta < g_block.n && tc < g_block.n && ta / 32 == tc / 32 && wep_a != wep_c;  // a __syncwarp between
 }
 
-[[noreturn]] void race(const char* kind, size_t off, int other_tid, const Thread& t) {
-  const Thread& o = (*g_block.threads)[other_tid];
+[[noreturn]] void race(const char* kind, size_t off, int other_tid, int tid) {
   fail("shared-memory race (%s) on %s: %s and %s with no barrier between them", kind, describe(off).c_str(),
-       thread_name(o).c_str(), thread_name(t).c_str());
+       accessor_name(other_tid).c_str(), accessor_name(tid).c_str());
 }
+}  // namespace
 
-void check_access(const Thread& t, uintptr_t p, size_t n, bool write) {
+void check_access(int tc, uintptr_t p, size_t n, bool write) {
   ++g_stats.shared_accesses;
   const size_t off = p - g_arena_lo;
   const Alloc* a = find_alloc(off);
   if (!a || off + n > a->offset + a->bytes)
     fail("out-of-bounds shared-memory %s of %zu bytes at %s by %s", write ? "write" : "read", n,
-         describe(a ? a->offset + a->bytes : off).c_str(), thread_name(t).c_str());
-  const int tc = t.tid;
-  const uint32_t ep = g_block.epoch, wep = g_block.warps[t.warp].epoch;
+         describe(a ? a->offset + a->bytes : off).c_str(), accessor_name(tc).c_str());
+  const uint32_t ep = g_block.epoch, wep = tc < g_block.n ? g_block.warps[tc / 32].epoch : 0;
+  const uint32_t clk = g_block.hb ? clock_of(tc)[tc] : 1;
   for (size_t i = 0; i < n; ++i) {
     Shadow& s = g_shadow[off + i];
     if (write) {
-      if ((s.flags & kWritten) && !ordered(s.w_tid, s.w_ep, s.w_wep, tc, wep)) race("write after write", off + i, s.w_tid, t);
-      if ((s.flags & kR1) && !ordered(s.r1_tid, s.r1_ep, s.r1_wep, tc, wep)) race("write after read", off + i, s.r1_tid, t);
-      if ((s.flags & kR2) && !ordered(s.r2_tid, s.r2_ep, s.r2_wep, tc, wep)) race("write after read", off + i, s.r2_tid, t);
-      s.w_tid = uint16_t(tc), s.w_ep = ep, s.w_wep = wep;
+      if ((s.flags & kWritten) && !ordered(s.w_tid, s.w_ep, s.w_wep, s.w_clk, tc, wep))
+        race("write after write", off + i, s.w_tid, tc);
+      if ((s.flags & kR1) && !ordered(s.r1_tid, s.r1_ep, s.r1_wep, s.r1_clk, tc, wep))
+        race("write after read", off + i, s.r1_tid, tc);
+      if ((s.flags & kR2) && !ordered(s.r2_tid, s.r2_ep, s.r2_wep, s.r2_clk, tc, wep))
+        race("write after read", off + i, s.r2_tid, tc);
+      s.w_tid = uint16_t(tc), s.w_ep = ep, s.w_wep = wep, s.w_clk = clk;
       s.flags |= kWritten;
     } else {
       if (!(s.flags & kWritten))
         fail("read of uninitialized shared memory: %s by %s (nothing in this block wrote it)", describe(off + i).c_str(),
-             thread_name(t).c_str());
-      if (!ordered(s.w_tid, s.w_ep, s.w_wep, tc, wep)) race("read after write", off + i, s.w_tid, t);
+             accessor_name(tc).c_str());
+      if (!ordered(s.w_tid, s.w_ep, s.w_wep, s.w_clk, tc, wep)) race("read after write", off + i, s.w_tid, tc);
       // keep two distinct readers of the current epoch (enough to see a reader other than a writer)
-      if ((s.flags & kR1) && s.r1_tid == tc) s.r1_ep = ep, s.r1_wep = wep;
-      else if ((s.flags & kR2) && s.r2_tid == tc) s.r2_ep = ep, s.r2_wep = wep;
-      else if (!(s.flags & kR1) || s.r1_ep != ep) s.r1_tid = uint16_t(tc), s.r1_ep = ep, s.r1_wep = wep, s.flags |= kR1;
-      else s.r2_tid = uint16_t(tc), s.r2_ep = ep, s.r2_wep = wep, s.flags |= kR2;
+      if ((s.flags & kR1) && s.r1_tid == tc) s.r1_ep = ep, s.r1_wep = wep, s.r1_clk = clk;
+      else if ((s.flags & kR2) && s.r2_tid == tc) s.r2_ep = ep, s.r2_wep = wep, s.r2_clk = clk;
+      else if (!(s.flags & kR1) || s.r1_ep != ep)
+        s.r1_tid = uint16_t(tc), s.r1_ep = ep, s.r1_wep = wep, s.r1_clk = clk, s.flags |= kR1;
+      else s.r2_tid = uint16_t(tc), s.r2_ep = ep, s.r2_wep = wep, s.r2_clk = clk, s.flags |= kR2;
     }
   }
 }
+
+namespace {
 
 // ---------------------------------------------------------------- scheduling
 void open_barrier() {
@@ -269,7 +260,7 @@ void finish_collective(Warp& w, int warp) {
 void do_copies(Thread& t, size_t upto) {
   for (size_t i = 0; i < upto; ++i) {
     const Copy& c = t.copies[i];
-    check_access(t, reinterpret_cast<uintptr_t>(c.dst), size_t(c.bytes), true);
+    check_access(t.tid, reinterpret_cast<uintptr_t>(c.dst), size_t(c.bytes), true);
     std::memcpy(c.dst, c.src, size_t(c.src_bytes));
     std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, size_t(c.bytes - c.src_bytes));
   }
@@ -282,6 +273,12 @@ void thread_exit(Thread& t) {
   Warp& w = g_block.warps[t.warp];
   if (w.arrived > 0 && (w.mask >> t.lane & 1))
     fail("%s exited while its warp waits for it at %s", thread_name(t).c_str(), w.what);
+  const Warpgroup& wg = g_block.warpgroups[t.tid / 128];
+  if (wg.arrived > 0)
+    fail("%s exited while its warpgroup waits for it at %s", thread_name(t).c_str(), wg.what);
+  if (t.wg_open || !t.wg_groups.empty())
+    fail("%s exited with wgmma operations it never waited for (%zu committed groups%s): their accumulators are "
+         "undefined", thread_name(t).c_str(), t.wg_groups.size(), t.wg_open ? " and uncommitted ones" : "");
   w.exited |= 1u << t.lane;
   t.state = State::Done;
   --g_block.live;
@@ -302,9 +299,10 @@ extern "C" void fastlm_emu_fiber_main() {
 
 // ---------------------------------------------------------------- the API the kernels see
 namespace fastlm::emu {
-namespace {
 
 Thread& me() { return *g_cur.thread; }
+
+namespace {
 
 std::string block_name() {
   char buf[64];
@@ -312,8 +310,10 @@ std::string block_name() {
   return buf;
 }
 
-size_t place(size_t bytes, const char* name) {
-  const size_t offset = (g_block.used + kRedZone + 127) / 128 * 128;
+// align: 128, or up to 1024 (a 128B-swizzled TMA / wgmma tile needs 1024 on a GPU, where the
+// dynamic buffer of a kernel without static shared memory starts at a 1024-byte boundary too)
+size_t place(size_t bytes, const char* name, size_t align = 128) {
+  const size_t offset = (g_block.used + kRedZone + align - 1) / align * align;
   if (offset + bytes + kRedZone > kArenaBytes) fail("shared memory: '%s' (%zu bytes) does not fit the arena", name, bytes);
   g_block.used = offset + bytes;
   g_block.allocs.push_back(Alloc{offset, bytes, name});
@@ -326,6 +326,37 @@ void deadlock() {
   int at_bar = 0;
   for (int i = 0; i < g_block.n; ++i) at_bar += g_threads[i].state == State::AtBarrier;
   if (at_bar) msg += " " + std::to_string(at_bar) + " of " + std::to_string(g_block.live) + " live threads wait at __syncthreads;";
+  // mbarrier waits, by barrier and parity; named barriers, by id
+  std::vector<std::pair<std::pair<size_t, int>, int>> mbar_waits;
+  int named_waits[16] = {};
+  for (int i = 0; i < g_block.n; ++i) {
+    const Thread& t = g_threads[i];
+    if (t.state == State::AtNamedBarrier) ++named_waits[t.wait_arg];
+    if (t.state != State::AtMbarrier) continue;
+    bool counted = false;
+    for (auto& m : mbar_waits)
+      if (m.first == std::make_pair(t.wait_object, t.wait_arg)) ++m.second, counted = true;
+    if (!counted) mbar_waits.push_back({{t.wait_object, t.wait_arg}, 1});
+  }
+  for (const auto& m : mbar_waits) {
+    const Mbarrier& bar = g_block.mbarriers[m.first.first];
+    char buf[320];
+    std::snprintf(buf, sizeof buf,
+                  " %d threads wait on the mbarrier at %s for the phase of parity %d to complete (it has completed %u "
+                  "phases; the current one still expects %d arrivals and %lld transaction bytes);",
+                  m.second, describe(m.first.first).c_str(), m.first.second, bar.phase, bar.pending,
+                  static_cast<long long>(bar.tx));
+    msg += buf;
+  }
+  for (int id = 0; id < 16; ++id)
+    if (named_waits[id])
+      msg += " " + std::to_string(named_waits[id]) + " threads wait at named barrier " + std::to_string(id) + " (" +
+             std::to_string(g_block.named[id].arrived) + " of " + std::to_string(g_block.named[id].expected) +
+             " arrived);";
+  for (int g = 0; g < kMaxWarpgroups; ++g)
+    if (g_block.warpgroups[g].arrived)
+      msg += " warpgroup " + std::to_string(g) + ": " + std::to_string(g_block.warpgroups[g].arrived) +
+             " of 128 threads wait at " + g_block.warpgroups[g].what + ";";
   for (int w = 0; w < (g_block.n + 31) / 32; ++w) {
     const Warp& wp = g_block.warps[w];
     if (wp.arrived == 0) continue;
@@ -345,6 +376,12 @@ bool run_block(uint3 bidx, size_t dynamic_bytes) {
   b.at_barrier = 0;
   b.epoch = 0;
   b.error.clear();
+  b.hb = false;
+  b.hb_dim = 0;
+  b.clocks.clear();
+  for (Warpgroup& wg : b.warpgroups) wg = Warpgroup{};
+  b.mbarriers.clear();
+  for (NamedBarrier& nb : b.named) nb = NamedBarrier{};
   for (int w = 0; w < (n + 31) / 32; ++w) {
     b.warps[w] = Warp{};
     const int lanes = n - w * 32 >= 32 ? 32 : n - w * 32;
@@ -357,7 +394,7 @@ bool run_block(uint3 bidx, size_t dynamic_bytes) {
   g_cur.block_idx = bidx;
   g_arena_lo = reinterpret_cast<uintptr_t>(g_arena);
   g_arena_span = kArenaBytes;
-  if (dynamic_bytes) place(dynamic_bytes, "dynamic shared memory");
+  if (dynamic_bytes) place(dynamic_bytes, "dynamic shared memory", 1024);
   for (int i = 0; i < n; ++i) {
     Thread& t = g_threads[i];
     const unsigned bx = g_cur.block_dim.x, by = g_cur.block_dim.y;
@@ -367,6 +404,9 @@ bool run_block(uint3 bidx, size_t dynamic_bytes) {
     t.decls = 0;
     t.copies.clear();
     t.group_ends.clear();
+    t.wait_object = 0, t.wait_arg = 0;
+    t.wg_fenced = false, t.wg_open = 0;
+    t.wg_groups.clear();
     uintptr_t top = (reinterpret_cast<uintptr_t>(t.stack) + kStackBytes) & ~uintptr_t(15);
     void** sp = reinterpret_cast<void**>(top) - 8;  // r15 r14 r13 r12 rbx rbp, return address, pad
     for (int k = 0; k < 8; ++k) sp[k] = nullptr;
@@ -453,6 +493,37 @@ void warp_collective(unsigned mask, const char* what, void* slot, CollectiveOp o
   switch_to_scheduler(t);
 }
 
+void warpgroup_collective(const char* what, void* slot, WarpgroupOp op) {
+  Thread& t = me();
+  const int g = t.tid / 128;
+  if (g_block.n < 128 * (g + 1))
+    fail("%s: warpgroup %d is incomplete: the block has %d threads, a warpgroup is threads %d..%d (%s)", what, g,
+         g_block.n, 128 * g, 128 * g + 127, thread_name(t).c_str());
+  for (int i = 128 * g; i < 128 * (g + 1); ++i)
+    if (g_threads[i].state == State::Done)
+      fail("%s: %s of warpgroup %d has exited; all 128 threads must take part (%s)", what,
+           thread_name(g_threads[i]).c_str(), g, thread_name(t).c_str());
+  Warpgroup& wg = g_block.warpgroups[g];
+  if (wg.arrived == 0) {
+    wg.what = what, wg.op = op;
+  } else if (std::strcmp(wg.what, what) != 0) {
+    fail("warpgroup divergence: %s reached %s while %d threads of its warpgroup wait at %s", thread_name(t).c_str(),
+         what, wg.arrived, wg.what);
+  }
+  wg.slots[t.tid % 128] = slot;
+  if (++wg.arrived == 128) {
+    ++g_stats.collectives;
+    wg.op(g, wg.slots);
+    wg.arrived = 0;
+    wg.what = nullptr;
+    for (int i = 128 * g; i < 128 * (g + 1); ++i)
+      if (g_threads[i].state == State::AtWarpgroup) g_threads[i].state = State::Runnable;
+    return;
+  }
+  t.state = State::AtWarpgroup;
+  switch_to_scheduler(t);
+}
+
 void* shared_alloc(size_t bytes, size_t align, const char* name) {
   Thread& t = me();
   const int k = t.decls++;
@@ -464,7 +535,7 @@ void* shared_alloc(size_t bytes, size_t align, const char* name) {
            name, bytes, thread_name(t).c_str());
     return g_arena + a.offset;
   }
-  if (align > 128) fail("shared '%s': alignment %zu over 128 is not emulated", name, align);
+  if (align > 1024) fail("shared '%s': alignment %zu over 1024 is not emulated", name, align);
   g_block.static_bytes += bytes;
   const size_t dynamic = g_block.has_dynamic ? g_block.allocs[0].bytes : 0;
   if (g_block.static_bytes > kStaticLimit)
@@ -472,7 +543,7 @@ void* shared_alloc(size_t bytes, size_t align, const char* name) {
   if (g_block.static_bytes + dynamic > size_t(g_device->smem_per_block_optin))
     fail("shared memory: %zu static + %zu dynamic bytes exceed sm_%d%d's %d bytes per block", g_block.static_bytes,
          dynamic, g_device->major, g_device->minor, g_device->smem_per_block_optin);
-  return g_arena + place(bytes, name);
+  return g_arena + place(bytes, name, align > 128 ? align : 128);
 }
 
 unsigned char* dynamic_shared() {
@@ -483,7 +554,7 @@ unsigned char* dynamic_shared() {
 bool in_shared_arena(const void* p) { return reinterpret_cast<uintptr_t>(p) - g_arena_lo < g_arena_span; }
 
 void shared_access_by_lane(int lane, const void* p, size_t n, bool write) {
-  check_access(g_threads[size_t(me().warp * 32 + lane)], reinterpret_cast<uintptr_t>(p), n, write);
+  check_access(me().warp * 32 + lane, reinterpret_cast<uintptr_t>(p), n, write);
 }
 
 void cp_async_queue(void* dst, const void* src, int bytes, int src_bytes) {
@@ -605,7 +676,16 @@ void vote_op(void** slots, unsigned mask) {
   for (int lane = 0; lane < 32; ++lane)
     if (mask >> lane & 1) static_cast<VoteSlot*>(slots[lane])->result = ballot;
 }
-void syncwarp_op(void**, unsigned) { ++g_block.warps[me().warp].epoch; }
+void syncwarp_op(void**, unsigned mask) {
+  const int warp = me().warp;
+  ++g_block.warps[warp].epoch;
+  if (!g_block.hb) return;
+  std::vector<uint32_t> joined;  // the lanes' clocks, joined: each lane acquires all of them
+  for (int lane = 0; lane < 32; ++lane)
+    if (mask >> lane & 1) hb_release(warp * 32 + lane, joined);
+  for (int lane = 0; lane < 32; ++lane)
+    if (mask >> lane & 1) hb_acquire(warp * 32 + lane, joined);
+}
 
 struct LdmatrixSlot {
   uint32_t* out;
@@ -776,7 +856,7 @@ namespace {
 inline void hook(void* p, size_t n, bool write) {
   using namespace fastlm::emu;
   if (reinterpret_cast<uintptr_t>(p) - g_arena_lo < g_arena_span && g_cur.thread)
-    check_access(*g_cur.thread, reinterpret_cast<uintptr_t>(p), n, write);
+    check_access(g_cur.thread->tid, reinterpret_cast<uintptr_t>(p), n, write);
 }
 }  // namespace
 

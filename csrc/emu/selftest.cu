@@ -7,10 +7,13 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <type_traits>
 
 #include "../cuda/launch.cuh"
 #include "../cuda/ptx.cuh"
+#include "../cuda/ptx_sm90.cuh"
 
 namespace fastlm::emu_selftest {
 namespace {
@@ -138,6 +141,183 @@ __global__ void l2_float2(const float* in, float* out, int offset) {
   cuda::store_l2(reinterpret_cast<float2*>(out) + threadIdx.x, v);
 }
 
+
+// ---------------------------------------------------------------- sm_90a (run on the "9.0" profile)
+namespace h90 = cuda::sm90;
+
+// Byte offset of (row, col) in a tile of 128-byte rows as TMA writes it with 128B swizzle (the
+// tile 1024-byte aligned): 16-byte chunk col*2/16 of row r moves to chunk ^ (r % 8).
+__device__ inline uint32_t sw128(int row, int byte_in_row) {
+  return uint32_t(row * 128 + ((byte_in_row / 16) ^ (row % 8)) * 16 + byte_in_row % 16);
+}
+
+// Two TMA boxes of 64 x 32 16-bit elements (128B swizzle) from a 72 x 40 tensor, at (-8, 20)
+// and (40, 0): both run out of bounds; out receives the two boxes' raw shared bytes.
+__global__ void tma_boxes(const __grid_constant__ h90::TmaDesc desc, float* out) {
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem);
+  FASTLM_SHARED(uint64_t, full, [1]);
+  if (threadIdx.x == 0) {
+    h90::mbar_init(&full[0], 1);
+    h90::fence_barrier_init();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    h90::tma_prefetch_desc(&desc);
+    h90::mbar_arrive_expect_tx(&full[0], 2 * 64 * 32 * 2);
+    h90::tma_load_2d(smem, &desc, -8, 20, &full[0]);
+    h90::tma_load_2d(smem + 4096, &desc, 40, 0, &full[0]);
+  }
+  h90::mbar_wait(&full[0], 0);
+  for (int i = threadIdx.x; i < 2048; i += blockDim.x) std::memcpy(&out[i], smem + 4 * i, 4);
+}
+
+// D (64 x N) = A (64 x 64) * B (64 x N) by one warpgroup, four k16 steps, bf16 inputs staged
+// by the threads in the layouts TMA would write with 128B swizzle: A K-major (start + 32 bytes
+// per k16), B K-major (the same) or MN-major (kTransB: 64-column blocks 8 KB apart = LBO, start +
+// 2 KB per k16). kRegsA: A from registers, taken from afrag (per thread, per k16 step, 8 values
+// in the ISA's A-fragment order). in: A row-major, B row-major (k, n), afrag; out: each thread's
+// N/2 accumulators in order.
+template <int N, bool kTransB, bool kRegsA>
+__global__ void wgmma_tile(const float* in, float* out) {
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem);
+  const float* a = in;
+  const float* b = in + 64 * 64;
+  const float* afrag = b + 64 * N;
+  unsigned char* sa = smem;           // 8 KB: 64 rows of 64 k
+  unsigned char* sb = smem + 8192;    // N * 128 bytes
+  const int tid = threadIdx.x;
+  for (int i = tid; i < 64 * 64; i += 128) {
+    const int m = i / 64, k = i % 64;
+    *reinterpret_cast<__nv_bfloat16*>(sa + sw128(m, 2 * k)) = __float2bfloat16_rn(a[i]);
+  }
+  for (int i = tid; i < 64 * N; i += 128) {
+    const int k = i / N, n = i % N;
+    const uint32_t at = kTransB ? uint32_t(n / 64) * 8192 + sw128(k, 2 * (n % 64)) : sw128(n, 2 * k);
+    *reinterpret_cast<__nv_bfloat16*>(sb + at) = __float2bfloat16_rn(b[i]);
+  }
+  __syncthreads();
+  h90::fence_proxy_async_shared();  // the generic-proxy writes above, before the async proxy reads
+  float d[N / 2];
+  h90::wgmma_fence();
+  for (int ks = 0; ks < 4; ++ks) {
+    const uint64_t db = kTransB ? h90::smem_desc(sb + 2048 * ks, h90::TmaSwizzle::k128B, 8192, 1024)
+                                : h90::smem_desc(sb + 32 * ks, h90::TmaSwizzle::k128B, 16, 1024);
+    if constexpr (kRegsA) {
+      uint32_t r[4];
+      for (int j = 0; j < 4; ++j)
+        r[j] = cuda::pack2<__nv_bfloat16>(afrag[(ks * 128 + tid) * 8 + 2 * j], afrag[(ks * 128 + tid) * 8 + 2 * j + 1]);
+      h90::wgmma_rs<__nv_bfloat16, N, kTransB>(d, r, db, ks > 0);
+    } else {
+      const uint64_t da = h90::smem_desc(sa + 32 * ks, h90::TmaSwizzle::k128B, 16, 1024);
+      h90::wgmma_ss<__nv_bfloat16, N, false, kTransB>(d, da, db, ks > 0);
+    }
+  }
+  h90::wgmma_commit();
+  h90::wgmma_wait<0>();
+  for (int i = 0; i < N / 2; ++i) out[tid * (N / 2) + i] = d[i];
+}
+
+// A warp-specialized pipeline as the Hopper GEMMs run it: D (128 x 64) = A (128 x 256) * B
+// (256 x 64), f16, 384 threads: warpgroups 0 and 1 consume (64 rows each), warpgroup 2's first
+// thread produces. Two stages of (A 128 x 64 K-major, B 64 x 64 MN-major), 128B swizzle,
+// full[s] (1 arrival + tx bytes) and empty[s] (256 consumer arrivals) mbarriers.
+// kBug: 1 the consumers skip the full-barrier wait from the third k-tile on (they read a stage
+// the producer is refilling); 2 the producer skips the empty-barrier wait (it overwrites a stage the
+// consumers may still read); 3 the producer expects 16 more bytes than its loads bring, so the
+// first phase never completes (deadlock).
+constexpr int kPipeM = 128, kPipeN = 64, kPipeK = 256, kPipeStageBytes = (128 * 64 + 64 * 64) * 2;
+template <int kBug>
+__global__ void tma_wgmma_pipeline(const __grid_constant__ h90::TmaDesc desc_a,
+                                   const __grid_constant__ h90::TmaDesc desc_b, float* out) {
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem);
+  FASTLM_SHARED(uint64_t, bars, [4]);  // full[0], full[1], empty[0], empty[1]
+  uint64_t* full = &bars[0];
+  uint64_t* empty = &bars[2];
+  const int tid = threadIdx.x, wg = tid / 128;
+  if (tid == 0) {
+    for (int s = 0; s < 2; ++s) h90::mbar_init(&full[s], 1), h90::mbar_init(&empty[s], 256);
+    h90::fence_barrier_init();
+  }
+  __syncthreads();
+  constexpr int kTiles = kPipeK / 64;
+  if (wg == 2) {
+    h90::setmaxnreg_dec<40>();
+    if (tid != 256) return;
+    for (int kt = 0; kt < kTiles; ++kt) {
+      const int s = kt % 2;
+      if (kBug != 2) h90::mbar_wait(&empty[s], ((kt / 2) & 1) ^ 1);
+      unsigned char* stage = smem + s * kPipeStageBytes;
+      h90::mbar_arrive_expect_tx(&full[s], kPipeStageBytes + (kBug == 3 ? 16 : 0));
+      h90::tma_load_2d(stage, &desc_a, kt * 64, 0, &full[s]);
+      h90::tma_load_2d(stage + 128 * 128, &desc_b, 0, kt * 64, &full[s]);
+    }
+    return;
+  }
+  h90::setmaxnreg_inc<232>();
+  float d[kPipeN / 2];
+  for (int kt = 0; kt < kTiles; ++kt) {
+    const int s = kt % 2;
+    if (kBug != 1 || kt < 2) h90::mbar_wait(&full[s], (kt / 2) & 1);
+    unsigned char* stage = smem + s * kPipeStageBytes;
+    h90::wgmma_fence();
+    for (int ks = 0; ks < 4; ++ks) {
+      const uint64_t da = h90::smem_desc(stage + wg * 64 * 128 + 32 * ks, h90::TmaSwizzle::k128B, 16, 1024);
+      const uint64_t db = h90::smem_desc(stage + 128 * 128 + 2048 * ks, h90::TmaSwizzle::k128B, 8192, 1024);
+      h90::wgmma_ss<__half, kPipeN, false, true>(d, da, db, kt > 0 || ks > 0);
+    }
+    h90::wgmma_commit();
+    h90::wgmma_wait<0>();
+    h90::mbar_arrive(&empty[s]);
+  }
+  for (int i = 0; i < kPipeN / 2; ++i) out[tid * (kPipeN / 2) + i] = d[i];
+}
+
+// Named barriers between two warpgroups: warpgroup 1 writes, bar.arrive; warpgroup 0 bar.sync,
+// reads (kSync false: warpgroup 0 reads without the barrier, a race).
+template <bool kSync>
+__global__ void named_handoff(const float* in, float* out) {
+  FASTLM_SHARED(float, buf, [128]);
+  const int tid = threadIdx.x;
+  if (tid >= 128) {
+    buf[tid - 128] = in[tid - 128] * 2.0f;
+    h90::named_barrier_arrive(1, 256);
+  } else {
+    if (kSync) h90::named_barrier_sync(1, 256);
+    out[tid] = buf[127 - tid];
+  }
+}
+
+template <typename T>
+void to_16bit(const float* from, T* to, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    if constexpr (std::is_same_v<T, __half>) to[i] = __float2half_rn(from[i]);
+    else to[i] = __float2bfloat16_rn(from[i]);
+  }
+}
+
+template <int N, bool kTransB, bool kRegsA>
+void launch_wgmma_tile(const float* in, float* out) {
+  const size_t smem = 8192 + (kTransB ? size_t(N + 63) / 64 * 8192 : size_t(N) * 128);
+  cudaFuncSetAttribute(wgmma_tile<N, kTransB, kRegsA>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  launch_kernel(wgmma_tile<N, kTransB, kRegsA>, 1, 128, smem, nullptr, in, out);
+}
+
+template <int kBug>
+void launch_pipeline(const float* in, float* out) {
+  static __half a[kPipeM * kPipeK], b[kPipeK * kPipeN];
+  to_16bit(in, a, kPipeM * kPipeK);
+  to_16bit(in + kPipeM * kPipeK, b, kPipeK * kPipeN);
+  h90::TmaDesc da, db;
+  const char* why = nullptr;
+  if (!h90::make_tma_desc_2d(&da, a, 2, kPipeK, kPipeM, kPipeK * 2, 64, 128, h90::TmaSwizzle::k128B, &why) ||
+      !h90::make_tma_desc_2d(&db, b, 2, kPipeN, kPipeK, kPipeN * 2, 64, 64, h90::TmaSwizzle::k128B, &why)) {
+    std::fprintf(stderr, "make_tma_desc_2d: %s\n", why);
+    return;
+  }
+  cudaFuncSetAttribute(tma_wgmma_pipeline<kBug>, cudaFuncAttributeMaxDynamicSharedMemorySize, 2 * kPipeStageBytes);
+  launch_kernel(tma_wgmma_pipeline<kBug>, 1, 384, 2 * kPipeStageBytes, nullptr, da, db, out);
+}
+
 }  // namespace
 
 // Runs test kernel `name` on in (at least 384 floats) into out (512 floats). Returns the launch
@@ -163,6 +343,24 @@ int run(const char* name, const float* in, float* out) {
   else if (is("cp_async_shared_source_bug")) launch_kernel(cp_async_shared_source, 1, 16, 0, nullptr, in, out);
   else if (is("l2_float2")) launch_kernel(l2_float2, 1, 32, 0, nullptr, in, out, 2);
   else if (is("l2_float2_bug")) launch_kernel(l2_float2, 1, 32, 0, nullptr, in, out, 1);
+  // sm_90a: in holds the inputs the Python test laid out, out is sized for the kernel's output
+  else if (is("tma_boxes")) {
+    h90::TmaDesc desc;
+    if (!h90::make_tma_desc_2d(&desc, in, 2, 72, 40, 144, 64, 32, h90::TmaSwizzle::k128B, nullptr)) return -2;
+    launch_kernel(tma_boxes, 1, 128, 8192, nullptr, desc, out);
+  }
+  else if (is("wgmma_ss_n64")) launch_wgmma_tile<64, false, false>(in, out);
+  else if (is("wgmma_ss_n128_mn")) launch_wgmma_tile<128, true, false>(in, out);
+  else if (is("wgmma_ss_n256")) launch_wgmma_tile<256, false, false>(in, out);
+  else if (is("wgmma_ss_n24")) launch_wgmma_tile<24, false, false>(in, out);
+  else if (is("wgmma_rs_n128")) launch_wgmma_tile<128, false, true>(in, out);
+  else if (is("wgmma_rs_n64_mn")) launch_wgmma_tile<64, true, true>(in, out);
+  else if (is("pipeline")) launch_pipeline<0>(in, out);
+  else if (is("pipeline_early_read_bug")) launch_pipeline<1>(in, out);
+  else if (is("pipeline_overwrite_bug")) launch_pipeline<2>(in, out);
+  else if (is("pipeline_deadlock_bug")) launch_pipeline<3>(in, out);
+  else if (is("named_handoff")) launch_kernel(named_handoff<true>, 1, 256, 0, nullptr, in, out);
+  else if (is("named_handoff_bug")) launch_kernel(named_handoff<false>, 1, 256, 0, nullptr, in, out);
   else return -1;
   return int(cudaGetLastError());
 }

@@ -86,18 +86,6 @@ inline bool make_tma_desc(TmaDesc* out, int rank, const void* base, int elem_byt
 }
 }  // namespace detail
 
-inline bool make_tma_desc_2d(TmaDesc* out, const void* base, int elem_bytes, int64_t inner, int64_t outer,
-                             int64_t outer_stride_bytes, int box_inner, int box_outer, TmaSwizzle sw,
-                             const char** why) {
-  const int64_t dims[2] = {inner, outer};
-  const int box[2] = {box_inner, box_outer};
-  return detail::make_tma_desc(out, 2, base, elem_bytes, dims, &outer_stride_bytes, box, sw, why);
-}
-inline bool make_tma_desc_3d(TmaDesc* out, const void* base, int elem_bytes, const int64_t (&dims)[3],
-                             const int64_t (&strides_bytes)[2], const int (&box)[3], TmaSwizzle sw, const char** why) {
-  return detail::make_tma_desc(out, 3, base, elem_bytes, dims, strides_bytes, box, sw, why);
-}
-
 // ---------------------------------------------------------------- device
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int arrivals) { emu::sm90::mbar_init(bar, arrivals); }
 __device__ __forceinline__ void fence_barrier_init() { emu::sm90::fence_barrier_init(); }

@@ -12,6 +12,8 @@
 //    for out-of-bounds (a red zone or any gap), uninitialized reads, and races. A race is two
 //    accesses to one byte, at least one a write, by two threads with no barrier between them:
 //    the same block-barrier epoch, and for two lanes of one warp also the same warp-sync epoch.
+//    Kernels that use the sm_90 primitives (mbarrier, named barriers, TMA, wgmma: ptx_sm90.h)
+//    also get vector clocks, so a wait on an mbarrier phase or a named barrier orders too.
 //  - Errors stop the launch and come back as its status; cudaGetErrorString gives the message.
 // One launch at a time per process (a mutex serializes callers). Slow by design, exact in effect.
 #pragma once
