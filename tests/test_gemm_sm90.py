@@ -12,7 +12,7 @@ from numerics import assert_close
 pytestmark = pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="the emulator extension is not built")
 # The emulator executes wgmma from the sm_90 primitives' stage 3 on; until then only the
 # decision's sm_80 side runs here (the kernel itself is checked by its sm_90a SASS).
-EMULATED_WGMMA = False
+EMULATED_WGMMA = True
 needs_wgmma = pytest.mark.skipif(not EMULATED_WGMMA, reason="the emulator does not execute wgmma yet")
 HOPPER_THREADS, SM80_THREADS = 384, 128
 DTYPES = (torch.float16, torch.bfloat16)
