@@ -83,9 +83,13 @@ def test_forward_every_epilogue(ops, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_dx_and_dw(ops, dtype):
     """dX = grad_p @ w (B read MN-major) and dW = grad_p^T @ x (both MN-major), ragged: the
-    dX GEMM is 130 x 72 x 136, the dW GEMM 136 x 72 x 130."""
+    dX GEMM is 130 x 72 x 136, the dW GEMM 136 x 72 x 130. The operands are column slices of
+    wider tensors: the tensor maps' row strides are not the row lengths."""
     M, N, K = 130, 136, 72
     x, w, _, gp = _operands(M, N, K, dtype)
+    x, w, gp = (torch.cat([t, torch.randn(t.shape[0], pad, dtype=dtype)], 1)[:, : t.shape[1]]
+                for t, pad in ((x, 16), (w, 8), (gp, 8)))
+    assert (x.stride(0), w.stride(0), gp.stride(0)) == (K + 16, K + 8, N + 8)
     (gx, gw), launches, block = _run(ops, lambda: ops.linear_bwd(gp, x, w))
     assert (launches, block) == (2, HOPPER_THREADS)
     assert_close("grad_x", gx, gp.double() @ w.double(), (gp.float() @ w.float()).to(dtype), kind="grad")
