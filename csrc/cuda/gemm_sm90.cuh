@@ -43,7 +43,9 @@
 // Requirements: those of gemm_core.cuh (16-byte aligned bases, row strides multiples of 8
 // elements, N and the contiguous dimensions multiples of 8), which are also TMA's; a tensor map
 // the driver refuses sends the GEMM back to the sm_80 tier.
-// Not executed in CI before the emulator has wgmma: built for sm_90a, checked by its SASS.
+// Executed in CI by the SIMT emulator on its "9.0" profile (tests/test_gemm_sm90.py: every epilogue,
+// dX, dW, ragged and strided operands, several tiles per CTA); what only a GPU shows: timing, and
+// setmaxnreg (a checked no-op under emulation).
 #pragma once
 #include <cuda_runtime.h>
 
