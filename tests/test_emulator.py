@@ -2,7 +2,9 @@
 each class of kernel bug it must report: a race from a missing __syncthreads, an out-of-bounds
 shared index, an uninitialized shared read, a lane leaving before a warp collective, a
 misaligned cp.async, a launch over the grid limits, and a misread fragment layout (which
-computes wrong, so the float64 comparison catches it as it would on a GPU)."""
+computes wrong, so the float64 comparison catches it as it would on a GPU). Then the sm_90a
+primitives (mbarrier, TMA, named barriers, wgmma) against the ISA's layouts and a float64 matmul,
+and the pipeline bugs their happens-before must catch."""
 import pytest
 import torch
 
@@ -259,11 +261,20 @@ def test_wgmma_d_fragment_matches_the_isa_table(sm90):
 def test_wgmma_matches_float64(sm90, name, n):
     """One warpgroup, K = 64 in four k16 steps (K-major operands step the descriptor's start by 32
     bytes inside the 128B swizzle atom, MN-major B by 2 KB), bf16 operands staged where TMA's 128B
-    swizzle puts them; _rs takes A from registers laid out by the ISA's A-fragment table."""
+    swizzle puts them; _rs takes A from registers laid out by the ISA's A-fragment table, one
+    commit group per k16 step chained on the group in flight (wgmma_wait<1>)."""
     a, b = torch.randn(64, 64), torch.randn(64, n)
     out = run(name, _wgmma_inputs(a, b))
     want = a.bfloat16().double() @ b.bfloat16().double()
     torch.testing.assert_close(_gather_d(out, n), want, rtol=1e-5, atol=1e-4)
+
+
+def test_wgmma_accumulators_are_undefined_before_the_wait(sm90):
+    """A kernel that stores its accumulators between wgmma_commit and wgmma_wait gets NaN (a GPU:
+    whatever the registers hold), so the float64 comparison fails as it would on a GPU."""
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    out = run("wgmma_read_before_wait_bug", _wgmma_inputs(a, b))
+    assert bool(out[: 128 * 32].isnan().all())
 
 
 def test_tma_boxes_zero_fill_and_swizzle_byte_for_byte(sm90):
@@ -283,6 +294,17 @@ def test_tma_boxes_zero_fill_and_swizzle_byte_for_byte(sm90):
     want_bytes = torch.zeros(2, 4096, dtype=torch.uint8)
     want_bytes[:, swizzled] = want.view(2, -1).view(torch.uint8)
     assert torch.equal(out.view(torch.uint8), want_bytes.flatten())
+
+
+def test_tma_box_3d_zero_fill(sm90):
+    """A 64 x 8 x 2 box at (0, 4, 1) of a 64 x 10 x 3 tensor of 16-bit elements whose rows are 80
+    elements apart and slices 12 rows apart, no swizzle: rows 10 and 11 come back 0."""
+    x = torch.randn(2048)
+    out = run("tma_box_3d", x)[:512]
+    src = x.view(torch.int16)[: 3 * 12 * 80].view(3, 12, 80)[:, :10, :64]
+    want = torch.zeros(2, 8, 64, dtype=torch.int16)
+    want[:, :6] = src[1:3, 4:10]
+    assert torch.equal(out.view(torch.int16), want.flatten())
 
 
 def test_tma_wgmma_pipeline_matches_float64(sm90):
@@ -308,12 +330,32 @@ def test_tma_wgmma_pipeline_matches_float64(sm90):
          r"deadlock in block \(0,0,0\): 256 threads wait on the mbarrier at byte 0 of shared 'bars' \(32 bytes\) for the "
          r"phase of parity 0 to complete \(it has completed 0 phases; the current one still expects 0 arrivals and 16 "
          r"transaction bytes\)"),
+        ("pipeline_early_release_bug",
+         r"race \(write after read\) on byte \d+ of shared 'dynamic shared memory'.*the wgmma shared-memory reads of "
+         r"warpgroup \d .*and thread \(256,0,0\)"),
         ("named_handoff_bug", r"race \(read after write\) on byte \d+ of shared 'buf'"),
     ],
 )
 def test_emulator_reports_sm90(sm90, name, message):
     with pytest.raises(RuntimeError, match=message):
         run(name, torch.randn(128 * 256 + 256 * 64))
+
+
+@pytest.mark.parametrize(
+    "misuse, message",
+    [
+        (0, r"mbarrier\.init: the mbarrier at byte 0 of shared 'bar' \(16 bytes\) is initialized twice"),
+        (1, r"mbarrier\.arrive on the uninitialized mbarrier at byte 8 of shared 'bar'"),
+        (2, r"mbarrier\.arrive: more arrivals than the 1 the mbarrier at byte 0 of shared 'bar' \(16 bytes\) expects "
+            r"in its phase 0"),
+        (3, r"wgmma\.mma_async without a wgmma_fence\(\)"),
+        (4, r"cp\.async\.bulk\.tensor\.2d: misaligned address: the destination at byte \d+ of shared 'dynamic "
+            r"shared memory' \(9216 bytes\) is not 1024-byte aligned"),
+    ],
+)
+def test_sm90_misuse_is_reported(sm90, misuse, message):
+    with pytest.raises(RuntimeError, match=message):
+        run(f"sm90_misuse_{misuse}", torch.randn(2048))
 
 
 def test_sm90_instructions_need_the_sm90_profile():

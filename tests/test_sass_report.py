@@ -389,3 +389,69 @@ def test_grouped_gemm_main_loop_figures(kernels, arch):
         assert 0 < per_mma <= 2.5, f"{name}: {per_mma} instructions per HMMA in the main loop"
         assert widths == [16], f"{name}: global load widths {widths} in the main loop"
         assert mma_free == 0, f"{name}: {mma_free} inner loops without tensor-core instructions"
+
+
+# ---------------------------------------------------------------- csrc/cuda/ptx_sm90.cuh on both targets
+SM90_PROBE = r"""
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include "ptx_sm90.cuh"
+using namespace fastlm::cuda::sm90;
+__global__ void __launch_bounds__(384, 1) probe(const __grid_constant__ TmaDesc desc, float* out) {
+  extern __shared__ __align__(1024) unsigned char smem[];
+  __shared__ uint64_t bar;
+  if (threadIdx.x == 0) { mbar_init(&bar, 1); fence_barrier_init(); }
+  __syncthreads();
+  if (threadIdx.x == 256) {
+    setmaxnreg_dec<40>();
+    tma_prefetch_desc(&desc);
+    mbar_arrive_expect_tx(&bar, 3 * 8192);
+    tma_load_2d(smem, &desc, 0, 0, &bar);
+    tma_load_3d(smem + 16384, &desc, 0, 0, 1, &bar);
+    return;
+  }
+  setmaxnreg_inc<232>();
+  mbar_wait(&bar, 0);
+  float d[128];
+  const uint32_t a[4] = {threadIdx.x, 1u, 2u, 3u};
+  wgmma_fence_operand(d);
+  wgmma_fence();
+  wgmma_ss<__nv_bfloat16, 256, false, true>(d, smem_desc(smem, TmaSwizzle::k128B, 16, 1024),
+                                            smem_desc(smem + 8192, TmaSwizzle::k128B, 8192, 1024), false);
+  wgmma_rs<__half, 256, false>(d, a, smem_desc(smem + 8192, TmaSwizzle::k128B, 16, 1024), true);
+  wgmma_commit();
+  wgmma_wait<0>();
+  wgmma_fence_operand(d);
+  named_barrier_sync(1, 256);
+  named_barrier_arrive(2, 256);
+  fence_proxy_async_shared();
+  mbar_arrive(&bar);
+  for (int i = 0; i < 128; ++i) out[i * 256 + threadIdx.x] = d[i];
+}
+"""
+
+
+def test_sm90_primitives_compile_to_hopper_instructions(tmp_path):
+    """The real-GPU side of ptx_sm90.cuh, which CI cannot execute: for sm_90a every helper is its
+    Hopper instruction; for sm_80 (the other pass of the same .cu) the calls become traps."""
+    import os
+    import shutil
+    import subprocess
+
+    nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    tool = sr.find_tool()
+    if not os.access(nvcc, os.X_OK) or not tool:
+        pytest.skip("needs nvcc and cuobjdump")
+    (tmp_path / "probe.cu").write_text(SM90_PROBE)
+    obj = tmp_path / "probe.o"
+    subprocess.run([nvcc, "-std=c++17", "-I", str(ROOT / "csrc" / "cuda"), "-c", str(tmp_path / "probe.cu"), "-o",
+                    str(obj), "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"],
+                   check=True, capture_output=True)
+    sass = {arch: subprocess.run([tool, "-sass", "-arch", arch, str(obj)], check=True, capture_output=True,
+                                 text=True).stdout for arch in ARCHS}
+    for insn in ("UTMALDG.2D", "UTMALDG.3D", "UTMACCTL.PF", "SYNCS.EXCH.64", "SYNCS.ARRIVE.TRANS64",
+                 "SYNCS.PHASECHK.TRANS64.TRYWAIT", "HGMMA.64x256x16.F32.BF16", "gdesc[UR", ".tnspB", "WARPGROUP.ARRIVE",
+                 "WARPGROUP.DEPBAR.LE", "BAR.SYNC", "BAR.ARV", "FENCE.VIEW.ASYNC.S", "USETMAXREG"):
+        assert insn in sass["sm_90a"], insn
+    assert re.search(r"HGMMA\.64x256x16\.F32 R\d+, R\d+, gdesc", sass["sm_90a"])  # A from registers, f16
+    assert "BPT.TRAP" in sass["sm_80"] and not re.search(r"HGMMA|UTMA|SYNCS", sass["sm_80"])

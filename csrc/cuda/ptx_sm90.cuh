@@ -9,7 +9,8 @@
 //   named barriers  bar.sync / bar.arrive with an id (1..15) and a thread count (producer /
 //               consumer warpgroups sync without stopping the whole block)
 //   setmaxnreg  move registers from producer to consumer warpgroups
-//   wgmma       smem_desc, wgmma_fence / wgmma_commit / wgmma_wait<N>, wgmma_ss / wgmma_rs:
+//   wgmma       smem_desc, wgmma_fence / wgmma_commit / wgmma_wait<N>, wgmma_ss / wgmma_rs,
+//               wgmma_fence_operand (keeps the compiler from moving accumulator accesses):
 //               D (64 x N fp32 in the warpgroup's registers) (+)= A (64 x 16) * B (16 x N)
 // Why this is the fast path on sm_90: one TMA instruction moves a whole tile (no address math,
 // no registers) and signals an mbarrier, so one producer warp feeds the tensor cores; one wgmma
@@ -47,10 +48,12 @@
 //   TMA itself needs 128-byte aligned destinations, 1024 for 128B), and adding 32 bytes to the
 //   start of a 128B-swizzled K-major operand (K step inside the atom) reads the right chunks.
 //   Descriptor base offset (bits 49-51) is always 0 here.
-// What the emulator checks (tests/test_emulator.py): K-major A and B and MN-major B with 128B
-// swizzle, K stepped inside the atom, N = 24, 64, 128, 256, A from registers; TMA 2-D boxes
-// with 128B swizzle and zero fill. It decodes the other layouts (no swizzle, 32B, 64B, MN-major
-// A) by the same formulas, untested against a GPU. It fails loudly on: a descriptor base offset
+// What the emulator's self-tests cover (tests/test_emulator.py): K-major A and B and MN-major B
+// with 128B swizzle, K stepped inside the atom, N = 24, 64, 128, 256, A from registers; TMA 2-D
+// boxes with 128B swizzle and 3-D boxes without, zero fill. It decodes the other layouts (no
+// swizzle, 32B, 64B, MN-major A) by the same formulas, which no test stages independently. All
+// of this is the ISA as read here (and CUTLASS's canonical layouts); none of it has yet been
+// compared with a GPU's results. It fails loudly on: a descriptor base offset
 // other than 0, a swizzled TMA box whose inner extent is not the swizzle span, complete_tx
 // before expect_tx (the ISA allows a transiently negative tx-count; the kernels here never
 // need it). Only 16-bit inputs (f16, bf16) with fp32 accumulators exist in this API.
@@ -86,6 +89,14 @@ FASTLM_SM90_HD constexpr int swizzle_span(TmaSwizzle sw) {
 FASTLM_SM90_HD constexpr uint32_t swizzle_address(uint32_t addr, TmaSwizzle sw) {
   const uint32_t bits = sw == TmaSwizzle::k128B ? 3 : sw == TmaSwizzle::k64B ? 2 : sw == TmaSwizzle::k32B ? 1 : 0;
   return addr ^ (((addr >> 7) & ((1u << bits) - 1)) << 4);
+}
+
+// Rounds a shared-memory pointer up to kAlign bytes (1024 for 128B-swizzled tiles): the dynamic
+// buffer is only 128-byte aligned once a kernel also declares static shared memory (barriers).
+template <int kAlign>
+FASTLM_SM90_HD inline unsigned char* smem_align(void* p) {
+  static_assert(kAlign > 0 && (kAlign & (kAlign - 1)) == 0, "smem_align: a power of two");
+  return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(p) + kAlign - 1) & ~uintptr_t(kAlign - 1));
 }
 
 // The wgmma shared-memory matrix descriptor for a tile at shared address `addr`.
@@ -289,6 +300,15 @@ __device__ __forceinline__ void wgmma_commit() {
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   FASTLM_SM90(asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"));
+}
+// Pins accumulators (or A registers) in place around a wgmma batch: the compiler may not move
+// their reads or writes across it (CUTLASS's warpgroup_fence_operand). Without it ptxas may
+// copy them between the wgmma and its wait, and then serializes the wgmmas (warning C7512).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_fence_operand(T (&regs)[N]) {
+  static_assert(sizeof(T) == 4, "wgmma_fence_operand: float accumulators or uint32_t registers");
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(reinterpret_cast<uint32_t&>(regs[i]))::"memory");
 }
 
 }  // namespace fastlm::cuda::sm90

@@ -310,8 +310,9 @@ std::string block_name() {
   return buf;
 }
 
-// align: 128, or up to 1024 (a 128B-swizzled TMA / wgmma tile needs 1024 on a GPU, where the
-// dynamic buffer of a kernel without static shared memory starts at a 1024-byte boundary too)
+// align: 128, or up to 1024 for a static declaration that asks for it (a 128B-swizzled TMA /
+// wgmma tile needs 1024). The dynamic buffer gets 128 only, as on a GPU when the kernel also has
+// static shared memory (it comes first there): kernels round its start up themselves.
 size_t place(size_t bytes, const char* name, size_t align = 128) {
   const size_t offset = (g_block.used + kRedZone + align - 1) / align * align;
   if (offset + bytes + kRedZone > kArenaBytes) fail("shared memory: '%s' (%zu bytes) does not fit the arena", name, bytes);
@@ -394,7 +395,7 @@ bool run_block(uint3 bidx, size_t dynamic_bytes) {
   g_cur.block_idx = bidx;
   g_arena_lo = reinterpret_cast<uintptr_t>(g_arena);
   g_arena_span = kArenaBytes;
-  if (dynamic_bytes) place(dynamic_bytes, "dynamic shared memory", 1024);
+  if (dynamic_bytes) place(dynamic_bytes, "dynamic shared memory");
   for (int i = 0; i < n; ++i) {
     Thread& t = g_threads[i];
     const unsigned bx = g_cur.block_dim.x, by = g_cur.block_dim.y;
@@ -405,8 +406,9 @@ bool run_block(uint3 bidx, size_t dynamic_bytes) {
     t.copies.clear();
     t.group_ends.clear();
     t.wait_object = 0, t.wait_arg = 0;
-    t.wg_fenced = false, t.wg_open = 0;
+    t.wg_fenced = false, t.wg_open = 0, t.wg_commits = 0;
     t.wg_groups.clear();
+    t.wg_acc.clear();
     uintptr_t top = (reinterpret_cast<uintptr_t>(t.stack) + kStackBytes) & ~uintptr_t(15);
     void** sp = reinterpret_cast<void**>(top) - 8;  // r15 r14 r13 r12 rbx rbp, return address, pad
     for (int k = 0; k < 8; ++k) sp[k] = nullptr;

@@ -48,10 +48,19 @@ struct Thread {
   size_t wait_object = 0;
   int wait_arg = 0;
   // wgmma bookkeeping: fenced since the last wait; the async-proxy clock of the wgmmas not yet
-  // committed (0: none) and of each committed group not yet waited for
+  // committed (0: none) and of each committed group not yet waited for; commits so far (the id
+  // of the open group); the accumulators in flight, which reach the thread's registers only
+  // when their group is waited for (until then those registers read NaN)
   bool wg_fenced = false;
   uint32_t wg_open = 0;
   std::vector<uint32_t> wg_groups;
+  uint64_t wg_commits = 0;
+  struct InFlight {
+    float* d;
+    uint64_t group;
+    std::vector<float> value;
+  };
+  std::vector<InFlight> wg_acc;
 };
 
 struct Shadow {  // per shared byte: the last write and up to two reads of the current epoch

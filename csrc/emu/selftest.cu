@@ -141,7 +141,6 @@ __global__ void l2_float2(const float* in, float* out, int offset) {
   cuda::store_l2(reinterpret_cast<float2*>(out) + threadIdx.x, v);
 }
 
-
 // ---------------------------------------------------------------- sm_90a (run on the "9.0" profile)
 namespace h90 = cuda::sm90;
 
@@ -151,10 +150,15 @@ __device__ inline uint32_t sw128(int row, int byte_in_row) {
   return uint32_t(row * 128 + ((byte_in_row / 16) ^ (row % 8)) * 16 + byte_in_row % 16);
 }
 
-// Two TMA boxes of 64 x 32 16-bit elements (128B swizzle) from a 72 x 40 tensor, at (-8, 20)
-// and (40, 0): both run out of bounds; out receives the two boxes' raw shared bytes.
+// TMA boxes into shared memory; out receives the raw shared bytes. kRank 2: two 64 x 32 boxes
+// of 16-bit elements (128B swizzle) from a 72 x 40 tensor at (-8, 20) and (40, 0), both partly
+// out of bounds. kRank 3: one 64 x 8 x 2 box (no swizzle) at (0, 4, 1) of a 64 x 10 x 3 tensor
+// with padded strides (attention's (d, t, b*h) view): rows t = 10, 11 fall outside.
+template <int kRank>
 __global__ void tma_boxes(const __grid_constant__ h90::TmaDesc desc, float* out) {
-  FASTLM_DYNAMIC_SHARED(unsigned char, smem);
+  constexpr int kBytes = kRank == 2 ? 2 * 64 * 32 * 2 : 64 * 8 * 2 * 2;
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem_raw);
+  unsigned char* smem = h90::smem_align<1024>(smem_raw);  // the launch asks for 1 KB more
   FASTLM_SHARED(uint64_t, full, [1]);
   if (threadIdx.x == 0) {
     h90::mbar_init(&full[0], 1);
@@ -163,23 +167,30 @@ __global__ void tma_boxes(const __grid_constant__ h90::TmaDesc desc, float* out)
   __syncthreads();
   if (threadIdx.x == 0) {
     h90::tma_prefetch_desc(&desc);
-    h90::mbar_arrive_expect_tx(&full[0], 2 * 64 * 32 * 2);
-    h90::tma_load_2d(smem, &desc, -8, 20, &full[0]);
-    h90::tma_load_2d(smem + 4096, &desc, 40, 0, &full[0]);
+    h90::mbar_arrive_expect_tx(&full[0], kBytes);
+    if (kRank == 2) {
+      h90::tma_load_2d(smem, &desc, -8, 20, &full[0]);
+      h90::tma_load_2d(smem + 4096, &desc, 40, 0, &full[0]);
+    } else {
+      h90::tma_load_3d(smem, &desc, 0, 4, 1, &full[0]);
+    }
   }
   h90::mbar_wait(&full[0], 0);
-  for (int i = threadIdx.x; i < 2048; i += blockDim.x) std::memcpy(&out[i], smem + 4 * i, 4);
+  for (int i = threadIdx.x; i < kBytes / 4; i += blockDim.x) std::memcpy(&out[i], smem + 4 * i, 4);
 }
 
 // D (64 x N) = A (64 x 64) * B (64 x N) by one warpgroup, four k16 steps, bf16 inputs staged
 // by the threads in the layouts TMA would write with 128B swizzle: A K-major (start + 32 bytes
 // per k16), B K-major (the same) or MN-major (kTransB: 64-column blocks 8 KB apart = LBO, start +
 // 2 KB per k16). kRegsA: A from registers, taken from afrag (per thread, per k16 step, 8 values
-// in the ISA's A-fragment order). in: A row-major, B row-major (k, n), afrag; out: each thread's
-// N/2 accumulators in order.
-template <int N, bool kTransB, bool kRegsA>
+// in the ISA's A-fragment order), one commit group per k16 step with wgmma_wait<1> between (each
+// chained on the accumulators of the group still in flight). in: A row-major, B row-major (k, n),
+// afrag; out: each thread's N/2 accumulators in order. kReadBeforeWait: the bug of storing the
+// accumulators before wgmma_wait (a GPU stores undefined values; the emulator's are NaN).
+template <int N, bool kTransB, bool kRegsA, bool kReadBeforeWait = false>
 __global__ void wgmma_tile(const float* in, float* out) {
-  FASTLM_DYNAMIC_SHARED(unsigned char, smem);
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem_raw);
+  unsigned char* smem = h90::smem_align<1024>(smem_raw);  // the launch asks for 1 KB more
   const float* a = in;
   const float* b = in + 64 * 64;
   const float* afrag = b + 64 * N;
@@ -207,14 +218,20 @@ __global__ void wgmma_tile(const float* in, float* out) {
       for (int j = 0; j < 4; ++j)
         r[j] = cuda::pack2<__nv_bfloat16>(afrag[(ks * 128 + tid) * 8 + 2 * j], afrag[(ks * 128 + tid) * 8 + 2 * j + 1]);
       h90::wgmma_rs<__nv_bfloat16, N, kTransB>(d, r, db, ks > 0);
+      h90::wgmma_commit();
+      h90::wgmma_wait<1>();
+      if (ks < 3) h90::wgmma_fence();
     } else {
       const uint64_t da = h90::smem_desc(sa + 32 * ks, h90::TmaSwizzle::k128B, 16, 1024);
       h90::wgmma_ss<__nv_bfloat16, N, false, kTransB>(d, da, db, ks > 0);
     }
   }
   h90::wgmma_commit();
+  if (kReadBeforeWait)
+    for (int i = 0; i < N / 2; ++i) out[tid * (N / 2) + i] = d[i];
   h90::wgmma_wait<0>();
-  for (int i = 0; i < N / 2; ++i) out[tid * (N / 2) + i] = d[i];
+  if (!kReadBeforeWait)
+    for (int i = 0; i < N / 2; ++i) out[tid * (N / 2) + i] = d[i];
 }
 
 // A warp-specialized pipeline as the Hopper GEMMs run it: D (128 x 64) = A (128 x 256) * B
@@ -224,12 +241,14 @@ __global__ void wgmma_tile(const float* in, float* out) {
 // kBug: 1 the consumers skip the full-barrier wait from the third k-tile on (they read a stage
 // the producer is refilling); 2 the producer skips the empty-barrier wait (it overwrites a stage the
 // consumers may still read); 3 the producer expects 16 more bytes than its loads bring, so the
-// first phase never completes (deadlock).
+// first phase never completes (deadlock); 4 the consumers release a stage (arrive on empty)
+// before wgmma_wait, while their wgmma may still read it.
 constexpr int kPipeM = 128, kPipeN = 64, kPipeK = 256, kPipeStageBytes = (128 * 64 + 64 * 64) * 2;
 template <int kBug>
 __global__ void tma_wgmma_pipeline(const __grid_constant__ h90::TmaDesc desc_a,
                                    const __grid_constant__ h90::TmaDesc desc_b, float* out) {
-  FASTLM_DYNAMIC_SHARED(unsigned char, smem);
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem_raw);
+  unsigned char* smem = h90::smem_align<1024>(smem_raw);  // the launch asks for 1 KB more
   FASTLM_SHARED(uint64_t, bars, [4]);  // full[0], full[1], empty[0], empty[1]
   uint64_t* full = &bars[0];
   uint64_t* empty = &bars[2];
@@ -259,6 +278,7 @@ __global__ void tma_wgmma_pipeline(const __grid_constant__ h90::TmaDesc desc_a,
     const int s = kt % 2;
     if (kBug != 1 || kt < 2) h90::mbar_wait(&full[s], (kt / 2) & 1);
     unsigned char* stage = smem + s * kPipeStageBytes;
+    h90::wgmma_fence_operand(d);
     h90::wgmma_fence();
     for (int ks = 0; ks < 4; ++ks) {
       const uint64_t da = h90::smem_desc(stage + wg * 64 * 128 + 32 * ks, h90::TmaSwizzle::k128B, 16, 1024);
@@ -266,8 +286,10 @@ __global__ void tma_wgmma_pipeline(const __grid_constant__ h90::TmaDesc desc_a,
       h90::wgmma_ss<__half, kPipeN, false, true>(d, da, db, kt > 0 || ks > 0);
     }
     h90::wgmma_commit();
+    if (kBug == 4) h90::mbar_arrive(&empty[s]);
     h90::wgmma_wait<0>();
-    h90::mbar_arrive(&empty[s]);
+    if (kBug != 4) h90::mbar_arrive(&empty[s]);
+    h90::wgmma_fence_operand(d);
   }
   for (int i = 0; i < kPipeN / 2; ++i) out[tid * (kPipeN / 2) + i] = d[i];
 }
@@ -287,6 +309,37 @@ __global__ void named_handoff(const float* in, float* out) {
   }
 }
 
+// One misuse each, which the emulator must stop: 0 an mbarrier initialized twice, 1 an arrive on
+// an uninitialized one, 2 more arrivals than it expects in a phase, 3 a wgmma without
+// wgmma_fence, 4 a TMA destination off the 1024-byte alignment 128B swizzle needs.
+template <int kMisuse>
+__global__ void sm90_misuse(const __grid_constant__ h90::TmaDesc desc, float* out) {
+  FASTLM_DYNAMIC_SHARED(unsigned char, smem_raw);
+  unsigned char* smem = h90::smem_align<1024>(smem_raw);  // the launch asks for 1 KB more
+  FASTLM_SHARED(uint64_t, bar, [2]);
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    h90::mbar_init(&bar[0], 1);
+    if (kMisuse == 0) h90::mbar_init(&bar[0], 1);
+    h90::fence_barrier_init();
+  }
+  __syncthreads();
+  if (kMisuse == 1 && tid == 0) h90::mbar_arrive(&bar[1]);
+  if (kMisuse == 2 && tid < 2) {
+    if (tid == 0) h90::mbar_arrive_expect_tx(&bar[0], 16);  // the phase waits for 16 bytes still
+    else h90::mbar_arrive(&bar[0]);
+  }
+  if (kMisuse == 3) {
+    float d[4];
+    h90::wgmma_ss<__half, 8, false, false>(d, 0, 0, false);
+    out[tid] = d[0];
+  }
+  if (kMisuse == 4 && tid == 0) {
+    h90::mbar_arrive_expect_tx(&bar[0], 4096);
+    h90::tma_load_2d(smem + 128, &desc, 0, 0, &bar[0]);
+  }
+}
+
 template <typename T>
 void to_16bit(const float* from, T* to, size_t n) {
   for (size_t i = 0; i < n; ++i) {
@@ -295,11 +348,12 @@ void to_16bit(const float* from, T* to, size_t n) {
   }
 }
 
-template <int N, bool kTransB, bool kRegsA>
+template <int N, bool kTransB, bool kRegsA, bool kReadBeforeWait = false>
 void launch_wgmma_tile(const float* in, float* out) {
-  const size_t smem = 8192 + (kTransB ? size_t(N + 63) / 64 * 8192 : size_t(N) * 128);
-  cudaFuncSetAttribute(wgmma_tile<N, kTransB, kRegsA>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  launch_kernel(wgmma_tile<N, kTransB, kRegsA>, 1, 128, smem, nullptr, in, out);
+  const auto kernel = wgmma_tile<N, kTransB, kRegsA, kReadBeforeWait>;
+  const size_t smem = 1024 + 8192 + (kTransB ? size_t(N + 63) / 64 * 8192 : size_t(N) * 128);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  launch_kernel(kernel, 1, 128, smem, nullptr, in, out);
 }
 
 template <int kBug>
@@ -314,8 +368,9 @@ void launch_pipeline(const float* in, float* out) {
     std::fprintf(stderr, "make_tma_desc_2d: %s\n", why);
     return;
   }
-  cudaFuncSetAttribute(tma_wgmma_pipeline<kBug>, cudaFuncAttributeMaxDynamicSharedMemorySize, 2 * kPipeStageBytes);
-  launch_kernel(tma_wgmma_pipeline<kBug>, 1, 384, 2 * kPipeStageBytes, nullptr, da, db, out);
+  constexpr int kSmem = 1024 + 2 * kPipeStageBytes;
+  cudaFuncSetAttribute(tma_wgmma_pipeline<kBug>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  launch_kernel(tma_wgmma_pipeline<kBug>, 1, 384, kSmem, nullptr, da, db, out);
 }
 
 }  // namespace
@@ -347,18 +402,34 @@ int run(const char* name, const float* in, float* out) {
   else if (is("tma_boxes")) {
     h90::TmaDesc desc;
     if (!h90::make_tma_desc_2d(&desc, in, 2, 72, 40, 144, 64, 32, h90::TmaSwizzle::k128B, nullptr)) return -2;
-    launch_kernel(tma_boxes, 1, 128, 8192, nullptr, desc, out);
+    launch_kernel(tma_boxes<2>, 1, 128, 8192 + 1024, nullptr, desc, out);
+  }
+  else if (is("tma_box_3d")) {
+    h90::TmaDesc desc;
+    const int64_t dims[3] = {64, 10, 3}, strides[2] = {160, 160 * 12};  // rows of 80 elements, 12 per slice
+    const int box[3] = {64, 8, 2};
+    if (!h90::make_tma_desc_3d(&desc, in, 2, dims, strides, box, h90::TmaSwizzle::kNone, nullptr)) return -2;
+    launch_kernel(tma_boxes<3>, 1, 128, 2048 + 1024, nullptr, desc, out);
+  }
+  else if (std::strncmp(name, "sm90_misuse_", 12) == 0 && name[12] >= '0' && name[12] <= '4' && !name[13]) {
+    h90::TmaDesc desc;
+    if (!h90::make_tma_desc_2d(&desc, in, 2, 72, 40, 144, 64, 32, h90::TmaSwizzle::k128B, nullptr)) return -2;
+    void (*const kernels[])(h90::TmaDesc, float*) = {sm90_misuse<0>, sm90_misuse<1>, sm90_misuse<2>, sm90_misuse<3>,
+                                                     sm90_misuse<4>};
+    launch_kernel(kernels[name[12] - '0'], 1, 128, 8192 + 1024, nullptr, desc, out);
   }
   else if (is("wgmma_ss_n64")) launch_wgmma_tile<64, false, false>(in, out);
   else if (is("wgmma_ss_n128_mn")) launch_wgmma_tile<128, true, false>(in, out);
   else if (is("wgmma_ss_n256")) launch_wgmma_tile<256, false, false>(in, out);
   else if (is("wgmma_ss_n24")) launch_wgmma_tile<24, false, false>(in, out);
+  else if (is("wgmma_read_before_wait_bug")) launch_wgmma_tile<64, false, false, true>(in, out);
   else if (is("wgmma_rs_n128")) launch_wgmma_tile<128, false, true>(in, out);
   else if (is("wgmma_rs_n64_mn")) launch_wgmma_tile<64, true, true>(in, out);
   else if (is("pipeline")) launch_pipeline<0>(in, out);
   else if (is("pipeline_early_read_bug")) launch_pipeline<1>(in, out);
   else if (is("pipeline_overwrite_bug")) launch_pipeline<2>(in, out);
   else if (is("pipeline_deadlock_bug")) launch_pipeline<3>(in, out);
+  else if (is("pipeline_early_release_bug")) launch_pipeline<4>(in, out);
   else if (is("named_handoff")) launch_kernel(named_handoff<true>, 1, 256, 0, nullptr, in, out);
   else if (is("named_handoff_bug")) launch_kernel(named_handoff<false>, 1, 256, 0, nullptr, in, out);
   else return -1;

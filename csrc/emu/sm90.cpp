@@ -298,14 +298,28 @@ void wgmma_op(int g, void** slots) {
     for (int c = 0; c < n; ++c) B[k][c] = read_operand(b, s0->trans_b, c, k, dtype, reader);
   for (int wt = 0; wt < 128; ++wt) {
     auto* s = static_cast<WgmmaSlot*>(slots[wt]);
+    Thread& t = g_threads[size_t(128 * g + wt)];
+    // D in flight: the result goes to the emulator's copy, and a wgmma chained on the same
+    // accumulators before the wait reads that copy; the registers hold NaN until the wait
+    Thread::InFlight* acc = nullptr;
+    for (auto& f : t.wg_acc)
+      if (f.d == s->d && f.group == t.wg_commits) acc = &f;
+    if (!acc) {
+      std::vector<float> c(s->d, s->d + n / 2);
+      for (const auto& f : t.wg_acc)  // a chain across groups: the latest value in flight
+        if (f.d == s->d) c = f.value;
+      t.wg_acc.push_back({s->d, t.wg_commits, std::move(c)});
+      acc = &t.wg_acc.back();
+    }
     for (int i = 0; i < n / 2; ++i) {
       const frag::RowCol rc = frag::wgmma_d(wt, i);
-      float acc = s->accumulate ? s->d[i] : 0.0f;  // fp32 accumulation in k order; 16-bit products are exact
-      for (int k = 0; k < 16; ++k) acc += A[rc.row][k] * B[k][rc.col];
-      s->d[i] = acc;
+      float sum = s->accumulate ? acc->value[size_t(i)] : 0.0f;  // fp32 in k order; 16-bit products are exact
+      for (int k = 0; k < 16; ++k) sum += A[rc.row][k] * B[k][rc.col];
+      acc->value[size_t(i)] = sum;
+      s->d[i] = __int_as_float(0x7fc00000);  // undefined until wgmma_wait: NaN
     }
     // the thread learns that these reads are done only when it waits for the group
-    g_threads[size_t(128 * g + wt)].wg_open = clock_of(reader)[reader];
+    t.wg_open = clock_of(reader)[reader];
   }
   ++clock_of(reader)[reader];
 }
@@ -339,6 +353,7 @@ void wgmma_commit() {
   Thread& t = me();
   t.wg_groups.push_back(t.wg_open);  // an empty group (no wgmma since the last commit) is legal
   t.wg_open = 0;
+  ++t.wg_commits;
 }
 
 void wgmma_wait(int groups_left) {
@@ -347,9 +362,20 @@ void wgmma_wait(int groups_left) {
   Thread& t = me();
   const int reader = async_proxy(t.tid / 128);
   while (t.wg_groups.size() > size_t(groups_left)) {
+    const uint64_t group = t.wg_commits - t.wg_groups.size();
     const uint32_t done = t.wg_groups.front();
     t.wg_groups.erase(t.wg_groups.begin());
     if (done && g_block.hb && clock_of(t.tid)[reader] < done) clock_of(t.tid)[reader] = done;
+    for (auto it = t.wg_acc.begin(); it != t.wg_acc.end();) {  // the group's accumulators land
+      if (it->group != group) {
+        ++it;
+        continue;
+      }
+      bool overwritten = false;  // a later wgmma in flight on the same registers: they stay NaN
+      for (const auto& f : t.wg_acc) overwritten = overwritten || (f.d == it->d && f.group > group);
+      if (!overwritten) std::memcpy(it->d, it->value.data(), it->value.size() * sizeof(float));
+      it = t.wg_acc.erase(it);
+    }
   }
   t.wg_fenced = false;
 }

@@ -12,14 +12,20 @@
 //  - named barriers: bar.sync / bar.arrive by id (1..15) and thread count (a multiple of 32).
 //  - wgmma: a warpgroup collective (the 128 threads 128g..128g+127 all call it with the same
 //    arguments); A and B are read from shared memory by decoding the descriptors as the ISA
-//    says (or A from the 128 threads' registers); fp32 accumulation; D is written at the call.
-//    wgmma_fence / commit / wait are checked as bookkeeping (a wgmma needs a wgmma_fence since
-//    the thread's last wgmma_wait; a thread may not exit with wgmma groups not waited for). What
-//    is NOT checkable here: reading or writing D (or A's registers) between the wgmma and its
-//    wait, which a GPU leaves undefined; the emulator's results are already final at the call.
+//    says (or A from the 128 threads' registers); fp32 accumulation. D is computed at the call
+//    but, as on a GPU where it is undefined until then, the thread's accumulator registers read
+//    NaN until the wgmma_wait that retires its group (a chained wgmma on the same registers uses
+//    the value in flight; a thread's own write to them before the wait is lost at the wait).
+//    wgmma_fence / commit / wait are warpgroup collectives with bookkeeping checks: a wgmma
+//    needs a wgmma_fence since the thread's last wgmma_wait; a thread may not exit with groups
+//    not waited for. Not checked here: modifying A's registers before the wait, and a missing
+//    fence_proxy_async_shared between threads' own shared writes and a wgmma reading them.
 //  - Race checker: mbarrier arrive -> wait of that phase, named barriers and __syncwarp join
 //    vector clocks; TMA writes belong to the issuing thread at issue; wgmma's shared reads belong
-//    to a per-warpgroup "async proxy" reader that every thread of the warpgroup is ordered after.
+//    to a per-warpgroup "async proxy" reader, ordered before a thread's later accesses once its
+//    wgmma_wait has retired that group (releasing a stage before the wait is a race). After each
+//    mbarrier arrive and TMA issue the scheduler runs the other threads first, so a producer does
+//    not run ahead of its consumers and a missing empty-barrier wait shows as a race.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -133,6 +139,11 @@ __device__ __forceinline__ void wgmma_wait() {
   static_assert(N >= 0 && N <= 7, "wgmma.wait_group: N in 0..7");
   emu::sm90::wgmma_wait(N);
 }
+
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_fence_operand(T (&)[N]) {
+  static_assert(sizeof(T) == 4, "wgmma_fence_operand: float accumulators or uint32_t registers");
+}  // a compiler-ordering hint on a GPU; nothing to do here
 
 template <typename T, int N, bool TransA, bool TransB>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
