@@ -122,8 +122,7 @@ __global__ void __launch_bounds__(hopper::kThreads, 1)
   constexpr int kOperandBytes = hopper::kOperandBytes, kEpilogueBytes = hopper::kEpilogueBytes;
   constexpr int kConsumers = hopper::kConsumers, kWgRows = hopper::kWgRows;
   FASTLM_DYNAMIC_SHARED(unsigned char, smem_raw);
-  unsigned char* smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + kSmemAlign - 1) / kSmemAlign * kSmemAlign);
+  unsigned char* smem = sm90::smem_align<kSmemAlign>(smem_raw);
   float* epilogue_stage = reinterpret_cast<float*>(smem + kStages * kStageBytes);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes + kEpilogueBytes);
   uint64_t* empty = full + kStages;
