@@ -359,6 +359,29 @@ def test_gemm_core_main_loop_figures(kernels, arch):
         assert mma_free == 0, f"{name}: {mma_free} inner loops without tensor-core instructions"
 
 
+def test_gemm_sm90_main_loop_figures(kernels):
+    """The Hopper tier (csrc/cuda/gemm_sm90.cuh): six kernels (fp16/bf16 x the forward's and the
+    backward's two operand layouts). On sm_90a each consumer main loop issues 4 HGMMA per K tile
+    (wgmma m64n128k16) and nothing else on the tensor cores, at most 20 instructions per HGMMA
+    (15.25 when written: the full-barrier wait, descriptor steps, the previous tile's wait_group
+    and release), no global loads (the producer's TMA runs in its own loop), and its only inner
+    loop without tensor-core work is the full-barrier wait's retry. On sm_80 they are compiled to a
+    trap (never launched there): no MMA at all."""
+    hopper = [k for k in kernels if re.search(r"gemm::hopper_gemm_kernel<", k["name"])]
+    for arch in ARCHS:
+        assert len([k for k in hopper if k["arch"] == arch]) == 6, f"{arch}: expected 2 dtypes x 3 layouts"
+    for k in hopper:
+        if k["arch"] == "sm_80":
+            assert k["mma"] == 0, f"{k['name']}: tensor-core instructions in the sm_80 trap"
+            continue
+        m = k["main_loop"]
+        assert m and m["mma_ops"] == {"HGMMA": 4}, f"{k['name']}: main loop {m and m['mma_ops']}"
+        assert 0 < m["insts_per_mma"] <= 20, f"{k['name']}: {m['insts_per_mma']} instructions per HGMMA"
+        assert m["gld_bytes"] == {}, f"{k['name']}: global loads {m['gld_bytes']} in the main loop"
+        assert len(m["mma_free_inner_loops"]) == 1, f"{k['name']}: {m['mma_free_inner_loops']}"
+        assert k["gld_bytes"].get("tma"), f"{k['name']}: no TMA loads"
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_memory_bound_kernels_figures(kernels, arch):
     """softmax and cross_entropy (row_io.cuh: scalar head, 16-byte body, scalar tail for any

@@ -7,7 +7,8 @@
 //   dX       dx = gz @ w   : A = gz (M, N) K-major,       B = w^T, w (N, K) read MN-major
 //   dW       dw = gz^T @ x : A = gz^T, gz read MN-major,  B = x^T, x (M, K) read MN-major
 //
-// Why it is fast (sm_80 numbers; sm_90a runs the same code, ~1.4x the shared memory):
+// Why it is fast (sm_80 numbers; sm_90a runs the same code, ~1.4x the shared memory, for M <= 64 and
+// wherever the Hopper tier in gemm_sm90.cuh can't run):
 //  - CTA tile 128 x 128 x 64, 4 warps in a 2 x 2 grid of 64 x 64 warp tiles. Per k16 step a
 //    warp loads 4 A and 4 B ldmatrix.x4 (8 LDSM) and issues 4 x 8 = 32 mma.sync.m16n8k16. Per
 //    64-deep K tile a thread issues 128 HMMA, 32 LDSM, 16 cp.async (8 per operand, 16 bytes
@@ -252,10 +253,10 @@ __device__ __forceinline__ void epilogue8(const Epilogue& ep, int64_t m, int64_t
   *reinterpret_cast<Bytes16*>(static_cast<T*>(ep.y) + m * ep.y_ld + n) = out_raw;
 }
 
-// The CTA's (m, n) tile from blockIdx.x in grouped raster order: kGroupM M-tiles per strip.
-__device__ __forceinline__ void tile_coords(int64_t m, int64_t n, int64_t* m0, int64_t* n0) {
+// Output tile `pid`'s origin (m0, n0) in grouped raster order: kGroupM M-tiles per strip.
+__device__ __forceinline__ void tile_coords(int64_t m, int64_t n, int64_t pid, int64_t* m0, int64_t* n0) {
   const int64_t tiles_m = (m + kBM - 1) / kBM, tiles_n = (n + kBN - 1) / kBN;
-  const int64_t pid = blockIdx.x, width = int64_t(kGroupM) * tiles_n, group = pid / width;
+  const int64_t width = int64_t(kGroupM) * tiles_n, group = pid / width;
   const int64_t first_m = group * kGroupM, group_m = tiles_m - first_m < kGroupM ? tiles_m - first_m : kGroupM;
   *m0 = (first_m + (pid % width) % group_m) * kBM;
   *n0 = ((pid % width) / group_m) * kBN;
@@ -286,6 +287,35 @@ __device__ __forceinline__ void gated_epilogue8(const Epilogue& ep, int64_t m, i
     *reinterpret_cast<Bytes16*>(pre + width) = up_raw;
   }
   *reinterpret_cast<Bytes16*>(static_cast<T*>(ep.y) + m * ep.y_ld + n) = out_raw;
+}
+
+// The epilogue of a (kRows x kBN) fp32 tile staged in shared memory (row r, 4-float chunk c at
+// r * kBN + (c ^ (r % 8)) * 4), by 128 threads: thread t owns columns 8 (t % 16) .. + 7 of rows
+// t / 16 + 8 i, 16-byte global accesses. With `partial` (a split-K slice) it stores the fp32
+// sums there for splitk_epilogue_kernel instead. Shared by the sm_80 tile and the Hopper tier.
+template <typename T, int kRows>
+__device__ __forceinline__ void staged_epilogue(const GemmArgs& p, const float* stage, int t, int64_t m0, int64_t n0,
+                                                float* partial) {
+  const int cc = t % 16, r0 = t / 16;
+  const int64_t n = n0 + 8 * cc;
+  if (n >= p.n) return;  // n % 8 == 0: the 8 columns are all in or all out
+  float bias[8];
+  load_bias8<T>(p.ep, n, bias);
+#pragma unroll 4
+  for (int i = 0; i < kRows / 8; ++i) {
+    const int row = r0 + 8 * i;
+    const int64_t m = m0 + row;
+    if (m >= p.m) break;
+    const Float4 lo = *reinterpret_cast<const Float4*>(stage + row * kBN + (((2 * cc) ^ (row & 7)) * 4));
+    const Float4 hi = *reinterpret_cast<const Float4*>(stage + row * kBN + (((2 * cc + 1) ^ (row & 7)) * 4));
+    if (partial) {  // a split-K slice: the fp32 sums, for splitk_epilogue_kernel
+      reinterpret_cast<Float4*>(partial + m * p.n + n)[0] = lo;
+      reinterpret_cast<Float4*>(partial + m * p.n + n)[1] = hi;
+      continue;
+    }
+    const float v[8] = {lo.v[0], lo.v[1], lo.v[2], lo.v[3], hi.v[0], hi.v[1], hi.v[2], hi.v[3]};
+    epilogue8<T>(p.ep, m, n, v, bias);
+  }
 }
 
 // One CTA's output tile: rows m0.. of A (p.m rows), columns n0.. of B (p.n rows; Halves: the
@@ -397,34 +427,14 @@ __device__ __forceinline__ void gemm_tile(const GemmArgs& p, T* smem, int64_t m0
     }
     return;
   }
-  // Each thread: columns 8 cc .. 8 cc + 7 of rows r0 + 8 i; 16-byte global accesses.
-  const int cc = threadIdx.x % 16, r0 = threadIdx.x / 16;
-  const int64_t n = n0 + 8 * cc;
-  if (n >= p.n) return;  // n % 8 == 0: the 8 columns are all in or all out
-  float bias[8];
-  load_bias8<T>(p.ep, n, bias);
-#pragma unroll 4
-  for (int i = 0; i < kBM / 8; ++i) {
-    const int row = r0 + 8 * i;
-    const int64_t m = m0 + row;
-    if (m >= p.m) break;
-    const Float4 lo = *reinterpret_cast<const Float4*>(stage + row * kBN + (((2 * cc) ^ (row & 7)) * 4));
-    const Float4 hi = *reinterpret_cast<const Float4*>(stage + row * kBN + (((2 * cc + 1) ^ (row & 7)) * 4));
-    if (partial) {  // a split-K slice: the fp32 sums, for splitk_epilogue_kernel
-      reinterpret_cast<Float4*>(partial + m * p.n + n)[0] = lo;
-      reinterpret_cast<Float4*>(partial + m * p.n + n)[1] = hi;
-      continue;
-    }
-    const float v[8] = {lo.v[0], lo.v[1], lo.v[2], lo.v[3], hi.v[0], hi.v[1], hi.v[2], hi.v[3]};
-    epilogue8<T>(p.ep, m, n, v, bias);
-  }
+  staged_epilogue<T, kBM>(p, stage, threadIdx.x, m0, n0, partial);
 }
 
 template <typename T, bool AKMajor, bool BKMajor>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs p) {
   FASTLM_DYNAMIC_SHARED(unsigned char, smem_bytes);  // kStages x (A tile, B tile), then the fp32 epilogue stage
   int64_t m0, n0;
-  tile_coords(p.m, p.n, &m0, &n0);
+  tile_coords(p.m, p.n, blockIdx.x, &m0, &n0);
   const int64_t k_begin = int64_t(blockIdx.y) * p.k_split;
   const int64_t k_end = p.k - k_begin < p.k_split ? p.k : k_begin + p.k_split;
   float* partial = p.partial ? p.partial + int64_t(blockIdx.y) * p.m * p.n : nullptr;

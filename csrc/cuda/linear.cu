@@ -1,6 +1,8 @@
 // linear on CUDA: y = act(x @ w^T + bias) + residual, and its backward dX = grad_p @ w and
 // dW = grad_p^T @ x, all on the one tensor-core GEMM core in gemm_core.cuh (its header has the
-// tiling, pipeline and epilogue arithmetic). The forward is A = x, B = w, both K-major, with the
+// tiling, pipeline and epilogue arithmetic), or on sm_90 its Hopper tier (gemm_sm90.cuh: TMA,
+// wgmma, persistent warp-specialised CTAs) with the same operands and epilogue, as
+// gemm::use_sm90_tier decides. The forward is A = x, B = w, both K-major, with the
 // epilogue (split-K over a fp32 workspace for M <= 64, the decode shapes: see splitk_slices); the backward reads its operands in place through the core's MN-major layouts
 // (ldmatrix.trans), so nothing is transposed or copied:
 //   dX (M, K) = grad_p (M, N) @ w (N, K):    A = grad_p K-major, B = w read N-major (w^T)
@@ -16,7 +18,7 @@
 #include <cstdint>
 
 #include "fastlm/linear.h"
-#include "gemm_core.cuh"
+#include "gemm_sm90.cuh"
 
 namespace fastlm::cuda {
 namespace {
@@ -28,7 +30,7 @@ int forward(const LinearCudaArgs& a, cudaStream_t stream) {
   p.a = a.x, p.lda = a.x_stride, p.b = a.w, p.ldb = a.w_stride;
   p.ep = gemm::Epilogue{a.has_act, a.act, a.bias, a.residual, a.residual_stride, a.y, a.n, a.preact, a.n};
   const int splits = a.workspace ? gemm::splitk_slices(a.m, a.n, a.k) : 1;
-  return gemm::launch_gemm<T, true, true>(p, stream, splits, a.workspace);
+  return gemm::launch_gemm_tiered<T, true, true>(p, stream, splits, a.workspace);
 }
 
 template <typename T>
@@ -43,10 +45,10 @@ int backward(const LinearGradCudaArgs& a, cudaStream_t stream) {
   dw.ep.y = a.grad_w, dw.ep.y_ld = a.k;
   if (a.k == 0) return 0;  // both outputs are empty
   if (a.m > 0) {
-    const int err = gemm::launch_gemm<T, true, false>(dx, stream);
+    const int err = gemm::launch_gemm_tiered<T, true, false>(dx, stream);
     if (err) return err;
   }
-  return a.n > 0 ? gemm::launch_gemm<T, false, false>(dw, stream) : 0;  // M == 0: zeros
+  return a.n > 0 ? gemm::launch_gemm_tiered<T, false, false>(dw, stream) : 0;  // M == 0: zeros
 }
 
 }  // namespace
