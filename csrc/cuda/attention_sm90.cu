@@ -419,22 +419,11 @@ int launch(const attn::Params& ap, cudaStream_t stream) {
   return int(cudaGetLastError());
 }
 
-// Whether this binary can run the kernel: real GPUs need sm_90a code in it (ptxVersion 90: not
-// the sm_80 pass's PTX JIT-compiled); the emulator runs it on its "9.0" profile.
+// Whether this binary can run the kernel (sm90::binary_is_sm90a; asked once: the answer is the
+// build's, the same on every sm_90 device).
 const char* built_why_not() {
-#ifdef FASTLM_EMU
-  return nullptr;
-#else
-  static const char* why = [] () -> const char* {
-    cudaFuncAttributes a{};
-    if (cudaFuncGetAttributes(&a, forward_kernel<__half, 128>) != cudaSuccess) {
-      cudaGetLastError();
-      return "the extension has no sm_90a code for it";
-    }
-    return a.ptxVersion >= 90 ? nullptr : "the extension was built without sm_90a (FASTLM_CUDA_ARCHS)";
-  }();
-  return why;
-#endif
+  static const bool ok = sm90::binary_is_sm90a(forward_kernel<__half, 128>);
+  return ok ? nullptr : "the extension was built without sm_90a code (FASTLM_CUDA_ARCHS)";
 }
 
 }  // namespace fastlm::cuda::attn90

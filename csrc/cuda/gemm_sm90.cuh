@@ -233,17 +233,8 @@ inline DeviceFacts device_facts(Kernel kernel) {
   cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
   cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev);
   cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
-#ifdef FASTLM_EMU
-  (void)kernel;
-  d.binary_is_sm90a = true;  // the emulator runs the kernel's source on the profile it emulates
-#else
-  if (d.major == 9) {
-    cudaFuncAttributes attr{};
-    if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess)
-      d.binary_is_sm90a = attr.binaryVersion == 90 && attr.ptxVersion >= 90;
-    else
-      (void)cudaGetLastError();  // not sticky: the sm_80 tier's launch reports its own status
-  }
+  d.binary_is_sm90a = d.major == 9 && sm90::binary_is_sm90a(kernel);
+#ifndef FASTLM_EMU
   if (dev < kMaxDevices)
     cached[dev].store(uint32_t(d.sms) << 16 | uint32_t(d.major & 15) << 12 | uint32_t(d.minor & 15) << 8 |
                           uint32_t(d.binary_is_sm90a) << 1 | 1u,

@@ -149,6 +149,26 @@ inline bool make_tma_desc_3d(TmaDesc* out, const void* base, int elem_bytes, con
   return detail::make_tma_desc(out, 3, base, elem_bytes, dims, strides_bytes, box, sw, why);
 }
 
+
+// Whether the binary of `kernel` the runtime picks on the current device is sm_90a SASS (not the
+// sm_80 cubin, nor compute_80 PTX JIT-compiled, where every helper below is a trap): the one
+// check every sm_90a tier's launcher makes before choosing its kernel. The emulator runs the
+// kernel's source on the profile it emulates, so there it is always true.
+template <typename Kernel>
+inline bool binary_is_sm90a(Kernel kernel) {
+#ifdef FASTLM_EMU
+  (void)kernel;
+  return true;
+#else
+  cudaFuncAttributes a{};
+  if (cudaFuncGetAttributes(&a, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky: the caller's other tier reports its own status
+    return false;
+  }
+  return a.binaryVersion == 90 && a.ptxVersion >= 90;
+#endif
+}
+
 }  // namespace fastlm::cuda::sm90
 #undef FASTLM_SM90_HD
 
