@@ -55,8 +55,8 @@ def test_static_order_is_data_with_reasons():
         names = [b for b, _ in order]
         assert names[-1] == "reference" and set(names) <= set(backend.BACKENDS) and len(set(names)) == len(names), key
         assert all(reason.startswith("static estimate: ") for _, reason in order), key
-    # attention: wgmma (triton) ahead of mma.sync (cuda) on Hopper, FA2's design ahead elsewhere
-    assert [b for b, _ in dispatch.static_order("attention", "h100")] == ["triton", "cuda", "reference"]
+    # attention: cuda first everywhere (its sm_90a tier on Hopper, FA2's design elsewhere)
+    assert [b for b, _ in dispatch.static_order("attention", "h100")] == ["cuda", "triton", "reference"]
     assert [b for b, _ in dispatch.static_order("attention", "a100")] == ["cuda", "triton", "reference"]
     assert [b for b, _ in dispatch.static_order("softmax", "h100")] == ["cuda", "triton", "reference"]
 
@@ -135,18 +135,18 @@ def test_select_honours_a_measured_table(table_dirs):
     shipped, _ = table_dirs
     inputs = _attention_inputs()
     assert backend.bucket("attention", *inputs) == "bf16 d64 causal prefill T2^12 fwd+bwd"
-    assert _select_on(H100, inputs)[0] == "triton"  # no table: the static order (triton first on Hopper)
-    _write(shipped / "h100.json", "h100", {"cuda": 2.0, "triton": 3.0, "reference": 40.0})
+    assert _select_on(H100, inputs)[0] == "cuda"  # no table: the static order (cuda first on Hopper)
+    _write(shipped / "h100.json", "h100", {"cuda": 3.0, "triton": 2.0, "reference": 40.0})
     choice, why = _select_on(H100, inputs)
-    assert choice == "cuda" and why.startswith("measured: cuda 2 ms < triton 3 ms < reference 40 ms")
+    assert choice == "triton" and why.startswith("measured: triton 2 ms < cuda 3 ms < reference 40 ms")
     assert _select_on(A100, inputs)[0] == "cuda"  # another class's table doesn't apply
     # a different bucket (head dim 128) has no entry: static order, and it says so
     choice, why = _select_on(H100, _attention_inputs(128))
-    assert choice == "triton" and why.startswith("unmeasured (no entry for [bf16 d128 causal prefill T2^12 fwd+bwd]")
-    # only measured backends compete: with triton unmeasured the entry can't pick cuda
-    _write(shipped / "h100.json", "h100", {"cuda": 2.0, "reference": 40.0})
+    assert choice == "cuda" and why.startswith("unmeasured (no entry for [bf16 d128 causal prefill T2^12 fwd+bwd]")
+    # only measured backends compete: with cuda unmeasured the entry can't pick triton
+    _write(shipped / "h100.json", "h100", {"triton": 2.0, "reference": 40.0})
     choice, why = _select_on(H100, inputs)
-    assert choice == "triton" and "the table entry did not measure triton" in why
+    assert choice == "cuda" and "the table entry did not measure cuda" in why
 
 
 def test_user_cache_overrides_the_shipped_table(table_dirs):

@@ -17,13 +17,20 @@ STATIC_ORDER: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
         REFERENCE,
     ),
 }
-# Attention on Hopper: the cuda kernels are the FlashAttention-2 design on mma.sync (HMMA), which
-# FA2's published H100 figures put near 35 % of the bf16 peak (~350 TF/s forward at D = 128); the
-# Triton kernels' tl.dot lowers to wgmma on sm_90 (the AOT compile shows it in the forward and
-# dQ), the instruction FA3 reaches 60-75 % with. No Hopper tier of the cuda backend yet.
+# Attention on Hopper: the cuda forward has an sm_90a tier (csrc/cuda/attention_sm90.cu: TMA +
+# mbarrier ring, producer warp, ping-pong wgmma warpgroups, FlashAttention-3's design) for the
+# plain forward (no mask / softcap / window / ALiBi / sinks / varlen, D 64..128): its SASS main
+# loop is 16 HGMMA (m64n128k16, 64 tensor-core clocks each on an H100 SM) in 527 instructions per
+# warpgroup and key tile, so issue (~1050 of ~2050 tensor clocks per tile pair) and MUFU.EX2
+# (~1020) both fit under the tensor cores: an estimated 50-60 % of the bf16 peak, against ~35 %
+# for FA2's design on mma.sync. Its backward (and the options above) run the FA2 design, ~30 % by
+# FA2's published H100 figures; Triton's tl.dot lowers to wgmma on sm_90 but its structure is the
+# tutorial's (~30-45 % forward, 15-25 % backward by the attention issue's estimate). cuda first.
 _HOPPER_ATTENTION = (
-    ("triton", "static estimate: wgmma on sm_90 (the cuda kernels use mma.sync, ~35 % of H100 peak in FA2's design)"),
-    ("cuda", "static estimate: FlashAttention-2 design on mma.sync; behind wgmma on Hopper"),
+    ("cuda", "static estimate: sm_90a forward tier (TMA + wgmma, FA3 design, est. 50-60 % of peak) and the "
+             "FA2-design backward (~30 %)"),
+    ("triton", "static estimate: wgmma through tl.dot, the Triton tutorial's structure (est. 30-45 % forward, "
+               "15-25 % backward)"),
     REFERENCE,
 )
 STATIC_ORDER.update({("attention", cls): _HOPPER_ATTENTION for cls in ("h100", "h200", "hopper")})
