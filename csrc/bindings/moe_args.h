@@ -4,11 +4,13 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <utility>
 #include <vector>
 
 #include "common.h"
+#include "fastlm/moe.h"
 
 namespace fastlm::bind {
 
@@ -101,6 +103,33 @@ inline void check_row_index_on_host(const char* op, const at::Tensor& row_index,
                     " twice (again at [", t, ", ", s, "])");
   TORCH_CHECK_VALUE(false, op, ": row_index must be in [-1, ", rows, ") (rows of the sorted tensor), got ", value,
                     " at [", t, ", ", s, "]");
+}
+
+// moe_base_assignment's arguments: scores (T, E) on `device` in a kernel dtype, capacity E ints
+// >= 0 summing to T (host values), eps >= 0 (0: the default), max_rounds >= 0. The returned
+// args' capacity is null; *custom says whether `capacity` differs from the default split.
+inline BaseAssignmentArgs base_assignment_args(const char* op, const at::Tensor& scores,
+                                               const std::vector<int64_t>& capacity, double eps, int64_t max_rounds,
+                                               c10::DeviceType device, bool* custom) {
+  const DType dtype = kernel_input_arg(op, "scores", scores, device, half_kernels(device));
+  TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(1) >= 1, op, ": scores must be 2-D (T, E) with E >= 1, got shape ",
+                    scores.sizes());
+  const int64_t T = scores.size(0), E = scores.size(1);
+  TORCH_CHECK_VALUE(T <= INT32_MAX, op, ": scores has ", T, " tokens, past the int32 expert ids");
+  int64_t total = 0;
+  bool ok = int64_t(capacity.size()) == E;
+  *custom = false;
+  for (size_t e = 0; ok && e < capacity.size(); ++e) {
+    ok = capacity[e] >= 0;
+    total += capacity[e];
+    *custom = *custom || capacity[e] != T / E + (int64_t(e) < T % E);
+  }
+  TORCH_CHECK_VALUE(ok && total == T, op, ": capacity must be ", E, " ints >= 0 summing to the ", T, " tokens, got ",
+                    at::IntArrayRef(capacity));
+  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), op, ": eps must be >= 0 (0: the default), got ", eps);
+  TORCH_CHECK_VALUE(max_rounds >= 0, op, ": max_rounds must be >= 0, got ", max_rounds);
+  return BaseAssignmentArgs{dtype, T, E, scores.data_ptr(), scores.stride(0), scores.stride(1), nullptr, eps,
+                            max_rounds};
 }
 
 // A view with unit column stride (copies only when there is none).
