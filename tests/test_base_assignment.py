@@ -44,7 +44,7 @@ def solve(backend, device, scores, **kw):
 
 
 @pytest.mark.parametrize("backend,device,dtype,t,e", with_cases(
-    BACKEND_DTYPES, [(1, 1), (6, 3), (7, 3), (8, 4), (9, 2), (5, 4), (10, 3)], [(7, 3), (5, 4)]))
+    BACKEND_DTYPES, [(1, 1), (6, 3), (7, 3), (8, 4), (9, 2), (5, 4), (10, 3)], [(5, 4)]))
 def test_optimal_and_balanced_on_small_problems(backend, device, dtype, t, e):
     a = torch.randn(t, e).to(dtype)
     ids, prices = solve(backend, device, a)
@@ -105,8 +105,8 @@ def test_uneven_capacity_ties_one_expert_and_no_tokens(backend, device, dtype):
 
 @pytest.mark.parametrize("backend,device,dtype", BACKENDS)
 def test_opcheck_and_compile(backend, device, dtype):
-    a = torch.randn(12, 3, device=device)  # eps >= spread / 64: one eps phase (the reference's rounds are slow)
-    torch.library.opcheck(torch.ops.fastlm.base_assignment.default, (a, [4, 4, 4], 1.0, backend))
+    a = torch.randn(8, 2, device=device)  # eps >= spread / 64: one eps phase (the reference's rounds are slow)
+    torch.library.opcheck(torch.ops.fastlm.base_assignment.default, (a, [4, 4], 1.0, backend))
     torch._dynamo.reset()
     f = lambda s: base_assignment(s * 2, eps=1.0, backend=backend)[0]  # noqa: E731
     assert torch.equal(torch.compile(f, fullgraph=True, backend="aot_eager")(a), f(a))

@@ -13,11 +13,9 @@ namespace {
 // (expert_ids (T,) int32, prices (E,) in scores' dtype)
 std::tuple<at::Tensor, at::Tensor> moe_base_assignment_cpu_impl(const at::Tensor& scores, at::IntArrayRef capacity,
                                                                 double eps, int64_t max_rounds) {
-  constexpr const char* op = "moe_base_assignment";
-  const std::vector<int64_t> cap = capacity.vec();
-  bool custom = false;
-  BaseAssignmentArgs a = base_assignment_args(op, scores, cap, eps, max_rounds, c10::DeviceType::CPU, &custom);
-  if (custom) a.capacity = cap.data();
+  BaseAssignmentCall call = base_assignment_call(scores, capacity, eps, max_rounds, c10::DeviceType::CPU);
+  BaseAssignmentArgs& a = call.args;
+  if (call.custom) a.capacity = call.capacity.data();
   at::Tensor ids = at::empty({a.tokens}, scores.options().dtype(at::kInt));
   at::Tensor prices = at::empty({a.experts}, scores.options().dtype(at::kDouble));
   moe_base_assignment_cpu(a, ids.data_ptr<int32_t>(), prices.data_ptr<double>());

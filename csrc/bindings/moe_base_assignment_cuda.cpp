@@ -7,6 +7,9 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "fastlm/moe.h"
 #include "gpu_binding.h"
 #include "moe_args.h"
@@ -17,15 +20,15 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> moe_base_assignment_cuda_impl(const at::Tensor& scores, at::IntArrayRef capacity,
                                                                  double eps, int64_t max_rounds) {
   constexpr const char* op = "moe_base_assignment";
-  const std::vector<int64_t> cap = capacity.vec();
-  bool custom = false;
-  BaseAssignmentArgs a = base_assignment_args(op, scores, cap, eps, max_rounds, kGpu, &custom);
+  BaseAssignmentCall call = base_assignment_call(scores, capacity, eps, max_rounds, kGpu);
+  BaseAssignmentArgs& a = call.args;
+  const std::vector<int64_t>& cap = call.capacity;
   TORCH_CHECK_VALUE(a.experts <= kBaseMaxExpertsCuda, op, ": the CUDA kernel takes up to ", kBaseMaxExpertsCuda,
                     " experts, got scores of shape ", scores.sizes());
   const GpuGuard guard(scores.device());
   const at::TensorOptions on = scores.options();
   at::Tensor device_capacity;
-  if (custom) {
+  if (call.custom) {
 #ifdef FASTLM_EMU
     device_capacity = at::empty({a.experts}, on.dtype(at::kLong));
     std::copy(cap.begin(), cap.end(), device_capacity.data_ptr<int64_t>());
