@@ -18,14 +18,19 @@
 //      the lower token; a bid stops counting as soon as it can no longer win), and the r-th ranked
 //      bid takes the expert's r-th cheapest slot while it beats that slot's price; each expert's
 //      slot prices stay sorted by a merge of its kept slots and its winners (binary searches).
-//      6 barriers per round. Warm-started, a phase takes ~2 rounds (T = 4096, E = 8 on the CPU twin).
+//      6 barriers per round.
+// Rounds (measured on the CPU twin, which runs the same rounds): T = 4096, E = 8 needs 2 per eps
+// phase, 10 in all; T = 16384, E = 64 needs between 30,000 and 100,000 (5 sweeps leave 64 prices
+// far from equilibrium; each round then moves a few tokens), so at E = 64 the round loop rules.
 // Estimate (H100/H200-class SM at ~1.8 GHz, 512 threads; L2-resident scores at ~64 B/clk/SM):
 //   T = 4096, E = 8: warm start 5 x 8 x (64 counting passes x (8 loads + reduction ~60 clk) +
-//     margin pass 8 x 8 loads) ~ 0.2 M clk; 5 phases x 2 rounds x ~1.5 k clk: total ~0.15 ms.
+//     a margin pass of 8 x 8 loads) ~ 0.2 M clk, 10 rounds x ~2 k clk: ~0.15 ms in all.
 //   T = 65536, E = 64 (bf16 scores, 8 MB): each margin pass streams all T x E scores through one
-//     SM (8 MB at ~115 GB/s ~ 70 us), 5 x 64 of them ~ 22 ms, plus 5 x 64 x 64 counting passes of
-//     128 loads ~ 5 ms: ~ 30 ms. One SM's bandwidth is the wall at that size (a multi-CTA margin
-//     pass would be the next step); below T x E ~ 64 K it is the ~0.1 ms of barrier latency.
+//     SM (8 MB at ~115 GB/s ~ 70 us), 5 x 64 of them ~ 22 ms, + 5 x 64 x 64 counting passes of
+//     128 loads ~ 5 ms; then >= 10^5 rounds of 6 barriers + 128 owner checks per thread (~1-2 k
+//     clk, ~1 us) ~ 0.1 s or more. Not per-step material at that size: more sweeps or a
+//     multi-CTA warm start and an expert-parallel round would be the next steps.
+// The default round cap is the reference's, 10^6 rounds (~1 s at that size).
 // Bad inputs never hang: non-finite scores, a capacity that is not E values >= 0 summing to T,
 // or more than max_rounds rounds give every id -1 and every price NaN (the invalid result).
 #include <cuda_runtime.h>

@@ -22,7 +22,9 @@ caller differentiates.
 Speed: the auction starts from near-equilibrium prices found by a few sweeps (DUAL_SWEEPS = 5) of
 coordinate descent on the dual (E prices, each set so its expert is wanted by exactly its
 capacity), then eps-scaling finishes the job: warm-started, each eps phase takes about 2 rounds at
-4096 tokens x 8 experts (2 sweeps are not enough: 27,000 rounds; none: 16,000).
+4096 tokens x 8 experts (2 sweeps are not enough: 27,000 rounds; none: 16,000). With many
+experts 5 sweeps leave the prices further off: 16384 tokens x 64 experts take 30,000-100,000
+rounds (cpu kernel: ~14 s on 2 loaded cores, most of it the warm start's T x E x 5E loads).
 
 Backends (the same algorithm, float64 throughout, the same tie rules, so cpu and cuda return the
 same ids and prices for the same scores):
@@ -32,7 +34,7 @@ same ids and prices for the same scores):
   rounds on the device; the default eps (from max - min of the scores) is found there too, and no
   value is read on the host. For GPU tensors finiteness is not checked on the host: non-finite
   scores give the invalid result, every id -1 and every price NaN. The same invalid result marks a
-  solve that exceeds the kernels' round cap (100,000 rounds; the schema's max_rounds), so a
+  solve that exceeds the kernels' round cap (1,000,000 rounds as the reference's; the schema's max_rounds), so a
   pathological input can never hang the device. Up to 1024 experts.
 - triton: no kernel yet (its single-program form needs per-expert ranking without shared memory).
 - reference (vectorised PyTorch rounds with host syncs, any device, any float dtype): the oracle.
@@ -203,5 +205,5 @@ def base_assignment(scores: torch.Tensor, *, capacity: list[int] | None = None, 
 if _ext.HAS_EXTENSION and hasattr(torch.ops.fastlm, "moe_base_assignment"):
 
     @torch.library.register_fake("fastlm::moe_base_assignment")
-    def _(scores, capacity, eps=0.0, max_rounds=100_000):
+    def _(scores, capacity, eps=0.0, max_rounds=1_000_000):
         return scores.new_empty(scores.shape[0], dtype=torch.int32), scores.new_empty(scores.shape[1])
