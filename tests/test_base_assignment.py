@@ -1,51 +1,160 @@
-"""base_assignment: exactly balanced, and optimal (brute force on small problems, the sorted
-closed form for two experts), with T not divisible by E; the errors it raises; compile."""
-import itertools
+"""base_assignment on every backend: exactly balanced, optimal (brute force on small problems, the
+sorted closed form for two experts) within T * eps, an eps-complementary-slackness certificate
+checked in float64 from the returned prices, T not divisible by E, custom capacity with zeros,
+ties, E = 1, T = 0; the kernels' invalid result (non-finite scores, round cap); the errors it
+raises; opcheck and compile per backend."""
+import functools
 
 import pytest
 import torch
 
 from fastlm.ops import base_assignment
 from fastlm.ops.base_assignment import default_capacity
+from moe_backends import backends_once, moe_backend_dtypes, with_cases
+
+BACKEND_DTYPES = moe_backend_dtypes("moe_base_assignment", "base_assignment")
+BACKENDS = backends_once(BACKEND_DTYPES)
+F32 = torch.float32
 
 
 def brute_force(a, capacity):
-    labels = [e for e, c in enumerate(capacity) for _ in range(c)]
-    return max(sum(a[i, p].item() for i, p in enumerate(perm)) for perm in set(itertools.permutations(labels)))
+    """The optimum over every balanced assignment: token by token, each remaining capacity vector once."""
+    rows = a.tolist()
+
+    @functools.cache
+    def best(i, left):
+        if i == len(rows):
+            return 0.0
+        return max(rows[i][e] + best(i + 1, left[:e] + (c - 1,) + left[e + 1:]) for e, c in enumerate(left) if c)
+
+    return best(0, tuple(capacity))
 
 
 def total(a, ids):
     return a[torch.arange(a.shape[0]), ids.long()].sum().item()
 
 
-@pytest.mark.parametrize("t,e", [(1, 1), (6, 3), (7, 3), (8, 4), (9, 2), (5, 4), (10, 3)])
-def test_optimal_and_balanced_on_small_problems(t, e):
-    a = torch.randn(t, e, dtype=torch.float64)
-    ids, prices = base_assignment(a)
+def default_eps(a):
+    return 1e-4 * float(a.max() - a.min()) / a.shape[1]
+
+
+def solve(backend, device, scores, **kw):
+    ids, prices = base_assignment(scores.to(device), backend=backend, **kw)
+    return ids.cpu(), prices.cpu()
+
+
+@pytest.mark.parametrize("backend,device,dtype,t,e", with_cases(
+    BACKEND_DTYPES, [(1, 1), (6, 3), (7, 3), (8, 4), (9, 2), (5, 4), (10, 3)], [(5, 4)]))
+def test_optimal_and_balanced_on_small_problems(backend, device, dtype, t, e):
+    a = torch.randn(t, e).to(dtype)
+    ids, prices = solve(backend, device, a)
     capacity = default_capacity(t, e)
-    assert ids.dtype == torch.int32 and prices.shape == (e,)
+    assert ids.dtype == torch.int32 and ids.shape == (t,) and prices.shape == (e,) and prices.dtype == dtype
     assert torch.bincount(ids.long(), minlength=e).tolist() == capacity
-    assert total(a, ids) == pytest.approx(brute_force(a, capacity), abs=1e-9)
+    a64 = a.double()
+    assert total(a64, ids) == pytest.approx(brute_force(a64, capacity), abs=t * default_eps(a64) + 1e-9)
 
 
-def test_two_experts_match_the_sorted_closed_form():
+@pytest.mark.parametrize("backend,device,dtype", [p for p in BACKENDS])
+def test_eps_certificate_from_the_returned_prices(backend, device, dtype):
+    """eps-complementary slackness in float64: each token's value at its expert's price is within
+    eps of its best alternative, hence the total within T * eps of the dual bound (the optimum)."""
+    t, e = (37, 5) if backend == "cuda-emu" else (500, 6)
+    cap = default_capacity(t, e)
+    cap[0], cap[1] = cap[0] + cap[1], 0  # an expert without slots, one with twice as many
+    a = torch.randn(t, e)
+    eps = 1e-3
+    ids, prices = solve(backend, device, a, capacity=cap, eps=eps)
+    assert torch.bincount(ids.long(), minlength=e).tolist() == cap
+    a64, p = a.double(), prices.double()
+    has_slots = torch.tensor(cap) > 0
+    value = a64[torch.arange(t), ids.long()] - p[ids.long()]
+    best = (a64 - p).masked_fill(~has_slots, -torch.inf).max(1).values
+    rounding = 4 * torch.finfo(F32).eps * (a64.abs().max() + p.abs().max()).item()  # prices come back in fp32
+    assert (value >= best - eps - rounding).all(), (best - value).max()
+    dual = best.sum() + (p * torch.tensor(cap, dtype=torch.float64)).sum()
+    assert total(a64, ids) >= dual.item() - t * (eps + rounding)
+
+
+@pytest.mark.parametrize("backend,device,dtype", BACKENDS)
+def test_two_experts_match_the_sorted_closed_form(backend, device, dtype):
     """With two experts the optimum takes the c_0 tokens with the largest a_t0 - a_t1 for expert 0."""
-    a = torch.randn(1001, 2, dtype=torch.float64)
-    ids, _ = base_assignment(a)
-    want = torch.ones(1001, dtype=torch.long)
-    want[torch.argsort(a[:, 0] - a[:, 1], descending=True)[:501]] = 0
-    assert total(a, ids) == pytest.approx(total(a, want), abs=1001 * 1e-4 * float(a.max() - a.min()) / 2)
+    t = 61 if backend == "cuda-emu" else 1001
+    a = torch.randn(t, 2)
+    ids, _ = solve(backend, device, a)
+    want = torch.ones(t, dtype=torch.long)
+    want[torch.argsort(a[:, 0] - a[:, 1], descending=True)[:(t + 1) // 2]] = 0
+    assert total(a.double(), ids) == pytest.approx(total(a.double(), want), abs=t * default_eps(a.double()) + 1e-6)
 
 
-def test_large_balanced_with_custom_capacity_and_ties():
-    a = torch.randn(4096, 8)
-    ids, _ = base_assignment(a)
-    assert torch.bincount(ids.long(), minlength=8).tolist() == [512] * 8
-    cap = [100, 0, 3, 897]
-    ids, _ = base_assignment(torch.randn(1000, 4), capacity=cap)
-    assert torch.bincount(ids.long(), minlength=4).tolist() == cap
-    ids, _ = base_assignment(torch.zeros(12, 3))  # all tied: still exactly balanced
-    assert torch.bincount(ids.long(), minlength=3).tolist() == [4, 4, 4]
+@pytest.mark.parametrize("backend,device,dtype", BACKENDS)
+def test_uneven_capacity_ties_one_expert_and_no_tokens(backend, device, dtype):
+    def counts(scores, **kw):
+        ids, prices = solve(backend, device, scores, **kw)
+        assert prices.shape == (scores.shape[1],) and not prices.isnan().any()
+        return torch.bincount(ids.long(), minlength=scores.shape[1]).tolist()
+
+    assert counts(torch.randn(10, 3)) == [4, 3, 3]  # T % E spread over the first experts
+    assert counts(torch.randn(10, 4), capacity=[3, 0, 5, 2]) == [3, 0, 5, 2]
+    assert counts(torch.zeros(12, 3)) == [4, 4, 4]  # all tied: still exactly balanced
+    ids, prices = solve(backend, device, torch.randn(5, 1))
+    assert ids.tolist() == [0] * 5 and prices.shape == (1,)
+    ids, prices = solve(backend, device, torch.randn(0, 3))
+    assert ids.shape == (0,) and prices.tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("backend,device,dtype", BACKENDS)
+def test_opcheck_and_compile(backend, device, dtype):
+    a = torch.randn(8, 2, device=device)  # eps >= spread / 64: one eps phase (the reference's rounds are slow)
+    torch.library.opcheck(torch.ops.fastlm.base_assignment.default, (a, [4, 4], 1.0, backend))
+    torch._dynamo.reset()
+    f = lambda s: base_assignment(s * 2, eps=1.0, backend=backend)[0]  # noqa: E731
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="aot_eager")(a), f(a))
+
+
+def kernel_ops():
+    """The extension op per kernel backend: (name, op namespace), skipped where not built."""
+    from fastlm import _ext
+
+    out = []
+    for name, ns, have in (("cpu", "fastlm", _ext.HAS_EXTENSION), ("cuda-emu", "fastlm_emu", _ext.HAS_EMULATOR)):
+        ok = have and hasattr(getattr(torch.ops, ns), "moe_base_assignment")
+        out.append(pytest.param(ns, id=name, marks=pytest.mark.skipif(not ok, reason=f"no {ns}.moe_base_assignment")))
+    return out
+
+
+@pytest.mark.parametrize("ns", kernel_ops())
+def test_kernels_mark_bad_scores_and_round_cap_invalid(ns):
+    """Non-finite scores (never checked on the host for GPU tensors) and an exceeded round cap give
+    ids -1 and NaN prices for the whole call; the kernels never hang."""
+    op = getattr(torch.ops, ns).moe_base_assignment
+    for bad in (float("nan"), float("inf")):
+        s = torch.randn(9, 3)
+        s[4, 1] = bad
+        ids, prices = op(s, [3, 3, 3])
+        assert ids.tolist() == [-1] * 9 and prices.isnan().all()
+    ids, prices = op(torch.randn(9, 3), [3, 3, 3], 0.0, 0)  # max_rounds 0
+    assert ids.tolist() == [-1] * 9 and prices.isnan().all()
+    ids, _ = op(torch.randn(9, 3), [3, 3, 3], 0.0, 100)
+    assert torch.bincount(ids.long(), minlength=3).tolist() == [3, 3, 3]
+    with pytest.raises(ValueError, match=r"capacity must be 3 ints >= 0 summing to the 9 tokens, got \[3, 3, 2\]"):
+        op(torch.randn(9, 3), [3, 3, 2])
+    with pytest.raises(ValueError, match=r"max_rounds must be >= 0, got -1"):
+        op(torch.randn(9, 3), [3, 3, 3], 0.0, -1)
+
+
+def test_cpu_and_emulated_cuda_kernels_agree():
+    """The same auction step for step (float64, same tie rules): the same ids and prices."""
+    from fastlm import _ext
+
+    if not (_ext.HAS_EXTENSION and _ext.HAS_EMULATOR and hasattr(torch.ops.fastlm, "moe_base_assignment")
+            and hasattr(torch.ops.fastlm_emu, "moe_base_assignment")):
+        pytest.skip("needs both kernels built")
+    a = torch.randn(45, 4)
+    for cap in ([12, 11, 11, 11], [20, 0, 5, 20]):
+        want = torch.ops.fastlm.moe_base_assignment(a, cap)
+        got = torch.ops.fastlm_emu.moe_base_assignment(a, cap)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_bad_inputs_name_argument_and_value():
@@ -57,11 +166,3 @@ def test_bad_inputs_name_argument_and_value():
         base_assignment(torch.randn(4, 2), eps=0.0)
     with pytest.raises(ValueError, match=r"scores must be a floating-point \(tokens, experts\) tensor, got \(4,\)"):
         base_assignment(torch.randn(4))
-
-
-def test_opcheck_and_compile():
-    a = torch.randn(40, 4)
-    torch.library.opcheck(torch.ops.fastlm.base_assignment.default, (a, [10, 10, 10, 10], 1e-4))
-    torch._dynamo.reset()
-    f = lambda s: base_assignment(s * 2)[0]  # noqa: E731
-    assert torch.equal(torch.compile(f, fullgraph=True, backend="aot_eager")(a), f(a))

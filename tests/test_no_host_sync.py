@@ -49,7 +49,8 @@ def _fwd_bwd(fn, *inputs):
     out = fn(*inputs)
     outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.dtype.is_floating_point]
     need = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-    torch.autograd.grad([o.sum() for o in outs if o.requires_grad], need, allow_unused=True)
+    if need:  # base_assignment has no gradient
+        torch.autograd.grad([o.sum() for o in outs if o.requires_grad], need, allow_unused=True)
 
 
 DEVICE = "meta"
@@ -84,6 +85,8 @@ OPS = {
     "linear": lambda: (lambda x, w, b: fastlm.ops.linear(x, w, b, activation="gelu", backend="cuda"),
                        _leaf(6, 64), _leaf(32, 64), _leaf(32)),
     "bias_act": lambda: (lambda x, b: fastlm.ops.bias_act(x, b, "gelu", backend="cuda"), _leaf(6, 64), _leaf(64)),
+    "base_assignment": lambda: (lambda s: fastlm.ops.base_assignment(s, capacity=[3, 1, 4], backend="cuda"),
+                                torch.randn(8, 3, device=DEVICE)),
     "moe_router": lambda: (lambda logits: fastlm.ops.moe_router(logits, 2, capacity=3, backend="cuda"),
                            _leaf(8, 4, dtype=torch.float32)),
     "grouped_swiglu": lambda: (

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -180,6 +181,40 @@ inline void grouped_grad_args(const char* op, const GroupedArgs& a, const at::Te
   same_place_arg(op, "pre", pre, x);
   TORCH_CHECK_VALUE(pre.dim() == 2 && pre.size(0) == a.N && pre.size(1) == a.Nw, op, ": pre must have shape (", a.N,
                     ", ", a.Nw, ") for activation '", std::string(activation), "', got ", pre.sizes());
+}
+
+// moe_base_assignment's arguments: scores (T, E) on `device` in a kernel dtype, capacity E ints
+// >= 0 summing to T (host values), eps >= 0 (0: the default), max_rounds >= 0. args.capacity is
+// left null (the default split, found by the kernel); `custom` says whether `capacity` differs
+// from it, in which case the binding points args.capacity at a copy of `capacity` where it runs.
+struct BaseAssignmentCall {
+  BaseAssignmentArgs args;
+  std::vector<int64_t> capacity;
+  bool custom;
+};
+
+inline BaseAssignmentCall base_assignment_call(const at::Tensor& scores, at::IntArrayRef capacity, double eps,
+                                               int64_t max_rounds, c10::DeviceType device) {
+  constexpr const char* op = "moe_base_assignment";
+  const DType dtype = kernel_input_arg(op, "scores", scores, device, half_kernels(device));
+  TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(1) >= 1, op, ": scores must be 2-D (T, E) with E >= 1, got shape ",
+                    scores.sizes());
+  const int64_t T = scores.size(0), E = scores.size(1);
+  TORCH_CHECK_VALUE(T <= INT32_MAX, op, ": scores has ", T, " tokens, past the int32 expert ids");
+  int64_t total = 0;
+  bool ok = int64_t(capacity.size()) == E, custom = false;
+  for (size_t e = 0; ok && e < capacity.size(); ++e) {
+    ok = capacity[e] >= 0;
+    total += capacity[e];
+    custom = custom || capacity[e] != T / E + (int64_t(e) < T % E);
+  }
+  TORCH_CHECK_VALUE(ok && total == T, op, ": capacity must be ", E, " ints >= 0 summing to the ", T, " tokens, got ",
+                    capacity);
+  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), op, ": eps must be >= 0 (0: the default), got ", eps);
+  TORCH_CHECK_VALUE(max_rounds >= 0, op, ": max_rounds must be >= 0, got ", max_rounds);
+  return {BaseAssignmentArgs{dtype, T, E, scores.data_ptr(), scores.stride(0), scores.stride(1), nullptr, eps,
+                             max_rounds},
+          capacity.vec(), custom};
 }
 
 // A view with unit column stride (copies only when there is none).

@@ -53,6 +53,8 @@ inline constexpr const char* kMoeSchemas[] = {
     "moe_unpermute_fwd(Tensor y_sorted, Tensor row_index, Tensor weights) -> Tensor out",
     "moe_unpermute_bwd(Tensor grad_out, Tensor y_sorted, Tensor row_index, Tensor weights)"
     " -> (Tensor grad_y_sorted, Tensor grad_weights)",
+    "moe_base_assignment(Tensor scores, int[] capacity, float eps=0.0, int max_rounds=1000000)"
+    " -> (Tensor expert_ids, Tensor prices)",
     "grouped_linear_fwd(Tensor x, Tensor weight, Tensor offsets, Tensor? bias, str activation=\"none\","
     " bool save_pre=True)"
     " -> (Tensor out, Tensor pre)",

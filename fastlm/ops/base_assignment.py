@@ -1,6 +1,6 @@
 """base_assignment: BASE layers' balanced token-to-expert assignment, solved by an auction.
 
-    expert_ids, prices = fastlm.ops.base_assignment(scores, *, capacity=None, eps=None)
+    expert_ids, prices = fastlm.ops.base_assignment(scores, *, capacity=None, eps=None, backend=None)
 
 scores (T, E): token-expert affinities (BASE: h_t . w_e). Each token gets exactly one expert and
 expert e exactly capacity[e] tokens: T // E each by default, the first T % E experts one more when
@@ -19,19 +19,39 @@ optimum. Default eps = 1e-4 * (max - min score) / E. `prices` (E,) are the final
 prices. Not differentiable: BASE gates the chosen expert's output with sigmoid(score), which the
 caller differentiates.
 
-Speed: the auction starts from near-equilibrium prices found by a few sweeps of coordinate
-descent on the dual (E prices, each set so its expert is wanted by exactly its capacity), then
-eps-scaling finishes the job: 4096 tokens x 8 experts take 0.07 s on 2 idle CPU cores, against
-2.0 s for the same eps-scaled auction from zero prices (and minutes without eps-scaling).
+Speed: the auction starts from near-equilibrium prices found by a few sweeps (DUAL_SWEEPS = 5) of
+coordinate descent on the dual (E prices, each set so its expert is wanted by exactly its
+capacity), then eps-scaling finishes the job: warm-started, each eps phase takes about 2 rounds at
+4096 tokens x 8 experts (2 sweeps are not enough: 27,000 rounds; none: 16,000). With many
+experts 5 sweeps leave the prices further off: 16384 tokens x 64 experts take 30,000-100,000
+rounds (cpu kernel: ~14 s on 2 loaded cores, most of it the warm start's T x E x 5E loads).
 
-Backends: reference only (vectorised PyTorch rounds on any device; a fused kernel is future work),
-registered as one opaque custom op so that torch.compile(fullgraph=True) takes it.
+Backends (the same algorithm, float64 throughout, the same tie rules, so cpu and cuda return the
+same ids and prices for the same scores):
+- cpu (csrc/cpu/moe_base_assignment.cpp): the warm start's margins and the bids in parallel over
+  tokens (OpenMP), exact selection by nth_element, bids grouped and sorted per expert.
+- cuda (csrc/cuda/moe_base_assignment.cu): the whole solve in one launch of one CTA that loops its
+  rounds on the device; the default eps (from max - min of the scores) is found there too, and no
+  value is read on the host. For GPU tensors finiteness is not checked on the host: non-finite
+  scores give the invalid result, every id -1 and every price NaN. The same invalid result marks a
+  solve that exceeds the kernels' round cap (1,000,000 rounds as the reference's; the schema's max_rounds), so a
+  pathological input can never hang the device. Up to 1024 experts.
+- triton: no kernel yet (its single-program form needs per-expert ranking without shared memory).
+- reference (vectorised PyTorch rounds with host syncs, any device, any float dtype): the oracle.
+  It raises on non-finite scores and on its own round cap instead.
+All are registered behind one opaque custom op, so torch.compile(fullgraph=True) takes them.
 """
 from __future__ import annotations
 
 import torch
 
+from fastlm import _ext
+from fastlm import backend as _backend
+
 OP = "base_assignment"
+CPU_DTYPES = (torch.float32, torch.bfloat16)
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DUAL_SWEEPS = 5  # coordinate-descent sweeps of the warm start (kBaseDualSweeps in csrc/include/fastlm/moe.h)
 
 
 def default_capacity(tokens: int, experts: int) -> list[int]:
@@ -41,7 +61,7 @@ def default_capacity(tokens: int, experts: int) -> list[int]:
 
 def _default_eps(scores: torch.Tensor) -> float:
     spread = float(scores.max() - scores.min()) if scores.numel() else 0.0
-    return max(spread, 1e-12) * 1e-4 / max(1, scores.shape[1])
+    return max(spread, 1e-12) * 1e-4 * (1.0 / max(1, scores.shape[1]))
 
 
 def base_assignment_ref(scores: torch.Tensor, capacity: list[int], eps: float, max_rounds: int = 1_000_000):
@@ -65,11 +85,11 @@ def base_assignment_ref(scores: torch.Tensor, capacity: list[int], eps: float, m
         if step <= eps:
             break
         step /= 8
-    cheapest = price.min(1).values
+    cheapest = price.min(1).values if slots else price.new_full((e,), torch.inf)  # T = 0: no slots at all
     return owner.to(torch.int32), torch.where(torch.isfinite(cheapest), cheapest, 0.0).to(scores.dtype)
 
 
-def _dual_prices(a, capacity, sweeps: int = 30):
+def _dual_prices(a, capacity, sweeps: int = DUAL_SWEEPS):
     """Near-equilibrium expert prices by coordinate descent on the dual, sum_t max_e (a_te - p_e)
     + sum_e c_e p_e: each expert's price in turn is set so that exactly c_e tokens prefer it at the
     others' prices (between its c_e-th and c_e+1-th largest margin). E prices for T tokens: cheap
@@ -129,7 +149,42 @@ def _auction(a, price, slots, eps, rounds, max_rounds):
     raise RuntimeError(f"base_assignment: the auction did not finish in {max_rounds} rounds (eps={eps})")
 
 
-def base_assignment(scores: torch.Tensor, *, capacity: list[int] | None = None, eps: float | None = None):
+def _no_triton(scores, capacity, eps):
+    raise NotImplementedError("base_assignment: no triton kernel yet")  # never selected: register_kernels refuses
+
+
+def _reference(scores, capacity, eps):
+    """eps 0: the default. The finiteness check lives here, where the scores are concrete."""
+    if not torch.isfinite(scores).all():
+        raise ValueError("base_assignment: scores must be finite (an auction cannot price NaN or inf)")
+    return base_assignment_ref(scores, capacity, eps or _default_eps(scores))
+
+
+_IMPLS = _backend.implementations(reference=_reference, triton=_no_triton, ext="moe_base_assignment")
+
+
+# one opaque op for torch.compile: the auction's data-dependent rounds stay out of the graph
+@torch.library.custom_op("fastlm::base_assignment", mutates_args=())
+def _assignment_op(scores: torch.Tensor, capacity: list[int], eps: float,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """eps 0: the default (found on the device by the kernels)."""
+    if scores.device.type == "cpu" and not torch.isfinite(scores).all():  # a host check only where it costs no sync
+        raise ValueError("base_assignment: scores must be finite (an auction cannot price NaN or inf)")
+    return _IMPLS[backend](scores, capacity, eps)
+
+
+@_assignment_op.register_fake
+def _(scores, capacity, eps, backend):
+    return scores.new_empty(scores.shape[0], dtype=torch.int32), scores.new_empty(scores.shape[1])
+
+
+_backend.register_kernels(OP, lambda device: (torch.empty(16, 4, device=device),), "moe_base_assignment",
+                          cpu=CPU_DTYPES, triton=None, cuda=GPU_DTYPES,
+                          missing="the device auction exists in CUDA (csrc/cuda/moe_base_assignment.cu) only")
+
+
+def base_assignment(scores: torch.Tensor, *, capacity: list[int] | None = None, eps: float | None = None,
+                    backend: str | None = None):
     """Balanced, eps-optimal token-to-expert assignment; see the module docstring."""
     fn = "base_assignment"
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or not scores.dtype.is_floating_point:
@@ -143,18 +198,12 @@ def base_assignment(scores: torch.Tensor, *, capacity: list[int] | None = None, 
         raise ValueError(f"{fn}: capacity must be {e} ints >= 0 summing to the {t} tokens, got {capacity}")
     if eps is not None and not float(eps) > 0:
         raise ValueError(f"{fn}: eps must be > 0, got {float(eps)}")
-    return _assignment_op(scores, capacity, 0.0 if eps is None else float(eps))
+    chosen = _backend.select(OP, scores.device, scores, backend=backend)
+    return _assignment_op(scores, capacity, 0.0 if eps is None else float(eps), chosen)
 
 
-# one opaque op for torch.compile: the auction's data-dependent rounds stay out of the graph
-@torch.library.custom_op("fastlm::base_assignment", mutates_args=())
-def _assignment_op(scores: torch.Tensor, capacity: list[int], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """eps 0: the default. The value checks live here, where the scores are concrete."""
-    if not torch.isfinite(scores).all():
-        raise ValueError("base_assignment: scores must be finite (an auction cannot price NaN or inf)")
-    return base_assignment_ref(scores, capacity, eps or _default_eps(scores))
+if _ext.HAS_EXTENSION and hasattr(torch.ops.fastlm, "moe_base_assignment"):
 
-
-@_assignment_op.register_fake
-def _(scores, capacity, eps):
-    return scores.new_empty(scores.shape[0], dtype=torch.int32), scores.new_empty(scores.shape[1])
+    @torch.library.register_fake("fastlm::moe_base_assignment")
+    def _(scores, capacity, eps=0.0, max_rounds=1_000_000):
+        return scores.new_empty(scores.shape[0], dtype=torch.int32), scores.new_empty(scores.shape[1])

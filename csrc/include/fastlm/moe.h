@@ -108,6 +108,36 @@ int moe_unpermute_backward_cuda(DType dtype, int64_t tokens, int64_t top_k, int6
                                 const float* weights, int64_t w_stride0, int64_t w_stride1, void* grad_y_sorted,
                                 int64_t gy_stride, float* grad_weights, uint8_t* referenced, cudaStream_t stream);
 
+// ---------------------------------------------------------------- BASE balanced assignment
+// fastlm/ops/base_assignment.py's auction (its reference is the oracle): each expert e receives
+// exactly capacity[e] tokens, the total score eps-optimal. The CPU (csrc/cpu/moe_base_assignment.cpp)
+// and CUDA (csrc/cuda/moe_base_assignment.cu) kernels follow the same steps in float64 with the
+// same tie rules, so they return the same ids and prices. Outputs: expert_ids (T,) int32, prices
+// (E,) float64 (each expert's cheapest slot price, 0 for an expert without slots). Non-finite
+// scores, a capacity that is not E values >= 0 summing to T, or more than max_rounds auction rounds
+// give the invalid result instead: every id -1, every price NaN.
+struct BaseAssignmentArgs {
+  DType dtype;                  // of scores
+  int64_t tokens, experts;      // T, E >= 1
+  const void* scores; int64_t scores_stride0, scores_stride1;
+  const int64_t* capacity;      // (E,) where the kernel runs; nullptr: T / E each, the first T % E one more
+  double eps;                   // > 0, or 0: 1e-4 * (max - min score) / E, found by the kernel
+  int64_t max_rounds;           // cap on bidding rounds over all eps phases
+};
+constexpr int kBaseDualSweeps = 5;         // coordinate-descent sweeps of the dual warm start
+constexpr double kBaseFirstStepDivisor = 64.0;  // the first eps phase bids at spread / 64 ...
+constexpr double kBaseStepDivisor = 8.0;        // ... each next one at a step 8 times finer, down to eps
+constexpr double kBaseDefaultEpsFactor = 1e-4;  // default eps = factor * spread / E
+
+void moe_base_assignment_cpu(const BaseAssignmentArgs& a, int32_t* expert_ids, double* prices);
+
+// The same on the device in one launch of one CTA (a.capacity a device pointer or null); no host
+// synchronization. `workspace`: moe_base_assignment_workspace_bytes_cuda(T, E) bytes, uninitialized.
+constexpr int64_t kBaseMaxExpertsCuda = 1024;
+size_t moe_base_assignment_workspace_bytes_cuda(int64_t tokens, int64_t experts);
+int moe_base_assignment_cuda(const BaseAssignmentArgs& a, void* workspace, int32_t* expert_ids, double* prices,
+                             cudaStream_t stream);
+
 // ---------------------------------------------------------------- grouped linear
 enum class GroupedAct : int { kNone = 0, kElementwise = 1, kGated = 2 };
 
