@@ -57,10 +57,13 @@ def test_tier_refuses_every_option_it_does_not_implement():
         assert tier(*qkv(1, 2, 2, 40, 50, d)) == "sm80: the Hopper tier takes head dims 64..128 in steps of 8", d
     assert tier(*qkv(1, 2, 2, 40, 50, 64, torch.float32)) == "sm80: the Hopper tier takes fp16/bf16 only"
     assert tier(*qkv(1, 8, 2, 16, 500, 64)).startswith("sm80: decode-like calls (Tq <= 16)")
-    # (B, T, H, D) memory seen as (B, H, T, D): batch stride T*H*D != H x head stride D, no 3-D map
+    # (B, T, H, D) memory seen as (B, H, T, D) (a projection's output transposed): 4-D maps take it
     q, k, v = (t.transpose(1, 2) for t in qkv(2, 40, 40, 4, 4, 64))  # B 2, H 4, T 40
-    assert tier(q, k, v) == ("sm80: its (batch, head) rows are not one stride apart "
-                             "(batch stride != heads x head stride)")
+    assert tier(q, k, v) == "sm90"
+    # a row stride that is not 16 bytes (68 halves): the binding realigns the rows first (as it
+    # does for the sm_80 kernel's cp.async), so the tensor maps still take it
+    q = torch.randn(1, 2, 40, 68, dtype=torch.float16)[..., :64]
+    assert tier(q, k[:1, :2], v[:1, :2]) == "sm90"
 
 
 def _oracle(q, k, v, causal, tq, tk):
@@ -83,26 +86,33 @@ def _oracle(q, k, v, causal, tq, tk):
 # tile before the diagonal one; MQA with Tq > Tk bottom-right (fully masked rows); three key
 # tiles (the ring's stages reused: empty-barrier waits and phase flips); two batches (the flat
 # batch*head index of the tensor maps) at D = 96 (the 128-column tile, TMA zero-filling columns
-# 96..127), bottom-right with Tq < Tk.
+# 96..127), bottom-right with Tq < Tk; the last two in (B, T, H, D) memory seen through a
+# transpose (the maps' head and batch strides out of order, as a projection's output gives them).
 CASES = [
-    (1, 2, 2, 130, 77, 64, torch.float16, 0),
-    (1, 4, 2, 256, 256, 128, torch.bfloat16, 1),
-    (1, 2, 1, 150, 100, 128, torch.float16, 2),
-    (1, 1, 1, 40, 300, 64, torch.bfloat16, 0),
-    (2, 2, 1, 70, 200, 96, torch.float16, 2),
+    (1, 2, 2, 130, 77, 64, torch.float16, 0, False),
+    (1, 4, 2, 256, 256, 128, torch.bfloat16, 1, False),
+    (1, 2, 1, 150, 100, 128, torch.float16, 2, False),
+    (1, 1, 1, 40, 300, 64, torch.bfloat16, 0, True),
+    (2, 2, 1, 70, 200, 96, torch.float16, 2, True),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{c[3]}x{c[4]}-d{c[5]}-"
-                                                        f"{str(c[6])[6:]}-causal{c[7]}")
+                                                        f"{str(c[6])[6:]}-causal{c[7]}" + ("-bthd" if c[8] else ""))
 def test_hopper_forward_under_the_emulator(case):
-    b, h, hkv, tq, tk, d, dtype, causal = case
+    b, h, hkv, tq, tk, d, dtype, causal, bthd = case
     q, k, v = qkv(b, h, hkv, tq, tk, d, dtype)
     # K/V rows past Tk hold NaN in memory (views of longer tensors): TMA's box must stop at Tk
     pad = 13
-    k_mem, v_mem = (torch.full((b, hkv, tk + pad, d), math.nan, dtype=dtype) for _ in range(2))
-    k_mem[:, :, :tk], v_mem[:, :, :tk] = k, v
-    k, v = k_mem[:, :, :tk], v_mem[:, :, :tk]
+    if bthd:  # (B, T, H, D) memory: the rows past Tk interleave with the other heads' rows
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        k_mem, v_mem = (torch.full((b, tk + pad, hkv, d), math.nan, dtype=dtype) for _ in range(2))
+        k_mem[:, :tk], v_mem[:, :tk] = k.transpose(1, 2), v.transpose(1, 2)
+        k, v = k_mem[:, :tk].transpose(1, 2), v_mem[:, :tk].transpose(1, 2)
+    else:
+        k_mem, v_mem = (torch.full((b, hkv, tk + pad, d), math.nan, dtype=dtype) for _ in range(2))
+        k_mem[:, :, :tk], v_mem[:, :, :tk] = k, v
+        k, v = k_mem[:, :, :tk], v_mem[:, :, :tk]
     mask, is_causal = (None, causal == 1) if causal != 2 else (causal_lower_right(tq, tk), False)
     before = ops().attention_sm90_launches()
     try:

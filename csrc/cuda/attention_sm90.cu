@@ -34,11 +34,11 @@
 //              top-left and bottom-right, the Tk end); tiles it sees whole run a maskless step with
 //              no visibility code (the SASS main loop), the diagonal and Tk-edge tiles a masked one,
 //              and tiles nobody sees are never loaded. Rows past Tq and keys past Tk are TMA's zero
-//              fill (the 3-D tensor maps are (d, t, batch*head), so a box never reads the next
+//              fill (the 4-D tensor maps are (d, t, head, batch), so a box never reads the next
 //              head's rows); keys past Tk are also masked, so a NaN there cannot reach O.
 // Head dims 64..128 (multiples of 8; the tile is HD = 64 or 128 and TMA zero-fills columns past
-// D), fp16/bf16, dense (B, H, T, D) inputs whose (batch, head) rows are one uniform stride
-// (contiguous, or B == 1, or H == 1), Tq > 16, GQA/MQA, no user mask, softcap, window, ALiBi, sinks,
+// D), fp16/bf16, (B, H, T, D) inputs with any 16-byte multiple strides (contiguous, or the (B, T,
+// H, D) projection output seen through a transpose: no copy) and a contiguous last dim, Tq > 16, GQA/MQA, no user mask, softcap, window, ALiBi, sinks,
 // varlen or dropout (those stay on the sm_80 kernel, which also packs decode-like GQA calls).
 // D = 256 would need 64-key tiles (192 KB of stages) and is not built: the sm_80 kernel serves it.
 // Shared memory: Q 128 x HD + 2 stages x (K + V) 128 x HD halves = 160 KB at HD = 128 (80 KB at
@@ -102,7 +102,7 @@ struct Smem {
 };
 
 struct Params90 {
-  TmaDesc q, k, v;  // 3-D maps (d, t, batch * head), box (64, 128, 1), 128-byte swizzle
+  TmaDesc q, k, v;  // 4-D maps (d, t, head, batch), box (64, 128, 1, 1), 128-byte swizzle
   AttentionShape sh;
   void* out;
   float* lse;
@@ -148,7 +148,7 @@ __device__ __forceinline__ void forward_tiles(const Params90& p) {
 
   const AttentionShape& sh = p.sh;
   const int64_t m_tiles = (sh.tq + kBM - 1) / kBM, bh = blockIdx.x / m_tiles, m0 = blockIdx.x % m_tiles * kBM;
-  const int64_t b = bh / sh.heads, h = bh % sh.heads, kv_bh = b * sh.kv_heads + h / (sh.heads / sh.kv_heads);
+  const int64_t b = bh / sh.heads, h = bh % sh.heads, kv_h = h / (sh.heads / sh.kv_heads);
   const KeyRange kr = attn::key_range(sh, sh.tq, m0, kBM, 0, sh.tk, kBN);
   const int tiles = kr.hi > kr.lo ? int((kr.hi - kr.lo + kBN - 1) / kBN) : 0;
 
@@ -169,17 +169,17 @@ __device__ __forceinline__ void forward_tiles(const Params90& p) {
     tma_prefetch_desc(&p.k), tma_prefetch_desc(&p.v);
     mbar_arrive_expect_tx(q_full, L::q_bytes);
     for (int blk = 0; blk < int(L::kBlocks); ++blk)
-      tma_load_3d(Qs + blk * kBM * kBlockCols, &p.q, blk * kBlockCols, int(m0), int(bh), q_full);
+      tma_load_4d(Qs + blk * kBM * kBlockCols, &p.q, blk * kBlockCols, int(m0), int(h), int(b), q_full);
     for (int i = 0; i < tiles; ++i) {
       const int st = i % kStages, use = i / kStages, j0 = int(kr.lo) + i * kBN;
       if (use > 0) mbar_wait(&k_empty[st], (use - 1) & 1);  // the consumers are done with K_{i-2}
       mbar_arrive_expect_tx(&k_full[st], L::kv_bytes);
       for (int blk = 0; blk < int(L::kBlocks); ++blk)
-        tma_load_3d(Ks(st) + blk * kBN * kBlockCols, &p.k, blk * kBlockCols, j0, int(kv_bh), &k_full[st]);
+        tma_load_4d(Ks(st) + blk * kBN * kBlockCols, &p.k, blk * kBlockCols, j0, int(kv_h), int(b), &k_full[st]);
       if (use > 0) mbar_wait(&v_empty[st], (use - 1) & 1);
       mbar_arrive_expect_tx(&v_full[st], L::kv_bytes);
       for (int blk = 0; blk < int(L::kBlocks); ++blk)
-        tma_load_3d(Vs(st) + blk * kBN * kBlockCols, &p.v, blk * kBlockCols, j0, int(kv_bh), &v_full[st]);
+        tma_load_4d(Vs(st) + blk * kBN * kBlockCols, &p.v, blk * kBlockCols, j0, int(kv_h), int(b), &v_full[st]);
     }
     return;
   }
@@ -367,33 +367,31 @@ std::atomic<int64_t> g_launches{0};
 FASTLM_NO_TSAN void count_launch() { g_launches.fetch_add(1, std::memory_order_relaxed); }
 FASTLM_NO_TSAN int64_t launch_count() { return g_launches.load(std::memory_order_relaxed); }
 
-// The (d, t, batch * head) view of a (B, H, T, D) operand as a TMA map, or why there is none: the
-// (batch, head) rows must be one stride apart (contiguous, or B == 1, or H == 1), rows 16-byte
-// aligned. Strided4 gives size-1 dims stride 0 (any stride is right for them).
-struct BhLayout {
-  int64_t row, bh;  // element strides of t and of the flat (batch, head) index
+// The (d, t, head, batch) view of a (B, H, T, D) operand as a 4-D TMA map with the operand's own
+// strides (TMA takes them in any order, so the (B, T, H, D) projection output seen as (B, H, T, D)
+// through a transpose needs no copy), or why there is none: a contiguous last dim, a 16-byte
+// aligned base and 16-byte multiple strides. Strided4 gives size-1 dims stride 0: any stride is
+// right for those, so they get a legal one.
+struct MapStrides {
+  int64_t s[3];  // element strides of t, head, batch
   const char* why;
 };
-BhLayout bh_layout(const Strided4& x, int64_t batch, int64_t heads, int64_t t, int64_t d) {
-  BhLayout l{t > 1 ? x.s[2] : (d + 7) / 8 * 8, 0, nullptr};
-  if (batch == 1 && heads == 1) l.bh = l.row * t;
-  else if (batch == 1) l.bh = x.s[1];
-  else if (heads == 1) l.bh = x.s[0];
-  else if (x.s[0] == heads * x.s[1]) l.bh = x.s[1];
-  else l.why = "its (batch, head) rows are not one stride apart (batch stride != heads x head stride)";
-  if (!l.why && (x.s[3] != 1 || reinterpret_cast<uintptr_t>(x.data) % 16 != 0 || l.row % 8 != 0 || l.bh % 8 != 0 ||
-                 l.row <= 0 || l.bh <= 0))
-    l.why = "TMA needs a contiguous last dim and a 16-byte aligned base and strides";
-  return l;
+MapStrides map_strides(const Strided4& x, int64_t batch, int64_t heads, int64_t t, int64_t d) {
+  const int64_t row = (d + 7) / 8 * 8;
+  MapStrides m{{t > 1 ? x.s[2] : row, heads > 1 ? x.s[1] : row * t, batch > 1 ? x.s[0] : row * t * heads}, nullptr};
+  bool ok = x.s[3] == 1 && reinterpret_cast<uintptr_t>(x.data) % 16 == 0;
+  for (const int64_t s : m.s) ok = ok && s > 0 && s % 8 == 0;
+  if (!ok) m.why = "TMA needs a contiguous last dim and a 16-byte aligned base and strides";
+  return m;
 }
 
 const char* make_map(TmaDesc* desc, const Strided4& x, int64_t batch, int64_t heads, int64_t t, int64_t d) {
-  const BhLayout l = bh_layout(x, batch, heads, t, d);
-  if (l.why) return l.why;
-  const int64_t dims[3] = {d, t, batch * heads}, strides[2] = {l.row * 2, l.bh * 2};
-  const int box[3] = {kBlockCols, kBM, 1};
+  const MapStrides m = map_strides(x, batch, heads, t, d);
+  if (m.why) return m.why;
+  const int64_t dims[4] = {d, t, heads, batch}, strides[3] = {m.s[0] * 2, m.s[1] * 2, m.s[2] * 2};
+  const int box[4] = {kBlockCols, kBM, 1, 1};
   const char* why = nullptr;
-  if (!make_tma_desc_3d(desc, x.data, 2, dims, strides, box, TmaSwizzle::k128B, &why))
+  if (!make_tma_desc_4d(desc, x.data, 2, dims, strides, box, TmaSwizzle::k128B, &why))
     return why ? why : "the TMA descriptor was refused";
   return nullptr;
 }
@@ -419,11 +417,12 @@ int launch(const attn::Params& ap, cudaStream_t stream) {
   return int(cudaGetLastError());
 }
 
-// Whether this binary can run the kernel (sm90::binary_is_sm90a; asked once: the answer is the
-// build's, the same on every sm_90 device).
+// Whether this binary can run the kernel (sm90::binary_is_sm90a: a cudaFuncGetAttributes query,
+// about a microsecond per forward; no function-local static, whose guard the emulator's build
+// would instrument as an atomic).
 const char* built_why_not() {
-  static const bool ok = sm90::binary_is_sm90a(forward_kernel<__half, 128>);
-  return ok ? nullptr : "the extension was built without sm_90a code (FASTLM_CUDA_ARCHS)";
+  return sm90::binary_is_sm90a(forward_kernel<__half, 128>) ? nullptr
+                                                            : "the extension was built without sm_90a code (FASTLM_CUDA_ARCHS)";
 }
 
 }  // namespace fastlm::cuda::attn90
@@ -450,9 +449,9 @@ const char* attention_sm90_why_not(const AttentionShape& sh, int major, int mino
     return "an empty or malformed shape";
   if (sh.tq >= (int64_t(1) << 31) || sh.tk >= (int64_t(1) << 31) || sh.batch * sh.heads >= (int64_t(1) << 31))
     return "sizes past TMA's 32-bit coordinates";
-  if (const char* why = bh_layout(q, sh.batch, sh.heads, sh.tq, sh.head_dim).why) return why;
-  if (const char* why = bh_layout(k, sh.batch, sh.kv_heads, sh.tk, sh.head_dim).why) return why;
-  if (const char* why = bh_layout(v, sh.batch, sh.kv_heads, sh.tk, sh.value_dim).why) return why;
+  if (const char* why = map_strides(q, sh.batch, sh.heads, sh.tq, sh.head_dim).why) return why;
+  if (const char* why = map_strides(k, sh.batch, sh.kv_heads, sh.tk, sh.head_dim).why) return why;
+  if (const char* why = map_strides(v, sh.batch, sh.kv_heads, sh.tk, sh.value_dim).why) return why;
   return built_why_not();
 }
 

@@ -3,8 +3,8 @@
 //   mbarrier    mbar_init / fence_barrier_init / mbar_arrive / mbar_arrive_expect_tx / mbar_wait:
 //               a 64-bit barrier in shared memory whose phase completes when the expected
 //               arrivals AND the expected transaction bytes (TMA) have all come in
-//   TMA         make_tma_desc_2d/3d (host: a CUtensorMap via the driver's cuTensorMapEncodeTiled),
-//               tma_load_2d/3d (one thread issues a box copy global -> shared that completes
+//   TMA         make_tma_desc_2d/3d/4d (host: a CUtensorMap via the driver's cuTensorMapEncodeTiled),
+//               tma_load_2d/3d/4d (one thread issues a box copy global -> shared that completes
 //               `box bytes` of tx on an mbarrier), tma_prefetch_desc, fence_proxy_async_shared
 //   named barriers  bar.sync / bar.arrive with an id (1..15) and a thread count (producer /
 //               consumer warpgroups sync without stopping the whole block)
@@ -111,6 +111,7 @@ FASTLM_SM90_HD constexpr uint64_t smem_desc_bits(uint32_t addr, TmaSwizzle sw, u
 // Returns nullptr when the arguments are legal, else what is wrong.
 inline const char* tma_desc_problem(int rank, const void* base, int elem_bytes, const int64_t* dims,
                                     const int64_t* strides, const int* box, TmaSwizzle sw) {
+  if (rank < 1 || rank > 4) return "rank must be 1..4 here";
   if (elem_bytes != 1 && elem_bytes != 2 && elem_bytes != 4 && elem_bytes != 8) return "elem_bytes must be 1, 2, 4 or 8";
   if (reinterpret_cast<uintptr_t>(base) % 16) return "the base address must be 16-byte aligned";
   for (int i = 0; i < rank; ++i) {
@@ -147,6 +148,11 @@ inline bool make_tma_desc_2d(TmaDesc* out, const void* base, int elem_bytes, int
 inline bool make_tma_desc_3d(TmaDesc* out, const void* base, int elem_bytes, const int64_t (&dims)[3],
                              const int64_t (&strides_bytes)[2], const int (&box)[3], TmaSwizzle sw, const char** why) {
   return detail::make_tma_desc(out, 3, base, elem_bytes, dims, strides_bytes, box, sw, why);
+}
+// And in 4-D: strides need not be ordered (a (B, T, H, D) tensor viewed as (d, t, h, b) is fine).
+inline bool make_tma_desc_4d(TmaDesc* out, const void* base, int elem_bytes, const int64_t (&dims)[4],
+                             const int64_t (&strides_bytes)[3], const int (&box)[4], TmaSwizzle sw, const char** why) {
+  return detail::make_tma_desc(out, 4, base, elem_bytes, dims, strides_bytes, box, sw, why);
 }
 
 
@@ -217,8 +223,8 @@ inline bool make_tma_desc(TmaDesc* out, int rank, const void* base, int elem_byt
                                      : sw == TmaSwizzle::k64B ? CU_TENSOR_MAP_SWIZZLE_64B
                                      : sw == TmaSwizzle::k32B ? CU_TENSOR_MAP_SWIZZLE_32B
                                                               : CU_TENSOR_MAP_SWIZZLE_NONE;
-  cuuint64_t g_dims[3], g_strides[2];
-  cuuint32_t g_box[3], g_elem_strides[3] = {1, 1, 1};
+  cuuint64_t g_dims[4], g_strides[3];
+  cuuint32_t g_box[4], g_elem_strides[4] = {1, 1, 1, 1};
   for (int i = 0; i < rank; ++i) g_dims[i] = cuuint64_t(dims[i]), g_box[i] = cuuint32_t(box[i]);
   for (int i = 0; i + 1 < rank; ++i) g_strides[i] = cuuint64_t(strides[i]);
   const CUresult r = encode(reinterpret_cast<CUtensorMap*>(out), type, cuuint32_t(rank), const_cast<void*>(base),
@@ -282,6 +288,14 @@ __device__ __forceinline__ void tma_load_3d(void* smem_dst, const TmaDesc* desc,
       "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n" ::
           "r"(smem_u32(smem_dst)),
       "l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory"));
+}
+__device__ __forceinline__ void tma_load_4d(void* smem_dst, const TmaDesc* desc, int c0, int c1, int c2, int c3,
+                                            uint64_t* bar) {
+  FASTLM_SM90(asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::
+          "r"(smem_u32(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(desc)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
       : "memory"));
 }
 __device__ __forceinline__ void tma_prefetch_desc(const TmaDesc* desc) {

@@ -126,11 +126,12 @@ void mbar_wait(uint64_t* bar, int phase_parity) {
 
 // ---------------------------------------------------------------- TMA
 void tma_load(void* smem_dst, const TmaDesc* desc, int rank, const int* coords, uint64_t* bar) {
-  const char* what = rank == 2 ? "cp.async.bulk.tensor.2d" : "cp.async.bulk.tensor.3d";
+  const char* what = rank == 2 ? "cp.async.bulk.tensor.2d" : rank == 3 ? "cp.async.bulk.tensor.3d"
+                                                                        : "cp.async.bulk.tensor.4d";
   require_sm90(what);
   TmaMap m;
   std::memcpy(&m, desc->bytes, sizeof m);
-  if (m.magic != kTmaMagic) fail("%s: the tensor map was not made by make_tma_desc_2d/3d", what);
+  if (m.magic != kTmaMagic) fail("%s: the tensor map was not made by make_tma_desc_2d/3d/4d", what);
   if (m.rank != rank) fail("%s: the tensor map has rank %d", what, m.rank);
   const TmaSwizzle sw = TmaSwizzle(m.swizzle);
   const int span = swizzle_span(sw);
@@ -138,7 +139,8 @@ void tma_load(void* smem_dst, const TmaDesc* desc, int rank, const int* coords, 
   if (span && row_bytes != span)
     fail("%s: a swizzled box whose inner extent (%lld bytes) is not the swizzle span (%d) is not emulated", what,
          static_cast<long long>(row_bytes), span);
-  const int64_t box_elems = int64_t(m.box[0]) * m.box[1] * (rank == 3 ? m.box[2] : 1);
+  int64_t box_elems = 1;
+  for (int d = 0; d < rank; ++d) box_elems *= m.box[d];
   const int64_t box_bytes = box_elems * m.elem_bytes;
   const size_t align = span ? size_t(8 * span) : 128;  // the swizzle pattern repeats every 8 rows
   const size_t dst = shared_offset(smem_dst, size_t(box_bytes), align, what, "the destination");
@@ -147,23 +149,22 @@ void tma_load(void* smem_dst, const TmaDesc* desc, int rank, const int* coords, 
   Thread& t = me();
   // The copy lands now, as the issuing thread's writes; complete_tx then releases them to the
   // waiters of the barrier's current phase.
-  const int depth = rank == 3 ? m.box[2] : 1;
-  for (int z = 0; z < depth; ++z)
-    for (int y = 0; y < m.box[1]; ++y)
-      for (int x = 0; x < m.box[0]; ++x) {
-        const int64_t c[3] = {int64_t(coords[0]) + x, int64_t(coords[1]) + y, rank == 3 ? int64_t(coords[2]) + z : 0};
+  // the box's elements in shared-memory order (innermost first), each at its coordinates
+  for (int64_t i = 0; i < box_elems; ++i) {
+        int64_t c[4] = {0, 0, 0, 0}, rest = i;
+        for (int d = 0; d < rank; ++d) c[d] = coords[d] + rest % m.box[d], rest /= m.box[d];
         bool inside = true;
         int64_t src = 0;
         for (int d = 0; d < rank; ++d) {
           inside = inside && c[d] >= 0 && c[d] < m.dims[d];
           src += c[d] * m.strides[d];
         }
-        const uint32_t linear = uint32_t(dst + size_t(((int64_t(z) * m.box[1] + y) * m.box[0] + x) * m.elem_bytes));
+        const uint32_t linear = uint32_t(dst + size_t(i * m.elem_bytes));
         const uint32_t at = swizzle_address(linear, sw);  // the arena is 4 KB aligned: offsets swizzle like addresses
         check_access(t.tid, g_arena_lo + at, size_t(m.elem_bytes), true);
         if (inside) std::memcpy(g_arena + at, m.base + src, size_t(m.elem_bytes));
         else std::memset(g_arena + at, 0, size_t(m.elem_bytes));
-      }
+  }
   hb_release(t.tid, b.clock);
   complete_tx(b, bar_off, box_bytes, what);
   yield_after_release();
@@ -173,7 +174,7 @@ void tma_prefetch(const TmaDesc* desc) {
   require_sm90("prefetch.tensormap");
   TmaMap m;
   std::memcpy(&m, desc->bytes, sizeof m);
-  if (m.magic != kTmaMagic) fail("prefetch.tensormap: the tensor map was not made by make_tma_desc_2d/3d");
+  if (m.magic != kTmaMagic) fail("prefetch.tensormap: the tensor map was not made by make_tma_desc_2d/3d/4d");
 }
 
 void fence_proxy_async() { require_sm90("fence.proxy.async"); }

@@ -43,8 +43,8 @@ struct TmaMap {
   uint32_t magic;
   int32_t rank, elem_bytes, swizzle;  // swizzle: a TmaSwizzle
   const unsigned char* base;
-  int64_t dims[3], strides[3];  // strides in bytes; strides[0] = elem_bytes
-  int32_t box[3];
+  int64_t dims[4], strides[4];  // strides in bytes; strides[0] = elem_bytes
+  int32_t box[4];
 };
 constexpr uint32_t kTmaMagic = 0x544d4131;  // "TMA1"
 static_assert(sizeof(TmaMap) <= sizeof(TmaDesc), "TmaMap must fit a TmaDesc");
@@ -108,6 +108,11 @@ __device__ __forceinline__ void tma_load_2d(void* smem_dst, const TmaDesc* desc,
 __device__ __forceinline__ void tma_load_3d(void* smem_dst, const TmaDesc* desc, int c0, int c1, int c2, uint64_t* bar) {
   const int c[3] = {c0, c1, c2};
   emu::sm90::tma_load(smem_dst, desc, 3, c, bar);
+}
+__device__ __forceinline__ void tma_load_4d(void* smem_dst, const TmaDesc* desc, int c0, int c1, int c2, int c3,
+                                            uint64_t* bar) {
+  const int c[4] = {c0, c1, c2, c3};
+  emu::sm90::tma_load(smem_dst, desc, 4, c, bar);
 }
 __device__ __forceinline__ void tma_prefetch_desc(const TmaDesc* desc) { emu::sm90::tma_prefetch(desc); }
 __device__ __forceinline__ void fence_proxy_async_shared() { emu::sm90::fence_proxy_async(); }
