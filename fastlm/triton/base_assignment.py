@@ -30,10 +30,14 @@ Not the reference's warm start: the prices start at 0 (the dual coordinate desce
 c_e-th largest margin per expert, left as the next step), so eps-scaling does all the work: 4096
 tokens x 8 experts take ~16,000 rounds instead of ~10 (the CPU twin's measurement of the same
 auction from zero prices). The ids and prices are eps-optimal but not the cpu/cuda kernels'.
-Cost per round (H100-class SM, 8 warps): the slot pass reads T doubles and does ~6 reductions of
-a BLOCK_T x BLOCK_E tile per tile, the bid pass reads T x E scores (L2) and ~8 tile reductions:
-at T = 4096, E = 8 (BLOCK_T = 128, 32 tiles a pass, ~200 clk a tile) ~13 k clk ~ 7 us a round,
-~0.1 s for 16,000 rounds. A latency-bound fallback, not per-step material at that size.
+Cost per round (estimate, H100-class SM, 4 warps): the slot pass reads T doubles and does ~4
+reductions of a BLOCK_T x BLOCK_E tile per tile, the bid pass reads T x E scores (L2) and ~10 tile
+reductions: at T = 4096, E = 8 (BLOCK_T = 64, 64 tiles a pass, ~200 clk a tile) ~26 k clk ~ 14 us
+a round, ~0.2 s for 16,000 rounds. A latency-bound fallback, not per-step material at that size.
+Launch: tiles of <= 512 elements (<= 64 tokens), 4 warps. ptxas (sm_80, sm_90; fp32, fp16, bf16;
+E = 1..1024): 40-214 registers, no spills except 8 B at bf16, E = 8 on sm_90 (72 registers: a
+value parked across the nested round loops, not pressure; every other warps/tile choice tried
+spilled 8-36 B somewhere).
 """
 from __future__ import annotations
 
@@ -43,7 +47,9 @@ import triton.language as tl
 
 from fastlm.triton import _tune
 
-TILE_ELEMENTS = 1024  # float64 tiles: the scores, values and one-hot masks of a tile stay live
+TILE_ELEMENTS = 512  # float64 tiles: the scores, values and one-hot masks of a tile stay live
+MAX_TILE_TOKENS = 64
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -82,7 +88,6 @@ def _auction_kernel(
     n_free = T + tl.sum(bad, axis=0)  # > 0 marks a failed solve; stays T + bad when nothing runs
     go = tl.sum(bad, axis=0) == 0
     rounds = 0
-    cheapest = tl.full((BLOCK_E,), inf, tl.float64)
     while go:  # eps phases, coarse to fine, each from the last one's prices
         for t0 in range(0, T, BLOCK_T):
             t = t0 + r
@@ -177,8 +182,8 @@ def solve(scores: torch.Tensor, capacity: list[int], eps: float, max_rounds: int
     slot_price = torch.empty(t, dtype=torch.float64, device=dev)
     holder = torch.empty(t, dtype=torch.int32, device=dev)
     block_e = triton.next_power_of_2(e)
-    block_t = max(1, min(128, TILE_ELEMENTS // block_e))
+    block_t = max(1, min(MAX_TILE_TOKENS, TILE_ELEMENTS // block_e))
     _tune.launch(_auction_kernel, (1,), scores, base, ids, prices, slot_price, holder,
                  t, e, scores.stride(0), scores.stride(1), float(eps), int(max_rounds),
-                 BLOCK_T=block_t, BLOCK_E=block_e, num_warps=max(1, min(8, block_t * block_e // 128)))
+                 BLOCK_T=block_t, BLOCK_E=block_e, num_warps=NUM_WARPS)
     return ids, prices
