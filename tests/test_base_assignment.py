@@ -4,7 +4,6 @@ checked in float64 from the returned prices, T not divisible by E, custom capaci
 ties, E = 1, T = 0; the kernels' invalid result (non-finite scores, round cap); the errors it
 raises; opcheck and compile per backend."""
 import functools
-import importlib.util
 
 import pytest
 import torch
@@ -145,7 +144,6 @@ def test_kernels_mark_bad_scores_and_round_cap_invalid(ns):
         op(torch.randn(9, 3), [3, 3, 3], 0.0, -1)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("fastlm.triton.base_assignment") is None, reason="no triton kernel")
 def test_triton_kernel_marks_bad_scores_and_round_cap_invalid():
     """The triton kernel's device-side invalid result, as the cuda kernel's (on a CPU tensor the op
     itself raises first, so this calls the kernel directly)."""

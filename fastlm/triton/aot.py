@@ -49,8 +49,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # what CI compiles: fp16 and bf16 kernels differ only in conversions, so each 16-bit one on one target;
 # on sm_86 (99 KB per block) only the cases with Case.ci86 (the configs closest to that limit)
 CI_DTYPES = {80: ("fp32", "bf16"), 86: ("fp32", "fp16"), 90: ("fp32", "fp16")}
-_TYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8",
-               torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+_TYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+               torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
 
 
 # ---------------------------------------------------------------- Triton version shims
