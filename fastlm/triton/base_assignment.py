@@ -53,6 +53,7 @@ from fastlm.triton import _tune
 TILE_ELEMENTS = 512  # float64 tiles: the scores, values and one-hot masks of a tile stay live
 MAX_TILE_TOKENS = 64
 NUM_WARPS = 4
+MAX_EXPERTS = 1024  # as the cuda kernel's (kBaseMaxExpertsCuda): one (BLOCK_E,) register vector per expert state
 
 
 @triton.jit
@@ -176,6 +177,9 @@ def solve(scores: torch.Tensor, capacity: list[int], eps: float, max_rounds: int
     """(expert_ids (T,) int32, prices (E,) in scores' dtype); eps 0: the default. No host sync:
     bad scores or the round cap give ids -1 and NaN prices instead of an error."""
     t, e = scores.shape
+    if e > MAX_EXPERTS:
+        raise ValueError(f"base_assignment: the triton kernel takes up to {MAX_EXPERTS} experts, got scores of "
+                         f"shape {tuple(scores.shape)}")
     dev = scores.device
     ids = torch.empty(t, dtype=torch.int32, device=dev)
     prices = torch.empty(e, dtype=scores.dtype, device=dev)
