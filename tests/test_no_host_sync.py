@@ -194,3 +194,10 @@ def test_moe_router_permute_grouped_linear(no_value_reads):
     weight = _dev(4, 16, 32)
     out, pre = grouped_linear.forward(x_sorted, weight, offsets, None, "swiglu", True)
     grouped_linear.backward(torch.randn_like(out), x_sorted, weight, offsets, pre, "swiglu", False)
+
+
+def test_base_assignment(no_value_reads):
+    from fastlm.triton import base_assignment
+
+    ids, prices = base_assignment.solve(_dev(10, 3), [4, 0, 6], 0.0)
+    assert ids.shape == (10,) and prices.shape == (3,)

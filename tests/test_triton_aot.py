@@ -15,7 +15,7 @@ import pytest
 
 MAX_COMPILE_SECONDS = 60
 MODULES = ("attention", "attention_decode", "linear", "softmax", "norms", "cross_entropy", "bias_act", "rope",
-           "moe_router", "moe_permute", "grouped_linear")
+           "moe_router", "moe_permute", "grouped_linear", "base_assignment")
 
 # Spill-store bytes allowed per compiled config (maxima measured in the CI set, rounded up);
 # kernels not named get 0. The attention kernels (forward, dK/dV, dQ, decode) prune every config

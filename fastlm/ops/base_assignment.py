@@ -36,7 +36,11 @@ same ids and prices for the same scores):
   scores give the invalid result, every id -1 and every price NaN. The same invalid result marks a
   solve that exceeds the kernels' round cap (1,000,000 rounds as the reference's; the schema's max_rounds), so a
   pathological input can never hang the device. Up to 1024 experts.
-- triton: no kernel yet (its single-program form needs per-expert ranking without shared memory).
+- triton (fastlm/triton/base_assignment.py): the same one-program form as cuda (device rounds, the
+  default eps found there, the same invalid result), float64 in registers and global scratch, ranks
+  by token order from running per-expert counts (tl.cumsum), rank r bidding for the expert's slot
+  (cheapest + r) mod c_e. No warm start yet (prices start at 0; eps-scaling does the work: ~16,000
+  rounds at 4096 x 8), so its ids and prices are eps-optimal but not step for step the cpu/cuda ones.
 - reference (vectorised PyTorch rounds with host syncs, any device, any float dtype): the oracle.
   It raises on non-finite scores and on its own round cap instead.
 All are registered behind one opaque custom op, so torch.compile(fullgraph=True) takes them.
@@ -149,8 +153,10 @@ def _auction(a, price, slots, eps, rounds, max_rounds):
     raise RuntimeError(f"base_assignment: the auction did not finish in {max_rounds} rounds (eps={eps})")
 
 
-def _no_triton(scores, capacity, eps):
-    raise NotImplementedError("base_assignment: no triton kernel yet")  # never selected: register_kernels refuses
+def _triton(scores, capacity, eps):
+    from fastlm.triton import base_assignment as kernel
+
+    return kernel.solve(scores, capacity, eps)
 
 
 def _reference(scores, capacity, eps):
@@ -160,7 +166,7 @@ def _reference(scores, capacity, eps):
     return base_assignment_ref(scores, capacity, eps or _default_eps(scores))
 
 
-_IMPLS = _backend.implementations(reference=_reference, triton=_no_triton, ext="moe_base_assignment")
+_IMPLS = _backend.implementations(reference=_reference, triton=_triton, ext="moe_base_assignment")
 
 
 # one opaque op for torch.compile: the auction's data-dependent rounds stay out of the graph
@@ -179,8 +185,7 @@ def _(scores, capacity, eps, backend):
 
 
 _backend.register_kernels(OP, lambda device: (torch.empty(16, 4, device=device),), "moe_base_assignment",
-                          cpu=CPU_DTYPES, triton=None, cuda=GPU_DTYPES,
-                          missing="the device auction exists in CUDA (csrc/cuda/moe_base_assignment.cu) only")
+                          cpu=CPU_DTYPES, triton=GPU_DTYPES, cuda=GPU_DTYPES)
 
 
 def base_assignment(scores: torch.Tensor, *, capacity: list[int] | None = None, eps: float | None = None,

@@ -49,8 +49,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # what CI compiles: fp16 and bf16 kernels differ only in conversions, so each 16-bit one on one target;
 # on sm_86 (99 KB per block) only the cases with Case.ci86 (the configs closest to that limit)
 CI_DTYPES = {80: ("fp32", "bf16"), 86: ("fp32", "fp16"), 90: ("fp32", "fp16")}
-_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8",
-               torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+_TYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+               torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
 
 
 # ---------------------------------------------------------------- Triton version shims
@@ -519,6 +519,12 @@ def _moe_cases():
             grouped_linear.backward(torch.randn_like(out), x, w, offsets, pre, activation, bias)
         cases.append(Case("grouped_linear", f"{activation} n2048 k1024 nw{n_w} e8 fwd+bwd", grouped,
                           ci=activation == "swiglu", ci86=("fp16",) if activation == "swiglu" else ()))
+
+    def assign(dtype):  # BASE's balanced assignment: one program, float64 tiles (BLOCK_E = 64)
+        from fastlm.triton import base_assignment
+
+        base_assignment.solve(_t(4096, 64, dtype=dtype), [64] * 64, 0.0)
+    cases.append(Case("base_assignment", "t4096 e64", assign, ci=True))
     return cases
 
 
