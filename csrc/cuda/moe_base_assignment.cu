@@ -137,9 +137,9 @@ __device__ __forceinline__ double score(const Problem& pb, int t, int e) {
   return double(to_float(static_cast<const Scalar*>(pb.scores)[t * pb.stride0 + e * pb.stride1]));
 }
 
+// One CTA: __launch_bounds__(kThreads, 1) gives a thread all 128 registers it may have (no spills).
 template <typename Scalar>
-__global__ void __launch_bounds__(kThreads, 1)  // one CTA: all 128 registers a thread may have (no spills)
-    base_assignment_kernel(Problem pb, Workspace ws, int32_t* __restrict__ ids, double* __restrict__ prices_out) {
+__global__ void __launch_bounds__(kThreads, 1) base_assignment_kernel(Problem pb, Workspace ws, int32_t* __restrict__ ids, double* __restrict__ prices_out) {
   FASTLM_SHARED(double, cheap, [kMaxExperts]);   // each expert's cheapest slot price (warm start: its price)
   FASTLM_SHARED(double, second, [kMaxExperts]);  // its next-cheapest slot price
   FASTLM_SHARED(int, cap, [kMaxExperts]);
