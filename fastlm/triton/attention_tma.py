@@ -1,0 +1,216 @@
+"""Triton flash attention forward for Hopper (sm_90+): Q, K, V and O move by TMA.
+
+What it serves (why_not says why anything else stays on attention.py's pointer kernel): fp16 /
+bf16, head dims 64, 128 and 256 (value dim equal), dense or causal in either alignment, GQA /
+MQA, ragged lengths, operands of any strides whose last dimension is contiguous and whose other
+strides and base are 16-byte aligned (TMA's rules), e.g. a (B, T, H, D) projection seen through
+a transpose. No mask, dropout, softcap, window, ALiBi or sinks. Same contract as the pointer
+forward: out (B, H, Tq, D) in the input dtype, lse (B, H, Tq) fp32 in natural log (what the
+backward reads), fully masked rows out 0 and lse -inf.
+
+Structure: a program owns BLOCK_M queries of one (batch, head). Q, K, V and O are 4-D host
+tensor descriptors (triton.tools.tensor_descriptor, present in Triton 3.6 and 3.8) over
+(batch, head, row, dim) with the operand's own strides, so one TMA box is one head's tile and
+rows past that head's length arrive as zeros: no bounds masks, no address arithmetic and no
+NaN from a neighbouring head in the key loop. Key tiles come in two kinds (attention._ranges):
+full ones, which every query of the tile sees (the common case: all of a dense call, all but
+the diagonal's tiles of a causal one), and edge ones (the causal diagonal, the ragged end),
+the only ones that compute a mask. On full tiles the scale * log2(e) is folded into the exp2's
+argument (qk * scale - m: one FFMA per score into MUFU.EX2) and the row max comes from the raw
+products; edge tiles run the pointer kernel's step (attention._online_step) on masked scores.
+The full-tile loop is a tl.range with warp_specialize=True (Triton 3.6 and 3.8 both have it):
+the compiler splits it into a TMA producer partition and the MMA / softmax consumers, so the
+loads of tile j+1 are issued while tile j's softmax runs, without the registers of a software
+pipeline's extra stage.
+
+Why it should be fast (static arithmetic; no GPU has timed it): a 128 x 128 tile at D = 128
+is 2 GEMMs of 128 x 128 x 128 per 64 KB of K and V (4.2 MFLOP, 64 FLOP/byte from shared
+memory, K/V of a head re-read from L2 by its query blocks): tensor-core bound. Each GEMM is a
+wgmma chain: m64nNk16 per warpgroup, N = 128 (S = Q K^T, 8 k-steps at D = 128) and N = D (O +=
+P V, 8 k-steps over the 128 keys), 2 warpgroups (8 warps) each owning 64 query rows: 16
+wgmma per warpgroup per key tile, against ~4 instructions per 32 scores of softmax (FFMA, EX2,
+max, sum: 64 x 128 scores per warpgroup, ~1k instructions over its 128 threads, 8 each). Shared
+memory: Q 32 KB resident + 2 stages x (K + V) 64 KB = 160 KB at D = 128 (one CTA per SM,
+227 KB); registers: the O accumulator 64 fp32 and S / P 64 fp32 a thread. The figures of the
+compiled configs (fastlm/triton/aot.py, aot_cases below) are in the issue note.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlm.triton import _tune
+from fastlm.triton.attention import LOG2E, MAX_GRID_YZ, _dot, _finish, _masked, _online_step, _ranges
+
+try:  # host-side TMA descriptors: Triton 3.4+ (absent: the pointer kernel serves every GPU)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
+HAS_WARP_SPECIALIZE = "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+HEAD_DIMS = (64, 128, 256)
+
+# (BLOCK_M, BLOCK_N, warps, stages): the first two for D <= 128, the last for 256 (a 128-row tile's
+# accumulator alone would be 128 fp32 registers a thread there); pruned by shared memory.
+_TILES = ((128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2))
+_KEY = ["D", "TQ_B", "TK_B", "CAUSAL", "PREC"]
+
+
+def why_not(q, k, v, mask=None, causal=0, dropout_p=0.0, softcap=0.0, window=(-1, -1), alibi=None,
+            sinks=None) -> str:
+    """'' when the TMA forward serves this call, else why not (the pointer kernel then does)."""
+    if TensorDescriptor is None or not HAS_WARP_SPECIALIZE:
+        return f"Triton {triton.__version__} has no host tensor descriptors or warp_specialize"
+    cap = _tune.capability(q.device)
+    if cap < 90:
+        return f"needs an sm_90+ GPU (compute capability {cap / 10:.1f})"
+    options = dict(mask=mask is not None, dropout=dropout_p > 0, softcap=softcap > 0,
+                   window=tuple(window) != (-1, -1), alibi=alibi is not None, sinks=sinks is not None)
+    taken = [name for name, on in options.items() if on]
+    if taken:
+        return f"options it lacks: {', '.join(taken)}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} (fp16/bf16 only)"
+    if q.shape[-1] not in HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+        return f"head dims {q.shape[-1]}/{v.shape[-1]} (64, 128 or 256, value dim equal)"
+    if q.numel() == 0 or k.numel() == 0:
+        return "empty operands"
+    if q.shape[0] * q.shape[1] > MAX_GRID_YZ:
+        return f"B * H = {q.shape[0] * q.shape[1]} past the grid's axis-1 cap {MAX_GRID_YZ}"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if _strides(t) is None:
+            return f"{name} strides {tuple(t.stride())} / base not TMA-addressable (16-byte aligned, last dim contiguous)"
+    return ""
+
+
+def _strides(t):
+    """t's (batch, head, row, dim) strides as TMA takes them, or None: the last 1, the others
+    positive and 16-byte aligned, the base too. A size-1 dimension's stride is never stepped: it
+    gets the extent of the dimensions below it, so a view with an odd stride there still qualifies."""
+    if t.stride(3) != 1 or t.data_ptr() % 16:
+        return None
+    strides = [1, 1, 1, 1]
+    for i in (2, 1, 0):
+        strides[i] = t.stride(i) if t.shape[i] != 1 else strides[i + 1] * t.shape[i + 1]
+    if any(s <= 0 or s * t.element_size() % 16 for s in strides[:3]):
+        return None
+    return strides
+
+
+def _descriptor(t):
+    return TensorDescriptor(t, list(t.shape), _strides(t), [1, 1, 16, t.shape[3]])  # boxes: set by _set_blocks
+
+
+def _set_blocks(nargs):
+    """Config pre-hook: the descriptors' boxes follow the config (one head's BLOCK rows x D)."""
+    bm, bn = nargs["BLOCK_M"], nargs["BLOCK_N"]
+    for name, rows in (("q_desc", bm), ("k_desc", bn), ("v_desc", bn), ("o_desc", bm)):
+        nargs[name].block_shape = [1, 1, rows, nargs[name].shape[3]]
+
+
+def _configs():
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_set_blocks)
+            for bm, bn, w, s in _TILES]
+
+
+def _smem(cfg, a):
+    """Upper estimate: Q resident, K and V boxes per stage (at least 2: the producer's), P in the
+    input dtype for the second GEMM's shared operand, 1 KB of barriers."""
+    e, d = a["q_desc"].base.element_size(), a["D"]
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    return e * (bm * d + max(cfg.num_stages, 2) * 2 * bn * d + bm * bn) + 1024
+
+
+def _allowed(cfg, a):
+    """128-row tiles for D <= 128, the 64 x 64 one for D = 256 (see _TILES)."""
+    return (cfg.kwargs["BLOCK_M"] == 64) == (a["D"] > 128)
+
+
+@triton.jit
+def _full_tiles(acc, m_i, l_i, q, k_desc, v_desc, b, hk, lo, hi, qk_scale, PREC: tl.constexpr, D: tl.constexpr,
+                BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr):
+    """Key tiles every query of the block sees: no mask; qk * scale - m is one FFMA a score."""
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+        k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, D)
+        qk = _dot(q, tl.trans(k), PREC)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, D)
+        if PREC == "":
+            p = p.to(v.dtype)
+        acc = acc * alpha[:, None] + _dot(p, v, PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _edge_tiles(acc, m_i, l_i, q, k_desc, v_desc, lse_ptr, b, hk, offs_m, lo, hi, TQ, TK, upper, qk_scale,
+                CAUSAL: tl.constexpr, PREC: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The causal diagonal's tiles and the ragged end: scores masked (-inf), rows that see nothing
+    yet kept finite (_online_step), and keys past hi, which no query here sees, zeroed in V so a
+    NaN there can't reach the output (keys past Tk arrive as TMA's zeros)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, D)
+        _, s = _masked(_dot(q, tl.trans(k), PREC) * qk_scale, offs_m[:, None], offs_n[None, :], TQ, TK, 0, upper,
+                       lse_ptr, 0, 0, False, CAUSAL, 0)
+        v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, D)
+        v = tl.where((offs_n < hi)[:, None], v, 0.0).to(v.dtype)
+        m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc, 1.0, PREC, False)
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["TQ_B", "TK_B"])
+def _fwd_tma_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, GROUP, TQ, TK, TQ_B, TK_B, qk_scale, upper,
+                    D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, WARP_SPEC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (query blocks, B * H). upper: key j is visible to query i when j <= i + upper (CAUSAL)."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, D)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    _, _, full_hi, hi = _ranges(start_m, TK, TK // BLOCK_N * BLOCK_N, 0, upper, False, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, m_i, l_i = _full_tiles(acc, m_i, l_i, q, k_desc, v_desc, b, hk, 0, full_hi, qk_scale, PREC, D, BLOCK_N,
+                                WARP_SPEC)
+    acc, m_i, l_i = _edge_tiles(acc, m_i, l_i, q, k_desc, v_desc, lse_ptr, b, hk, offs_m, full_hi, hi, TQ, TK, upper,
+                                qk_scale, CAUSAL, PREC, D, BLOCK_N)
+    inv, lse = _finish(m_i, l_i, 0.0, False)
+    out = (acc * inv[:, None]).to(o_desc.dtype)
+    o_desc.store([b, h, start_m, 0], out.reshape(1, 1, BLOCK_M, D))  # rows past Tq are clipped by TMA
+    tl.store(lse_ptr + bh.to(tl.int64) * TQ + offs_m, lse, mask=offs_m < TQ)
+
+
+_fwd_tma_tuned = _tune.autotune(_configs(), _KEY, _smem, "triton attention forward (TMA)", _allowed)(_fwd_tma_kernel)
+
+
+def forward(q, k, v, causal, scale, warp_specialize=True):
+    """(out (B, H, Tq, D) contiguous, lse (B, H, Tq) fp32) as attention.forward returns them, for a call
+    why_not accepts. Under the interpreter (CPU tensors) one small fixed config, and fp32 operands too
+    (the tests' way to check the arithmetic: the interpreter's bf16 dots are wrong)."""
+    b, h, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    out = torch.empty(b, h, tq, d, device=q.device, dtype=q.dtype)
+    lse = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)
+    upper = 0 if causal == 1 else tk - tq  # top-left (torch's is_causal) or bottom-right
+    prec = "" if q.dtype != torch.float32 else ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
+    args = (_descriptor(q), _descriptor(k), _descriptor(v), _descriptor(out), lse, h, h // hkv, tq, tk,
+            _tune.bucket(tq), _tune.bucket(tk), scale * LOG2E, upper)
+    meta = dict(D=d, CAUSAL=causal != 0, PREC=prec, WARP_SPEC=warp_specialize and HAS_WARP_SPECIALIZE)
+    grid = lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h)
+    if _tune.interpreting():  # fixed small blocks: the interpreter is slow and autotuning it pointless
+        blocks = dict(BLOCK_M=16, BLOCK_N=16)
+        _set_blocks(dict(zip(("q_desc", "k_desc", "v_desc", "o_desc"), args), **blocks))
+        _tune.launch(_fwd_tma_kernel, grid(blocks), *args, **meta, **blocks)
+    else:
+        _tune.launch(_fwd_tma_tuned, grid, *args, **meta)
+    return out, lse
