@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from fastlm.triton import _tune
-from fastlm.triton.attention import LOG2E, MAX_GRID_YZ, _dot, _finish, _masked, _online_step, _ranges
+from fastlm.triton.attention import LOG2E, MAX_GRID_YZ, _dot, _finish, _masked, _online_step, _ranges, fp32_precision
 
 try:  # host-side TMA descriptors: Triton 3.4+ (absent: the pointer kernel serves every GPU)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -53,17 +53,22 @@ except ImportError:
 HAS_WARP_SPECIALIZE = "warp_specialize" in inspect.signature(tl.range.__init__).parameters
 HEAD_DIMS = (64, 128, 256)
 
-# (BLOCK_M, BLOCK_N, warps, stages): the first two for D <= 128, the last for 256 (a 128-row tile's
-# accumulator alone would be 128 fp32 registers a thread there); pruned by shared memory.
-_TILES = ((128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2))
+# (BLOCK_M, BLOCK_N, warps, stages, warp-specialised), for head dims <= 128 and for 256; the autotuner
+# picks per shape between the split kernel (128-row tiles over 2 warpgroups, masks on edge tiles only) and
+# the warp-specialised one. Triton's Hopper warp specialisation (3.6 and 3.8 alike) takes 4-warp 64-row
+# tiles: with 8 warps it leaves the loop as it is, and 128-row tiles over 4 warps fail its pass (it splits
+# the K box but not the TMA copy). D = 256: 64-row tiles (a 128-row accumulator alone would be 128 fp32
+# registers a thread).
+_TILES = {128: ((128, 128, 8, 2, False), (128, 64, 8, 3, False), (64, 128, 4, 2, True), (64, 64, 4, 2, True)),
+          256: ((64, 64, 4, 2, False), (64, 32, 4, 2, True))}
 _KEY = ["D", "TQ_B", "TK_B", "CAUSAL", "PREC"]
 
 
 def why_not(q, k, v, mask=None, causal=0, dropout_p=0.0, softcap=0.0, window=(-1, -1), alibi=None,
             sinks=None) -> str:
     """'' when the TMA forward serves this call, else why not (the pointer kernel then does)."""
-    if TensorDescriptor is None or not HAS_WARP_SPECIALIZE:
-        return f"Triton {triton.__version__} has no host tensor descriptors or warp_specialize"
+    if TensorDescriptor is None:
+        return f"Triton {triton.__version__} has no host tensor descriptors (triton.tools.tensor_descriptor)"
     cap = _tune.capability(q.device)
     if cap < 90:
         return f"needs an sm_90+ GPU (compute capability {cap / 10:.1f})"
@@ -112,28 +117,34 @@ def _set_blocks(nargs):
 
 
 def _configs():
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_set_blocks)
-            for bm, bn, w, s in _TILES]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=w, num_stages=st,
+                          pre_hook=_set_blocks)
+            for tiles in _TILES.values() for bm, bn, w, st, ws in tiles]
 
 
 def _smem(cfg, a):
-    """Upper estimate: Q resident, K and V boxes per stage (at least 2: the producer's), P in the
-    input dtype for the second GEMM's shared operand, 1 KB of barriers."""
+    """Estimate: Q resident, K and V boxes per stage (at least 2) and P in the input dtype (the
+    second GEMM's shared operand), 1 KB of barriers; warp-specialised: Q and three K / V buffers
+    (what the compiled kernels hold, four at D = 256 x 32 keys, where they fit)."""
     e, d = a["q_desc"].base.element_size(), a["D"]
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    if cfg.kwargs["WARP_SPEC"]:
+        return e * (bm * d + 3 * 2 * bn * d) + 1024
     return e * (bm * d + max(cfg.num_stages, 2) * 2 * bn * d + bm * bn) + 1024
 
 
 def _allowed(cfg, a):
-    """128-row tiles for D <= 128, the 64 x 64 one for D = 256 (see _TILES)."""
-    return (cfg.kwargs["BLOCK_M"] == 64) == (a["D"] > 128)
+    """The head dim's own tiles (_TILES); warp-specialised ones where Triton has warp_specialize."""
+    kw = cfg.kwargs
+    tile = (kw["BLOCK_M"], kw["BLOCK_N"], cfg.num_warps, cfg.num_stages, kw["WARP_SPEC"])
+    return tile in _TILES[128 if a["D"] <= 128 else 256] and (HAS_WARP_SPECIALIZE or not kw["WARP_SPEC"])
 
 
 @triton.jit
-def _full_tiles(acc, m_i, l_i, q, k_desc, v_desc, b, hk, lo, hi, qk_scale, PREC: tl.constexpr, D: tl.constexpr,
-                BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr):
-    """Key tiles every query of the block sees: no mask; qk * scale - m is one FFMA a score."""
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+def _full_tiles(acc, m_i, l_i, q, k_desc, v_desc, b, hk, hi, qk_scale, PREC: tl.constexpr, D: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Key tiles [0, hi), seen by every query of the block: no mask; qk * scale - m is one FFMA a score."""
+    for start_n in range(0, hi, BLOCK_N):
         k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, D)
         qk = _dot(q, tl.trans(k), PREC)
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -149,12 +160,12 @@ def _full_tiles(acc, m_i, l_i, q, k_desc, v_desc, b, hk, lo, hi, qk_scale, PREC:
 
 
 @triton.jit
-def _edge_tiles(acc, m_i, l_i, q, k_desc, v_desc, lse_ptr, b, hk, offs_m, lo, hi, TQ, TK, upper, qk_scale,
-                CAUSAL: tl.constexpr, PREC: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The causal diagonal's tiles and the ragged end: scores masked (-inf), rows that see nothing
-    yet kept finite (_online_step), and keys past hi, which no query here sees, zeroed in V so a
-    NaN there can't reach the output (keys past Tk arrive as TMA's zeros)."""
-    for start_n in range(lo, hi, BLOCK_N):
+def _edge_tile(acc, m_i, l_i, q, k_desc, v_desc, lse_ptr, b, hk, offs_m, start_n, hi, TQ, TK, upper, qk_scale,
+               CAUSAL: tl.constexpr, PREC: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One tile of the causal diagonal or the ragged end (nothing when start_n >= hi): scores masked
+    (-inf), rows that saw nothing yet kept finite (_online_step), and V's keys past hi, which no
+    query here sees, zeroed so a NaN there can't reach the output (past Tk TMA gives zeros)."""
+    if start_n < hi:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, D)
         _, s = _masked(_dot(q, tl.trans(k), PREC) * qk_scale, offs_m[:, None], offs_n[None, :], TQ, TK, 0, upper,
@@ -162,6 +173,31 @@ def _edge_tiles(acc, m_i, l_i, q, k_desc, v_desc, lse_ptr, b, hk, offs_m, lo, hi
         v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, D)
         v = tl.where((offs_n < hi)[:, None], v, 0.0).to(v.dtype)
         m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc, 1.0, PREC, False)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _all_tiles_ws(acc, m_i, l_i, q, k_desc, v_desc, b, hk, offs_m, hi, TK, upper, qk_scale, CAUSAL: tl.constexpr,
+                  PREC: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles [0, hi) in one warp-specialised loop, every tile masked by its rows' last visible key."""
+    last = TK - 1 + 0 * offs_m
+    if CAUSAL:
+        last = tl.minimum(offs_m + upper, TK - 1)
+    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, D)
+        qk = _dot(q, tl.trans(k), PREC)
+        s = tl.where(offs_n[None, :] <= last[:, None], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, D)
+        if PREC == "":
+            p = p.to(v.dtype)
+        acc = acc * alpha[:, None] + _dot(p, v, PREC)
+        m_i = m_new
     return acc, m_i, l_i
 
 
@@ -180,10 +216,15 @@ def _fwd_tma_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, GROUP, TQ, TK, T
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     _, _, full_hi, hi = _ranges(start_m, TK, TK // BLOCK_N * BLOCK_N, 0, upper, False, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, m_i, l_i = _full_tiles(acc, m_i, l_i, q, k_desc, v_desc, b, hk, 0, full_hi, qk_scale, PREC, D, BLOCK_N,
-                                WARP_SPEC)
-    acc, m_i, l_i = _edge_tiles(acc, m_i, l_i, q, k_desc, v_desc, lse_ptr, b, hk, offs_m, full_hi, hi, TQ, TK, upper,
-                                qk_scale, CAUSAL, PREC, D, BLOCK_N)
+    if WARP_SPEC:
+        acc, m_i, l_i = _all_tiles_ws(acc, m_i, l_i, q, k_desc, v_desc, b, hk, offs_m, hi, TK, upper, qk_scale, CAUSAL,
+                                      PREC, D, BLOCK_N)
+    else:
+        # the edge tiles, unrolled (no second loop: see the header): at most BLOCK_M / BLOCK_N + 1 of them
+        for e in tl.static_range(BLOCK_M // BLOCK_N + 1 if CAUSAL else 1):
+            acc, m_i, l_i = _edge_tile(acc, m_i, l_i, q, k_desc, v_desc, lse_ptr, b, hk, offs_m, full_hi + e * BLOCK_N, hi,
+                                       TQ, TK, upper, qk_scale, CAUSAL, PREC, D, BLOCK_N)
+        acc, m_i, l_i = _full_tiles(acc, m_i, l_i, q, k_desc, v_desc, b, hk, full_hi, qk_scale, PREC, D, BLOCK_N)
     inv, lse = _finish(m_i, l_i, 0.0, False)
     out = (acc * inv[:, None]).to(o_desc.dtype)
     o_desc.store([b, h, start_m, 0], out.reshape(1, 1, BLOCK_M, D))  # rows past Tq are clipped by TMA
@@ -193,22 +234,22 @@ def _fwd_tma_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, GROUP, TQ, TK, T
 _fwd_tma_tuned = _tune.autotune(_configs(), _KEY, _smem, "triton attention forward (TMA)", _allowed)(_fwd_tma_kernel)
 
 
-def forward(q, k, v, causal, scale, warp_specialize=True):
-    """(out (B, H, Tq, D) contiguous, lse (B, H, Tq) fp32) as attention.forward returns them, for a call
-    why_not accepts. Under the interpreter (CPU tensors) one small fixed config, and fp32 operands too
-    (the tests' way to check the arithmetic: the interpreter's bf16 dots are wrong)."""
+def forward(q, k, v, causal, scale, warp_specialize=None):
+    """(out (B, H, Tq, D) contiguous, lse (B, H, Tq) fp32) as attention.forward returns them, for a
+    call why_not accepts. On a GPU the autotuner picks the tile and the variant; under the
+    interpreter (CPU tensors: the tests) one small tile, the variant warp_specialize says (it only
+    changes the loop's shape there), and fp32 operands too (the interpreter's bf16 dots are wrong)."""
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     out = torch.empty(b, h, tq, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)
     upper = 0 if causal == 1 else tk - tq  # top-left (torch's is_causal) or bottom-right
-    prec = "" if q.dtype != torch.float32 else ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
     args = (_descriptor(q), _descriptor(k), _descriptor(v), _descriptor(out), lse, h, h // hkv, tq, tk,
             _tune.bucket(tq), _tune.bucket(tk), scale * LOG2E, upper)
-    meta = dict(D=d, CAUSAL=causal != 0, PREC=prec, WARP_SPEC=warp_specialize and HAS_WARP_SPECIALIZE)
+    meta = dict(D=d, CAUSAL=causal != 0, PREC=fp32_precision() if q.dtype == torch.float32 else "")
     grid = lambda m: (triton.cdiv(tq, m["BLOCK_M"]), b * h)
     if _tune.interpreting():  # fixed small blocks: the interpreter is slow and autotuning it pointless
-        blocks = dict(BLOCK_M=16, BLOCK_N=16)
+        blocks = dict(BLOCK_M=16, BLOCK_N=16, WARP_SPEC=bool(warp_specialize))
         _set_blocks(dict(zip(("q_desc", "k_desc", "v_desc", "o_desc"), args), **blocks))
         _tune.launch(_fwd_tma_kernel, grid(blocks), *args, **meta, **blocks)
     else:
