@@ -529,7 +529,13 @@ def _moe_cases():
 
 
 def cases() -> list[Case]:
-    return _attention_cases() + _linear_cases() + _row_cases() + _rope_cases() + _moe_cases()
+    return _attention_cases() + _linear_cases() + _row_cases() + _rope_cases() + _moe_cases() + _attention_tma_cases()
+
+
+def _attention_tma_cases():  # the Hopper TMA forward's own cases (fastlm/triton/attention_tma.py)
+    from fastlm.triton import attention_tma
+
+    return attention_tma.aot_cases()
 
 
 @dataclass

@@ -59,7 +59,7 @@ HEAD_DIMS = (64, 128, 256)
 # tiles: with 8 warps it leaves the loop as it is, and 128-row tiles over 4 warps fail its pass (it splits
 # the K box but not the TMA copy). D = 256: 64-row tiles (a 128-row accumulator alone would be 128 fp32
 # registers a thread).
-_TILES = {128: ((128, 128, 8, 2, False), (128, 64, 8, 3, False), (64, 128, 4, 2, True), (64, 64, 4, 2, True)),
+_TILES = {128: ((128, 128, 8, 2, False), (64, 64, 4, 2, True), (128, 64, 8, 3, False), (64, 128, 4, 2, True)),
           256: ((64, 64, 4, 2, False), (64, 32, 4, 2, True))}
 _KEY = ["D", "TQ_B", "TK_B", "CAUSAL", "PREC"]
 
@@ -123,13 +123,13 @@ def _configs():
 
 
 def _smem(cfg, a):
-    """Estimate: Q resident, K and V boxes per stage (at least 2) and P in the input dtype (the
-    second GEMM's shared operand), 1 KB of barriers; warp-specialised: Q and three K / V buffers
-    (what the compiled kernels hold, four at D = 256 x 32 keys, where they fit)."""
+    """Upper estimate: Q resident, K and V boxes per stage (at least 2) and P in the input dtype (the
+    second GEMM's shared operand), 1 KB of barriers; warp-specialised: Q and up to four K and V
+    buffers each (the pass picks the depth: 3 in the compiled 64 x 64 tiles, 4 at D = 256 x 32)."""
     e, d = a["q_desc"].base.element_size(), a["D"]
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     if cfg.kwargs["WARP_SPEC"]:
-        return e * (bm * d + 3 * 2 * bn * d) + 1024
+        return e * (bm * d + 4 * 2 * bn * d) + 1024
     return e * (bm * d + max(cfg.num_stages, 2) * 2 * bn * d + bm * bn) + 1024
 
 
@@ -255,3 +255,25 @@ def forward(q, k, v, causal, scale, warp_specialize=None):
     else:
         _tune.launch(_fwd_tma_tuned, grid, *args, **meta)
     return out, lse
+
+
+def aot_cases():
+    """fastlm.triton.aot's cases for this kernel (aot.cases() adds them): what the forward launcher
+    sends here on sm_90, 16-bit, no mask. CI: fp16, the first split and the first warp-specialised
+    config per head-dim class (fp16 only: CI's sm_80 dtypes would add pointer-kernel compiles); the
+    sweep: every config, and bf16 with GQA in a (B, T, H, D) layout."""
+    from fastlm.triton.aot import Case
+
+    def run(b, h, hkv, t, d, causal, transposed=False):
+        def launch(dtype):
+            from fastlm.triton import attention
+
+            q = torch.randn(b, t, h, d).to(dtype).transpose(1, 2) if transposed else torch.randn(b, h, t, d).to(dtype)
+            k, v = torch.randn(b, hkv, t, d).to(dtype), torch.randn(b, hkv, t, d).to(dtype)
+            attention.forward(q, k, v, None, causal, d ** -0.5)
+        return launch
+    cases = [Case("attention_tma", f"tma d{d} causal{causal}", run(2, 4, 2, 1024, d, causal), ci=True,
+                  dtypes=("fp16",), ci_configs=2) for d, causal in ((64, 2), (128, 1), (256, 0))]
+    cases.append(Case("attention_tma", "tma d128 causal0 bthd", run(2, 8, 2, 1000, 128, 0, True), dtypes=("fp16", "bf16")))
+    return cases
+
