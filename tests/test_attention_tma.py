@@ -106,3 +106,34 @@ def test_triton_backend_takes_it_on_sm90_with_backward(monkeypatch):
     assert_close("tma hook out", out, ref, ref0)
     for name, g, g64, g0 in zip("qkv", grads, grads64, grads0):
         assert_close(f"tma hook grad_{name}", g, g64, g0, kind="grad", atol=1e-4)
+
+
+_WS_PROBE = """
+import re, torch, triton
+from fastlm.triton import aot, attention_tma
+with aot.capture(aot.TARGETS[90]) as launches:
+    q, k, v = (torch.randn(1, 2, 256, 64).half() for _ in range(3))
+    attention_tma.forward(q, k, v, 2, 0.125)
+ws = [launch for launch in launches if launch.constexprs["WARP_SPEC"]][0]
+slot = {name: (list(ws.signature).index(name),) for name in ws.signature}
+src = aot._ast_source(ws.fn, ws.signature, {slot[n]: x for n, x in ws.constexprs.items()},
+                      {slot[n]: aot._divisible_attr(90) for n in ws.divisible})
+ptx = triton.compile(src, target=aot.gpu_target(90), options=dict(ws.options)).asm["ptx"]
+print(sorted(set(re.findall(r"setmaxnreg\\.(inc|dec)\\S*\\s+(\\d+)", ptx))), re.findall(r"\\.reqntid (\\d+)", ptx),
+      "wgmma" if "wgmma.mma_async" in ptx else "", "tma" if "cp.async.bulk.tensor" in ptx else "")
+"""
+
+
+def test_warp_specialisation_is_really_applied_on_sm_90():
+    """Triton's Hopper warp specialisation gives up silently on loops it can't partition (see the
+    kernel's header): the warp-specialised config must compile to a producer warpgroup that gives
+    its registers to the consumers (setmaxnreg), 3 warpgroups, wgmma and TMA."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, don't interpret
+    proc = subprocess.run([sys.executable, "-c", _WS_PROBE], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = proc.stdout.strip().splitlines()[-1]
+    assert "('dec', '40')" in report and "('inc', '232')" in report and report.endswith("['384'] wgmma tma"), report

@@ -8,31 +8,37 @@ a transpose. No mask, dropout, softcap, window, ALiBi or sinks. Same contract as
 forward: out (B, H, Tq, D) in the input dtype, lse (B, H, Tq) fp32 in natural log (what the
 backward reads), fully masked rows out 0 and lse -inf.
 
-Structure: a program owns BLOCK_M queries of one (batch, head). Q, K, V and O are 4-D host
-tensor descriptors (triton.tools.tensor_descriptor, present in Triton 3.6 and 3.8) over
-(batch, head, row, dim) with the operand's own strides, so one TMA box is one head's tile and
-rows past that head's length arrive as zeros: no bounds masks, no address arithmetic and no
-NaN from a neighbouring head in the key loop. Key tiles come in two kinds (attention._ranges):
-full ones, which every query of the tile sees (the common case: all of a dense call, all but
-the diagonal's tiles of a causal one), and edge ones (the causal diagonal, the ragged end),
-the only ones that compute a mask. On full tiles the scale * log2(e) is folded into the exp2's
-argument (qk * scale - m: one FFMA per score into MUFU.EX2) and the row max comes from the raw
-products; edge tiles run the pointer kernel's step (attention._online_step) on masked scores.
-The full-tile loop is a tl.range with warp_specialize=True (Triton 3.6 and 3.8 both have it):
-the compiler splits it into a TMA producer partition and the MMA / softmax consumers, so the
-loads of tile j+1 are issued while tile j's softmax runs, without the registers of a software
-pipeline's extra stage.
+A program owns BLOCK_M queries of one (batch, head). Q, K, V and O are 4-D host tensor
+descriptors (triton.tools.tensor_descriptor: Triton 3.4+, checked in the 3.6 and 3.8 sources)
+over (batch, head, row, dim) with the operand's own strides, so one TMA box is one head's tile
+and rows past its length arrive as zeros and are clipped on store: no bounds masks and no
+address arithmetic in the key loop. Scores stay in log2 units, scale * log2(e) folded in. Two
+variants; the autotuner picks per shape (_TILES):
+- split: 128-row tiles over 2 warpgroups. Key tiles every query of the block sees (all of a
+  dense call, all but the diagonal's of a causal one) run unmasked, qk * scale - m one FFMA a
+  score into MUFU.EX2, row max from the raw products; the rest (the diagonal, the ragged end:
+  at most BLOCK_M / BLOCK_N + 1 tiles) are unrolled after the loop and mask, as attention.py's
+  edge tiles do (keys past the block's last visible one zeroed in V, so a NaN there stays out).
+- warp-specialised: tl.range(..., warp_specialize=True). Triton's Hopper pass (3.6 and 3.8
+  alike, compiled both) only takes a kernel whose one loop is all there is: a second loop or an
+  unrolled tile after it, or a branch inside it, and it leaves the loop alone; with 8 warps it
+  does nothing, and 128-row tiles over 4 warps fail in it (it splits the K box but not its
+  copy). So: 64-row tiles over 4 warps, one loop over every visible key tile, each tile masked
+  by its rows' last visible key (a compare and a select a score more than the split variant's
+  full tiles). The pass adds a producer warpgroup for the TMA loads (384 threads, setmaxnreg:
+  the producer drops to 40 registers, the MMA / softmax warps rise to 232), so the loads of the
+  next tiles run while this one's softmax does, in 3 to 4 buffers. Unlike the split variant a
+  NaN in V at a key inside the block's last tile that no row of the block sees reaches those
+  rows (0 * NaN in the MMA), as in FlashAttention's kernels.
 
-Why it should be fast (static arithmetic; no GPU has timed it): a 128 x 128 tile at D = 128
-is 2 GEMMs of 128 x 128 x 128 per 64 KB of K and V (4.2 MFLOP, 64 FLOP/byte from shared
-memory, K/V of a head re-read from L2 by its query blocks): tensor-core bound. Each GEMM is a
-wgmma chain: m64nNk16 per warpgroup, N = 128 (S = Q K^T, 8 k-steps at D = 128) and N = D (O +=
-P V, 8 k-steps over the 128 keys), 2 warpgroups (8 warps) each owning 64 query rows: 16
-wgmma per warpgroup per key tile, against ~4 instructions per 32 scores of softmax (FFMA, EX2,
-max, sum: 64 x 128 scores per warpgroup, ~1k instructions over its 128 threads, 8 each). Shared
-memory: Q 32 KB resident + 2 stages x (K + V) 64 KB = 160 KB at D = 128 (one CTA per SM,
-227 KB); registers: the O accumulator 64 fp32 and S / P 64 fp32 a thread. The figures of the
-compiled configs (fastlm/triton/aot.py, aot_cases below) are in the issue note.
+Why it should be fast (static arithmetic; no GPU has timed it): a split 128 x 128 tile at D =
+128 is 2 GEMMs of 128 x 128 x 128 per 64 KB of K and V boxes (4.2 MFLOP, 64 FLOP per shared
+byte, a head's K / V re-read from L2 by its query blocks): tensor-core bound. Per warpgroup (64
+rows) and key tile, S = Q K^T is D / 16 = 8 wgmma m64n128k16 and O += P V BLOCK_N / 16 = 8 of
+m64n128k16: 16 wgmma against ~4 softmax instructions per score (FFMA, EX2, max, sum: 64 x 128
+scores over 128 threads, 256 instructions each). Shared memory: Q 32 KB + 2 stages x (K + V)
+64 KB = 160 KB at D = 128 (one CTA per SM). Compiled for sm_90 (aot_cases; Triton 3.8, ptxas
+-v): see the issue note's table; every config 0 spills.
 """
 from __future__ import annotations
 
