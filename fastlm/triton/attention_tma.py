@@ -26,19 +26,27 @@ variants; the autotuner picks per shape (_TILES):
   copy). So: 64-row tiles over 4 warps, one loop over every visible key tile, each tile masked
   by its rows' last visible key (a compare and a select a score more than the split variant's
   full tiles). The pass adds a producer warpgroup for the TMA loads (384 threads, setmaxnreg:
-  the producer drops to 40 registers, the MMA / softmax warps rise to 232), so the loads of the
-  next tiles run while this one's softmax does, in 3 to 4 buffers. Unlike the split variant a
-  NaN in V at a key inside the block's last tile that no row of the block sees reaches those
-  rows (0 * NaN in the MMA), as in FlashAttention's kernels.
+  the producer drops to 40 registers, the two MMA / softmax warpgroups rise to 232), so the
+  loads of the next tiles run while this one's softmax does, in 3 to 4 buffers. Unlike the
+  split variant a NaN in V at a key inside the block's last tile that no row of the block sees
+  reaches those rows (0 * NaN in the MMA), as in FlashAttention's kernels.
 
 Why it should be fast (static arithmetic; no GPU has timed it): a split 128 x 128 tile at D =
 128 is 2 GEMMs of 128 x 128 x 128 per 64 KB of K and V boxes (4.2 MFLOP, 64 FLOP per shared
 byte, a head's K / V re-read from L2 by its query blocks): tensor-core bound. Per warpgroup (64
-rows) and key tile, S = Q K^T is D / 16 = 8 wgmma m64n128k16 and O += P V BLOCK_N / 16 = 8 of
-m64n128k16: 16 wgmma against ~4 softmax instructions per score (FFMA, EX2, max, sum: 64 x 128
-scores over 128 threads, 256 instructions each). Shared memory: Q 32 KB + 2 stages x (K + V)
-64 KB = 160 KB at D = 128 (one CTA per SM). Compiled for sm_90 (aot_cases; Triton 3.8, ptxas
--v): see the issue note's table; every config 0 spills.
+rows) and key tile, S = Q K^T is D / 16 = 8 HGMMA.64x128x16 and O += P V BLOCK_N / 16 = 8 more.
+The compiled loop (sm_90 SASS, Triton 3.8) is 494 instructions a thread for those 16 HGMMA, 64
+scores a thread: 66 MUFU, 66 FFMA (the folded scale), 68 FMNMX, 68 FADD, 66 FMUL (the
+accumulator's rescale), 32 F2FP, about 31 instructions per HGMMA. The warp-specialised 64 x 64
+loop at D = 128: 405 instructions per consumer for 12 HGMMA (8 of 64x64x16, 4 of 64x128x16),
+32 scores a thread, no FFMA (the mask's select sits between the scale and the subtraction:
+FMUL, ISETP, FSEL, FADD), ~34 per HGMMA. Shared memory and registers of every config
+(fastlm.triton.aot, sm_90, Triton 3.8; 3.6 within 100 B and 12 registers), all 0 spills:
+  split 128 x 128 / 8 warps / 2 stages: 81,952 B 157 regs (D 64), 163,872 B 201 (D 128)
+  split 128 x 64 / 8 warps / 3 stages: 65,592 B 106 (D 64), 131,128 B 142 (D 128)
+  split 64 x 64 / 4 warps, D 256: 163,872 B 222
+  ws 64 x 64: 57,584 B (D 64), 114,928 B (D 128); ws 64 x 128, D 64: 90,352 B; ws 64 x 32, D 256:
+  164,080 B (168 registers a thread at launch, setmaxnreg moving them as above)
 """
 from __future__ import annotations
 
