@@ -16,12 +16,13 @@ address arithmetic in the key loop. Scores stay in log2 units, scale * log2(e) f
 variants; the autotuner picks per shape (_TILES):
 - split: 128-row tiles over 2 warpgroups. Key tiles every query of the block sees (all of a
   dense call, all but the diagonal's of a causal one) run unmasked, qk * scale - m one FFMA a
-  score into MUFU.EX2, row max from the raw products; the rest (the diagonal, the ragged end:
-  at most BLOCK_M / BLOCK_N + 1 tiles) are unrolled after the loop and mask, as attention.py's
-  edge tiles do (keys past the block's last visible one zeroed in V, so a NaN there stays out).
+  score into MUFU.EX2, row max from the raw products; the rest (the diagonal, the ragged end)
+  follow in a second loop that masks, as attention.py's edge tiles do (attention._online_step;
+  keys past the block's last visible one zeroed in V, so a NaN there stays out).
 - warp-specialised: tl.range(..., warp_specialize=True). Triton's Hopper pass (3.6 and 3.8
-  alike, compiled both) only takes a kernel whose one loop is all there is: a second loop or an
-  unrolled tile after it, or a branch inside it, and it leaves the loop alone; with 8 warps it
+  alike, compiled both) only takes a kernel whose one loop is all there is: with a second loop
+  it fails, with a tile unrolled next to it or a branch inside it it leaves the loop alone (no
+  specialisation, no error); with 8 warps it
   does nothing, and 128-row tiles over 4 warps fail in it (it splits the K box but not its
   copy). So: 64-row tiles over 4 warps, one loop over every visible key tile, each tile masked
   by its rows' last visible key (a compare and a select a score more than the split variant's
@@ -35,16 +36,16 @@ Why it should be fast (static arithmetic; no GPU has timed it): a split 128 x 12
 128 is 2 GEMMs of 128 x 128 x 128 per 64 KB of K and V boxes (4.2 MFLOP, 64 FLOP per shared
 byte, a head's K / V re-read from L2 by its query blocks): tensor-core bound. Per warpgroup (64
 rows) and key tile, S = Q K^T is D / 16 = 8 HGMMA.64x128x16 and O += P V BLOCK_N / 16 = 8 more.
-The compiled loop (sm_90 SASS, Triton 3.8) is 494 instructions a thread for those 16 HGMMA, 64
+The compiled loop (sm_90 SASS, Triton 3.8) is 492 instructions a thread for those 16 HGMMA, 64
 scores a thread: 66 MUFU, 66 FFMA (the folded scale), 68 FMNMX, 68 FADD, 66 FMUL (the
 accumulator's rescale), 32 F2FP, about 31 instructions per HGMMA. The warp-specialised 64 x 64
 loop at D = 128: 405 instructions per consumer for 12 HGMMA (8 of 64x64x16, 4 of 64x128x16),
 32 scores a thread, no FFMA (the mask's select sits between the scale and the subtraction:
 FMUL, ISETP, FSEL, FADD), ~34 per HGMMA. Shared memory and registers of every config
-(fastlm.triton.aot, sm_90, Triton 3.8; 3.6 within 100 B and 12 registers), all 0 spills:
-  split 128 x 128 / 8 warps / 2 stages: 81,952 B 157 regs (D 64), 163,872 B 201 (D 128)
-  split 128 x 64 / 8 warps / 3 stages: 65,592 B 106 (D 64), 131,128 B 142 (D 128)
-  split 64 x 64 / 4 warps, D 256: 163,872 B 222
+(fastlm.triton.aot, sm_90, Triton 3.8; 3.6 within 100 B and 7 registers), all 0 spills:
+  split 128 x 128 / 8 warps / 2 stages: 82,944 B 188 regs (D 64), 164,864 B 217 (D 128)
+  split 128 x 64 / 8 warps / 3 stages: 66,560 B 110 (D 64), 132,096 B 147 (D 128)
+  split 64 x 64 / 8 warps, D 256: 164,864 B 183 (over 4 warps: 255 registers and 28 B spilled)
   ws 64 x 64: 57,584 B (D 64), 114,928 B (D 128); ws 64 x 128, D 64: 90,352 B; ws 64 x 32, D 256:
   164,080 B (168 registers a thread at launch, setmaxnreg moving them as above)
 """
@@ -72,9 +73,9 @@ HEAD_DIMS = (64, 128, 256)
 # the warp-specialised one. Triton's Hopper warp specialisation (3.6 and 3.8 alike) takes 4-warp 64-row
 # tiles: with 8 warps it leaves the loop as it is, and 128-row tiles over 4 warps fail its pass (it splits
 # the K box but not the TMA copy). D = 256: 64-row tiles (a 128-row accumulator alone would be 128 fp32
-# registers a thread).
+# registers a thread; the split one over 8 warps, as over 4 it spills).
 _TILES = {128: ((128, 128, 8, 2, False), (64, 64, 4, 2, True), (128, 64, 8, 3, False), (64, 128, 4, 2, True)),
-          256: ((64, 64, 4, 2, False), (64, 32, 4, 2, True))}
+          256: ((64, 64, 8, 2, False), (64, 32, 4, 2, True))}
 _KEY = ["D", "TQ_B", "TK_B", "CAUSAL", "PREC"]
 
 
@@ -174,12 +175,12 @@ def _full_tiles(acc, m_i, l_i, q, k_desc, v_desc, b, hk, hi, qk_scale, PREC: tl.
 
 
 @triton.jit
-def _edge_tile(acc, m_i, l_i, q, k_desc, v_desc, lse_ptr, b, hk, offs_m, start_n, hi, TQ, TK, upper, qk_scale,
-               CAUSAL: tl.constexpr, PREC: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One tile of the causal diagonal or the ragged end (nothing when start_n >= hi): scores masked
-    (-inf), rows that saw nothing yet kept finite (_online_step), and V's keys past hi, which no
-    query here sees, zeroed so a NaN there can't reach the output (past Tk TMA gives zeros)."""
-    if start_n < hi:
+def _edge_tiles(acc, m_i, l_i, q, k_desc, v_desc, lse_ptr, b, hk, offs_m, lo, hi, TQ, TK, upper, qk_scale,
+                CAUSAL: tl.constexpr, PREC: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The causal diagonal's tiles and the ragged end, [lo, hi): scores masked (-inf), rows that saw
+    nothing yet kept finite (_online_step), and V's keys past hi, which no query here sees, zeroed
+    so a NaN there can't reach the output (keys past Tk arrive as TMA's zeros)."""
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, D)
         _, s = _masked(_dot(q, tl.trans(k), PREC) * qk_scale, offs_m[:, None], offs_n[None, :], TQ, TK, 0, upper,
@@ -193,25 +194,16 @@ def _edge_tile(acc, m_i, l_i, q, k_desc, v_desc, lse_ptr, b, hk, offs_m, start_n
 @triton.jit
 def _all_tiles_ws(acc, m_i, l_i, q, k_desc, v_desc, b, hk, offs_m, hi, TK, upper, qk_scale, CAUSAL: tl.constexpr,
                   PREC: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key tiles [0, hi) in one warp-specialised loop, every tile masked by its rows' last visible key."""
+    """Key tiles [0, hi) in one warp-specialised loop, each masked by its rows' last visible key."""
     last = TK - 1 + 0 * offs_m
     if CAUSAL:
         last = tl.minimum(offs_m + upper, TK - 1)
     for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, D)
-        qk = _dot(q, tl.trans(k), PREC)
-        s = tl.where(offs_n[None, :] <= last[:, None], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        s = tl.where(offs_n[None, :] <= last[:, None], _dot(q, tl.trans(k), PREC) * qk_scale, float("-inf"))
         v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, D)
-        if PREC == "":
-            p = p.to(v.dtype)
-        acc = acc * alpha[:, None] + _dot(p, v, PREC)
-        m_i = m_new
+        m_i, l_i, acc = _online_step(s, v, m_i, l_i, acc, 1.0, PREC, False)
     return acc, m_i, l_i
 
 
@@ -234,11 +226,9 @@ def _fwd_tma_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, GROUP, TQ, TK, T
         acc, m_i, l_i = _all_tiles_ws(acc, m_i, l_i, q, k_desc, v_desc, b, hk, offs_m, hi, TK, upper, qk_scale, CAUSAL,
                                       PREC, D, BLOCK_N)
     else:
-        # the edge tiles, unrolled (no second loop: see the header): at most BLOCK_M / BLOCK_N + 1 of them
-        for e in tl.static_range(BLOCK_M // BLOCK_N + 1 if CAUSAL else 1):
-            acc, m_i, l_i = _edge_tile(acc, m_i, l_i, q, k_desc, v_desc, lse_ptr, b, hk, offs_m, full_hi + e * BLOCK_N, hi,
-                                       TQ, TK, upper, qk_scale, CAUSAL, PREC, D, BLOCK_N)
         acc, m_i, l_i = _full_tiles(acc, m_i, l_i, q, k_desc, v_desc, b, hk, full_hi, qk_scale, PREC, D, BLOCK_N)
+        acc, m_i, l_i = _edge_tiles(acc, m_i, l_i, q, k_desc, v_desc, lse_ptr, b, hk, offs_m, full_hi, hi, TQ, TK,
+                                    upper, qk_scale, CAUSAL, PREC, D, BLOCK_N)
     inv, lse = _finish(m_i, l_i, 0.0, False)
     out = (acc * inv[:, None]).to(o_desc.dtype)
     o_desc.store([b, h, start_m, 0], out.reshape(1, 1, BLOCK_M, D))  # rows past Tq are clipped by TMA
