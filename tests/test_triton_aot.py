@@ -163,3 +163,14 @@ def test_sweep_records_a_case_without_a_fitting_config(monkeypatch):
     assert got[0]["kernel"] == "linear.<triton linear GEMM>"
     assert "no config fits 1024 B of shared memory per block" in got[0]["error"]
     assert problems_of(got[0])
+
+
+def test_attention_tma_compiles_to_tma_and_wgmma_on_sm_90(rows):
+    """The Hopper TMA forward (fastlm/triton/attention_tma.py, its aot_cases): sm_90 only (the
+    launcher takes it nowhere else), every config within the limits above, TMA and wgmma in each
+    (its warp specialisation: tests/test_attention_tma.py)."""
+    mine = [r for r in rows if r["kernel"].startswith("attention_tma.")]
+    assert mine and {r["target"] for r in mine} == {"sm_90"}, {r["target"] for r in mine}
+    problems = [p for r in mine for p in problems_of(r)]
+    assert not problems, "\n".join(problems)
+    assert all(r["wgmma"] and r["tma"] for r in mine), [r["config"] for r in mine if not (r["wgmma"] and r["tma"])]
