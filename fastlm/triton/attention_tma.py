@@ -102,7 +102,8 @@ def why_not(q, k, v, mask=None, causal=0, dropout_p=0.0, softcap=0.0, window=(-1
         return f"B * H = {q.shape[0] * q.shape[1]} past the grid's axis-1 cap {MAX_GRID_YZ}"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if _strides(t) is None:
-            return f"{name} strides {tuple(t.stride())} / base not TMA-addressable (16-byte aligned, last dim contiguous)"
+            return (f"{name} strides {tuple(t.stride())} / base not TMA-addressable (16-byte aligned, "
+                    "last dim contiguous)")
     return ""
 
 
@@ -278,6 +279,7 @@ def aot_cases():
         return launch
     cases = [Case("attention_tma", f"tma d{d} causal{causal}", run(2, 4, 2, 1024, d, causal), ci=True,
                   dtypes=("fp16",), ci_configs=2) for d, causal in ((64, 2), (128, 1), (256, 0))]
-    cases.append(Case("attention_tma", "tma d128 causal0 bthd", run(2, 8, 2, 1000, 128, 0, True), dtypes=("fp16", "bf16")))
+    cases.append(Case("attention_tma", "tma d128 causal0 bthd", run(2, 8, 2, 1000, 128, 0, True),
+                      dtypes=("fp16", "bf16")))
     return cases
 
