@@ -19,6 +19,14 @@
 namespace fastlm::bind {
 namespace {
 
+// weight (E, Nw, K) as the per-expert GEMMs read it: at::mm takes either orientation of a
+// matrix (MKL's transpose flags), so a (E, K, Nw) buffer seen through transpose(1, 2) (what
+// GPT-OSS's experts store) is used in place; anything else is copied once.
+at::Tensor mm_operand(const at::Tensor& weight) {
+  const bool rows = weight.size(2) <= 1 || weight.stride(2) == 1, cols = weight.size(1) <= 1 || weight.stride(1) == 1;
+  return rows || cols ? weight : weight.contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor> grouped_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                           const at::Tensor& offsets,
                                                           const std::optional<at::Tensor>& bias,
@@ -29,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_linear_fwd_cpu(const at::Tensor& x, c
   const auto [g, off, E, N, Nw, width] = grouped_args(op, x, weight, offsets, activation, bias);
   const int32_t* o = off.data_ptr<int32_t>();
   const at::Tensor xs = unit_cols(x);
-  const at::Tensor w = weight.size(2) > 1 && weight.stride(2) != 1 ? weight.contiguous() : weight;
+  const at::Tensor w = mm_operand(weight);
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   at::Tensor out = empty_output({N, width}, x.options());
   // pre (N, Nw) is kept only for a backward; without one (inference) each expert's GEMM lands in
@@ -83,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_bwd_cpu(const at::
   const int32_t* o = off.data_ptr<int32_t>();
   const int64_t used = o[E];
   const at::Tensor go = unit_cols(grad_out), xs = unit_cols(x);
-  const at::Tensor w = weight.size(2) > 1 && weight.stride(2) != 1 ? weight.contiguous() : weight;
+  const at::Tensor w = mm_operand(weight);
   at::Tensor grad_bias = has_bias ? at::empty({E, Nw}, x.options()) : at::empty({0}, x.options());
   const at::Tensor pr = g.mode == GroupedAct::kNone ? at::Tensor() : unit_cols(pre);
   // grad_p = act'(pre) * grad_out (and the bias gradient's column sums) for rows [r0, r0 + n) of
