@@ -34,15 +34,19 @@ def loop(x, weight, counts, bias, activation):
     return torch.cat(outs)
 
 
-def check(backend, device, dtype, counts, tail, k, n_w, activation, with_bias):
+def check(backend, device, dtype, counts, tail, k, n_w, activation, with_bias, transposed=False):
     e = len(counts)
     x = torch.randn(sum(counts) + tail, k, dtype=dtype)
     weight = torch.randn(e, n_w, k, dtype=dtype) / k ** 0.5
+    if transposed:  # an (E, K, Nw) buffer seen as (E, Nw, K), as GPT-OSS's experts store theirs
+        weight = weight.transpose(1, 2).contiguous().transpose(1, 2)
     bias = torch.randn(e, n_w, dtype=dtype) if with_bias else None
     offsets = torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32)
 
     def run(fn, dt):
         args = [t.detach().to(dt).requires_grad_() if t is not None else None for t in (x, weight, bias)]
+        if transposed:  # keep the transposed strides through the dtype change
+            args[1] = weight.detach().transpose(1, 2).to(dt).transpose(1, 2).requires_grad_()
         out = fn(*args)
         grads = torch.autograd.grad(out, [a for a in args if a is not None], grad.to(out.device, out.dtype))
         return out.cpu(), grads
@@ -74,6 +78,7 @@ def test_matches_per_expert_loop(backend, device, dtype, activation):
 def test_edge_shapes(backend, device, dtype):
     check(backend, device, dtype, [0, 0, 0], tail=5, k=8, n_w=8, activation="swiglu", with_bias=True)  # all dropped
     check(backend, device, dtype, [1], tail=0, k=1, n_w=2, activation="swiglu", with_bias=False)
+    check(backend, device, dtype, [3, 0, 6], tail=2, k=24, n_w=16, activation="swiglu", with_bias=True, transposed=True)
     like = dict(dtype=dtype, device=device)
     out = grouped_linear(torch.randn(0, 8, **like), torch.randn(2, 4, 8, **like),
                          torch.zeros(3, dtype=torch.int32, device=device), backend=backend)

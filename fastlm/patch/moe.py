@@ -50,7 +50,7 @@ PROBE_TOL = dict(rtol=1e-5, atol=1e-5)
 class ExpertsPlan:
     up: str  # "gate_up_proj" (gated) or "up_proj"
     gated: bool
-    transposed: bool  # weights stored (E, in, out): passed to the ops as (E, out, in) copies
+    transposed: bool  # weights stored (E, in, out): passed to the ops as (E, out, in) views
     bias: bool
     activation: str | None  # fused into the first grouped GEMM; None: the class's own gate / act between
 
@@ -60,7 +60,7 @@ class ExpertsPlan:
         else:
             gate = f"{kind}._apply_gate" if self.gated else f"{kind}.act_fn"
             how = f"moe_permute, grouped_linear, {gate} unfused, grouped_linear, moe_unpermute"
-        extras = (", biases" if self.bias else "") + (", transposed weights copied per call" if self.transposed else "")
+        extras = (", biases" if self.bias else "") + (", transposed weights read in place" if self.transposed else "")
         return f"experts_implementation='fastlm' ({how}{extras})"
 
 
@@ -185,8 +185,8 @@ def experts_plan(module):
 
 def _weights(module, plan):
     up, down = getattr(module, plan.up), module.down_proj
-    if plan.transposed:  # (E, in, out) -> (E, out, in); the copy's gradient flows back through the transpose
-        up, down = up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+    if plan.transposed:  # (E, in, out) seen as (E, out, in): the cpu and triton kernels read either
+        up, down = up.transpose(1, 2), down.transpose(1, 2)  # orientation in place; cuda's binding copies
     bias_up = getattr(module, f"{plan.up}_bias") if plan.bias else None
     bias_down = module.down_proj_bias if plan.bias else None
     return up, down, bias_up, bias_down
