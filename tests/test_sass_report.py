@@ -403,14 +403,16 @@ MEMORY_BOUND = {
     "bias_act": [(r"forward_kernel<", 4),        # 4 rows' packs of x
                  (r"backward_kernel<", 3),       # 4 rows' packs of grad_y and x: 8 (3-5 bf16 sm_90a)
                  (r"column_sum_kernel<", 4)],
-    "rope": [(r"rope_kernel<[^,]+, [48],", 1)],  # one pack per unit, the table from shared memory
+    "rope": [(r"rope_kernel<[^,]+, [48],", 1),  # one pack per unit, the table from shared memory
+             (r"rope_staged_kernel<", 2)],       # two packs of a row per item into the stage
 }
 # Kernels still without 16-byte loads, and why (each file's header says the same):
 # - norms backward_kernel<T, 1, *>: the scalar path of widths, strides or pointers that are not
 #   16-byte multiples (its per-column register sums need every row to split alike; the phase walk
 #   bias_act uses spilled there, see norms.cu).
-# - rope_kernel<T, 1, *>: q / k with a non-unit last-dim stride or head dims / rotary halves that are
-#   not pack multiples (a pair's two halves must be whole packs).
+# - rope_kernel<T, 1, *>: q / k with a last-dim stride != 1 (no two elements adjacent: every other
+#   element, a stride-0 gradient), and rows too long to stage one head in 48 KB of shared memory;
+#   every unit-stride layout takes rope_kernel<T, VEC, *> or rope_staged_kernel.
 SCALAR_PATHS = [("norms", r"backward_kernel<[^,]+, 1,"), ("rope", r"rope_kernel<[^,]+, 1,")]
 
 
