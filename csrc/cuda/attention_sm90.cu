@@ -67,8 +67,9 @@
 // CI executes it under the emulator's sm_90 profile against the float64 oracle
 // (tests/test_attention_sm90.py). What only a GPU executes: the real TMA descriptors
 // (cuTensorMapEncodeTiled), setmaxnreg's reallocation, fence_operands' pinning of wgmma registers
-// and binary_is_sm90a's query and cache (built_why_not); the emulator completes a wgmma at its call, so it
-// cannot catch a register of S, O or P touched while its wgmma is in flight (read the waits).
+// and binary_is_sm90a's query and its cache (built_why_not); the emulator completes a wgmma at its
+// call, so it cannot catch a register of S, O or P touched while its wgmma is in flight (read the
+// waits).
 #include "attention_common.cuh"
 #include "attention_sm90.cuh"
 #include "ptx_sm90.cuh"

@@ -162,10 +162,10 @@ inline bool make_tma_desc_4d(TmaDesc* out, const void* base, int elem_bytes, con
 namespace detail {
 // binary_is_sm90a's answers, one row of slots per device: a slot is claimed once for a kernel (its
 // host pointer, by compare-exchange on the first free slot, so the free slots are a row's suffix),
-// then gets the answer (0 not yet written, 1 no, 2 yes). Namespace scope and zero-initialized:
-// no function-local static (whose guard the emulator's TSan-instrumented build turns into an
-// atomic call it cannot resolve), no lock. A full row or a device past the table only costs the
-// uncached query.
+// then gets the answer (0 not yet written, 1 no, 2 yes). Namespace scope and zero-initialized
+// (no function-local static and its guard), no lock; not in the emulator build, where the answer
+// is always true and TSan's instrumentation has no hooks for atomics. A full row or a device past
+// the table only costs the uncached query.
 constexpr int kCheckedDevices = 64, kCheckedKernels = 32;
 struct BinaryCheck {
   std::atomic<const void*> kernel;
