@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from backends import backend_dtypes, backends
+from backends import backend_dtypes, backends, cuda_params
 from fastlm import _ext
 from fastlm.ops.rope import rope, rope_frequencies, rope_ref
 from numerics import assert_close
@@ -183,6 +183,45 @@ def test_layouts(backend, device, dtypes, layout):
         qo, ko = rope(q, k, positions=torch.arange(T, device=device), backend=backend)
         assert qo.shape == q.shape and ko.shape == k.shape
         assert torch.autograd.grad(qo.sum(), q)[0].shape == q.shape
+
+
+# Unit-stride layouts the CUDA kernel's packs path cannot take, for its staged path (csrc/cuda/rope.cu):
+# (id, dtype, B, Hq, Hk, T, D, R, interleaved, how q and k are made, tables or positions).
+STAGED = [
+    # R/2 = 36, no multiple of 8: a pair's halves straddle packs; x and y rows in phase
+    ("d72_half36", torch.bfloat16, 1, 3, 1, 3, 72, 72, False, "contiguous", "tables"),
+    # base offset 1 and row stride 82: every row at another 16-byte phase, y (contiguous) out of
+    # phase with x; partial rotary with 48 pass-through dims
+    ("d80_r32_offset1", torch.float16, 2, 2, 1, 3, 80, 32, True, "offset1", "tables"),
+    # views of a fused QKV projection at offset 3 (4-byte elements: another pack); R/2 = 9
+    ("d96_r18_fused_qkv", torch.float32, 1, 2, 2, 3, 96, 18, False, "fused_qkv", "positions"),
+    # 16 rows of 4 KB per token: more than 48 KB, so several passes over the heads
+    ("d1002_passes", torch.float32, 1, 12, 4, 2, 1002, 998, True, "contiguous", "positions"),
+    # one row of 49 KB: too long to stage, the element path takes it
+    ("d12290_unstaged", torch.float32, 1, 1, 1, 1, 12290, 16, False, "contiguous", "positions"),
+]
+
+
+def _staged_qk(B, Hq, Hk, T, D, dtype, layout):
+    if layout == "contiguous":
+        return _qk(B, Hq, Hk, T, D, dtype)
+    if layout == "offset1":
+        return (torch.randn(B, Hq, T, D + 2, dtype=dtype)[..., 1:D + 1],
+                torch.randn(B, Hk, T, D + 2, dtype=dtype)[..., 1:D + 1])
+    qkv = torch.randn(B, T, 3 + (Hq + 2 * Hk) * D, dtype=dtype)[..., 3:]
+    q, k, _ = qkv.split([Hq * D, Hk * D, Hk * D], -1)
+    return q.view(B, T, Hq, D).transpose(1, 2), k.view(B, T, Hk, D).transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend,device,dtypes", cuda_params())
+@pytest.mark.parametrize("dtype,B,Hq,Hk,T,D,R,interleaved,layout,mode", [pytest.param(*c[1:], id=c[0]) for c in STAGED])
+def test_unaligned_unit_stride(backend, device, dtypes, dtype, B, Hq, Hk, T, D, R, interleaved, layout, mode):
+    q, k = (x.to(device) for x in _staged_qk(B, Hq, Hk, T, D, dtype, layout))
+    if mode == "tables":
+        _check(backend, q, k, *_tables(B, T, R, interleaved, device, dtype), interleaved=interleaved)
+    else:
+        positions = torch.randint(0, 4096, (B, T), device=device)
+        _check(backend, q, k, positions=positions, rotary_dim=R, interleaved=interleaved)
 
 
 # ------------------------------------------------------------------ HF parity

@@ -281,16 +281,40 @@ def test_launch_bounds_give_occupancy(kernels):
         assert k["occupancy"]["ctas_per_sm"] >= 1, (k["arch"], k["name"], k["occupancy"])
 
 
+# The HMMA kernels judged by their main loop (sr.main_loop_figures): (id, kernel regex, the kernels
+# it must match, at most this many instructions per HMMA, the main loop's global load widths, why).
+# Every such main loop also has no inner loop without tensor-core work. The arithmetic is in each
+# file's header.
+MAIN_LOOPS = [
+    ("attention_forward", r"attn::.*forward_kernel<[^,]+, 128\b", 2, 6.0, [16],
+     "the fp16 and bf16 FlashAttention-2 forward at D = 128 (csrc/cuda/attention.cu): its maskless "
+     "tiles load global memory only as 16-byte cp.async"),
+    ("attention_decode", r"attn::.*decode_kernel<[^,]+, 128\b", 2, 15.0, [4, 16],
+     "the fp16 and bf16 KV-cache decode at D = 128 (attention.cu's decode_kernel): K and V as 16-byte "
+     "cp.async besides one 4-byte block-table entry per row and tile, the page lookup straight-line "
+     "code per row; 14.2 per HMMA on both archs (the gather's page index and 32-bit division, the "
+     "score-mod code), bounded so the gather cannot quietly grow"),
+    ("gemm_core", r"gemm::gemm_kernel<", 6, 2.5, [16],
+     "the GEMM core behind linear and its backward (csrc/cuda/gemm_core.cuh): fp16/bf16 x the "
+     "forward's K-major operands and the backward's two transposed layouts (the old 2-stage BK=32 "
+     "kernel: 4.75 per HMMA on sm_80, 4.88 on sm_90a)"),
+    ("grouped_gemm", r"gemm::grouped_(rows|reduce)_kernel<", 8, 2.5, [16],
+     "grouped_linear on the same core (csrc/cuda/moe_grouped_linear.cu), fp16/bf16 x the row-grouped "
+     "forward (plain and gated: gate and up halves in one tile), its dX and the per-expert dW "
+     "reduction; 2.30-2.45 on sm_80 (the gated loader's one extra pointer step per K tile), the "
+     "expert search before the main loop"),
+]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_attention_forward_main_loop_figures(kernels, arch):
-    """The FlashAttention-2 forward at D = 128 (csrc/cuda/attention.cu's header has the arithmetic):
-    its main loop (the maskless tiles) issues at most 6 instructions per HMMA, loads global memory
-    only as 16-byte cp.async, and has no inner loop without tensor-core work."""
-    figures = sr.main_loop_figures(r"attn::.*forward_kernel<[^,]+, 128\b", arch)
-    assert len(figures) == 2, f"expected the fp16 and bf16 forward at D = 128, got {list(figures)}"
+@pytest.mark.parametrize("pattern,count,per_mma_limit,load_widths,why", [pytest.param(*row[1:], id=row[0])
+                                                                         for row in MAIN_LOOPS])
+def test_hmma_main_loop_figures(kernels, arch, pattern, count, per_mma_limit, load_widths, why):
+    figures = sr.main_loop_figures(pattern, arch)
+    assert len(figures) == count, f"expected {count} kernels ({why}), got {list(figures)}"
     for name, (per_mma, widths, mma_free) in figures.items():
-        assert 0 < per_mma <= 6.0, f"{name}: {per_mma} instructions per HMMA in the main loop"
-        assert widths == [16], f"{name}: global load widths {widths} in the main loop"
+        assert 0 < per_mma <= per_mma_limit, f"{name}: {per_mma} instructions per HMMA in the main loop"
+        assert widths == load_widths, f"{name}: global load widths {widths} in the main loop"
         assert mma_free == 0, f"{name}: {mma_free} inner loops without tensor-core instructions"
 
 
@@ -327,36 +351,6 @@ def test_attention_backward_main_loop_figures(kernels, arch):
         assert 0 < per_mma <= (6.0 if ", 128," in name else 7.5), f"{name}: {per_mma} instructions per HMMA"
         assert widths == [4, 8, 16], f"{name}: global load widths {widths} in the main loop"
         assert mma_free == 1, f"{name}: {mma_free} inner loops without tensor-core instructions"
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_attention_decode_main_loop_figures(kernels, arch):
-    """The KV-cache decode kernel at D = 128 (attention.cu's decode_kernel): its main loop loads K
-    and V only as 16-byte cp.async, besides one 4-byte block-table entry per row and tile, and has no
-    inner loop without tensor-core work (the page lookup is straight-line code per row). Its
-    instructions per HMMA (14.2 on both archs: the per-row page index and 32-bit division of the
-    gather, and the score-mod code) are bounded so the gather cannot quietly grow."""
-    figures = sr.main_loop_figures(r"attn::.*decode_kernel<[^,]+, 128\b", arch)
-    assert len(figures) == 2, f"expected the fp16 and bf16 decode at D = 128, got {list(figures)}"
-    for name, (per_mma, widths, mma_free) in figures.items():
-        assert 0 < per_mma <= 15.0, f"{name}: {per_mma} instructions per HMMA in the main loop"
-        assert widths == [4, 16], f"{name}: global load widths {widths} in the main loop"
-        assert mma_free == 0, f"{name}: {mma_free} inner loops without tensor-core instructions"
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_gemm_core_main_loop_figures(kernels, arch):
-    """The GEMM core behind linear and its backward (csrc/cuda/gemm_core.cuh has the arithmetic):
-    six kernels (fp16/bf16 x the forward's K-major operands and the backward's two transposed
-    layouts); each main loop issues at most 2.5 instructions per HMMA (the old 2-stage BK=32
-    kernel: 4.75 on sm_80, 4.88 on sm_90a), loads global memory only as 16-byte cp.async and has
-    no inner loop without tensor-core work."""
-    figures = sr.main_loop_figures(r"gemm::gemm_kernel<", arch)
-    assert len(figures) == 6, f"expected 2 dtypes x 3 operand layouts, got {list(figures)}"
-    for name, (per_mma, widths, mma_free) in figures.items():
-        assert 0 < per_mma <= 2.5, f"{name}: {per_mma} instructions per HMMA in the main loop"
-        assert widths == [16], f"{name}: global load widths {widths} in the main loop"
-        assert mma_free == 0, f"{name}: {mma_free} inner loops without tensor-core instructions"
 
 
 def test_gemm_sm90_main_loop_figures(kernels):
@@ -409,14 +403,16 @@ MEMORY_BOUND = {
     "bias_act": [(r"forward_kernel<", 4),        # 4 rows' packs of x
                  (r"backward_kernel<", 3),       # 4 rows' packs of grad_y and x: 8 (3-5 bf16 sm_90a)
                  (r"column_sum_kernel<", 4)],
-    "rope": [(r"rope_kernel<[^,]+, [48],", 1)],  # one pack per unit, the table from shared memory
+    "rope": [(r"rope_kernel<[^,]+, [48],", 1),  # one pack per unit, the table from shared memory
+             (r"rope_staged_kernel<", 2)],       # two packs of a row per item into the stage
 }
 # Kernels still without 16-byte loads, and why (each file's header says the same):
 # - norms backward_kernel<T, 1, *>: the scalar path of widths, strides or pointers that are not
 #   16-byte multiples (its per-column register sums need every row to split alike; the phase walk
 #   bias_act uses spilled there, see norms.cu).
-# - rope_kernel<T, 1, *>: q / k with a non-unit last-dim stride or head dims / rotary halves that are
-#   not pack multiples (a pair's two halves must be whole packs).
+# - rope_kernel<T, 1, *>: q / k with a last-dim stride != 1 (no two elements adjacent: every other
+#   element, a stride-0 gradient), and rows too long to stage one head in 48 KB of shared memory;
+#   every unit-stride layout takes rope_kernel<T, VEC, *> or rope_staged_kernel.
 SCALAR_PATHS = [("norms", r"backward_kernel<[^,]+, 1,"), ("rope", r"rope_kernel<[^,]+, 1,")]
 
 
@@ -438,21 +434,6 @@ def test_every_memory_bound_kernel_figures(kernels, arch, module):
             assert f["bw_share"] >= 0.85, f"{name}: {f}"
         seen.update(matched)
     assert seen == set(figures), f"{module}: kernels not judged: {sorted(set(figures) - seen)}"
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_grouped_gemm_main_loop_figures(kernels, arch):
-    """grouped_linear's kernels on the same core (csrc/cuda/moe_grouped_linear.cu): the row-grouped
-    forward (plain and gated: gate and up halves in one tile), its dX, and the per-expert dW
-    reduction, fp16/bf16: 8 kernels, each main loop at most 2.5 instructions per HMMA (2.30-2.45
-    on sm_80: the gated loader's one extra pointer step per K tile), 16-byte cp.async loads only,
-    no inner loop without tensor-core work (the expert search runs before the main loop)."""
-    figures = sr.main_loop_figures(r"gemm::grouped_(rows|reduce)_kernel<", arch)
-    assert len(figures) == 8, f"expected 2 dtypes x (3 row-grouped + 1 reduction), got {list(figures)}"
-    for name, (per_mma, widths, mma_free) in figures.items():
-        assert 0 < per_mma <= 2.5, f"{name}: {per_mma} instructions per HMMA in the main loop"
-        assert widths == [16], f"{name}: global load widths {widths} in the main loop"
-        assert mma_free == 0, f"{name}: {mma_free} inner loops without tensor-core instructions"
 
 
 # ---------------------------------------------------------------- csrc/cuda/ptx_sm90.cuh on both targets

@@ -67,8 +67,9 @@
 // CI executes it under the emulator's sm_90 profile against the float64 oracle
 // (tests/test_attention_sm90.py). What only a GPU executes: the real TMA descriptors
 // (cuTensorMapEncodeTiled), setmaxnreg's reallocation, fence_operands' pinning of wgmma registers
-// and the ptxVersion check of built_why_not; the emulator completes a wgmma at its call, so it
-// cannot catch a register of S, O or P touched while its wgmma is in flight (read the waits).
+// and binary_is_sm90a's query and its cache (built_why_not); the emulator completes a wgmma at its
+// call, so it cannot catch a register of S, O or P touched while its wgmma is in flight (read the
+// waits).
 #include "attention_common.cuh"
 #include "attention_sm90.cuh"
 #include "ptx_sm90.cuh"
@@ -417,9 +418,7 @@ int launch(const attn::Params& ap, cudaStream_t stream) {
   return int(cudaGetLastError());
 }
 
-// Whether this binary can run the kernel (sm90::binary_is_sm90a: a cudaFuncGetAttributes query,
-// about a microsecond per forward; no function-local static, whose guard the emulator's build
-// would instrument as an atomic).
+// Whether this binary can run the kernel (sm90::binary_is_sm90a, asked once per device).
 const char* built_why_not() {
   return sm90::binary_is_sm90a(forward_kernel<__half, 128>) ? nullptr
                                                             : "the extension was built without sm_90a code (FASTLM_CUDA_ARCHS)";

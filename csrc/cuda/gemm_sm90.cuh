@@ -213,8 +213,9 @@ __global__ void __launch_bounds__(hopper::kThreads, 1)
 }
 
 // The device facts use_sm90_tier needs, asked once per device (the emulator: every call, its
-// profile can change): compute capability, SM count, and whether the binary of `kernel` the
-// runtime picks there is sm_90a SASS (not the sm_80 cubin, nor compute_80 PTX JIT-compiled).
+// profile can change): compute capability and SM count; and whether the binary of `kernel` the
+// runtime picks there is sm_90a SASS (not the sm_80 cubin, nor compute_80 PTX JIT-compiled), which
+// sm90::binary_is_sm90a caches per device and kernel itself.
 struct DeviceFacts {
   int major, minor, sms;
   bool binary_is_sm90a;
@@ -226,20 +227,23 @@ inline DeviceFacts device_facts(Kernel kernel) {
   if (cudaGetDevice(&dev) != cudaSuccess) return d;
 #ifndef FASTLM_EMU
   constexpr int kMaxDevices = 64;
-  static std::atomic<uint32_t> cached[kMaxDevices];  // sms << 16 | major << 12 | minor << 8 | sm90a << 1 | 1
+  static std::atomic<uint32_t> cached[kMaxDevices];  // sms << 16 | major << 12 | minor << 8 | 1
   const uint32_t c = dev < kMaxDevices ? cached[dev].load(std::memory_order_relaxed) : 0;
-  if (c) return {int(c >> 12) & 15, int(c >> 8) & 15, int(c >> 16), bool((c >> 1) & 1)};
+  if (c) {
+    d.major = int(c >> 12) & 15, d.minor = int(c >> 8) & 15, d.sms = int(c >> 16);
+  } else
 #endif
-  cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev);
-  cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
-  d.binary_is_sm90a = d.major == 9 && sm90::binary_is_sm90a(kernel);
+  {
+    cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev);
+    cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
 #ifndef FASTLM_EMU
-  if (dev < kMaxDevices)
-    cached[dev].store(uint32_t(d.sms) << 16 | uint32_t(d.major & 15) << 12 | uint32_t(d.minor & 15) << 8 |
-                          uint32_t(d.binary_is_sm90a) << 1 | 1u,
-                      std::memory_order_relaxed);
+    if (dev < kMaxDevices)
+      cached[dev].store(uint32_t(d.sms) << 16 | uint32_t(d.major & 15) << 12 | uint32_t(d.minor & 15) << 8 | 1u,
+                        std::memory_order_relaxed);
 #endif
+  }
+  d.binary_is_sm90a = d.major == 9 && sm90::binary_is_sm90a(kernel);
   return d;
 }
 

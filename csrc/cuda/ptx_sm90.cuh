@@ -64,6 +64,8 @@
 #ifndef FASTLM_EMU
 #include <cuda.h>  // CUtensorMap and its enums only: cuTensorMapEncodeTiled is found at run time
 #include <cuda_runtime.h>
+
+#include <atomic>
 #endif
 
 #ifdef __CUDACC__
@@ -156,22 +158,62 @@ inline bool make_tma_desc_4d(TmaDesc* out, const void* base, int elem_bytes, con
 }
 
 
+#ifndef FASTLM_EMU
+namespace detail {
+// binary_is_sm90a's answers, one row of slots per device: a slot is claimed once for a kernel (its
+// host pointer, by compare-exchange on the first free slot, so the free slots are a row's suffix),
+// then gets the answer (0 not yet written, 1 no, 2 yes). Namespace scope and zero-initialized
+// (no function-local static and its guard), no lock; not in the emulator build, where the answer
+// is always true and TSan's instrumentation has no hooks for atomics. A full row or a device past
+// the table only costs the uncached query.
+constexpr int kCheckedDevices = 64, kCheckedKernels = 32;
+struct BinaryCheck {
+  std::atomic<const void*> kernel;
+  std::atomic<uint8_t> answer;
+};
+inline BinaryCheck binary_checks[kCheckedDevices][kCheckedKernels];
+}  // namespace detail
+#endif
+
 // Whether the binary of `kernel` the runtime picks on the current device is sm_90a SASS (not the
 // sm_80 cubin, nor compute_80 PTX JIT-compiled, where every helper below is a trap): the one
-// check every sm_90a tier's launcher makes before choosing its kernel. The emulator runs the
-// kernel's source on the profile it emulates, so there it is always true.
+// check every sm_90a tier's launcher makes before choosing its kernel. The cudaFuncGetAttributes
+// query (about a microsecond) runs once per (device, kernel); later calls scan <= 32 slots.
+// The emulator runs the kernel's source on the profile it emulates, so there it is always true.
 template <typename Kernel>
 inline bool binary_is_sm90a(Kernel kernel) {
 #ifdef FASTLM_EMU
   (void)kernel;
   return true;
 #else
-  cudaFuncAttributes a{};
-  if (cudaFuncGetAttributes(&a, kernel) != cudaSuccess) {
-    (void)cudaGetLastError();  // not sticky: the caller's other tier reports its own status
-    return false;
+  const void* key = reinterpret_cast<const void*>(kernel);
+  int dev = -1;
+  detail::BinaryCheck* row = nullptr;
+  if (cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < detail::kCheckedDevices)
+    row = detail::binary_checks[dev];
+  for (int i = 0; row && i < detail::kCheckedKernels; ++i) {
+    const void* k = row[i].kernel.load(std::memory_order_acquire);
+    if (k == nullptr) break;  // the rest of the row is free
+    if (k == key) {
+      if (const uint8_t a = row[i].answer.load(std::memory_order_acquire)) return a == 2;
+      break;  // claimed, its answer still being written: ask ourselves
+    }
   }
-  return a.binaryVersion == 90 && a.ptxVersion >= 90;
+  cudaFuncAttributes a{};
+  bool yes = false;
+  if (cudaFuncGetAttributes(&a, kernel) == cudaSuccess) {
+    yes = a.binaryVersion == 90 && a.ptxVersion >= 90;
+  } else {
+    (void)cudaGetLastError();  // not sticky: the caller's other tier reports its own status
+  }
+  for (int i = 0; row && i < detail::kCheckedKernels; ++i) {
+    const void* k = nullptr;
+    if (row[i].kernel.compare_exchange_strong(k, key, std::memory_order_acq_rel) || k == key) {
+      row[i].answer.store(yes ? 2 : 1, std::memory_order_release);
+      break;
+    }
+  }
+  return yes;
 #endif
 }
 
