@@ -1,33 +1,57 @@
-// layer_norm / rms_norm on CUDA with the optional pre-norm residual add. A row belongs to a
-// group of tx threads, tx the power of two (up to 512) that leaves each thread at most 32
-// elements, so narrow rows share a warp (xor shuffles stay inside the aligned lane group) and
-// wide rows get up to 16 warps; blockDim.y rows per block.
+// layer_norm / rms_norm on CUDA with the optional pre-norm residual add, for rows of any width,
+// row stride and storage offset, with 16-byte accesses everywhere (row_io.cuh: a scalar head up
+// to the anchor operand's 16-byte boundary, packs, a scalar tail; an operand out of phase with the
+// anchor takes element accesses at its pack positions).
 //
-// Forward: each thread holds its slice of h = x + residual in registers through row_io.cuh
-// (16-byte packs for any width, stride and offset: a scalar head up to x's 16-byte boundary,
-// then packs, then a scalar tail; tx >= 8 so one head and one tail element per thread), so the
-// row is read once and written once (h, y): two-pass fp32 statistics (mean, then centered
-// variance) from registers with shuffles + shared memory, no atomics. All of a thread's loads
-// of x and residual are issued before the first add: 128-thread blocks at 122-126 registers
-// (no spills) = 4 blocks, 512 threads an SM, with up to 4 packs of x and 4 of residual each =
-// up to 64 KB in flight per SM; a 768-wide bf16 row (3 packs a thread) keeps 24 KB (48 KB with
-// a residual) in flight, above the ~14 KB Little's law asks of an H100 SM (~3 TB/s x ~600 ns /
-// 132 SMs). The scalar edges cost at most 2 x 7 two-byte accesses a row.
+// Forward, rows <= 16384 (forward_kernel): a row belongs to a group of tx threads, tx the power of
+// two (8..512) that leaves each thread at most 32 elements, so narrow rows share a warp (xor
+// shuffles stay inside the aligned lane group) and wide rows get up to 16 warps; blockDim.y rows
+// per block. Each thread holds its slice of h = x + residual in registers, so the row is read once
+// and written once (h, y): two-pass fp32 statistics (mean, then centered variance) from registers
+// with shuffles + shared memory, no atomics. All of a thread's loads of x and residual are issued
+// before the first add: 128-thread blocks at 122-126 registers (no spills) = 4 blocks, 512 threads
+// an SM, with up to 4 packs of x and 4 of residual each = up to 64 KB in flight per SM; a 768-wide
+// bf16 row (3 packs a thread) keeps 24 KB (48 KB with a residual) in flight, above the ~14 KB
+// Little's law asks of an H100 SM (~3 TB/s x ~600 ns / 132 SMs).
 //
-// Backward: one persistent 512-thread block per SM (tx threads a row, 512 / tx rows at a time).
-// grad_h is written per row; grad_weight / grad_bias are summed in registers over every row a
-// thread visits, folded over the block's row groups in shared memory and written as ONE fp32
-// partial row per block and gradient (132 SMs x 2 x 4096 cols x 4 B = 4.3 MB: L2-resident,
-// written in full, so no memset, and none at all when neither gradient is wanted), then
-// column_sum.cuh adds the partials in a fixed order (deterministic). The first pass issues its
-// 2 x 4 pack loads per thread together (512 x 8 x 16 B = 64 KB in flight per SM); the second
-// pass re-reads the same slice from L1. Widths or strides that are not pack multiples take
-// scalar accesses here (the accumulators are per column, so every row must split alike). The
-// phase walk of bias_act.cu (row_io's phase_period: a block takes rows of one 16-byte phase)
-// would keep packs here too, but its 2 x 34 accumulators (head and tail slots added) next to
-// the held rows spilled 0.1-1 KB a thread under the 128 registers of 512 threads; until that
-// fits, these cases stay scalar. The partial rows are padded to 16 bytes for column_sum. Before: a read-modify-write of a global fp32 workspace row per row and
-// gradient (16 B of extra traffic per element) into a memset 69 MB buffer at 4096 columns.
+// Forward, rows > 16384 (long_forward_kernel): one 512-thread block a row, persistent over rows,
+// the row streamed in chunks of 512 x K packs (K = 4 16-bit / 8 fp32: 16384 elements). Pass 1
+// reads x (+ residual) from DRAM, writes h, and Chan-merges each chunk's exact (count, mean, M2)
+// from registers (no E[v^2] - mean^2 cancellation); pass 2 re-reads h (or x) and writes y. The
+// re-read comes from L2 because the grid is capped at 24 MB / row bytes concurrent rows (L2: A100
+// 40 MB, H100/H200 50 MB): DRAM traffic is the register kernel's (x [+ residual] read once,
+// [h +] y written once), plus one L2 read of the row. In flight: 512 x K x 16 B = 32 KB a block
+// (64 KB with a residual), one block an SM: bf16 131072 (256 KB rows) runs 96 blocks = 3 MB in
+// flight, above the ~1.8 MB (H100) / ~2.9 MB (H200) Little's law asks; fp32 131072 runs 48 blocks
+// = 1.5 MB (~85 % H100 estimate); fp32 262144 only 24 blocks = 0.8 MB (~40 %): past ~128K fp32
+// the L2 cap, not the kernel, bounds the estimate (uncapped, pass 2 would read DRAM again: 1.5x).
+//
+// Backward, aligned rows <= 16384 (backward_kernel): one persistent 512-thread block per SM (tx
+// threads a row, 512 / tx rows at a time). grad_h is written per row; grad_weight / grad_bias are
+// summed in registers over every row a thread visits, folded over the block's row groups in
+// shared memory and written as ONE fp32 partial row per block and gradient (132 SMs x 2 x 4096
+// cols x 4 B = 4.3 MB: L2-resident, written in full, so no memset, and none at all when neither
+// gradient is wanted), then column_sum.cuh adds the partials in a fixed order (deterministic).
+// The first pass issues its 2 x 4 pack loads per thread together (512 x 8 x 16 B = 64 KB in
+// flight per SM); the second pass re-reads the same slice from L1. It takes rows whose every
+// operand (grad_y, grad_sum, h, weight, grad_h) is 16-byte aligned in pointer and row stride,
+// since its per-column accumulators need every row to split alike.
+//
+// Backward, everything else (wider than 16384, or any width, stride or pointer off 16 bytes): a
+// split pair, 16-byte accesses for every layout. row_sums_kernel streams each row (its own split,
+// no per-column state) for c1 = mean(xhat gw), c2 = mean(gw) and writes 2 floats a row;
+// column_tile_backward_kernel gives block (x, y) column tile x (128 threads x 2 packs of h's
+// split; tile 0 also owns the head and tail elements) of the rows of one 16-byte phase q = y mod
+// P (row_io's phase_period over every operand's row stride, P <= 8: those rows split alike, so a
+// thread's slots are the same columns in every row), writes grad_h, and sums grad_weight /
+// grad_bias per slot in registers into block row y's fp32 partial (each column written by exactly
+// one tile: no memset); column_sum.cuh then adds the ~4 x SMs / tiles + P partial rows in a fixed
+// order. Traffic: grad_y and h are read twice from DRAM (row sums, then tiles), so the pair moves
+// 5 (6 with grad_sum) element-bytes per element against the one-pass 3 (4): ~1.6x the bytes, at
+// 16-byte accesses (before: element accesses for every unaligned case, ~20-30 % of copy
+// bandwidth). In flight: row sums 512 threads x (grad_y, h, weight) x 4 packs x 16 B = 96 KB a
+// block, one block an SM; tiles 4 blocks x 128 threads x (grad_y, h, grad_sum) x 2 packs x 16 B =
+// 48 KB an SM. Partials for 131072 bf16 columns: 64 tiles, 9 row parts x 2 x 512 KB = 9.4 MB.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -158,6 +182,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) forward_kernel(NormForwardArgs
 // registers over every row the thread visits (kAccs: 0 none wanted, 1 weight only, 2 weight
 // and bias), folded over the block's row groups in shared memory, and written as one fp32
 // partial row per block: partial (gridDim.x, kAccs, cols), every element written, so no memset.
+// VEC = kVec<T> only (16-byte packs): other layouts take the split pair below.
 template <typename T, int VEC, int kAccs>
 __global__ void __launch_bounds__(kBackwardThreads, 1) backward_kernel(NormBackwardArgs a, float* partial, int64_t ld) {
   FASTLM_SHARED(float, smem, [kMaxThreads / 32]);
@@ -200,9 +225,8 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) backward_kernel(NormBackw
     const float c1 = group_sum(s1, smem) / float(cols);
     const float c2 = a.rms ? 0.0f : group_sum(s2, smem) / float(cols);
     // Second pass over the same addresses: the thread read them a moment ago, so they come
-    // from L1 (a row group's slice is <= 64 KB), not DRAM. Not unrolled for scalars, where 32
-    // in-flight elements next to the 64 accumulators would spill.
-#pragma unroll(VEC == 1 ? 1 : kPacks)
+    // from L1 (a row group's slice is <= 64 KB), not DRAM.
+#pragma unroll
     for (int k = 0; k < kPacks; ++k) {
       const int64_t c = threadIdx.x * VEC + k * stride;
       if (!live || c >= cols) continue;
