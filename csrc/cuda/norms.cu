@@ -259,17 +259,23 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) backward_kernel(NormBackw
 }
 
 // ---------------------------------------------------------------- long rows: forward
-// One 512-thread block per row, persistent over rows r = blockIdx.x + i gridDim.x, the row
-// streamed in chunks of 512 K packs (row_io's stream_row; any width, stride and offset). Pass 1
-// reads x (+ residual), writes h, and merges each chunk's exact (count, mean, M2) from registers
-// into the thread's running ones (Chan): no E[v^2] - mean^2 cancellation. Pass 2 re-reads the
-// row (h, or x without a residual) and writes y.
+// One kLongThreads block per row, persistent over rows r = blockIdx.x + i gridDim.x, the row
+// streamed in chunks of kLongThreads x K packs (row_io's Slots; any width, stride and offset).
+// Pass 1 reads x (+ residual), writes h, and sums v - s and (v - s)^2 with s the row's first
+// element (a broadcast load): var = E[(v - s)^2] - E[v - s]^2 loses ~(mean - s)^2 / var ulps, a
+// few for any s within a few standard deviations of the mean, where the unshifted E[v^2] -
+// mean^2 loses mean^2 / var (a row at 1000 x its spread: 1e6 ulps). Pass 2 re-reads the row (h,
+// or x without a residual) and writes y.
+constexpr int kLongThreads = 512;
+constexpr int kLongRowElems = kMaxElems / 2;  // per thread and chunk; at 32 both passes spilled
+
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads, 1) long_forward_kernel(NormForwardArgs a) {
+__global__ void __launch_bounds__(kLongThreads, 1) long_forward_kernel(NormForwardArgs a) {
   FASTLM_SHARED(float, smem, [kMaxThreads / 32]);
-  constexpr int K = kMaxElems / kVec<T>;
-  using Chunk = Slots<T, kMaxThreads, K>;
+  constexpr int K = kLongRowElems / kVec<T>;
+  using Chunk = Slots<T, kLongThreads, K>;
   using Regs = Held<T, K>;
+  constexpr int64_t kChunkPacks = int64_t(kLongThreads) * K;
   const int64_t cols = a.cols;
   const int lane = int(threadIdx.x);
   for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {  // uniform per block: syncs line up
@@ -277,35 +283,32 @@ __global__ void __launch_bounds__(kMaxThreads, 1) long_forward_kernel(NormForwar
     const T* res_row = a.residual ? static_cast<const T*>(a.residual) + r * a.residual_stride : nullptr;
     T* h_row = a.residual ? static_cast<T*>(a.h) + r * cols : nullptr;
     const RowSplit split = split_row(x_row, cols);
-    float n = 0.0f, mean_t = 0.0f, m2 = 0.0f;  // this thread's count, mean and M2 (rms: sum of squares)
-    stream_row<T, kMaxThreads, K>(split, lane, [&](const Chunk& chunk) {
+    float shift = 0.0f;  // rms: none, its statistic is E[v^2] itself
+    if (!a.rms) shift = res_row ? to_float(from_float<T>(to_float(x_row[0]) + to_float(res_row[0]))) : to_float(x_row[0]);
+    float s1 = 0.0f, s2 = 0.0f;
+    // One loop body per pass, not stream_row's peeled first chunk: two inlined copies of these
+    // bodies spilled under the 128 registers of 512 threads.
+#pragma unroll 1
+    for (int64_t p0 = 0; p0 == 0 || p0 < split.packs; p0 += kChunkPacks) {
+      const Chunk chunk{split, lane, p0, p0 == 0};
       const Regs xs = chunk.load(x_row, true);
-      float v[Regs::kSlots];
+      auto add = [&](float v) {
+        s1 += v - shift;
+        s2 += (v - shift) * (v - shift);
+        return v;
+      };
       if (res_row) {
         const Regs rs = chunk.load(res_row, same_phase(res_row, x_row));  // in flight with x
-        chunk.for_each([&](int slot, int64_t) { v[slot] = to_float(from_float<T>(xs.at(slot) + rs.at(slot))); });
-        chunk.store(h_row, same_phase(h_row, x_row), [&](int slot, int64_t) { return v[slot]; });
+        chunk.store(h_row, same_phase(h_row, x_row), [&](int slot, int64_t) {
+          return add(to_float(from_float<T>(xs.at(slot) + rs.at(slot))));  // h in T, as eager
+        });
       } else {
-        chunk.for_each([&](int slot, int64_t) { v[slot] = xs.at(slot); });
+        chunk.for_each([&](int slot, int64_t) { add(xs.at(slot)); });
       }
-      if (a.rms) {
-        chunk.for_each([&](int slot, int64_t) { m2 += v[slot] * v[slot]; });
-        return;
-      }
-      float count = 0.0f, sum = 0.0f;
-      chunk.for_each([&](int slot, int64_t) { count += 1.0f; sum += v[slot]; });
-      if (count == 0.0f) return;
-      const float chunk_mean = sum / count;
-      float chunk_m2 = 0.0f;
-      chunk.for_each([&](int slot, int64_t) { chunk_m2 += (v[slot] - chunk_mean) * (v[slot] - chunk_mean); });
-      const float total = n + count, delta = chunk_mean - mean_t;
-      mean_t += delta * (count / total);
-      m2 += chunk_m2 + delta * delta * (n * count / total);
-      n = total;
-    });
-    const float mean = a.rms ? 0.0f : group_sum(n * mean_t, smem) / float(cols);
-    const float spread = a.rms ? m2 : m2 + n * (mean_t - mean) * (mean_t - mean);
-    const float rstd = rsqrtf(group_sum(spread, smem) / float(cols) + a.eps);
+    }
+    const float d = a.rms ? 0.0f : group_sum(s1, smem) / float(cols);  // mean - shift
+    const float mean = shift + d;
+    const float rstd = rsqrtf(fmaxf(group_sum(s2, smem) / float(cols) - d * d, 0.0f) + a.eps);
     if (lane == 0) {
       if (a.mean) a.mean[r] = mean;
       a.rstd[r] = rstd;
@@ -314,7 +317,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) long_forward_kernel(NormForwar
     const T* weight = static_cast<const T*>(a.weight);
     const T* bias = a.rms ? nullptr : static_cast<const T*>(a.bias);
     T* y_row = static_cast<T*>(a.y) + r * cols;
-    stream_row<T, kMaxThreads, K>(split, lane, [&](const Chunk& chunk) {
+#pragma unroll 1
+    for (int64_t p0 = 0; p0 == 0 || p0 < split.packs; p0 += kChunkPacks) {
+      const Chunk chunk{split, lane, p0, p0 == 0};
       const Regs vs = chunk.load(src, same_phase(src, x_row));
       Regs ws, bs;
       if (weight) ws = chunk.load(weight, same_phase(weight, x_row));
@@ -325,7 +330,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) long_forward_kernel(NormForwar
         if (bias) o += bs.at(slot);
         return o;
       });
-    });
+    }
   }
 }
 
@@ -378,9 +383,10 @@ __global__ void __launch_bounds__(kRowSumThreads, 1) row_sums_kernel(NormBackwar
 // tile: no memset). Operands out of phase with h take element accesses at h's pack positions.
 constexpr int kTileThreads = 128;
 constexpr int kTilePacks = 2;  // grad_y, h, grad_sum: 6 x 16 B in flight a thread
+constexpr int kTileBlocksPerSm = 3;  // 168 registers: 2 x 18 sums + 4 held operands (at 4 blocks, 128, 16-bit spilled)
 
 template <typename T, int kAccs>
-__global__ void __launch_bounds__(kTileThreads, 4) column_tile_backward_kernel(NormBackwardArgs a, const float* row_sums,
+__global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm) column_tile_backward_kernel(NormBackwardArgs a, const float* row_sums,
                                                                                float* partial, int64_t ld, int period) {
   using Tile = Slots<T, kTileThreads, kTilePacks>;
   using Regs = Held<T, kTilePacks>;
@@ -512,8 +518,8 @@ BackwardPlan plan_backward(const NormBackwardArgs& a) {
   }
   b.period = phase_period(eb, {a.grad_y_stride, a.h_stride, a.grad_sum ? a.grad_sum_stride : 0, a.cols});
   b.tiles = std::max<int64_t>(1, ceil_div(a.cols / (16 / eb), int64_t(kTileThreads) * kTilePacks));
-  // ~4 blocks an SM in all, never more parts than a phase has rows
-  const int64_t per_phase = std::min(ceil_div(ceil_div(int64_t(sm_count()) * 4, b.tiles), b.period),
+  // a wave of blocks in all, never more parts than a phase has rows
+  const int64_t per_phase = std::min(ceil_div(ceil_div(int64_t(sm_count()) * kTileBlocksPerSm, b.tiles), b.period),
                                      ceil_div(a.rows, b.period));
   b.blocks = b.period * std::max<int64_t>(1, per_phase);
   b.row_sum_floats = ceil_div(2 * a.rows, 4) * 4;
@@ -554,7 +560,7 @@ int norm_forward_cuda(const NormForwardArgs& a, cudaStream_t stream) {
   using namespace cuda;
   const int eb = elem_bytes(a.dtype);
   if (!held_in_registers(a.cols)) {
-    const dim3 grid(unsigned(long_forward_blocks(a.rows, a.cols, eb))), block(kMaxThreads);
+    const dim3 grid(unsigned(long_forward_blocks(a.rows, a.cols, eb))), block(kLongThreads);
     with_type(a.dtype, [&](auto t) { launch_kernel(long_forward_kernel<decltype(t)>, grid, block, 0, stream, a); });
     return int(cudaGetLastError());
   }
