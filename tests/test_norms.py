@@ -344,3 +344,13 @@ def test_cuda_emu_nan_row_stays_in_its_row(dtype, cols):
                                       outs + gs, outs64 + gs64, outs0 + gs0, ["out"] * 2 + ["grad"] * 4):
         assert torch.equal(torch.isnan(o), torch.isnan(o64)), f"{name}: NaNs not where the oracle has them"
         assert_close(f"cuda-emu nan-row {name}", o, o64, o0, kind=kind)
+
+
+# The streamed forward's statistics are sums shifted by the row's first element: a mean 1000x the
+# spread must not cancel (E[v^2] - mean^2 would lose ~1e6 ulps), against float64.
+@pytest.mark.emu
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
+def test_cuda_emu_long_rows_large_mean():
+    x = torch.randn(2, 20000) * 0.05 + 50.0
+    y = layer_norm(x, 20000, backend="cuda-emu")
+    torch.testing.assert_close(y.double(), F.layer_norm(x.double(), (20000,)), rtol=1e-4, atol=1e-4)

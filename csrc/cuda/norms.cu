@@ -15,16 +15,18 @@
 // Little's law asks of an H100 SM (~3 TB/s x ~600 ns / 132 SMs).
 //
 // Forward, rows > 16384 (long_forward_kernel): one 512-thread block a row, persistent over rows,
-// the row streamed in chunks of 512 x K packs (K = 4 16-bit / 8 fp32: 16384 elements). Pass 1
-// reads x (+ residual) from DRAM, writes h, and Chan-merges each chunk's exact (count, mean, M2)
-// from registers (no E[v^2] - mean^2 cancellation); pass 2 re-reads h (or x) and writes y. The
-// re-read comes from L2 because the grid is capped at 24 MB / row bytes concurrent rows (L2: A100
-// 40 MB, H100/H200 50 MB): DRAM traffic is the register kernel's (x [+ residual] read once,
-// [h +] y written once), plus one L2 read of the row. In flight: 512 x K x 16 B = 32 KB a block
-// (64 KB with a residual), one block an SM: bf16 131072 (256 KB rows) runs 96 blocks = 3 MB in
-// flight, above the ~1.8 MB (H100) / ~2.9 MB (H200) Little's law asks; fp32 131072 runs 48 blocks
-// = 1.5 MB (~85 % H100 estimate); fp32 262144 only 24 blocks = 0.8 MB (~40 %): past ~128K fp32
-// the L2 cap, not the kernel, bounds the estimate (uncapped, pass 2 would read DRAM again: 1.5x).
+// the row streamed in chunks of 512 x K packs (K = 2 16-bit / 4 fp32: 16 elements a thread; at 32
+// both passes spilled under the 128 registers of 512 threads). Pass 1 reads x (+ residual) from
+// DRAM, writes h, and sums v - s, (v - s)^2 with s the row's first element (no E[v^2] - mean^2
+// cancellation; see the kernel); pass 2 re-reads h (or x) and writes y. The re-read comes from
+// L2 because the grid is capped at 24 MB / row bytes concurrent rows (L2: A100 40 MB, H100/H200
+// 50 MB): DRAM traffic is the register kernel's (x [+ residual] read once, [h +] y written once)
+// plus one L2 read of the row. In flight: 512 x K x 16 B = 16 KB a block for 16-bit, 32 KB for
+// fp32 (twice that with a residual), one block an SM (119-122 registers). bf16 131072 (256 KB
+// rows): 96 blocks x 16 KB = 1.5 MB in flight, fp32 131072: 48 x 32 KB = 1.5 MB, against the
+// ~1.8 MB (H100) / ~2.9 MB (H200) Little's law asks: ~85 % (H100) estimated; at 262144 columns
+// only 0.8 MB (~40 %): past ~128K columns the L2 cap, not the kernel, bounds the estimate
+// (uncapped, pass 2 would read DRAM again: 1.5x the bytes). Not measured on a GPU.
 //
 // Backward, aligned rows <= 16384 (backward_kernel): one persistent 512-thread block per SM (tx
 // threads a row, 512 / tx rows at a time). grad_h is written per row; grad_weight / grad_bias are
@@ -45,13 +47,14 @@
 // P (row_io's phase_period over every operand's row stride, P <= 8: those rows split alike, so a
 // thread's slots are the same columns in every row), writes grad_h, and sums grad_weight /
 // grad_bias per slot in registers into block row y's fp32 partial (each column written by exactly
-// one tile: no memset); column_sum.cuh then adds the ~4 x SMs / tiles + P partial rows in a fixed
+// one tile: no memset); column_sum.cuh then adds the ~3 x SMs / tiles + P partial rows in a fixed
 // order. Traffic: grad_y and h are read twice from DRAM (row sums, then tiles), so the pair moves
 // 5 (6 with grad_sum) element-bytes per element against the one-pass 3 (4): ~1.6x the bytes, at
 // 16-byte accesses (before: element accesses for every unaligned case, ~20-30 % of copy
 // bandwidth). In flight: row sums 512 threads x (grad_y, h, weight) x 4 packs x 16 B = 96 KB a
-// block, one block an SM; tiles 4 blocks x 128 threads x (grad_y, h, grad_sum) x 2 packs x 16 B =
-// 48 KB an SM. Partials for 131072 bf16 columns: 64 tiles, 9 row parts x 2 x 512 KB = 9.4 MB.
+// block, one block an SM; tiles 3 blocks x 128 threads x (grad_y, h, grad_sum) x 2 packs x 16 B =
+// 36 KB an SM (168 registers: 2 x 18 sums next to 4 held operands; at 4 blocks, 128 registers,
+// 16-bit spilled). Partials for 131072 bf16 columns: 64 tiles, 7 row parts x 2 x 512 KB = 7.3 MB.
 #include <cuda_runtime.h>
 
 #include <algorithm>
