@@ -434,10 +434,11 @@ struct Plan {
   int tx, ty;
 };
 
-// Threads per row (a power of two, 8..512: row_io holds one head and one tail element per thread)
-// so each holds at most kMaxElems elements; rows per block to fill block_threads.
-Plan make_plan(int64_t cols, int block_threads) {
-  int tx = 8;
+// Threads per row (a power of two, min_tx..512) so each holds at most kMaxElems elements; rows per
+// block to fill block_threads. Kernels on row_io's Slots take min_tx = 8 (one head and one tail
+// element per thread); the register backward's packs need no edges, so narrow rows take 1 thread.
+Plan make_plan(int64_t cols, int block_threads, int min_tx) {
+  int tx = min_tx;
   while (tx < kMaxThreads && cols > int64_t(tx) * kMaxElems) tx *= 2;
   return Plan{tx, std::max(1, block_threads / tx)};
 }
@@ -516,7 +517,7 @@ BackwardPlan plan_backward(const NormBackwardArgs& a) {
   b.accs = accumulated_grads(a);
   b.split = !(aligned && a.cols % (16 / eb) == 0 && held_in_registers(a.cols));
   if (!b.split) {
-    b.blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(a.rows, make_plan(a.cols, kBackwardThreads).ty), sm_count()));
+    b.blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(a.rows, make_plan(a.cols, kBackwardThreads, 1).ty), sm_count()));
     return b;
   }
   b.period = phase_period(eb, {a.grad_y_stride, a.h_stride, a.grad_sum ? a.grad_sum_stride : 0, a.cols});
@@ -535,13 +536,13 @@ void launch_backward(const NormBackwardArgs& a, const BackwardPlan& b, float* ws
   const int64_t ld = b.ld;
   if (!b.split) {
     constexpr int V = kVec<T>;
-    const Plan p = make_plan(a.cols, kBackwardThreads);
+    const Plan p = make_plan(a.cols, kBackwardThreads, 1);
     const dim3 grid(unsigned(b.blocks)), block(unsigned(p.tx), unsigned(p.ty));
     if (b.accs == 0) launch_kernel(backward_kernel<T, V, 0>, grid, block, 0, s, a, partial, ld);
     if (b.accs == 1) launch_kernel(backward_kernel<T, V, 1>, grid, block, 0, s, a, partial, ld);
     if (b.accs == 2) launch_kernel(backward_kernel<T, V, 2>, grid, block, 0, s, a, partial, ld);
   } else {
-    const Plan p = make_plan(std::min<int64_t>(a.cols, int64_t(kMaxElems) * kMaxThreads), kRowSumThreads);
+    const Plan p = make_plan(std::min<int64_t>(a.cols, int64_t(kMaxElems) * kMaxThreads), kRowSumThreads, 8);
     launch_row_sums<T>(a, ws, p.tx, dim3(unsigned(ceil_div(a.rows, p.ty))), dim3(p.tx, p.ty), s);
     const dim3 grid(unsigned(b.tiles), unsigned(b.blocks)), block(kTileThreads);
     const int period = int(b.period);
@@ -567,7 +568,7 @@ int norm_forward_cuda(const NormForwardArgs& a, cudaStream_t stream) {
     with_type(a.dtype, [&](auto t) { launch_kernel(long_forward_kernel<decltype(t)>, grid, block, 0, stream, a); });
     return int(cudaGetLastError());
   }
-  const Plan p = make_plan(a.cols, kForwardThreads);
+  const Plan p = make_plan(a.cols, kForwardThreads, 8);
   const dim3 grid(unsigned(ceil_div(a.rows, p.ty))), block(unsigned(p.tx), unsigned(p.ty));
   with_type(a.dtype, [&](auto t) { launch_forward<decltype(t)>(a, p.tx, grid, block, stream); });
   return int(cudaGetLastError());
