@@ -269,7 +269,7 @@ def test_triton_wide_rows_walk_in_chunks(kind):
 # 256: shuffles within sub-warp groups, across warps through shared memory), the backward's
 # register accumulators (weight and bias, weight only, bias only, none: no partials at all),
 # their fold over the row groups of a block, the persistent grid looping when there are more row
-# blocks than SMs, and the scalar path of odd widths. The partials are NaN-prefilled scratch, so
+# blocks than SMs, and the split pair (row sums, column tiles) of odd widths. The partials are NaN-prefilled scratch, so
 # an element a block failed to write shows up in grad_weight / grad_bias.
 @pytest.mark.emu
 @pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
@@ -277,24 +277,80 @@ def test_triton_wide_rows_walk_in_chunks(kind):
     ("layer", (300, 24), torch.bfloat16, True, True),    # 1 thread a row; 300 row groups fold in one block
     ("rms", (61, 100), torch.float16, True, False),      # 4 threads a row; weight grad only
     ("layer", (270, 4104), torch.bfloat16, True, True),  # 256 threads, 2 rows a block: 135 row blocks > SMs
-    ("layer", (45, 1025), torch.float32, False, True),   # odd width (scalar path); bias grad only
+    ("layer", (45, 1025), torch.float32, False, True),   # odd width (split pair); bias grad only
     ("layer", (33, 200), torch.float32, False, False),   # no gradient summed over rows
 ], ids=["narrow", "rms-weight", "persistent", "odd-bias", "no-affine"])
 def test_cuda_emu_backward_partials(kind, shape, dtype, weight, bias):
     _check("cuda-emu", "cpu", dtype, kind, shape, weight=weight, bias=bias)
 
 
-# row_io.cuh's head / 16-byte body / tail in the forward: odd widths (each row of a contiguous
-# tensor starts at another 16-byte phase), x sliced at an odd offset, and a residual and weight
-# in other phases than x (which take scalar accesses), against the float64 oracle.
+# row_io.cuh's head / 16-byte body / tail, forward and backward: odd widths (each row of a
+# contiguous tensor starts at another 16-byte phase), x sliced at an odd offset, a residual and
+# weight in other phases than x, and rows past 16384 columns (the streamed forward, the split
+# backward), against the float64 oracle.
 @pytest.mark.emu
 @pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
-@pytest.mark.parametrize("cols,offset", [(1, 0), (7, 3), (1000, 5), (1023, 1)])
-def test_cuda_emu_any_width_and_offset(cols, offset):
+@pytest.mark.parametrize("rows,cols,offset", [(5, 1, 0), (5, 7, 3), (5, 1000, 5), (5, 1023, 1), (2, 50257, 3), (2, 131072, 0)])
+def test_cuda_emu_any_width_and_offset(rows, cols, offset):
     dtype = torch.bfloat16
-    x = (torch.randn(5, cols + 9, dtype=dtype) * 2 + 0.5)[:, offset:offset + cols]
-    r = torch.randn(5, cols + 2, dtype=dtype)[:, 2:]
+    x = (torch.randn(rows, cols + 9, dtype=dtype) * 2 + 0.5)[:, offset:offset + cols]
+    r = torch.randn(rows, cols + 2, dtype=dtype)[:, 2:]
     w = torch.randn(cols + 1, dtype=dtype)[1:]
     b = torch.randn(cols, dtype=dtype)
     _compare("cuda-emu", "layer", [x, r, w, b])
     _compare("cuda-emu", "rms", [x, None, w, None])
+
+
+# The split backward called directly, every operand at its own odd offset and row stride (fp16:
+# rows repeat their 16-byte phases only every 8 rows, so column tiles walk rows q + 8 i), a
+# grad_sum, and one width past 16384 (fp32), against norm_backward_ref in float64.
+@pytest.mark.emu
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
+@pytest.mark.parametrize("dtype,cols", [(torch.float16, 1000), (torch.float32, 20001)], ids=str)
+def test_cuda_emu_backward_any_layout(dtype, cols):
+    rows = 19
+
+    def strided(pad, offset):
+        return torch.randn(rows, cols + pad, dtype=dtype)[:, offset:offset + cols]
+
+    h, gy, gs = strided(3, 1) * 2 + 0.5, strided(5, 2), strided(1, 0)
+    w = torch.randn(cols + 1, dtype=dtype)[1:]
+    for rms in (False, True):
+        _, _, mean, rstd = norm_ref(h, None, w, None, 1e-5, rms)  # fp32 statistics, as the forward saves them
+        got = torch.ops.fastlm_emu.norm_bwd(gy, gs, h, w, mean, rstd, rms, not rms)
+        want = norm_backward_ref(gy.double(), gs.double(), h.double(), w.double(), mean.double(), rstd.double(), rms, not rms)
+        base = norm_backward_ref(gy, gs, h, w, mean, rstd, rms, not rms)
+        for name, g, g64, g0 in zip(("grad_h", "grad_weight", "grad_bias"), got, want, base):
+            assert_close(f"cuda-emu {'rms' if rms else 'layer'} {name}", g, g64, g0, kind="grad")
+
+
+# A NaN in one row stays in that row (y, grad_x), and grad_weight turns NaN in every column, as
+# torch's does (grad_bias doesn't see xhat and stays finite): the register kernels (1000 fp32
+# columns) and the streamed forward with the split backward (20000 bf16 columns).
+@pytest.mark.emu
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
+@pytest.mark.parametrize("dtype,cols", [(torch.float32, 1000), (torch.bfloat16, 20000)], ids=str)
+def test_cuda_emu_nan_row_stays_in_its_row(dtype, cols):
+    x, r = torch.randn(3, cols, dtype=dtype), torch.randn(3, cols, dtype=dtype)
+    x[1, cols // 3] = float("nan")
+    w, b = torch.randn(cols, dtype=dtype), torch.randn(cols, dtype=dtype)
+    grads = [torch.randn(3, cols, dtype=dtype) for _ in range(2)]
+    outs, gs = _run(_ours("layer", "cuda-emu"), [x, r, w, b], grads, 1e-5)
+    ref = lambda *a: _torch_norm("layer", *a)
+    outs64, gs64 = _run(ref, [x, r, w, b], grads, 1e-5, torch.float64)
+    outs0, gs0 = _run(ref, [x, r, w, b], grads, 1e-5)
+    assert torch.isnan(gs64[2]).all() and not torch.isnan(gs64[3]).any()  # the oracle's own pattern
+    for name, o, o64, o0, kind in zip(("y", "h", "grad_x", "grad_residual", "grad_weight", "grad_bias"),
+                                      outs + gs, outs64 + gs64, outs0 + gs0, ["out"] * 2 + ["grad"] * 4):
+        assert torch.equal(torch.isnan(o), torch.isnan(o64)), f"{name}: NaNs not where the oracle has them"
+        assert_close(f"cuda-emu nan-row {name}", o, o64, o0, kind=kind)
+
+
+# The streamed forward's statistics are sums shifted by the row's first element: a mean 1000x the
+# spread must not cancel (E[v^2] - mean^2 would lose ~1e6 ulps), against float64.
+@pytest.mark.emu
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
+def test_cuda_emu_long_rows_large_mean():
+    x = torch.randn(2, 20000) * 0.05 + 50.0
+    y = layer_norm(x, 20000, backend="cuda-emu")
+    torch.testing.assert_close(y.double(), F.layer_norm(x.double(), (20000,)), rtol=1e-4, atol=1e-4)

@@ -9,14 +9,10 @@
 namespace fastlm::bind {
 namespace {
 
-constexpr int64_t kMaxCols = 16384;  // csrc/cuda/norms.cu keeps a row in registers: 32 x 512 threads
-
 NormOutputs norm_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                           const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                           double eps, bool rms) {
   constexpr const char* op = "norm_fwd";
-  TORCH_CHECK_VALUE(x.dim() != 2 || x.size(1) <= kMaxCols, op, ": rows of ", x.size(-1),
-                    " elements exceed the CUDA kernel's limit of ", kMaxCols);
   const GpuGuard guard(x.device());
   NormForwardPlan p = plan_norm_forward(op, x, residual, weight, bias, eps, rms, kGpu);
   if (p.args.rows > 0 && p.args.cols > 0)
@@ -28,17 +24,15 @@ NormGrads norm_bwd_cuda(const at::Tensor& grad_y, const std::optional<at::Tensor
                         const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd,
                         bool rms, bool bias_grad) {
   constexpr const char* op = "norm_bwd";
-  TORCH_CHECK_VALUE(h.dim() != 2 || h.size(1) <= kMaxCols, op, ": rows of ", h.size(-1),
-                    " elements exceed the CUDA kernel's limit of ", kMaxCols);
   const GpuGuard guard(h.device());
   NormBackwardPlan p = plan_norm_backward(op, grad_y, grad_sum, h, weight, mean, rstd, rms, bias_grad,
                                           kGpu);
   if (p.args.rows > 0 && p.args.cols > 0) {
-    // Per-CTA fp32 partials of grad_weight / grad_bias, every element written by the kernel
-    // (no memset); none at all when neither gradient is wanted.
+    // Per-CTA fp32 partials of grad_weight / grad_bias and per-row sums, every element written by
+    // the kernels (no memset); none at all when the plan needs neither.
     at::Tensor ws;
-    if (p.args.grad_weight || p.args.grad_bias)
-      ws = at::empty({norm_backward_cuda_workspace(p.args.rows, p.args.cols)}, h.options().dtype(at::kFloat));
+    if (const int64_t floats = norm_backward_cuda_workspace(p.args); floats > 0)
+      ws = at::empty({floats}, h.options().dtype(at::kFloat));
     check_launch(op, norm_backward_cuda(p.args, ws.defined() ? ws.data_ptr<float>() : nullptr, gpu_stream()));
   }
   return p.outputs();

@@ -1,33 +1,60 @@
-// layer_norm / rms_norm on CUDA with the optional pre-norm residual add. A row belongs to a
-// group of tx threads, tx the power of two (up to 512) that leaves each thread at most 32
-// elements, so narrow rows share a warp (xor shuffles stay inside the aligned lane group) and
-// wide rows get up to 16 warps; blockDim.y rows per block.
+// layer_norm / rms_norm on CUDA with the optional pre-norm residual add, for rows of any width,
+// row stride and storage offset, with 16-byte accesses everywhere (row_io.cuh: a scalar head up
+// to the anchor operand's 16-byte boundary, packs, a scalar tail; an operand out of phase with the
+// anchor takes element accesses at its pack positions).
 //
-// Forward: each thread holds its slice of h = x + residual in registers through row_io.cuh
-// (16-byte packs for any width, stride and offset: a scalar head up to x's 16-byte boundary,
-// then packs, then a scalar tail; tx >= 8 so one head and one tail element per thread), so the
-// row is read once and written once (h, y): two-pass fp32 statistics (mean, then centered
-// variance) from registers with shuffles + shared memory, no atomics. All of a thread's loads
-// of x and residual are issued before the first add: 128-thread blocks at 122-126 registers
-// (no spills) = 4 blocks, 512 threads an SM, with up to 4 packs of x and 4 of residual each =
-// up to 64 KB in flight per SM; a 768-wide bf16 row (3 packs a thread) keeps 24 KB (48 KB with
-// a residual) in flight, above the ~14 KB Little's law asks of an H100 SM (~3 TB/s x ~600 ns /
-// 132 SMs). The scalar edges cost at most 2 x 7 two-byte accesses a row.
+// Forward, rows <= 16384 (forward_kernel): a row belongs to a group of tx threads, tx the power of
+// two (8..512) that leaves each thread at most 32 elements, so narrow rows share a warp (xor
+// shuffles stay inside the aligned lane group) and wide rows get up to 16 warps; blockDim.y rows
+// per block. Each thread holds its slice of h = x + residual in registers, so the row is read once
+// and written once (h, y): two-pass fp32 statistics (mean, then centered variance) from registers
+// with shuffles + shared memory, no atomics. All of a thread's loads of x and residual are issued
+// before the first add: 128-thread blocks at 122-126 registers (no spills) = 4 blocks, 512 threads
+// an SM, with up to 4 packs of x and 4 of residual each = up to 64 KB in flight per SM; a 768-wide
+// bf16 row (3 packs a thread) keeps 24 KB (48 KB with a residual) in flight, above the ~14 KB
+// Little's law asks of an H100 SM (~3 TB/s x ~600 ns / 132 SMs).
 //
-// Backward: one persistent 512-thread block per SM (tx threads a row, 512 / tx rows at a time).
-// grad_h is written per row; grad_weight / grad_bias are summed in registers over every row a
-// thread visits, folded over the block's row groups in shared memory and written as ONE fp32
-// partial row per block and gradient (132 SMs x 2 x 4096 cols x 4 B = 4.3 MB: L2-resident,
-// written in full, so no memset, and none at all when neither gradient is wanted), then
-// column_sum.cuh adds the partials in a fixed order (deterministic). The first pass issues its
-// 2 x 4 pack loads per thread together (512 x 8 x 16 B = 64 KB in flight per SM); the second
-// pass re-reads the same slice from L1. Widths or strides that are not pack multiples take
-// scalar accesses here (the accumulators are per column, so every row must split alike). The
-// phase walk of bias_act.cu (row_io's phase_period: a block takes rows of one 16-byte phase)
-// would keep packs here too, but its 2 x 34 accumulators (head and tail slots added) next to
-// the held rows spilled 0.1-1 KB a thread under the 128 registers of 512 threads; until that
-// fits, these cases stay scalar. The partial rows are padded to 16 bytes for column_sum. Before: a read-modify-write of a global fp32 workspace row per row and
-// gradient (16 B of extra traffic per element) into a memset 69 MB buffer at 4096 columns.
+// Forward, rows > 16384 (long_forward_kernel): one 512-thread block a row, persistent over rows,
+// the row streamed in chunks of 512 x K packs (K = 2 16-bit / 4 fp32: 16 elements a thread; at 32
+// both passes spilled under the 128 registers of 512 threads). Pass 1 reads x (+ residual) from
+// DRAM, writes h, and sums v - s, (v - s)^2 with s the row's first element (no E[v^2] - mean^2
+// cancellation; see the kernel); pass 2 re-reads h (or x) and writes y. The re-read comes from
+// L2 because the grid is capped at 24 MB / row bytes concurrent rows (L2: A100 40 MB, H100/H200
+// 50 MB): DRAM traffic is the register kernel's (x [+ residual] read once, [h +] y written once)
+// plus one L2 read of the row. In flight: 512 x K x 16 B = 16 KB a block for 16-bit, 32 KB for
+// fp32 (twice that with a residual), one block an SM (119-122 registers). bf16 131072 (256 KB
+// rows): 96 blocks x 16 KB = 1.5 MB in flight, fp32 131072: 48 x 32 KB = 1.5 MB, against the
+// ~1.8 MB (H100) / ~2.9 MB (H200) Little's law asks: ~85 % (H100) estimated; at 262144 columns
+// only 0.8 MB (~40 %): past ~128K columns the L2 cap, not the kernel, bounds the estimate
+// (uncapped, pass 2 would read DRAM again: 1.5x the bytes). Not measured on a GPU.
+//
+// Backward, aligned rows <= 16384 (backward_kernel): one persistent 512-thread block per SM (tx
+// threads a row, 512 / tx rows at a time). grad_h is written per row; grad_weight / grad_bias are
+// summed in registers over every row a thread visits, folded over the block's row groups in
+// shared memory and written as ONE fp32 partial row per block and gradient (132 SMs x 2 x 4096
+// cols x 4 B = 4.3 MB: L2-resident, written in full, so no memset, and none at all when neither
+// gradient is wanted), then column_sum.cuh adds the partials in a fixed order (deterministic).
+// The first pass issues its 2 x 4 pack loads per thread together (512 x 8 x 16 B = 64 KB in
+// flight per SM); the second pass re-reads the same slice from L1. It takes rows whose every
+// operand (grad_y, grad_sum, h, weight, grad_h) is 16-byte aligned in pointer and row stride,
+// since its per-column accumulators need every row to split alike.
+//
+// Backward, everything else (wider than 16384, or any width, stride or pointer off 16 bytes): a
+// split pair, 16-byte accesses for every layout. row_sums_kernel streams each row (its own split,
+// no per-column state) for c1 = mean(xhat gw), c2 = mean(gw) and writes 2 floats a row;
+// column_tile_backward_kernel gives block (x, y) column tile x (128 threads x 2 packs of h's
+// split; tile 0 also owns the head and tail elements) of the rows of one 16-byte phase q = y mod
+// P (row_io's phase_period over every operand's row stride, P <= 8: those rows split alike, so a
+// thread's slots are the same columns in every row), writes grad_h, and sums grad_weight /
+// grad_bias per slot in registers into block row y's fp32 partial (each column written by exactly
+// one tile: no memset); column_sum.cuh then adds the ~3 x SMs / tiles + P partial rows in a fixed
+// order. Traffic: grad_y and h are read twice from DRAM (row sums, then tiles), so the pair moves
+// 5 (6 with grad_sum) element-bytes per element against the one-pass 3 (4): ~1.6x the bytes, at
+// 16-byte accesses (before: element accesses for every unaligned case, ~20-30 % of copy
+// bandwidth). In flight: row sums 512 threads x (grad_y, h, weight) x 4 packs x 16 B = 96 KB a
+// block, one block an SM; tiles 3 blocks x 128 threads x (grad_y, h, grad_sum) x 2 packs x 16 B =
+// 36 KB an SM (168 registers: 2 x 18 sums next to 4 held operands; at 4 blocks, 128 registers,
+// 16-bit spilled). Partials for 131072 bf16 columns: 64 tiles, 7 row parts x 2 x 512 KB = 7.3 MB.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -158,6 +185,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) forward_kernel(NormForwardArgs
 // registers over every row the thread visits (kAccs: 0 none wanted, 1 weight only, 2 weight
 // and bias), folded over the block's row groups in shared memory, and written as one fp32
 // partial row per block: partial (gridDim.x, kAccs, cols), every element written, so no memset.
+// VEC = kVec<T> only (16-byte packs): other layouts take the split pair below.
 template <typename T, int VEC, int kAccs>
 __global__ void __launch_bounds__(kBackwardThreads, 1) backward_kernel(NormBackwardArgs a, float* partial, int64_t ld) {
   FASTLM_SHARED(float, smem, [kMaxThreads / 32]);
@@ -200,9 +228,8 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) backward_kernel(NormBackw
     const float c1 = group_sum(s1, smem) / float(cols);
     const float c2 = a.rms ? 0.0f : group_sum(s2, smem) / float(cols);
     // Second pass over the same addresses: the thread read them a moment ago, so they come
-    // from L1 (a row group's slice is <= 64 KB), not DRAM. Not unrolled for scalars, where 32
-    // in-flight elements next to the 64 accumulators would spill.
-#pragma unroll(VEC == 1 ? 1 : kPacks)
+    // from L1 (a row group's slice is <= 64 KB), not DRAM.
+#pragma unroll
     for (int k = 0; k < kPacks; ++k) {
       const int64_t c = threadIdx.x * VEC + k * stride;
       if (!live || c >= cols) continue;
@@ -234,19 +261,186 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) backward_kernel(NormBackw
   }
 }
 
+// ---------------------------------------------------------------- long rows: forward
+// One kLongThreads block per row, persistent over rows r = blockIdx.x + i gridDim.x, the row
+// streamed in chunks of kLongThreads x K packs (row_io's Slots; any width, stride and offset).
+// Pass 1 reads x (+ residual), writes h, and sums v - s and (v - s)^2 with s the row's first
+// element (a broadcast load): var = E[(v - s)^2] - E[v - s]^2 loses ~(mean - s)^2 / var ulps, a
+// few for any s within a few standard deviations of the mean, where the unshifted E[v^2] -
+// mean^2 loses mean^2 / var (a row at 1000 x its spread: 1e6 ulps). Pass 2 re-reads the row (h,
+// or x without a residual) and writes y.
+constexpr int kLongThreads = 512;
+constexpr int kLongRowElems = kMaxElems / 2;  // per thread and chunk; at 32 both passes spilled
+
+template <typename T>
+__global__ void __launch_bounds__(kLongThreads, 1) long_forward_kernel(NormForwardArgs a) {
+  FASTLM_SHARED(float, smem, [kMaxThreads / 32]);
+  constexpr int K = kLongRowElems / kVec<T>;
+  using Chunk = Slots<T, kLongThreads, K>;
+  using Regs = Held<T, K>;
+  constexpr int64_t kChunkPacks = int64_t(kLongThreads) * K;
+  const int64_t cols = a.cols;
+  const int lane = int(threadIdx.x);
+  for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {  // uniform per block: syncs line up
+    const T* x_row = static_cast<const T*>(a.x) + r * a.x_stride;
+    const T* res_row = a.residual ? static_cast<const T*>(a.residual) + r * a.residual_stride : nullptr;
+    T* h_row = a.residual ? static_cast<T*>(a.h) + r * cols : nullptr;
+    const RowSplit split = split_row(x_row, cols);
+    float shift = 0.0f;  // rms: none, its statistic is E[v^2] itself
+    if (!a.rms) shift = res_row ? to_float(from_float<T>(to_float(x_row[0]) + to_float(res_row[0]))) : to_float(x_row[0]);
+    float s1 = 0.0f, s2 = 0.0f;
+    // One loop body per pass, not stream_row's peeled first chunk: two inlined copies of these
+    // bodies spilled under the 128 registers of 512 threads.
+#pragma unroll 1
+    for (int64_t p0 = 0; p0 == 0 || p0 < split.packs; p0 += kChunkPacks) {
+      const Chunk chunk{split, lane, p0, p0 == 0};
+      const Regs xs = chunk.load(x_row, true);
+      auto add = [&](float v) {
+        s1 += v - shift;
+        s2 += (v - shift) * (v - shift);
+        return v;
+      };
+      if (res_row) {
+        const Regs rs = chunk.load(res_row, same_phase(res_row, x_row));  // in flight with x
+        chunk.store(h_row, same_phase(h_row, x_row), [&](int slot, int64_t) {
+          return add(to_float(from_float<T>(xs.at(slot) + rs.at(slot))));  // h in T, as eager
+        });
+      } else {
+        chunk.for_each([&](int slot, int64_t) { add(xs.at(slot)); });
+      }
+    }
+    const float d = a.rms ? 0.0f : group_sum(s1, smem) / float(cols);  // mean - shift
+    const float mean = shift + d;
+    const float rstd = rsqrtf(fmaxf(group_sum(s2, smem) / float(cols) - d * d, 0.0f) + a.eps);
+    if (lane == 0) {
+      if (a.mean) a.mean[r] = mean;
+      a.rstd[r] = rstd;
+    }
+    const T* src = res_row ? h_row : x_row;  // pass 2 re-reads the row this block just touched (L2)
+    const T* weight = static_cast<const T*>(a.weight);
+    const T* bias = a.rms ? nullptr : static_cast<const T*>(a.bias);
+    T* y_row = static_cast<T*>(a.y) + r * cols;
+#pragma unroll 1
+    for (int64_t p0 = 0; p0 == 0 || p0 < split.packs; p0 += kChunkPacks) {
+      const Chunk chunk{split, lane, p0, p0 == 0};
+      const Regs vs = chunk.load(src, same_phase(src, x_row));
+      Regs ws, bs;
+      if (weight) ws = chunk.load(weight, same_phase(weight, x_row));
+      if (bias) bs = chunk.load(bias, same_phase(bias, x_row));
+      chunk.store(y_row, same_phase(y_row, x_row), [&](int slot, int64_t) {
+        float o = (vs.at(slot) - mean) * rstd;
+        if (weight) o *= ws.at(slot);
+        if (bias) o += bs.at(slot);
+        return o;
+      });
+    }
+  }
+}
+
+// ---------------------------------------------------------------- split backward
+// For rows the register backward can't take (wider than 16384, or any operand's width, stride or
+// pointer off 16 bytes): a pair of kernels that keeps 16-byte accesses for every layout.
+//
+// row_sums_kernel: per row, c1 = mean(xhat gw) and c2 = mean(gw) (gw = grad_y weight), the
+// row streamed by tx threads in chunks (any phase; no per-column state), written as 2 floats a
+// row. tx threads a row as the forward plans them, blockDim.y rows a block.
+constexpr int kRowSumThreads = 512;
+constexpr int kRowSumPacks = 4;  // per chunk and operand: grad_y, h, weight = 12 x 16 B in flight a thread
+
+template <typename T, int TPR>
+__global__ void __launch_bounds__(kRowSumThreads, 1) row_sums_kernel(NormBackwardArgs a, float* row_sums) {
+  FASTLM_SHARED(float, smem, [kMaxThreads / 32]);
+  using Chunk = Slots<T, TPR, kRowSumPacks>;
+  using Regs = Held<T, kRowSumPacks>;
+  const int64_t r = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool live = r < a.rows;  // no early return: group_sum may sync the block
+  const T* h_row = static_cast<const T*>(a.h) + (live ? r : 0) * a.h_stride;
+  const T* gy_row = static_cast<const T*>(a.grad_y) + (live ? r : 0) * a.grad_y_stride;
+  const T* weight = static_cast<const T*>(a.weight);
+  const float mean = (live && !a.rms) ? a.mean[r] : 0.0f, rstd = live ? a.rstd[r] : 0.0f;
+  float s1 = 0.0f, s2 = 0.0f;
+  stream_row<T, TPR, kRowSumPacks>(split_row(h_row, live ? a.cols : 0), int(threadIdx.x), [&](const Chunk& chunk) {
+    const Regs hs = chunk.load(h_row, true), gys = chunk.load(gy_row, same_phase(gy_row, h_row));
+    Regs ws;
+    if (weight) ws = chunk.load(weight, same_phase(weight, h_row));
+    chunk.for_each([&](int slot, int64_t) {
+      const float gw = weight ? gys.at(slot) * ws.at(slot) : gys.at(slot);
+      s1 += (hs.at(slot) - mean) * rstd * gw;
+      s2 += gw;
+    });
+  });
+  const float c1 = group_sum(s1, smem) / float(a.cols);
+  const float c2 = a.rms ? 0.0f : group_sum(s2, smem) / float(a.cols);
+  if (live && threadIdx.x == 0) {
+    row_sums[2 * r] = c1;
+    row_sums[2 * r + 1] = c2;
+  }
+}
+
+// column_tile_backward_kernel: block (x, y) owns the column tile x (kTileThreads x kTilePacks
+// packs of h's split, tile 0 also the head and tail elements) of the rows of phase
+// q = y % period (row_io's phase_period over every operand's row stride: those rows split alike,
+// so a thread's slots are the same columns in every row it visits), rows q + period (part + i
+// parts). It writes grad_h and sums grad_weight / grad_bias per slot in registers, then writes
+// them as the block row y's partial (every column of a partial row is written by exactly one
+// tile: no memset). Operands out of phase with h take element accesses at h's pack positions.
+constexpr int kTileThreads = 128;
+constexpr int kTilePacks = 2;  // grad_y, h, grad_sum: 6 x 16 B in flight a thread
+constexpr int kTileBlocksPerSm = 3;  // 168 registers: 2 x 18 sums + 4 held operands (at 4 blocks, 128, 16-bit spilled)
+
+template <typename T, int kAccs>
+__global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm) column_tile_backward_kernel(NormBackwardArgs a, const float* row_sums,
+                                                                               float* partial, int64_t ld, int period) {
+  using Tile = Slots<T, kTileThreads, kTilePacks>;
+  using Regs = Held<T, kTilePacks>;
+  const int64_t cols = a.cols, q = blockIdx.y % period, parts = gridDim.y / period;
+  const T* h_q = static_cast<const T*>(a.h) + q * a.h_stride;  // phase q's first row (maybe past the end: address only)
+  const T* gy_q = static_cast<const T*>(a.grad_y) + q * a.grad_y_stride;
+  const T* gs_q = a.grad_sum ? static_cast<const T*>(a.grad_sum) + q * a.grad_sum_stride : nullptr;
+  T* gh_q = static_cast<T*>(a.grad_h) + q * cols;
+  const bool gy_vec = same_phase(gy_q, h_q), gs_vec = gs_q && same_phase(gs_q, h_q), gh_vec = same_phase(gh_q, h_q);
+  const Tile tile{split_row(h_q, cols), int(threadIdx.x), int64_t(blockIdx.x) * kTileThreads * kTilePacks,
+                  blockIdx.x == 0};
+  const T* weight = static_cast<const T*>(a.weight);
+  Regs ws;
+  if (weight) ws = tile.load(weight, same_phase(weight, h_q));  // once, for every row
+  float acc_w[Regs::kSlots], acc_b[Regs::kSlots];
+#pragma unroll
+  for (int i = 0; i < Regs::kSlots; ++i) acc_w[i] = acc_b[i] = 0.0f;
+  for (int64_t r = q + period * int64_t(blockIdx.y / period); r < a.rows; r += period * parts) {
+    const int64_t dr = r - q;  // the row's offset from phase q's first row
+    const float mean = a.rms ? 0.0f : a.mean[r], rstd = a.rstd[r];
+    const float c1 = row_sums[2 * r], c2 = row_sums[2 * r + 1];
+    const Regs hs = tile.load(h_q + dr * a.h_stride, true), gys = tile.load(gy_q + dr * a.grad_y_stride, gy_vec);
+    Regs gss;
+    if (gs_q) gss = tile.load(gs_q + dr * a.grad_sum_stride, gs_vec);
+    tile.store(gh_q + dr * cols, gh_vec, [&](int slot, int64_t) {
+      const float gy = gys.at(slot), xhat = (hs.at(slot) - mean) * rstd;
+      const float gw = weight ? gy * ws.at(slot) : gy;
+      if (kAccs >= 1) acc_w[slot] += gy * xhat;
+      if (kAccs == 2) acc_b[slot] += gy;
+      return rstd * (gw - xhat * c1 - c2) + (gs_q ? gss.at(slot) : 0.0f);
+    });
+  }
+  if (kAccs == 0) return;
+  float* mine = partial + int64_t(blockIdx.y) * kAccs * ld;
+  tile.for_each([&](int slot, int64_t c) {
+    mine[c] = acc_w[slot];
+    if (kAccs == 2) mine[ld + c] = acc_b[slot];
+  });
+}
+
 struct Plan {
-  int vec, tx, ty;
+  int tx, ty;
 };
 
-// 16-byte packs when every row start stays aligned, else scalars; threads per row (a power of
-// two, 1..512) so each holds at most kMaxElems elements; rows per block to fill block_threads.
-// tx depends on cols only, so the backward's grid and workspace are known from (rows, cols).
-Plan make_plan(int64_t cols, int elem_bytes, bool aligned, int block_threads) {
-  const int full = 16 / elem_bytes;
-  const int vec = (aligned && cols % full == 0) ? full : 1;
-  int tx = 1;
+// Threads per row (a power of two, min_tx..512) so each holds at most kMaxElems elements; rows per
+// block to fill block_threads. Kernels on row_io's Slots take min_tx = 8 (one head and one tail
+// element per thread); the register backward's packs need no edges, so narrow rows take 1 thread.
+Plan make_plan(int64_t cols, int block_threads, int min_tx) {
+  int tx = min_tx;
   while (tx < kMaxThreads && cols > int64_t(tx) * kMaxElems) tx *= 2;
-  return Plan{vec, tx, std::max(1, block_threads / tx)};
+  return Plan{tx, std::max(1, block_threads / tx)};
 }
 
 bool aligned16(const void* p, int64_t stride_elems, int elem_bytes) {
@@ -255,31 +449,45 @@ bool aligned16(const void* p, int64_t stride_elems, int elem_bytes) {
 
 int elem_bytes(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 
-template <template <typename, int> class K, typename F>
-void with_type_vec(DType dtype, int vec, F&& f) {
-  auto go = [&](auto tag) {
-    using T = decltype(tag);
-    if (vec == kVec<T>) f(K<T, kVec<T>>{});
-    else f(K<T, 1>{});
-  };
-  if (dtype == DType::kFloat32) go(float{});
-  else if (dtype == DType::kFloat16) go(__half{});
-  else go(__nv_bfloat16{});
+template <typename F>
+void with_type(DType dtype, F&& f) {
+  if (dtype == DType::kFloat32) f(float{});
+  else if (dtype == DType::kFloat16) f(__half{});
+  else f(__nv_bfloat16{});
 }
 
-// forward_kernel<T, tx> for the runtime (dtype, tx); tx >= 8 (row_io: one head and one tail
-// element per thread).
+// kernel<T, tx> for the runtime tx (a power of two, 8..512).
+#define FASTLM_NORMS_BY_TX(kernel, T, tx, ...)                                              \
+  switch (tx) {                                                                               \
+    case 8: return launch_kernel(kernel<T, 8>, __VA_ARGS__);                                  \
+    case 16: return launch_kernel(kernel<T, 16>, __VA_ARGS__);                                \
+    case 32: return launch_kernel(kernel<T, 32>, __VA_ARGS__);                                \
+    case 64: return launch_kernel(kernel<T, 64>, __VA_ARGS__);                                \
+    case 128: return launch_kernel(kernel<T, 128>, __VA_ARGS__);                              \
+    case 256: return launch_kernel(kernel<T, 256>, __VA_ARGS__);                              \
+    default: return launch_kernel(kernel<T, 512>, __VA_ARGS__);                               \
+  }
+
 template <typename T>
 void launch_forward(const NormForwardArgs& a, int tx, dim3 grid, dim3 block, cudaStream_t s) {
-  switch (tx) {
-    case 8: return launch_kernel(forward_kernel<T, 8>, grid, block, 0, s, a);
-    case 16: return launch_kernel(forward_kernel<T, 16>, grid, block, 0, s, a);
-    case 32: return launch_kernel(forward_kernel<T, 32>, grid, block, 0, s, a);
-    case 64: return launch_kernel(forward_kernel<T, 64>, grid, block, 0, s, a);
-    case 128: return launch_kernel(forward_kernel<T, 128>, grid, block, 0, s, a);
-    case 256: return launch_kernel(forward_kernel<T, 256>, grid, block, 0, s, a);
-    default: return launch_kernel(forward_kernel<T, 512>, grid, block, 0, s, a);
-  }
+  FASTLM_NORMS_BY_TX(forward_kernel, T, tx, grid, block, 0, s, a)
+}
+
+template <typename T>
+void launch_row_sums(const NormBackwardArgs& a, float* row_sums, int tx, dim3 grid, dim3 block, cudaStream_t s) {
+  FASTLM_NORMS_BY_TX(row_sums_kernel, T, tx, grid, block, 0, s, a, row_sums)
+}
+
+// Rows of up to kMaxElems x kMaxThreads elements are held in registers; longer ones stream.
+bool held_in_registers(int64_t cols) { return cols <= int64_t(kMaxElems) * kMaxThreads; }
+
+// Concurrent long rows are capped so the rows the blocks re-read in pass 2 stay in L2 (A100 40 MB,
+// H100/H200 50 MB; the rest of L2 takes the streaming writes).
+constexpr int64_t kLongRowL2Bytes = int64_t(24) << 20;
+
+int64_t long_forward_blocks(int64_t rows, int64_t cols, int elem_bytes) {
+  const int64_t by_l2 = std::max<int64_t>(1, kLongRowL2Bytes / (cols * elem_bytes));
+  return std::max<int64_t>(1, std::min({rows, int64_t(sm_count()), by_l2}));
 }
 
 // Gradients summed over rows: 0 (none wanted), 1 (weight only), 2 (weight and/or bias).
@@ -288,25 +496,63 @@ int accumulated_grads(const NormBackwardArgs& a) { return a.grad_bias ? 2 : a.gr
 // fp32 partial rows padded to whole 16-byte packs (column_sum.cuh reads them 4 floats at a time).
 int64_t partial_ld(int64_t cols) { return ceil_div(std::max<int64_t>(cols, 1), 4) * 4; }
 
-template <typename T, int VEC>
-struct Bwd {
-  void launch(const NormBackwardArgs& a, float* partial, dim3 grid, dim3 block, cudaStream_t s) const {
-    const int accs = accumulated_grads(a);
-    const int64_t ld = partial_ld(a.cols);
-    if (accs == 0) launch_kernel(backward_kernel<T, VEC, 0>, grid, block, 0, s, a, partial, ld);
-    if (accs == 1) launch_kernel(backward_kernel<T, VEC, 1>, grid, block, 0, s, a, partial, ld);
-    if (accs == 2) launch_kernel(backward_kernel<T, VEC, 2>, grid, block, 0, s, a, partial, ld);
-    const int64_t parts = grid.x;
-    if (a.grad_weight) launch_column_sum(partial, parts, accs * ld, a.cols, static_cast<T*>(a.grad_weight), s);
-    if (a.grad_bias) launch_column_sum(partial + ld, parts, accs * ld, a.cols, static_cast<T*>(a.grad_bias), s);
-  }
+// Which backward serves a call, its grid, and the workspace it needs (the binding allocates
+// exactly this, so the two can't disagree): the register kernel takes rows it can hold whose
+// every operand is 16-byte aligned in pointer and row stride; the split pair takes the rest.
+struct BackwardPlan {
+  bool split;
+  int64_t blocks;         // register kernel: persistent blocks; split: row parts (period x per phase)
+  int64_t tiles, period;  // split: column tiles, rows between two rows of one 16-byte phase
+  int64_t row_sum_floats; // split: 2 floats a row, padded to 16 bytes (the partials follow)
+  int64_t ld, accs;
+  int64_t workspace() const { return row_sum_floats + blocks * accs * ld; }
 };
 
-// Persistent backward grid: one kBackwardThreads block per SM (launch bounds allow no more),
-// never more blocks than row blocks.
-int64_t backward_blocks(int64_t rows, int64_t cols) {
-  const Plan p = make_plan(cols, 4, false, kBackwardThreads);
-  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows, p.ty), sm_count()));
+BackwardPlan plan_backward(const NormBackwardArgs& a) {
+  const int eb = elem_bytes(a.dtype);
+  const bool aligned = aligned16(a.grad_y, a.grad_y_stride, eb) && aligned16(a.grad_sum, a.grad_sum_stride, eb) &&
+                       aligned16(a.h, a.h_stride, eb) && aligned16(a.weight, 0, eb) && aligned16(a.grad_h, a.cols, eb);
+  BackwardPlan b{};
+  b.ld = partial_ld(a.cols);
+  b.accs = accumulated_grads(a);
+  b.split = !(aligned && a.cols % (16 / eb) == 0 && held_in_registers(a.cols));
+  if (!b.split) {
+    b.blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(a.rows, make_plan(a.cols, kBackwardThreads, 1).ty), sm_count()));
+    return b;
+  }
+  b.period = phase_period(eb, {a.grad_y_stride, a.h_stride, a.grad_sum ? a.grad_sum_stride : 0, a.cols});
+  b.tiles = std::max<int64_t>(1, ceil_div(a.cols / (16 / eb), int64_t(kTileThreads) * kTilePacks));
+  // a wave of blocks in all, never more parts than a phase has rows
+  const int64_t per_phase = std::min(ceil_div(ceil_div(int64_t(sm_count()) * kTileBlocksPerSm, b.tiles), b.period),
+                                     ceil_div(a.rows, b.period));
+  b.blocks = b.period * std::max<int64_t>(1, per_phase);
+  b.row_sum_floats = ceil_div(2 * a.rows, 4) * 4;
+  return b;
+}
+
+template <typename T>
+void launch_backward(const NormBackwardArgs& a, const BackwardPlan& b, float* ws, cudaStream_t s) {
+  float* partial = ws + b.row_sum_floats;
+  const int64_t ld = b.ld;
+  if (!b.split) {
+    constexpr int V = kVec<T>;
+    const Plan p = make_plan(a.cols, kBackwardThreads, 1);
+    const dim3 grid(unsigned(b.blocks)), block(unsigned(p.tx), unsigned(p.ty));
+    if (b.accs == 0) launch_kernel(backward_kernel<T, V, 0>, grid, block, 0, s, a, partial, ld);
+    if (b.accs == 1) launch_kernel(backward_kernel<T, V, 1>, grid, block, 0, s, a, partial, ld);
+    if (b.accs == 2) launch_kernel(backward_kernel<T, V, 2>, grid, block, 0, s, a, partial, ld);
+  } else {
+    const Plan p = make_plan(std::min<int64_t>(a.cols, int64_t(kMaxElems) * kMaxThreads), kRowSumThreads, 8);
+    launch_row_sums<T>(a, ws, p.tx, dim3(unsigned(ceil_div(a.rows, p.ty))), dim3(p.tx, p.ty), s);
+    const dim3 grid(unsigned(b.tiles), unsigned(b.blocks)), block(kTileThreads);
+    const int period = int(b.period);
+    if (b.accs == 0) launch_kernel(column_tile_backward_kernel<T, 0>, grid, block, 0, s, a, ws, partial, ld, period);
+    if (b.accs == 1) launch_kernel(column_tile_backward_kernel<T, 1>, grid, block, 0, s, a, ws, partial, ld, period);
+    if (b.accs == 2) launch_kernel(column_tile_backward_kernel<T, 2>, grid, block, 0, s, a, ws, partial, ld, period);
+  }
+  const int64_t step = b.accs * ld;
+  if (a.grad_weight) launch_column_sum(partial, b.blocks, step, a.cols, static_cast<T*>(a.grad_weight), s);
+  if (a.grad_bias) launch_column_sum(partial + ld, b.blocks, step, a.cols, static_cast<T*>(a.grad_bias), s);
 }
 
 }  // namespace
@@ -316,31 +562,25 @@ namespace fastlm {
 
 int norm_forward_cuda(const NormForwardArgs& a, cudaStream_t stream) {
   using namespace cuda;
-  Plan p = make_plan(a.cols, elem_bytes(a.dtype), true, kForwardThreads);  // p.vec unused: row_io splits each row
-  if (a.cols > int64_t(p.tx) * kMaxElems) return int(cudaErrorInvalidValue);
-  p.tx = std::max(p.tx, 8);
-  p.ty = std::max(1, kForwardThreads / p.tx);
+  const int eb = elem_bytes(a.dtype);
+  if (!held_in_registers(a.cols)) {
+    const dim3 grid(unsigned(long_forward_blocks(a.rows, a.cols, eb))), block(kLongThreads);
+    with_type(a.dtype, [&](auto t) { launch_kernel(long_forward_kernel<decltype(t)>, grid, block, 0, stream, a); });
+    return int(cudaGetLastError());
+  }
+  const Plan p = make_plan(a.cols, kForwardThreads, 8);
   const dim3 grid(unsigned(ceil_div(a.rows, p.ty))), block(unsigned(p.tx), unsigned(p.ty));
-  if (a.dtype == DType::kFloat32) launch_forward<float>(a, p.tx, grid, block, stream);
-  else if (a.dtype == DType::kFloat16) launch_forward<__half>(a, p.tx, grid, block, stream);
-  else launch_forward<__nv_bfloat16>(a, p.tx, grid, block, stream);
+  with_type(a.dtype, [&](auto t) { launch_forward<decltype(t)>(a, p.tx, grid, block, stream); });
   return int(cudaGetLastError());
 }
 
-int64_t norm_backward_cuda_workspace(int64_t rows, int64_t cols) {
-  return cuda::backward_blocks(rows, cols) * 2 * cuda::partial_ld(cols);
-}
+int64_t norm_backward_cuda_workspace(const NormBackwardArgs& a) { return cuda::plan_backward(a).workspace(); }
 
 int norm_backward_cuda(const NormBackwardArgs& a, float* workspace, cudaStream_t stream) {
   using namespace cuda;
-  const int eb = elem_bytes(a.dtype);
-  const bool aligned = aligned16(a.grad_y, a.grad_y_stride, eb) && aligned16(a.grad_sum, a.grad_sum_stride, eb) &&
-                       aligned16(a.h, a.h_stride, eb) && aligned16(a.weight, 0, eb) && aligned16(a.grad_h, a.cols, eb);
-  const Plan p = make_plan(a.cols, eb, aligned, kBackwardThreads);
-  if (a.cols > int64_t(p.tx) * kMaxElems) return int(cudaErrorInvalidValue);
-  if (accumulated_grads(a) > 0 && workspace == nullptr) return int(cudaErrorInvalidValue);
-  const dim3 grid(unsigned(backward_blocks(a.rows, a.cols))), block(unsigned(p.tx), unsigned(p.ty));
-  with_type_vec<Bwd>(a.dtype, p.vec, [&](auto k) { k.launch(a, workspace, grid, block, stream); });
+  const BackwardPlan b = plan_backward(a);
+  if (b.workspace() > 0 && workspace == nullptr) return int(cudaErrorInvalidValue);
+  with_type(a.dtype, [&](auto t) { launch_backward<decltype(t)>(a, b, workspace, stream); });
   return int(cudaGetLastError());
 }
 

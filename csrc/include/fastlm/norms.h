@@ -44,10 +44,11 @@ void norm_forward_cpu(const NormForwardArgs& a);
 void norm_backward_cpu(const NormBackwardArgs& a);
 
 int norm_forward_cuda(const NormForwardArgs& a, cudaStream_t stream);
-// Floats of scratch the backward needs for deterministic grad_weight / grad_bias partials (one
-// fp32 row per CTA and gradient, fully written by the kernel: no memset). Pass null when neither
-// gradient is wanted.
-int64_t norm_backward_cuda_workspace(int64_t rows, int64_t cols);
+// Floats of scratch the backward needs for these arguments (0: pass null): deterministic
+// grad_weight / grad_bias partials (one fp32 row per CTA and gradient) and, for rows that take
+// the split pair (wider than 16384, or not 16-byte aligned), 2 floats of row sums a row. Every
+// element is written by the kernels before it is read: no memset.
+int64_t norm_backward_cuda_workspace(const NormBackwardArgs& a);
 int norm_backward_cuda(const NormBackwardArgs& a, float* workspace, cudaStream_t stream);
 
 }  // namespace fastlm
