@@ -397,8 +397,11 @@ def test_memory_bound_kernels_figures(kernels, arch):
 # at least, as the file headers give them). Every kernel reads rows with 16-byte loads, uses no local
 # memory, and by Little's law has >= 85 % of copy bandwidth in flight per SM.
 MEMORY_BOUND = {
-    "norms": [(r"forward_kernel<", 4),           # 4 packs of x (bf16) / 8 (fp32) before the first add
+    "norms": [(r"(?<!long_)forward_kernel<", 4),  # 4 packs of x (bf16) / 8 (fp32) before the first add
+              (r"long_forward_kernel<", 2),      # rows past 16384: 2 packs of x a chunk (16-bit; 4 fp32)
               (r"backward_kernel<[^,]+, [48],", 4),  # grad_y and h, 2 packs each at least
+              (r"row_sums_kernel<", 4),          # split backward: 4 packs of h before grad_y's
+              (r"column_tile_backward_kernel<", 2),  # 2 packs of h, then grad_y's, one 16-byte phase
               (r"column_sum_kernel<", 4)],       # 4 partial rows x 16 B
     "bias_act": [(r"forward_kernel<", 4),        # 4 rows' packs of x
                  (r"backward_kernel<", 3),       # 4 rows' packs of grad_y and x: 8 (3-5 bf16 sm_90a)
@@ -407,13 +410,10 @@ MEMORY_BOUND = {
              (r"rope_staged_kernel<", 2)],       # two packs of a row per item into the stage
 }
 # Kernels still without 16-byte loads, and why (each file's header says the same):
-# - norms backward_kernel<T, 1, *>: the scalar path of widths, strides or pointers that are not
-#   16-byte multiples (its per-column register sums need every row to split alike; the phase walk
-#   bias_act uses spilled there, see norms.cu).
 # - rope_kernel<T, 1, *>: q / k with a last-dim stride != 1 (no two elements adjacent: every other
 #   element, a stride-0 gradient), and rows too long to stage one head in 48 KB of shared memory;
 #   every unit-stride layout takes rope_kernel<T, VEC, *> or rope_staged_kernel.
-SCALAR_PATHS = [("norms", r"backward_kernel<[^,]+, 1,"), ("rope", r"rope_kernel<[^,]+, 1,")]
+SCALAR_PATHS = [("rope", r"rope_kernel<[^,]+, 1,")]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
