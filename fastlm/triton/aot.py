@@ -20,7 +20,8 @@ Triton versions (GPU machine: Triton 3.6; CI: Triton 3.8), what this module reli
   to stdout), else ptxas -v is run on compiled.asm["ptx"] with the wheel's ptxas. triton.knobs
   itself exists from 3.4; whether its nvidia.dump_ptxas_log exists there or only from 3.5 is
   not checked here (only 3.6 and 3.8 are run): the import and the attribute are both guarded;
-- Autotuner.configs / .early_config_prune / .fn and Config.kwargs / num_warps / num_stages.
+- Autotuner.configs / .early_config_prune / .fn and Config.kwargs / num_warps / num_stages / maxnreg
+  (Config.maxnreg: 3.0+; read with getattr, compiled as the option of the same name).
 """
 from __future__ import annotations
 
@@ -132,6 +133,8 @@ def _expand(kernel, args, meta, grid=()) -> list[Launch]:
             if c.pre_hook is not None:  # e.g. descriptors' block shapes follow the config
                 c.pre_hook({**named, **meta, **c.kwargs})
             opts = dict(num_warps=c.num_warps, num_stages=c.num_stages)
+            if getattr(c, "maxnreg", None) is not None:  # ptxas' register cap (.maxnreg), as the launch passes it
+                opts["maxnreg"] = c.maxnreg
             label = ",".join(f"{k}={v}" for k, v in c.kwargs.items()) + f",w{c.num_warps},s{c.num_stages}"
             job = _launch(jit, args, {**meta, **c.kwargs}, opts, label)
             job.grid = _tune.grid_of(grid, {**meta, **c.kwargs})

@@ -52,6 +52,8 @@ folding the scale into the exp2 keeps it from growing. No kept config spills (AO
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -690,8 +692,21 @@ REG_LIMIT = 190  # estimated 32-bit registers per thread a config may need (255 
 REG_LIMIT_TF32 = 150  # fp32 operands: TF32 tiles measured spilling from an estimate of 160
 
 
+# Every config lets ptxas use all 255 registers (.maxnreg). Left to itself, ptxas caps these
+# kernels near an occupancy step (128 registers: two 8-warp or four 4-warp programs per SM; 168:
+# three 4-warp ones) and spills 4-24 B to get there; given the registers it allocates what the
+# schedule needs (the spilling configs took 134-214) and spills only where a config truly needs
+# more than 255, which _allowed prunes. An 8-warp program over 128 registers is already alone
+# on its SM, and a 4-warp one keeps two programs per SM at 255, so occupancy is lost only where
+# ptxas would have settled under the cap without spilling. Triton >= 3.0 has Config.maxnreg.
+MAX_REGS = 255
+_HAS_MAXNREG = "maxnreg" in inspect.signature(triton.Config.__init__).parameters
+
+
 def _configs(tiles):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+    regs = dict(maxnreg=MAX_REGS) if _HAS_MAXNREG else {}
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, **regs)
+            for bm, bn, w, s in tiles]
 
 
 def _dims(cfg, a):
@@ -743,12 +758,16 @@ def _allowed(regs, kind):
             return cfg.num_warps == warps and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= most
         tile = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"]
         if tile <= 256:  # 16x16, every list's last resort (TF32 at D=256 has nothing else)
-            # but 16-bit dK/dV keeps only its 8-warp one: on 4 warps ptxas trades registers for
-            # occupancy (96-128) and spills 8-32 B at the slightest change of the loop bounds
-            return not (kind == "dkdv" and a["PREC"] == "" and cfg.num_warps == 4)
-        # 32x32 forward tiles at D=256 land where ptxas caps registers at 168 and spills
-        small = tile == 1024 and kind == "fwd" and a["BLOCK_D"] >= 256
-        return regs(cfg, a) <= (REG_LIMIT if a["PREC"] == "" else REG_LIMIT_TF32) and not small
+            return True
+        # Measured over 255 registers even with all of them allowed (MAX_REGS), so spilling: a
+        # forward with a user mask at D >= 64 whose threads hold 32 scores each (the mask tile's
+        # 64-bit pointers alone are 64 registers), and 4-warp dQ at D = 256 (64 fp32 accumulators
+        # a thread, with q and dO replicated over the two warps that share each 16 rows).
+        if kind == "fwd" and a["MASK"] != 0 and a["BLOCK_D"] >= 64 and tile >= 32 * 32 * cfg.num_warps:
+            return False
+        if kind == "dq" and a["BLOCK_D"] >= 256 and cfg.num_warps == 4:
+            return False
+        return regs(cfg, a) <= (REG_LIMIT if a["PREC"] == "" else REG_LIMIT_TF32)
     return allowed
 
 
