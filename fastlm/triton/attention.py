@@ -39,7 +39,8 @@ autotune key), else IEEE dots on small FMA tiles.
 Block sizes are autotuned on a GPU per (head dims, lengths rounded up to powers of two,
 causal, mask, dropout, precision) from one config list per kernel, among the configs whose
 shared memory fits the device and whose register estimate keeps them from spilling
-(fastlm/triton/_tune.py); fixed small under the interpreter. Offsets are int64 (_offset).
+(fastlm/triton/_tune.py), each config letting ptxas use all 255 registers (MAX_REGS); fixed
+small under the interpreter. Offsets are int64 (_offset).
 
 Why it should be fast (static estimate; no GPU has timed it): a 128 x 64 forward tile at D = 128
 does 2 GEMMs of 128 x 64 x 128, 4.2 MFLOP, per 32 KB of K and V, 128 FLOP per byte, and the K/V
@@ -695,7 +696,7 @@ REG_LIMIT_TF32 = 150  # fp32 operands: TF32 tiles measured spilling from an esti
 # Every config lets ptxas use all 255 registers (.maxnreg). Left to itself, ptxas caps these
 # kernels near an occupancy step (128 registers: two 8-warp or four 4-warp programs per SM; 168:
 # three 4-warp ones) and spills 4-24 B to get there; given the registers it allocates what the
-# schedule needs (the spilling configs took 134-214) and spills only where a config truly needs
+# schedule needs (spilling configs measured took 138-214) and spills only where a config truly needs
 # more than 255, which _allowed prunes. An 8-warp program over 128 registers is already alone
 # on its SM, and a 4-warp one keeps two programs per SM at 255, so occupancy is lost only where
 # ptxas would have settled under the cap without spilling. Triton >= 3.0 has Config.maxnreg.
