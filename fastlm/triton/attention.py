@@ -760,11 +760,15 @@ def _allowed(regs, kind):
         tile = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"]
         if tile <= 256:  # 16x16, every list's last resort (TF32 at D=256 has nothing else)
             return True
-        # Measured over 255 registers even with all of them allowed (MAX_REGS), so spilling: a
+        # Measured at or over 255 registers even with all of them allowed (MAX_REGS), so spilling: a
         # forward with a user mask at D >= 64 whose threads hold 32 scores each (the mask tile's
         # 64-bit pointers alone are 64 registers), and 4-warp dQ at D = 256 (64 fp32 accumulators
-        # a thread, with q and dO replicated over the two warps that share each 16 rows).
+        # a thread, with q and dO replicated over the two warps that share each 16 rows), and
+        # dK/dV streaming a user mask through 3 stages (254 registers on sm_80, 16-36 B spilled on
+        # sm_86, at D = 32: the register estimate prunes them at larger D).
         if kind == "fwd" and a["MASK"] != 0 and a["BLOCK_D"] >= 64 and tile >= 32 * 32 * cfg.num_warps:
+            return False
+        if kind == "dkdv" and a["MASK"] != 0 and cfg.num_stages >= 3:
             return False
         if kind == "dq" and a["BLOCK_D"] >= 256 and cfg.num_warps == 4:
             return False
