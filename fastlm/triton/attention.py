@@ -765,8 +765,13 @@ def _allowed(regs, kind):
         # 64-bit pointers alone are 64 registers), and 4-warp dQ at D = 256 (64 fp32 accumulators
         # a thread, with q and dO replicated over the two warps that share each 16 rows), and
         # dK/dV streaming a user mask through 3 stages (254 registers on sm_80, 16-36 B spilled on
-        # sm_86, at D = 32: the register estimate prunes them at larger D).
+        # sm_86, at D = 32: the register estimate prunes them at larger D), and on mma.sync targets
+        # (sm_80/86; sm_90's wgmma dQ took 158-199) dQ with a user mask at D >= 64 whose threads
+        # hold 16 scores each (255 registers on sm_80, 16 B spilled on sm_86).
         if kind == "fwd" and a["MASK"] != 0 and a["BLOCK_D"] >= 64 and tile >= 32 * 32 * cfg.num_warps:
+            return False
+        if (kind == "dq" and a["MASK"] != 0 and a["BLOCK_D"] >= 64 and tile >= 16 * 32 * cfg.num_warps
+                and _tune.capability(a["q_ptr"].device) < 90):
             return False
         if kind == "dkdv" and a["MASK"] != 0 and cfg.num_stages >= 3:
             return False
