@@ -699,15 +699,23 @@ REG_LIMIT_TF32 = 150  # fp32 operands: TF32 tiles measured spilling from an esti
 # schedule needs (spilling configs measured took 138-214) and spills only where a config truly needs
 # more than 255, which _allowed prunes. An 8-warp program over 128 registers is already alone
 # on its SM, and a 4-warp one keeps two programs per SM at 255, so occupancy is lost only where
-# ptxas would have settled under the cap without spilling. Triton >= 3.0 has Config.maxnreg.
+# ptxas would have settled under the cap without spilling. Not for IEEE fp32 (FMA dots): there
+# the cap made ptxas fill all 255 and spill (dQ at D = 256, 16 x 16 over 8 warps: 8 B), which
+# it doesn't left to itself; so each tile comes twice, with the cap and without (_allowed picks
+# by precision). Triton >= 3.0 has Config.maxnreg; without it every config is uncapped.
 MAX_REGS = 255
 _HAS_MAXNREG = "maxnreg" in inspect.signature(triton.Config.__init__).parameters
 
 
 def _configs(tiles):
-    regs = dict(maxnreg=MAX_REGS) if _HAS_MAXNREG else {}
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, **regs)
-            for bm, bn, w, s in tiles]
+    caps = (MAX_REGS, None) if _HAS_MAXNREG else (None,)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=cap)
+            if cap else triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for cap in caps for bm, bn, w, s in tiles]
+
+
+def _capped(cfg) -> bool:
+    return getattr(cfg, "maxnreg", None) is not None
 
 
 def _dims(cfg, a):
@@ -751,6 +759,8 @@ def _regs(kind):
 
 def _allowed(regs, kind):
     def allowed(cfg, a):
+        if _HAS_MAXNREG and _capped(cfg) == (a["PREC"] == "ieee"):  # capped: tensor-core dots only
+            return False
         if a["PREC"] == "ieee":  # FMA dots hold whole rows of K = D in registers: only the smallest tiles
             most = 512 if kind == "fwd" and a["BLOCK_D"] < 256 else 256
             # the backward's 16x16 tiles spread over 8 warps (half the registers each) for dQ, and
