@@ -25,9 +25,10 @@ SPILL_BUDGET: dict[str, int] = {}  # linear and cross_entropy compile clean sinc
 # which hold whole rows of the D-long reduction in registers: its backward tiles are 16x16 over
 # 8 warps, and dQ at D=256 reads q and dO in 64-column chunks rather than keeping them resident.
 # Every attention config compiles spill-free, IEEE fp32 included, and so do the packed-sequence
-# (varlen) and paged-decode ones. The attention configs carry maxnreg = 255 (attention.MAX_REGS):
-# without it ptxas holds them at its 128 / 168 register targets and 42 of sm_80's 821 16-bit
-# configs spilled 4-24 B (sweep); CI compiles one of each kernel (aot._attention_cases' `spilled`).
+# (varlen) and paged-decode ones. The tensor-core attention configs carry maxnreg = 255
+# (attention.MAX_REGS): without it ptxas held them at its 128 / 168 register targets and 41 of
+# sm_80's 820 16-bit configs spilled 4-24 B (sweep); CI compiles one of each kernel
+# (aot._attention_cases' `spilled`).
 IEEE_SPILL_BUDGET: dict[str, int] = {}
 SM86_SPILL_BUDGET: dict[str, int] = {}
 
