@@ -366,8 +366,8 @@ def _attention_cases():
     # the options (issue #13): every one at once in CI, the heaviest kernels they make (both band
     # edges, ALiBi's per-score term, softcap's 1 - tanh^2 tile, sinks). At D = 64: IEEE fp32 dK/dV
     # at D = 128 spills with no option at all. Not fp16 (so not sm_90's 16-bit), for CI's time:
-    # the sweep compiles it (clean since maxnreg; before, ptxas held the 4-warp 32x32 dK/dV at
-    # 168 registers and spilled 8 B). Gemma-2-style softcap + sliding window at D = 256 and a
+    # the sweep compiles it (its 4-warp 32x32 dK/dV, 8 B spilled at ptxas's own 168 registers,
+    # is clean under maxnreg on sm_90). Gemma-2-style softcap + sliding window at D = 256 and a
     # two-sided window with (H,) slopes: sweep only.
     cases.append(Case("attention", "d64 causal2 window(255,0) alibi(B,H) sinks softcap30", _attention_case(
         2, 4, 2, 1024, 1024, 64, 2, softcap=30.0, window=(255, 0), alibi="bh", sinks=True), ci=True,
