@@ -696,13 +696,14 @@ REG_LIMIT_TF32 = 150  # fp32 operands: TF32 tiles measured spilling from an esti
 # Every config lets ptxas use all 255 registers (.maxnreg). Left to itself, ptxas caps these
 # kernels near an occupancy step (128 registers: two 8-warp or four 4-warp programs per SM; 168:
 # three 4-warp ones) and spills 4-24 B to get there; given the registers it allocates what the
-# schedule needs (spilling configs measured took 138-214) and spills only where a config truly needs
-# more than 255, which _allowed prunes. An 8-warp program over 128 registers is already alone
+# schedule needs (spilling configs measured took 138-214) and spills only where a config truly
+# needs more than 255, which _allowed prunes. An 8-warp program over 128 registers is already alone
 # on its SM, and a 4-warp one keeps two programs per SM at 255, so occupancy is lost only where
 # ptxas would have settled under the cap without spilling. Not for IEEE fp32 (FMA dots): there
 # the cap made ptxas fill all 255 and spill (dQ at D = 256, 16 x 16 over 8 warps: 8 B), which
-# it doesn't left to itself; so each tile comes twice, with the cap and without (_allowed picks
-# by precision). Triton >= 3.0 has Config.maxnreg; without it every config is uncapped.
+# it doesn't left to itself, nor for dQ at D = 256 (_uncapped); so each tile comes twice, with
+# the cap and without, and _allowed picks. Triton >= 3.0 has Config.maxnreg; without it every
+# config is uncapped.
 MAX_REGS = 255
 _HAS_MAXNREG = "maxnreg" in inspect.signature(triton.Config.__init__).parameters
 
@@ -716,6 +717,12 @@ def _configs(tiles):
 
 def _capped(cfg) -> bool:
     return getattr(cfg, "maxnreg", None) is not None
+
+
+def _uncapped(kind, a) -> bool:
+    """Where ptxas is left its own register target: IEEE fp32, and dQ at D = 256, where the cap
+    made it fill 255 registers and spill 8-40 B (32 x 32 over 8 warps; 176-186 uncapped, clean)."""
+    return a["PREC"] == "ieee" or (kind == "dq" and a["BLOCK_D"] >= 256)
 
 
 def _dims(cfg, a):
@@ -759,7 +766,7 @@ def _regs(kind):
 
 def _allowed(regs, kind):
     def allowed(cfg, a):
-        if _HAS_MAXNREG and _capped(cfg) == (a["PREC"] == "ieee"):  # capped: tensor-core dots only
+        if _HAS_MAXNREG and _capped(cfg) == _uncapped(kind, a):
             return False
         if a["PREC"] == "ieee":  # FMA dots hold whole rows of K = D in registers: only the smallest tiles
             most = 512 if kind == "fwd" and a["BLOCK_D"] < 256 else 256
@@ -769,7 +776,8 @@ def _allowed(regs, kind):
             return cfg.num_warps == warps and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= most
         tile = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"]
         if tile <= 256:  # 16x16, every list's last resort (TF32 at D=256 has nothing else)
-            return True
+            # but not masked 16-bit dQ at D = 256 over 8 warps (128 registers, 4 B spilled)
+            return not (kind == "dq" and a["BLOCK_D"] >= 256 and a["MASK"] != 0 and cfg.num_warps == 8)
         # Measured at or over 255 registers even with all of them allowed (MAX_REGS), so spilling: a
         # forward with a user mask at D >= 64 whose threads hold 32 scores each (the mask tile's
         # 64-bit pointers alone are 64 registers), and 4-warp dQ at D = 256 (64 fp32 accumulators
