@@ -20,7 +20,8 @@ Triton versions (GPU machine: Triton 3.6; CI: Triton 3.8), what this module reli
   to stdout), else ptxas -v is run on compiled.asm["ptx"] with the wheel's ptxas. triton.knobs
   itself exists from 3.4; whether its nvidia.dump_ptxas_log exists there or only from 3.5 is
   not checked here (only 3.6 and 3.8 are run): the import and the attribute are both guarded;
-- Autotuner.configs / .early_config_prune / .fn and Config.kwargs / num_warps / num_stages.
+- Autotuner.configs / .early_config_prune / .fn and Config.kwargs / num_warps / num_stages / maxnreg
+  (Config.maxnreg: 3.0+; read with getattr, compiled as the option of the same name).
 """
 from __future__ import annotations
 
@@ -132,6 +133,8 @@ def _expand(kernel, args, meta, grid=()) -> list[Launch]:
             if c.pre_hook is not None:  # e.g. descriptors' block shapes follow the config
                 c.pre_hook({**named, **meta, **c.kwargs})
             opts = dict(num_warps=c.num_warps, num_stages=c.num_stages)
+            if getattr(c, "maxnreg", None) is not None:  # ptxas' register cap (.maxnreg), as the launch passes it
+                opts["maxnreg"] = c.maxnreg
             label = ",".join(f"{k}={v}" for k, v in c.kwargs.items()) + f",w{c.num_warps},s{c.num_stages}"
             job = _launch(jit, args, {**meta, **c.kwargs}, opts, label)
             job.grid = _tune.grid_of(grid, {**meta, **c.kwargs})
@@ -265,7 +268,9 @@ class Case:
     run: object  # run(dtype): calls the module's launcher on CPU tensors
     ci: bool = False  # part of the representative set compiled by tests/test_triton_aot.py
     dtypes: tuple = ("fp32", "fp16", "bf16")
-    ci_configs: int = 0  # in CI, only the first this many configs per tuned kernel (0: all); the sweep compiles all
+    # in CI, only the first this many configs per tuned kernel (0: all), or only the configs with
+    # these labels (Launch.config); the sweep compiles all
+    ci_configs: int | tuple = 0
     ci86: tuple = ()  # the dtypes CI compiles this case in for sm_86 (whatever `ci` says: sm_80 / sm_90)
 
 
@@ -334,16 +339,24 @@ def _module_case(module, fn_name, *build):
 
 def _attention_cases():
     cases = []
+    # One config per kernel that ptxas spilled 4-24 B, left to its own register target (128 at 8
+    # warps, 168 at 4), before every attention config carried maxnreg (attention.MAX_REGS):
+    # CI compiles them in 16-bit so that dropping maxnreg fails there.
+    spilled = {(32, 1, None, 0.0): "BLOCK_M=128,BLOCK_N=64,w8,s3",  # forward
+               (64, 1, None, 0.0): "BLOCK_M=32,BLOCK_N=32,w4,s1",  # dK/dV: 24 B
+               (32, 0, None, 0.0): "BLOCK_M=64,BLOCK_N=64,w8,s2"}  # dQ
     for d in (32, 64, 128, 256):
         for causal, mask, drop in ((0, None, 0.0), (1, None, 0.0), (2, "bool", 0.0), (0, "float", 0.0),
                                    (1, None, 0.1)):
-            ci = (d, causal, mask, drop) in ((64, 1, None, 0.1), (256, 0, "float", 0.0))
+            key = (d, causal, mask, drop)
+            ci = key in ((64, 1, None, 0.1), (256, 0, "float", 0.0)) or key in spilled
             label = f"d{d} causal{causal} mask={mask} p={drop}"
             # sm_86 in CI: 16-bit D = 128 forward + backward, its two biggest configs per kernel
             # (best first: those nearest the 99 KB limit)
-            sm86 = (d, causal, mask, drop) == (128, 1, None, 0.0)
+            sm86 = key == (128, 1, None, 0.0)
+            ci_configs = (spilled[key],) if key in spilled else 2 if sm86 else 0
             cases.append(Case("attention", label, _attention_case(2, 4, 2, 1024, 1024, d, causal, mask, drop), ci,
-                              ci_configs=2 if sm86 else 0, ci86=("fp16",) if sm86 else ()))
+                              ci_configs=ci_configs, ci86=("fp16",) if sm86 else ()))
         for group in (1, 8):  # decode: group * Tq rows per program
             cases.append(Case("attention_decode", f"d{d} group{group} tq1", _attention_case(
                 1, group * 2, 2, 1, 4096, d, 2, None, 0.0, backward=False), ci=False))
@@ -352,9 +365,9 @@ def _attention_cases():
             ci86=("fp16",) if d == 128 else ()))
     # the options (issue #13): every one at once in CI, the heaviest kernels they make (both band
     # edges, ALiBi's per-score term, softcap's 1 - tanh^2 tile, sinks). At D = 64: IEEE fp32 dK/dV
-    # at D = 128 spills with no option at all. Not fp16 (so not sm_90's 16-bit) for now: there
-    # ptxas gives the 4-warp 32x32 dK/dV 168 registers and spills 8 B, which the pruning doesn't
-    # model yet (the sweep compiles it). Gemma-2-style softcap + sliding window at D = 256 and a
+    # at D = 128 spills with no option at all. Not fp16 (so not sm_90's 16-bit), for CI's time:
+    # the sweep compiles it (its 4-warp 32x32 dK/dV, 8 B spilled at ptxas's own 168 registers,
+    # is clean under maxnreg on sm_90). Gemma-2-style softcap + sliding window at D = 256 and a
     # two-sided window with (H,) slopes: sweep only.
     cases.append(Case("attention", "d64 causal2 window(255,0) alibi(B,H) sinks softcap30", _attention_case(
         2, 4, 2, 1024, 1024, 64, 2, softcap=30.0, window=(255, 0), alibi="bh", sinks=True), ci=True,
@@ -564,7 +577,9 @@ def jobs(capability: int, dtype: str, ci_only: bool, modules=None) -> list[tuple
                 case.run(DTYPES[dtype])
             except _tune.NoConfigFits as e:
                 failed = NoConfig(e.what, str(e))
-        if ci_only and case.ci_configs:  # the first configs of each kernel, in its list's order
+        if ci_only and isinstance(case.ci_configs, tuple):  # the named configs
+            recorded = [launch for launch in recorded if launch.config in case.ci_configs]
+        elif ci_only and case.ci_configs:  # the first configs of each kernel, in its list's order
             count, kept = {}, []
             for launch in recorded:
                 count[launch.kernel] = count.get(launch.kernel, 0) + 1

@@ -39,7 +39,8 @@ autotune key), else IEEE dots on small FMA tiles.
 Block sizes are autotuned on a GPU per (head dims, lengths rounded up to powers of two,
 causal, mask, dropout, precision) from one config list per kernel, among the configs whose
 shared memory fits the device and whose register estimate keeps them from spilling
-(fastlm/triton/_tune.py); fixed small under the interpreter. Offsets are int64 (_offset).
+(fastlm/triton/_tune.py), each config letting ptxas use all 255 registers (MAX_REGS); fixed
+small under the interpreter. Offsets are int64 (_offset).
 
 Why it should be fast (static estimate; no GPU has timed it): a 128 x 64 forward tile at D = 128
 does 2 GEMMs of 128 x 64 x 128, 4.2 MFLOP, per 32 KB of K and V, 128 FLOP per byte, and the K/V
@@ -51,6 +52,8 @@ instructions behind that score at D = 128 (2 x 128 multiply-adds, 1/8 of an m16n
 folding the scale into the exp2 keeps it from growing. No kept config spills (AOT budget 0).
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 import triton
@@ -690,8 +693,36 @@ REG_LIMIT = 190  # estimated 32-bit registers per thread a config may need (255 
 REG_LIMIT_TF32 = 150  # fp32 operands: TF32 tiles measured spilling from an estimate of 160
 
 
+# Every config lets ptxas use all 255 registers (.maxnreg). Left to itself, ptxas caps these
+# kernels near an occupancy step (128 registers: two 8-warp or four 4-warp programs per SM; 168:
+# three 4-warp ones) and spills 4-24 B to get there; given the registers it allocates what the
+# schedule needs (spilling configs measured took 138-214) and spills only where a config truly
+# needs more than 255, which _allowed prunes. An 8-warp program over 128 registers is already alone
+# on its SM, and a 4-warp one keeps two programs per SM at 255, so occupancy is lost only where
+# ptxas would have settled under the cap without spilling. Not for IEEE fp32 (FMA dots): there
+# the cap made ptxas fill all 255 and spill (dQ at D = 256, 16 x 16 over 8 warps: 8 B), which
+# it doesn't left to itself, nor for dQ at D = 256 (_uncapped); so each tile comes twice, with
+# the cap and without, and _allowed picks. Triton >= 3.0 has Config.maxnreg; without it every
+# config is uncapped.
+MAX_REGS = 255
+_HAS_MAXNREG = "maxnreg" in inspect.signature(triton.Config.__init__).parameters
+
+
 def _configs(tiles):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+    caps = (MAX_REGS, None) if _HAS_MAXNREG else (None,)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=cap)
+            if cap else triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for cap in caps for bm, bn, w, s in tiles]
+
+
+def _capped(cfg) -> bool:
+    return getattr(cfg, "maxnreg", None) is not None
+
+
+def _uncapped(kind, a) -> bool:
+    """Where ptxas is left its own register target: IEEE fp32, and dQ at D = 256, where the cap
+    made it fill 255 registers and spill 8-40 B (32 x 32 over 8 warps; 176-186 uncapped, clean)."""
+    return a["PREC"] == "ieee" or (kind == "dq" and a["BLOCK_D"] >= 256)
 
 
 def _dims(cfg, a):
@@ -735,6 +766,8 @@ def _regs(kind):
 
 def _allowed(regs, kind):
     def allowed(cfg, a):
+        if _HAS_MAXNREG and _capped(cfg) == _uncapped(kind, a):
+            return False
         if a["PREC"] == "ieee":  # FMA dots hold whole rows of K = D in registers: only the smallest tiles
             most = 512 if kind == "fwd" and a["BLOCK_D"] < 256 else 256
             # the backward's 16x16 tiles spread over 8 warps (half the registers each) for dQ, and
@@ -743,12 +776,26 @@ def _allowed(regs, kind):
             return cfg.num_warps == warps and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= most
         tile = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"]
         if tile <= 256:  # 16x16, every list's last resort (TF32 at D=256 has nothing else)
-            # but 16-bit dK/dV keeps only its 8-warp one: on 4 warps ptxas trades registers for
-            # occupancy (96-128) and spills 8-32 B at the slightest change of the loop bounds
-            return not (kind == "dkdv" and a["PREC"] == "" and cfg.num_warps == 4)
-        # 32x32 forward tiles at D=256 land where ptxas caps registers at 168 and spills
-        small = tile == 1024 and kind == "fwd" and a["BLOCK_D"] >= 256
-        return regs(cfg, a) <= (REG_LIMIT if a["PREC"] == "" else REG_LIMIT_TF32) and not small
+            # but not masked 16-bit dQ at D = 256 over 8 warps (128 registers, 4 B spilled)
+            return not (kind == "dq" and a["BLOCK_D"] >= 256 and a["MASK"] != 0 and cfg.num_warps == 8)
+        # Measured at or over 255 registers even with all of them allowed (MAX_REGS), so spilling: a
+        # forward with a user mask at D >= 64 whose threads hold 32 scores each (the mask tile's
+        # 64-bit pointers alone are 64 registers), and 4-warp dQ at D = 256 (64 fp32 accumulators
+        # a thread, with q and dO replicated over the two warps that share each 16 rows), and
+        # dK/dV streaming a user mask through 3 stages (254 registers on sm_80, 16-36 B spilled on
+        # sm_86, at D = 32: the register estimate prunes them at larger D), and on mma.sync targets
+        # (sm_80/86; sm_90's wgmma dQ took 158-199) dQ with a user mask at D >= 64 whose threads
+        # hold 16 scores each (255 registers on sm_80, 16 B spilled on sm_86).
+        if kind == "fwd" and a["MASK"] != 0 and a["BLOCK_D"] >= 64 and tile >= 32 * 32 * cfg.num_warps:
+            return False
+        if (kind == "dq" and a["MASK"] != 0 and a["BLOCK_D"] >= 64 and tile >= 16 * 32 * cfg.num_warps
+                and _tune.capability(a["q_ptr"].device) < 90):
+            return False
+        if kind == "dkdv" and a["MASK"] != 0 and cfg.num_stages >= 3:
+            return False
+        if kind == "dq" and a["BLOCK_D"] >= 256 and cfg.num_warps == 4:
+            return False
+        return regs(cfg, a) <= (REG_LIMIT if a["PREC"] == "" else REG_LIMIT_TF32)
     return allowed
 
 
