@@ -123,16 +123,19 @@ def test_varlen_and_paged_specialisations_compile(rows, target):
 
 
 def test_attention_uses_wgmma_on_sm_90(rows):
-    """On Hopper tl.dot must lower to wgmma, not the mma.sync of sm_80, where the tile allows it
-    (a warpgroup MMA needs 64-row tiles): every 16-bit attention forward case has a config that
-    uses it, and so do dQ and dK/dV at D = 64 (at D = 256 their tiles are all below 64 rows)."""
-    sm90 = [r for r in rows if r["target"] == "sm_90" and r["dtype"] in ("fp16", "bf16")]
-    for kernel, cases in (("attention._fwd_kernel", None), ("attention._dq_kernel", "d64"),
-                          ("attention._dkdv_kernel", "d64")):
-        mine = [r for r in sm90 if r["kernel"] == kernel and (cases is None or r["case"].startswith(cases))]
-        assert mine, f"no 16-bit {kernel} compiled for sm_90"
-        for case in {r["case"] for r in mine}:
-            assert any(r["wgmma"] for r in mine if r["case"] == case), f"{kernel} [{case}]: no config uses wgmma"
+    """On Hopper tl.dot must lower to wgmma, not the mma.sync of sm_80, wherever the tile allows it:
+    a warpgroup MMA needs 64 rows, the tile's BLOCK_M for the forward and dQ, its BLOCK_N for dK/dV
+    (dK = dS^T Q). Every 16-bit config compiled for sm_90 with such a tile uses it, and each kernel
+    has some; none on sm_80."""
+    rows_of = {"attention._fwd_kernel": "BLOCK_M", "attention._dq_kernel": "BLOCK_M",
+               "attention._dkdv_kernel": "BLOCK_N"}
+    sm90 = [r for r in rows if r["target"] == "sm_90" and r["dtype"] in ("fp16", "bf16") and r["kernel"] in rows_of]
+    for kernel, dim in rows_of.items():
+        wide = [r for r in sm90 if r["kernel"] == kernel
+                and int(dict(kv.split("=") for kv in r["config"].split(",") if "=" in kv)[dim]) >= 64]
+        assert wide, f"no 16-bit {kernel} config with {dim} >= 64 compiled for sm_90"
+        bad = [f"{r['case']} | {r['config']}" for r in wide if not r["wgmma"]]
+        assert not bad, f"{kernel}: {dim} >= 64 without wgmma: {bad}"
     assert not any(r["wgmma"] for r in rows if r["target"] == "sm_80"), "wgmma in an sm_80 compile"
 
 
