@@ -710,8 +710,8 @@ _HAS_MAXNREG = "maxnreg" in inspect.signature(triton.Config.__init__).parameters
 
 def _configs(tiles):
     caps = (MAX_REGS, None) if _HAS_MAXNREG else (None,)
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=cap)
-            if cap else triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s,
+                          **({"maxnreg": cap} if cap else {}))
             for cap in caps for bm, bn, w, s in tiles]
 
 
@@ -904,12 +904,10 @@ def forward(q, k, v, mask, causal, scale, dropout_p=0.0, seed=0, softcap=0.0, wi
 
     if attention_decode.serves(q, k, v) and q.shape[0] * k.shape[1] > 0 and dropout_p == 0:
         return attention_decode.forward(q, k, v, mask, causal, scale, softcap, window, alibi, sinks)
-    # -- Hopper TMA / warp-specialised forward (attention_tma.py) where its why_not is empty --
-    from fastlm.triton import attention_tma
+    from fastlm.triton import attention_tma  # the Hopper TMA / warp-specialised forward, where it serves
 
     if not attention_tma.why_not(q, k, v, mask, causal, dropout_p, softcap, window, alibi, sinks):
         return attention_tma.forward(q, k, v, causal, scale)
-    # -- end of the TMA hook --
     b, h, hkv, tq, tk, mask_t, strides, qk_scale, options, meta = _common(q, k, v, mask, causal, scale, dropout_p,
                                                                           softcap, window, alibi)
     out = torch.empty(b, h, tq, meta["DV"], device=q.device, dtype=q.dtype)
