@@ -497,7 +497,7 @@ def test_triton_decode_split_kv(dtype):
 
 @pytest.mark.parametrize("causal", ["none", "bottom_right"])
 def test_triton_ieee_fp32_wide_heads(causal):
-    """fp32 without TF32 at head dims over 128: dQ reads q and dO in 64-column chunks (not kept
+    """fp32 without TF32 at head dims from 128: dQ reads q and dO in 64-column chunks (not kept
     resident); D = 200 / Dv = 136 check the chunks' column masks; with a mask too."""
     from fastlm.triton import attention as triton_attention
 

@@ -8,6 +8,7 @@ over 60 s. The exhaustive sweep (every case, dtype and sm_80/86/90) is
 scripts/triton_aot_sweep.py. The session's summary says how many compiles were checked."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -137,6 +138,28 @@ def test_attention_uses_wgmma_on_sm_90(rows):
         bad = [f"{r['case']} | {r['config']}" for r in wide if not r["wgmma"]]
         assert not bad, f"{kernel}: {dim} >= 64 without wgmma: {bad}"
     assert not any(r["wgmma"] for r in rows if r["target"] == "sm_80"), "wgmma in an sm_80 compile"
+
+
+def test_attention_forward_rows_stay_in_their_warp(rows):
+    """The online softmax's row max and sum must not cross warps (issue #12): in every compiled
+    tensor-core forward config, each warp owns whole rows of the score tile (the MMA layout's
+    warpsPerCTA has one warp along N). Exempt, as attention._no_whole_row_tile says: 16-bit at
+    D = 256, TF32 from D = 128, and a user mask or ALiBi at D = 128 on sm_80/86, where no
+    whole-row tile fits the registers. The D = 128 forward, the common case, must have
+    whole-row configs on sm_80 and sm_90."""
+    fwd = [r for r in rows if r["kernel"] == "attention._fwd_kernel" and r["mma_warps_n"] > 0]
+    head = {r["case"]: int(re.search(r"\bd(\d+)\b", r["case"]).group(1)) for r in fwd}
+
+    def exempt(r):
+        per_score = any(k in r["case"] for k in ("mask=bool", "mask=float", "alibi"))
+        return head[r["case"]] >= (128 if r["case"].startswith("tf32") else 256) or (
+            per_score and head[r["case"]] >= 128 and r["target"] in ("sm_80", "sm_86"))
+    crossing = [f"{r['target']} {r['dtype']} [{r['case']}] {r['config']}: {r['mma_warps_n']} warps along N"
+                for r in fwd if r["mma_warps_n"] != 1 and not exempt(r)]
+    assert not crossing, crossing
+    for target in ("sm_80", "sm_90"):
+        assert any(r["target"] == target and head[r["case"]] == 128 and r["dtype"] != "fp32" and r["mma_warps_n"] == 1
+                   for r in fwd), f"no whole-row 16-bit D = 128 forward compiled for {target}"
 
 
 def test_linear_is_persistent_tma_wgmma_on_sm_90(rows):

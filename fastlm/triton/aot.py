@@ -199,9 +199,13 @@ class Result:
     error: str = ""
     wgmma: bool = False  # Hopper's warpgroup MMA in the PTX (tl.dot lowered to it)
     tma: bool = False  # TMA bulk tensor copies in the PTX (cp.async.bulk.tensor)
+    # the most warps any tensor-core (nvidia_mma) layout of the kernel puts side by side along N
+    # (warpsPerCTA[1]); 1: every warp owns whole rows of its MMA tiles; 0: no MMA layout
+    mma_warps_n: int = 0
     ttir: str = field(default="", repr=False)
 
 
+_MMA_WARPS_RE = re.compile(r"nvidia_mma<\{[^}]*warpsPerCTA = \[(\d+), (\d+)\]")
 _PTXAS_RE = re.compile(r"(\d+) bytes spill stores.*?Used (\d+) registers", re.S)
 
 
@@ -255,6 +259,7 @@ def compile_launch(launch: Launch, capability: int, keep_ttir: bool = False) -> 
     res.regs, res.spills = _ptxas_report(log.getvalue(), compiled.asm["ptx"], capability)
     res.wgmma = "wgmma.mma_async" in compiled.asm["ptx"]
     res.tma = "cp.async.bulk.tensor" in compiled.asm["ptx"]
+    res.mma_warps_n = max((int(n) for _, n in _MMA_WARPS_RE.findall(compiled.asm.get("ttgir", ""))), default=0)
     if keep_ttir:
         res.ttir = compiled.asm["ttir"]
     return res
@@ -294,6 +299,18 @@ def _attention_case(b, h, hkv, tq, tk, d, causal=0, mask=None, dropout=0.0, back
         if backward:
             attention.backward(torch.randn_like(out), q, k, v, m, out, lse, causal, d ** -0.5, dropout, 1, **options)
     return run
+
+
+def _tf32(run):
+    """A case run as with torch.backends.cuda.matmul.allow_tf32 = True: fp32 dots become TF32."""
+    def tf32_run(dtype):
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            run(dtype)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+    return tf32_run
 
 
 def _varlen_case(seqs, h, hkv, max_len, d, causal=0, softcap=0.0, window=(-1, -1), alibi=None, sinks=False):
@@ -378,6 +395,16 @@ def _attention_cases():
         2, 4, 2, 1024, 1024, 128, 0, window=(128, 128), alibi="h")))
     cases.append(Case("attention_decode", "d128 group8 tq1 window(1023,0) alibi(B,H) sinks softcap30", _attention_case(
         1, 16, 2, 1, 4096, 128, 2, backward=False, softcap=30.0, window=(1023, 0), alibi="bh", sinks=True), ci=True))
+    # fp32 with TF32 allowed: its own tile rules (attention._tf32_fits). CI: D = 128, where dQ's
+    # 32-row tiles took all 255 registers and spilled, and a bool mask at D = 64, where its 64-row
+    # 8-warp tiles did on sm_80/86.
+    for d, causal, mask in ((128, 1, None), (64, 2, "bool"), (32, 0, "float"), (256, 0, "float")):
+        cases.append(Case("attention", f"tf32 d{d} causal{causal} mask={mask}", _tf32(_attention_case(
+            2, 4, 2, 1024, 1024, d, causal, mask)), ci=d in (64, 128), dtypes=("fp32",)))
+    cases.append(Case("attention", "tf32 varlen d128 causal1", _tf32(_varlen_case(8, 4, 2, 512, 128, 1))))
+    for d in (32, 64):  # decode with a mask: its TF32 register estimate counts the mask's tiles
+        cases.append(Case("attention_decode", f"tf32 d{d} group8 tq8 mask", _tf32(_attention_case(
+            1, 16, 2, 8, 4096, d, 2, "float", 0.0, backward=False)), ci=d == 32, dtypes=("fp32",)))
     # varlen (packed sequences): the dense kernels' VARLEN path. CI: the every-option case at
     # D = 64 (as the dense options case), 16-bit, its two biggest configs per kernel (a 64-row
     # forward for wgmma): the VARLEN additions are the same in every config (the sweep has all)
@@ -604,8 +631,9 @@ def status(res: Result, limit: int) -> str:
     return "spills" if res.spills > 0 else "clean"
 
 
-def sweep(capabilities, dtypes, ci_only, modules=None, report=print):
-    """Compiles every job and calls report(row) per compile; returns the rows (dicts). status:
+def sweep(capabilities, dtypes, ci_only, modules=None, report=print, kernels=None):
+    """Compiles every job (of `kernels` only, names as reported, e.g. attention._fwd_kernel, when
+    given) and calls report(row) per compile; returns the rows (dicts). status:
     clean, spills, smem-over, failed (compile error), or no-config (the launcher found no config
     that fits the target's shared memory: nothing compiled, error holds its message)."""
     rows = []
@@ -617,16 +645,19 @@ def sweep(capabilities, dtypes, ci_only, modules=None, report=print):
                 if isinstance(launch, NoConfig):  # nothing to compile: the launcher itself refused
                     row = dict(kernel=f"{case.module}.<{launch.what}>", target=f"sm_{cap}", dtype=dtype,
                                case=case.label, config="", smem=-1, smem_estimate=-1, limit=TARGETS[cap].smem,
-                               regs=-1, spills=-1, wgmma=False, tma=False, grid=[], seconds=0.0, error=launch.message,
+                               regs=-1, spills=-1, wgmma=False, tma=False, mma_warps_n=0, grid=[], seconds=0.0, error=launch.message,
                                status="no-config")
                     rows.append(row)
                     report(row)
+                    continue
+                if kernels and launch.kernel not in kernels:
                     continue
                 res = compile_launch(launch, cap)
                 row = dict(kernel=launch.kernel, target=f"sm_{cap}", dtype=dtype, case=case.label,
                            config=launch.config or _options_label(launch), smem=res.smem,
                            smem_estimate=launch.smem_estimate, limit=TARGETS[cap].smem,
-                           regs=res.regs, spills=res.spills, wgmma=res.wgmma, tma=res.tma, grid=list(launch.grid),
+                           regs=res.regs, spills=res.spills, wgmma=res.wgmma, tma=res.tma,
+                           mma_warps_n=res.mma_warps_n, grid=list(launch.grid),
                            seconds=round(res.seconds, 2), error=res.error,
                            status=status(res, TARGETS[cap].smem))
                 rows.append(row)
@@ -649,6 +680,8 @@ def main(argv=None):
                                                    "with --ci: those in CI_DTYPES)")
     ap.add_argument("--dtypes", default="fp32,fp16,bf16")
     ap.add_argument("--modules", default="", help="fastlm.triton modules to compile (default: all)")
+    ap.add_argument("--kernels", default="", help="only these kernels, comma-separated, named as the table "
+                                                  "names them (e.g. attention._fwd_kernel)")
     ap.add_argument("--jsonl", default="", help="also write one JSON row per compile here")
     args = ap.parse_args(argv)
     out = open(args.jsonl, "w") if args.jsonl else None
@@ -667,7 +700,8 @@ def main(argv=None):
         caps = [int(c) for c in args.targets.split(",")] if args.targets else (
             list(CI_DTYPES) if args.ci else list(TARGETS))
         rows = sweep(caps, args.dtypes.split(","), args.ci,
-                     [m for m in args.modules.split(",") if m] or None, report)
+                     [m for m in args.modules.split(",") if m] or None, report,
+                     [k for k in args.kernels.split(",") if k] or None)
     counts = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1

@@ -50,6 +50,11 @@ cores, not memory. tl.dot lowers to wgmma on sm_90 (tests/test_triton_aot.py ass
 per 32 scores (the FFMA into exp2, MUFU.EX2, the max and the sum), as many as the tensor-core
 instructions behind that score at D = 128 (2 x 128 multiply-adds, 1/8 of an m16n8k16 HMMA):
 folding the scale into the exp2 keeps it from growing. No kept config spills (AOT budget 0).
+Every warp of a kept forward tile owns whole rows of it (_whole_rows), so the row max and sum
+never leave the warp: on mma.sync targets that means BLOCK_M >= the head dim (128 x 32 at
+D = 128), because Triton lays both chained dots out by the P V product's shape. The exceptions
+(_no_whole_row_tile) are 16-bit D = 256, TF32 from D = 128, and a user mask or ALiBi at D = 128
+on sm_80/86, where no whole-row tile fits the registers.
 """
 from __future__ import annotations
 
@@ -681,9 +686,12 @@ def _dq_kernel(
 # their queries resident (tall BLOCK_M) and stream keys, dK/dV keeps keys resident (tall
 # BLOCK_N) and streams queries. The small tiles serve IEEE fp32 (FMA dots, operands in
 # registers) and wide heads on GPUs with less shared memory; pruning keeps them out where a
-# bigger one fits and doesn't spill.
-_FWD_TILES = ((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 8, 2),
-              (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1))
+# bigger one fits and doesn't spill. The forward keeps only tiles whose warps own whole rows
+# (_whole_rows), so the online softmax's row max and sum never cross warps; the 2-stage
+# 128-row tiles are for sm_86's 99 KB at D = 128.
+_FWD_TILES = ((128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3),
+              (64, 32, 4, 2), (32, 32, 2, 1), (32, 16, 2, 1), (16, 16, 1, 1), (32, 32, 4, 1), (32, 16, 4, 1),
+              (16, 16, 4, 1))
 _DKDV_TILES = ((32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 2), (32, 32, 8, 1), (32, 32, 4, 1),
                (16, 16, 4, 1), (16, 16, 8, 1))
 _DQ_TILES = ((128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2),
@@ -720,9 +728,11 @@ def _capped(cfg) -> bool:
 
 
 def _uncapped(kind, a) -> bool:
-    """Where ptxas is left its own register target: IEEE fp32, and dQ at D = 256, where the cap
-    made it fill 255 registers and spill 8-40 B (32 x 32 over 8 warps; 176-186 uncapped, clean)."""
-    return a["PREC"] == "ieee" or (kind == "dq" and a["BLOCK_D"] >= 256)
+    """Where ptxas is left its own register target: dQ at D = 256 (16-bit: the cap made it fill
+    255 registers and spill 8-40 B, 32 x 32 over 8 warps; 176-186 uncapped, clean) and IEEE dQ
+    (16 x 16 over 8 warps at D = 256: 8 B spilled capped). IEEE's forward and dK/dV are capped:
+    left to itself ptxas held their 16 x 16 tiles at 72-168 registers and spilled 4-56 B."""
+    return kind == "dq" and (a["PREC"] == "ieee" or a["BLOCK_D"] >= 256)
 
 
 def _dims(cfg, a):
@@ -764,20 +774,38 @@ def _regs(kind):
     return need
 
 
+def _chunked(a) -> bool:
+    """dQ reads q and dO in column chunks (CHUNK, _dot_rows) instead of holding them: IEEE fp32
+    from D = 128 (FMA dots hold whole rows of K = D: a resident 16 x 128 pair took all 255
+    registers and spilled 4-8 B on sm_86 / sm_90)."""
+    return a["PREC"] == "ieee" and a["BLOCK_D"] >= 128
+
+
 def _allowed(regs, kind):
     def allowed(cfg, a):
         if _HAS_MAXNREG and _capped(cfg) == _uncapped(kind, a):
             return False
+        bm, bn, warps, d = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, a["BLOCK_D"]
+        tile = bm * bn
         if a["PREC"] == "ieee":  # FMA dots hold whole rows of K = D in registers: only the smallest tiles
-            most = 512 if kind == "fwd" and a["BLOCK_D"] < 256 else 256
+            # 32 x 16 forward tiles to D = 64 (at D = 128 a varlen one took 255 registers and spilled 604 B)
+            most = 512 if kind == "fwd" and d < 128 else 256
             # the backward's 16x16 tiles spread over 8 warps (half the registers each) for dQ, and
-            # for dK/dV at D = 256; dQ at D = 256 also reads q and dO in chunks (CHUNK)
-            warps = 8 if kind == "dq" or (kind == "dkdv" and a["BLOCK_D"] >= 256) else 4
-            return cfg.num_warps == warps and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= most
-        tile = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"]
+            # for dK/dV at D = 256
+            want = 8 if kind == "dq" or (kind == "dkdv" and d >= 256) else 4
+            return warps == want and tile <= most
+        limit = REG_LIMIT if a["PREC"] == "" else REG_LIMIT_TF32
+        if kind == "fwd" and _per_score_heavy(a) and bm >= 128:
+            return False
+        if kind == "fwd" and not _whole_rows(bm, warps, a) and not _no_whole_row_tile(a):
+            return False  # the row max would cross warps; kept only where no whole-row tile fits
+        if a["PREC"] == "tf32" and not _tf32_fits(kind, a, bm, warps):
+            return False
+        if tile <= 256 and kind == "fwd":  # the 16 x 16 forward over one warp, where it fits
+            return regs(cfg, a) <= limit
         if tile <= 256:  # 16x16, every list's last resort (TF32 at D=256 has nothing else)
             # but not masked 16-bit dQ at D = 256 over 8 warps (128 registers, 4 B spilled)
-            return not (kind == "dq" and a["BLOCK_D"] >= 256 and a["MASK"] != 0 and cfg.num_warps == 8)
+            return not (kind == "dq" and d >= 256 and a["MASK"] != 0 and warps == 8 and a["PREC"] == "")
         # Measured at or over 255 registers even with all of them allowed (MAX_REGS), so spilling: a
         # forward with a user mask at D >= 64 whose threads hold 32 scores each (the mask tile's
         # 64-bit pointers alone are 64 registers), and 4-warp dQ at D = 256 (64 fp32 accumulators
@@ -786,17 +814,67 @@ def _allowed(regs, kind):
         # sm_86, at D = 32: the register estimate prunes them at larger D), and on mma.sync targets
         # (sm_80/86; sm_90's wgmma dQ took 158-199) dQ with a user mask at D >= 64 whose threads
         # hold 16 scores each (255 registers on sm_80, 16 B spilled on sm_86).
-        if kind == "fwd" and a["MASK"] != 0 and a["BLOCK_D"] >= 64 and tile >= 32 * 32 * cfg.num_warps:
+        if kind == "fwd" and a["MASK"] != 0 and d >= 64 and tile >= 32 * 32 * warps:
             return False
-        if (kind == "dq" and a["MASK"] != 0 and a["BLOCK_D"] >= 64 and tile >= 16 * 32 * cfg.num_warps
+        if (kind == "dq" and a["MASK"] != 0 and d >= 64 and tile >= 16 * 32 * warps
                 and _tune.capability(a["q_ptr"].device) < 90):
             return False
         if kind == "dkdv" and a["MASK"] != 0 and cfg.num_stages >= 3:
             return False
-        if kind == "dq" and a["BLOCK_D"] >= 256 and cfg.num_warps == 4:
+        if kind == "dq" and d >= 256 and warps == 4:
             return False
-        return regs(cfg, a) <= (REG_LIMIT if a["PREC"] == "" else REG_LIMIT_TF32)
+        return regs(cfg, a) <= limit
     return allowed
+
+
+def _whole_rows(bm, warps, a) -> bool:
+    """Whether each warp of a forward config owns whole rows of its score tile, so the softmax's
+    row max and sum stay in the warp (checked on the compiled layouts: tests/test_triton_aot.py).
+    wgmma (sm_90, 64-row tiles) puts warpgroups along M, 64 rows each: rows are whole when
+    BLOCK_M >= 16 warps. mma.sync (sm_80/86, and sm_90's smaller tiles) lays out the two chained
+    dots of the loop by the P V product's (BLOCK_M, head dim) shape: along M only when BLOCK_M is
+    at least the value head dim, so a 64-row tile at D = 128 spreads its 4 warps along N and
+    passes P and the row statistics through shared memory every tile. One warp is always whole."""
+    if warps == 1:
+        return True
+    if warps > bm // 16:
+        return False
+    if bm >= 64 and _tune.capability(a["q_ptr"].device) >= 90:
+        return True
+    return bm >= a["BLOCK_DV"]
+
+
+def _per_score_heavy(a) -> bool:
+    """A user mask or ALiBi (per-score tiles: the mask's 64-bit pointers and values, the bias) at
+    D >= 128 on mma.sync targets (sm_80/86): there a 128-row forward tile, the only whole-row one
+    at that head dim, sat at 255 registers and spilled 8-24 B (sm_80, 128 x 32 over 8 warps)."""
+    return (a["MASK"] != 0 or a["ALIBI"]) and a["BLOCK_DV"] >= 128 and _tune.capability(a["q_ptr"].device) < 90
+
+
+def _no_whole_row_tile(a) -> bool:
+    """Where the forward keeps tiles whose warps share rows: 16-bit at D = 256 and TF32 from
+    D = 128 (a 16-row tile over one warp spilled 612-904 B, and a whole-row mma.sync tile needs
+    BLOCK_M >= D), and _per_score_heavy."""
+    return a["BLOCK_DV"] >= (256 if a["PREC"] == "" else 128) or _per_score_heavy(a)
+
+
+def _tf32_fits(kind, a, bm, warps) -> bool:
+    """TF32 operands are fp32 in the MMA fragments, twice a 16-bit one's registers, and a
+    resident tile is repeated in every warp that shares its rows: dQ's q and dO then cost about
+    D registers a thread whatever the tile, so ptxas runs out where _regs says there is room
+    (sweep of every TF32 config, sm_80/86/90, at the 255 cap; spills 4-112 B):
+    - dQ at D >= 128: only 16-row tiles over 8 warps (32 x 32 / 8 and 32 x 16 / 4 spilled);
+    - dQ with 64-row tiles over 8 warps on mma.sync targets (sm_80/86) with a user mask, dropout
+      or packed sequences, or at D = 64 (64 x 64 and 64 x 32 spilled or sat at 255);
+    - dK/dV at D = 256: 8 warps (16 x 16 over 4 with dropout: 255 registers, 16 B spilled)."""
+    d = a["BLOCK_D"]
+    if kind == "dq" and d >= 128:
+        return bm == 16 and warps == 8
+    if kind == "dq" and bm == 64 and warps == 8 and _tune.capability(a["q_ptr"].device) < 90:
+        return not (a["MASK"] != 0 or a["DROPOUT"] or a["VARLEN"] or d >= 64)
+    if kind == "dkdv" and d >= 256:
+        return warps == 8
+    return True
 
 
 def _tuned(kernel, tiles, smem, kind, what):
@@ -958,7 +1036,7 @@ def backward(grad_out, q, k, v, mask, out, lse, causal, scale, dropout_p=0.0, se
         dvv.copy_(dv_out.sum(2))
     args = (q, k, v, mask_t, grad_out, lse, delta, dq, *strides, h, h // hkv, tq, tk, qk_scale,
             seed, dropout_p, *buckets, tq, float(softcap), *options, None, None)
-    chunk = meta["PREC"] == "ieee" and meta["BLOCK_D"] > 128  # IEEE fp32 at D = 256: q, dO not resident
+    chunk = _chunked(meta)  # IEEE fp32 from D = 128: q, dO not resident
     grid, fold = _grid(tq, "BLOCK_M", h, b)
     _launch(_dq_kernel, _dq_tuned, grid, args, dict(meta, CHUNK=chunk, FOLD=fold))
     return dq, dk, dvv
@@ -1035,7 +1113,7 @@ def varlen_backward(grad_out, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, causa
         dvv.copy_(dv_out.sum(0))
     args = (q, k, v, mask_t, grad_out, lse, delta, dq, *strides, h, h // hkv, tq, tk, qk_scale, 0, 0.0, *buckets,
             max_q, float(softcap), *options, cu_q, cu_k)
-    chunk = meta["PREC"] == "ieee" and meta["BLOCK_D"] > 128
+    chunk = _chunked(meta)
     grid, fold = _grid(max_q, "BLOCK_M", h, seqs)
     _launch(_dq_kernel, _dq_tuned, grid, args, dict(meta, CHUNK=chunk, FOLD=fold))
     return dq, dk, dvv

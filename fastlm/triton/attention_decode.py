@@ -211,9 +211,13 @@ def _smem(cfg, a):
 
 
 def _regs(cfg, a):
-    """As attention._regs: the fp32 accumulator, the resident Q rows, three score-sized tiles."""
+    """As attention._regs: the fp32 accumulator, the resident Q rows, three score-sized tiles;
+    with TF32 and a user mask three more (its 64-bit pointers and values: TF32 decode tiles of
+    32 x 64 over 4 warps and 64 x 64 over 8 with a mask spilled 8-20 B at 255 registers on
+    sm_80, where this estimate without them said 96)."""
     e, rb, bn = a["q_ptr"].element_size(), cfg.kwargs["ROW_BLOCK"], cfg.kwargs["BLOCK_N"]
-    return (rb * a["BLOCK_DV"] + rb * a["BLOCK_D"] * e / 4 + 3 * rb * bn) / (32 * cfg.num_warps) + 32
+    tiles = 6 if a["PREC"] == "tf32" and a["MASK"] != 0 else 3
+    return (rb * a["BLOCK_DV"] + rb * a["BLOCK_D"] * e / 4 + tiles * rb * bn) / (32 * cfg.num_warps) + 32
 
 
 def _allowed(cfg, a):
