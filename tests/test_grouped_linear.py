@@ -78,7 +78,15 @@ def test_matches_per_expert_loop(backend, device, dtype, activation):
 def test_edge_shapes(backend, device, dtype):
     check(backend, device, dtype, [0, 0, 0], tail=5, k=8, n_w=8, activation="swiglu", with_bias=True)  # all dropped
     check(backend, device, dtype, [1], tail=0, k=1, n_w=2, activation="swiglu", with_bias=False)
-    check(backend, device, dtype, [3, 0, 6], tail=2, k=24, n_w=16, activation="swiglu", with_bias=True, transposed=True)
+    # GPT-OSS's (E, in, out) experts seen as (E, out, in): the cuda kernels read them in place when K
+    # and the width are multiples of 8 (gated: gate and up are column ranges; two column tiles, the
+    # second partial), from a padded copy otherwise; ragged experts, an empty one, two m-tiles
+    check(backend, device, dtype, [3, 0, 6], tail=2, k=24, n_w=144, activation="swiglu", with_bias=True,
+          transposed=True)
+    check(backend, device, dtype, [9, 0, 130], tail=1, k=16, n_w=24, activation=None, with_bias=True, transposed=True)
+    check(backend, device, dtype, [5, 2], tail=0, k=16, n_w=16, activation="gelu", with_bias=False, transposed=True)
+    check(backend, device, dtype, [5, 0, 2], tail=1, k=12, n_w=20, activation="geglu", with_bias=False,
+          transposed=True)
     like = dict(dtype=dtype, device=device)
     out = grouped_linear(torch.randn(0, 8, **like), torch.randn(2, 4, 8, **like),
                          torch.zeros(3, dtype=torch.int32, device=device), backend=backend)

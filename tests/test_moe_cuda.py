@@ -1,7 +1,9 @@
-"""The CUDA MoE kernels (csrc/cuda/moe_router.cu, moe_permute.cu) under the SIMT emulator, where
-the shared op tests don't reach: inputs long enough for several row chunks and scan tiles (the
-device-side scans carry across them), every row-copy width, rows nobody references, and bitwise
-equal results run to run. The float64 references are the oracle."""
+"""The CUDA MoE kernels (csrc/cuda/moe_router.cu, moe_permute.cu, moe_grouped_linear.cu) under the
+SIMT emulator, where the shared op tests don't reach: inputs long enough for several row chunks and
+scan tiles (the device-side scans carry across them), every row-copy width, rows nobody references,
+bitwise equal results run to run, and grouped_linear reading a transposed weight in place (the
+profiler sees every aten op the binding calls, so a copy cannot hide). The float64 references are
+the oracle."""
 import pytest
 import torch
 
@@ -82,3 +84,41 @@ def test_row_widths_and_unreferenced_rows(dtype, h):
     torch.testing.assert_close(gy.double(), want_gy, **tol)
     torch.testing.assert_close(gw.double(), want_gw, **tol)
     assert not gy[t * k:].any() and torch.equal((gy, gw)[1], emu().moe_unpermute_bwd(g, y, rows, w)[1])
+
+
+def weight_copies(fn):
+    """The aten ops that copy tensor data which fn's C++ makes (the profiler records nested
+    dispatcher calls too), and fn's result."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::cat")], result
+
+
+@pytest.mark.parametrize("activation", ["none", "swiglu"])
+def test_grouped_linear_reads_transposed_weight_in_place(activation):
+    """GPT-OSS's (E, in, out) expert weight passed as its (E, out, in) transpose: with K and the
+    width multiples of 8 the binding reads it where it lies (no copy in the forward or the
+    backward) and the results are bit for bit those of the same weight stored (E, out, in): the
+    same products in the same order, only the other operand layout. K = 12 or a weight base off
+    16 bytes take the padded copy, which the profiler sees (so it would see one in place too)."""
+    e, k, n_w, dtype = 3, 16, 48, torch.float16
+    x = torch.randn(37, k).to(dtype)
+    offsets = torch.tensor([0, 20, 20, 35], dtype=torch.int32)
+    storage = torch.randn(e, k + 1, n_w).to(dtype)  # (E, in, out) plus a spare in-row for the offset view
+    weight = storage[:, :k].transpose(1, 2)
+    bias = torch.randn(e, n_w).to(dtype)
+    grad = torch.randn(37, n_w // 2 if activation == "swiglu" else n_w).to(dtype)
+
+    def run(w, xs=x):
+        out, pre = emu().grouped_linear_fwd(xs, w, offsets, bias, activation, True)
+        return out, pre, *emu().grouped_linear_bwd(grad, xs, w, offsets, pre, activation, True)
+
+    copies, got = weight_copies(lambda: run(weight))
+    assert copies == [], f"the transposed weight was copied: {copies}"
+    want = run(weight.contiguous())
+    for name, a, b in zip(("out", "pre", "grad_x", "grad_weight", "grad_bias"), got, want):
+        assert torch.equal(a, b), f"{activation} {name}: in place differs from the contiguous weight"
+    assert got[3].shape == weight.shape and got[3].is_contiguous()
+    assert weight_copies(lambda: run(weight[:, :, :12], x[:, :12]))[0], "K = 12: the padded copy"
+    off16 = storage.flatten()[1:1 + e * k * n_w].view(e, k, n_w).transpose(1, 2)  # base 2 bytes past 16
+    assert weight_copies(lambda: run(off16))[0], "a weight base off 16 bytes: the aligned copy"

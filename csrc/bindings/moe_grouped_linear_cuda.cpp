@@ -3,8 +3,15 @@
 // csrc/cuda/moe_grouped_linear.cu. The kernels want every width and K a multiple of 8 (16-byte
 // cp.async chunks and epilogue stores); odd shapes are zero-padded here (a gated weight's gate
 // and up halves each padded, so they stay halves) and the outputs cut back: copies only for
-// shapes no real model has. Offsets are checked on the host only where they live there (the
-// emulator); on a GPU the kernels read them on the device, clamped into [0, N].
+// shapes no real model has. The weight is read in place (weight_read) either as (E, Nw, K) rows
+// (stride(2) == 1) or as the transposed view of an (E, K, Nw) buffer (stride(1) == 1, GPT-OSS's
+// experts as fastlm.patch passes them); it is copied (contiguous, padded) only when K or the
+// output width (each half when gated) is not a multiple of 8, its base is not 16-byte aligned, or
+// its expert stride or its other (non-unit) stride is not a multiple of 8 elements. grad_weight
+// comes back contiguous (E, Nw, K) either way (what the op's fake promises; for a transposed view
+// autograd's transpose hands the parameter an (E, K, Nw) grad with transposed strides, which
+// AccumulateGrad copies into the parameter's layout). Offsets are checked on the host only where
+// they live there (the emulator); on a GPU the kernels read them on the device, clamped into [0, N].
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
@@ -79,9 +86,31 @@ Extents extents(const at::Tensor& x, const at::Tensor& weight, const GroupedActi
   return {x.size(1), round8(x.size(1)), width, round8(width), parts};
 }
 
-// weight (E, Nw, K) with its halves and K padded, rows 16-byte aligned.
-at::Tensor padded_weight(const at::Tensor& w, const Extents& s) {
-  return gemm_operand(spread(spread(w, 2, 1, s.k, s.k8), 1, s.parts, s.width, s.width8));
+// How the kernels read weight (E, Nw, K): in place by rows (K contiguous) or by columns (Nw
+// contiguous: the transposed view of an (E, K, Nw) buffer), or from a padded contiguous copy.
+enum class WeightRead { kRows, kColumns, kPaddedCopy };
+WeightRead weight_read(const at::Tensor& w, const Extents& s) {
+  const auto unit = [&](int64_t d) { return w.size(d) <= 1 || w.stride(d) == 1; };
+  const auto by8 = [&](int64_t d) { return w.size(d) <= 1 || w.stride(d) % 8 == 0; };
+  const bool ok = s.k == s.k8 && s.width == s.width8 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 && by8(0);
+  if (ok && unit(2) && by8(1)) return WeightRead::kRows;
+  if (ok && unit(1) && by8(2)) return WeightRead::kColumns;
+  return WeightRead::kPaddedCopy;
+}
+
+// The weight as the kernels read it: the tensor itself, or (E, Nw8, K8) with its halves and K
+// padded, contiguous; with the arguments' row stride and orientation.
+struct WeightOperand {
+  at::Tensor w;
+  int64_t stride;
+  bool transposed;
+};
+WeightOperand weight_operand(const at::Tensor& w, const Extents& s) {
+  switch (weight_read(w, s)) {
+    case WeightRead::kRows: return {w, stride_of(w, 1), false};
+    case WeightRead::kColumns: return {w, w.size(2) > 1 ? w.stride(2) : s.cols8(), true};
+    default: return {gemm_operand(spread(spread(w, 2, 1, s.k, s.k8), 1, s.parts, s.width, s.width8)), s.k8, false};
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> grouped_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -97,12 +126,13 @@ std::tuple<at::Tensor, at::Tensor> grouped_linear_fwd_cuda(const at::Tensor& x, 
   at::Tensor out = at::empty({N, s.width8}, x.options());
   at::Tensor pre = at::empty(keep_pre ? at::IntArrayRef{N, s.cols8()} : at::IntArrayRef{0}, x.options());
   if (N > 0 && s.width > 0) {
-    const at::Tensor xp = gemm_operand(spread(x, 1, 1, s.k, s.k8)), w = padded_weight(weight, s);
+    const at::Tensor xp = gemm_operand(spread(x, 1, 1, s.k, s.k8));
+    const WeightOperand w = weight_operand(weight, s);
     const at::Tensor b = bias ? gemm_operand(spread(*bias, 1, s.parts, s.width, s.width8).contiguous()) : at::Tensor();
     const GroupedLinearCudaArgs args{dtype, m.mode, m.act, N, E, s.k8, s.width8, off.data_ptr<int32_t>(),
-                                     xp.data_ptr(), stride_of(xp, 0), w.data_ptr(), stride_of(w, 0),
-                                     stride_of(w, 1), b.defined() ? b.data_ptr() : nullptr, out.data_ptr(),
-                                     s.width8, keep_pre ? pre.data_ptr() : nullptr, s.cols8()};
+                                     xp.data_ptr(), stride_of(xp, 0), w.w.data_ptr(), stride_of(w.w, 0),
+                                     w.stride, w.transposed, b.defined() ? b.data_ptr() : nullptr,
+                                     out.data_ptr(), s.width8, keep_pre ? pre.data_ptr() : nullptr, s.cols8()};
     check_launch(op, grouped_linear_forward_cuda(args, gpu_stream()));
   }
   return {gather(out, 1, 1, s.width, s.width8), keep_pre ? gather(pre, 1, s.parts, s.width, s.width8) : pre};
@@ -127,12 +157,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_bwd_cuda(const at:
   if (E > 0 || N > 0) {
     const at::Tensor go = gemm_operand(spread(grad_out, 1, 1, s.width, s.width8));
     const at::Tensor pr = act ? gemm_operand(spread(pre, 1, s.parts, s.width, s.width8)) : at::Tensor();
-    const at::Tensor xp = gemm_operand(spread(x, 1, 1, s.k, s.k8)), w = padded_weight(weight, s);
+    const at::Tensor xp = gemm_operand(spread(x, 1, 1, s.k, s.k8));
+    const WeightOperand w = weight_operand(weight, s);
     at::Tensor grad_p = at::empty(act ? at::IntArrayRef{N, s.cols8()} : at::IntArrayRef{0}, x.options());
     const GroupedLinearGradCudaArgs args{dtype, m.mode, m.act, N, E, s.k8, s.width8, off.data_ptr<int32_t>(),
                                          go.data_ptr(), stride_of(go, 0), act ? pr.data_ptr() : nullptr,
-                                         act ? stride_of(pr, 0) : 0, xp.data_ptr(), stride_of(xp, 0), w.data_ptr(),
-                                         stride_of(w, 0), stride_of(w, 1), act ? grad_p.data_ptr() : nullptr,
+                                         act ? stride_of(pr, 0) : 0, xp.data_ptr(), stride_of(xp, 0),
+                                         w.w.data_ptr(), stride_of(w.w, 0), w.stride, w.transposed,
+                                         act ? grad_p.data_ptr() : nullptr,
                                          s.cols8(), grad_x.data_ptr(), grad_w.data_ptr(),
                                          has_bias ? grad_b.data_ptr() : nullptr};
     check_launch(op, grouped_linear_backward_cuda(args, gpu_stream()));

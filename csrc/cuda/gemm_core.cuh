@@ -41,7 +41,9 @@
 //  - Grouped GEMMs (grouped_linear, moe_grouped_linear.cu): the tile body (gemm_tile) is shared;
 //    grouped_rows_kernel maps a CTA to (expert, m-tile) from device offsets, grouped_reduce_kernel
 //    to (expert, tile) with the K loop over the expert's rows (dW). A gated tile loads 64 gate and
-//    the 64 matching up rows of B (TileLoader's Halves) and forms act(gate) * up in the epilogue.
+//    the 64 matching up rows of B (TileLoader's Halves; for an MN-major B, GPT-OSS's (E, in, out)
+//    weight read in place, 64 gate and 64 up columns, a run-time flag) and forms act(gate) * up in
+//    the epilogue.
 // Requirements (the bindings check them): the contiguous dimension of each operand and N are
 // multiples of 8, row strides are multiples of 8 elements and base pointers 16-byte aligned
 // (cp.async and the epilogue's 16-byte accesses). Any M, N, K otherwise (ragged edges zero-fill).
@@ -108,12 +110,15 @@ __device__ __forceinline__ float act_runtime(Activation a, float z) {
 // One operand's K tiles, in order, into their swizzled stages: 1024 16-byte chunks per tile, 8
 // per thread. Per chunk the main loop pays one predicate, one 64-bit pointer step and the
 // cp.async; `rows` bounds the M or N index, [k_begin, k_end) is the K range (a split-K slice).
-// Halves (K-major B of a gated GEMM): tile rows 0-63 are operand rows r0.. (the gate half) and
-// tile rows 64-127 rows rows + r0.. (the up half, `rows` rows further): one extra pointer step
-// per tile, before chunk 4.
+// Halves (B of a gated GEMM): tile rows 0-63 are operand rows r0.. (the gate half) and tile rows
+// 64-127 rows rows + r0.. (the up half, `rows` rows further). K-major, a thread's chunks 0-3 are
+// gate rows and 4-7 up rows: one extra pointer step per tile, before chunk 4, so it is the
+// template flag Halves. MN-major, a thread's 8 columns are fixed (chunk t % 16: gate for 0-7, up
+// for 8-15): the jump folds into its start pointer, nothing per tile, so it is the run-time
+// `mn_halves` (one kernel serves plain and gated).
 template <typename T, bool KMajor, bool Halves = false>
 struct TileLoader {
-  static_assert(KMajor || !Halves, "gate / up halves are K-major weight rows");
+  static_assert(KMajor || !Halves, "an MN-major B takes its halves at run time (mn_halves)");
   const T* src;      // this thread's chunk 0 of the next tile
   int64_t step;      // between this thread's chunks: 16 rows (K-major) or 8 K rows (MN-major)
   int64_t k_step;    // between tiles
@@ -127,7 +132,7 @@ struct TileLoader {
   static constexpr int kChunkStride = KMajor ? 16 * kBK : 8 * kBM;  // halves between chunk i and i + 1
 
   __device__ __forceinline__ TileLoader(const T* p, int64_t ld, int64_t rows, int64_t k_begin, int64_t k_end,
-                                        int64_t r0) {
+                                        int64_t r0, bool mn_halves = false) {
     const int t = threadIdx.x;
 #ifdef FASTLM_EMU
     valid = p;
@@ -145,12 +150,14 @@ struct TileLoader {
       for (int i = 0; i < 8; ++i) rows_ok |= uint32_t(r0 + row + 16 * (Halves ? i % 4 : i) < rows) << i;
     } else {  // chunk i: K row t / 16 + 8 i, column chunk t % 16
       const int kr = t / 16, c = t % 16;
-      src = p + (k_begin + kr) * ld + r0 + c * 8;
+      // gated: columns c < 8 are gate columns r0 + 8 c, the rest up columns rows + r0 + 8 (c - 8)
+      const int64_t col = mn_halves ? r0 + (c % 8) * 8 : r0 + c * 8;
+      src = p + (k_begin + kr) * ld + col + (mn_halves && c >= 8 ? rows : 0);
       step = 8 * ld;
       k_step = kBK * ld;
       k_left = k_end - k_begin - kr;
       smem_off = kr * kBM + ((c ^ kr) * 8);  // kr + 8 i keeps the K row % 8 == kr
-      rows_ok = r0 + c * 8 < rows ? 0xffu : 0u;  // rows % 8 == 0: the chunk is all in or all out
+      rows_ok = col < rows ? 0xffu : 0u;  // rows % 8 == 0: the chunk is all in or all out
       half_jump = 0;
     }
   }
@@ -318,17 +325,18 @@ __device__ __forceinline__ void staged_epilogue(const GemmArgs& p, const float* 
   }
 }
 
-// One CTA's output tile: rows m0.. of A (p.m rows), columns n0.. of B (p.n rows; Halves: the
-// gate rows n0.. and the up rows p.n + n0.., 64 each), K range [k_begin, k_end); then the
-// epilogue, or the fp32 tile into `partial` (a split-K slice). smem: kSmemBytes.
+// One CTA's output tile: rows m0.. of A (p.m rows), columns n0.. of B (p.n rows; gated, Halves
+// for a K-major B or mn_halves for an MN-major one: the gate rows n0.. and the up rows p.n + n0..,
+// 64 each), K range [k_begin, k_end); then the epilogue, or the fp32 tile into `partial` (a
+// split-K slice). smem: kSmemBytes.
 template <typename T, bool AKMajor, bool BKMajor, bool Halves>
 __device__ __forceinline__ void gemm_tile(const GemmArgs& p, T* smem, int64_t m0, int64_t n0, int64_t k_begin,
-                                          int64_t k_end, float* partial) {
+                                          int64_t k_end, float* partial, bool mn_halves = false) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = (warp / 2) * kWarpM, wn = (warp % 2) * kWarpN;
 
   TileLoader<T, AKMajor> load_a(static_cast<const T*>(p.a), p.lda, p.m, k_begin, k_end, m0);
-  TileLoader<T, BKMajor, Halves> load_b(static_cast<const T*>(p.b), p.ldb, p.n, k_begin, k_end, n0);
+  TileLoader<T, BKMajor, Halves> load_b(static_cast<const T*>(p.b), p.ldb, p.n, k_begin, k_end, n0, mn_halves);
   const auto stage_a = [&](int s) { return smem + s * 2 * kTileHalves; };
   const auto stage_b = [&](int s) { return smem + s * 2 * kTileHalves + kTileHalves; };
   int a_base[4], b_base[4];
@@ -406,7 +414,7 @@ __device__ __forceinline__ void gemm_tile(const GemmArgs& p, T* smem, int64_t m0
       }
   __syncthreads();
 
-  if (Halves) {  // gated: each thread 8 outputs (gate columns 8 cc.., up 64 + 8 cc..) of rows r0 + 16 i
+  if (Halves || mn_halves) {  // gated: each thread 8 outputs (gate columns 8 cc.., up 64 + 8 cc..) of rows r0 + 16 i
     const int cc = threadIdx.x % 8, r0 = threadIdx.x / 8;
     const int64_t n = n0 + 8 * cc;
     if (n >= p.n) return;
@@ -449,6 +457,7 @@ struct GroupedArgs {
   int64_t experts, rows;   // rows: x's N
   int64_t tiles_n;         // output column tiles per CTA row
   int64_t b_expert_stride, bias_expert_stride, y_expert_stride;  // elements between experts' B, bias, y
+  bool gated;              // row-grouped: B rows [0, n) gate, [n, 2 n) up; 64 outputs per CTA column
 };
 
 __device__ __forceinline__ int64_t clamped_offset(const GroupedArgs& g, int64_t e, int64_t lo) {
@@ -459,12 +468,14 @@ __device__ __forceinline__ int64_t clamped_offset(const GroupedArgs& g, int64_t 
 // Row-grouped (forward, dX): CTA (slot, n-tile), slot = the slot-th m-tile of the experts' rows in
 // order; sum over e of cdiv(rows_e, 128) <= cdiv(N, 128) + E, so cdiv(N, 128) + E slots hold them
 // all, the dropped tail's tiles after them (they run no K loop and no bias: 0 out, as act(0) = 0
-// for every activation). A is K-major rows of the expert, B = weight[e], bias = bias[e].
+// for every activation). A is K-major rows of the expert, B = weight[e] either way round,
+// bias = bias[e]. Gated (g.gated): Halves for a K-major B, the run-time mn_halves for an MN-major
+// one (launch_grouped_rows picks), so an MN-major B has one kernel for plain and gated.
 template <typename T, bool AKMajor, bool BKMajor, bool Halves>
 __global__ void __launch_bounds__(kThreads) grouped_rows_kernel(GemmArgs p, const GroupedArgs g) {
   static_assert(AKMajor, "row-grouped A is K-major: the expert's rows");
   FASTLM_DYNAMIC_SHARED(unsigned char, smem_bytes);
-  const int64_t slot = blockIdx.x / g.tiles_n, n0 = (blockIdx.x % g.tiles_n) * (Halves ? kBN / 2 : kBN);
+  const int64_t slot = blockIdx.x / g.tiles_n, n0 = (blockIdx.x % g.tiles_n) * (g.gated ? kBN / 2 : kBN);
   // The expert whose m-tiles hold `slot`: a uniform scan of E offsets (L1-resident after the
   // first CTA of the SM; E = 8 for Mixtral).
   int64_t e = 0, lo = clamped_offset(g, 0, 0), first = 0;  // m-tiles before expert e, its first row
@@ -483,7 +494,8 @@ __global__ void __launch_bounds__(kThreads) grouped_rows_kernel(GemmArgs p, cons
   p.ep.bias = p.ep.bias && !tail ? static_cast<const T*>(p.ep.bias) + e * g.bias_expert_stride : nullptr;
   p.ep.y = static_cast<T*>(p.ep.y) + lo * p.ep.y_ld;
   if (p.ep.preact) p.ep.preact = static_cast<T*>(p.ep.preact) + lo * p.ep.preact_ld;
-  gemm_tile<T, AKMajor, BKMajor, Halves>(p, reinterpret_cast<T*>(smem_bytes), m0, n0, 0, tail ? 0 : p.k, nullptr);
+  gemm_tile<T, AKMajor, BKMajor, Halves>(p, reinterpret_cast<T*>(smem_bytes), m0, n0, 0, tail ? 0 : p.k, nullptr,
+                                         !BKMajor && g.gated);
 }
 
 // Reduction over each expert's rows (dW[e] = grad_p_e^T @ x_e): CTA (expert, m-tile, n-tile), the
@@ -501,12 +513,15 @@ __global__ void __launch_bounds__(kThreads) grouped_reduce_kernel(GemmArgs p, co
   gemm_tile<T, false, false, false>(p, reinterpret_cast<T*>(smem_bytes), m0, n0, 0, hi - lo, nullptr);
 }
 
-template <typename T, bool AKMajor, bool BKMajor, bool Halves>
+// B K-major (weight (E, n, k) rows): grouped_rows_kernel<.., Halves = g.gated>; MN-major (the
+// weight's k rows hold its n outputs adjacent): one kernel, gated or not at run time.
+template <typename T, bool BKMajor>
 int launch_grouped_rows(const GemmArgs& p, GroupedArgs g, cudaStream_t stream) {
-  const auto kernel = grouped_rows_kernel<T, AKMajor, BKMajor, Halves>;
+  const auto kernel = !BKMajor || !g.gated ? grouped_rows_kernel<T, true, BKMajor, false>
+                                           : grouped_rows_kernel<T, true, BKMajor, BKMajor>;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return int(err);
-  const int64_t width = Halves ? kBN / 2 : kBN;
+  const int64_t width = g.gated ? kBN / 2 : kBN;
   g.tiles_n = (p.n + width - 1) / width;
   const int64_t ctas = ((g.rows + kBM - 1) / kBM + g.experts) * g.tiles_n;
   if (ctas > 0) launch_kernel(kernel, dim3(unsigned(ctas)), kThreads, kSmemBytes, stream, p, g);

@@ -3,6 +3,11 @@
 //   forward  out[rows of e] = act(x_e @ weight[e]^T + bias[e])      grouped_rows_kernel, A = x, B = w[e]
 //   dX       grad_x[rows of e] = grad_p_e @ weight[e]               grouped_rows_kernel, B = w[e] MN-major
 //   dW       grad_weight[e] = grad_p_e^T @ x_e                      grouped_reduce_kernel, K = e's rows
+// A transposed weight (GPT-OSS's (E, in, out) storage seen as (E, out, in), weight_transposed) is
+// read in place by the other orientation of B: MN-major in the forward (gated: the gate and up
+// halves are column ranges, a run-time flag of the same kernel), K-major for dX (the forward's
+// plain kernel); dW never reads the weight. Kernels: per dtype grouped_rows <B K-major, plain>,
+// <K-major, gated>, <MN-major, plain or gated>, grouped_reduce: 4, as before the transposed path.
 // The grid is static (cdiv(N, 128) + E m-slots x n-tiles): each CTA scans the device offsets for
 // its (expert, m-tile), so nothing waits on a host copy of the routing. Waste: at most one partial
 // m-tile per expert, on average half a tile of zero-filled rows each (Mixtral, 4096 tokens x
@@ -108,9 +113,10 @@ int forward(const GroupedLinearCudaArgs& a, cudaStream_t stream) {
   p.a = a.x, p.lda = a.x_stride, p.b = a.weight, p.ldb = a.weight_stride;
   p.ep.has_act = a.mode == GroupedAct::kElementwise, p.ep.act = a.act;  // gated: the Halves epilogue
   p.ep.bias = a.bias, p.ep.y = a.out, p.ep.y_ld = a.out_stride, p.ep.preact = a.pre, p.ep.preact_ld = a.pre_stride;
-  const gemm::GroupedArgs g{a.offsets, a.experts, a.rows, 0, a.weight_expert_stride, gated ? 2 * a.width : a.width, 0};
-  return gated ? gemm::launch_grouped_rows<T, true, true, true>(p, g, stream)
-               : gemm::launch_grouped_rows<T, true, true, false>(p, g, stream);
+  const gemm::GroupedArgs g{a.offsets, a.experts, a.rows, 0, a.weight_expert_stride,
+                            gated ? 2 * a.width : a.width, 0, gated};
+  return a.weight_transposed ? gemm::launch_grouped_rows<T, false>(p, g, stream)
+                             : gemm::launch_grouped_rows<T, true>(p, g, stream);
 }
 
 template <typename T>
@@ -130,14 +136,16 @@ int backward(const GroupedLinearGradCudaArgs& a, cudaStream_t stream) {
   dx.m = a.rows, dx.n = a.k, dx.k = cols, dx.k_split = cols;
   dx.a = grad_p, dx.lda = gp_stride, dx.b = a.weight, dx.ldb = a.weight_stride;
   dx.ep.y = a.grad_x, dx.ep.y_ld = a.k;
-  const gemm::GroupedArgs gx{a.offsets, a.experts, a.rows, 0, a.weight_expert_stride, 0, 0};
-  int err = gemm::launch_grouped_rows<T, true, false, false>(dx, gx, stream);
+  const gemm::GroupedArgs gx{a.offsets, a.experts, a.rows, 0, a.weight_expert_stride, 0, 0, false};
+  // B = w[e] read as (K, cols): MN-major from (E, cols, K) rows, K-major from the transposed storage
+  int err = a.weight_transposed ? gemm::launch_grouped_rows<T, true>(dx, gx, stream)
+                                : gemm::launch_grouped_rows<T, false>(dx, gx, stream);
   if (err || cols == 0) return err;
   gemm::GemmArgs dw{};  // (cols, K) = grad_p_e^T @ x_e: GEMM extents (cols, K, rows of e)
   dw.m = cols, dw.n = a.k;
   dw.a = grad_p, dw.lda = gp_stride, dw.b = a.x, dw.ldb = a.x_stride;
   dw.ep.y = a.grad_weight, dw.ep.y_ld = a.k;
-  const gemm::GroupedArgs gw{a.offsets, a.experts, a.rows, 0, 0, 0, cols * a.k};
+  const gemm::GroupedArgs gw{a.offsets, a.experts, a.rows, 0, 0, 0, cols * a.k, false};
   return gemm::launch_grouped_reduce<T>(dw, gw, stream);
 }
 

@@ -181,7 +181,10 @@ void grouped_linear_grad_cpu(const GroupedGradArgs& a);
 // are read on the device only (clamped into [0, rows]). Every width, K and row stride is a
 // multiple of 8 elements and every base 16-byte aligned (the binding pads odd shapes with zeros).
 // Gated: weight rows [0, width) are the gate, [width, 2 width) the up projection (the binding
-// spreads an unpadded I into these halves).
+// spreads an unpadded I into these halves). The weight (E, cols, k) is read in place either way
+// round: element (e, c, i) at e weight_expert_stride + c weight_stride + i, or, weight_transposed
+// (an (E, k, cols) buffer seen as (E, cols, k), as GPT-OSS stores its experts), at
+// e weight_expert_stride + c + i weight_stride.
 struct GroupedLinearCudaArgs {
   DType dtype;
   GroupedAct mode;
@@ -190,6 +193,7 @@ struct GroupedLinearCudaArgs {
   const int32_t* offsets;
   const void* x; int64_t x_stride;
   const void* weight; int64_t weight_expert_stride, weight_stride;  // (E, cols, k)
+  bool weight_transposed;
   const void* bias;         // (E, cols) contiguous, or null
   void* out; int64_t out_stride;
   void* pre; int64_t pre_stride;  // (rows, cols), or null; rows past offsets[E] get 0 like out
@@ -207,7 +211,8 @@ struct GroupedLinearGradCudaArgs {
   const void* grad_out; int64_t grad_out_stride;  // (rows, width)
   const void* pre; int64_t pre_stride;            // (rows, cols) unless kNone
   const void* x; int64_t x_stride;
-  const void* weight; int64_t weight_expert_stride, weight_stride;
+  const void* weight; int64_t weight_expert_stride, weight_stride;  // as in the forward
+  bool weight_transposed;
   void* grad_p; int64_t grad_p_stride;            // (rows, cols) scratch unless kNone
   void* grad_x;                                   // (rows, k) contiguous
   void* grad_weight;                              // (E, cols, k) contiguous
