@@ -301,7 +301,7 @@ MAIN_LOOPS = [
     ("grouped_gemm", r"gemm::grouped_(rows|reduce)_kernel<", 8, 2.5, [16],
      "grouped_linear on the same core (csrc/cuda/moe_grouped_linear.cu), fp16/bf16 x the row-grouped "
      "forward (plain and gated: gate and up halves in one tile), its dX and the per-expert dW "
-     "reduction; 2.30-2.45 on sm_80 (the gated loader's one extra pointer step per K tile), the "
+     "reduction; 2.30-2.41 on sm_80 (the gated loader's one extra pointer step per K tile), the "
      "expert search before the main loop"),
 ]
 

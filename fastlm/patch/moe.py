@@ -185,8 +185,8 @@ def experts_plan(module):
 
 def _weights(module, plan):
     up, down = getattr(module, plan.up), module.down_proj
-    if plan.transposed:  # (E, in, out) seen as (E, out, in): the cpu and triton kernels read either
-        up, down = up.transpose(1, 2), down.transpose(1, 2)  # orientation in place; cuda's binding copies
+    if plan.transposed:  # (E, in, out) seen as (E, out, in): every backend reads either orientation
+        up, down = up.transpose(1, 2), down.transpose(1, 2)  # in place (cuda: unless K or width isn't 8-aligned)
     bias_up = getattr(module, f"{plan.up}_bias") if plan.bias else None
     bias_down = module.down_proj_bias if plan.bias else None
     return up, down, bias_up, bias_down

@@ -814,8 +814,8 @@ def _allowed(regs, kind):
         # sm_86, at D = 32: the register estimate prunes them at larger D), and on mma.sync targets
         # (sm_80/86; sm_90's wgmma dQ took 158-199) dQ with a user mask at D >= 64 whose threads
         # hold 16 scores each (255 registers on sm_80, 16 B spilled on sm_86).
-        if kind == "fwd" and a["MASK"] != 0 and d >= 64 and tile >= 32 * 32 * warps:
-            return False
+        if kind == "fwd" and (a["MASK"] != 0 or a["ALIBI"]) and d >= 64 and tile >= 32 * 32 * warps:
+            return False  # ALiBi too: its bias tile spilled 8 B in a 128 x 64 / 8 varlen forward (sm_86)
         if (kind == "dq" and a["MASK"] != 0 and d >= 64 and tile >= 16 * 32 * warps
                 and _tune.capability(a["q_ptr"].device) < 90):
             return False
