@@ -124,7 +124,7 @@ struct NamedBarrier {
 struct Block {
   std::vector<Thread>* threads = nullptr;
   int rank = 0;  // %cluster_ctarank
-  uint32_t waited_epoch = 0;  // the cluster epoch its threads' latest completed barrier.cluster.wait began
+  uint32_t waited_epoch = 0;  // the cluster epoch when the latest barrier.cluster.wait of its threads returned
   int n = 0, live = 0, at_barrier = 0;
   uint32_t epoch = 0;  // advances at every __syncthreads
   // (vectors, not arrays: activate() swaps whole Blocks, and a DSMEM access swaps twice)
