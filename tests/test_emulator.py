@@ -4,7 +4,10 @@ shared index, an uninitialized shared read, a lane leaving before a warp collect
 misaligned cp.async, a launch over the grid limits, and a misread fragment layout (which
 computes wrong, so the float64 comparison catches it as it would on a GPU). Then the sm_90a
 primitives (mbarrier, TMA, named barriers, wgmma) against the ISA's layouts and a float64 matmul,
-and the pipeline bugs their happens-before must catch."""
+and the pipeline bugs their happens-before must catch; and thread-block clusters: a cluster-wide
+sum through distributed shared memory, and the cluster bugs (deadlock, bad rank, out of bounds,
+an exited CTA, a CTA exiting before a read of it is ordered, a race, a CTA read before it
+started, a grid not a multiple of the cluster)."""
 import pytest
 import torch
 
@@ -361,3 +364,67 @@ def test_sm90_misuse_is_reported(sm90, misuse, message):
 def test_sm90_instructions_need_the_sm90_profile():
     with pytest.raises(RuntimeError, match=r"mbarrier\.init needs sm_90a; the emulated device is sm_80"):
         run("pipeline", torch.randn(128 * 256 + 256 * 64))
+
+
+# ---------------------------------------------------------------- sm_90a: thread-block clusters and DSMEM
+# cluster size -> (grid, cluster shape) of the selftest launches: two clusters each, x-fastest
+CLUSTER_LAUNCHES = {1: ((2, 1), (1, 1)), 2: ((4, 1), (2, 1)), 4: ((2, 4), (2, 2)), 8: ((16, 1), (8, 1))}
+
+
+@pytest.mark.parametrize("size", [1, 2, 4, 8])
+def test_cluster_sum_through_dsmem(sm90, size):
+    (gx, gy), (cx, cy) = CLUSTER_LAUNCHES[size]
+    blocks = gx * gy
+    x = torch.randint(-1000, 1001, (1024,)).float()  # integers: every fp32 sum here is exact, in any order
+    out = run(f"cluster_sum_{size}", x)
+    per_block = x[: 64 * blocks].double().view(blocks, 64).sum(1)
+    for b in range(blocks):
+        bx, by = b % gx, b // gx  # CUDA's rule: a block's cluster is blockIdx // cluster shape
+        members = [(bx // cx * cx + i) + (by // cy * cy + j) * gx for j in range(cy) for i in range(cx)]
+        want = per_block[members].sum().item()
+        assert out[4 * b: 4 * b + 3].double().tolist() == [want] * 3  # 32-, 64-, 128-bit DSMEM loads
+        assert out[4 * b + 3].item() == bx % cx + by % cy * cx  # %cluster_ctarank
+        if bx % cx == 0 and by % cy == 0:  # rank 0: the inbox (st.shared::cluster) and the pulled sums
+            cluster = bx // cx + by // cy * (gx // cx)
+            assert out[4 * blocks + 2 * cluster: 4 * blocks + 2 * cluster + 2].double().tolist() == [want] * 2
+    assert out[4 * blocks + blocks // size * 2:].isnan().all()
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("cluster_deadlock_bug",
+         r"deadlock in the cluster of blocks \(0,0,0\)\.\.\(3,0,0\): barrier\.cluster phase 0: 193 of the cluster's 256 "
+         r"live threads arrived; rank 0 \(block \(0,0,0\)\): 64 wait at barrier\.cluster\.wait, 0 have not arrived; "
+         r"rank 1 \(block \(1,0,0\)\): 1 wait at barrier\.cluster\.wait, 63 have not arrived;.* rank 1 \(block "
+         r"\(1,0,0\)\): 63 of 64 live threads wait at __syncthreads"),
+        ("cluster_bad_rank_bug", r"mapa\.shared::cluster: rank 2 outside the cluster of 2 CTAs \(ranks 0\.\.1\)"),
+        ("cluster_oob_bug",
+         r"out-of-bounds shared-memory read of 16 bytes at 0 bytes past the end of shared 'stage' \(256 bytes\) by "
+         r"thread \(15,0,0\) of block \(1,0,0\) \[warp 0 lane 15, cluster rank 1\] through DSMEM into block "
+         r"\(0,0,0\) \(cluster rank 0\)"),
+        ("cluster_exited_bug",
+         r"ld\.shared::cluster by thread \(0,0,0\) of block \(0,0,0\) .*: cluster rank 1 \(block \(1,0,0\)\) has "
+         r"exited, its shared memory is gone"),
+        ("cluster_race_bug",
+         r"race \(read after write\) on byte 4 of shared 'inbox' \(32 bytes\): thread \(0,0,0\) of block \(1,0,0\) "
+         r".*through DSMEM into block \(0,0,0\) \(cluster rank 0\) and thread \(0,0,0\) of block \(0,0,0\)"),
+        ("cluster_unstarted_bug",
+         r"ld\.shared::cluster by thread \(63,0,0\) of block \(1,0,0\) .*: shared offset \d+ lies outside everything "
+         r"cluster rank 0 \(block \(0,0,0\)\) has declared so far, and no cluster barrier has completed yet"),
+        ("cluster_no_wait_bug",
+         r"cluster rank 1 \(block \(1,0,0\)\) exits while its shared memory may still be in use: thread \(0,0,0\) of "
+         r"block \(0,0,0\) .*through DSMEM into block \(1,0,0\) \(cluster rank 1\) accessed byte 0 of shared 'mine'"),
+        ("cluster_shape_bug",
+         r"invalid cluster size: grid \(3,1,1\), cluster \(2,1,1\) on sm_90: the grid must be a multiple of the "
+         r"cluster shape in every dimension"),
+    ],
+)
+def test_emulator_reports_cluster_bugs(sm90, name, message):
+    with pytest.raises(RuntimeError, match=message):
+        run(name, torch.randint(-1000, 1001, (1024,)).float())
+
+
+def test_clusters_need_the_sm90_profile():
+    with pytest.raises(RuntimeError, match=r"invalid cluster size: .* on sm_80: thread-block clusters need sm_90"):
+        run("cluster_sum_2", torch.randn(1024))

@@ -311,3 +311,32 @@ def test_cuda_emu_any_width_stride_offset(dtype, cols):
         gx64 = softmax_backward_ref(g[1:].double(), y[1:].double(), 0.7, log)
         gx0 = softmax_backward_ref(g[1:], y[1:], 0.7, log)
         assert_close(f"grad_x log={log}", gx[1:], gx64, gx0, kind="grad")
+
+
+# ---------------------------------------------------------------- sm_90a: long rows on a thread-block cluster (emulator)
+@pytest.mark.parametrize("dtype,size", [pytest.param(torch.float32, 4, id="float32", marks=EMU_MARKS),
+                                        pytest.param(torch.bfloat16, 2, id="bfloat16", marks=EMU_MARKS)])
+def test_cuda_emu_cluster_forward_long_rows(dtype, size):
+    """131072-wide rows on sm_90a run forward_cluster: the row held in the shared memory of a
+    cluster of `size` CTAs (fp32 4 x 128 KB, bf16 2 x 128 KB), read from global memory once, the
+    (max, sum) pairs crossing the cluster through DSMEM. softmax on a slice (storage offset 3, row
+    stride cols + 5: head and tail scalars on the first and last rank, y out of phase with x),
+    log_softmax on a dense copy (16-byte stores); a bool mask, and row 1 fully masked."""
+    from fastlm.ops.softmax import _softmax_prepared_ref
+    ops = torch.ops.fastlm_emu
+    cols, rows = 131072, 2
+    x = (torch.randn(rows, cols + 5, dtype=torch.float64) * 3).to(dtype)[:, 3:3 + cols]
+    mask = torch.rand(rows, cols) > 0.2
+    mask[-1] = False
+    ops.emu_set_arch("9.0")
+    try:
+        for log, xin in ((False, x), (True, x.contiguous())):
+            blocks = ops.emu_stats()[1]
+            y = ops.softmax_fwd(xin, mask, 0.7, 0, log)
+            assert ops.emu_stats()[1] - blocks == rows * size, "one cluster of `size` CTAs per row"
+            y64 = _softmax_prepared_ref(xin.double(), mask, 0.7, 0, log)
+            y0 = _softmax_prepared_ref(xin, mask, 0.7, 0, log)
+            assert (y[-1] == (NEG_INF if log else 0.0)).all(), f"log={log}: fully masked row"
+            assert_close(f"y log={log}", y[:1], y64[:1], y0[:1])
+    finally:
+        ops.emu_set_arch("8.0")

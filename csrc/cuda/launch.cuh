@@ -34,4 +34,30 @@ inline void launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t sm
 #endif
 }
 
+// The same in thread-block clusters of `cluster` CTAs (sm_90 only; the grid a multiple of the
+// cluster shape in every dimension, at most 8 CTAs): cudaLaunchKernelEx with
+// cudaLaunchAttributeClusterDimension, which also leaves its status for cudaGetLastError().
+template <typename... P, typename... A>
+inline void launch_cluster_kernel(void (*kernel)(P...), dim3 grid, dim3 block, dim3 cluster, size_t smem,
+                                  cudaStream_t stream, A&&... args) {
+#ifdef FASTLM_EMU
+  (void)stream;
+  ::fastlm::emu::launch(kernel, grid, block, smem, std::tuple<std::decay_t<P>...>(std::forward<A>(args)...), cluster);
+#else
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = cluster.x;
+  attribute[0].val.clusterDim.y = cluster.y;
+  attribute[0].val.clusterDim.z = cluster.z;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  (void)cudaLaunchKernelEx(&config, kernel, std::forward<A>(args)...);
+#endif
+}
+
 }  // namespace fastlm::cuda

@@ -9,6 +9,14 @@
 //   named barriers  bar.sync / bar.arrive with an id (1..15) and a thread count (producer /
 //               consumer warpgroups sync without stopping the whole block)
 //   setmaxnreg  move registers from producer to consumer warpgroups
+//   clusters    cluster_ctarank / cluster_nctarank / cluster_ctaid / cluster_nctaid (the CTA's place
+//               in its thread-block cluster: launch_cluster_kernel in launch.cuh), cluster_arrive
+//               (.release) / cluster_arrive_relaxed / cluster_wait (.acquire) / cluster_sync
+//               (barrier.cluster: every thread of every CTA of the cluster)
+//   DSMEM       smem_u32 (a shared::cta address), mapa_shared (that address in CTA `rank`'s
+//               window of the cluster), ld_shared_cluster<T> / st_shared_cluster<T> (T = float,
+//               float2, float4: 32/64/128-bit ld/st.shared::cluster). A CTA's shared memory must
+//               outlive every remote access to it: a cluster_sync before exit.
 //   wgmma       smem_desc, wgmma_fence / wgmma_commit / wgmma_wait<N>, wgmma_ss / wgmma_rs,
 //               wgmma_fence_operand (keeps the compiler from moving accumulator accesses):
 //               D (64 x N fp32 in the warpgroup's registers) (+)= A (64 x 16) * B (16 x N)
@@ -60,9 +68,12 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #ifndef FASTLM_EMU
 #include <cuda.h>  // CUtensorMap and its enums only: cuTensorMapEncodeTiled is found at run time
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -367,6 +378,82 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 
 __device__ __forceinline__ uint64_t smem_desc(const void* smem, TmaSwizzle sw, uint32_t lbo_bytes, uint32_t sbo_bytes) {
   return smem_desc_bits(smem_u32(smem), sw, lbo_bytes, sbo_bytes);
+}
+
+// ---- clusters and distributed shared memory (PTX ISA: "Special Registers", barrier.cluster, mapa,
+// ld/st with the .shared::cluster state space). The barriers are .aligned: every thread of a warp
+// executes the same one.
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r = 0;
+  FASTLM_SM90(asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r)));
+  return r;
+}
+__device__ __forceinline__ uint32_t cluster_nctarank() {
+  uint32_t n = 1;
+  FASTLM_SM90(asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n)));
+  return n;
+}
+__device__ __forceinline__ uint3 cluster_ctaid() {
+  uint3 id{0, 0, 0};
+  FASTLM_SM90(asm volatile("mov.u32 %0, %%cluster_ctaid.x;\nmov.u32 %1, %%cluster_ctaid.y;\nmov.u32 %2, %%cluster_ctaid.z;\n"
+                           : "=r"(id.x), "=r"(id.y), "=r"(id.z)));
+  return id;
+}
+__device__ __forceinline__ uint3 cluster_nctaid() {
+  uint3 n{1, 1, 1};
+  FASTLM_SM90(asm volatile(
+      "mov.u32 %0, %%cluster_nctaid.x;\nmov.u32 %1, %%cluster_nctaid.y;\nmov.u32 %2, %%cluster_nctaid.z;\n"
+      : "=r"(n.x), "=r"(n.y), "=r"(n.z)));
+  return n;
+}
+__device__ __forceinline__ void cluster_arrive() {
+  FASTLM_SM90(asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory"));
+}
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  FASTLM_SM90(asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory"));
+}
+__device__ __forceinline__ void cluster_wait() {
+  FASTLM_SM90(asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"));
+}
+__device__ __forceinline__ void cluster_sync() {
+  cluster_arrive();
+  cluster_wait();
+}
+__device__ __forceinline__ uint32_t mapa_shared(uint32_t smem_addr, uint32_t rank) {
+  uint32_t out = 0;
+  FASTLM_SM90(asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(smem_addr), "r"(rank)));
+  return out;
+}
+template <typename T>
+__device__ __forceinline__ T ld_shared_cluster(uint32_t cluster_addr) {
+  T v{};
+  if constexpr (std::is_same_v<T, float>) {
+    FASTLM_SM90(asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(cluster_addr) : "memory"));
+  } else if constexpr (std::is_same_v<T, float2>) {
+    FASTLM_SM90(
+        asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(cluster_addr) : "memory"));
+  } else {
+    static_assert(std::is_same_v<T, float4>, "ld.shared::cluster: float, float2 or float4");
+    FASTLM_SM90(asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                             : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                             : "r"(cluster_addr)
+                             : "memory"));
+  }
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ void st_shared_cluster(uint32_t cluster_addr, T v) {
+  if constexpr (std::is_same_v<T, float>) {
+    FASTLM_SM90(asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(cluster_addr), "f"(v) : "memory"));
+  } else if constexpr (std::is_same_v<T, float2>) {
+    FASTLM_SM90(asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};\n" ::"r"(cluster_addr), "f"(v.x), "f"(v.y)
+                             : "memory"));
+  } else {
+    static_assert(std::is_same_v<T, float4>, "st.shared::cluster: float, float2 or float4");
+    FASTLM_SM90(asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(cluster_addr), "f"(v.x),
+                             "f"(v.y), "f"(v.z), "f"(v.w)
+                             : "memory"));
+  }
 }
 
 __device__ __forceinline__ void wgmma_fence() { FASTLM_SM90(asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory")); }

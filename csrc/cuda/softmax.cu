@@ -9,7 +9,10 @@
 // from the registers: the row is read from DRAM once. Longer rows stream in chunks of 512 x 4
 // packs and keep as many packs as fit in shared memory (227 KB on sm_90, 163 KB on sm_80), so a
 // 65536-wide bf16 row is still read once; a 131072-wide one re-reads its last 11 % (sm_90),
-// an fp32 one its last 56 %.
+// an fp32 one its last 56 %. On sm_90a such rows go to a thread-block cluster instead
+// (forward_cluster): S = 2..8 CTAs hold the row in their shared memory, 128 KB each at most, so
+// rows up to 262144 floats / 524288 halves are read from DRAM once, and the S (max, sum) pairs
+// cross the cluster through distributed shared memory (DSMEM).
 // Backward: dot = sum(y g) (log: sum g), then gx = scale y (g - dot) (log: scale (g - e^y dot))
 // from the held (y, g) registers, for rows up to 2048 packs (two operands: K <= 4 keeps them in
 // registers); longer rows read (y, g) twice (the second time from L2 while the ~132 rows in
@@ -31,6 +34,7 @@
 #include <type_traits>
 
 #include "fastlm/softmax.h"
+#include "ptx_sm90.cuh"
 #include "row_softmax.cuh"
 
 namespace fastlm::cuda {
@@ -145,6 +149,94 @@ __global__ void __launch_bounds__(L::BLOCK, 1)
   });
 }
 
+// Rows of more than 4096 packs on sm_90a, on a cluster of S CTAs (blockIdx.x = S row + rank: a
+// cluster of shape (S, 1, 1) is S consecutive blocks, rank = blockIdx.x % S): rank q holds packs
+// [q P, (q + 1) P) of the row in shared memory (P = slice_packs <= 8192, 128 KB; 16-32 packs per
+// thread, staged 4 x 16-byte loads in flight per thread: 32 KB per SM at 1 CTA of 16 warps, 2.4x
+// what the copy bandwidth needs), rank 0 also the head scalars and rank S-1 the tail ones. Each CTA folds its slice into a (max, sum) pair; after a cluster barrier threads
+// 0..S-1 fetch the S pairs through DSMEM and every CTA merges them in rank order (the same result
+// in all), then writes its slice of y from shared memory. The arrive after the fetch and the wait
+// before exit keep every CTA's pair alive until the others have read it, without stalling the
+// writes of y. Any width, stride and offset: the slices are of the row's body packs (row_io.cuh).
+constexpr int kClusterBlock = 512;
+constexpr int64_t kClusterSliceBytes = 128 * 1024;
+constexpr int kMaxCluster = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kClusterBlock, 1)
+    forward_cluster(const T* __restrict__ x, int64_t xs, MaskArgs ma, bool log, T* __restrict__ y, int64_t ys,
+                    int64_t cols, int64_t slice_packs, int size) {
+  namespace h90 = sm90;
+  using P = Pack<T, kVec<T>>;
+  constexpr int V = kVec<T>;
+  FASTLM_SHARED(MaxSum, sm, [kClusterBlock / 32]);
+  FASTLM_SHARED(float2, mine, [1]);            // this CTA's (max, sum), read by the others
+  FASTLM_SHARED(float2, pairs, [kMaxCluster]);  // every rank's, fetched
+  FASTLM_DYNAMIC_SHARED(float, slice_words);
+  P* slice = reinterpret_cast<P*>(slice_words);
+  constexpr int kLoads = 4;  // 16-byte loads in flight per thread
+  const int rank = int(blockIdx.x % unsigned(size));
+  const int64_t r = blockIdx.x / unsigned(size);
+  const T* xr = x + r * xs;
+  T* yr = y + r * ys;
+  const RowSplit s = split_row(xr, cols);
+  const int64_t p0 = int64_t(rank) * slice_packs, p1 = min(s.packs, p0 + slice_packs);
+  const int tid = threadIdx.x;
+  const P* xb = reinterpret_cast<const P*>(xr + s.head);
+  for (int64_t p = p0 + tid; p < p1; p += int64_t(kLoads) * kClusterBlock) {
+    P v[kLoads];
+#pragma unroll
+    for (int k = 0; k < kLoads; ++k)
+      if (p + k * kClusterBlock < p1) v[k] = xb[p + k * kClusterBlock];
+#pragma unroll
+    for (int k = 0; k < kLoads; ++k)
+      if (p + k * kClusterBlock < p1) slice[p + k * kClusterBlock - p0] = v[k];
+  }
+  // one edge element per thread at most (head < VEC, tail < VEC)
+  const bool has_edge = (rank == 0 && tid < s.head) || (rank == size - 1 && tid < s.tail);
+  const int64_t edge_col = rank == 0 ? tid : s.head + s.packs * V + tid;
+  const float edge_x = has_edge ? to_float(xr[edge_col]) : 0.0f;
+  const Logit<T> z = row_logit<T>(ma, r, cols);
+  __syncthreads();
+  auto for_each = [&](auto&& f) {  // f(z, col) over this thread's elements
+    if (has_edge) f(z(edge_x, edge_col), edge_col);
+    for (int64_t p = p0 + tid; p < p1; p += kClusterBlock) {
+      const P v = slice[p - p0];
+#pragma unroll
+      for (int j = 0; j < V; ++j) f(z(to_float(v.v[j]), s.head + p * V + j), s.head + p * V + j);
+    }
+  };
+  // fold's arithmetic (row_softmax.cuh) over the slice: the max, then the sum at that shift
+  float m = neg_inf();
+  for_each([&](float v, int64_t) { m = fmaxf(m, v); });
+  const float shift = m == neg_inf() ? 0.0f : m;
+  float sum = 0.0f;
+  for_each([&](float v, int64_t) { sum += fast_exp(v - shift); });
+  const MaxSum st = row_merge<kClusterBlock>(MaxSum{m, sum}, sm);
+  if (tid == 0) mine[0] = make_float2(st.m, st.s);
+  h90::cluster_sync();  // every rank's pair is in place
+  if (tid < size) pairs[tid] = h90::ld_shared_cluster<float2>(h90::mapa_shared(h90::smem_u32(&mine[0]), tid));
+  h90::cluster_arrive_relaxed();  // done with the other CTAs' shared memory
+  __syncthreads();
+  MaxSum total{neg_inf(), 0.0f};
+  for (int q = 0; q < size; ++q) total = merge(total, MaxSum{pairs[q].x, pairs[q].y});
+  const Output out(total, log);
+  if (same_phase(xr, yr)) {
+    P* yb = reinterpret_cast<P*>(yr + s.head);
+    for (int64_t p = p0 + tid; p < p1; p += kClusterBlock) {
+      const P v = slice[p - p0];
+      P o;
+#pragma unroll
+      for (int j = 0; j < V; ++j) o.v[j] = from_float<T>(out(z(to_float(v.v[j]), s.head + p * V + j)));
+      yb[p] = o;
+    }
+    if (has_edge) yr[edge_col] = from_float<T>(out(z(edge_x, edge_col)));
+  } else {
+    for_each([&](float v, int64_t c) { yr[c] = from_float<T>(out(v)); });
+  }
+  h90::cluster_wait();  // every CTA has fetched this one's pair: its shared memory may go
+}
+
 template <typename T, typename L>
 __global__ void __launch_bounds__(L::BLOCK, 1)
     backward_kernel(const T* __restrict__ g, int64_t gs, const T* __restrict__ y, int64_t ys, float scale,
@@ -198,6 +290,20 @@ int64_t stash_packs_for(int64_t cols) {
   return std::min<int64_t>(fit, cols / kVec<T> + 1);
 }
 
+// The cluster size for rows of `cols` (0: no cluster path): an sm_90a binary, and the row's packs
+// in at most 8 slices of 128 KB.
+template <typename T>
+int cluster_size_for(int64_t rows, int64_t cols) {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9 ||
+      !sm90::binary_is_sm90a(forward_cluster<T>))
+    return 0;
+  const int64_t bytes = cols / kVec<T> * 16;  // every row's body packs, whatever its phase
+  const int64_t size = std::max<int64_t>(2, (bytes + kClusterSliceBytes - 1) / kClusterSliceBytes);
+  return size <= kMaxCluster && rows * size <= INT32_MAX ? int(size) : 0;
+}
+
 template <typename T>
 int forward_t(bool log, int64_t rows, int64_t cols, const void* x, int64_t xs, const MaskArgs& ma, void* y,
               int64_t ys, cudaStream_t stream) {
@@ -206,6 +312,14 @@ int forward_t(bool log, int64_t rows, int64_t cols, const void* x, int64_t xs, c
     if constexpr (L::kHeld) {
       launch_kernel(forward_held<T, L>, grid, L::BLOCK, 0, stream, static_cast<const T*>(x), xs, ma, log,
                     static_cast<T*>(y), ys, rows, cols);
+    } else if (const int size = cluster_size_for<T>(rows, cols)) {
+      const int64_t slice_packs = (cols / kVec<T> + size - 1) / size;
+      const size_t bytes = size_t(slice_packs) * 16;
+      if (cudaFuncSetAttribute(forward_cluster<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) !=
+          cudaSuccess)
+        return;  // launch_rows returns the error
+      launch_cluster_kernel(forward_cluster<T>, dim3(unsigned(rows * size)), kClusterBlock, dim3(unsigned(size)), bytes,
+                            stream, static_cast<const T*>(x), xs, ma, log, static_cast<T*>(y), ys, cols, slice_packs, size);
     } else {
       const int64_t stash = stash_packs_for<T, L>(cols);
       const size_t bytes = size_t(stash) * 16;

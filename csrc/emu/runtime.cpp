@@ -71,6 +71,7 @@ constexpr size_t kStaticLimit = 48 << 10;    // static __shared__ per block, on 
 }  // namespace
 
 Block g_block;
+Cluster g_cluster;
 std::vector<Thread> g_threads(kMaxThreads);
 unsigned char* g_arena = nullptr;
 uintptr_t g_arena_lo = 0, g_arena_span = 0;  // span 0 outside a block: the hooks' fast exit
@@ -79,8 +80,9 @@ namespace {
 
 std::mutex g_launch_mutex;
 Context g_sched;
-std::vector<Shadow> g_shadow;
+Shadow* g_shadow = nullptr;  // kArenaBytes entries, mapped lazily (zero pages until touched)
 size_t g_shadow_dirty = 0;
+std::string g_fault;  // the running launch's kernel error (empty: none so far)
 KernelThunk g_thunk = nullptr;
 const void* g_args = nullptr;
 Stats g_stats{};
@@ -98,19 +100,29 @@ constexpr DeviceProfile kProfiles[] = {
 const DeviceProfile* g_device = &kProfiles[0];
 
 
-void init_once() {
-  if (g_arena) return;
-  g_arena = static_cast<unsigned char*>(aligned_alloc(4096, kArenaBytes));
-  g_shadow.assign(kArenaBytes, Shadow{});
-  for (Thread& t : g_threads) {
-    void* mem = mmap(nullptr, kStackBytes + 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (mem == MAP_FAILED) {
-      std::fprintf(stderr, "fastlm emulator: cannot map fiber stacks\n");
-      std::abort();
-    }
-    mprotect(mem, 4096, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
-    t.stack = static_cast<unsigned char*>(mem) + 4096;
+void* map_or_die(size_t bytes, const char* what) {
+  void* mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (mem == MAP_FAILED) {
+    std::fprintf(stderr, "fastlm emulator: cannot map %s\n", what);
+    std::abort();
   }
+  return mem;
+}
+
+// One CTA's resources: kMaxThreads fibers with guarded stacks, a shared arena and its shadow.
+void make_cta(std::vector<Thread>& threads, unsigned char*& arena, Shadow*& shadow) {
+  arena = static_cast<unsigned char*>(map_or_die(kArenaBytes, "a shared-memory arena"));
+  shadow = static_cast<Shadow*>(map_or_die(kArenaBytes * sizeof(Shadow), "a shadow arena"));
+  threads.resize(kMaxThreads);
+  for (Thread& t : threads) {
+    auto* mem = static_cast<unsigned char*>(map_or_die(kStackBytes + 4096, "fiber stacks"));
+    mprotect(mem, 4096, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
+    t.stack = mem + 4096;
+  }
+}
+
+void init_once() {
+  if (!g_arena) make_cta(g_threads, g_arena, g_shadow);
 }
 
 }  // namespace
@@ -125,6 +137,18 @@ std::string thread_name(const Thread& t) {
 }
 
 std::string accessor_name(int tid) {
+  if (tid >= kRemoteAccessor) {  // a thread of another CTA of the cluster, through DSMEM
+    const int rank = (tid - kRemoteAccessor) / kMaxThreads, i = (tid - kRemoteAccessor) % kMaxThreads;
+    const unsigned bx = g_cur.block_dim.x, by = g_cur.block_dim.y;
+    const uint3 from = cluster_block_idx(rank);
+    char buf[224];
+    std::snprintf(buf, sizeof buf,
+                  "thread (%u,%u,%u) of block (%u,%u,%u) [warp %d lane %d, cluster rank %d] through DSMEM into block "
+                  "(%u,%u,%u) (cluster rank %d)",
+                  unsigned(i) % bx, unsigned(i) / bx % by, unsigned(i) / (bx * by), from.x, from.y, from.z, i / 32,
+                  i % 32, rank, g_cur.block_idx.x, g_cur.block_idx.y, g_cur.block_idx.z, g_block.rank);
+    return buf;
+  }
   if (tid < g_block.n) return thread_name(g_threads[size_t(tid)]);
   char buf[96];
   std::snprintf(buf, sizeof buf, "the wgmma shared-memory reads of warpgroup %d (threads %d..%d)", tid - g_block.n,
@@ -187,8 +211,10 @@ std::string describe(size_t off) {
 }
 
 namespace {
-// Accessor ta (at block epoch ep_a, warp epoch wep_a, clock entry clk_a) before tc's access now.
-bool ordered(uint16_t ta, uint32_t ep_a, uint32_t wep_a, uint32_t clk_a, int tc, uint32_t wep_c) {
+// Accessor ta (at block epoch ep_a, warp epoch wep_a, clock entry clk_a, cluster epoch cep_a)
+// before tc's access now. A DSMEM access on either side: only a cluster barrier between orders.
+bool ordered(uint16_t ta, uint32_t ep_a, uint32_t wep_a, uint32_t clk_a, uint32_t cep_a, int tc, uint32_t wep_c) {
+  if (ta >= kRemoteAccessor || tc >= kRemoteAccessor) return ta == tc || cep_a != g_cluster.epoch;
   if (ordered_after(tc, ta, ep_a, clk_a)) return true;
   return ta < g_block.n && tc < g_block.n && ta / 32 == tc / 32 && wep_a != wep_c;  // a __syncwarp between
 }
@@ -207,29 +233,30 @@ void check_access(int tc, uintptr_t p, size_t n, bool write) {
     fail("out-of-bounds shared-memory %s of %zu bytes at %s by %s", write ? "write" : "read", n,
          describe(a ? a->offset + a->bytes : off).c_str(), accessor_name(tc).c_str());
   const uint32_t ep = g_block.epoch, wep = tc < g_block.n ? g_block.warps[tc / 32].epoch : 0;
-  const uint32_t clk = g_block.hb ? clock_of(tc)[tc] : 1;
+  const uint32_t clk = g_block.hb && tc < g_block.hb_dim ? clock_of(tc)[tc] : 1, cep = g_cluster.epoch;
   for (size_t i = 0; i < n; ++i) {
     Shadow& s = g_shadow[off + i];
     if (write) {
-      if ((s.flags & kWritten) && !ordered(s.w_tid, s.w_ep, s.w_wep, s.w_clk, tc, wep))
+      if ((s.flags & kWritten) && !ordered(s.w_tid, s.w_ep, s.w_wep, s.w_clk, s.w_cep, tc, wep))
         race("write after write", off + i, s.w_tid, tc);
-      if ((s.flags & kR1) && !ordered(s.r1_tid, s.r1_ep, s.r1_wep, s.r1_clk, tc, wep))
+      if ((s.flags & kR1) && !ordered(s.r1_tid, s.r1_ep, s.r1_wep, s.r1_clk, s.r1_cep, tc, wep))
         race("write after read", off + i, s.r1_tid, tc);
-      if ((s.flags & kR2) && !ordered(s.r2_tid, s.r2_ep, s.r2_wep, s.r2_clk, tc, wep))
+      if ((s.flags & kR2) && !ordered(s.r2_tid, s.r2_ep, s.r2_wep, s.r2_clk, s.r2_cep, tc, wep))
         race("write after read", off + i, s.r2_tid, tc);
-      s.w_tid = uint16_t(tc), s.w_ep = ep, s.w_wep = wep, s.w_clk = clk;
+      s.w_tid = uint16_t(tc), s.w_ep = ep, s.w_wep = wep, s.w_clk = clk, s.w_cep = cep;
       s.flags |= kWritten;
     } else {
       if (!(s.flags & kWritten))
         fail("read of uninitialized shared memory: %s by %s (nothing in this block wrote it)", describe(off + i).c_str(),
              accessor_name(tc).c_str());
-      if (!ordered(s.w_tid, s.w_ep, s.w_wep, s.w_clk, tc, wep)) race("read after write", off + i, s.w_tid, tc);
+      if (!ordered(s.w_tid, s.w_ep, s.w_wep, s.w_clk, s.w_cep, tc, wep))
+        race("read after write", off + i, s.w_tid, tc);
       // keep two distinct readers of the current epoch (enough to see a reader other than a writer)
-      if ((s.flags & kR1) && s.r1_tid == tc) s.r1_ep = ep, s.r1_wep = wep, s.r1_clk = clk;
-      else if ((s.flags & kR2) && s.r2_tid == tc) s.r2_ep = ep, s.r2_wep = wep, s.r2_clk = clk;
-      else if (!(s.flags & kR1) || s.r1_ep != ep)
-        s.r1_tid = uint16_t(tc), s.r1_ep = ep, s.r1_wep = wep, s.r1_clk = clk, s.flags |= kR1;
-      else s.r2_tid = uint16_t(tc), s.r2_ep = ep, s.r2_wep = wep, s.r2_clk = clk, s.flags |= kR2;
+      if ((s.flags & kR1) && s.r1_tid == tc) s.r1_ep = ep, s.r1_wep = wep, s.r1_clk = clk, s.r1_cep = cep;
+      else if ((s.flags & kR2) && s.r2_tid == tc) s.r2_ep = ep, s.r2_wep = wep, s.r2_clk = clk, s.r2_cep = cep;
+      else if (!(s.flags & kR1) || s.r1_ep != ep || s.r1_cep != cep)
+        s.r1_tid = uint16_t(tc), s.r1_ep = ep, s.r1_wep = wep, s.r1_clk = clk, s.r1_cep = cep, s.flags |= kR1;
+      else s.r2_tid = uint16_t(tc), s.r2_ep = ep, s.r2_wep = wep, s.r2_clk = clk, s.r2_cep = cep, s.flags |= kR2;
     }
   }
 }
@@ -282,6 +309,7 @@ void thread_exit(Thread& t) {
   w.exited |= 1u << t.lane;
   t.state = State::Done;
   --g_block.live;
+  cluster_thread_exit(t);
   if (g_block.at_barrier > 0 && g_block.at_barrier == g_block.live) open_barrier();
 }
 
@@ -322,8 +350,9 @@ size_t place(size_t bytes, const char* name, size_t align = 128) {
   return offset;
 }
 
-void deadlock() {
-  std::string msg = "deadlock in " + block_name() + ":";
+// What the running CTA's blocked threads wait for, in words (its cluster-barrier waits aside).
+std::string block_waits() {
+  std::string msg;
   int at_bar = 0;
   for (int i = 0; i < g_block.n; ++i) at_bar += g_threads[i].state == State::AtBarrier;
   if (at_bar) msg += " " + std::to_string(at_bar) + " of " + std::to_string(g_block.live) + " live threads wait at __syncthreads;";
@@ -366,17 +395,58 @@ void deadlock() {
                   wp.what, wp.mask);
     msg += buf;
   }
-  g_block.error = msg;
+  return msg;
 }
 
-bool run_block(uint3 bidx, size_t dynamic_bytes) {
+std::string cluster_name() {
+  const uint3 a = cluster_block_idx(0), z = cluster_block_idx(g_cluster.size - 1);
+  char buf[96];
+  std::snprintf(buf, sizeof buf, "the cluster of blocks (%u,%u,%u)..(%u,%u,%u)", a.x, a.y, a.z, z.x, z.y, z.z);
+  return buf;
+}
+
+// Nobody can run: who waits for what, in every CTA of the cluster.
+std::string deadlock() {
+  Cluster& c = g_cluster;
+  if (c.size == 1) return "deadlock in " + block_name() + ":" + block_waits();
+  std::string msg = "deadlock in " + cluster_name() + ":";
+  char buf[256];
+  if (c.arrived > 0) {
+    std::snprintf(buf, sizeof buf, " barrier.cluster phase %lld: %d of the cluster's %d live threads arrived;",
+                  static_cast<long long>(c.phase), c.arrived, c.live);
+    msg += buf;
+    for (int r = 0; r < c.size; ++r) {
+      activate(r);
+      int waiting = 0, missing = 0;
+      for (int i = 0; i < g_block.n; ++i) {
+        const Thread& t = g_threads[size_t(i)];
+        waiting += t.state == State::AtClusterBarrier;
+        missing += t.state != State::Done && t.cluster_arrival != c.phase;
+      }
+      std::snprintf(buf, sizeof buf, " rank %d (%s): %d wait at barrier.cluster.wait, %d have not arrived;", r,
+                    block_name().c_str(), waiting, missing);
+      msg += buf;
+    }
+  }
+  for (int r = 0; r < c.size; ++r) {
+    activate(r);
+    const std::string waits = block_waits();
+    if (!waits.empty()) msg += " rank " + std::to_string(r) + " (" + block_name() + "):" + waits;
+  }
+  return msg;
+}
+
+// Resets the running CTA for a launch: block bidx, rank `rank` of its cluster.
+void start_cta(uint3 bidx, int rank, size_t dynamic_bytes) {
   Block& b = g_block;
   const int n = int(g_cur.block_dim.x * g_cur.block_dim.y * g_cur.block_dim.z);
   b.threads = &g_threads;
+  b.rank = rank;
+  b.waited_epoch = 0;
+  b.has_dynamic = dynamic_bytes > 0;
   b.n = b.live = n;
   b.at_barrier = 0;
   b.epoch = 0;
-  b.error.clear();
   b.hb = false;
   b.hb_dim = 0;
   b.clocks.clear();
@@ -388,7 +458,7 @@ bool run_block(uint3 bidx, size_t dynamic_bytes) {
     const int lanes = n - w * 32 >= 32 ? 32 : n - w * 32;
     b.warps[w].present = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1;
   }
-  std::memset(static_cast<void*>(g_shadow.data()), 0, g_shadow_dirty * sizeof(Shadow));
+  std::memset(static_cast<void*>(g_shadow), 0, g_shadow_dirty * sizeof(Shadow));
   b.allocs.clear();
   b.used = 0;
   b.static_bytes = 0;
@@ -409,6 +479,7 @@ bool run_block(uint3 bidx, size_t dynamic_bytes) {
     t.wg_fenced = false, t.wg_open = 0, t.wg_commits = 0;
     t.wg_groups.clear();
     t.wg_acc.clear();
+    t.cluster_arrival = -1;
     uintptr_t top = (reinterpret_cast<uintptr_t>(t.stack) + kStackBytes) & ~uintptr_t(15);
     void** sp = reinterpret_cast<void**>(top) - 8;  // r15 r14 r13 r12 rbx rbp, return address, pad
     for (int k = 0; k < 8; ++k) sp[k] = nullptr;
@@ -417,31 +488,54 @@ bool run_block(uint3 bidx, size_t dynamic_bytes) {
   }
   ++g_stats.blocks;
   g_stats.threads += n;
-  bool ok = true;
+}
+
+// Runs the CTAs of the cluster whose rank 0 is block `origin` (one CTA without clusters) to
+// their end or to the first fault (then g_fault says what).
+bool run_cluster(uint3 origin, size_t dynamic_bytes) {
+  Cluster& c = g_cluster;
+  const int n = int(g_cur.block_dim.x * g_cur.block_dim.y * g_cur.block_dim.z);
+  c.origin = origin;
+  c.epoch = 0, c.phase = 0, c.arrived = 0, c.live = c.size * n;
+  g_fault.clear();
+  for (int r = c.size - 1; r >= 0; --r) {
+    activate(r);
+    start_cta(cluster_block_idx(r), r, dynamic_bytes);
+  }
+  bool ok = g_fault.empty();
   for (;;) {
     bool ran = false, done = true;
-    // Last thread first: a consumer at thread 0 (the common "thread 0 gathers" shape) then runs
-    // after its producers, so a missing barrier shows as a race rather than as garbage.
-    for (int i = n - 1; i >= 0 && ok; --i) {
-      Thread& t = g_threads[i];
-      if (t.state == State::Done) continue;
-      done = false;
-      if (t.state != State::Runnable) continue;
-      ran = true;
-      g_cur.thread = &t;
-      g_cur.thread_idx = t.idx;
-      fastlm_emu_switch(&g_sched.sp, t.ctx.sp);
-      g_cur.thread = nullptr;
-      ok = b.error.empty();
+    // The last CTA first and, in each, the last thread first: a consumer at rank 0 / thread 0
+    // (the common "rank 0 / thread 0 gathers" shape) then runs after its producers, so a missing
+    // barrier shows as a race (or a read of an exited CTA) rather than as garbage.
+    c.restart = false;
+    for (int r = c.size - 1; r >= 0 && ok && !c.restart; --r) {
+      activate(r);
+      for (int i = n - 1; i >= 0 && ok && !c.restart; --i) {
+        Thread& t = g_threads[i];
+        if (t.state == State::Done) continue;
+        done = false;
+        if (t.state != State::Runnable) continue;
+        ran = true;
+        g_cur.thread = &t;
+        g_cur.thread_idx = t.idx;
+        fastlm_emu_switch(&g_sched.sp, t.ctx.sp);
+        g_cur.thread = nullptr;
+        activate(r);  // a fault inside a DSMEM access leaves its target CTA active
+        ok = g_fault.empty();
+      }
     }
     if (!ok || done) break;
     if (!ran) {
-      deadlock();
+      g_fault = deadlock();
       ok = false;
       break;
     }
   }
-  g_shadow_dirty = b.used + kRedZone;
+  for (int r = c.size - 1; r >= 0; --r) {
+    activate(r);
+    g_shadow_dirty = g_block.used + kRedZone;
+  }
   g_arena_span = 0;
   return ok;
 }
@@ -463,11 +557,140 @@ void fail(const char* fmt, ...) {
     std::fprintf(stderr, "fastlm emulator: %s (outside a kernel)\n", buf);
     std::abort();
   }
-  if (g_block.error.empty()) g_block.error = buf;
+  if (g_fault.empty()) g_fault = buf;
   Thread& t = me();
   t.state = State::Failed;
   switch_to_scheduler(t);
   std::abort();  // a failed fiber is never resumed
+}
+
+// ---------------------------------------------------------------- clusters
+namespace {
+void swap_in(CtaState& s) {
+  std::swap(g_block, s.block);
+  g_threads.swap(s.threads);
+  std::swap(g_arena, s.arena);
+  std::swap(g_shadow, s.shadow);
+  std::swap(g_shadow_dirty, s.shadow_dirty);
+  std::swap(g_cur.block_idx, s.block_idx);
+}
+}  // namespace
+
+void activate(int rank) {
+  Cluster& c = g_cluster;
+  if (rank == c.active) return;
+  swap_in(c.parked[size_t(c.active)]);  // the running CTA back to its slot, the empty state out
+  swap_in(c.parked[size_t(rank)]);
+  c.active = rank;
+  g_arena_lo = reinterpret_cast<uintptr_t>(g_arena);
+}
+
+uint3 cluster_block_idx(int rank) {
+  const dim3 d = g_cluster.dims;
+  const unsigned r = unsigned(rank);
+  return uint3{g_cluster.origin.x + r % d.x, g_cluster.origin.y + r / d.x % d.y, g_cluster.origin.z + r / (d.x * d.y)};
+}
+
+Block& block_of(int rank) { return rank == g_cluster.active ? g_block : g_cluster.parked[size_t(rank)].block; }
+
+void cluster_shared_access(int rank, size_t off, void* data, size_t bytes, bool write, const char* what) {
+  Thread& t = me();
+  const int home = g_cluster.active;
+  if (off + bytes > kArenaBytes)
+    fail("%s: shared offset %zu lies past every shared allocation of cluster rank %d (%s)", what, off, rank,
+         thread_name(t).c_str());
+  if (off % bytes)
+    fail("%s: misaligned address: shared offset %zu of cluster rank %d is not %zu-byte aligned (%s)", what, off, rank,
+         bytes, thread_name(t).c_str());
+  if (rank != home && block_of(rank).live == 0) {
+    const uint3 to = cluster_block_idx(rank);
+    fail("%s by %s: cluster rank %d (block (%u,%u,%u)) has exited, its shared memory is gone (a cluster barrier "
+         "before it exits keeps it)", what, thread_name(t).c_str(), rank, to.x, to.y, to.z);
+  }
+  // Before the first cluster barrier the target may not have reached its shared declarations yet
+  // (nor, on a GPU, have started at all).
+  const std::string who = g_cluster.phase == 0 ? thread_name(t) : std::string();
+  activate(rank);  // the target's arena and shadow; a fault reports from there
+  if (g_cluster.phase == 0 && !find_alloc(off))
+    fail("%s by %s: shared offset %zu lies outside everything cluster rank %d (%s) has declared so far, and no "
+         "cluster barrier has completed yet: that CTA may not even have started (a cluster_sync before the first "
+         "DSMEM access makes sure it has)", what, who.c_str(), off, rank, block_name().c_str());
+  check_access(rank == home ? t.tid : remote_accessor(home, t.tid), g_arena_lo + off, bytes, write);
+  if (write) std::memcpy(g_arena + off, data, bytes);
+  else std::memcpy(data, g_arena + off, bytes);
+  activate(home);
+}
+
+namespace {
+void complete_cluster_phase() {
+  Cluster& c = g_cluster;
+  ++c.phase, ++c.epoch;
+  c.arrived = 0;
+  c.restart = true;
+  ++g_stats.barriers;
+  for (int r = 0; r < c.size; ++r) {
+    Block& b = block_of(r);
+    ++b.epoch;  // every thread of the CTA took part: as a __syncthreads for its own accesses
+    std::vector<Thread>& threads = r == c.active ? g_threads : c.parked[size_t(r)].threads;
+    for (int i = 0; i < b.n; ++i)
+      if (threads[size_t(i)].state == State::AtClusterBarrier) threads[size_t(i)].state = State::Runnable;
+  }
+}
+}  // namespace
+
+void cluster_arrive(const char* what) {
+  Thread& t = me();
+  if (t.cluster_arrival >= 0)
+    fail("%s: %s arrives again without a barrier.cluster.wait since its last arrive", what, thread_name(t).c_str());
+  t.cluster_arrival = g_cluster.phase;
+  if (++g_cluster.arrived == g_cluster.live) complete_cluster_phase();
+}
+
+namespace {
+// The running CTA exits: every DSMEM access into its shared memory must be ordered before that,
+// by a cluster barrier that completed after the access and that this CTA waited for. An access
+// not yet made fails when it comes (cluster_shared_access); one already made is in the shadow.
+void check_exit_orders_remote_accesses() {
+  for (size_t off = 0; off < g_block.used; ++off) {
+    const Shadow& s = g_shadow[off];
+    int who = -1;
+    if ((s.flags & kWritten) && s.w_tid >= kRemoteAccessor && s.w_cep >= g_block.waited_epoch) who = s.w_tid;
+    else if ((s.flags & kR1) && s.r1_tid >= kRemoteAccessor && s.r1_cep >= g_block.waited_epoch) who = s.r1_tid;
+    else if ((s.flags & kR2) && s.r2_tid >= kRemoteAccessor && s.r2_cep >= g_block.waited_epoch) who = s.r2_tid;
+    if (who < 0) continue;
+    fail("cluster rank %d (%s) exits while its shared memory may still be in use: %s accessed %s, and no cluster "
+         "barrier that this CTA waited for lies between that access and its exit (a cluster_wait before exit "
+         "keeps the memory alive)", g_block.rank, block_name().c_str(), accessor_name(who).c_str(),
+         describe(off).c_str());
+  }
+}
+}  // namespace
+
+void cluster_thread_exit(const Thread& t) {
+  Cluster& c = g_cluster;
+  if (c.size > 1 && g_block.live == 0) check_exit_orders_remote_accesses();
+  --c.live;
+  if (t.cluster_arrival == c.phase) --c.arrived;  // it stays arrived: count it out of both
+  if (c.arrived > 0 && c.arrived == c.live) complete_cluster_phase();
+}
+
+void cluster_wait() {
+  Thread& t = me();
+  if (t.cluster_arrival < 0)
+    fail("barrier.cluster.wait: %s waits without a barrier.cluster.arrive before it", thread_name(t).c_str());
+  if (g_cluster.phase <= t.cluster_arrival) {
+    while (g_cluster.phase <= t.cluster_arrival) {
+      t.state = State::AtClusterBarrier;
+      switch_to_scheduler(t);
+    }
+  } else {
+    // it completed the phase itself: the others run first (the scheduler starts over from the
+    // last rank), so a CTA that exits without a later barrier is gone before this thread reads it
+    t.state = State::Runnable;
+    switch_to_scheduler(t);
+  }
+  t.cluster_arrival = -1;
+  if (g_block.waited_epoch < g_cluster.epoch) g_block.waited_epoch = g_cluster.epoch;
 }
 
 void syncthreads() {
@@ -584,7 +807,8 @@ void cp_async_wait(int groups_left) {
   for (size_t& e : t.group_ends) e -= upto;
 }
 
-int launch_raw(const void* kernel_id, KernelThunk thunk, const void* args, dim3 grid, dim3 block, size_t dynamic_smem) {
+int launch_raw(const void* kernel_id, KernelThunk thunk, const void* args, dim3 grid, dim3 block, size_t dynamic_smem,
+               dim3 cluster) {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   init_once();
   ++g_stats.launches;
@@ -610,16 +834,41 @@ int launch_raw(const void* kernel_id, KernelThunk thunk, const void* args, dim3 
     set_error(cudaErrorInvalidValue, buf);
     return cudaErrorInvalidValue;
   }
+  // Clusters: the CUDA rules (cudaLaunchKernelEx with cudaLaunchAttributeClusterDimension)
+  const uint64_t cluster_size = uint64_t(cluster.x) * cluster.y * cluster.z;
+  const char* bad_cluster = nullptr;
+  if (cluster_size == 0) bad_cluster = "every cluster dimension must be at least 1";
+  else if (cluster_size > 1 && d.major < 9) bad_cluster = "thread-block clusters need sm_90";
+  else if (cluster_size > 8) bad_cluster = "a cluster holds at most 8 CTAs (the portable limit)";
+  else if (grid.x % cluster.x || grid.y % cluster.y || grid.z % cluster.z)
+    bad_cluster = "the grid must be a multiple of the cluster shape in every dimension";
+  if (bad_cluster) {
+    std::snprintf(buf, sizeof buf, "invalid cluster size: grid (%u,%u,%u), cluster (%u,%u,%u) on sm_%d%d: %s", grid.x,
+                  grid.y, grid.z, cluster.x, cluster.y, cluster.z, d.major, d.minor, bad_cluster);
+    set_error(cudaErrorInvalidClusterSize, buf);
+    return cudaErrorInvalidClusterSize;
+  }
+  Cluster& c = g_cluster;
+  c.dims = cluster, c.size = int(cluster_size);
+  if (c.parked.size() < cluster_size) c.parked.resize(cluster_size);
+  for (size_t r = 1; r < cluster_size; ++r)  // the running CTA (rank 0 between launches) owns slot 0's resources
+    if (!c.parked[r].arena) make_cta(c.parked[r].threads, c.parked[r].arena, c.parked[r].shadow);
   g_thunk = thunk, g_args = args;
   g_cur.grid_dim = grid, g_cur.block_dim = block;
-  g_block.has_dynamic = dynamic_smem > 0;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        if (run_block(uint3{x, y, z}, dynamic_smem)) continue;
-        std::snprintf(buf, sizeof buf, "kernel fault under emulation, %s of grid (%u,%u,%u) x block (%u,%u,%u): %s",
-                      block_name().c_str(), grid.x, grid.y, grid.z, block.x, block.y, block.z, g_block.error.c_str());
-        set_error(cudaErrorLaunchFailure, buf);
+  for (unsigned z = 0; z < grid.z; z += cluster.z)
+    for (unsigned y = 0; y < grid.y; y += cluster.y)
+      for (unsigned x = 0; x < grid.x; x += cluster.x) {
+        const bool ok = run_cluster(uint3{x, y, z}, dynamic_smem);
+        activate(0);
+        if (ok) continue;
+        std::snprintf(buf, sizeof buf, " of grid (%u,%u,%u) x block (%u,%u,%u)", grid.x, grid.y, grid.z, block.x,
+                      block.y, block.z);
+        std::string where = c.size == 1 ? block_name() + buf : cluster_name() + buf;
+        if (c.size > 1) {
+          std::snprintf(buf, sizeof buf, " in clusters of (%u,%u,%u)", cluster.x, cluster.y, cluster.z);
+          where += buf;
+        }
+        set_error(cudaErrorLaunchFailure, "kernel fault under emulation, " + where + ": " + g_fault);
         ++g_stats.faults;
         return cudaErrorLaunchFailure;
       }
@@ -809,6 +1058,7 @@ const char* cudaGetErrorString(cudaError_t err) {
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorMisalignedAddress: return "misaligned address";
     case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorInvalidClusterSize: return "invalid cluster size";
   }
   return "unknown error";
 }

@@ -9,6 +9,14 @@
 // object's clock into the waiter's. Two accesses are ordered if a __syncthreads lies between
 // them (block epoch), a __syncwarp between two lanes of one warp (warp epoch), or the later
 // accessor's clock covers the earlier access's clock entry.
+//
+// Clusters (sm_90): the CTAs of a cluster run together, as one group of fibers. The running CTA's
+// state lives in the globals below (g_block, g_threads, the arena and its shadow); the others'
+// is parked in g_cluster.parked and swapped in by activate(rank), so all the single-CTA code
+// works unchanged on "the running CTA". A DSMEM access visits the target CTA (activates it,
+// checks the access against its shadow, activates the accessor's CTA again). Its accessor id is
+// remote_accessor(rank, tid); such an access is ordered with another only by a completed cluster
+// barrier between them (the cluster epoch), never by the target's own __syncthreads.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -23,7 +31,9 @@ namespace fastlm::emu {
 constexpr int kMaxThreads = 1024;
 constexpr int kMaxWarpgroups = kMaxThreads / 128;
 
-enum class State : uint8_t { Runnable, AtBarrier, AtWarp, AtMbarrier, AtNamedBarrier, AtWarpgroup, Done, Failed };
+enum class State : uint8_t {
+  Runnable, AtBarrier, AtWarp, AtMbarrier, AtNamedBarrier, AtWarpgroup, AtClusterBarrier, Done, Failed
+};
 
 struct Context {
   void* sp = nullptr;
@@ -61,10 +71,12 @@ struct Thread {
     std::vector<float> value;
   };
   std::vector<InFlight> wg_acc;
+  int64_t cluster_arrival = -1;  // the cluster-barrier phase it arrived in and has not yet waited for
 };
 
 struct Shadow {  // per shared byte: the last write and up to two reads of the current epoch
   uint32_t w_ep, w_wep, r1_ep, r1_wep, r2_ep, r2_wep;
+  uint32_t w_cep, r1_cep, r2_cep;  // the cluster epoch at the access (orders DSMEM accesses)
   uint32_t w_clk, r1_clk, r2_clk;  // the accessor's own vector-clock entry at the access
   uint16_t w_tid, r1_tid, r2_tid;
   uint8_t flags;  // kWritten | kR1 | kR2
@@ -111,19 +123,21 @@ struct NamedBarrier {
 
 struct Block {
   std::vector<Thread>* threads = nullptr;
+  int rank = 0;  // %cluster_ctarank
+  uint32_t waited_epoch = 0;  // the cluster epoch when the latest barrier.cluster.wait of its threads returned
   int n = 0, live = 0, at_barrier = 0;
   uint32_t epoch = 0;  // advances at every __syncthreads
-  Warp warps[kMaxThreads / 32];
+  // (vectors, not arrays: activate() swaps whole Blocks, and a DSMEM access swaps twice)
+  std::vector<Warp> warps = std::vector<Warp>(kMaxThreads / 32);
   std::vector<Alloc> allocs;  // [0]: the dynamic buffer when the launch asked for one
   size_t used = 0;            // arena bytes handed out so far (red zones included)
   size_t static_bytes = 0;
   bool has_dynamic = false;
-  std::string error;
   // happens-before by vector clocks, switched on by the first sm_90 synchronization
   bool hb = false;
   int hb_dim = 0;               // n threads + one async-proxy reader per warpgroup
   std::vector<uint32_t> clocks;  // hb_dim x hb_dim
-  Warpgroup warpgroups[kMaxWarpgroups];
+  std::vector<Warpgroup> warpgroups = std::vector<Warpgroup>(kMaxWarpgroups);
   std::unordered_map<size_t, Mbarrier> mbarriers;  // by shared offset
   NamedBarrier named[16];
 };
@@ -132,6 +146,44 @@ extern Block g_block;
 extern std::vector<Thread> g_threads;
 extern unsigned char* g_arena;
 extern uintptr_t g_arena_lo, g_arena_span;
+
+// A CTA of the running cluster that is not the running one: what the globals above hold for it.
+struct CtaState {
+  Block block;
+  std::vector<Thread> threads;
+  unsigned char* arena = nullptr;
+  Shadow* shadow = nullptr;
+  size_t shadow_dirty = 0;
+  uint3 block_idx{0, 0, 0};
+};
+
+struct Cluster {
+  dim3 dims{1, 1, 1};
+  int size = 1;
+  int active = 0;               // the rank whose state is in the globals
+  uint3 origin{0, 0, 0};        // blockIdx of rank 0
+  uint32_t epoch = 0;           // advances at every completed cluster barrier
+  int64_t phase = 0;            // cluster-barrier phases completed
+  int arrived = 0, live = 0;    // arrivals in the current phase; threads in the cluster not exited
+  bool restart = false;         // a phase completed: the scheduler starts over from the last rank
+  std::vector<CtaState> parked; // [rank]: that CTA's state while another runs (the active one's: empty)
+};
+extern Cluster g_cluster;
+
+// Swaps CTA `rank` of the running cluster into the globals (and the active one out).
+void activate(int rank);
+uint3 cluster_block_idx(int rank);
+Block& block_of(int rank);  // the running cluster's CTA `rank`, active or parked
+constexpr int kRemoteAccessor = 2 * kMaxThreads;  // accessor ids of DSMEM accesses from here on
+inline int remote_accessor(int rank, int tid) { return kRemoteAccessor + rank * kMaxThreads + tid; }
+// A 1..16-byte DSMEM load (write false) or store by the running thread at shared offset `off` of
+// CTA `rank` of its cluster, through `data`; checked like any shared access, in the target's shadow.
+void cluster_shared_access(int rank, size_t off, void* data, size_t bytes, bool write, const char* what);
+// barrier.cluster: completes when every thread of the cluster that has not exited has arrived
+// (PTX: exiting threads release a barrier they alone hold up).
+void cluster_arrive(const char* what);
+void cluster_wait();
+void cluster_thread_exit(const Thread& t);
 
 Thread& me();
 void switch_to_scheduler(Thread& t);

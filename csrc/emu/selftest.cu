@@ -340,6 +340,93 @@ __global__ void sm90_misuse(const __grid_constant__ h90::TmaDesc desc, float* ou
   }
 }
 
+// ---- clusters and distributed shared memory
+// A cluster-wide sum. Each CTA (64 threads) stages its 64 inputs; after a cluster barrier every
+// CTA adds up the whole cluster's stages, read through mapa + ld.shared::cluster at 32, 64 and
+// 128 bits (out[4 * block + w], w = 0, 1, 2; out[4 * block + 3] = its %cluster_ctarank), and
+// thread 0 stores its CTA's sum into rank 0's inbox (st.shared::cluster). After a second
+// barrier rank 0 adds up the inbox and, pulling each CTA's sum from it, the same again
+// (out[4 * grid + 2 * cluster + 0 / 1]); a last barrier keeps every CTA's shared memory alive
+// until then. Blocks are numbered x-fastest; clusters likewise, in units of the cluster shape.
+// kBug: 1 rank 1 takes the first cluster barrier in thread 0 only, its other threads wait for
+// thread 0 at a __syncthreads (a deadlock), 2 mapa with rank = cluster size, 3 the 128-bit reads one float4 past the stage,
+// 4 no last barrier (the other CTAs exit while rank 0 still pulls from them), 5 no second
+// barrier (rank 0 reads its inbox unordered with the other CTAs' remote stores: a race), 6 no
+// first barrier (rank 1 reads rank 0, which has not started), 7 the last barrier an arrive
+// without its wait (rank 1 exits unordered with rank 0's pull from it).
+template <int kBug>
+__global__ void cluster_sum(const float* in, float* out) {
+  FASTLM_SHARED(float, stage, [64]);
+  FASTLM_SHARED(float, part, [3][64]);
+  FASTLM_SHARED(float, inbox, [8]);
+  FASTLM_SHARED(float, mine, [1]);
+  const int tid = threadIdx.x;
+  const int block = int(blockIdx.x + blockIdx.y * gridDim.x);
+  const uint32_t rank = h90::cluster_ctarank(), size = h90::cluster_nctarank();
+  stage[tid] = in[block * 64 + tid];
+  if (kBug == 1 && rank == 1) {
+    if (tid == 0) h90::cluster_sync();
+    __syncthreads();
+  } else if (kBug != 6) {
+    h90::cluster_sync();  // every stage written, every CTA running
+  }
+  if (tid == 0) {
+    float sum = 0.0f;
+    for (int i = 0; i < 64; ++i) sum += stage[i];
+    mine[0] = sum;
+    h90::st_shared_cluster(h90::mapa_shared(h90::smem_u32(&inbox[rank]), 0), sum);
+  }
+  const uint32_t last = kBug == 2 ? size : size - 1;
+  float s1 = 0.0f, s2 = 0.0f, s4 = 0.0f;
+  for (uint32_t q = 0; q <= last; ++q) {
+    s1 += h90::ld_shared_cluster<float>(h90::mapa_shared(h90::smem_u32(&stage[tid]), q));
+    if (tid < 32) {
+      const float2 v = h90::ld_shared_cluster<float2>(h90::mapa_shared(h90::smem_u32(&stage[2 * tid]), q));
+      s2 += v.x + v.y;
+    }
+    if (tid < 16) {
+      const float4 v =
+          h90::ld_shared_cluster<float4>(h90::mapa_shared(h90::smem_u32(&stage[4 * tid + (kBug == 3 ? 4 : 0)]), q));
+      s4 += v.x + v.y + v.z + v.w;
+    }
+  }
+  part[0][tid] = s1;
+  if (tid < 32) part[1][tid] = s2;
+  if (tid < 16) part[2][tid] = s4;
+  __syncthreads();
+  if (tid == 0) {
+    for (int w = 0; w < 3; ++w) {
+      float total = 0.0f;
+      for (int i = 0; i < 64 >> w; ++i) total += part[w][i];
+      out[4 * block + w] = total;
+    }
+    out[4 * block + 3] = float(rank);
+  }
+  if (kBug != 5) h90::cluster_sync();  // the inbox is complete
+  if (rank == 0 && tid == 0) {
+    const uint3 c = h90::cluster_nctaid();
+    const int cluster = int(blockIdx.x / c.x + blockIdx.y / c.y * (gridDim.x / c.x));
+    float pushed = 0.0f, pulled = 0.0f;
+    for (uint32_t q = 0; q < size; ++q) {
+      pushed += inbox[q];
+      pulled += h90::ld_shared_cluster<float>(h90::mapa_shared(h90::smem_u32(&mine[0]), q));
+    }
+    out[4 * int(gridDim.x * gridDim.y) + 2 * cluster] = pushed;
+    out[4 * int(gridDim.x * gridDim.y) + 2 * cluster + 1] = pulled;
+  }
+  if (kBug == 7) {
+    h90::cluster_arrive();
+    __syncthreads();
+  } else if (kBug != 4) {
+    h90::cluster_sync();  // no CTA exits while rank 0 may still read it
+  }
+}
+
+template <int kBug>
+void launch_cluster_sum(dim3 grid, dim3 cluster, const float* in, float* out) {
+  cuda::launch_cluster_kernel(cluster_sum<kBug>, grid, 64, cluster, 0, nullptr, in, out);
+}
+
 template <typename T>
 void to_16bit(const float* from, T* to, size_t n) {
   for (size_t i = 0; i < n; ++i) {
@@ -432,6 +519,19 @@ int run(const char* name, const float* in, float* out) {
   else if (is("pipeline_early_release_bug")) launch_pipeline<4>(in, out);
   else if (is("named_handoff")) launch_kernel(named_handoff<true>, 1, 256, 0, nullptr, in, out);
   else if (is("named_handoff_bug")) launch_kernel(named_handoff<false>, 1, 256, 0, nullptr, in, out);
+  // clusters: two clusters of 1, 2, 4 (2 x 2) or 8 CTAs; the bugs in clusters of 2 (the deadlock: 4)
+  else if (is("cluster_sum_1")) launch_cluster_sum<0>(dim3(2), dim3(1), in, out);
+  else if (is("cluster_sum_2")) launch_cluster_sum<0>(dim3(4), dim3(2), in, out);
+  else if (is("cluster_sum_4")) launch_cluster_sum<0>(dim3(2, 4), dim3(2, 2), in, out);
+  else if (is("cluster_sum_8")) launch_cluster_sum<0>(dim3(16), dim3(8), in, out);
+  else if (is("cluster_deadlock_bug")) launch_cluster_sum<1>(dim3(4), dim3(4), in, out);
+  else if (is("cluster_bad_rank_bug")) launch_cluster_sum<2>(dim3(2), dim3(2), in, out);
+  else if (is("cluster_oob_bug")) launch_cluster_sum<3>(dim3(2), dim3(2), in, out);
+  else if (is("cluster_exited_bug")) launch_cluster_sum<4>(dim3(2), dim3(2), in, out);
+  else if (is("cluster_race_bug")) launch_cluster_sum<5>(dim3(2), dim3(2), in, out);
+  else if (is("cluster_unstarted_bug")) launch_cluster_sum<6>(dim3(2), dim3(2), in, out);
+  else if (is("cluster_no_wait_bug")) launch_cluster_sum<7>(dim3(2), dim3(2), in, out);
+  else if (is("cluster_shape_bug")) launch_cluster_sum<0>(dim3(3), dim3(2), in, out);
   else return -1;
   return int(cudaGetLastError());
 }

@@ -381,4 +381,70 @@ void wgmma_wait(int groups_left) {
   t.wg_fenced = false;
 }
 
+// ---------------------------------------------------------------- clusters and DSMEM
+namespace {
+constexpr int kWindowShift = 24;  // shared::cluster address: (rank + 1) << 24 | offset in the arena
+}  // namespace
+
+uint32_t cluster_ctarank() {
+  require_sm90("%cluster_ctarank");
+  return uint32_t(g_block.rank);
+}
+
+uint32_t cluster_nctarank() {
+  require_sm90("%cluster_nctarank");
+  return uint32_t(g_cluster.size);
+}
+
+uint3 cluster_ctaid() {
+  require_sm90("%cluster_ctaid");
+  const dim3 d = g_cluster.dims;
+  const unsigned r = unsigned(g_block.rank);
+  return uint3{r % d.x, r / d.x % d.y, r / (d.x * d.y)};
+}
+
+uint3 cluster_nctaid() {
+  require_sm90("%cluster_nctaid");
+  return uint3{g_cluster.dims.x, g_cluster.dims.y, g_cluster.dims.z};
+}
+
+void cluster_arrive(bool release) {
+  const char* what = release ? "barrier.cluster.arrive.release" : "barrier.cluster.arrive.relaxed";
+  require_sm90(what);
+  emu::cluster_arrive(what);
+}
+
+void cluster_wait() {
+  require_sm90("barrier.cluster.wait");
+  emu::cluster_wait();
+}
+
+uint32_t smem_u32(const void* p) {
+  require_sm90("cvta.to.shared");
+  if (!in_shared_arena(p)) fail("cvta.to.shared: %p is not a shared-memory address (%s)", p, thread_name(me()).c_str());
+  return uint32_t(reinterpret_cast<uintptr_t>(p) - g_arena_lo);  // checked where it is dereferenced
+}
+
+uint32_t mapa(uint32_t smem_addr, uint32_t rank) {
+  require_sm90("mapa.shared::cluster");
+  if (smem_addr >> kWindowShift)
+    fail("mapa.shared::cluster: %#x is not a shared::cta address (smem_u32 of a shared pointer) (%s)", smem_addr,
+         thread_name(me()).c_str());
+  if (rank >= uint32_t(g_cluster.size))
+    fail("mapa.shared::cluster: rank %u outside the cluster of %d CTAs (ranks 0..%d) (%s)", rank, g_cluster.size,
+         g_cluster.size - 1, thread_name(me()).c_str());
+  return (rank + 1) << kWindowShift | smem_addr;
+}
+
+void dsmem_access(uint32_t cluster_addr, void* data, int bytes, bool write) {
+  const char* what = write ? "st.shared::cluster" : "ld.shared::cluster";
+  require_sm90(what);
+  const uint32_t window = cluster_addr >> kWindowShift;
+  if (window > uint32_t(g_cluster.size))
+    fail("%s: address %#x names rank %u, outside the cluster of %d CTAs (%s)", what, cluster_addr, window - 1,
+         g_cluster.size, thread_name(me()).c_str());
+  const int rank = window ? int(window) - 1 : g_block.rank;
+  cluster_shared_access(rank, cluster_addr & ((1u << kWindowShift) - 1), data, size_t(bytes), write, what);
+}
+
 }  // namespace fastlm::emu::sm90

@@ -27,6 +27,7 @@ enum cudaError_t : int {
   cudaErrorInvalidConfiguration = 9,
   cudaErrorMisalignedAddress = 716,
   cudaErrorLaunchFailure = 719,
+  cudaErrorInvalidClusterSize = 912,
 };
 enum cudaDeviceAttr : int {
   cudaDevAttrMaxThreadsPerBlock = 1,

@@ -20,6 +20,22 @@
 //    needs a wgmma_fence since the thread's last wgmma_wait; a thread may not exit with groups
 //    not waited for. Not checked here: modifying A's registers before the wait, and a missing
 //    fence_proxy_async_shared between threads' own shared writes and a wgmma reading them.
+//  - Clusters (a launch with a cluster shape; its CTAs run together): %cluster_ctarank and
+//    friends; barrier.cluster.arrive / wait BLOCK until every thread of every CTA of the cluster
+//    has arrived (a thread that exits without arriving leaves the others in a deadlock, reported
+//    with what each CTA waits for); arriving twice without a wait, or waiting without an arrive,
+//    fails. A shared::cta address (smem_u32) is the offset in the CTA's arena; mapa turns it into
+//    a shared::cluster address, (rank + 1) << 24 | offset (an address with 0 there is the own CTA,
+//    as in PTX). ld / st.shared::cluster (4, 8, 16 bytes, naturally aligned) are checked against
+//    the TARGET CTA's allocations, initialization and accesses: out of bounds, a rank outside the
+//    cluster, a CTA that has exited, and a CTA that exits with a remote access into it (still in
+//    its shadow) not ordered before its exit by a cluster barrier it waited for, all fail. Before
+//    the first cluster barrier a DSMEM access outside what the target has declared so far fails
+//    as "may not have started". A completed cluster barrier orders every access
+//    before it (on any CTA) with every access after it; nothing else orders a DSMEM access with
+//    the target CTA's own accesses (its __syncthreads does not). Not modeled: the window between a
+//    thread's arrive and its wait (its accesses there count as after the barrier, so a race there
+//    goes unseen), .relaxed arrives (treated as .release), remote mbarrier arrives.
 //  - Race checker: mbarrier arrive -> wait of that phase, named barriers and __syncwarp join
 //    vector clocks; TMA writes belong to the issuing thread at issue; wgmma's shared reads belong
 //    to a per-warpgroup "async proxy" reader, ordered before a thread's later accesses once its
@@ -67,6 +83,16 @@ void wgmma(float* d, int n, int dtype, bool trans_a, bool trans_b, uint64_t desc
 void wgmma_fence();
 void wgmma_commit();
 void wgmma_wait(int groups_left);
+// clusters and distributed shared memory
+uint32_t cluster_ctarank();
+uint32_t cluster_nctarank();
+uint3 cluster_ctaid();
+uint3 cluster_nctaid();
+void cluster_arrive(bool release);
+void cluster_wait();
+uint32_t smem_u32(const void* p);  // cvta.to.shared: the offset in the CTA's arena
+uint32_t mapa(uint32_t smem_addr, uint32_t rank);
+void dsmem_access(uint32_t cluster_addr, void* data, int bytes, bool write);
 }  // namespace fastlm::emu::sm90
 
 namespace fastlm::cuda::sm90 {
@@ -135,6 +161,37 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 
 __device__ __forceinline__ uint64_t smem_desc(const void* smem, TmaSwizzle sw, uint32_t lbo_bytes, uint32_t sbo_bytes) {
   return smem_desc_bits(emu::sm90::smem_offset(smem, "smem_desc"), sw, lbo_bytes, sbo_bytes);
+}
+
+// ---- clusters and distributed shared memory
+__device__ __forceinline__ uint32_t cluster_ctarank() { return emu::sm90::cluster_ctarank(); }
+__device__ __forceinline__ uint32_t cluster_nctarank() { return emu::sm90::cluster_nctarank(); }
+__device__ __forceinline__ uint3 cluster_ctaid() { return emu::sm90::cluster_ctaid(); }
+__device__ __forceinline__ uint3 cluster_nctaid() { return emu::sm90::cluster_nctaid(); }
+__device__ __forceinline__ void cluster_arrive() { emu::sm90::cluster_arrive(true); }
+__device__ __forceinline__ void cluster_arrive_relaxed() { emu::sm90::cluster_arrive(false); }
+__device__ __forceinline__ void cluster_wait() { emu::sm90::cluster_wait(); }
+__device__ __forceinline__ void cluster_sync() {
+  emu::sm90::cluster_arrive(true);
+  emu::sm90::cluster_wait();
+}
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return emu::sm90::smem_u32(p); }
+__device__ __forceinline__ uint32_t mapa_shared(uint32_t smem_addr, uint32_t rank) {
+  return emu::sm90::mapa(smem_addr, rank);
+}
+template <typename T>
+__device__ __forceinline__ T ld_shared_cluster(uint32_t cluster_addr) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, float2> || std::is_same_v<T, float4>,
+                "ld.shared::cluster: float, float2 or float4");
+  T v;
+  emu::sm90::dsmem_access(cluster_addr, &v, int(sizeof(T)), false);
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ void st_shared_cluster(uint32_t cluster_addr, T v) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, float2> || std::is_same_v<T, float4>,
+                "st.shared::cluster: float, float2 or float4");
+  emu::sm90::dsmem_access(cluster_addr, &v, int(sizeof(T)), true);
 }
 
 __device__ __forceinline__ void wgmma_fence() { emu::sm90::wgmma_fence(); }

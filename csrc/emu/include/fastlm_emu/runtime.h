@@ -14,6 +14,9 @@
 //    the same block-barrier epoch, and for two lanes of one warp also the same warp-sync epoch.
 //    Kernels that use the sm_90 primitives (mbarrier, named barriers, TMA, wgmma: ptx_sm90.h)
 //    also get vector clocks, so a wait on an mbarrier phase or a named barrier orders too.
+//  - A launch with clusters (sm_90) runs the CTAs of one cluster together as one group of fibers,
+//    each CTA with its own shared arena, barriers and blockIdx; the cluster barrier and DSMEM
+//    (ptx_sm90.h) work across them, and a deadlock names what every CTA waits for.
 //  - Errors stop the launch and come back as its status; cudaGetErrorString gives the message.
 // One launch at a time per process (a mutex serializes callers). Slow by design, exact in effect.
 #pragma once
@@ -35,6 +38,10 @@ struct alignas(8) float2 {
   float x, y;
 };
 inline float2 make_float2(float x, float y) { return {x, y}; }
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 namespace fastlm::emu {
 
@@ -76,12 +83,16 @@ void cp_async_queue(void* dst, const void* src, int bytes, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int groups_left);
 
-// Launch: runs kernel(args...) on every thread of grid x block.
+// Launch: runs kernel(args...) on every thread of grid x block. With a cluster shape other than
+// (1,1,1) (sm_90 only; grid a multiple of it in every dimension, at most 8 CTAs) the CTAs of
+// each cluster run together, so they can wait for each other and read each other's shared memory.
 using KernelThunk = void (*)(const void* args);
-int launch_raw(const void* kernel_id, KernelThunk thunk, const void* args, dim3 grid, dim3 block, size_t dynamic_smem);
+int launch_raw(const void* kernel_id, KernelThunk thunk, const void* args, dim3 grid, dim3 block, size_t dynamic_smem,
+               dim3 cluster);
 
 template <typename... P>
-int launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, std::tuple<std::decay_t<P>...> args) {
+int launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, std::tuple<std::decay_t<P>...> args,
+           dim3 cluster = dim3(1, 1, 1)) {
   struct Pack {
     void (*k)(P...);
     std::tuple<std::decay_t<P>...> a;
@@ -91,7 +102,7 @@ int launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, std::tuple<
     const Pack& pk = *static_cast<const Pack*>(raw);
     std::apply(pk.k, pk.a);  // each thread gets its own copies of the by-value parameters
   };
-  return launch_raw(reinterpret_cast<const void*>(kernel), thunk, &pack, grid, block, smem);
+  return launch_raw(reinterpret_cast<const void*>(kernel), thunk, &pack, grid, block, smem, cluster);
 }
 
 // The emulated device: what cudaDeviceGetAttribute answers and what launches are checked against.
