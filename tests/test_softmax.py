@@ -340,3 +340,72 @@ def test_cuda_emu_cluster_forward_long_rows(dtype, size):
             assert_close(f"y log={log}", y[:1], y64[:1], y0[:1])
     finally:
         ops.emu_set_arch("8.0")
+
+
+# (dtype, cols, y's row stride, grad_y out of y's 16-byte phase, cluster size): fp32 131072 in 8
+# CTAs of 2 x 64 KB, in phase (16-byte staging of both operands); bf16 131072 in 4 CTAs, grad_y out
+# of phase (staged element by element); fp16 70001 in 3 CTAs with y's row stride 70004 (8-byte
+# steps: odd rows start mid-pack, so rank 0's head and the last rank's tail scalars differ by row)
+CLUSTER_BACKWARD = [pytest.param(*case, id=f"{str(case[0])[6:]}-{case[1]}", marks=EMU_MARKS) for case in (
+    (torch.float32, 131072, 131072, False, 8), (torch.bfloat16, 131072, 131072, True, 4),
+    (torch.float16, 70001, 70004, True, 3))]
+
+
+@pytest.mark.parametrize("dtype,cols,stride,g_out_of_phase,size", CLUSTER_BACKWARD)
+def test_cuda_emu_cluster_backward_long_rows(dtype, cols, stride, g_out_of_phase, size):
+    """Rows past 2048 packs on sm_90a run backward_cluster: y and grad_y of the row held in the
+    shared memory of a cluster of `size` CTAs (read from global memory once), the partial dots
+    added in rank order through DSMEM, grad_x written from shared memory. softmax and log_softmax
+    of a bool-masked x (y 0 / -inf where masked, grad 0 there); the last row fully masked."""
+    from fastlm.ops.softmax import _softmax_prepared_ref
+    ops = torch.ops.fastlm_emu
+    rows = 3 if stride != cols else 2
+    x = torch.randn(rows, cols, dtype=torch.float64) * 3
+    mask = torch.rand(rows, cols) > 0.2
+    mask[-1] = False
+    shift = 1 if g_out_of_phase else 0
+    ops.emu_set_arch("9.0")
+    try:
+        for log in (False, True):
+            y = torch.empty(rows, stride, dtype=dtype)[:, :cols]
+            y.copy_(_softmax_prepared_ref(x, mask, 0.7, 0, log))
+            g = torch.randn(rows, cols + shift, dtype=torch.float64).to(dtype)[:, shift:]
+            blocks = ops.emu_stats()[1]
+            gx = ops.softmax_bwd(g, y, 0.7, log)
+            assert ops.emu_stats()[1] - blocks == rows * size, "one cluster of `size` CTAs per row"
+            gx64 = softmax_backward_ref(g.double(), y.double(), 0.7, log)
+            gx0 = softmax_backward_ref(g, y, 0.7, log)
+            assert (gx[-1] == 0).all(), f"log={log}: fully masked row"
+            assert_close(f"grad_x log={log}", gx, gx64, gx0, kind="grad")
+    finally:
+        ops.emu_set_arch("8.0")
+
+
+@pytest.mark.emu
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
+def test_cuda_emu_cluster_falls_back_when_no_cluster_fits():
+    """With 2 SMs of each GPC free for clusters (emu_set_gpc_sms), cudaOccupancyMaxActiveClusters
+    says 0 for 4 or 8 CTAs of 128 KB: 131072-wide fp32 rows then take the single-CTA kernels
+    (forward_long, backward_kernel: one CTA per row) and are still right, while a 40000-wide bf16
+    row's cluster of 2 still fits."""
+    from fastlm.ops.softmax import _softmax_prepared_ref
+    ops = torch.ops.fastlm_emu
+    ops.emu_set_arch("9.0")
+    ops.emu_set_gpc_sms(2)
+    try:
+        for dtype, cols, ctas_per_row in ((torch.float32, 131072, 1), (torch.bfloat16, 40000, 2)):
+            x = (torch.randn(2, cols, dtype=torch.float64) * 3).to(dtype)
+            g = torch.randn(2, cols, dtype=torch.float64).to(dtype)
+            blocks = ops.emu_stats()[1]
+            y = ops.softmax_fwd(x, None, 0.7, 0, False)
+            assert ops.emu_stats()[1] - blocks == 2 * ctas_per_row, f"{dtype}: forward CTAs per row"
+            assert_close(f"{dtype} y", y, _softmax_prepared_ref(x.double(), None, 0.7, 0, False),
+                         _softmax_prepared_ref(x, None, 0.7, 0, False))
+            if dtype == torch.float32:
+                blocks = ops.emu_stats()[1]
+                gx = ops.softmax_bwd(g, y, 0.7, False)
+                assert ops.emu_stats()[1] - blocks == 2, "backward_kernel: one CTA per row"
+                assert_close("grad_x", gx, softmax_backward_ref(g.double(), y.double(), 0.7, False))
+    finally:
+        ops.emu_set_gpc_sms(0)
+        ops.emu_set_arch("8.0")

@@ -34,30 +34,65 @@ inline void launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t sm
 #endif
 }
 
-// The same in thread-block clusters of `cluster` CTAs (sm_90 only; the grid a multiple of the
-// cluster shape in every dimension, at most 8 CTAs): cudaLaunchKernelEx with
-// cudaLaunchAttributeClusterDimension, which also leaves its status for cudaGetLastError().
-template <typename... P, typename... A>
-inline void launch_cluster_kernel(void (*kernel)(P...), dim3 grid, dim3 block, dim3 cluster, size_t smem,
-                                  cudaStream_t stream, A&&... args) {
-#ifdef FASTLM_EMU
-  (void)stream;
-  ::fastlm::emu::launch(kernel, grid, block, smem, std::tuple<std::decay_t<P>...>(std::forward<A>(args)...), cluster);
-#else
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = cluster.x;
-  attribute[0].val.clusterDim.y = cluster.y;
-  attribute[0].val.clusterDim.z = cluster.z;
+#ifndef FASTLM_EMU
+// The launch configuration of clusters of `cluster` CTAs (cudaLaunchAttributeClusterDimension in
+// `attribute`, which must outlive the config).
+inline cudaLaunchConfig_t cluster_config(dim3 grid, dim3 block, dim3 cluster, size_t smem, cudaStream_t stream,
+                                         cudaLaunchAttribute& attribute) {
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = cluster.x;
+  attribute.val.clusterDim.y = cluster.y;
+  attribute.val.clusterDim.z = cluster.z;
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  config.attrs = attribute;
+  config.attrs = &attribute;
   config.numAttrs = 1;
-  (void)cudaLaunchKernelEx(&config, kernel, std::forward<A>(args)...);
+  return config;
+}
 #endif
+
+// The same in thread-block clusters of `cluster` CTAs (sm_90 only; the grid a multiple of the
+// cluster shape in every dimension, at most 8 CTAs): cudaLaunchKernelEx with
+// cudaLaunchAttributeClusterDimension. Returns its status (a cluster the device can't place:
+// cudaErrorInvalidClusterSize or cudaErrorLaunchOutOfResources), which the runtime also leaves for
+// cudaGetLastError().
+template <typename... P, typename... A>
+inline cudaError_t launch_cluster_kernel(void (*kernel)(P...), dim3 grid, dim3 block, dim3 cluster, size_t smem,
+                                         cudaStream_t stream, A&&... args) {
+#ifdef FASTLM_EMU
+  (void)stream;
+  return cudaError_t(::fastlm::emu::launch(kernel, grid, block, smem,
+                                           std::tuple<std::decay_t<P>...>(std::forward<A>(args)...), cluster));
+#else
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = cluster_config(grid, block, cluster, smem, stream, attribute);
+  return cudaLaunchKernelEx(&config, kernel, std::forward<A>(args)...);
+#endif
+}
+
+// How many clusters of `cluster` CTAs of `kernel` (`block` threads, `smem` bytes of dynamic shared
+// memory each, within the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize) the current device
+// can hold at once: cudaOccupancyMaxActiveClusters (the emulator's twin under FASTLM_EMU). 0 when
+// none fits or the query fails; the query's error is cleared (the caller takes another path).
+template <typename... P>
+inline int max_active_clusters(void (*kernel)(P...), dim3 block, dim3 cluster, size_t smem) {
+  int count = 0;
+#ifdef FASTLM_EMU
+  const int status =
+      ::fastlm::emu::max_active_clusters(&count, reinterpret_cast<const void*>(kernel), block, cluster, smem);
+#else
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = cluster_config(cluster, block, cluster, smem, nullptr, attribute);
+  const cudaError_t status = cudaOccupancyMaxActiveClusters(&count, kernel, &config);
+#endif
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return count;
 }
 
 }  // namespace fastlm::cuda

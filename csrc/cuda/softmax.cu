@@ -15,8 +15,16 @@
 // cross the cluster through distributed shared memory (DSMEM).
 // Backward: dot = sum(y g) (log: sum g), then gx = scale y (g - dot) (log: scale (g - e^y dot))
 // from the held (y, g) registers, for rows up to 2048 packs (two operands: K <= 4 keeps them in
-// registers); longer rows read (y, g) twice (the second time from L2 while the ~132 rows in
-// flight fit in it: up to ~64K halves a row on an H100).
+// registers). Longer rows on sm_90a go to a cluster too (backward_cluster): S = 2..8 CTAs hold y
+// and g of the row, 64 KB of each per CTA at most (rows up to 131072 floats / 262144 halves), the
+// S partial dots cross through DSMEM and are added in rank order (deterministic), and gx is
+// written from shared memory: y and g read once, gx written once (3 row-sized DRAM streams).
+// Elsewhere such rows read (y, g) twice (5 streams once the ~132 rows in flight outgrow L2: past
+// ~64K halves a row on an H100).
+// A cluster is launched only where cudaOccupancyMaxActiveClusters says the GPCs can place it at
+// 128 KB a CTA (asked once per device, kernel and cluster size: cluster_fits), and a launch the
+// device still refuses (cudaErrorInvalidClusterSize, cudaErrorLaunchOutOfResources) is remembered
+// and falls back as well: the single-CTA kernels (forward_long, backward_kernel) take the rows.
 //
 // Why it is fast: every 16-byte load a thread makes (K packs of x, or of y and grad_y) is
 // issued before the first is used. Little's law asks ~13.6 KB in flight per SM of an H100
@@ -24,13 +32,17 @@
 // softmax): forward held at 512 x 8 packs: 79-117 registers, 1 CTA (16 warps) per SM, 132-136 B
 // per thread in flight = 66-68 KB per SM; 128 x 8: 85-117 registers, 66-85 KB; a warp x 4:
 // 43-63 KB; 8 threads x 2: 24-36 warps x 36-40 B = 27-45 KB; the long-row stream 512 x 4:
-// 34-36 KB. Backward (two operands, K <= 4): 36-80 KB. So every layout has 2-7x the bytes in
-// flight that the copy bandwidth needs, no spills, and loads 16 bytes wide except <= 2 (VEC - 1)
+// 34-36 KB. Backward (two operands, K <= 4): 36-80 KB. The cluster kernels: 1 CTA of 16 warps
+// per SM (128 KB + 1 KB reserved of the SM's 228 KB), each slice staged with 4 x 16-byte loads in
+// flight per thread (the backward stages y, then g): 32 KB per SM; 48-90 registers (the
+// backward's fp16/bf16 at 90, under the 128 that 512 threads allow). So every layout has 2-7x
+// the bytes in flight that the copy bandwidth needs, no spills, and loads 16 bytes wide except <= 2 (VEC - 1)
 // head/tail elements a row, and the masks (read element by element: small, cached). Mask kind
 // and log are uniform runtime branches, which keeps the instantiation count small.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 
 #include "fastlm/softmax.h"
@@ -149,24 +161,99 @@ __global__ void __launch_bounds__(L::BLOCK, 1)
   });
 }
 
-// Rows of more than 4096 packs on sm_90a, on a cluster of S CTAs (blockIdx.x = S row + rank: a
-// cluster of shape (S, 1, 1) is S consecutive blocks, rank = blockIdx.x % S): rank q holds packs
-// [q P, (q + 1) P) of the row in shared memory (P = slice_packs <= 8192, 128 KB; 16-32 packs per
-// thread, staged 4 x 16-byte loads in flight per thread: 32 KB per SM at 1 CTA of 16 warps, 2.4x
-// what the copy bandwidth needs), rank 0 also the head scalars and rank S-1 the tail ones. Each CTA folds its slice into a (max, sum) pair; after a cluster barrier threads
-// 0..S-1 fetch the S pairs through DSMEM and every CTA merges them in rank order (the same result
-// in all), then writes its slice of y from shared memory. The arrive after the fetch and the wait
-// before exit keep every CTA's pair alive until the others have read it, without stalling the
-// writes of y. Any width, stride and offset: the slices are of the row's body packs (row_io.cuh).
+// ---------------------------------------------------------------- sm_90a: long rows on a thread-block cluster
+// A row of more than 4096 packs (forward; 2048 for the backward's two operands) on a cluster of S
+// CTAs (blockIdx.x = S row + rank: a cluster of shape (S, 1, 1) is S consecutive blocks, rank =
+// blockIdx.x % S): rank q holds packs [q P, (q + 1) P) of each operand in shared memory (P =
+// slice_packs: 8192 packs of x, or 4096 of y and 4096 of grad_y, 128 KB at most), rank 0 also the
+// head scalars and rank S-1 the tail ones (< VEC each: one per thread at most). Any width, stride
+// and offset: the slices are of the first operand's body packs (row_io.cuh); a second operand out
+// of its phase is staged element by element. Each CTA reduces its slice to one value, threads
+// 0..S-1 fetch the S values through DSMEM after a cluster barrier and every CTA combines them in
+// rank order (the same result in all, deterministic), then writes its slice of the output from
+// shared memory. The arrive after the fetch and the wait before exit keep every CTA's value alive
+// until the others have read it, without stalling the writes.
 constexpr int kClusterBlock = 512;
 constexpr int64_t kClusterSliceBytes = 128 * 1024;
 constexpr int kMaxCluster = 8;
+constexpr int kStageLoads = 4;  // 16-byte loads in flight per thread while a slice is staged
 
+// This CTA's part of its cluster's row.
+struct ClusterSlice {
+  int rank;
+  int64_t row;
+  RowSplit s;
+  int64_t p0, p1;   // body packs [p0, p1)
+  bool has_edge;    // this thread holds a head (rank 0) or tail (last rank) element
+  int64_t edge_col;
+};
+
+template <typename T>
+__device__ __forceinline__ ClusterSlice cluster_slice(const T* first, int64_t stride, int64_t cols,
+                                                      int64_t slice_packs, int size) {
+  ClusterSlice c;
+  c.rank = int(blockIdx.x % unsigned(size));
+  c.row = blockIdx.x / unsigned(size);
+  c.s = split_row(first + c.row * stride, cols);
+  c.p0 = int64_t(c.rank) * slice_packs;
+  c.p1 = min(c.s.packs, c.p0 + slice_packs);
+  const int tid = threadIdx.x;
+  c.has_edge = (c.rank == 0 && tid < c.s.head) || (c.rank == size - 1 && tid < c.s.tail);
+  c.edge_col = c.rank == 0 ? tid : c.s.head + c.s.packs * kVec<T> + tid;
+  return c;
+}
+
+// Packs [p0, p1) of a row's body (its elements from `body` on) into `slice`, kStageLoads loads in
+// flight per thread: 16-byte ones when VEC (the row is in the first operand's phase), else
+// element by element.
+template <bool VEC, typename T>
+__device__ __forceinline__ void stage_slice(const T* __restrict__ body, Pack<T, kVec<T>>* slice, int64_t p0,
+                                            int64_t p1) {
+  using P = Pack<T, kVec<T>>;
+  for (int64_t p = p0 + threadIdx.x; p < p1; p += int64_t(kStageLoads) * kClusterBlock) {
+    P v[kStageLoads];
+#pragma unroll
+    for (int k = 0; k < kStageLoads; ++k) {
+      const int64_t q = p + k * kClusterBlock;
+      if (q >= p1) continue;
+      if constexpr (VEC) {
+        v[k] = reinterpret_cast<const P*>(body)[q];
+      } else {
+#pragma unroll
+        for (int j = 0; j < kVec<T>; ++j) v[k].v[j] = body[q * kVec<T> + j];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kStageLoads; ++k)
+      if (p + k * kClusterBlock < p1) slice[p + k * kClusterBlock - p0] = v[k];
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void stage_slice(const T* body, bool vec, Pack<T, kVec<T>>* slice, int64_t p0, int64_t p1) {
+  if (vec) stage_slice<true>(body, slice, p0, p1);
+  else stage_slice<false>(body, slice, p0, p1);
+}
+
+// Every rank's mine[0] into all[0..size), fetched by threads 0..size-1 through DSMEM after a
+// cluster barrier; then this CTA is done with the others' shared memory (a relaxed arrive). The
+// kernel ends with sm90::cluster_wait(), so its own mine[0] outlives the others' fetches.
+template <typename V>
+__device__ __forceinline__ void cluster_gather(V* mine, V* all, int size) {
+  sm90::cluster_sync();  // every rank's value is in place
+  if (int(threadIdx.x) < size)
+    all[threadIdx.x] = sm90::ld_shared_cluster<V>(sm90::mapa_shared(sm90::smem_u32(mine), threadIdx.x));
+  sm90::cluster_arrive_relaxed();
+  __syncthreads();
+}
+
+// The forward: each CTA folds its slice of z into a (max, sum) pair (fold's arithmetic,
+// row_softmax.cuh: the max, then the sum at that shift), the pairs are merged in rank order, and
+// y is written from the slice.
 template <typename T>
 __global__ void __launch_bounds__(kClusterBlock, 1)
     forward_cluster(const T* __restrict__ x, int64_t xs, MaskArgs ma, bool log, T* __restrict__ y, int64_t ys,
                     int64_t cols, int64_t slice_packs, int size) {
-  namespace h90 = sm90;
   using P = Pack<T, kVec<T>>;
   constexpr int V = kVec<T>;
   FASTLM_SHARED(MaxSum, sm, [kClusterBlock / 32]);
@@ -174,39 +261,23 @@ __global__ void __launch_bounds__(kClusterBlock, 1)
   FASTLM_SHARED(float2, pairs, [kMaxCluster]);  // every rank's, fetched
   FASTLM_DYNAMIC_SHARED(float, slice_words);
   P* slice = reinterpret_cast<P*>(slice_words);
-  constexpr int kLoads = 4;  // 16-byte loads in flight per thread
-  const int rank = int(blockIdx.x % unsigned(size));
-  const int64_t r = blockIdx.x / unsigned(size);
-  const T* xr = x + r * xs;
-  T* yr = y + r * ys;
-  const RowSplit s = split_row(xr, cols);
-  const int64_t p0 = int64_t(rank) * slice_packs, p1 = min(s.packs, p0 + slice_packs);
+  const ClusterSlice c = cluster_slice(x, xs, cols, slice_packs, size);
+  const RowSplit& s = c.s;
+  const T* xr = x + c.row * xs;
+  T* yr = y + c.row * ys;
   const int tid = threadIdx.x;
-  const P* xb = reinterpret_cast<const P*>(xr + s.head);
-  for (int64_t p = p0 + tid; p < p1; p += int64_t(kLoads) * kClusterBlock) {
-    P v[kLoads];
-#pragma unroll
-    for (int k = 0; k < kLoads; ++k)
-      if (p + k * kClusterBlock < p1) v[k] = xb[p + k * kClusterBlock];
-#pragma unroll
-    for (int k = 0; k < kLoads; ++k)
-      if (p + k * kClusterBlock < p1) slice[p + k * kClusterBlock - p0] = v[k];
-  }
-  // one edge element per thread at most (head < VEC, tail < VEC)
-  const bool has_edge = (rank == 0 && tid < s.head) || (rank == size - 1 && tid < s.tail);
-  const int64_t edge_col = rank == 0 ? tid : s.head + s.packs * V + tid;
-  const float edge_x = has_edge ? to_float(xr[edge_col]) : 0.0f;
-  const Logit<T> z = row_logit<T>(ma, r, cols);
+  stage_slice<true>(xr + s.head, slice, c.p0, c.p1);
+  const float edge_x = c.has_edge ? to_float(xr[c.edge_col]) : 0.0f;
+  const Logit<T> z = row_logit<T>(ma, c.row, cols);
   __syncthreads();
   auto for_each = [&](auto&& f) {  // f(z, col) over this thread's elements
-    if (has_edge) f(z(edge_x, edge_col), edge_col);
-    for (int64_t p = p0 + tid; p < p1; p += kClusterBlock) {
-      const P v = slice[p - p0];
+    if (c.has_edge) f(z(edge_x, c.edge_col), c.edge_col);
+    for (int64_t p = c.p0 + tid; p < c.p1; p += kClusterBlock) {
+      const P v = slice[p - c.p0];
 #pragma unroll
       for (int j = 0; j < V; ++j) f(z(to_float(v.v[j]), s.head + p * V + j), s.head + p * V + j);
     }
   };
-  // fold's arithmetic (row_softmax.cuh) over the slice: the max, then the sum at that shift
   float m = neg_inf();
   for_each([&](float v, int64_t) { m = fmaxf(m, v); });
   const float shift = m == neg_inf() ? 0.0f : m;
@@ -214,33 +285,96 @@ __global__ void __launch_bounds__(kClusterBlock, 1)
   for_each([&](float v, int64_t) { sum += fast_exp(v - shift); });
   const MaxSum st = row_merge<kClusterBlock>(MaxSum{m, sum}, sm);
   if (tid == 0) mine[0] = make_float2(st.m, st.s);
-  h90::cluster_sync();  // every rank's pair is in place
-  if (tid < size) pairs[tid] = h90::ld_shared_cluster<float2>(h90::mapa_shared(h90::smem_u32(&mine[0]), tid));
-  h90::cluster_arrive_relaxed();  // done with the other CTAs' shared memory
-  __syncthreads();
+  cluster_gather(mine, pairs, size);
   MaxSum total{neg_inf(), 0.0f};
   for (int q = 0; q < size; ++q) total = merge(total, MaxSum{pairs[q].x, pairs[q].y});
   const Output out(total, log);
   if (same_phase(xr, yr)) {
     P* yb = reinterpret_cast<P*>(yr + s.head);
-    for (int64_t p = p0 + tid; p < p1; p += kClusterBlock) {
-      const P v = slice[p - p0];
+    for (int64_t p = c.p0 + tid; p < c.p1; p += kClusterBlock) {
+      const P v = slice[p - c.p0];
       P o;
 #pragma unroll
       for (int j = 0; j < V; ++j) o.v[j] = from_float<T>(out(z(to_float(v.v[j]), s.head + p * V + j)));
       yb[p] = o;
     }
-    if (has_edge) yr[edge_col] = from_float<T>(out(z(edge_x, edge_col)));
+    if (c.has_edge) yr[c.edge_col] = from_float<T>(out(z(edge_x, c.edge_col)));
   } else {
-    for_each([&](float v, int64_t c) { yr[c] = from_float<T>(out(v)); });
+    for_each([&](float v, int64_t col) { yr[col] = from_float<T>(out(v)); });
   }
-  h90::cluster_wait();  // every CTA has fetched this one's pair: its shared memory may go
+  sm90::cluster_wait();  // every CTA has fetched this one's pair: its shared memory may go
+}
+
+// The backward's arithmetic: dot = sum(term(y, g)) over the row, grad_x = grad(y, g, dot). Masked
+// entries (y = 0, or -inf for log) add nothing to dot and get 0.
+struct GradTerms {
+  float scale;
+  bool log;
+  __device__ __forceinline__ float term(float yv, float gv) const {
+    return log ? (yv > neg_inf() ? gv : 0.0f) : yv * gv;
+  }
+  __device__ __forceinline__ float grad(float yv, float gv, float dot) const {
+    return log ? (yv > neg_inf() ? scale * (gv - fast_exp(yv) * dot) : 0.0f) : scale * yv * (gv - dot);
+  }
+};
+
+// The backward: each CTA stages its slice of y and of grad_y (64 KB each at most), sums its terms,
+// the S partial dots are added in rank order, and grad_x is written from the slices.
+template <typename T>
+__global__ void __launch_bounds__(kClusterBlock, 1)
+    backward_cluster(const T* __restrict__ g, int64_t gs, const T* __restrict__ y, int64_t ys, GradTerms f,
+                     T* __restrict__ gx, int64_t gxs, int64_t cols, int64_t slice_packs, int size) {
+  using P = Pack<T, kVec<T>>;
+  constexpr int V = kVec<T>;
+  FASTLM_SHARED(float, sm, [kClusterBlock / 32]);
+  FASTLM_SHARED(float, mine, [1]);             // this CTA's partial dot, read by the others
+  FASTLM_SHARED(float, dots, [kMaxCluster]);   // every rank's, fetched
+  FASTLM_DYNAMIC_SHARED(float, slice_words);
+  P* y_slice = reinterpret_cast<P*>(slice_words);
+  P* g_slice = y_slice + slice_packs;
+  const ClusterSlice c = cluster_slice(y, ys, cols, slice_packs, size);
+  const RowSplit& s = c.s;
+  const T* yr = y + c.row * ys;
+  const T* gr = g + c.row * gs;
+  T* gxr = gx + c.row * gxs;
+  const int tid = threadIdx.x;
+  stage_slice<true>(yr + s.head, y_slice, c.p0, c.p1);
+  stage_slice(gr + s.head, same_phase(yr, gr), g_slice, c.p0, c.p1);
+  const float edge_y = c.has_edge ? to_float(yr[c.edge_col]) : 0.0f;
+  const float edge_g = c.has_edge ? to_float(gr[c.edge_col]) : 0.0f;
+  __syncthreads();
+  float acc = c.has_edge ? f.term(edge_y, edge_g) : 0.0f;
+  for (int64_t p = c.p0 + tid; p < c.p1; p += kClusterBlock) {
+    const P yv = y_slice[p - c.p0], gv = g_slice[p - c.p0];
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc += f.term(to_float(yv.v[j]), to_float(gv.v[j]));
+  }
+  const float partial = row_sum<kClusterBlock>(acc, sm);
+  if (tid == 0) mine[0] = partial;
+  cluster_gather(mine, dots, size);
+  float dot = 0.0f;
+  for (int q = 0; q < size; ++q) dot += dots[q];
+  const bool vec = same_phase(yr, gxr);
+  for (int64_t p = c.p0 + tid; p < c.p1; p += kClusterBlock) {
+    const P yv = y_slice[p - c.p0], gv = g_slice[p - c.p0];
+    P o;
+#pragma unroll
+    for (int j = 0; j < V; ++j) o.v[j] = from_float<T>(f.grad(to_float(yv.v[j]), to_float(gv.v[j]), dot));
+    if (vec) {
+      reinterpret_cast<P*>(gxr + s.head)[p] = o;
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) gxr[s.head + p * V + j] = o.v[j];
+    }
+  }
+  if (c.has_edge) gxr[c.edge_col] = from_float<T>(f.grad(edge_y, edge_g, dot));
+  sm90::cluster_wait();  // every CTA has fetched this one's dot: its shared memory may go
 }
 
 template <typename T, typename L>
 __global__ void __launch_bounds__(L::BLOCK, 1)
-    backward_kernel(const T* __restrict__ g, int64_t gs, const T* __restrict__ y, int64_t ys, float scale,
-                    bool log, T* __restrict__ gx, int64_t gxs, int64_t rows, int64_t cols) {
+    backward_kernel(const T* __restrict__ g, int64_t gs, const T* __restrict__ y, int64_t ys, GradTerms f,
+                    T* __restrict__ gx, int64_t gxs, int64_t rows, int64_t cols) {
   FASTLM_SHARED(float, sm, [L::BLOCK / 32]);
   bool live;
   const int64_t r = layout_row<L>(rows, live);
@@ -250,31 +384,26 @@ __global__ void __launch_bounds__(L::BLOCK, 1)
   const RowSplit s = split_row(yr, cols);
   const bool g_vec = same_phase(yr, gr), gx_vec = same_phase(yr, gxr);
   const int lane = threadIdx.x % L::TPR;
-  // masked entries (y = 0, or -inf for log) get 0 and add nothing to dot
-  auto term = [&](float yv, float gv) { return log ? (yv > neg_inf() ? gv : 0.0f) : yv * gv; };
-  auto grad = [&](float yv, float gv, float dot) {
-    return log ? (yv > neg_inf() ? scale * (gv - fast_exp(yv) * dot) : 0.0f) : scale * yv * (gv - dot);
-  };
   if constexpr (L::kHeld) {
     const auto slots = whole_row<T, L::TPR, L::K>(s, lane);
     const auto hy = slots.load(yr, true);
     const auto hg = slots.load(gr, g_vec);
     float acc = 0.0f;
-    slots.for_each([&](int slot, int64_t) { acc += term(hy.at(slot), hg.at(slot)); });
+    slots.for_each([&](int slot, int64_t) { acc += f.term(hy.at(slot), hg.at(slot)); });
     const float dot = row_sum<L::TPR>(acc, sm);
-    if (live) slots.store(gxr, gx_vec, [&](int slot, int64_t) { return grad(hy.at(slot), hg.at(slot), dot); });
+    if (live) slots.store(gxr, gx_vec, [&](int slot, int64_t) { return f.grad(hy.at(slot), hg.at(slot), dot); });
   } else {
     float acc = 0.0f;
     stream_row<T, L::TPR, L::K>(s, lane, [&](const auto& slots) {
       const auto hy = slots.load(yr, true);
       const auto hg = slots.load(gr, g_vec);
-      slots.for_each([&](int slot, int64_t) { acc += term(hy.at(slot), hg.at(slot)); });
+      slots.for_each([&](int slot, int64_t) { acc += f.term(hy.at(slot), hg.at(slot)); });
     });
     const float dot = row_sum<L::TPR>(acc, sm);
     stream_row<T, L::TPR, L::K>(s, lane, [&](const auto& slots) {
       const auto hy = slots.load(yr, true);
       const auto hg = slots.load(gr, g_vec);
-      slots.store(gxr, gx_vec, [&](int slot, int64_t) { return grad(hy.at(slot), hg.at(slot), dot); });
+      slots.store(gxr, gx_vec, [&](int slot, int64_t) { return f.grad(hy.at(slot), hg.at(slot), dot); });
     });
   }
 }
@@ -290,18 +419,86 @@ int64_t stash_packs_for(int64_t cols) {
   return std::min<int64_t>(fit, cols / kVec<T> + 1);
 }
 
-// The cluster size for rows of `cols` (0: no cluster path): an sm_90a binary, and the row's packs
-// in at most 8 slices of 128 KB.
+// ---- whether, and how, a cluster takes the rows (the launchers' side of the kernels above)
+// The cluster kernels, numbered for the cache below: forward or backward x dtype.
 template <typename T>
-int cluster_size_for(int64_t rows, int64_t cols) {
+constexpr int cluster_kernel_slot(bool backward) {
+  return 3 * int(backward) + (std::is_same_v<T, float> ? 0 : std::is_same_v<T, __half> ? 1 : 2);
+}
+constexpr int kClusterKernels = 6;
+
+#ifndef FASTLM_EMU
+// cluster_fits' answers per (device, cluster kernel, cluster size): 0 not asked yet, 1 no, 2 yes.
+// Namespace scope and zero-initialized, no lock and no function-local static (whose guard the
+// emulator's TSan build cannot link), as sm90::binary_is_sm90a's table; two threads asking at once
+// both ask and write the same answer. Not in the emulator build, which asks every time (its query is
+// arithmetic, and its tests change the emulated device between calls). A device past the table
+// only costs the uncached query.
+constexpr int kClusterFitDevices = 64;
+inline std::atomic<uint8_t> cluster_fit_answers[kClusterFitDevices][kClusterKernels][kMaxCluster + 1];
+
+inline std::atomic<uint8_t>* cluster_fit_answer(int slot, int size) {
+  int dev = -1;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kClusterFitDevices) return nullptr;
+  return &cluster_fit_answers[dev][slot][size];
+}
+#endif
+
+// Whether the current device can hold clusters of `size` CTAs of `kernel`, a full slice
+// (kClusterSliceBytes) of shared memory each: asked once per (device, kernel, size) of
+// cudaOccupancyMaxActiveClusters (0: the GPCs can't place such a cluster), after raising the
+// kernel's dynamic shared memory limit to a slice, which every later launch fits under.
+template <typename Kernel>
+bool cluster_fits(Kernel kernel, int slot, int size) {
+#ifndef FASTLM_EMU
+  std::atomic<uint8_t>* answer = cluster_fit_answer(slot, size);
+  if (answer)
+    if (const uint8_t a = answer->load(std::memory_order_acquire)) return a == 2;
+#endif
+  const bool yes = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        int(kClusterSliceBytes)) == cudaSuccess &&
+                   max_active_clusters(kernel, kClusterBlock, dim3(unsigned(size)), size_t(kClusterSliceBytes)) > 0;
+  if (!yes) (void)cudaGetLastError();  // not sticky: the single-CTA kernel takes the rows
+#ifndef FASTLM_EMU
+  if (answer) answer->store(yes ? 2 : 1, std::memory_order_release);
+#endif
+  return yes;
+}
+
+// The cluster size for rows of `cols` elements of `operands` tensors held at once (0: no cluster
+// path): an sm_90a binary, and the row's packs in at most 8 slices of 128 KB.
+template <typename T, typename Kernel>
+int cluster_size_for(Kernel kernel, int operands, int64_t rows, int64_t cols) {
   int dev = 0, major = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9 ||
-      !sm90::binary_is_sm90a(forward_cluster<T>))
+      !sm90::binary_is_sm90a(kernel))
     return 0;
-  const int64_t bytes = cols / kVec<T> * 16;  // every row's body packs, whatever its phase
+  const int64_t bytes = operands * (cols / kVec<T>) * 16;  // every row's body packs, whatever its phase
   const int64_t size = std::max<int64_t>(2, (bytes + kClusterSliceBytes - 1) / kClusterSliceBytes);
   return size <= kMaxCluster && rows * size <= INT32_MAX ? int(size) : 0;
+}
+
+// Rows of `cols` of `operands` tensors on one cluster each: kernel(args..., cols, slice_packs,
+// size). false: the rows are too long, not on sm_90a, or the device can't hold or refuses the
+// cluster (cudaErrorInvalidClusterSize, cudaErrorLaunchOutOfResources: remembered as "no"), and
+// the caller's single-CTA kernel takes them. Any other launch error is left for launch_rows.
+template <typename T, typename... P, typename... A>
+bool launch_on_cluster(void (*kernel)(P...), bool backward, int operands, int64_t rows, int64_t cols,
+                       cudaStream_t stream, A&&... args) {
+  const int size = cluster_size_for<T>(kernel, operands, rows, cols);
+  const int slot = cluster_kernel_slot<T>(backward);
+  if (size == 0 || !cluster_fits(kernel, slot, size)) return false;
+  const int64_t slice_packs = (cols / kVec<T> + size - 1) / size;
+  const cudaError_t e = launch_cluster_kernel(kernel, dim3(unsigned(rows * size)), kClusterBlock, dim3(unsigned(size)),
+                                              size_t(operands * slice_packs * 16), stream, std::forward<A>(args)...,
+                                              cols, slice_packs, size);
+  if (e != cudaErrorInvalidClusterSize && e != cudaErrorLaunchOutOfResources) return true;
+  (void)cudaGetLastError();  // a refusal, not a fault
+#ifndef FASTLM_EMU
+  if (std::atomic<uint8_t>* answer = cluster_fit_answer(slot, size)) answer->store(1, std::memory_order_release);
+#endif
+  return false;
 }
 
 template <typename T>
@@ -312,15 +509,8 @@ int forward_t(bool log, int64_t rows, int64_t cols, const void* x, int64_t xs, c
     if constexpr (L::kHeld) {
       launch_kernel(forward_held<T, L>, grid, L::BLOCK, 0, stream, static_cast<const T*>(x), xs, ma, log,
                     static_cast<T*>(y), ys, rows, cols);
-    } else if (const int size = cluster_size_for<T>(rows, cols)) {
-      const int64_t slice_packs = (cols / kVec<T> + size - 1) / size;
-      const size_t bytes = size_t(slice_packs) * 16;
-      if (cudaFuncSetAttribute(forward_cluster<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) !=
-          cudaSuccess)
-        return;  // launch_rows returns the error
-      launch_cluster_kernel(forward_cluster<T>, dim3(unsigned(rows * size)), kClusterBlock, dim3(unsigned(size)), bytes,
-                            stream, static_cast<const T*>(x), xs, ma, log, static_cast<T*>(y), ys, cols, slice_packs, size);
-    } else {
+    } else if (!launch_on_cluster<T>(forward_cluster<T>, false, 1, rows, cols, stream, static_cast<const T*>(x), xs,
+                                     ma, log, static_cast<T*>(y), ys)) {
       const int64_t stash = stash_packs_for<T, L>(cols);
       const size_t bytes = size_t(stash) * 16;
       if (cudaFuncSetAttribute(forward_long<T, L>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) !=
@@ -335,10 +525,16 @@ int forward_t(bool log, int64_t rows, int64_t cols, const void* x, int64_t xs, c
 template <typename T>
 int backward_t(bool log, int64_t rows, int64_t cols, const void* g, int64_t gs, const void* y, int64_t ys,
                float scale, void* gx, int64_t gxs, cudaStream_t stream) {
+  const GradTerms f{scale, log};
   return launch_rows<T, 4>(rows, cols, [&](auto layout, unsigned grid) {
     using L = decltype(layout);
+    if constexpr (!L::kHeld) {
+      if (launch_on_cluster<T>(backward_cluster<T>, true, 2, rows, cols, stream, static_cast<const T*>(g), gs,
+                               static_cast<const T*>(y), ys, f, static_cast<T*>(gx), gxs))
+        return;
+    }
     launch_kernel(backward_kernel<T, L>, grid, L::BLOCK, 0, stream, static_cast<const T*>(g), gs,
-                  static_cast<const T*>(y), ys, scale, log, static_cast<T*>(gx), gxs, rows, cols);
+                  static_cast<const T*>(y), ys, f, static_cast<T*>(gx), gxs, rows, cols);
   });
 }
 

@@ -3,6 +3,8 @@
 // schemas of torch.ops.fastlm.* (fastlm's "cuda-emu" backend). Plus the emulator's controls:
 //   emu_set_arch(arch)   the GPU whose limits launches are checked against ("8.0", "8.6", "8.9", "9.0")
 //   emu_device()         [major, minor, SMs, shared bytes per block (opt-in)] of that GPU
+//   emu_set_gpc_sms(n)   the SMs of each GPC clusters may use (0: all of them; fewer: larger clusters
+//                        do not fit, cudaOccupancyMaxActiveClusters says 0 and their launches fail)
 //   emu_stats()          [launches, blocks, threads, checked shared accesses, barriers, collectives,
 //                        faults (launches stopped by a race, out-of-bounds or other kernel error)]
 //   emu_selftest(name, x)  the emulator's own test kernels (csrc/emu/selftest.cu)
@@ -27,6 +29,11 @@ void set_arch(c10::string_view arch) {
                     "emu_set_arch: arch must be one of 8.0, 8.6, 8.9, 9.0, got '", std::string(arch), "'");
 }
 
+void set_gpc_sms(int64_t sms) {
+  TORCH_CHECK_VALUE(sms >= 0 && sms <= 1024, "emu_set_gpc_sms: sms must be 0 (all) .. 1024, got ", sms);
+  fastlm::emu::set_gpc_sms(int(sms));
+}
+
 std::vector<int64_t> device_info() {
   const fastlm::emu::DeviceProfile& d = fastlm::emu::device();
   return {d.major, d.minor, d.sms, d.smem_per_block_optin};
@@ -43,6 +50,7 @@ TORCH_LIBRARY(fastlm_emu, m) {
   for (const char* schema : fastlm::bind::kKernelSchemas) m.def(schema);
   m.def("emu_set_arch(str arch) -> ()", &set_arch);
   m.def("emu_device() -> int[]", &device_info);
+  m.def("emu_set_gpc_sms(int sms) -> ()", &set_gpc_sms);
   m.def("emu_stats() -> int[]", &stats);
   m.def("emu_selftest(str name, Tensor x) -> Tensor");
 }

@@ -92,12 +92,13 @@ cudaError_t g_message_error = cudaSuccess;
 std::unordered_map<const void*, int> g_max_dynamic;  // cudaFuncAttributeMaxDynamicSharedMemorySize
 
 constexpr DeviceProfile kProfiles[] = {
-    {8, 0, 108, 1024, 65535, 65535, 49152, 166912},  // A100
-    {8, 6, 84, 1024, 65535, 65535, 49152, 101376},   // RTX 3090 / A10 class
-    {8, 9, 128, 1024, 65535, 65535, 49152, 101376},  // RTX 4090 / L4 / L40S class
-    {9, 0, 132, 1024, 65535, 65535, 49152, 232448},  // H100 / H200
+    {8, 0, 108, 1024, 65535, 65535, 49152, 166912, 2048, 167936, 7},  // A100
+    {8, 6, 84, 1024, 65535, 65535, 49152, 101376, 1536, 102400, 7},   // RTX 3090 / A10 class
+    {8, 9, 128, 1024, 65535, 65535, 49152, 101376, 1536, 102400, 11}, // RTX 4090 / L4 / L40S class
+    {9, 0, 132, 1024, 65535, 65535, 49152, 232448, 2048, 233472, 8},  // H100 / H200
 };
 const DeviceProfile* g_device = &kProfiles[0];
+int g_gpc_sms = 0;  // set_gpc_sms
 
 
 void* map_or_die(size_t bytes, const char* what) {
@@ -807,11 +808,10 @@ void cp_async_wait(int groups_left) {
   for (size_t& e : t.group_ends) e -= upto;
 }
 
-int launch_raw(const void* kernel_id, KernelThunk thunk, const void* args, dim3 grid, dim3 block, size_t dynamic_smem,
-               dim3 cluster) {
-  std::lock_guard<std::mutex> lock(g_launch_mutex);
-  init_once();
-  ++g_stats.launches;
+namespace {
+// The launch rules CUDA checks before any block runs (the caller holds g_launch_mutex): cudaSuccess,
+// or the error, also left for cudaGetLastError with its words.
+cudaError_t check_launch(const void* kernel_id, dim3 grid, dim3 block, size_t dynamic_smem, dim3 cluster) {
   const DeviceProfile& d = *g_device;
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   char buf[512];
@@ -848,6 +848,39 @@ int launch_raw(const void* kernel_id, KernelThunk thunk, const void* args, dim3 
     set_error(cudaErrorInvalidClusterSize, buf);
     return cudaErrorInvalidClusterSize;
   }
+  return cudaSuccess;
+}
+
+// The cluster occupancy model: CTAs per SM by threads and by shared memory (the dynamic bytes and
+// the 1 KB the driver reserves per CTA; static arrays are allocated as a kernel runs, so they are
+// not counted), and each cluster's CTAs on the SMs of one GPC.
+int clusters_resident(dim3 block, uint64_t cluster_size, size_t dynamic_smem) {
+  const DeviceProfile& d = *g_device;
+  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+  const uint64_t per_sm = std::min<uint64_t>(uint64_t(d.threads_per_sm) / threads,
+                                             uint64_t(d.smem_per_sm) / (dynamic_smem + 1024));
+  const uint64_t gpc_sms = uint64_t(g_gpc_sms ? g_gpc_sms : d.sms / d.gpcs);
+  return int(uint64_t(d.gpcs) * (gpc_sms * per_sm / cluster_size));
+}
+}  // namespace
+
+int launch_raw(const void* kernel_id, KernelThunk thunk, const void* args, dim3 grid, dim3 block, size_t dynamic_smem,
+               dim3 cluster) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  init_once();
+  ++g_stats.launches;
+  if (const cudaError_t e = check_launch(kernel_id, grid, block, dynamic_smem, cluster)) return e;
+  const uint64_t cluster_size = uint64_t(cluster.x) * cluster.y * cluster.z;
+  if (cluster_size > 1 && clusters_resident(block, cluster_size, dynamic_smem) == 0) {
+    char buf[256];
+    std::snprintf(buf, sizeof buf,
+                  "invalid cluster size: no GPC of sm_%d%d can hold a cluster of %u CTAs of %u threads and %zu "
+                  "bytes of dynamic shared memory each",
+                  g_device->major, g_device->minor, unsigned(cluster_size), block.x * block.y * block.z, dynamic_smem);
+    set_error(cudaErrorInvalidClusterSize, buf);
+    return cudaErrorInvalidClusterSize;
+  }
+  char buf[512];
   Cluster& c = g_cluster;
   c.dims = cluster, c.size = int(cluster_size);
   if (c.parked.size() < cluster_size) c.parked.resize(cluster_size);
@@ -876,6 +909,19 @@ int launch_raw(const void* kernel_id, KernelThunk thunk, const void* args, dim3 
 }
 
 const DeviceProfile& device() { return *g_device; }
+
+void set_gpc_sms(int sms) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  g_gpc_sms = sms > 0 ? sms : 0;
+}
+
+int max_active_clusters(int* count, const void* kernel_id, dim3 block, dim3 cluster, size_t dynamic_smem) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  *count = 0;
+  if (const cudaError_t e = check_launch(kernel_id, cluster, block, dynamic_smem, cluster)) return e;
+  *count = clusters_resident(block, uint64_t(cluster.x) * cluster.y * cluster.z, dynamic_smem);
+  return cudaSuccess;
+}
 
 bool set_device_arch(const char* arch) {
   for (const DeviceProfile& p : kProfiles) {
@@ -1059,6 +1105,7 @@ const char* cudaGetErrorString(cudaError_t err) {
     case cudaErrorMisalignedAddress: return "misaligned address";
     case cudaErrorLaunchFailure: return "unspecified launch failure";
     case cudaErrorInvalidClusterSize: return "invalid cluster size";
+    case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
   }
   return "unknown error";
 }

@@ -109,10 +109,20 @@ int launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, std::tuple<
 struct DeviceProfile {
   int major, minor, sms, max_threads_per_block, max_grid_y, max_grid_z;
   int smem_per_block, smem_per_block_optin;  // bytes
+  int threads_per_sm, smem_per_sm, gpcs;     // where CTAs are placed: a cluster's CTAs share one GPC
 };
 const DeviceProfile& device();
 // "8.0" (default), "8.6", "8.9", "9.0": the GPU whose limits launches are checked against.
 bool set_device_arch(const char* arch);
+// The SMs of each GPC that clusters may be placed on (0, the default: the profile's sms / gpcs, 16
+// on sm_90). Fewer model a GPU whose GPCs are partly taken (MIG slices, other work), so that a
+// launcher's answer to "this cluster does not fit" can be tested.
+void set_gpc_sms(int sms);
+// The twin of cudaOccupancyMaxActiveClusters: how many clusters of `cluster` CTAs of `block`
+// threads and `dynamic_smem` bytes each can be resident at once (0: none; then a launch of that
+// cluster fails with cudaErrorInvalidClusterSize). An impossible shape returns the launch's
+// error and leaves it for cudaGetLastError, as CUDA does.
+int max_active_clusters(int* count, const void* kernel_id, dim3 block, dim3 cluster, size_t dynamic_smem);
 
 struct Stats {
   int64_t launches, blocks, threads, shared_accesses, barriers, collectives;
