@@ -393,6 +393,31 @@ def test_memory_bound_kernels_figures(kernels, arch):
         assert f["bw_share"] >= 0.85, f"{name}: {f}"
 
 
+# Kernels whose sm_90a SASS must hold given instructions: (module, kernel regex, how many kernels,
+# the instructions, why). The thread-block cluster kernels of softmax (rows past 4096 packs
+# forward, 2048 backward: csrc/cuda/softmax.cu) wait on the cluster barrier (barrier.cluster
+# arrive / wait: UCGABAR_ARV, UCGABAR_WAIT) around their DSMEM exchange and stage their slices with
+# 16-byte loads, 4 in flight per thread (the memory test above judges them with the rest).
+SM90_INSTRUCTIONS = [
+    ("softmax", r"::(forward|backward)_cluster<", 6, {"UCGABAR_ARV", "UCGABAR_WAIT", "LDG.E.128"},
+     "forward_cluster and backward_cluster, fp32/fp16/bf16"),
+]
+
+
+@pytest.mark.parametrize("module,pattern,count,instructions,why",
+                         [pytest.param(*row, id=row[0]) for row in SM90_INSTRUCTIONS])
+def test_sm90_kernels_hold_their_instructions(kernels, module, pattern, count, instructions, why):
+    found = [k for k in kernels if k["arch"] == "sm_90a" and k["module"] == module and re.search(pattern, k["name"])]
+    assert len(found) == count, f"expected {count} kernels ({why}), got {[k['name'] for k in found]}"
+    lines = sr.tool_lines(sr.find_tool(), "-sass", "-arch", "sm_90a", "-fun", ",".join(k["mangled"] for k in found),
+                          sr.default_extension())
+    sass = sr.parse_sass(lines)
+    for k in found:
+        opcodes = {op for _, _, op, _ in sass[(module, k["mangled"])]}
+        assert instructions <= opcodes, f"{k['name']}: missing {sorted(instructions - opcodes)}"
+        assert k["in_flight"]["loads16"] >= 4, f"{k['name']}: {k['in_flight']}"
+
+
 # The rest of the memory-bound kernels, by file: (kernel regex, 16-byte loads the thread has in flight
 # at least, as the file headers give them). Every kernel reads rows with 16-byte loads, uses no local
 # memory, and by Little's law has >= 85 % of copy bandwidth in flight per SM.

@@ -36,9 +36,10 @@
 // per SM (128 KB + 1 KB reserved of the SM's 228 KB), each slice staged with 4 x 16-byte loads in
 // flight per thread (the backward stages y, then g): 32 KB per SM; 48-90 registers (the
 // backward's fp16/bf16 at 90, under the 128 that 512 threads allow). So every layout has 2-7x
-// the bytes in flight that the copy bandwidth needs, no spills, and loads 16 bytes wide except <= 2 (VEC - 1)
-// head/tail elements a row, and the masks (read element by element: small, cached). Mask kind
-// and log are uniform runtime branches, which keeps the instantiation count small.
+// the bytes in flight that the copy bandwidth needs, no spills, and loads 16 bytes wide except
+// <= 2 (VEC - 1) head/tail elements a row, and the masks (read element by element: small,
+// cached). Mask kind and log are uniform runtime branches, which keeps the instantiation count
+// small.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -161,7 +162,7 @@ __global__ void __launch_bounds__(L::BLOCK, 1)
   });
 }
 
-// ---------------------------------------------------------------- sm_90a: long rows on a thread-block cluster
+// ---------------------------------------------- sm_90a: long rows on a thread-block cluster
 // A row of more than 4096 packs (forward; 2048 for the backward's two operands) on a cluster of S
 // CTAs (blockIdx.x = S row + rank: a cluster of shape (S, 1, 1) is S consecutive blocks, rank =
 // blockIdx.x % S): rank q holds packs [q P, (q + 1) P) of each operand in shared memory (P =
