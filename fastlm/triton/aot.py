@@ -367,7 +367,7 @@ def _attention_cases():
                                    (1, None, 0.1)):
             key = (d, causal, mask, drop)
             # 16-bit D = 128 forward + backward, its two first configs per kernel, on every target:
-            # on sm_86 the biggest (nearest the 99 KB limit), everywhere the whole-row 128-row forward
+            # on sm_86 the biggest (nearest the 99 KB limit), on sm_80 the whole-row 128-row forward (sm_90: the TMA one)
             sm86 = key == (128, 1, None, 0.0)
             ci = key in ((64, 1, None, 0.1), (256, 0, "float", 0.0)) or key in spilled or sm86
             label = f"d{d} causal{causal} mask={mask} p={drop}"
