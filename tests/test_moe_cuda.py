@@ -118,7 +118,8 @@ def test_grouped_linear_reads_transposed_weight_in_place(activation):
     want = run(weight.contiguous())
     for name, a, b in zip(("out", "pre", "grad_x", "grad_weight", "grad_bias"), got, want):
         assert torch.equal(a, b), f"{activation} {name}: in place differs from the contiguous weight"
-    assert got[3].shape == weight.shape and got[3].is_contiguous()
+    # grad_weight in the weight's layout, written transposed by the dW GEMM itself (no copy above)
+    assert got[3].shape == weight.shape and got[3].stride() == (k * n_w, 1, n_w), got[3].stride()
     assert weight_copies(lambda: run(weight[:, :, :12], x[:, :12]))[0], "K = 12: the padded copy"
     off16 = storage.flatten()[1:1 + e * k * n_w].view(e, k, n_w).transpose(1, 2)  # base 2 bytes past 16
     assert weight_copies(lambda: run(off16))[0], "a weight base off 16 bytes: the aligned copy"

@@ -6,6 +6,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <sys/mman.h>
 
@@ -24,6 +25,13 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
   if (bytes >= kMin && last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #endif
   return t;
+}
+
+// An output laid out as at::empty_like(t) lays it out (t's strides where t is dense, the same
+// order of strides otherwise: a gradient in its parameter's layout), with the same advice.
+inline at::Tensor empty_output_like(const at::Tensor& t) {
+  const at::Tensor layout = at::empty_like(t, t.options().device(at::kMeta));
+  return empty_output({t.numel()}, t.options()).as_strided(t.sizes(), layout.strides());
 }
 
 }  // namespace fastlm::bind

@@ -2,7 +2,9 @@
 // all experts. The GEMMs are torch's (MKL / oneDNN) on each expert's row slice, as linear.cpp
 // does for one matrix; the epilogue (bias, saved pre-activation, activation or gated halves) is
 // one fused pass over each expert's block right after its GEMM (csrc/cpu/moe_grouped_linear.cpp).
-// The backward computes grad_p (and grad_bias) for all experts in one pass, then per-expert GEMMs.
+// The backward computes grad_p (and grad_bias) for all experts in one pass, then per-expert GEMMs;
+// grad_weight comes back in the weight's layout (empty_output_like), mm_out writing a transposed
+// one's slices column-major in place.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -113,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_bwd_cpu(const at::
   for (int64_t e = 0; e < E; ++e) largest = std::max<int64_t>(largest, o[e + 1] - o[e]);
   const at::Tensor scratch = g.mode != GroupedAct::kNone ? at::empty({largest, Nw}, x.options()) : at::Tensor();
   at::Tensor grad_x = empty_output({N, K}, x.options());
-  at::Tensor grad_w = empty_output({E, Nw, K}, weight.options());
+  at::Tensor grad_w = empty_output_like(weight);  // mm_out writes a column-major slice in place
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = o[e], n = o[e + 1] - o[e];
     at::Tensor gw = grad_w.select(0, e);

@@ -8,13 +8,14 @@
 // experts as fastlm.patch passes them); it is copied (contiguous, padded) only when K or the
 // output width (each half when gated) is not a multiple of 8, its base is not 16-byte aligned, or
 // its expert stride or its other (non-unit) stride is not a multiple of 8 elements. grad_weight
-// comes back contiguous (E, Nw, K) either way (what the op's fake promises; for a transposed view
-// autograd's transpose hands the parameter an (E, K, Nw) grad with transposed strides, which
-// AccumulateGrad copies into the parameter's layout). Offsets are checked on the host only where
+// comes back in the weight's layout (at::empty_like's, as on every backend): the dW GEMM writes a
+// transposed one transposed, so autograd's transpose hands GPT-OSS's (E, in, out) parameter a
+// gradient already in its layout, and AccumulateGrad takes it without a copy. Offsets are checked on the host only where
 // they live there (the emulator); on a GPU the kernels read them on the device, clamped into [0, N].
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -152,7 +153,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_bwd_cuda(const at:
   const bool act = m.mode != GroupedAct::kNone;
   const GpuGuard guard(x.device());
   at::Tensor grad_x = at::empty({N, s.k8}, x.options());
-  at::Tensor grad_w = at::empty({E, s.cols8(), s.k8}, x.options());
+  // grad_weight in the weight's layout (at::empty_like's, what the op's fake promises): written
+  // there by the dW GEMM when unpadded and contiguous either way round (a transposed weight:
+  // stored transposed, so autograd hands GPT-OSS's (E, in, out) parameter its gradient with no
+  // copy); otherwise the padded contiguous result is copied in.
+  at::Tensor grad_w = at::empty_like(weight);
+  const bool unpadded = s.k == s.k8 && s.width == s.width8;
+  const bool gw_rows = unpadded && grad_w.is_contiguous();
+  const bool gw_cols = unpadded && !gw_rows && grad_w.transpose(1, 2).is_contiguous();
+  at::Tensor gw_buf = gw_rows || gw_cols ? grad_w : at::empty({E, s.cols8(), s.k8}, x.options());
   at::Tensor grad_b = at::empty(has_bias ? at::IntArrayRef{E, s.cols8()} : at::IntArrayRef{0}, x.options());
   if (E > 0 || N > 0) {
     const at::Tensor go = gemm_operand(spread(grad_out, 1, 1, s.width, s.width8));
@@ -165,12 +174,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_linear_bwd_cuda(const at:
                                          act ? stride_of(pr, 0) : 0, xp.data_ptr(), stride_of(xp, 0),
                                          w.w.data_ptr(), stride_of(w.w, 0), w.stride, w.transposed,
                                          act ? grad_p.data_ptr() : nullptr,
-                                         s.cols8(), grad_x.data_ptr(), grad_w.data_ptr(),
+                                         s.cols8(), grad_x.data_ptr(), gw_buf.data_ptr(), gw_cols,
                                          has_bias ? grad_b.data_ptr() : nullptr};
     check_launch(op, grouped_linear_backward_cuda(args, gpu_stream()));
   }
-  at::Tensor gw = gather(gather(grad_w, 2, 1, K, s.k8), 1, s.parts, s.width, s.width8);
-  return {gather(grad_x, 1, 1, K, s.k8), gw, has_bias ? gather(grad_b, 1, s.parts, s.width, s.width8) : grad_b};
+  if (!gw_rows && !gw_cols) grad_w.copy_(gather(gather(gw_buf, 2, 1, K, s.k8), 1, s.parts, s.width, s.width8));
+  return {gather(grad_x, 1, 1, K, s.k8), grad_w, has_bias ? gather(grad_b, 1, s.parts, s.width, s.width8) : grad_b};
 }
 
 }  // namespace

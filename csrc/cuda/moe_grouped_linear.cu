@@ -3,6 +3,7 @@
 //   forward  out[rows of e] = act(x_e @ weight[e]^T + bias[e])      grouped_rows_kernel, A = x, B = w[e]
 //   dX       grad_x[rows of e] = grad_p_e @ weight[e]               grouped_rows_kernel, B = w[e] MN-major
 //   dW       grad_weight[e] = grad_p_e^T @ x_e                      grouped_reduce_kernel, K = e's rows
+//            (in the weight's layout: a transposed weight gets x_e^T @ grad_p_e, A and B swapped)
 // A transposed weight (GPT-OSS's (E, in, out) storage seen as (E, out, in), weight_transposed) is
 // read in place by the other orientation of B: MN-major in the forward (gated: the gate and up
 // halves are column ranges, a run-time flag of the same kernel), K-major for dX (the forward's
@@ -141,10 +142,15 @@ int backward(const GroupedLinearGradCudaArgs& a, cudaStream_t stream) {
   int err = a.weight_transposed ? gemm::launch_grouped_rows<T, true>(dx, gx, stream)
                                 : gemm::launch_grouped_rows<T, false>(dx, gx, stream);
   if (err || cols == 0) return err;
-  gemm::GemmArgs dw{};  // (cols, K) = grad_p_e^T @ x_e: GEMM extents (cols, K, rows of e)
-  dw.m = cols, dw.n = a.k;
-  dw.a = grad_p, dw.lda = gp_stride, dw.b = a.x, dw.ldb = a.x_stride;
-  dw.ep.y = a.grad_weight, dw.ep.y_ld = a.k;
+  // (cols, K) = grad_p_e^T @ x_e: GEMM extents (cols, K, rows of e); or stored transposed,
+  // (K, cols) = x_e^T @ grad_p_e: both operands are MN-major over the rows, so that is the same
+  // kernel with A and B swapped (every product and its order of addition unchanged)
+  gemm::GemmArgs dw{};
+  const bool t = a.grad_weight_transposed;
+  dw.m = t ? a.k : cols, dw.n = t ? cols : a.k;
+  dw.a = t ? a.x : grad_p, dw.lda = t ? a.x_stride : gp_stride;
+  dw.b = t ? grad_p : a.x, dw.ldb = t ? gp_stride : a.x_stride;
+  dw.ep.y = a.grad_weight, dw.ep.y_ld = dw.n;
   const gemm::GroupedArgs gw{a.offsets, a.experts, a.rows, 0, 0, 0, cols * a.k, false};
   return gemm::launch_grouped_reduce<T>(dw, gw, stream);
 }

@@ -10,7 +10,10 @@ activation: None, "gelu", "gelu_tanh", "relu", "silu" (elementwise: out (N, N_w)
 "swiglu" / "geglu": the first half of the N_w outputs is the gate, the second the up projection
 (HF's concatenated gate_up_proj), out (N, N_w / 2) = act(gate) * up. Rows past offsets[E] (the
 dropped tail moe_permute leaves) give 0. Experts with no rows cost nothing, and one-row experts
-are fine.
+are fine. The weight may be any strided view; grad_weight comes back in its layout
+(torch.empty_like's: the same strides where it is dense, the same order of strides otherwise), so
+GPT-OSS's (E, in, out) experts passed as their (E, out, in) transpose get their gradient with no
+copy: autograd's transpose hands the parameter a gradient already in its own layout.
 
 The epilogue (bias, activation, gating) is fused: it runs on each expert's output block right
 after its GEMM, while the block is cache-hot, instead of a second pass over (N, N_w) per op. The
@@ -83,7 +86,7 @@ def grouped_linear_backward_ref(grad_out, x, weight, offsets, pre, activation, h
     elif activation != "none":
         g = g * act_grad_ref(pre.to(cdt), activation)
     grad_x = torch.zeros(x.shape, dtype=cdt, device=x.device)
-    grad_w = torch.zeros(weight.shape, dtype=cdt, device=x.device)
+    grad_w = torch.zeros_like(weight, dtype=cdt)  # weight's own layout, as every backend returns it
     grad_b = torch.zeros(weight.shape[:2], dtype=cdt, device=x.device)
     for e, lo, hi in _expert_rows(offsets):
         grad_x[lo:hi] = g[lo:hi] @ weight[e].to(cdt)
@@ -138,7 +141,7 @@ def _grouped_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.
 
 
 def _backward_fake(grad_out, x, weight, offsets, pre, activation, has_bias):
-    return (x.new_empty(x.shape), weight.new_empty(weight.shape),
+    return (x.new_empty(x.shape), torch.empty_like(weight),
             weight.new_empty(weight.shape[:2]) if has_bias else x.new_empty(0))
 
 

@@ -185,7 +185,9 @@ def experts_plan(module):
 
 def _weights(module, plan):
     up, down = getattr(module, plan.up), module.down_proj
-    if plan.transposed:  # (E, in, out) seen as (E, out, in): every backend reads either orientation
+    # (E, in, out) seen as (E, out, in): every backend reads either orientation, and returns
+    # grad_weight in it, so the parameter gets its gradient with no copy
+    if plan.transposed:
         up, down = up.transpose(1, 2), down.transpose(1, 2)  # in place (cuda: unless K or width isn't 8-aligned)
     bias_up = getattr(module, f"{plan.up}_bias") if plan.bias else None
     bias_down = module.down_proj_bias if plan.bias else None

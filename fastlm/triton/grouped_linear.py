@@ -130,11 +130,12 @@ def _gated_grad_kernel(
 
 @triton.jit
 def _weight_grad_kernel(
-    gp_ptr, x_ptr, offsets_ptr, gw_ptr, gb_ptr, N, NW, K, sgm, sxm, sxk,
+    gp_ptr, x_ptr, offsets_ptr, gw_ptr, gb_ptr, N, NW, K, sgm, sxm, sxk, swe, swn, swk,
     BIAS_GRAD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """gw[e] (NW, K) = gp[rows of e]^T @ x[rows of e]; gb[e] = column sums of gp over those rows."""
+    """gw[e] (NW, K) = gp[rows of e]^T @ x[rows of e], stored through gw's strides (swe, swn, swk:
+    the weight's own layout); gb[e] = column sums of gp over those rows."""
     e = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -156,7 +157,7 @@ def _weight_grad_kernel(
         acc = tl.dot(gp, x, acc, input_precision=PRECISION)
         if BIAS_GRAD:
             col_sum += tl.sum(gp.to(tl.float32), axis=1)
-    out = e.to(tl.int64) * NW * K + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+    out = e.to(tl.int64) * swe + offs_n[:, None].to(tl.int64) * swn + offs_k[None, :].to(tl.int64) * swk
     tl.store(gw_ptr + out, acc.to(gw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
     if BIAS_GRAD:  # one K block writes the sums: no duplicates
         tl.store(gb_ptr + e.to(tl.int64) * NW + offs_n, col_sum.to(gb_ptr.dtype.element_ty), mask=n_ok & (pid_k == 0))
@@ -238,12 +239,12 @@ def backward(grad_out, x, weight, offsets, pre, activation, has_bias):
                          BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
     w_t = (weight.stride(0), weight.stride(2), weight.stride(1))  # B[e, k, nw] = W[e, nw, k]
     grad_x, _ = _grouped_gemm(gp, weight, w_t, offsets, k)
-    grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=dev)
+    grad_w = torch.empty_like(weight)  # the weight's own layout (see fastlm.ops.grouped_linear)
     grad_b = torch.empty((e, nw) if has_bias else (0,), dtype=weight.dtype, device=dev)
     if e and nw and (k or has_bias):
         bm, bn, bk, warps, stages = _weight_grad_tiles(x.dtype)
         grid = (e, triton.cdiv(nw, bn), max(triton.cdiv(k, bk), 1))
         _tune.launch(_weight_grad_kernel, grid, gp, x, offsets, grad_w, grad_b if has_bias else grad_w, n, nw, k,
-                     gp.stride(0), x.stride(0), x.stride(1), BIAS_GRAD=has_bias, PRECISION=_precision(x.dtype),
+                     gp.stride(0), x.stride(0), x.stride(1), *grad_w.stride(), BIAS_GRAD=has_bias, PRECISION=_precision(x.dtype),
                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return grad_x, grad_w, grad_b

@@ -215,7 +215,8 @@ struct GroupedLinearGradCudaArgs {
   bool weight_transposed;
   void* grad_p; int64_t grad_p_stride;            // (rows, cols) scratch unless kNone
   void* grad_x;                                   // (rows, k) contiguous
-  void* grad_weight;                              // (E, cols, k) contiguous
+  void* grad_weight;                              // (E, cols, k) contiguous, or its transpose:
+  bool grad_weight_transposed;                    // (E, k, cols) contiguous seen as (E, cols, k)
   void* grad_bias;                                // (E, cols) contiguous, or null
 };
 int grouped_linear_backward_cuda(const GroupedLinearGradCudaArgs& a, cudaStream_t stream);
