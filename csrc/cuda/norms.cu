@@ -52,7 +52,7 @@
 // loads in flight per thread: 32 KB an SM), c1 and c2 summed from there and crossed through DSMEM
 // (rank order), grad_h (+ grad_sum) written from shared memory. DRAM: grad_y, h (+ grad_sum) read
 // once, grad_h written once, 3 (4) row-sized streams against the split pair's 5 (6): 0.6x the
-// bytes. ptxas sm_90a: 71-122 registers (fp32), 91-126 (16-bit; at 2 + 2 packs staged into
+// bytes. ptxas sm_90a: 90-122 registers (fp32), 91-126 (16-bit; at 2 + 2 packs staged into
 // registers the bf16 both-gradient case spilled), no spills. Not measured on a GPU. Other layouts,
 // no fitting cluster, or a refused launch take the split pair below (its workspace is planned
 // alongside the cluster's, so a refusal at launch still fits).
