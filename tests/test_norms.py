@@ -398,11 +398,12 @@ def _emu_fwd_check(x, r, w, b, rms):
 # 131072 dense (4 x 128 KB, 16-byte loads and stores of every operand); bf16 131072 at offset 3, row
 # stride cols + 5 (head and tail scalars on the first and last rank, a residual, h, y, weight out
 # of x's 16-byte phase: element accesses at x's pack positions); fp16 70001 rms without residual
-# (odd width: every row another phase).
+# (odd width: every row another phase); fp32 40000 layer without residual, weight or bias.
 CLUSTER_FORWARD = [pytest.param(*case, id=f"{str(case[0])[6:]}-{case[1]}", marks=EMU_MARKS) for case in (
     (torch.float32, 131072, 0, 0, True, False, True, True, 4),
     (torch.bfloat16, 131072, 5, 3, True, False, True, True, 2),
-    (torch.float16, 70001, 4, 1, False, True, True, False, 2))]
+    (torch.float16, 70001, 4, 1, False, True, True, False, 2),
+    (torch.float32, 40000, 0, 0, False, False, False, False, 2))]
 
 
 @pytest.mark.parametrize("dtype,cols,pad,offset,residual,rms,weight,bias,size", CLUSTER_FORWARD)
