@@ -1,4 +1,6 @@
 """layer_norm / rms_norm (+ fused residual add) on every backend against a float64 oracle."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,7 +8,7 @@ import torch.nn.functional as F
 import fastlm
 from fastlm import _ext
 from fastlm.ops.norms import layer_norm, norm_backward_ref, norm_ref, rms_norm
-from backends import GPU, backend_dtypes, backends
+from backends import EMU_MARKS, GPU, backend_dtypes, backends
 from numerics import assert_close
 
 BACKENDS = backends()
@@ -354,3 +356,156 @@ def test_cuda_emu_long_rows_large_mean():
     x = torch.randn(2, 20000) * 0.05 + 50.0
     y = layer_norm(x, 20000, backend="cuda-emu")
     torch.testing.assert_close(y.double(), F.layer_norm(x.double(), (20000,)), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- sm_90a: long rows on a thread-block cluster (emulator)
+@contextlib.contextmanager
+def _emulated_h100(gpc_sms=0):
+    """The emulator as an sm_90 device, with `gpc_sms` SMs of each GPC free for clusters (0: all)."""
+    ops = torch.ops.fastlm_emu
+    ops.emu_set_arch("9.0")
+    ops.emu_set_gpc_sms(gpc_sms)
+    try:
+        yield
+    finally:
+        ops.emu_set_gpc_sms(0)
+        ops.emu_set_arch("8.0")
+
+
+def _emu_counts():
+    """(launches, blocks) the emulator has run so far."""
+    stats = torch.ops.fastlm_emu.emu_stats()
+    return stats[0], stats[1]
+
+
+def _emu_fwd_check(x, r, w, b, rms):
+    """norm_fwd under the emulator against the float64 oracle of the same h = x + r (in x's dtype, as
+    eager rounds it; h itself must equal that sum exactly): y, mean, rstd."""
+    y, h, mean, rstd = torch.ops.fastlm_emu.norm_fwd(x, r, w, b, 1e-5, rms)
+    hd = x if r is None else x + r
+    if r is not None:
+        assert torch.equal(h, hd), "h = x + residual, rounded once to the dtype"
+    d = lambda t: None if t is None else t.double()
+    y64, _, mean64, rstd64 = norm_ref(hd.double(), None, d(w), d(b), 1e-5, rms)
+    y0 = norm_ref(hd, None, w, b, 1e-5, rms)[0]
+    assert_close(f"cluster {x.dtype} y", y, y64, y0)
+    if not rms:
+        assert_close("cluster mean", mean, mean64.reshape(mean.shape))
+    assert_close("cluster rstd", rstd, rstd64.reshape(rstd.shape))
+
+
+# (dtype, cols, x's row pad and storage offset, residual, rms, weight, bias, cluster size): fp32
+# 131072 dense (4 x 128 KB, 16-byte loads and stores of every operand); bf16 131072 at offset 3, row
+# stride cols + 5 (head and tail scalars on the first and last rank, a residual, h, y, weight out
+# of x's 16-byte phase: element accesses at x's pack positions); fp16 70001 rms without residual
+# (odd width: every row another phase); fp32 40000 layer without residual, weight or bias.
+CLUSTER_FORWARD = [pytest.param(*case, id=f"{str(case[0])[6:]}-{case[1]}", marks=EMU_MARKS) for case in (
+    (torch.float32, 131072, 0, 0, True, False, True, True, 4),
+    (torch.bfloat16, 131072, 5, 3, True, False, True, True, 2),
+    (torch.float16, 70001, 4, 1, False, True, True, False, 2),
+    (torch.float32, 40000, 0, 0, False, False, False, False, 2))]
+
+
+@pytest.mark.parametrize("dtype,cols,pad,offset,residual,rms,weight,bias,size", CLUSTER_FORWARD)
+def test_cuda_emu_cluster_forward_long_rows(dtype, cols, pad, offset, residual, rms, weight, bias, size):
+    """Rows past 16384 columns on sm_90a run forward_cluster: the row's h held in the shared memory
+    of a cluster of `size` CTAs (x and residual read once), the sum and then the centered squares
+    crossing the cluster through DSMEM, y written from shared memory; a mean 5x the spread."""
+    rows = 3 if pad else 2
+    trend = torch.linspace(3.0, 7.0, cols + pad, dtype=torch.float64)  # unlike sums on every rank's slice
+    x = (torch.randn(rows, cols + pad, dtype=torch.float64) * 0.5 + trend).to(dtype)[:, offset:offset + cols]
+    r = None
+    if residual:  # dense with x, else 2 elements into rows of cols + 2 (out of x's phase)
+        r = torch.randn(rows, cols + 2 * bool(pad), dtype=torch.float64).to(dtype)[:, 2 * bool(pad):]
+    w = torch.randn(cols + 1, dtype=torch.float64).to(dtype)[1:] if weight else None
+    b = torch.randn(cols, dtype=torch.float64).to(dtype) if bias else None
+    with _emulated_h100():
+        launches, blocks = _emu_counts()
+        _emu_fwd_check(x, r, w, b, rms)
+        assert _emu_counts() == (launches + 1, blocks + rows * size), "one cluster of `size` CTAs per row"
+
+
+def _emu_bwd_check(gy, gs, h, w, rms, bias_grad):
+    """norm_bwd under the emulator against norm_backward_ref in float64 (grad_h, grad_weight,
+    grad_bias), with the fp32 statistics the forward saves."""
+    _, _, mean, rstd = norm_ref(h, None, w, None, 1e-5, rms)
+    got = torch.ops.fastlm_emu.norm_bwd(gy, gs, h, w, mean, rstd, rms, bias_grad)
+    d = lambda t: None if t is None else t.double()
+    want = norm_backward_ref(d(gy), d(gs), d(h), d(w), d(mean), d(rstd), rms, bias_grad)
+    base = norm_backward_ref(gy, gs, h, w, mean, rstd, rms, bias_grad)
+    for name, g, g64, g0 in zip(("grad_h", "grad_weight", "grad_bias"), got, want, base):
+        assert_close(f"cluster {h.dtype} {'rms' if rms else 'layer'} {name}", g, g64, g0, kind="grad")
+
+
+# (dtype, cols, rms, grad_sum, weight, bias grad, cluster size): every operand 16-byte aligned in
+# pointer and row stride (the cluster backward's layouts). fp32 131072 in 8 CTAs of 16384 columns
+# (2 x 64 KB held, 32 columns a thread in registers), layer with grad_sum and both gradients; bf16
+# 131072 rms, weight gradient only; fp16 40000 in 3 CTAs, no weight (bias gradient only).
+CLUSTER_BACKWARD = [pytest.param(*case, id=f"{str(case[0])[6:]}-{case[1]}", marks=EMU_MARKS) for case in (
+    (torch.float32, 131072, False, True, True, True, 8),
+    (torch.bfloat16, 131072, True, False, True, False, 8),
+    (torch.float16, 40000, False, False, False, True, 3))]
+
+
+@pytest.mark.parametrize("dtype,cols,rms,grad_sum,weight,bias_grad,size", CLUSTER_BACKWARD)
+def test_cuda_emu_cluster_backward_long_rows(dtype, cols, rms, grad_sum, weight, bias_grad, size):
+    """Aligned rows past 16384 columns on sm_90a run backward_cluster (one launch, a cluster per
+    row here) and column_sum (a launch per gradient): grad_y and h held in shared memory, (c1, c2)
+    crossing the cluster through DSMEM, grad_weight / grad_bias in registers, one partial row a
+    cluster. The partials are NaN-prefilled scratch: a column no CTA wrote shows up."""
+    rows = 2
+    h64 = torch.randn(rows, cols, dtype=torch.float64) * 2 + torch.linspace(-2, 3, cols, dtype=torch.float64)
+    w64 = torch.randn(cols, dtype=torch.float64)
+    # grad_y along h w (+ an offset), h with a trend across the columns: c1 = mean(xhat gw) and
+    # c2 = mean(gw) of order 1 and unlike on every rank's slice, so a cluster that merges its
+    # (c1, c2) wrongly shows in every precision
+    gy = torch.randn(rows, cols, dtype=torch.float64) + (0.5 * h64 + 0.3) * (w64 if weight else 1)
+    h, gy, w = h64.to(dtype), gy.to(dtype), w64.to(dtype) if weight else None
+    gs = torch.randn(rows, cols, dtype=torch.float64).to(dtype) if grad_sum else None
+    grads = int(weight) + int(bias_grad)
+    with _emulated_h100():
+        launches, blocks = _emu_counts()
+        _emu_bwd_check(gy, gs, h, w, rms, bias_grad)
+        sums = grads * -(-cols // 128)  # column_sum: 128 columns a block
+        assert _emu_counts() == (launches + 1 + grads, blocks + rows * size + sums), "one cluster a row, then the sums"
+
+
+@pytest.mark.emu
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
+def test_cuda_emu_cluster_backward_persistent():
+    """With 2 SMs of each GPC free for clusters, 8 clusters of 2 CTAs (128 KB each) fit at once:
+    10 fp32 rows of 32768 columns take 8 persistent clusters, two of them a second row (the
+    (c1, c2) slot alternating by row parity), and 8 partial rows are summed."""
+    rows, cols = 10, 32768
+    h = torch.randn(rows, cols, dtype=torch.float64).float() * 2 + 0.5
+    gy, gs = torch.randn(rows, cols), torch.randn(rows, cols)
+    w = torch.randn(cols)
+    with _emulated_h100(gpc_sms=2):
+        launches, blocks = _emu_counts()
+        _emu_bwd_check(gy, gs, h, w, False, True)
+        assert _emu_counts() == (launches + 3, blocks + 8 * 2 + 2 * cols // 128), "8 clusters of 2, then 2 sums"
+
+
+@pytest.mark.emu
+@pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")
+def test_cuda_emu_cluster_falls_back():
+    """With 2 SMs of each GPC free for clusters, cudaOccupancyMaxActiveClusters says 0 for 4 or 8
+    CTAs of 128 KB: 131072-wide fp32 rows then take long_forward_kernel (one block a row) and the
+    split backward (row sums, column tiles, 2 sums), and are still right; a 40000-wide bf16 row's
+    cluster of 2 still fits. A backward out of 16-byte alignment takes the split pair anyway."""
+    with _emulated_h100(gpc_sms=2):
+        for dtype, cols, blocks_per_row in ((torch.float32, 131072, 1), (torch.bfloat16, 40000, 2)):
+            x = (torch.randn(2, cols, dtype=torch.float64) * 2).to(dtype)
+            w, b = torch.randn(cols).to(dtype), torch.randn(cols).to(dtype)
+            launches, blocks = _emu_counts()
+            _emu_fwd_check(x, None, w, b, False)
+            assert _emu_counts() == (launches + 1, blocks + 2 * blocks_per_row), f"{dtype}: forward blocks a row"
+        gy, h = torch.randn(2, 131072), torch.randn(2, 131072) * 2 + 0.5
+        launches, _ = _emu_counts()
+        _emu_bwd_check(gy, None, h, torch.randn(131072), False, True)
+        assert _emu_counts()[0] == launches + 4, "split pair: row sums, column tiles, 2 column sums"
+    with _emulated_h100():  # all SMs: 70001 bf16 columns aren't 16-byte rows, so no cluster backward
+        h = torch.randn(2, 70001, dtype=torch.float64).to(torch.bfloat16)
+        launches, _ = _emu_counts()
+        _emu_bwd_check(torch.randn(2, 70001).to(torch.bfloat16), None, h, torch.randn(70001).to(torch.bfloat16), False, True)
+        assert _emu_counts()[0] == launches + 4, "split pair: row sums, column tiles, 2 column sums"

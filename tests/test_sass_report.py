@@ -401,6 +401,8 @@ def test_memory_bound_kernels_figures(kernels, arch):
 SM90_INSTRUCTIONS = [
     ("softmax", r"::(forward|backward)_cluster<", 6, {"UCGABAR_ARV", "UCGABAR_WAIT", "LDG.E.128"},
      "forward_cluster and backward_cluster, fp32/fp16/bf16"),
+    ("norms", r"::(forward|backward)_cluster<", 12, {"UCGABAR_ARV", "UCGABAR_WAIT", "LDG.E.128"},
+     "forward_cluster x fp32/fp16/bf16, backward_cluster x fp32/fp16/bf16 x 0/1/2 summed gradients"),
 ]
 
 
@@ -427,6 +429,7 @@ MEMORY_BOUND = {
               (r"backward_kernel<[^,]+, [48],", 4),  # grad_y and h, 2 packs each at least
               (r"row_sums_kernel<", 4),          # split backward: 4 packs of h before grad_y's
               (r"column_tile_backward_kernel<", 2),  # 2 packs of h, then grad_y's, one 16-byte phase
+              (r"(forward|backward)_cluster<", 4),  # sm_90a clusters: 4 x 16 B staged a thread
               (r"column_sum_kernel<", 4)],       # 4 partial rows x 16 B
     "bias_act": [(r"forward_kernel<", 4),        # 4 rows' packs of x
                  (r"backward_kernel<", 3),       # 4 rows' packs of grad_y and x: 8 (3-5 bf16 sm_90a)

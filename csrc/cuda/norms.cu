@@ -28,6 +28,35 @@
 // only 0.8 MB (~40 %): past ~128K columns the L2 cap, not the kernel, bounds the estimate
 // (uncapped, pass 2 would read DRAM again: 1.5x the bytes). Not measured on a GPU.
 //
+// Forward, rows > 16384 on sm_90a (forward_cluster; cluster_launch.cuh, as softmax's): one
+// cluster of S = max(2, ceil(row bytes / 128 KB)) <= 8 CTAs a row (rows up to 262144 fp32 /
+// 524288 16-bit columns), 512 threads a CTA, each holding its slice of h (x + residual, in T) in
+// shared memory, staged with 4 x 16-byte loads in flight per thread (x, then the residual): 32 KB
+// in flight per SM at one 128 KB CTA an SM. The sum, then the centered squares from shared memory
+// (two-pass), cross the cluster through DSMEM in rank order (deterministic); y is written from
+// shared memory. DRAM: x (+ residual) read once, (h +) y written once, with no L2 re-read and no
+// L2 cap on the rows in flight: 132 SMs x 32 KB = 4.2 MB in flight against the ~1.8 MB (H100) /
+// ~2.9 MB (H200) Little's law asks, so the estimate is DRAM-bound at every width up to 8 slices
+// (long_forward_kernel: ~40 % at 262144 columns). ptxas sm_90a: 70 registers (fp32), 86 (16-bit),
+// no spills. Not measured on a GPU. Where no cluster fits (cudaOccupancyMaxActiveClusters) or the
+// launch is refused, long_forward_kernel takes the rows.
+//
+// Backward, rows > 16384 on sm_90a whose every operand is 16-byte aligned in pointer and row
+// stride and cols % VEC == 0 (backward_cluster): C = min(rows, cudaOccupancyMaxActiveClusters)
+// persistent clusters of S = max(2, ceil(cols / 16384), ceil(2 x row bytes / 128 KB)) <= 8 CTAs
+// (rows up to 131072 columns: 32 a thread), cluster k taking rows k, k + C, ...; rank q owns the
+// same body packs of every row, so a thread sums grad_weight / grad_bias over its rows in
+// registers (as backward_kernel) and each CTA writes its columns of the cluster's ONE fp32 partial
+// row (C x 2 x cols x 4 B: 16 clusters of 8 at 131072 columns = 16 MB, L2-resident), which
+// column_sum.cuh adds in a fixed order. A row: grad_y and h staged into shared memory (4 x 16-byte
+// loads in flight per thread: 32 KB an SM), c1 and c2 summed from there and crossed through DSMEM
+// (rank order), grad_h (+ grad_sum) written from shared memory. DRAM: grad_y, h (+ grad_sum) read
+// once, grad_h written once, 3 (4) row-sized streams against the split pair's 5 (6): 0.6x the
+// bytes. ptxas sm_90a: 90-122 registers (fp32), 91-126 (16-bit; at 2 + 2 packs staged into
+// registers the bf16 both-gradient case spilled), no spills. Not measured on a GPU. Other layouts,
+// no fitting cluster, or a refused launch take the split pair below (its workspace is planned
+// alongside the cluster's, so a refusal at launch still fits).
+//
 // Backward, aligned rows <= 16384 (backward_kernel): one persistent 512-thread block per SM (tx
 // threads a row, 512 / tx rows at a time). grad_h is written per row; grad_weight / grad_bias are
 // summed in registers over every row a thread visits, folded over the block's row groups in
@@ -39,27 +68,28 @@
 // operand (grad_y, grad_sum, h, weight, grad_h) is 16-byte aligned in pointer and row stride,
 // since its per-column accumulators need every row to split alike.
 //
-// Backward, everything else (wider than 16384, or any width, stride or pointer off 16 bytes): a
-// split pair, 16-byte accesses for every layout. row_sums_kernel streams each row (its own split,
-// no per-column state) for c1 = mean(xhat gw), c2 = mean(gw) and writes 2 floats a row;
-// column_tile_backward_kernel gives block (x, y) column tile x (128 threads x 2 packs of h's
-// split; tile 0 also owns the head and tail elements) of the rows of one 16-byte phase q = y mod
-// P (row_io's phase_period over every operand's row stride, P <= 8: those rows split alike, so a
+// Backward, everything else (wider than 16384 without a cluster, or any width, stride or pointer
+// off 16 bytes): a split pair, 16-byte accesses for every layout. row_sums_kernel streams each row
+// (its own split, no per-column state) for c1 = mean(xhat gw), c2 = mean(gw) and writes 2 floats a
+// row; column_tile_backward_kernel gives block (x, y) column tile x (128 threads x 2 packs of h's
+// split; tile 0 also owns the head and tail elements) of the rows of one 16-byte phase q = y mod P
+// (row_io's phase_period over every operand's row stride, P <= 8: those rows split alike, so a
 // thread's slots are the same columns in every row), writes grad_h, and sums grad_weight /
 // grad_bias per slot in registers into block row y's fp32 partial (each column written by exactly
 // one tile: no memset); column_sum.cuh then adds the ~3 x SMs / tiles + P partial rows in a fixed
-// order. Traffic: grad_y and h are read twice from DRAM (row sums, then tiles), so the pair moves
-// 5 (6 with grad_sum) element-bytes per element against the one-pass 3 (4): ~1.6x the bytes, at
-// 16-byte accesses (before: element accesses for every unaligned case, ~20-30 % of copy
-// bandwidth). In flight: row sums 512 threads x (grad_y, h, weight) x 4 packs x 16 B = 96 KB a
-// block, one block an SM; tiles 3 blocks x 128 threads x (grad_y, h, grad_sum) x 2 packs x 16 B =
-// 36 KB an SM (168 registers: 2 x 18 sums next to 4 held operands; at 4 blocks, 128 registers,
-// 16-bit spilled). Partials for 131072 bf16 columns: 64 tiles, 7 row parts x 2 x 512 KB = 7.3 MB.
+// order. Traffic: grad_y and h are read twice from DRAM (row sums, then tiles), so the pair moves 5
+// (6 with grad_sum) element-bytes per element against the one-pass 3 (4): ~1.6x the bytes, at
+// 16-byte accesses (before: element accesses for every unaligned case, ~20-30 % of copy bandwidth).
+// In flight: row sums 512 threads x (grad_y, h, weight) x 4 packs x 16 B = 96 KB a block, one block
+// an SM; tiles 3 blocks x 128 threads x (grad_y, h, grad_sum) x 2 packs x 16 B = 36 KB an SM (168
+// registers: 2 x 18 sums next to 4 held operands; at 4 blocks, 128 registers, 16-bit spilled).
+// Partials for 131072 bf16 columns: 64 tiles, 7 row parts x 2 x 512 KB = 7.3 MB.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 
 #include "activations.cuh"
+#include "cluster_launch.cuh"
 #include "column_sum.cuh"
 #include "launch.cuh"
 #include "row_io.cuh"
@@ -105,6 +135,16 @@ __device__ __forceinline__ void fold_row_groups(float (&acc)[VEC], float* folded
   for (int j = 1; j < int(blockDim.y); ++j) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) acc[i] += folded[(j * blockDim.x + threadIdx.x) * VEC + i];
+  }
+}
+
+// The per-column gradient sums of the row-persistent backward kernels, zeroed.
+template <int K, int VEC>
+__device__ __forceinline__ void zero_sums(float (&w)[K][VEC], float (&b)[K][VEC]) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) w[k][i] = b[k][i] = 0.0f;
   }
 }
 
@@ -194,11 +234,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) backward_kernel(NormBackw
   const int64_t cols = a.cols, stride = int64_t(blockDim.x) * VEC;
   const T* weight = static_cast<const T*>(a.weight);
   float acc_w[kPacks][VEC], acc_b[kPacks][VEC];
-#pragma unroll
-  for (int k = 0; k < kPacks; ++k) {
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) acc_w[k][i] = acc_b[k][i] = 0.0f;
-  }
+  zero_sums(acc_w, acc_b);
   const int64_t row_blocks = ceil_div(a.rows, blockDim.y);
   for (int64_t rb = blockIdx.x; rb < row_blocks; rb += gridDim.x) {  // uniform per block: syncs line up
     const int64_t r = rb * blockDim.y + threadIdx.y;
@@ -334,6 +370,210 @@ __global__ void __launch_bounds__(kLongThreads, 1) long_forward_kernel(NormForwa
         return o;
       });
     }
+  }
+}
+
+// ---------------------------------------------------------------- sm_90a: long rows on a cluster
+// forward_cluster: one cluster of S CTAs a row (cluster_launch.cuh's ClusterSlice of x's split:
+// any width, stride and offset). Each CTA stages its slice of x into shared memory (16-byte loads,
+// kStageLoads in flight a thread), adds the residual's (in x's phase: 16-byte loads, else
+// elements) into h in T, as eager, and writes h; then its sum of h crosses the cluster (rank
+// order), the centered squares are summed from shared memory (two-pass: no E[v^2] - mean^2
+// cancellation; rms: the plain squares) and cross again, and y is written from shared memory.
+template <typename T>
+__global__ void __launch_bounds__(kClusterBlock, 1)
+    forward_cluster(NormForwardArgs a, int64_t cols, int64_t slice_packs, int size) {
+  using P = Pack<T, kVec<T>>;
+  constexpr int V = kVec<T>;
+  FASTLM_SHARED(float, smem, [kMaxThreads / 32]);
+  FASTLM_SHARED(float, mine, [2]);                // this CTA's sum, then its centered squares
+  FASTLM_SHARED(float, all, [2][kMaxCluster]);    // every rank's, fetched
+  FASTLM_DYNAMIC_SHARED(float, slice_words);
+  P* slice = reinterpret_cast<P*>(slice_words);
+  const T* x = static_cast<const T*>(a.x);
+  const ClusterSlice c = cluster_slice(x, a.x_stride, cols, slice_packs, size);
+  const RowSplit& s = c.s;
+  const int64_t r = c.row;
+  const T* xr = x + r * a.x_stride;
+  const int tid = threadIdx.x;
+  stage_slice<true>(xr + s.head, slice, c.p0, c.p1);
+  float edge = c.has_edge ? to_float(xr[c.edge_col]) : 0.0f;
+  if (a.residual) {  // the thread adds to the packs it staged itself: no barrier
+    const T* rr = static_cast<const T*>(a.residual) + r * a.residual_stride;
+    T* hr = static_cast<T*>(a.h) + r * cols;
+    const bool h_vec = same_phase(hr, xr);
+    stage_packs(rr + s.head, same_phase(rr, xr), c.p0, c.p1, [&](int64_t p, const P& rv) {
+      P hv = slice[p - c.p0];
+#pragma unroll
+      for (int j = 0; j < V; ++j) hv.v[j] = from_float<T>(to_float(hv.v[j]) + to_float(rv.v[j]));
+      slice[p - c.p0] = hv;
+      put_pack(hr + s.head, p, hv, h_vec);
+    });
+    if (c.has_edge) {
+      const T he = from_float<T>(edge + to_float(rr[c.edge_col]));
+      hr[c.edge_col] = he;
+      edge = to_float(he);
+    }
+  }
+  auto for_each = [&](auto&& f) {  // f(h) over this thread's elements
+    if (c.has_edge) f(edge);
+    for (int64_t p = c.p0 + tid; p < c.p1; p += kClusterBlock) {
+      const P v = slice[p - c.p0];
+#pragma unroll
+      for (int j = 0; j < V; ++j) f(to_float(v.v[j]));
+    }
+  };
+  float mean = 0.0f;  // rms: none
+  if (!a.rms) {
+    float sum = 0.0f;
+    for_each([&](float v) { sum += v; });
+    sum = group_sum(sum, smem);
+    if (tid == 0) mine[0] = sum;
+    cluster_gather(&mine[0], all[0], size, false);
+    float total = 0.0f;
+    for (int q = 0; q < size; ++q) total += all[0][q];
+    mean = total / float(cols);
+  }
+  float sq = 0.0f;
+  for_each([&](float v) { sq += (v - mean) * (v - mean); });
+  sq = group_sum(sq, smem);
+  if (tid == 0) mine[1] = sq;
+  cluster_gather(&mine[1], all[1], size, true);
+  float total = 0.0f;
+  for (int q = 0; q < size; ++q) total += all[1][q];
+  const float rstd = rsqrtf(total / float(cols) + a.eps);
+  if (c.rank == 0 && tid == 0) {
+    if (a.mean) a.mean[r] = mean;
+    a.rstd[r] = rstd;
+  }
+  const T* weight = static_cast<const T*>(a.weight);
+  const T* bias = a.rms ? nullptr : static_cast<const T*>(a.bias);
+  T* yr = static_cast<T*>(a.y) + r * cols;
+  const bool y_vec = same_phase(yr, xr), w_vec = same_phase(weight, xr), b_vec = same_phase(bias, xr);
+  auto param_pack = [&](const T* p_row, bool vec, int64_t p) {  // weight / bias at pack p of x's split
+    P v;
+    if (vec) {
+      v = reinterpret_cast<const P*>(p_row + s.head)[p];
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) v.v[j] = p_row[s.head + p * V + j];
+    }
+    return v;
+  };
+#pragma unroll 2
+  for (int64_t p = c.p0 + tid; p < c.p1; p += kClusterBlock) {
+    const P v = slice[p - c.p0];
+    P w, b, o;
+    if (weight) w = param_pack(weight, w_vec, p);
+    if (bias) b = param_pack(bias, b_vec, p);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      float f = (to_float(v.v[j]) - mean) * rstd;
+      if (weight) f *= to_float(w.v[j]);
+      if (bias) f += to_float(b.v[j]);
+      o.v[j] = from_float<T>(f);
+    }
+    put_pack(yr + s.head, p, o, y_vec);
+  }
+  if (c.has_edge) {
+    float f = (edge - mean) * rstd;
+    if (weight) f *= to_float(weight[c.edge_col]);
+    if (bias) f += to_float(bias[c.edge_col]);
+    yr[c.edge_col] = from_float<T>(f);
+  }
+  sm90::cluster_wait();  // every CTA has fetched this one's sums: its shared memory may go
+}
+
+// backward_cluster: persistent clusters of S CTAs over rows (cluster k takes rows k, k + C, ...
+// of C clusters), for rows whose every operand is 16-byte aligned in pointer and row stride and
+// cols % VEC == 0 (no head or tail: every row splits alike). Rank q owns body packs
+// [q P, (q + 1) P) (P <= kClusterBlock x K) of every row, thread t the packs p0 + t + k
+// kClusterBlock, k < K: the same columns in every row, so grad_weight / grad_bias are summed in
+// registers (K x VEC floats each, as backward_kernel's), and each CTA writes its columns of the
+// cluster's ONE fp32 partial row at the end (no memset; column_sum.cuh adds the C rows in order).
+// A row: grad_y and h staged into shared memory (read from DRAM once), the accumulators and the
+// row sums c1, c2 taken from there, the (c1, c2) pairs crossing the cluster through DSMEM (rank
+// order; the slot alternates by row parity), grad_h (+ grad_sum) written from shared memory.
+template <typename T, int kAccs>
+__global__ void __launch_bounds__(kClusterBlock, 1)
+    backward_cluster(NormBackwardArgs a, float* partial, int64_t ld, int64_t slice_packs, int size) {
+  using P = Pack<T, kVec<T>>;
+  constexpr int V = kVec<T>, K = kMaxElems / V;
+  FASTLM_SHARED(float, smem, [kMaxThreads / 32]);
+  FASTLM_SHARED(float2, mine, [2]);             // this CTA's (s1, s2), by row parity
+  FASTLM_SHARED(float2, all, [kMaxCluster]);    // every rank's, fetched
+  FASTLM_DYNAMIC_SHARED(float, slice_words);
+  P* gy_slice = reinterpret_cast<P*>(slice_words);
+  P* h_slice = gy_slice + slice_packs;
+  const int rank = int(blockIdx.x % unsigned(size)), tid = threadIdx.x;
+  const int64_t cluster = blockIdx.x / unsigned(size), clusters = gridDim.x / unsigned(size);
+  const int64_t cols = a.cols, p0 = int64_t(rank) * slice_packs, p1 = min(cols / V, p0 + slice_packs);
+  const P* weight = static_cast<const P*>(a.weight);
+  float acc_w[K][V], acc_b[K][V];
+  zero_sums(acc_w, acc_b);
+  int parity = 0;
+  for (int64_t r = cluster; r < a.rows; r += clusters, parity ^= 1) {  // uniform per cluster: barriers line up
+    const float mean = a.rms ? 0.0f : a.mean[r], rstd = a.rstd[r];
+    // The thread's packs (p0 + t + k kClusterBlock, as stage_slice walks them) into shared
+    // memory, kStageLoads in flight, then the sums over them from there: staged into registers
+    // 2 + 2 packs at a time instead, the bf16 both-gradient case spilled.
+    stage_slice<true>(static_cast<const T*>(a.grad_y) + r * a.grad_y_stride, gy_slice, p0, p1);
+    stage_slice<true>(static_cast<const T*>(a.h) + r * a.h_stride, h_slice, p0, p1);
+    float s1 = 0.0f, s2 = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t p = p0 + tid + int64_t(k) * kClusterBlock;
+      if (p >= p1) continue;
+      const P gy = gy_slice[p - p0], hv = h_slice[p - p0];
+      P w;
+      if (weight) w = weight[p];
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float g = to_float(gy.v[j]), xhat = (to_float(hv.v[j]) - mean) * rstd;
+        if (kAccs >= 1) acc_w[k][j] += g * xhat;
+        if (kAccs == 2) acc_b[k][j] += g;
+        const float gw = weight ? g * to_float(w.v[j]) : g;
+        s1 += xhat * gw;
+        s2 += gw;
+      }
+    }
+    s1 = group_sum(s1, smem);
+    s2 = a.rms ? 0.0f : group_sum(s2, smem);
+    if (tid == 0) mine[parity] = make_float2(s1, s2);
+    cluster_gather(&mine[parity], all, size, false);
+    float c1 = 0.0f, c2 = 0.0f;
+    for (int q = 0; q < size; ++q) c1 += all[q].x, c2 += all[q].y;
+    c1 /= float(cols);
+    c2 /= float(cols);
+    const P* gs_row = a.grad_sum ? reinterpret_cast<const P*>(static_cast<const T*>(a.grad_sum) + r * a.grad_sum_stride)
+                                 : nullptr;
+    P* gh_row = reinterpret_cast<P*>(static_cast<T*>(a.grad_h) + r * cols);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t p = p0 + tid + int64_t(k) * kClusterBlock;
+      if (p >= p1) continue;
+      const P gy = gy_slice[p - p0], hv = h_slice[p - p0];
+      P w, gs, d;
+      if (weight) w = weight[p];
+      if (gs_row) gs = gs_row[p];
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float g = to_float(gy.v[j]), xhat = (to_float(hv.v[j]) - mean) * rstd;
+        const float gw = weight ? g * to_float(w.v[j]) : g;
+        d.v[j] = from_float<T>(rstd * (gw - xhat * c1 - c2) + (gs_row ? to_float(gs.v[j]) : 0.0f));
+      }
+      gh_row[p] = d;
+    }
+  }
+  sm90::cluster_sync();  // every CTA has fetched this one's last pair: its shared memory may go
+  if (kAccs == 0) return;
+  float* mine_w = partial + cluster * kAccs * ld;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t p = p0 + tid + int64_t(k) * kClusterBlock;
+    if (p >= p1) continue;
+    store_floats<V>(mine_w + p * V, acc_w[k]);
+    if (kAccs == 2) store_floats<V>(mine_w + ld + p * V, acc_b[k]);
   }
 }
 
@@ -496,17 +736,46 @@ int accumulated_grads(const NormBackwardArgs& a) { return a.grad_bias ? 2 : a.gr
 // fp32 partial rows padded to whole 16-byte packs (column_sum.cuh reads them 4 floats at a time).
 int64_t partial_ld(int64_t cols) { return ceil_div(std::max<int64_t>(cols, 1), 4) * 4; }
 
+// The cluster backward's kernel for these gradients.
+using BackwardClusterKernel = void (*)(NormBackwardArgs, float*, int64_t, int64_t, int);
+template <typename T>
+BackwardClusterKernel backward_cluster_for(int64_t accs) {
+  return accs == 0 ? backward_cluster<T, 0> : accs == 1 ? backward_cluster<T, 1> : backward_cluster<T, 2>;
+}
+
 // Which backward serves a call, its grid, and the workspace it needs (the binding allocates
 // exactly this, so the two can't disagree): the register kernel takes rows it can hold whose
-// every operand is 16-byte aligned in pointer and row stride; the split pair takes the rest.
+// every operand is 16-byte aligned in pointer and row stride; longer rows of that layout (with
+// cols % VEC == 0) take a cluster on sm_90a where one fits; the split pair takes the rest, and
+// the cluster's rows too should the device refuse it at launch (the workspace fits either).
 struct BackwardPlan {
   bool split;
   int64_t blocks;         // register kernel: persistent blocks; split: row parts (period x per phase)
   int64_t tiles, period;  // split: column tiles, rows between two rows of one 16-byte phase
   int64_t row_sum_floats; // split: 2 floats a row, padded to 16 bytes (the partials follow)
   int64_t ld, accs;
-  int64_t workspace() const { return row_sum_floats + blocks * accs * ld; }
+  BackwardClusterKernel cluster_kernel;
+  int cluster_size;       // 0: no cluster
+  int64_t clusters, slice_packs;
+  int64_t workspace() const {
+    const int64_t own = row_sum_floats + blocks * accs * ld;
+    return cluster_size ? std::max(own, clusters * accs * ld) : own;
+  }
 };
+
+// Persistent clusters for the backward: grad_y and h held (2 operands), and at most kMaxElems
+// columns a thread (the register accumulators), as many clusters as the device holds at once.
+void plan_backward_cluster(const NormBackwardArgs& a, BackwardPlan& b) {
+  const int vec = 16 / elem_bytes(a.dtype);
+  with_type(a.dtype, [&](auto t) { b.cluster_kernel = backward_cluster_for<decltype(t)>(b.accs); });
+  const int64_t packs = a.cols / vec;
+  const int size = cluster_size_for(b.cluster_kernel, 2 * packs * 16, 1, ceil_div(a.cols, int64_t(kClusterBlock) * kMaxElems));
+  if (size == 0 || !cluster_fits(b.cluster_kernel, size)) return;
+  b.slice_packs = ceil_div(packs, size);
+  const int held = max_active_clusters(b.cluster_kernel, kClusterBlock, dim3(unsigned(size)), size_t(2 * b.slice_packs * 16));
+  b.clusters = std::min<int64_t>(a.rows, held);
+  if (b.clusters > 0 && b.clusters * size <= INT32_MAX) b.cluster_size = size;
+}
 
 BackwardPlan plan_backward(const NormBackwardArgs& a) {
   const int eb = elem_bytes(a.dtype);
@@ -520,6 +789,7 @@ BackwardPlan plan_backward(const NormBackwardArgs& a) {
     b.blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(a.rows, make_plan(a.cols, kBackwardThreads, 1).ty), sm_count()));
     return b;
   }
+  if (aligned && a.cols % (16 / eb) == 0) plan_backward_cluster(a, b);
   b.period = phase_period(eb, {a.grad_y_stride, a.h_stride, a.grad_sum ? a.grad_sum_stride : 0, a.cols});
   b.tiles = std::max<int64_t>(1, ceil_div(a.cols / (16 / eb), int64_t(kTileThreads) * kTilePacks));
   // a wave of blocks in all, never more parts than a phase has rows
@@ -532,8 +802,14 @@ BackwardPlan plan_backward(const NormBackwardArgs& a) {
 
 template <typename T>
 void launch_backward(const NormBackwardArgs& a, const BackwardPlan& b, float* ws, cudaStream_t s) {
+  const int64_t ld = b.ld, step = b.accs * ld;
+  if (b.cluster_size && launch_on_cluster(b.cluster_kernel, b.clusters, b.cluster_size, size_t(2 * b.slice_packs * 16), s,
+                                          a, ws, ld, b.slice_packs, b.cluster_size)) {
+    if (a.grad_weight) launch_column_sum(ws, b.clusters, step, a.cols, static_cast<T*>(a.grad_weight), s);
+    if (a.grad_bias) launch_column_sum(ws + ld, b.clusters, step, a.cols, static_cast<T*>(a.grad_bias), s);
+    return;
+  }
   float* partial = ws + b.row_sum_floats;
-  const int64_t ld = b.ld;
   if (!b.split) {
     constexpr int V = kVec<T>;
     const Plan p = make_plan(a.cols, kBackwardThreads, 1);
@@ -550,7 +826,6 @@ void launch_backward(const NormBackwardArgs& a, const BackwardPlan& b, float* ws
     if (b.accs == 1) launch_kernel(column_tile_backward_kernel<T, 1>, grid, block, 0, s, a, ws, partial, ld, period);
     if (b.accs == 2) launch_kernel(column_tile_backward_kernel<T, 2>, grid, block, 0, s, a, ws, partial, ld, period);
   }
-  const int64_t step = b.accs * ld;
   if (a.grad_weight) launch_column_sum(partial, b.blocks, step, a.cols, static_cast<T*>(a.grad_weight), s);
   if (a.grad_bias) launch_column_sum(partial + ld, b.blocks, step, a.cols, static_cast<T*>(a.grad_bias), s);
 }
@@ -563,9 +838,13 @@ namespace fastlm {
 int norm_forward_cuda(const NormForwardArgs& a, cudaStream_t stream) {
   using namespace cuda;
   const int eb = elem_bytes(a.dtype);
-  if (!held_in_registers(a.cols)) {
+  if (!held_in_registers(a.cols)) {  // on a cluster (sm_90a, where one fits), else streamed
     const dim3 grid(unsigned(long_forward_blocks(a.rows, a.cols, eb))), block(kLongThreads);
-    with_type(a.dtype, [&](auto t) { launch_kernel(long_forward_kernel<decltype(t)>, grid, block, 0, stream, a); });
+    with_type(a.dtype, [&](auto t) {
+      using T = decltype(t);
+      if (!rows_on_cluster<T>(forward_cluster<T>, 1, a.rows, a.cols, stream, a))
+        launch_kernel(long_forward_kernel<T>, grid, block, 0, stream, a);
+    });
     return int(cudaGetLastError());
   }
   const Plan p = make_plan(a.cols, kForwardThreads, 8);

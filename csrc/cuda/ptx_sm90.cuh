@@ -170,27 +170,74 @@ inline bool make_tma_desc_4d(TmaDesc* out, const void* base, int elem_bytes, con
 
 
 #ifndef FASTLM_EMU
+// ---- the launchers' per-device answer cache: yes/no answers to a device query about a kernel,
+// keyed by (kernel host pointer, a small int: 0 for binary_is_sm90a, the cluster size for
+// cluster_launch.cuh's cluster_fits). One row of slots per device; a slot is claimed once by
+// compare-exchange on its `claimed` flag (the first free slot, so the free slots are a row's
+// suffix), its key written, then its answer published with a release store (1 no, 2 yes; 0: not
+// yet published). A later refusal overwrites the answer with 1 ("remember a refusal"); the key
+// never changes. Namespace scope and zero-initialized (no function-local static and its guard),
+// no lock; two threads asking at once may both ask and claim two slots with the same answer,
+// and a full row or a device past the table only costs the uncached query. Not in the emulator
+// build: there binary_is_sm90a is always true, its tests change the emulated device between
+// calls, and TSan's instrumentation has no hooks for atomics.
 namespace detail {
-// binary_is_sm90a's answers, one row of slots per device: a slot is claimed once for a kernel (its
-// host pointer, by compare-exchange on the first free slot, so the free slots are a row's suffix),
-// then gets the answer (0 not yet written, 1 no, 2 yes). Namespace scope and zero-initialized
-// (no function-local static and its guard), no lock; not in the emulator build, where the answer
-// is always true and TSan's instrumentation has no hooks for atomics. A full row or a device past
-// the table only costs the uncached query.
-constexpr int kCheckedDevices = 64, kCheckedKernels = 32;
-struct BinaryCheck {
-  std::atomic<const void*> kernel;
+constexpr int kAnswerDevices = 64, kAnswerSlots = 64;
+struct Answer {
+  std::atomic<uint8_t> claimed;
   std::atomic<uint8_t> answer;
+  const void* kernel;  // written before `answer` is published, read only after it is seen
+  int param;
 };
-inline BinaryCheck binary_checks[kCheckedDevices][kCheckedKernels];
+inline Answer answers[kAnswerDevices][kAnswerSlots];
+
+inline Answer* answer_row() {
+  int dev = -1;
+  return cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < kAnswerDevices ? answers[dev] : nullptr;
+}
 }  // namespace detail
+
+// The cached answer for (kernel, param) on the current device: 0 not known, 1 no, 2 yes.
+inline uint8_t known_answer(const void* kernel, int param) {
+  detail::Answer* row = detail::answer_row();
+  for (int i = 0; row && i < detail::kAnswerSlots; ++i) {
+    const uint8_t a = row[i].answer.load(std::memory_order_acquire);
+    if (a == 0) {
+      if (!row[i].claimed.load(std::memory_order_acquire)) break;  // the rest of the row is free
+      continue;                                                    // being written
+    }
+    if (row[i].kernel == kernel && row[i].param == param) return a;
+  }
+  return 0;
+}
+
+// Records `yes` for (kernel, param) on the current device: its published slot if it has one (a
+// refusal after a yes), else a newly claimed one.
+inline void remember_answer(const void* kernel, int param, bool yes) {
+  detail::Answer* row = detail::answer_row();
+  const uint8_t value = yes ? 2 : 1;
+  for (int i = 0; row && i < detail::kAnswerSlots; ++i) {
+    if (row[i].answer.load(std::memory_order_acquire) != 0) {
+      if (row[i].kernel == kernel && row[i].param == param) return row[i].answer.store(value, std::memory_order_release);
+      continue;
+    }
+    uint8_t free = 0;
+    if (row[i].claimed.compare_exchange_strong(free, 1, std::memory_order_acq_rel)) {
+      row[i].kernel = kernel;
+      row[i].param = param;
+      return row[i].answer.store(value, std::memory_order_release);
+    }
+  }
+}
 #endif
 
 // Whether the binary of `kernel` the runtime picks on the current device is sm_90a SASS (not the
 // sm_80 cubin, nor compute_80 PTX JIT-compiled, where every helper below is a trap): the one
 // check every sm_90a tier's launcher makes before choosing its kernel. The cudaFuncGetAttributes
-// query (about a microsecond) runs once per (device, kernel); later calls scan <= 32 slots.
-// The emulator runs the kernel's source on the profile it emulates, so there it is always true.
+// query (about a microsecond) runs once per (device, kernel) (the answer cache above, param 0).
+// A yes implies a compute capability 9.0 device (sm_90a SASS loads on no other), so launchers
+// need no separate query of the major version. The emulator runs the kernel's source on the
+// profile it emulates, so there it is always true.
 template <typename Kernel>
 inline bool binary_is_sm90a(Kernel kernel) {
 #ifdef FASTLM_EMU
@@ -198,18 +245,7 @@ inline bool binary_is_sm90a(Kernel kernel) {
   return true;
 #else
   const void* key = reinterpret_cast<const void*>(kernel);
-  int dev = -1;
-  detail::BinaryCheck* row = nullptr;
-  if (cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < detail::kCheckedDevices)
-    row = detail::binary_checks[dev];
-  for (int i = 0; row && i < detail::kCheckedKernels; ++i) {
-    const void* k = row[i].kernel.load(std::memory_order_acquire);
-    if (k == nullptr) break;  // the rest of the row is free
-    if (k == key) {
-      if (const uint8_t a = row[i].answer.load(std::memory_order_acquire)) return a == 2;
-      break;  // claimed, its answer still being written: ask ourselves
-    }
-  }
+  if (const uint8_t known = known_answer(key, 0)) return known == 2;
   cudaFuncAttributes a{};
   bool yes = false;
   if (cudaFuncGetAttributes(&a, kernel) == cudaSuccess) {
@@ -217,13 +253,7 @@ inline bool binary_is_sm90a(Kernel kernel) {
   } else {
     (void)cudaGetLastError();  // not sticky: the caller's other tier reports its own status
   }
-  for (int i = 0; row && i < detail::kCheckedKernels; ++i) {
-    const void* k = nullptr;
-    if (row[i].kernel.compare_exchange_strong(k, key, std::memory_order_acq_rel) || k == key) {
-      row[i].answer.store(yes ? 2 : 1, std::memory_order_release);
-      break;
-    }
-  }
+  remember_answer(key, 0, yes);
   return yes;
 #endif
 }

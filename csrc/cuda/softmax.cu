@@ -22,9 +22,10 @@
 // Elsewhere such rows read (y, g) twice (5 streams once the ~132 rows in flight outgrow L2: past
 // ~64K halves a row on an H100).
 // A cluster is launched only where cudaOccupancyMaxActiveClusters says the GPCs can place it at
-// 128 KB a CTA (asked once per device, kernel and cluster size: cluster_fits), and a launch the
-// device still refuses (cudaErrorInvalidClusterSize, cudaErrorLaunchOutOfResources) is remembered
-// and falls back as well: the single-CTA kernels (forward_long, backward_kernel) take the rows.
+// 128 KB a CTA (asked once per device, kernel and cluster size: cluster_launch.cuh), and a launch
+// the device still refuses (cudaErrorInvalidClusterSize, cudaErrorLaunchOutOfResources) is
+// remembered and falls back as well: the single-CTA kernels (forward_long, backward_kernel) take
+// the rows.
 //
 // Why it is fast: every 16-byte load a thread makes (K packs of x, or of y and grad_y) is
 // issued before the first is used. Little's law asks ~13.6 KB in flight per SM of an H100
@@ -43,10 +44,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <type_traits>
 
 #include "fastlm/softmax.h"
+#include "cluster_launch.cuh"
 #include "ptx_sm90.cuh"
 #include "row_softmax.cuh"
 
@@ -173,81 +174,9 @@ __global__ void __launch_bounds__(L::BLOCK, 1)
 // 0..S-1 fetch the S values through DSMEM after a cluster barrier and every CTA combines them in
 // rank order (the same result in all, deterministic), then writes its slice of the output from
 // shared memory. The arrive after the fetch and the wait before exit keep every CTA's value alive
-// until the others have read it, without stalling the writes.
-constexpr int kClusterBlock = 512;
-constexpr int64_t kClusterSliceBytes = 128 * 1024;
-constexpr int kMaxCluster = 8;
-constexpr int kStageLoads = 4;  // 16-byte loads in flight per thread while a slice is staged
-
-// This CTA's part of its cluster's row.
-struct ClusterSlice {
-  int rank;
-  int64_t row;
-  RowSplit s;
-  int64_t p0, p1;   // body packs [p0, p1)
-  bool has_edge;    // this thread holds a head (rank 0) or tail (last rank) element
-  int64_t edge_col;
-};
-
-template <typename T>
-__device__ __forceinline__ ClusterSlice cluster_slice(const T* first, int64_t stride, int64_t cols,
-                                                      int64_t slice_packs, int size) {
-  ClusterSlice c;
-  c.rank = int(blockIdx.x % unsigned(size));
-  c.row = blockIdx.x / unsigned(size);
-  c.s = split_row(first + c.row * stride, cols);
-  c.p0 = int64_t(c.rank) * slice_packs;
-  c.p1 = min(c.s.packs, c.p0 + slice_packs);
-  const int tid = threadIdx.x;
-  c.has_edge = (c.rank == 0 && tid < c.s.head) || (c.rank == size - 1 && tid < c.s.tail);
-  c.edge_col = c.rank == 0 ? tid : c.s.head + c.s.packs * kVec<T> + tid;
-  return c;
-}
-
-// Packs [p0, p1) of a row's body (its elements from `body` on) into `slice`, kStageLoads loads in
-// flight per thread: 16-byte ones when VEC (the row is in the first operand's phase), else
-// element by element.
-template <bool VEC, typename T>
-__device__ __forceinline__ void stage_slice(const T* __restrict__ body, Pack<T, kVec<T>>* slice, int64_t p0,
-                                            int64_t p1) {
-  using P = Pack<T, kVec<T>>;
-  for (int64_t p = p0 + threadIdx.x; p < p1; p += int64_t(kStageLoads) * kClusterBlock) {
-    P v[kStageLoads];
-#pragma unroll
-    for (int k = 0; k < kStageLoads; ++k) {
-      const int64_t q = p + k * kClusterBlock;
-      if (q >= p1) continue;
-      if constexpr (VEC) {
-        v[k] = reinterpret_cast<const P*>(body)[q];
-      } else {
-#pragma unroll
-        for (int j = 0; j < kVec<T>; ++j) v[k].v[j] = body[q * kVec<T> + j];
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < kStageLoads; ++k)
-      if (p + k * kClusterBlock < p1) slice[p + k * kClusterBlock - p0] = v[k];
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void stage_slice(const T* body, bool vec, Pack<T, kVec<T>>* slice, int64_t p0, int64_t p1) {
-  if (vec) stage_slice<true>(body, slice, p0, p1);
-  else stage_slice<false>(body, slice, p0, p1);
-}
-
-// Every rank's mine[0] into all[0..size), fetched by threads 0..size-1 through DSMEM after a
-// cluster barrier; then this CTA is done with the others' shared memory (a relaxed arrive). The
-// kernel ends with sm90::cluster_wait(), so its own mine[0] outlives the others' fetches.
-template <typename V>
-__device__ __forceinline__ void cluster_gather(V* mine, V* all, int size) {
-  sm90::cluster_sync();  // every rank's value is in place
-  if (int(threadIdx.x) < size)
-    all[threadIdx.x] = sm90::ld_shared_cluster<V>(sm90::mapa_shared(sm90::smem_u32(mine), threadIdx.x));
-  sm90::cluster_arrive_relaxed();
-  __syncthreads();
-}
-
+// until the others have read it, without stalling the writes. The slices, their staging, the
+// gather and the launch (cluster_fits, launch_on_cluster) are cluster_launch.cuh's, shared with
+// the norms.
 // The forward: each CTA folds its slice of z into a (max, sum) pair (fold's arithmetic,
 // row_softmax.cuh: the max, then the sum at that shift), the pairs are merged in rank order, and
 // y is written from the slice.
@@ -286,7 +215,7 @@ __global__ void __launch_bounds__(kClusterBlock, 1)
   for_each([&](float v, int64_t) { sum += fast_exp(v - shift); });
   const MaxSum st = row_merge<kClusterBlock>(MaxSum{m, sum}, sm);
   if (tid == 0) mine[0] = make_float2(st.m, st.s);
-  cluster_gather(mine, pairs, size);
+  cluster_gather(mine, pairs, size, true);
   MaxSum total{neg_inf(), 0.0f};
   for (int q = 0; q < size; ++q) total = merge(total, MaxSum{pairs[q].x, pairs[q].y});
   const Output out(total, log);
@@ -352,7 +281,7 @@ __global__ void __launch_bounds__(kClusterBlock, 1)
   }
   const float partial = row_sum<kClusterBlock>(acc, sm);
   if (tid == 0) mine[0] = partial;
-  cluster_gather(mine, dots, size);
+  cluster_gather(mine, dots, size, true);
   float dot = 0.0f;
   for (int q = 0; q < size; ++q) dot += dots[q];
   const bool vec = same_phase(yr, gxr);
@@ -361,12 +290,7 @@ __global__ void __launch_bounds__(kClusterBlock, 1)
     P o;
 #pragma unroll
     for (int j = 0; j < V; ++j) o.v[j] = from_float<T>(f.grad(to_float(yv.v[j]), to_float(gv.v[j]), dot));
-    if (vec) {
-      reinterpret_cast<P*>(gxr + s.head)[p] = o;
-    } else {
-#pragma unroll
-      for (int j = 0; j < V; ++j) gxr[s.head + p * V + j] = o.v[j];
-    }
+    put_pack(gxr + s.head, p, o, vec);
   }
   if (c.has_edge) gxr[c.edge_col] = from_float<T>(f.grad(edge_y, edge_g, dot));
   sm90::cluster_wait();  // every CTA has fetched this one's dot: its shared memory may go
@@ -420,88 +344,6 @@ int64_t stash_packs_for(int64_t cols) {
   return std::min<int64_t>(fit, cols / kVec<T> + 1);
 }
 
-// ---- whether, and how, a cluster takes the rows (the launchers' side of the kernels above)
-// The cluster kernels, numbered for the cache below: forward or backward x dtype.
-template <typename T>
-constexpr int cluster_kernel_slot(bool backward) {
-  return 3 * int(backward) + (std::is_same_v<T, float> ? 0 : std::is_same_v<T, __half> ? 1 : 2);
-}
-constexpr int kClusterKernels = 6;
-
-#ifndef FASTLM_EMU
-// cluster_fits' answers per (device, cluster kernel, cluster size): 0 not asked yet, 1 no, 2 yes.
-// Namespace scope and zero-initialized, no lock and no function-local static (whose guard the
-// emulator's TSan build cannot link), as sm90::binary_is_sm90a's table; two threads asking at once
-// both ask and write the same answer. Not in the emulator build, which asks every time (its query is
-// arithmetic, and its tests change the emulated device between calls). A device past the table
-// only costs the uncached query.
-constexpr int kClusterFitDevices = 64;
-inline std::atomic<uint8_t> cluster_fit_answers[kClusterFitDevices][kClusterKernels][kMaxCluster + 1];
-
-inline std::atomic<uint8_t>* cluster_fit_answer(int slot, int size) {
-  int dev = -1;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kClusterFitDevices) return nullptr;
-  return &cluster_fit_answers[dev][slot][size];
-}
-#endif
-
-// Whether the current device can hold clusters of `size` CTAs of `kernel`, a full slice
-// (kClusterSliceBytes) of shared memory each: asked once per (device, kernel, size) of
-// cudaOccupancyMaxActiveClusters (0: the GPCs can't place such a cluster), after raising the
-// kernel's dynamic shared memory limit to a slice, which every later launch fits under.
-template <typename Kernel>
-bool cluster_fits(Kernel kernel, int slot, int size) {
-#ifndef FASTLM_EMU
-  std::atomic<uint8_t>* answer = cluster_fit_answer(slot, size);
-  if (answer)
-    if (const uint8_t a = answer->load(std::memory_order_acquire)) return a == 2;
-#endif
-  const bool yes = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        int(kClusterSliceBytes)) == cudaSuccess &&
-                   max_active_clusters(kernel, kClusterBlock, dim3(unsigned(size)), size_t(kClusterSliceBytes)) > 0;
-  if (!yes) (void)cudaGetLastError();  // not sticky: the single-CTA kernel takes the rows
-#ifndef FASTLM_EMU
-  if (answer) answer->store(yes ? 2 : 1, std::memory_order_release);
-#endif
-  return yes;
-}
-
-// The cluster size for rows of `cols` elements of `operands` tensors held at once (0: no cluster
-// path): an sm_90a binary, and the row's packs in at most 8 slices of 128 KB.
-template <typename T, typename Kernel>
-int cluster_size_for(Kernel kernel, int operands, int64_t rows, int64_t cols) {
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9 ||
-      !sm90::binary_is_sm90a(kernel))
-    return 0;
-  const int64_t bytes = operands * (cols / kVec<T>) * 16;  // every row's body packs, whatever its phase
-  const int64_t size = std::max<int64_t>(2, (bytes + kClusterSliceBytes - 1) / kClusterSliceBytes);
-  return size <= kMaxCluster && rows * size <= INT32_MAX ? int(size) : 0;
-}
-
-// Rows of `cols` of `operands` tensors on one cluster each: kernel(args..., cols, slice_packs,
-// size). false: the rows are too long, not on sm_90a, or the device can't hold or refuses the
-// cluster (cudaErrorInvalidClusterSize, cudaErrorLaunchOutOfResources: remembered as "no"), and
-// the caller's single-CTA kernel takes them. Any other launch error is left for launch_rows.
-template <typename T, typename... P, typename... A>
-bool launch_on_cluster(void (*kernel)(P...), bool backward, int operands, int64_t rows, int64_t cols,
-                       cudaStream_t stream, A&&... args) {
-  const int size = cluster_size_for<T>(kernel, operands, rows, cols);
-  const int slot = cluster_kernel_slot<T>(backward);
-  if (size == 0 || !cluster_fits(kernel, slot, size)) return false;
-  const int64_t slice_packs = (cols / kVec<T> + size - 1) / size;
-  const cudaError_t e = launch_cluster_kernel(kernel, dim3(unsigned(rows * size)), kClusterBlock, dim3(unsigned(size)),
-                                              size_t(operands * slice_packs * 16), stream, std::forward<A>(args)...,
-                                              cols, slice_packs, size);
-  if (e != cudaErrorInvalidClusterSize && e != cudaErrorLaunchOutOfResources) return true;
-  (void)cudaGetLastError();  // a refusal, not a fault
-#ifndef FASTLM_EMU
-  if (std::atomic<uint8_t>* answer = cluster_fit_answer(slot, size)) answer->store(1, std::memory_order_release);
-#endif
-  return false;
-}
-
 template <typename T>
 int forward_t(bool log, int64_t rows, int64_t cols, const void* x, int64_t xs, const MaskArgs& ma, void* y,
               int64_t ys, cudaStream_t stream) {
@@ -510,8 +352,8 @@ int forward_t(bool log, int64_t rows, int64_t cols, const void* x, int64_t xs, c
     if constexpr (L::kHeld) {
       launch_kernel(forward_held<T, L>, grid, L::BLOCK, 0, stream, static_cast<const T*>(x), xs, ma, log,
                     static_cast<T*>(y), ys, rows, cols);
-    } else if (!launch_on_cluster<T>(forward_cluster<T>, false, 1, rows, cols, stream, static_cast<const T*>(x), xs,
-                                     ma, log, static_cast<T*>(y), ys)) {
+    } else if (!rows_on_cluster<T>(forward_cluster<T>, 1, rows, cols, stream, static_cast<const T*>(x), xs, ma, log,
+                                   static_cast<T*>(y), ys)) {
       const int64_t stash = stash_packs_for<T, L>(cols);
       const size_t bytes = size_t(stash) * 16;
       if (cudaFuncSetAttribute(forward_long<T, L>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) !=
@@ -530,8 +372,8 @@ int backward_t(bool log, int64_t rows, int64_t cols, const void* g, int64_t gs, 
   return launch_rows<T, 4>(rows, cols, [&](auto layout, unsigned grid) {
     using L = decltype(layout);
     if constexpr (!L::kHeld) {
-      if (launch_on_cluster<T>(backward_cluster<T>, true, 2, rows, cols, stream, static_cast<const T*>(g), gs,
-                               static_cast<const T*>(y), ys, f, static_cast<T*>(gx), gxs))
+      if (rows_on_cluster<T>(backward_cluster<T>, 2, rows, cols, stream, static_cast<const T*>(g), gs,
+                             static_cast<const T*>(y), ys, f, static_cast<T*>(gx), gxs))
         return;
     }
     launch_kernel(backward_kernel<T, L>, grid, L::BLOCK, 0, stream, static_cast<const T*>(g), gs,
