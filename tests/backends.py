@@ -1,4 +1,7 @@
-"""The backend parametrization the op tests share: (backend, device, dtypes it serves)."""
+"""The backend parametrization the op tests share: (backend, device, dtypes it serves), and the
+emulator's device profile for a test's duration."""
+import contextlib
+
 import pytest
 import torch
 
@@ -11,6 +14,20 @@ ALL = (torch.float32, torch.float16, torch.bfloat16)
 
 # "cuda-emu": the cuda backend's kernels under the SIMT emulator, on CPU tensors (csrc/emu).
 EMU_MARKS = (pytest.mark.emu, pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built"))
+
+
+@contextlib.contextmanager
+def emulated_gpu(arch="9.0", gpc_sms=0):
+    """The emulator as an sm_`arch` device ("8.0" A100, "8.6" RTX 3090-class, "9.0" H100 / H200),
+    with `gpc_sms` SMs of each GPC free for clusters (0: all); back to its default A100 after."""
+    ops = torch.ops.fastlm_emu
+    ops.emu_set_arch(arch)
+    ops.emu_set_gpc_sms(gpc_sms)
+    try:
+        yield ops
+    finally:
+        ops.emu_set_gpc_sms(0)
+        ops.emu_set_arch("8.0")
 
 
 def cuda_params(dtypes=ALL):

@@ -12,7 +12,7 @@ from fastlm.ops.attention import (
     BOTTOM_RIGHT, NO_CAUSAL, TOP_LEFT, scaled_dot_product_attention as sdpa, scaled_dot_product_attention_ref,
     scaled_dot_product_attention_with_lse as sdpa_lse,
 )
-from backends import EMU_MARKS, cuda_params
+from backends import EMU_MARKS, cuda_params, emulated_gpu
 from numerics import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias will produce NaNs")
@@ -811,13 +811,10 @@ def test_cuda_fits_99kb_and_routes_around_less(monkeypatch):
         fwd, bwd = torch.ops.fastlm_emu.attention_cuda_smem(d, d)
         assert fwd <= 101376 and bwd <= 101376, (d, fwd, bwd)
     q, k, v = _qkv(1, 2, 2, 70, 70, 128, 128, torch.float16)
-    try:
-        torch.ops.fastlm_emu.emu_set_arch("8.6")
+    with emulated_gpu("8.6"):
         assert fastlm.backend.why_not("attention", "cuda-emu", q.device, q, k, v, None, 0.0, NO_CAUSAL) == []
         check("cuda-emu", q, k, v, causal=TOP_LEFT)
         check("cuda-emu", *_qkv(1, 2, 1, 17, 40, 256, 256, torch.bfloat16), causal=BOTTOM_RIGHT)  # the D = 256 tile
-    finally:
-        torch.ops.fastlm_emu.emu_set_arch("8.0")
     monkeypatch.setattr(fastlm.backend, "shared_memory_per_block", lambda device: 48 * 1024)
     need = torch.ops.fastlm_emu.attention_cuda_smem(128, 128)[0]
     reasons = fastlm.backend.why_not("attention", "cuda-emu", q.device, q, k, v, None, 0.0, NO_CAUSAL)

@@ -13,7 +13,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from fastlm import _ext
 from fastlm.ops.attention import scaled_dot_product_attention_with_lse as sdpa_lse
-from backends import EMU_MARKS
+from backends import EMU_MARKS, emulated_gpu
 from numerics import assert_close
 
 pytestmark = [*EMU_MARKS, pytest.mark.filterwarnings("ignore:Lower right causal bias will produce NaNs")]
@@ -115,11 +115,8 @@ def test_hopper_forward_under_the_emulator(case):
         k, v = k_mem[:, :, :tk], v_mem[:, :, :tk]
     mask, is_causal = (None, causal == 1) if causal != 2 else (causal_lower_right(tq, tk), False)
     before = ops().attention_sm90_launches()
-    try:
-        ops().emu_set_arch("9.0")
+    with emulated_gpu():
         out, lse = sdpa_lse(q, k, v, mask, is_causal=is_causal, enable_gqa=h != hkv, backend="cuda-emu")
-    finally:
-        ops().emu_set_arch("8.0")
     assert ops().attention_sm90_launches() == before + 1, "the Hopper kernel did not run"
     out64, lse64 = _oracle(q.double(), k.double(), v.double(), causal, tq, tk)
     base, _ = _oracle(q, k, v, causal, tq, tk)

@@ -11,6 +11,7 @@ started, a grid not a multiple of the cluster)."""
 import pytest
 import torch
 
+from backends import emulated_gpu
 from fastlm import _ext
 
 pytestmark = [pytest.mark.emu, pytest.mark.skipif(not _ext.HAS_EMULATOR, reason="fastlm._C_emu not built")]
@@ -208,9 +209,8 @@ def test_varlen_one_launch_per_pass():
 # ---------------------------------------------------------------- sm_90a: mbarrier, TMA, named barriers, wgmma
 @pytest.fixture
 def sm90():
-    torch.ops.fastlm_emu.emu_set_arch("9.0")
-    yield
-    torch.ops.fastlm_emu.emu_set_arch("8.0")
+    with emulated_gpu():
+        yield
 
 
 # Transcribed from the PTX ISA, "Register Fragments and Shared Memory Matrix Layouts" for

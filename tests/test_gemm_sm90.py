@@ -5,6 +5,7 @@ threads (a producer and two consumer warpgroups), the sm_80 tier's 128."""
 import pytest
 import torch
 
+from backends import emulated_gpu
 from fastlm import _ext
 from fastlm.ops.bias_act import ACTIVATIONS, act_ref
 from numerics import assert_close
@@ -21,12 +22,8 @@ DTYPES = (torch.float16, torch.bfloat16)
 @pytest.fixture
 def ops():
     """torch.ops.fastlm_emu on the emulator's "9.0" (H100 / H200) profile."""
-    emu = torch.ops.fastlm_emu
-    emu.emu_set_arch("9.0")
-    try:
+    with emulated_gpu() as emu:
         yield emu
-    finally:
-        emu.emu_set_arch("8.0")
 
 
 def _run(ops, fn):

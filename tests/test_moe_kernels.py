@@ -323,8 +323,10 @@ def _act(z, activation):
     return fns[activation](z)
 
 
-def grouped_ref(x, w, offsets, b, activation):
-    """Per-expert loop in plain torch (any dtype, differentiable); rows past offsets[E] are 0."""
+def grouped_ref(x, w, offsets, b, activation, at_pre=None):
+    """Per-expert loop in plain torch (any dtype, differentiable); rows past offsets[E] are 0.
+    at_pre: evaluate the activation (and its derivative) at these pre-activation values instead of
+    x @ w.T + b, gradients still flowing to x, w, b: the contract of the backward, which is given pre."""
     N = x.shape[0]
     width = w.shape[1] // 2 if activation in ("swiglu", "geglu") else w.shape[1]
     outs, pres = [], []
@@ -333,6 +335,8 @@ def grouped_ref(x, w, offsets, b, activation):
         p = x[r0:r1] @ w[e].t()
         if b is not None:
             p = p + b[e]
+        if at_pre is not None:
+            p = p + (at_pre[r0:r1].to(p.dtype) - p).detach()
         pres.append(p)
         outs.append(_act(p, activation))
     used = int(offsets[-1])
@@ -375,15 +379,21 @@ def test_grouped_linear(counts, N, K, Nw, activation, has_bias, dtype):
     used = int(offsets[-1])
     ref64, pre64 = grouped_ref(x.double(), w.double(), offsets, None if b is None else b.double(), activation)
     base, pre0 = grouped_ref(x, w, offsets, b, activation)
-    assert_close("out", out, ref64, base, fp32_tol=f32_tol(ref64))
     assert (out[used:] == 0).all()
     if activation == "none":
         assert pre.numel() == 0
+        assert_close("out", out, ref64, base, fp32_tol=f32_tol(ref64))
     else:
+        # pre against the oracle; out as act(pre) of the pre the op returns (the forward goes on from
+        # its rounded value, as eager does). Checking out end to end instead is ill-conditioned in
+        # bf16: at gate ~ -3.4, gelu amplifies pre's rounding ~10x, and one-element cases flaked.
         assert pre.dtype == dtype and pre.shape == (N, Nw)
         assert_close("pre", pre[:used], pre64, pre0, fp32_tol=f32_tol(pre64))
+        at64 = _act(pre[:used].double(), activation)
+        assert_close("out", out[:used], at64, _act(pre[:used], activation), fp32_tol=f32_tol(at64))
 
-    # backward against autograd on the float64 loop (and plain torch in the low precision)
+    # backward against autograd on the float64 loop evaluated at the given pre (and plain torch in
+    # the low precision)
     go = torch.randn(N, width, dtype=dtype)
     gx, gw, gb = ops.grouped_linear_bwd(go, x, w, offsets, pre, activation, has_bias)
     assert gx.dtype == gw.dtype == dtype and gx.shape == (N, K) and gw.shape == (E, Nw, K)
@@ -393,7 +403,7 @@ def test_grouped_linear(counts, N, K, Nw, activation, has_bias, dtype):
         xs = x.detach().to(d).requires_grad_()
         ws = w.detach().to(d).requires_grad_()
         bs = b.detach().to(d).requires_grad_() if has_bias else None
-        o, _ = grouped_ref(xs, ws, offsets, bs, activation)
+        o, _ = grouped_ref(xs, ws, offsets, bs, activation, at_pre=pre if d == torch.float64 and pre.numel() else None)
         inputs = (xs, ws) + ((bs,) if has_bias else ())
         return torch.autograd.grad(o, inputs, go.to(d), allow_unused=True, materialize_grads=True)
 

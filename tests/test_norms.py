@@ -1,5 +1,4 @@
 """layer_norm / rms_norm (+ fused residual add) on every backend against a float64 oracle."""
-import contextlib
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ import torch.nn.functional as F
 import fastlm
 from fastlm import _ext
 from fastlm.ops.norms import layer_norm, norm_backward_ref, norm_ref, rms_norm
-from backends import EMU_MARKS, GPU, backend_dtypes, backends
+from backends import EMU_MARKS, GPU, backend_dtypes, backends, emulated_gpu
 from numerics import assert_close
 
 BACKENDS = backends()
@@ -359,19 +358,6 @@ def test_cuda_emu_long_rows_large_mean():
 
 
 # ---------------------------------------------------------------- sm_90a: long rows on a thread-block cluster (emulator)
-@contextlib.contextmanager
-def _emulated_h100(gpc_sms=0):
-    """The emulator as an sm_90 device, with `gpc_sms` SMs of each GPC free for clusters (0: all)."""
-    ops = torch.ops.fastlm_emu
-    ops.emu_set_arch("9.0")
-    ops.emu_set_gpc_sms(gpc_sms)
-    try:
-        yield
-    finally:
-        ops.emu_set_gpc_sms(0)
-        ops.emu_set_arch("8.0")
-
-
 def _emu_counts():
     """(launches, blocks) the emulator has run so far."""
     stats = torch.ops.fastlm_emu.emu_stats()
@@ -419,7 +405,7 @@ def test_cuda_emu_cluster_forward_long_rows(dtype, cols, pad, offset, residual, 
         r = torch.randn(rows, cols + 2 * bool(pad), dtype=torch.float64).to(dtype)[:, 2 * bool(pad):]
     w = torch.randn(cols + 1, dtype=torch.float64).to(dtype)[1:] if weight else None
     b = torch.randn(cols, dtype=torch.float64).to(dtype) if bias else None
-    with _emulated_h100():
+    with emulated_gpu():
         launches, blocks = _emu_counts()
         _emu_fwd_check(x, r, w, b, rms)
         assert _emu_counts() == (launches + 1, blocks + rows * size), "one cluster of `size` CTAs per row"
@@ -463,7 +449,7 @@ def test_cuda_emu_cluster_backward_long_rows(dtype, cols, rms, grad_sum, weight,
     h, gy, w = h64.to(dtype), gy.to(dtype), w64.to(dtype) if weight else None
     gs = torch.randn(rows, cols, dtype=torch.float64).to(dtype) if grad_sum else None
     grads = int(weight) + int(bias_grad)
-    with _emulated_h100():
+    with emulated_gpu():
         launches, blocks = _emu_counts()
         _emu_bwd_check(gy, gs, h, w, rms, bias_grad)
         sums = grads * -(-cols // 128)  # column_sum: 128 columns a block
@@ -480,7 +466,7 @@ def test_cuda_emu_cluster_backward_persistent():
     h = torch.randn(rows, cols, dtype=torch.float64).float() * 2 + 0.5
     gy, gs = torch.randn(rows, cols), torch.randn(rows, cols)
     w = torch.randn(cols)
-    with _emulated_h100(gpc_sms=2):
+    with emulated_gpu(gpc_sms=2):
         launches, blocks = _emu_counts()
         _emu_bwd_check(gy, gs, h, w, False, True)
         assert _emu_counts() == (launches + 3, blocks + 8 * 2 + 2 * cols // 128), "8 clusters of 2, then 2 sums"
@@ -493,7 +479,7 @@ def test_cuda_emu_cluster_falls_back():
     CTAs of 128 KB: 131072-wide fp32 rows then take long_forward_kernel (one block a row) and the
     split backward (row sums, column tiles, 2 sums), and are still right; a 40000-wide bf16 row's
     cluster of 2 still fits. A backward out of 16-byte alignment takes the split pair anyway."""
-    with _emulated_h100(gpc_sms=2):
+    with emulated_gpu(gpc_sms=2):
         for dtype, cols, blocks_per_row in ((torch.float32, 131072, 1), (torch.bfloat16, 40000, 2)):
             x = (torch.randn(2, cols, dtype=torch.float64) * 2).to(dtype)
             w, b = torch.randn(cols).to(dtype), torch.randn(cols).to(dtype)
@@ -504,7 +490,7 @@ def test_cuda_emu_cluster_falls_back():
         launches, _ = _emu_counts()
         _emu_bwd_check(gy, None, h, torch.randn(131072), False, True)
         assert _emu_counts()[0] == launches + 4, "split pair: row sums, column tiles, 2 column sums"
-    with _emulated_h100():  # all SMs: 70001 bf16 columns aren't 16-byte rows, so no cluster backward
+    with emulated_gpu():  # all SMs: 70001 bf16 columns aren't 16-byte rows, so no cluster backward
         h = torch.randn(2, 70001, dtype=torch.float64).to(torch.bfloat16)
         launches, _ = _emu_counts()
         _emu_bwd_check(torch.randn(2, 70001).to(torch.bfloat16), None, h, torch.randn(70001).to(torch.bfloat16), False, True)

@@ -6,7 +6,7 @@ import fastlm
 from fastlm import _ext
 from fastlm.ops import log_softmax, softmax
 from fastlm.ops.softmax import softmax_backward_ref
-from backends import EMU_MARKS
+from backends import EMU_MARKS, emulated_gpu
 from numerics import assert_close
 from row_cases import BACKEND_DTYPES, BACKENDS, GPU, cols_for
 
@@ -328,8 +328,7 @@ def test_cuda_emu_cluster_forward_long_rows(dtype, size):
     x = (torch.randn(rows, cols + 5, dtype=torch.float64) * 3).to(dtype)[:, 3:3 + cols]
     mask = torch.rand(rows, cols) > 0.2
     mask[-1] = False
-    ops.emu_set_arch("9.0")
-    try:
+    with emulated_gpu():
         for log, xin in ((False, x), (True, x.contiguous())):
             blocks = ops.emu_stats()[1]
             y = ops.softmax_fwd(xin, mask, 0.7, 0, log)
@@ -338,8 +337,6 @@ def test_cuda_emu_cluster_forward_long_rows(dtype, size):
             y0 = _softmax_prepared_ref(xin, mask, 0.7, 0, log)
             assert (y[-1] == (NEG_INF if log else 0.0)).all(), f"log={log}: fully masked row"
             assert_close(f"y log={log}", y[:1], y64[:1], y0[:1])
-    finally:
-        ops.emu_set_arch("8.0")
 
 
 # (dtype, cols, y's row stride, grad_y out of y's 16-byte phase, cluster size): fp32 131072 in 8
@@ -364,8 +361,7 @@ def test_cuda_emu_cluster_backward_long_rows(dtype, cols, stride, g_out_of_phase
     mask = torch.rand(rows, cols) > 0.2
     mask[-1] = False
     shift = 1 if g_out_of_phase else 0
-    ops.emu_set_arch("9.0")
-    try:
+    with emulated_gpu():
         for log in (False, True):
             y = torch.empty(rows, stride, dtype=dtype)[:, :cols]
             y.copy_(_softmax_prepared_ref(x, mask, 0.7, 0, log))
@@ -377,8 +373,6 @@ def test_cuda_emu_cluster_backward_long_rows(dtype, cols, stride, g_out_of_phase
             gx0 = softmax_backward_ref(g, y, 0.7, log)
             assert (gx[-1] == 0).all(), f"log={log}: fully masked row"
             assert_close(f"grad_x log={log}", gx, gx64, gx0, kind="grad")
-    finally:
-        ops.emu_set_arch("8.0")
 
 
 @pytest.mark.emu
@@ -390,9 +384,7 @@ def test_cuda_emu_cluster_falls_back_when_no_cluster_fits():
     row's cluster of 2 still fits."""
     from fastlm.ops.softmax import _softmax_prepared_ref
     ops = torch.ops.fastlm_emu
-    ops.emu_set_arch("9.0")
-    ops.emu_set_gpc_sms(2)
-    try:
+    with emulated_gpu(gpc_sms=2):
         for dtype, cols, ctas_per_row in ((torch.float32, 131072, 1), (torch.bfloat16, 40000, 2)):
             x = (torch.randn(2, cols, dtype=torch.float64) * 3).to(dtype)
             g = torch.randn(2, cols, dtype=torch.float64).to(dtype)
@@ -406,6 +398,3 @@ def test_cuda_emu_cluster_falls_back_when_no_cluster_fits():
                 gx = ops.softmax_bwd(g, y, 0.7, False)
                 assert ops.emu_stats()[1] - blocks == 2, "backward_kernel: one CTA per row"
                 assert_close("grad_x", gx, softmax_backward_ref(g.double(), y.double(), 0.7, False))
-    finally:
-        ops.emu_set_gpc_sms(0)
-        ops.emu_set_arch("8.0")
