@@ -7,15 +7,17 @@
 // operand's row split, row_io.cuh; rank 0 also the head scalars, the last rank the tail ones, one
 // per thread at most), stage_packs / stage_slice (kStageLoads 16-byte loads in flight per thread,
 // element loads for an operand out of the first one's 16-byte phase; thread t always handles the
-// packs p0 + t + i kClusterBlock, so a thread reads back only what it staged itself), put_pack,
-// and cluster_gather (every rank's value after a cluster barrier).
+// packs p0 + t + i kClusterBlock, so a thread reads back only what it staged itself), and
+// cluster_gather (every rank's value after a cluster barrier); single packs are row_io.cuh's
+// get_pack / put_pack.
 //
 // Host side: cluster_size_for (the sm_90a binary check, then the slices a row needs),
 // cluster_fits (cudaOccupancyMaxActiveClusters at a full slice a CTA, asked once per device,
 // kernel and cluster size: sm90::known_answer / remember_answer in ptx_sm90.cuh, the same cache
 // as binary_is_sm90a's), launch_on_cluster (a refusal at launch, cudaErrorInvalidClusterSize or
 // cudaErrorLaunchOutOfResources, is remembered as "no" and the caller's single-CTA kernel takes
-// the rows), and rows_on_cluster (one cluster a row). The emulator build asks every time: its
+// the rows), rows_on_cluster (one cluster a row), and clusters_held (a persistent grid, cached
+// like cluster_fits). The emulator build asks every time: its
 // query is arithmetic, and its tests change the emulated device between calls.
 #pragma once
 #include <cuda_runtime.h>
@@ -71,13 +73,7 @@ __device__ __forceinline__ void stage_packs(const T* __restrict__ body, int64_t 
 #pragma unroll
     for (int k = 0; k < kStageLoads; ++k) {
       const int64_t q = p + k * kClusterBlock;
-      if (q >= p1) continue;
-      if constexpr (VEC) {
-        v[k] = reinterpret_cast<const P*>(body)[q];
-      } else {
-#pragma unroll
-        for (int j = 0; j < kVec<T>; ++j) v[k].v[j] = body[q * kVec<T> + j];
-      }
+      if (q < p1) v[k] = get_pack<VEC>(body, q);
     }
 #pragma unroll
     for (int k = 0; k < kStageLoads; ++k)
@@ -100,17 +96,6 @@ template <typename T>
 __device__ __forceinline__ void stage_slice(const T* body, bool vec, Pack<T, kVec<T>>* slice, int64_t p0, int64_t p1) {
   if (vec) stage_slice<true>(body, slice, p0, p1);
   else stage_slice<false>(body, slice, p0, p1);
-}
-
-// Pack p of a row body: one 16-byte store when vec (in the first operand's phase), else elements.
-template <typename T>
-__device__ __forceinline__ void put_pack(T* body, int64_t p, const Pack<T, kVec<T>>& v, bool vec) {
-  if (vec) {
-    reinterpret_cast<Pack<T, kVec<T>>*>(body)[p] = v;
-  } else {
-#pragma unroll
-    for (int j = 0; j < kVec<T>; ++j) body[p * kVec<T> + j] = v.v[j];
-  }
 }
 
 // Every rank's mine[0] into all[0..size), fetched by threads 0..size-1 through DSMEM after a
@@ -155,16 +140,33 @@ template <typename Kernel>
 bool cluster_fits(Kernel kernel, int size) {
 #ifndef FASTLM_EMU
   const void* key = reinterpret_cast<const void*>(kernel);
-  if (const uint8_t known = sm90::known_answer(key, size)) return known == 2;
+  if (const int32_t known = sm90::known_answer(key, size)) return known == sm90::kYes;
 #endif
   const bool yes = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         int(kClusterSliceBytes)) == cudaSuccess &&
                    max_active_clusters(kernel, kClusterBlock, dim3(unsigned(size)), size_t(kClusterSliceBytes)) > 0;
   if (!yes) (void)cudaGetLastError();  // not sticky: the single-CTA kernel takes the rows
 #ifndef FASTLM_EMU
-  sm90::remember_answer(key, size, yes);
+  sm90::remember_answer(key, size, yes ? sm90::kYes : sm90::kNo);
 #endif
   return yes;
+}
+
+// How many clusters of `size` CTAs of `kernel`, `smem` bytes each (at most a slice, after
+// cluster_fits), the current device holds at once: the grid of a persistent kernel. Cached per
+// (device, kernel, size, smem) outside the emulator.
+template <typename Kernel>
+int clusters_held(Kernel kernel, int size, size_t smem) {
+#ifndef FASTLM_EMU
+  const void* key = reinterpret_cast<const void*>(kernel);
+  const int param = int(smem) * 16 + size;  // smem <= kClusterSliceBytes; never 0..15 (cluster_fits' keys)
+  if (const int32_t known = sm90::known_answer(key, param)) return known - 1;
+#endif
+  const int held = max_active_clusters(kernel, kClusterBlock, dim3(unsigned(size)), smem);
+#ifndef FASTLM_EMU
+  sm90::remember_answer(key, param, held + 1);
+#endif
+  return held;
 }
 
 // kernel<<<clusters x size CTAs of kClusterBlock, in clusters of size, smem>>>(args...) where
@@ -180,7 +182,7 @@ bool launch_on_cluster(void (*kernel)(P...), int64_t clusters, int size, size_t 
   if (e != cudaErrorInvalidClusterSize && e != cudaErrorLaunchOutOfResources) return true;
   (void)cudaGetLastError();  // a refusal, not a fault
 #ifndef FASTLM_EMU
-  sm90::remember_answer(reinterpret_cast<const void*>(kernel), size, false);
+  sm90::remember_answer(reinterpret_cast<const void*>(kernel), size, sm90::kNo);
 #endif
   return false;
 }

@@ -22,7 +22,7 @@
 // L2 because the grid is capped at 24 MB / row bytes concurrent rows (L2: A100 40 MB, H100/H200
 // 50 MB): DRAM traffic is the register kernel's (x [+ residual] read once, [h +] y written once)
 // plus one L2 read of the row. In flight: 512 x K x 16 B = 16 KB a block for 16-bit, 32 KB for
-// fp32 (twice that with a residual), one block an SM (119-122 registers). bf16 131072 (256 KB
+// fp32 (twice that with a residual), one block an SM (118-124 registers). bf16 131072 (256 KB
 // rows): 96 blocks x 16 KB = 1.5 MB in flight, fp32 131072: 48 x 32 KB = 1.5 MB, against the
 // ~1.8 MB (H100) / ~2.9 MB (H200) Little's law asks: ~85 % (H100) estimated; at 262144 columns
 // only 0.8 MB (~40 %): past ~128K columns the L2 cap, not the kernel, bounds the estimate
@@ -450,22 +450,12 @@ __global__ void __launch_bounds__(kClusterBlock, 1)
   const T* bias = a.rms ? nullptr : static_cast<const T*>(a.bias);
   T* yr = static_cast<T*>(a.y) + r * cols;
   const bool y_vec = same_phase(yr, xr), w_vec = same_phase(weight, xr), b_vec = same_phase(bias, xr);
-  auto param_pack = [&](const T* p_row, bool vec, int64_t p) {  // weight / bias at pack p of x's split
-    P v;
-    if (vec) {
-      v = reinterpret_cast<const P*>(p_row + s.head)[p];
-    } else {
-#pragma unroll
-      for (int j = 0; j < V; ++j) v.v[j] = p_row[s.head + p * V + j];
-    }
-    return v;
-  };
 #pragma unroll 2
   for (int64_t p = c.p0 + tid; p < c.p1; p += kClusterBlock) {
     const P v = slice[p - c.p0];
     P w, b, o;
-    if (weight) w = param_pack(weight, w_vec, p);
-    if (bias) b = param_pack(bias, b_vec, p);
+    if (weight) w = get_pack(weight + s.head, p, w_vec);  // at pack p of x's split
+    if (bias) b = get_pack(bias + s.head, p, b_vec);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       float f = (to_float(v.v[j]) - mean) * rstd;
@@ -772,7 +762,7 @@ void plan_backward_cluster(const NormBackwardArgs& a, BackwardPlan& b) {
   const int size = cluster_size_for(b.cluster_kernel, 2 * packs * 16, 1, ceil_div(a.cols, int64_t(kClusterBlock) * kMaxElems));
   if (size == 0 || !cluster_fits(b.cluster_kernel, size)) return;
   b.slice_packs = ceil_div(packs, size);
-  const int held = max_active_clusters(b.cluster_kernel, kClusterBlock, dim3(unsigned(size)), size_t(2 * b.slice_packs * 16));
+  const int held = clusters_held(b.cluster_kernel, size, size_t(2 * b.slice_packs * 16));
   b.clusters = std::min<int64_t>(a.rows, held);
   if (b.clusters > 0 && b.clusters * size <= INT32_MAX) b.cluster_size = size;
 }

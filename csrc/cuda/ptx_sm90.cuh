@@ -170,12 +170,13 @@ inline bool make_tma_desc_4d(TmaDesc* out, const void* base, int elem_bytes, con
 
 
 #ifndef FASTLM_EMU
-// ---- the launchers' per-device answer cache: yes/no answers to a device query about a kernel,
-// keyed by (kernel host pointer, a small int: 0 for binary_is_sm90a, the cluster size for
-// cluster_launch.cuh's cluster_fits). One row of slots per device; a slot is claimed once by
-// compare-exchange on its `claimed` flag (the first free slot, so the free slots are a row's
-// suffix), its key written, then its answer published with a release store (1 no, 2 yes; 0: not
-// yet published). A later refusal overwrites the answer with 1 ("remember a refusal"); the key
+// ---- the launchers' per-device answer cache: answers to a device query about a kernel (yes/no,
+// or a small count), keyed by (kernel host pointer, an int: 0 for binary_is_sm90a, the cluster
+// size for cluster_launch.cuh's cluster_fits, a (shared memory, size) code for its
+// clusters_held). One row of slots per device; a slot is claimed once by compare-exchange on its
+// `claimed` flag (the first free slot, so the free slots are a row's suffix), its key written,
+// then its answer published with a release store (>= 1: kNo, kYes, or a count + 1; 0: not yet
+// published). A later refusal overwrites the answer with kNo ("remember a refusal"); the key
 // never changes. Namespace scope and zero-initialized (no function-local static and its guard),
 // no lock; two threads asking at once may both ask and claim two slots with the same answer,
 // and a full row or a device past the table only costs the uncached query. Not in the emulator
@@ -185,7 +186,7 @@ namespace detail {
 constexpr int kAnswerDevices = 64, kAnswerSlots = 64;
 struct Answer {
   std::atomic<uint8_t> claimed;
-  std::atomic<uint8_t> answer;
+  std::atomic<int32_t> answer;
   const void* kernel;  // written before `answer` is published, read only after it is seen
   int param;
 };
@@ -197,11 +198,13 @@ inline Answer* answer_row() {
 }
 }  // namespace detail
 
-// The cached answer for (kernel, param) on the current device: 0 not known, 1 no, 2 yes.
-inline uint8_t known_answer(const void* kernel, int param) {
+constexpr int32_t kNo = 1, kYes = 2;  // a yes/no answer as stored; a count n is stored as n + 1
+
+// The cached answer for (kernel, param) on the current device: 0 not known, else as remembered.
+inline int32_t known_answer(const void* kernel, int param) {
   detail::Answer* row = detail::answer_row();
   for (int i = 0; row && i < detail::kAnswerSlots; ++i) {
-    const uint8_t a = row[i].answer.load(std::memory_order_acquire);
+    const int32_t a = row[i].answer.load(std::memory_order_acquire);
     if (a == 0) {
       if (!row[i].claimed.load(std::memory_order_acquire)) break;  // the rest of the row is free
       continue;                                                    // being written
@@ -211,11 +214,10 @@ inline uint8_t known_answer(const void* kernel, int param) {
   return 0;
 }
 
-// Records `yes` for (kernel, param) on the current device: its published slot if it has one (a
-// refusal after a yes), else a newly claimed one.
-inline void remember_answer(const void* kernel, int param, bool yes) {
+// Records `value` (>= 1) for (kernel, param) on the current device: in its published slot if it
+// has one (a refusal after a yes), else in a newly claimed one.
+inline void remember_answer(const void* kernel, int param, int32_t value) {
   detail::Answer* row = detail::answer_row();
-  const uint8_t value = yes ? 2 : 1;
   for (int i = 0; row && i < detail::kAnswerSlots; ++i) {
     if (row[i].answer.load(std::memory_order_acquire) != 0) {
       if (row[i].kernel == kernel && row[i].param == param) return row[i].answer.store(value, std::memory_order_release);
@@ -245,7 +247,7 @@ inline bool binary_is_sm90a(Kernel kernel) {
   return true;
 #else
   const void* key = reinterpret_cast<const void*>(kernel);
-  if (const uint8_t known = known_answer(key, 0)) return known == 2;
+  if (const int32_t known = known_answer(key, 0)) return known == kYes;
   cudaFuncAttributes a{};
   bool yes = false;
   if (cudaFuncGetAttributes(&a, kernel) == cudaSuccess) {
@@ -253,7 +255,7 @@ inline bool binary_is_sm90a(Kernel kernel) {
   } else {
     (void)cudaGetLastError();  // not sticky: the caller's other tier reports its own status
   }
-  remember_answer(key, 0, yes);
+  remember_answer(key, 0, yes ? kYes : kNo);
   return yes;
 #endif
 }

@@ -15,6 +15,11 @@
 //   Pack<T, N>                 N elements, aligned to their size: one LDG/STG.128 when N * sizeof(T) = 16
 //   kVec<T>                    16 / sizeof(T)
 //   split_row(row, cols)       RowSplit {head, packs, tail} of that row (host or device)
+//   get_pack(body, p, vec), put_pack(body, p, pack, vec)
+//                              pack p of a row's body (the elements from its first 16-byte boundary
+//                              on): one 16-byte access when vec, else element by element (an
+//                              operand out of phase with the one the body was split by);
+//                              get_pack<VEC>(body, p) when vec is known at compile time
 //   same_phase(a, b)           a and b are equal mod 16 bytes: a second operand (an output, a
 //                              gradient) can use 16-byte accesses at the first operand's body positions
 //   phase_period(bytes, {strides})  rows whose starts are equal mod 16 bytes in EVERY operand: row r
@@ -72,6 +77,33 @@ __host__ __device__ __forceinline__ RowSplit split_row(const T* row, int64_t col
   return RowSplit{head, packs, cols - head - packs * kVec<T>};
 }
 
+template <typename T>
+__device__ __forceinline__ Pack<T, kVec<T>> get_pack(const T* body, int64_t p, bool vec) {
+  Pack<T, kVec<T>> v;
+  if (vec) {
+    v = reinterpret_cast<const Pack<T, kVec<T>>*>(body)[p];
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVec<T>; ++j) v.v[j] = body[p * kVec<T> + j];
+  }
+  return v;
+}
+
+template <bool VEC, typename T>
+__device__ __forceinline__ Pack<T, kVec<T>> get_pack(const T* body, int64_t p) {
+  return get_pack(body, p, VEC);
+}
+
+template <typename T>
+__device__ __forceinline__ void put_pack(T* body, int64_t p, const Pack<T, kVec<T>>& v, bool vec) {
+  if (vec) {
+    reinterpret_cast<Pack<T, kVec<T>>*>(body)[p] = v;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVec<T>; ++j) body[p * kVec<T> + j] = v.v[j];
+  }
+}
+
 __host__ __device__ __forceinline__ bool same_phase(const void* a, const void* b) {
   return ((reinterpret_cast<uintptr_t>(a) ^ reinterpret_cast<uintptr_t>(b)) & 15) == 0;
 }
@@ -113,6 +145,9 @@ struct Slots {
   __device__ __forceinline__ bool has_tail() const { return edges && lane < s.tail; }
   __device__ __forceinline__ int64_t tail_col() const { return s.head + s.packs * kV + lane; }
 
+  // load / store spell their pack accesses out rather than call get_pack / put_pack: the same
+  // accesses through those (body pointer + pack index) moved ptxas's register allocation in
+  // bias_act's 16-bit backward (spills under 128 registers, or half the loads in flight).
   __device__ __forceinline__ Held<T, K> load(const T* __restrict__ row, bool vec) const {
     Held<T, K> h;
 #pragma unroll
