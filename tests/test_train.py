@@ -146,6 +146,10 @@ def _ddp_worker(rank, world, port, cfg_dict, out):
     # aborted the process now and then ("terminate called without an active exception")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    # and skip the interpreter's teardown: with FSDP2 a worker still aborted there now and then
+    # (the same message, after the barrier, in 1 of 3 CI runs), from a C++ thread object destroyed
+    # at exit. Everything it owed (history, checkpoint) is written and the group is gone.
+    os._exit(0)
 
 
 @needs_model_ops
