@@ -22,7 +22,7 @@
 // L2 because the grid is capped at 24 MB / row bytes concurrent rows (L2: A100 40 MB, H100/H200
 // 50 MB): DRAM traffic is the register kernel's (x [+ residual] read once, [h +] y written once)
 // plus one L2 read of the row. In flight: 512 x K x 16 B = 16 KB a block for 16-bit, 32 KB for
-// fp32 (twice that with a residual), one block an SM (118-124 registers). bf16 131072 (256 KB
+// fp32 (twice that with a residual), one block an SM (116-123 registers). bf16 131072 (256 KB
 // rows): 96 blocks x 16 KB = 1.5 MB in flight, fp32 131072: 48 x 32 KB = 1.5 MB, against the
 // ~1.8 MB (H100) / ~2.9 MB (H200) Little's law asks: ~85 % (H100) estimated; at 262144 columns
 // only 0.8 MB (~40 %): past ~128K columns the L2 cap, not the kernel, bounds the estimate
